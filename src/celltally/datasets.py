@@ -1,0 +1,339 @@
+"""Training and evaluation sets: real BBBC005, a generic folder, and the simulator.
+
+Every source goes through the same ``transforms.prepare_image`` as counting
+does, so the network never sees a differently prepared image at test time.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from skimage.filters import threshold_otsu
+
+from celltally import io, naming
+from celltally.transforms import prepare_image, resize_area
+
+
+@dataclass
+class LabeledSet:
+    """Prepared images with their counts and (where known) foreground masks.
+
+    Attributes
+    ----------
+    images : (N, 1, H, W) float32 tensor at the model's input size.
+    masks : (N, 1, H, W) float32 tensor of foreground fractions in [0, 1];
+        rows without a mask are NaN.
+    counts : (N,) float32 tensor.
+    meta : one dict per image: ``name``, ``scene``, ``blur``, ``stain``, ``source``.
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    counts: torch.Tensor
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def has_mask(self) -> torch.Tensor:
+        return ~torch.isnan(self.masks.flatten(1)[:, 0])
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> LabeledSet:
+        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+        return LabeledSet(
+            self.images[idx], self.masks[idx], self.counts[idx], [self.meta[i] for i in idx]
+        )
+
+    @staticmethod
+    def concat(sets: Sequence[LabeledSet]) -> LabeledSet:
+        sets = [s for s in sets if len(s)]
+        return LabeledSet(
+            torch.cat([s.images for s in sets]),
+            torch.cat([s.masks for s in sets]),
+            torch.cat([s.counts for s in sets]),
+            [m for s in sets for m in s.meta],
+        )
+
+
+def _stack(images, masks, counts, meta) -> LabeledSet:
+    return LabeledSet(
+        torch.from_numpy(np.stack(images)[:, None]),
+        torch.from_numpy(np.stack(masks)[:, None]),
+        torch.tensor(counts, dtype=torch.float32),
+        meta,
+    )
+
+
+def otsu_mask(image: np.ndarray) -> np.ndarray:
+    """Foreground of an in-focus image by Otsu's threshold (bool, same shape)."""
+    array = np.asarray(image, dtype=np.float32)
+    if array.max() == array.min():
+        return np.zeros(array.shape, dtype=bool)
+    return array > threshold_otsu(array)
+
+
+def load_bbbc005(
+    root: str | Path,
+    *,
+    size: Sequence[int],
+    low: float = 0.5,
+    high: float = 99.95,
+    cache_dir: str | Path | None = None,
+) -> LabeledSet:
+    """Load a BBBC005 folder (``images/`` or the folder itself) with counts from the names.
+
+    Masks: BBBC005's official masks cover in-focus images only, and this copy
+    ships none, so each scene's mask is Otsu's threshold of its in-focus (F1)
+    image of the same stain; its F23/F48 copies reuse it, as the paper did with
+    the official F1 masks. The mask is area-resized to the input size, so
+    border pixels hold the fraction of foreground they cover.
+    """
+    root = Path(root)
+    folder = root / "images" if (root / "images").is_dir() else root
+    paths = io.list_images([folder])
+    key = hashlib.sha1(
+        repr((sorted(p.name for p in paths), tuple(size), low, high)).encode()
+    ).hexdigest()[:12]
+    cache = Path(cache_dir) / f"bbbc005_{key}.pt" if cache_dir else None
+    if cache is not None and cache.exists():
+        return LabeledSet(**torch.load(cache, weights_only=False))
+    parsed = [(p, naming.parse_name(p.name)) for p in paths]
+    parsed = [(p, n) for p, n in parsed if n.count is not None and n.blur is not None]
+    in_focus = {(naming.scene_id(p.name), n.stain): p for p, n in parsed if n.blur == 1}
+    mask_cache: dict[Path, np.ndarray] = {}
+    images, masks, counts, meta = [], [], [], []
+    for path, name in parsed:
+        raw = io.read_image(path)
+        images.append(prepare_image(raw, size=size, low=low, high=high))
+        f1 = in_focus.get((naming.scene_id(path.name), name.stain))
+        if f1 is None:
+            masks.append(np.full(tuple(size), np.nan, dtype=np.float32))
+        else:
+            if f1 not in mask_cache:
+                mask_cache[f1] = resize_area(otsu_mask(io.read_image(f1)), size)
+            masks.append(mask_cache[f1])
+        counts.append(float(name.count))
+        meta.append(
+            {
+                "name": path.name,
+                "scene": naming.scene_id(path.name),
+                "site": name.site,
+                "blur": name.blur,
+                "stain": name.stain,
+                "source": "bbbc005",
+            }
+        )
+    data = _stack(images, masks, counts, meta)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data.__dict__, cache)
+    return data
+
+
+def load_folder(
+    root: str | Path, *, size: Sequence[int], low: float = 0.5, high: float = 99.95
+) -> LabeledSet:
+    """Load a folder of images with ``counts.csv`` (columns image, count).
+
+    Images may sit in ``root`` or ``root/images``. Optional masks (binary or
+    label images, same stem, PNG/TIFF) in ``root/masks`` or ``root/labels``
+    become training masks (label > 0 = foreground). Without counts.csv, counts
+    come from BBBC-style names (``_C<n>_``). Errors are raised before any
+    training: a counts.csv row naming a missing image, a mask whose size
+    differs from its image.
+    """
+    root = Path(root)
+    folder = root / "images" if (root / "images").is_dir() else root
+    counts_csv = root / "counts.csv"
+    if counts_csv.exists():
+        table = io.read_counts_csv(counts_csv)
+        paths = []
+        for name in table:
+            path = folder / name
+            if not path.exists():
+                raise io.InputError(f"{counts_csv}: lists {name!r}, which is not in {folder}")
+            paths.append(path)
+    else:
+        paths = io.list_images([folder])
+        table = {p.name: naming.parse_name(p.name).count for p in paths}
+        missing = [n for n, c in table.items() if c is None]
+        if missing:
+            raise io.InputError(
+                f"{root}: no counts.csv and {len(missing)} image names carry no _C<count>_ "
+                f"(first: {missing[0]})"
+            )
+    mask_dirs = [d for d in (root / "masks", root / "labels") if d.is_dir()]
+    images, masks, counts, meta = [], [], [], []
+    for path in paths:
+        raw = io.read_image(path)
+        images.append(prepare_image(raw, size=size, low=low, high=high))
+        mask = np.full(tuple(size), np.nan, dtype=np.float32)
+        for d in mask_dirs:
+            found = sorted(d.glob(path.stem + ".*"))
+            if found:
+                labels = io.read_mask(found[0], shape=raw.shape)
+                mask = resize_area(labels > 0, size)
+                break
+        masks.append(mask)
+        counts.append(float(table[path.name]))
+        name = naming.parse_name(path.name)
+        meta.append(
+            {
+                "name": path.name,
+                "scene": naming.scene_id(path.name) or path.stem,
+                "site": name.site,
+                "blur": name.blur,
+                "stain": name.stain,
+                "source": str(root),
+            }
+        )
+    return _stack(images, masks, counts, meta)
+
+
+def _simulate_one(args: tuple) -> tuple[np.ndarray, np.ndarray, float, dict[str, Any]]:
+    from celltally.simulate import simulate_scene
+
+    count, blur, stain, seed, size, low, high = args
+    sim = simulate_scene(count, blur=blur, stain=stain, seed=seed)
+    image = prepare_image(sim.image, size=size, low=low, high=high)
+    mask = resize_area(sim.mask, size)
+    meta = {
+        "name": f"sim_{seed}_C{count}_F{blur}_w{stain}",
+        "scene": f"sim{seed}",
+        "site": None,
+        "blur": blur,
+        "stain": stain,
+        "source": "simulated",
+    }
+    return image, mask, float(count), meta
+
+
+def simulated_specs(
+    scenes: int,
+    *,
+    counts: tuple[int, int] = (1, 100),
+    blurs: Sequence[int] = (1, 23, 48),
+    stains: Sequence[int] = (1, 2),
+    seed: int = 0,
+) -> list[tuple[int, int, int, int]]:
+    """(count, blur, stain, scene_seed) for ``scenes`` scenes, one blur and stain each.
+
+    Counts are uniform over the whole range (not BBBC005's 24 levels), so the
+    counter learns a continuous count.
+    """
+    rng = np.random.default_rng(seed)
+    specs = []
+    for i in range(scenes):
+        count = int(rng.integers(counts[0], counts[1] + 1))
+        blur = int(rng.choice(list(blurs)))
+        stain = int(rng.choice(list(stains)))
+        specs.append((count, blur, stain, seed * 1_000_003 + i))
+    return specs
+
+
+def simulate_set(
+    scenes: int,
+    *,
+    size: Sequence[int],
+    counts: tuple[int, int] = (1, 100),
+    blurs: Sequence[int] = (1, 23, 48),
+    stains: Sequence[int] = (1, 2),
+    seed: int = 0,
+    low: float = 0.5,
+    high: float = 99.95,
+    workers: int = 1,
+) -> LabeledSet:
+    """Simulate full-size (696 x 520) scenes and prepare them exactly like real files."""
+    specs = simulated_specs(scenes, counts=counts, blurs=blurs, stains=stains, seed=seed)
+    jobs = [(c, b, s, sd, tuple(size), low, high) for c, b, s, sd in specs]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_simulate_one, jobs, chunksize=16))
+    else:
+        results = [_simulate_one(j) for j in jobs]
+    return _stack(*map(list, zip(*results, strict=True)))
+
+
+class SimulatedStream(torch.utils.data.IterableDataset):
+    """Endless stream of freshly simulated ``(image, mask, count)`` tensors.
+
+    Each worker draws its own seeds, so a DataLoader with several workers
+    never repeats a scene within ``base_seed``'s stream.
+    """
+
+    def __init__(
+        self,
+        *,
+        size: Sequence[int],
+        counts: tuple[int, int] = (1, 100),
+        blurs: Sequence[int] = (1, 23, 48),
+        stains: Sequence[int] = (1, 2),
+        base_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.size = tuple(size)
+        self.counts = counts
+        self.blurs = tuple(blurs)
+        self.stains = tuple(stains)
+        self.base_seed = base_seed
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.base_seed, worker])
+        i = worker
+        while True:
+            count = int(rng.integers(self.counts[0], self.counts[1] + 1))
+            blur = int(rng.choice(self.blurs))
+            stain = int(rng.choice(self.stains))
+            image, mask, c, _ = _simulate_one(
+                (count, blur, stain, self.base_seed * 1_000_003 + i, self.size, 0.5, 99.95)
+            )
+            i += n_workers
+            yield (
+                torch.from_numpy(image)[None],
+                torch.from_numpy(mask)[None],
+                torch.tensor(c, dtype=torch.float32),
+            )
+
+
+def split_bbbc005(
+    meta: Sequence[dict[str, Any]],
+    *,
+    calibration_sites: Sequence[int] = (8,),
+    test_sites: Sequence[int] = (9, 10),
+) -> dict[str, np.ndarray]:
+    """Split BBBC005 by scene via its site: all blurs and stains of a scene stay together.
+
+    Default: sites 1-7 train, 8 calibration, 9-10 test, so every one of the 24
+    count levels appears in every split. Non-BBBC005 rows go to train.
+    """
+    split: dict[str, list[int]] = {"train": [], "calibration": [], "test": []}
+    for i, m in enumerate(meta):
+        site = m.get("site") if m.get("source") == "bbbc005" else None
+        if site in calibration_sites:
+            split["calibration"].append(i)
+        elif site in test_sites:
+            split["test"].append(i)
+        else:
+            split["train"].append(i)
+    return {k: np.asarray(v, dtype=np.int64) for k, v in split.items()}
+
+
+def write_counts_csv(path: str | Path, rows: Sequence[tuple[str, float]]) -> Path:
+    """Write ``image,count`` rows (the format ``load_folder`` reads)."""
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "count"])
+        writer.writerows(rows)
+    return path

@@ -1,0 +1,419 @@
+"""Two-stage training (segmenter, then counter on its masks), checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from celltally.datasets import LabeledSet
+from celltally.losses import gaussian_nll, segmentation_loss
+from celltally.models.pipeline import CountingPipeline, counter_input
+from celltally.transforms import flip_rotate
+
+Log = Callable[[str], None]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool):
+    order = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _augment(tensors: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """One random flip/rotation per batch (cheap; the 4 symmetries keep the shape)."""
+    k = int(torch.randint(0, 4, (1,), generator=generator))
+    return flip_rotate(tensors, k)
+
+
+def _load_checkpoint(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _save_checkpoint(path: Path | None, state: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a kill mid-save never leaves a broken checkpoint
+
+
+def _run_epochs(
+    *,
+    stage: str,
+    module: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    epochs: int,
+    lr: float,
+    steps_per_epoch: int,
+    train_epoch: Callable[[torch.optim.Optimizer, Any, torch.Generator], float],
+    validate: Callable[[], dict[str, float]],
+    checkpoint: Path | None,
+    resume: bool,
+    seed: int,
+    log: Log,
+) -> list[dict[str, float]]:
+    """Generic epoch loop with Adam, cosine decay, per-epoch validation and checkpoints."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, epochs * steps_per_epoch), eta_min=lr * 0.02
+    )
+    generator = torch.Generator().manual_seed(seed)
+    history: list[dict[str, float]] = []
+    start = 0
+    state = _load_checkpoint(checkpoint) if resume else None
+    if state is not None and state.get("stage") == stage:
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        history = state["history"]
+        start = state["epoch"] + 1
+        log(f"{stage}: resumed from {checkpoint} after epoch {start}")
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        module.train()
+        loss = train_epoch(optimizer, scheduler, generator)
+        module.eval()
+        record = {"epoch": epoch + 1, "loss": loss, **validate()}
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        history.append(record)
+        log(f"{stage} " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+        _save_checkpoint(
+            checkpoint,
+            {
+                "stage": stage,
+                "epoch": epoch,
+                "model": module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "history": history,
+            },
+        )
+    return history
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def train_segmenter(
+    model: CountingPipeline,
+    data: LabeledSet,
+    *,
+    val: LabeledSet | None = None,
+    epochs: int = 8,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    tv_weight: float = 1e-3,
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    device: torch.device | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> list[dict[str, float]]:
+    """Stage 1: fit the FPN on images that have masks (sum of per-level NLL + TV)."""
+    device = device or default_device()
+    keep = data.has_mask
+    if not bool(keep.any()):
+        raise ValueError("no training image has a foreground mask; the segmenter needs masks")
+    images, masks = data.images[keep], data.masks[keep]
+    seg = model.segmenter.to(device)
+    n = images.shape[0]
+
+    def train_epoch(optimizer, scheduler, generator) -> float:
+        total, steps = 0.0, 0
+        batches = list(_batches(n, batch_size, generator, drop_last=True))
+        for idx in tqdm(batches, desc="segmenter", leave=False, disable=not progress):
+            x, y = _augment([images[idx], masks[idx]], generator)
+            loss = segmentation_loss(seg(x.to(device)), y.to(device), tv_weight=tv_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total, steps = total + float(loss), steps + 1
+        return total / max(steps, 1)
+
+    def validate() -> dict[str, float]:
+        if val is None or not bool(val.has_mask.any()):
+            return {}
+        vm = val.has_mask
+        mask, _ = predict_masks(model, val.images[vm], device=device)
+        target = torch.nn.functional.adaptive_avg_pool2d(val.masks[vm], mask.shape[-2:])
+        return {"val_mask_mse": float(((mask - target) ** 2).mean())}
+
+    return _run_epochs(
+        stage="segmenter",
+        module=seg,
+        params=list(seg.parameters()),
+        epochs=epochs,
+        lr=lr,
+        steps_per_epoch=max(1, n // batch_size),
+        train_epoch=train_epoch,
+        validate=validate,
+        checkpoint=checkpoint,
+        resume=resume,
+        seed=seed,
+        log=log,
+    )
+
+
+@torch.inference_mode()
+def predict_masks(
+    model: CountingPipeline,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finest-level mask and log-variance for a stack of prepared images (eval mode)."""
+    device = device or default_device()
+    model.segmenter.eval().to(device)
+    masks, logvars = [], []
+    for start in range(0, images.shape[0], batch_size):
+        m, lv = model.segmenter(images[start : start + batch_size].to(device), levels=1)[0]
+        masks.append(m.cpu())
+        logvars.append(lv.cpu())
+    return torch.cat(masks), torch.cat(logvars)
+
+
+@torch.inference_mode()
+def predict_counts(
+    model: CountingPipeline,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Count mean and aleatoric std for a stack of prepared images."""
+    device = device or default_device()
+    model.eval().to(device)
+    means, stds = [], []
+    for start in range(0, images.shape[0], batch_size):
+        out = model(images[start : start + batch_size].to(device))
+        means.append(out.count.cpu())
+        stds.append(torch.exp(0.5 * out.count_logvar).cpu())
+    return torch.cat(means).numpy(), torch.cat(stds).numpy()
+
+
+def train_counter(
+    model: CountingPipeline,
+    data: LabeledSet,
+    *,
+    val: LabeledSet | None = None,
+    epochs: int = 40,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    beta: float = 0.5,
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    device: torch.device | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> list[dict[str, float]]:
+    """Stage 2: fit the VGG counter on the frozen segmenter's masks (aleatoric loss).
+
+    The masks are computed once (eval mode), then flipped/rotated together with
+    the image plane each batch, which is exact because the 4 symmetries
+    commute with the segmenter up to its padding.
+    """
+    device = device or default_device()
+    mask, logvar = predict_masks(model, data.images, device=device)
+    inputs = counter_input(mask, logvar, data.images, model.counter_inputs)
+    targets = data.counts
+    if val is not None:
+        vmask, vlogvar = predict_masks(model, val.images, device=device)
+        val_inputs = counter_input(vmask, vlogvar, val.images, model.counter_inputs)
+    counter = model.counter.to(device)
+    n = inputs.shape[0]
+
+    def train_epoch(optimizer, scheduler, generator) -> float:
+        total, steps = 0.0, 0
+        batches = list(_batches(n, batch_size, generator, drop_last=True))
+        for idx in tqdm(batches, desc="counter", leave=False, disable=not progress):
+            (x,) = _augment([inputs[idx]], generator)
+            mean, log_var = counter(x.to(device))
+            loss = gaussian_nll(mean, targets[idx].to(device), log_var, beta=beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total, steps = total + float(loss), steps + 1
+        return total / max(steps, 1)
+
+    @torch.inference_mode()
+    def validate() -> dict[str, float]:
+        if val is None:
+            return {}
+        means, stds = [], []
+        for start in range(0, val_inputs.shape[0], 64):
+            m, lv = counter(val_inputs[start : start + 64].to(device))
+            means.append(m.cpu())
+            stds.append(torch.exp(0.5 * lv).cpu())
+        err = torch.cat(means) - val.counts
+        z = err.abs() / torch.cat(stds)
+        return {
+            "val_mae": float(err.abs().mean()),
+            "val_max": float(err.abs().max()),
+            "val_cover95": float((z <= 1.96).float().mean()),
+        }
+
+    return _run_epochs(
+        stage="counter",
+        module=counter,
+        params=list(counter.parameters()),
+        epochs=epochs,
+        lr=lr,
+        steps_per_epoch=max(1, n // batch_size),
+        train_epoch=train_epoch,
+        validate=validate,
+        checkpoint=checkpoint,
+        resume=resume,
+        seed=seed,
+        log=log,
+    )
+
+
+def save_model_folder(
+    model: CountingPipeline, config: dict[str, Any], folder: str | Path
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors``: a model folder that describes itself."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(_jsonable(config), indent=2) + "\n")
+    return folder
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def interval_metrics(
+    model: CountingPipeline,
+    data: LabeledSet,
+    scores: np.ndarray,
+    *,
+    level: float = 0.95,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Count metrics of ``model`` on ``data`` overall and per blur x stain group."""
+    from celltally.calibration import conformal_quantile
+    from celltally.metrics import grouped_metrics
+
+    mean, std = predict_counts(model, data.images, device=device)
+    q = conformal_quantile(scores, level)
+    rows = [
+        {
+            "true": float(t),
+            "count": float(m),
+            "low": max(0.0, float(m - q * s)),
+            "high": float(m + q * s),
+            "blur": meta.get("blur"),
+            "stain": meta.get("stain"),
+        }
+        for t, m, s, meta in zip(data.counts.numpy(), mean, std, data.meta, strict=True)
+    ]
+    return grouped_metrics(rows, by=("blur", "stain"))
+
+
+def fit(
+    *,
+    train: LabeledSet,
+    calibration: LabeledSet,
+    test: LabeledSet | None,
+    config: dict[str, Any],
+    out: str | Path,
+    stages: str = "both",
+    init: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Train the stages named by ``stages`` ('both', 'segmenter', 'counter'), calibrate, save.
+
+    ``config`` is a preset (see ``models.presets``) plus bookkeeping; the
+    finished model folder at ``out`` holds it with the training history,
+    the conformal calibration scores and the test metrics added.
+    """
+    from celltally.calibration import conformal_scores
+
+    if stages not in ("both", "segmenter", "counter"):
+        raise ValueError(f"stages must be 'both', 'segmenter' or 'counter', not {stages!r}")
+    out = Path(out)
+    device = device or default_device()
+    seed_everything(seed)
+    model = CountingPipeline(config)
+    if init is not None:
+        model.load_state_dict(init)
+    hp = config["train"]
+    history: dict[str, Any] = dict(config.get("history", {}))
+    if stages in ("both", "segmenter"):
+        s = hp["segmenter"]
+        history["segmenter"] = train_segmenter(
+            model, train, val=calibration, epochs=s["epochs"], batch_size=s["batch_size"],
+            lr=s["lr"], tv_weight=s["tv_weight"], seed=seed, resume=resume,
+            checkpoint=out / "checkpoints" / "segmenter.pt", device=device,
+            progress=progress, log=log,
+        )
+    if stages in ("both", "counter"):
+        c = hp["counter"]
+        history["counter"] = train_counter(
+            model, train, val=calibration, epochs=c["epochs"], batch_size=c["batch_size"],
+            lr=c["lr"], beta=c.get("beta", 0.0), seed=seed, resume=resume,
+            checkpoint=out / "checkpoints" / "counter.pt", device=device,
+            progress=progress, log=log,
+        )
+    mean, std = predict_counts(model, calibration.images, device=device)
+    scores = conformal_scores(calibration.counts.numpy(), mean, std)
+    config = dict(config)
+    config["history"] = history
+    config["calibration"] = {
+        "method": "split-conformal on |y - mu| / sigma",
+        "n": int(scores.size),
+        "scores": [round(float(v), 5) for v in scores],
+    }
+    if test is not None and len(test):
+        config["metrics"] = {"test": interval_metrics(model, test, scores, device=device)}
+    save_model_folder(model, config, out)
+    log(f"saved model folder {out}")
+    return config

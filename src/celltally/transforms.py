@@ -1,0 +1,84 @@
+"""Image preparation: float conversion, area resizing, percentile normalization."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Minimum normalization range in the units of a 12-bit camera, scaled per
+# dtype: keeps an empty (background-only) frame from being stretched until its
+# noise looks like cells.
+_MIN_RANGE_FRACTION = 0.02
+_DTYPE_FULL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 4095.0}
+
+
+def resize_area(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize a 2-D image to ``size`` = (height, width) by area averaging (anti-aliased).
+
+    Returns float32; the input is not modified.
+    """
+    height, width = int(size[0]), int(size[1])
+    array = np.asarray(image, dtype=np.float32)
+    if array.shape == (height, width):
+        return array.copy()
+    tensor = torch.from_numpy(np.ascontiguousarray(array))[None, None]
+    if height <= array.shape[0] and width <= array.shape[1]:
+        out = F.adaptive_avg_pool2d(tensor, (height, width))
+    else:
+        out = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def normalize_percentile(
+    image: np.ndarray,
+    *,
+    low: float = 0.5,
+    high: float = 99.95,
+    min_range: float = 0.0,
+) -> np.ndarray:
+    """Map the ``low`` and ``high`` percentiles to 0 and 1 (float32, not clipped above).
+
+    ``min_range`` is the smallest denominator allowed, in the image's units.
+    """
+    array = np.asarray(image, dtype=np.float32)
+    lo, hi = np.percentile(array, [low, high])
+    scale = max(float(hi - lo), float(min_range), 1e-6)
+    return ((array - lo) / scale).astype(np.float32)
+
+
+def min_range_for(dtype: np.dtype) -> float:
+    """The empty-frame guard for ``normalize_percentile`` for images of ``dtype``."""
+    return _MIN_RANGE_FRACTION * _DTYPE_FULL_SCALE.get(np.dtype(dtype), 0.0)
+
+
+def prepare_image(
+    image: np.ndarray,
+    *,
+    size: Sequence[int],
+    low: float = 0.5,
+    high: float = 99.95,
+    normalize: bool = True,
+) -> np.ndarray:
+    """Resize to the model's input ``size`` (area), then percentile-normalize.
+
+    Normalizing after resizing is ~7x cheaper on 696 x 520 frames and sees the
+    same intensities the network sees. The result is clipped to [-1, 4] so a
+    single hot pixel cannot dominate.
+    """
+    resized = resize_area(image, size)
+    if not normalize:
+        return resized
+    out = normalize_percentile(resized, low=low, high=high, min_range=min_range_for(image.dtype))
+    return np.clip(out, -1.0, 4.0, out=out)
+
+
+def flip_rotate(arrays: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Apply the same one of 4 shape-preserving symmetries (k in 0..3) to each (…, H, W) tensor.
+
+    0: identity, 1: vertical flip, 2: horizontal flip, 3: 180° rotation.
+    """
+    dims = {0: (), 1: (-2,), 2: (-1,), 3: (-2, -1)}[k % 4]
+    return [a.flip(dims) if dims else a for a in arrays]

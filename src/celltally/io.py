@@ -1,0 +1,602 @@
+"""Reading and writing images, masks and count tables.
+
+All errors caused by bad user input are raised as :class:`InputError` (or its subclass
+:class:`ImageReadError`), whose message is a single line naming the offending path, so a
+command-line front end can print ``str(err)`` without a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageReadError",
+    "InputError",
+    "list_images",
+    "read_counts_csv",
+    "read_image",
+    "read_mask",
+    "write_float_image",
+    "write_mask",
+]
+
+#: File suffixes accepted as images (compared case-insensitively).
+IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_PNG_SUFFIXES = (".png",)
+_SUPPORTED_TEXT = "use TIFF, PNG or JPEG"
+_GLOB_CHARS = ("*", "?", "[")
+_MAX_REASON = 160
+
+
+def _one_line(text: str) -> str:
+    """Collapse ``text`` to a single line (newlines become spaces)."""
+    return " ".join(str(text).split())
+
+
+class InputError(ValueError):
+    """A problem with the user's input files; the message is one line naming the path.
+
+    Parameters
+    ----------
+    message : str
+        The user-facing message. Newlines are collapsed to spaces.
+    path : str or Path, optional
+        The offending path, kept as the ``path`` attribute.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(_one_line(message))
+        self.path = path
+
+
+class ImageReadError(InputError):
+    """An image file that cannot be used; ``str(err) == f"{path}: {problem}"``.
+
+    Subclass of :class:`InputError` (and hence of :class:`ValueError`).
+
+    Parameters
+    ----------
+    path : str or Path
+        The image file.
+    problem : str
+        Short, one-line description of what is wrong.
+
+    Attributes
+    ----------
+    path : str or Path
+        The image file, as given.
+    problem : str
+        The problem text (single line).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.problem = _one_line(problem)
+        super().__init__(f"{os.fspath(path)}: {self.problem}", path)
+        self.path = path
+
+
+def _short_reason(exc: BaseException) -> str:
+    """First line of an exception message, shortened, or the exception type's name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    if len(reason) > _MAX_REASON:
+        reason = reason[: _MAX_REASON - 3] + "..."
+    return reason
+
+
+def _format_name(suffix: str) -> str:
+    suffix = suffix.lower()
+    if suffix in _TIFF_SUFFIXES:
+        return "TIFF"
+    if suffix in _PNG_SUFFIXES:
+        return "PNG"
+    return "JPEG"
+
+
+def _check_image_file(path: Path, original: str | os.PathLike[str]) -> None:
+    """Raise ImageReadError unless ``path`` is an existing, non-empty, supported file."""
+    if not path.exists():
+        raise ImageReadError(original, "file not found")
+    if path.is_dir():
+        raise ImageReadError(original, "is a folder, not an image file")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        shown = path.suffix or "(none)"
+        raise ImageReadError(original, f"unsupported file type '{shown}'; {_SUPPORTED_TEXT}")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageReadError(original, f"cannot access file: {_short_reason(exc)}") from None
+    if size == 0:
+        raise ImageReadError(original, "file is empty (0 bytes)")
+
+
+def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
+    """Decode a PNG/JPEG file with Pillow into a numpy array (2-D or (H, W, C))."""
+    from PIL import Image
+
+    kind = _format_name(path.suffix)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode == "P":
+                has_alpha = "transparency" in img.info
+                img = img.convert("RGBA" if has_alpha else "RGB")
+            elif mode == "PA":
+                img = img.convert("RGBA")
+            elif mode == "LA":
+                img = img.convert("L")
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("RGB")
+            elif mode == "I;16B" or mode == "I;16L":
+                img = img.convert("I;16")
+            arr = np.array(img)
+            mode = img.mode
+    except Exception as exc:  # any decoder failure is a user-facing read error
+        raise ImageReadError(original, f"cannot be read as {kind}: {_short_reason(exc)}") from None
+    if mode == "I" and arr.dtype.kind in "iu" and arr.size:
+        if arr.min() >= 0 and arr.max() <= np.iinfo(np.uint16).max:
+            arr = arr.astype(np.uint16)
+    return arr
+
+
+def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
+    """Decode a TIFF (including OME-TIFF) with tifffile."""
+    import tifffile
+
+    try:
+        arr = tifffile.imread(path)
+    except Exception as exc:  # any decoder failure is a user-facing read error
+        raise ImageReadError(original, f"cannot be read as TIFF: {_short_reason(exc)}") from None
+    return np.asarray(arr)
+
+
+def _load_raw(path: str | os.PathLike[str]) -> tuple[np.ndarray, bool]:
+    """Validate and decode an image file; return the raw array and whether it is a TIFF."""
+    p = Path(path)
+    _check_image_file(p, path)
+    is_tiff = p.suffix.lower() in _TIFF_SUFFIXES
+    arr = _load_tiff(p, path) if is_tiff else _load_pillow(p, path)
+    if arr.ndim == 0 or arr.size == 0 or 0 in arr.shape:
+        raise ImageReadError(path, f"image has a zero-size side (shape {tuple(arr.shape)})")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "uif":
+        raise ImageReadError(path, f"unsupported pixel type {arr.dtype}")
+    return arr, is_tiff
+
+
+def _squeeze_singletons(arr: np.ndarray) -> np.ndarray:
+    """Drop size-1 axes of an array with more than two axes (never below two axes)."""
+    while arr.ndim > 2 and 1 in arr.shape:
+        axis = arr.shape.index(1)
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4) and axis != 2:
+            # (1, W, 3): a one-pixel-tall colour image, keep the colour axis intact.
+            break
+        arr = arr.reshape(arr.shape[:axis] + arr.shape[axis + 1 :])
+    return arr
+
+
+def _to_2d(
+    arr: np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    is_tiff: bool,
+    channel: int | None,
+    colour_mean: bool,
+) -> np.ndarray:
+    """Reduce a decoded array to 2-D following the rules of :func:`read_image`."""
+    original_shape = tuple(arr.shape)
+    work = _squeeze_singletons(arr)
+    if work.ndim == 2:
+        if channel is not None and channel != 0:
+            raise ImageReadError(
+                path, f"channel {channel} out of range; the image has a single channel (0)"
+            )
+        return np.array(work, copy=True)
+    if work.ndim == 3 and work.shape[-1] in (3, 4):
+        channels = np.moveaxis(work, -1, 0)
+    elif work.ndim == 3 and is_tiff and work.shape[0] <= 4:
+        channels = work
+    else:
+        raise ImageReadError(
+            path,
+            f"expected a 2-D image, got a stack of shape {original_shape}; "
+            "pass --channel or split the stack",
+        )
+    n_channels = channels.shape[0]
+    if channel is not None:
+        if not 0 <= channel < n_channels:
+            raise ImageReadError(
+                path,
+                f"channel {channel} out of range; the image has {n_channels} channels "
+                f"(0-{n_channels - 1})",
+            )
+        return np.array(channels[channel], copy=True)
+    colour = channels[:3] if n_channels == 4 else channels  # ignore alpha
+    if all(np.array_equal(colour[0], colour[i]) for i in range(1, colour.shape[0])):
+        return np.array(colour[0], copy=True)
+    if not colour_mean:
+        raise ImageReadError(
+            path, "colour channels differ; expected a grayscale label or binary mask"
+        )
+    return colour.astype(np.float32).mean(axis=0, dtype=np.float32)
+
+
+def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> np.ndarray:
+    """Read one 2-D image from a TIFF (incl. OME-TIFF), PNG or JPEG file.
+
+    Parameters
+    ----------
+    path : str or Path
+        Image file. Its suffix (case-insensitive) selects the decoder: ``.tif``/``.tiff``
+        via tifffile, ``.png``/``.jpg``/``.jpeg`` via Pillow.
+    channel : int, optional
+        For multi-channel images, the 0-based channel to return. For a single-channel
+        image only ``0`` is accepted.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new 2-D array in the file's own dtype (uint8, uint16, float32, ...). Boolean
+        images become uint8 0/1; 16-bit PNGs come back as uint16. Multi-channel images
+        (``(H, W, 3|4)``, or ``(C, H, W)`` with ``C <= 4`` for TIFF) give the selected
+        ``channel``; without one, a single channel if all colour channels are equal,
+        else the float32 mean of the colour channels (a 4th channel is treated as alpha
+        and ignored). Size-1 axes (e.g. ``(1, H, W)``) are dropped.
+
+    Raises
+    ------
+    ImageReadError
+        If the file is missing, a folder, empty, of an unsupported type, cannot be
+        decoded, has a zero-size side, is a stack (z/time series) rather than a 2-D
+        image, ``channel`` is out of range, or it contains NaN or infinite values.
+    """
+    arr, is_tiff = _load_raw(path)
+    out = _to_2d(arr, path, is_tiff=is_tiff, channel=channel, colour_mean=True)
+    if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
+        raise ImageReadError(path, "contains NaN or infinite values")
+    return out
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    """Whether any component of ``path`` below ``root`` starts with a dot."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        parts = (path.name,)
+    return any(part.startswith(".") for part in parts)
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def _folder_images(folder: Path, recursive: bool) -> list[Path]:
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    found = [p for p in candidates if not _is_hidden(p, folder) and _is_image_file(p)]
+    return sorted(found, key=lambda p: str(p))
+
+
+def list_images(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = False) -> list[Path]:
+    """Expand files, folders and glob patterns into a list of image files.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        Image files, folders (their image files, sorted by path) and glob patterns
+        (containing ``*``, ``?`` or ``[``; non-image matches are skipped, matched folders
+        are expanded like folder arguments).
+    recursive : bool, default False
+        Descend into sub-folders of folder arguments; in patterns, ``**`` matches any
+        number of folders.
+
+    Returns
+    -------
+    list of Path
+        Image files in argument order, duplicates (same resolved path) removed. Files and
+        folders whose name starts with ``.`` are skipped inside folders. An empty
+        ``paths`` gives an empty list.
+
+    Raises
+    ------
+    InputError
+        For a path that does not exist (and is not a matching pattern), a folder without
+        images, a pattern matching no images, or a file with an unsupported suffix.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    result: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            result.append(p)
+
+    for arg in paths:
+        text = os.fspath(arg)
+        p = Path(text)
+        if p.is_dir():
+            images = _folder_images(p, recursive)
+            if not images:
+                raise InputError(f"{text}: folder contains no TIFF/PNG/JPEG images", text)
+            for image in images:
+                add(image)
+        elif p.is_file():
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                shown = p.suffix or "(none)"
+                raise InputError(
+                    f"{text}: unsupported file type '{shown}'; {_SUPPORTED_TEXT}", text
+                )
+            add(p)
+        elif any(ch in text for ch in _GLOB_CHARS):
+            matches = sorted(glob.glob(text, recursive=recursive))
+            if not matches:
+                raise InputError(f"no files match the pattern '{text}'", text)
+            matched: list[Path] = []
+            for match in matches:
+                m = Path(match)
+                if m.is_dir():
+                    matched.extend(_folder_images(m, recursive))
+                elif _is_image_file(m):
+                    matched.append(m)
+            if not matched:
+                raise InputError(f"pattern '{text}' matches no TIFF/PNG/JPEG images", text)
+            for image in matched:
+                add(image)
+        else:
+            raise InputError(f"no such file or folder: {text}", text)
+    return result
+
+
+def _mask_to_uint8(mask: np.ndarray) -> np.ndarray:
+    arr = np.asarray(mask)
+    if arr.ndim != 2 or 0 in arr.shape:
+        raise ValueError(f"mask must be a non-empty 2-D array, got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * np.uint8(255)
+    if arr.dtype.kind in "iu":
+        if not np.all((arr == 0) | (arr == 1)):
+            raise ValueError("integer masks must contain only 0 and 1; pass floats in [0, 1]")
+        return arr.astype(np.uint8) * np.uint8(255)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("mask contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"float mask values must lie in [0, 1], got [{lo:g}, {hi:g}]")
+        scaled = np.rint(np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0)
+        return scaled.astype(np.uint8)
+    raise ValueError(f"unsupported mask dtype {arr.dtype}")
+
+
+def write_mask(path: str | os.PathLike[str], mask: np.ndarray) -> Path:
+    """Write a probability or binary mask as an 8-bit PNG or TIFF.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file; ``.png`` writes PNG, ``.tif``/``.tiff`` writes TIFF. Parent folders
+        are created.
+    mask : numpy.ndarray
+        2-D float array in [0, 1], boolean array, or integer array of 0/1. Values are
+        scaled to 0..255 and rounded. Not modified.
+
+    Returns
+    -------
+    Path
+        The written file.
+
+    Raises
+    ------
+    ValueError
+        For an unsupported suffix, a non-2-D mask, or values outside [0, 1].
+    """
+    out = Path(path)
+    suffix = out.suffix.lower()
+    if suffix not in _PNG_SUFFIXES + _TIFF_SUFFIXES:
+        raise ValueError(f"{out}: masks are written as .png or .tif, not '{out.suffix}'")
+    data = _mask_to_uint8(mask)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix in _PNG_SUFFIXES:
+        from PIL import Image
+
+        Image.fromarray(data).save(out)
+    else:
+        import tifffile
+
+        tifffile.imwrite(out, data, compression="zlib")
+    return out
+
+
+def write_float_image(path: str | os.PathLike[str], array: np.ndarray) -> Path:
+    """Write an array as a zlib-compressed float32 TIFF (e.g. an uncertainty map).
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.tif``/``.tiff`` file. Parent folders are created.
+    array : numpy.ndarray
+        Non-empty array of at least 2 dimensions; converted to float32 (a copy).
+
+    Returns
+    -------
+    Path
+        The written file.
+
+    Raises
+    ------
+    ValueError
+        For a non-TIFF suffix or an array with fewer than 2 dimensions or no elements.
+    """
+    out = Path(path)
+    if out.suffix.lower() not in _TIFF_SUFFIXES:
+        raise ValueError(f"{out}: float images are written as .tif, not '{out.suffix}'")
+    data = np.asarray(array)
+    if data.ndim < 2 or data.size == 0:
+        raise ValueError(f"expected a non-empty array of 2 or more dimensions, got {data.shape}")
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import tifffile
+
+    tifffile.imwrite(out, data, compression="zlib")
+    return out
+
+
+_IMAGE_COLUMNS = ("image", "file", "filename")
+
+
+def _sniff_delimiter(header: str) -> str:
+    for delim in (",", "\t", ";"):
+        if delim in header:
+            return delim
+    return ","
+
+
+def read_counts_csv(path: str | os.PathLike[str]) -> dict[str, float]:
+    """Read ground-truth counts from a CSV file.
+
+    Parameters
+    ----------
+    path : str or Path
+        CSV file with a header row containing an image column (``image``, ``file`` or
+        ``filename``, case-insensitive) and a ``count`` column. Comma, tab or semicolon
+        delimited; blank lines are skipped.
+
+    Returns
+    -------
+    dict of str to float
+        ``{image name: count}`` in file order (names stripped of surrounding spaces).
+
+    Raises
+    ------
+    InputError
+        If the file is missing or empty, a column is missing, an image name is empty or
+        repeated, or a count is missing, non-numeric, NaN/infinite or negative. Messages
+        name the file and, for row problems, the line number.
+    """
+    p = Path(path)
+    name = os.fspath(path)
+    if not p.is_file():
+        problem = "is a folder, not a CSV file" if p.is_dir() else "file not found"
+        raise InputError(f"{name}: {problem}", name)
+    try:
+        with open(p, encoding="utf-8-sig", newline="") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{name}: cannot be read: {_short_reason(exc)}", name) from None
+    lines = text.splitlines(keepends=True)
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        raise InputError(f"{name}: file is empty", name)
+    reader = csv.reader(lines, delimiter=_sniff_delimiter(first))
+    header: list[str] | None = None
+    image_col = count_col = -1
+    counts: dict[str, float] = {}
+    first_line: dict[str, int] = {}
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if header is None:
+            header = [cell.strip().lower() for cell in row]
+            image_col = next((header.index(c) for c in _IMAGE_COLUMNS if c in header), -1)
+            count_col = header.index("count") if "count" in header else -1
+            found = ", ".join(h for h in header if h) or "none"
+            if image_col < 0:
+                raise InputError(
+                    f"{name}: missing an 'image' (or 'file'/'filename') column "
+                    f"(found columns: {found})",
+                    name,
+                )
+            if count_col < 0:
+                raise InputError(f"{name}: missing a 'count' column (found columns: {found})", name)
+            continue
+        where = f"{name}, line {line}"
+        image = row[image_col].strip() if image_col < len(row) else ""
+        raw = row[count_col].strip() if count_col < len(row) else ""
+        if not image:
+            raise InputError(f"{where}: missing image name", name)
+        if not raw:
+            raise InputError(f"{where}: missing count for '{image}'", name)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise InputError(f"{where}: count '{raw}' is not a number", name) from None
+        if math.isnan(value) or math.isinf(value):
+            raise InputError(f"{where}: count '{raw}' is not a finite number", name)
+        if value < 0:
+            raise InputError(f"{where}: count {raw} is negative", name)
+        if image in counts:
+            raise InputError(
+                f"{where}: duplicate image '{image}' (first on line {first_line[image]})", name
+            )
+        counts[image] = value
+        first_line[image] = line
+    return counts
+
+
+def read_mask(path: str | os.PathLike[str], *, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a label or binary mask image (PNG/TIFF) as a 2-D integer array.
+
+    Parameters
+    ----------
+    path : str or Path
+        Mask file. Colour files are accepted only if all colour channels are equal.
+    shape : tuple of int, optional
+        Expected ``(height, width)`` (that of the image the mask belongs to).
+
+    Returns
+    -------
+    numpy.ndarray
+        2-D int64 array. A binary mask stored as 0/max of an unsigned dtype (e.g. 0/255
+        in 8-bit) becomes 0/1; other values (labels) are kept.
+
+    Raises
+    ------
+    ImageReadError
+        If the file cannot be read as a 2-D image, or has colour, non-integer, negative
+        or non-finite values.
+    InputError
+        If ``shape`` is given and differs from the mask's shape.
+    """
+    arr, is_tiff = _load_raw(path)
+    mask = _to_2d(arr, path, is_tiff=is_tiff, channel=None, colour_mean=False)
+    if mask.dtype.kind == "f":
+        if not np.all(np.isfinite(mask)):
+            raise ImageReadError(path, "contains NaN or infinite values")
+        if not np.array_equal(mask, np.round(mask)):
+            raise ImageReadError(
+                path, "mask has non-integer values; expected a label or binary mask"
+            )
+    if mask.dtype.kind in "if" and mask.min() < 0:
+        raise ImageReadError(path, "mask has negative values")
+    if mask.dtype.kind == "u":
+        top = np.iinfo(mask.dtype).max
+        if top > 1:
+            values = np.unique(mask)
+            if values[-1] == top and np.all((values == 0) | (values == top)):
+                mask = mask == top
+    out = mask.astype(np.int64)
+    if shape is not None:
+        expected = (int(shape[0]), int(shape[1]))
+        if out.shape != expected:
+            raise InputError(
+                f"{os.fspath(path)}: mask is {out.shape[1]}x{out.shape[0]} "
+                f"but its image is {expected[1]}x{expected[0]}",
+                path,
+            )
+    return out

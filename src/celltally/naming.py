@@ -1,0 +1,194 @@
+"""Parse plate/well/site/channel metadata out of microscopy image file names.
+
+Canonical BBBC005 names (``SIMCEPImages_A10_C40_F1_s01_w1.TIF``) are parsed fully; other
+high-content screening names (e.g. BBBC039 ``IXMtest_A02_s1_w1051DAA7C-....tif``) are
+parsed with generic well / site / channel patterns. Parsing never raises: unparseable
+names give an all-``None`` :class:`ImageName`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["BBBC005_PATTERN", "ImageName", "parse_name", "scene_id"]
+
+#: Canonical BBBC005 file name: well, cell count, focus blur, site and stain.
+BBBC005_PATTERN = re.compile(
+    r"^SIMCEPImages_(?P<well>(?P<row>[A-Z]+)(?P<column>\d+))_C(?P<count>\d+)"
+    r"_F(?P<blur>\d+)_s(?P<site>\d+)_w(?P<stain>\d+)",
+    re.IGNORECASE,
+)
+
+# Generic patterns. A well is 1-2 upper-case row letters + 2 digits, delimited by '_'
+# (or the start of the name / a '.' / the end).
+_WELL = re.compile(r"(?:^|_)(?P<row>[A-Z]{1,2})(?P<column>\d{2})(?=[_.]|$)")
+_SITE = re.compile(r"_s(?P<site>\d+)(?=[_.\-]|$)", re.IGNORECASE)
+_STAIN = re.compile(r"_w(?P<stain>\d)", re.IGNORECASE)
+_COUNT = re.compile(r"_C(?P<count>\d+)(?=_)")
+
+
+@dataclass(frozen=True)
+class ImageName:
+    """Metadata parsed from an image file name; fields not found are ``None``.
+
+    Attributes
+    ----------
+    well : str or None
+        Well label as written, e.g. ``"A10"``.
+    row : str or None
+        Well row letters (upper case), e.g. ``"A"``.
+    column : int or None
+        Well column number, e.g. ``10``.
+    site : int or None
+        Field of view within the well.
+    blur : int or None
+        BBBC005 focus-blur level (``F`` field).
+    stain : int or None
+        Channel / stain number (``w`` field).
+    count : int or None
+        Ground-truth cell count encoded in the name (``C`` field).
+    plate : str or None
+        Plate name (text before the first ``_`` when directly followed by a well).
+    """
+
+    well: str | None = None
+    row: str | None = None
+    column: int | None = None
+    site: int | None = None
+    blur: int | None = None
+    stain: int | None = None
+    count: int | None = None
+    plate: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the fields as a new ``{name: value}`` dict.
+
+        Returns
+        -------
+        dict
+            Field names mapped to their values (``None`` where not parsed).
+        """
+        return asdict(self)
+
+
+def _basename(name: str | os.PathLike[str]) -> str:
+    """File name without folders (handles both '/' and '\\' separators)."""
+    try:
+        text = os.fspath(name)
+    except TypeError:
+        text = str(name)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return re.split(r"[\\/]", text)[-1]
+
+
+def _parse_generic(base: str) -> ImageName:
+    wells = list(_WELL.finditer(base))
+    counts = list(_COUNT.finditer(base))
+    # "_C10_" fits both a well (row C, column 10) and a count: it is a count only if
+    # another well is present, otherwise it is the well.
+    well_spans = {m.span("row")[0] for m in wells}
+    ambiguous = {m.start("count") - 1 for m in counts} & well_spans
+    if ambiguous:
+        if len(wells) > len(ambiguous):
+            wells = [m for m in wells if m.start("row") not in ambiguous]
+        else:
+            counts = [m for m in counts if m.start("count") - 1 not in ambiguous]
+
+    well = row = plate = None
+    column = site = stain = count = None
+    if wells:
+        w = wells[0]
+        row = w.group("row")
+        column = int(w.group("column"))
+        well = f"{row}{w.group('column')}"
+        first_sep = base.find("_")
+        if first_sep > 0 and w.start() == first_sep:
+            plate = base[:first_sep]
+    site_match = _SITE.search(base)
+    if site_match:
+        site = int(site_match.group("site"))
+    stain_match = _STAIN.search(base)
+    if stain_match:
+        stain = int(stain_match.group("stain"))
+    if counts:
+        count = int(counts[0].group("count"))
+    return ImageName(
+        well=well, row=row, column=column, site=site, stain=stain, count=count, plate=plate
+    )
+
+
+def parse_name(name: str | os.PathLike[str]) -> ImageName:
+    """Parse metadata from an image file name (the folder part is ignored).
+
+    Parameters
+    ----------
+    name : str or Path
+        File name or path.
+
+    Returns
+    -------
+    ImageName
+        For a canonical BBBC005 name, well, row, column, count, blur, site and stain (plate
+        ``None``). Otherwise whatever the generic patterns find: a well ``_A02_`` (row
+        letters + 2 digits), a site ``_s<digits>``, a channel ``_w<digit>``, a count
+        ``_C<digits>_`` and a plate (text before the first ``_`` when followed by a well).
+        An unparseable name gives an all-``None`` result; this function never raises.
+
+    Examples
+    --------
+    >>> parse_name("SIMCEPImages_A10_C40_F1_s01_w1.TIF").well
+    'A10'
+    >>> parse_name("IXMtest_A02_s1_w1051DAA7C.tif").plate
+    'IXMtest'
+    """
+    base = _basename(name)
+    m = BBBC005_PATTERN.match(base)
+    if m:
+        return ImageName(
+            well=m.group("well").upper(),
+            row=m.group("row").upper(),
+            column=int(m.group("column")),
+            site=int(m.group("site")),
+            blur=int(m.group("blur")),
+            stain=int(m.group("stain")),
+            count=int(m.group("count")),
+        )
+    return _parse_generic(base)
+
+
+def scene_id(name: str | os.PathLike[str]) -> str | None:
+    """Identify the imaged scene (same cells) that an image shows.
+
+    For BBBC005 the scene is the well column plus the site, e.g. ``"C10_s01"``: all blur
+    levels (well rows) and stains of one scene share it. For other names with both a
+    well and a site it is ``"[plate_]well_sNN"`` (all channels of a field share it).
+
+    Parameters
+    ----------
+    name : str or Path
+        File name or path.
+
+    Returns
+    -------
+    str or None
+        The scene identifier, or ``None`` if the name is not parseable.
+
+    Examples
+    --------
+    >>> scene_id("SIMCEPImages_A10_C40_F1_s01_w1.TIF")
+    'C10_s01'
+    >>> scene_id("SIMCEPImages_P10_C40_F48_s01_w2.TIF")
+    'C10_s01'
+    """
+    base = _basename(name)
+    parsed = parse_name(base)
+    if BBBC005_PATTERN.match(base):
+        return f"C{parsed.column:02d}_s{parsed.site:02d}"
+    if parsed.well is not None and parsed.site is not None:
+        prefix = f"{parsed.plate}_" if parsed.plate else ""
+        return f"{prefix}{parsed.well}_s{parsed.site:02d}"
+    return None

@@ -1,0 +1,409 @@
+"""Tests for celltally.io: image reading/writing, file listing, counts and masks."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from celltally.io import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    InputError,
+    list_images,
+    read_counts_csv,
+    read_image,
+    read_mask,
+    write_float_image,
+    write_mask,
+)
+
+
+def _ramp(shape: tuple[int, int], dtype: type, top: int) -> np.ndarray:
+    n = shape[0] * shape[1]
+    return (np.arange(n, dtype=np.float64).reshape(shape) * top / (n - 1)).astype(dtype)
+
+
+def _assert_one_line(err: pytest.ExceptionInfo[BaseException], name: str) -> str:
+    text = str(err.value)
+    assert name in text
+    assert "\n" not in text
+    return text
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_suffixes() -> None:
+    assert IMAGE_SUFFIXES == (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+@pytest.mark.parametrize("dtype,top", [(np.uint8, 255), (np.uint16, 65535)])
+def test_tiff_roundtrip(tmp_path: Path, dtype: type, top: int) -> None:
+    arr = _ramp((20, 30), dtype, top)
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, arr)
+    out = read_image(path)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_tiff_float32_and_uppercase_suffix(tmp_path: Path) -> None:
+    arr = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    path = tmp_path / "IMG.TIFF"
+    tifffile.imwrite(path, arr)
+    out = read_image(str(path))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_ome_tiff_singleton_axes_dropped(tmp_path: Path) -> None:
+    arr = _ramp((16, 24), np.uint16, 4000)
+    path = tmp_path / "img.ome.tif"
+    tifffile.imwrite(path, arr[np.newaxis, np.newaxis], ome=True, metadata={"axes": "CZYX"})
+    out = read_image(path)
+    assert out.shape == (16, 24)
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_png_8bit_roundtrip(tmp_path: Path) -> None:
+    arr = _ramp((10, 12), np.uint8, 255)
+    path = tmp_path / "img.png"
+    Image.fromarray(arr).save(path)
+    out = read_image(path)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_png_16bit_roundtrip(tmp_path: Path) -> None:
+    arr = _ramp((10, 12), np.uint16, 60000)
+    path = tmp_path / "img16.png"
+    Image.fromarray(arr).save(path)
+    out = read_image(path)
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_jpeg_approximate(tmp_path: Path) -> None:
+    arr = np.full((32, 32), 100, dtype=np.uint8)
+    arr[8:24, 8:24] = 200
+    path = tmp_path / "img.JPG"
+    Image.fromarray(arr).save(path, quality=95)
+    out = read_image(path)
+    assert out.dtype == np.uint8 and out.shape == arr.shape
+    assert np.abs(out.astype(int) - arr.astype(int)).mean() < 3
+
+
+def test_rgb_png_mean_and_channel(tmp_path: Path) -> None:
+    rgb = np.zeros((6, 7, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 30, 60, 90
+    path = tmp_path / "rgb.png"
+    Image.fromarray(rgb).save(path)
+    out = read_image(path)
+    assert out.dtype == np.float32 and out.shape == (6, 7)
+    np.testing.assert_allclose(out, 60.0)
+    green = read_image(path, channel=1)
+    assert green.dtype == np.uint8
+    np.testing.assert_array_equal(green, 60)
+
+
+def test_gray_stored_as_rgba_takes_one_channel(tmp_path: Path) -> None:
+    gray = _ramp((5, 8), np.uint8, 255)
+    rgba = np.stack([gray, gray, gray, np.full_like(gray, 7)], axis=-1)
+    path = tmp_path / "rgba.png"
+    Image.fromarray(rgba).save(path)
+    out = read_image(path)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, gray)
+
+
+def test_channels_first_tiff_channel_selection(tmp_path: Path) -> None:
+    stack = np.stack([np.full((8, 9), v, dtype=np.uint16) for v in (10, 20)])
+    path = tmp_path / "two.tif"
+    tifffile.imwrite(path, stack)
+    np.testing.assert_array_equal(read_image(path, channel=1), 20)
+    np.testing.assert_allclose(read_image(path), 15.0)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path, channel=2)
+    assert "out of range" in _assert_one_line(err, "two.tif")
+
+
+def test_channel_out_of_range_on_gray(tmp_path: Path) -> None:
+    path = tmp_path / "g.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    assert read_image(path, channel=0).shape == (4, 4)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path, channel=1)
+    _assert_one_line(err, "g.png")
+
+
+def test_bool_tiff_becomes_uint8(tmp_path: Path) -> None:
+    arr = np.eye(5, dtype=bool)
+    path = tmp_path / "b.tif"
+    tifffile.imwrite(path, arr)
+    out = read_image(path)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.eye(5, dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("shape", [(5, 64, 64), (2, 3, 16, 16)])
+def test_stack_error(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.zeros(shape, dtype=np.uint8), photometric="minisblack")
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    text = _assert_one_line(err, "stack.tif")
+    assert f"got a stack of shape {shape}" in text
+    assert "--channel" in text
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.tif"
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert str(err.value) == f"{path}: file not found"
+    assert err.value.path == path
+    assert err.value.problem == "file not found"
+    assert isinstance(err.value, ValueError) and isinstance(err.value, InputError)
+
+
+def test_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "dir.tif"
+    folder.mkdir()
+    with pytest.raises(ImageReadError) as err:
+        read_image(folder)
+    _assert_one_line(err, "dir.tif")
+
+
+def test_unsupported_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "img.bmp"
+    path.write_bytes(b"BM....")
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "unsupported file type '.bmp'; use TIFF, PNG or JPEG" in _assert_one_line(err, "img.bmp")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    path.touch()
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "empty" in _assert_one_line(err, "empty.png")
+
+
+def test_corrupt_tiff(tmp_path: Path) -> None:
+    path = tmp_path / "junk.tif"
+    path.write_bytes(b"this is not a tiff file\n" * 20)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "cannot be read as TIFF: " in _assert_one_line(err, "junk.tif")
+    assert err.value.__suppress_context__
+
+
+def test_truncated_tiff(tmp_path: Path) -> None:
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, np.zeros((64, 64), np.uint16))
+    data = good.read_bytes()
+    path = tmp_path / "trunc.tif"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "cannot be read as TIFF" in _assert_one_line(err, "trunc.tif")
+
+
+def test_truncated_png(tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(good)
+    data = good.read_bytes()
+    path = tmp_path / "trunc.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "cannot be read as PNG" in _assert_one_line(err, "trunc.png")
+
+
+def test_zero_size_side(tmp_path: Path) -> None:
+    path = tmp_path / "zero.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tifffile warns about non-conformant zero-size data
+        tifffile.imwrite(path, np.zeros((0, 5), np.uint8))
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "zero-size" in _assert_one_line(err, "zero.tif")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_inf(tmp_path: Path, bad: float) -> None:
+    arr = np.ones((4, 4), np.float32)
+    arr[1, 2] = bad
+    path = tmp_path / "nan.tif"
+    tifffile.imwrite(path, arr)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "contains NaN or infinite values" in _assert_one_line(err, "nan.tif")
+
+
+# ---------------------------------------------------------------------------- list_images
+
+
+def _touch_images(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+
+
+def test_list_folder_sorted_hidden_and_non_images_skipped(tmp_path: Path) -> None:
+    _touch_images(tmp_path, ["b.tif", "a.PNG", ".hidden.tif", "notes.txt", "c.jpeg"])
+    _touch_images(tmp_path / "sub", ["d.tif"])
+    got = list_images([tmp_path])
+    assert [p.name for p in got] == ["a.PNG", "b.tif", "c.jpeg"]
+    got_rec = list_images([tmp_path], recursive=True)
+    assert [p.name for p in got_rec] == ["a.PNG", "b.tif", "c.jpeg", "d.tif"]
+
+
+def test_list_order_and_duplicates(tmp_path: Path) -> None:
+    _touch_images(tmp_path, ["a.tif", "b.tif", "c.png"])
+    got = list_images([tmp_path / "c.png", str(tmp_path), tmp_path / "." / "a.tif"])
+    assert [p.name for p in got] == ["c.png", "a.tif", "b.tif"]
+
+
+def test_list_glob(tmp_path: Path) -> None:
+    _touch_images(tmp_path, ["x1.tif", "x2.tif", "y1.tif", "x3.txt"])
+    got = list_images([str(tmp_path / "x?.*")])
+    assert [p.name for p in got] == ["x1.tif", "x2.tif"]
+    got = list_images([str(tmp_path / "[y]*")])
+    assert [p.name for p in got] == ["y1.tif"]
+
+
+def test_list_glob_no_match(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as err:
+        list_images([str(tmp_path / "*.tif")])
+    _assert_one_line(err, "*.tif")
+
+
+def test_list_empty_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "emptyfolder"
+    _touch_images(folder, ["readme.txt", ".hidden.png"])
+    with pytest.raises(InputError) as err:
+        list_images([folder])
+    assert "folder contains no TIFF/PNG/JPEG images" in _assert_one_line(err, "emptyfolder")
+
+
+def test_list_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as err:
+        list_images([tmp_path / "missing.tif"])
+    assert "no such file or folder" in _assert_one_line(err, "missing.tif")
+
+
+def test_list_unsupported_file(tmp_path: Path) -> None:
+    _touch_images(tmp_path, ["pic.bmp"])
+    with pytest.raises(InputError) as err:
+        list_images([tmp_path / "pic.bmp"])
+    assert "'.bmp'" in _assert_one_line(err, "pic.bmp")
+
+
+# ------------------------------------------------------------------------------- writers
+
+
+def test_write_mask_png_and_tiff(tmp_path: Path) -> None:
+    prob = np.array([[0.0, 0.5], [0.25, 1.0]], dtype=np.float32)
+    before = prob.copy()
+    png = write_mask(tmp_path / "out" / "deep" / "m.png", prob)
+    assert png.exists()
+    np.testing.assert_array_equal(prob, before)
+    expected = np.array([[0, 128], [64, 255]], dtype=np.uint8)
+    np.testing.assert_array_equal(np.array(Image.open(png)), expected)
+    tif = write_mask(tmp_path / "m.tif", prob > 0.3)
+    out = tifffile.imread(tif)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, [[0, 255], [0, 255]])
+
+
+def test_write_mask_rejects_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        write_mask(tmp_path / "m.png", np.array([[0.0, 1.5]]))
+    with pytest.raises(ValueError):
+        write_mask(tmp_path / "m.jpg", np.zeros((2, 2)))
+
+
+def test_write_float_image(tmp_path: Path) -> None:
+    arr = np.linspace(0, 3, 20).reshape(4, 5)
+    path = write_float_image(tmp_path / "unc" / "u.tif", arr)
+    out = tifffile.imread(path)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, arr.astype(np.float32))
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].compression.name in ("ADOBE_DEFLATE", "DEFLATE")
+    assert arr.dtype == np.float64
+
+
+# ------------------------------------------------------------------------------ counts csv
+
+
+def test_read_counts_csv(tmp_path: Path) -> None:
+    path = tmp_path / "counts.csv"
+    path.write_text("Filename,Count,notes\na.tif,12,x\n\nb.png, 3.5 ,\n", encoding="utf-8")
+    assert read_counts_csv(path) == {"a.tif": 12.0, "b.png": 3.5}
+    path2 = tmp_path / "counts2.csv"
+    path2.write_text("image\tcount\nc.tif\t0\n", encoding="utf-8")
+    assert read_counts_csv(path2) == {"c.tif": 0.0}
+
+
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ("image,total\na.tif,1\n", "'count'"),
+        ("name,count\na.tif,1\n", "'image'"),
+        ("image,count\na.tif,1\nb.tif,abc\n", "line 3"),
+        ("image,count\na.tif,-2\n", "line 2"),
+        ("image,count\na.tif,nan\n", "line 2"),
+        ("image,count\na.tif,1\nb.tif,2\na.tif,3\n", "duplicate"),
+        ("", "empty"),
+    ],
+)
+def test_read_counts_csv_errors(tmp_path: Path, content: str, fragment: str) -> None:
+    path = tmp_path / "gt.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        read_counts_csv(path)
+    assert fragment in _assert_one_line(err, "gt.csv")
+
+
+def test_read_counts_csv_missing(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as err:
+        read_counts_csv(tmp_path / "none.csv")
+    assert "file not found" in _assert_one_line(err, "none.csv")
+
+
+# ------------------------------------------------------------------------------- masks
+
+
+def test_read_mask_binary_and_labels(tmp_path: Path) -> None:
+    binary = np.zeros((6, 8), np.uint8)
+    binary[2:4, 3:6] = 255
+    path = tmp_path / "mask.png"
+    Image.fromarray(binary).save(path)
+    out = read_mask(path, shape=(6, 8))
+    assert out.shape == (6, 8) and out.dtype.kind == "i"
+    np.testing.assert_array_equal(out, binary // 255)
+
+    labels = np.zeros((6, 8), np.uint16)
+    labels[0, 0], labels[5, 7] = 1, 300
+    lpath = tmp_path / "labels.tif"
+    tifffile.imwrite(lpath, labels)
+    np.testing.assert_array_equal(read_mask(lpath), labels)
+
+
+def test_read_mask_shape_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "mask.png"
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(path)
+    with pytest.raises(InputError) as err:
+        read_mask(path, shape=(520, 696))
+    assert str(err.value) == f"{path}: mask is 64x48 but its image is 696x520"

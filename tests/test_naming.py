@@ -1,0 +1,102 @@
+"""Tests for celltally.naming: file-name metadata parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from celltally.naming import BBBC005_PATTERN, ImageName, parse_name, scene_id
+
+
+def test_bbbc005_canonical() -> None:
+    got = parse_name("SIMCEPImages_A10_C40_F1_s01_w1.TIF")
+    assert got == ImageName(
+        well="A10", row="A", column=10, site=1, blur=1, stain=1, count=40, plate=None
+    )
+    assert got.as_dict() == {
+        "well": "A10",
+        "row": "A",
+        "column": 10,
+        "site": 1,
+        "blur": 1,
+        "stain": 1,
+        "count": 40,
+        "plate": None,
+    }
+
+
+def test_bbbc005_folder_ignored_and_path_accepted() -> None:
+    got = parse_name(Path("/data/BBBC005_C99_F9_s99_w9/SIMCEPImages_P24_C100_F48_s25_w2.TIF"))
+    assert (got.well, got.row, got.column, got.count, got.blur, got.site, got.stain) == (
+        "P24",
+        "P",
+        24,
+        100,
+        48,
+        25,
+        2,
+    )
+    assert parse_name(r"C:\imgs\SIMCEPImages_B03_C5_F4_s02_w1.tif").well == "B03"
+
+
+def test_bbbc005_pattern_case_insensitive() -> None:
+    assert BBBC005_PATTERN.match("simcepimages_a01_c1_f1_s01_w1.tif")
+    assert parse_name("simcepimages_a01_c1_f1_s01_w1.tif").well == "A01"
+
+
+def test_bbbc039_name() -> None:
+    name = "IXMtest_A02_s1_w1051DAA7C-7042-435F-99F0-1E847D81B174.tif"
+    got = parse_name(name)
+    assert (got.plate, got.well, got.row, got.column, got.site, got.stain) == (
+        "IXMtest",
+        "A02",
+        "A",
+        2,
+        1,
+        1,
+    )
+    assert got.count is None and got.blur is None
+
+
+def test_generic_well_and_count() -> None:
+    got = parse_name("plate7_B12_C35_s3_w2.png")
+    assert (got.plate, got.well, got.column, got.count, got.site, got.stain) == (
+        "plate7",
+        "B12",
+        12,
+        35,
+        3,
+        2,
+    )
+    # "_C10_" with no other well is the well, not a count.
+    lone = parse_name("exp_C10_s2.tif")
+    assert (lone.well, lone.count, lone.plate) == ("C10", None, "exp")
+    # A well not right after the first '_' gives no plate.
+    assert parse_name("exp_run2_D05.tif").plate is None
+    assert parse_name("exp_run2_D05.tif").well == "D05"
+
+
+@pytest.mark.parametrize("name", ["", "junk.tif", "cells_0001.png", "a_b_c", "IMG-2024.jpeg"])
+def test_junk_names(name: str) -> None:
+    assert parse_name(name) == ImageName()
+    assert scene_id(name) is None
+
+
+def test_scene_id_shared_across_blur_and_stain() -> None:
+    names = [
+        "SIMCEPImages_A10_C40_F1_s01_w1.TIF",
+        "SIMCEPImages_A10_C40_F1_s01_w2.TIF",
+        "SIMCEPImages_F10_C40_F16_s01_w1.TIF",
+        "SIMCEPImages_P10_C40_F48_s01_w2.TIF",
+    ]
+    assert {scene_id(n) for n in names} == {"C10_s01"}
+    assert scene_id("SIMCEPImages_A10_C40_F1_s02_w1.TIF") == "C10_s02"
+    assert scene_id("SIMCEPImages_A11_C44_F1_s01_w1.TIF") == "C11_s01"
+
+
+def test_scene_id_generic() -> None:
+    a = scene_id("IXMtest_A02_s1_w1051DAA7C.tif")
+    b = scene_id("IXMtest_A02_s1_w2AAAA.tif")
+    assert a == b == "IXMtest_A02_s01"
+    assert scene_id("IXMtest_A02_w1.tif") is None

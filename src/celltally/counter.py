@@ -90,9 +90,7 @@ class CellCounter:
         *,
         device: str | torch.device | None = None,
     ) -> None:
-        self.device = torch.device(
-            device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
         self.config = config
         self.input_size = tuple(config["input_size"])
@@ -100,9 +98,7 @@ class CellCounter:
         self.low_pct = float(norm.get("low", 0.5))
         self.high_pct = float(norm.get("high", 99.95))
         self.name = str(config.get("name", "model"))
-        self._scores = np.asarray(
-            config.get("calibration", {}).get("scores", []), dtype=float
-        )
+        self._scores = np.asarray(config.get("calibration", {}).get("scores", []), dtype=float)
 
     @classmethod
     def from_pretrained(

@@ -53,5 +53,7 @@ def segmentation_loss(
     total = target.new_zeros(())
     for mask, log_var in outputs:
         level_target = F.adaptive_avg_pool2d(target, mask.shape[-2:])
-        total = total + gaussian_nll(mask, level_target, log_var) + tv_weight * total_variation(mask)
+        total = (
+            total + gaussian_nll(mask, level_target, log_var) + tv_weight * total_variation(mask)
+        )
     return total

@@ -156,7 +156,7 @@ def train_segmenter(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + loss.item(), steps + 1
         return total / max(steps, 1)
 
     def validate() -> dict[str, float]:
@@ -264,7 +264,7 @@ def train_counter(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + loss.item(), steps + 1
         return total / max(steps, 1)
 
     @torch.inference_mode()
@@ -300,9 +300,7 @@ def train_counter(
     )
 
 
-def save_model_folder(
-    model: CountingPipeline, config: dict[str, Any], folder: str | Path
-) -> Path:
+def save_model_folder(model: CountingPipeline, config: dict[str, Any], folder: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors``: a model folder that describes itself."""
     from safetensors.torch import save_file
 
@@ -390,18 +388,36 @@ def fit(
     if stages in ("both", "segmenter"):
         s = hp["segmenter"]
         history["segmenter"] = train_segmenter(
-            model, train, val=calibration, epochs=s["epochs"], batch_size=s["batch_size"],
-            lr=s["lr"], tv_weight=s["tv_weight"], seed=seed, resume=resume,
-            checkpoint=out / "checkpoints" / "segmenter.pt", device=device,
-            progress=progress, log=log,
+            model,
+            train,
+            val=calibration,
+            epochs=s["epochs"],
+            batch_size=s["batch_size"],
+            lr=s["lr"],
+            tv_weight=s["tv_weight"],
+            seed=seed,
+            resume=resume,
+            checkpoint=out / "checkpoints" / "segmenter.pt",
+            device=device,
+            progress=progress,
+            log=log,
         )
     if stages in ("both", "counter"):
         c = hp["counter"]
         history["counter"] = train_counter(
-            model, train, val=calibration, epochs=c["epochs"], batch_size=c["batch_size"],
-            lr=c["lr"], beta=c.get("beta", 0.0), seed=seed, resume=resume,
-            checkpoint=out / "checkpoints" / "counter.pt", device=device,
-            progress=progress, log=log,
+            model,
+            train,
+            val=calibration,
+            epochs=c["epochs"],
+            batch_size=c["batch_size"],
+            lr=c["lr"],
+            beta=c.get("beta", 0.0),
+            seed=seed,
+            resume=resume,
+            checkpoint=out / "checkpoints" / "counter.pt",
+            device=device,
+            progress=progress,
+            log=log,
         )
     mean, std = predict_counts(model, calibration.images, device=device)
     scores = conformal_scores(calibration.counts.numpy(), mean, std)

@@ -1,0 +1,243 @@
+"""Command line: each command only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Count cells in microscopy images, with calibrated 95% intervals.",
+    pretty_exceptions_enable=False,
+)
+
+COUNT_COLUMNS = [
+    "file",
+    "count",
+    "std",
+    "low",
+    "high",
+    "level",
+    "model",
+    "plate",
+    "well",
+    "site",
+    "blur",
+    "stain",
+    "true_count",
+    "error",
+]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error and exit non-zero (no traceback)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _user_errors():
+    from celltally import io
+
+    return (io.InputError, io.ImageReadError, ValueError, FileNotFoundError)
+
+
+@app.command()
+def count(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV file for the results.")] = Path(
+        "results.csv"
+    ),
+    model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
+    level: Annotated[float, typer.Option(help="Interval level, e.g. 0.95.")] = 0.95,
+    save_masks: Annotated[
+        Path | None, typer.Option(help="Folder for mask PNGs and uncertainty TIFFs.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 16,
+    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Count cells in images; write one CSV row per image as it is counted."""
+    from tqdm.auto import tqdm
+
+    from celltally import io
+    from celltally.counter import CellCounter
+
+    if not 0.0 < level < 1.0:
+        fail(f"--level must be between 0 and 1, got {level}")
+    try:
+        files = io.list_images(paths, recursive=recursive)
+        counter = CellCounter.from_pretrained(model)
+    except _user_errors() as err:
+        fail(str(err))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = 0
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COUNT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        results = counter.count_paths(files, level=level, batch_size=batch_size)
+        for path, result in tqdm(results, total=len(files), disable=not progress, unit="img"):
+            if isinstance(result, Exception):
+                errors += 1
+                tqdm.write(f"error: {result}", file=sys.stderr)
+                continue
+            meta = result.metadata
+            true = meta.get("count")
+            writer.writerow(
+                {
+                    "file": str(path),
+                    "count": f"{result.count:.2f}",
+                    "std": f"{result.std:.3f}",
+                    "low": f"{result.low:.2f}",
+                    "high": f"{result.high:.2f}",
+                    "level": level,
+                    "model": counter.name,
+                    **{k: meta.get(k) for k in ("plate", "well", "site", "blur", "stain")},
+                    "true_count": true,
+                    "error": "" if true is None else f"{result.count - true:.2f}",
+                }
+            )
+            handle.flush()
+            if save_masks is not None:
+                io.write_mask(save_masks / f"{path.stem}_mask.png", result.mask)
+                io.write_float_image(save_masks / f"{path.stem}_mask_std.tif", result.mask_std)
+    typer.echo(f"counted {len(files) - errors} of {len(files)} images -> {out}")
+    if errors:
+        typer.echo(f"{errors} file(s) could not be read (listed above)", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Folder: images + counts.csv, or BBBC005 names.")],
+    model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
+    out: Annotated[Path, typer.Option(help="JSON file for the metrics.")] = Path("evaluation.json"),
+    level: Annotated[float, typer.Option(help="Interval level.")] = 0.95,
+    sites: Annotated[
+        str | None, typer.Option(help="Only these sites, e.g. '9,10' (BBBC005 held-out).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """MAE, RMSE, R², max error, interval coverage and width, overall and per blur x stain."""
+    from celltally.evaluation import evaluate_folder
+    from celltally.metrics import format_table
+
+    try:
+        site_set = {int(s) for s in sites.split(",")} if sites else None
+        report = evaluate_folder(data, model=model, level=level, sites=site_set, progress=progress)
+    except _user_errors() as err:
+        fail(str(err))
+    typer.echo(format_table(report["metrics"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(f"metrics -> {out}")
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    images: Annotated[int, typer.Option(help="Number of scenes.")] = 24,
+    counts: Annotated[str, typer.Option(help="Count range 'lo-hi' or one number.")] = "1-100",
+    blur: Annotated[str, typer.Option(help="Blur levels, e.g. '1,23,48'.")] = "1,23,48",
+    stain: Annotated[str, typer.Option(help="Stains, '1', '2' or '1,2'.")] = "1,2",
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT.")] = "696x520",
+    bit_depth: Annotated[int, typer.Option(help="8 or 16.")] = 8,
+    workers: Annotated[int, typer.Option(help="Processes.")] = 1,
+) -> None:
+    """Write a simulated BBBC005-style plate: TIFFs, masks, labels and counts.csv."""
+    from celltally.simulate import parse_count_range, simulate_plate
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+        folder = simulate_plate(
+            out,
+            images=images,
+            counts=parse_count_range(counts),
+            blurs=[int(b) for b in blur.split(",")],
+            stains=[int(s) for s in stain.split(",")],
+            seed=seed,
+            size=(height, width),
+            bit_depth=bit_depth,
+            workers=workers,
+            progress=True,
+        )
+    except _user_errors() as err:
+        fail(str(err))
+    typer.echo(f"simulated plate -> {folder}")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    bbbc005: Annotated[
+        Path | None, typer.Option(help="Real BBBC005 folder (split by site: 1-7/8/9-10).")
+    ] = None,
+    data: Annotated[
+        list[Path] | None, typer.Option(help="Folder(s) of images + counts.csv (+ masks/).")
+    ] = None,
+    simulated: Annotated[int, typer.Option(help="Simulated training scenes to add.")] = 0,
+    preset: Annotated[str, typer.Option(help="'small' (CPU default) or 'paper'.")] = "small",
+    stage: Annotated[str, typer.Option(help="both, segmenter or counter.")] = "both",
+    from_model: Annotated[
+        str | None, typer.Option("--from", help="Start from this model's weights.")
+    ] = None,
+    seg_epochs: Annotated[int | None, typer.Option(help="Override segmenter epochs.")] = None,
+    count_epochs: Annotated[int | None, typer.Option(help="Override counter epochs.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Resume from checkpoints in --out.")] = False,
+    workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
+    cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train segmenter then counter (as in the paper) and write a model folder."""
+    from celltally.training_data import build_and_fit
+
+    try:
+        build_and_fit(
+            out=out,
+            bbbc005=bbbc005,
+            folders=data or [],
+            simulated=simulated,
+            preset=preset,
+            stages=stage,
+            from_model=from_model,
+            seg_epochs=seg_epochs,
+            count_epochs=count_epochs,
+            seed=seed,
+            resume=resume,
+            workers=workers,
+            cache=cache,
+            progress=progress,
+        )
+    except _user_errors() as err:
+        fail(str(err))
+
+
+@app.command()
+def models() -> None:
+    """List the shipped models, what they were trained on, and their measured figures."""
+    from celltally.counter import WEIGHTS_DIR, available_models
+
+    for name in available_models():
+        config = json.loads((WEIGHTS_DIR / name / "config.json").read_text())
+        test = config.get("metrics", {}).get("test", {}).get("all", {})
+        data = config.get("training", {}).get("data")
+        typer.echo(
+            f"{name}: preset {config.get('preset')}, trained on {data}"
+            f"; test MAE {test.get('mae', float('nan')):.2f}, coverage "
+            f"{test.get('coverage', float('nan')):.1%}"
+        )
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

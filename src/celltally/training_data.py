@@ -1,0 +1,151 @@
+"""Assemble training, calibration and test sets from the sources a user names, then fit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from celltally import io
+from celltally.datasets import LabeledSet, load_bbbc005, load_folder, simulate_set, split_bbbc005
+from celltally.models.presets import get_preset
+from celltally.train import Log, fit
+
+
+def _hash_fraction(text: str) -> float:
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def split_by_scene_hash(
+    data: LabeledSet, *, calibration_fraction: float = 0.15
+) -> dict[str, np.ndarray]:
+    """Stable scene-level split for a user folder (same scene, same side, every run)."""
+    cal = [
+        i for i, m in enumerate(data.meta) if _hash_fraction(str(m["scene"])) < calibration_fraction
+    ]
+    cal_set = set(cal)
+    train = [i for i in range(len(data)) if i not in cal_set]
+    return {
+        "train": np.asarray(train, dtype=np.int64),
+        "calibration": np.asarray(cal, dtype=np.int64),
+    }
+
+
+def build_and_fit(
+    *,
+    out: Path,
+    bbbc005: Path | None = None,
+    folders: Sequence[Path] = (),
+    simulated: int = 0,
+    preset: str = "small",
+    stages: str = "both",
+    from_model: str | None = None,
+    seg_epochs: int | None = None,
+    count_epochs: int | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    workers: int = 2,
+    cache: Path | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Load every named source, split by scene, train, calibrate and write the model folder."""
+    init = None
+    if from_model is not None:
+        from safetensors.torch import load_file
+
+        from celltally.counter import resolve_model
+
+        folder = resolve_model(from_model)
+        base = json.loads((folder / "config.json").read_text())
+        config = {k: base[k] for k in ("input_size", "segmenter", "counter", "counter_inputs")}
+        config["train"] = base.get("train", get_preset(base.get("preset", "small"))["train"])
+        config["preset"] = base.get("preset")
+        config["normalization"] = base.get("normalization", {})
+        init = load_file(str(folder / "model.safetensors"))
+    else:
+        config = get_preset(preset)
+        config["preset"] = preset
+        config["normalization"] = {"method": "percentile", "low": 0.5, "high": 99.95}
+    if seg_epochs is not None:
+        config["train"]["segmenter"]["epochs"] = seg_epochs
+    if count_epochs is not None:
+        config["train"]["counter"]["epochs"] = count_epochs
+    if bbbc005 is None and not folders and simulated <= 0:
+        raise io.InputError("no training data: give --bbbc005, --data or --simulated N")
+    size = config["input_size"]
+    norm = config["normalization"]
+    low, high = norm.get("low", 0.5), norm.get("high", 99.95)
+    trains, cals, tests, sources = [], [], [], []
+    split_info: dict[str, Any] = {}
+    if bbbc005 is not None:
+        log(f"loading BBBC005 from {bbbc005}")
+        real = load_bbbc005(bbbc005, size=size, low=low, high=high, cache_dir=cache)
+        parts = split_bbbc005(real.meta)
+        trains.append(real.subset(parts["train"]))
+        cals.append(real.subset(parts["calibration"]))
+        tests.append(real.subset(parts["test"]))
+        sources.append(f"BBBC005 ({len(real)} real images)")
+        split_info["bbbc005"] = {
+            "by": "scene (site)",
+            "train_sites": "1-7",
+            "calibration_sites": [8],
+            "test_sites": [9, 10],
+            **{k: int(v.size) for k, v in parts.items()},
+        }
+    for folder in folders:
+        log(f"loading {folder}")
+        user = load_folder(folder, size=size, low=low, high=high)
+        parts = split_by_scene_hash(user)
+        trains.append(user.subset(parts["train"]))
+        cals.append(user.subset(parts["calibration"]))
+        sources.append(f"{folder} ({len(user)} images)")
+        split_info[str(folder)] = {"by": "scene hash", **{k: int(v.size) for k, v in parts.items()}}
+    if simulated > 0:
+        log(f"simulating {simulated} training scenes")
+        trains.append(
+            simulate_set(
+                simulated, size=size, seed=seed + 1000, workers=workers, low=low, high=high
+            )
+        )
+        sources.append(f"simulated ({simulated} scenes, counts 1-100, blur F1/F23/F48, w1/w2)")
+    calibration = LabeledSet.concat(cals) if any(len(c) for c in cals) else None
+    if calibration is None:
+        n_cal = max(60, simulated // 10)
+        log(f"simulating {n_cal} calibration scenes")
+        calibration = simulate_set(
+            n_cal, size=size, seed=seed + 2000, workers=workers, low=low, high=high
+        )
+        split_info["calibration"] = f"{n_cal} fresh simulated scenes"
+    train = LabeledSet.concat(trains)
+    test = LabeledSet.concat(tests) if tests else None
+    config["name"] = Path(out).name
+    config["training"] = {
+        "data": sources,
+        "split": split_info,
+        "n_train": len(train),
+        "n_calibration": len(calibration),
+        "n_test": 0 if test is None else len(test),
+        "seed": seed,
+        "from": from_model,
+    }
+    log(
+        f"train {len(train)} / calibration {len(calibration)} / test {config['training']['n_test']}"
+    )
+    return fit(
+        train=train,
+        calibration=calibration,
+        test=test,
+        config=config,
+        out=out,
+        stages=stages,
+        init=init,
+        seed=seed,
+        resume=resume,
+        progress=progress,
+        log=log,
+    )

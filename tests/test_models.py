@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from celltally.models.fpn import FPN
+from celltally.models.pipeline import CountingPipeline, counter_input
+from celltally.models.presets import PRESETS, get_preset
+from celltally.models.vgg import VGG11, VGGCounter, make_layers
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_pipeline_output_shapes(preset):
+    config = get_preset(preset)
+    h, w = config["input_size"]
+    model = CountingPipeline(config).eval()
+    with torch.inference_mode():
+        out = model(torch.rand(2, 1, h, w))
+    assert out.mask.shape == (2, 1, h // 2, w // 2)
+    assert out.mask_logvar.shape == (2, 1, h // 2, w // 2)
+    assert out.count.shape == (2,)
+    assert out.count_logvar.shape == (2,)
+    assert bool((out.count >= 0).all())
+    assert bool(((out.mask >= 0) & (out.mask <= 1)).all())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_fpn_levels_halve_each_time(preset):
+    seg = get_preset(preset)["segmenter"]
+    fpn = FPN(encoder=seg["encoder"], lateral=seg["lateral"], head=seg["head"]).eval()
+    with torch.inference_mode():
+        outs = fpn(torch.rand(1, 1, 192, 256))
+    assert [m.shape[-2:] for m, _ in outs] == [(96, 128), (48, 64), (24, 32), (12, 16)]
+    assert all(lv.shape == m.shape for m, lv in outs)
+
+
+def test_paper_preset_matches_the_paper():
+    config = get_preset("paper")
+    model = CountingPipeline(config)
+    assert config["input_size"] == [192, 256]
+    assert all(conv.out_channels == 128 for conv in model.segmenter.lateral)
+    assert all(conv.kernel_size == (3, 3) for conv in model.segmenter.lateral)
+    head = model.segmenter.heads[0]
+    widths = [m.out_channels for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [256, 256, 2]  # 2 = the mask and its twin log-variance
+    convs = [m for m in model.counter.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [c for c in VGG11 if c != "M"]
+    linear = [m for m in model.counter.count_head if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linear] == [1024, 512, 1]
+    assert config["counter_inputs"] == ["mask"]
+
+
+def test_vgg_builder_counts_layers():
+    layers = make_layers(VGG11, in_channels=1, width=0.25)
+    convs = [m for m in layers if isinstance(m, torch.nn.Conv2d)]
+    pools = [m for m in layers if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(convs) == 8 and len(pools) == 5
+    assert convs[0].out_channels == 16
+
+
+def test_counter_accepts_other_sizes():
+    model = VGGCounter(in_channels=1, width=0.125, fc=(16, 8)).eval()
+    with torch.inference_mode():
+        count, log_var = model(torch.rand(3, 1, 64, 200))
+    assert count.shape == (3,) and log_var.shape == (3,)
+
+
+def test_counter_input_planes():
+    mask = torch.rand(2, 1, 4, 6)
+    logvar = torch.zeros(2, 1, 4, 6)
+    image = torch.ones(2, 1, 8, 12)
+    x = counter_input(mask, logvar, image, ["mask", "image"])
+    assert x.shape == (2, 2, 4, 6)
+    assert torch.equal(x[:, 0], mask[:, 0])
+    assert torch.allclose(x[:, 1], torch.ones(2, 4, 6))
+    with pytest.raises(ValueError, match="unknown counter input"):
+        counter_input(mask, logvar, image, ["nope"])
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("huge")

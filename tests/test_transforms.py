@@ -1,0 +1,50 @@
+import numpy as np
+import torch
+
+from celltally.calibration import conformal_quantile, conformal_scores, gaussian_quantile
+from celltally.transforms import flip_rotate, normalize_percentile, prepare_image, resize_area
+
+
+def test_resize_area_preserves_mean_and_input():
+    image = np.random.default_rng(0).integers(0, 255, (520, 696)).astype(np.uint8)
+    before = image.copy()
+    out = resize_area(image, (192, 256))
+    assert out.shape == (192, 256) and out.dtype == np.float32
+    assert abs(out.mean() - image.mean()) < 0.5
+    assert np.array_equal(image, before)
+
+
+def test_normalize_percentile_maps_range():
+    image = np.linspace(0, 100, 10001, dtype=np.float32)
+    out = normalize_percentile(image, low=1, high=99)
+    assert abs(np.percentile(out, 1)) < 1e-5 and abs(np.percentile(out, 99) - 1) < 1e-5
+
+
+def test_empty_frame_is_not_stretched():
+    rng = np.random.default_rng(0)
+    empty = rng.integers(0, 3, (520, 696)).astype(np.uint8)
+    out = prepare_image(empty, size=(192, 256))
+    assert out.max() < 0.5  # noise of 2 grey levels stays small
+
+
+def test_16bit_and_8bit_same_scene_agree():
+    rng = np.random.default_rng(1)
+    scene = rng.random((96, 128)).astype(np.float32)
+    a = prepare_image((scene * 255).astype(np.uint8), size=(48, 64))
+    b = prepare_image((scene * 4095).astype(np.uint16), size=(48, 64))
+    assert np.abs(a - b).max() < 0.02
+
+
+def test_flip_rotate_group():
+    x = torch.arange(12.0).reshape(1, 3, 4)
+    assert torch.equal(flip_rotate([x], 0)[0], x)
+    assert torch.equal(flip_rotate([x], 3)[0], torch.rot90(x, 2, (-2, -1)))
+
+
+def test_conformal_quantile_rank():
+    scores = conformal_scores(np.arange(1, 20), np.zeros(19), np.ones(19))
+    # n=19: ceil(20*0.95)=19 -> the largest score
+    assert conformal_quantile(scores, 0.95) == 19
+    assert conformal_quantile(scores, 0.5) == 10
+    assert conformal_quantile([], 0.95) == gaussian_quantile(0.95)
+    assert abs(gaussian_quantile(0.95) - 1.959964) < 1e-5

@@ -220,6 +220,70 @@ def train(
 
 
 @app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the plate and CSV.")] = Path(
+        "celltally-demo"
+    ),
+    images: Annotated[int, typer.Option(help="Simulated scenes on the plate.")] = 12,
+    seed: Annotated[int, typer.Option(help="Random seed of the plate.")] = 7,
+    model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
+) -> None:
+    """The built-in default job: simulate a small plate, count it, compare with the truth."""
+    from celltally.counter import CellCounter
+    from celltally.evaluation import labelled_files
+    from celltally.metrics import count_metrics
+    from celltally.simulate import simulate_plate
+
+    try:
+        counter = CellCounter.from_pretrained(model)
+        plate = simulate_plate(
+            out / "plate",
+            images=images,
+            counts=(1, 100),
+            blurs=(1, 23, 48),
+            stains=(1, 2),
+            seed=seed,
+        )
+    except _user_errors() as err:
+        fail(str(err))
+    pairs = labelled_files(plate)
+    truth = {path: c for path, c in pairs}
+    csv_path = out / "results.csv"
+    typer.echo(f"{'image':<44} {'true':>5} {'count ± 95% interval':>22}  inside")
+    rows = []
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "true_count", "count", "std", "low", "high"])
+        for path, res in counter.count_paths([p for p, _ in pairs]):
+            if isinstance(res, Exception):
+                fail(str(res), code=1)
+            true = truth[path]
+            half = (res.high - res.low) / 2
+            inside = res.low <= true <= res.high
+            rows.append((true, res.count, res.low, res.high))
+            writer.writerow(
+                [
+                    path.name,
+                    true,
+                    f"{res.count:.2f}",
+                    f"{res.std:.3f}",
+                    f"{res.low:.2f}",
+                    f"{res.high:.2f}",
+                ]
+            )
+            typer.echo(
+                f"{path.name:<44} {true:>5.0f} {res.count:>11.1f} ± {half:<8.1f}  "
+                f"{'yes' if inside else 'NO'}"
+            )
+    t, p, lo, hi = (list(c) for c in zip(*rows, strict=True))
+    m = count_metrics(t, p, low=lo, high=hi)
+    typer.echo(
+        f"{len(rows)} images: mean |error| {m['mae']:.2f} cells, max {m['max_abs_error']:.2f}, "
+        f"{m['coverage']:.0%} of truths inside their 95% intervals -> {csv_path}"
+    )
+
+
+@app.command()
 def models() -> None:
     """List the shipped models, what they were trained on, and their measured figures."""
     from celltally.counter import WEIGHTS_DIR, available_models

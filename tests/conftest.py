@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny model folder and small generated images (never ../shared)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from celltally.models.pipeline import CountingPipeline
+from celltally.models.presets import get_preset
+from celltally.train import save_model_folder
+
+
+def tiny_config() -> dict:
+    config = get_preset("small")
+    config["input_size"] = [64, 96]
+    config["segmenter"] = {"encoder": [4, 4, 4, 4], "lateral": 4, "head": [4, 4]}
+    config["counter"] = {"width": 0.0625, "fc": [8, 8], "pool_size": [3, 4], "count_scale": 50.0}
+    config["train"]["segmenter"]["epochs"] = 1
+    config["train"]["counter"]["epochs"] = 1
+    config["preset"] = "tiny-test"
+    config["name"] = "tiny"
+    config["normalization"] = {"method": "percentile", "low": 0.5, "high": 99.95}
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """An untrained but complete model folder (config.json + model.safetensors)."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    save_model_folder(CountingPipeline(config), config, folder)
+    return folder
+
+
+def blob_image(count: int, *, shape=(130, 174), seed=0, dtype=np.uint8) -> np.ndarray:
+    """Bright discs on a dark background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    image = rng.normal(3, 1, shape)
+    for _ in range(count):
+        cy, cx = rng.uniform(8, shape[0] - 8), rng.uniform(8, shape[1] - 8)
+        image += 150 * ((yy - cy) ** 2 + (xx - cx) ** 2 < 25)
+    top = 255 if dtype == np.uint8 else 4095
+    return np.clip(image, 0, top).astype(dtype)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    for i, n in enumerate((3, 8)):
+        tifffile.imwrite(
+            folder / f"SIMCEPImages_A0{i + 1}_C{n}_F1_s01_w1.TIF", blob_image(n, seed=i)
+        )
+    return folder

@@ -1,0 +1,123 @@
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from celltally.cli import app
+from celltally.counter import CellCounter
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_count_writes_rows_and_masks(tiny_model, image_folder, tmp_path):
+    out = tmp_path / "res.csv"
+    masks = tmp_path / "masks"
+    result = run(
+        "count",
+        image_folder,
+        "--out",
+        out,
+        "--model",
+        tiny_model,
+        "--save-masks",
+        masks,
+        "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out)
+    assert [r["well"] for r in rows] == ["A01", "A02"]
+    assert {"file", "count", "std", "low", "high", "blur", "stain", "site"} <= set(rows[0])
+    for r in rows:
+        assert float(r["low"]) <= float(r["count"]) <= float(r["high"])
+        assert r["true_count"] in ("3", "8")
+    assert len(list(masks.glob("*_mask.png"))) == 2
+    assert len(list(masks.glob("*_mask_std.tif"))) == 2
+
+
+def test_count_matches_python_api(tiny_model, image_folder, tmp_path):
+    out = tmp_path / "res.csv"
+    assert (
+        run("count", image_folder, "-o", out, "--model", tiny_model, "--no-progress").exit_code == 0
+    )
+    counter = CellCounter.from_pretrained(tiny_model)
+    first = sorted(image_folder.iterdir())[0]
+    assert float(read_rows(out)[0]["count"]) == pytest.approx(counter.count(first).count, abs=0.01)
+
+
+def test_bad_file_in_folder_is_reported_and_rest_counted(tiny_model, image_folder, tmp_path):
+    (image_folder / "broken.tif").write_bytes(b"II*\x00garbage")
+    out = tmp_path / "res.csv"
+    result = run("count", image_folder, "-o", out, "--model", tiny_model, "--no-progress")
+    assert result.exit_code == 1
+    assert "broken.tif" in result.output
+    assert len(read_rows(out)) == 2
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda d: d / "missing.tif", "no such file"),
+        (lambda d: d, "contains no"),  # empty folder
+        (lambda d: (d / "notes.txt").write_text("x") and d / "notes.txt", "unsupported"),
+    ],
+)
+def test_bad_input_one_line_error(tiny_model, tmp_path, make, expected):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    target = make(empty) if expected != "contains no" else empty
+    result = run("count", target, "-o", tmp_path / "r.csv", "--model", tiny_model)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_corrupt_and_stack_files_fail_cleanly(tiny_model, tmp_path):
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(b"II*\x00" + bytes(50))
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.zeros((5, 32, 32), np.uint8))
+    for path in (corrupt, stack):
+        result = run(
+            "count", path, "-o", tmp_path / "r.csv", "--model", tiny_model, "--no-progress"
+        )
+        assert result.exit_code == 1
+        assert path.name in result.output and "Traceback" not in result.output
+
+
+def test_unknown_model_and_level(image_folder, tmp_path):
+    result = run("count", image_folder, "--model", tmp_path / "nope")
+    assert result.exit_code == 2 and "no such model" in result.output
+    result = run("count", image_folder, "--level", "1.5")
+    assert result.exit_code == 2 and "--level" in result.output
+
+
+def test_evaluate_writes_json(tiny_model, image_folder, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run("evaluate", image_folder, "--model", tiny_model, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "mae" in result.output and out.exists()
+
+
+def test_console_entry_point_runs(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "celltally.cli", "count", str(tmp_path / "none.tif")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "none.tif" in proc.stderr

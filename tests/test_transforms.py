@@ -27,7 +27,7 @@ def test_empty_frame_is_not_stretched():
     assert out.max() < 0.5  # noise of 2 grey levels stays small
 
 
-def test_16bit_and_8bit_same_scene_agree():
+def test_16bit_and_8bit_same_scene_agree_percentile():
     rng = np.random.default_rng(1)
     scene = rng.random((96, 128)).astype(np.float32)
     a = prepare_image((scene * 255).astype(np.uint8), size=(48, 64))

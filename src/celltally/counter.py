@@ -94,9 +94,7 @@ class CellCounter:
         self.model = model.eval().to(self.device)
         self.config = config
         self.input_size = tuple(config["input_size"])
-        norm = config.get("normalization", {})
-        self.low_pct = float(norm.get("low", 0.5))
-        self.high_pct = float(norm.get("high", 99.95))
+        self.norm = dict(config.get("normalization", {}))
         self.name = str(config.get("name", "model"))
         self._scores = np.asarray(config.get("calibration", {}).get("scores", []), dtype=float)
 
@@ -127,7 +125,7 @@ class CellCounter:
     # -- counting --------------------------------------------------------
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Resize and normalize a raw 2-D image as the model expects."""
-        return prepare_image(image, size=self.input_size, low=self.low_pct, high=self.high_pct)
+        return prepare_image(image, size=self.input_size, norm=self.norm)
 
     @torch.inference_mode()
     def _forward(self, prepared: Sequence[np.ndarray]) -> list[tuple]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,8 +85,7 @@ def load_bbbc005(
     root: str | Path,
     *,
     size: Sequence[int],
-    low: float = 0.5,
-    high: float = 99.95,
+    norm: Mapping[str, Any] | None = None,
     cache_dir: str | Path | None = None,
 ) -> LabeledSet:
     """Load a BBBC005 folder (``images/`` or the folder itself) with counts from the names.
@@ -101,7 +100,7 @@ def load_bbbc005(
     folder = root / "images" if (root / "images").is_dir() else root
     paths = io.list_images([folder])
     key = hashlib.sha1(
-        repr((sorted(p.name for p in paths), tuple(size), low, high)).encode()
+        repr((sorted(p.name for p in paths), tuple(size), sorted((norm or {}).items()))).encode()
     ).hexdigest()[:12]
     cache = Path(cache_dir) / f"bbbc005_{key}.pt" if cache_dir else None
     if cache is not None and cache.exists():
@@ -113,7 +112,7 @@ def load_bbbc005(
     images, masks, counts, meta = [], [], [], []
     for path, name in parsed:
         raw = io.read_image(path)
-        images.append(prepare_image(raw, size=size, low=low, high=high))
+        images.append(prepare_image(raw, size=size, norm=norm))
         f1 = in_focus.get((naming.scene_id(path.name), name.stain))
         if f1 is None:
             masks.append(np.full(tuple(size), np.nan, dtype=np.float32))
@@ -140,7 +139,7 @@ def load_bbbc005(
 
 
 def load_folder(
-    root: str | Path, *, size: Sequence[int], low: float = 0.5, high: float = 99.95
+    root: str | Path, *, size: Sequence[int], norm: Mapping[str, Any] | None = None
 ) -> LabeledSet:
     """Load a folder of images with ``counts.csv`` (columns image, count).
 
@@ -175,7 +174,7 @@ def load_folder(
     images, masks, counts, meta = [], [], [], []
     for path in paths:
         raw = io.read_image(path)
-        images.append(prepare_image(raw, size=size, low=low, high=high))
+        images.append(prepare_image(raw, size=size, norm=norm))
         mask = np.full(tuple(size), np.nan, dtype=np.float32)
         for d in mask_dirs:
             found = sorted(d.glob(path.stem + ".*"))
@@ -202,9 +201,9 @@ def load_folder(
 def _simulate_one(args: tuple) -> tuple[np.ndarray, np.ndarray, float, dict[str, Any]]:
     from celltally.simulate import simulate_scene
 
-    count, blur, stain, seed, size, low, high = args
+    count, blur, stain, seed, size, norm = args
     sim = simulate_scene(count, blur=blur, stain=stain, seed=seed)
-    image = prepare_image(sim.image, size=size, low=low, high=high)
+    image = prepare_image(sim.image, size=size, norm=norm)
     mask = resize_area(sim.mask, size)
     meta = {
         "name": f"sim_{seed}_C{count}_F{blur}_w{stain}",
@@ -248,13 +247,12 @@ def simulate_set(
     blurs: Sequence[int] = (1, 23, 48),
     stains: Sequence[int] = (1, 2),
     seed: int = 0,
-    low: float = 0.5,
-    high: float = 99.95,
+    norm: Mapping[str, Any] | None = None,
     workers: int = 1,
 ) -> LabeledSet:
     """Simulate full-size (696 x 520) scenes and prepare them exactly like real files."""
     specs = simulated_specs(scenes, counts=counts, blurs=blurs, stains=stains, seed=seed)
-    jobs = [(c, b, s, sd, tuple(size), low, high) for c, b, s, sd in specs]
+    jobs = [(c, b, s, sd, tuple(size), norm) for c, b, s, sd in specs]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             results = list(pool.map(_simulate_one, jobs, chunksize=16))
@@ -278,8 +276,10 @@ class SimulatedStream(torch.utils.data.IterableDataset):
         blurs: Sequence[int] = (1, 23, 48),
         stains: Sequence[int] = (1, 2),
         base_seed: int = 0,
+        norm: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.norm = dict(norm or {})
         self.size = tuple(size)
         self.counts = counts
         self.blurs = tuple(blurs)
@@ -296,7 +296,7 @@ class SimulatedStream(torch.utils.data.IterableDataset):
             blur = int(rng.choice(self.blurs))
             stain = int(rng.choice(self.stains))
             image, mask, c, _ = _simulate_one(
-                (count, blur, stain, self.base_seed * 1_000_003 + i, self.size, 0.5, 99.95)
+                (count, blur, stain, self.base_seed * 1_000_003 + i, self.size, self.norm)
             )
             i += n_workers
             yield (

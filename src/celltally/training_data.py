@@ -14,6 +14,7 @@ from celltally import io
 from celltally.datasets import LabeledSet, load_bbbc005, load_folder, simulate_set, split_bbbc005
 from celltally.models.presets import get_preset
 from celltally.train import Log, fit
+from celltally.transforms import DEFAULT_NORMALIZATION
 
 
 def _hash_fraction(text: str) -> float:
@@ -70,7 +71,7 @@ def build_and_fit(
     else:
         config = get_preset(preset)
         config["preset"] = preset
-        config["normalization"] = {"method": "percentile", "low": 0.5, "high": 99.95}
+        config["normalization"] = dict(config.get("normalization", DEFAULT_NORMALIZATION))
     if seg_epochs is not None:
         config["train"]["segmenter"]["epochs"] = seg_epochs
     if count_epochs is not None:
@@ -79,12 +80,11 @@ def build_and_fit(
         raise io.InputError("no training data: give --bbbc005, --data or --simulated N")
     size = config["input_size"]
     norm = config["normalization"]
-    low, high = norm.get("low", 0.5), norm.get("high", 99.95)
     trains, cals, tests, sources = [], [], [], []
     split_info: dict[str, Any] = {}
     if bbbc005 is not None:
         log(f"loading BBBC005 from {bbbc005}")
-        real = load_bbbc005(bbbc005, size=size, low=low, high=high, cache_dir=cache)
+        real = load_bbbc005(bbbc005, size=size, norm=norm, cache_dir=cache)
         parts = split_bbbc005(real.meta)
         trains.append(real.subset(parts["train"]))
         cals.append(real.subset(parts["calibration"]))
@@ -99,7 +99,7 @@ def build_and_fit(
         }
     for folder in folders:
         log(f"loading {folder}")
-        user = load_folder(folder, size=size, low=low, high=high)
+        user = load_folder(folder, size=size, norm=norm)
         parts = split_by_scene_hash(user)
         trains.append(user.subset(parts["train"]))
         cals.append(user.subset(parts["calibration"]))
@@ -108,18 +108,14 @@ def build_and_fit(
     if simulated > 0:
         log(f"simulating {simulated} training scenes")
         trains.append(
-            simulate_set(
-                simulated, size=size, seed=seed + 1000, workers=workers, low=low, high=high
-            )
+            simulate_set(simulated, size=size, seed=seed + 1000, workers=workers, norm=norm)
         )
         sources.append(f"simulated ({simulated} scenes, counts 1-100, blur F1/F23/F48, w1/w2)")
     calibration = LabeledSet.concat(cals) if any(len(c) for c in cals) else None
     if calibration is None:
         n_cal = max(60, simulated // 10)
         log(f"simulating {n_cal} calibration scenes")
-        calibration = simulate_set(
-            n_cal, size=size, seed=seed + 2000, workers=workers, low=low, high=high
-        )
+        calibration = simulate_set(n_cal, size=size, seed=seed + 2000, workers=workers, norm=norm)
         split_info["calibration"] = f"{n_cal} fresh simulated scenes"
     train = LabeledSet.concat(trains)
     test = LabeledSet.concat(tests) if tests else None

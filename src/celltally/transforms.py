@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,24 +55,45 @@ def min_range_for(dtype: np.dtype) -> float:
     return _MIN_RANGE_FRACTION * _DTYPE_FULL_SCALE.get(np.dtype(dtype), 0.0)
 
 
+DEFAULT_NORMALIZATION: dict[str, Any] = {"method": "percentile", "low": 0.5, "high": 99.95}
+
+
+def dtype_full_scale(dtype: np.dtype) -> float:
+    """255 for uint8, 65535 for uint16, 1 for anything else (floats are taken as 0..1)."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
+
+
 def prepare_image(
     image: np.ndarray,
     *,
     size: Sequence[int],
-    low: float = 0.5,
-    high: float = 99.95,
-    normalize: bool = True,
+    norm: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
-    """Resize to the model's input ``size`` (area), then percentile-normalize.
+    """Resize to the model's input ``size`` (area), then normalize as ``norm`` says.
 
-    Normalizing after resizing is ~7x cheaper on 696 x 520 frames and sees the
-    same intensities the network sees. The result is clipped to [-1, 4] so a
-    single hot pixel cannot dominate.
+    ``norm['method']``:
+
+    - ``'percentile'``: map the ``low``/``high`` percentiles to 0/1, after
+      resizing (~7x cheaper on 696 x 520 frames, and it sees the intensities the
+      network sees); clipped to [-1, 4] so one hot pixel cannot dominate.
+    - ``'fixed'``: divide by the dtype's full scale (255 for 8-bit): keeps
+      absolute brightness, which on a fixed acquisition (BBBC005) carries the
+      count of overlapping cells that a per-image stretch would erase.
+    - ``'none'``: resize only.
     """
+    norm = {**DEFAULT_NORMALIZATION, **(norm or {})}
     resized = resize_area(image, size)
-    if not normalize:
+    method = norm["method"]
+    if method == "none":
         return resized
-    out = normalize_percentile(resized, low=low, high=high, min_range=min_range_for(image.dtype))
+    if method == "fixed":
+        return resized / np.float32(dtype_full_scale(image.dtype))
+    if method != "percentile":
+        raise ValueError(f"unknown normalization {method!r}; use percentile, fixed or none")
+    out = normalize_percentile(
+        resized, low=norm["low"], high=norm["high"], min_range=min_range_for(image.dtype)
+    )
     return np.clip(out, -1.0, 4.0, out=out)
 
 

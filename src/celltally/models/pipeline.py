@@ -59,6 +59,7 @@ class CountingPipeline(nn.Module):
             fc=cnt["fc"],
             pool_size=tuple(cnt["pool_size"]),
             count_scale=cnt["count_scale"],
+            head=cnt.get("head", "fc"),
         )
 
     def count_from_mask(

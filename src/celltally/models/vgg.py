@@ -5,6 +5,7 @@ Built the torchvision way: a configuration list, a small builder, a module.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +44,41 @@ def _fc_stack(in_features: int, hidden: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class DensityHead(nn.Module):
+    """The FC head applied at every grid cell (as 1x1 convs): a count density that is summed.
+
+    Counting is additive: a sum of non-negative per-cell counts equals the
+    count of any union of cells, so the count of an image of any size is the
+    sum over its cells, and tiles combine by addition. Per-cell variances add
+    the same way (cells treated as independent) to give the count's variance.
+    """
+
+    def __init__(self, in_channels: int, hidden: Sequence[int], scale: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [
+                nn.Conv2d(in_channels, width, 1),
+                nn.BatchNorm2d(width),
+                nn.LeakyReLU(0.1, inplace=True),
+            ]
+            in_channels = width
+        layers.append(nn.Conv2d(in_channels, 2, 1))
+        self.body = nn.Sequential(*layers)
+        self.scale = float(scale)
+
+    def density(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-cell count (softplus, so never negative) and per-cell log-variance."""
+        y = self.body(features)
+        dens = nn.functional.softplus(y[:, 0]) * self.scale
+        log_var = y[:, 1].clamp(-12.0, 10.0) + 2.0 * math.log(self.scale)
+        return dens, log_var
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dens, log_var = self.density(features)
+        return dens.sum((-2, -1)), torch.logsumexp(log_var.flatten(1), dim=1)
+
+
 class VGGCounter(nn.Module):
     """Count regressor: VGG features, then twin FC heads for count and log-variance.
 
@@ -58,10 +94,14 @@ class VGGCounter(nn.Module):
         Feature grid fed to the FC layers. (3, 4) is exactly what five 2x
         pools leave of the paper's 96 x 128 mask, so for the paper's input the
         adaptive pool is the identity; other sizes are averaged onto it.
+    head : {'fc', 'density'}
+        'fc' is the paper's head on a fixed grid. 'density' applies the same
+        FC widths at every cell of the feature grid and sums the cells (see
+        ``DensityHead``): it works at any input size and tiles exactly.
     count_scale : float
-        The FC output is multiplied by this: with batch-normed activations of
-        unit scale, Adam would otherwise need thousands of steps just to reach
-        counts of ~50.
+        'fc': the output is multiplied by this (with batch-normed activations of
+        unit scale, Adam would otherwise need thousands of steps to reach counts
+        of ~50). 'density': the count of one grid cell per unit of output.
 
     Returns from ``forward``: ``(count, log_var)``, each of shape ``(N,)``;
     ``count`` >= 0 by a final ReLU (paper), ``log_var`` in count units squared.
@@ -75,11 +115,21 @@ class VGGCounter(nn.Module):
         pool_size: tuple[int, int] = (3, 4),
         count_scale: float = 50.0,
         cfg: Sequence[int | str] = VGG11,
+        head: str = "fc",
     ) -> None:
         super().__init__()
+        if head not in ("fc", "density"):
+            raise ValueError(f"head must be 'fc' or 'density', not {head!r}")
+        self.head = head
+        last = max(1, round(int([c for c in cfg if c != "M"][-1]) * width))
+        if head == "density":
+            # Drop VGG-11's last pool: a finer grid (1/32 of the input) of cells to sum.
+            cfg = list(cfg[:-1]) if cfg[-1] == "M" else list(cfg)
+            self.features = make_layers(cfg, in_channels=in_channels, width=width)
+            self.density_head = DensityHead(last, fc, scale=count_scale)
+            return
         self.features = make_layers(cfg, in_channels=in_channels, width=width)
-        last = [c for c in cfg if c != "M"][-1]
-        flat = max(1, round(int(last) * width)) * pool_size[0] * pool_size[1]
+        flat = last * pool_size[0] * pool_size[1]
         self.pool = nn.AdaptiveAvgPool2d(pool_size)
         self.count_head = _fc_stack(flat, fc)
         self.logvar_head = _fc_stack(flat, fc)
@@ -87,6 +137,8 @@ class VGGCounter(nn.Module):
         nn.init.constant_(self.count_head[-1].bias, 1.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.head == "density":
+            return self.density_head(self.features(x))
         z = torch.flatten(self.pool(self.features(x)), 1)
         count = torch.relu(self.count_head(z)[:, 0]) * self.count_scale
         log_var = self.logvar_head(z)[:, 0].clamp(-8.0, 12.0)

@@ -1,0 +1,90 @@
+"""End-to-end counting throughput on 696 x 520 8-bit TIFFs (read, prepare, network, CSV).
+
+    python benchmarks/throughput.py [--images 300] [--model bbbc005] [--threads 2]
+
+Writes simulated BBBC005-style TIFFs to a temporary folder, then times
+(1) the `celltally count` command as a user runs it (process start included)
+and (2) the in-process loop (CellCounter.count_paths). Prints a table and
+writes benchmarks/results/throughput.json with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from celltally.counter import CellCounter
+from celltally.simulate import simulate_plate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--model", default="bbbc005")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        scenes = max(1, args.images // 6)
+        plate = simulate_plate(Path(tmp) / "plate", images=scenes, seed=1, workers=2)
+        files = sorted((plate / "images").glob("*.TIF"))
+        counter = CellCounter.from_pretrained(args.model)
+        list(counter.count_paths(files[:16], batch_size=args.batch_size))  # warm-up
+        t0 = time.perf_counter()
+        n = sum(1 for _ in counter.count_paths(files, batch_size=args.batch_size))
+        loop = time.perf_counter() - t0
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "celltally.cli",
+                "count",
+                str(plate / "images"),
+                "--out",
+                str(Path(tmp) / "r.csv"),
+                "--model",
+                args.model,
+                "--no-progress",
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        cli = time.perf_counter() - t0
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch_threads": args.threads,
+        "images": n,
+        "image_size": "696x520 uint8 TIFF (zlib)",
+        "model": args.model,
+        "count_paths_images_per_s": round(n / loop, 1),
+        "cli_images_per_s": round(n / cli, 1),
+        "cli_seconds": round(cli, 2),
+    }
+    print(f"{'path':<34}{'images/s':>10}")
+    print(f"{'CellCounter.count_paths':<34}{result['count_paths_images_per_s']:>10}")
+    print(f"{'celltally count (whole command)':<34}{result['cli_images_per_s']:>10}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -76,10 +76,14 @@ def _run_epochs(
     seed: int,
     log: Log,
 ) -> list[dict[str, float]]:
-    """Generic epoch loop with Adam, cosine decay, per-epoch validation and checkpoints."""
+    """Generic epoch loop: Adam with a one-cycle schedule, validation and a checkpoint per epoch.
+
+    One-cycle (warm up to ``lr``, cosine down to ~0) instead of the paper's
+    constant rate: on the CPU budget it reaches a lower loss in fewer epochs.
+    """
     optimizer = torch.optim.Adam(params, lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, epochs * steps_per_epoch), eta_min=lr * 0.02
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=max(2, epochs * steps_per_epoch), pct_start=0.2
     )
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []

@@ -199,10 +199,11 @@ def load_folder(
 
 
 def _simulate_one(args: tuple) -> tuple[np.ndarray, np.ndarray, float, dict[str, Any]]:
-    from celltally.simulate import simulate_scene
+    from celltally.simulate import SimulationParams, simulate_scene
 
-    count, blur, stain, seed, size, norm = args
-    sim = simulate_scene(count, blur=blur, stain=stain, seed=seed)
+    count, blur, stain, seed, size, norm, clustering = args
+    params = SimulationParams(cluster_probability=clustering)
+    sim = simulate_scene(count, blur=blur, stain=stain, seed=seed, params=params)
     image = prepare_image(sim.image, size=size, norm=norm)
     mask = resize_area(sim.mask, size)
     meta = {
@@ -222,12 +223,14 @@ def simulated_specs(
     counts: tuple[int, int] = (1, 100),
     blurs: Sequence[int] = (1, 23, 48),
     stains: Sequence[int] = (1, 2),
+    clustering: Sequence[float] = (0.25,),
     seed: int = 0,
-) -> list[tuple[int, int, int, int]]:
-    """(count, blur, stain, scene_seed) for ``scenes`` scenes, one blur and stain each.
+) -> list[tuple[int, int, int, int, float]]:
+    """(count, blur, stain, scene_seed, cluster_probability) for ``scenes`` scenes.
 
     Counts are uniform over the whole range (not BBBC005's 24 levels), so the
-    counter learns a continuous count.
+    counter learns a continuous count; blur, stain and clustering are drawn
+    uniformly from their lists (repeat an entry to weight it).
     """
     rng = np.random.default_rng(seed)
     specs = []
@@ -235,7 +238,8 @@ def simulated_specs(
         count = int(rng.integers(counts[0], counts[1] + 1))
         blur = int(rng.choice(list(blurs)))
         stain = int(rng.choice(list(stains)))
-        specs.append((count, blur, stain, seed * 1_000_003 + i))
+        cluster = float(rng.choice(list(clustering)))
+        specs.append((count, blur, stain, seed * 1_000_003 + i, cluster))
     return specs
 
 
@@ -246,13 +250,16 @@ def simulate_set(
     counts: tuple[int, int] = (1, 100),
     blurs: Sequence[int] = (1, 23, 48),
     stains: Sequence[int] = (1, 2),
+    clustering: Sequence[float] = (0.25,),
     seed: int = 0,
     norm: Mapping[str, Any] | None = None,
     workers: int = 1,
 ) -> LabeledSet:
     """Simulate full-size (696 x 520) scenes and prepare them exactly like real files."""
-    specs = simulated_specs(scenes, counts=counts, blurs=blurs, stains=stains, seed=seed)
-    jobs = [(c, b, s, sd, tuple(size), norm) for c, b, s, sd in specs]
+    specs = simulated_specs(
+        scenes, counts=counts, blurs=blurs, stains=stains, clustering=clustering, seed=seed
+    )
+    jobs = [(c, b, s, sd, tuple(size), norm, cl) for c, b, s, sd, cl in specs]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             results = list(pool.map(_simulate_one, jobs, chunksize=16))
@@ -296,7 +303,7 @@ class SimulatedStream(torch.utils.data.IterableDataset):
             blur = int(rng.choice(self.blurs))
             stain = int(rng.choice(self.stains))
             image, mask, c, _ = _simulate_one(
-                (count, blur, stain, self.base_seed * 1_000_003 + i, self.size, self.norm)
+                (count, blur, stain, self.base_seed * 1_000_003 + i, self.size, self.norm, 0.25)
             )
             i += n_workers
             yield (

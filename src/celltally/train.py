@@ -364,6 +364,7 @@ def fit(
     config: dict[str, Any],
     out: str | Path,
     stages: str = "both",
+    segmenter_train: LabeledSet | None = None,
     init: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
     resume: bool = False,
@@ -376,6 +377,8 @@ def fit(
     ``config`` is a preset (see ``models.presets``) plus bookkeeping; the
     finished model folder at ``out`` holds it with the training history,
     the conformal calibration scores and the test metrics added.
+    ``segmenter_train`` (default: ``train``) lets the costly first stage see a
+    subset: masks are learnt from far fewer images than counts.
     """
     from celltally.calibration import conformal_scores
 

@@ -1,0 +1,268 @@
+"""Why the model counted what it counted: saliency maps and the paper's Figure 4 panel.
+
+The paper (Hernández, Sultan & Pande 2018, Fig. 4) shows, for one image, the
+input, the predicted mask, the mask's per-pixel uncertainty and the gradient of
+the count loss with respect to the mask. :func:`explain_image` computes all of
+them (and the gradient with respect to the input image as well), and
+:func:`explanation_figure` draws the panel with matplotlib's Agg backend
+(no display, no global pyplot state, safe in a web server's threads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io as _bytes_io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import numpy as np
+import torch
+
+from celltally import io, naming
+from celltally.losses import gaussian_nll
+
+if TYPE_CHECKING:  # pragma: no cover
+    from celltally.counter import CellCounter, CountResult
+
+__all__ = ["Explanation", "explain_image", "explanation_figure", "explanation_png", "saliency"]
+
+
+@dataclass
+class Explanation:
+    """Everything the Figure 4 panel shows for one image.
+
+    Attributes
+    ----------
+    result : CountResult
+        The count of the image (as :meth:`CellCounter.count` gives it).
+    image : np.ndarray
+        The prepared network input (model input size, float32).
+    mask : np.ndarray
+        Predicted foreground probability (half the input size).
+    mask_std : np.ndarray
+        Per-pixel (aleatoric) standard deviation of the mask.
+    mask_saliency : np.ndarray
+        ``|d loss / d mask|`` at the mask's size (the paper's saliency map).
+    image_saliency : np.ndarray
+        ``|d loss / d image|`` at the prepared input's size (through both stages).
+    true_count : float or None
+        The truth the loss was taken against; None when unknown.
+    loss : str
+        What was differentiated: ``'count'`` (truth unknown) or ``'nll'``.
+    """
+
+    result: CountResult
+    image: np.ndarray
+    mask: np.ndarray
+    mask_std: np.ndarray
+    mask_saliency: np.ndarray
+    image_saliency: np.ndarray
+    true_count: float | None = None
+    loss: str = "count"
+
+
+def saliency(
+    model: torch.nn.Module,
+    prepared: np.ndarray,
+    *,
+    true_count: float | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient magnitudes of the count loss w.r.t. the mask and w.r.t. the prepared image.
+
+    Parameters
+    ----------
+    model : CountingPipeline
+        The two-stage network (``segmenter`` + ``count_from_mask``); used in eval mode.
+    prepared : np.ndarray
+        One prepared 2-D image (model input size); not modified.
+    true_count : float, optional
+        When given, the loss is the aleatoric Gaussian NLL of the count against
+        it, ``0.5 exp(-s) (y - mu)^2 + 0.5 s`` (the paper's training loss).
+        When unknown, the NLL taken at the prediction itself has a zero
+        gradient through the mean, so, as usual for saliency maps, the
+        predicted count ``mu`` itself is differentiated instead.
+    device : torch device, optional
+        Where to run; defaults to the device of the model's parameters.
+
+    Returns
+    -------
+    mask_saliency : np.ndarray
+        ``|d loss / d mask|`` at half the input size: the partial derivative of
+        the counter stage with respect to its mask plane (the image plane and
+        mask log-variance held fixed), as in the paper.
+    image_saliency : np.ndarray
+        ``|d loss / d image|`` at the input size: the total derivative through
+        segmenter and counter. Exactly zero where the count does not depend
+        on the pixel (outside the receptive field of every counted output).
+    """
+    array = np.asarray(prepared, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D prepared image, got shape {array.shape}")
+    if device is None:
+        device = next(model.parameters()).device
+    if model.training:
+        raise ValueError("saliency needs the model in eval mode (batch norm running statistics)")
+    with torch.enable_grad():
+        x = torch.tensor(array, device=device)[None, None].requires_grad_(True)
+        mask, mask_logvar = model.segmenter(x, levels=1)[0]
+        count, count_logvar = model.count_from_mask(mask, mask_logvar, x)
+        if true_count is None:
+            loss = count.sum()
+        else:
+            target = torch.full_like(count, float(true_count))
+            loss = gaussian_nll(count, target, count_logvar)
+        # autograd.grad, not backward(): the parameters' .grad stay untouched, so
+        # concurrent explanations (web server threads) cannot interfere.
+        mask_grad, image_grad = torch.autograd.grad(loss, [mask, x])
+    mask_grad = mask_grad[0, 0].abs().cpu().numpy()
+    image_grad = image_grad[0, 0].abs().cpu().numpy()
+    return mask_grad.astype(np.float32), image_grad.astype(np.float32)
+
+
+def explain_image(
+    counter: CellCounter,
+    image: np.ndarray | str | Path,
+    *,
+    true_count: float | None = None,
+    level: float = 0.95,
+) -> Explanation:
+    """Count one image and explain the count (mask, its uncertainty, saliency maps).
+
+    Parameters
+    ----------
+    counter : CellCounter
+        A loaded model.
+    image : np.ndarray or path
+        A raw 2-D image or an image file.
+    true_count : float, optional
+        The true count, if known: the saliency is then the gradient of the
+        aleatoric loss against it (as in the paper); otherwise of the
+        predicted count itself (see :func:`saliency`).
+    level : float
+        Interval level of the reported count.
+
+    Returns
+    -------
+    Explanation
+
+    Raises
+    ------
+    celltally.io.ImageReadError
+        The file cannot be read (one-line message naming the file).
+    celltally.io.InputError
+        The array is not a finite 2-D image.
+    """
+    source = None
+    if isinstance(image, str | Path):
+        source = str(image)
+        image = io.read_image(image)
+    result = counter.count(image, level=level)
+    if source is not None:
+        result = dataclasses.replace(
+            result, source=source, metadata=naming.parse_name(source).as_dict()
+        )
+    prepared = counter.prepare(np.asarray(image))
+    mask_sal, image_sal = saliency(
+        counter.model, prepared, true_count=true_count, device=counter.device
+    )
+    return Explanation(
+        result=result,
+        image=prepared,
+        mask=result.mask,
+        mask_std=result.mask_std,
+        mask_saliency=mask_sal,
+        image_saliency=image_sal,
+        true_count=None if true_count is None else float(true_count),
+        loss="count" if true_count is None else "nll",
+    )
+
+
+def panel_title(result: CountResult, true_count: float | None = None) -> str:
+    """``'96.2 ± 3.6 cells (95%)'``, with ``', truth 96'`` when the truth is known."""
+    title = str(result)
+    if true_count is not None:
+        title += f", truth {true_count:g}"
+    return title
+
+
+def _draw(expl: Explanation, *, title: str | None, true_count: float | None, image_saliency: bool):
+    from matplotlib.figure import Figure
+
+    truth = expl.true_count if true_count is None else true_count
+    panels = [
+        ("input", expl.image, "gray", None, None),
+        ("predicted mask", expl.mask, "gray", 0.0, 1.0),
+        ("mask uncertainty (std)", expl.mask_std, "viridis", 0.0, None),
+        ("saliency (d loss / d mask)", expl.mask_saliency, "inferno", 0.0, None),
+    ]
+    if image_saliency:
+        panels.append(("saliency (d loss / d image)", expl.image_saliency, "inferno", 0.0, None))
+    fig = Figure(figsize=(3.2 * len(panels), 3.0), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(panels))
+    for ax, (name, array, cmap, vmin, vmax) in zip(axes, panels, strict=True):
+        if vmax is None and name != "input":
+            # The 99.5th percentile: one hot pixel should not wash out the map.
+            vmax = float(np.percentile(array, 99.5)) or float(array.max()) or 1.0
+        shown = ax.imshow(array, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if name != "input":
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    fig.suptitle(title or panel_title(expl.result, truth), fontsize=11)
+    return fig
+
+
+def explanation_figure(
+    expl: Explanation,
+    path: str | Path | BinaryIO,
+    *,
+    title: str | None = None,
+    true_count: float | None = None,
+    image_saliency: bool = False,
+) -> str | Path | BinaryIO:
+    """Draw the paper's Figure 4 panel: input | mask | mask uncertainty | saliency.
+
+    Parameters
+    ----------
+    expl : Explanation
+        From :func:`explain_image`.
+    path : path or binary file
+        Where to write; the format follows the suffix (PNG, PDF, SVG...), PNG
+        for a file object. Parent folders are created.
+    title : str, optional
+        Overrides the default title, e.g. ``"96.2 ± 3.6 cells (95%), truth 96"``.
+    true_count : float, optional
+        Truth for the title; defaults to the one the explanation was made with.
+    image_saliency : bool
+        Add a fifth panel: the saliency with respect to the input image.
+
+    Returns
+    -------
+    The ``path`` written.
+    """
+    fig = _draw(expl, title=title, true_count=true_count, image_saliency=image_saliency)
+    if isinstance(path, str | Path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    else:
+        fig.savefig(path, format="png")
+    return path
+
+
+def explanation_png(
+    expl: Explanation,
+    *,
+    title: str | None = None,
+    true_count: float | None = None,
+    image_saliency: bool = False,
+) -> bytes:
+    """The Figure 4 panel as PNG bytes (for a web page)."""
+    buffer = _bytes_io.BytesIO()
+    explanation_figure(
+        expl, buffer, title=title, true_count=true_count, image_saliency=image_saliency
+    )
+    return buffer.getvalue()

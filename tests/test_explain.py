@@ -1,0 +1,106 @@
+"""Saliency maps and the Figure 4 panel (celltally.explain)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import blob_image, tiny_config
+from PIL import Image
+from torch import nn
+
+from celltally import io
+from celltally.counter import CellCounter
+from celltally.explain import explain_image, explanation_figure, explanation_png, panel_title
+from celltally.models.pipeline import CountingPipeline
+
+
+class LeftStripCounter(nn.Module):
+    """A counter that sums only the first ``columns`` columns of its mask plane."""
+
+    def __init__(self, columns: int) -> None:
+        super().__init__()
+        self.columns = columns
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = x[:, 0, :, : self.columns].sum((-2, -1))
+        return count, torch.zeros_like(count)
+
+
+def strip_counter(columns: int = 8) -> CellCounter:
+    torch.manual_seed(0)
+    config = copy.deepcopy(tiny_config())
+    config["input_size"] = [32, 448]
+    model = CountingPipeline(config)
+    model.counter = LeftStripCounter(columns)
+    return CellCounter(model, config, device="cpu")
+
+
+def test_saliency_shapes_and_values(tiny_model):
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    expl = explain_image(counter, blob_image(12, seed=3))
+    h, w = counter.input_size
+    assert expl.image.shape == (h, w)
+    assert expl.image_saliency.shape == (h, w)
+    assert expl.mask.shape == expl.mask_std.shape == expl.mask_saliency.shape == (h // 2, w // 2)
+    for array in (expl.mask_saliency, expl.image_saliency):
+        assert np.isfinite(array).all() and (array >= 0).all() and array.max() > 0
+    assert expl.loss == "count" and expl.true_count is None
+    np.testing.assert_allclose(expl.result.count, counter.count(blob_image(12, seed=3)).count)
+
+
+def test_saliency_is_zero_where_the_count_does_not_depend_on_the_input():
+    counter = strip_counter(columns=8)
+    image = blob_image(30, shape=(64, 896), seed=1)
+    expl = explain_image(counter, image)
+    # d(sum of mask[:, :8]) / d mask is exactly 1 there and 0 elsewhere.
+    np.testing.assert_array_equal(expl.mask_saliency[:, :8], 1.0)
+    np.testing.assert_array_equal(expl.mask_saliency[:, 8:], 0.0)
+    # The first 8 mask columns see input columns 0..15 plus the FPN's receptive
+    # field (~130 px); beyond that the count cannot depend on the image.
+    assert expl.image_saliency[:, :16].max() > 0
+    np.testing.assert_array_equal(expl.image_saliency[:, 200:], 0.0)
+
+
+def test_saliency_with_truth_is_the_nll_gradient():
+    counter = strip_counter(columns=8)
+    image = blob_image(30, shape=(64, 896), seed=1)
+    predicted = counter.count(image).count
+    expl = explain_image(counter, image, true_count=predicted + 5.0)
+    # NLL with log-variance 0: d/d mu of 0.5 (y - mu)^2 = mu - y = -5 in every counted pixel.
+    np.testing.assert_allclose(expl.mask_saliency[:, :8], 5.0, rtol=1e-4)
+    assert expl.loss == "nll" and expl.true_count == pytest.approx(predicted + 5.0)
+
+
+def test_explain_does_not_touch_the_model_or_input(tiny_model):
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    image = blob_image(5, seed=2)
+    before = image.copy()
+    explain_image(counter, image, true_count=5)
+    np.testing.assert_array_equal(image, before)
+    assert all(p.grad is None for p in counter.model.parameters())
+    assert not counter.model.training
+
+
+def test_figure_png(tiny_model, image_folder, tmp_path):
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    path = sorted(image_folder.iterdir())[1]
+    expl = explain_image(counter, path, true_count=8)
+    assert expl.result.source == str(path) and expl.result.metadata["count"] == 8
+    out = explanation_figure(expl, tmp_path / "sub" / "fig.png")
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size[0] > 2 * img.size[1]
+    data = explanation_png(expl, image_saliency=True)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    title = panel_title(expl.result, 8)
+    assert title.endswith("cells (95%), truth 8") and " ± " in title
+
+
+def test_explain_corrupt_file_fails_cleanly(tiny_model, tmp_path):
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"II*\x00 this is not a tiff")
+    with pytest.raises(io.ImageReadError) as info:
+        explain_image(counter, bad)
+    message = str(info.value)
+    assert str(bad) in message and "\n" not in message

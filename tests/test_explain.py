@@ -51,7 +51,7 @@ def test_saliency_shapes_and_values(tiny_model):
 
 def test_saliency_is_zero_where_the_count_does_not_depend_on_the_input():
     counter = strip_counter(columns=8)
-    image = blob_image(30, shape=(64, 896), seed=1)
+    image = blob_image(12, shape=(32, 448), seed=1)
     expl = explain_image(counter, image)
     # d(sum of mask[:, :8]) / d mask is exactly 1 there and 0 elsewhere.
     np.testing.assert_array_equal(expl.mask_saliency[:, :8], 1.0)
@@ -64,7 +64,7 @@ def test_saliency_is_zero_where_the_count_does_not_depend_on_the_input():
 
 def test_saliency_with_truth_is_the_nll_gradient():
     counter = strip_counter(columns=8)
-    image = blob_image(30, shape=(64, 896), seed=1)
+    image = blob_image(12, shape=(32, 448), seed=1)
     predicted = counter.count(image).count
     expl = explain_image(counter, image, true_count=predicted + 5.0)
     # NLL with log-variance 0: d/d mu of 0.5 (y - mu)^2 = mu - y = -5 in every counted pixel.

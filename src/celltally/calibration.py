@@ -1,9 +1,10 @@
-"""Interval calibration: split-conformal quantiles of the normalized error |y - mu| / sigma."""
+"""Interval calibration (split-conformal, temperature scaling) and out-of-distribution flags."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -39,3 +40,207 @@ def conformal_quantile(scores: Sequence[float], level: float) -> float:
 def gaussian_quantile(level: float) -> float:
     """Two-sided standard normal multiplier (1.96 for 0.95)."""
     return float(stats.norm.ppf(0.5 + level / 2.0))
+
+
+# -- compared alternatives and bookkeeping -------------------------------------
+
+METHODS = ("conformal", "temperature", "gaussian")
+DEFAULT_METHOD = "conformal"
+RELIABILITY_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99)
+
+
+def _arrays(
+    y_true: Sequence[float], mean: Sequence[float], std: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=float).ravel()
+    mu = np.asarray(mean, dtype=float).ravel()
+    sigma = np.maximum(np.asarray(std, dtype=float).ravel(), 1e-6)
+    if not y.size == mu.size == sigma.size:
+        raise ValueError(f"y, mu and sigma differ in length: {y.size}, {mu.size}, {sigma.size}")
+    if y.size == 0:
+        raise ValueError("no calibration examples")
+    return y, mu, sigma
+
+
+def temperature_scale(
+    y_true: Sequence[float], mean: Sequence[float], std: Sequence[float]
+) -> float:
+    """The factor ``T`` on sigma that maximizes the Gaussian likelihood of ``y`` on a split.
+
+    The negative log-likelihood ``sum log(T sigma_i) + (y_i - mu_i)^2 / (2 T^2 sigma_i^2)``
+    is minimized in closed form by ``T = sqrt(mean(((y - mu) / sigma)^2))``:
+    T > 1 means the model's sigma was over-confident, T < 1 under-confident.
+    """
+    y, mu, sigma = _arrays(y_true, mean, std)
+    return float(np.sqrt(np.mean(((y - mu) / sigma) ** 2)))
+
+
+def gaussian_nll(y_true: Sequence[float], mean: Sequence[float], std: Sequence[float]) -> float:
+    """Mean Gaussian negative log-likelihood of ``y`` under ``N(mu, sigma^2)`` (with constant)."""
+    y, mu, sigma = _arrays(y_true, mean, std)
+    return float(np.mean(np.log(sigma) + 0.5 * ((y - mu) / sigma) ** 2 + 0.5 * np.log(2 * np.pi)))
+
+
+def calibrate(
+    y_true: Sequence[float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    default: str = DEFAULT_METHOD,
+) -> dict:
+    """Fit every interval calibration on one held-out split; the block stored in a config.
+
+    Parameters
+    ----------
+    y_true, mean, std : sequences of float
+        True counts and the model's predicted mean and standard deviation on
+        the calibration split (images the model was not trained on).
+    default : {'conformal', 'temperature', 'gaussian'}
+        The method :func:`interval_multiplier` uses when none is named.
+
+    Returns
+    -------
+    dict
+        ``default``, ``n``, ``scores`` (sorted ``|y - mu| / sigma``, for
+        split-conformal), ``temperature`` (``T`` from :func:`temperature_scale`)
+        and the calibration split's mean NLL before and after scaling.
+    """
+    if default not in METHODS:
+        raise ValueError(f"unknown calibration method {default!r}; choose from {METHODS}")
+    y, mu, sigma = _arrays(y_true, mean, std)
+    scores = conformal_scores(y, mu, sigma)
+    temperature = temperature_scale(y, mu, sigma)
+    return {
+        "method": "split-conformal on |y - mu| / sigma",
+        "default": default,
+        "n": int(scores.size),
+        "scores": [round(float(v), 5) for v in scores],
+        "temperature": round(temperature, 5),
+        "nll_raw": round(gaussian_nll(y, mu, sigma), 5),
+        "nll_temperature": round(gaussian_nll(y, mu, sigma * temperature), 5),
+    }
+
+
+def interval_multiplier(
+    calibration: Mapping[str, Any] | None, level: float, method: str | None = None
+) -> float:
+    """Half-width of the ``level`` interval in units of sigma, by a stored calibration.
+
+    ``'conformal'``: split-conformal quantile of the stored scores;
+    ``'temperature'``: ``T`` times the Gaussian quantile; ``'gaussian'``: the
+    raw Gaussian quantile (the model's sigma taken at its word). A method
+    whose data are missing from ``calibration`` falls back to ``'gaussian'``.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    calibration = calibration or {}
+    method = method or calibration.get("default", DEFAULT_METHOD)
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {METHODS}")
+    if method == "conformal" and calibration.get("scores"):
+        return conformal_quantile(calibration["scores"], level)
+    if method == "temperature" and calibration.get("temperature"):
+        return float(calibration["temperature"]) * gaussian_quantile(level)
+    return gaussian_quantile(level)
+
+
+def coverage(
+    y_true: Sequence[float], mean: Sequence[float], std: Sequence[float], multiplier: float
+) -> float:
+    """Fraction of ``y`` inside ``mu ± multiplier * sigma``."""
+    y, mu, sigma = _arrays(y_true, mean, std)
+    return float(np.mean(np.abs(y - mu) <= multiplier * sigma))
+
+
+def reliability(
+    y_true: Sequence[float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    calibration: Mapping[str, Any] | None,
+    *,
+    levels: Sequence[float] = RELIABILITY_LEVELS,
+    methods: Sequence[str] = METHODS,
+) -> dict[str, list[float]]:
+    """Observed coverage at each nominal level, per method: the reliability diagram's data.
+
+    Returns ``{"level": [...], method: [coverage, ...], ...}``.
+    """
+    out: dict[str, list[float]] = {"level": [float(v) for v in levels]}
+    for method in methods:
+        out[method] = [
+            coverage(y_true, mean, std, interval_multiplier(calibration, lv, method))
+            for lv in levels
+        ]
+    return out
+
+
+def coverage_tolerance(level: float, n: int, *, sigmas: float = 4.0) -> float:
+    """``sigmas`` binomial standard deviations of an observed coverage over ``n`` trials."""
+    return sigmas * math.sqrt(level * (1.0 - level) / max(int(n), 1))
+
+
+# -- out-of-distribution flags ------------------------------------------------
+
+#: The per-image uncertainty features compared with the calibration set's range.
+OOD_FEATURES = {
+    "mask_std": "mean per-pixel mask uncertainty",
+    "relative_std": "count std / sqrt(count + 1)",
+    "spread": "ensemble std of member counts / sqrt(count + 1)",
+}
+
+#: Used when a model's config has no thresholds fitted on its calibration data:
+#: deliberately loose (a mask std of 0.25 is a near coin-flip over the whole
+#: image; a relative std of 1 is a Poisson-sized error), so only the clearly
+#: strange is flagged.
+FALLBACK_OOD_THRESHOLDS = {"mask_std": 0.25, "relative_std": 1.0, "spread": 1.0}
+
+
+def ood_features(
+    count: float, std: float, mask_std: np.ndarray, spread: float | None = None
+) -> dict[str, float]:
+    """The uncertainty features of one image (see ``OOD_FEATURES``)."""
+    scale = math.sqrt(max(float(count), 0.0) + 1.0)
+    features = {
+        "mask_std": float(np.mean(mask_std)),
+        "relative_std": float(std) / scale,
+    }
+    if spread is not None:
+        features["spread"] = float(spread) / scale
+    return features
+
+
+def ood_thresholds(
+    features: Sequence[Mapping[str, float]], *, quantile: float = 0.99
+) -> dict[str, Any]:
+    """The ``quantile`` of each feature over the calibration images: above it is unusual.
+
+    ``features`` is one dict per calibration image (from :func:`ood_features`).
+    """
+    if not features:
+        raise ValueError("no calibration images to set out-of-distribution thresholds on")
+    names = [k for k in OOD_FEATURES if all(k in f for f in features)]
+    out: dict[str, Any] = {"quantile": quantile, "n": len(features)}
+    for name in names:
+        values = np.asarray([f[name] for f in features], dtype=float)
+        out[name] = round(float(np.quantile(values, quantile)), 6)
+    return out
+
+
+def ood_warning(features: Mapping[str, float], thresholds: Mapping[str, Any] | None) -> str:
+    """A one-line warning naming each feature above its threshold; ``''`` when none is.
+
+    Without fitted ``thresholds`` the loose ``FALLBACK_OOD_THRESHOLDS`` apply.
+    """
+    fitted = bool(thresholds)
+    limits = thresholds if fitted else FALLBACK_OOD_THRESHOLDS
+    where = (
+        f"calibration {100 * float(limits.get('quantile', 0.99)):g}th pct" if fitted else "default"
+    )
+    parts = [
+        f"{OOD_FEATURES[name]} {value:.3g} > {float(limits[name]):.3g}"
+        for name, value in features.items()
+        if name in OOD_FEATURES and limits.get(name) is not None and value > float(limits[name])
+    ]
+    if not parts:
+        return ""
+    return f"unlike the calibration images ({'; '.join(parts)}; {where} limit)"

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from celltally import io, naming
-from celltally.calibration import conformal_quantile, gaussian_quantile
-from celltally.models.pipeline import CountingPipeline
+from celltally.calibration import interval_multiplier, ood_features, ood_warning
+from celltally.models.pipeline import CountingPipeline, counter_input
 from celltally.transforms import prepare_image
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -36,6 +36,12 @@ class CountResult:
     low, high : the calibrated interval at ``level`` (low clipped at 0).
     mask : foreground probability at half the model's input size.
     mask_std : per-pixel standard deviation of the mask (aleatoric).
+    warning : non-empty when the image looks unlike the model's calibration
+        images (its uncertainty features exceed their calibration range): the
+        interval may not mean what it says.
+    epistemic_std : with an ensemble (``epistemic=True``), the std of the
+        members' counts; ``std`` is then the total,
+        ``sqrt(aleatoric**2 + epistemic**2)``. None without an ensemble.
     """
 
     count: float
@@ -47,6 +53,8 @@ class CountResult:
     mask_std: np.ndarray
     source: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    warning: str = ""
+    epistemic_std: float | None = None
 
     def __str__(self) -> str:
         half = (self.high - self.low) / 2
@@ -89,38 +97,68 @@ class CellCounter:
         config: dict[str, Any],
         *,
         device: str | torch.device | None = None,
+        members: Sequence[torch.nn.Module] = (),
+        calibration: str | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
+        self.members = [m.eval().to(self.device) for m in members]
         self.config = config
         self.input_size = tuple(config["input_size"])
         self.norm = dict(config.get("normalization", {}))
         self.name = str(config.get("name", "model"))
-        self._scores = np.asarray(config.get("calibration", {}).get("scores", []), dtype=float)
+        self.calibration_method = calibration
+        block = dict(config.get("calibration") or {})
+        if self.members and block.get("epistemic"):
+            # Scores and thresholds fitted on the ensemble's total sigma. (Without
+            # them the aleatoric block applies: total sigma >= aleatoric, so wider.)
+            block = dict(block["epistemic"])
+        self.calibration = block
+        interval_multiplier(block, 0.5, calibration)  # fail early on an unknown method
+
+    @property
+    def epistemic(self) -> bool:
+        """Whether counts include an ensemble's epistemic spread."""
+        return bool(self.members)
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path = DEFAULT_MODEL, *, device: str | None = None
+        cls,
+        name_or_path: str | Path = DEFAULT_MODEL,
+        *,
+        device: str | None = None,
+        epistemic: bool = False,
+        calibration: str | None = None,
     ) -> CellCounter:
-        """Load a shipped model by name, or any model folder (config.json + model.safetensors)."""
+        """Load a shipped model by name, or any model folder (config.json + model.safetensors).
+
+        ``epistemic=True`` also loads the folder's ensemble of counter heads
+        (``ensemble_<k>.safetensors``, see ``celltally.uncertainty``) and adds
+        their spread to the std. ``calibration`` picks the interval method
+        ('conformal' default, 'temperature', 'gaussian'; see ``celltally.calibration``).
+        """
         from safetensors.torch import load_file
 
         folder = resolve_model(name_or_path)
         config = json.loads((folder / "config.json").read_text())
         model = CountingPipeline(config)
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return cls(model, config, device=device)
+        members = []
+        if epistemic:
+            from celltally.uncertainty import load_members
+
+            members = load_members(folder, config)
+        return cls(model, config, device=device, members=members, calibration=calibration)
 
     # -- intervals -------------------------------------------------------
-    def multiplier(self, level: float = 0.95) -> float:
+    def multiplier(self, level: float = 0.95, method: str | None = None) -> float:
         """Half-width of the interval in units of the model's std at ``level``.
 
-        Split-conformal quantile of |y - mu| / sigma on the calibration split
-        stored in the model folder; the Gaussian quantile if there is none.
+        By default split-conformal: the quantile of |y - mu| / sigma on the
+        calibration split stored in the model folder (the Gaussian quantile
+        if there is none). ``method`` overrides the counter's method.
         """
-        if self._scores.size:
-            return conformal_quantile(self._scores, level)
-        return gaussian_quantile(level)
+        return interval_multiplier(self.calibration, level, method or self.calibration_method)
 
     # -- counting --------------------------------------------------------
     def prepare(self, image: np.ndarray) -> np.ndarray:
@@ -130,17 +168,26 @@ class CellCounter:
     @torch.inference_mode()
     def _forward(self, prepared: Sequence[np.ndarray]) -> list[tuple]:
         x = torch.from_numpy(np.stack(prepared)[:, None]).to(self.device)
-        out = self.model(x)
-        counts = out.count.cpu().numpy()
-        stds = torch.exp(0.5 * out.count_logvar).cpu().numpy()
-        masks = out.mask[:, 0].cpu().numpy()
-        mask_stds = torch.exp(0.5 * out.mask_logvar[:, 0]).cpu().numpy()
-        return list(zip(counts, stds, masks, mask_stds, strict=True))
+        mask, mask_logvar = self.model.segmenter(x, levels=1)[0]
+        planes = counter_input(mask, mask_logvar, x, self.model.counter_inputs)
+        outs = [self.model.counter(planes)] + [m(planes) for m in self.members]
+        means = torch.stack([o[0] for o in outs])
+        variances = torch.stack([torch.exp(o[1]) for o in outs])
+        # Deep-ensemble mixture: mean of means; total variance = mean aleatoric
+        # variance + variance of the members' means (epistemic).
+        counts = means.mean(0)
+        epistemic_var = means.var(0, unbiased=False)
+        stds = torch.sqrt(variances.mean(0) + epistemic_var).cpu().numpy()
+        spreads = torch.sqrt(epistemic_var).cpu().numpy() if self.members else [None] * len(x)
+        masks = mask[:, 0].cpu().numpy()
+        mask_stds = torch.exp(0.5 * mask_logvar[:, 0]).cpu().numpy()
+        return list(zip(counts.cpu().numpy(), stds, masks, mask_stds, spreads, strict=True))
 
     def _result(self, raw: tuple, level: float, source: str | None) -> CountResult:
-        count, std, mask, mask_std = raw
+        count, std, mask, mask_std, spread = raw
         half = self.multiplier(level) * float(std)
         meta = naming.parse_name(source).as_dict() if source else {}
+        features = ood_features(count, std, mask_std, spread)
         return CountResult(
             count=float(count),
             std=float(std),
@@ -151,7 +198,19 @@ class CellCounter:
             mask_std=mask_std,
             source=source,
             metadata=meta,
+            warning=ood_warning(features, self.calibration.get("ood")),
+            epistemic_std=None if spread is None else float(spread),
         )
+
+    def count_prepared(
+        self, prepared: Sequence[np.ndarray], *, level: float = 0.95, batch_size: int = 32
+    ) -> list[CountResult]:
+        """Count images already prepared by :meth:`prepare` (e.g. a ``LabeledSet``'s)."""
+        results = []
+        for start in range(0, len(prepared), batch_size):
+            chunk = [np.asarray(a, dtype=np.float32) for a in prepared[start : start + batch_size]]
+            results += [self._result(r, level, None) for r in self._forward(chunk)]
+        return results
 
     def count(self, image: np.ndarray | str | Path, *, level: float = 0.95) -> CountResult:
         """Count one image, given as a 2-D array or a file path."""

@@ -1,0 +1,209 @@
+"""Calibrating a model folder, and its epistemic ensemble of counter heads.
+
+A model folder stores, in ``config.json``'s ``calibration`` block, everything
+fitted on its held-out calibration split (see :func:`calibrate_model`):
+split-conformal scores (the default intervals), a temperature for sigma (the
+compared alternative) and out-of-distribution thresholds. With an ensemble
+(:func:`train_ensemble`), the same again for the ensemble's total sigma under
+``calibration.epistemic``.
+
+The ensemble is cheap because only the counter stage is repeated: every
+member reads the same segmenter's mask, so ``ensemble_<k>.safetensors`` holds
+one counter's ``state_dict`` (k = 1 .. members - 1; member 0 is the counter in
+``model.safetensors``). Deep ensembles were chosen over MC dropout because the
+counter has no dropout layers to sample (adding them would change the trained
+model) and differently initialised members capture more of the model
+uncertainty per forward pass (Lakshminarayanan et al., 2017).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from celltally import io
+from celltally.calibration import calibrate, ood_features, ood_thresholds
+from celltally.datasets import LabeledSet
+from celltally.models.pipeline import CountingPipeline
+
+Log = Callable[[str], None]
+_MEMBER = re.compile(r"^ensemble_(\d+)\.safetensors$")
+
+
+def ensemble_files(folder: str | Path) -> list[Path]:
+    """The folder's ``ensemble_<k>.safetensors`` files, by ``k``."""
+    folder = Path(folder)
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _MEMBER.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_members(folder: str | Path, config: dict[str, Any]) -> list[torch.nn.Module]:
+    """The extra counter heads of a model folder (eval mode, on the CPU).
+
+    Raises
+    ------
+    celltally.io.InputError
+        The folder has no ensemble, or a member does not fit the architecture.
+    """
+    from safetensors.torch import load_file
+
+    files = ensemble_files(folder)
+    if not files:
+        raise io.InputError(
+            f"{folder}: model has no ensemble members (ensemble_<k>.safetensors); "
+            "train them with `celltally ensemble`"
+        )
+    members = []
+    for path in files:
+        counter = CountingPipeline(config).counter
+        try:
+            counter.load_state_dict(load_file(str(path)))
+        except (RuntimeError, OSError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise io.InputError(f"{path}: not a counter of this model ({first})") from None
+        members.append(counter.eval())
+    return members
+
+
+def train_ensemble(
+    model_folder: str | Path,
+    train: LabeledSet,
+    calibration: LabeledSet | None = None,
+    *,
+    members: int = 4,
+    epochs: int | None = None,
+    seed: int = 0,
+    device: torch.device | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> list[Path]:
+    """Train ``members - 1`` more counter heads on the folder's frozen segmenter.
+
+    Parameters
+    ----------
+    model_folder : path
+        A trained model folder; ``ensemble_<k>.safetensors`` are written into
+        it (existing ones are replaced) and, with ``calibration``, its
+        ``config.json`` is recalibrated by :func:`calibrate_model`.
+    train, calibration : LabeledSet
+        Prepared training images and the held-out calibration split (the same
+        split the model was calibrated on: the members must not see it).
+    members : int
+        Ensemble size including the folder's own counter (>= 2).
+    epochs : int, optional
+        Counter epochs per member; default the config's ``train.counter.epochs``.
+    seed : int
+        Member ``k`` is initialised and shuffled with ``seed + k``.
+
+    Returns
+    -------
+    list of Path
+        The member files written.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from celltally.train import default_device, seed_everything, train_counter
+
+    if members < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, got {members}")
+    folder = Path(model_folder)
+    config = json.loads((folder / "config.json").read_text())
+    hp = dict(config.get("train", {}).get("counter", {}))
+    device = device or default_device()
+    for old in ensemble_files(folder):
+        old.unlink()
+    written = []
+    for k in range(1, members):
+        seed_everything(seed + k)
+        model = CountingPipeline(config)  # fresh counter, initialised by seed + k
+        fresh_counter = model.counter.state_dict()
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        model.counter.load_state_dict(fresh_counter)
+        log(f"ensemble member {k} of {members - 1}")
+        train_counter(
+            model,
+            train,
+            val=calibration,
+            epochs=int(epochs if epochs is not None else hp.get("epochs", 30)),
+            batch_size=int(hp.get("batch_size", 16)),
+            lr=float(hp.get("lr", 1e-3)),
+            beta=float(hp.get("beta", 0.0)),
+            seed=seed + k,
+            device=device,
+            progress=progress,
+            log=log,
+        )
+        state = {k2: v.detach().cpu().contiguous() for k2, v in model.counter.state_dict().items()}
+        path = folder / f"ensemble_{k}.safetensors"
+        save_file(state, str(path))
+        written.append(path)
+    if calibration is not None and len(calibration):
+        calibrate_model(folder, calibration, device=device, log=log)
+    return written
+
+
+def _predict(counter: Any, data: LabeledSet) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    images = data.images[:, 0].numpy()
+    results = counter.count_prepared(list(images))
+    mean = np.array([r.count for r in results])
+    std = np.array([r.std for r in results])
+    features = [ood_features(r.count, r.std, r.mask_std, r.epistemic_std) for r in results]
+    return mean, std, features
+
+
+def calibrate_model(
+    model_folder: str | Path,
+    calibration: LabeledSet,
+    *,
+    quantile: float = 0.99,
+    device: torch.device | str | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Fit the interval calibrations and OOD thresholds of a model folder; rewrite its config.
+
+    Runs the model on the held-out ``calibration`` split (prepared images with
+    true counts), stores :func:`celltally.calibration.calibrate`'s block plus
+    ``ood`` thresholds (the ``quantile`` of each uncertainty feature) in
+    ``config.json``'s ``calibration``, and, when the folder has an ensemble,
+    the same for the ensemble's total sigma in ``calibration.epistemic``.
+    The weights are not touched.
+
+    Returns
+    -------
+    dict
+        The new ``calibration`` block.
+    """
+    from celltally.counter import CellCounter
+
+    folder = Path(model_folder)
+    if len(calibration) == 0:
+        raise ValueError("the calibration split is empty")
+    y = calibration.counts.numpy().astype(float)
+    config = json.loads((folder / "config.json").read_text())
+    counter = CellCounter.from_pretrained(folder, device=device)
+    mean, std, features = _predict(counter, calibration)
+    block = calibrate(y, mean, std)
+    block["ood"] = ood_thresholds(features, quantile=quantile)
+    if ensemble_files(folder):
+        ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
+        e_mean, e_std, e_features = _predict(ens, calibration)
+        block["epistemic"] = calibrate(y, e_mean, e_std)
+        block["epistemic"]["members"] = 1 + len(ens.members)
+        block["epistemic"]["ood"] = ood_thresholds(e_features, quantile=quantile)
+    config["calibration"] = block
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    log(
+        f"calibrated {folder} on {len(y)} images: temperature {block['temperature']:.3f}"
+        + (
+            f", ensemble temperature {block['epistemic']['temperature']:.3f}"
+            if "epistemic" in block
+            else ""
+        )
+    )
+    return block

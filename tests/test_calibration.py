@@ -1,0 +1,204 @@
+"""Interval calibration, the epistemic ensemble and out-of-distribution flags."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import blob_image, tiny_config
+
+from celltally import io
+from celltally.calibration import (
+    calibrate,
+    conformal_quantile,
+    coverage,
+    coverage_tolerance,
+    gaussian_quantile,
+    interval_multiplier,
+    ood_features,
+    ood_thresholds,
+    ood_warning,
+    reliability,
+    temperature_scale,
+)
+from celltally.counter import CellCounter
+from celltally.datasets import LabeledSet
+from celltally.models.pipeline import CountingPipeline
+from celltally.train import save_model_folder, train_counter, train_segmenter
+from celltally.transforms import prepare_image, resize_area
+from celltally.uncertainty import calibrate_model, ensemble_files, train_ensemble
+
+LEVELS = (0.8, 0.9, 0.95)
+
+
+def noisy_counts(n, seed, *, scale=1.0, df=3):
+    """Counts with a known noise model: y = mu + scale * sigma * t_df (heavy-tailed)."""
+    rng = np.random.default_rng(seed)
+    mu = rng.uniform(1, 100, n)
+    sigma = 0.5 + 0.03 * mu
+    y = mu + scale * sigma * rng.standard_t(df, n)
+    return y, mu, sigma
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_conformal_reaches_nominal_coverage(level):
+    n_cal, n_test = 2000, 50000
+    block = calibrate(*noisy_counts(n_cal, seed=1))
+    y, mu, sigma = noisy_counts(n_test, seed=2)
+    observed = coverage(y, mu, sigma, interval_multiplier(block, level))
+    # Split-conformal coverage given the calibration set is Beta-distributed with
+    # variance ~ level (1 - level) / n_cal; the test set adds a binomial term.
+    tolerance = coverage_tolerance(level, n_cal) + coverage_tolerance(level, n_test) + 1 / n_cal
+    assert abs(observed - level) <= tolerance
+    # The raw Gaussian interval is wrong for this heavy-tailed noise: the test has power.
+    gaussian = coverage(y, mu, sigma, interval_multiplier(block, level, "gaussian"))
+    t_truth = 2 * __import__("scipy").stats.t.cdf(gaussian_quantile(level), 3) - 1
+    assert gaussian == pytest.approx(t_truth, abs=coverage_tolerance(level, n_test))
+    assert abs(gaussian - level) > tolerance
+
+
+def test_temperature_scaling_recovers_a_known_scale():
+    n = 20000
+    rng = np.random.default_rng(5)
+    mu = rng.uniform(1, 100, n)
+    sigma = 0.5 + 0.03 * mu
+    y = mu + 2.5 * sigma * rng.standard_normal(n)  # the model's sigma is 2.5x too small
+    t = temperature_scale(y, mu, sigma)
+    # T^2 is a mean of n chi-square(1) variables * 6.25: relative sd of T = 1 / sqrt(2 n).
+    assert t == pytest.approx(2.5, abs=4 * 2.5 / math.sqrt(2 * n))
+    block = calibrate(y, mu, sigma)
+    assert block["nll_temperature"] < block["nll_raw"]
+    for level in LEVELS:
+        cover = coverage(y, mu, sigma, interval_multiplier(block, level, "temperature"))
+        assert abs(cover - level) <= coverage_tolerance(level, n)
+    json.dumps(block)  # storable in a config
+
+
+def test_multiplier_methods_and_fallbacks():
+    y, mu, sigma = noisy_counts(500, seed=3)
+    block = calibrate(y, mu, sigma)
+    assert block["default"] == "conformal" and block["n"] == 500
+    assert block["scores"] == sorted(block["scores"])
+    assert interval_multiplier(block, 0.9) == conformal_quantile(block["scores"], 0.9)
+    assert interval_multiplier(block, 0.9, "temperature") == pytest.approx(
+        block["temperature"] * gaussian_quantile(0.9)
+    )
+    assert interval_multiplier({}, 0.95) == pytest.approx(1.959964, abs=1e-5)
+    assert interval_multiplier(None, 0.95, "temperature") == pytest.approx(1.959964, abs=1e-5)
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        interval_multiplier(block, 0.9, "isotonic")
+    with pytest.raises(ValueError, match="level"):
+        interval_multiplier(block, 1.5)
+    curve = reliability(y, mu, sigma, block, levels=(0.5, 0.9))
+    assert set(curve) == {"level", "conformal", "temperature", "gaussian"}
+    assert all(len(v) == 2 for v in curve.values())
+
+
+def test_ood_thresholds_and_warning():
+    rng = np.random.default_rng(0)
+    features = [
+        ood_features(c, 0.2 * math.sqrt(c + 1), np.full((4, 4), rng.uniform(0.01, 0.05)))
+        for c in rng.integers(1, 100, 200)
+    ]
+    limits = ood_thresholds(features)
+    assert limits["n"] == 200 and 0.04 < limits["mask_std"] <= 0.05
+    assert ood_warning(features[0], limits) == ""
+    strange = ood_features(10, 8.0, np.full((4, 4), 0.3))
+    message = ood_warning(strange, limits)
+    assert "mask uncertainty" in message and "count std" in message and "\n" not in message
+    # Without fitted thresholds the loose fallback applies.
+    assert ood_warning(strange, None).startswith("unlike")
+    assert ood_warning(features[0], None) == ""
+
+
+# -- a tiny model trained on blob images -------------------------------------
+
+
+def blob_set(n, seed, config):
+    rng = np.random.default_rng(seed)
+    images, masks, counts = [], [], []
+    for i in range(n):
+        c = int(rng.integers(1, 25))
+        raw = blob_image(c, seed=seed * 1000 + i)
+        images.append(prepare_image(raw, size=config["input_size"], norm=config["normalization"]))
+        masks.append(resize_area((raw > 60).astype(np.float32), config["input_size"]))
+        counts.append(c)
+    return LabeledSet(
+        torch.from_numpy(np.stack(images)[:, None]),
+        torch.from_numpy(np.stack(masks)[:, None]),
+        torch.tensor(counts, dtype=torch.float32),
+        [{"name": f"blob{seed}_{i}"} for i in range(n)],
+    )
+
+
+@pytest.fixture(scope="module")
+def blob_model(tmp_path_factory):
+    """A tiny model briefly trained on blob images, calibrated, with a 2-member ensemble."""
+    threads = torch.get_num_threads()
+    # One thread: on a shared 2-core machine, 2 threads of tiny convolutions spin
+    # and wait on each other (measured 30x slower under load).
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        config = tiny_config()
+        train, cal = blob_set(48, 1, config), blob_set(60, 2, config)
+        model = CountingPipeline(config)
+        quiet = {"progress": False, "log": lambda s: None, "device": torch.device("cpu")}
+        train_segmenter(model, train, epochs=6, batch_size=8, lr=3e-3, **quiet)
+        train_counter(model, train, epochs=8, batch_size=8, lr=3e-3, **quiet)
+        folder = save_model_folder(model, config, tmp_path_factory.mktemp("blob") / "model")
+        calibrate_model(folder, cal, log=lambda s: None)
+        before = json.loads((folder / "config.json").read_text())["calibration"]
+        train_ensemble(folder, train, cal, members=2, epochs=8, **quiet)
+        yield folder, before
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):
+    folder, before = blob_model
+    block = json.loads((folder / "config.json").read_text())["calibration"]
+    assert block["n"] == 60 and len(block["scores"]) == 60 and block["temperature"] > 0
+    assert {"mask_std", "relative_std"} <= set(block["ood"])
+    assert block["scores"] == before["scores"]  # the ensemble leaves member 0's block alone
+    ens = block["epistemic"]
+    assert ens["members"] == 2 and "spread" in ens["ood"] and len(ens["scores"]) == 60
+
+
+def test_out_of_distribution_images_are_flagged(blob_model):
+    counter = CellCounter.from_pretrained(blob_model[0], device="cpu")
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (130, 174)).astype(np.uint8)
+    checker = ((np.indices((130, 174)) // 8).sum(0) % 2 * 200).astype(np.uint8)
+    for strange in (noise, checker):
+        assert counter.count(strange).warning.startswith("unlike the calibration images")
+    fresh = [counter.count(blob_image(int(c), seed=5000 + i)) for i, c in enumerate(range(2, 22))]
+    # Each of the 2 features is flagged above the 99th percentile of 60 calibration
+    # images: ~2.5% of fresh in-distribution images each, so ~1 of these 20 expected.
+    assert sum(bool(r.warning) for r in fresh) <= 3
+
+
+def test_epistemic_counter_adds_the_ensemble_spread(blob_model):
+    folder = blob_model[0]
+    assert [p.name for p in ensemble_files(folder)] == ["ensemble_1.safetensors"]
+    plain = CellCounter.from_pretrained(folder, device="cpu")
+    ens = CellCounter.from_pretrained(folder, device="cpu", epistemic=True)
+    assert ens.epistemic and not plain.epistemic
+    image = blob_image(12, seed=77)
+    a, b = plain.count(image), ens.count(image)
+    assert a.epistemic_std is None and b.epistemic_std > 0
+    # Two members: count = their mean, total var = mean aleatoric var + spread^2.
+    second = CellCounter(CountingPipeline(tiny_config()), plain.config, device="cpu")
+    second.model.load_state_dict(plain.model.state_dict())
+    second.model.counter.load_state_dict(ens.members[0].state_dict())
+    c = second.count(image)
+    assert b.count == pytest.approx((a.count + c.count) / 2, rel=1e-5)
+    assert b.epistemic_std == pytest.approx(abs(a.count - c.count) / 2, rel=1e-4)
+    assert b.std**2 == pytest.approx((a.std**2 + c.std**2) / 2 + b.epistemic_std**2, rel=1e-4)
+    assert ens.calibration["members"] == 2  # the ensemble's own calibration block
+
+
+def test_epistemic_without_members_fails_cleanly(tiny_model):
+    with pytest.raises(io.InputError, match="no ensemble members"):
+        CellCounter.from_pretrained(tiny_model, epistemic=True)

@@ -299,6 +299,43 @@ def models() -> None:
         )
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind (localhost by default).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
+    max_files: Annotated[int, typer.Option(help="Most files in one upload request.")] = 32,
+    max_mb: Annotated[float, typer.Option(help="Largest single upload, in MB.")] = 32.0,
+    saliency: Annotated[
+        bool, typer.Option(help="Compute saliency maps by default (one backward pass each).")
+    ] = True,
+) -> None:
+    """Serve the web page and JSON API (POST /api/count, GET /api/models, /docs)."""
+    from celltally.web import serve as run_server
+
+    if not 1 <= port <= 65535:
+        fail(f"--port must be between 1 and 65535, got {port}")
+    if max_files < 1:
+        fail(f"--max-files must be at least 1, got {max_files}")
+    if not max_mb > 0:
+        fail(f"--max-mb must be positive, got {max_mb:g}")
+    try:
+        run_server(
+            host=host,
+            port=port,
+            model=model,
+            max_files=max_files,
+            max_mb=max_mb,
+            saliency=saliency,
+        )
+    except OSError as err:
+        fail(str(err))
+    except _user_errors() as err:
+        fail(str(err))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,495 @@
+"""The FastAPI application: a JSON API over :class:`CellCounter` and one static page.
+
+Endpoints
+---------
+``GET /``
+    The page (plain HTML + JavaScript, shipped in ``celltally/web/static``).
+``POST /api/count``
+    ``multipart/form-data`` with one or more ``files`` (TIFF 8/16-bit, PNG,
+    JPEG), and optionally ``level`` (interval level, default 0.95) and
+    ``saliency`` (``true``/``false``). Answers, in the order sent, one entry
+    per file: the count with its interval and PNG renderings (data URLs) of the
+    input, mask, uncertainty and saliency maps, or an ``error`` naming the file.
+
+    Status codes:
+
+    - **200** when at least one file was counted; files that could not be
+      counted carry ``ok: false``, their own ``status`` (400 empty, 413 too
+      large, 415 unsupported type, 422 unreadable/corrupt) and ``error``.
+    - When *no* file could be counted, the same body is returned with the
+      files' common status (e.g. 415 when every file was a ``.txt``; 422 when
+      the problems differ) and a ``detail`` message.
+    - **413** too many files, or a body over the total limit; **415** not a
+      multipart upload; **400** malformed multipart; **422** no files, or a bad
+      ``level``. These carry only ``detail`` (FastAPI's error shape).
+``GET /api/models``
+    The loaded model (name, preset, input size, measured figures) and the
+    models shipped with the package.
+``GET /api/info``
+    Version, model name, upload limits and defaults (the page reads it).
+``GET /docs``, ``GET /openapi.json``
+    The OpenAPI schema (FastAPI's default pages).
+
+Uploads are streamed into a per-request temporary folder under numbered names
+(client file names are display names only) and the folder is deleted when the
+request ends; nothing else is written. The model is loaded once, when the app
+is created, and used by one request at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from celltally import io, naming
+from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
+from celltally.web import render
+from celltally.web.uploads import RequestRejected, Upload, UploadLimits, receive_uploads
+
+__all__ = ["create_app", "STATIC_DIR"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+#: Security headers on every response; the page needs nothing outside this server.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+        "script-src 'self'; connect-src 'self'; object-src 'none'; frame-ancestors 'none'"
+    ),
+}
+
+
+# -- response schema (for /docs) -----------------------------------------
+class Images(BaseModel):
+    """PNG renderings (``data:image/png;base64,...``), all at the same display size."""
+
+    input: str = Field(description="The input, contrast-stretched (0.5-99.8 percentiles).")
+    mask: str = Field(description="Predicted foreground probability, black 0 to white 1.")
+    uncertainty: str = Field(description="Per-pixel std of the mask (viridis, 0 to scale).")
+    saliency: str | None = Field(
+        None, description="|d count / d mask| (inferno); null when saliency is off."
+    )
+    width: int
+    height: int
+    uncertainty_scale: float = Field(description="Mask std at the top of the colour scale.")
+    saliency_scale: float | None = None
+
+
+class FileResult(BaseModel):
+    """The outcome for one uploaded file."""
+
+    name: str = Field(description="Sanitized display name of the upload.")
+    ok: bool
+    status: int = Field(description="200, or the HTTP-style status of this file's problem.")
+    error: str | None = Field(None, description="One line naming the file and the problem.")
+    count: float | None = None
+    std: float | None = None
+    low: float | None = None
+    high: float | None = None
+    level: float | None = None
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Parsed from the name: plate, well, row, column, site, blur, stain, count.",
+    )
+    warning: str | None = Field(None, description="Set when the input looks unlike training.")
+    width: int | None = Field(None, description="Input width in pixels.")
+    height: int | None = Field(None, description="Input height in pixels.")
+    seconds: float | None = Field(None, description="Server time spent on this file.")
+    images: Images | None = None
+
+
+class CountResponse(BaseModel):
+    """``POST /api/count``'s answer."""
+
+    model: str
+    level: float
+    counted: int
+    failed: int
+    results: list[FileResult]
+    detail: str | None = Field(None, description="Set when no file could be counted.")
+
+
+class Limits(BaseModel):
+    max_files: int
+    max_bytes: int
+    max_mb: float
+
+
+class Info(BaseModel):
+    version: str
+    model: str
+    limits: Limits
+    level: float
+    saliency: bool
+    accept: list[str]
+
+
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "Images: TIFF (8/16-bit), PNG or JPEG.",
+                        },
+                        "level": {
+                            "type": "number",
+                            "default": 0.95,
+                            "exclusiveMinimum": 0,
+                            "exclusiveMaximum": 1,
+                        },
+                        "saliency": {"type": "boolean", "default": True},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _package_version() -> str:
+    try:
+        return version("celltally")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def _parse_level(text: str | None, default: float) -> float:
+    if text is None or text.strip() == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise RequestRejected(
+            422, f"level must be a number between 0 and 1, got '{text}'"
+        ) from None
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise RequestRejected(422, f"level must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _parse_bool(text: str | None, default: bool, name: str) -> bool:
+    if text is None or text.strip() == "":
+        return default
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise RequestRejected(422, f"{name} must be true or false, got '{text}'")
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+class _Service:
+    """The loaded model and what one file goes through."""
+
+    def __init__(self, counter: CellCounter, *, saliency: bool, display_side: int) -> None:
+        self.counter = counter
+        self.saliency = saliency
+        self.display_side = display_side
+        self.lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Count (and explain) one synthetic frame: PyTorch's first calls are slow."""
+        rng = np.random.default_rng(0)
+        frame = rng.normal(100.0, 10.0, self.counter.input_size).astype(np.float32)
+        with self.lock:
+            if self.saliency:
+                from celltally.explain import explain_image
+
+                explain_image(self.counter, frame)
+            else:
+                self.counter.count(frame)
+
+    def count_file(self, upload: Upload, level: float, saliency: bool) -> FileResult:
+        """Read, count and render one stored upload (runs in a worker thread)."""
+        start = time.perf_counter()
+        assert upload.path is not None
+        try:
+            image = io.read_image(upload.path)
+        except io.ImageReadError as err:
+            return _failure(upload.name, 422, err.problem)
+        try:
+            with self.lock:
+                if saliency:
+                    from celltally.explain import explain_image
+
+                    expl = explain_image(self.counter, image, level=level)
+                    result, saliency_map = expl.result, expl.mask_saliency
+                else:
+                    result, saliency_map = self.counter.count(image, level=level), None
+        except io.InputError as err:
+            return _failure(upload.name, 422, str(err))
+        size = render.display_size(image.shape, self.display_side)
+        uncertainty, unc_scale = render.heat_png(result.mask_std, size, cmap="viridis")
+        sal_png, sal_scale = (None, None)
+        if saliency_map is not None:
+            sal_png, sal_scale = render.heat_png(saliency_map, size, cmap="inferno")
+        images = Images(
+            input=render.data_url(render.gray_png(image, size)),
+            mask=render.data_url(render.gray_png(result.mask, size, low=0.0, high=1.0)),
+            uncertainty=render.data_url(uncertainty),
+            saliency=None if sal_png is None else render.data_url(sal_png),
+            width=size[1],
+            height=size[0],
+            uncertainty_scale=unc_scale,
+            saliency_scale=sal_scale,
+        )
+        warning = getattr(result, "warning", None)
+        return FileResult(
+            name=upload.name,
+            ok=True,
+            status=200,
+            count=float(result.count),
+            std=_finite(result.std),
+            low=_finite(result.low),
+            high=_finite(result.high),
+            level=level,
+            metadata=naming.parse_name(upload.name).as_dict(),
+            warning=str(warning) if warning else None,
+            width=int(image.shape[1]),
+            height=int(image.shape[0]),
+            seconds=round(time.perf_counter() - start, 4),
+            images=images,
+        )
+
+
+def _failure(name: str, status: int, problem: str) -> FileResult:
+    return FileResult(name=name, ok=False, status=status, error=f"{name}: {problem}")
+
+
+def _model_summary(counter: CellCounter) -> dict[str, Any]:
+    config = counter.config
+    return {
+        "name": counter.name,
+        "preset": config.get("preset"),
+        "input_size": list(counter.input_size),
+        "training": config.get("training", {}).get("data"),
+        "metrics": config.get("metrics", {}),
+        "calibrated": bool(config.get("calibration", {}).get("scores")),
+    }
+
+
+def create_app(
+    model: str | Path | CellCounter = DEFAULT_MODEL,
+    *,
+    max_files: int = 32,
+    max_bytes: int = 32 * 2**20,
+    saliency: bool = True,
+    level: float = 0.95,
+    temp_dir: str | Path | None = None,
+    display_side: int = 512,
+    warmup: bool = True,
+) -> FastAPI:
+    """Build the web application around one loaded model.
+
+    Parameters
+    ----------
+    model : str, Path or CellCounter
+        A shipped model name, a model folder, or an already loaded counter.
+        Loaded here, once: errors (no such model) surface before serving.
+    max_files : int
+        Most files in one ``POST /api/count``.
+    max_bytes : int
+        Largest single upload, in bytes.
+    saliency : bool
+        Default for computing saliency maps (a backward pass per image); a
+        request can override it with the ``saliency`` form field.
+    level : float
+        Default interval level.
+    temp_dir : str or Path, optional
+        Parent of the per-request upload folders (default: the system's).
+    display_side : int
+        Longest side of the PNG renderings.
+    warmup : bool
+        Run one blank image through the model (and its backward pass) now, so
+        the first request does not pay PyTorch's first-call costs.
+
+    Returns
+    -------
+    fastapi.FastAPI
+
+    Raises
+    ------
+    celltally.io.InputError
+        If ``model`` names no model; ``ValueError`` for invalid limits.
+    """
+    limits = UploadLimits(max_files=int(max_files), max_bytes=int(max_bytes))
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    counter = model if isinstance(model, CellCounter) else CellCounter.from_pretrained(model)
+    service = _Service(counter, saliency=saliency, display_side=display_side)
+    if warmup:
+        service.warm_up()
+    temp_parent = None if temp_dir is None else Path(temp_dir)
+
+    app = FastAPI(
+        title="celltally",
+        version=_package_version(),
+        description=(
+            "Count cells in microscopy images with calibrated intervals "
+            "(Hernández, Sultan & Pande 2018). See `POST /api/count`."
+        ),
+    )
+    app.state.counter = counter
+    app.state.limits = limits
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        for key, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        return response
+
+    @app.exception_handler(RequestRejected)
+    async def rejected(_request: Request, exc: RequestRejected) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/api/info", response_model=Info)
+    async def info() -> Info:
+        """Version, the loaded model, upload limits and defaults."""
+        return Info(
+            version=_package_version(),
+            model=counter.name,
+            limits=Limits(
+                max_files=limits.max_files, max_bytes=limits.max_bytes, max_mb=limits.max_mb
+            ),
+            level=level,
+            saliency=saliency,
+            accept=list(io.IMAGE_SUFFIXES),
+        )
+
+    @app.get("/api/models")
+    async def models() -> dict[str, Any]:
+        """The loaded model and the names of the models shipped with the package."""
+        return {"active": _model_summary(counter), "available": available_models()}
+
+    @app.post(
+        "/api/count",
+        response_model=CountResponse,
+        openapi_extra=_UPLOAD_SCHEMA,
+        responses={
+            400: {"description": "Malformed multipart body, or every file empty."},
+            413: {"description": "Too many files, or files/body over the size limits."},
+            415: {"description": "Not a multipart upload, or every file of unsupported type."},
+            422: {"description": "No files, a bad level, or no file could be counted."},
+        },
+    )
+    async def count(request: Request) -> JSONResponse:
+        """Count cells in each uploaded image; per-file results in upload order."""
+        folder = Path(tempfile.mkdtemp(prefix="celltally-upload-", dir=temp_parent))
+        try:
+            uploads, fields = await receive_uploads(
+                request.headers.get("content-type"),
+                request.headers.get("content-length"),
+                request.stream(),
+                folder,
+                limits,
+            )
+            req_level = _parse_level(fields.get("level"), level)
+            req_saliency = _parse_bool(fields.get("saliency"), saliency, "saliency")
+            if not uploads:
+                raise RequestRejected(422, "no files uploaded (send them as the 'files' field)")
+            results: list[FileResult] = []
+            for upload in uploads:
+                if upload.error is not None:
+                    results.append(
+                        FileResult(
+                            name=upload.name, ok=False, status=upload.status, error=upload.error
+                        )
+                    )
+                    continue
+                result = await anyio.to_thread.run_sync(
+                    service.count_file, upload, req_level, req_saliency
+                )
+                results.append(result)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        counted = sum(r.ok for r in results)
+        body = CountResponse(
+            model=counter.name,
+            level=req_level,
+            counted=counted,
+            failed=len(results) - counted,
+            results=results,
+        )
+        status = 200
+        if counted == 0:
+            codes = {r.status for r in results}
+            status = codes.pop() if len(codes) == 1 else 422
+            body.detail = "no file could be counted: " + "; ".join(
+                r.error or "" for r in results[:5]
+            )
+        return JSONResponse(body.model_dump(), status_code=status)
+
+    return app
+
+
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model: str | Path = DEFAULT_MODEL,
+    max_files: int = 32,
+    max_mb: float = 32.0,
+    saliency: bool = True,
+    log_level: str = "info",
+) -> None:
+    """Load the model, then serve the app with uvicorn until interrupted.
+
+    Raises
+    ------
+    celltally.io.InputError
+        No such model.
+    OSError
+        The address cannot be bound (port in use, bad host).
+    """
+    import socket
+
+    import uvicorn
+
+    if max_mb <= 0:
+        raise ValueError(f"--max-mb must be positive, got {max_mb:g}")
+    # Fail with a clear message before uvicorn would (it logs and exits).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    app = create_app(model, max_files=max_files, max_bytes=int(max_mb * 2**20), saliency=saliency)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"celltally: model '{app.state.counter.name}' at http://{shown}:{port}/", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

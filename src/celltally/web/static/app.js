@@ -1,0 +1,370 @@
+// celltally web page: send images one request at a time, show each result as it arrives.
+// Plain JavaScript, no build step. Server strings only ever go into textContent.
+"use strict";
+
+const state = {
+  info: null,
+  results: [], // {name, ok, count, std, low, high, level, metadata, warning, error}
+  queue: [],
+  running: 0,
+  total: 0,
+  done: 0,
+  failed: 0,
+};
+const CONCURRENCY = 2;
+const $ = (id) => document.getElementById(id);
+
+function fmt(x, digits = 1) {
+  return x === null || x === undefined || Number.isNaN(x) ? "" : Number(x).toFixed(digits);
+}
+
+async function loadInfo() {
+  try {
+    const response = await fetch("/api/info");
+    state.info = await response.json();
+    $("model-name").textContent = state.info.model;
+    $("limit-mb").textContent = String(Math.round(state.info.limits.max_mb * 10) / 10);
+    $("level").value = String(state.info.level);
+    $("saliency").checked = Boolean(state.info.saliency);
+  } catch (err) {
+    $("model-name").textContent = "(server unreachable)";
+  }
+}
+
+// -- queue -----------------------------------------------------------------
+function addFiles(fileList) {
+  const files = Array.from(fileList);
+  if (!files.length) return;
+  for (const file of files) {
+    const card = makeCard(file.name);
+    const row = makeRow(file.name);
+    state.queue.push({ file, card, row, index: state.results.length });
+    state.results.push(null); // filled in when this file's answer arrives
+  }
+  state.total += files.length;
+  updateProgress();
+  pump();
+}
+
+function pump() {
+  while (state.running < CONCURRENCY && state.queue.length) {
+    const job = state.queue.shift();
+    state.running += 1;
+    send(job).finally(() => {
+      state.running -= 1;
+      state.done += 1;
+      updateProgress();
+      pump();
+    });
+  }
+}
+
+function updateProgress() {
+  const box = $("progress-box");
+  box.hidden = state.total === 0;
+  $("progress").max = Math.max(1, state.total);
+  $("progress").value = state.done;
+  const busy = state.done < state.total;
+  let text = `${state.done} of ${state.total} image${state.total === 1 ? "" : "s"} done`;
+  if (state.failed) text += ` (${state.failed} failed)`;
+  $("progress-text").textContent = busy ? `${text}…` : text;
+  document.body.dataset.busy = busy ? "yes" : "no";
+}
+
+async function send({ file, card, row, index }) {
+  card.dataset.state = "running";
+  card.querySelector(".count").textContent = "counting…";
+  const maxBytes = state.info ? state.info.limits.max_bytes : Infinity;
+  let result;
+  if (file.size > maxBytes) {
+    result = {
+      name: file.name, ok: false, status: 413,
+      error: `${file.name}: file is larger than the limit of ${state.info.limits.max_mb} MB`,
+    };
+  } else {
+    const form = new FormData();
+    form.append("files", file, file.name);
+    form.append("level", $("level").value);
+    form.append("saliency", $("saliency").checked ? "true" : "false");
+    try {
+      const response = await fetch("/api/count", { method: "POST", body: form });
+      const body = await response.json();
+      if (body.results && body.results.length) {
+        result = body.results[0];
+      } else {
+        result = { name: file.name, ok: false, status: response.status,
+                   error: `${file.name}: ${body.detail || response.statusText}` };
+      }
+    } catch (err) {
+      result = { name: file.name, ok: false, status: 0, error: `${file.name}: ${err.message}` };
+    }
+  }
+  if (!card.isConnected) return; // cleared while this file was being counted
+  if (!result.ok) state.failed += 1;
+  state.results[index] = result;
+  fillCard(card, result);
+  fillRow(row, result);
+  drawPlate();
+}
+
+// -- cards -----------------------------------------------------------------
+function makeCard(name) {
+  const node = $("card-template").content.firstElementChild.cloneNode(true);
+  node.querySelector(".name").textContent = name;
+  node.dataset.name = name;
+  for (const button of node.querySelectorAll(".tabs button")) {
+    button.addEventListener("click", () => setView(node, button.dataset.view));
+  }
+  $("cards").appendChild(node);
+  return node;
+}
+
+function setView(card, view) {
+  card.querySelector(".maps").dataset.view = view;
+  for (const button of card.querySelectorAll(".tabs button")) {
+    button.setAttribute("aria-selected", String(button.dataset.view === view));
+  }
+}
+
+function fillCard(card, r) {
+  card.dataset.state = r.ok ? "done" : "failed";
+  if (!r.ok) {
+    card.querySelector(".count").textContent = "not counted";
+    const error = card.querySelector(".error");
+    error.textContent = r.error || "failed";
+    error.hidden = false;
+    return;
+  }
+  const half = (r.high - r.low) / 2;
+  card.querySelector(".count").textContent = `${fmt(r.count)} ± ${fmt(half)}`;
+  card.querySelector(".interval").textContent =
+    `cells · ${Math.round(r.level * 100)}% interval ${fmt(r.low)}–${fmt(r.high)}`;
+  if (r.warning) {
+    const badge = card.querySelector(".badge.warn");
+    badge.textContent = "⚠ unusual input";
+    badge.title = r.warning;
+    badge.hidden = false;
+    const text = card.querySelector(".warning-text");
+    text.textContent = `The interval may not hold: ${r.warning}`;
+    text.hidden = false;
+  }
+  const images = r.images || {};
+  for (const key of ["input", "mask", "uncertainty", "saliency"]) {
+    const img = card.querySelector(`.${key}-img`);
+    const figure = img.closest("figure");
+    if (images[key]) {
+      img.src = images[key];
+      img.width = images.width;
+      img.height = images.height;
+    } else {
+      figure.classList.add("absent");
+      figure.querySelector("figcaption").textContent = `${key}: off`;
+    }
+  }
+  const scale = images.uncertainty_scale;
+  if (scale !== undefined) {
+    card.querySelector('[data-map="uncertainty"] figcaption').textContent =
+      `uncertainty (mask std, 0–${fmt(scale, 2)})`;
+  }
+  card.querySelector(".tabs").hidden = false;
+  card.querySelector(".maps").hidden = false;
+  setView(card, $("view").value);
+}
+
+// -- table, CSV ------------------------------------------------------------
+function makeRow(name) {
+  $("summary").hidden = false;
+  const tr = document.createElement("tr");
+  const td = document.createElement("td");
+  td.textContent = name;
+  const wait = document.createElement("td");
+  wait.colSpan = 5;
+  wait.textContent = "waiting…";
+  tr.append(td, wait);
+  $("table").querySelector("tbody").appendChild(tr);
+  return tr;
+}
+
+function fillRow(tr, r) {
+  tr.replaceChildren();
+  if (!r.ok) tr.className = "failed";
+  const meta = r.metadata || {};
+  const cells = r.ok
+    ? [r.name, fmt(r.count), `${fmt(r.low)}–${fmt(r.high)}`, meta.well || "", meta.site ?? "",
+       r.warning || ""]
+    : [r.name, "", "", meta.well || "", meta.site ?? "", r.error || "failed"];
+  cells.forEach((text, i) => {
+    const td = document.createElement("td");
+    td.textContent = String(text);
+    if (i === 1 || i === 2) td.className = "num";
+    if (i === 5) { td.className = "note"; td.title = String(text); }
+    tr.appendChild(td);
+  });
+}
+
+const CSV_COLUMNS = ["file", "count", "std", "low", "high", "level", "plate", "well", "site",
+  "blur", "stain", "true_count", "warning", "error"];
+
+function csvCell(value) {
+  if (value === null || value === undefined) return "";
+  let text = String(value);
+  // Keep spreadsheet programs from evaluating a file name as a formula.
+  if (/^[=+\-@]/.test(text)) text = `'${text}`;
+  return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+}
+
+function toCSV() {
+  const lines = [CSV_COLUMNS.join(",")];
+  for (const r of state.results) {
+    if (!r) continue;
+    const m = r.metadata || {};
+    const row = [r.name, fmt(r.count, 3), fmt(r.std, 4), fmt(r.low, 3), fmt(r.high, 3),
+      r.level ?? "", m.plate, m.well, m.site, m.blur, m.stain, m.count, r.warning, r.error];
+    lines.push(row.map(csvCell).join(","));
+  }
+  return lines.join("\r\n") + "\r\n";
+}
+
+function downloadCSV() {
+  const blob = new Blob([toCSV()], { type: "text/csv" });
+  const url = URL.createObjectURL(blob);
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = "celltally-results.csv";
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+// -- plate heat map --------------------------------------------------------
+const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+
+function viridis(t) {
+  const x = Math.min(1, Math.max(0, t)) * (VIRIDIS.length - 1);
+  const i = Math.min(VIRIDIS.length - 2, Math.floor(x));
+  const f = x - i;
+  const c = VIRIDIS[i].map((v, k) => Math.round(v + f * (VIRIDIS[i + 1][k] - v)));
+  return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+}
+
+function rowIndex(letters) {
+  let n = 0;
+  for (const ch of letters) n = n * 26 + (ch.charCodeAt(0) - 64);
+  return n; // A = 1, Z = 26, AA = 27
+}
+
+function rowLabel(n) {
+  let s = "";
+  while (n > 0) {
+    const r = (n - 1) % 26;
+    s = String.fromCharCode(65 + r) + s;
+    n = Math.floor((n - 1) / 26);
+  }
+  return s;
+}
+
+function drawPlate() {
+  const wells = new Map();
+  for (const r of state.results) {
+    const m = (r && r.metadata) || {};
+    if (!r || !r.ok || !m.row || !m.column) continue;
+    const key = `${m.row}${m.column}`;
+    const entry = wells.get(key) || { row: rowIndex(m.row), column: m.column, counts: [] };
+    entry.counts.push(r.count);
+    wells.set(key, entry);
+  }
+  const section = $("plate");
+  if (!wells.size) { section.hidden = true; return; }
+  section.hidden = false;
+  const rows = Math.max(...[...wells.values()].map((w) => w.row));
+  const cols = Math.max(...[...wells.values()].map((w) => w.column));
+  // Standard plate formats: 96 (8 x 12), 384 (16 x 24), 1536 (32 x 48).
+  const [nr, nc] = rows <= 8 && cols <= 12 ? [8, 12] : rows <= 16 && cols <= 24 ? [16, 24]
+    : [Math.max(rows, 32), Math.max(cols, 48)];
+  const means = [...wells.values()].map((w) => w.counts.reduce((a, b) => a + b, 0) / w.counts.length);
+  const lo = Math.min(...means);
+  const hi = Math.max(...means);
+  const grid = $("plate-grid");
+  grid.replaceChildren();
+  grid.style.gridTemplateColumns = `auto repeat(${nc}, auto)`;
+  grid.appendChild(document.createElement("span"));
+  for (let c = 1; c <= nc; c++) {
+    const lab = document.createElement("span");
+    lab.className = "lab";
+    lab.textContent = String(c);
+    grid.appendChild(lab);
+  }
+  for (let r = 1; r <= nr; r++) {
+    const lab = document.createElement("span");
+    lab.className = "lab";
+    lab.textContent = rowLabel(r);
+    grid.appendChild(lab);
+    for (let c = 1; c <= nc; c++) {
+      const cell = document.createElement("span");
+      cell.className = "well";
+      const well = [...wells.values()].find((w) => w.row === r && w.column === c);
+      const name = `${rowLabel(r)}${String(c).padStart(2, "0")}`;
+      if (well) {
+        const mean = well.counts.reduce((a, b) => a + b, 0) / well.counts.length;
+        cell.classList.add("has");
+        cell.style.background = viridis(hi > lo ? (mean - lo) / (hi - lo) : 0.5);
+        cell.title = `${name}: ${fmt(mean)} cells` +
+          (well.counts.length > 1 ? ` (mean of ${well.counts.length} images)` : "");
+        cell.dataset.count = fmt(mean);
+      } else {
+        cell.title = `${name}: no image`;
+      }
+      cell.dataset.well = name;
+      grid.appendChild(cell);
+    }
+  }
+  $("legend-low").textContent = fmt(lo);
+  $("legend-high").textContent = `${fmt(hi)} cells`;
+}
+
+// -- wiring ----------------------------------------------------------------
+function clearAll() {
+  state.results = [];
+  state.queue = [];
+  state.total = state.running;
+  state.done = 0;
+  state.failed = 0;
+  $("cards").replaceChildren();
+  $("table").querySelector("tbody").replaceChildren();
+  $("summary").hidden = true;
+  $("plate").hidden = true;
+  updateProgress();
+}
+
+function init() {
+  const drop = $("drop");
+  const input = $("file-input");
+  input.addEventListener("change", () => { addFiles(input.files); input.value = ""; });
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    drop.addEventListener(type, () => drop.classList.remove("over"));
+  }
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    if (e.dataTransfer && e.dataTransfer.files) addFiles(e.dataTransfer.files);
+  });
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
+  });
+  // Dropping a file anywhere else must not navigate away from the results.
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => e.preventDefault());
+  $("view").addEventListener("change", () => {
+    for (const card of document.querySelectorAll('.card[data-state="done"]')) {
+      setView(card, $("view").value);
+    }
+  });
+  $("csv").addEventListener("click", downloadCSV);
+  $("clear").addEventListener("click", clearAll);
+  loadInfo();
+}
+
+document.addEventListener("DOMContentLoaded", init);

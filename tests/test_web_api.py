@@ -1,0 +1,353 @@
+"""The web API against the real app and the real (tiny, untrained) model."""
+
+from __future__ import annotations
+
+import base64
+import io as bytes_io
+
+import numpy as np
+import pytest
+import tifffile
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from celltally.counter import CellCounter
+from celltally.simulate import simulate_scene
+from celltally.web import create_app
+from celltally.web.uploads import sanitize_name
+
+BBBC_NAME = "SIMCEPImages_C05_C20_F1_s03_w1.TIF"
+
+
+def tiff_bytes(array: np.ndarray) -> bytes:
+    buffer = bytes_io.BytesIO()
+    tifffile.imwrite(buffer, array)
+    return buffer.getvalue()
+
+
+def pil_bytes(array: np.ndarray, fmt: str) -> bytes:
+    buffer = bytes_io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0undary") -> dict:
+    """A raw multipart/form-data request (field name, file name or None, bytes).
+
+    Built by hand so that odd file names reach the server unescaped.
+    """
+    body = b""
+    for field, filename, data in parts:
+        disposition = f'form-data; name="{field}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        body += data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return {
+        "content": body,
+        "headers": {"content-type": f"multipart/form-data; boundary={boundary}"},
+    }
+
+
+def decode_data_url(url: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix)
+    image = Image.open(bytes_io.BytesIO(base64.b64decode(url[len(prefix) :])))
+    image.load()
+    return image
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return simulate_scene(20, size=(260, 348), seed=3)
+
+
+@pytest.fixture(scope="module")
+def counter(tiny_model):
+    return CellCounter.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def client(counter, tmp_path_factory):
+    temp = tmp_path_factory.mktemp("web-temp")
+    app = create_app(counter, max_files=6, max_bytes=400_000, temp_dir=temp)
+    with TestClient(app) as test_client:
+        test_client.temp_dir = temp
+        yield test_client
+
+
+def post(client, files, **data):
+    return client.post("/api/count", files=[("files", f) for f in files], data=data)
+
+
+def test_count_one_tiff_matches_the_library(client, counter, scene):
+    response = post(client, [(BBBC_NAME, tiff_bytes(scene.image), "image/tiff")])
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["counted"], body["failed"], body["model"]) == (1, 0, "tiny")
+    (item,) = body["results"]
+    expected = counter.count(scene.image)
+    assert item["ok"] and item["status"] == 200 and item["error"] is None
+    assert item["name"] == BBBC_NAME
+    assert item["count"] == pytest.approx(expected.count, rel=1e-5)
+    assert item["low"] == pytest.approx(expected.low, rel=1e-5)
+    assert item["high"] == pytest.approx(expected.high, rel=1e-5)
+    assert item["low"] <= item["count"] <= item["high"]
+    assert item["level"] == 0.95
+    assert item["warning"] == (expected.warning or None)
+    meta = item["metadata"]
+    assert (meta["well"], meta["row"], meta["column"], meta["site"]) == ("C05", "C", 5, 3)
+    assert (meta["blur"], meta["stain"], meta["count"]) == (1, 1, 20)
+    assert (item["width"], item["height"]) == (348, 260)
+    images = item["images"]
+    for key in ("input", "mask", "uncertainty", "saliency"):
+        png = decode_data_url(images[key])
+        assert png.size == (images["width"], images["height"]), key
+    assert images["width"] / images["height"] == pytest.approx(348 / 260, rel=0.01)
+    mask = np.asarray(decode_data_url(images["mask"]))
+    assert mask.ndim == 2 and mask.std() > 0
+    assert images["uncertainty_scale"] > 0 and images["saliency_scale"] > 0
+    assert np.asarray(decode_data_url(images["saliency"])).shape[-1] == 3
+
+
+def test_several_formats_keep_their_order(client, scene):
+    image16 = (scene.image.astype(np.uint16) * 16).astype(np.uint16)
+    files = [
+        ("b_16bit.tif", tiff_bytes(image16), "image/tiff"),
+        ("a.png", pil_bytes(scene.image, "PNG"), "image/png"),
+        ("c.jpg", pil_bytes(scene.image, "JPEG"), "image/jpeg"),
+    ]
+    response = post(client, files, saliency="false")
+    assert response.status_code == 200
+    body = response.json()
+    assert [r["name"] for r in body["results"]] == ["b_16bit.tif", "a.png", "c.jpg"]
+    assert body["counted"] == 3
+    counts = [r["count"] for r in body["results"]]
+    assert all(np.isfinite(counts))
+    # Same scene, percentile normalization: 8-bit PNG and x16 16-bit TIFF count alike.
+    assert counts[0] == pytest.approx(counts[1], rel=1e-3)
+    assert all(r["images"]["saliency"] is None for r in body["results"])
+
+
+def test_level_changes_the_interval(client, scene):
+    data = tiff_bytes(scene.image)
+    widths = {}
+    for level in ("0.8", "0.99"):
+        response = post(client, [("x.tif", data, "image/tiff")], level=level, saliency="0")
+        item = response.json()["results"][0]
+        assert item["level"] == float(level)
+        widths[level] = item["high"] - item["low"]
+    assert widths["0.8"] < widths["0.99"]
+
+
+def test_bad_files_are_reported_and_the_rest_still_count(client, scene):
+    stack = np.stack([scene.image[:100, :120]] * 5)
+    good = tiff_bytes(scene.image)
+    files = [
+        ("good.tif", good, "image/tiff"),
+        ("corrupt.tif", good[: len(good) // 2], "image/tiff"),
+        ("empty.png", b"", "image/png"),
+        ("notes.txt", b"cells: many", "text/plain"),
+        ("huge.tif", b"\x00" * 400_001, "image/tiff"),
+        ("stack.tif", tiff_bytes(stack), "image/tiff"),
+    ]
+    response = post(client, files, saliency="false")
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["counted"], body["failed"]) == (1, 5)
+    by_name = {r["name"]: r for r in body["results"]}
+    assert by_name["good.tif"]["ok"]
+    expected = {
+        "corrupt.tif": (422, "cannot be read as TIFF"),
+        "empty.png": (400, "empty"),
+        "notes.txt": (415, "unsupported file type '.txt'"),
+        "huge.tif": (413, "larger than the limit"),
+        "stack.tif": (422, "stack"),
+    }
+    for name, (status, text) in expected.items():
+        item = by_name[name]
+        assert not item["ok"] and item["count"] is None, name
+        assert item["status"] == status, (name, item)
+        assert item["error"].startswith(f"{name}: ") and text in item["error"], item["error"]
+        assert "\n" not in item["error"] and "Traceback" not in item["error"]
+        assert "/" not in item["error"], "temporary paths must not leak into messages"
+
+
+@pytest.mark.parametrize(
+    ("files", "status", "text"),
+    [
+        ([("a.txt", b"x", "text/plain"), ("b.csv", b"1,2", "text/csv")], 415, "unsupported"),
+        ([("bad.tif", b"not a tiff at all", "image/tiff")], 422, "bad.tif"),
+        ([("e.tif", b"", "image/tiff")], 400, "empty"),
+        ([("e.tif", b"", "image/tiff"), ("a.txt", b"x", "text/plain")], 422, "a.txt"),
+    ],
+)
+def test_nothing_counted_gives_a_4xx_with_per_file_errors(client, files, status, text):
+    response = post(client, files)
+    assert response.status_code == status
+    body = response.json()
+    assert body["counted"] == 0 and len(body["results"]) == len(files)
+    assert text in body["detail"]
+
+
+def test_too_many_files(client, scene):
+    data = tiff_bytes(scene.image)
+    response = post(client, [(f"{i}.tif", data, "image/tiff") for i in range(7)])
+    assert response.status_code == 413
+    assert "too many files" in response.json()["detail"]
+    assert "6" in response.json()["detail"]
+
+
+def test_body_over_the_total_limit_is_refused_early(client):
+    # 6 files x 400 kB + 1 MiB of headers is the most this app accepts.
+    body = b"x" * 4_000_000
+    response = client.post(
+        "/api/count",
+        content=body,
+        headers={"content-type": "multipart/form-data; boundary=abc"},
+    )
+    assert response.status_code == 413
+    assert "larger than the limit" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "text"),
+    [
+        (multipart([("level", None, b"0.9")]), 422, "no files"),
+        ({"data": {"level": "0.9"}}, 415, "multipart"),
+        ({"json": {"files": []}}, 415, "multipart"),
+        (
+            {
+                "content": b"--abc\r\nContent-Disposition: form-data\r\n\r\nx\r\n--abc--\r\n",
+                "headers": {"content-type": "multipart/form-data; boundary=abc"},
+            },
+            400,
+            "malformed",
+        ),
+        (
+            {
+                "content": b"",
+                "headers": {"content-type": "multipart/form-data"},
+            },
+            400,
+            "boundary",
+        ),
+    ],
+)
+def test_bad_requests(client, kwargs, status, text):
+    response = client.post("/api/count", **kwargs)
+    assert response.status_code == status
+    assert text in response.json()["detail"]
+
+
+@pytest.mark.parametrize("level", ["abc", "1.5", "0", "nan"])
+def test_bad_level(client, scene, level):
+    response = post(client, [("x.tif", tiff_bytes(scene.image), "image/tiff")], level=level)
+    assert response.status_code == 422
+    assert "level" in response.json()["detail"]
+
+
+def test_bad_saliency_flag(client, scene):
+    response = post(client, [("x.tif", tiff_bytes(scene.image), "image/tiff")], saliency="maybe")
+    assert response.status_code == 422
+    assert "saliency" in response.json()["detail"]
+
+
+def test_client_file_names_are_never_paths(client, scene, tmp_path):
+    evil = "../../" + str(tmp_path / "escaped.tif")
+    names = [evil, "..\\..\\windows\\evil.png", "\x1bweird\t.tif", "/", "../.."]
+    data = tiff_bytes(scene.image)
+    parts = [("files", name, data) for name in names] + [("saliency", None, b"false")]
+    response = client.post("/api/count", **multipart(parts))
+    assert response.status_code == 200
+    shown = [r["name"] for r in response.json()["results"]]
+    assert shown == ["escaped.tif", "evil.png", "weird.tif", "upload-4", "upload-5"]
+    assert [r["status"] for r in response.json()["results"]] == [200, 200, 200, 415, 415]
+    assert not (tmp_path / "escaped.tif").exists()
+    # The per-request upload folders are gone once the requests are answered.
+    assert list(client.temp_dir.iterdir()) == []
+
+
+def test_sanitize_name():
+    assert sanitize_name("a/b/c.tif", 0) == "c.tif"
+    assert sanitize_name(b"C:\\data\\A01.TIF", 0) == "A01.TIF"
+    assert sanitize_name("..", 4) == "upload-5"
+    assert sanitize_name("", 0) == "upload-1"
+    assert sanitize_name(None, 1) == "upload-2"
+    long = sanitize_name("x" * 500 + ".tiff", 0)
+    assert len(long) <= 120 and long.endswith(".tiff")
+    assert sanitize_name("\u202eevil\u0007.png", 0) == "evil.png"
+
+
+def test_models_info_docs_and_page(client):
+    models = client.get("/api/models").json()
+    assert models["active"]["name"] == "tiny"
+    assert models["active"]["input_size"] == [64, 96]
+    assert isinstance(models["available"], list)
+    info = client.get("/api/info").json()
+    assert info["limits"] == {"max_files": 6, "max_bytes": 400_000, "max_mb": 400_000 / 2**20}
+    schema = client.get("/openapi.json").json()
+    operation = schema["paths"]["/api/count"]["post"]
+    assert "multipart/form-data" in operation["requestBody"]["content"]
+    assert {"200", "413", "415", "422"} <= set(operation["responses"])
+    assert "/api/models" in schema["paths"]
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="file-input"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    for asset in ("app.js", "style.css"):
+        assert client.get(f"/static/{asset}").status_code == 200
+    assert client.get("/static/../app.py").status_code == 404
+
+
+def test_limits_are_configurable(counter, scene):
+    app = create_app(counter, max_files=1, max_bytes=1000, warmup=False)
+    with TestClient(app) as small:
+        data = tiff_bytes(scene.image)
+        two = [("files", ("a.tif", data)), ("files", ("b.tif", data))]
+        too_many = small.post("/api/count", files=two)
+        assert too_many.status_code == 413
+        too_big = small.post("/api/count", files=[("files", ("a.tif", data))])
+        assert too_big.status_code == 413
+        assert "limit of 1000 bytes" in too_big.json()["results"][0]["error"]
+
+
+def test_create_app_rejects_bad_settings(counter, tmp_path):
+    from celltally.io import InputError
+
+    with pytest.raises(ValueError, match="max_files"):
+        create_app(counter, max_files=0, warmup=False)
+    with pytest.raises(ValueError, match="level"):
+        create_app(counter, level=1.5, warmup=False)
+    with pytest.raises(InputError, match="no such model"):
+        create_app(tmp_path / "missing", warmup=False)
+
+
+def test_serve_command_errors_are_one_line(tiny_model, tmp_path):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from celltally.cli import app as cli
+
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["serve", "--model", str(tmp_path / "none"), "--port", "1"])
+    assert missing.exit_code == 2 and "no such model" in missing.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = runner.invoke(cli, ["serve", "--model", str(tiny_model), "--port", str(port)])
+    assert taken.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in taken.output
+    for args, text in [
+        (["--port", "0"], "--port"),
+        (["--max-files", "0"], "--max-files"),
+        (["--max-mb", "-1"], "--max-mb"),
+    ]:
+        result = runner.invoke(cli, ["serve", "--model", str(tiny_model), *args])
+        assert result.exit_code == 2 and f"error: {text}" in result.output, result.output
+        assert "Traceback" not in result.output

@@ -286,7 +286,12 @@ def test_models_info_docs_and_page(client):
     assert models["active"]["input_size"] == [64, 96]
     assert isinstance(models["available"], list)
     info = client.get("/api/info").json()
-    assert info["limits"] == {"max_files": 6, "max_bytes": 400_000, "max_mb": 400_000 / 2**20}
+    assert info["limits"] == {
+        "max_files": 6,
+        "max_bytes": 400_000,
+        "max_mb": 400_000 / 2**20,
+        "max_pixels": 64_000_000,
+    }
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/api/count"]["post"]
     assert "multipart/form-data" in operation["requestBody"]["content"]
@@ -313,6 +318,25 @@ def test_limits_are_configurable(counter, scene):
         too_big = small.post("/api/count", files=[("files", ("a.tif", data))])
         assert too_big.status_code == 413
         assert "limit of 1000 bytes" in too_big.json()["results"][0]["error"]
+
+
+def test_decompression_bombs_are_refused_before_decoding(counter, scene):
+    app = create_app(counter, max_pixels=1_000_000, warmup=False)
+    zeros = np.zeros((1500, 1500), np.uint8)
+    buffer = bytes_io.BytesIO()
+    tifffile.imwrite(buffer, zeros, compression="zlib")
+    files = [
+        ("bomb.tif", buffer.getvalue()),
+        ("bomb.png", pil_bytes(zeros, "PNG")),
+        ("fine.tif", tiff_bytes(scene.image)),
+    ]
+    assert max(len(data) for _, data in files[:2]) < 20_000  # small files, big images
+    with TestClient(app) as small:
+        response = small.post("/api/count", files=[("files", f) for f in files])
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [413, 413, 200]
+    assert "2.2 million values, more than the limit of 1 million" in results[0]["error"]
 
 
 def test_create_app_rejects_bad_settings(counter, tmp_path):

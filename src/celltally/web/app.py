@@ -129,6 +129,7 @@ class Limits(BaseModel):
     max_files: int
     max_bytes: int
     max_mb: float
+    max_pixels: int
 
 
 class Info(BaseModel):
@@ -208,8 +209,11 @@ def _finite(value: float) -> float | None:
 class _Service:
     """The loaded model and what one file goes through."""
 
-    def __init__(self, counter: CellCounter, *, saliency: bool, display_side: int) -> None:
+    def __init__(
+        self, counter: CellCounter, *, saliency: bool, display_side: int, max_pixels: int
+    ) -> None:
         self.counter = counter
+        self.max_pixels = max_pixels
         self.saliency = saliency
         self.display_side = display_side
         self.lock = threading.Lock()
@@ -230,6 +234,14 @@ class _Service:
         """Read, count and render one stored upload (runs in a worker thread)."""
         start = time.perf_counter()
         assert upload.path is not None
+        pixels = pixel_count(upload.path)
+        if pixels is not None and pixels > self.max_pixels:
+            return _failure(
+                upload.name,
+                413,
+                f"image has {pixels / 1e6:.1f} million values, more than the limit of "
+                f"{self.max_pixels / 1e6:g} million",
+            )
         try:
             image = io.read_image(upload.path)
         except io.ImageReadError as err:
@@ -279,6 +291,29 @@ class _Service:
         )
 
 
+def pixel_count(path: Path) -> int | None:
+    """Pixels in the first image of a file, from its header alone (None if unknown).
+
+    Lets the server refuse a small file that would decode into a huge array
+    (a "decompression bomb") before decoding it.
+    """
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape if tif.series else tif.pages[0].shape
+            return int(np.prod(shape, dtype=np.int64))
+        from PIL import Image
+
+        with Image.open(path) as img:
+            width, height = img.size
+            bands = len(img.getbands())
+        return int(width) * int(height) * bands
+    except Exception:  # unreadable headers: read_image reports the problem
+        return None
+
+
 def _failure(name: str, status: int, problem: str) -> FileResult:
     return FileResult(name=name, ok=False, status=status, error=f"{name}: {problem}")
 
@@ -300,6 +335,7 @@ def create_app(
     *,
     max_files: int = 32,
     max_bytes: int = 32 * 2**20,
+    max_pixels: int = 64_000_000,
     saliency: bool = True,
     level: float = 0.95,
     temp_dir: str | Path | None = None,
@@ -317,6 +353,9 @@ def create_app(
         Most files in one ``POST /api/count``.
     max_bytes : int
         Largest single upload, in bytes.
+    max_pixels : int
+        Most values (pixels x channels x planes) an upload may decode into,
+        read from its header before decoding (guards against decompression bombs).
     saliency : bool
         Default for computing saliency maps (a backward pass per image); a
         request can override it with the ``saliency`` form field.
@@ -343,7 +382,9 @@ def create_app(
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be between 0 and 1, got {level}")
     counter = model if isinstance(model, CellCounter) else CellCounter.from_pretrained(model)
-    service = _Service(counter, saliency=saliency, display_side=display_side)
+    service = _Service(
+        counter, saliency=saliency, display_side=display_side, max_pixels=int(max_pixels)
+    )
     if warmup:
         service.warm_up()
     temp_parent = None if temp_dir is None else Path(temp_dir)
@@ -383,7 +424,10 @@ def create_app(
             version=_package_version(),
             model=counter.name,
             limits=Limits(
-                max_files=limits.max_files, max_bytes=limits.max_bytes, max_mb=limits.max_mb
+                max_files=limits.max_files,
+                max_bytes=limits.max_bytes,
+                max_mb=limits.max_mb,
+                max_pixels=service.max_pixels,
             ),
             level=level,
             saliency=saliency,

@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--count-epochs", type=int)
     parser.add_argument("--stages", default="both")
     parser.add_argument("--init", help="model folder whose weights start training")
+    parser.add_argument("--init-segmenter", help="model folder whose segmenter starts training")
+    parser.add_argument("--counter-images", type=int, help="simulated scenes for the counter")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
@@ -90,14 +92,16 @@ def main() -> None:
     real = load_bbbc005(args.data, size=size, norm=norm, cache_dir=cache)
     parts = split_bbbc005(real.meta)
     sim = cached_simulation(args.simulated, 2000 + args.seed, size, norm, cache)
-    train = LabeledSet.concat([real.subset(parts["train"]), sim])
+    n_count = len(sim) if args.counter_images is None else min(args.counter_images, len(sim))
+    train = LabeledSet.concat([real.subset(parts["train"]), sim.subset(np.arange(n_count))])
     rng = np.random.default_rng(args.seed)
-    pick = rng.choice(len(sim), size=min(args.segmenter_images, len(sim)), replace=False)
+    pick = rng.choice(n_count, size=min(args.segmenter_images, n_count), replace=False)
     seg_train = LabeledSet.concat([real.subset(parts["train"]), sim.subset(np.sort(pick))])
     config["training"] = {
         "data": [
             f"BBBC005 real, sites 1-7 ({parts['train'].size} images)",
-            f"simulated: {args.simulated} scenes (celltally.simulate, counts {SIM_COUNTS[0]}-"
+            f"simulated: {n_count} scenes for the counter, {len(pick)} of them for the segmenter"
+            f" (celltally.simulate, counts {SIM_COUNTS[0]}-"
             f"{SIM_COUNTS[1]}, blurs {sorted(set(SIM_BLURS))} with F1/F23/F48 weighted 6x, "
             f"cluster probability {sorted(set(SIM_CLUSTERING))}, seed {2000 + args.seed})",
         ],
@@ -119,12 +123,21 @@ def main() -> None:
             if v not in (None, False) and k not in ("resume",)
         ),
         "seed": args.seed,
+        "segmenter_init": args.init_segmenter,
     }
     init = None
     if args.init:
         from safetensors.torch import load_file
 
         init = load_file(str(Path(args.init) / "model.safetensors"))
+    elif args.init_segmenter:
+        from safetensors.torch import load_file
+
+        from celltally.models.pipeline import CountingPipeline
+
+        init = CountingPipeline(config).state_dict()
+        seg = load_file(str(Path(args.init_segmenter) / "model.safetensors"))
+        init.update({k: v for k, v in seg.items() if k.startswith("segmenter.")})
     fit(
         train=train,
         calibration=real.subset(parts["calibration"]),

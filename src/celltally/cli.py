@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,28 +16,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COUNT_COLUMNS = [
-    "file",
-    "count",
-    "std",
-    "low",
-    "high",
-    "level",
-    "model",
-    "plate",
-    "well",
-    "site",
-    "blur",
-    "stain",
-    "true_count",
-    "error",
-]
-
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit non-zero (no traceback)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _silent(_: str) -> None:
+    return None
 
 
 def _user_errors():
@@ -50,9 +36,15 @@ def _user_errors():
 @app.command()
 def count(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="CSV file for the results.")] = Path(
-        "results.csv"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="CSV file for the results. Rerunning with the same --out resumes: images "
+            "already in it are skipped.",
+        ),
+    ] = Path("results.csv"),
     model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
     level: Annotated[float, typer.Option(help="Interval level, e.g. 0.95.")] = 0.95,
     save_masks: Annotated[
@@ -60,55 +52,62 @@ def count(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 16,
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start --out again instead of resuming it.")
+    ] = False,
+    dask: Annotated[
+        str | None,
+        typer.Option(
+            help="Run on a Dask cluster: scheduler address (tcp://host:8786) or local:N "
+            "(N one-thread worker processes here).",
+        ),
+    ] = None,
+    chunk_size: Annotated[
+        int | None, typer.Option(help="Images per Dask task (default 2 x batch size).")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Count cells in images; write one CSV row per image as it is counted."""
-    from tqdm.auto import tqdm
+    """Count cells in images; append one CSV row per image as it is counted (resumable).
 
-    from celltally import io
-    from celltally.counter import CellCounter
+    Rows are in processing order. Unreadable images are listed at the end and in
+    <out>.errors.csv (exit status 1); a manifest <out>.manifest.json records the model
+    and settings.
+    """
+    from celltally.batch import run_batch
 
-    if not 0.0 < level < 1.0:
-        fail(f"--level must be between 0 and 1, got {level}")
+    def note(message: str) -> None:
+        typer.echo(message, err=True)
+
     try:
-        files = io.list_images(paths, recursive=recursive)
-        counter = CellCounter.from_pretrained(model)
+        summary = run_batch(
+            paths,
+            out=out,
+            model=model,
+            level=level,
+            batch_size=batch_size,
+            save_masks=save_masks,
+            recursive=recursive,
+            overwrite=overwrite,
+            dask=dask,
+            chunk_size=chunk_size,
+            progress=progress,
+            log=note,
+        )
     except _user_errors() as err:
         fail(str(err))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    errors = 0
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COUNT_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        results = counter.count_paths(files, level=level, batch_size=batch_size)
-        for path, result in tqdm(results, total=len(files), disable=not progress, unit="img"):
-            if isinstance(result, Exception):
-                errors += 1
-                tqdm.write(f"error: {result}", file=sys.stderr)
-                continue
-            meta = result.metadata
-            true = meta.get("count")
-            writer.writerow(
-                {
-                    "file": str(path),
-                    "count": f"{result.count:.2f}",
-                    "std": f"{result.std:.3f}",
-                    "low": f"{result.low:.2f}",
-                    "high": f"{result.high:.2f}",
-                    "level": level,
-                    "model": counter.name,
-                    **{k: meta.get(k) for k in ("plate", "well", "site", "blur", "stain")},
-                    "true_count": true,
-                    "error": "" if true is None else f"{result.count - true:.2f}",
-                }
-            )
-            handle.flush()
-            if save_masks is not None:
-                io.write_mask(save_masks / f"{path.stem}_mask.png", result.mask)
-                io.write_float_image(save_masks / f"{path.stem}_mask_std.tif", result.mask_std)
-    typer.echo(f"counted {len(files) - errors} of {len(files)} images -> {out}")
-    if errors:
-        typer.echo(f"{errors} file(s) could not be read (listed above)", err=True)
+    total = summary.counted + summary.failed
+    skipped = f" ({summary.skipped} already in {out}, skipped)" if summary.skipped else ""
+    typer.echo(f"counted {summary.counted} of {total} images{skipped} -> {out}")
+    if summary.failed:
+        for message in summary.errors:
+            typer.echo(f"error: {message}", err=True)
+        more = summary.failed - len(summary.errors)
+        if more:
+            typer.echo(f"... and {more} more", err=True)
+        typer.echo(
+            f"{summary.failed} file(s) could not be read (listed in {summary.errors_file})",
+            err=True,
+        )
         raise typer.Exit(1)
 
 
@@ -195,26 +194,35 @@ def train(
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Train segmenter then counter (as in the paper) and write a model folder."""
+    """Train segmenter then counter (as in the paper) and write a model folder.
+
+    Data-parallel on N processes (GPUs, or CPU with gloo):
+    torchrun --nproc_per_node N -m celltally.cli train ... (batch size is per process).
+    """
+    from celltally import distributed
     from celltally.training_data import build_and_fit
 
     try:
-        build_and_fit(
-            out=out,
-            bbbc005=bbbc005,
-            folders=data or [],
-            simulated=simulated,
-            preset=preset,
-            stages=stage,
-            from_model=from_model,
-            seg_epochs=seg_epochs,
-            count_epochs=count_epochs,
-            seed=seed,
-            resume=resume,
-            workers=workers,
-            cache=cache,
-            progress=progress,
-        )
+        # Under torchrun (WORLD_SIZE > 1) this is data-parallel training; rank 0 writes.
+        with distributed.session():
+            main = distributed.is_main()
+            build_and_fit(
+                out=out,
+                bbbc005=bbbc005,
+                folders=data or [],
+                simulated=simulated,
+                preset=preset,
+                stages=stage,
+                from_model=from_model,
+                seg_epochs=seg_epochs,
+                count_epochs=count_epochs,
+                seed=seed,
+                resume=resume,
+                workers=workers,
+                cache=cache,
+                progress=progress and main,
+                log=typer.echo if main else _silent,
+            )
     except _user_errors() as err:
         fail(str(err))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -134,7 +135,9 @@ def load_bbbc005(
     data = _stack(images, masks, counts, meta)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data.__dict__, cache)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        torch.save(data.__dict__, tmp)
+        os.replace(tmp, cache)  # atomic: torchrun's ranks may all write it at once
     return data
 
 

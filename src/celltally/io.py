@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageReadError",
     "InputError",
+    "iter_images",
     "list_images",
     "read_counts_csv",
     "read_image",
@@ -360,6 +362,121 @@ def list_images(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = Fa
         else:
             raise InputError(f"no such file or folder: {text}", text)
     return result
+
+
+def _scan_folder(folder: Path, recursive: bool) -> Iterator[Path]:
+    """Image files in ``folder`` in directory order, streamed with :func:`os.scandir`.
+
+    Holds one open directory handle per level of nesting, never the whole listing.
+    Entries whose name starts with ``.`` are skipped (and not descended into).
+    """
+    stack = [os.fspath(folder)]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as entries:
+                subdirs: list[str] = []
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if recursive and entry.is_dir():
+                            subdirs.append(entry.path)
+                        elif (
+                            os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+                            and entry.is_file()
+                        ):
+                            yield Path(entry.path)
+                    except OSError:
+                        continue
+        except OSError as exc:
+            reason = _short_reason(exc)
+            raise InputError(f"{current}: cannot list folder: {reason}", current) from None
+        stack.extend(reversed(subdirs))
+
+
+def _arg_images(text: str, recursive: bool) -> Iterator[Path]:
+    """Stream the image files one command-line argument stands for (no validation)."""
+    p = Path(text)
+    if p.is_dir():
+        yield from _scan_folder(p, recursive)
+    elif p.is_file():
+        yield p
+    else:
+        for match in glob.iglob(text, recursive=recursive):
+            m = Path(match)
+            if m.is_dir():
+                yield from _scan_folder(m, recursive)
+            elif _is_image_file(m):
+                yield m
+
+
+def iter_images(
+    paths: Sequence[str | os.PathLike[str]], *, recursive: bool = False
+) -> Iterator[Path]:
+    """Like :func:`list_images`, but streamed: bounded memory whatever the folder size.
+
+    Every argument is checked before this returns (the same one-line
+    :class:`InputError` as :func:`list_images`); the files are then produced lazily,
+    folders read with :func:`os.scandir` in directory order (**not sorted**), so a
+    folder of a million images is never held in memory. With several arguments, a file
+    named twice (same absolute path) is produced once; the memory for that is a 16-byte
+    digest per file.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        Image files, folders and glob patterns, as for :func:`list_images`.
+    recursive : bool, default False
+        Descend into sub-folders; in patterns, ``**`` matches any number of folders.
+
+    Returns
+    -------
+    iterator of Path
+        The image files.
+
+    Raises
+    ------
+    InputError
+        Raised by this call (not later) for a path that does not exist, a folder without
+        images, a pattern matching no images, or a file with an unsupported suffix.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    texts = [os.fspath(arg) for arg in paths]
+    for text in texts:
+        p = Path(text)
+        if p.is_dir():
+            if next(_scan_folder(p, recursive), None) is None:
+                raise InputError(f"{text}: folder contains no TIFF/PNG/JPEG images", text)
+        elif p.is_file():
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                shown = p.suffix or "(none)"
+                raise InputError(
+                    f"{text}: unsupported file type '{shown}'; {_SUPPORTED_TEXT}", text
+                )
+        elif any(ch in text for ch in _GLOB_CHARS):
+            if next(iter(glob.iglob(text, recursive=recursive)), None) is None:
+                raise InputError(f"no files match the pattern '{text}'", text)
+            if next(_arg_images(text, recursive), None) is None:
+                raise InputError(f"pattern '{text}' matches no TIFF/PNG/JPEG images", text)
+        else:
+            raise InputError(f"no such file or folder: {text}", text)
+
+    def generate() -> Iterator[Path]:
+        seen: set[bytes] | None = set() if len(texts) > 1 else None
+        for text in texts:
+            for path in _arg_images(text, recursive):
+                if seen is not None:
+                    key = hashlib.blake2b(
+                        os.fsencode(os.path.abspath(path)), digest_size=16
+                    ).digest()
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                yield path
+
+    return generate()
 
 
 def _mask_to_uint8(mask: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from celltally import distributed
 from celltally.datasets import LabeledSet
 from celltally.losses import gaussian_nll, segmentation_loss
 from celltally.models.pipeline import CountingPipeline, counter_input
@@ -30,11 +31,14 @@ def seed_everything(seed: int) -> None:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA (this process's GPU under torchrun) when available, else the CPU."""
+    return distributed.device()
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool):
-    order = torch.randperm(n, generator=generator)
+    # Under torchrun every rank draws the same order and takes its own equal share.
+    order = distributed.shard(torch.randperm(n, generator=generator))
+    n = order.shape[0]
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         yield order[start : start + batch_size]
@@ -100,14 +104,16 @@ def _run_epochs(
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         module.train()
-        loss = train_epoch(optimizer, scheduler, generator)
+        loss = distributed.mean(train_epoch(optimizer, scheduler, generator))
         module.eval()
-        record = {"epoch": epoch + 1, "loss": loss, **validate()}
+        main = distributed.is_main()  # under torchrun only rank 0 validates, logs, saves
+        record = {"epoch": epoch + 1, "loss": loss, **(validate() if main else {})}
         record["seconds"] = round(time.perf_counter() - t0, 1)
         history.append(record)
-        log(f"{stage} " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+        if main:
+            log(f"{stage} " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
         _save_checkpoint(
-            checkpoint,
+            checkpoint if main else None,
             {
                 "stage": stage,
                 "epoch": epoch,
@@ -118,7 +124,12 @@ def _run_epochs(
                 "history": history,
             },
         )
+    distributed.sync_buffers(module)  # rank 0's BatchNorm statistics on every rank
     return history
+
+
+def _silent(_: str) -> None:
+    return None
 
 
 def _fmt(value: float) -> str:
@@ -148,14 +159,18 @@ def train_segmenter(
         raise ValueError("no training image has a foreground mask; the segmenter needs masks")
     images, masks = data.images[keep], data.masks[keep]
     seg = model.segmenter.to(device)
+    net = distributed.wrap(seg, device)  # DistributedDataParallel under torchrun
     n = images.shape[0]
 
     def train_epoch(optimizer, scheduler, generator) -> float:
         total, steps = 0.0, 0
         batches = list(_batches(n, batch_size, generator, drop_last=True))
-        for idx in tqdm(batches, desc="segmenter", leave=False, disable=not progress):
+        quiet = not progress or not distributed.is_main()
+        for idx in tqdm(batches, desc="segmenter", leave=False, disable=quiet):
             x, y = _augment([images[idx], masks[idx]], generator)
-            loss = segmentation_loss(seg(x.to(device)), y.to(device), tv_weight=tv_weight)
+            with distributed.autocast(device):  # bfloat16 on GPU, nothing on CPU
+                out = net(x.to(device))
+            loss = segmentation_loss(distributed.to_float(out), y.to(device), tv_weight=tv_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -177,7 +192,7 @@ def train_segmenter(
         params=list(seg.parameters()),
         epochs=epochs,
         lr=lr,
-        steps_per_epoch=max(1, n // batch_size),
+        steps_per_epoch=max(1, distributed.shard_size(n) // batch_size),
         train_epoch=train_epoch,
         validate=validate,
         checkpoint=checkpoint,
@@ -255,14 +270,17 @@ def train_counter(
         vmask, vlogvar = predict_masks(model, val.images, device=device)
         val_inputs = counter_input(vmask, vlogvar, val.images, model.counter_inputs)
     counter = model.counter.to(device)
+    net = distributed.wrap(counter, device)  # DistributedDataParallel under torchrun
     n = inputs.shape[0]
 
     def train_epoch(optimizer, scheduler, generator) -> float:
         total, steps = 0.0, 0
         batches = list(_batches(n, batch_size, generator, drop_last=True))
-        for idx in tqdm(batches, desc="counter", leave=False, disable=not progress):
+        quiet = not progress or not distributed.is_main()
+        for idx in tqdm(batches, desc="counter", leave=False, disable=quiet):
             (x,) = _augment([inputs[idx]], generator)
-            mean, log_var = counter(x.to(device))
+            with distributed.autocast(device):  # bfloat16 on GPU, nothing on CPU
+                mean, log_var = distributed.to_float(net(x.to(device)))
             loss = gaussian_nll(mean, targets[idx].to(device), log_var, beta=beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -294,7 +312,7 @@ def train_counter(
         params=list(counter.parameters()),
         epochs=epochs,
         lr=lr,
-        steps_per_epoch=max(1, n // batch_size),
+        steps_per_epoch=max(1, distributed.shard_size(n) // batch_size),
         train_epoch=train_epoch,
         validate=validate,
         checkpoint=checkpoint,
@@ -386,6 +404,8 @@ def fit(
         raise ValueError(f"stages must be 'both', 'segmenter' or 'counter', not {stages!r}")
     out = Path(out)
     device = device or default_device()
+    if not distributed.is_main():  # under torchrun rank 0 logs and writes the folder
+        log, progress = _silent, False
     seed_everything(seed)
     model = CountingPipeline(config)
     if init is not None:
@@ -426,6 +446,11 @@ def fit(
             progress=progress,
             log=log,
         )
+    if distributed.is_distributed():
+        digests = distributed.check_in_sync(model)
+        log(f"weights identical on all {len(digests)} ranks (sha256 {digests[0]})")
+        if not distributed.is_main():
+            return config
     mean, std = predict_counts(model, calibration.images, device=device)
     scores = conformal_scores(calibration.counts.numpy(), mean, std)
     config = dict(config)

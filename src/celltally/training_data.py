@@ -64,7 +64,9 @@ def build_and_fit(
         folder = resolve_model(from_model)
         base = json.loads((folder / "config.json").read_text())
         config = {k: base[k] for k in ("input_size", "segmenter", "counter", "counter_inputs")}
-        config["train"] = base.get("train", get_preset(base.get("preset", "small"))["train"])
+        config["train"] = (
+            base["train"] if "train" in base else get_preset(base.get("preset", "small"))["train"]
+        )
         config["preset"] = base.get("preset")
         config["normalization"] = base.get("normalization", {})
         init = load_file(str(folder / "model.safetensors"))

@@ -1,0 +1,308 @@
+"""Resumable, exactly-once batch counting (celltally.batch) and the streaming listing."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import tifffile
+import torch
+from conftest import blob_image, tiny_config
+from typer.testing import CliRunner
+
+from celltally import batch, io
+from celltally.batch import output_paths, read_results, run_batch
+from celltally.cli import app
+from celltally.models.pipeline import CountingPipeline
+from celltally.simulate import simulate_plate
+from celltally.train import save_model_folder
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory) -> Path:
+    """42 small BBBC005-named TIFFs (7 scenes x 3 blurs x 2 stains)."""
+    root = simulate_plate(tmp_path_factory.mktemp("plate"), images=7, size=(130, 174), seed=3)
+    return root / "images"
+
+
+def files_of(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() == ".tif")
+
+
+def assert_exactly_once(out: Path, expected: list[str]) -> list[dict]:
+    rows = read_results(out)
+    seen = Counter(r["file"] for r in rows)
+    duplicated = [f for f, n in seen.items() if n > 1]
+    assert not duplicated, f"duplicated rows: {duplicated[:3]}"
+    assert sorted(seen) == sorted(expected), "lost or foreign rows"
+    assert out.read_bytes().endswith(b"\n")
+    return rows
+
+
+# -- listing ---------------------------------------------------------------------
+
+
+def test_iter_images_streams_same_files_as_list_images(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    for rel in ("a.tif", "b.PNG", "sub/c.tiff", "sub/deeper/d.jpg", ".hidden/e.tif", ".f.tif"):
+        (root / rel).write_bytes(b"x")
+    (root / "notes.txt").write_text("x")
+    for recursive in (False, True):
+        streamed = io.iter_images([root], recursive=recursive)
+        assert not isinstance(streamed, list)
+        listed = io.list_images([root], recursive=recursive)
+        assert sorted(map(str, streamed)) == sorted(map(str, listed))
+    # a file named twice (folder + file argument) comes once
+    twice = list(io.iter_images([root, root / "a.tif", str(root / "*.tif")]))
+    assert len(twice) == len(set(map(os.path.abspath, twice))) == 2
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [("missing.tif", "no such file"), ("empty", "contains no"), ("notes.txt", "unsupported")],
+)
+def test_iter_images_checks_every_argument_up_front(tmp_path, arg, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "good.tif").write_bytes(b"x")
+    with pytest.raises(io.InputError, match=message):
+        io.iter_images([tmp_path / "good.tif", tmp_path / arg])  # raised before any file
+
+
+# -- resume and exactly-once --------------------------------------------------------
+
+
+def cli_count(folder: Path, out: Path, model: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "celltally.cli", "count", str(folder), "-o", str(out)]
+        + ["--model", str(model), "--batch-size", "2", "--no-progress", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def rows_on_disk(out: Path) -> int:
+    try:
+        return out.read_bytes().count(b"\n") - 1
+    except FileNotFoundError:
+        return -1
+
+
+def test_sigkill_mid_run_then_resume_gives_exactly_one_row_per_image(plate, tiny_model, tmp_path):
+    out = tmp_path / "res.csv"
+    expected = files_of(plate)
+    rng = random.Random(os.getpid())
+    kills = 0
+    for _ in range(2):
+        done = max(0, rows_on_disk(out))
+        target = done + rng.randint(1, len(expected) - done - 6)  # kill after new rows
+        proc = cli_count(plate, out, tiny_model)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and rows_on_disk(out) < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.communicate(timeout=60)
+        rows = read_results(out)
+        assert len(rows) == len({r["file"] for r in rows}) < len(expected) or proc.returncode == 0
+    assert kills >= 1, "the run finished before it could be killed"
+    before = len(read_results(out))
+    proc = cli_count(plate, out, tiny_model)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()
+    assert f"{len(expected) - before} of {len(expected) - before} images" in stdout.decode()
+    assert f"{before} already in" in stdout.decode()
+    assert_exactly_once(out, expected)
+    manifest = json.loads(output_paths(out).manifest.read_text())
+    statuses = [run["status"] for run in manifest["runs"]]
+    assert statuses[-1] == "finished" and statuses.count("interrupted") == kills
+    assert manifest["finished"] is not None
+
+
+def test_torn_last_row_is_dropped_and_recounted(plate, tiny_model, tmp_path):
+    out = tmp_path / "res.csv"
+    expected = files_of(plate)[:6]
+    first = run_batch(expected, out=out, model=tiny_model, batch_size=4)
+    assert first.counted == 6
+    data = out.read_bytes()
+    lines = data.splitlines(keepends=True)
+    # as if killed while writing a batch: the last two rows gone, the first one half-written
+    torn = b"".join(lines[:-2]) + lines[-2][: len(lines[-2]) // 2]
+    out.write_bytes(torn)
+    notes: list[str] = []
+    second = run_batch(expected, out=out, model=tiny_model, batch_size=4, log=notes.append)
+    assert (second.counted, second.skipped) == (2, 4)
+    assert any("torn last row" in n for n in notes)
+    rows = assert_exactly_once(out, expected)
+    again = {r["file"]: r["count"] for r in rows}
+    assert again == {r["file"]: r["count"] for r in read_results_from(data)}
+
+
+def read_results_from(data: bytes) -> list[dict]:
+    import csv
+    import io as stdio
+
+    return list(csv.DictReader(stdio.StringIO(data.decode())))
+
+
+def test_malformed_row_in_the_middle_is_refused(plate, tiny_model, tmp_path):
+    out = tmp_path / "res.csv"
+    files = files_of(plate)[:3]
+    run_batch(files, out=out, model=tiny_model)
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(lines[0] + b"garbage,row\n" + b"".join(lines[1:]))
+    with pytest.raises(io.InputError, match="malformed row"):
+        run_batch(files, out=out, model=tiny_model)
+
+
+def other_model(tmp_path: Path) -> Path:
+    torch.manual_seed(1)
+    config = tiny_config()
+    config["name"] = "other"
+    return save_model_folder(CountingPipeline(config), config, tmp_path / "other")
+
+
+def test_changing_model_or_level_needs_new_out_or_overwrite(plate, tiny_model, tmp_path):
+    out = tmp_path / "res.csv"
+    files = files_of(plate)[:3]
+    run_batch(files, out=out, model=tiny_model, level=0.95)
+    with pytest.raises(io.InputError, match="--overwrite") as err:
+        run_batch(files, out=out, model=tiny_model, level=0.9)
+    assert "level 0.95" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(io.InputError, match="model 'other'"):
+        run_batch(files, out=out, model=other_model(tmp_path), level=0.95)
+    result = CliRunner().invoke(
+        app, ["count", str(plate), "-o", str(out), "--model", str(tiny_model), "--level", "0.9"]
+    )
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert result.output.startswith("error:") and "--overwrite" in result.output
+    again = run_batch(files, out=out, model=tiny_model, level=0.9, overwrite=True)
+    assert again.counted == 3
+    assert {r["level"] for r in read_results(out)} == {"0.9"}
+    manifest = json.loads(output_paths(out).manifest.read_text())
+    assert manifest["settings"]["level"] == 0.9 and len(manifest["runs"]) == 1
+
+
+def test_manifest_records_model_version_settings_and_times(plate, tiny_model, tmp_path):
+    out = tmp_path / "deep" / "res.csv"
+    summary = run_batch(files_of(plate)[:2], out=out, model=tiny_model, batch_size=3)
+    assert summary.manifest == tmp_path / "deep" / "res.manifest.json"
+    manifest = json.loads(summary.manifest.read_text())
+    identity = batch.model_identity(tiny_model)
+    assert manifest["model"] == identity and identity["name"] == "tiny"
+    assert len(identity["config_sha256"]) == len(identity["weights_sha256"]) == 64
+    assert manifest["celltally_version"]
+    assert manifest["settings"] == {"level": 0.95, "batch_size": 3, "recursive": False}
+    run = manifest["runs"][0]
+    assert run["status"] == "finished" and run["counted"] == 2 and run["failed"] == 0
+    assert run["started"] <= run["finished"] == manifest["finished"]
+
+
+def test_existing_foreign_csv_is_not_appended_to(plate, tiny_model, tmp_path):
+    out = tmp_path / "mine.csv"
+    out.write_text("a,b\n1,2\n")
+    with pytest.raises(io.InputError, match="no celltally manifest"):
+        run_batch(files_of(plate)[:1], out=out, model=tiny_model)
+    assert out.read_text() == "a,b\n1,2\n"
+
+
+def test_second_writer_on_same_out_is_refused(plate, tiny_model, tmp_path):
+    out = tmp_path / "res.csv"
+    holder = batch._ResultsFile(out, batch.COUNT_COLUMNS)
+    holder.open()
+    try:
+        with pytest.raises(io.InputError, match="another celltally run"):
+            run_batch(files_of(plate)[:1], out=out, model=tiny_model)
+    finally:
+        holder.close()
+
+
+def test_unreadable_files_are_listed_run_finishes_and_they_are_retried(tiny_model, tmp_path):
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    for i in range(5):
+        tifffile.imwrite(folder / f"img_{i}.tif", blob_image(i + 1, seed=i))
+    (folder / "broken.tif").write_bytes(b"II*\x00garbage")
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "res.csv"
+    result = CliRunner().invoke(
+        app, ["count", str(folder), "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    )
+    assert result.exit_code == 1
+    assert "counted 5 of 7 images" in result.output
+    assert "broken.tif" in result.output and "empty.png" in result.output
+    assert "Traceback" not in result.output
+    assert len(read_results(out)) == 5
+    errors_file = output_paths(out).errors
+    errors = read_results(errors_file)
+    assert sorted(Path(e["file"]).name for e in errors) == ["broken.tif", "empty.png"]
+    assert all(e["error"] for e in errors)
+    # fix one file: the rerun counts only it, still reports the other
+    tifffile.imwrite(folder / "broken.tif", blob_image(3, seed=9))
+    summary = run_batch([folder], out=out, model=tiny_model)
+    assert (summary.counted, summary.skipped, summary.failed) == (1, 5, 1)
+    assert [Path(e["file"]).name for e in read_results(errors_file)] == ["empty.png"]
+    (folder / "empty.png").unlink()
+    summary = run_batch([folder], out=out, model=tiny_model)
+    assert (summary.counted, summary.failed) == (0, 0) and not errors_file.exists()
+    assert_exactly_once(out, files_of(folder))
+
+
+def test_bad_settings_fail_before_anything_is_written(plate, tiny_model, tmp_path):
+    out = tmp_path / "res.csv"
+    for kwargs, message in [
+        ({"level": 1.5}, "--level"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"dask": "local:0"}, "local:N"),
+    ]:
+        with pytest.raises(io.InputError, match=message):
+            run_batch(files_of(plate)[:1], out=out, model=tiny_model, **kwargs)
+    assert not (tmp_path / "res.csv").read_bytes().count(b"\n") > 1
+
+
+# -- Dask ----------------------------------------------------------------------
+
+
+def test_dask_cluster_gives_same_counts_as_one_process(plate, tiny_model, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    files = files_of(plate)[:16]
+    local = run_batch(files, out=tmp_path / "local.csv", model=tiny_model, batch_size=4)
+    assert local.counted == 16
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        out = tmp_path / "dask.csv"
+        first = run_batch(
+            files[:10], out=out, model=tiny_model, batch_size=4, chunk_size=3,
+            dask=cluster.scheduler_address,
+        )  # fmt: skip
+        summary = run_batch(
+            files, out=out, model=tiny_model, batch_size=4, chunk_size=3,
+            dask=cluster.scheduler_address,
+        )  # fmt: skip
+        loads = client.run(lambda: __import__("celltally.batch").batch._WORKER_LOADS)
+    assert (first.counted, summary.counted, summary.skipped) == (10, 6, 10)
+    # a worker loads the model on its first chunk only: both counted, each loaded it once
+    assert sorted(loads.values()) == [1, 1], loads
+    by_file = {r["file"]: r for r in read_results(tmp_path / "local.csv")}
+    rows = assert_exactly_once(out, files)
+    for row in rows:
+        ref = by_file[row["file"]]
+        assert float(row["count"]) == pytest.approx(float(ref["count"]), abs=0.011)
+        assert float(row["high"]) == pytest.approx(float(ref["high"]), abs=0.011)
+        assert (row["well"], row["true_count"]) == (ref["well"], ref["true_count"])

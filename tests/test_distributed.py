@@ -1,0 +1,76 @@
+"""Data-parallel training under torchrun (celltally.distributed), on CPU with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from celltally import distributed
+from celltally.models.pipeline import CountingPipeline
+from celltally.simulate import simulate_plate
+from celltally.training_data import split_by_scene_hash
+
+
+def digest_of(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    model = CountingPipeline(config)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return distributed.weights_digest(model)
+
+
+def test_helpers_are_no_ops_outside_torchrun():
+    assert not distributed.is_distributed() and distributed.world_size() == 1
+    assert distributed.rank() == 0 and distributed.is_main()
+    order = torch.randperm(10)
+    assert distributed.shard(order) is order and distributed.shard_size(10) == 10
+    module = torch.nn.Linear(2, 2)
+    assert distributed.wrap(module) is module
+    assert distributed.mean(1.5) == 1.5
+    assert distributed.check_in_sync(module) == [distributed.weights_digest(module)]
+    x = torch.ones(2)
+    assert distributed.to_float([x, (x,)])[1][0] is x  # float32 stays the same tensor
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_two_cpu_processes_train_and_end_with_the_same_weights(tiny_model, tmp_path):
+    plate = simulate_plate(
+        tmp_path / "plate", images=8, blurs=(1, 23), stains=(1,), size=(130, 174), seed=5
+    )
+    # the folder must give a calibration scene, or training would simulate 60 full-size ones
+    from celltally.datasets import load_folder
+
+    assert split_by_scene_hash(load_folder(plate, size=(64, 96)))["calibration"].size > 0
+    out = tmp_path / "model"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2", "-m"]
+        + ["celltally.cli", "train", "--out", str(out), "--data", str(plate)]
+        + ["--from", str(tiny_model), "--seg-epochs", "1", "--count-epochs", "1"]
+        + ["--workers", "1", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pattern = r"weights identical on all (\d+) ranks \(sha256 ([0-9a-f]{64})\)"
+    found = re.findall(pattern, proc.stdout)
+    assert found == [("2", found[0][1])], proc.stdout  # logged once, by rank 0 only
+    assert proc.stdout.count("saved model folder") == 1
+    agreed = found[0][1]
+    assert digest_of(out) == agreed  # what rank 0 saved is what every rank holds
+    assert digest_of(tiny_model) != agreed  # and it trained
+    config = json.loads((out / "config.json").read_text())
+    # under 16 training images, fewer than a batch of 8 per rank: one step per stage
+    assert [len(config["history"][s]) for s in ("segmenter", "counter")] == [1, 1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["counter.pt", "segmenter.pt"]

@@ -32,6 +32,15 @@ from celltally.uncertainty import calibrate_model, ensemble_files, train_ensembl
 LEVELS = (0.8, 0.9, 0.95)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine: 2 threads spin on each other (~10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def noisy_counts(n, seed, *, scale=1.0, df=3):
     """Counts with a known noise model: y = mu + scale * sigma * t_df (heavy-tailed)."""
     rng = np.random.default_rng(seed)
@@ -135,25 +144,18 @@ def blob_set(n, seed, config):
 @pytest.fixture(scope="module")
 def blob_model(tmp_path_factory):
     """A tiny model briefly trained on blob images, calibrated, with a 2-member ensemble."""
-    threads = torch.get_num_threads()
-    # One thread: on a shared 2-core machine, 2 threads of tiny convolutions spin
-    # and wait on each other (measured 30x slower under load).
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        config = tiny_config()
-        train, cal = blob_set(48, 1, config), blob_set(60, 2, config)
-        model = CountingPipeline(config)
-        quiet = {"progress": False, "log": lambda s: None, "device": torch.device("cpu")}
-        train_segmenter(model, train, epochs=6, batch_size=8, lr=3e-3, **quiet)
-        train_counter(model, train, epochs=8, batch_size=8, lr=3e-3, **quiet)
-        folder = save_model_folder(model, config, tmp_path_factory.mktemp("blob") / "model")
-        calibrate_model(folder, cal, log=lambda s: None)
-        before = json.loads((folder / "config.json").read_text())["calibration"]
-        train_ensemble(folder, train, cal, members=2, epochs=8, **quiet)
-        yield folder, before
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = tiny_config()
+    train, cal = blob_set(48, 1, config), blob_set(60, 2, config)
+    model = CountingPipeline(config)
+    quiet = {"progress": False, "log": lambda s: None, "device": torch.device("cpu")}
+    train_segmenter(model, train, epochs=6, batch_size=8, lr=3e-3, **quiet)
+    train_counter(model, train, epochs=8, batch_size=8, lr=3e-3, **quiet)
+    folder = save_model_folder(model, config, tmp_path_factory.mktemp("blob") / "model")
+    calibrate_model(folder, cal, log=lambda s: None)
+    before = json.loads((folder / "config.json").read_text())["calibration"]
+    train_ensemble(folder, train, cal, members=2, epochs=8, **quiet)
+    return folder, before
 
 
 def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):

@@ -8,11 +8,22 @@ import torch
 from conftest import blob_image, tiny_config
 from PIL import Image
 from torch import nn
+from typer.testing import CliRunner
 
 from celltally import io
+from celltally.cli import app
 from celltally.counter import CellCounter
 from celltally.explain import explain_image, explanation_figure, explanation_png, panel_title
 from celltally.models.pipeline import CountingPipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine: 2 threads spin on each other (~10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class LeftStripCounter(nn.Module):
@@ -104,3 +115,27 @@ def test_explain_corrupt_file_fails_cleanly(tiny_model, tmp_path):
         explain_image(counter, bad)
     message = str(info.value)
     assert str(bad) in message and "\n" not in message
+
+
+def test_cli_explain(tiny_model, image_folder, tmp_path):
+    image = sorted(image_folder.iterdir())[0]
+    out = tmp_path / "panel.png"
+    args = ["explain", str(image), "--out", str(out), "--model", str(tiny_model), "--true", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "cells (95%) (truth 3)" in result.output
+    with Image.open(out) as img:
+        assert img.format == "PNG"
+
+
+def test_cli_explain_corrupt_file_is_one_line_error(tiny_model, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "panel.png"
+    result = CliRunner().invoke(
+        app, ["explain", str(bad), "--out", str(out), "--model", str(tiny_model)]
+    )
+    assert result.exit_code != 0 and not out.exists()
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0]
+    assert "Traceback" not in result.output

@@ -120,21 +120,45 @@ def evaluate(
     sites: Annotated[
         str | None, typer.Option(help="Only these sites, e.g. '9,10' (BBBC005 held-out).")
     ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Folder for an HTML report: plots, reliability diagram, failures."),
+    ] = None,
+    epistemic: Annotated[
+        bool, typer.Option(help="Add the model's ensemble spread (ensemble_<k> files).")
+    ] = False,
+    calibration: Annotated[
+        str | None, typer.Option(help="Interval method: conformal, temperature or gaussian.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """MAE, RMSE, R², max error, interval coverage and width, overall and per blur x stain."""
+    from celltally.counter import CellCounter
     from celltally.evaluation import evaluate_folder
     from celltally.metrics import format_table
 
+    if not 0.0 < level < 1.0:
+        fail(f"--level must be between 0 and 1, got {level}")
     try:
         site_set = {int(s) for s in sites.split(",")} if sites else None
-        report = evaluate_folder(data, model=model, level=level, sites=site_set, progress=progress)
+        counter = CellCounter.from_pretrained(model, epistemic=epistemic, calibration=calibration)
+        result = evaluate_folder(
+            data, model=counter, level=level, sites=site_set, progress=progress
+        )
     except _user_errors() as err:
         fail(str(err))
-    typer.echo(format_table(report["metrics"]))
+    typer.echo(format_table(result["metrics"]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(f"metrics -> {out}")
+    if report is not None:
+        from celltally.report import write_report
+
+        try:
+            index = write_report(result, report, counter=counter, data=data, progress=progress)
+        except _user_errors() as err:
+            fail(str(err))
+        typer.echo(f"report -> {index}")
 
 
 @app.command()
@@ -319,6 +343,9 @@ def serve(
     saliency: Annotated[
         bool, typer.Option(help="Compute saliency maps by default (one backward pass each).")
     ] = True,
+    threads: Annotated[
+        int | None, typer.Option(help="PyTorch threads (default: PyTorch's choice).")
+    ] = None,
 ) -> None:
     """Serve the web page and JSON API (POST /api/count, GET /api/models, /docs)."""
     from celltally.web import serve as run_server
@@ -337,11 +364,133 @@ def serve(
             max_files=max_files,
             max_mb=max_mb,
             saliency=saliency,
+            threads=threads,
         )
     except OSError as err:
         fail(str(err))
     except _user_errors() as err:
         fail(str(err))
+
+
+@app.command()
+def explain(
+    image: Annotated[Path, typer.Argument(help="One image file.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Figure file (.png, .pdf, .svg).")
+    ] = Path("explanation.png"),
+    model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
+    true: Annotated[
+        float | None, typer.Option("--true", help="True count: saliency of the loss against it.")
+    ] = None,
+    level: Annotated[float, typer.Option(help="Interval level of the title.")] = 0.95,
+    image_saliency: Annotated[
+        bool, typer.Option(help="Add a panel: saliency w.r.t. the input image.")
+    ] = False,
+) -> None:
+    """The paper's Figure 4 panel: input, mask, mask uncertainty, saliency of the count."""
+    from celltally.counter import CellCounter
+    from celltally.explain import explain_image, explanation_figure
+
+    if not 0.0 < level < 1.0:
+        fail(f"--level must be between 0 and 1, got {level}")
+    try:
+        counter = CellCounter.from_pretrained(model)
+        expl = explain_image(counter, image, true_count=true, level=level)
+        explanation_figure(expl, out, image_saliency=image_saliency)
+    except _user_errors() as err:
+        fail(str(err))
+    truth = "" if true is None else f" (truth {true:g})"
+    warn = f"; warning: {expl.result.warning}" if expl.result.warning else ""
+    typer.echo(f"{image}: {expl.result}{truth}{warn} -> {out}")
+
+
+def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, **kw):
+    import json as _json
+
+    from celltally.counter import resolve_model
+    from celltally.uncertainty import held_out_sets
+
+    folder = resolve_model(model)
+    config = _json.loads((folder / "config.json").read_text())
+    if bbbc005 is None and not data:
+        raise ValueError("no data: give --bbbc005 or --data")
+    return folder, held_out_sets(config, bbbc005=bbbc005, folders=data or [], **kw)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Option(help="Model folder (its config.json is rewritten).")],
+    bbbc005: Annotated[
+        Path | None, typer.Option(help="Real BBBC005 folder: calibrates on site 8.")
+    ] = None,
+    data: Annotated[
+        list[Path] | None, typer.Option(help="Folder(s) of images + counts.csv (scene split).")
+    ] = None,
+    quantile: Annotated[
+        float, typer.Option(help="OOD threshold: this quantile of the calibration images.")
+    ] = 0.99,
+    cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
+) -> None:
+    """Refit the intervals (conformal, temperature) and OOD thresholds on a held-out split."""
+    from celltally.uncertainty import calibrate_model
+
+    try:
+        folder, (_, cal) = _held_out(model, bbbc005, data, cache=cache, log=typer.echo)
+        if cal is None:
+            fail("the data gave no calibration images")
+        calibrate_model(folder, cal, quantile=quantile, log=typer.echo)
+    except _user_errors() as err:
+        fail(str(err))
+
+
+@app.command()
+def ensemble(
+    model: Annotated[str, typer.Option(help="Model folder to add counter heads to.")],
+    bbbc005: Annotated[
+        Path | None, typer.Option(help="Real BBBC005: trains on sites 1-7, calibrates on 8.")
+    ] = None,
+    data: Annotated[
+        list[Path] | None, typer.Option(help="Folder(s) of images + counts.csv (scene split).")
+    ] = None,
+    simulated: Annotated[int, typer.Option(help="Simulated training scenes to add.")] = 0,
+    members: Annotated[int, typer.Option(help="Ensemble size, the model's counter included.")] = 4,
+    epochs: Annotated[int | None, typer.Option(help="Counter epochs per member.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
+    cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train extra counter heads (epistemic ensemble, used by --epistemic) and recalibrate."""
+    from celltally.uncertainty import train_ensemble
+
+    if members < 2:
+        fail(f"--members must be at least 2, got {members}")
+    try:
+        folder, (train_set, cal) = _held_out(
+            model,
+            bbbc005,
+            data,
+            simulated=simulated,
+            seed=seed,
+            workers=workers,
+            cache=cache,
+            log=typer.echo,
+        )
+        if train_set is None:
+            fail("the data gave no training images")
+        files = train_ensemble(
+            folder,
+            train_set,
+            cal,
+            members=members,
+            epochs=epochs,
+            seed=seed,
+            progress=progress,
+            log=typer.echo,
+        )
+    except _user_errors() as err:
+        fail(str(err))
+    typer.echo(f"{len(files)} ensemble member(s) -> {folder}")
 
 
 def main() -> None:  # pragma: no cover

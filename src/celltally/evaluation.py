@@ -72,6 +72,7 @@ def evaluate_folder(
                 "high": round(result.high, 3),
                 "blur": meta.get("blur"),
                 "stain": meta.get("stain"),
+                "warning": result.warning,
             }
         )
     if not rows:

@@ -207,3 +207,49 @@ def calibrate_model(
         )
     )
     return block
+
+
+def held_out_sets(
+    config: dict[str, Any],
+    *,
+    bbbc005: str | Path | None = None,
+    folders: tuple[str | Path, ...] | list[str | Path] = (),
+    simulated: int = 0,
+    seed: int = 0,
+    workers: int = 2,
+    cache: str | Path | None = None,
+    log: Log = print,
+) -> tuple[LabeledSet | None, LabeledSet | None]:
+    """Training and calibration sets split as ``celltally train`` splits them.
+
+    BBBC005: sites 1-7 train, site 8 calibration (9-10, the test sites, are
+    never loaded into either). A user folder: its stable scene-hash split.
+    ``simulated`` scenes join the training set only. Returns ``(train,
+    calibration)``, either None when no source gave images to it.
+    """
+    from celltally.datasets import load_bbbc005, load_folder, simulate_set, split_bbbc005
+    from celltally.training_data import split_by_scene_hash
+
+    size, norm = config["input_size"], config.get("normalization")
+    trains: list[LabeledSet] = []
+    cals: list[LabeledSet] = []
+    if bbbc005 is not None:
+        log(f"loading BBBC005 from {bbbc005}")
+        real = load_bbbc005(bbbc005, size=size, norm=norm, cache_dir=cache)
+        parts = split_bbbc005(real.meta)
+        trains.append(real.subset(parts["train"]))
+        cals.append(real.subset(parts["calibration"]))
+    for folder in folders:
+        log(f"loading {folder}")
+        user = load_folder(folder, size=size, norm=norm)
+        parts = split_by_scene_hash(user)
+        trains.append(user.subset(parts["train"]))
+        cals.append(user.subset(parts["calibration"]))
+    if simulated > 0:
+        log(f"simulating {simulated} training scenes")
+        trains.append(
+            simulate_set(simulated, size=size, seed=seed + 1000, workers=workers, norm=norm)
+        )
+    train = LabeledSet.concat(trains) if any(len(t) for t in trains) else None
+    calibration = LabeledSet.concat(cals) if any(len(c) for c in cals) else None
+    return train, calibration

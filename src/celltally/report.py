@@ -1,0 +1,498 @@
+"""The evaluation report: an HTML page with plots and a gallery of the failures.
+
+``celltally evaluate DATA --report DIR`` writes ``DIR/index.html`` beside PNG
+plots (matplotlib, Agg backend; plain HTML, no JavaScript):
+
+- predicted vs true count with the interval of every image;
+- error (and coverage) by blur, stain and true count;
+- the reliability diagram: observed coverage vs nominal level, for each
+  interval calibration the model stores (split-conformal, temperature, raw);
+- the failures (truth outside the interval), each with its Figure 4
+  explanation panel, grouped by the causes the paper names as far as they can
+  be measured on the image (see :func:`image_measures`).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from celltally import io
+from celltally.calibration import RELIABILITY_LEVELS, reliability
+
+if TYPE_CHECKING:  # pragma: no cover
+    from celltally.counter import CellCounter
+
+__all__ = [
+    "CAUSES",
+    "assign_causes",
+    "image_measures",
+    "plot_errors_by_group",
+    "plot_pred_vs_true",
+    "plot_reliability",
+    "write_report",
+]
+
+#: Failure causes the paper names, with the measure used and its direction:
+#: (row key, True when a larger value is worse, description).
+CAUSES: dict[str, tuple[str, bool, str]] = {
+    "overlap": (
+        "cells_per_object",
+        True,
+        "cell overlap: many predicted cells per connected object of the thresholded image",
+    ),
+    "focus": (
+        "sharpness",
+        False,
+        "bad focus: low sharpness (variance of the Laplacian / variance of the image)",
+    ),
+    "shape": (
+        "solidity",
+        False,
+        "irregular shapes: low solidity (area / convex hull area) of the objects",
+    ),
+}
+NO_CAUSE = "none measured"
+#: A failure is put under a cause when its measure is worse than this fraction
+#: of all the evaluated images.
+CAUSE_RANK = 0.8
+_MIN_OBJECT_AREA = 10
+
+
+def image_measures(image: np.ndarray, count: float) -> dict[str, float]:
+    """Focus, overlap and shape measures of one raw 2-D image and its predicted count.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        The raw image (any dtype); not modified.
+    count : float
+        The predicted count.
+
+    Returns
+    -------
+    dict
+        ``sharpness``: variance of the Laplacian divided by the variance of the
+        image (scale-free; low when blurred). ``objects``: connected components
+        (>= 10 px) of the Otsu foreground. ``cells_per_object``: ``count /
+        max(objects, 1)`` (high when cells touch or overlap). ``solidity``:
+        area-weighted mean of the objects' area / convex-hull area (low for
+        irregular shapes and for clumps); 1 when there is no object.
+    """
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+    from skimage.measure import label, regionprops
+
+    array = np.asarray(image, dtype=np.float64)
+    variance = float(array.var())
+    sharpness = float(ndimage.laplace(array).var() / variance) if variance > 0 else 0.0
+    objects, solidity = 0, 1.0
+    if variance > 0:
+        foreground = array > threshold_otsu(array)
+        regions = [
+            r for r in regionprops(label(foreground, connectivity=2)) if r.area >= _MIN_OBJECT_AREA
+        ]
+        objects = len(regions)
+        if regions:
+            areas = np.array([r.area for r in regions], dtype=float)
+            solidity = float(np.average([r.solidity for r in regions], weights=areas))
+    return {
+        "sharpness": round(sharpness, 6),
+        "objects": objects,
+        "cells_per_object": round(float(count) / max(objects, 1), 4),
+        "solidity": round(solidity, 4),
+    }
+
+
+def _rank(values: np.ndarray, value: float, larger_is_worse: bool) -> float:
+    """Fraction of ``values`` that are strictly better than ``value``."""
+    better = values < value if larger_is_worse else values > value
+    return float(np.mean(better))
+
+
+def assign_causes(
+    rows: Sequence[Mapping[str, Any]], failures: Sequence[Mapping[str, Any]]
+) -> dict[str, list[tuple[Mapping[str, Any], dict[str, float]]]]:
+    """Group failures by their most extreme measured cause.
+
+    Each failure's measures are ranked against all ``rows`` (fraction of images
+    with a better value); the failure goes under the cause of highest rank if
+    that rank is at least ``CAUSE_RANK``, else under ``NO_CAUSE``.
+
+    Returns
+    -------
+    dict
+        cause -> list of (failure row, {cause: rank}), causes in ``CAUSES`` order.
+    """
+    columns = {
+        cause: np.array([float(r[key]) for r in rows if key in r], dtype=float)
+        for cause, (key, _, _) in CAUSES.items()
+    }
+    groups: dict[str, list] = {cause: [] for cause in [*CAUSES, NO_CAUSE]}
+    for row in failures:
+        ranks = {
+            cause: _rank(columns[cause], float(row[key]), worse)
+            for cause, (key, worse, _) in CAUSES.items()
+            if key in row and columns[cause].size
+        }
+        best = max(ranks, key=ranks.get) if ranks else None
+        cause = best if best is not None and ranks[best] >= CAUSE_RANK else NO_CAUSE
+        groups[cause].append((row, ranks))
+    return {k: v for k, v in groups.items() if v}
+
+
+# -- plots ---------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _outside(row: Mapping[str, Any]) -> bool:
+    return not float(row["low"]) <= float(row["true"]) <= float(row["high"])
+
+
+def plot_pred_vs_true(rows: Sequence[Mapping[str, Any]], path: str | Path, *, level: float) -> Path:
+    """Predicted vs true count, with each image's interval as an error bar."""
+    fig = _figure(6.0, 5.5)
+    ax = fig.subplots()
+    true = np.array([float(r["true"]) for r in rows])
+    pred = np.array([float(r["count"]) for r in rows])
+    low = np.array([float(r["low"]) for r in rows])
+    high = np.array([float(r["high"]) for r in rows])
+    miss = np.array([_outside(r) for r in rows], dtype=bool)
+    # A small deterministic jitter separates the images that share a true count.
+    jitter = (np.arange(len(rows)) % 7 - 3) * 0.12 * max(1.0, np.ptp(true) / 100)
+    for sel, colour, name in ((~miss, "tab:blue", "inside"), (miss, "tab:red", "outside")):
+        if sel.any():
+            ax.errorbar(
+                true[sel] + jitter[sel],
+                pred[sel],
+                yerr=[pred[sel] - low[sel], high[sel] - pred[sel]],
+                fmt="o",
+                ms=2.5,
+                lw=0.6,
+                color=colour,
+                alpha=0.7,
+                label=f"truth {name} the interval ({int(sel.sum())})",
+            )
+    top = float(max(true.max(), high.max()) * 1.05 + 1)
+    ax.plot([0, top], [0, top], "k--", lw=0.8, label="predicted = true")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("true count")
+    ax.set_ylabel(f"predicted count ({level:.0%} interval)")
+    ax.legend(loc="upper left", fontsize=8)
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def _count_bins(true: np.ndarray, bins: int = 6) -> list[tuple[float, float]]:
+    edges = np.unique(np.quantile(true, np.linspace(0, 1, bins + 1)))
+    if edges.size < 2:
+        return [(float(true.min()), float(true.max()))]
+    return [(float(a), float(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _group_stats(rows: Sequence[Mapping[str, Any]], key: Callable[[Mapping], Any]) -> list[tuple]:
+    groups: dict[Any, list] = {}
+    for r in rows:
+        k = key(r)
+        if k is not None:
+            groups.setdefault(k, []).append(r)
+    out = []
+    for k in sorted(groups, key=lambda v: (isinstance(v, str), v)):
+        g = groups[k]
+        err = np.array([abs(float(r["count"]) - float(r["true"])) for r in g])
+        cover = float(np.mean([not _outside(r) for r in g]))
+        out.append((k, float(err.mean()), cover, len(g)))
+    return out
+
+
+def plot_errors_by_group(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Mean |error| (bars) and interval coverage (labels) by blur, stain and true-count bin."""
+    true = np.array([float(r["true"]) for r in rows])
+    bins = _count_bins(true)
+
+    def count_bin(r: Mapping[str, Any]) -> str:
+        t = float(r["true"])
+        for i, (a, b) in enumerate(bins):
+            if t <= b or i == len(bins) - 1:
+                return f"{a:g}-{b:g}"
+        return ""  # pragma: no cover
+
+    order = {f"{a:g}-{b:g}": i for i, (a, b) in enumerate(bins)}
+    panels = [
+        ("blur", _group_stats(rows, lambda r: r.get("blur"))),
+        ("stain", _group_stats(rows, lambda r: r.get("stain"))),
+        ("true count", sorted(_group_stats(rows, count_bin), key=lambda s: order[s[0]])),
+    ]
+    fig = _figure(12.0, 3.8)
+    for ax, (name, stats) in zip(fig.subplots(1, 3), panels, strict=True):
+        if not stats:
+            ax.text(0.5, 0.5, f"no {name} in the file names", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        labels = [str(s[0]) for s in stats]
+        bars = ax.bar(labels, [s[1] for s in stats], color="tab:blue")
+        for bar, (_, _, cover, n) in zip(bars, stats, strict=True):
+            ax.annotate(
+                f"{cover:.0%}\nn={n}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+        ax.set_xlabel(name)
+        ax.set_ylabel("mean |error| (cells)")
+        ax.margins(y=0.25)
+        ax.tick_params(axis="x", labelsize=7, rotation=30 if name == "true count" else 0)
+    fig.suptitle("error by group (labels: coverage of the interval, images)", fontsize=10)
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def plot_reliability(
+    curves: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    title: str = "reliability of the intervals",
+    n: int | None = None,
+) -> Path:
+    """Observed vs nominal coverage, one line per method (``curves`` from ``reliability``).
+
+    With ``n`` (images), a band of ±2 binomial standard deviations around the
+    diagonal shows the scatter expected of a perfectly calibrated interval.
+    """
+    levels = np.asarray(curves["level"], dtype=float)
+    fig = _figure(5.0, 5.0)
+    ax = fig.subplots()
+    if n:
+        band = 2 * np.sqrt(levels * (1 - levels) / n)
+        ax.fill_between(levels, levels - band, levels + band, color="0.85", label=f"±2 sd, n={n}")
+    ax.plot([0.45, 1.0], [0.45, 1.0], "k--", lw=0.8, label="ideal")
+    styles = {"conformal": "o-", "temperature": "s-", "gaussian": "^-"}
+    for method, values in curves.items():
+        if method != "level":
+            ax.plot(levels, values, styles.get(method, "x-"), ms=4, label=method)
+    ax.set_xlim(0.45, 1.0)
+    ax.set_ylim(min(0.45, float(np.min([v for k, v in curves.items() if k != "level"]))), 1.0)
+    ax.set_xlabel("nominal level")
+    ax.set_ylabel("observed coverage")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+# -- the page ------------------------------------------------------------------
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em; max-width: 1300px; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { max-width: 100%; }
+.failure { margin: 1em 0 2em; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+_METRIC_COLUMNS = ("n", "mae", "rmse", "r2", "max_abs_error", "coverage", "mean_half_width")
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return _esc(value)
+
+
+def _metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    head = "".join(f"<th>{_esc(c)}</th>" for c in ("group", *_METRIC_COLUMNS))
+    body = "".join(
+        "<tr>"
+        + f"<td>{_esc(group)}</td>"
+        + "".join(f"<td>{_fmt(values.get(c, '-'))}</td>" for c in _METRIC_COLUMNS)
+        + "</tr>"
+        for group, values in metrics.items()
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _safe_stem(name: str, used: set[str]) -> str:
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(name).stem) or "image"
+    candidate, k = stem, 1
+    while candidate in used:
+        k += 1
+        candidate = f"{stem}_{k}"
+    used.add(candidate)
+    return candidate
+
+
+def write_report(
+    evaluation: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    counter: CellCounter,
+    data: str | Path,
+    max_failures: int = 24,
+    levels: Sequence[float] = RELIABILITY_LEVELS,
+    progress: bool = False,
+) -> Path:
+    """Write ``out_dir/index.html`` and its PNGs for an evaluation.
+
+    Parameters
+    ----------
+    evaluation : mapping
+        What :func:`celltally.evaluation.evaluate_folder` returns (``rows`` with
+        ``file``, ``true``, ``count``, ``std``, ``low``, ``high``, ``blur``,
+        ``stain``; ``metrics``; ``level``). Not modified.
+    out_dir : path
+        Created if missing; existing report files are overwritten.
+    counter : CellCounter
+        The model that was evaluated (explanations and calibration come from it).
+    data : path
+        The evaluated folder: images are found by the rows' file names.
+    max_failures : int
+        At most this many failures get an explanation panel, the worst first
+        (largest error in units of the interval's half-width); the rest are listed.
+    levels : sequence of float
+        Nominal levels of the reliability diagram.
+
+    Returns
+    -------
+    Path
+        The ``index.html`` written.
+    """
+    from tqdm.auto import tqdm
+
+    from celltally.evaluation import labelled_files
+    from celltally.explain import explain_image, explanation_figure
+
+    out = Path(out_dir)
+    (out / "failures").mkdir(parents=True, exist_ok=True)
+    level = float(evaluation["level"])
+    paths = {p.name: p for p, _ in labelled_files(data)}
+    rows = []
+    for row in tqdm(evaluation["rows"], desc="measures", disable=not progress, unit="img"):
+        path = paths.get(row["file"])
+        if path is None:
+            raise io.InputError(f"{data}: {row['file']} is in the evaluation but not in the folder")
+        rows.append({**row, **image_measures(io.read_image(path), float(row["count"]))})
+    if not rows:
+        raise ValueError("the evaluation has no rows to report")
+
+    plot_pred_vs_true(rows, out / "pred_vs_true.png", level=level)
+    plot_errors_by_group(rows, out / "error_by_group.png")
+    y = [float(r["true"]) for r in rows]
+    mu = [float(r["count"]) for r in rows]
+    sigma = [float(r["std"]) for r in rows]
+    curves = reliability(y, mu, sigma, counter.calibration, levels=levels)
+    plot_reliability(curves, out / "reliability.png", n=len(rows))
+
+    def severity(r: Mapping[str, Any]) -> float:
+        half = max((float(r["high"]) - float(r["low"])) / 2, 1e-6)
+        return abs(float(r["count"]) - float(r["true"])) / half
+
+    failures = sorted((r for r in rows if _outside(r)), key=severity, reverse=True)
+    shown = failures[:max_failures]
+    groups = assign_causes(rows, shown)
+    used: set[str] = set()
+    panels: dict[str, str] = {}
+    for row in tqdm(shown, desc="explanations", disable=not progress, unit="img"):
+        expl = explain_image(
+            counter, paths[row["file"]], true_count=float(row["true"]), level=level
+        )
+        name = f"failures/{_safe_stem(row['file'], used)}.png"
+        explanation_figure(expl, out / name)
+        panels[row["file"]] = name
+
+    reliability_rows = "".join(
+        f"<tr><td>{lv:.3g}</td>"
+        + "".join(f"<td>{curves[m][i]:.3f}</td>" for m in curves if m != "level")
+        + "</tr>"
+        for i, lv in enumerate(curves["level"])
+    )
+    methods = [m for m in curves if m != "level"]
+    default = counter.calibration.get("default", "conformal") if counter.calibration else "none"
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>celltally evaluation: {_esc(evaluation.get('model', counter.name))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Evaluation of model {_esc(evaluation.get('model', counter.name))}</h1>",
+        f"<p>Data: <code>{_esc(evaluation.get('data', data))}</code>; {len(rows)} images; "
+        f"intervals at {level:.0%} (calibration used: {_esc(default)}"
+        f"{', with ensemble spread' if counter.epistemic else ''}).</p>",
+        "<h2>Accuracy and coverage</h2>",
+        _metrics_table(evaluation.get("metrics", {})),
+        "<h2>Predicted vs true</h2><img src='pred_vs_true.png' alt='predicted vs true'>",
+        "<h2>Error by blur, stain and count</h2>",
+        "<img src='error_by_group.png' alt='error by group'>",
+        "<h2>Reliability diagram</h2>",
+        "<p class='note'>Observed coverage of the interval at each nominal level. "
+        "conformal: split-conformal quantile of |y - mu| / sigma on the calibration split; "
+        "temperature: sigma scaled by T fitted by maximum likelihood on the same split; "
+        "gaussian: the model's sigma taken at its word.</p>",
+        "<img src='reliability.png' alt='reliability diagram'>",
+        "<table><tr><th>nominal</th>"
+        + "".join(f"<th>{_esc(m)}</th>" for m in methods)
+        + f"</tr>{reliability_rows}</table>",
+        f"<h2>Failures: truth outside the {level:.0%} interval "
+        f"({len(failures)} of {len(rows)})</h2>",
+        "<p class='note'>Each failure is put under the cause whose measure is most extreme "
+        f"among all {len(rows)} evaluated images, if worse than {CAUSE_RANK:.0%} of them "
+        "(the percentages are those ranks). Measures: "
+        + "; ".join(_esc(desc) for _, _, desc in CAUSES.values())
+        + ". They are correlated (blur also merges cells), so read them as leads, "
+        "not diagnoses.</p>",
+    ]
+    if len(failures) > len(shown):
+        parts.append(
+            f"<p class='note'>The {len(shown)} worst failures are shown; "
+            f"{len(failures) - len(shown)} more are listed in the table below.</p>"
+        )
+    titles = {cause: desc for cause, (_, _, desc) in CAUSES.items()}
+    titles[NO_CAUSE] = "no measured cause stands out"
+    for cause, members in groups.items():
+        parts.append(f"<h3>{_esc(titles[cause])} ({len(members)})</h3>")
+        for row, ranks in members:
+            rank_text = ", ".join(f"{c} {v:.0%}" for c, v in ranks.items())
+            warn = f"; warning: {_esc(row['warning'])}" if row.get("warning") else ""
+            parts.append(
+                "<div class='failure'>"
+                f"<p><b>{_esc(row['file'])}</b>: true {row['true']:g}, predicted "
+                f"{float(row['count']):.1f} [{float(row['low']):.1f}, {float(row['high']):.1f}]; "
+                f"blur {_esc(row.get('blur'))}, stain {_esc(row.get('stain'))}; "
+                f"sharpness {row['sharpness']:.3g}, cells/object {row['cells_per_object']:.2f}, "
+                f"solidity {row['solidity']:.3f}; worse than: {_esc(rank_text)}{warn}</p>"
+                f"<img src='{_esc(panels[row['file']])}' alt='explanation of "
+                f"{_esc(row['file'])}'></div>"
+            )
+    rest = failures[len(shown) :]
+    if rest:
+        parts.append("<table><tr><th>file</th><th>true</th><th>count</th><th>low</th>")
+        parts.append("<th>high</th></tr>")
+        parts += [
+            f"<tr><td>{_esc(r['file'])}</td><td>{r['true']:g}</td><td>{float(r['count']):.1f}</td>"
+            f"<td>{float(r['low']):.1f}</td><td>{float(r['high']):.1f}</td></tr>"
+            for r in rest
+        ]
+        parts.append("</table>")
+    parts.append("</body></html>")
+    index = out / "index.html"
+    index.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return index

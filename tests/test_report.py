@@ -1,0 +1,152 @@
+"""The evaluation report (celltally.report) and `celltally evaluate --report`."""
+
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import blob_image
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from celltally.cli import app
+from celltally.counter import CellCounter
+from celltally.evaluation import evaluate_folder
+from celltally.report import CAUSE_RANK, NO_CAUSE, assign_causes, image_measures, write_report
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine: 2 threads spin on each other (~10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def discs(centres, shape=(80, 80), radius=8):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    image = np.zeros(shape)
+    for cy, cx in centres:
+        image += 200 * ((yy - cy) ** 2 + (xx - cx) ** 2 < radius**2)
+    return np.clip(image + 5, 0, 255).astype(np.uint8)
+
+
+def test_image_measures_see_focus_overlap_and_shape():
+    sharp = blob_image(15, seed=4)
+    blurred = ndimage.gaussian_filter(sharp.astype(float), 4)
+    assert image_measures(blurred, 15)["sharpness"] < 0.2 * image_measures(sharp, 15)["sharpness"]
+
+    apart = image_measures(discs([(20, 20), (60, 60)]), 2)
+    touching = image_measures(discs([(40, 34), (40, 46)]), 2)
+    assert apart["objects"] == 2 and apart["cells_per_object"] == 1.0
+    assert touching["objects"] == 1 and touching["cells_per_object"] == 2.0
+    assert touching["solidity"] < apart["solidity"]
+
+    star = np.zeros((80, 80), dtype=np.uint8) + 5
+    star[38:42, 10:70] = 200
+    star[10:70, 38:42] = 200  # a plus sign: its convex hull is mostly empty
+    assert image_measures(star, 1)["solidity"] < 0.5 < apart["solidity"]
+    flat = image_measures(np.full((20, 20), 7, dtype=np.uint8), 0)
+    assert flat == {"sharpness": 0.0, "objects": 0, "cells_per_object": 0.0, "solidity": 1.0}
+
+
+def test_assign_causes_ranks_against_all_images():
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "file": f"{i}",
+            "cells_per_object": float(rng.uniform(1, 2)),
+            "sharpness": float(rng.uniform(1, 2)),
+            "solidity": float(rng.uniform(0.8, 0.9)),
+        }
+        for i in range(100)
+    ]
+    blurry = {**rows[0], "sharpness": 0.1}  # sharper images: all others
+    clumped = {**rows[1], "cells_per_object": 9.0}
+    typical = {"file": "t", "cells_per_object": 1.5, "sharpness": 1.5, "solidity": 0.85}
+    groups = assign_causes([*rows, blurry, clumped], [blurry, clumped, typical])
+    assert [r["file"] for r, _ in groups["focus"]] == ["0"]
+    assert [r["file"] for r, _ in groups["overlap"]] == ["1"]
+    assert [r["file"] for r, _ in groups[NO_CAUSE]] == ["t"]
+    ranks = groups[NO_CAUSE][0][1]
+    assert max(ranks.values()) < CAUSE_RANK and set(ranks) == {"overlap", "focus", "shape"}
+
+
+@pytest.fixture
+def labelled_folder(tmp_path):
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    for i, n in enumerate((2, 6, 11, 17, 25)):
+        image = blob_image(n, seed=10 + i)
+        if i == 3:
+            image = ndimage.gaussian_filter(image, 3)
+        tifffile.imwrite(
+            folder / f"SIMCEPImages_A{i + 1:02d}_C{n}_F{1 + 22 * (i == 3)}_s01_w1.TIF", image
+        )
+    return folder
+
+
+class _Sources(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_report_renders_and_its_images_exist(tiny_model, labelled_folder, tmp_path):
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    evaluation = evaluate_folder(labelled_folder, model=counter)
+    before = [dict(r) for r in evaluation["rows"]]
+    index = write_report(evaluation, tmp_path / "report", counter=counter, data=labelled_folder)
+    assert evaluation["rows"] == before  # the evaluation is not modified
+    text = index.read_text()
+    parser = _Sources()
+    parser.feed(text)
+    assert {"pred_vs_true.png", "error_by_group.png", "reliability.png"} <= set(parser.sources)
+    for src in parser.sources:
+        assert (index.parent / src).is_file() and (index.parent / src).stat().st_size > 1000
+    # An untrained model misses most truths: every miss has an explanation panel.
+    misses = [r for r in evaluation["rows"] if not r["low"] <= r["true"] <= r["high"]]
+    panels = [s for s in parser.sources if s.startswith("failures/")]
+    assert misses and len(panels) == len(misses)
+    assert f"({len(misses)} of 5)" in text
+    for row in misses:
+        assert row["file"] in text
+    assert re.search(r"<td>0\.95</td>", text)  # the reliability table lists nominal 0.95
+
+
+def test_report_caps_the_gallery(tiny_model, labelled_folder, tmp_path):
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    evaluation = evaluate_folder(labelled_folder, model=counter)
+    index = write_report(
+        evaluation, tmp_path / "r", counter=counter, data=labelled_folder, max_failures=1
+    )
+    assert len(list((index.parent / "failures").glob("*.png"))) == 1
+    assert "more are listed in the table below" in index.read_text()
+
+
+def test_cli_evaluate_report(tiny_model, labelled_folder, tmp_path):
+    out = tmp_path / "rep"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(labelled_folder),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(tmp_path / "ev.json"),
+            "--report",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "index.html").is_file() and (out / "reliability.png").is_file()
+    assert "report ->" in result.output

@@ -71,9 +71,11 @@ def post(url: str, body: bytes) -> tuple[float, dict, int]:
     return elapsed, payload, len(raw)
 
 
-def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
+def start_server(model: str, port: int, log: Path, threads: int | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "celltally.cli", "serve", "--port", str(port)]
     command += ["--model", model]
+    if threads is not None:
+        command += ["--threads", str(threads)]
     with log.open("w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -133,6 +135,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=40, help="per mode")
     parser.add_argument("--model", default=None, help="default: the shipped bbbc005 model")
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="server's PyTorch threads")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="per mode")
     parser.add_argument("--out", default="benchmarks/results/web_latency.json")
     args = parser.parse_args()
@@ -151,7 +154,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        process = start_server(str(model_dir), port, Path(tmp) / "server.log")
+        process = start_server(str(model_dir), port, Path(tmp) / "server.log", args.threads)
         try:
             rows = [
                 run_mode(url, bodies, flag, args.requests, args.concurrency, args.max_seconds)
@@ -169,7 +172,7 @@ def main() -> int:
     )
     print(
         f"model {model_dir.name}, 696x520 8-bit TIFF, one per request, "
-        f"concurrency {args.concurrency}, loopback"
+        f"concurrency {args.concurrency}, server threads {args.threads or 'default'}, loopback"
     )
     print(header)
     for r in rows:
@@ -183,6 +186,8 @@ def main() -> int:
         "benchmark": "web_latency",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": model_dir.name,
+        "server_threads": args.threads,
+        "concurrency": args.concurrency,
         "image": "696x520 uint8 TIFF (simulated), one file per request",
         "machine": {
             "platform": platform.platform(),

@@ -1,0 +1,273 @@
+"""Do the intervals mean what they say? Coverage on held-out real data, three calibrations.
+
+    python benchmarks/calibration.py [--bbbc005 ../shared/data/bbbc005] [--model bbbc005]
+        [--bbbc039 ../shared/data/bbbc039] [--model039 nuclei] [--epistemic]
+
+For each data set the calibrations are fitted on the model's own calibration
+split and measured on its test split (never seen in training or calibration):
+
+- BBBC005: calibration = site 8, test = sites 9-10 (split by scene, as trained);
+- BBBC039: the calibration / test file lists stored in the model's config.
+
+Methods: split-conformal on |y - mu| / sigma (celltally's default), temperature
+scaling of sigma (one factor fitted by maximum likelihood), and the raw
+Gaussian interval (sigma taken at its word). Reported: coverage at nominal
+0.8 / 0.9 / 0.95 (with the binomial sd of a perfectly calibrated interval on
+this many images), the mean half-width of the 95% interval per true count
+(BBBC005: compared with the paper's ±1.8 at 14 cells and ±3.6 at 96), the
+out-of-distribution warning rate, and a reliability diagram (docs/reliability.png).
+
+Prints tables and writes benchmarks/results/calibration.json. Skips a data set
+cleanly when its folder or model is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from celltally import io, naming
+from celltally.calibration import (
+    METHODS,
+    RELIABILITY_LEVELS,
+    calibrate,
+    coverage,
+    interval_multiplier,
+    reliability,
+)
+from celltally.counter import CellCounter
+from celltally.evaluation import labelled_files
+
+LEVELS = (0.8, 0.9, 0.95)
+PAPER_HALF_WIDTH = {14: 1.8, 96: 3.6}  # Hernández et al. 2018, BBBC005, 95% intervals
+
+
+def predict(counter: CellCounter, pairs: list[tuple[Path, float]]) -> dict[str, np.ndarray]:
+    """Counts, stds and warnings of ``pairs`` (path, truth); unreadable files abort."""
+    truth = dict(pairs)
+    y, mu, sigma, warn, names = [], [], [], [], []
+    for path, result in counter.count_paths([p for p, _ in pairs]):
+        if isinstance(result, Exception):
+            raise result
+        y.append(truth[path])
+        mu.append(result.count)
+        sigma.append(result.std)
+        warn.append(bool(result.warning))
+        names.append(path.name)
+    return {
+        "y": np.array(y),
+        "mu": np.array(mu),
+        "sigma": np.array(sigma),
+        "warning": np.array(warn),
+        "names": names,
+    }
+
+
+def measure(cal: dict, test: dict, stored: dict) -> dict:
+    """Fit the calibrations on ``cal``; coverage, widths, reliability on ``test``."""
+    block = calibrate(cal["y"], cal["mu"], cal["sigma"])
+    n = len(test["y"])
+    out: dict = {
+        "n_calibration": len(cal["y"]),
+        "n_test": n,
+        "temperature": block["temperature"],
+        "stored_temperature": stored.get("temperature"),
+        "stored_scores_match": bool(
+            len(stored.get("scores") or []) == len(block["scores"])
+            and np.allclose(stored["scores"], block["scores"], atol=2e-3)
+        ),
+        "mae": float(np.mean(np.abs(test["mu"] - test["y"]))),
+        "warning_rate": float(np.mean(test["warning"])),
+        "coverage": {},
+        "binomial_sd": {f"{lv:g}": math.sqrt(lv * (1 - lv) / n) for lv in LEVELS},
+        "multiplier": {},
+    }
+    for method in METHODS:
+        out["coverage"][method] = {
+            f"{lv:g}": coverage(
+                test["y"], test["mu"], test["sigma"], interval_multiplier(block, lv, method)
+            )
+            for lv in LEVELS
+        }
+        out["multiplier"][method] = {
+            f"{lv:g}": interval_multiplier(block, lv, method) for lv in LEVELS
+        }
+    out["reliability"] = reliability(
+        test["y"], test["mu"], test["sigma"], block, levels=RELIABILITY_LEVELS
+    )
+    q95 = interval_multiplier(block, 0.95, "conformal")
+    # Half the width of [max(0, mu - q sigma), mu + q sigma], as CountResult reports it.
+    half = (test["mu"] + q95 * test["sigma"] - np.maximum(0, test["mu"] - q95 * test["sigma"])) / 2
+    by_count: dict[str, dict] = {}
+    for c in np.unique(test["y"]):
+        sel = test["y"] == c
+        by_count[f"{c:g}"] = {
+            "n": int(sel.sum()),
+            "mean_half_width_95": float(half[sel].mean()),
+            "mae": float(np.mean(np.abs(test["mu"][sel] - c))),
+            "coverage_95": float(
+                np.mean(np.abs(test["y"][sel] - test["mu"][sel]) <= q95 * test["sigma"][sel])
+            ),
+        }
+    out["by_count"] = by_count
+    out["mean_half_width_95"] = float(half.mean())
+    return out
+
+
+def bbbc005_splits(data: Path) -> tuple[list, list]:
+    pairs = labelled_files(data)
+    site = {p: naming.parse_name(p.name).site for p, _ in pairs}
+    cal = [(p, c) for p, c in pairs if site[p] == 8]
+    test = [(p, c) for p, c in pairs if site[p] in (9, 10)]
+    return cal, test
+
+
+def bbbc039_splits(data: Path, config: dict) -> tuple[list, list] | None:
+    split = config.get("training", {}).get("split", {})
+    if not split.get("calibration") or not split.get("test"):
+        return None
+    table = io.read_counts_csv(data / "counts.csv")
+    folder = data / "images"
+    cal = [(folder / n, float(table[n])) for n in split["calibration"]]
+    test = [(folder / n, float(table[n])) for n in split["test"]]
+    return cal, test
+
+
+def print_summary(name: str, res: dict) -> None:
+    print(f"\n{name}: {res['n_test']} test images, calibration on {res['n_calibration']}")
+    print(
+        f"  MAE {res['mae']:.2f}; temperature T = {res['temperature']:.3f}; "
+        f"OOD warnings on {res['warning_rate']:.1%} of test images"
+    )
+    head = "  method        " + "".join(f"  cover@{lv:g}" for lv in LEVELS) + "   q@0.95"
+    print(head)
+    for method in METHODS:
+        cov = res["coverage"][method]
+        print(
+            f"  {method:<13}"
+            + "".join(f"  {cov[f'{lv:g}']:>8.3f}" for lv in LEVELS)
+            + f"   {res['multiplier'][method]['0.95']:.2f}"
+        )
+    sds = "".join(f"  {res['binomial_sd'][f'{lv:g}']:>8.3f}" for lv in LEVELS)
+    print(f"  {'binomial sd':<13}{sds}")
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5 * len(results), 5), dpi=100, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(results)))
+    styles = {"conformal": "o-", "temperature": "s-", "gaussian": "^-"}
+    for ax, (name, res) in zip(axes, results.items(), strict=True):
+        curves = res["reliability"]
+        levels = np.array(curves["level"])
+        band = 2 * np.sqrt(levels * (1 - levels) / res["n_test"])
+        ax.fill_between(levels, levels - band, levels + band, color="0.85", label="±2 sd")
+        ax.plot([0.45, 1], [0.45, 1], "k--", lw=0.8, label="ideal")
+        for method in METHODS:
+            ax.plot(levels, curves[method], styles[method], ms=4, label=method)
+        low = min(0.45, min(min(curves[m]) for m in METHODS))
+        ax.set_xlim(0.45, 1.0)
+        ax.set_ylim(low, 1.0)
+        ax.set_xlabel("nominal level")
+        ax.set_ylabel("observed coverage on the test split")
+        ax.set_title(f"{name} (n={res['n_test']})", fontsize=10)
+        ax.legend(loc="lower right", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def load_counter(model: str, epistemic: bool) -> CellCounter | None:
+    try:
+        return CellCounter.from_pretrained(model, epistemic=epistemic)
+    except io.InputError as err:
+        print(f"skipped: {err}")
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bbbc005", default="../shared/data/bbbc005")
+    parser.add_argument("--model", default="bbbc005")
+    parser.add_argument("--bbbc039", default="../shared/data/bbbc039")
+    parser.add_argument("--model039", default="nuclei")
+    parser.add_argument("--epistemic", action="store_true", help="use the models' ensembles")
+    parser.add_argument("--out", default="benchmarks/results/calibration.json")
+    parser.add_argument("--figure", default="docs/reliability.png")
+    args = parser.parse_args()
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+
+    data = Path(args.bbbc005)
+    if not data.exists():
+        print(f"skipped BBBC005: {data} not found (real data is not part of the repository)")
+    elif (counter := load_counter(args.model, args.epistemic)) is not None:
+        cal_pairs, test_pairs = bbbc005_splits(data)
+        cal, test = predict(counter, cal_pairs), predict(counter, test_pairs)
+        res = measure(cal, test, counter.calibration)
+        res["model"] = args.model
+        res["paper_half_width_95"] = {
+            f"{c}": {"paper": w, "ours": res["by_count"].get(f"{c}", {}).get("mean_half_width_95")}
+            for c, w in PAPER_HALF_WIDTH.items()
+        }
+        blurs = {}
+        q95 = interval_multiplier(calibrate(cal["y"], cal["mu"], cal["sigma"]), 0.95)
+        for blur in sorted({naming.parse_name(n).blur for n in test["names"]}):
+            sel = np.array([naming.parse_name(n).blur == blur for n in test["names"]])
+            inside = np.abs(test["y"][sel] - test["mu"][sel]) <= q95 * test["sigma"][sel]
+            blurs[f"F{blur}"] = {"n": int(sel.sum()), "coverage_95": float(inside.mean())}
+        res["coverage_95_by_blur"] = blurs
+        results["BBBC005 sites 9-10"] = res
+        print_summary("BBBC005 (held-out sites 9-10)", res)
+        print("  95% half-width by true count (conformal):")
+        for c, v in res["by_count"].items():
+            paper = PAPER_HALF_WIDTH.get(int(float(c)))
+            ref = f"   paper ±{paper}" if paper else ""
+            print(
+                f"    {c:>4} cells: ±{v['mean_half_width_95']:.2f}  (coverage "
+                f"{v['coverage_95']:.2f}, MAE {v['mae']:.2f}, n={v['n']}){ref}"
+            )
+        print(
+            "  95% coverage by blur: "
+            + ", ".join(f"{k} {v['coverage_95']:.3f}" for k, v in blurs.items())
+        )
+
+    data = Path(args.bbbc039)
+    if not data.exists():
+        print(f"skipped BBBC039: {data} not found")
+    elif (counter := load_counter(args.model039, args.epistemic)) is not None:
+        splits = bbbc039_splits(data, counter.config)
+        if splits is None:
+            print(f"skipped BBBC039: model {args.model039} stores no calibration/test file lists")
+        else:
+            cal, test = predict(counter, splits[0]), predict(counter, splits[1])
+            res = measure(cal, test, counter.calibration)
+            res["model"] = args.model039
+            results["BBBC039 test split"] = res
+            print_summary("BBBC039 (held-out test split)", res)
+
+    if not results:
+        print("nothing measured")
+        return 0
+    plot(results, Path(args.figure))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": "python " + " ".join(sys.argv),
+        "epistemic": args.epistemic,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "results": results,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nreliability diagram -> {args.figure}; results -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -371,6 +371,7 @@ def test_serve_command_errors_are_one_line(tiny_model, tmp_path):
         (["--port", "0"], "--port"),
         (["--max-files", "0"], "--max-files"),
         (["--max-mb", "-1"], "--max-mb"),
+        (["--threads", "0"], "--threads"),
     ]:
         result = runner.invoke(cli, ["serve", "--model", str(tiny_model), *args])
         assert result.exit_code == 2 and f"error: {text}" in result.output, result.output

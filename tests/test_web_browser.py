@@ -54,7 +54,7 @@ def server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "celltally.cli", "serve", "--port", str(port)]
-    command += ["--model", str(tiny_model)]
+    command += ["--model", str(tiny_model), "--threads", "1"]
     with log.open("w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

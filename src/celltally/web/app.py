@@ -38,6 +38,7 @@ is created, and used by one request at a time.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -60,6 +61,8 @@ from celltally.web import render
 from celltally.web.uploads import RequestRejected, Upload, UploadLimits, receive_uploads
 
 __all__ = ["create_app", "STATIC_DIR"]
+
+logger = logging.getLogger("celltally.web")
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -259,6 +262,8 @@ class _Service:
                     result, saliency_map = self.counter.count(image, level=level), None
         except io.InputError as err:
             return _failure(upload.name, 422, str(err))
+        if not math.isfinite(result.count):
+            return _failure(upload.name, 500, "the model gave no finite count for this image")
         size = render.display_size(image.shape, self.display_side)
         uncertainty, unc_scale = render.heat_png(result.mask_std, size, cmap="viridis")
         sal_png, sal_scale = (None, None)
@@ -478,9 +483,13 @@ def create_app(
                         )
                     )
                     continue
-                result = await anyio.to_thread.run_sync(
-                    service.count_file, upload, req_level, req_saliency
-                )
+                try:
+                    result = await anyio.to_thread.run_sync(
+                        service.count_file, upload, req_level, req_saliency
+                    )
+                except Exception:  # a bug must not lose the rest of the batch
+                    logger.exception("counting %s failed", upload.name)
+                    result = _failure(upload.name, 500, "internal error while counting")
                 results.append(result)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

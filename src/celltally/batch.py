@@ -588,6 +588,7 @@ def run_batch(
     read_threads: int = 2,
     progress: bool = False,
     log: Log = _quiet,
+    on_commit: Callable[[int], None] | None = None,
 ) -> BatchSummary:
     """Count every image under ``paths`` into the resumable CSV ``out``.
 
@@ -627,6 +628,9 @@ def run_batch(
         Show a progress bar.
     log : callable, optional
         Receives one-line notes (resuming, cluster address).
+    on_commit : callable, optional
+        Called after each batch of rows is on disk with the number of images this run
+        has handled so far (counted + failed).
 
     Returns
     -------
@@ -676,10 +680,9 @@ def run_batch(
         if found.rows or found.torn_bytes:
             torn = f", a torn last row ({found.torn_bytes} B) dropped" if found.torn_bytes else ""
             log(f"resuming {out_paths.results}: {found.rows} image(s) already counted{torn}")
-        if results.size() == 0:
-            results.write_header()
         out_paths.errors.unlink(missing_ok=True)
         run["rows_before"] = found.rows
+        # the manifest first: a CSV that has a header always has its manifest
         manifest = _start_manifest(
             out_paths,
             old,
@@ -687,6 +690,8 @@ def run_batch(
             settings={"level": level, "batch_size": batch_size, "recursive": recursive},
             run=run,
         )
+        if results.size() == 0:
+            results.write_header()
 
         def todo() -> Iterator[Path]:
             for path in files:
@@ -705,6 +710,8 @@ def run_batch(
             errors.add([(name, msg) for name, row, msg in outcomes if row is None])
             summary.counted += len(rows)
             bar.update(len(outcomes))
+            if on_commit is not None:
+                on_commit(summary.counted + errors.count)
 
         try:
             if dask:

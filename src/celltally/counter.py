@@ -19,6 +19,15 @@ import torch
 from celltally import io, naming
 from celltally.calibration import interval_multiplier, ood_features, ood_warning
 from celltally.models.pipeline import CountingPipeline, counter_input
+from celltally.tiling import (
+    DEFAULT_MARGIN,
+    DEFAULT_TILE,
+    FRAME_TOLERANCE,
+    count_density,
+    model_scale,
+    model_shape,
+    rescale_factor,
+)
 from celltally.transforms import prepare_image
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -80,6 +89,14 @@ def available_models() -> list[str]:
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").exists())
 
 
+@dataclass(frozen=True)
+class ModelScaleImage:
+    """An image prepared at the model's pixel scale (not one native frame): counted in tiles."""
+
+    prepared: np.ndarray
+    raw_shape: tuple[int, ...]
+
+
 class CellCounter:
     """Count cells with a trained two-stage model.
 
@@ -99,14 +116,34 @@ class CellCounter:
         device: str | torch.device | None = None,
         members: Sequence[torch.nn.Module] = (),
         calibration: str | None = None,
+        channel: int | None = None,
+        norm: dict[str, Any] | None = None,
+        pixel_size: float | None = None,
+        diameter: float | None = None,
+        tile: int = DEFAULT_TILE,
+        margin: int = DEFAULT_MARGIN,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
         self.members = [m.eval().to(self.device) for m in members]
         self.config = config
         self.input_size = tuple(config["input_size"])
-        self.norm = dict(config.get("normalization", {}))
+        self.norm = dict(config.get("normalization", {}) if norm is None else norm)
         self.name = str(config.get("name", "model"))
+        # Reading and scale options (see celltally.tiling): images that are not
+        # one native frame are counted at the model's pixel scale, in tiles.
+        self.channel = channel
+        self.scale = model_scale(config)
+        self.factor = rescale_factor(
+            self.scale, pixel_size=pixel_size, diameter=diameter, model_name=f"model {self.name}"
+        )
+        self.tile, self.margin = int(tile), int(margin)
+        self.density_head = getattr(model.counter, "head", "fc") == "density"
+        if not self.density_head and self.factor != 1.0:
+            raise io.InputError(
+                f"model {self.name} has the paper's fixed-frame 'fc' head, which cannot "
+                "rescale images; --pixel-size/--diameter need a density-head model"
+            )
         self.calibration_method = calibration
         block = dict(config.get("calibration") or {})
         if self.members and block.get("epistemic"):
@@ -129,6 +166,7 @@ class CellCounter:
         device: str | None = None,
         epistemic: bool = False,
         calibration: str | None = None,
+        **options: Any,
     ) -> CellCounter:
         """Load a shipped model by name, or any model folder (config.json + model.safetensors).
 
@@ -136,6 +174,11 @@ class CellCounter:
         (``ensemble_<k>.safetensors``, see ``celltally.uncertainty``) and adds
         their spread to the std. ``calibration`` picks the interval method
         ('conformal' default, 'temperature', 'gaussian'; see ``celltally.calibration``).
+        ``options`` go to the constructor: ``channel`` (plane of multi-channel
+        files), ``norm`` (normalization replacing the model's, see
+        ``tiling.merge_normalization``), ``pixel_size`` (micrometres) or
+        ``diameter`` (typical object diameter, px) to rescale images to the
+        model's scale, ``tile``/``margin`` (model px) for large images.
         """
         from safetensors.torch import load_file
 
@@ -148,7 +191,9 @@ class CellCounter:
             from celltally.uncertainty import load_members
 
             members = load_members(folder, config)
-        return cls(model, config, device=device, members=members, calibration=calibration)
+        return cls(
+            model, config, device=device, members=members, calibration=calibration, **options
+        )
 
     # -- intervals -------------------------------------------------------
     def multiplier(self, level: float = 0.95, method: str | None = None) -> float:
@@ -164,6 +209,48 @@ class CellCounter:
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Resize and normalize a raw 2-D image as the model expects."""
         return prepare_image(image, size=self.input_size, norm=self.norm)
+
+    def read(self, path: str | Path) -> np.ndarray:
+        """Read an image file with this counter's ``channel``."""
+        return io.read_image(path, channel=self.channel)
+
+    def prepare_any(self, image: np.ndarray) -> np.ndarray | ModelScaleImage:
+        """``prepare`` for a native frame; otherwise the image at the model's pixel scale.
+
+        A native frame (its size at the model's scale is the input size) is
+        resized to ``input_size`` and counted in batches. Any other size is
+        resized by the model's pixel scale (times the ``pixel_size``/``diameter``
+        factor), normalized as a whole and returned wrapped, to be counted in
+        tiles (density head). The paper's 'fc' head counts one fixed frame: an
+        image up to 10% larger than its native frame (or any smaller one) is
+        resized into it, a larger one is refused.
+        """
+        shape = model_shape(image.shape, self.scale, self.factor)
+        if shape == self.input_size:
+            return self.prepare(image)
+        if not self.density_head:
+            if any(s > FRAME_TOLERANCE * n for s, n in zip(shape, self.input_size, strict=True)):
+                native = self.scale.native_size
+                raise io.InputError(
+                    f"image of {image.shape[1]}x{image.shape[0]} px is larger than the "
+                    f"{native[1]}x{native[0]} frame that model {self.name} (the paper's "
+                    "fixed-size 'fc' head) counts; use a density-head model such as "
+                    "bbbc005 or nuclei, which count any size in tiles"
+                )
+            return self.prepare(image)
+        return ModelScaleImage(prepare_image(image, size=shape, norm=self.norm), image.shape)
+
+    def _count_scaled(self, item: ModelScaleImage) -> tuple:
+        """Raw result tuple (as ``_forward``'s) of a model-scale image, counted in tiles."""
+        out = count_density(
+            self.model,
+            item.prepared,
+            tile=self.tile,
+            margin=self.margin,
+            device=self.device,
+            members=self.members,
+        )
+        return (out.count, np.sqrt(out.variance), out.mask, out.mask_std, out.epistemic_std)
 
     @torch.inference_mode()
     def _forward(self, prepared: Sequence[np.ndarray]) -> list[tuple]:
@@ -217,13 +304,16 @@ class CellCounter:
         source = None
         if isinstance(image, str | Path):
             source = str(image)
-            image = io.read_image(image)
+            image = self.read(image)
         array = np.asarray(image)
         if array.ndim != 2:
             raise io.InputError(f"expected a 2-D image, got an array of shape {array.shape}")
         if not np.isfinite(array).all():
             raise io.InputError("image contains NaN or infinite values")
-        return self._result(self._forward([self.prepare(array)])[0], level, source)
+        prepared = self.prepare_any(array)
+        if isinstance(prepared, ModelScaleImage):
+            return self._result(self._count_scaled(prepared), level, source)
+        return self._result(self._forward([prepared])[0], level, source)
 
     def count_paths(
         self,
@@ -241,9 +331,9 @@ class CellCounter:
         cannot be read yields its ``ImageReadError`` and the rest go on.
         """
 
-        def load(path: Path) -> np.ndarray | Exception:
+        def load(path: Path) -> np.ndarray | ModelScaleImage | Exception:
             try:
-                return self.prepare(io.read_image(path))
+                return self.prepare_any(self.read(path))
             except (io.ImageReadError, io.InputError) as err:
                 return err
 
@@ -263,11 +353,13 @@ class CellCounter:
                 chunk, pending[:] = pending[:batch_size], pending[batch_size:]
                 refill()
                 loaded = [(p, f.result()) for p, f in chunk]
-                good = [(p, a) for p, a in loaded if not isinstance(a, Exception)]
+                good = [(p, a) for p, a in loaded if isinstance(a, np.ndarray)]
                 outs = self._forward([a for _, a in good]) if good else []
                 by_path = {id(a): o for (_, a), o in zip(good, outs, strict=True)}
                 for path, item in loaded:
                     if isinstance(item, Exception):
                         yield path, item
+                    elif isinstance(item, ModelScaleImage):
+                        yield path, self._result(self._count_scaled(item), level, str(path))
                     else:
                         yield path, self._result(by_path[id(item)], level, str(path))

@@ -67,6 +67,23 @@ class CountingPipeline(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.counter(counter_input(mask, mask_logvar, image, self.counter_inputs))
 
+    @property
+    def density_stride(self) -> int:
+        """Input pixels per density cell along each side (the mask is at half size)."""
+        return 2 * self.counter.stride
+
+    def density(self, image: torch.Tensor) -> PipelineOutput:
+        """Like ``forward`` but ``count``/``count_logvar`` are per-cell maps (density head only).
+
+        Shapes: ``(N, H / s, W / s)`` with ``s = density_stride``; summing the
+        count map (and the exponentiated log-variance map) over all cells gives
+        ``forward``'s count (and variance).
+        """
+        mask, mask_logvar = self.segmenter(image, levels=1)[0]
+        x = counter_input(mask, mask_logvar, image, self.counter_inputs)
+        dens, log_var = self.counter.density(x)
+        return PipelineOutput(mask, mask_logvar, dens, log_var)
+
     def forward(self, image: torch.Tensor) -> PipelineOutput:
         mask, mask_logvar = self.segmenter(image, levels=1)[0]
         count, count_logvar = self.count_from_mask(mask, mask_logvar, image)

@@ -136,6 +136,22 @@ class VGGCounter(nn.Module):
         self.count_scale = float(count_scale)
         nn.init.constant_(self.count_head[-1].bias, 1.0)
 
+    @property
+    def stride(self) -> int:
+        """Input pixels per feature-grid cell along each side (2 ** number of pools)."""
+        return 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.features)
+
+    def density(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-cell count and log-variance maps, each ``(N, H / stride, W / stride)``.
+
+        Only for ``head='density'``: their sums over the grid are ``forward``'s
+        count and variance, so the count of any block of cells is the sum of its
+        cells (what tiling uses). Raises ``ValueError`` for the fixed-size 'fc' head.
+        """
+        if self.head != "density":
+            raise ValueError("the 'fc' counter head has no density map; it counts whole frames")
+        return self.density_head.density(self.features(x))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.head == "density":
             return self.density_head(self.features(x))

@@ -1,0 +1,376 @@
+"""Train the shipped `nuclei` model on real BBBC039 (Hoechst-stained U2OS nuclei, 16-bit).
+
+    python scripts/train_nuclei.py --data ../shared/data/bbbc039 --out runs/nuclei
+
+Split (fixed, by a seeded hash of the file name, see ``split_names``): the 20
+images with the smallest ``sha1("bbbc039-split-0:" + name)`` are the test set
+(never used for training or calibration), the next 20 the calibration set
+(split-conformal scores), the remaining 60 the training set. The lists are
+written into the model folder's config.json.
+
+Recipe (the small preset's architecture, at the BBBC005 model's scale: a
+696 x 520 frame is 256 x 192 model pixels, ~2.71 raw px per model px):
+
+1. Segmenter (FPN) on whole frames: foreground = union of the instance masks
+   (BBBC039's label PNGs: channel 0, the 4-connected components of each colour).
+2. Counter (VGG density head) on random crops of the frozen segmenter's mask +
+   image, with the 8 flips/rotations. Each crop is supervised cell by cell: the
+   true density puts ``1 / area`` on every pixel of an instance, so a cell's
+   target is the (fractional) number of nuclei it holds and the cells of a
+   frame sum to its count. Loss: beta-NLL per cell + beta-NLL of the crop total.
+3. Calibration: split-conformal scores |y - mu| / sigma on whole calibration
+   frames; test metrics on the 20 held-out frames.
+
+``--simulated N`` adds N simulated 16-bit nuclei scenes (celltally.simulate,
+stain 1, in focus, counts 0-230, exact instance labels) to both stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage as ndi
+
+from celltally import io
+from celltally.calibration import conformal_quantile, conformal_scores
+from celltally.datasets import LabeledSet
+from celltally.losses import gaussian_nll
+from celltally.metrics import count_metrics
+from celltally.models.pipeline import CountingPipeline, counter_input
+from celltally.models.presets import get_preset
+from celltally.train import predict_counts, predict_masks, save_model_folder, train_segmenter
+from celltally.transforms import prepare_image, resize_area
+
+SPLIT_SALT = "bbbc039-split-0"
+N_TEST = 20
+N_CAL = 20
+NATIVE = (520, 696)
+
+
+def split_names(names: list[str], *, n_test: int = N_TEST, n_cal: int = N_CAL) -> dict:
+    """Test / calibration / train lists ordered by ``sha1(SPLIT_SALT + ':' + name)``."""
+    order = sorted(names, key=lambda n: hashlib.sha1(f"{SPLIT_SALT}:{n}".encode()).hexdigest())
+    return {
+        "test": sorted(order[:n_test]),
+        "calibration": sorted(order[n_test : n_test + n_cal]),
+        "train": sorted(order[n_test + n_cal :]),
+    }
+
+
+def read_instances(path: Path) -> np.ndarray:
+    """BBBC039 label PNG -> instance labels (the 4-connected components of each colour)."""
+    colours = np.asarray(Image.open(path))[..., 0]
+    labels = np.zeros(colours.shape, dtype=np.int32)
+    four = ndi.generate_binary_structure(2, 1)
+    for value in np.unique(colours[colours > 0]):
+        lab, n = ndi.label(colours == value, structure=four)
+        labels[lab > 0] = lab[lab > 0] + labels.max()
+    return labels
+
+
+def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix summing fractional pixel overlaps: preserves totals exactly."""
+    edges = np.linspace(0.0, n_in, n_out + 1)
+    starts, stops = np.arange(n_in), np.arange(1, n_in + 1)
+    lo = np.maximum(edges[:-1, None], starts[None])
+    hi = np.minimum(edges[1:, None], stops[None])
+    return np.clip(hi - lo, 0.0, None)
+
+
+def instance_density(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Count density at ``shape``: each instance spreads 1 over its pixels; sums to the count."""
+    areas = np.bincount(labels.ravel()).astype(np.float64)
+    weight = np.zeros_like(areas)
+    weight[1:] = np.where(areas[1:] > 0, 1.0 / np.maximum(areas[1:], 1), 0.0)
+    dens = weight[labels]
+    out = _pool_matrix(labels.shape[0], shape[0]) @ dens @ _pool_matrix(labels.shape[1], shape[1]).T
+    return out.astype(np.float32)
+
+
+def prepare_set(items, size, norm, source: str) -> tuple[LabeledSet, torch.Tensor]:
+    """(raw image, instance labels, name) items -> LabeledSet + densities at mask size."""
+    images, masks, counts, meta, dens = [], [], [], [], []
+    half = (size[0] // 2, size[1] // 2)
+    for raw, labels, name in items:
+        images.append(prepare_image(raw, size=size, norm=norm))
+        masks.append(resize_area(labels > 0, size))
+        counts.append(float(len(np.unique(labels)) - 1))
+        dens.append(instance_density(labels, half))
+        meta.append({"name": name, "scene": name, "source": source})
+    data = LabeledSet(
+        torch.from_numpy(np.stack(images)[:, None]),
+        torch.from_numpy(np.stack(masks)[:, None]),
+        torch.tensor(counts, dtype=torch.float32),
+        meta,
+    )
+    return data, torch.from_numpy(np.stack(dens)[:, None])
+
+
+def load_bbbc039(root: Path, names: list[str], size, norm) -> tuple[LabeledSet, torch.Tensor]:
+    table = io.read_counts_csv(root / "counts.csv")
+    items = []
+    for name in names:
+        raw = io.read_image(root / "images" / name)
+        labels = read_instances(root / "masks" / (Path(name).stem + ".png"))
+        n = len(np.unique(labels)) - 1
+        if n != int(table[name]):
+            raise SystemExit(f"{name}: {n} instances in the mask but counts.csv says {table[name]}")
+        items.append((raw, labels, name))
+    return prepare_set(items, size, norm, "bbbc039")
+
+
+def simulated_items(n: int, seed: int, counts: tuple[int, int]):
+    from celltally.simulate import SimulationParams, simulate_scene
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        count = int(rng.integers(counts[0], counts[1] + 1))
+        params = SimulationParams(cluster_probability=float(rng.choice([0.0, 0.25])))
+        sim = simulate_scene(
+            count, blur=1, stain=1, bit_depth=16, seed=seed * 100_003 + i, params=params
+        )
+        yield sim.image, np.asarray(sim.labels, dtype=np.int32), f"sim{seed}_{i}_C{count}"
+
+
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 symmetries of a square (k in 0..7) on the last two axes."""
+    if k >= 4:
+        x = x.transpose(-2, -1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def train_counter_cells(
+    model: CountingPipeline,
+    data: LabeledSet,
+    density: torch.Tensor,
+    *,
+    val: LabeledSet,
+    epochs: int,
+    steps: int,
+    batch_size: int,
+    crop: int,
+    lr: float,
+    beta: float,
+    seed: int,
+    log=print,
+) -> list[dict]:
+    """Counter stage on random square crops (at mask size) with per-cell count targets."""
+    gen = torch.Generator().manual_seed(seed)
+    mask, logvar = predict_masks(model, data.images)
+    inputs = counter_input(mask, logvar, data.images, model.counter_inputs)
+    vmask, vlogvar = predict_masks(model, val.images)
+    val_inputs = counter_input(vmask, vlogvar, val.images, model.counter_inputs)
+    counter = model.counter
+    cell = counter.stride
+    h, w = inputs.shape[-2:]
+    optimizer = torch.optim.Adam(counter.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.2
+    )
+    history = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        counter.train()
+        total = 0.0
+        for _ in range(steps):
+            idx = torch.randint(0, inputs.shape[0], (batch_size,), generator=gen)
+            ys = torch.randint(0, h - crop + 1, (batch_size,), generator=gen)
+            xs = torch.randint(0, w - crop + 1, (batch_size,), generator=gen)
+            k = int(torch.randint(0, 8, (1,), generator=gen))
+            x = torch.stack(
+                [
+                    inputs[i, :, y : y + crop, x0 : x0 + crop]
+                    for i, y, x0 in zip(idx, ys, xs, strict=True)
+                ]
+            )
+            d = torch.stack(
+                [
+                    density[i, :, y : y + crop, x0 : x0 + crop]
+                    for i, y, x0 in zip(idx, ys, xs, strict=True)
+                ]
+            )
+            x, d = _dihedral(x, k), _dihedral(d, k)
+            target = torch.nn.functional.avg_pool2d(d, cell)[:, 0] * cell * cell
+            dens, lv = counter.density(x)
+            cell_loss = gaussian_nll(dens, target, lv, beta=beta)
+            crop_loss = gaussian_nll(
+                dens.sum((-2, -1)),
+                target.sum((-2, -1)),
+                torch.logsumexp(lv.flatten(1), 1),
+                beta=beta,
+            )
+            loss = cell_loss + crop_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item()
+        counter.eval()
+        with torch.inference_mode():
+            m, lv = counter(val_inputs)
+        err = (m - val.counts).abs()
+        record = {
+            "epoch": epoch + 1,
+            "loss": round(total / steps, 4),
+            "val_mae": round(float(err.mean()), 3),
+            "val_max": round(float(err.max()), 2),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        history.append(record)
+        log("counter " + " ".join(f"{k}={v}" for k, v in record.items()))
+    return history
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/bbbc039")
+    parser.add_argument("--out", default="runs/nuclei")
+    parser.add_argument("--simulated", type=int, default=0)
+    parser.add_argument("--seg-epochs", type=int, default=60)
+    parser.add_argument("--seg-lr", type=float, default=2e-3)
+    parser.add_argument("--count-epochs", type=int, default=30)
+    parser.add_argument("--count-steps", type=int, default=60, help="batches per counter epoch")
+    parser.add_argument("--count-lr", type=float, default=2e-3)
+    parser.add_argument("--crop", type=int, default=64, help="counter crop side (mask px)")
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--init", help="model folder whose weights start training")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    root = Path(args.data)
+    config = get_preset("small")
+    config["preset"] = "small"
+    config["name"] = "nuclei"
+    config["normalization"] = {"method": "percentile", "low": 0.5, "high": 99.95}
+    size = config["input_size"]
+    norm = config["normalization"]
+    with (root / "counts.csv").open() as handle:
+        names = [row["image"] for row in csv.DictReader(handle)]
+    split = split_names(names)
+    t0 = time.perf_counter()
+    train, train_dens = load_bbbc039(root, split["train"], size, norm)
+    cal, _ = load_bbbc039(root, split["calibration"], size, norm)
+    test, _ = load_bbbc039(root, split["test"], size, norm)
+    print(f"loaded {len(train)}/{len(cal)}/{len(test)} in {time.perf_counter() - t0:.0f}s")
+    sources = [f"BBBC039 real, {len(train)} training images (16-bit Hoechst U2OS nuclei)"]
+    if args.simulated:
+        sim, sim_dens = prepare_set(
+            simulated_items(args.simulated, 5000 + args.seed, (0, 230)), size, norm, "simulated"
+        )
+        train = LabeledSet.concat([train, sim])
+        train_dens = torch.cat([train_dens, sim_dens])
+        sources.append(
+            f"simulated: {args.simulated} 16-bit in-focus nuclei scenes (celltally.simulate "
+            f"stain 1, counts 0-230, cluster probability 0 or 0.25, seed {5000 + args.seed})"
+        )
+    model = CountingPipeline(config)
+    if args.init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(args.init) / "model.safetensors")))
+    cpu = torch.device("cpu")
+    seg_history = []
+    if args.seg_epochs > 0:
+        seg_history = train_segmenter(
+            model,
+            train,
+            val=cal,
+            epochs=args.seg_epochs,
+            batch_size=8,
+            lr=args.seg_lr,
+            tv_weight=1e-3,
+            seed=args.seed,
+            device=cpu,
+            progress=False,
+        )
+    count_history = train_counter_cells(
+        model,
+        train,
+        train_dens,
+        val=cal,
+        epochs=args.count_epochs,
+        steps=args.count_steps,
+        batch_size=32,
+        crop=args.crop,
+        lr=args.count_lr,
+        beta=args.beta,
+        seed=args.seed,
+    )
+    model.eval()
+    mean, std = predict_counts(model, cal.images, device=cpu)
+    scores = conformal_scores(cal.counts.numpy(), mean, std)
+    q = conformal_quantile(scores, 0.95)
+    tmean, tstd = predict_counts(model, test.images, device=cpu)
+    truth = test.counts.numpy()
+    low, high = np.maximum(tmean - q * tstd, 0.0), tmean + q * tstd
+    metrics = count_metrics(truth, tmean, low=low, high=high)
+    config["scale"] = {
+        "native_size": list(NATIVE),
+        "object_diameter_px": 28.3,
+        "note": "median equivalent diameter of BBBC039's annotated nuclei, raw pixels",
+    }
+    config["train"]["segmenter"].update(epochs=args.seg_epochs, lr=args.seg_lr, batch_size=8)
+    config["train"]["counter"].update(
+        epochs=args.count_epochs,
+        steps_per_epoch=args.count_steps,
+        lr=args.count_lr,
+        batch_size=32,
+        crop=args.crop,
+        beta=args.beta,
+        loss="beta-NLL per density cell + beta-NLL of the crop total",
+    )
+    config["training"] = {
+        "data": sources,
+        "split": {
+            "by": f"sha1('{SPLIT_SALT}:' + file name): 20 smallest test, next 20 calibration",
+            "n_train": len(split["train"]),
+            "n_calibration": len(split["calibration"]),
+            "n_test": len(split["test"]),
+            "test": split["test"],
+            "calibration": split["calibration"],
+        },
+        "masks": "union of BBBC039's instance masks; counter targets: per-instance 1/area density",
+        "command": "python scripts/train_nuclei.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)
+        ),
+        "seed": args.seed,
+    }
+    config["history"] = {"segmenter": seg_history, "counter": count_history}
+    config["calibration"] = {
+        "method": "split-conformal on |y - mu| / sigma",
+        "n": int(scores.size),
+        "scores": [round(float(v), 5) for v in scores],
+    }
+    config["metrics"] = {
+        "test": {
+            "all": {k: round(float(v), 4) for k, v in metrics.items()},
+            "rows": [
+                {
+                    "file": n,
+                    "true": float(t),
+                    "count": round(float(m), 2),
+                    "std": round(float(s), 3),
+                }
+                for n, t, m, s in zip(split["test"], truth, tmean, tstd, strict=True)
+            ],
+        }
+    }
+    save_model_folder(model, config, args.out)
+    print(json.dumps(config["metrics"]["test"]["all"], indent=1))
+    print(f"saved {args.out}  ({time.perf_counter() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""Counting images of any size at the model's pixel scale, in overlapping tiles.
+
+A model folder is trained on frames of ``scale.native_size`` raw pixels
+(696 x 520 for every shipped model) resized to its ``input_size`` (256 x
+192), so one model pixel is ~2.71 raw pixels. An image of another size is
+resized by that same factor (optionally corrected by ``--pixel-size`` or
+``--diameter``), normalized once as a whole, padded to a multiple of the
+density grid (32 model px) and cut into overlapping windows. Each window
+owns a core of whole density cells; the cores tile the image without
+overlap, so summing the density head's per-cell counts over each window's
+core counts every cell exactly once. The margin around a core only gives the
+network context. Per-cell variances add the same way.
+
+Why this design (measured in ``benchmarks/bbbc039.py``): the density head is
+additive by construction, so tiling needs no blending weights and no
+overlap correction; the only difference from one whole-image pass is the
+context a cell sees beyond its window's margin.
+
+The paper's 'fc' head regresses one number per fixed-size frame and has no
+map to split between tiles: images larger than its native frame are refused
+with a message (summing whole-tile counts would double-count cells on the
+tile borders).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from celltally import io
+from celltally.transforms import DEFAULT_NORMALIZATION
+
+#: The frame every shipped model was trained on (BBBC005 / BBBC039), (height, width).
+DEFAULT_NATIVE_SIZE = (520, 696)
+#: Default window side and margin, in model pixels (multiples of the density stride).
+DEFAULT_TILE = 512
+DEFAULT_MARGIN = 64
+#: Model pixels per network batch of windows when counting in tiles.
+WINDOW_PIXELS = 4 * DEFAULT_TILE**2
+#: An image up to this much larger than the native frame still counts as one frame.
+FRAME_TOLERANCE = 1.1
+
+
+@dataclass(frozen=True)
+class ModelScale:
+    """The pixel scale a model was trained at.
+
+    Attributes
+    ----------
+    native_size : (height, width) of the raw training frames.
+    input_size : (height, width) the frames were resized to (model pixels).
+    object_diameter_px : typical object diameter in raw training pixels, if recorded.
+    pixel_size_um : raw training pixel size in micrometres, if recorded.
+    """
+
+    native_size: tuple[int, int]
+    input_size: tuple[int, int]
+    object_diameter_px: float | None = None
+    pixel_size_um: float | None = None
+
+    @property
+    def raw_per_model(self) -> tuple[float, float]:
+        """Raw pixels per model pixel along y and x (~2.71 for 696 x 520 -> 256 x 192)."""
+        return (
+            self.native_size[0] / self.input_size[0],
+            self.native_size[1] / self.input_size[1],
+        )
+
+
+def model_scale(config: Mapping[str, Any]) -> ModelScale:
+    """The ``ModelScale`` of a model configuration (``config['scale']``, else BBBC defaults)."""
+    info = dict(config.get("scale") or {})
+    native = tuple(int(v) for v in info.get("native_size", DEFAULT_NATIVE_SIZE))
+    diameter = info.get("object_diameter_px")
+    pixel = info.get("pixel_size_um")
+    return ModelScale(
+        native_size=(native[0], native[1]),
+        input_size=(int(config["input_size"][0]), int(config["input_size"][1])),
+        object_diameter_px=None if diameter is None else float(diameter),
+        pixel_size_um=None if pixel is None else float(pixel),
+    )
+
+
+def rescale_factor(
+    scale: ModelScale,
+    *,
+    pixel_size: float | None = None,
+    diameter: float | None = None,
+    model_name: str = "the model",
+) -> float:
+    """Factor that brings the user's pixels to the model's raw training pixels (1 = same).
+
+    Parameters
+    ----------
+    pixel_size : float, optional
+        The user's pixel size in micrometres; needs the model's ``pixel_size_um``.
+    diameter : float, optional
+        Typical object diameter in the user's images, in pixels; needs the
+        model's ``object_diameter_px``. Objects twice the model's diameter give 0.5.
+
+    Raises
+    ------
+    InputError
+        For both options at once, a non-positive value, or a model that does
+        not record the scale the option refers to.
+    """
+    if pixel_size is not None and diameter is not None:
+        raise io.InputError("give --pixel-size or --diameter, not both")
+    if pixel_size is not None:
+        if not pixel_size > 0 or not math.isfinite(pixel_size):
+            raise io.InputError(f"--pixel-size must be a positive number, got {pixel_size}")
+        if scale.pixel_size_um is None:
+            raise io.InputError(
+                f"{model_name} does not record the pixel size it was trained at; "
+                "use --diameter (typical object diameter in pixels) instead"
+            )
+        return float(pixel_size) / scale.pixel_size_um
+    if diameter is not None:
+        if not diameter > 0 or not math.isfinite(diameter):
+            raise io.InputError(f"--diameter must be a positive number, got {diameter}")
+        if scale.object_diameter_px is None:
+            raise io.InputError(
+                f"{model_name} does not record the object diameter it was trained at; "
+                "count without --diameter, or resize the images yourself"
+            )
+        return scale.object_diameter_px / float(diameter)
+    return 1.0
+
+
+def model_shape(shape: Sequence[int], scale: ModelScale, factor: float = 1.0) -> tuple[int, int]:
+    """Size in model pixels of a raw image of ``shape`` (rounded, at least 1 x 1)."""
+    sy, sx = scale.raw_per_model
+    return (
+        max(1, round(int(shape[0]) * factor / sy)),
+        max(1, round(int(shape[1]) * factor / sx)),
+    )
+
+
+def merge_normalization(
+    base: Mapping[str, Any] | None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    disable: bool = False,
+) -> dict[str, Any]:
+    """The model's normalization with the user's overrides (``--norm-low/--norm-high/--no-norm``).
+
+    Giving a percentile switches the method to 'percentile'. Raises ``InputError``
+    for percentiles outside [0, 100], ``low >= high``, or percentiles with ``disable``.
+    """
+    norm = {**DEFAULT_NORMALIZATION, **dict(base or {})}
+    if disable:
+        if low is not None or high is not None:
+            raise io.InputError("--no-norm cannot be combined with --norm-low/--norm-high")
+        return {**norm, "method": "none"}
+    if low is None and high is None:
+        return norm
+    lo = float(norm.get("low", 0.5)) if low is None else float(low)
+    hi = float(norm.get("high", 99.95)) if high is None else float(high)
+    if not (0.0 <= lo < hi <= 100.0):
+        raise io.InputError(
+            f"normalization percentiles must satisfy 0 <= low < high <= 100, got {lo} and {hi}"
+        )
+    return {**norm, "method": "percentile", "low": lo, "high": hi}
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One window of a padded canvas and the core of it that the window owns.
+
+    ``window`` and ``core`` are ``(y0, y1, x0, x1)`` in canvas (model) pixels;
+    the core lies inside the window and all cores tile the canvas exactly.
+    """
+
+    window: tuple[int, int, int, int]
+    core: tuple[int, int, int, int]
+
+
+def _axis_tiles(length: int, window: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """(window start, window stop, core start, core stop) along one axis."""
+    if length <= window:
+        return [(0, length, 0, length)]
+    step = window - 2 * margin
+    out = []
+    for c0 in range(0, length, step):
+        c1 = min(c0 + step, length)
+        w0 = min(max(c0 - margin, 0), length - window)  # shift, never shrink, at the edges
+        out.append((w0, w0 + window, c0, c1))
+    return out
+
+
+def plan_tiles(
+    shape: Sequence[int],
+    *,
+    tile: int = DEFAULT_TILE,
+    margin: int = DEFAULT_MARGIN,
+    stride: int = 32,
+) -> list[Tile]:
+    """Windows of side ``tile`` whose cores (``tile - 2 margin``) cover ``shape`` once.
+
+    ``shape`` is the padded canvas (multiples of ``stride``); ``tile`` and
+    ``margin`` must be multiples of ``stride`` with ``tile > 2 margin``, so every
+    core is a block of whole density cells. A canvas no larger than ``tile``
+    along an axis is one window along it.
+    """
+    if tile % stride or margin % stride or tile <= 2 * margin or margin < 0:
+        raise ValueError(
+            f"tile ({tile}) and margin ({margin}) must be multiples of {stride} "
+            "with tile > 2 * margin"
+        )
+    if shape[0] % stride or shape[1] % stride:
+        raise ValueError(f"canvas {tuple(shape)} is not a multiple of the stride {stride}")
+    ys = _axis_tiles(int(shape[0]), tile, margin)
+    xs = _axis_tiles(int(shape[1]), tile, margin)
+    return [
+        Tile(window=(wy0, wy1, wx0, wx1), core=(cy0, cy1, cx0, cx1))
+        for wy0, wy1, cy0, cy1 in ys
+        for wx0, wx1, cx0, cx1 in xs
+    ]
+
+
+@dataclass
+class DensityCount:
+    """The count of one prepared (model-scale) image from the density head.
+
+    Attributes
+    ----------
+    count, variance : sums of the per-cell counts and variances (with an ensemble:
+        the members' mean count; mean aleatoric variance + variance of the members' counts).
+    epistemic_std : std of the members' counts, None without an ensemble.
+    density, density_var : per-cell maps over the padded canvas (stride x stride model px each).
+    mask, mask_std : foreground probability and its std at half the model-scale size.
+    tiles : number of windows the network ran on (1 = one whole-image pass).
+    """
+
+    count: float
+    variance: float
+    epistemic_std: float | None
+    density: np.ndarray
+    density_var: np.ndarray
+    mask: np.ndarray
+    mask_std: np.ndarray
+    tiles: int
+
+
+def padded_shape(shape: Sequence[int], stride: int) -> tuple[int, int]:
+    """``shape`` rounded up to multiples of ``stride``."""
+    return (
+        int(math.ceil(shape[0] / stride) * stride),
+        int(math.ceil(shape[1] / stride) * stride),
+    )
+
+
+@torch.inference_mode()
+def count_density(
+    model: torch.nn.Module,
+    prepared: np.ndarray,
+    *,
+    tile: int | None = DEFAULT_TILE,
+    margin: int = DEFAULT_MARGIN,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    members: Sequence[torch.nn.Module] = (),
+) -> DensityCount:
+    """Count a prepared 2-D image (model scale, normalized) with a density-head pipeline.
+
+    The image is padded with zeros (the normalized background, as the
+    network's own zero padding) to a multiple of the density stride. With
+    ``tile=None`` the network runs once on the whole canvas; otherwise on
+    windows of ``tile`` model pixels whose owned cores are summed (see
+    ``plan_tiles``). Memory then depends on ``tile`` and ``batch_size``, not on
+    the image size.
+
+    ``batch_size`` windows go through the network at once (default: as many as
+    hold ``4 * 512**2`` model pixels, ~1 GB of activations for the small preset).
+
+    ``members`` are extra counter heads (a deep ensemble, ``celltally.uncertainty``):
+    the count is then the members' mean (the main counter included) and the
+    variance the mean aleatoric variance plus the variance of the members' totals.
+    """
+    from celltally.models.pipeline import counter_input
+
+    array = np.asarray(prepared, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected a prepared 2-D image, got shape {array.shape}")
+    stride = int(model.density_stride)
+    height, width = array.shape
+    canvas_shape = padded_shape(array.shape, stride)
+    canvas = np.zeros(canvas_shape, dtype=np.float32)
+    canvas[:height, :width] = array
+    if tile is None:
+        whole = (0, canvas_shape[0], 0, canvas_shape[1])
+        tiles = [Tile(window=whole, core=whole)]
+    else:
+        tiles = plan_tiles(canvas_shape, tile=tile, margin=margin, stride=stride)
+    gy, gx = canvas_shape[0] // stride, canvas_shape[1] // stride
+    counters = [model.counter, *members]
+    density = np.zeros((len(counters), gy, gx), dtype=np.float64)
+    density_var = np.zeros((len(counters), gy, gx), dtype=np.float64)
+    mask = np.zeros((canvas_shape[0] // 2, canvas_shape[1] // 2), dtype=np.float32)
+    mask_std = np.zeros_like(mask)
+    model = model.eval()
+    if batch_size is None:
+        wy0, wy1, wx0, wx1 = tiles[0].window
+        batch_size = max(1, WINDOW_PIXELS // ((wy1 - wy0) * (wx1 - wx0)))
+    for start in range(0, len(tiles), max(1, batch_size)):
+        chunk = tiles[start : start + max(1, batch_size)]
+        x = torch.from_numpy(
+            np.stack([canvas[t.window[0] : t.window[1], t.window[2] : t.window[3]] for t in chunk])
+        )[:, None].to(device)
+        mask_t, mask_logvar = model.segmenter(x, levels=1)[0]
+        planes = counter_input(mask_t, mask_logvar, x, model.counter_inputs)
+        outs = [c.density(planes) for c in counters]
+        dens = torch.stack([o[0] for o in outs], 1).double().cpu().numpy()
+        var = torch.exp(torch.stack([o[1] for o in outs], 1).double()).cpu().numpy()
+        m = mask_t[:, 0].cpu().numpy()
+        ms = torch.exp(0.5 * mask_logvar[:, 0]).cpu().numpy()
+        for i, t in enumerate(chunk):
+            wy0, _, wx0, _ = t.window
+            cy0, cy1, cx0, cx1 = t.core
+            # Cores and windows are multiples of the stride: whole cells, exact slices.
+            cells = (
+                slice((cy0 - wy0) // stride, (cy1 - wy0) // stride),
+                slice((cx0 - wx0) // stride, (cx1 - wx0) // stride),
+            )
+            dest = (slice(cy0 // stride, cy1 // stride), slice(cx0 // stride, cx1 // stride))
+            density[(slice(None), *dest)] = dens[i][(slice(None), *cells)]
+            density_var[(slice(None), *dest)] = var[i][(slice(None), *cells)]
+            half = (
+                slice((cy0 - wy0) // 2, (cy1 - wy0) // 2),
+                slice((cx0 - wx0) // 2, (cx1 - wx0) // 2),
+            )
+            mdest = (slice(cy0 // 2, cy1 // 2), slice(cx0 // 2, cx1 // 2))
+            mask[mdest] = m[i][half]
+            mask_std[mdest] = ms[i][half]
+    mh, mw = (height + 1) // 2, (width + 1) // 2
+    totals = density.sum((1, 2))
+    spread_var = float(totals.var()) if len(counters) > 1 else 0.0
+    return DensityCount(
+        count=float(totals.mean()),
+        variance=float(density_var.sum((1, 2)).mean()) + spread_var,
+        epistemic_std=math.sqrt(spread_var) if len(counters) > 1 else None,
+        density=density.mean(0).astype(np.float32),
+        density_var=density_var.mean(0).astype(np.float32),
+        mask=mask[:mh, :mw].copy(),
+        mask_std=mask_std[:mh, :mw].copy(),
+        tiles=len(tiles),
+    )
+
+
+def resize_to(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Bilinear resize of a 2-D float map to ``shape`` (e.g. a mask back to the raw image)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    out = F.interpolate(tensor, size=(int(shape[0]), int(shape[1])), mode="bilinear")
+    return out[0, 0].numpy()

@@ -1,0 +1,126 @@
+"""Per-object output (labels, object table, overlay) and CellProfiler-style per-image rows."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from scipy import ndimage as ndi
+
+from celltally.objects import (
+    CELLPROFILER_COLUMNS,
+    cellprofiler_rows,
+    label_objects,
+    object_table,
+    overlay_image,
+    save_objects,
+    write_cellprofiler_csv,
+)
+from celltally.simulate import simulate_scene
+from celltally.transforms import resize_area
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return simulate_scene(60, blur=1, stain=1, bit_depth=16, seed=11)
+
+
+def half_model_mask(mask: np.ndarray) -> np.ndarray:
+    """A truth mask at the resolution ``CountResult.mask`` has for a 696 x 520 frame."""
+    return resize_area(mask.astype(np.float32), (96, 128))
+
+
+def test_labels_follow_the_count_and_find_the_true_objects(scene):
+    labels = label_objects(half_model_mask(scene.mask), 60.0, shape=scene.image.shape)
+    assert labels.shape == scene.image.shape and labels.dtype == np.int32
+    found = np.unique(labels[labels > 0])
+    assert 55 <= found.size <= 60
+    ids = np.unique(scene.labels[scene.labels > 0])
+    centres = ndi.center_of_mass(np.ones(scene.labels.shape), scene.labels, ids)
+    hits = [labels[int(round(y)), int(round(x))] for y, x in centres]
+    assert np.mean(np.asarray(hits) > 0) > 0.95
+    assert len({h for h in hits if h}) / ids.size > 0.9  # distinct objects, not one blob
+
+
+def test_fewer_seeds_than_blobs_keeps_the_largest(scene):
+    labels = label_objects(half_model_mask(scene.mask), 5.4, shape=scene.image.shape)
+    assert np.unique(labels[labels > 0]).size == 5
+
+
+def test_empty_mask_or_zero_count_gives_no_objects():
+    mask = np.zeros((96, 128), dtype=np.float32)
+    assert not label_objects(mask, 12.0, shape=(520, 696)).any()
+    mask[10:20, 10:20] = 1.0
+    assert not label_objects(mask, 0.3, shape=(520, 696)).any()
+
+
+def test_object_table_centroids_and_areas():
+    labels = np.zeros((50, 60), dtype=np.int32)
+    labels[10:20, 5:15] = 1
+    labels[30:34, 40:50] = 3
+    rows = object_table(labels)
+    assert rows == [
+        {"label": 1, "centroid_y": 14.5, "centroid_x": 9.5, "area": 100},
+        {"label": 3, "centroid_y": 31.5, "centroid_x": 44.5, "area": 40},
+    ]
+    assert object_table(np.zeros((5, 5), dtype=np.int32)) == []
+
+
+def test_overlay_marks_each_point():
+    image = np.full((100, 120), 1000, dtype=np.uint16)
+    rgb = overlay_image(image, [(10, 10), (50.4, 99.6), (99, 119)])
+    assert rgb.shape == (100, 120, 3) and rgb.dtype == np.uint8
+    red = (rgb[..., 0] == 255) & (rgb[..., 1] == 40)
+    assert red[10, 10] and red[50, 100] and red[99, 119]
+    assert not red[80, 30]
+    assert np.array_equal(image, np.full((100, 120), 1000, dtype=np.uint16))  # input untouched
+
+
+def test_save_objects_writes_labels_table_and_overlay(scene, tmp_path):
+    out = save_objects(tmp_path / "objs", "a01", scene.image, half_model_mask(scene.mask), 60.2)
+    labels = tifffile.imread(out["labels"])
+    assert labels.shape == scene.image.shape
+    with out["objects"].open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == out["n"] == np.unique(labels[labels > 0]).size
+    assert list(rows[0]) == ["label", "centroid_y", "centroid_x", "area"]
+    first = rows[0]
+    y, x = round(float(first["centroid_y"])), round(float(first["centroid_x"]))
+    assert labels[y, x] == int(first["label"])
+    overlay = np.asarray(Image.open(out["overlay"]))
+    assert overlay.shape == (*scene.image.shape, 3)
+
+
+def test_cellprofiler_rows_and_file(tmp_path):
+    rows = [
+        {
+            "file": "plate1/SIMCEPImages_A05_C18_F1_s03_w1.TIF",
+            "count": "17.90",
+            "std": "1.2",
+            "low": "15.10",
+            "high": "20.70",
+            "plate": "",
+            "well": "A05",
+            "site": "3",
+        },
+        {"file": "x/other.tif", "count": "3.00", "std": "0.5", "low": "2.00", "high": "4.00"},
+    ]
+    table = cellprofiler_rows(rows)
+    assert table[0]["ImageNumber"] == "1" and table[1]["ImageNumber"] == "2"
+    assert table[0]["FileName"] == "SIMCEPImages_A05_C18_F1_s03_w1.TIF"
+    assert table[0]["PathName"] == "plate1"
+    assert (table[0]["Metadata_Well"], table[0]["Metadata_Site"]) == ("A05", "3")
+    assert table[1]["Metadata_Well"] == ""
+    assert (table[0]["Count"], table[0]["Count_Low"], table[0]["Count_High"]) == (
+        "17.90",
+        "15.10",
+        "20.70",
+    )
+    path = write_cellprofiler_csv(tmp_path / "out_Image.csv", rows)
+    with path.open() as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == CELLPROFILER_COLUMNS
+        assert len(list(reader)) == 2

@@ -1,0 +1,279 @@
+"""Counting at the model's scale: tile plans, tiled vs whole-image counts, scale and input options.
+
+Tolerance: tiled and whole-image counts of the same image agree within 0.1%
+(the only difference is the context a density cell sees beyond its window's
+margin); images here are generated, never ../shared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import blob_image, tiny_config
+
+from celltally import io
+from celltally.counter import CellCounter
+from celltally.models.pipeline import CountingPipeline
+from celltally.tiling import (
+    ModelScale,
+    count_density,
+    merge_normalization,
+    model_scale,
+    model_shape,
+    plan_tiles,
+    rescale_factor,
+)
+from celltally.transforms import prepare_image
+
+TOLERANCE = 1e-3
+
+
+def disc_image(count: int, *, shape, seed: int = 0, radius: int = 6) -> np.ndarray:
+    """Noisy uint16 background with ``count`` bright discs, stamped locally (fast at any size)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(200, 20, shape).clip(0, None)
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disc = (yy**2 + xx**2 <= radius**2) * 2000.0
+    for y, x in zip(
+        rng.integers(0, shape[0] - 2 * radius, count),
+        rng.integers(0, shape[1] - 2 * radius, count),
+        strict=True,
+    ):
+        image[y : y + 2 * radius + 1, x : x + 2 * radius + 1] += disc
+    return image.astype(np.uint16)
+
+
+def density_config() -> dict:
+    config = tiny_config()
+    config["counter"] = {
+        "width": 0.0625,
+        "fc": [8, 8],
+        "pool_size": [3, 4],
+        "count_scale": 1.0,
+        "head": "density",
+    }
+    config["name"] = "tiny-density"
+    return config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a busy 2-core machine, two spin-waiting threads run ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def density_counter() -> CellCounter:
+    torch.manual_seed(1)
+    config = density_config()
+    return CellCounter(CountingPipeline(config), config, device="cpu", tile=96, margin=32)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (96, 160), (352, 480), (640, 224)])
+@pytest.mark.parametrize(("tile", "margin"), [(96, 32), (128, 32), (256, 64)])
+def test_cores_cover_the_canvas_exactly_once(shape, tile, margin):
+    cover = np.zeros(shape, dtype=int)
+    for t in plan_tiles(shape, tile=tile, margin=margin, stride=32):
+        wy0, wy1, wx0, wx1 = t.window
+        cy0, cy1, cx0, cx1 = t.core
+        assert 0 <= wy0 <= cy0 < cy1 <= wy1 <= shape[0]
+        assert 0 <= wx0 <= cx0 < cx1 <= wx1 <= shape[1]
+        assert (wy1 - wy0, wx1 - wx0) == (min(tile, shape[0]), min(tile, shape[1]))
+        assert all(v % 32 == 0 for v in (*t.window, *t.core))
+        cover[cy0:cy1, cx0:cx1] += 1
+    assert (cover == 1).all()
+
+
+def test_bad_tile_plans_are_refused():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        plan_tiles((128, 128), tile=100, margin=32)
+    with pytest.raises(ValueError, match="tile > 2"):
+        plan_tiles((128, 128), tile=64, margin=32)
+    with pytest.raises(ValueError, match="not a multiple"):
+        plan_tiles((100, 128), tile=64, margin=0)
+
+
+def test_density_maps_sum_to_the_whole_frame_count():
+    torch.manual_seed(0)
+    model = CountingPipeline(density_config()).eval()
+    x = torch.from_numpy(prepare_image(blob_image(12, shape=(130, 174)), size=(64, 96)))
+    with torch.inference_mode():
+        whole = model(x[None, None])
+        dens = model.density(x[None, None])
+    assert dens.count.shape == (1, 2, 3)
+    assert dens.count.sum().item() == pytest.approx(whole.count.item(), rel=1e-5)
+    var = torch.exp(dens.count_logvar).sum().item()
+    assert var == pytest.approx(torch.exp(whole.count_logvar).item(), rel=1e-5)
+    result = count_density(model, x.numpy(), tile=None)
+    assert result.tiles == 1
+    assert result.count == pytest.approx(whole.count.item(), rel=1e-5)
+
+
+def test_fc_head_has_no_density_map():
+    model = CountingPipeline(tiny_config())
+    with pytest.raises(ValueError, match="'fc' counter head"):
+        model.density(torch.zeros(1, 1, 64, 96))
+
+
+@pytest.mark.parametrize(("tile", "margin"), [(96, 32), (160, 64)])
+def test_tiled_count_equals_whole_image_count(density_counter, tile, margin):
+    image = disc_image(300, shape=(1500, 1900), seed=4)
+    prepared = prepare_image(image, size=(185, 262), norm=None)
+    whole = count_density(density_counter.model, prepared, tile=None)
+    tiled = count_density(density_counter.model, prepared, tile=tile, margin=margin)
+    assert tiled.tiles > 4
+    assert tiled.count == pytest.approx(whole.count, rel=TOLERANCE)
+    assert tiled.variance == pytest.approx(whole.variance, rel=TOLERANCE)
+    assert tiled.mask.shape == whole.mask.shape == (93, 131)
+    np.testing.assert_allclose(tiled.mask, whole.mask, atol=1e-3)
+    np.testing.assert_allclose(tiled.density, whole.density, rtol=1e-2, atol=1e-4)
+
+
+def test_large_image_counts_in_bounded_windows(density_counter):
+    """A 4096 x 4096 image: the network never sees more than one tile-sized window."""
+    seen: list[tuple[int, ...]] = []
+    hook = density_counter.model.segmenter.register_forward_pre_hook(
+        lambda _m, args: seen.append(tuple(args[0].shape))
+    )
+    try:
+        result = density_counter.count(disc_image(2000, shape=(4096, 4096)))
+    finally:
+        hook.remove()
+    assert np.isfinite(result.count) and result.count > 0
+    assert np.isfinite(result.std) and result.std > 0
+    assert len(seen) > 1
+    assert max(s[-1] for s in seen) <= 96 and max(s[-2] for s in seen) <= 96
+    scale = model_scale(density_counter.config)
+    expected = model_shape((4096, 4096), scale)
+    assert result.mask.shape == ((expected[0] + 1) // 2, (expected[1] + 1) // 2)
+
+
+def test_native_frames_keep_the_batched_path(density_counter):
+    image = blob_image(20, shape=(520, 696))
+    assert isinstance(density_counter.prepare_any(image), np.ndarray)
+    other = density_counter.prepare_any(disc_image(20, shape=(700, 700)))
+    assert not isinstance(other, np.ndarray)
+    assert other.prepared.shape == model_shape((700, 700), density_counter.scale)
+
+
+def test_count_paths_mixes_frames_and_large_images(density_counter, tmp_path):
+    paths = []
+    for i, shape in enumerate([(520, 696), (1600, 1200), (520, 696)]):
+        path = tmp_path / f"img{i}.tif"
+        tifffile.imwrite(path, disc_image(30, shape=shape, seed=i))
+        paths.append(path)
+    results = dict(density_counter.count_paths(paths, batch_size=2))
+    assert set(results) == set(paths)
+    for path in paths:
+        assert results[path].count == pytest.approx(density_counter.count(path).count, rel=1e-4)
+
+
+def test_fc_head_refuses_images_larger_than_its_frame(tiny_model):
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    with pytest.raises(io.InputError, match="larger than the 696x520 frame"):
+        counter.count(disc_image(5, shape=(1040, 1392)))
+    assert np.isfinite(counter.count(disc_image(5, shape=(540, 700))).count)
+
+
+def test_model_scale_defaults_to_the_bbbc_frame():
+    scale = model_scale({"input_size": [192, 256]})
+    assert scale.native_size == (520, 696)
+    assert scale.raw_per_model == pytest.approx((520 / 192, 696 / 256))
+    assert model_shape((520, 696), scale) == (192, 256)
+    assert model_shape((2048, 2048), scale) == (756, 753)
+
+
+def test_diameter_and_pixel_size_rescale():
+    scale = ModelScale((520, 696), (192, 256), object_diameter_px=28.0, pixel_size_um=0.65)
+    assert rescale_factor(scale) == 1.0
+    assert rescale_factor(scale, diameter=56.0) == pytest.approx(0.5)
+    assert rescale_factor(scale, pixel_size=0.325) == pytest.approx(0.5)
+    assert model_shape((1040, 1392), scale, 0.5) == (192, 256)
+    with pytest.raises(io.InputError, match="not both"):
+        rescale_factor(scale, diameter=10, pixel_size=1)
+    with pytest.raises(io.InputError, match="positive"):
+        rescale_factor(scale, diameter=-3)
+    bare = ModelScale((520, 696), (192, 256))
+    with pytest.raises(io.InputError, match="does not record the pixel size"):
+        rescale_factor(bare, pixel_size=0.5)
+    with pytest.raises(io.InputError, match="does not record the object diameter"):
+        rescale_factor(bare, diameter=20)
+
+
+def test_diameter_brings_a_magnified_image_to_the_model_scale():
+    torch.manual_seed(2)
+    config = density_config()
+    config["scale"] = {"native_size": [520, 696], "object_diameter_px": 10.0}
+    small = disc_image(40, shape=(520, 696), seed=5)
+    big = np.kron(small, np.ones((2, 2), dtype=small.dtype))  # 2x magnification
+    plain = CellCounter(CountingPipeline(config), config, device="cpu")
+    torch.manual_seed(2)
+    zoomed = CellCounter(CountingPipeline(config), config, device="cpu", diameter=20.0)
+    assert zoomed.factor == pytest.approx(0.5)
+    assert zoomed.count(big).count == pytest.approx(plain.count(small).count, rel=1e-3)
+    fc_config = {**tiny_config(), "scale": config["scale"]}
+    with pytest.raises(io.InputError, match="'fc' head"):
+        CellCounter(CountingPipeline(fc_config), fc_config, diameter=20.0)
+
+
+def test_normalization_overrides():
+    base = {"method": "fixed"}
+    assert merge_normalization(base)["method"] == "fixed"
+    assert merge_normalization(base, disable=True)["method"] == "none"
+    norm = merge_normalization(base, low=1.0, high=99.0)
+    assert (norm["method"], norm["low"], norm["high"]) == ("percentile", 1.0, 99.0)
+    with pytest.raises(io.InputError, match="low < high"):
+        merge_normalization(base, low=50.0, high=10.0)
+    with pytest.raises(io.InputError, match="--no-norm"):
+        merge_normalization(base, low=1.0, disable=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "array", "channel"),
+    [
+        ("u8.tif", blob_image(10), None),
+        ("u16.tif", blob_image(10, dtype=np.uint16), None),
+        ("f32.tif", blob_image(10).astype(np.float32) / 255.0, None),
+        ("rgb.png", np.repeat(blob_image(10)[..., None], 3, axis=2), None),
+        (
+            "multi.tif",
+            np.stack([np.zeros((130, 174), np.uint16), blob_image(10, dtype=np.uint16)]),
+            1,
+        ),
+    ],
+)
+def test_input_types_count(density_counter, tmp_path, name, array, channel):
+    path = tmp_path / name
+    if name.endswith(".png"):
+        from PIL import Image
+
+        Image.fromarray(array).save(path)
+    else:
+        tifffile.imwrite(path, array)
+    counter = CellCounter(
+        density_counter.model, density_counter.config, device="cpu", channel=channel
+    )
+    result = counter.count(path)
+    assert np.isfinite(result.count) and result.count >= 0
+
+
+def test_ome_tiff_channel_selection(density_counter, tmp_path):
+    planes = np.stack([blob_image(3, dtype=np.uint16), blob_image(40, dtype=np.uint16, seed=9)])
+    path = tmp_path / "stack.ome.tif"
+    tifffile.imwrite(path, planes, ome=True, metadata={"axes": "CYX"})
+    both = [
+        CellCounter(density_counter.model, density_counter.config, device="cpu", channel=c)
+        for c in (0, 1)
+    ]
+    counts = [c.count(path).count for c in both]
+    direct = [density_counter.count(planes[c]).count for c in (0, 1)]
+    assert counts == pytest.approx(direct, rel=1e-5)
+    with pytest.raises(io.ImageReadError, match="channel 2 out of range"):
+        CellCounter(density_counter.model, density_counter.config, device="cpu", channel=2).count(
+            path
+        )

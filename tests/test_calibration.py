@@ -14,6 +14,8 @@ from celltally.calibration import (
     conformal_quantile,
     coverage,
     coverage_tolerance,
+    feature_distance,
+    feature_reference,
     gaussian_quantile,
     interval_multiplier,
     ood_features,
@@ -121,6 +123,23 @@ def test_ood_thresholds_and_warning():
     assert ood_warning(features[0], None) == ""
 
 
+def test_feature_distance_is_mahalanobis():
+    rng = np.random.default_rng(1)
+    d, n = 6, 4000
+    scales = np.array([1.0, 2.0, 0.5, 3.0, 1.0, 0.2])
+    x = rng.standard_normal((n, d)) * scales + 10.0
+    reference = feature_reference(x, shrinkage=1e-6)  # ~ no shrinkage: the sample covariance
+    fresh = rng.standard_normal((n, d)) * scales + 10.0
+    # Squared Mahalanobis distances of Gaussian points are chi-square with d degrees.
+    assert np.mean(feature_distance(fresh, reference) ** 2) == pytest.approx(d, rel=0.05)
+    far = 10.0 + np.array([0, 0, 0, 0, 0, 2.0])  # 10 sd along the narrowest axis
+    assert feature_distance(far, reference)[0] == pytest.approx(10.0, rel=0.05)
+    with pytest.raises(ValueError, match="shrinkage"):
+        feature_reference(x, shrinkage=0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        feature_reference(x[:1])
+
+
 # -- a tiny model trained on blob images -------------------------------------
 
 
@@ -162,7 +181,8 @@ def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):
     folder, before = blob_model
     block = json.loads((folder / "config.json").read_text())["calibration"]
     assert block["n"] == 60 and len(block["scores"]) == 60 and block["temperature"] > 0
-    assert {"mask_std", "relative_std"} <= set(block["ood"])
+    assert {"mask_std", "relative_std", "feature_distance"} <= set(block["ood"])
+    assert (folder / "ood.safetensors").is_file()
     assert block["scores"] == before["scores"]  # the ensemble leaves member 0's block alone
     ens = block["epistemic"]
     assert ens["members"] == 2 and "spread" in ens["ood"] and len(ens["scores"]) == 60
@@ -174,7 +194,10 @@ def test_out_of_distribution_images_are_flagged(blob_model):
     noise = rng.integers(0, 256, (130, 174)).astype(np.uint8)
     checker = ((np.indices((130, 174)) // 8).sum(0) % 2 * 200).astype(np.uint8)
     for strange in (noise, checker):
-        assert counter.count(strange).warning.startswith("unlike the calibration images")
+        result = counter.count(strange)
+        assert result.warning.startswith("unlike the calibration images")
+        assert result.ood["feature_distance"] > counter.calibration["ood"]["feature_distance"]
+        assert "deep features" in result.warning
     fresh = [counter.count(blob_image(int(c), seed=5000 + i)) for i, c in enumerate(range(2, 22))]
     # Each of the 2 features is flagged above the 99th percentile of 60 calibration
     # images: ~2.5% of fresh in-distribution images each, so ~1 of these 20 expected.

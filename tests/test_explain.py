@@ -139,3 +139,19 @@ def test_cli_explain_corrupt_file_is_one_line_error(tiny_model, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_explain_an_image_counted_in_tiles():
+    """A density-head model counts a non-native image at model scale in tiles; the
+    explanation covers the whole model-scale image, with matching shapes."""
+    torch.manual_seed(0)
+    config = copy.deepcopy(tiny_config())
+    config["counter"] = {**config["counter"], "head": "density", "count_scale": 1.0}
+    counter = CellCounter(CountingPipeline(config), config, device="cpu")
+    image = blob_image(40, shape=(400, 600), seed=4)
+    expl = explain_image(counter, image)
+    assert expl.image.shape != counter.input_size  # not resized into one frame
+    assert expl.image_saliency.shape == expl.image.shape
+    h, w = expl.image.shape
+    assert expl.mask.shape == expl.mask_std.shape == expl.mask_saliency.shape == (h // 2, w // 2)
+    assert expl.result.count == pytest.approx(counter.count(image).count)

@@ -7,7 +7,8 @@ they can never disagree.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,12 @@ import numpy as np
 import torch
 
 from celltally import io, naming
-from celltally.calibration import interval_multiplier, ood_features, ood_warning
+from celltally.calibration import (
+    feature_distance,
+    interval_multiplier,
+    ood_features,
+    ood_warning,
+)
 from celltally.models.pipeline import CountingPipeline, counter_input
 from celltally.tiling import (
     DEFAULT_MARGIN,
@@ -32,6 +38,9 @@ from celltally.transforms import prepare_image
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "bbbc005"
+#: In a model folder: mean and precision of the calibration images' deep
+#: features (see ``CellCounter.embed`` and ``celltally.uncertainty.calibrate_model``).
+OOD_REFERENCE_FILE = "ood.safetensors"
 
 
 @dataclass
@@ -51,6 +60,8 @@ class CountResult:
     epistemic_std : with an ensemble (``epistemic=True``), the std of the
         members' counts; ``std`` is then the total,
         ``sqrt(aleatoric**2 + epistemic**2)``. None without an ensemble.
+    ood : the out-of-distribution features the warning was decided on
+        (``celltally.calibration.OOD_FEATURES``).
     """
 
     count: float
@@ -64,6 +75,7 @@ class CountResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     warning: str = ""
     epistemic_std: float | None = None
+    ood: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         half = (self.high - self.low) / 2
@@ -122,6 +134,7 @@ class CellCounter:
         diameter: float | None = None,
         tile: int = DEFAULT_TILE,
         margin: int = DEFAULT_MARGIN,
+        ood_reference: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
@@ -152,6 +165,22 @@ class CellCounter:
             block = dict(block["epistemic"])
         self.calibration = block
         interval_multiplier(block, 0.5, calibration)  # fail early on an unknown method
+        self.ood_reference = (
+            None
+            if ood_reference is None
+            else {k: np.asarray(v, dtype=np.float64) for k, v in ood_reference.items()}
+        )
+        # The deepest encoder block's output, pooled, is the image's embedding
+        # (for the feature-distance OOD check); kept per thread for web servers.
+        self._local = threading.local()
+        blocks = getattr(self.model.segmenter, "down", None)
+        if blocks is not None and len(blocks):
+            blocks[-1].register_forward_hook(self._keep_embedding)
+
+    def _keep_embedding(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if getattr(self._local, "collect", False):
+            pooled = [output.mean((2, 3)), output.std((2, 3), unbiased=False)]
+            self._local.embedding = torch.cat(pooled, 1).float().cpu().numpy()
 
     @property
     def epistemic(self) -> bool:
@@ -191,8 +220,19 @@ class CellCounter:
             from celltally.uncertainty import load_members
 
             members = load_members(folder, config)
+        reference = None
+        if (folder / OOD_REFERENCE_FILE).exists():
+            reference = {
+                k: v.numpy() for k, v in load_file(str(folder / OOD_REFERENCE_FILE)).items()
+            }
         return cls(
-            model, config, device=device, members=members, calibration=calibration, **options
+            model,
+            config,
+            device=device,
+            members=members,
+            calibration=calibration,
+            ood_reference=reference,
+            **options,
         )
 
     # -- intervals -------------------------------------------------------
@@ -250,12 +290,20 @@ class CellCounter:
             device=self.device,
             members=self.members,
         )
-        return (out.count, np.sqrt(out.variance), out.mask, out.mask_std, out.epistemic_std)
+        # No embedding: tiles of another size are not comparable with whole frames.
+        return (out.count, np.sqrt(out.variance), out.mask, out.mask_std, out.epistemic_std, None)
 
     @torch.inference_mode()
     def _forward(self, prepared: Sequence[np.ndarray]) -> list[tuple]:
         x = torch.from_numpy(np.stack(prepared)[:, None]).to(self.device)
-        mask, mask_logvar = self.model.segmenter(x, levels=1)[0]
+        self._local.collect, self._local.embedding = True, None
+        try:
+            mask, mask_logvar = self.model.segmenter(x, levels=1)[0]
+        finally:
+            self._local.collect = False
+        embeddings = self._local.embedding
+        if embeddings is None:
+            embeddings = [None] * len(x)
         planes = counter_input(mask, mask_logvar, x, self.model.counter_inputs)
         outs = [self.model.counter(planes)] + [m(planes) for m in self.members]
         means = torch.stack([o[0] for o in outs])
@@ -268,13 +316,32 @@ class CellCounter:
         spreads = torch.sqrt(epistemic_var).cpu().numpy() if self.members else [None] * len(x)
         masks = mask[:, 0].cpu().numpy()
         mask_stds = torch.exp(0.5 * mask_logvar[:, 0]).cpu().numpy()
-        return list(zip(counts.cpu().numpy(), stds, masks, mask_stds, spreads, strict=True))
+        return list(
+            zip(counts.cpu().numpy(), stds, masks, mask_stds, spreads, embeddings, strict=True)
+        )
+
+    def embed(self, prepared: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
+        """Deep-feature embeddings (n, d) of prepared images (for the feature-distance OOD check).
+
+        The output of the segmenter's deepest encoder block, mean- and
+        std-pooled over space, so ``d`` is twice its width.
+        """
+        rows = []
+        for start in range(0, len(prepared), batch_size):
+            chunk = [np.asarray(a, dtype=np.float32) for a in prepared[start : start + batch_size]]
+            rows += [r[5] for r in self._forward(chunk)]
+        if any(r is None for r in rows):
+            raise ValueError(f"model {self.name}'s segmenter has no encoder blocks to embed with")
+        return np.stack(rows)
 
     def _result(self, raw: tuple, level: float, source: str | None) -> CountResult:
-        count, std, mask, mask_std, spread = raw
+        count, std, mask, mask_std, spread, embedding = raw
         half = self.multiplier(level) * float(std)
         meta = naming.parse_name(source).as_dict() if source else {}
-        features = ood_features(count, std, mask_std, spread)
+        distance = None
+        if embedding is not None and self.ood_reference is not None:
+            distance = float(feature_distance(embedding, self.ood_reference)[0])
+        features = ood_features(count, std, mask_std, spread, distance)
         return CountResult(
             count=float(count),
             std=float(std),
@@ -287,6 +354,7 @@ class CellCounter:
             metadata=meta,
             warning=ood_warning(features, self.calibration.get("ood")),
             epistemic_std=None if spread is None else float(spread),
+            ood=features,
         )
 
     def count_prepared(

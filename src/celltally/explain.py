@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 import torch
 
-from celltally import io, naming
+from celltally import naming
+from celltally.counter import ModelScaleImage
 from celltally.losses import gaussian_nll
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,7 +38,8 @@ class Explanation:
     result : CountResult
         The count of the image (as :meth:`CellCounter.count` gives it).
     image : np.ndarray
-        The prepared network input (model input size, float32).
+        The prepared network input (model input size, float32; for an image
+        that is not one native frame, the whole image at the model's scale).
     mask : np.ndarray
         Predicted foreground probability (half the input size).
     mask_std : np.ndarray
@@ -60,6 +62,42 @@ class Explanation:
     image_saliency: np.ndarray
     true_count: float | None = None
     loss: str = "count"
+
+
+def _saliency(
+    model: torch.nn.Module,
+    prepared: np.ndarray,
+    *,
+    true_count: float | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """:func:`saliency`, plus the forward pass's (mask, mask std)."""
+    array = np.asarray(prepared, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D prepared image, got shape {array.shape}")
+    if device is None:
+        device = next(model.parameters()).device
+    if model.training:
+        raise ValueError("saliency needs the model in eval mode (batch norm running statistics)")
+    with torch.enable_grad():
+        x = torch.tensor(array, device=device)[None, None].requires_grad_(True)
+        mask, mask_logvar = model.segmenter(x, levels=1)[0]
+        count, count_logvar = model.count_from_mask(mask, mask_logvar, x)
+        if true_count is None:
+            loss = count.sum()
+        else:
+            target = torch.full_like(count, float(true_count))
+            loss = gaussian_nll(count, target, count_logvar)
+        # autograd.grad, not backward(): the parameters' .grad stay untouched, so
+        # concurrent explanations (web server threads) cannot interfere.
+        mask_grad, image_grad = torch.autograd.grad(loss, [mask, x])
+    mask_grad = mask_grad[0, 0].abs().cpu().numpy()
+    image_grad = image_grad[0, 0].abs().cpu().numpy()
+    forward = (
+        mask[0, 0].detach().cpu().numpy(),
+        torch.exp(0.5 * mask_logvar[0, 0]).detach().cpu().numpy(),
+    )
+    return mask_grad.astype(np.float32), image_grad.astype(np.float32), forward
 
 
 def saliency(
@@ -97,28 +135,8 @@ def saliency(
         segmenter and counter. Exactly zero where the count does not depend
         on the pixel (outside the receptive field of every counted output).
     """
-    array = np.asarray(prepared, dtype=np.float32)
-    if array.ndim != 2:
-        raise ValueError(f"expected a 2-D prepared image, got shape {array.shape}")
-    if device is None:
-        device = next(model.parameters()).device
-    if model.training:
-        raise ValueError("saliency needs the model in eval mode (batch norm running statistics)")
-    with torch.enable_grad():
-        x = torch.tensor(array, device=device)[None, None].requires_grad_(True)
-        mask, mask_logvar = model.segmenter(x, levels=1)[0]
-        count, count_logvar = model.count_from_mask(mask, mask_logvar, x)
-        if true_count is None:
-            loss = count.sum()
-        else:
-            target = torch.full_like(count, float(true_count))
-            loss = gaussian_nll(count, target, count_logvar)
-        # autograd.grad, not backward(): the parameters' .grad stay untouched, so
-        # concurrent explanations (web server threads) cannot interfere.
-        mask_grad, image_grad = torch.autograd.grad(loss, [mask, x])
-    mask_grad = mask_grad[0, 0].abs().cpu().numpy()
-    image_grad = image_grad[0, 0].abs().cpu().numpy()
-    return mask_grad.astype(np.float32), image_grad.astype(np.float32)
+    mask_sal, image_sal, _ = _saliency(model, prepared, true_count=true_count, device=device)
+    return mask_sal, image_sal
 
 
 def explain_image(
@@ -157,21 +175,24 @@ def explain_image(
     source = None
     if isinstance(image, str | Path):
         source = str(image)
-        image = io.read_image(image)
+        image = counter.read(image)
     result = counter.count(image, level=level)
     if source is not None:
         result = dataclasses.replace(
             result, source=source, metadata=naming.parse_name(source).as_dict()
         )
-    prepared = counter.prepare(np.asarray(image))
-    mask_sal, image_sal = saliency(
+    prepared = counter.prepare_any(np.asarray(image))
+    if isinstance(prepared, ModelScaleImage):
+        # Counted in tiles; explained in one pass over the whole model-scale image.
+        prepared = prepared.prepared
+    mask_sal, image_sal, (mask, mask_std) = _saliency(
         counter.model, prepared, true_count=true_count, device=counter.device
     )
     return Explanation(
         result=result,
         image=prepared,
-        mask=result.mask,
-        mask_std=result.mask_std,
+        mask=mask,
+        mask_std=mask_std,
         mask_saliency=mask_sal,
         image_saliency=image_sal,
         true_count=None if true_count is None else float(true_count),

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from celltally import io
-from celltally.calibration import calibrate, ood_features, ood_thresholds
+from celltally.calibration import calibrate, feature_reference, ood_thresholds
 from celltally.datasets import LabeledSet
 from celltally.models.pipeline import CountingPipeline
 
@@ -153,7 +153,7 @@ def _predict(counter: Any, data: LabeledSet) -> tuple[np.ndarray, np.ndarray, li
     results = counter.count_prepared(list(images))
     mean = np.array([r.count for r in results])
     std = np.array([r.std for r in results])
-    features = [ood_features(r.count, r.std, r.mask_std, r.epistemic_std) for r in results]
+    features = [r.ood for r in results]
     return mean, std, features
 
 
@@ -169,10 +169,12 @@ def calibrate_model(
 
     Runs the model on the held-out ``calibration`` split (prepared images with
     true counts), stores :func:`celltally.calibration.calibrate`'s block plus
-    ``ood`` thresholds (the ``quantile`` of each uncertainty feature) in
-    ``config.json``'s ``calibration``, and, when the folder has an ensemble,
-    the same for the ensemble's total sigma in ``calibration.epistemic``.
-    The weights are not touched.
+    ``ood`` thresholds (the ``quantile`` of each out-of-distribution feature)
+    in ``config.json``'s ``calibration``, and, when the folder has an ensemble,
+    the same for the ensemble's total sigma in ``calibration.epistemic``. The
+    mean and shrunk precision of the images' deep features (the reference of
+    the feature-distance check) go to ``ood.safetensors``. The weights are not
+    touched.
 
     Returns
     -------
@@ -185,8 +187,16 @@ def calibrate_model(
     if len(calibration) == 0:
         raise ValueError("the calibration split is empty")
     y = calibration.counts.numpy().astype(float)
+    from safetensors.torch import save_file
+
+    from celltally.counter import OOD_REFERENCE_FILE
+
     config = json.loads((folder / "config.json").read_text())
     counter = CellCounter.from_pretrained(folder, device=device)
+    reference = feature_reference(counter.embed(list(calibration.images[:, 0].numpy())))
+    tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}
+    save_file(tensors, str(folder / OOD_REFERENCE_FILE))
+    counter = CellCounter.from_pretrained(folder, device=device)  # now with the reference
     mean, std, features = _predict(counter, calibration)
     block = calibrate(y, mean, std)
     block["ood"] = ood_thresholds(features, quantile=quantile)

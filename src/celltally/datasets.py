@@ -141,6 +141,17 @@ def load_bbbc005(
     return data
 
 
+def _count_from_labels(image: Path, mask_dirs: Sequence[Path]) -> int | None:
+    """Number of labels of ``image``'s label mask; None without one (or for a binary mask)."""
+    for d in mask_dirs:
+        found = sorted(d.glob(image.stem + ".*"))
+        if found:
+            labels = io.read_mask(found[0])
+            values = np.unique(labels[labels > 0])
+            return int(values.size) if values.size > 1 else None
+    return None
+
+
 def load_folder(
     root: str | Path, *, size: Sequence[int], norm: Mapping[str, Any] | None = None
 ) -> LabeledSet:
@@ -149,13 +160,15 @@ def load_folder(
     Images may sit in ``root`` or ``root/images``. Optional masks (binary or
     label images, same stem, PNG/TIFF) in ``root/masks`` or ``root/labels``
     become training masks (label > 0 = foreground). Without counts.csv, counts
-    come from BBBC-style names (``_C<n>_``). Errors are raised before any
-    training: a counts.csv row naming a missing image, a mask whose size
-    differs from its image.
+    come from BBBC-style names (``_C<n>_``), else from the number of labels of
+    the image's label mask (a binary mask gives no count). Errors are raised
+    before any training: a counts.csv row naming a missing image or a negative
+    count, a mask whose size differs from its image, an image with no count.
     """
     root = Path(root)
     folder = root / "images" if (root / "images").is_dir() else root
     counts_csv = root / "counts.csv"
+    mask_dirs = [d for d in (root / "masks", root / "labels") if d.is_dir()]
     if counts_csv.exists():
         table = io.read_counts_csv(counts_csv)
         paths = []
@@ -167,13 +180,16 @@ def load_folder(
     else:
         paths = io.list_images([folder])
         table = {p.name: naming.parse_name(p.name).count for p in paths}
+        for path in paths:
+            if table[path.name] is None:
+                table[path.name] = _count_from_labels(path, mask_dirs)
         missing = [n for n, c in table.items() if c is None]
         if missing:
             raise io.InputError(
-                f"{root}: no counts.csv and {len(missing)} image names carry no _C<count>_ "
-                f"(first: {missing[0]})"
+                f"{root}: no counts.csv, and {len(missing)} image(s) have neither _C<count>_ "
+                f"in the name nor a label mask to count (first: {missing[0]}); "
+                "list them in counts.csv (columns image,count)"
             )
-    mask_dirs = [d for d in (root / "masks", root / "labels") if d.is_dir()]
     images, masks, counts, meta = [], [], [], []
     for path in paths:
         raw = io.read_image(path)

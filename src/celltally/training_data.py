@@ -69,6 +69,8 @@ def build_and_fit(
         )
         config["preset"] = base.get("preset")
         config["normalization"] = base.get("normalization", {})
+        if "scale" in base:
+            config["scale"] = base["scale"]
         init = load_file(str(folder / "model.safetensors"))
     else:
         config = get_preset(preset)

@@ -1,0 +1,168 @@
+"""Fine-tuning on a user's folder: `celltally train --data FOLDER --from MODEL --out NEW`.
+
+Folders are generated with the simulator (16-bit TIFFs + labels + counts.csv),
+half the BBBC frame size, and the base model is a tiny density-head model
+whose native frame is that size, so everything runs in seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from typer.testing import CliRunner
+
+from celltally.cli import app
+from celltally.counter import CellCounter
+from celltally.datasets import load_folder
+from celltally.models.pipeline import CountingPipeline
+from celltally.simulate import simulate_plate
+from celltally.train import save_model_folder
+
+runner = CliRunner()
+SIZE = (260, 348)
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    config["counter"] = {
+        "width": 0.125,
+        "fc": [16, 16],
+        "pool_size": [3, 4],
+        "count_scale": 1.0,
+        "head": "density",
+    }
+    config["scale"] = {"native_size": list(SIZE), "object_diameter_px": 16.0}
+    config["train"]["segmenter"].update(epochs=6, batch_size=4, lr=3e-3)
+    config["train"]["counter"].update(epochs=30, batch_size=4, lr=1e-2)
+    config["name"] = "base"
+    folder = tmp_path_factory.mktemp("base") / "base"
+    save_model_folder(CountingPipeline(config), config, folder)
+    return folder
+
+
+def plate(root, images, seed):
+    return simulate_plate(
+        root,
+        images=images,
+        counts=(2, 40),
+        blurs=(1,),
+        stains=(1,),
+        seed=seed,
+        size=SIZE,
+        bit_depth=16,
+    )
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plates")
+    return plate(root / "train", 28, seed=3), plate(root / "val", 10, seed=4)
+
+
+def mae(model, folder) -> float:
+    counter = CellCounter.from_pretrained(model, device="cpu")
+    with (folder / "counts.csv").open() as handle:
+        truth = {row["image"]: float(row["count"]) for row in csv.DictReader(handle)}
+    errors = [
+        abs(counter.count(folder / "images" / name).count - true) for name, true in truth.items()
+    ]
+    return float(np.mean(errors))
+
+
+def test_finetuning_improves_its_validation_error(base_model, folders, tmp_path):
+    train, val = folders
+    new = tmp_path / "mine"
+    result = run("train", "--data", train, "--from", base_model, "--out", new, "--no-progress")
+    assert result.exit_code == 0, result.output
+    config = json.loads((new / "config.json").read_text())
+    assert config["training"]["from"] == str(base_model)
+    assert config["scale"]["object_diameter_px"] == 16.0
+    assert config["calibration"]["n"] > 0
+    before, after = mae(base_model, val), mae(new, val)
+    assert after < 0.5 * before, (before, after)
+    counted = run(
+        "count", val / "images", "--model", new, "--out", tmp_path / "r.csv", "--no-progress"
+    )
+    assert counted.exit_code == 0, counted.output
+
+
+def test_counts_come_from_label_masks_without_counts_csv(folders, tmp_path):
+    train, _ = folders
+    folder = tmp_path / "labels_only"
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    truth = {}
+    for i, image in enumerate(sorted((train / "images").iterdir())[:4]):
+        labels = tifffile.imread(train / "labels" / (image.stem + ".tif"))
+        shutil.copy(image, folder / "images" / f"well{i}.tif")
+        tifffile.imwrite(folder / "labels" / f"well{i}.tif", labels)
+        truth[f"well{i}.tif"] = len(np.unique(labels)) - 1
+    data = load_folder(folder, size=(64, 96))
+    assert {m["name"]: c for m, c in zip(data.meta, data.counts.tolist(), strict=True)} == truth
+    assert bool(data.has_mask.all())
+    binary = tmp_path / "binary_only"
+    shutil.copytree(folder, binary)
+    for path in (binary / "labels").iterdir():
+        tifffile.imwrite(path, (tifffile.imread(path) > 0).astype(np.uint8) * 255)
+    with pytest.raises(ValueError, match="neither _C<count>_ in the name nor a label mask"):
+        load_folder(binary, size=(64, 96))
+
+
+def copy_plate(source, target):
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("mask_size", "mask is 100x80 but its image is 348x260"),
+        ("missing_file", "lists 'nothere_C5.tif', which is not in"),
+        ("negative", "is negative"),
+    ],
+)
+def test_bad_annotations_fail_before_training(base_model, folders, tmp_path, problem, message):
+    folder = copy_plate(folders[1], tmp_path / "bad")
+    counts = folder / "counts.csv"
+    rows = list(csv.DictReader(counts.open()))
+    if problem == "mask_size":
+        victim = sorted((folder / "labels").iterdir())[1]
+        tifffile.imwrite(victim, np.zeros((80, 100), dtype=np.uint16))
+        for m in (folder / "masks").iterdir():
+            m.unlink()
+    elif problem == "missing_file":
+        rows.append({**rows[0], "image": "nothere_C5.tif"})
+    else:
+        rows[2]["count"] = "-3"
+    with counts.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "never"
+    result = run("train", "--data", folder, "--from", base_model, "--out", out, "--no-progress")
+    assert result.exit_code == 2
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert not out.exists()

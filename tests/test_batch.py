@@ -183,6 +183,8 @@ def test_changing_model_or_level_needs_new_out_or_overwrite(plate, tiny_model, t
     assert "level 0.95" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(io.InputError, match="model 'other'"):
         run_batch(files, out=out, model=other_model(tmp_path), level=0.95)
+    with pytest.raises(io.InputError, match="counter options"):
+        run_batch(files, out=out, model=tiny_model, counter_options={"calibration": "gaussian"})
     result = CliRunner().invoke(
         app, ["count", str(plate), "-o", str(out), "--model", str(tiny_model), "--level", "0.9"]
     )
@@ -204,7 +206,12 @@ def test_manifest_records_model_version_settings_and_times(plate, tiny_model, tm
     assert manifest["model"] == identity and identity["name"] == "tiny"
     assert len(identity["config_sha256"]) == len(identity["weights_sha256"]) == 64
     assert manifest["celltally_version"]
-    assert manifest["settings"] == {"level": 0.95, "batch_size": 3, "recursive": False}
+    assert manifest["settings"] == {
+        "level": 0.95,
+        "counter_options": {},
+        "batch_size": 3,
+        "recursive": False,
+    }
     run = manifest["runs"][0]
     assert run["status"] == "finished" and run["counted"] == 2 and run["failed"] == 0
     assert run["started"] <= run["finished"] == manifest["finished"]
@@ -269,10 +276,22 @@ def test_bad_settings_fail_before_anything_is_written(plate, tiny_model, tmp_pat
     ]:
         with pytest.raises(io.InputError, match=message):
             run_batch(files_of(plate)[:1], out=out, model=tiny_model, **kwargs)
-    assert not (tmp_path / "res.csv").read_bytes().count(b"\n") > 1
+    assert not out.exists()
 
 
 # -- Dask ----------------------------------------------------------------------
+
+
+def test_unreachable_scheduler_is_a_one_line_error(plate, tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("dask.distributed")
+    monkeypatch.setattr(batch, "CONNECT_TIMEOUT", "1s")
+    out = tmp_path / "res.csv"
+    with pytest.raises(io.InputError, match="cannot reach the scheduler") as err:
+        run_batch(files_of(plate)[:2], out=out, model=tiny_model, dask="tcp://127.0.0.1:9")
+    assert "\n" not in str(err.value)
+    # nothing was counted; the same command runs once the cluster is there
+    assert read_results(out) == []
+    assert run_batch(files_of(plate)[:2], out=out, model=tiny_model).counted == 2
 
 
 def test_dask_cluster_gives_same_counts_as_one_process(plate, tiny_model, tmp_path):

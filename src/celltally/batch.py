@@ -55,6 +55,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io as _stdio
+import itertools
 import json
 import os
 import threading
@@ -101,6 +102,8 @@ COUNT_COLUMNS: list[str] = [
 
 ERROR_COLUMNS = ["file", "error"]
 MANIFEST_FORMAT = "celltally-count-manifest/1"
+#: How long ``--dask ADDRESS`` tries to reach the scheduler.
+CONNECT_TIMEOUT = "30s"
 #: How many error messages a summary keeps in memory (all of them are in the errors file).
 MAX_LISTED_ERRORS = 100
 _ENCODING = "utf-8"
@@ -453,9 +456,17 @@ class BatchSummary:
     seconds: float = 0.0
 
 
-def _mismatch(manifest: dict, identity: dict, level: float, out: Path) -> str | None:
+def _mismatch(
+    manifest: dict, identity: dict, level: float, options: dict, out: Path
+) -> str | None:
     old = manifest.get("model", {})
     old_level = manifest.get("settings", {}).get("level")
+    old_options = manifest.get("settings", {}).get("counter_options", {})
+    if old_options != options:
+        return (
+            f"{out} holds counts made with counter options {old_options}; this run uses "
+            f"{options}. Pick a new --out, or pass --overwrite to start it again"
+        )
     same_model = (old.get("config_sha256"), old.get("weights_sha256")) == (
         identity["config_sha256"],
         identity["weights_sha256"],
@@ -476,6 +487,7 @@ def _prepare_output(
     *,
     identity: dict,
     level: float,
+    options: dict,
     overwrite: bool,
 ) -> tuple[_Recovered, dict | None]:
     """Lock the results CSV, check it against the manifest, repair a torn tail."""
@@ -496,7 +508,7 @@ def _prepare_output(
             f"({paths.manifest.name}); pick a new --out or pass --overwrite",
             paths.results,
         )
-    problem = _mismatch(manifest, identity, level, paths.results)
+    problem = _mismatch(manifest, identity, level, options, paths.results)
     if problem:
         raise io.InputError(problem, paths.results)
     found, good_end, header_ok = _scan_results(paths.results, results.columns, size)
@@ -589,6 +601,7 @@ def run_batch(
     progress: bool = False,
     log: Log = _quiet,
     on_commit: Callable[[int], None] | None = None,
+    counter_options: dict[str, Any] | None = None,
 ) -> BatchSummary:
     """Count every image under ``paths`` into the resumable CSV ``out``.
 
@@ -631,6 +644,10 @@ def run_batch(
     on_commit : callable, optional
         Called after each batch of rows is on disk with the number of images this run
         has handled so far (counted + failed).
+    counter_options : dict, optional
+        Keyword arguments for :meth:`CellCounter.from_pretrained` (e.g. interval
+        options), JSON-serializable; recorded in the manifest, and like the model and
+        level they must not change when resuming.
 
     Returns
     -------
@@ -652,10 +669,13 @@ def run_batch(
         raise io.InputError(f"--batch-size must be at least 1, got {batch_size}")
     if chunk_size is not None and chunk_size < 1:
         raise io.InputError(f"--chunk-size must be at least 1, got {chunk_size}")
+    if dask is not None:
+        _local_workers(dask)  # a malformed local:N fails before anything is written
     inputs = [os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
     files = io.iter_images(inputs, recursive=recursive)
     folder = resolve_model(model)
     identity = model_identity(folder)
+    options = json.loads(json.dumps(counter_options or {}))  # as the manifest will hold them
     masks = Path(save_masks) if save_masks is not None else None
     if masks is not None:
         masks.mkdir(parents=True, exist_ok=True)
@@ -675,7 +695,12 @@ def run_batch(
     manifest: dict | None = None
     try:
         found, old = _prepare_output(
-            out_paths, results, identity=identity, level=level, overwrite=overwrite
+            out_paths,
+            results,
+            identity=identity,
+            level=level,
+            options=options,
+            overwrite=overwrite,
         )
         if found.rows or found.torn_bytes:
             torn = f", a torn last row ({found.torn_bytes} B) dropped" if found.torn_bytes else ""
@@ -687,7 +712,12 @@ def run_batch(
             out_paths,
             old,
             identity=identity,
-            settings={"level": level, "batch_size": batch_size, "recursive": recursive},
+            settings={
+                "level": level,
+                "counter_options": options,
+                "batch_size": batch_size,
+                "recursive": recursive,
+            },
             run=run,
         )
         if results.size() == 0:
@@ -713,14 +743,20 @@ def run_batch(
             if on_commit is not None:
                 on_commit(summary.counted + errors.count)
 
+        remaining = todo()
+        first = next(remaining, None)  # nothing left: no model load, no cluster
+        remaining = itertools.chain([first], remaining) if first is not None else iter(())
         try:
-            if dask:
+            if first is None:
+                pass
+            elif dask:
                 _run_dask(
                     dask,
-                    todo(),
+                    remaining,
                     commit,
                     model=_worker_model_ref(folder),
                     weights_sha256=identity["weights_sha256"],
+                    options=options,
                     level=level,
                     batch_size=batch_size,
                     chunk_size=chunk_size or 2 * batch_size,
@@ -729,10 +765,10 @@ def run_batch(
                     log=log,
                 )
             else:
-                counter = CellCounter.from_pretrained(folder)
+                counter = CellCounter.from_pretrained(folder, **options)
                 pending: list[tuple[str, dict | None, str | None]] = []
                 stream = counter.count_paths(
-                    todo(), level=level, batch_size=batch_size, read_threads=read_threads
+                    remaining, level=level, batch_size=batch_size, read_threads=read_threads
                 )
                 for path, result in stream:
                     pending.append(_outcome(path, result, counter.name, masks))
@@ -769,7 +805,7 @@ def run_batch(
 
 # -- Dask ----------------------------------------------------------------------
 
-_WORKER_COUNTERS: dict[tuple[str, str], CellCounter] = {}
+_WORKER_COUNTERS: dict[tuple[str, str, str], CellCounter] = {}
 _WORKER_LOCK = threading.Lock()
 _WORKER_LOADS = 0  # models loaded by this process (one per worker is the point)
 
@@ -784,9 +820,9 @@ def _worker_model_ref(folder: Path) -> str:
     return str(folder.resolve())
 
 
-def _worker_counter(model: str, weights_sha256: str) -> CellCounter:
+def _worker_counter(model: str, weights_sha256: str, options: dict) -> CellCounter:
     """This process's counter for ``model``: loaded once, then reused by every chunk."""
-    key = (model, weights_sha256)
+    key = (model, weights_sha256, json.dumps(options, sort_keys=True))
     with _WORKER_LOCK:
         counter = _WORKER_COUNTERS.get(key)
         if counter is None:
@@ -802,7 +838,7 @@ def _worker_counter(model: str, weights_sha256: str) -> CellCounter:
 
             torch.set_num_threads(1)  # one torch thread per one-thread worker
             global _WORKER_LOADS
-            counter = CellCounter.from_pretrained(folder)
+            counter = CellCounter.from_pretrained(folder, **options)
             _WORKER_LOADS += 1
             _WORKER_COUNTERS.clear()  # one model per worker process
             _WORKER_COUNTERS[key] = counter
@@ -818,6 +854,7 @@ def count_chunk(
     batch_size: int,
     read_threads: int = 2,
     save_masks: str | None = None,
+    options: dict | None = None,
 ) -> list[tuple[str, dict | None, str | None]]:
     """Count one chunk of files on a worker (the Dask task).
 
@@ -833,18 +870,36 @@ def count_chunk(
         As for :func:`run_batch`.
     save_masks : str, optional
         Mask folder, writable from the worker.
+    options : dict, optional
+        Keyword arguments for :meth:`CellCounter.from_pretrained`.
 
     Returns
     -------
     list of tuple
         ``(file, row, None)`` per counted image, ``(file, None, message)`` per failure.
     """
-    counter = _worker_counter(model, weights_sha256)
+    counter = _worker_counter(model, weights_sha256, options or {})
     masks = Path(save_masks) if save_masks else None
     stream = counter.count_paths(
         paths, level=level, batch_size=batch_size, read_threads=read_threads
     )
     return [_outcome(path, result, counter.name, masks) for path, result in stream]
+
+
+def _local_workers(spec: str) -> int | None:
+    """N for ``local:N`` (``local`` alone: one per core), None for a scheduler address."""
+    if spec != "local" and not spec.startswith("local:"):
+        if not spec.strip():
+            raise io.InputError("--dask needs a scheduler address or local:N")
+        return None
+    text = spec.partition(":")[2] or str(os.cpu_count() or 1)
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise io.InputError(f"--dask {spec}: expected local:N with N >= 1 workers")
+    return n
 
 
 def _connect(spec: str, log: Log):
@@ -855,14 +910,8 @@ def _connect(spec: str, log: Log):
         raise io.InputError(
             "--dask needs dask.distributed: pip install 'celltally[dask]'"
         ) from None
-    if spec == "local" or spec.startswith("local:"):
-        text = spec.partition(":")[2] or str(os.cpu_count() or 1)
-        try:
-            n = int(text)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise io.InputError(f"--dask {spec}: expected local:N with N >= 1 workers")
+    n = _local_workers(spec)
+    if n is not None:
         import logging
 
         cluster = LocalCluster(
@@ -875,7 +924,7 @@ def _connect(spec: str, log: Log):
         log(f"started a local Dask cluster of {n} one-thread worker(s)")
         return Client(cluster), cluster
     try:
-        client = Client(spec, timeout="30s")
+        client = Client(spec, timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise io.InputError(f"--dask {spec}: cannot reach the scheduler: {reason}") from None
@@ -890,6 +939,7 @@ def _run_dask(
     *,
     model: str,
     weights_sha256: str,
+    options: dict,
     level: float,
     batch_size: int,
     chunk_size: int,
@@ -917,6 +967,7 @@ def _run_dask(
                     [str(p) for p in chunk],
                     model=model,
                     weights_sha256=weights_sha256,
+                    options=options,
                     level=level,
                     batch_size=batch_size,
                     read_threads=read_threads,

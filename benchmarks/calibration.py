@@ -69,10 +69,32 @@ def predict(counter: CellCounter, pairs: list[tuple[Path, float]]) -> dict[str, 
     }
 
 
+def scene_bootstrap(
+    inside: np.ndarray, scenes: list[str], *, draws: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% interval of a coverage when whole scenes, not images, are the random units.
+
+    All blurs and stains of a BBBC005 scene share its cells, so their errors
+    are correlated: resampling images would understate the uncertainty.
+    """
+    names = sorted(set(scenes))
+    index = {s: i for i, s in enumerate(names)}
+    hits = np.zeros(len(names))
+    sizes = np.zeros(len(names))
+    for ok, scene in zip(inside, scenes, strict=True):
+        hits[index[scene]] += ok
+        sizes[index[scene]] += 1
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(names), (draws, len(names)))
+    values = hits[pick].sum(1) / sizes[pick].sum(1)
+    return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
+
+
 def measure(cal: dict, test: dict, stored: dict) -> dict:
     """Fit the calibrations on ``cal``; coverage, widths, reliability on ``test``."""
     block = calibrate(cal["y"], cal["mu"], cal["sigma"])
     n = len(test["y"])
+    scenes = [naming.scene_id(name) or name for name in test["names"]]
     out: dict = {
         "n_calibration": len(cal["y"]),
         "n_test": n,
@@ -86,6 +108,9 @@ def measure(cal: dict, test: dict, stored: dict) -> dict:
         "warning_rate": float(np.mean(test["warning"])),
         "coverage": {},
         "binomial_sd": {f"{lv:g}": math.sqrt(lv * (1 - lv) / n) for lv in LEVELS},
+        "n_test_scenes": len(set(scenes)),
+        "n_calibration_scenes": len({naming.scene_id(x) or x for x in cal["names"]}),
+        "coverage_scene_bootstrap_95ci": {},
         "multiplier": {},
     }
     for method in METHODS:
@@ -97,6 +122,14 @@ def measure(cal: dict, test: dict, stored: dict) -> dict:
         }
         out["multiplier"][method] = {
             f"{lv:g}": interval_multiplier(block, lv, method) for lv in LEVELS
+        }
+        out["coverage_scene_bootstrap_95ci"][method] = {
+            f"{lv:g}": scene_bootstrap(
+                np.abs(test["y"] - test["mu"])
+                <= interval_multiplier(block, lv, method) * test["sigma"],
+                scenes,
+            )
+            for lv in LEVELS
         }
     out["reliability"] = reliability(
         test["y"], test["mu"], test["sigma"], block, levels=RELIABILITY_LEVELS
@@ -140,7 +173,10 @@ def bbbc039_splits(data: Path, config: dict) -> tuple[list, list] | None:
 
 
 def print_summary(name: str, res: dict) -> None:
-    print(f"\n{name}: {res['n_test']} test images, calibration on {res['n_calibration']}")
+    print(
+        f"\n{name}: {res['n_test']} test images ({res['n_test_scenes']} scenes), calibration on "
+        f"{res['n_calibration']} ({res['n_calibration_scenes']} scenes)"
+    )
     print(
         f"  MAE {res['mae']:.2f}; temperature T = {res['temperature']:.3f}; "
         f"OOD warnings on {res['warning_rate']:.1%} of test images"
@@ -155,7 +191,12 @@ def print_summary(name: str, res: dict) -> None:
             + f"   {res['multiplier'][method]['0.95']:.2f}"
         )
     sds = "".join(f"  {res['binomial_sd'][f'{lv:g}']:>8.3f}" for lv in LEVELS)
-    print(f"  {'binomial sd':<13}{sds}")
+    print(f"  {'binomial sd':<13}{sds}   (images independent)")
+    ci = res["coverage_scene_bootstrap_95ci"]["conformal"]
+    print(
+        "  conformal 95% CI, scenes resampled: "
+        + ", ".join(f"@{lv:g} [{ci[f'{lv:g}'][0]:.3f}, {ci[f'{lv:g}'][1]:.3f}]" for lv in LEVELS)
+    )
 
 
 def plot(results: dict[str, dict], path: Path) -> None:

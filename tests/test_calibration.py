@@ -109,16 +109,17 @@ def test_multiplier_methods_and_fallbacks():
 def test_ood_thresholds_and_warning():
     rng = np.random.default_rng(0)
     features = [
-        ood_features(c, 0.2 * math.sqrt(c + 1), np.full((4, 4), rng.uniform(0.01, 0.05)))
-        for c in rng.integers(1, 100, 200)
+        ood_features(c, np.full((4, 4), rng.uniform(0.01, 0.05)), spread=0.1, feature_distance=d)
+        for c, d in zip(rng.integers(1, 100, 200), rng.uniform(1, 3, 200), strict=True)
     ]
     limits = ood_thresholds(features)
     assert limits["n"] == 200 and 0.04 < limits["mask_std"] <= 0.05
+    assert 2.9 < limits["feature_distance"] <= 3.0 and "spread" in limits
     assert ood_warning(features[0], limits) == ""
-    strange = ood_features(10, 8.0, np.full((4, 4), 0.3))
+    strange = ood_features(10, np.full((4, 4), 0.3), feature_distance=7.0)
     message = ood_warning(strange, limits)
-    assert "mask uncertainty" in message and "count std" in message and "\n" not in message
-    # Without fitted thresholds the loose fallback applies.
+    assert "mask uncertainty" in message and "deep features" in message and "\n" not in message
+    # Without fitted thresholds the loose fallback (mask std only) applies.
     assert ood_warning(strange, None).startswith("unlike")
     assert ood_warning(features[0], None) == ""
 
@@ -181,7 +182,7 @@ def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):
     folder, before = blob_model
     block = json.loads((folder / "config.json").read_text())["calibration"]
     assert block["n"] == 60 and len(block["scores"]) == 60 and block["temperature"] > 0
-    assert {"mask_std", "relative_std", "feature_distance"} <= set(block["ood"])
+    assert {"mask_std", "feature_distance"} <= set(block["ood"])
     assert (folder / "ood.safetensors").is_file()
     assert block["scores"] == before["scores"]  # the ensemble leaves member 0's block alone
     ens = block["epistemic"]

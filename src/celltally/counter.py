@@ -341,7 +341,7 @@ class CellCounter:
         distance = None
         if embedding is not None and self.ood_reference is not None:
             distance = float(feature_distance(embedding, self.ood_reference)[0])
-        features = ood_features(count, std, mask_std, spread, distance)
+        features = ood_features(count, mask_std, spread, distance)
         return CountResult(
             count=float(count),
             std=float(std),

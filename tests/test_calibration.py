@@ -228,3 +228,48 @@ def test_epistemic_counter_adds_the_ensemble_spread(blob_model):
 def test_epistemic_without_members_fails_cleanly(tiny_model):
     with pytest.raises(io.InputError, match="no ensemble members"):
         CellCounter.from_pretrained(tiny_model, epistemic=True)
+
+
+def test_cli_count_epistemic_and_warning_column(blob_model, tiny_model, tmp_path):
+    import csv
+
+    import tifffile
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    noise = np.random.default_rng(3).integers(0, 256, (130, 174)).astype(np.uint8)
+    tifffile.imwrite(folder / "noise.tif", noise)
+    tifffile.imwrite(folder / "blobs.tif", blob_image(9, seed=123))
+    runner = CliRunner()
+    rows = {}
+    for flag in ("--no-epistemic", "--epistemic"):
+        out = tmp_path / f"counts{flag}.csv"
+        args = ["count", str(folder), "-o", str(out), "--model", str(blob_model[0]), flag]
+        result = runner.invoke(app, [*args, "--no-progress"])
+        assert result.exit_code == 0, result.output
+        with open(out, newline="") as handle:
+            rows[flag] = {r["file"].split("/")[-1]: r for r in csv.DictReader(handle)}
+    for table in rows.values():
+        assert table["noise.tif"]["warning"].startswith("unlike the calibration images")
+        assert table["blobs.tif"]["warning"] == ""
+    # The ensemble's total std includes the members' spread.
+    plain, ens = rows["--no-epistemic"]["blobs.tif"], rows["--epistemic"]["blobs.tif"]
+    assert float(ens["std"]) != float(plain["std"])
+    bad = runner.invoke(
+        app,
+        [
+            "count",
+            str(folder),
+            "-o",
+            str(tmp_path / "x.csv"),
+            "--model",
+            str(tiny_model),
+            "--epistemic",
+            "--no-progress",
+        ],
+    )
+    assert bad.exit_code != 0 and "no ensemble members" in bad.output
+    assert "Traceback" not in bad.output

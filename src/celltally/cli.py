@@ -33,6 +33,50 @@ def _user_errors():
     return (io.InputError, io.ImageReadError, ValueError, FileNotFoundError)
 
 
+def _image_options(
+    model: str,
+    *,
+    channel: int | None,
+    norm_low: float | None,
+    norm_high: float | None,
+    no_norm: bool,
+    pixel_size: float | None,
+    diameter: float | None,
+    tile: int,
+) -> dict:
+    """``CellCounter`` keywords for the reading, normalization and scale flags (only those set)."""
+    from celltally.counter import resolve_model
+    from celltally.tiling import DEFAULT_TILE, merge_normalization
+
+    options: dict = {}
+    if channel is not None:
+        options["channel"] = channel
+    if no_norm or norm_low is not None or norm_high is not None:
+        config = json.loads((resolve_model(model) / "config.json").read_text())
+        options["norm"] = merge_normalization(
+            config.get("normalization"), low=norm_low, high=norm_high, disable=no_norm
+        )
+    if pixel_size is not None:
+        options["pixel_size"] = pixel_size
+    if diameter is not None:
+        options["diameter"] = diameter
+    if tile != DEFAULT_TILE:
+        if tile < 64 or tile % 32:
+            raise ValueError(f"--tile must be a multiple of 32 and at least 64, got {tile}")
+        options["tile"] = tile
+    return options
+
+
+def _interval_options(epistemic: bool, calibration: str | None) -> dict:
+    """``CellCounter.from_pretrained`` keywords for the interval flags (only those set)."""
+    options: dict = {}
+    if epistemic:
+        options["epistemic"] = True
+    if calibration is not None:
+        options["calibration"] = calibration
+    return options
+
+
 @app.command()
 def count(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
@@ -65,6 +109,52 @@ def count(
     chunk_size: Annotated[
         int | None, typer.Option(help="Images per Dask task (default 2 x batch size).")
     ] = None,
+    epistemic: Annotated[
+        bool, typer.Option(help="Add the model's ensemble spread (ensemble_<k> files) to the std.")
+    ] = False,
+    calibration: Annotated[
+        str | None,
+        typer.Option(help="Interval method: conformal (default), temperature, gaussian."),
+    ] = None,
+    channel: Annotated[
+        int | None, typer.Option(help="Channel (0-based) of multi-channel images (e.g. OME-TIFF).")
+    ] = None,
+    norm_low: Annotated[
+        float | None, typer.Option(help="Lower normalization percentile (default: the model's).")
+    ] = None,
+    norm_high: Annotated[
+        float | None, typer.Option(help="Upper normalization percentile (default: the model's).")
+    ] = None,
+    no_norm: Annotated[
+        bool,
+        typer.Option("--no-norm", help="No intensity normalization (images already scaled)."),
+    ] = False,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option(help="Pixel size of the images, um: rescales them to the model's scale."),
+    ] = None,
+    diameter: Annotated[
+        float | None,
+        typer.Option(help="Typical cell/nucleus diameter in the images, px: rescales them."),
+    ] = None,
+    tile: Annotated[
+        int, typer.Option(help="Window side (model px) for images larger than one frame.")
+    ] = 512,
+    save_labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for per-object output: <stem>_labels.tif (instances), "
+            "<stem>_objects.csv (label, centroid, area), <stem>_overlay.png (a dot per cell)."
+        ),
+    ] = None,
+    table_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="celltally, or cellprofiler: also write <out stem>_Image.csv with "
+            "ImageNumber, FileName, Metadata_Plate/Well/Site, Count, Count_Low, Count_High.",
+        ),
+    ] = "celltally",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Count cells in images; append one CSV row per image as it is counted (resumable).
@@ -73,12 +163,29 @@ def count(
     <out>.errors.csv (exit status 1); a manifest <out>.manifest.json records the model
     and settings.
     """
-    from celltally.batch import run_batch
+    from celltally.batch import read_results, run_batch
 
     def note(message: str) -> None:
         typer.echo(message, err=True)
 
+    if table_format not in ("celltally", "cellprofiler"):
+        fail(f"--format must be celltally or cellprofiler, not {table_format!r}")
+    if save_labels is not None and save_masks is None:
+        save_masks = save_labels  # the per-object pass reads the masks from there
     try:
+        options = _interval_options(epistemic, calibration)
+        options.update(
+            _image_options(
+                model,
+                channel=channel,
+                norm_low=norm_low,
+                norm_high=norm_high,
+                no_norm=no_norm,
+                pixel_size=pixel_size,
+                diameter=diameter,
+                tile=tile,
+            )
+        )
         summary = run_batch(
             paths,
             out=out,
@@ -92,7 +199,22 @@ def count(
             chunk_size=chunk_size,
             progress=progress,
             log=note,
+            counter_options=options,
         )
+        if save_labels is not None or table_format == "cellprofiler":
+            rows = read_results(out)
+        if save_labels is not None:
+            from celltally.objects import save_objects_for_rows
+
+            n = save_objects_for_rows(
+                rows, masks_dir=save_masks, out_dir=save_labels, channel=channel
+            )
+            typer.echo(f"per-object labels, tables and overlays of {n} image(s) -> {save_labels}")
+        if table_format == "cellprofiler":
+            from celltally.objects import write_cellprofiler_csv
+
+            table = write_cellprofiler_csv(out.with_name(f"{out.stem}_Image.csv"), rows)
+            typer.echo(f"CellProfiler-style per-image table -> {table}")
     except _user_errors() as err:
         fail(str(err))
     total = summary.counted + summary.failed

@@ -140,11 +140,37 @@ def simulated_items(n: int, seed: int, counts: tuple[int, int]):
         yield sim.image, np.asarray(sim.labels, dtype=np.int32), f"sim{seed}_{i}_C{count}"
 
 
-def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """One of the 8 symmetries of a square (k in 0..7) on the last two axes."""
-    if k >= 4:
-        x = x.transpose(-2, -1)
-    return torch.rot90(x, k % 4, dims=(-2, -1))
+def _mosaic_crops(
+    inputs: torch.Tensor,
+    density: torch.Tensor,
+    *,
+    batch_size: int,
+    size: tuple[int, int],
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops of ``size`` from 2 x 2 mosaics of randomly flipped training frames.
+
+    Mosaics let a crop be larger than one frame, so the counter sees cells far
+    from any border (as inside a tiled large image) as well as near one; the
+    density targets are stitched the same way, so they stay exact.
+    """
+    n, _, h, w = inputs.shape
+    xs, ds = [], []
+    for _ in range(batch_size):
+        idx = torch.randint(0, n, (4,), generator=gen)
+        flips = torch.randint(0, 4, (4,), generator=gen)
+        tiles_x, tiles_d = [], []
+        for i, k in zip(idx.tolist(), flips.tolist(), strict=True):
+            dims = {0: (), 1: (-2,), 2: (-1,), 3: (-2, -1)}[k]
+            tiles_x.append(inputs[i].flip(dims) if dims else inputs[i])
+            tiles_d.append(density[i].flip(dims) if dims else density[i])
+        mx = torch.cat([torch.cat(tiles_x[:2], -1), torch.cat(tiles_x[2:], -1)], -2)
+        md = torch.cat([torch.cat(tiles_d[:2], -1), torch.cat(tiles_d[2:], -1)], -2)
+        y0 = int(torch.randint(0, 2 * h - size[0] + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, 2 * w - size[1] + 1, (1,), generator=gen))
+        xs.append(mx[:, y0 : y0 + size[0], x0 : x0 + size[1]])
+        ds.append(md[:, y0 : y0 + size[0], x0 : x0 + size[1]])
+    return torch.stack(xs), torch.stack(ds)
 
 
 def train_counter_cells(
@@ -156,13 +182,18 @@ def train_counter_cells(
     epochs: int,
     steps: int,
     batch_size: int,
-    crop: int,
+    crop: tuple[int, int],
     lr: float,
     beta: float,
     seed: int,
     log=print,
 ) -> list[dict]:
-    """Counter stage on random square crops (at mask size) with per-cell count targets."""
+    """Counter stage on random crops of frame mosaics (mask size) with per-cell targets.
+
+    Crop sides are drawn per batch, in whole density cells, from ``crop[0]``
+    to ``crop[1]`` mask pixels (up to twice a frame), so the counter does not
+    learn a count that depends on how far a cell is from the input's border.
+    """
     gen = torch.Generator().manual_seed(seed)
     mask, logvar = predict_masks(model, data.images)
     inputs = counter_input(mask, logvar, data.images, model.counter_inputs)
@@ -171,6 +202,8 @@ def train_counter_cells(
     counter = model.counter
     cell = counter.stride
     h, w = inputs.shape[-2:]
+    sides_y = [s for s in range(crop[0], min(crop[1], 2 * h) + 1, cell)]
+    sides_x = [s for s in range(crop[0], min(crop[1], 2 * w) + 1, cell)]
     optimizer = torch.optim.Adam(counter.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.2
@@ -181,23 +214,11 @@ def train_counter_cells(
         counter.train()
         total = 0.0
         for _ in range(steps):
-            idx = torch.randint(0, inputs.shape[0], (batch_size,), generator=gen)
-            ys = torch.randint(0, h - crop + 1, (batch_size,), generator=gen)
-            xs = torch.randint(0, w - crop + 1, (batch_size,), generator=gen)
-            k = int(torch.randint(0, 8, (1,), generator=gen))
-            x = torch.stack(
-                [
-                    inputs[i, :, y : y + crop, x0 : x0 + crop]
-                    for i, y, x0 in zip(idx, ys, xs, strict=True)
-                ]
+            size = (
+                sides_y[int(torch.randint(0, len(sides_y), (1,), generator=gen))],
+                sides_x[int(torch.randint(0, len(sides_x), (1,), generator=gen))],
             )
-            d = torch.stack(
-                [
-                    density[i, :, y : y + crop, x0 : x0 + crop]
-                    for i, y, x0 in zip(idx, ys, xs, strict=True)
-                ]
-            )
-            x, d = _dihedral(x, k), _dihedral(d, k)
+            x, d = _mosaic_crops(inputs, density, batch_size=batch_size, size=size, gen=gen)
             target = torch.nn.functional.avg_pool2d(d, cell)[:, 0] * cell * cell
             dens, lv = counter.density(x)
             cell_loss = gaussian_nll(dens, target, lv, beta=beta)
@@ -216,12 +237,13 @@ def train_counter_cells(
         counter.eval()
         with torch.inference_mode():
             m, lv = counter(val_inputs)
-        err = (m - val.counts).abs()
+        err = m - val.counts
         record = {
             "epoch": epoch + 1,
             "loss": round(total / steps, 4),
-            "val_mae": round(float(err.mean()), 3),
-            "val_max": round(float(err.max()), 2),
+            "val_mae": round(float(err.abs().mean()), 3),
+            "val_bias": round(float(err.mean()), 3),
+            "val_max": round(float(err.abs().max()), 2),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         history.append(record)
@@ -239,9 +261,15 @@ def main() -> None:
     parser.add_argument("--count-epochs", type=int, default=30)
     parser.add_argument("--count-steps", type=int, default=60, help="batches per counter epoch")
     parser.add_argument("--count-lr", type=float, default=2e-3)
-    parser.add_argument("--crop", type=int, default=64, help="counter crop side (mask px)")
+    parser.add_argument(
+        "--crop", type=int, nargs=2, default=(48, 192), help="counter crop sides (mask px)"
+    )
+    parser.add_argument("--count-batch", type=int, default=16)
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--init", help="model folder whose weights start training")
+    parser.add_argument(
+        "--init-segmenter", help="model folder whose segmenter weights start training"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -279,6 +307,14 @@ def main() -> None:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(Path(args.init) / "model.safetensors")))
+    if args.init_segmenter:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(args.init_segmenter) / "model.safetensors"))
+        seg = {
+            k.removeprefix("segmenter."): v for k, v in state.items() if k.startswith("segmenter.")
+        }
+        model.segmenter.load_state_dict(seg)
     cpu = torch.device("cpu")
     seg_history = []
     if args.seg_epochs > 0:
@@ -301,8 +337,8 @@ def main() -> None:
         val=cal,
         epochs=args.count_epochs,
         steps=args.count_steps,
-        batch_size=32,
-        crop=args.crop,
+        batch_size=args.count_batch,
+        crop=tuple(args.crop),
         lr=args.count_lr,
         beta=args.beta,
         seed=args.seed,
@@ -325,8 +361,8 @@ def main() -> None:
         epochs=args.count_epochs,
         steps_per_epoch=args.count_steps,
         lr=args.count_lr,
-        batch_size=32,
-        crop=args.crop,
+        batch_size=args.count_batch,
+        crop=list(args.crop),
         beta=args.beta,
         loss="beta-NLL per density cell + beta-NLL of the crop total",
     )
@@ -343,7 +379,10 @@ def main() -> None:
         "masks": "union of BBBC039's instance masks; counter targets: per-instance 1/area density",
         "command": "python scripts/train_nuclei.py "
         + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)
+            f"--{k.replace('_', '-')} "
+            + (" ".join(map(str, v)) if isinstance(v, list | tuple) else str(v))
+            for k, v in vars(args).items()
+            if v not in (None, False)
         ),
         "seed": args.seed,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,38 @@ def test_cellprofiler_rows_and_file(tmp_path):
         reader = csv.DictReader(handle)
         assert reader.fieldnames == CELLPROFILER_COLUMNS
         assert len(list(reader)) == 2
+
+
+def test_cli_writes_per_object_output_and_cellprofiler_table(tiny_model, image_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+
+    out = tmp_path / "res.csv"
+    objs = tmp_path / "objs"
+    args = ["count", image_folder, "--out", out, "--model", tiny_model, "--no-progress"]
+    args += ["--save-labels", objs, "--format", "cellprofiler"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    with out.open() as handle:
+        rows = {r["file"]: r for r in csv.DictReader(handle)}
+    for image in sorted(image_folder.iterdir()):
+        labels = tifffile.imread(objs / f"{image.stem}_labels.tif")
+        assert labels.shape == tifffile.imread(image).shape
+        with (objs / f"{image.stem}_objects.csv").open() as handle:
+            table = list(csv.DictReader(handle))
+        assert len(table) == np.unique(labels[labels > 0]).size
+        assert len(table) <= round(float(rows[str(image)]["count"]))
+        assert (objs / f"{image.stem}_overlay.png").exists()
+        assert (objs / f"{image.stem}_mask.png").exists()
+    with (tmp_path / "res_Image.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == CELLPROFILER_COLUMNS
+        table = list(reader)
+    assert [r["ImageNumber"] for r in table] == ["1", "2"]
+    assert sorted(r["Metadata_Well"] for r in table) == ["A01", "A02"]
+    for r in table:  # same order and counts as the results CSV
+        assert r["Count"] == rows[str(Path(r["PathName"]) / r["FileName"])]["count"]
+    assert [r["FileName"] for r in table] == [Path(f).name for f in rows]
+    bad = CliRunner().invoke(app, [str(a) for a in [*args[:7], "--format", "excel"]])
+    assert bad.exit_code == 2 and "--format must be" in bad.output

@@ -277,3 +277,48 @@ def test_ome_tiff_channel_selection(density_counter, tmp_path):
         CellCounter(density_counter.model, density_counter.config, device="cpu", channel=2).count(
             path
         )
+
+
+def test_cli_reading_and_normalization_options(tiny_model, tmp_path):
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+
+    planes = np.stack([np.zeros((130, 174), np.uint16), blob_image(12, dtype=np.uint16)])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "two.tif", planes)
+
+    def count(*extra):
+        out = tmp_path / f"r{len(list(tmp_path.iterdir()))}.csv"
+        args = ["count", folder, "--out", out, "--model", tiny_model, "--no-progress", *extra]
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        if result.exit_code:
+            return result
+        with out.open() as handle:
+            return float(next(csv.DictReader(handle))["count"])
+
+    expected = CellCounter.from_pretrained(tiny_model, device="cpu").count(planes[1]).count
+    assert count("--channel", "1") == pytest.approx(expected, abs=0.01)
+    plain = count("--channel", "1", "--no-norm")
+    assert plain != pytest.approx(expected, abs=0.01)
+    count("--channel", "1", "--norm-low", "5", "--norm-high", "99")
+    newest = max(tmp_path.glob("r*.manifest.json"), key=lambda p: p.stat().st_mtime_ns)
+    options = json.loads(newest.read_text())["settings"]["counter_options"]
+    norm = {"method": "percentile", "low": 5.0, "high": 99.0}
+    assert options == {"channel": 1, "norm": norm}
+    custom = CellCounter.from_pretrained(tiny_model, device="cpu", norm=norm)
+    default = CellCounter.from_pretrained(tiny_model, device="cpu")
+    assert not np.allclose(custom.prepare(planes[1]), default.prepare(planes[1]))
+    for extra, message in [
+        (("--norm-low", "90", "--norm-high", "10"), "low < high"),
+        (("--channel", "1", "--diameter", "20"), "does not record the object diameter"),
+        (("--channel", "1", "--tile", "100"), "--tile must be a multiple of 32"),
+        (("--channel", "3"), "channel 3 out of range"),
+    ]:
+        result = count(*extra)
+        assert result.exit_code != 0, extra
+        assert message in result.output, result.output

@@ -33,6 +33,7 @@ __all__ = [
     "object_table",
     "overlay_image",
     "save_objects",
+    "save_objects_for_rows",
     "write_cellprofiler_csv",
 ]
 
@@ -197,6 +198,40 @@ def save_objects(
     points = [(r["centroid_y"], r["centroid_x"]) for r in rows]
     Image.fromarray(overlay_image(image, points)).save(overlay_path)
     return {"labels": labels_path, "objects": table_path, "overlay": overlay_path, "n": len(rows)}
+
+
+def save_objects_for_rows(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    masks_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    channel: int | None = None,
+) -> int:
+    """Per-object output for results-CSV rows whose mask PNG is in ``masks_dir``.
+
+    Reads each row's image (``file``, with ``channel``), its
+    ``<stem>_mask.png`` and its ``count``; writes :func:`save_objects`' files
+    into ``out_dir``. Images whose ``<stem>_labels.tif`` exists already are
+    skipped (a resumed run). Returns the number of images written.
+    """
+    from PIL import Image
+
+    from celltally import io
+
+    written = 0
+    for row in rows:
+        path = Path(str(row["file"]))
+        if (Path(out_dir) / f"{path.stem}_labels.tif").exists():
+            continue
+        mask_path = Path(masks_dir) / f"{path.stem}_mask.png"
+        if not mask_path.exists():
+            raise io.InputError(f"{mask_path}: mask not found for {path}", mask_path)
+        with Image.open(mask_path) as handle:
+            mask = np.asarray(handle, dtype=np.float32) / 255.0
+        image = io.read_image(path, channel=channel)
+        save_objects(out_dir, path.stem, image, mask, float(row["count"]))
+        written += 1
+    return written
 
 
 def cellprofiler_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:

@@ -463,5 +463,9 @@ def fit(
     if test is not None and len(test):
         config["metrics"] = {"test": interval_metrics(model, test, scores, device=device)}
     save_model_folder(model, config, out)
+    # Temperature, OOD thresholds and the deep-feature reference on the same split.
+    from celltally.uncertainty import calibrate_model
+
+    config["calibration"] = calibrate_model(out, calibration, device=device, log=log)
     log(f"saved model folder {out}")
     return config

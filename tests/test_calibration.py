@@ -114,7 +114,7 @@ def test_ood_thresholds_and_warning():
     ]
     limits = ood_thresholds(features)
     assert limits["n"] == 200 and 0.04 < limits["mask_std"] <= 0.05
-    assert 2.9 < limits["feature_distance"] <= 3.0 and "spread" in limits
+    assert 2.9 < limits["feature_distance"] <= 3.0 and "spread" not in limits
     assert ood_warning(features[0], limits) == ""
     strange = ood_features(10, np.full((4, 4), 0.3), feature_distance=7.0)
     message = ood_warning(strange, limits)
@@ -186,7 +186,8 @@ def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):
     assert (folder / "ood.safetensors").is_file()
     assert block["scores"] == before["scores"]  # the ensemble leaves member 0's block alone
     ens = block["epistemic"]
-    assert ens["members"] == 2 and "spread" in ens["ood"] and len(ens["scores"]) == 60
+    assert ens["members"] == 2 and len(ens["scores"]) == 60
+    assert {"mask_std", "feature_distance"} <= set(ens["ood"])
 
 
 def test_out_of_distribution_images_are_flagged(blob_model):
@@ -214,6 +215,7 @@ def test_epistemic_counter_adds_the_ensemble_spread(blob_model):
     image = blob_image(12, seed=77)
     a, b = plain.count(image), ens.count(image)
     assert a.epistemic_std is None and b.epistemic_std > 0
+    assert "spread" in b.ood and "spread" not in a.ood  # reported, not warned on
     # Two members: count = their mean, total var = mean aleatoric var + spread^2.
     second = CellCounter(CountingPipeline(tiny_config()), plain.config, device="cpu")
     second.model.load_state_dict(plain.model.state_dict())

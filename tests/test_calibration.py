@@ -275,3 +275,39 @@ def test_cli_count_epistemic_and_warning_column(blob_model, tiny_model, tmp_path
     )
     assert bad.exit_code != 0 and "no ensemble members" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
+    import shutil
+
+    import tifffile
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+    from celltally.datasets import load_folder
+    from celltally.training_data import split_by_scene_hash
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    data = tmp_path / "plate"
+    data.mkdir()
+    for i in range(24):
+        n = 2 + i
+        name = f"SIMCEPImages_A{i + 1:02d}_C{n}_F1_s01_w1.TIF"
+        tifffile.imwrite(data / name, blob_image(n, seed=300 + i))
+    cal_size = split_by_scene_hash(load_folder(data, size=(64, 96)))["calibration"].size
+    assert cal_size >= 2  # the scene-hash split leaves some scenes for calibration
+    runner = CliRunner()
+    result = runner.invoke(app, ["calibrate", "--model", str(model), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    block = json.loads((model / "config.json").read_text())["calibration"]
+    assert block["n"] == cal_size and "temperature" in block and "ood" in block
+    args = ["ensemble", "--model", str(model), "--data", str(data), "--members", "2"]
+    result = runner.invoke(app, [*args, "--epochs", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (model / "ensemble_1.safetensors").is_file()
+    assert json.loads((model / "config.json").read_text())["calibration"]["epistemic"]["n"] == (
+        cal_size
+    )
+    missing = runner.invoke(app, ["calibrate", "--model", str(model)])
+    assert missing.exit_code != 0 and "error: no data" in missing.output

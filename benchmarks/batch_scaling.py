@@ -55,7 +55,13 @@ def child(args: argparse.Namespace) -> None:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    marks: list[tuple[float, int]] = []
+    marks: list[tuple[float, int, float]] = []
+    page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * page_mib
+
     t0 = time.perf_counter()
     summary = run_batch(
         [args.folder],
@@ -64,10 +70,10 @@ def child(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         dask=args.dask,
         chunk_size=args.chunk_size,
-        on_commit=lambda n: marks.append((time.perf_counter(), n)),
+        on_commit=lambda n: marks.append((time.perf_counter(), n, rss_mib())),
     )
     total = time.perf_counter() - t0
-    first_t, first_n = marks[0]
+    first_t, first_n, _ = marks[0]
     steady = (summary.counted - first_n) / max(1e-9, marks[-1][0] - first_t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(
@@ -79,6 +85,11 @@ def child(args: argparse.Namespace) -> None:
                 "images_per_s_total": round(summary.counted / total, 2),
                 "images_per_s_steady": round(steady, 2),
                 "peak_rss_mib": round(peak, 1),
+                # current RSS after 10%, 25%, 50%, 75% and all of the images: growth or not
+                "rss_mib_at": {
+                    f"{q:.0%}": round(marks[min(len(marks) - 1, int(q * len(marks)))][2], 1)
+                    for q in (0.1, 0.25, 0.5, 0.75, 1.0)
+                },
             }
         )
     )

@@ -272,6 +272,7 @@ def test_bad_settings_fail_before_anything_is_written(plate, tiny_model, tmp_pat
     for kwargs, message in [
         ({"level": 1.5}, "--level"),
         ({"batch_size": 0}, "--batch-size"),
+        ({"threads": 0}, "--threads"),
         ({"dask": "local:0"}, "local:N"),
     ]:
         with pytest.raises(io.InputError, match=message):

@@ -109,6 +109,10 @@ def count(
     chunk_size: Annotated[
         int | None, typer.Option(help="Images per Dask task (default 2 x batch size).")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch threads here (default one per core; 1 is faster on a busy CPU)."),
+    ] = None,
     epistemic: Annotated[
         bool, typer.Option(help="Add the model's ensemble spread (ensemble_<k> files) to the std.")
     ] = False,
@@ -197,6 +201,7 @@ def count(
             overwrite=overwrite,
             dask=dask,
             chunk_size=chunk_size,
+            threads=threads,
             progress=progress,
             log=note,
             counter_options=options,

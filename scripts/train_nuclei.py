@@ -140,22 +140,50 @@ def simulated_items(n: int, seed: int, counts: tuple[int, int]):
         yield sim.image, np.asarray(sim.labels, dtype=np.int32), f"sim{seed}_{i}_C{count}"
 
 
+def _weighted_nll(pred, target, log_var, weight, beta):
+    """beta-NLL (see ``losses.gaussian_nll``) averaged with per-element ``weight``."""
+    loss = 0.5 * torch.exp(-log_var) * (target - pred) ** 2 + 0.5 * log_var
+    if beta:
+        loss = loss * torch.exp(beta * log_var).detach()
+    return (loss * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def _offset(length: int, side: int, gen: torch.Generator) -> int:
+    """Crop start: snapped to the start or the end of the mosaic half the time, else uniform."""
+    mode = int(torch.randint(0, 4, (1,), generator=gen))
+    top = length - side
+    if mode == 0:
+        return 0
+    if mode == 1:
+        return top
+    return int(torch.randint(0, top + 1, (1,), generator=gen))
+
+
 def _mosaic_crops(
     inputs: torch.Tensor,
     density: torch.Tensor,
     *,
     batch_size: int,
     size: tuple[int, int],
+    cell: int,
     gen: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Crops of ``size`` from 2 x 2 mosaics of randomly flipped training frames.
 
     Mosaics let a crop be larger than one frame, so the counter sees cells far
     from any border (as inside a tiled large image) as well as near one; the
     density targets are stitched the same way, so they stay exact.
+
+    Returns inputs, densities and per-cell loss weights. A crop side that cuts
+    through the mosaic is an artificial border: nuclei cut there have
+    fractional targets, while at a real image border a cut nucleus counts 1
+    (the annotation's convention, and what counting a whole image needs), and
+    the network cannot tell the two apart. So the cells along artificial
+    sides get weight 0 (like a tile's margin); along real sides (the mosaic's
+    outer edge, where half the crops are snapped) weight 1.
     """
     n, _, h, w = inputs.shape
-    xs, ds = [], []
+    xs, ds, ws = [], [], []
     for _ in range(batch_size):
         idx = torch.randint(0, n, (4,), generator=gen)
         flips = torch.randint(0, 4, (4,), generator=gen)
@@ -166,11 +194,20 @@ def _mosaic_crops(
             tiles_d.append(density[i].flip(dims) if dims else density[i])
         mx = torch.cat([torch.cat(tiles_x[:2], -1), torch.cat(tiles_x[2:], -1)], -2)
         md = torch.cat([torch.cat(tiles_d[:2], -1), torch.cat(tiles_d[2:], -1)], -2)
-        y0 = int(torch.randint(0, 2 * h - size[0] + 1, (1,), generator=gen))
-        x0 = int(torch.randint(0, 2 * w - size[1] + 1, (1,), generator=gen))
+        y0, x0 = _offset(2 * h, size[0], gen), _offset(2 * w, size[1], gen)
         xs.append(mx[:, y0 : y0 + size[0], x0 : x0 + size[1]])
         ds.append(md[:, y0 : y0 + size[0], x0 : x0 + size[1]])
-    return torch.stack(xs), torch.stack(ds)
+        weight = torch.ones(size[0] // cell, size[1] // cell)
+        if y0 > 0:
+            weight[0] = 0
+        if y0 + size[0] < 2 * h:
+            weight[-1] = 0
+        if x0 > 0:
+            weight[:, 0] = 0
+        if x0 + size[1] < 2 * w:
+            weight[:, -1] = 0
+        ws.append(weight)
+    return torch.stack(xs), torch.stack(ds), torch.stack(ws)
 
 
 def train_counter_cells(
@@ -186,14 +223,25 @@ def train_counter_cells(
     lr: float,
     beta: float,
     seed: int,
+    frames: bool = False,
+    bn_freeze: float = 0.0,
+    ema: float = 0.0,
     log=print,
 ) -> list[dict]:
-    """Counter stage on random crops of frame mosaics (mask size) with per-cell targets.
+    """Counter stage with per-cell targets, on whole frames or on crops of frame mosaics.
 
-    Crop sides are drawn per batch, in whole density cells, from ``crop[0]``
-    to ``crop[1]`` mask pixels (up to twice a frame), so the counter does not
-    learn a count that depends on how far a cell is from the input's border.
+    ``frames``: batches of whole training frames, each flipped at random (the
+    counter then sees exactly what it sees when counting one frame).
+    Otherwise crop sides are drawn per batch, in whole density cells, from
+    ``crop[0]`` to ``crop[1]`` mask pixels (up to twice a frame).
+    ``bn_freeze``: the last fraction of the epochs keeps batch norm in eval
+    mode (fixed running statistics), so the weights settle on the statistics
+    that counting uses. ``ema`` > 0: validate and keep an exponential moving
+    average of the weights and batch-norm statistics (decay ``ema`` per step),
+    which smooths the step-to-step noise of 60 training images.
     """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
     gen = torch.Generator().manual_seed(seed)
     mask, logvar = predict_masks(model, data.images)
     inputs = counter_input(mask, logvar, data.images, model.counter_inputs)
@@ -208,24 +256,44 @@ def train_counter_cells(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.2
     )
+    averaged = (
+        AveragedModel(counter, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
+        if ema
+        else None
+    )
     history = []
     for epoch in range(epochs):
         t0 = time.perf_counter()
         counter.train()
+        if epoch >= epochs * (1.0 - bn_freeze):
+            for module in counter.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.eval()
         total = 0.0
         for _ in range(steps):
+            if frames:
+                idx = torch.randint(0, inputs.shape[0], (batch_size,), generator=gen)
+                flips = torch.randint(0, 4, (batch_size,), generator=gen).tolist()
+                dims = [{0: (), 1: (-2,), 2: (-1,), 3: (-2, -1)}[k] for k in flips]
+                x = torch.stack([inputs[i].flip(dm) for i, dm in zip(idx, dims, strict=True)])
+                d = torch.stack([density[i].flip(dm) for i, dm in zip(idx, dims, strict=True)])
+                weight = torch.ones(batch_size, h // cell, w // cell)
             size = (
                 sides_y[int(torch.randint(0, len(sides_y), (1,), generator=gen))],
                 sides_x[int(torch.randint(0, len(sides_x), (1,), generator=gen))],
             )
-            x, d = _mosaic_crops(inputs, density, batch_size=batch_size, size=size, gen=gen)
+            if not frames:
+                x, d, weight = _mosaic_crops(
+                    inputs, density, batch_size=batch_size, size=size, cell=cell, gen=gen
+                )
             target = torch.nn.functional.avg_pool2d(d, cell)[:, 0] * cell * cell
             dens, lv = counter.density(x)
-            cell_loss = gaussian_nll(dens, target, lv, beta=beta)
+            cell_loss = _weighted_nll(dens, target, lv, weight, beta)
+            keep = weight > 0
             crop_loss = gaussian_nll(
-                dens.sum((-2, -1)),
-                target.sum((-2, -1)),
-                torch.logsumexp(lv.flatten(1), 1),
+                (dens * weight).sum((-2, -1)),
+                (target * weight).sum((-2, -1)),
+                torch.logsumexp(lv.masked_fill(~keep, -30.0).flatten(1), 1),
                 beta=beta,
             )
             loss = cell_loss + crop_loss
@@ -233,10 +301,15 @@ def train_counter_cells(
             loss.backward()
             optimizer.step()
             schedule.step()
+            if averaged is not None:
+                averaged.update_parameters(counter)
             total += loss.item()
         counter.eval()
+        judged = counter if averaged is None else averaged.module.eval()
         with torch.inference_mode():
-            m, lv = counter(val_inputs)
+            m, lv = judged(val_inputs)
+            rows = [torch.cat([val_inputs[i], val_inputs[i + 1]], -1) for i in (0, 2)]
+            whole, _ = judged(torch.cat(rows, -2)[None])
         err = m - val.counts
         record = {
             "epoch": epoch + 1,
@@ -244,10 +317,13 @@ def train_counter_cells(
             "val_mae": round(float(err.abs().mean()), 3),
             "val_bias": round(float(err.mean()), 3),
             "val_max": round(float(err.abs().max()), 2),
+            "val_mosaic_minus_parts": round(float(whole[0] - m[:4].sum()), 2),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         history.append(record)
         log("counter " + " ".join(f"{k}={v}" for k, v in record.items()))
+    if averaged is not None:
+        counter.load_state_dict(averaged.module.state_dict())
     return history
 
 
@@ -262,9 +338,20 @@ def main() -> None:
     parser.add_argument("--count-steps", type=int, default=60, help="batches per counter epoch")
     parser.add_argument("--count-lr", type=float, default=2e-3)
     parser.add_argument(
-        "--crop", type=int, nargs=2, default=(48, 192), help="counter crop sides (mask px)"
+        "--crop", type=int, nargs=2, default=(64, 192), help="counter crop sides (mask px)"
     )
     parser.add_argument("--count-batch", type=int, default=16)
+    parser.add_argument(
+        "--frames", action="store_true", help="train the counter on whole frames, not mosaics"
+    )
+    parser.add_argument("--counter-width", type=float, default=0.125)
+    parser.add_argument(
+        "--counter-inputs", nargs="+", default=["mask", "image"], help="planes the counter reads"
+    )
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of counter weights")
+    parser.add_argument(
+        "--bn-freeze", type=float, default=0.0, help="last fraction of counter epochs, BN fixed"
+    )
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--init", help="model folder whose weights start training")
     parser.add_argument(
@@ -281,6 +368,8 @@ def main() -> None:
     config["preset"] = "small"
     config["name"] = "nuclei"
     config["normalization"] = {"method": "percentile", "low": 0.5, "high": 99.95}
+    config["counter"]["width"] = args.counter_width
+    config["counter_inputs"] = list(args.counter_inputs)
     size = config["input_size"]
     norm = config["normalization"]
     with (root / "counts.csv").open() as handle:
@@ -342,6 +431,9 @@ def main() -> None:
         lr=args.count_lr,
         beta=args.beta,
         seed=args.seed,
+        frames=args.frames,
+        bn_freeze=args.bn_freeze,
+        ema=args.ema,
     )
     model.eval()
     mean, std = predict_counts(model, cal.images, device=cpu)
@@ -363,8 +455,17 @@ def main() -> None:
         lr=args.count_lr,
         batch_size=args.count_batch,
         crop=list(args.crop),
+        frames=args.frames,
+        bn_freeze=args.bn_freeze,
+        ema=args.ema,
         beta=args.beta,
-        loss="beta-NLL per density cell + beta-NLL of the crop total",
+        loss="beta-NLL per density cell + beta-NLL of the input's total, on "
+        + (
+            "whole training frames with random flips"
+            if args.frames
+            else "random crops of 2 x 2 frame mosaics; cells along crop sides that cut "
+            "the mosaic are left out"
+        ),
     )
     config["training"] = {
         "data": sources,

@@ -75,7 +75,7 @@ def density_counter() -> CellCounter:
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (96, 160), (352, 480), (640, 224)])
-@pytest.mark.parametrize(("tile", "margin"), [(96, 32), (128, 32), (256, 64)])
+@pytest.mark.parametrize(("tile", "margin"), [(96, 32), (128, 32), (256, 64), ((96, 160), 32)])
 def test_cores_cover_the_canvas_exactly_once(shape, tile, margin):
     cover = np.zeros(shape, dtype=int)
     for t in plan_tiles(shape, tile=tile, margin=margin, stride=32):
@@ -83,7 +83,8 @@ def test_cores_cover_the_canvas_exactly_once(shape, tile, margin):
         cy0, cy1, cx0, cx1 = t.core
         assert 0 <= wy0 <= cy0 < cy1 <= wy1 <= shape[0]
         assert 0 <= wx0 <= cx0 < cx1 <= wx1 <= shape[1]
-        assert (wy1 - wy0, wx1 - wx0) == (min(tile, shape[0]), min(tile, shape[1]))
+        ty, tx = (tile, tile) if isinstance(tile, int) else tile
+        assert (wy1 - wy0, wx1 - wx0) == (min(ty, shape[0]), min(tx, shape[1]))
         assert all(v % 32 == 0 for v in (*t.window, *t.core))
         cover[cy0:cy1, cx0:cx1] += 1
     assert (cover == 1).all()
@@ -132,6 +133,14 @@ def test_tiled_count_equals_whole_image_count(density_counter, tile, margin):
     assert tiled.mask.shape == whole.mask.shape == (93, 131)
     np.testing.assert_allclose(tiled.mask, whole.mask, atol=1e-3)
     np.testing.assert_allclose(tiled.density, whole.density, rtol=1e-2, atol=1e-4)
+
+
+def test_window_geometry_comes_from_the_model_folder_unless_given():
+    config = {**density_config(), "tiling": {"tile": [64, 96], "margin": 0}}
+    model = CountingPipeline(config)
+    assert (CellCounter(model, config).tile, CellCounter(model, config).margin) == ((64, 96), 0)
+    assert CellCounter(model, config, tile=128, margin=32).tile == (128, 128)
+    assert CellCounter(model, density_config()).tile == (512, 512)
 
 
 def test_large_image_counts_in_bounded_windows(density_counter):

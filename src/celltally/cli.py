@@ -42,11 +42,11 @@ def _image_options(
     no_norm: bool,
     pixel_size: float | None,
     diameter: float | None,
-    tile: int,
+    tile: int | None,
 ) -> dict:
     """``CellCounter`` keywords for the reading, normalization and scale flags (only those set)."""
     from celltally.counter import resolve_model
-    from celltally.tiling import DEFAULT_TILE, merge_normalization
+    from celltally.tiling import merge_normalization
 
     options: dict = {}
     if channel is not None:
@@ -60,7 +60,7 @@ def _image_options(
         options["pixel_size"] = pixel_size
     if diameter is not None:
         options["diameter"] = diameter
-    if tile != DEFAULT_TILE:
+    if tile is not None:
         if tile < 64 or tile % 32:
             raise ValueError(f"--tile must be a multiple of 32 and at least 64, got {tile}")
         options["tile"] = tile
@@ -142,8 +142,12 @@ def count(
         typer.Option(help="Typical cell/nucleus diameter in the images, px: rescales them."),
     ] = None,
     tile: Annotated[
-        int, typer.Option(help="Window side (model px) for images larger than one frame.")
-    ] = 512,
+        int | None,
+        typer.Option(
+            help="Window side (model px) for images larger than one frame "
+            "(default: the model's, else 512)."
+        ),
+    ] = None,
     save_labels: Annotated[
         Path | None,
         typer.Option(

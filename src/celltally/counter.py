@@ -33,6 +33,7 @@ from celltally.tiling import (
     model_scale,
     model_shape,
     rescale_factor,
+    tile_sides,
 )
 from celltally.transforms import prepare_image
 
@@ -132,8 +133,8 @@ class CellCounter:
         norm: dict[str, Any] | None = None,
         pixel_size: float | None = None,
         diameter: float | None = None,
-        tile: int = DEFAULT_TILE,
-        margin: int = DEFAULT_MARGIN,
+        tile: int | Sequence[int] | None = None,
+        margin: int | None = None,
         ood_reference: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -150,7 +151,11 @@ class CellCounter:
         self.factor = rescale_factor(
             self.scale, pixel_size=pixel_size, diameter=diameter, model_name=f"model {self.name}"
         )
-        self.tile, self.margin = int(tile), int(margin)
+        # Window geometry: the caller's, else the model folder's ("tiling"), else the default.
+        tiling = dict(config.get("tiling") or {})
+        chosen = tile if tile is not None else tiling.get("tile", DEFAULT_TILE)
+        self.tile = tile_sides(chosen)
+        self.margin = int(margin if margin is not None else tiling.get("margin", DEFAULT_MARGIN))
         self.density_head = getattr(model.counter, "head", "fc") == "density"
         if not self.density_head and self.factor != 1.0:
             raise io.InputError(

@@ -195,29 +195,40 @@ def _axis_tiles(length: int, window: int, margin: int) -> list[tuple[int, int, i
     return out
 
 
+def tile_sides(tile: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a window given as one side or a pair."""
+    if isinstance(tile, int | np.integer):
+        return int(tile), int(tile)
+    ty, tx = (int(v) for v in tile)
+    return ty, tx
+
+
 def plan_tiles(
     shape: Sequence[int],
     *,
-    tile: int = DEFAULT_TILE,
+    tile: int | Sequence[int] = DEFAULT_TILE,
     margin: int = DEFAULT_MARGIN,
     stride: int = 32,
 ) -> list[Tile]:
-    """Windows of side ``tile`` whose cores (``tile - 2 margin``) cover ``shape`` once.
+    """Windows of ``tile`` (a side, or (height, width)) whose cores cover ``shape`` once.
+
+    A core is its window less ``margin`` on each side (except at the canvas edge).
 
     ``shape`` is the padded canvas (multiples of ``stride``); ``tile`` and
     ``margin`` must be multiples of ``stride`` with ``tile > 2 margin``, so every
     core is a block of whole density cells. A canvas no larger than ``tile``
     along an axis is one window along it.
     """
-    if tile % stride or margin % stride or tile <= 2 * margin or margin < 0:
+    ty, tx = tile_sides(tile)
+    if any(t % stride or t <= 2 * margin for t in (ty, tx)) or margin % stride or margin < 0:
         raise ValueError(
             f"tile ({tile}) and margin ({margin}) must be multiples of {stride} "
             "with tile > 2 * margin"
         )
     if shape[0] % stride or shape[1] % stride:
         raise ValueError(f"canvas {tuple(shape)} is not a multiple of the stride {stride}")
-    ys = _axis_tiles(int(shape[0]), tile, margin)
-    xs = _axis_tiles(int(shape[1]), tile, margin)
+    ys = _axis_tiles(int(shape[0]), ty, margin)
+    xs = _axis_tiles(int(shape[1]), tx, margin)
     return [
         Tile(window=(wy0, wy1, wx0, wx1), core=(cy0, cy1, cx0, cx1))
         for wy0, wy1, cy0, cy1 in ys
@@ -262,7 +273,7 @@ def count_density(
     model: torch.nn.Module,
     prepared: np.ndarray,
     *,
-    tile: int | None = DEFAULT_TILE,
+    tile: int | Sequence[int] | None = DEFAULT_TILE,
     margin: int = DEFAULT_MARGIN,
     batch_size: int | None = None,
     device: str | torch.device = "cpu",

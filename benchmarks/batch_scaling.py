@@ -185,7 +185,7 @@ def kill_resume_trials(
     for trial in range(trials):
         out = tmp / f"trial{trial}.csv"
         cmd, proc, _ = start(out)
-        time.sleep(rng.uniform(0, rest))  # a random moment in the rest of the run
+        time.sleep(rng.uniform(0, 0.9 * rest))  # a random moment in the rest of the run
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             killed += 1
@@ -220,6 +220,9 @@ def main() -> int:
     parser.add_argument("--trial-images", type=int, default=40)
     parser.add_argument("--unique", type=int, default=8, help="simulated scenes (x6 files)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for the throughput runs"
+    )
     parser.add_argument("--skip", default="", help="comma list of: memory,dask,kill")
     parser.add_argument("--out", default=str(HERE / "results" / "batch_scaling.json"))
     # child mode
@@ -244,7 +247,11 @@ def main() -> int:
             "python": platform.python_version(),
             "load_average_at_start": os.getloadavg(),
         },
-        "settings": {"batch_size": args.batch_size, "image_size": "696x520 8-bit TIFF"},
+        "settings": {
+            "batch_size": args.batch_size,
+            "image_size": "696x520 8-bit TIFF",
+            "torch_threads_throughput": args.threads or "torch default (one per core)",
+        },
     }
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -258,8 +265,14 @@ def main() -> int:
             rows = []
             for n in sizes:
                 folder = make_folder(source, tmp / f"n{n}", n)
-                print(f"counting {n} images (all cores) ...", flush=True)
-                r = measure(folder, tmp / f"n{n}.csv", model, batch_size=args.batch_size)
+                print(f"counting {n} images ...", flush=True)
+                r = measure(
+                    folder,
+                    tmp / f"n{n}.csv",
+                    model,
+                    batch_size=args.batch_size,
+                    threads=args.threads,
+                )
                 rows.append({"images": n, **r})
             report["throughput_memory"] = rows
 
@@ -307,11 +320,15 @@ def print_table(report: dict) -> None:
     print(f"model: {report['model']}; {report['machine']['cpu_cores']} cores; "
           f"load average at start {report['machine']['load_average_at_start'][0]:.1f}")  # fmt: skip
     if "throughput_memory" in report:
-        print(f"{'images':>8} {'img/s steady':>13} {'img/s total':>12} {'peak RSS MiB':>13}")
+        threads = report["settings"]["torch_threads_throughput"]
+        print(f"throughput and memory, torch threads: {threads}")
+        print(f"{'images':>8} {'img/s steady':>13} {'img/s total':>12} {'peak RSS MiB':>13}  "
+              "RSS MiB at 10/25/50/75/100% of the run")  # fmt: skip
         for r in report["throughput_memory"]:
+            along = "/".join(f"{v:.0f}" for v in r["rss_mib_at"].values())
             print(
                 f"{r['images']:>8} {r['images_per_s_steady']:>13.1f} "
-                f"{r['images_per_s_total']:>12.1f} {r['peak_rss_mib']:>13.0f}"
+                f"{r['images_per_s_total']:>12.1f} {r['peak_rss_mib']:>13.0f}  {along}"
             )
     if "dask_scaling" in report:
         d = report["dask_scaling"]

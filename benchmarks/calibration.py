@@ -209,7 +209,13 @@ def plot(results: dict[str, dict], path: Path) -> None:
         curves = res["reliability"]
         levels = np.array(curves["level"])
         band = 2 * np.sqrt(levels * (1 - levels) / res["n_test"])
-        ax.fill_between(levels, levels - band, levels + band, color="0.85", label="±2 sd")
+        ax.fill_between(
+            levels,
+            levels - band,
+            levels + band,
+            color="0.85",
+            label="±2 sd if images were independent",
+        )
         ax.plot([0.45, 1], [0.45, 1], "k--", lw=0.8, label="ideal")
         for method in METHODS:
             ax.plot(levels, curves[method], styles[method], ms=4, label=method)

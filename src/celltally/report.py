@@ -284,7 +284,13 @@ def plot_reliability(
     ax = fig.subplots()
     if n:
         band = 2 * np.sqrt(levels * (1 - levels) / n)
-        ax.fill_between(levels, levels - band, levels + band, color="0.85", label=f"±2 sd, n={n}")
+        ax.fill_between(
+            levels,
+            levels - band,
+            levels + band,
+            color="0.85",
+            label=f"±2 sd, {n} independent images",
+        )
     ax.plot([0.45, 1.0], [0.45, 1.0], "k--", lw=0.8, label="ideal")
     styles = {"conformal": "o-", "temperature": "s-", "gaussian": "^-"}
     for method, values in curves.items():

@@ -332,6 +332,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/bbbc039")
     parser.add_argument("--out", default="runs/nuclei")
     parser.add_argument("--simulated", type=int, default=0)
+    parser.add_argument("--simulated-stages", choices=("counter", "both"), default="counter")
     parser.add_argument("--seg-epochs", type=int, default=60)
     parser.add_argument("--seg-lr", type=float, default=2e-3)
     parser.add_argument("--count-epochs", type=int, default=30)
@@ -381,15 +382,20 @@ def main() -> None:
     test, _ = load_bbbc039(root, split["test"], size, norm)
     print(f"loaded {len(train)}/{len(cal)}/{len(test)} in {time.perf_counter() - t0:.0f}s")
     sources = [f"BBBC039 real, {len(train)} training images (16-bit Hoechst U2OS nuclei)"]
+    seg_train = train
     if args.simulated:
         sim, sim_dens = prepare_set(
             simulated_items(args.simulated, 5000 + args.seed, (0, 230)), size, norm, "simulated"
         )
         train = LabeledSet.concat([train, sim])
         train_dens = torch.cat([train_dens, sim_dens])
+        if args.simulated_stages == "both":
+            seg_train = train
         sources.append(
             f"simulated: {args.simulated} 16-bit in-focus nuclei scenes (celltally.simulate "
-            f"stain 1, counts 0-230, cluster probability 0 or 0.25, seed {5000 + args.seed})"
+            f"stain 1, counts 0-230, cluster probability 0 or 0.25, seed {5000 + args.seed}), "
+            f"used by the {'segmenter and the ' if args.simulated_stages == 'both' else ''}"
+            "counter"
         )
     model = CountingPipeline(config)
     if args.init:
@@ -409,7 +415,7 @@ def main() -> None:
     if args.seg_epochs > 0:
         seg_history = train_segmenter(
             model,
-            train,
+            seg_train,
             val=cal,
             epochs=args.seg_epochs,
             batch_size=8,
@@ -483,7 +489,7 @@ def main() -> None:
             f"--{k.replace('_', '-')} "
             + (" ".join(map(str, v)) if isinstance(v, list | tuple) else str(v))
             for k, v in vars(args).items()
-            if v not in (None, False)
+            if v is not None and v is not False
         ),
         "seed": args.seed,
     }

@@ -4,11 +4,13 @@ and CellProfiler-style per-image tables.
 The network predicts a foreground mask and a count, not instances. The
 instances written here are derived from both: the mask (upsampled to the
 image and thresholded) is split by a watershed of its distance transform
-seeded at ``round(count)`` points, so the number of labelled objects follows
-the model's count wherever the mask allows it. Every connected foreground
-region gets a seed first (largest first); the remaining seeds go to the
-highest distance peaks. The labels are a view of the count for checking and
-downstream measurement, not a trained instance segmentation.
+seeded at ``round(count)`` points, so the number of labelled objects is the
+model's count whenever the foreground has at least one region per seed.
+Seeds are shared among the connected foreground regions in proportion to
+their areas (each region gets at least one); within a region they go to its
+distance-transform peaks, topped up by k-means centres when touching nuclei
+have merged into fewer peaks. The labels are a view of the count for
+checking and downstream measurement, not a trained instance segmentation.
 """
 
 from __future__ import annotations
@@ -52,30 +54,65 @@ CELLPROFILER_COLUMNS = [
 ]
 
 
+def _allocate(areas: np.ndarray, n: int) -> np.ndarray:
+    """Seeds per component: ``n`` split in proportion to area (largest remainder), each >= 1.
+
+    With fewer seeds than components, the ``n`` largest components get one each.
+    """
+    k = np.zeros(areas.size, dtype=int)
+    order = np.argsort(-areas, kind="stable")
+    if n <= areas.size:
+        k[order[:n]] = 1
+        return k
+    share = areas / areas.sum() * n
+    k = np.maximum(1, np.floor(share).astype(int))
+    while k.sum() > n:  # the floors of 1 can overshoot: take back from the most crowded
+        k[np.argmax(np.where(k > 1, k - share, -np.inf))] -= 1
+    while k.sum() < n:
+        k[np.argmax(share - k)] += 1
+    return k
+
+
 def _seeds(dist: np.ndarray, components: np.ndarray, n_comp: int, n: int, spacing: float):
-    """Up to ``n`` seed points: one per component (largest first), then the highest peaks."""
+    """``n`` seed points (fewer only if there are fewer foreground pixels).
+
+    Each component gets seeds in proportion to its area: its distance-transform
+    peaks (highest first, at least ``spacing`` apart), topped up, when a merged
+    blob has fewer peaks than seeds, by k-means centres of its pixels.
+    """
+    from scipy.cluster.vq import kmeans2
     from skimage.feature import peak_local_max
 
     index = np.arange(1, n_comp + 1)
-    sizes = ndi.sum_labels(np.ones_like(dist), components, index)
-    tops = ndi.maximum_position(dist, components, index)
-    order = np.argsort(-sizes, kind="stable")
-    seeds = [tuple(int(v) for v in tops[i]) for i in order[:n]]
-    if len(seeds) < n:
+    areas = ndi.sum_labels(np.ones_like(dist), components, index)
+    quota = _allocate(areas, n)
+    boxes = ndi.find_objects(components)
+    seeds: list[tuple[int, int]] = []
+    for label, (k, box) in enumerate(zip(quota, boxes, strict=True), start=1):
+        if k == 0 or box is None:
+            continue
+        inside = components[box] == label
+        local = np.where(inside, dist[box], 0.0)
+        offset = np.array([box[0].start, box[1].start])
+        if k == 1:
+            seeds.append(
+                tuple(int(v) for v in np.unravel_index(np.argmax(local), local.shape) + offset)
+            )
+            continue
         peaks = peak_local_max(
-            dist,
-            min_distance=max(1, int(round(spacing))),
-            labels=components,
-            exclude_border=False,
+            local, min_distance=max(1, int(round(spacing))), exclude_border=False, num_peaks=k
         )
-        chosen = np.asarray(seeds, dtype=float)
-        for peak in peaks:
-            if len(seeds) >= n:
-                break
-            if np.min(np.hypot(*(chosen - peak).T)) < spacing:
-                continue
-            seeds.append((int(peak[0]), int(peak[1])))
-            chosen = np.vstack([chosen, peak])
+        if len(peaks) < k:
+            pixels = np.argwhere(inside).astype(float)
+            k = min(k, len(pixels))
+            rng = np.random.default_rng(label)
+            extra = pixels[rng.choice(len(pixels), size=k - len(peaks), replace=False)]
+            start = np.vstack([peaks.astype(float).reshape(-1, 2), extra])
+            centres, _ = kmeans2(pixels, start, minit="matrix", iter=20)
+            # Snap each centre to the nearest pixel of the component.
+            nearest = np.argmin(((pixels[None] - centres[:, None]) ** 2).sum(-1), axis=1)
+            peaks = pixels[nearest].astype(int)
+        seeds.extend(tuple(int(v) for v in p + offset) for p in peaks)
     return seeds
 
 

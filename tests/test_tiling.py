@@ -331,3 +331,22 @@ def test_cli_reading_and_normalization_options(tiny_model, tmp_path):
         result = count(*extra)
         assert result.exit_code != 0, extra
         assert message in result.output, result.output
+
+
+def test_shipped_nuclei_model_counts_16bit_nuclei_beyond_100():
+    """The shipped 'nuclei' model on simulated 16-bit nuclei: no saturation above 100."""
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+    from celltally.simulate import simulate_scene
+
+    counter = CellCounter.from_pretrained("nuclei", device="cpu")
+    assert counter.scale.object_diameter_px == pytest.approx(28.3)
+    for n in (20, 160):
+        scene = simulate_scene(n, blur=1, stain=1, bit_depth=16, seed=n)
+        result = counter.count(scene.image)
+        assert result.low <= n <= result.high, (n, result)
+    listing = CliRunner().invoke(app, ["models"])
+    assert listing.exit_code == 0
+    line = next(row for row in listing.output.splitlines() if row.startswith("nuclei:"))
+    assert "BBBC039" in line and "test MAE" in line

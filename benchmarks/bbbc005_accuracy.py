@@ -17,34 +17,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
-from skimage.feature import peak_local_max
-from skimage.filters import threshold_otsu
-from skimage.segmentation import watershed
 
 from celltally import io, naming
+from celltally.baselines import otsu_watershed_count
 from celltally.evaluation import evaluate_folder
 from celltally.metrics import format_table, grouped_metrics
 
 TEST_SITES = {9, 10}
 MIN_DISTANCE = {1: 6, 2: 12}  # peak separation (px) for nuclei (w1) and cell bodies (w2)
-
-
-def otsu_watershed_count(image: np.ndarray, *, min_distance: int) -> int:
-    """CellProfiler IdentifyPrimaryObjects-style: Otsu, distance transform, watershed."""
-    smooth = ndi.gaussian_filter(image.astype(np.float32), 1.0)
-    if smooth.max() == smooth.min():
-        return 0
-    fg = smooth > threshold_otsu(smooth)
-    fg = ndi.binary_opening(fg, iterations=1)
-    dist = ndi.distance_transform_edt(fg)
-    labels, _ = ndi.label(fg)
-    peaks = peak_local_max(dist, min_distance=min_distance, labels=labels, exclude_border=False)
-    markers = np.zeros(fg.shape, dtype=np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    seg = watershed(-dist, markers, mask=fg)
-    sizes = np.bincount(seg.ravel())[1:]
-    return int((sizes >= 20).sum())
 
 
 def main() -> int:
@@ -85,7 +65,11 @@ def main() -> int:
     classical_rows = [
         {
             **r,
-            "count": float(otsu_watershed_count(r["image"], min_distance=MIN_DISTANCE[r["stain"]])),
+            "count": float(
+                otsu_watershed_count(
+                    r["image"], min_distance=MIN_DISTANCE[r["stain"]], opening=True
+                )
+            ),
         }
         for r in test
     ]

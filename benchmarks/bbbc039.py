@@ -31,10 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
-from skimage.feature import peak_local_max
-from skimage.filters import threshold_otsu
-from skimage.segmentation import watershed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -42,6 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from train_nuclei import read_instances, split_names  # noqa: E402
 
 from celltally import io  # noqa: E402
+from celltally.baselines import otsu_watershed_count as _otsu_watershed  # noqa: E402
 from celltally.counter import CellCounter, resolve_model  # noqa: E402
 from celltally.metrics import count_metrics  # noqa: E402
 from celltally.tiling import count_density  # noqa: E402
@@ -50,20 +47,9 @@ MOSAIC_GRID = (4, 3)  # rows x columns of 520 x 696 frames: 2080 x 2088, cropped
 CROP = 2048
 
 
-def otsu_watershed_count(image: np.ndarray, *, min_distance: int, min_area: int = 30) -> int:
-    """Smooth, Otsu threshold, fill holes, distance-transform peaks, watershed, drop specks."""
-    smooth = ndi.gaussian_filter(image.astype(np.float32), 1.0)
-    if smooth.max() == smooth.min():
-        return 0
-    foreground = ndi.binary_fill_holes(smooth > threshold_otsu(smooth))
-    dist = ndi.distance_transform_edt(foreground)
-    components, _ = ndi.label(foreground)
-    peaks = peak_local_max(dist, min_distance=min_distance, labels=components, exclude_border=False)
-    markers = np.zeros(foreground.shape, dtype=np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    seg = watershed(-dist, markers, mask=foreground)
-    sizes = np.bincount(seg.ravel())[1:]
-    return int((sizes >= min_area).sum())
+def otsu_watershed_count(image: np.ndarray, *, min_distance: int) -> int:
+    """The classical baseline with hole filling and a 30 px minimum object area."""
+    return _otsu_watershed(image, min_distance=min_distance, min_area=30, fill_holes=True)
 
 
 def crop_truths(labels: np.ndarray, window: tuple[slice, slice]) -> tuple[int, float]:

@@ -6,7 +6,8 @@
 For each data set the calibrations are fitted on the model's own calibration
 split and measured on its test split (never seen in training or calibration):
 
-- BBBC005: calibration = site 8, test = sites 9-10 (split by scene, as trained);
+- BBBC005: calibration = the sites in the model's config (shipped model: 7-8),
+  test = sites 9-10 (split by scene, as trained);
 - BBBC039: the calibration / test file lists stored in the model's config.
 
 Methods: split-conformal on |y - mu| / sigma (celltally's default), temperature
@@ -153,10 +154,11 @@ def measure(cal: dict, test: dict, stored: dict) -> dict:
     return out
 
 
-def bbbc005_splits(data: Path) -> tuple[list, list]:
+def bbbc005_splits(data: Path, config: dict) -> tuple[list, list]:
+    cal_sites = set(config.get("training", {}).get("split", {}).get("calibration_sites", [8]))
     pairs = labelled_files(data)
     site = {p: naming.parse_name(p.name).site for p, _ in pairs}
-    cal = [(p, c) for p, c in pairs if site[p] == 8]
+    cal = [(p, c) for p, c in pairs if site[p] in cal_sites]
     test = [(p, c) for p, c in pairs if site[p] in (9, 10)]
     return cal, test
 
@@ -255,7 +257,7 @@ def main() -> int:
     if not data.exists():
         print(f"skipped BBBC005: {data} not found (real data is not part of the repository)")
     elif (counter := load_counter(args.model, args.epistemic)) is not None:
-        cal_pairs, test_pairs = bbbc005_splits(data)
+        cal_pairs, test_pairs = bbbc005_splits(data, counter.config)
         cal, test = predict(counter, cal_pairs), predict(counter, test_pairs)
         res = measure(cal, test, counter.calibration)
         res["model"] = args.model

@@ -1,12 +1,13 @@
-"""Train the shipped `bbbc005` model: real BBBC005 (sites 1-7) + simulated scenes.
+"""Train the shipped `bbbc005` model: real BBBC005 (sites 1-6) + simulated scenes.
 
     python scripts/train_bbbc005.py --data ../shared/data/bbbc005 --out runs/bbbc005
 
-Split by scene: sites 1-7 train, site 8 calibration (conformal scores), sites
-9-10 test (never seen). Simulated scenes (celltally.simulate) add exact counts
-between BBBC005's 24 levels, exact masks at every blur, all 16 blur levels
-and empty frames. Prepared sets are cached under --cache, so a rerun with
---resume continues from the last finished epoch.
+Split by scene: sites 1-6 train, sites 7-8 calibration (conformal scores; 48
+scenes, as many as the test), sites 9-10 test (never seen). Simulated scenes
+(celltally.simulate) add exact counts between BBBC005's 24 levels, exact
+masks at every blur, all 16 blur levels and empty frames. Prepared sets are
+cached under --cache, so a rerun with --resume continues from the last
+finished epoch.
 """
 
 from __future__ import annotations
@@ -77,6 +78,18 @@ def main() -> None:
     parser.add_argument("--init-segmenter", help="model folder whose segmenter starts training")
     parser.add_argument("--counter-images", type=int, help="simulated scenes for the counter")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-data",
+        choices=("both", "real", "simulated"),
+        default="both",
+        help="what the model learns from: 'simulated' trains a model that never sees a real image",
+    )
+    parser.add_argument(
+        "--calibration-sites",
+        default="7,8",
+        help="BBBC005 sites held out for conformal calibration (9-10 are always the test)",
+    )
+    parser.add_argument("--tta", choices=("none", "flip", "d8"), default="d8")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -90,16 +103,26 @@ def main() -> None:
         config["train"]["counter"]["epochs"] = args.count_epochs
     size, norm, cache = config["input_size"], config["normalization"], Path(args.cache)
     real = load_bbbc005(args.data, size=size, norm=norm, cache_dir=cache)
-    parts = split_bbbc005(real.meta)
+    cal_sites = sorted(int(v) for v in args.calibration_sites.split(","))
+    if set(cal_sites) & {9, 10}:
+        parser.error("--calibration-sites must not include the test sites 9 and 10")
+    parts = split_bbbc005(real.meta, calibration_sites=cal_sites)
+    train_sites = sorted(set(range(1, 9)) - set(cal_sites))
+    config["counter"]["tta"] = args.tta
     sim = cached_simulation(args.simulated, 2000 + args.seed, size, norm, cache)
     n_count = len(sim) if args.counter_images is None else min(args.counter_images, len(sim))
-    train = LabeledSet.concat([real.subset(parts["train"]), sim.subset(np.arange(n_count))])
+    if args.train_data == "real":
+        n_count = 0
     rng = np.random.default_rng(args.seed)
     pick = rng.choice(n_count, size=min(args.segmenter_images, n_count), replace=False)
-    seg_train = LabeledSet.concat([real.subset(parts["train"]), sim.subset(np.sort(pick))])
+    real_part = [] if args.train_data == "simulated" else [real.subset(parts["train"])]
+    sim_part = [sim.subset(np.arange(n_count))] if n_count else []
+    sim_seg = [sim.subset(np.sort(pick))] if n_count else []
+    train = LabeledSet.concat(real_part + sim_part)
+    seg_train = LabeledSet.concat(real_part + sim_seg)
     config["training"] = {
         "data": [
-            f"BBBC005 real, sites 1-7 ({parts['train'].size} images)",
+            f"BBBC005 real, sites {train_sites} ({parts['train'].size if real_part else 0} images)",
             f"simulated: {n_count} scenes for the counter, {len(pick)} of them for the segmenter"
             f" (celltally.simulate, counts {SIM_COUNTS[0]}-"
             f"{SIM_COUNTS[1]}, blurs {sorted(set(SIM_BLURS))} with F1/F23/F48 weighted 6x, "
@@ -108,8 +131,8 @@ def main() -> None:
         "segmenter_images": len(seg_train),
         "split": {
             "by": "scene (site)",
-            "train_sites": "1-7",
-            "calibration_sites": [8],
+            "train_sites": train_sites,
+            "calibration_sites": cal_sites,
             "test_sites": [9, 10],
             "n_train": len(train),
             "n_calibration": int(parts["calibration"].size),

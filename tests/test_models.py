@@ -78,3 +78,56 @@ def test_counter_input_planes():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("huge")
+
+
+def _settle_batch_norm(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Running BN statistics of ``x`` (fresh ones make every output nearly the same), then eval."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(30):
+            model(x)
+    model.eval()
+
+
+@pytest.mark.parametrize("head", ["density", "fc"])
+def test_counter_tta_is_symmetric_and_train_mode_untouched(head):
+    torch.manual_seed(0)
+    model = VGGCounter(in_channels=2, width=0.125, fc=(16, 8), head=head, tta="d8")
+    x = torch.rand(2, 2, 64, 96)
+    _settle_batch_norm(model, x)
+    with torch.inference_mode():
+        count, log_var = model(x)
+        for flipped in (torch.flip(x, (-1,)), torch.flip(x, (-2, -1)), x.transpose(-1, -2)):
+            c, lv = model(flipped)  # the average over all 8 symmetries cannot tell them apart
+            assert torch.allclose(c, count, rtol=1e-4) and torch.allclose(lv, log_var, atol=1e-4)
+        model.tta = "none"
+        plain, _ = model(x)
+    assert (plain - count).abs().max() > 1e-2  # an untrained net is far from symmetric
+    model.tta = "d8"
+    model.train()
+    train_count, _ = model(x)  # training sees one orientation per step (augmentation does the rest)
+    model.eval()
+    model.tta = "none"
+    assert train_count.shape == (2,)
+
+
+def test_density_tta_maps_sum_to_the_count():
+    torch.manual_seed(1)
+    model = VGGCounter(in_channels=1, width=0.125, fc=(16, 8), head="density", tta="flip")
+    x = torch.rand(1, 1, 64, 96)
+    _settle_batch_norm(model, x)
+    with torch.inference_mode():
+        dens, log_var = model.density(x)
+        count, total_lv = model(x)
+        # the averaged map is equivariant: the map of a mirrored image is the mirrored map
+        mirrored, _ = model.density(torch.flip(x, (-1,)))
+    assert dens.shape == (1, 4, 6)
+    assert torch.allclose(dens.sum((-2, -1)), count, rtol=1e-5)
+    assert torch.allclose(torch.logsumexp(log_var.flatten(1), 1), total_lv, atol=1e-5)
+    assert torch.allclose(mirrored, torch.flip(dens, (-1,)), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dens, torch.flip(dens, (-1,)), rtol=1e-2)  # not trivially so
+
+
+def test_unknown_tta():
+    with pytest.raises(ValueError, match="tta must be one of"):
+        VGGCounter(tta="d16")

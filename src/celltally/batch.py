@@ -456,9 +456,7 @@ class BatchSummary:
     seconds: float = 0.0
 
 
-def _mismatch(
-    manifest: dict, identity: dict, level: float, options: dict, out: Path
-) -> str | None:
+def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: Path) -> str | None:
     old = manifest.get("model", {})
     old_level = manifest.get("settings", {}).get("level")
     old_options = manifest.get("settings", {}).get("counter_options", {})

@@ -552,7 +552,8 @@ def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, **kw):
 def calibrate(
     model: Annotated[str, typer.Option(help="Model folder (its config.json is rewritten).")],
     bbbc005: Annotated[
-        Path | None, typer.Option(help="Real BBBC005 folder: calibrates on site 8.")
+        Path | None,
+        typer.Option(help="Real BBBC005 folder: calibrates on the model's own sites."),
     ] = None,
     data: Annotated[
         list[Path] | None, typer.Option(help="Folder(s) of images + counts.csv (scene split).")
@@ -578,7 +579,8 @@ def calibrate(
 def ensemble(
     model: Annotated[str, typer.Option(help="Model folder to add counter heads to.")],
     bbbc005: Annotated[
-        Path | None, typer.Option(help="Real BBBC005: trains on sites 1-7, calibrates on 8.")
+        Path | None,
+        typer.Option(help="Real BBBC005: the model's own site split."),
     ] = None,
     data: Annotated[
         list[Path] | None, typer.Option(help="Folder(s) of images + counts.csv (scene split).")

@@ -232,8 +232,9 @@ def held_out_sets(
 ) -> tuple[LabeledSet | None, LabeledSet | None]:
     """Training and calibration sets split as ``celltally train`` splits them.
 
-    BBBC005: sites 1-7 train, site 8 calibration (9-10, the test sites, are
-    never loaded into either). A user folder: its stable scene-hash split.
+    BBBC005: the calibration sites recorded in the model's config (default 8;
+    the shipped model: 7-8), the other sites up to 8 train (9-10, the test
+    sites, are never loaded into either). A user folder: its stable scene-hash split.
     ``simulated`` scenes join the training set only. Returns ``(train,
     calibration)``, either None when no source gave images to it.
     """
@@ -246,7 +247,8 @@ def held_out_sets(
     if bbbc005 is not None:
         log(f"loading BBBC005 from {bbbc005}")
         real = load_bbbc005(bbbc005, size=size, norm=norm, cache_dir=cache)
-        parts = split_bbbc005(real.meta)
+        cal_sites = config.get("training", {}).get("split", {}).get("calibration_sites", [8])
+        parts = split_bbbc005(real.meta, calibration_sites=[int(v) for v in cal_sites])
         trains.append(real.subset(parts["train"]))
         cals.append(real.subset(parts["calibration"]))
     for folder in folders:

@@ -60,6 +60,7 @@ class CountingPipeline(nn.Module):
             pool_size=tuple(cnt["pool_size"]),
             count_scale=cnt["count_scale"],
             head=cnt.get("head", "fc"),
+            tta=cnt.get("tta", "none"),
         )
 
     def count_from_mask(

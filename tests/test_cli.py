@@ -122,3 +122,16 @@ def test_console_entry_point_runs(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "none.tif" in proc.stderr
+
+
+def test_demo_counts_a_simulated_plate_with_the_shipped_model(tmp_path):
+    """The README's first command: simulate, count with the shipped model, compare, write CSV."""
+    result = run("demo", "--out", tmp_path / "demo", "--images", 3, "--seed", 11)
+    assert result.exit_code == 0, result.output
+    rows = read_rows(tmp_path / "demo" / "results.csv")
+    assert len(rows) == 3 * 6  # 3 scenes x (F1, F23, F48) x (w1, w2)
+    errors = [abs(float(r["count"]) - float(r["true_count"])) for r in rows]
+    # the shipped model, not an untrained one: a few cells at most on its own kind of image
+    assert sum(errors) / len(errors) < 4.0 and max(errors) < 12.0
+    assert all(float(r["low"]) <= float(r["count"]) <= float(r["high"]) for r in rows)
+    assert "mean |error|" in result.output and "results.csv" in result.output

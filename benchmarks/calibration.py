@@ -43,6 +43,7 @@ from celltally.calibration import (
     reliability,
 )
 from celltally.counter import CellCounter
+from celltally.datasets import calibration_sites
 from celltally.evaluation import labelled_files
 
 LEVELS = (0.8, 0.9, 0.95)
@@ -155,7 +156,7 @@ def measure(cal: dict, test: dict, stored: dict) -> dict:
 
 
 def bbbc005_splits(data: Path, config: dict) -> tuple[list, list]:
-    cal_sites = set(config.get("training", {}).get("split", {}).get("calibration_sites", [8]))
+    cal_sites = set(calibration_sites(config))
     pairs = labelled_files(data)
     site = {p: naming.parse_name(p.name).site for p, _ in pairs}
     cal = [(p, c) for p, c in pairs if site[p] in cal_sites]

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from celltally import io, naming
+from celltally import naming
 from celltally.counter import CellCounter
+from celltally.evaluation import labelled_files
 
 TEST_SITES = {9, 10}
 
@@ -58,12 +59,12 @@ def main() -> int:
     results: dict[str, dict] = {}
     bbbc005 = Path(args.bbbc005)
     if bbbc005.exists():
-        files = io.list_images([bbbc005 / "images" if (bbbc005 / "images").is_dir() else bbbc005])
+        files = [p for p, _ in labelled_files(bbbc005)]
         test = [p for p in files if naming.parse_name(p.name).site in TEST_SITES]
         results["BBBC005 held-out sites 9-10 (false alarms)"] = warning_rate(counter, test)
     bbbc039 = Path(args.bbbc039)
     if bbbc039.exists():
-        files = io.list_images([bbbc039 / "images" if (bbbc039 / "images").is_dir() else bbbc039])
+        files = [p for p, _ in labelled_files(bbbc039)]
         results["BBBC039 real nuclei (other data set)"] = warning_rate(counter, files)
     for name, frame in strange_frames().items():
         warned = bool(counter.count(frame).warning)

@@ -332,6 +332,12 @@ class SimulatedStream(torch.utils.data.IterableDataset):
             )
 
 
+def calibration_sites(config: dict[str, Any]) -> list[int]:
+    """The BBBC005 sites a model was calibrated on, from its config (default: site 8)."""
+    sites = config.get("training", {}).get("split", {}).get("calibration_sites", [8])
+    return [int(v) for v in sites]
+
+
 def split_bbbc005(
     meta: Sequence[dict[str, Any]],
     *,

@@ -233,12 +233,18 @@ def held_out_sets(
     """Training and calibration sets split as ``celltally train`` splits them.
 
     BBBC005: the calibration sites recorded in the model's config (default 8;
-    the shipped model: 7-8), the other sites up to 8 train (9-10, the test
+    the shipped model: 1-8), the other sites up to 8 train (9-10, the test
     sites, are never loaded into either). A user folder: its stable scene-hash split.
     ``simulated`` scenes join the training set only. Returns ``(train,
     calibration)``, either None when no source gave images to it.
     """
-    from celltally.datasets import load_bbbc005, load_folder, simulate_set, split_bbbc005
+    from celltally.datasets import (
+        calibration_sites,
+        load_bbbc005,
+        load_folder,
+        simulate_set,
+        split_bbbc005,
+    )
     from celltally.training_data import split_by_scene_hash
 
     size, norm = config["input_size"], config.get("normalization")
@@ -247,8 +253,7 @@ def held_out_sets(
     if bbbc005 is not None:
         log(f"loading BBBC005 from {bbbc005}")
         real = load_bbbc005(bbbc005, size=size, norm=norm, cache_dir=cache)
-        cal_sites = config.get("training", {}).get("split", {}).get("calibration_sites", [8])
-        parts = split_bbbc005(real.meta, calibration_sites=[int(v) for v in cal_sites])
+        parts = split_bbbc005(real.meta, calibration_sites=calibration_sites(config))
         trains.append(real.subset(parts["train"]))
         cals.append(real.subset(parts["calibration"]))
     for folder in folders:

@@ -74,9 +74,13 @@ class DensityHead(nn.Module):
         log_var = y[:, 1].clamp(-12.0, 10.0) + 2.0 * math.log(self.scale)
         return dens, log_var
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dens, log_var = self.density(features)
+    @staticmethod
+    def total(dens: torch.Tensor, log_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-image count and log-variance from the per-cell maps (sums over the grid)."""
         return dens.sum((-2, -1)), torch.logsumexp(log_var.flatten(1), dim=1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.total(*self.density(features))
 
 
 #: Test-time augmentation: the plane symmetries (transpose?, flipped dims) averaged at inference.
@@ -190,22 +194,19 @@ class VGGCounter(nn.Module):
             var = var + _untransform(lv.exp(), t)
         return dens / len(transforms), torch.log(var / len(transforms))
 
-    def _count(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.head == "density":
-            return self.density_head(self.features(x))
+    def _fc_count(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.flatten(self.pool(self.features(x)), 1)
         count = torch.relu(self.count_head(z)[:, 0]) * self.count_scale
         log_var = self.logvar_head(z)[:, 0].clamp(-8.0, 12.0)
         return count, log_var
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.head == "density":  # the sums of the (test-time averaged) density maps
+            return DensityHead.total(*self.density(x))
         transforms = TTA["none" if self.training else self.tta]
         if len(transforms) == 1:
-            return self._count(x)
-        if self.head == "density":  # same numbers as summing the averaged density maps
-            dens, log_var = self.density(x)
-            return dens.sum((-2, -1)), torch.logsumexp(log_var.flatten(1), dim=1)
-        outs = [self._count(_transform(x, t)) for t in transforms]
+            return self._fc_count(x)
+        outs = [self._fc_count(_transform(x, t)) for t in transforms]
         count = torch.stack([c for c, _ in outs]).mean(0)
         var = torch.stack([lv.exp() for _, lv in outs]).mean(0)
         return count, torch.log(var)

@@ -94,7 +94,7 @@ def main() -> None:
         help="BBBC005 sites for conformal calibration (9-10 are always the test); default"
         " 7,8, or 1-8 with --train-data simulated (a model that trains on no real site)",
     )
-    parser.add_argument("--tta", choices=("none", "flip", "d8"), default="d8")
+    parser.add_argument("--tta", choices=("none", "flip", "d8"), default="flip")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -32,6 +32,7 @@ import json
 import sys
 from pathlib import Path
 
+from celltally import io
 from celltally.evaluation import evaluate_folder
 from celltally.metrics import format_table
 
@@ -56,7 +57,11 @@ def main() -> int:
     models = {"simulated": args.simulated, "real": args.real, "both": args.both}
     results: dict[str, dict] = {}
     for name, model in models.items():
-        metrics = evaluate_folder(data, model=model, sites=TEST_SITES)["metrics"]
+        try:
+            metrics = evaluate_folder(data, model=model, sites=TEST_SITES)["metrics"]
+        except io.InputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         results[name] = {"model": str(model), "metrics": metrics}
         print(f"\n== trained on {name} ({model}), real BBBC005 sites 9-10 ==")
         print(format_table(metrics))

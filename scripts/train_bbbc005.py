@@ -107,11 +107,14 @@ def main() -> None:
     if args.count_epochs is not None:
         config["train"]["counter"]["epochs"] = args.count_epochs
     size, norm, cache = config["input_size"], config["normalization"], Path(args.cache)
-    real = load_bbbc005(args.data, size=size, norm=norm, cache_dir=cache)
     default_sites = "1,2,3,4,5,6,7,8" if args.train_data == "simulated" else "7,8"
-    cal_sites = sorted(int(v) for v in (args.calibration_sites or default_sites).split(","))
+    try:
+        cal_sites = sorted(int(v) for v in (args.calibration_sites or default_sites).split(","))
+    except ValueError:
+        parser.error(f"--calibration-sites {args.calibration_sites!r}: expected e.g. 7,8")
     if set(cal_sites) & {9, 10}:
         parser.error("--calibration-sites must not include the test sites 9 and 10")
+    real = load_bbbc005(args.data, size=size, norm=norm, cache_dir=cache)
     parts = split_bbbc005(real.meta, calibration_sites=cal_sites)
     train_sites = sorted(set(range(1, 9)) - set(cal_sites))
     if args.train_data == "simulated":

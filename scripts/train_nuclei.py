@@ -358,6 +358,13 @@ def main() -> None:
     parser.add_argument(
         "--init-segmenter", help="model folder whose segmenter weights start training"
     )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="model input size for a 696 x 520 frame (default: the preset's, 192 256)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -371,6 +378,8 @@ def main() -> None:
     config["normalization"] = {"method": "percentile", "low": 0.5, "high": 99.95}
     config["counter"]["width"] = args.counter_width
     config["counter_inputs"] = list(args.counter_inputs)
+    if args.input_size:
+        config["input_size"] = list(args.input_size)
     size = config["input_size"]
     norm = config["normalization"]
     with (root / "counts.csv").open() as handle:
@@ -514,6 +523,8 @@ def main() -> None:
         }
     }
     save_model_folder(model, config, args.out)
+    cal_err = np.abs(mean - cal.counts.numpy())
+    print(f"calibration images: MAE {cal_err.mean():.2f}, max {cal_err.max():.1f}")
     print(json.dumps(config["metrics"]["test"]["all"], indent=1))
     print(f"saved {args.out}  ({time.perf_counter() - t0:.0f}s)")
 

@@ -113,6 +113,13 @@ def count(
         int | None,
         typer.Option(help="torch threads here (default one per core; 1 is faster on a busy CPU)."),
     ] = None,
+    read_threads: Annotated[
+        int,
+        typer.Option(
+            help="Threads reading images ahead of the network, per process or Dask worker "
+            "(0: read in the counting thread, for strictly one-core jobs).",
+        ),
+    ] = 2,
     epistemic: Annotated[
         bool, typer.Option(help="Add the model's ensemble spread (ensemble_<k> files) to the std.")
     ] = False,
@@ -206,6 +213,7 @@ def count(
             dask=dask,
             chunk_size=chunk_size,
             threads=threads,
+            read_threads=read_threads,
             progress=progress,
             log=note,
             counter_options=options,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,18 @@ class ModelScaleImage:
 
     prepared: np.ndarray
     raw_shape: tuple[int, ...]
+
+
+class _InlineExecutor(Executor):
+    """Runs each task at submit time, in the caller's thread (``read_threads=0``)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # noqa: ANN001
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # delivered by .result(), as a pool would
+            future.set_exception(exc)
+        return future
 
 
 class CellCounter:
@@ -400,9 +412,13 @@ class CellCounter:
 
         Reading and preparing runs in ``read_threads`` threads ahead of the
         network (decoding and resizing release the GIL), a bounded window at a
-        time, so memory stays flat whatever the number of files. A file that
-        cannot be read yields its ``ImageReadError`` and the rest go on.
+        time, so memory stays flat whatever the number of files; with
+        ``read_threads=0`` it runs in the calling thread (a strictly one-core
+        job, e.g. one per cluster slot). A file that cannot be read yields its
+        ``ImageReadError`` and the rest go on.
         """
+        if read_threads < 0:
+            raise io.InputError(f"read_threads must be 0 or more, got {read_threads}")
 
         def load(path: Path) -> np.ndarray | ModelScaleImage | Exception:
             try:
@@ -410,7 +426,7 @@ class CellCounter:
             except (io.ImageReadError, io.InputError) as err:
                 return err
 
-        with ThreadPoolExecutor(max(1, read_threads)) as pool:
+        with ThreadPoolExecutor(read_threads) if read_threads else _InlineExecutor() as pool:
             pending: list[tuple[Path, Any]] = []
             iterator = iter(Path(p) for p in paths)
             window = batch_size * 3

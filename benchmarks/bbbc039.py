@@ -1,6 +1,6 @@
 """Real nuclei (BBBC039): held-out accuracy, tiled vs whole-image counts, memory on 4096 x 4096.
 
-    python benchmarks/bbbc039.py [--data ../shared/data/bbbc039] [--model nuclei]
+    python benchmarks/bbbc039.py [--data ../shared/data/bbbc039] [--model nuclei] [--epistemic]
 
 1. Accuracy on the model's 20 held-out test images (the list is in the model
    folder's config.json, chosen by a seeded hash, see scripts/train_nuclei.py):
@@ -127,6 +127,9 @@ def main() -> int:
     parser.add_argument("--model", default="nuclei")
     parser.add_argument("--mosaics", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/bbbc039.json")
+    parser.add_argument(
+        "--epistemic", action="store_true", help="count with the model's ensemble (mean of heads)"
+    )
     args = parser.parse_args()
     data = Path(args.data)
     if not (data / "counts.csv").exists():
@@ -140,7 +143,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    counter = CellCounter.from_pretrained(folder, device="cpu")
+    counter = CellCounter.from_pretrained(folder, device="cpu", epistemic=args.epistemic)
     config = counter.config
     table = io.read_counts_csv(data / "counts.csv")
     test = config.get("training", {}).get("split", {}).get("test")
@@ -149,6 +152,7 @@ def main() -> int:
     train = [n for n in split_names(list(table))["train"] if n not in test]
     report: dict = {
         "model": str(args.model),
+        "epistemic": bool(args.epistemic),
         "data": str(data),
         "n_test": len(test),
         "tile": list(counter.tile),

@@ -18,8 +18,15 @@ Recipe (the small preset's architecture, at the BBBC005 model's scale: a
    true density puts ``1 / area`` on every pixel of an instance, so a cell's
    target is the (fractional) number of nuclei it holds and the cells of a
    frame sum to its count. Loss: beta-NLL per cell + beta-NLL of the crop total.
-3. Calibration: split-conformal scores |y - mu| / sigma on whole calibration
-   frames; test metrics on the 20 held-out frames.
+3. Calibration (``celltally.uncertainty.calibrate_model``, as for the BBBC005
+   model): split-conformal scores |y - mu| / sigma, temperature scaling and
+   out-of-distribution thresholds on the whole calibration frames; test
+   metrics on the 20 held-out frames, counted by ``CellCounter`` from the
+   saved folder (exactly what ``celltally count`` does).
+
+``--members RUN...`` adds the counters of other runs of this script that
+started from this run's segmenter (``--init THIS_RUN --seg-epochs 0 --seed
+K``) as ``ensemble_<k>.safetensors`` (``--epistemic``), calibrated too.
 
 ``--simulated N`` adds N simulated 16-bit nuclei scenes (celltally.simulate,
 stain 1, in focus, counts 0-230, exact instance labels) to both stages.
@@ -40,14 +47,15 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from celltally import io
-from celltally.calibration import conformal_quantile, conformal_scores
+from celltally.counter import CellCounter
 from celltally.datasets import LabeledSet
 from celltally.losses import gaussian_nll
 from celltally.metrics import count_metrics
 from celltally.models.pipeline import CountingPipeline, counter_input
 from celltally.models.presets import get_preset
-from celltally.train import predict_counts, predict_masks, save_model_folder, train_segmenter
+from celltally.train import predict_masks, save_model_folder, train_segmenter
 from celltally.transforms import prepare_image, resize_area
+from celltally.uncertainty import calibrate_model
 
 SPLIT_SALT = "bbbc039-split-0"
 N_TEST = 20
@@ -327,6 +335,27 @@ def train_counter_cells(
     return history
 
 
+def add_members(folder: Path, runs: list[str], model: CountingPipeline) -> None:
+    """Copy the counters of ``runs`` into ``folder`` as ``ensemble_<k>.safetensors``.
+
+    Each run must share this model's segmenter (trained with ``--init`` of this
+    run and ``--seg-epochs 0``), or its counter read other masks than it will get.
+    """
+    from safetensors.torch import load_file, save_file
+
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("segmenter.")}
+    for k, run in enumerate(runs, start=1):
+        state = load_file(str(Path(run) / "model.safetensors"))
+        if any(not torch.equal(state[key], value) for key, value in own.items()):
+            raise SystemExit(f"--members {run}: its segmenter differs from this run's")
+        counter = {
+            key.removeprefix("counter."): value.contiguous()
+            for key, value in state.items()
+            if key.startswith("counter.")
+        }
+        save_file(counter, str(folder / f"ensemble_{k}.safetensors"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/bbbc039")
@@ -364,6 +393,12 @@ def main() -> None:
         nargs=2,
         metavar=("H", "W"),
         help="model input size for a 696 x 520 frame (default: the preset's, 192 256)",
+    )
+    parser.add_argument(
+        "--members",
+        nargs="+",
+        default=[],
+        help="finished runs (--init THIS_RUN --seg-epochs 0) whose counters join as an ensemble",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -434,30 +469,27 @@ def main() -> None:
             device=cpu,
             progress=False,
         )
-    count_history = train_counter_cells(
-        model,
-        train,
-        train_dens,
-        val=cal,
-        epochs=args.count_epochs,
-        steps=args.count_steps,
-        batch_size=args.count_batch,
-        crop=tuple(args.crop),
-        lr=args.count_lr,
-        beta=args.beta,
-        seed=args.seed,
-        frames=args.frames,
-        bn_freeze=args.bn_freeze,
-        ema=args.ema,
+    count_history = (
+        []
+        if args.count_epochs == 0
+        else train_counter_cells(
+            model,
+            train,
+            train_dens,
+            val=cal,
+            epochs=args.count_epochs,
+            steps=args.count_steps,
+            batch_size=args.count_batch,
+            crop=tuple(args.crop),
+            lr=args.count_lr,
+            beta=args.beta,
+            seed=args.seed,
+            frames=args.frames,
+            bn_freeze=args.bn_freeze,
+            ema=args.ema,
+        )
     )
     model.eval()
-    mean, std = predict_counts(model, cal.images, device=cpu)
-    scores = conformal_scores(cal.counts.numpy(), mean, std)
-    q = conformal_quantile(scores, 0.95)
-    tmean, tstd = predict_counts(model, test.images, device=cpu)
-    truth = test.counts.numpy()
-    low, high = np.maximum(tmean - q * tstd, 0.0), tmean + q * tstd
-    metrics = count_metrics(truth, tmean, low=low, high=high)
     config["scale"] = {
         "native_size": list(NATIVE),
         "object_diameter_px": 28.3,
@@ -503,28 +535,50 @@ def main() -> None:
         "seed": args.seed,
     }
     config["history"] = {"segmenter": seg_history, "counter": count_history}
-    config["calibration"] = {
-        "method": "split-conformal on |y - mu| / sigma",
-        "n": int(scores.size),
-        "scores": [round(float(v), 5) for v in scores],
-    }
+    if args.init and args.seg_epochs == 0 and args.count_epochs == 0:
+        # Nothing trained here: only members and calibration are added to --init's
+        # model, so its training record stays (and this command is noted beside it).
+        done = json.loads((Path(args.init) / "config.json").read_text())
+        for key in ("train", "history"):
+            config[key] = done[key]
+        config["training"]["finalized_by"] = config["training"]["command"]
+        config["training"]["command"] = done["training"]["command"]
+        config["training"]["data"] = done["training"]["data"]
+    if args.members:
+        config["training"]["ensemble_members"] = [
+            json.loads((Path(run) / "config.json").read_text())["training"]["command"]
+            for run in args.members
+        ]
+    out = Path(args.out)
+    save_model_folder(model, config, out)
+    add_members(out, args.members, model)
+    calibrate_model(out, cal, log=print)
+    counter = CellCounter.from_pretrained(out, device="cpu")
+    rows, judged = [], {}
+    table = io.read_counts_csv(root / "counts.csv")
+    for part in ("calibration", "test"):
+        results = [counter.count(root / "images" / name) for name in split[part]]
+        truth = np.array([float(table[n]) for n in split[part]])
+        mean = np.array([r.count for r in results])
+        judged[part] = count_metrics(
+            truth,
+            mean,
+            low=np.array([r.low for r in results]),
+            high=np.array([r.high for r in results]),
+        )
+        if part == "test":
+            rows = [
+                {"file": n, "true": float(t), "count": round(r.count, 2), "std": round(r.std, 3)}
+                for n, t, r in zip(split[part], truth, results, strict=True)
+            ]
+    config = json.loads((out / "config.json").read_text())
     config["metrics"] = {
-        "test": {
-            "all": {k: round(float(v), 4) for k, v in metrics.items()},
-            "rows": [
-                {
-                    "file": n,
-                    "true": float(t),
-                    "count": round(float(m), 2),
-                    "std": round(float(s), 3),
-                }
-                for n, t, m, s in zip(split["test"], truth, tmean, tstd, strict=True)
-            ],
-        }
+        "calibration": {"all": {k: round(float(v), 4) for k, v in judged["calibration"].items()}},
+        "test": {"all": {k: round(float(v), 4) for k, v in judged["test"].items()}, "rows": rows},
     }
-    save_model_folder(model, config, args.out)
-    cal_err = np.abs(mean - cal.counts.numpy())
-    print(f"calibration images: MAE {cal_err.mean():.2f}, max {cal_err.max():.1f}")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    cal_all = config["metrics"]["calibration"]["all"]
+    print(f"calibration images: MAE {cal_all['mae']:.2f}, max {cal_all['max_abs_error']:.1f}")
     print(json.dumps(config["metrics"]["test"]["all"], indent=1))
     print(f"saved {args.out}  ({time.perf_counter() - t0:.0f}s)")
 

@@ -400,6 +400,12 @@ def main() -> None:
         default=[],
         help="finished runs (--init THIS_RUN --seg-epochs 0) whose counters join as an ensemble",
     )
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip", "d8"),
+        default="none",
+        help="counter test-time averaging over flips (eval only; the shipped model: flip)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -412,6 +418,7 @@ def main() -> None:
     config["name"] = "nuclei"
     config["normalization"] = {"method": "percentile", "low": 0.5, "high": 99.95}
     config["counter"]["width"] = args.counter_width
+    config["counter"]["tta"] = args.tta
     config["counter_inputs"] = list(args.counter_inputs)
     if args.input_size:
         config["input_size"] = list(args.input_size)

@@ -354,4 +354,4 @@ def test_shipped_nuclei_model_counts_16bit_nuclei_beyond_100():
     listing = CliRunner().invoke(app, ["models"])
     assert listing.exit_code == 0
     line = next(row for row in listing.output.splitlines() if row.startswith("nuclei:"))
-    assert "BBBC039" in line and "test MAE" in line
+    assert "BBBC039" in line and "test MAE" in line and "counters for --epistemic" in line

@@ -458,13 +458,18 @@ def demo(
 def models() -> None:
     """List the shipped models, what they were trained on, and their measured figures."""
     from celltally.counter import WEIGHTS_DIR, available_models
+    from celltally.uncertainty import ensemble_files
 
     for name in available_models():
         config = json.loads((WEIGHTS_DIR / name / "config.json").read_text())
         test = config.get("metrics", {}).get("test", {}).get("all", {})
         data = config.get("training", {}).get("data")
+        height, width = config.get("input_size", ("?", "?"))
+        members = len(ensemble_files(WEIGHTS_DIR / name))
         typer.echo(
-            f"{name}: preset {config.get('preset')}, trained on {data}"
+            f"{name}: preset {config.get('preset')}, input {width} x {height}"
+            + (f", ensemble of {members + 1} counters for --epistemic" if members else "")
+            + f", trained on {data}"
             f"; test MAE {test.get('mae', float('nan')):.2f}, coverage "
             f"{test.get('coverage', float('nan')):.1%}"
         )

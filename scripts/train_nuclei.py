@@ -113,12 +113,12 @@ def prepare_set(items, size, norm, source: str) -> tuple[LabeledSet, torch.Tenso
         dens.append(instance_density(labels, half))
         meta.append({"name": name, "scene": name, "source": source})
     data = LabeledSet(
-        torch.from_numpy(np.stack(images)[:, None]),
-        torch.from_numpy(np.stack(masks)[:, None]),
+        torch.from_numpy(np.stack(images)).unsqueeze(1),
+        torch.from_numpy(np.stack(masks)).unsqueeze(1),
         torch.tensor(counts, dtype=torch.float32),
         meta,
     )
-    return data, torch.from_numpy(np.stack(dens)[:, None])
+    return data, torch.from_numpy(np.stack(dens)).unsqueeze(1)
 
 
 def load_bbbc039(root: Path, names: list[str], size, norm) -> tuple[LabeledSet, torch.Tensor]:

@@ -172,7 +172,8 @@ def blob_model(tmp_path_factory):
     train_segmenter(model, train, epochs=6, batch_size=8, lr=3e-3, **quiet)
     train_counter(model, train, epochs=8, batch_size=8, lr=3e-3, **quiet)
     folder = save_model_folder(model, config, tmp_path_factory.mktemp("blob") / "model")
-    calibrate_model(folder, cal, log=lambda s: None)
+    # the same device as the ensemble, whose refit of member 0 must match this exactly
+    calibrate_model(folder, cal, log=lambda s: None, device="cpu")
     before = json.loads((folder / "config.json").read_text())["calibration"]
     train_ensemble(folder, train, cal, members=2, epochs=8, **quiet)
     return folder, before

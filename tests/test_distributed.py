@@ -47,7 +47,8 @@ def test_torchrun_two_cpu_processes_train_and_end_with_the_same_weights(tiny_mod
 
     assert split_by_scene_hash(load_folder(plate, size=(64, 96)))["calibration"].size > 0
     out = tmp_path / "model"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # CPU ranks with gloo even where a GPU is visible (two NCCL ranks cannot share one GPU)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
         # `python -m torch.distributed.run` is the `torchrun` script, found without PATH

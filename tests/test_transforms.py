@@ -2,7 +2,14 @@ import numpy as np
 import torch
 
 from celltally.calibration import conformal_quantile, conformal_scores, gaussian_quantile
-from celltally.transforms import flip_rotate, normalize_percentile, prepare_image, resize_area
+from celltally.datasets import LabeledSet
+from celltally.transforms import (
+    dense_strides,
+    flip_rotate,
+    normalize_percentile,
+    prepare_image,
+    resize_area,
+)
 
 
 def test_resize_area_preserves_mean_and_input():
@@ -39,6 +46,19 @@ def test_flip_rotate_group():
     x = torch.arange(12.0).reshape(1, 3, 4)
     assert torch.equal(flip_rotate([x], 0)[0], x)
     assert torch.equal(flip_rotate([x], 3)[0], torch.rot90(x, 2, (-2, -1)))
+
+
+def test_dense_strides_replaces_numpy_zero_strides():
+    # NumPy's [:, None] axis has stride 0, which cuDNN misreads on GPU (see test_gpu.py)
+    stack = np.random.default_rng(0).random((3, 8, 10), dtype=np.float32)
+    weird = torch.from_numpy(stack[:, None])
+    assert weird.stride() == (80, 0, 10, 1) and weird.is_contiguous()  # .contiguous() won't fix it
+    fixed = dense_strides(weird)
+    assert fixed.stride() == (80, 80, 10, 1) and torch.equal(fixed, weird)
+    assert dense_strides(fixed) is fixed  # no copy when the strides are already right
+    data = LabeledSet(weird, weird.clone(), torch.zeros(3), [{}] * 3)
+    assert data.images.stride() == (80, 80, 10, 1) and data.masks.stride() == (80, 80, 10, 1)
+    assert weird.stride() == (80, 0, 10, 1)  # the caller's tensor is left alone
 
 
 def test_conformal_quantile_rank():

@@ -312,7 +312,8 @@ class CellCounter:
 
     @torch.inference_mode()
     def _forward(self, prepared: Sequence[np.ndarray]) -> list[tuple]:
-        x = torch.from_numpy(np.stack(prepared)[:, None]).to(self.device)
+        # unsqueeze, not NumPy's [:, None]: a zero stride that cuDNN misreads on GPU
+        x = torch.from_numpy(np.stack(prepared)).unsqueeze(1).to(self.device)
         self._local.collect, self._local.embedding = True, None
         try:
             mask, mask_logvar = self.model.segmenter(x, levels=1)[0]

@@ -20,7 +20,7 @@ import torch
 from skimage.filters import threshold_otsu
 
 from celltally import io, naming
-from celltally.transforms import prepare_image, resize_area
+from celltally.transforms import dense_strides, prepare_image, resize_area
 
 
 @dataclass
@@ -40,6 +40,11 @@ class LabeledSet:
     masks: torch.Tensor
     counts: torch.Tensor
     meta: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # No zero strides (a NumPy ``[:, None]`` axis): cuDNN misreads them on GPU.
+        self.images = dense_strides(self.images)
+        self.masks = dense_strides(self.masks)
 
     def __len__(self) -> int:
         return int(self.counts.shape[0])
@@ -67,8 +72,8 @@ class LabeledSet:
 
 def _stack(images, masks, counts, meta) -> LabeledSet:
     return LabeledSet(
-        torch.from_numpy(np.stack(images)[:, None]),
-        torch.from_numpy(np.stack(masks)[:, None]),
+        torch.from_numpy(np.stack(images)).unsqueeze(1),
+        torch.from_numpy(np.stack(masks)).unsqueeze(1),
         torch.tensor(counts, dtype=torch.float32),
         meta,
     )

@@ -18,7 +18,7 @@ from celltally import distributed
 from celltally.datasets import LabeledSet
 from celltally.losses import gaussian_nll, segmentation_loss
 from celltally.models.pipeline import CountingPipeline, counter_input
-from celltally.transforms import flip_rotate
+from celltally.transforms import dense_strides, flip_rotate
 
 Log = Callable[[str], None]
 
@@ -215,7 +215,8 @@ def predict_masks(
     model.segmenter.eval().to(device)
     masks, logvars = [], []
     for start in range(0, images.shape[0], batch_size):
-        m, lv = model.segmenter(images[start : start + batch_size].to(device), levels=1)[0]
+        batch = dense_strides(images[start : start + batch_size]).to(device)
+        m, lv = model.segmenter(batch, levels=1)[0]
         masks.append(m.cpu())
         logvars.append(lv.cpu())
     return torch.cat(masks), torch.cat(logvars)
@@ -234,7 +235,7 @@ def predict_counts(
     model.eval().to(device)
     means, stds = [], []
     for start in range(0, images.shape[0], batch_size):
-        out = model(images[start : start + batch_size].to(device))
+        out = model(dense_strides(images[start : start + batch_size]).to(device))
         means.append(out.count.cpu())
         stds.append(torch.exp(0.5 * out.count_logvar).cpu())
     return torch.cat(means).numpy(), torch.cat(stds).numpy()

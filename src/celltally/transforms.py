@@ -97,6 +97,23 @@ def prepare_image(
     return np.clip(out, -1.0, 4.0, out=out)
 
 
+def dense_strides(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with row-major strides computed from its shape (a copy only when needed).
+
+    NumPy gives an axis inserted with ``[:, None]`` a stride of 0, and PyTorch
+    keeps it (``is_contiguous()`` ignores size-1 axes, so ``.contiguous()``
+    does not fix it). cuDNN misreads such a batch on the GPU: every image but
+    the first is convolved wrongly (seen on an H200, torch 2.11 + cuDNN 9.19).
+    """
+    expected, step = [], 1
+    for size in reversed(tensor.shape):
+        expected.append(step)
+        step *= size
+    if tensor.stride() == tuple(reversed(expected)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def flip_rotate(arrays: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Apply the same one of 4 shape-preserving symmetries (k in 0..3) to each (…, H, W) tensor.
 

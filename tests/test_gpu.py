@@ -1,0 +1,45 @@
+"""CPU and GPU give the same counts (runs only where CUDA is available; CI has none).
+
+Found on a lent H200: batches built with NumPy's ``[:, None]`` (a zero
+stride) were convolved wrongly by cuDNN for every image but the first, so
+the shipped model counted 108 instead of 88 cells. ``dense_strides`` fixes it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from celltally import io
+from celltally.counter import CellCounter
+from celltally.datasets import LabeledSet
+from celltally.simulate import simulate_plate
+from celltally.train import predict_counts
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    plate = simulate_plate(tmp_path_factory.mktemp("gpu") / "plate", images=2, seed=11)
+    return sorted((plate / "images").glob("*.TIF"))
+
+
+def test_shipped_model_counts_the_same_on_cpu_and_gpu(files):
+    cpu = [r.count for _, r in CellCounter.from_pretrained(device="cpu").count_paths(files)]
+    gpu = [r.count for _, r in CellCounter.from_pretrained(device="cuda").count_paths(files)]
+    assert len(cpu) == len(gpu) == len(files) > 1
+    # TF32 convolutions (PyTorch's default on GPU) differ from float32 by ~1e-4
+    np.testing.assert_allclose(gpu, cpu, rtol=2e-3, atol=0.02)
+
+
+def test_training_predictions_agree_on_numpy_built_batches(files):
+    counter = CellCounter.from_pretrained(device="cpu")
+    stack = np.stack([counter.prepare(io.read_image(f)) for f in files])
+    images = torch.from_numpy(stack[:, None])  # NumPy's zero-stride axis, as users build them
+    data = LabeledSet(images, images.clone(), torch.zeros(len(files)), [{}] * len(files))
+    model = counter.model
+    cpu, _ = predict_counts(model, data.images, device=torch.device("cpu"))
+    gpu, _ = predict_counts(model, images, device=torch.device("cuda"), batch_size=4)
+    np.testing.assert_allclose(gpu, cpu, rtol=2e-3, atol=0.02)

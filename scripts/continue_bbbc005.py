@@ -122,19 +122,23 @@ def main() -> None:
     }
     if history is not None:
         config["history"] = {**config.get("history", {}), "counter_continued": history}
-    save_model_folder(model, config, out)
-    for old in ensemble_files(out):
-        old.unlink()
+    members = []
     if args.members_from_init:
         weights = load_file(str(init / "model.safetensors"))
-        members = [{k[8:]: v for k, v in weights.items() if k.startswith("counter.")}]
+        members = [
+            {k.removeprefix("counter."): v for k, v in weights.items() if k.startswith("counter.")}
+        ]
         members += [load_file(str(p)) for p in ensemble_files(init)]
-        for k, state in enumerate(members, start=1):
-            save_file(state, str(out / f"ensemble_{k}.safetensors"))
         config["training"]["ensemble_note"] = MEMBERS_NOTE.format(
             n=len(members), init=config["training"]["continued_from"]
         )
-        save_model_folder(model, config, out)
+    else:
+        config["training"].pop("ensemble_note", None)  # --init's members are not carried over
+    save_model_folder(model, config, out)
+    for old in ensemble_files(out):
+        old.unlink()
+    for k, state in enumerate(members, start=1):
+        save_file(state, str(out / f"ensemble_{k}.safetensors"))
     sites = config["training"]["split"]["calibration_sites"]
     size, norm = config["input_size"], config["normalization"]
     real = load_bbbc005(args.data, size=size, norm=norm, cache_dir=args.cache)

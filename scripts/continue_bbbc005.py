@@ -34,7 +34,12 @@ from safetensors.torch import load_file, save_file
 
 from celltally.counter import resolve_model
 from celltally.datasets import load_bbbc005, simulate_set, split_bbbc005
-from celltally.models.pipeline import CountingPipeline
+from celltally.models.pipeline import (
+    COUNTER_INPUTS,
+    CountingPipeline,
+    add_counter_inputs,
+    widen_counter_state,
+)
 from celltally.train import default_device, interval_metrics, save_model_folder, train_counter
 from celltally.uncertainty import calibrate_model, ensemble_files
 
@@ -63,12 +68,21 @@ def main() -> None:
     parser.add_argument("--weights", help="a model.safetensors trained by this script elsewhere")
     parser.add_argument("--members-from-init", action="store_true")
     parser.add_argument("--trained-on", help="the device --weights were trained on (recorded)")
+    parser.add_argument(
+        "--add-inputs",
+        nargs="+",
+        default=[],
+        choices=[c for c in COUNTER_INPUTS if c not in ("mask", "image")],
+        help="new counter input planes (their first-layer weights start at zero)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("CELLTALLY_AMP", "0")  # float32 (TF32) on GPU: how it was trained
     init = resolve_model(args.init)
     config = json.loads((init / "config.json").read_text())
     model = CountingPipeline(config)
     model.load_state_dict(load_file(str(init / "model.safetensors")))
+    if args.add_inputs:
+        model, config = add_counter_inputs(model, config, args.add_inputs)
     if args.weights:
         model.load_state_dict(load_file(args.weights))
         # the run's log, if it was brought back beside the weights
@@ -114,9 +128,10 @@ def main() -> None:
         or (torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"),
         "command": "python scripts/continue_bbbc005.py "
         + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            f"--{k.replace('_', '-')}"
+            + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
             for k, v in vars(args).items()
-            if v not in (None, False)
+            if v not in (None, False, [])
             and k not in ("weights", "workers", "out", "trained_on", "cache", "data")
         ),
     }
@@ -129,6 +144,9 @@ def main() -> None:
             {k.removeprefix("counter."): v for k, v in weights.items() if k.startswith("counter.")}
         ]
         members += [load_file(str(p)) for p in ensemble_files(init)]
+        # with --add-inputs, the old counters ignore the new planes (zero weights)
+        extra = len(config["counter_inputs"]) - members[0]["features.0.weight"].shape[1]
+        members = [widen_counter_state(m, extra) for m in members]
         config["training"]["ensemble_note"] = MEMBERS_NOTE.format(
             n=len(members), init=config["training"]["continued_from"]
         )

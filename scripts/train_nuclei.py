@@ -50,7 +50,7 @@ from celltally.counter import CellCounter
 from celltally.datasets import LabeledSet
 from celltally.losses import gaussian_nll
 from celltally.metrics import count_metrics
-from celltally.models.pipeline import CountingPipeline, counter_input
+from celltally.models.pipeline import CountingPipeline, add_counter_inputs, counter_input
 from celltally.models.presets import get_preset
 from celltally.train import predict_masks, save_model_folder, train_segmenter
 from celltally.transforms import prepare_image, resize_area
@@ -452,7 +452,14 @@ def main() -> None:
     if args.init:
         from safetensors.torch import load_file
 
+        # --init's counter may read fewer planes: widened, computing the same counts
+        planes = json.loads((Path(args.init) / "config.json").read_text())["counter_inputs"]
+        model = CountingPipeline({**config, "counter_inputs": planes})
         model.load_state_dict(load_file(str(Path(args.init) / "model.safetensors")))
+        if planes != config["counter_inputs"]:
+            model, config = add_counter_inputs(
+                model, {**config, "counter_inputs": planes}, config["counter_inputs"]
+            )
     if args.init_segmenter:
         from safetensors.torch import load_file
 

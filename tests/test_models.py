@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from celltally.models.fpn import FPN
-from celltally.models.pipeline import CountingPipeline, counter_input
+from celltally.models.pipeline import CountingPipeline, add_counter_inputs, counter_input
 from celltally.models.presets import PRESETS, get_preset
 from celltally.models.vgg import VGG11, VGGCounter, make_layers
 
@@ -73,6 +73,54 @@ def test_counter_input_planes():
     assert torch.allclose(x[:, 1], torch.ones(2, 4, 6))
     with pytest.raises(ValueError, match="unknown counter input"):
         counter_input(mask, logvar, image, ["nope"])
+
+
+def test_block_extremes_keep_what_averaging_blurs():
+    # one bright pixel per 2x2 block: the average dims it, the max keeps it
+    image = torch.zeros(1, 1, 4, 4)
+    image[0, 0, 0, 1] = 4.0
+    image[0, 0, 3, 3] = -2.0
+    mask = torch.zeros(1, 1, 2, 2)
+    x = counter_input(mask, mask, image, ["image", "image_max", "image_min"])
+    assert torch.equal(x[0, 0], torch.tensor([[1.0, 0.0], [0.0, -0.5]]))
+    assert torch.equal(x[0, 1], torch.tensor([[4.0, 0.0], [0.0, 0.0]]))
+    assert torch.equal(x[0, 2], torch.tensor([[0.0, 0.0], [0.0, -2.0]]))
+
+
+@pytest.mark.parametrize("dims", [(-1,), (-2,), (-2, -1)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_counter_planes_commute_with_the_plane_symmetries(dims, transpose):
+    # what training augmentation and test-time averaging rely on
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 1, 8, 8, generator=gen)
+    mask, logvar = torch.rand(2, 1, 4, 4, generator=gen), torch.rand(2, 1, 4, 4, generator=gen)
+    names = ["mask", "image", "mask_logvar", "image_max", "image_min"]
+
+    def sym(t):
+        t = t.flip(dims)
+        return t.transpose(-1, -2) if transpose else t
+
+    planes = counter_input(sym(mask), sym(logvar), sym(image), names)
+    # (allclose: the 2x2 average sums its pixels in another order once flipped)
+    assert torch.allclose(planes, sym(counter_input(mask, logvar, image, names)), atol=1e-6)
+
+
+def test_add_counter_inputs_keeps_the_counts():
+    config = get_preset("small")
+    model = CountingPipeline(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wider, wider_config = add_counter_inputs(model, config, ["image_max", "image_min"])
+    wider.eval()
+    assert wider_config["counter_inputs"] == ["mask", "image", "image_max", "image_min"]
+    assert config["counter_inputs"] == ["mask", "image"]  # the input config is untouched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    x = torch.rand(2, 1, *config["input_size"])
+    with torch.inference_mode():
+        assert torch.allclose(wider(x).count, model(x).count)
+    # the new planes do reach the counter: its first layer has two more inputs
+    assert wider.counter.features[0].in_channels == model.counter.features[0].in_channels + 2
+    with pytest.raises(ValueError, match="unknown counter input"):
+        add_counter_inputs(model, config, ["image_median"])
 
 
 def test_unknown_preset():

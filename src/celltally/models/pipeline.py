@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,12 @@ from torch import nn
 from celltally.models.fpn import FPN
 from celltally.models.vgg import VGGCounter
 
-COUNTER_INPUTS = ("mask", "image", "mask_logvar")
+#: Counter input planes, each at the mask's size (half the input). "image" is the
+#: input averaged over 2x2 blocks; "image_max"/"image_min" are its 2x2 maxima and
+#: minima, which keep the peaks of small nuclei and the dark gaps between touching
+#: ones that averaging blurs (order statistics of each block, so the flips and
+#: rotations used for augmentation and test-time averaging still commute with them).
+COUNTER_INPUTS = ("mask", "image", "mask_logvar", "image_max", "image_min")
 
 
 @dataclass
@@ -37,6 +43,10 @@ def counter_input(
             planes.append(mask_logvar)
         elif name == "image":
             planes.append(F.adaptive_avg_pool2d(image, mask.shape[-2:]))
+        elif name == "image_max":
+            planes.append(F.adaptive_max_pool2d(image, mask.shape[-2:]))
+        elif name == "image_min":
+            planes.append(-F.adaptive_max_pool2d(-image, mask.shape[-2:]))
         else:
             raise ValueError(f"unknown counter input {name!r}; choose from {COUNTER_INPUTS}")
     return torch.cat(planes, dim=1)
@@ -89,3 +99,36 @@ class CountingPipeline(nn.Module):
         mask, mask_logvar = self.segmenter(image, levels=1)[0]
         count, count_logvar = self.count_from_mask(mask, mask_logvar, image)
         return PipelineOutput(mask, mask_logvar, count, count_logvar)
+
+
+def add_counter_inputs(
+    model: CountingPipeline, config: dict[str, Any], names: list[str]
+) -> tuple[CountingPipeline, dict[str, Any]]:
+    """A copy of ``model`` whose counter takes more input planes, computing the same counts.
+
+    The new planes' weights in the counter's first convolution start at zero,
+    so continued training starts from the old counter's function and learns
+    whatever the new planes add. ``model`` and ``config`` are not modified.
+    """
+    unknown = [n for n in names if n not in COUNTER_INPUTS]
+    if unknown:
+        raise ValueError(f"unknown counter input {unknown[0]!r}; choose from {COUNTER_INPUTS}")
+    new = [n for n in dict.fromkeys(names) if n not in config["counter_inputs"]]
+    config = {**config, "counter_inputs": list(config["counter_inputs"]) + new}
+    wider = CountingPipeline(config)
+    wider.load_state_dict(widen_counter_state(model.state_dict(), len(new), prefix="counter."))
+    return wider, config
+
+
+def widen_counter_state(
+    state: Mapping[str, torch.Tensor], extra: int, *, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """A counter's weights (keys under ``prefix``) for ``extra`` more input planes, appended last.
+
+    The first convolution gets zero weights for the new planes, so the
+    counter computes exactly what it did (used for ensemble members too).
+    """
+    key = f"{prefix}features.0.weight"
+    weight = state[key]
+    pad = weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])
+    return {**state, key: torch.cat([weight, pad], 1)}

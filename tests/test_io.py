@@ -126,10 +126,27 @@ def test_channels_first_tiff_channel_selection(tmp_path: Path) -> None:
     path = tmp_path / "two.tif"
     tifffile.imwrite(path, stack)
     np.testing.assert_array_equal(read_image(path, channel=1), 20)
-    np.testing.assert_allclose(read_image(path), 15.0)
     with pytest.raises(ImageReadError) as err:
         read_image(path, channel=2)
     assert "out of range" in _assert_one_line(err, "two.tif")
+
+
+@pytest.mark.parametrize("planes", [2, 3, 4])
+def test_channels_first_tiff_is_never_averaged(tmp_path: Path, planes: int) -> None:
+    # separate stains: a mean would be a mixture no model was trained on
+    stack = np.stack([np.full((8, 9), 10 * (v + 1), dtype=np.uint16) for v in range(planes)])
+    path = tmp_path / "stains.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    text = _assert_one_line(err, "stains.tif")
+    assert f"has {planes} different channels" in text
+    assert f"--channel 0-{planes - 1}" in text
+    # the last plane is a stain like the others, not alpha
+    np.testing.assert_array_equal(read_image(path, channel=planes - 1), 10 * planes)
+    # identical planes are one image stored several times
+    tifffile.imwrite(path, np.stack([stack[0]] * planes), photometric="minisblack")
+    np.testing.assert_array_equal(read_image(path), 10)
 
 
 def test_channel_out_of_range_on_gray(tmp_path: Path) -> None:
@@ -205,6 +222,16 @@ def test_corrupt_tiff(tmp_path: Path) -> None:
         read_image(path)
     assert "cannot be read as TIFF: " in _assert_one_line(err, "junk.tif")
     assert err.value.__suppress_context__
+
+
+def test_tiff_with_a_bad_page_offset_names_the_problem(tmp_path, capfd) -> None:
+    path = tmp_path / "bad.tif"
+    path.write_bytes(b"II*\x00garbage" * 10)  # a TIFF header pointing nowhere
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    text = _assert_one_line(err, "bad.tif")
+    assert "corrupt or truncated" in text and "invalid offset to first page" in text
+    assert capfd.readouterr().err == ""  # tifffile's own log line is not printed
 
 
 def test_truncated_tiff(tmp_path: Path) -> None:

@@ -130,6 +130,30 @@ def test_several_formats_keep_their_order(client, scene):
     assert all(r["images"]["saliency"] is None for r in body["results"])
 
 
+def test_channel_field_picks_a_plane_of_a_multichannel_tiff(client, scene):
+    blank = np.zeros_like(scene.image)
+    buffer = bytes_io.BytesIO()
+    tifffile.imwrite(buffer, np.stack([blank, scene.image]), photometric="minisblack")
+    data = buffer.getvalue()
+    # without a channel: refused, naming the form field (never a mean of the stains)
+    refused = post(client, [("two.tif", data, "image/tiff")], saliency="0")
+    assert refused.status_code == 422
+    error = refused.json()["results"][0]["error"]
+    assert "2 different channels" in error and "channel 0-1" in error and "--" not in error
+    picked = post(client, [("two.tif", data, "image/tiff")], saliency="0", channel="1")
+    alone = post(client, [("one.tif", tiff_bytes(scene.image), "image/tiff")], saliency="0")
+    assert picked.status_code == 200
+    assert picked.json()["results"][0]["count"] == pytest.approx(
+        alone.json()["results"][0]["count"]
+    )
+    out_of_range = post(client, [("two.tif", data, "image/tiff")], saliency="0", channel="2")
+    assert "out of range" in out_of_range.json()["results"][0]["error"]
+    for bad in ("-1", "x", "1.5"):
+        response = post(client, [("two.tif", data, "image/tiff")], channel=bad)
+        assert response.status_code == 422
+        assert "channel must be a whole number" in response.json()["detail"]
+
+
 def test_level_changes_the_interval(client, scene):
     data = tiff_bytes(scene.image)
     widths = {}

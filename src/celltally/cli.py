@@ -128,7 +128,11 @@ def count(
         typer.Option(help="Interval method: conformal (default), temperature, gaussian."),
     ] = None,
     channel: Annotated[
-        int | None, typer.Option(help="Channel (0-based) of multi-channel images (e.g. OME-TIFF).")
+        int | None,
+        typer.Option(
+            help="Channel (0-based) of multi-channel images (e.g. OME-TIFF); required when "
+            "a (C, Y, X) file's channels differ. RGB without it: the mean of the colours."
+        ),
     ] = None,
     norm_low: Annotated[
         float | None, typer.Option(help="Lower normalization percentile (default: the model's).")

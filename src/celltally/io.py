@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -157,11 +158,37 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     """Decode a TIFF (including OME-TIFF) with tifffile."""
     import tifffile
 
+    # tifffile logs what it cannot parse (and may then return no data): keep those
+    # messages off the terminal and use the first one as the reason.
+    logger = logging.getLogger("tifffile")
+    notes = _Collect()
+    logger.addHandler(notes)
+    propagate, logger.propagate = logger.propagate, False
     try:
-        arr = tifffile.imread(path)
+        arr = np.asarray(tifffile.imread(path))
     except Exception as exc:  # any decoder failure is a user-facing read error
         raise ImageReadError(original, f"cannot be read as TIFF: {_short_reason(exc)}") from None
-    return np.asarray(arr)
+    finally:
+        logger.removeHandler(notes)
+        logger.propagate = propagate
+    if arr.size == 0 and (notes.messages or arr.ndim < 2):  # no page, not a 0 x N page
+        reason = _short_reason(Exception(notes.messages[0])) if notes.messages else "no pages"
+        raise ImageReadError(
+            original, f"cannot be read as TIFF (corrupt or truncated file): {reason}"
+        )
+    return arr
+
+
+class _Collect(logging.Handler):
+    """A logging handler that keeps the messages (with the logger's object prefix removed)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        self.messages.append(text.split("> ", 1)[-1] if text.startswith("<") else text)
 
 
 def _load_raw(path: str | os.PathLike[str]) -> tuple[np.ndarray, bool]:
@@ -207,10 +234,11 @@ def _to_2d(
                 path, f"channel {channel} out of range; the image has a single channel (0)"
             )
         return np.array(work, copy=True)
+    planes_first = False
     if work.ndim == 3 and work.shape[-1] in (3, 4):
         channels = np.moveaxis(work, -1, 0)
     elif work.ndim == 3 and is_tiff and work.shape[0] <= 4:
-        channels = work
+        channels, planes_first = work, True
     else:
         raise ImageReadError(
             path,
@@ -226,12 +254,21 @@ def _to_2d(
                 f"(0-{n_channels - 1})",
             )
         return np.array(channels[channel], copy=True)
-    colour = channels[:3] if n_channels == 4 else channels  # ignore alpha
+    # (Y, X, 4) is RGBA: ignore alpha. (C, Y, X) planes are stains, all of them kept.
+    colour = channels[:3] if n_channels == 4 and not planes_first else channels
     if all(np.array_equal(colour[0], colour[i]) for i in range(1, colour.shape[0])):
         return np.array(colour[0], copy=True)
     if not colour_mean:
         raise ImageReadError(
             path, "colour channels differ; expected a grayscale label or binary mask"
+        )
+    if planes_first:
+        # Separate stains (e.g. nuclei + cytoplasm): averaging them would count a
+        # mixture that no model was trained on, so the user must choose.
+        raise ImageReadError(
+            path,
+            f"has {n_channels} different channels (shape {original_shape}); choose the "
+            f"one to count with --channel 0-{n_channels - 1}",
         )
     return colour.astype(np.float32).mean(axis=0, dtype=np.float32)
 
@@ -254,16 +291,19 @@ def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> n
         A new 2-D array in the file's own dtype (uint8, uint16, float32, ...). Boolean
         images become uint8 0/1; 16-bit PNGs come back as uint16. Multi-channel images
         (``(H, W, 3|4)``, or ``(C, H, W)`` with ``C <= 4`` for TIFF) give the selected
-        ``channel``; without one, a single channel if all colour channels are equal,
-        else the float32 mean of the colour channels (a 4th channel is treated as alpha
-        and ignored). Size-1 axes (e.g. ``(1, H, W)``) are dropped.
+        ``channel``. Without one: a single channel if all channels are equal; for a
+        colour image ``(H, W, 3|4)`` the float32 mean of its colour channels (a 4th
+        is alpha and ignored); a ``(C, H, W)`` TIFF whose channels differ is an error
+        (they are separate stains: choose one). Size-1 axes (e.g. ``(1, H, W)``) are
+        dropped.
 
     Raises
     ------
     ImageReadError
         If the file is missing, a folder, empty, of an unsupported type, cannot be
         decoded, has a zero-size side, is a stack (z/time series) rather than a 2-D
-        image, ``channel`` is out of range, or it contains NaN or infinite values.
+        image, has differing ``(C, H, W)`` channels and no ``channel``, ``channel`` is
+        out of range, or it contains NaN or infinite values.
     """
     arr, is_tiff = _load_raw(path)
     out = _to_2d(arr, path, is_tiff=is_tiff, channel=channel, colour_mean=True)

@@ -6,10 +6,12 @@ Endpoints
     The page (plain HTML + JavaScript, shipped in ``celltally/web/static``).
 ``POST /api/count``
     ``multipart/form-data`` with one or more ``files`` (TIFF 8/16-bit, PNG,
-    JPEG), and optionally ``level`` (interval level, default 0.95) and
-    ``saliency`` (``true``/``false``). Answers, in the order sent, one entry
-    per file: the count with its interval and PNG renderings (data URLs) of the
-    input, mask, uncertainty and saliency maps, or an ``error`` naming the file.
+    JPEG), and optionally ``level`` (interval level, default 0.95),
+    ``saliency`` (``true``/``false``) and ``channel`` (0-based plane of
+    multi-channel files; empty = the file's only channel or its colour mean).
+    Answers, in the order sent, one entry per file: the count with its
+    interval and PNG renderings (data URLs) of the input, mask, uncertainty
+    and saliency maps, or an ``error`` naming the file.
 
     Status codes:
 
@@ -196,6 +198,18 @@ def _parse_level(text: str | None, default: float) -> float:
     return value
 
 
+def _parse_channel(text: str | None) -> int | None:
+    if text is None or text.strip() == "":
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise RequestRejected(422, f"channel must be a whole number >= 0, got '{text}'")
+    return value
+
+
 def _parse_bool(text: str | None, default: bool, name: str) -> bool:
     if text is None or text.strip() == "":
         return default
@@ -235,7 +249,9 @@ class _Service:
             else:
                 self.counter.count(frame)
 
-    def count_file(self, upload: Upload, level: float, saliency: bool) -> FileResult:
+    def count_file(
+        self, upload: Upload, level: float, saliency: bool, channel: int | None = None
+    ) -> FileResult:
         """Read, count and render one stored upload (runs in a worker thread)."""
         start = time.perf_counter()
         assert upload.path is not None
@@ -248,9 +264,10 @@ class _Service:
                 f"{self.max_pixels / 1e6:g} million",
             )
         try:
-            image = io.read_image(upload.path)
+            image = io.read_image(upload.path, channel=channel)
         except io.ImageReadError as err:
-            return _failure(upload.name, 422, err.problem)
+            # the problem names the command line's option; here it is the form's field
+            return _failure(upload.name, 422, err.problem.replace("--channel", "channel"))
         try:
             with self.lock:
                 if saliency:
@@ -472,6 +489,7 @@ def create_app(
             )
             req_level = _parse_level(fields.get("level"), level)
             req_saliency = _parse_bool(fields.get("saliency"), saliency, "saliency")
+            req_channel = _parse_channel(fields.get("channel"))
             if not uploads:
                 raise RequestRejected(422, "no files uploaded (send them as the 'files' field)")
             results: list[FileResult] = []
@@ -485,7 +503,7 @@ def create_app(
                     continue
                 try:
                     result = await anyio.to_thread.run_sync(
-                        service.count_file, upload, req_level, req_saliency
+                        service.count_file, upload, req_level, req_saliency, req_channel
                     )
                 except Exception:  # a bug must not lose the rest of the batch
                     logger.exception("counting %s failed", upload.name)

@@ -86,6 +86,7 @@ async function send({ file, card, row, index }) {
     form.append("files", file, file.name);
     form.append("level", $("level").value);
     form.append("saliency", $("saliency").checked ? "true" : "false");
+    form.append("channel", $("channel").value);
     try {
       const response = await fetch("/api/count", { method: "POST", body: form });
       const body = await response.json();

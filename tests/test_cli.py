@@ -1,4 +1,5 @@
 import csv
+import json
 import subprocess
 import sys
 
@@ -135,3 +136,42 @@ def test_demo_counts_a_simulated_plate_with_the_shipped_model(tmp_path):
     assert sum(errors) / len(errors) < 4.0 and max(errors) < 12.0
     assert all(float(r["low"]) <= float(r["count"]) <= float(r["high"]) for r in rows)
     assert "mean |error|" in result.output and "results.csv" in result.output
+
+
+def test_channel_option_across_commands(tiny_model, image_folder, tmp_path):
+    """Two-channel TIFFs: refused without --channel, read the same as 2-D files with it."""
+    from celltally.datasets import load_folder
+
+    two = tmp_path / "two"
+    two.mkdir()
+    for path in sorted(image_folder.glob("*.TIF")):  # counts from the BBBC names
+        image = tifffile.imread(path)
+        planes = np.stack([np.zeros_like(image), image])
+        tifffile.imwrite(two / path.name, planes, photometric="minisblack")
+    first = sorted(two.glob("*.TIF"))[0]
+
+    refused = run("explain", first, "--model", tiny_model, "--out", tmp_path / "x.png")
+    assert refused.exit_code != 0 and "--channel 0-1" in refused.output
+    shown = run(
+        "explain", first, "--model", tiny_model, "--out", tmp_path / "x.png", "--channel", "1"
+    )
+    assert shown.exit_code == 0, shown.output
+    assert (tmp_path / "x.png").stat().st_size > 0
+
+    flat = tmp_path / "flat.json"
+    picked = tmp_path / "picked.json"
+    args = ("--model", tiny_model, "--no-progress")
+    assert run("evaluate", image_folder, *args, "--out", flat).exit_code == 0
+    result = run("evaluate", two, *args, "--out", picked, "--channel", "1")
+    assert result.exit_code == 0, result.output
+
+    rows = {r["file"]: r["count"] for r in json.loads(picked.read_text())["rows"]}
+    expected = {r["file"]: r["count"] for r in json.loads(flat.read_text())["rows"]}
+    assert rows == pytest.approx(expected)
+
+    # training data: the same plane as the 2-D files, and a clear error without one
+    ref = load_folder(image_folder, size=(64, 96))
+    got = load_folder(two, size=(64, 96), channel=1)
+    assert np.allclose(got.images.numpy(), ref.images.numpy())
+    with pytest.raises(Exception, match="--channel 0-1"):
+        load_folder(two, size=(64, 96))

@@ -274,6 +274,9 @@ def evaluate(
         str | None, typer.Option(help="Interval method: conformal, temperature or gaussian.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    channel: Annotated[
+        int | None, typer.Option(help="Channel (0-based) of multi-channel images.")
+    ] = None,
 ) -> None:
     """MAE, RMSE, R², max error, interval coverage and width, overall and per blur x stain."""
     from celltally.counter import CellCounter
@@ -284,7 +287,9 @@ def evaluate(
         fail(f"--level must be between 0 and 1, got {level}")
     try:
         site_set = {int(s) for s in sites.split(",")} if sites else None
-        counter = CellCounter.from_pretrained(model, epistemic=epistemic, calibration=calibration)
+        counter = CellCounter.from_pretrained(
+            model, epistemic=epistemic, calibration=calibration, channel=channel
+        )
         result = evaluate_folder(
             data, model=counter, level=level, sites=site_set, progress=progress
         )
@@ -359,6 +364,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="Resume from checkpoints in --out.")] = False,
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
+    channel: Annotated[
+        int | None, typer.Option(help="Channel (0-based) of multi-channel images.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train segmenter then counter (as in the paper) and write a model folder.
@@ -389,6 +397,7 @@ def train(
                 cache=cache,
                 progress=progress and main,
                 log=typer.echo if main else _silent,
+                channel=channel,
             )
     except _user_errors() as err:
         fail(str(err))
@@ -534,6 +543,9 @@ def explain(
     image_saliency: Annotated[
         bool, typer.Option(help="Add a panel: saliency w.r.t. the input image.")
     ] = False,
+    channel: Annotated[
+        int | None, typer.Option(help="Channel (0-based) of multi-channel images.")
+    ] = None,
 ) -> None:
     """The paper's Figure 4 panel: input, mask, mask uncertainty, saliency of the count."""
     from celltally.counter import CellCounter
@@ -542,7 +554,7 @@ def explain(
     if not 0.0 < level < 1.0:
         fail(f"--level must be between 0 and 1, got {level}")
     try:
-        counter = CellCounter.from_pretrained(model)
+        counter = CellCounter.from_pretrained(model, channel=channel)
         expl = explain_image(counter, image, true_count=true, level=level)
         explanation_figure(expl, out, image_saliency=image_saliency)
     except _user_errors() as err:
@@ -579,12 +591,17 @@ def calibrate(
         float, typer.Option(help="OOD threshold: this quantile of the calibration images.")
     ] = 0.99,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
+    channel: Annotated[
+        int | None, typer.Option(help="Channel (0-based) of multi-channel images.")
+    ] = None,
 ) -> None:
     """Refit the intervals (conformal, temperature) and OOD thresholds on a held-out split."""
     from celltally.uncertainty import calibrate_model
 
     try:
-        folder, (_, cal) = _held_out(model, bbbc005, data, cache=cache, log=typer.echo)
+        folder, (_, cal) = _held_out(
+            model, bbbc005, data, cache=cache, log=typer.echo, channel=channel
+        )
         if cal is None:
             fail("the data gave no calibration images")
         calibrate_model(folder, cal, quantile=quantile, log=typer.echo)
@@ -608,6 +625,9 @@ def ensemble(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
+    channel: Annotated[
+        int | None, typer.Option(help="Channel (0-based) of multi-channel images.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train extra counter heads (epistemic ensemble, used by --epistemic) and recalibrate."""
@@ -625,6 +645,7 @@ def ensemble(
             workers=workers,
             cache=cache,
             log=typer.echo,
+            channel=channel,
         )
         if train_set is None:
             fail("the data gave no training images")

@@ -158,7 +158,11 @@ def _count_from_labels(image: Path, mask_dirs: Sequence[Path]) -> int | None:
 
 
 def load_folder(
-    root: str | Path, *, size: Sequence[int], norm: Mapping[str, Any] | None = None
+    root: str | Path,
+    *,
+    size: Sequence[int],
+    norm: Mapping[str, Any] | None = None,
+    channel: int | None = None,
 ) -> LabeledSet:
     """Load a folder of images with ``counts.csv`` (columns image, count).
 
@@ -169,6 +173,7 @@ def load_folder(
     the image's label mask (a binary mask gives no count). Errors are raised
     before any training: a counts.csv row naming a missing image or a negative
     count, a mask whose size differs from its image, an image with no count.
+    ``channel`` picks the plane of multi-channel images (``io.read_image``).
     """
     root = Path(root)
     folder = root / "images" if (root / "images").is_dir() else root
@@ -197,7 +202,7 @@ def load_folder(
             )
     images, masks, counts, meta = [], [], [], []
     for path in paths:
-        raw = io.read_image(path)
+        raw = io.read_image(path, channel=channel)
         images.append(prepare_image(raw, size=size, norm=norm))
         mask = np.full(tuple(size), np.nan, dtype=np.float32)
         for d in mask_dirs:

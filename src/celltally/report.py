@@ -404,7 +404,7 @@ def write_report(
         path = paths.get(row["file"])
         if path is None:
             raise io.InputError(f"{data}: {row['file']} is in the evaluation but not in the folder")
-        rows.append({**row, **image_measures(io.read_image(path), float(row["count"]))})
+        rows.append({**row, **image_measures(counter.read(path), float(row["count"]))})
     if not rows:
         raise ValueError("the evaluation has no rows to report")
 

@@ -53,8 +53,12 @@ def build_and_fit(
     cache: Path | None = None,
     progress: bool = True,
     log: Log = print,
+    channel: int | None = None,
 ) -> dict[str, Any]:
-    """Load every named source, split by scene, train, calibrate and write the model folder."""
+    """Load every named source, split by scene, train, calibrate and write the model folder.
+
+    ``channel`` picks the plane of multi-channel images in ``folders``.
+    """
     init = None
     if from_model is not None:
         from safetensors.torch import load_file
@@ -103,11 +107,12 @@ def build_and_fit(
         }
     for folder in folders:
         log(f"loading {folder}")
-        user = load_folder(folder, size=size, norm=norm)
+        user = load_folder(folder, size=size, norm=norm, channel=channel)
         parts = split_by_scene_hash(user)
         trains.append(user.subset(parts["train"]))
         cals.append(user.subset(parts["calibration"]))
-        sources.append(f"{folder} ({len(user)} images)")
+        plane = "" if channel is None else f", channel {channel}"
+        sources.append(f"{folder} ({len(user)} images{plane})")
         split_info[str(folder)] = {"by": "scene hash", **{k: int(v.size) for k, v in parts.items()}}
     if simulated > 0:
         log(f"simulating {simulated} training scenes")

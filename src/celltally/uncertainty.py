@@ -229,6 +229,7 @@ def held_out_sets(
     workers: int = 2,
     cache: str | Path | None = None,
     log: Log = print,
+    channel: int | None = None,
 ) -> tuple[LabeledSet | None, LabeledSet | None]:
     """Training and calibration sets split as ``celltally train`` splits them.
 
@@ -258,7 +259,7 @@ def held_out_sets(
         cals.append(real.subset(parts["calibration"]))
     for folder in folders:
         log(f"loading {folder}")
-        user = load_folder(folder, size=size, norm=norm)
+        user = load_folder(folder, size=size, norm=norm, channel=channel)
         parts = split_by_scene_hash(user)
         trains.append(user.subset(parts["train"]))
         cals.append(user.subset(parts["calibration"]))

@@ -253,3 +253,37 @@ def test_server_api_from_outside(server, images):
     with urllib.request.urlopen(request, timeout=60) as response:
         result = json.load(response)["results"][0]
     assert result["ok"] and np.isfinite(result["count"])
+
+
+def test_channel_field_counts_one_plane_of_a_multichannel_tiff(
+    server, browser, tiny_model, tmp_path
+):
+    """A 2-channel TIFF fails with a message naming the field, then counts once a plane is set."""
+    scene = simulate_scene(20, seed=5).image
+    path = tmp_path / "two_channels.tif"
+    tifffile.imwrite(path, np.stack([np.zeros_like(scene), scene]), photometric="minisblack")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(server)
+    sync_api.expect(page.locator("#model-name")).to_have_text("tiny")
+    page.set_input_files("#file-input", [str(path)])
+    wait_for_batch(page, 1)
+    item = card(page, path.name)
+    assert item.get_attribute("data-state") == "failed"
+    sync_api.expect(item.locator(".error")).to_contain_text(
+        "choose the one to count with channel 0-1"
+    )
+
+    page.fill("#channel", "1")
+    page.set_input_files("#file-input", [str(path)])
+    page.wait_for_function(
+        """() => document.querySelectorAll('.card[data-state="done"]').length === 1
+            && document.body.dataset.busy === "no" """,
+        timeout=60_000,
+    )
+    done = page.locator('.card[data-state="done"]')
+    assert done.get_attribute("data-name") == path.name
+    result = CellCounter.from_pretrained(tiny_model).count(scene)  # the plane alone
+    half = (result.high - result.low) / 2
+    sync_api.expect(done.locator(".count")).to_have_text(f"{result.count:.1f} ± {half:.1f}")
+    context.close()

@@ -175,3 +175,23 @@ def test_channel_option_across_commands(tiny_model, image_folder, tmp_path):
     assert np.allclose(got.images.numpy(), ref.images.numpy())
     with pytest.raises(Exception, match="--channel 0-1"):
         load_folder(two, size=(64, 96))
+
+
+def test_too_small_image_is_named_and_the_rest_counted(tiny_model, image_folder, tmp_path):
+    tifffile.imwrite(image_folder / "speck.tif", np.full((1, 5), 9, np.uint8))
+    out = tmp_path / "res.csv"
+    result = run("count", image_folder, "-o", out, "--model", tiny_model, "--no-progress")
+    assert result.exit_code == 1
+    assert "speck.tif: image of 5x1 px is too small to count" in result.output
+    assert len(read_rows(out)) == 2
+    counter = CellCounter.from_pretrained(tiny_model)
+    with pytest.raises(ValueError, match=r"speck\.tif: image of 5x1 px is too small"):
+        counter.count(image_folder / "speck.tif")
+    with pytest.raises(ValueError, match="at least 8 px"):
+        counter.count(np.zeros((7, 100), np.float32))
+    explained = run(
+        "explain", image_folder / "speck.tif", "--model", tiny_model, "-o", tmp_path / "e.png"
+    )
+    assert explained.exit_code == 2
+    assert "speck.tif: image of 5x1 px" in explained.output
+    assert not (tmp_path / "e.png").exists()

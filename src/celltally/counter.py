@@ -39,6 +39,8 @@ from celltally.transforms import prepare_image
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "bbbc005"
+#: Smallest image side (raw px) counted: below it there is not one whole cell.
+MIN_SIDE = 8
 #: In a model folder: mean and precision of the calibration images' deep
 #: features (see ``CellCounter.embed`` and ``celltally.uncertainty.calibrate_model``).
 OOD_REFERENCE_FILE = "ood.safetensors"
@@ -282,6 +284,11 @@ class CellCounter:
         image up to 10% larger than its native frame (or any smaller one) is
         resized into it, a larger one is refused.
         """
+        if min(image.shape) < MIN_SIDE:
+            raise io.InputError(
+                f"image of {image.shape[1]}x{image.shape[0]} px is too small to count "
+                f"(each side needs at least {MIN_SIDE} px)"
+            )
         shape = model_shape(image.shape, self.scale, self.factor)
         if shape == self.input_size:
             return self.prepare(image)
@@ -396,7 +403,12 @@ class CellCounter:
             raise io.InputError(f"expected a 2-D image, got an array of shape {array.shape}")
         if not np.isfinite(array).all():
             raise io.InputError("image contains NaN or infinite values")
-        prepared = self.prepare_any(array)
+        try:
+            prepared = self.prepare_any(array)
+        except io.InputError as err:
+            if source is None or isinstance(err, io.ImageReadError):
+                raise
+            raise io.ImageReadError(source, str(err)) from None  # name the file
         if isinstance(prepared, ModelScaleImage):
             return self._result(self._count_scaled(prepared), level, source)
         return self._result(self._forward([prepared])[0], level, source)
@@ -424,8 +436,10 @@ class CellCounter:
         def load(path: Path) -> np.ndarray | ModelScaleImage | Exception:
             try:
                 return self.prepare_any(self.read(path))
-            except (io.ImageReadError, io.InputError) as err:
+            except io.ImageReadError as err:
                 return err
+            except io.InputError as err:  # a problem of the pixels: name the file
+                return io.ImageReadError(path, str(err))
 
         with ThreadPoolExecutor(read_threads) if read_threads else _InlineExecutor() as pool:
             pending: list[tuple[Path, Any]] = []

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 import torch
 
-from celltally import naming
+from celltally import io, naming
 from celltally.counter import ModelScaleImage
 from celltally.losses import gaussian_nll
 
@@ -176,7 +176,12 @@ def explain_image(
     if isinstance(image, str | Path):
         source = str(image)
         image = counter.read(image)
-    result = counter.count(image, level=level)
+    try:
+        result = counter.count(image, level=level)
+    except io.InputError as err:
+        if source is None or isinstance(err, io.ImageReadError):
+            raise
+        raise io.ImageReadError(source, str(err)) from None  # name the file
     if source is not None:
         result = dataclasses.replace(
             result, source=source, metadata=naming.parse_name(source).as_dict()

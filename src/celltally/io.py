@@ -242,8 +242,8 @@ def _to_2d(
     else:
         raise ImageReadError(
             path,
-            f"expected a 2-D image, got a stack of shape {original_shape}; "
-            "pass --channel or split the stack",
+            f"expected a 2-D image (or up to 4 channels), got a stack of shape "
+            f"{original_shape}; save one plane (or a projection) as a 2-D image",
         )
     n_channels = channels.shape[0]
     if channel is not None:

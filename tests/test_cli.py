@@ -195,3 +195,14 @@ def test_too_small_image_is_named_and_the_rest_counted(tiny_model, image_folder,
     assert explained.exit_code == 2
     assert "speck.tif: image of 5x1 px" in explained.output
     assert not (tmp_path / "e.png").exists()
+
+
+def test_models_lists_shipped_models_with_their_figures():
+    result = run("models")
+    assert result.exit_code == 0, result.output
+    assert "bbbc005 (default)" in result.output and "\nnuclei\n" in result.output
+    # the figures printed are the ones recorded in the model folders
+    bbbc005 = CellCounter.from_pretrained("bbbc005", device="cpu").config["metrics"]["test"]["all"]
+    assert f"held-out test ({int(bbbc005['n'])} images): MAE {bbbc005['mae']:.2f}" in result.output
+    assert "trained on:\n    - " in result.output  # one line per training source, not a list repr
+    assert "['" not in result.output

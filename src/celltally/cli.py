@@ -470,22 +470,29 @@ def demo(
 @app.command()
 def models() -> None:
     """List the shipped models, what they were trained on, and their measured figures."""
-    from celltally.counter import WEIGHTS_DIR, available_models
+    from celltally.counter import DEFAULT_MODEL, WEIGHTS_DIR, available_models
     from celltally.uncertainty import ensemble_files
 
+    nan = float("nan")
     for name in available_models():
         config = json.loads((WEIGHTS_DIR / name / "config.json").read_text())
         test = config.get("metrics", {}).get("test", {}).get("all", {})
-        data = config.get("training", {}).get("data")
+        data = config.get("training", {}).get("data") or ["not recorded"]
         height, width = config.get("input_size", ("?", "?"))
         members = len(ensemble_files(WEIGHTS_DIR / name))
-        typer.echo(
-            f"{name}: preset {config.get('preset')}, input {width} x {height}"
-            + (f", ensemble of {members + 1} counters for --epistemic" if members else "")
-            + f", trained on {data}"
-            f"; test MAE {test.get('mae', float('nan')):.2f}, coverage "
-            f"{test.get('coverage', float('nan')):.1%}"
-        )
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        lines = [
+            f"{name}{default}",
+            f"  preset {config.get('preset')}, input {width} x {height} px, counter head "
+            f"{config.get('counter', {}).get('head', 'fc')}"
+            + (f"; {members + 1} counters with --epistemic" if members else ""),
+            "  trained on:",
+            *(f"    - {item}" for item in ([data] if isinstance(data, str) else data)),
+            f"  held-out test ({int(test.get('n', 0))} images): MAE {test.get('mae', nan):.2f}, "
+            f"max error {test.get('max_abs_error', nan):.1f}, R² {test.get('r2', nan):.3f}, "
+            f"95% interval coverage {test.get('coverage', nan):.1%}",
+        ]
+        typer.echo("\n".join(lines) + "\n")
 
 
 @app.command()

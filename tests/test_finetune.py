@@ -166,3 +166,27 @@ def test_bad_annotations_fail_before_training(base_model, folders, tmp_path, pro
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [(), ("--seg-epochs", "0")])
+def test_counts_only_folder_finetunes_only_the_counter(base_model, tmp_path, extra):
+    """No masks, as docs/finetuning.md says: the segmenter is kept, the counter learns counts."""
+    from safetensors.torch import load_file
+
+    folder = plate(tmp_path / "counts_only", 8, seed=5)
+    shutil.rmtree(folder / "masks", ignore_errors=True)
+    shutil.rmtree(folder / "labels", ignore_errors=True)
+    args = ("train", "--data", folder, "--no-progress", "--count-epochs", "2")
+    # a new model cannot learn its segmenter without masks: a clear refusal
+    refused = run(*args, "--out", tmp_path / "a")
+    assert refused.exit_code == 2 and "needs masks" in refused.output
+    result = run(*args, "--from", base_model, "--out", tmp_path / "b", *extra)
+    assert result.exit_code == 0, result.output
+    if not extra:
+        assert "the segmenter is kept, only the counter is trained" in result.output
+    before = load_file(str(base_model / "model.safetensors"))
+    after = load_file(str(tmp_path / "b" / "model.safetensors"))
+    segmenter = [k for k in before if k.startswith("segmenter.")]
+    counter = [k for k in before if k.startswith("counter.") and before[k].is_floating_point()]
+    assert all(torch.equal(before[k], after[k]) for k in segmenter)
+    assert any(not torch.equal(before[k], after[k]) for k in counter)

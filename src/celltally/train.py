@@ -156,7 +156,10 @@ def train_segmenter(
     device = device or default_device()
     keep = data.has_mask
     if not bool(keep.any()):
-        raise ValueError("no training image has a foreground mask; the segmenter needs masks")
+        raise ValueError(
+            "no training image has a foreground mask; the segmenter needs masks (to "
+            "fine-tune only the counter on counts: --stage counter, or --seg-epochs 0)"
+        )
     images, masks = data.images[keep], data.masks[keep]
     seg = model.segmenter.to(device)
     net = distributed.wrap(seg, device)  # DistributedDataParallel under torchrun
@@ -413,7 +416,13 @@ def fit(
         model.load_state_dict(init)
     hp = config["train"]
     history: dict[str, Any] = dict(config.get("history", {}))
-    if stages in ("both", "segmenter"):
+    # A stage given 0 epochs is kept as it is (e.g. --from MODEL --seg-epochs 0), and so
+    # is a starting model's segmenter when the data have counts but no masks.
+    seg_epochs = hp["segmenter"]["epochs"]
+    if stages == "both" and init is not None and seg_epochs > 0 and not bool(train.has_mask.any()):
+        log("no training image has a mask: the segmenter is kept, only the counter is trained")
+        seg_epochs = 0
+    if stages in ("both", "segmenter") and seg_epochs > 0:
         s = hp["segmenter"]
         history["segmenter"] = train_segmenter(
             model,
@@ -430,7 +439,7 @@ def fit(
             progress=progress,
             log=log,
         )
-    if stages in ("both", "counter"):
+    if stages in ("both", "counter") and hp["counter"]["epochs"] > 0:
         c = hp["counter"]
         history["counter"] = train_counter(
             model,

@@ -96,6 +96,16 @@ def test_grouped_metrics_without_bounds_and_custom_keys() -> None:
     assert grouped_metrics([{"true": None, "count": 1}], by=["x"]) == {}
 
 
+def test_grouped_metrics_of_unlabelled_images_is_just_all() -> None:
+    rows = [{"true": 1, "count": 2}, {"true": 3, "count": 3, "blur": None}]
+    assert list(grouped_metrics(rows, by=["blur", "stain"])) == ["all"]
+    # with some images labelled, the unlabelled ones keep their own group
+    rows.append({"true": 5, "count": 5, "blur": 1, "stain": 1})
+    got = grouped_metrics(rows, by=["blur", "stain"])
+    assert list(got) == ["blur=1,stain=1", "blur=None,stain=None", "all"]
+    assert got["blur=None,stain=None"]["n"] == 2
+
+
 def test_format_table() -> None:
     table = format_table(grouped_metrics(_rows(), by=["blur"]))
     lines = table.split("\n")

@@ -156,7 +156,8 @@ def grouped_metrics(
     -------
     dict of str to dict
         Groups named like ``"blur=1,stain=2"`` (sorted by key values, numbers
-        numerically), followed by ``"all"``. Empty if no row has a true value.
+        numerically), followed by ``"all"``; only ``"all"`` when no row has any
+        ``by`` key. Empty if no row has a true value.
 
     Raises
     ------
@@ -186,7 +187,10 @@ def grouped_metrics(
     result: dict[str, dict[str, float]] = {}
     if not used:
         return result
-    if by:
+    # Images with none of the ``by`` keys (e.g. a user's folder, no BBBC names) form
+    # no group of their own: "all" says everything.
+    unlabelled = len(groups) == 1 and all(v is None for v in next(iter(groups)))
+    if by and not unlabelled:
         for key in sorted(groups, key=_sort_key):
             name = ",".join(f"{k}={v}" for k, v in zip(by, key, strict=True))
             result[name] = metrics_of(groups[key])

@@ -107,7 +107,14 @@ def test_cellprofiler_rows_and_file(tmp_path):
             "well": "A05",
             "site": "3",
         },
-        {"file": "x/other.tif", "count": "3.00", "std": "0.5", "low": "2.00", "high": "4.00"},
+        {
+            "file": "x/other.tif",
+            "count": "3.00",
+            "std": "0.5",
+            "low": "2.00",
+            "high": "4.00",
+            "warning": "unlike the calibration images (...)",
+        },
     ]
     table = cellprofiler_rows(rows)
     assert table[0]["ImageNumber"] == "1" and table[1]["ImageNumber"] == "2"
@@ -115,6 +122,7 @@ def test_cellprofiler_rows_and_file(tmp_path):
     assert table[0]["PathName"] == "plate1"
     assert (table[0]["Metadata_Well"], table[0]["Metadata_Site"]) == ("A05", "3")
     assert table[1]["Metadata_Well"] == ""
+    assert (table[0]["Warning"], table[1]["Warning"]) == ("", rows[1]["warning"])
     assert (table[0]["Count"], table[0]["Count_Low"], table[0]["Count_High"]) == (
         "17.90",
         "15.10",
@@ -155,8 +163,9 @@ def test_cli_writes_per_object_output_and_cellprofiler_table(tiny_model, image_f
         table = list(reader)
     assert [r["ImageNumber"] for r in table] == ["1", "2"]
     assert sorted(r["Metadata_Well"] for r in table) == ["A01", "A02"]
-    for r in table:  # same order and counts as the results CSV
+    for r in table:  # same order, counts and warnings as the results CSV
         assert r["Count"] == rows[str(Path(r["PathName"]) / r["FileName"])]["count"]
+        assert r["Warning"] == rows[str(Path(r["PathName"]) / r["FileName"])]["warning"]
     assert [r["FileName"] for r in table] == [Path(f).name for f in rows]
     bad = CliRunner().invoke(app, [str(a) for a in [*args[:7], "--format", "excel"]])
     assert bad.exit_code == 2 and "--format must be" in bad.output

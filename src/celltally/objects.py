@@ -51,6 +51,7 @@ CELLPROFILER_COLUMNS = [
     "Count_Low",
     "Count_High",
     "Count_Std",
+    "Warning",
 ]
 
 
@@ -276,7 +277,8 @@ def cellprofiler_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]
 
     ``ImageNumber`` counts from 1 in the given order; ``FileName``/``PathName``
     split ``file``; ``Metadata_Plate/Well/Site`` are the parsed ``plate``,
-    ``well``, ``site`` (empty when the name carries none).
+    ``well``, ``site`` (empty when the name carries none); ``Warning`` is the
+    out-of-distribution warning (empty when the image resembles the calibration set).
     """
     out = []
     for number, row in enumerate(rows, start=1):
@@ -293,6 +295,7 @@ def cellprofiler_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]
                 "Count_Low": str(row["low"]),
                 "Count_High": str(row["high"]),
                 "Count_Std": str(row.get("std") or ""),
+                "Warning": str(row.get("warning") or ""),
             }
         )
     return out

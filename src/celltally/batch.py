@@ -673,7 +673,9 @@ def run_batch(
     """
     t0 = time.perf_counter()
     if not 0.0 < level < 1.0:
-        raise io.InputError(f"--level must be between 0 and 1, got {level}")
+        raise io.InputError(
+            f"--level must be between 0 and 1 (0.95 for a 95% interval), got {level}"
+        )
     if batch_size < 1:
         raise io.InputError(f"--batch-size must be at least 1, got {batch_size}")
     if chunk_size is not None and chunk_size < 1:

@@ -284,7 +284,7 @@ def evaluate(
     from celltally.metrics import format_table
 
     if not 0.0 < level < 1.0:
-        fail(f"--level must be between 0 and 1, got {level}")
+        fail(f"--level must be between 0 and 1 (0.95 for a 95% interval), got {level}")
     try:
         site_set = {int(s) for s in sites.split(",")} if sites else None
         counter = CellCounter.from_pretrained(
@@ -559,7 +559,7 @@ def explain(
     from celltally.explain import explain_image, explanation_figure
 
     if not 0.0 < level < 1.0:
-        fail(f"--level must be between 0 and 1, got {level}")
+        fail(f"--level must be between 0 and 1 (0.95 for a 95% interval), got {level}")
     try:
         counter = CellCounter.from_pretrained(model, channel=channel)
         expl = explain_image(counter, image, true_count=true, level=level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -232,6 +233,16 @@ def test_tiff_with_a_bad_page_offset_names_the_problem(tmp_path, capfd) -> None:
     text = _assert_one_line(err, "bad.tif")
     assert "corrupt or truncated" in text and "invalid offset to first page" in text
     assert capfd.readouterr().err == ""  # tifffile's own log line is not printed
+
+
+def test_tifffile_logging_outside_our_reads_is_untouched(tmp_path, caplog) -> None:
+    path = tmp_path / "bad.tif"
+    path.write_bytes(b"II*\x00garbage" * 10)
+    with pytest.raises(ImageReadError):
+        read_image(path)
+    with caplog.at_level("WARNING", logger="tifffile"):
+        logging.getLogger("tifffile").warning("a user's own tifffile warning")
+    assert "a user's own tifffile warning" in caplog.text
 
 
 def test_truncated_tiff(tmp_path: Path) -> None:

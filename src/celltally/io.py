@@ -7,12 +7,14 @@ command-line front end can print ``str(err)`` without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -160,35 +162,47 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
 
     # tifffile logs what it cannot parse (and may then return no data): keep those
     # messages off the terminal and use the first one as the reason.
-    logger = logging.getLogger("tifffile")
-    notes = _Collect()
-    logger.addHandler(notes)
-    propagate, logger.propagate = logger.propagate, False
-    try:
-        arr = np.asarray(tifffile.imread(path))
-    except Exception as exc:  # any decoder failure is a user-facing read error
-        raise ImageReadError(original, f"cannot be read as TIFF: {_short_reason(exc)}") from None
-    finally:
-        logger.removeHandler(notes)
-        logger.propagate = propagate
-    if arr.size == 0 and (notes.messages or arr.ndim < 2):  # no page, not a 0 x N page
-        reason = _short_reason(Exception(notes.messages[0])) if notes.messages else "no pages"
+    with _tifffile_notes() as notes:
+        try:
+            arr = np.asarray(tifffile.imread(path))
+        except Exception as exc:  # any decoder failure is a user-facing read error
+            reason = _short_reason(exc)
+            raise ImageReadError(original, f"cannot be read as TIFF: {reason}") from None
+    if arr.size == 0 and (notes or arr.ndim < 2):  # no page, not a 0 x N page
+        reason = _short_reason(Exception(notes[0])) if notes else "no pages"
         raise ImageReadError(
             original, f"cannot be read as TIFF (corrupt or truncated file): {reason}"
         )
     return arr
 
 
-class _Collect(logging.Handler):
-    """A logging handler that keeps the messages (with the logger's object prefix removed)."""
+_TIFF_READ = threading.local()
 
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
+class _TiffNotes(logging.Filter):
+    """On the 'tifffile' logger: inside ``_tifffile_notes`` (this thread only), keep a
+    record's message for the error and drop the record; elsewhere let it through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        notes = getattr(_TIFF_READ, "notes", None)
+        if notes is None:
+            return True
         text = record.getMessage()
-        self.messages.append(text.split("> ", 1)[-1] if text.startswith("<") else text)
+        notes.append(text.split("> ", 1)[-1] if text.startswith("<") else text)
+        return False
+
+
+@contextlib.contextmanager
+def _tifffile_notes() -> Iterator[list[str]]:
+    """Collect (and silence) what tifffile logs in this thread while the block runs."""
+    logger = logging.getLogger("tifffile")
+    if not any(isinstance(f, _TiffNotes) for f in logger.filters):
+        logger.addFilter(_TiffNotes())
+    _TIFF_READ.notes = notes = []
+    try:
+        yield notes
+    finally:
+        _TIFF_READ.notes = None
 
 
 def _load_raw(path: str | os.PathLike[str]) -> tuple[np.ndarray, bool]:

@@ -208,8 +208,12 @@ def test_diameter_and_pixel_size_rescale():
     with pytest.raises(io.InputError, match="positive"):
         rescale_factor(scale, diameter=-3)
     bare = ModelScale((520, 696), (192, 256))
-    with pytest.raises(io.InputError, match="does not record the pixel size"):
+    with pytest.raises(io.InputError, match="does not record the pixel size") as err:
         rescale_factor(bare, pixel_size=0.5)
+    assert "--diameter" not in str(err.value)  # it would fail too: no circular advice
+    diameter_only = ModelScale((520, 696), (192, 256), object_diameter_px=28.0)
+    with pytest.raises(io.InputError, match="use --diameter"):
+        rescale_factor(diameter_only, pixel_size=0.5)
     with pytest.raises(io.InputError, match="does not record the object diameter"):
         rescale_factor(bare, diameter=20)
 

@@ -116,9 +116,13 @@ def rescale_factor(
         if not pixel_size > 0 or not math.isfinite(pixel_size):
             raise io.InputError(f"--pixel-size must be a positive number, got {pixel_size}")
         if scale.pixel_size_um is None:
-            raise io.InputError(
-                f"{model_name} does not record the pixel size it was trained at; "
+            instead = (
                 "use --diameter (typical object diameter in pixels) instead"
+                if scale.object_diameter_px is not None
+                else "count without --pixel-size, or resize the images yourself"
+            )
+            raise io.InputError(
+                f"{model_name} does not record the pixel size it was trained at; {instead}"
             )
         return float(pixel_size) / scale.pixel_size_um
     if diameter is not None:

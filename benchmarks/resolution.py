@@ -28,6 +28,7 @@ import numpy as np
 
 from celltally import io, naming
 from celltally.baselines import otsu_watershed_count
+from celltally.evaluation import labelled_files
 from celltally.transforms import resize_area
 
 TEST_SITES = {9, 10}
@@ -48,18 +49,18 @@ def main() -> int:
     if not data.exists():
         print(f"skipped: {data} not found (real BBBC005 is not part of the repository)")
         return 0
-    files = io.list_images([data / "images" if (data / "images").is_dir() else data])
+    pairs = labelled_files(data)
     results: dict[str, dict] = {}
     for stain in (1, 2):
         chosen = [
-            p
-            for p in files
+            (p, c)
+            for p, c in pairs
             if (n := naming.parse_name(p.name)).site in TEST_SITES
             and n.blur == 1
             and n.stain == stain
         ]
-        truth = np.array([naming.parse_name(p.name).count for p in chosen], dtype=float)
-        images = [io.read_image(p).astype(np.float32) for p in chosen]
+        truth = np.array([c for _, c in chosen])
+        images = [io.read_image(p).astype(np.float32) for p, _ in chosen]
         for name, size, min_area, distances in SCALES:
             scaled = images if size is None else [resize_area(im, size) for im in images]
             by_distance = {}

@@ -67,6 +67,21 @@ def _image_options(
     return options
 
 
+#: ``--channel``, the same on every command that reads images.
+ChannelOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Channel (0-based) of multi-channel images (e.g. OME-TIFF); required when "
+        "a (C, Y, X) file's channels differ. RGB without it: the mean of the colours."
+    ),
+]
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        fail(f"--level must be between 0 and 1 (0.95 for a 95% interval), got {level}")
+
+
 def _interval_options(epistemic: bool, calibration: str | None) -> dict:
     """``CellCounter.from_pretrained`` keywords for the interval flags (only those set)."""
     options: dict = {}
@@ -127,13 +142,7 @@ def count(
         str | None,
         typer.Option(help="Interval method: conformal (default), temperature, gaussian."),
     ] = None,
-    channel: Annotated[
-        int | None,
-        typer.Option(
-            help="Channel (0-based) of multi-channel images (e.g. OME-TIFF); required when "
-            "a (C, Y, X) file's channels differ. RGB without it: the mean of the colours."
-        ),
-    ] = None,
+    channel: ChannelOption = None,
     norm_low: Annotated[
         float | None, typer.Option(help="Lower normalization percentile (default: the model's).")
     ] = None,
@@ -274,17 +283,14 @@ def evaluate(
         str | None, typer.Option(help="Interval method: conformal, temperature or gaussian.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    channel: Annotated[
-        int | None, typer.Option(help="Channel (0-based) of multi-channel images.")
-    ] = None,
+    channel: ChannelOption = None,
 ) -> None:
     """MAE, RMSE, R², max error, interval coverage and width, overall and per blur x stain."""
     from celltally.counter import CellCounter
     from celltally.evaluation import evaluate_folder
     from celltally.metrics import format_table
 
-    if not 0.0 < level < 1.0:
-        fail(f"--level must be between 0 and 1 (0.95 for a 95% interval), got {level}")
+    _check_level(level)
     try:
         site_set = {int(s) for s in sites.split(",")} if sites else None
         counter = CellCounter.from_pretrained(
@@ -364,9 +370,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Resume from checkpoints in --out.")] = False,
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
-    channel: Annotated[
-        int | None, typer.Option(help="Channel (0-based) of multi-channel images.")
-    ] = None,
+    channel: ChannelOption = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train segmenter then counter (as in the paper) and write a model folder.
@@ -550,16 +554,13 @@ def explain(
     image_saliency: Annotated[
         bool, typer.Option(help="Add a panel: saliency w.r.t. the input image.")
     ] = False,
-    channel: Annotated[
-        int | None, typer.Option(help="Channel (0-based) of multi-channel images.")
-    ] = None,
+    channel: ChannelOption = None,
 ) -> None:
     """The paper's Figure 4 panel: input, mask, mask uncertainty, saliency of the count."""
     from celltally.counter import CellCounter
     from celltally.explain import explain_image, explanation_figure
 
-    if not 0.0 < level < 1.0:
-        fail(f"--level must be between 0 and 1 (0.95 for a 95% interval), got {level}")
+    _check_level(level)
     try:
         counter = CellCounter.from_pretrained(model, channel=channel)
         expl = explain_image(counter, image, true_count=true, level=level)
@@ -598,9 +599,7 @@ def calibrate(
         float, typer.Option(help="OOD threshold: this quantile of the calibration images.")
     ] = 0.99,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
-    channel: Annotated[
-        int | None, typer.Option(help="Channel (0-based) of multi-channel images.")
-    ] = None,
+    channel: ChannelOption = None,
 ) -> None:
     """Refit the intervals (conformal, temperature) and OOD thresholds on a held-out split."""
     from celltally.uncertainty import calibrate_model
@@ -632,9 +631,7 @@ def ensemble(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
-    channel: Annotated[
-        int | None, typer.Option(help="Channel (0-based) of multi-channel images.")
-    ] = None,
+    channel: ChannelOption = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train extra counter heads (epistemic ensemble, used by --epistemic) and recalibrate."""

@@ -406,9 +406,7 @@ class CellCounter:
         try:
             prepared = self.prepare_any(array)
         except io.InputError as err:
-            if source is None or isinstance(err, io.ImageReadError):
-                raise
-            raise io.ImageReadError(source, str(err)) from None  # name the file
+            raise io.about_file(err, source) from None
         if isinstance(prepared, ModelScaleImage):
             return self._result(self._count_scaled(prepared), level, source)
         return self._result(self._forward([prepared])[0], level, source)
@@ -436,10 +434,8 @@ class CellCounter:
         def load(path: Path) -> np.ndarray | ModelScaleImage | Exception:
             try:
                 return self.prepare_any(self.read(path))
-            except io.ImageReadError as err:
-                return err
-            except io.InputError as err:  # a problem of the pixels: name the file
-                return io.ImageReadError(path, str(err))
+            except io.InputError as err:
+                return io.about_file(err, path)
 
         with ThreadPoolExecutor(read_threads) if read_threads else _InlineExecutor() as pool:
             pending: list[tuple[Path, Any]] = []

@@ -179,9 +179,7 @@ def explain_image(
     try:
         result = counter.count(image, level=level)
     except io.InputError as err:
-        if source is None or isinstance(err, io.ImageReadError):
-            raise
-        raise io.ImageReadError(source, str(err)) from None  # name the file
+        raise io.about_file(err, source) from None
     if source is not None:
         result = dataclasses.replace(
             result, source=source, metadata=naming.parse_name(source).as_dict()

@@ -24,6 +24,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageReadError",
     "InputError",
+    "about_file",
     "iter_images",
     "list_images",
     "read_counts_csv",
@@ -62,6 +63,17 @@ class InputError(ValueError):
     def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
         super().__init__(_one_line(message))
         self.path = path
+
+
+def about_file(err: InputError, path: str | os.PathLike[str] | None) -> InputError:
+    """``err`` as an :class:`ImageReadError` naming ``path``.
+
+    Returned unchanged when it names a file already or there is no ``path``
+    (an array, not a file, was counted).
+    """
+    if path is None or isinstance(err, ImageReadError):
+        return err
+    return ImageReadError(path, str(err))
 
 
 class ImageReadError(InputError):

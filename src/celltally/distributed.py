@@ -135,9 +135,16 @@ def session() -> Iterator[None]:
     started = setup()
     try:
         yield
-    finally:
+    except BaseException:
+        # no barrier here: the other ranks may be inside a collective that never completes
         if started:
             teardown()
+        raise
+    if started:
+        # Leave together: a rank that destroyed its gloo group while rank 0 was still
+        # saving the model was seen to abort ("terminate called without an active exception").
+        barrier()
+        teardown()
 
 
 def barrier() -> None:

@@ -19,6 +19,9 @@ schedule peaking at ``--lr``. Real BBBC005 is only used afterwards: the
 elsewhere (how the GPU run's weights were brought back).
 ``--members-from-init`` keeps ``--init``'s counter and its ensemble as the new
 model's ``--epistemic`` members.
+``--cell-loss`` supervises the counter cell by cell, as ``train_nuclei.py``
+does: the simulator's instance labels give each density cell its exact
+(fractional) number of cells, instead of one total per frame.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -45,11 +49,65 @@ from celltally.uncertainty import calibrate_model, ensemble_files
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_bbbc005 import SIM_BLURS, SIM_CLUSTERING, SIM_COUNTS  # noqa: E402
+from train_nuclei import instance_density, train_counter_cells  # noqa: E402
 
 MEMBERS_NOTE = (
     "ensemble_1..{n}: the --init model's counter (ensemble_1) and its own ensemble members, "
     "kept as the --epistemic ensemble of this continued counter ({init})"
 )
+
+
+def _simulate_with_density(job: tuple) -> tuple:
+    """``datasets._simulate_one`` plus the scene's instance density at mask size."""
+    from celltally.simulate import SimulationParams, simulate_scene
+    from celltally.transforms import prepare_image, resize_area
+
+    count, blur, stain, seed, size, norm, clustering = job
+    params = SimulationParams(cluster_probability=clustering)
+    sim = simulate_scene(count, blur=blur, stain=stain, seed=seed, params=params)
+    image = prepare_image(sim.image, size=size, norm=norm)
+    mask = resize_area(sim.mask, size)
+    meta = {"name": f"sim_{seed}_C{count}_F{blur}_w{stain}", "scene": f"sim{seed}"}
+    meta |= {"site": None, "blur": blur, "stain": stain, "source": "simulated"}
+    density = instance_density(np.asarray(sim.labels), (size[0] // 2, size[1] // 2))
+    return image, mask, float(count), meta, density
+
+
+def _simulated_cells(scenes: int, seed: int, kw: dict) -> tuple:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from celltally.datasets import _stack, simulated_specs
+
+    specs = simulated_specs(
+        scenes, counts=kw["counts"], blurs=kw["blurs"], clustering=kw["clustering"], seed=seed
+    )
+    jobs = [(c, b, s, sd, tuple(kw["size"]), kw["norm"], cl) for c, b, s, sd, cl in specs]
+    with ProcessPoolExecutor(kw["workers"]) as pool:
+        results = list(pool.map(_simulate_with_density, jobs, chunksize=16))
+    images, masks, counts, metas, dens = map(list, zip(*results, strict=True))
+    data = _stack(images, masks, counts, metas)
+    return data, torch.from_numpy(np.stack(dens)).unsqueeze(1)
+
+
+def _train_cells(model: CountingPipeline, args: argparse.Namespace, kw: dict) -> list[dict]:
+    data, density = _simulated_cells(args.scenes, args.sim_seed, kw)
+    val = simulate_set(max(16, args.scenes // 20), seed=args.sim_seed + 999, **kw)
+    for i in range(0, len(data.counts), 997):  # the targets sum to the counts
+        assert abs(float(density[i].sum()) - float(data.counts[i])) < 1e-3
+    return train_counter_cells(
+        model,
+        data,
+        density,
+        val=val,
+        epochs=args.epochs,
+        steps=len(data.counts) // args.batch_size,
+        batch_size=args.batch_size,
+        crop=(0, 0),
+        lr=args.lr,
+        beta=0.5,
+        seed=args.seed,
+        frames=True,
+    )
 
 
 def main() -> None:
@@ -67,6 +125,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--weights", help="a model.safetensors trained by this script elsewhere")
     parser.add_argument("--members-from-init", action="store_true")
+    parser.add_argument("--cell-loss", action="store_true", help="per-cell density targets")
     parser.add_argument("--trained-on", help="the device --weights were trained on (recorded)")
     parser.add_argument(
         "--add-inputs",
@@ -97,21 +156,24 @@ def main() -> None:
             norm=config["normalization"],
             workers=args.workers,
         )
-        data = simulate_set(args.scenes, seed=args.sim_seed, **kw)
-        val = simulate_set(max(16, args.scenes // 20), seed=args.sim_seed + 999, **kw)
-        history = train_counter(
-            model,
-            data,
-            val=val,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            beta=float(config["train"]["counter"].get("beta", 0.5)),
-            seed=args.seed,
-            checkpoint=Path(args.out) / "checkpoints" / "counter.pt",
-            device=default_device(),
-            progress=False,
-        )
+        if args.cell_loss:
+            history = _train_cells(model, args, kw)
+        else:
+            data = simulate_set(args.scenes, seed=args.sim_seed, **kw)
+            val = simulate_set(max(16, args.scenes // 20), seed=args.sim_seed + 999, **kw)
+            history = train_counter(
+                model,
+                data,
+                val=val,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                beta=float(config["train"]["counter"].get("beta", 0.5)),
+                seed=args.seed,
+                checkpoint=Path(args.out) / "checkpoints" / "counter.pt",
+                device=default_device(),
+                progress=False,
+            )
     out = Path(args.out)
     config = dict(config)
     previous = config["training"]

@@ -15,6 +15,7 @@ from celltally.io import (
     IMAGE_SUFFIXES,
     ImageReadError,
     InputError,
+    iter_images,
     list_images,
     read_counts_csv,
     read_image,
@@ -332,6 +333,18 @@ def test_list_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         list_images([folder])
     assert "folder contains no TIFF/PNG/JPEG images" in _assert_one_line(err, "emptyfolder")
+
+
+@pytest.mark.parametrize("lister", [list_images, lambda p: list(iter_images(p))])
+def test_folder_whose_images_are_in_a_sub_folder_names_it(tmp_path: Path, lister) -> None:
+    # the layout of a data set: plate/counts.csv + plate/images/*.tif
+    _touch_images(tmp_path / "plate", ["counts.csv"])
+    _touch_images(tmp_path / "plate" / "images", ["a.tif"])
+    with pytest.raises(InputError) as err:
+        lister([tmp_path / "plate"])
+    text = _assert_one_line(err, "plate")
+    assert "sub-folder 'images' has" in text and "--recursive" in text
+    assert [p.name for p in list_images([tmp_path / "plate"], recursive=True)] == ["a.tif"]
 
 
 def test_list_missing_path(tmp_path: Path) -> None:

@@ -351,6 +351,17 @@ def _is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
+def _empty_folder(folder: Path, text: str, recursive: bool) -> InputError:
+    """The error for a folder without images; names a sub-folder that has some, if any."""
+    message = f"{text}: folder contains no TIFF/PNG/JPEG images"
+    if not recursive:
+        first = next(_scan_folder(folder, True), None)
+        if first is not None:
+            sub = first.parent.relative_to(folder).parts[0]
+            message += f" of its own, but its sub-folder '{sub}' has: name it, or use --recursive"
+    return InputError(message, text)
+
+
 def _folder_images(folder: Path, recursive: bool) -> list[Path]:
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     found = [p for p in candidates if not _is_hidden(p, folder) and _is_image_file(p)]
@@ -400,7 +411,7 @@ def list_images(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = Fa
         if p.is_dir():
             images = _folder_images(p, recursive)
             if not images:
-                raise InputError(f"{text}: folder contains no TIFF/PNG/JPEG images", text)
+                raise _empty_folder(p, text, recursive)
             for image in images:
                 add(image)
         elif p.is_file():
@@ -514,7 +525,7 @@ def iter_images(
         p = Path(text)
         if p.is_dir():
             if next(_scan_folder(p, recursive), None) is None:
-                raise InputError(f"{text}: folder contains no TIFF/PNG/JPEG images", text)
+                raise _empty_folder(p, text, recursive)
         elif p.is_file():
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 shown = p.suffix or "(none)"

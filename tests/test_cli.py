@@ -206,3 +206,36 @@ def test_models_lists_shipped_models_with_their_figures():
     assert f"held-out test ({int(bbbc005['n'])} images): MAE {bbbc005['mae']:.2f}" in result.output
     assert "trained on:\n    - " in result.output  # one line per training source, not a list repr
     assert "['" not in result.output
+
+
+def test_progress_bar_only_on_a_terminal(tiny_model, image_folder, tmp_path):
+    """A log file or pipe gets no progress-bar redraws; a terminal gets the bar."""
+    import os
+    import pty
+    import termios
+
+    def stderr_of(out, *, terminal: bool) -> str:
+        cmd = [sys.executable, "-m", "celltally.cli", "count", str(image_folder)]
+        cmd += ["--out", str(out), "--model", str(tiny_model)]
+        if not terminal:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stderr
+        leader, follower = pty.openpty()
+        termios.tcsetwinsize(follower, (24, 80))  # a new pty is 0 columns wide: no bar fits
+        proc = subprocess.run(cmd, stderr=follower, stdout=subprocess.DEVNULL, timeout=120)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO once the terminal is drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        assert proc.returncode == 0
+        return b"".join(chunks).decode(errors="replace")
+
+    assert "img/s" in stderr_of(tmp_path / "a.csv", terminal=True)
+    piped = stderr_of(tmp_path / "b.csv", terminal=False)
+    assert "img/s" not in piped and "\r" not in piped

@@ -647,7 +647,7 @@ def run_batch(
         core). On a busy machine 1 can be many times faster: torch's threads wait
         for each other at every layer. Dask workers always use one per worker.
     progress : bool, default False
-        Show a progress bar.
+        Show a progress bar (only when stderr is a terminal).
     log : callable, optional
         Receives one-line notes (resuming, cluster address).
     on_commit : callable, optional
@@ -747,7 +747,7 @@ def run_batch(
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(disable=not progress, unit="img", desc="counting")
+        bar = tqdm(disable=None if progress else True, unit="img", desc="counting")
 
         def commit(outcomes: Sequence[tuple[str, dict | None, str | None]]) -> None:
             rows = [row for _, row, _ in outcomes if row is not None]

@@ -183,7 +183,9 @@ def count(
             "ImageNumber, FileName, Metadata_Plate/Well/Site, Count, Count_Low, Count_High.",
         ),
     ] = "celltally",
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show a progress bar (when writing to a terminal).")
+    ] = True,
 ) -> None:
     """Count cells in images; append one CSV row per image as it is counted (resumable).
 
@@ -282,7 +284,9 @@ def evaluate(
     calibration: Annotated[
         str | None, typer.Option(help="Interval method: conformal, temperature or gaussian.")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show a progress bar (when writing to a terminal).")
+    ] = True,
     channel: ChannelOption = None,
 ) -> None:
     """MAE, RMSE, R², max error, interval coverage and width, overall and per blur x stain."""
@@ -371,7 +375,9 @@ def train(
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
     channel: ChannelOption = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show progress bars (when writing to a terminal).")
+    ] = True,
 ) -> None:
     """Train segmenter then counter (as in the paper) and write a model folder.
 
@@ -632,7 +638,9 @@ def ensemble(
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
     channel: ChannelOption = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show progress bars (when writing to a terminal).")
+    ] = True,
 ) -> None:
     """Train extra counter heads (epistemic ensemble, used by --epistemic) and recalibrate."""
     from celltally.uncertainty import train_ensemble

@@ -57,7 +57,9 @@ def evaluate_folder(
     truth = dict(pairs)
     rows, errors = [], []
     results = counter.count_paths([p for p, _ in pairs], level=level)
-    for path, result in tqdm(results, total=len(pairs), disable=not progress, unit="img"):
+    for path, result in tqdm(
+        results, total=len(pairs), disable=None if progress else True, unit="img"
+    ):
         if isinstance(result, Exception):
             errors.append(str(result))
             continue

@@ -400,7 +400,9 @@ def write_report(
     level = float(evaluation["level"])
     paths = {p.name: p for p, _ in labelled_files(data)}
     rows = []
-    for row in tqdm(evaluation["rows"], desc="measures", disable=not progress, unit="img"):
+    for row in tqdm(
+        evaluation["rows"], desc="measures", disable=None if progress else True, unit="img"
+    ):
         path = paths.get(row["file"])
         if path is None:
             raise io.InputError(f"{data}: {row['file']} is in the evaluation but not in the folder")
@@ -425,7 +427,7 @@ def write_report(
     groups = assign_causes(rows, shown)
     used: set[str] = set()
     panels: dict[str, str] = {}
-    for row in tqdm(shown, desc="explanations", disable=not progress, unit="img"):
+    for row in tqdm(shown, desc="explanations", disable=None if progress else True, unit="img"):
         expl = explain_image(
             counter, paths[row["file"]], true_count=float(row["true"]), level=level
         )

@@ -1126,7 +1126,7 @@ def simulate_plate(
     workers : int, default 1
         Processes; scenes are independent, so the output does not depend on it.
     progress : bool, default False
-        Show a tqdm progress bar.
+        Show a tqdm progress bar (only when stderr is a terminal).
 
     Returns
     -------
@@ -1180,7 +1180,7 @@ def simulate_plate(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=images, desc="simulating", unit="scene")
+        bar = tqdm(total=images, desc="simulating", unit="scene", disable=None)
     rows: list[tuple[str, int, int, int]] = []
     try:
         if workers > 1 and images > 1:

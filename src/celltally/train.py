@@ -169,7 +169,7 @@ def train_segmenter(
         total, steps = 0.0, 0
         batches = list(_batches(n, batch_size, generator, drop_last=True))
         quiet = not progress or not distributed.is_main()
-        for idx in tqdm(batches, desc="segmenter", leave=False, disable=quiet):
+        for idx in tqdm(batches, desc="segmenter", leave=False, disable=True if quiet else None):
             x, y = _augment([images[idx], masks[idx]], generator)
             with distributed.autocast(device):  # bfloat16 on GPU, nothing on CPU
                 out = net(x.to(device))
@@ -281,7 +281,7 @@ def train_counter(
         total, steps = 0.0, 0
         batches = list(_batches(n, batch_size, generator, drop_last=True))
         quiet = not progress or not distributed.is_main()
-        for idx in tqdm(batches, desc="counter", leave=False, disable=quiet):
+        for idx in tqdm(batches, desc="counter", leave=False, disable=True if quiet else None):
             (x,) = _augment([inputs[idx]], generator)
             with distributed.autocast(device):  # bfloat16 on GPU, nothing on CPU
                 mean, log_var = distributed.to_float(net(x.to(device)))

@@ -180,3 +180,52 @@ def test_density_tta_maps_sum_to_the_count():
 def test_unknown_tta():
     with pytest.raises(ValueError, match="tta must be one of"):
         VGGCounter(tta="d16")
+
+
+def _shipped(name: str) -> CountingPipeline:
+    import json
+
+    from safetensors.torch import load_file
+
+    from celltally.counter import resolve_model
+
+    folder = resolve_model(name)
+    model = CountingPipeline(json.loads((folder / "config.json").read_text()))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["bbbc005", "nuclei"])
+def test_inference_copy_folds_batchnorm_computes_the_same_and_leaves_the_model(name):
+    import numpy as np
+
+    from celltally.models.inference import inference_copy
+    from celltally.simulate import simulate_scene
+    from celltally.transforms import prepare_image
+
+    model = _shipped(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference_copy(model, torch.device("cpu"))
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+    assert any(isinstance(m, norms) for m in model.modules())
+    assert not any(isinstance(m, norms) for m in fast.modules())
+    size = {"bbbc005": (192, 256), "nuclei": (384, 512)}[name]
+    images = [
+        prepare_image(simulate_scene(n, blur=b, stain=s, seed=n).image, size=size)
+        for n, b, s in ((5, 1, 1), (60, 23, 2), (95, 48, 1))
+    ]
+    x = torch.from_numpy(np.stack(images)).unsqueeze(1)
+    with torch.inference_mode():
+        slow_out, fast_out = model(x), fast(x)
+    assert (slow_out.count - fast_out.count).abs().max() < 1e-3  # counts of 5 to 95 cells
+    torch.testing.assert_close(fast_out.count_logvar, slow_out.count_logvar, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast_out.mask, slow_out.mask, rtol=0, atol=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not model.training and len(model.state_dict()) == len(before)
+
+
+def test_fold_batchnorm_refuses_a_training_module():
+    from celltally.models.inference import fold_batchnorm
+
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(make_layers([4], in_channels=1))

@@ -24,6 +24,7 @@ from celltally.calibration import (
     ood_features,
     ood_warning,
 )
+from celltally.models.inference import inference_copy
 from celltally.models.pipeline import CountingPipeline, counter_input
 from celltally.tiling import (
     DEFAULT_MARGIN,
@@ -152,8 +153,10 @@ class CellCounter:
         ood_reference: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.eval().to(self.device)
-        self.members = [m.eval().to(self.device) for m in members]
+        # Copies for inference (batch norm folded, channels-last on CPU; see
+        # models.inference): about twice the speed, the caller's modules untouched.
+        self.model = inference_copy(model, self.device)
+        self.members = [inference_copy(m, self.device) for m in members]
         self.config = config
         self.input_size = tuple(config["input_size"])
         self.norm = dict(config.get("normalization", {}) if norm is None else norm)

@@ -229,3 +229,28 @@ def test_fold_batchnorm_refuses_a_training_module():
 
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(make_layers([4], in_channels=1))
+
+
+def test_inference_copy_folds_the_paper_fc_head_exactly():
+    """The paper's FC head (Linear + BatchNorm1d) folds too, with non-trivial statistics."""
+    from conftest import tiny_config
+
+    from celltally.models.inference import inference_copy
+
+    torch.manual_seed(3)
+    model = CountingPipeline(tiny_config())
+    assert model.counter.head == "fc"
+    for m in model.modules():  # statistics and affine terms far from the defaults
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    fast = inference_copy(model, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in fast.modules())
+    x = torch.rand(4, 1, 64, 96)
+    with torch.inference_mode():
+        slow_out, fast_out = model(x), fast(x)
+    torch.testing.assert_close(fast_out.count, slow_out.count, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast_out.count_logvar, slow_out.count_logvar, rtol=1e-4, atol=1e-4)

@@ -38,6 +38,7 @@ def test_count_writes_rows_and_masks(tiny_model, image_folder, tmp_path):
         "--no-progress",
     )
     assert result.exit_code == 0, result.output
+    assert "counted 2 of 2 images in " in result.output and " img/s -> " in result.output
     rows = read_rows(out)
     assert sorted(r["well"] for r in rows) == ["A01", "A02"]  # rows in processing order
     assert {"file", "count", "std", "low", "high", "blur", "stain", "site"} <= set(rows[0])

@@ -251,7 +251,9 @@ def count(
         fail(str(err))
     total = summary.counted + summary.failed
     skipped = f" ({summary.skipped} already in {out}, skipped)" if summary.skipped else ""
-    typer.echo(f"counted {summary.counted} of {total} images{skipped} -> {out}")
+    rate = f", {summary.counted / summary.seconds:.1f} img/s" if summary.counted > 1 else ""
+    took = f" in {summary.seconds:.1f} s{rate}" if summary.counted and summary.seconds > 0 else ""
+    typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
     if summary.failed:
         for message in summary.errors:
             typer.echo(f"error: {message}", err=True)

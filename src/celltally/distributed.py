@@ -23,6 +23,7 @@ a no-op and training is exactly what it was. Under torchrun:
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 from collections.abc import Iterator
@@ -126,6 +127,9 @@ def setup(backend: str | None = None, *, timeout_s: float = 1800.0) -> bool:
 def teardown() -> None:
     """Leave the process group (no-op when not distributed)."""
     if is_distributed():
+        # Drop unreachable DistributedDataParallel wrappers first: they hold the group, which
+        # would otherwise be freed (its threads joined) only at interpreter shutdown.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -128,6 +128,12 @@ class _InlineExecutor(Executor):
 class CellCounter:
     """Count cells with a trained two-stage model.
 
+    ``model`` and ``members`` are not modified: the counter keeps eval-mode
+    copies with batch norm folded into the convolutions (channels-last on
+    CPU; :mod:`celltally.models.inference`) in ``self.model`` and
+    ``self.members``. They compute the same function about twice as fast;
+    to train further, use the original modules or the model folder.
+
     Examples
     --------
     >>> counter = CellCounter.from_pretrained()            # doctest: +SKIP

@@ -240,3 +240,12 @@ def test_progress_bar_only_on_a_terminal(tiny_model, image_folder, tmp_path):
     assert "img/s" in stderr_of(tmp_path / "a.csv", terminal=True)
     piped = stderr_of(tmp_path / "b.csv", terminal=False)
     assert "img/s" not in piped and "\r" not in piped
+
+
+def test_explain_takes_the_truth_from_a_bbbc_name(tiny_model, image_folder, tmp_path):
+    named = next(p for p in sorted(image_folder.iterdir()) if "_C3_" in p.name)
+    result = run("explain", named, "--model", tiny_model, "--out", tmp_path / "n.png")
+    assert result.exit_code == 0, result.output
+    assert "(truth 3, from the file name)" in result.output
+    given = run("explain", named, "--model", tiny_model, "--out", tmp_path / "g.png", "--true", 5)
+    assert "(truth 5)" in given.output  # --true wins over the name

@@ -556,7 +556,12 @@ def explain(
     ] = Path("explanation.png"),
     model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
     true: Annotated[
-        float | None, typer.Option("--true", help="True count: saliency of the loss against it.")
+        float | None,
+        typer.Option(
+            "--true",
+            help="True count: saliency of the loss against it "
+            "(default: the _C<n>_ count of a BBBC-style file name, if any).",
+        ),
     ] = None,
     level: Annotated[float, typer.Option(help="Interval level of the title.")] = 0.95,
     image_saliency: Annotated[
@@ -567,15 +572,18 @@ def explain(
     """The paper's Figure 4 panel: input, mask, mask uncertainty, saliency of the count."""
     from celltally.counter import CellCounter
     from celltally.explain import explain_image, explanation_figure
+    from celltally.naming import parse_name
 
     _check_level(level)
+    named = parse_name(image.name).count if true is None else None
+    true = true if named is None else float(named)
     try:
         counter = CellCounter.from_pretrained(model, channel=channel)
         expl = explain_image(counter, image, true_count=true, level=level)
         explanation_figure(expl, out, image_saliency=image_saliency)
     except _user_errors() as err:
         fail(str(err))
-    truth = "" if true is None else f" (truth {true:g})"
+    truth = "" if true is None else f" (truth {true:g}{', from the file name' if named else ''})"
     warn = f"; warning: {expl.result.warning}" if expl.result.warning else ""
     typer.echo(f"{image}: {expl.result}{truth}{warn} -> {out}")
 

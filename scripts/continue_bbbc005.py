@@ -30,18 +30,19 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from celltally.counter import resolve_model
-from celltally.datasets import load_bbbc005, simulate_set, split_bbbc005
+from celltally.datasets import load_bbbc005, simulate_set, simulate_set_with_maps, split_bbbc005
 from celltally.models.pipeline import (
     COUNTER_INPUTS,
     CountingPipeline,
     add_counter_inputs,
+    load_model_folder,
     widen_counter_state,
 )
 from celltally.train import default_device, interval_metrics, save_model_folder, train_counter
@@ -57,40 +58,11 @@ MEMBERS_NOTE = (
 )
 
 
-def _simulate_with_density(job: tuple) -> tuple:
-    """``datasets._simulate_one`` plus the scene's instance density at mask size."""
-    from celltally.simulate import SimulationParams, simulate_scene
-    from celltally.transforms import prepare_image, resize_area
-
-    count, blur, stain, seed, size, norm, clustering = job
-    params = SimulationParams(cluster_probability=clustering)
-    sim = simulate_scene(count, blur=blur, stain=stain, seed=seed, params=params)
-    image = prepare_image(sim.image, size=size, norm=norm)
-    mask = resize_area(sim.mask, size)
-    meta = {"name": f"sim_{seed}_C{count}_F{blur}_w{stain}", "scene": f"sim{seed}"}
-    meta |= {"site": None, "blur": blur, "stain": stain, "source": "simulated"}
-    density = instance_density(np.asarray(sim.labels), (size[0] // 2, size[1] // 2))
-    return image, mask, float(count), meta, density
-
-
-def _simulated_cells(scenes: int, seed: int, kw: dict) -> tuple:
-    from concurrent.futures import ProcessPoolExecutor
-
-    from celltally.datasets import _stack, simulated_specs
-
-    specs = simulated_specs(
-        scenes, counts=kw["counts"], blurs=kw["blurs"], clustering=kw["clustering"], seed=seed
-    )
-    jobs = [(c, b, s, sd, tuple(kw["size"]), kw["norm"], cl) for c, b, s, sd, cl in specs]
-    with ProcessPoolExecutor(kw["workers"]) as pool:
-        results = list(pool.map(_simulate_with_density, jobs, chunksize=16))
-    images, masks, counts, metas, dens = map(list, zip(*results, strict=True))
-    data = _stack(images, masks, counts, metas)
-    return data, torch.from_numpy(np.stack(dens)).unsqueeze(1)
-
-
 def _train_cells(model: CountingPipeline, args: argparse.Namespace, kw: dict) -> list[dict]:
-    data, density = _simulated_cells(args.scenes, args.sim_seed, kw)
+    half = tuple(n // 2 for n in kw["size"])
+    data, density = simulate_set_with_maps(
+        args.scenes, seed=args.sim_seed, label_map=partial(instance_density, shape=half), **kw
+    )
     val = simulate_set(max(16, args.scenes // 20), seed=args.sim_seed + 999, **kw)
     for i in range(0, len(data.counts), 997):  # the targets sum to the counts
         assert abs(float(density[i].sum()) - float(data.counts[i])) < 1e-3
@@ -137,9 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("CELLTALLY_AMP", "0")  # float32 (TF32) on GPU: how it was trained
     init = resolve_model(args.init)
-    config = json.loads((init / "config.json").read_text())
-    model = CountingPipeline(config)
-    model.load_state_dict(load_file(str(init / "model.safetensors")))
+    model, config = load_model_folder(init)
     if args.add_inputs:
         model, config = add_counter_inputs(model, config, args.add_inputs)
     if args.weights:

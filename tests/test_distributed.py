@@ -10,19 +10,15 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from celltally import distributed
-from celltally.models.pipeline import CountingPipeline
+from celltally.models.pipeline import load_model_folder
 from celltally.simulate import simulate_plate
 from celltally.training_data import split_by_scene_hash
 
 
 def digest_of(folder: Path) -> str:
-    config = json.loads((folder / "config.json").read_text())
-    model = CountingPipeline(config)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return distributed.weights_digest(model)
+    return distributed.weights_digest(load_model_folder(folder)[0])
 
 
 def test_helpers_are_no_ops_outside_torchrun():

@@ -10,12 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from celltally import io
 from celltally.counter import CellCounter, resolve_model
 from celltally.datasets import LabeledSet
-from celltally.models.pipeline import CountingPipeline
+from celltally.models.pipeline import load_model_folder
 from celltally.simulate import simulate_plate
 from celltally.train import predict_counts
 
@@ -42,10 +41,7 @@ def test_training_predictions_agree_on_numpy_built_batches(files):
     images = torch.from_numpy(stack[:, None])  # NumPy's zero-stride axis, as users build them
     data = LabeledSet(images, images.clone(), torch.zeros(len(files)), [{}] * len(files))
     # the model as training holds it (counter.model is a folded inference copy)
-    folder = resolve_model("bbbc005")
-    model = CountingPipeline(counter.config)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    model.eval()
+    model = load_model_folder(resolve_model("bbbc005"))[0].eval()
     cpu, _ = predict_counts(model, data.images, device=torch.device("cpu"))
     gpu, _ = predict_counts(model, images, device=torch.device("cuda"), batch_size=4)
     np.testing.assert_allclose(gpu, cpu, rtol=2e-3, atol=0.02)

@@ -183,16 +183,10 @@ def test_unknown_tta():
 
 
 def _shipped(name: str) -> CountingPipeline:
-    import json
-
-    from safetensors.torch import load_file
-
     from celltally.counter import resolve_model
+    from celltally.models.pipeline import load_model_folder
 
-    folder = resolve_model(name)
-    model = CountingPipeline(json.loads((folder / "config.json").read_text()))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model.eval()
+    return load_model_folder(resolve_model(name))[0].eval()
 
 
 @pytest.mark.parametrize("name", ["bbbc005", "nuclei"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 from celltally.simulate import (
@@ -304,3 +305,13 @@ def test_simulate_plate_workers_give_identical_bytes(tmp_path: Path) -> None:
 def test_bad_plate_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         simulate_plate(tmp_path, **kwargs)
+
+
+def test_simulate_set_with_maps_gives_the_same_scenes_and_a_map_of_their_labels():
+    from celltally.datasets import simulate_set, simulate_set_with_maps
+
+    kw = {"size": (64, 96), "counts": (1, 30), "seed": 3, "workers": 2}
+    plain = simulate_set(4, **kw)
+    data, maps = simulate_set_with_maps(4, label_map=np.max, **kw)  # labels.max() == count
+    assert torch.equal(data.images, plain.images) and data.meta == plain.meta
+    assert maps.shape == (4, 1) and torch.equal(maps[:, 0], data.counts)

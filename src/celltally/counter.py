@@ -6,7 +6,6 @@ they can never disagree.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -25,7 +24,7 @@ from celltally.calibration import (
     ood_warning,
 )
 from celltally.models.inference import inference_copy
-from celltally.models.pipeline import CountingPipeline, counter_input
+from celltally.models.pipeline import CountingPipeline, counter_input, load_model_folder
 from celltally.tiling import (
     DEFAULT_MARGIN,
     DEFAULT_TILE,
@@ -240,9 +239,7 @@ class CellCounter:
         from safetensors.torch import load_file
 
         folder = resolve_model(name_or_path)
-        config = json.loads((folder / "config.json").read_text())
-        model = CountingPipeline(config)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        model, config = load_model_folder(folder)
         members = []
         if epistemic:
             from celltally.uncertainty import load_members

@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from skimage.filters import threshold_otsu
 
 from celltally import io, naming
 from celltally.transforms import dense_strides, prepare_image, resize_area
+
+#: Instance labels (full-size int32) -> one array per simulated scene.
+LabelMap = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -227,7 +231,8 @@ def load_folder(
     return _stack(images, masks, counts, meta)
 
 
-def _simulate_one(args: tuple) -> tuple[np.ndarray, np.ndarray, float, dict[str, Any]]:
+def _simulate_one(args: tuple, label_map: LabelMap | None = None) -> tuple:
+    """(image, mask, count, meta) of one simulated scene, + ``label_map(labels)`` if given."""
     from celltally.simulate import SimulationParams, simulate_scene
 
     count, blur, stain, seed, size, norm, clustering = args
@@ -243,6 +248,8 @@ def _simulate_one(args: tuple) -> tuple[np.ndarray, np.ndarray, float, dict[str,
         "stain": stain,
         "source": "simulated",
     }
+    if label_map is not None:
+        return image, mask, float(count), meta, label_map(np.asarray(sim.labels))
     return image, mask, float(count), meta
 
 
@@ -285,16 +292,51 @@ def simulate_set(
     workers: int = 1,
 ) -> LabeledSet:
     """Simulate full-size (696 x 520) scenes and prepare them exactly like real files."""
+    results = _simulate_scenes(
+        scenes, size, counts, blurs, stains, clustering, seed, norm, workers, label_map=None
+    )
+    return _stack(*map(list, zip(*results, strict=True)))
+
+
+def simulate_set_with_maps(
+    scenes: int,
+    *,
+    label_map: LabelMap,
+    size: Sequence[int],
+    counts: tuple[int, int] = (1, 100),
+    blurs: Sequence[int] = (1, 23, 48),
+    stains: Sequence[int] = (1, 2),
+    clustering: Sequence[float] = (0.25,),
+    seed: int = 0,
+    norm: Mapping[str, Any] | None = None,
+    workers: int = 1,
+) -> tuple[LabeledSet, torch.Tensor]:
+    """:func:`simulate_set` (same scenes) plus ``label_map`` of each scene's instance labels.
+
+    ``label_map`` turns the full-size ``int32`` instance labels into one array per
+    scene (e.g. a count density); it runs in the simulating worker, so it must be
+    picklable (a module-level function or a ``functools.partial`` of one). The maps
+    are stacked as an ``(N, 1, ...)`` float tensor.
+    """
+    results = _simulate_scenes(
+        scenes, size, counts, blurs, stains, clustering, seed, norm, workers, label_map=label_map
+    )
+    *columns, maps = map(list, zip(*results, strict=True))
+    return _stack(*columns), torch.from_numpy(np.stack(maps)).float().unsqueeze(1)
+
+
+def _simulate_scenes(
+    scenes, size, counts, blurs, stains, clustering, seed, norm, workers, *, label_map
+) -> list[tuple]:
     specs = simulated_specs(
         scenes, counts=counts, blurs=blurs, stains=stains, clustering=clustering, seed=seed
     )
     jobs = [(c, b, s, sd, tuple(size), norm, cl) for c, b, s, sd, cl in specs]
+    one = _simulate_one if label_map is None else partial(_simulate_one, label_map=label_map)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_simulate_one, jobs, chunksize=16))
-    else:
-        results = [_simulate_one(j) for j in jobs]
-    return _stack(*map(list, zip(*results, strict=True)))
+            return list(pool.map(one, jobs, chunksize=16))
+    return [one(j) for j in jobs]
 
 
 class SimulatedStream(torch.utils.data.IterableDataset):

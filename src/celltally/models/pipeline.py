@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -132,3 +133,20 @@ def widen_counter_state(
     weight = state[key]
     pad = weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])
     return {**state, key: torch.cat([weight, pad], 1)}
+
+
+def load_model_folder(folder: str | Path) -> tuple[CountingPipeline, dict[str, Any]]:
+    """The model and config of a model folder (``config.json`` + ``model.safetensors``).
+
+    The reader of :func:`celltally.train.save_model_folder`'s folders; the model is
+    returned as built (train mode), with the folder's weights.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    model = CountingPipeline(config)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model, config

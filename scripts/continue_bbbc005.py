@@ -22,6 +22,16 @@ model's ``--epistemic`` members.
 ``--cell-loss`` supervises the counter cell by cell, as ``train_nuclei.py``
 does: the simulator's instance labels give each density cell its exact
 (fractional) number of cells, instead of one total per frame.
+
+``--new-counter`` trains a counter from scratch instead (seeded by
+``--seed``), optionally of another shape: ``--counter-width`` (VGG width
+multiplier) and ``--planes-at input`` (the counter reads the full model input,
+the mask upsampled, rather than the mask's half-size grid). The segmenter is
+still ``--init``'s. ``--sim-cache DIR`` keeps the simulated
+scenes on disk, so runs that share them (several variants at once on one
+GPU) simulate them once; ``--simulate-only`` stops after writing them. When
+``--data`` is absent (a GPU machine without the real images) the model folder
+is written uncalibrated, to be finalized with ``--weights`` where the data is.
 """
 
 from __future__ import annotations
@@ -37,9 +47,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from celltally.counter import resolve_model
-from celltally.datasets import load_bbbc005, simulate_set, simulate_set_with_maps, split_bbbc005
+from celltally.datasets import (
+    LabeledSet,
+    load_bbbc005,
+    simulate_set,
+    simulate_set_with_maps,
+    split_bbbc005,
+)
 from celltally.models.pipeline import (
     COUNTER_INPUTS,
+    PLANES_AT,
     CountingPipeline,
     add_counter_inputs,
     load_model_folder,
@@ -82,6 +99,28 @@ def _train_cells(model: CountingPipeline, args: argparse.Namespace, kw: dict) ->
     )
 
 
+#: options that do not change the model (left out of the recorded command)
+LOCAL_OPTIONS = ("weights", "workers", "out", "trained_on", "cache", "data", "sim_cache")
+
+
+def _simulated(args: argparse.Namespace, kw: dict) -> tuple[LabeledSet, LabeledSet]:
+    """The training and validation scenes, from ``--sim-cache`` when they are there."""
+    n_val = max(16, args.scenes // 20)
+    if args.sim_cache:
+        path = Path(args.sim_cache) / f"sim_{args.scenes}_{args.sim_seed}.pt"
+        if path.exists():
+            parts = torch.load(path, weights_only=False)
+            return LabeledSet(**parts["train"]), LabeledSet(**parts["val"])
+    data = simulate_set(args.scenes, seed=args.sim_seed, **kw)
+    val = simulate_set(n_val, seed=args.sim_seed + 999, **kw)
+    if args.sim_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"train": vars(data), "val": vars(val)}, tmp)
+        tmp.replace(path)
+    return data, val
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", default="bbbc005", help="model name or folder to continue")
@@ -99,6 +138,11 @@ def main() -> None:
     parser.add_argument("--members-from-init", action="store_true")
     parser.add_argument("--cell-loss", action="store_true", help="per-cell density targets")
     parser.add_argument("--trained-on", help="the device --weights were trained on (recorded)")
+    parser.add_argument("--new-counter", action="store_true", help="train a counter from scratch")
+    parser.add_argument("--counter-width", type=float, help="VGG width multiplier (--new-counter)")
+    parser.add_argument("--planes-at", choices=PLANES_AT, help="where the new counter reads")
+    parser.add_argument("--sim-cache", help="folder keeping the simulated scenes")
+    parser.add_argument("--simulate-only", action="store_true")
     parser.add_argument(
         "--add-inputs",
         nargs="+",
@@ -112,6 +156,19 @@ def main() -> None:
     model, config = load_model_folder(init)
     if args.add_inputs:
         model, config = add_counter_inputs(model, config, args.add_inputs)
+    if (args.counter_width or args.planes_at) and not args.new_counter:
+        parser.error("--counter-width and --planes-at need --new-counter")
+    if args.new_counter:
+        if args.members_from_init or args.add_inputs:
+            parser.error("--new-counter is not used with --members-from-init or --add-inputs")
+        counter = dict(config["counter"])
+        counter["width"] = args.counter_width or counter["width"]
+        counter["planes_at"] = args.planes_at or counter.get("planes_at", "mask")
+        config = {**config, "counter": counter}
+        torch.manual_seed(args.seed)
+        fresh = CountingPipeline(config)
+        fresh.segmenter.load_state_dict(model.segmenter.state_dict())
+        model = fresh
     if args.weights:
         model.load_state_dict(load_file(args.weights))
         # the run's log, if it was brought back beside the weights
@@ -129,8 +186,10 @@ def main() -> None:
         if args.cell_loss:
             history = _train_cells(model, args, kw)
         else:
-            data = simulate_set(args.scenes, seed=args.sim_seed, **kw)
-            val = simulate_set(max(16, args.scenes // 20), seed=args.sim_seed + 999, **kw)
+            data, val = _simulated(args, kw)
+            if args.simulate_only:
+                print(f"simulated {len(data)} + {len(val)} scenes into {args.sim_cache}")
+                return
             history = train_counter(
                 model,
                 data,
@@ -151,8 +210,15 @@ def main() -> None:
         **previous,
         "data": previous["data"]
         + [
-            f"continued: the counter trained {args.epochs} more epochs on {args.scenes} new "
-            f"simulated scenes (same settings, seed {args.sim_seed}), one-cycle lr {args.lr}, "
+            (
+                f"new counter (width {config['counter']['width']}, planes at the "
+                f"{config['counter'].get('planes_at', 'mask')}) trained from scratch, replacing "
+                f"the counter above: {args.epochs} epochs on {args.scenes} new simulated scenes"
+                if args.new_counter
+                else f"continued: the counter trained {args.epochs} more epochs on "
+                f"{args.scenes} new simulated scenes"
+            )
+            + f" (same settings, seed {args.sim_seed}), one-cycle lr {args.lr}, "
             f"batch {args.batch_size}, seed {args.seed}, float32"
         ],
         "continued_from": previous.get("command"),
@@ -163,8 +229,7 @@ def main() -> None:
             f"--{k.replace('_', '-')}"
             + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
             for k, v in vars(args).items()
-            if v not in (None, False, [])
-            and k not in ("weights", "workers", "out", "trained_on", "cache", "data")
+            if v not in (None, False, []) and k not in LOCAL_OPTIONS
         ),
     }
     if history is not None:
@@ -189,6 +254,9 @@ def main() -> None:
         old.unlink()
     for k, state in enumerate(members, start=1):
         save_file(state, str(out / f"ensemble_{k}.safetensors"))
+    if not Path(args.data).exists():
+        print(f"{args.data} not found: {out} is written uncalibrated (finalize it with --weights)")
+        return
     sites = config["training"]["split"]["calibration_sites"]
     size, norm = config["input_size"], config["normalization"]
     real = load_bbbc005(args.data, size=size, norm=norm, cache_dir=args.cache)

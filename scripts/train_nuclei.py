@@ -50,7 +50,7 @@ from celltally.counter import CellCounter
 from celltally.datasets import LabeledSet
 from celltally.losses import gaussian_nll
 from celltally.metrics import count_metrics
-from celltally.models.pipeline import CountingPipeline, add_counter_inputs, counter_input
+from celltally.models.pipeline import CountingPipeline, add_counter_inputs
 from celltally.models.presets import get_preset
 from celltally.train import predict_masks, save_model_folder, train_segmenter
 from celltally.transforms import prepare_image, resize_area
@@ -251,9 +251,9 @@ def train_counter_cells(
 
     gen = torch.Generator().manual_seed(seed)
     mask, logvar = predict_masks(model, data.images)
-    inputs = counter_input(mask, logvar, data.images, model.counter_inputs)
+    inputs = model.counter_planes(mask, logvar, data.images)
     vmask, vlogvar = predict_masks(model, val.images)
-    val_inputs = counter_input(vmask, vlogvar, val.images, model.counter_inputs)
+    val_inputs = model.counter_planes(vmask, vlogvar, val.images)
     counter = model.counter
     cell = counter.stride
     h, w = inputs.shape[-2:]

@@ -75,6 +75,39 @@ def test_counter_input_planes():
         counter_input(mask, logvar, image, ["nope"])
 
 
+def test_counter_planes_at_the_input():
+    mask = torch.rand(2, 1, 4, 6)
+    image = torch.rand(2, 1, 8, 12)
+    x = counter_input(mask, mask.log(), image, ["mask", "image", "mask_logvar"], at="input")
+    assert x.shape == (2, 3, 8, 12)
+    assert torch.equal(x[:, 1:2], image)  # the image is read as it is, not averaged
+    # the mask is interpolated, never extrapolated; a flat mask stays flat
+    assert x[:, 0].min() >= mask.min() and x[:, 0].max() <= mask.max()
+    flat = counter_input(torch.full_like(mask, 0.3), mask, image, ["mask"], at="input")
+    assert torch.allclose(flat, torch.full((2, 1, 8, 12), 0.3))
+    with pytest.raises(ValueError, match="not defined with planes at the input"):
+        counter_input(mask, mask, image, ["image_max"], at="input")
+    with pytest.raises(ValueError, match="planes_at must be one of"):
+        counter_input(mask, mask, image, ["mask"], at="full")
+
+
+def test_pipeline_with_planes_at_the_input_keeps_the_density_grid():
+    config = get_preset("small")
+    at_input = {**config, "counter": {**config["counter"], "planes_at": "input"}}
+    h, w = config["input_size"]
+    x = torch.rand(2, 1, h, w)
+    a, b = CountingPipeline(config).eval(), CountingPipeline(at_input).eval()
+    assert a.density_stride == b.density_stride == 32
+    assert b.counter.features[0].in_channels == a.counter.features[0].in_channels
+    with torch.inference_mode():
+        out, dens = b(x), b.density(x)
+    assert out.count.shape == (2,) and out.mask.shape == (2, 1, h // 2, w // 2)
+    assert dens.count.shape == (2, h // 32, w // 32)
+    assert torch.allclose(dens.count.sum((1, 2)), out.count, rtol=1e-5)
+    with pytest.raises(ValueError, match="planes_at must be one of"):
+        CountingPipeline({**config, "counter": {**config["counter"], "planes_at": "full"}})
+
+
 def test_block_extremes_keep_what_averaging_blurs():
     # one bright pixel per 2x2 block: the average dims it, the max keeps it
     image = torch.zeros(1, 1, 4, 4)

@@ -135,6 +135,20 @@ def test_tiled_count_equals_whole_image_count(density_counter, tile, margin):
     np.testing.assert_allclose(tiled.density, whole.density, rtol=1e-2, atol=1e-4)
 
 
+def test_tiled_count_equals_whole_image_count_with_planes_at_the_input():
+    # the counter reads the upsampled mask and the image at full model scale
+    torch.manual_seed(2)
+    config = density_config()
+    config["counter"]["planes_at"] = "input"
+    model = CountingPipeline(config).eval()
+    prepared = prepare_image(disc_image(120, shape=(900, 1100), seed=5), size=(230, 290), norm=None)
+    whole = count_density(model, prepared, tile=None)
+    tiled = count_density(model, prepared, tile=160, margin=64)
+    assert tiled.tiles > 4
+    assert tiled.count == pytest.approx(whole.count, rel=TOLERANCE)
+    assert tiled.variance == pytest.approx(whole.variance, rel=TOLERANCE)
+
+
 def test_window_geometry_comes_from_the_model_folder_unless_given():
     config = {**density_config(), "tiling": {"tile": [64, 96], "margin": 0}}
     model = CountingPipeline(config)

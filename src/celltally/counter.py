@@ -24,7 +24,7 @@ from celltally.calibration import (
     ood_warning,
 )
 from celltally.models.inference import inference_copy
-from celltally.models.pipeline import CountingPipeline, counter_input, load_model_folder
+from celltally.models.pipeline import CountingPipeline, load_model_folder
 from celltally.tiling import (
     DEFAULT_MARGIN,
     DEFAULT_TILE,
@@ -335,7 +335,7 @@ class CellCounter:
         embeddings = self._local.embedding
         if embeddings is None:
             embeddings = [None] * len(x)
-        planes = counter_input(mask, mask_logvar, x, self.model.counter_inputs)
+        planes = self.model.counter_planes(mask, mask_logvar, x)
         outs = [self.model.counter(planes)] + [m(planes) for m in self.members]
         means = torch.stack([o[0] for o in outs])
         variances = torch.stack([torch.exp(o[1]) for o in outs])

@@ -299,7 +299,6 @@ def count_density(
     the count is then the members' mean (the main counter included) and the
     variance the mean aleatoric variance plus the variance of the members' totals.
     """
-    from celltally.models.pipeline import counter_input
 
     array = np.asarray(prepared, dtype=np.float32)
     if array.ndim != 2:
@@ -330,7 +329,7 @@ def count_density(
             np.stack([canvas[t.window[0] : t.window[1], t.window[2] : t.window[3]] for t in chunk])
         )[:, None].to(device)
         mask_t, mask_logvar = model.segmenter(x, levels=1)[0]
-        planes = counter_input(mask_t, mask_logvar, x, model.counter_inputs)
+        planes = model.counter_planes(mask_t, mask_logvar, x)
         outs = [c.density(planes) for c in counters]
         dens = torch.stack([o[0] for o in outs], 1).double().cpu().numpy()
         var = torch.exp(torch.stack([o[1] for o in outs], 1).double()).cpu().numpy()

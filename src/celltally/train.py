@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from celltally import distributed
 from celltally.datasets import LabeledSet
 from celltally.losses import gaussian_nll, segmentation_loss
-from celltally.models.pipeline import CountingPipeline, counter_input
+from celltally.models.pipeline import CountingPipeline
 from celltally.transforms import dense_strides, flip_rotate
 
 Log = Callable[[str], None]
@@ -268,11 +268,11 @@ def train_counter(
     """
     device = device or default_device()
     mask, logvar = predict_masks(model, data.images, device=device)
-    inputs = counter_input(mask, logvar, data.images, model.counter_inputs)
+    inputs = model.counter_planes(mask, logvar, data.images)
     targets = data.counts
     if val is not None:
         vmask, vlogvar = predict_masks(model, val.images, device=device)
-        val_inputs = counter_input(vmask, vlogvar, val.images, model.counter_inputs)
+        val_inputs = model.counter_planes(vmask, vlogvar, val.images)
     counter = model.counter.to(device)
     net = distributed.wrap(counter, device)  # DistributedDataParallel under torchrun
     n = inputs.shape[0]

@@ -20,6 +20,11 @@ from celltally.models.vgg import VGGCounter
 #: ones that averaging blurs (order statistics of each block, so the flips and
 #: rotations used for augmentation and test-time averaging still commute with them).
 COUNTER_INPUTS = ("mask", "image", "mask_logvar", "image_max", "image_min")
+#: Where the counter reads its planes: on the mask's grid (half the input, the
+#: paper) or at the full model input, the mask upsampled (small objects keep
+#: their pixels; the counter then keeps VGG-11's fifth pool, so its density grid
+#: is the same).
+PLANES_AT = ("mask", "input")
 
 
 @dataclass
@@ -33,9 +38,33 @@ class PipelineOutput:
 
 
 def counter_input(
-    mask: torch.Tensor, mask_logvar: torch.Tensor, image: torch.Tensor, inputs: list[str]
+    mask: torch.Tensor,
+    mask_logvar: torch.Tensor,
+    image: torch.Tensor,
+    inputs: list[str],
+    *,
+    at: str = "mask",
 ) -> torch.Tensor:
-    """Stack the counter's input planes at the mask's size, in the order of ``inputs``."""
+    """Stack the counter's input planes, in the order of ``inputs``.
+
+    ``at='mask'``: every plane at the mask's size (the image averaged onto it);
+    ``at='input'``: every plane at the image's size (the mask and its
+    log-variance upsampled bilinearly; the 2x2 extremes are then undefined).
+    """
+    if at not in PLANES_AT:
+        raise ValueError(f"planes_at must be one of {PLANES_AT}, not {at!r}")
+    if at == "input":
+        size = image.shape[-2:]
+        planes = []
+        for name in inputs:
+            if name in ("mask", "mask_logvar"):
+                plane = mask if name == "mask" else mask_logvar
+                planes.append(F.interpolate(plane, size=size, mode="bilinear", align_corners=False))
+            elif name == "image":
+                planes.append(image)
+            else:
+                raise ValueError(f"counter input {name!r} is not defined with planes at the input")
+        return torch.cat(planes, dim=1)
     planes = []
     for name in inputs:
         if name == "mask":
@@ -61,6 +90,9 @@ class CountingPipeline(nn.Module):
         seg = config["segmenter"]
         cnt = config["counter"]
         self.counter_inputs = list(config["counter_inputs"])
+        self.planes_at = cnt.get("planes_at", "mask")
+        if self.planes_at not in PLANES_AT:
+            raise ValueError(f"planes_at must be one of {PLANES_AT}, not {self.planes_at!r}")
         self.segmenter = FPN(
             in_channels=1, encoder=seg["encoder"], lateral=seg["lateral"], head=seg["head"]
         )
@@ -72,17 +104,24 @@ class CountingPipeline(nn.Module):
             count_scale=cnt["count_scale"],
             head=cnt.get("head", "fc"),
             tta=cnt.get("tta", "none"),
+            keep_last_pool=self.planes_at == "input",
         )
+
+    def counter_planes(
+        self, mask: torch.Tensor, mask_logvar: torch.Tensor, image: torch.Tensor
+    ) -> torch.Tensor:
+        """The counter's input planes for this model (see :func:`counter_input`)."""
+        return counter_input(mask, mask_logvar, image, self.counter_inputs, at=self.planes_at)
 
     def count_from_mask(
         self, mask: torch.Tensor, mask_logvar: torch.Tensor, image: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.counter(counter_input(mask, mask_logvar, image, self.counter_inputs))
+        return self.counter(self.counter_planes(mask, mask_logvar, image))
 
     @property
     def density_stride(self) -> int:
-        """Input pixels per density cell along each side (the mask is at half size)."""
-        return 2 * self.counter.stride
+        """Input pixels per density cell along each side."""
+        return self.counter.stride * (2 if self.planes_at == "mask" else 1)
 
     def density(self, image: torch.Tensor) -> PipelineOutput:
         """Like ``forward`` but ``count``/``count_logvar`` are per-cell maps (density head only).
@@ -92,7 +131,7 @@ class CountingPipeline(nn.Module):
         ``forward``'s count (and variance).
         """
         mask, mask_logvar = self.segmenter(image, levels=1)[0]
-        x = counter_input(mask, mask_logvar, image, self.counter_inputs)
+        x = self.counter_planes(mask, mask_logvar, image)
         dens, log_var = self.counter.density(x)
         return PipelineOutput(mask, mask_logvar, dens, log_var)
 

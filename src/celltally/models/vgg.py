@@ -128,6 +128,9 @@ class VGGCounter(nn.Module):
         trained with these symmetries as augmentation; averaging removes the
         part of its error that is not symmetric (measured on BBBC005
         calibration scenes: MAE 1.12 -> 0.86 with 'd8'). Training is unaffected.
+    keep_last_pool : bool
+        'density' only: keep VGG-11's fifth pool (by default it is dropped for a
+        finer grid); for planes at twice the mask's size, it gives the same grid.
     count_scale : float
         'fc': the output is multiplied by this (with batch-normed activations of
         unit scale, Adam would otherwise need thousands of steps to reach counts
@@ -147,6 +150,7 @@ class VGGCounter(nn.Module):
         cfg: Sequence[int | str] = VGG11,
         head: str = "fc",
         tta: str = "none",
+        keep_last_pool: bool = False,
     ) -> None:
         super().__init__()
         if head not in ("fc", "density"):
@@ -158,7 +162,7 @@ class VGGCounter(nn.Module):
         last = max(1, round(int([c for c in cfg if c != "M"][-1]) * width))
         if head == "density":
             # Drop VGG-11's last pool: a finer grid (1/32 of the input) of cells to sum.
-            cfg = list(cfg[:-1]) if cfg[-1] == "M" else list(cfg)
+            cfg = list(cfg[:-1]) if cfg[-1] == "M" and not keep_last_pool else list(cfg)
             self.features = make_layers(cfg, in_channels=in_channels, width=width)
             self.density_head = DensityHead(last, fc, scale=count_scale)
             return

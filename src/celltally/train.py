@@ -86,8 +86,11 @@ def _run_epochs(
     constant rate: on the CPU budget it reaches a lower loss in fewer epochs.
     """
     optimizer = torch.optim.Adam(params, lr=lr)
+    total = max(2, epochs * steps_per_epoch)
+    # Warm-up is 20% of the steps, but at least 1.5 steps: OneCycleLR divides by
+    # its warm-up length, which is zero for short runs (a few images, one epoch).
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=max(2, epochs * steps_per_epoch), pct_start=0.2
+        optimizer, max_lr=lr, total_steps=total, pct_start=max(0.2, 1.5 / total)
     )
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []

@@ -103,6 +103,26 @@ def _train_cells(model: CountingPipeline, args: argparse.Namespace, kw: dict) ->
 LOCAL_OPTIONS = ("weights", "workers", "out", "trained_on", "cache", "data", "sim_cache")
 
 
+def _describe_new_counter(config: dict, previous: dict) -> None:
+    """Rewrite ``config``'s training record for a counter trained from scratch (in place).
+
+    The data lines of earlier counter training ('continued: ...') and their
+    logs are dropped; the segmenter's command and log are kept.
+    """
+    training = config["training"]
+    training["data"] = [d for d in training["data"] if not d.startswith("continued:")]
+    training["segmenter_command"] = (
+        previous.get("segmenter_command") or previous.get("continued_from") or previous["command"]
+    )
+    training["trained_on"] = training.pop("continued_on")
+    training.pop("continued_from", None)
+    history = config.get("history", {})
+    config["history"] = {
+        "segmenter": history.get("segmenter"),
+        "counter": history.get("counter_continued"),
+    }
+
+
 def _simulated(args: argparse.Namespace, kw: dict) -> tuple[LabeledSet, LabeledSet]:
     """The training and validation scenes, from ``--sim-cache`` when they are there."""
     n_val = max(16, args.scenes // 20)
@@ -234,6 +254,8 @@ def main() -> None:
     }
     if history is not None:
         config["history"] = {**config.get("history", {}), "counter_continued": history}
+    if args.new_counter:  # the old counter's lines and log no longer describe this model
+        _describe_new_counter(config, previous)
     members = []
     if args.members_from_init:
         weights = load_file(str(init / "model.safetensors"))

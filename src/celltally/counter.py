@@ -400,6 +400,12 @@ class CellCounter:
 
     def count(self, image: np.ndarray | str | Path, *, level: float = 0.95) -> CountResult:
         """Count one image, given as a 2-D array or a file path."""
+        return self._count_one(image, level=level)[0]
+
+    def _count_one(
+        self, image: np.ndarray | str | Path, *, level: float
+    ) -> tuple[CountResult, np.ndarray | ModelScaleImage]:
+        """``count``, and the prepared image it counted (what ``explain`` draws)."""
         source = None
         if isinstance(image, str | Path):
             source = str(image)
@@ -414,8 +420,8 @@ class CellCounter:
         except io.InputError as err:
             raise io.about_file(err, source) from None
         if isinstance(prepared, ModelScaleImage):
-            return self._result(self._count_scaled(prepared), level, source)
-        return self._result(self._forward([prepared])[0], level, source)
+            return self._result(self._count_scaled(prepared), level, source), prepared
+        return self._result(self._forward([prepared])[0], level, source), prepared
 
     def count_paths(
         self,

@@ -177,14 +177,13 @@ def explain_image(
         source = str(image)
         image = counter.read(image)
     try:
-        result = counter.count(image, level=level)
+        result, prepared = counter._count_one(image, level=level)
     except io.InputError as err:
         raise io.about_file(err, source) from None
     if source is not None:
         result = dataclasses.replace(
             result, source=source, metadata=naming.parse_name(source).as_dict()
         )
-    prepared = counter.prepare_any(np.asarray(image))
     if isinstance(prepared, ModelScaleImage):
         # Counted in tiles; explained in one pass over the whole model-scale image.
         prepared = prepared.prepared

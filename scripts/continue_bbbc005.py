@@ -76,7 +76,8 @@ MEMBERS_NOTE = (
 
 
 def _train_cells(model: CountingPipeline, args: argparse.Namespace, kw: dict) -> list[dict]:
-    half = tuple(n // 2 for n in kw["size"])
+    # the targets at the counter's planes: the mask's size, or the input's
+    half = tuple(kw["size"]) if model.planes_at == "input" else tuple(n // 2 for n in kw["size"])
     data, density = simulate_set_with_maps(
         args.scenes, seed=args.sim_seed, label_map=partial(instance_density, shape=half), **kw
     )

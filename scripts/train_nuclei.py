@@ -30,6 +30,11 @@ K``) as ``ensemble_<k>.safetensors`` (``--epistemic``), calibrated too.
 
 ``--simulated N`` adds N simulated 16-bit nuclei scenes (celltally.simulate,
 stain 1, in focus, counts 0-230, exact instance labels) to both stages.
+
+``--planes-at input`` gives the counter the full model input (the mask
+upsampled), as the shipped ``bbbc005`` model has: density targets are then
+made at the input's size and ``--crop`` (in mask pixels) is doubled, the same
+field of view. ``--device`` trains on a GPU (default: CUDA when available).
 """
 
 from __future__ import annotations
@@ -50,9 +55,9 @@ from celltally.counter import CellCounter
 from celltally.datasets import LabeledSet
 from celltally.losses import gaussian_nll
 from celltally.metrics import count_metrics
-from celltally.models.pipeline import CountingPipeline, add_counter_inputs
+from celltally.models.pipeline import PLANES_AT, CountingPipeline, add_counter_inputs
 from celltally.models.presets import get_preset
-from celltally.train import predict_masks, save_model_folder, train_segmenter
+from celltally.train import default_device, predict_masks, save_model_folder, train_segmenter
 from celltally.transforms import prepare_image, resize_area
 from celltally.uncertainty import calibrate_model
 
@@ -102,10 +107,16 @@ def instance_density(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def prepare_set(items, size, norm, source: str) -> tuple[LabeledSet, torch.Tensor]:
-    """(raw image, instance labels, name) items -> LabeledSet + densities at mask size."""
+def prepare_set(
+    items, size, norm, source: str, *, planes_at: str = "mask"
+) -> tuple[LabeledSet, torch.Tensor]:
+    """(raw image, instance labels, name) items -> LabeledSet + densities at the counter's planes.
+
+    The planes are at the mask's size (half the input) or, with
+    ``planes_at='input'``, at the input's size.
+    """
     images, masks, counts, meta, dens = [], [], [], [], []
-    half = (size[0] // 2, size[1] // 2)
+    half = (size[0] // 2, size[1] // 2) if planes_at == "mask" else tuple(size)
     for raw, labels, name in items:
         images.append(prepare_image(raw, size=size, norm=norm))
         masks.append(resize_area(labels > 0, size))
@@ -121,7 +132,9 @@ def prepare_set(items, size, norm, source: str) -> tuple[LabeledSet, torch.Tenso
     return data, torch.from_numpy(np.stack(dens)).unsqueeze(1)
 
 
-def load_bbbc039(root: Path, names: list[str], size, norm) -> tuple[LabeledSet, torch.Tensor]:
+def load_bbbc039(
+    root: Path, names: list[str], size, norm, *, planes_at: str = "mask"
+) -> tuple[LabeledSet, torch.Tensor]:
     table = io.read_counts_csv(root / "counts.csv")
     items = []
     for name in names:
@@ -131,7 +144,7 @@ def load_bbbc039(root: Path, names: list[str], size, norm) -> tuple[LabeledSet, 
         if n != int(table[name]):
             raise SystemExit(f"{name}: {n} instances in the mask but counts.csv says {table[name]}")
         items.append((raw, labels, name))
-    return prepare_set(items, size, norm, "bbbc039")
+    return prepare_set(items, size, norm, "bbbc039", planes_at=planes_at)
 
 
 def simulated_items(n: int, seed: int, counts: tuple[int, int]):
@@ -234,13 +247,15 @@ def train_counter_cells(
     bn_freeze: float = 0.0,
     ema: float = 0.0,
     log=print,
+    device: torch.device | None = None,
 ) -> list[dict]:
     """Counter stage with per-cell targets, on whole frames or on crops of frame mosaics.
 
     ``frames``: batches of whole training frames, each flipped at random (the
     counter then sees exactly what it sees when counting one frame).
     Otherwise crop sides are drawn per batch, in whole density cells, from
-    ``crop[0]`` to ``crop[1]`` mask pixels (up to twice a frame).
+    ``crop[0]`` to ``crop[1]`` mask pixels (up to twice a frame; with planes
+    at the input, twice as many plane pixels: the same field of view).
     ``bn_freeze``: the last fraction of the epochs keeps batch norm in eval
     mode (fixed running statistics), so the weights settle on the statistics
     that counting uses. ``ema`` > 0: validate and keep an exponential moving
@@ -249,16 +264,19 @@ def train_counter_cells(
     """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+    device = device or torch.device("cpu")
     gen = torch.Generator().manual_seed(seed)
-    mask, logvar = predict_masks(model, data.images)
+    mask, logvar = predict_masks(model, data.images, device=device)
     inputs = model.counter_planes(mask, logvar, data.images)
-    vmask, vlogvar = predict_masks(model, val.images)
-    val_inputs = model.counter_planes(vmask, vlogvar, val.images)
-    counter = model.counter
+    vmask, vlogvar = predict_masks(model, val.images, device=device)
+    val_inputs = model.counter_planes(vmask, vlogvar, val.images).to(device)
+    counter = model.counter.to(device)
     cell = counter.stride
     h, w = inputs.shape[-2:]
-    sides_y = [s for s in range(crop[0], min(crop[1], 2 * h) + 1, cell)]
-    sides_x = [s for s in range(crop[0], min(crop[1], 2 * w) + 1, cell)]
+    scale = w // mask.shape[-1]  # plane pixels per mask pixel
+    lo, hi = crop[0] * scale, crop[1] * scale
+    sides_y = [s for s in range(lo, min(hi, 2 * h) + 1, cell)]
+    sides_x = [s for s in range(lo, min(hi, 2 * w) + 1, cell)]
     optimizer = torch.optim.Adam(counter.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.2
@@ -293,6 +311,7 @@ def train_counter_cells(
                 x, d, weight = _mosaic_crops(
                     inputs, density, batch_size=batch_size, size=size, cell=cell, gen=gen
                 )
+            x, d, weight = x.to(device), d.to(device), weight.to(device)
             target = torch.nn.functional.avg_pool2d(d, cell)[:, 0] * cell * cell
             dens, lv = counter.density(x)
             cell_loss = _weighted_nll(dens, target, lv, weight, beta)
@@ -317,6 +336,7 @@ def train_counter_cells(
             m, lv = judged(val_inputs)
             rows = [torch.cat([val_inputs[i], val_inputs[i + 1]], -1) for i in (0, 2)]
             whole, _ = judged(torch.cat(rows, -2)[None])
+        m, whole = m.cpu(), whole.cpu()
         err = m - val.counts
         record = {
             "epoch": epoch + 1,
@@ -331,6 +351,7 @@ def train_counter_cells(
         log("counter " + " ".join(f"{k}={v}" for k, v in record.items()))
     if averaged is not None:
         counter.load_state_dict(averaged.module.state_dict())
+    model.cpu()
     return history
 
 
@@ -405,6 +426,10 @@ def main() -> None:
         default="none",
         help="counter test-time averaging over flips (eval only; the shipped model: flip)",
     )
+    parser.add_argument(
+        "--planes-at", choices=PLANES_AT, default="mask", help="where the counter reads"
+    )
+    parser.add_argument("--device", help="torch device (default: CUDA when available, else CPU)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -419,6 +444,7 @@ def main() -> None:
     config["counter"]["width"] = args.counter_width
     config["counter"]["tta"] = args.tta
     config["counter_inputs"] = list(args.counter_inputs)
+    config["counter"]["planes_at"] = args.planes_at
     if args.input_size:
         config["input_size"] = list(args.input_size)
     size = config["input_size"]
@@ -426,8 +452,9 @@ def main() -> None:
     table = io.read_counts_csv(root / "counts.csv")
     split = split_names(list(table))
     t0 = time.perf_counter()
-    train, train_dens = load_bbbc039(root, split["train"], size, norm)
-    cal, _ = load_bbbc039(root, split["calibration"], size, norm)
+    planes_at = args.planes_at
+    train, train_dens = load_bbbc039(root, split["train"], size, norm, planes_at=planes_at)
+    cal, _ = load_bbbc039(root, split["calibration"], size, norm, planes_at=planes_at)
     print(
         f"loaded {len(train)} train / {len(cal)} calibration images "
         f"in {time.perf_counter() - t0:.0f}s (the test images are counted at the end)"
@@ -436,7 +463,11 @@ def main() -> None:
     seg_train = train
     if args.simulated:
         sim, sim_dens = prepare_set(
-            simulated_items(args.simulated, 5000 + args.seed, (0, 230)), size, norm, "simulated"
+            simulated_items(args.simulated, 5000 + args.seed, (0, 230)),
+            size,
+            norm,
+            "simulated",
+            planes_at=planes_at,
         )
         train = LabeledSet.concat([train, sim])
         train_dens = torch.cat([train_dens, sim_dens])
@@ -453,7 +484,14 @@ def main() -> None:
         from safetensors.torch import load_file
 
         # --init's counter may read fewer planes: widened, computing the same counts
-        planes = json.loads((Path(args.init) / "config.json").read_text())["counter_inputs"]
+        init_config = json.loads((Path(args.init) / "config.json").read_text())
+        if init_config["counter"].get("planes_at", "mask") != args.planes_at:
+            raise SystemExit(
+                f"--init {args.init}: its counter reads planes at the "
+                f"{init_config['counter'].get('planes_at', 'mask')}, not the {args.planes_at} "
+                "(start from its segmenter alone: --init-segmenter)"
+            )
+        planes = init_config["counter_inputs"]
         model = CountingPipeline({**config, "counter_inputs": planes})
         model.load_state_dict(load_file(str(Path(args.init) / "model.safetensors")))
         if planes != config["counter_inputs"]:
@@ -469,6 +507,7 @@ def main() -> None:
         }
         model.segmenter.load_state_dict(seg)
     cpu = torch.device("cpu")
+    device = torch.device(args.device) if args.device else default_device()
     seg_history = []
     if args.seg_epochs > 0:
         seg_history = train_segmenter(
@@ -480,9 +519,10 @@ def main() -> None:
             lr=args.seg_lr,
             tv_weight=1e-3,
             seed=args.seed,
-            device=cpu,
+            device=device,
             progress=False,
         )
+        model.cpu()
     count_history = (
         []
         if args.count_epochs == 0
@@ -501,6 +541,7 @@ def main() -> None:
             frames=args.frames,
             bn_freeze=args.bn_freeze,
             ema=args.ema,
+            device=device,
         )
     )
     model.eval()

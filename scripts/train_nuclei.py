@@ -408,6 +408,11 @@ def main() -> None:
         "--init-segmenter", help="model folder whose segmenter weights start training"
     )
     parser.add_argument(
+        "--init-counter",
+        help="model folder whose counter weights start training, whatever planes it read "
+        "(the layers must have the same shapes)",
+    )
+    parser.add_argument(
         "--input-size",
         type=int,
         nargs=2,
@@ -506,6 +511,13 @@ def main() -> None:
             k.removeprefix("segmenter."): v for k, v in state.items() if k.startswith("segmenter.")
         }
         model.segmenter.load_state_dict(seg)
+    if args.init_counter:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(args.init_counter) / "model.safetensors"))
+        model.counter.load_state_dict(
+            {k.removeprefix("counter."): v for k, v in state.items() if k.startswith("counter.")}
+        )
     cpu = torch.device("cpu")
     device = torch.device(args.device) if args.device else default_device()
     seg_history = []

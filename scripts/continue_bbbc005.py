@@ -60,6 +60,7 @@ from celltally.models.pipeline import (
     CountingPipeline,
     add_counter_inputs,
     load_model_folder,
+    planes_shape,
     widen_counter_state,
 )
 from celltally.train import default_device, interval_metrics, save_model_folder, train_counter
@@ -76,8 +77,7 @@ MEMBERS_NOTE = (
 
 
 def _train_cells(model: CountingPipeline, args: argparse.Namespace, kw: dict) -> list[dict]:
-    # the targets at the counter's planes: the mask's size, or the input's
-    half = tuple(kw["size"]) if model.planes_at == "input" else tuple(n // 2 for n in kw["size"])
+    half = planes_shape(kw["size"], model.planes_at)  # the targets at the counter's planes
     data, density = simulate_set_with_maps(
         args.scenes, seed=args.sim_seed, label_map=partial(instance_density, shape=half), **kw
     )
@@ -104,14 +104,24 @@ def _train_cells(model: CountingPipeline, args: argparse.Namespace, kw: dict) ->
 LOCAL_OPTIONS = ("weights", "workers", "out", "trained_on", "cache", "data", "sim_cache")
 
 
-def _describe_new_counter(config: dict, previous: dict) -> None:
+def _schedule(args: argparse.Namespace) -> str:
+    return f"one-cycle lr {args.lr}, batch {args.batch_size}, seed {args.seed}, float32"
+
+
+def _describe_new_counter(config: dict, previous: dict, args: argparse.Namespace) -> None:
     """Rewrite ``config``'s training record for a counter trained from scratch (in place).
 
     The data lines of earlier counter training ('continued: ...') and their
-    logs are dropped; the segmenter's command and log are kept.
+    logs are replaced by this counter's; the segmenter's command and log are kept.
     """
     training = config["training"]
-    training["data"] = [d for d in training["data"] if not d.startswith("continued:")]
+    counter = config["counter"]
+    training["data"] = [d for d in training["data"] if not d.startswith("continued:")] + [
+        f"new counter (width {counter['width']}, planes at the "
+        f"{counter.get('planes_at', 'mask')}) trained from scratch, replacing the counter "
+        f"above: {args.epochs} epochs on {args.scenes} new simulated scenes (same settings, "
+        f"seed {args.sim_seed}), {_schedule(args)}"
+    ]
     training["segmenter_command"] = (
         previous.get("segmenter_command") or previous.get("continued_from") or previous["command"]
     )
@@ -231,16 +241,8 @@ def main() -> None:
         **previous,
         "data": previous["data"]
         + [
-            (
-                f"new counter (width {config['counter']['width']}, planes at the "
-                f"{config['counter'].get('planes_at', 'mask')}) trained from scratch, replacing "
-                f"the counter above: {args.epochs} epochs on {args.scenes} new simulated scenes"
-                if args.new_counter
-                else f"continued: the counter trained {args.epochs} more epochs on "
-                f"{args.scenes} new simulated scenes"
-            )
-            + f" (same settings, seed {args.sim_seed}), one-cycle lr {args.lr}, "
-            f"batch {args.batch_size}, seed {args.seed}, float32"
+            f"continued: the counter trained {args.epochs} more epochs on {args.scenes} new "
+            f"simulated scenes (same settings, seed {args.sim_seed}), {_schedule(args)}"
         ],
         "continued_from": previous.get("command"),
         "continued_on": args.trained_on
@@ -256,7 +258,7 @@ def main() -> None:
     if history is not None:
         config["history"] = {**config.get("history", {}), "counter_continued": history}
     if args.new_counter:  # the old counter's lines and log no longer describe this model
-        _describe_new_counter(config, previous)
+        _describe_new_counter(config, previous, args)
     members = []
     if args.members_from_init:
         weights = load_file(str(init / "model.safetensors"))

@@ -55,9 +55,20 @@ from celltally.counter import CellCounter
 from celltally.datasets import LabeledSet
 from celltally.losses import gaussian_nll
 from celltally.metrics import count_metrics
-from celltally.models.pipeline import PLANES_AT, CountingPipeline, add_counter_inputs
+from celltally.models.pipeline import (
+    PLANES_AT,
+    CountingPipeline,
+    add_counter_inputs,
+    planes_shape,
+)
 from celltally.models.presets import get_preset
-from celltally.train import default_device, predict_masks, save_model_folder, train_segmenter
+from celltally.train import (
+    default_device,
+    one_cycle,
+    predict_masks,
+    save_model_folder,
+    train_segmenter,
+)
 from celltally.transforms import prepare_image, resize_area
 from celltally.uncertainty import calibrate_model
 
@@ -116,7 +127,7 @@ def prepare_set(
     ``planes_at='input'``, at the input's size.
     """
     images, masks, counts, meta, dens = [], [], [], [], []
-    half = (size[0] // 2, size[1] // 2) if planes_at == "mask" else tuple(size)
+    half = planes_shape(size, planes_at)
     for raw, labels, name in items:
         images.append(prepare_image(raw, size=size, norm=norm))
         masks.append(resize_area(labels > 0, size))
@@ -278,9 +289,7 @@ def train_counter_cells(
     sides_y = [s for s in range(lo, min(hi, 2 * h) + 1, cell)]
     sides_x = [s for s in range(lo, min(hi, 2 * w) + 1, cell)]
     optimizer = torch.optim.Adam(counter.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.2
-    )
+    schedule = one_cycle(optimizer, lr=lr, total_steps=epochs * steps)
     averaged = (
         AveragedModel(counter, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
         if ema

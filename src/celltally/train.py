@@ -65,6 +65,20 @@ def _save_checkpoint(path: Path | None, state: dict[str, Any]) -> None:
     tmp.replace(path)  # atomic: a kill mid-save never leaves a broken checkpoint
 
 
+def one_cycle(
+    optimizer: torch.optim.Optimizer, *, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle schedule peaking at ``lr``: warm-up over 20% of the steps, cosine down.
+
+    The warm-up lasts at least 1.5 steps: OneCycleLR divides by its length,
+    which is zero (a crash) or negative for runs of 5 steps or fewer.
+    """
+    total = max(2, int(total_steps))
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=total, pct_start=max(0.2, 1.5 / total)
+    )
+
+
 def _run_epochs(
     *,
     stage: str,
@@ -86,12 +100,7 @@ def _run_epochs(
     constant rate: on the CPU budget it reaches a lower loss in fewer epochs.
     """
     optimizer = torch.optim.Adam(params, lr=lr)
-    total = max(2, epochs * steps_per_epoch)
-    # Warm-up is 20% of the steps, but at least 1.5 steps: OneCycleLR divides by
-    # its warm-up length, which is zero for short runs (a few images, one epoch).
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=total, pct_start=max(0.2, 1.5 / total)
-    )
+    scheduler = one_cycle(optimizer, lr=lr, total_steps=epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     start = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,33 +53,32 @@ def counter_input(
     """
     if at not in PLANES_AT:
         raise ValueError(f"planes_at must be one of {PLANES_AT}, not {at!r}")
-    if at == "input":
-        size = image.shape[-2:]
-        planes = []
-        for name in inputs:
-            if name in ("mask", "mask_logvar"):
-                plane = mask if name == "mask" else mask_logvar
-                planes.append(F.interpolate(plane, size=size, mode="bilinear", align_corners=False))
-            elif name == "image":
-                planes.append(image)
-            else:
-                raise ValueError(f"counter input {name!r} is not defined with planes at the input")
-        return torch.cat(planes, dim=1)
+    size = image.shape[-2:] if at == "input" else mask.shape[-2:]
     planes = []
     for name in inputs:
-        if name == "mask":
-            planes.append(mask)
-        elif name == "mask_logvar":
-            planes.append(mask_logvar)
+        if name in ("mask", "mask_logvar"):
+            plane = mask if name == "mask" else mask_logvar
+            if at == "input":
+                plane = F.interpolate(plane, size=size, mode="bilinear", align_corners=False)
+            planes.append(plane)
         elif name == "image":
-            planes.append(F.adaptive_avg_pool2d(image, mask.shape[-2:]))
-        elif name == "image_max":
-            planes.append(F.adaptive_max_pool2d(image, mask.shape[-2:]))
-        elif name == "image_min":
-            planes.append(-F.adaptive_max_pool2d(-image, mask.shape[-2:]))
-        else:
+            planes.append(image if at == "input" else F.adaptive_avg_pool2d(image, size))
+        elif name not in COUNTER_INPUTS:
             raise ValueError(f"unknown counter input {name!r}; choose from {COUNTER_INPUTS}")
+        elif at == "input":
+            raise ValueError(f"counter input {name!r} is not defined with planes at the input")
+        elif name == "image_max":
+            planes.append(F.adaptive_max_pool2d(image, size))
+        else:  # image_min
+            planes.append(-F.adaptive_max_pool2d(-image, size))
     return torch.cat(planes, dim=1)
+
+
+def planes_shape(input_size: Sequence[int], planes_at: str = "mask") -> tuple[int, int]:
+    """Height and width of the counter's planes for a model input of ``input_size``."""
+    if planes_at == "input":
+        return (int(input_size[0]), int(input_size[1]))
+    return (int(input_size[0]) // 2, int(input_size[1]) // 2)
 
 
 class CountingPipeline(nn.Module):

@@ -32,6 +32,11 @@ scenes on disk, so runs that share them (several variants at once on one
 GPU) simulate them once; ``--simulate-only`` stops after writing them. When
 ``--data`` is absent (a GPU machine without the real images) the model folder
 is written uncalibrated, to be finalized with ``--weights`` where the data is.
+
+``--real-sites 1 2 3 4`` adds the real BBBC005 images of those sites to the
+counter's training scenes (each real image at its scene's count; its mask is
+the frozen segmenter's, as at counting time). Those sites then leave the
+calibration split: the intervals are calibrated on the remaining sites.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from celltally.counter import resolve_model
 from celltally.datasets import (
     LabeledSet,
+    calibration_sites,
     load_bbbc005,
     simulate_set,
     simulate_set_with_maps,
@@ -152,6 +158,21 @@ def _simulated(args: argparse.Namespace, kw: dict) -> tuple[LabeledSet, LabeledS
     return data, val
 
 
+def _real_sites(args: argparse.Namespace, config: dict) -> LabeledSet:
+    """The real BBBC005 images of ``--real-sites`` (which must be calibration sites)."""
+    sites = calibration_sites(config)
+    outside = sorted(set(args.real_sites) - set(sites))
+    if outside:
+        sys.exit(f"--real-sites {outside}: not calibration sites of --init ({sites})")
+    if len(set(sites) - set(args.real_sites)) == 0:
+        sys.exit("--real-sites: no calibration site would be left")
+    real = load_bbbc005(
+        args.data, size=config["input_size"], norm=config["normalization"], cache_dir=args.cache
+    )
+    rows = [i for i, m in enumerate(real.meta) if m["site"] in set(args.real_sites)]
+    return real.subset(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", default="bbbc005", help="model name or folder to continue")
@@ -174,6 +195,13 @@ def main() -> None:
     parser.add_argument("--planes-at", choices=PLANES_AT, help="where the new counter reads")
     parser.add_argument("--sim-cache", help="folder keeping the simulated scenes")
     parser.add_argument("--simulate-only", action="store_true")
+    parser.add_argument(
+        "--real-sites",
+        nargs="+",
+        type=int,
+        default=[],
+        help="real BBBC005 sites added to the counter's training data (leave calibration)",
+    )
     parser.add_argument(
         "--add-inputs",
         nargs="+",
@@ -215,12 +243,18 @@ def main() -> None:
             workers=args.workers,
         )
         if args.cell_loss:
+            if args.real_sites:
+                parser.error("--cell-loss needs per-cell targets, which real images lack")
             history = _train_cells(model, args, kw)
         else:
             data, val = _simulated(args, kw)
             if args.simulate_only:
                 print(f"simulated {len(data)} + {len(val)} scenes into {args.sim_cache}")
                 return
+            if args.real_sites:
+                real = _real_sites(args, config)
+                print(f"training on {len(real)} real images of sites {args.real_sites}")
+                data = LabeledSet.concat([data, real])
             history = train_counter(
                 model,
                 data,
@@ -242,7 +276,13 @@ def main() -> None:
         "data": previous["data"]
         + [
             f"continued: the counter trained {args.epochs} more epochs on {args.scenes} new "
-            f"simulated scenes (same settings, seed {args.sim_seed}), {_schedule(args)}"
+            f"simulated scenes (same settings, seed {args.sim_seed})"
+            + (
+                f" and the real BBBC005 images of sites {args.real_sites}"
+                if args.real_sites
+                else ""
+            )
+            + f", {_schedule(args)}"
         ],
         "continued_from": previous.get("command"),
         "continued_on": args.trained_on
@@ -255,6 +295,18 @@ def main() -> None:
             if v not in (None, False, []) and k not in LOCAL_OPTIONS
         ),
     }
+    if args.real_sites:  # the sites trained on no longer calibrate
+        split = dict(previous["split"])
+        kept = [s for s in split["calibration_sites"] if s not in args.real_sites]
+        split["calibration_sites"] = kept
+        split["train_sites"] = sorted(set(split.get("train_sites", [])) | set(args.real_sites))
+        config["training"]["split"] = split
+        config["training"]["data"] = [
+            f"BBBC005 real: sites {split['train_sites']} (counter only)"
+            if line.startswith("BBBC005 real:")
+            else line
+            for line in config["training"]["data"]
+        ]
     if history is not None:
         config["history"] = {**config.get("history", {}), "counter_continued": history}
     if args.new_counter:  # the old counter's lines and log no longer describe this model
@@ -288,6 +340,7 @@ def main() -> None:
     parts = split_bbbc005(real.meta, calibration_sites=sites)
     block = calibrate_model(out, real.subset(parts["calibration"]))
     config = json.loads((out / "config.json").read_text())
+    config["training"]["split"]["n_calibration"] = int(parts["calibration"].size)
     test = real.subset(parts["test"])
     config["metrics"] = {
         "test": interval_metrics(model, test, block["scores"], device=default_device())

@@ -12,6 +12,12 @@ split and measured on its test split (never seen in training or calibration):
   in turn is held out, the conformal multiplier refitted on the others and
   its coverage measured on the pair (28 folds for 8 sites);
 - BBBC039: the calibration / test file lists stored in the model's config.
+  Twenty test images measure a 95% coverage only in steps of 5 points, so
+  also a re-split estimate: the 40 images held out of training (calibration
+  + test) are split at random into 20 / 20 again and again (2,000 draws), the
+  conformal multiplier refitted on one half and its coverage measured on the
+  other, beside the coverage split-conformal promises for 20 calibration
+  images, ceil(21 level) / 21 (95.2% at 95%), when images are exchangeable.
 
 Methods: split-conformal on |y - mu| / sigma (celltally's default), temperature
 scaling of sigma (one factor fitted by maximum likelihood), and the raw
@@ -197,6 +203,46 @@ def cross_site(cal: dict, *, levels: tuple[float, ...] = LEVELS) -> dict:
     }
 
 
+def resplit(
+    cal: dict, test: dict, *, draws: int = 2000, seed: int = 0, levels: tuple = LEVELS
+) -> dict:
+    """Conformal coverage over random re-splits of the images held out of training.
+
+    ``cal`` and ``test`` are pooled; each draw calibrates on a random subset
+    as large as ``cal`` and measures coverage on the rest, so every image
+    serves as a test image in about half the draws.
+    """
+    y = np.concatenate([cal["y"], test["y"]])
+    mu = np.concatenate([cal["mu"], test["mu"]])
+    sigma = np.concatenate([cal["sigma"], test["sigma"]])
+    n_cal = len(cal["y"])
+    rng = np.random.default_rng(seed)
+    per_level: dict[str, list[float]] = {f"{lv:g}": [] for lv in levels}
+    for _ in range(draws):
+        order = rng.permutation(len(y))
+        fit, held = order[:n_cal], order[n_cal:]
+        block = calibrate(y[fit], mu[fit], sigma[fit])
+        for lv in levels:
+            q = interval_multiplier(block, lv, "conformal")
+            per_level[f"{lv:g}"].append(coverage(y[held], mu[held], sigma[held], q))
+    return {
+        "draws": draws,
+        "n_calibration": n_cal,
+        "n_test": len(y) - n_cal,
+        "coverage": {
+            k: {
+                "mean": float(np.mean(v)),
+                "sd": float(np.std(v)),
+                "q025": float(np.quantile(v, 0.025)),
+                "q975": float(np.quantile(v, 0.975)),
+                # split-conformal with exchangeable images: ceil((n + 1) level) / (n + 1)
+                "promised": math.ceil((n_cal + 1) * float(k)) / (n_cal + 1),
+            }
+            for k, v in per_level.items()
+        },
+    }
+
+
 def bbbc005_splits(data: Path, config: dict) -> tuple[list, list]:
     cal_sites = set(calibration_sites(config))
     pairs = labelled_files(data)
@@ -352,8 +398,18 @@ def main() -> int:
             cal, test = predict(counter, splits[0]), predict(counter, splits[1])
             res = measure(cal, test, counter.calibration)
             res["model"] = args.model039
+            res["resplit"] = resplit(cal, test)
             results["BBBC039 test split"] = res
             print_summary("BBBC039 (held-out test split)", res)
+            rs = res["resplit"]
+            print(
+                f"  re-split ({rs['draws']} random {rs['n_calibration']} / {rs['n_test']} splits "
+                "of the calibration + test images): "
+                + ", ".join(
+                    f"@{k} {v['mean']:.3f} (sd {v['sd']:.3f}; promised {v['promised']:.3f})"
+                    for k, v in rs["coverage"].items()
+                )
+            )
 
     if not results:
         print("nothing measured")

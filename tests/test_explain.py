@@ -155,3 +155,14 @@ def test_explain_an_image_counted_in_tiles():
     h, w = expl.image.shape
     assert expl.mask.shape == expl.mask_std.shape == expl.mask_saliency.shape == (h // 2, w // 2)
     assert expl.result.count == pytest.approx(counter.count(image).count)
+
+
+def test_count_with_input_returns_the_count_and_what_the_model_read(tiny_model):
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    image = blob_image(12, seed=4)
+    original = image.copy()
+    result, prepared = counter.count_with_input(image)
+    assert prepared.shape == tuple(counter.input_size)
+    np.testing.assert_array_equal(prepared, counter.prepare(image))
+    np.testing.assert_allclose(result.count, counter.count(image).count)
+    np.testing.assert_array_equal(image, original)  # the input is not modified

@@ -400,12 +400,20 @@ class CellCounter:
 
     def count(self, image: np.ndarray | str | Path, *, level: float = 0.95) -> CountResult:
         """Count one image, given as a 2-D array or a file path."""
-        return self._count_one(image, level=level)[0]
+        return self.count_with_input(image, level=level)[0]
 
-    def _count_one(
-        self, image: np.ndarray | str | Path, *, level: float
+    def count_with_input(
+        self, image: np.ndarray | str | Path, *, level: float = 0.95
     ) -> tuple[CountResult, np.ndarray | ModelScaleImage]:
-        """``count``, and the prepared image it counted (what ``explain`` draws)."""
+        """:meth:`count`, and the model input it counted (what ``explain`` draws).
+
+        Returns
+        -------
+        result : CountResult
+        prepared : the image resized and normalized to the model's input size,
+            or, for an image counted in tiles, a ``ModelScaleImage`` holding it
+            at the model's pixel scale.
+        """
         source = None
         if isinstance(image, str | Path):
             source = str(image)

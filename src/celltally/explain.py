@@ -177,7 +177,7 @@ def explain_image(
         source = str(image)
         image = counter.read(image)
     try:
-        result, prepared = counter._count_one(image, level=level)
+        result, prepared = counter.count_with_input(image, level=level)
     except io.InputError as err:
         raise io.about_file(err, source) from None
     if source is not None:

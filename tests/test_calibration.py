@@ -157,7 +157,8 @@ def blob_set(n, seed, config):
         torch.from_numpy(np.stack(images)[:, None]),
         torch.from_numpy(np.stack(masks)[:, None]),
         torch.tensor(counts, dtype=torch.float32),
-        [{"name": f"blob{seed}_{i}"} for i in range(n)],
+        # 4 sites per well, so the calibration can measure the within-well correlation
+        [{"name": f"blob{seed}_B{i // 4 + 1:02d}_s{i % 4 + 1}_w1.tif"} for i in range(n)],
     )
 
 
@@ -185,6 +186,8 @@ def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):
     assert block["n"] == 60 and len(block["scores"]) == 60 and block["temperature"] > 0
     assert {"mask_std", "feature_distance"} <= set(block["ood"])
     assert (folder / "ood.safetensors").is_file()
+    wells = block["well_correlation"]  # 60 images = 15 wells x 4 sites
+    assert wells["groups"] == 15 and wells["pairs"] == 15 * 6 and 0 <= wells["value"] <= 1
     assert block["scores"] == before["scores"]  # the ensemble leaves member 0's block alone
     ens = block["epistemic"]
     assert ens["members"] == 2 and len(ens["scores"]) == 60

@@ -181,6 +181,74 @@ def coverage_tolerance(level: float, n: int, *, sigmas: float = 4.0) -> float:
     return sigmas * math.sqrt(level * (1.0 - level) / max(int(n), 1))
 
 
+# -- several images of one well ------------------------------------------------
+
+
+def fit_group_correlation(
+    y_true: Sequence[float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    groups: Sequence[Any],
+) -> dict[str, Any] | None:
+    """Correlation of the normalized errors of images in the same group (e.g. one well).
+
+    The sites of one well share their biology, focus and density, so the
+    model's errors on them lean the same way, and the error of a well's total
+    is larger than independent errors would make it. The estimate is the
+    mean product of the standardized errors ``z = (y - mu) / sigma / rms`` over
+    all pairs of images in the same group (the moment estimator of an
+    exchangeable correlation), clipped to [0, 1]. Groups named ``None`` are
+    left out.
+
+    Returns
+    -------
+    dict or None
+        ``value``, ``groups`` (with two images or more), ``pairs`` and
+        ``images``; None when no group holds two images.
+    """
+    y, mu, sigma = _arrays(y_true, mean, std)
+    keys = list(groups)
+    if len(keys) != y.size:
+        raise ValueError(f"{len(keys)} group labels for {y.size} images")
+    r = (y - mu) / sigma
+    rms = float(np.sqrt(np.mean(r**2)))
+    z = r / max(rms, 1e-12)
+    members: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            members.setdefault(key, []).append(i)
+    products, pairs, used = 0.0, 0, 0
+    for index in members.values():
+        if len(index) < 2:
+            continue
+        zg = z[index]
+        products += float(zg.sum() ** 2 - (zg**2).sum())  # sum over ordered pairs i != j
+        pairs += len(index) * (len(index) - 1)
+        used += 1
+    if pairs == 0:
+        return None
+    return {
+        "value": round(min(1.0, max(0.0, products / pairs)), 5),
+        "groups": used,
+        "pairs": pairs // 2,
+        "images": int(sum(len(v) for v in members.values() if len(v) > 1)),
+        "method": "mean product of standardized errors over pairs of images of one well",
+    }
+
+
+def total_std(std: Sequence[float], correlation: float) -> float:
+    """Standard deviation of a sum of counts whose errors correlate by ``correlation``.
+
+    ``sqrt(sum_i s_i^2 + correlation * sum_{i != j} s_i s_j)``: independent
+    errors at 0, a shared error at 1 (then the stds add up).
+    """
+    s = np.asarray(std, dtype=float)
+    if not 0.0 <= correlation <= 1.0:
+        raise ValueError(f"correlation must be between 0 and 1, got {correlation}")
+    square = float((s**2).sum())
+    return math.sqrt(square + correlation * (float(s.sum()) ** 2 - square))
+
+
 # -- out-of-distribution flags ------------------------------------------------
 
 #: The per-image features whose calibration range decides the warning.

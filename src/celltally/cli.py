@@ -183,6 +183,13 @@ def count(
             "ImageNumber, FileName, Metadata_Plate/Well/Site, Count, Count_Low, Count_High.",
         ),
     ] = "celltally",
+    wells: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write per-well totals here: the sites of each plate/well/stain "
+            "summed, with an interval (see `celltally wells`).",
+        ),
+    ] = None,
     progress: Annotated[
         bool, typer.Option(help="Show a progress bar (when writing to a terminal).")
     ] = True,
@@ -247,6 +254,8 @@ def count(
 
             table = write_cellprofiler_csv(out.with_name(f"{out.stem}_Image.csv"), rows)
             typer.echo(f"CellProfiler-style per-image table -> {table}")
+        if wells is not None:
+            _echo_wells(out, wells, None)
     except _user_errors() as err:
         fail(str(err))
     total = summary.counted + summary.failed
@@ -265,6 +274,41 @@ def count(
             err=True,
         )
         raise typer.Exit(1)
+
+
+def _echo_wells(results: Path, out: Path, correlation: float | None) -> None:
+    from celltally.wells import well_totals
+
+    rows, skipped, notes = well_totals(results, out, correlation=correlation)
+    used = "; ".join(f"{m or '?'}: {note}" for m, note in notes.items())
+    without = f"; {skipped} image(s) without a well in the name left out" if skipped else ""
+    typer.echo(f"{len(rows)} well total(s) -> {out} (within-well correlation {used}{without})")
+
+
+@app.command()
+def wells(
+    results: Annotated[Path, typer.Argument(help="Results CSV written by `celltally count`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV for the totals.")] = Path(
+        "wells.csv"
+    ),
+    correlation: Annotated[
+        float | None,
+        typer.Option(
+            help="Within-well correlation of the images' errors, 0-1 (default: the value the "
+            "model measured on its calibration wells, else 0.1).",
+        ),
+    ] = None,
+) -> None:
+    """Per-well totals: the sites of each plate/well/stain summed, with their interval.
+
+    The well comes from the file names (e.g. plate_B03_s2_w1.tif). The total's std
+    combines the sites' stds with the within-well error correlation; the interval
+    uses the model's multiplier at the results' level.
+    """
+    try:
+        _echo_wells(results, out, correlation)
+    except _user_errors() as err:
+        fail(str(err))
 
 
 @app.command()

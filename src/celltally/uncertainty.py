@@ -3,7 +3,9 @@
 A model folder stores, in ``config.json``'s ``calibration`` block, everything
 fitted on its held-out calibration split (see :func:`calibrate_model`):
 split-conformal scores (the default intervals), a temperature for sigma (the
-compared alternative) and out-of-distribution thresholds. With an ensemble
+compared alternative), out-of-distribution thresholds and, when several
+calibration images come from one well, the correlation of their errors
+(used for per-well totals, :mod:`celltally.wells`). With an ensemble
 (:func:`train_ensemble`), the same again for the ensemble's total sigma under
 ``calibration.epistemic``.
 
@@ -28,9 +30,15 @@ import numpy as np
 import torch
 
 from celltally import io
-from celltally.calibration import calibrate, feature_reference, ood_thresholds
+from celltally.calibration import (
+    calibrate,
+    feature_reference,
+    fit_group_correlation,
+    ood_thresholds,
+)
 from celltally.datasets import LabeledSet
 from celltally.models.pipeline import CountingPipeline
+from celltally.wells import well_key
 
 Log = Callable[[str], None]
 _MEMBER = re.compile(r"^ensemble_(\d+)\.safetensors$")
@@ -200,6 +208,9 @@ def calibrate_model(
     mean, std, features = _predict(counter, calibration)
     block = calibrate(y, mean, std)
     block["ood"] = ood_thresholds(features, quantile=quantile)
+    wells = [well_key(m["name"]) if m.get("name") else None for m in calibration.meta]
+    if len(wells) == len(y) and (fitted := fit_group_correlation(y, mean, std, wells)):
+        block["well_correlation"] = fitted  # for per-well totals (celltally.wells)
     if ensemble_files(folder):
         ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
         e_mean, e_std, e_features = _predict(ens, calibration)

@@ -1,0 +1,257 @@
+"""Per-well totals: the counts of a well's images (its sites) summed, with an interval.
+
+A screen images each well at several sites; the biologist's number is the
+well's. The total is the sum of the sites' counts. Its standard deviation
+adds the sites' stds with the within-well error correlation that the model
+measured on its calibration data (:func:`celltally.calibration.fit_group_correlation`;
+stored in its config as ``calibration.well_correlation``), and its interval
+uses the model's own multiplier at the results' level, as each image's does.
+Measured on held-out BBBC005 wells: ``benchmarks/wells.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from celltally import io, naming
+from celltally.calibration import total_std
+
+__all__ = [
+    "DEFAULT_CORRELATION",
+    "WELL_COLUMNS",
+    "aggregate_wells",
+    "model_correlation",
+    "read_results",
+    "well_key",
+    "well_totals",
+    "write_wells",
+]
+
+#: Assumed when a model carries no measured within-well correlation (its
+#: calibration images hold one image per well, as the ``nuclei`` model's do):
+#: above the shipped ``bbbc005`` model's measured value, so intervals err wide.
+DEFAULT_CORRELATION = 0.1
+
+#: Columns of the per-well CSV, in order.
+WELL_COLUMNS: list[str] = [
+    "plate",
+    "well",
+    "stain",
+    "images",
+    "sites",
+    "count",
+    "std",
+    "low",
+    "high",
+    "level",
+    "mean_per_image",
+    "model",
+    "correlation",
+    "warnings",
+    "true_count",
+    "error",
+]
+
+#: Columns a results CSV needs to be aggregated (``celltally count`` writes them).
+REQUIRED_COLUMNS = ("file", "count", "std", "low", "high", "level", "model", "well")
+
+
+def well_key(name: str | Path) -> tuple[str, str, str] | None:
+    """``(plate, well, stain)`` parsed from an image name, or None without a well.
+
+    Images of different stains (channels) of one well are separate groups:
+    they show the same cells, and adding them would count them twice.
+    """
+    parsed = naming.parse_name(name)
+    if parsed.well is None:
+        return None
+    return (parsed.plate or "", parsed.well, "" if parsed.stain is None else str(parsed.stain))
+
+
+def read_results(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a results CSV written by ``celltally count`` (:func:`celltally.batch.read_results`).
+
+    Raises
+    ------
+    celltally.io.InputError
+        The file is missing or lacks a column the totals need (one-line message).
+    """
+    from celltally.batch import read_results as read_complete_rows
+
+    path = Path(path)
+    if not path.is_file():
+        raise io.InputError(f"{path}: no such results file")
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), [])
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise io.InputError(
+            f"{path}: not a celltally results CSV (missing column(s) {', '.join(missing)})"
+        )
+    return read_complete_rows(path)
+
+
+def _number(row: Mapping[str, str], column: str, source: str) -> float:
+    try:
+        value = float(row[column])
+    except (TypeError, ValueError):
+        raise io.InputError(
+            f"{source}: {column} {row.get(column)!r} of {row.get('file')} is not a number"
+        ) from None
+    if not math.isfinite(value):
+        raise io.InputError(f"{source}: {column} of {row.get('file')} is {value}")
+    return value
+
+
+def model_correlation(model: str | Path) -> tuple[float, str]:
+    """The within-well error correlation a model measured, and where the value comes from.
+
+    Falls back to :data:`DEFAULT_CORRELATION` when the model is unknown here
+    or its config has no ``calibration.well_correlation``.
+    """
+    from celltally.counter import resolve_model
+
+    try:
+        config = json.loads((resolve_model(model) / "config.json").read_text())
+    except (io.InputError, OSError, ValueError):
+        return DEFAULT_CORRELATION, f"assumed ({model}: model not found)"
+    fitted = config.get("calibration", {}).get("well_correlation")
+    if not fitted:
+        return DEFAULT_CORRELATION, f"assumed ({model} has no measured value)"
+    return float(fitted["value"]), (f"measured by {model} on {fitted['groups']} calibration wells")
+
+
+def aggregate_wells(
+    rows: Iterable[Mapping[str, str]],
+    *,
+    correlation: float | Mapping[str, float],
+    source: str = "results",
+) -> tuple[list[dict[str, Any]], int]:
+    """Sum a results table's counts per (plate, well, stain), with a combined interval.
+
+    Parameters
+    ----------
+    rows : iterable of mappings
+        Rows of a results CSV (:func:`read_results`); the well comes from the
+        ``plate``, ``well`` and ``stain`` columns, else from the file name.
+    correlation : float or mapping of model name to float
+        Within-well correlation of the images' errors (0 independent, 1 shared).
+    source : str
+        Named in error messages (the results file).
+
+    Returns
+    -------
+    wells : list of dict
+        One row per well (keys :data:`WELL_COLUMNS`), sorted by plate, well, stain.
+    skipped : int
+        Images without a well in their name (not in any total).
+
+    Notes
+    -----
+    The total's half-width is the model's interval multiplier at the rows'
+    level (each row's ``(high - count) / std``) times :func:`total_std` of the
+    sites' stds: exact for Gaussian errors with that correlation, and measured
+    against real held-out wells in ``benchmarks/wells.py``.
+    """
+    groups: dict[tuple, list[Mapping[str, str]]] = {}
+    sites_of: dict[tuple, set[str]] = {}
+    skipped = 0
+    for row in rows:
+        if row.get("well"):
+            key = (row.get("plate") or "", row["well"], row.get("stain") or "")
+            site = row.get("site") or ""
+        else:  # not written by `celltally count`: the name says where the image is from
+            key = well_key(row.get("file") or "")
+            parsed = naming.parse_name(row.get("file") or "")
+            site = "" if parsed.site is None else str(parsed.site)
+        if key is None:
+            skipped += 1
+            continue
+        group = (row.get("model") or "", row.get("level") or "", *key)
+        groups.setdefault(group, []).append(row)
+        sites_of.setdefault(group, set()).add(site)
+    wells = []
+    for group, members in sorted(groups.items()):
+        model, level, plate, well, stain = group
+        rho = correlation if isinstance(correlation, int | float) else correlation[model]
+        counts = [_number(r, "count", source) for r in members]
+        stds = [_number(r, "std", source) for r in members]
+        highs = [_number(r, "high", source) for r in members]
+        multipliers = [(h - c) / s for c, s, h in zip(counts, stds, highs, strict=True) if s > 0]
+        multiplier = max(multipliers) if multipliers else 0.0
+        total = sum(counts)
+        std = total_std(stds, float(rho))
+        half = multiplier * std
+        truths = [r.get("true_count") for r in members]
+        known = all(t not in (None, "") for t in truths)
+        truth = sum(float(t) for t in truths) if known else None
+        sites = sorted(sites_of[group] - {""}, key=_site_order)
+        wells.append(
+            {
+                "plate": plate,
+                "well": well,
+                "stain": stain,
+                "images": len(members),
+                "sites": ";".join(sites),
+                "count": round(total, 2),
+                "std": round(std, 3),
+                "low": round(max(0.0, total - half), 2),
+                "high": round(total + half, 2),
+                "level": level,
+                "mean_per_image": round(total / len(members), 2),
+                "model": model,
+                "correlation": round(float(rho), 4),
+                "warnings": sum(1 for r in members if r.get("warning")),
+                "true_count": "" if truth is None else round(truth, 2),
+                "error": "" if truth is None else round(total - truth, 2),
+            }
+        )
+    return wells, skipped
+
+
+def _site_order(site: str) -> tuple[int, str]:
+    return (int(site), site) if site.isdigit() else (1 << 30, site)
+
+
+def write_wells(path: str | Path, wells: Sequence[Mapping[str, Any]]) -> Path:
+    """Write per-well rows (:data:`WELL_COLUMNS`) as CSV, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=WELL_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in wells:
+            writer.writerow({c: row.get(c, "") for c in WELL_COLUMNS})
+    tmp.replace(path)
+    return path
+
+
+def well_totals(
+    results: str | Path, out: str | Path, *, correlation: float | None = None
+) -> tuple[list[dict[str, Any]], int, dict[str, str]]:
+    """Read a results CSV, total it per well and write ``out``: the ``celltally wells`` job.
+
+    ``correlation`` None takes each model's measured value
+    (:func:`model_correlation`). Returns the well rows, the number of images
+    without a well, and where each model's correlation came from.
+    """
+    rows = read_results(results)
+    names = sorted({r.get("model") or "" for r in rows})
+    if correlation is not None:
+        if not 0.0 <= correlation <= 1.0:
+            raise io.InputError(f"--correlation must be between 0 and 1, got {correlation}")
+        values = dict.fromkeys(names, float(correlation))
+        notes = dict.fromkeys(names, "given")
+    else:
+        found = {name: model_correlation(name) for name in names}
+        values = {name: v for name, (v, _) in found.items()}
+        notes = {name: note for name, (_, note) in found.items()}
+    wells, skipped = aggregate_wells(rows, correlation=values, source=str(results))
+    write_wells(out, wells)
+    return wells, skipped, notes

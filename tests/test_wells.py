@@ -1,0 +1,205 @@
+"""Per-well totals (celltally.wells, `celltally wells`, `celltally count --wells`)."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import blob_image
+from typer.testing import CliRunner
+
+from celltally.calibration import (
+    coverage_tolerance,
+    fit_group_correlation,
+    gaussian_quantile,
+    total_std,
+)
+from celltally.cli import app
+from celltally.wells import (
+    DEFAULT_CORRELATION,
+    WELL_COLUMNS,
+    aggregate_wells,
+    model_correlation,
+    well_key,
+)
+
+runner = CliRunner()
+
+
+def row(file, count, std, multiplier=2.0, **extra):
+    return {
+        "file": file,
+        "count": str(count),
+        "std": str(std),
+        "low": str(max(0.0, count - multiplier * std)),
+        "high": str(count + multiplier * std),
+        "level": "0.95",
+        "model": "m",
+        **extra,
+    }
+
+
+def test_total_std_by_hand():
+    # var = 1 + 4 + 4 + 0.5 * ((1 + 2 + 2)^2 - 9) = 17
+    assert total_std([1, 2, 2], 0.5) == pytest.approx(math.sqrt(17))
+    assert total_std([1, 2, 2], 0.0) == pytest.approx(3.0)
+    assert total_std([1, 2, 2], 1.0) == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        total_std([1.0], 1.5)
+
+
+def test_wells_sum_sites_per_stain_with_the_combined_interval():
+    rows = [
+        row("P1_B03_s1_w1.tif", 10.0, 1.0, true_count="11"),
+        row("P1_B03_s2_w1.tif", 20.0, 2.0, true_count="19"),
+        row("P1_B03_s3_w1.tif", 30.0, 2.0, true_count="33"),
+        row("P1_B03_s1_w2.tif", 12.0, 1.0),  # other stain: a total of its own
+        row("no_well_here.tif", 5.0, 1.0),
+    ]
+    original = [dict(r) for r in rows]
+    wells, skipped = aggregate_wells(rows, correlation=0.5)
+    assert rows == original  # inputs untouched
+    assert skipped == 1
+    assert [(w["plate"], w["well"], w["stain"], w["images"]) for w in wells] == [
+        ("P1", "B03", "1", 3),
+        ("P1", "B03", "2", 1),
+    ]
+    first = wells[0]
+    assert set(first) == set(WELL_COLUMNS)
+    assert first["count"] == 60.0 and first["sites"] == "1;2;3"
+    assert first["std"] == pytest.approx(math.sqrt(17), abs=1e-3)
+    assert first["high"] == pytest.approx(60 + 2 * math.sqrt(17), abs=0.01)
+    assert first["low"] == pytest.approx(60 - 2 * math.sqrt(17), abs=0.01)
+    assert first["true_count"] == 63.0 and first["error"] == -3.0
+    assert first["mean_per_image"] == 20.0
+    assert wells[1]["true_count"] == ""  # truth unknown for one of its images
+
+
+def test_well_key_from_names():
+    assert well_key("SIMCEPImages_A05_C18_F1_s03_w2.TIF") == ("", "A05", "2")
+    assert well_key("Plate7_C11_s2_w1.tif") == ("Plate7", "C11", "1")
+    assert well_key("image_001.png") is None
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3])
+def test_fitted_correlation_and_well_coverage_on_a_known_noise_model(rho):
+    """Errors with a known within-well correlation: the estimate recovers it, and
+    intervals built from it reach their nominal coverage (4 binomial sds)."""
+    rng = np.random.default_rng(7)
+    wells, sites = 1500, 4
+    sigma = rng.uniform(0.5, 3.0, (wells, sites))
+    shared = rng.normal(size=(wells, 1))
+    own = rng.normal(size=(wells, sites))
+    z = math.sqrt(rho) * shared + math.sqrt(1 - rho) * own
+    mu = rng.uniform(10, 100, (wells, sites))
+    y = mu + sigma * z
+    groups = [w for w in range(wells) for _ in range(sites)]
+    fitted = fit_group_correlation(y.ravel(), mu.ravel(), sigma.ravel(), groups)
+    pairs = wells * sites * (sites - 1) / 2
+    assert fitted["groups"] == wells and fitted["pairs"] == pairs
+    assert abs(fitted["value"] - rho) < 4 * math.sqrt((1 + rho**2) / pairs) + 0.02
+    level = 0.9
+    half = gaussian_quantile(level) * np.array([total_std(s, fitted["value"]) for s in sigma])
+    inside = np.abs(y.sum(1) - mu.sum(1)) <= half
+    assert abs(inside.mean() - level) < coverage_tolerance(level, wells)
+    if rho > 0:  # taking the errors as independent under-covers
+        naive = gaussian_quantile(level) * np.sqrt((sigma**2).sum(1))
+        assert (np.abs(y.sum(1) - mu.sum(1)) <= naive).mean() < level - 0.05
+
+
+def test_fit_without_groups_gives_none():
+    assert fit_group_correlation([1, 2], [1, 2], [1, 1], ["a", "b"]) is None
+    assert fit_group_correlation([1, 2], [1, 2], [1, 1], [None, None]) is None
+
+
+def test_model_correlation_measured_or_assumed():
+    value, note = model_correlation("bbbc005")
+    assert 0 < value < 1 and "measured" in note
+    assert model_correlation("nuclei") == (
+        DEFAULT_CORRELATION,
+        "assumed (nuclei has no measured value)",
+    )
+    assert model_correlation("no-such-model")[0] == DEFAULT_CORRELATION
+
+
+@pytest.fixture
+def well_plate(tmp_path):
+    folder = tmp_path / "screen"
+    folder.mkdir()
+    for well, n in (("B02", 4), ("B03", 9)):
+        for site in (1, 2):
+            tifffile.imwrite(folder / f"Plate1_{well}_s{site}_w1.tif", blob_image(n, seed=site + n))
+    return folder
+
+
+def test_count_with_wells_then_wells_command(tiny_model, well_plate, tmp_path):
+    out, totals = tmp_path / "res.csv", tmp_path / "wells.csv"
+    result = runner.invoke(
+        app,
+        [
+            "count",
+            str(well_plate),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model),
+            "--wells",
+            str(totals),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 well total(s)" in result.output and "assumed" in result.output
+    with open(out, newline="") as handle:
+        images = list(csv.DictReader(handle))
+    with open(totals, newline="") as handle:
+        wells = list(csv.DictReader(handle))
+    assert [(w["plate"], w["well"], w["images"], w["sites"]) for w in wells] == [
+        ("Plate1", "B02", "2", "1;2"),
+        ("Plate1", "B03", "2", "1;2"),
+    ]
+    for w in wells:
+        mine = [r for r in images if r["well"] == w["well"]]
+        assert float(w["count"]) == pytest.approx(sum(float(r["count"]) for r in mine), abs=0.02)
+        assert float(w["low"]) <= float(w["count"]) <= float(w["high"])
+        assert float(w["correlation"]) == DEFAULT_CORRELATION
+    # the command on its own, with a given correlation: stds simply add up at 1
+    again = tmp_path / "w1.csv"
+    result = runner.invoke(app, ["wells", str(out), "-o", str(again), "--correlation", "1"])
+    assert result.exit_code == 0, result.output
+    with open(again, newline="") as handle:
+        first = next(csv.DictReader(handle))
+    mine = [r for r in images if r["well"] == first["well"]]
+    assert float(first["std"]) == pytest.approx(sum(float(r["std"]) for r in mine), abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "no such results file"),
+        ("image,count\na.tif,3\n", "not a celltally results CSV (missing column(s) file, std"),
+    ],
+)
+def test_wells_bad_input_one_line_error(tmp_path, content, expected):
+    path = tmp_path / "results.csv"
+    if content is not None:
+        path.write_text(content)
+    result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 2
+    assert expected in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_wells_refuses_a_bad_number_and_a_bad_correlation(tmp_path):
+    path = tmp_path / "results.csv"
+    fields = ["file", "count", "std", "low", "high", "level", "model", "well"]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        values = ["a_B02_s1.tif", "nan", "1", "0", "2", "0.95", "m", "B02"]
+        writer.writerow(dict(zip(fields, values, strict=True)))
+    result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 2 and "count of a_B02_s1.tif is nan" in result.output
+    result = runner.invoke(app, ["wells", str(path), "--correlation", "2"])
+    assert result.exit_code == 2 and "between 0 and 1" in result.output

@@ -203,3 +203,28 @@ def test_wells_refuses_a_bad_number_and_a_bad_correlation(tmp_path):
     assert result.exit_code == 2 and "count of a_B02_s1.tif is nan" in result.output
     result = runner.invoke(app, ["wells", str(path), "--correlation", "2"])
     assert result.exit_code == 2 and "between 0 and 1" in result.output
+
+
+def test_python_api_totals_match_the_cli(tiny_model, well_plate, tmp_path):
+    """The README's Python route (result_row + aggregate_wells) gives the CLI's totals."""
+    from celltally.batch import result_row
+    from celltally.counter import CellCounter
+
+    counter = CellCounter.from_pretrained(tiny_model)
+    rows = [
+        result_row(path, r, model_name=str(tiny_model))
+        for path, r in counter.count_paths(sorted(well_plate.glob("*.tif")))
+        if not isinstance(r, Exception)
+    ]
+    wells, skipped = aggregate_wells(rows, correlation=model_correlation(tiny_model)[0])
+    out, totals = tmp_path / "res.csv", tmp_path / "wells.csv"
+    args = ["count", str(well_plate), "-o", str(out), "--model", str(tiny_model)]
+    result = runner.invoke(app, [*args, "--wells", str(totals), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with open(totals, newline="") as handle:
+        cli = list(csv.DictReader(handle))
+    assert skipped == 0 and len(wells) == len(cli) == 2
+    for mine, theirs in zip(wells, cli, strict=True):
+        assert mine["well"] == theirs["well"]
+        assert mine["count"] == pytest.approx(float(theirs["count"]), abs=0.02)
+        assert mine["high"] == pytest.approx(float(theirs["high"]), abs=0.05)

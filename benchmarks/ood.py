@@ -7,7 +7,11 @@ Counts, with the model's stored thresholds, (1) its held-out BBBC005 test
 images (sites 9-10: warnings there are false alarms), (2) BBBC039's real
 nuclei images (another microscope and stain: a different distribution), and
 (3) generated strange frames: uniform noise, a checkerboard, an intensity
-gradient and a blank frame, 696 x 520. Prints the warning rate of each and
+gradient and a blank frame, 696 x 520, and (4) the BBBC005 test images at
+another size, counted in tiles: shrunk to 0.5x and 0.7x (as if imaged with
+another objective or binned: the cells look smaller, so warnings are hits),
+and at their true scale as central 348 x 260 crops and 2 x 2 mosaics
+(warnings there are false alarms). Prints the warning rate of each and
 writes benchmarks/results/ood.json. Real data sets are skipped when absent.
 """
 
@@ -48,6 +52,40 @@ def warning_rate(counter: CellCounter, paths: list[Path]) -> dict[str, float | i
     return {"n": total, "warned": flagged, "rate": flagged / max(total, 1)}
 
 
+def variants(paths: list[Path]) -> dict[str, list[tuple[np.ndarray, float]]]:
+    """The test frames at other scales and sizes, with their true counts (None: unknown)."""
+    from skimage.transform import rescale
+
+    from celltally import io
+
+    frames = [(io.read_image(p).astype(np.float32), naming.parse_name(p.name).count) for p in paths]
+    out: dict[str, list] = {"shrunk 0.5x": [], "shrunk 0.7x": [], "crop": [], "mosaic": []}
+    for image, count in frames:
+        for factor in (0.5, 0.7):
+            small = rescale(image, factor, anti_aliasing=True, preserve_range=True)
+            out[f"shrunk {factor}x"].append((small, count))
+        h, w = image.shape
+        out["crop"].append((image[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2], None))
+    for k in range(0, len(frames) - 3, 4):
+        four = [f for f, _ in frames[k : k + 4]]
+        total = sum(c for _, c in frames[k : k + 4])
+        out["mosaic"].append((np.block([[four[0], four[1]], [four[2], four[3]]]), total))
+    return out
+
+
+def array_warning_rate(counter: CellCounter, items: list[tuple[np.ndarray, float]]) -> dict:
+    flagged, ratios = 0, []
+    for image, truth in items:
+        result = counter.count(image)
+        flagged += bool(result.warning)
+        if truth:
+            ratios.append(result.count / truth)
+    out = {"n": len(items), "warned": flagged, "rate": flagged / max(len(items), 1)}
+    if ratios:
+        out["median_count_over_truth"] = float(np.median(ratios))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bbbc005")
@@ -62,6 +100,14 @@ def main() -> int:
         files = [p for p, _ in labelled_files(bbbc005)]
         test = [p for p in files if naming.parse_name(p.name).site in TEST_SITES]
         results["BBBC005 held-out sites 9-10 (false alarms)"] = warning_rate(counter, test)
+        names = {
+            "shrunk 0.5x": "same, shrunk 0.5x (cells too small: hits)",
+            "shrunk 0.7x": "same, shrunk 0.7x (cells too small: hits)",
+            "crop": "same, central half crops, true scale (false alarms)",
+            "mosaic": "same, 2 x 2 mosaics, true scale (false alarms)",
+        }
+        for key, items in variants(test).items():
+            results[names[key]] = array_warning_rate(counter, items)
     bbbc039 = Path(args.bbbc039)
     if bbbc039.exists():
         files = [p for p, _ in labelled_files(bbbc039)]
@@ -69,9 +115,11 @@ def main() -> int:
     for name, frame in strange_frames().items():
         warned = bool(counter.count(frame).warning)
         results[name] = {"n": 1, "warned": int(warned), "rate": float(warned)}
-    print(f"{'input':<45}{'n':>6}{'warned':>8}{'rate':>8}")
+    print(f"{'input':<56}{'n':>6}{'warned':>8}{'rate':>8}  count / truth")
     for name, r in results.items():
-        print(f"{name:<45}{r['n']:>6}{r['warned']:>8}{r['rate']:>8.1%}")
+        ratio = r.get("median_count_over_truth")
+        shown = f"  {ratio:.2f}" if ratio is not None else ""
+        print(f"{name:<56}{r['n']:>6}{r['warned']:>8}{r['rate']:>8.1%}{shown}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "results": results}, indent=2) + "\n")

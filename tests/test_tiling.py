@@ -373,3 +373,21 @@ def test_shipped_nuclei_model_counts_16bit_nuclei_beyond_100():
     assert listing.exit_code == 0
     block = listing.output.split("\nnuclei\n", 1)[1].split("\n\n", 1)[0]
     assert "BBBC039" in block and "held-out test" in block and "counters with --epistemic" in block
+
+
+def test_images_counted_in_tiles_get_the_deep_feature_check():
+    """A frame shrunk 0.4x (cells far smaller than the model knows) is flagged; a 2 x 2
+    mosaic of the frame at its true scale is counted in tiles too and is not."""
+    from skimage.transform import rescale
+
+    from celltally.simulate import simulate_scene
+
+    counter = CellCounter.from_pretrained("bbbc005", device="cpu")
+    limit = counter.calibration["ood"]["feature_distance"]
+    frame = simulate_scene(60, blur=1, stain=1, seed=2).image
+    shrunk = counter.count(rescale(frame.astype(float), 0.4, preserve_range=True))
+    assert shrunk.ood["feature_distance"] > limit
+    assert "deep features" in shrunk.warning
+    mosaic = counter.count(np.block([[frame, frame], [frame, frame]]))
+    assert mosaic.ood["feature_distance"] < limit and not mosaic.warning
+    assert mosaic.count == pytest.approx(4 * counter.count(frame).count, rel=0.05)

@@ -228,3 +228,28 @@ def test_python_api_totals_match_the_cli(tiny_model, well_plate, tmp_path):
         assert mine["well"] == theirs["well"]
         assert mine["count"] == pytest.approx(float(theirs["count"]), abs=0.02)
         assert mine["high"] == pytest.approx(float(theirs["high"]), abs=0.05)
+
+
+def test_wells_say_which_images_failed(tiny_model, tmp_path):
+    """A well with an unreadable image says so; a well with none counted still has a row."""
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    tifffile.imwrite(folder / "P_B02_s1_w1.tif", blob_image(4, seed=1))
+    (folder / "P_B02_s2_w1.tif").write_bytes(b"II*\x00not a tiff")
+    (folder / "P_C05_s1_w1.tif").write_bytes(b"II*\x00not a tiff")
+    out, totals = tmp_path / "res.csv", tmp_path / "wells.csv"
+    args = ["count", str(folder), "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    result = runner.invoke(app, [*args, "--wells", str(totals)])
+    assert result.exit_code == 1  # unreadable files: counted what it could
+    assert "2 well(s) lack images that could not be counted" in result.output
+    with open(totals, newline="") as handle:
+        wells = {w["well"]: w for w in csv.DictReader(handle)}
+    assert (wells["B02"]["images"], wells["B02"]["failed"]) == ("1", "1")
+    assert float(wells["B02"]["count"]) >= 0
+    assert (wells["C05"]["images"], wells["C05"]["failed"], wells["C05"]["count"]) == ("0", "1", "")
+    # once the file is fixed and the run resumed, the well is whole again
+    tifffile.imwrite(folder / "P_B02_s2_w1.tif", blob_image(6, seed=2))
+    runner.invoke(app, [*args, "--wells", str(totals)])
+    with open(totals, newline="") as handle:
+        wells = {w["well"]: w for w in csv.DictReader(handle)}
+    assert (wells["B02"]["images"], wells["B02"]["failed"]) == ("2", "0")

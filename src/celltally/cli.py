@@ -283,6 +283,13 @@ def _echo_wells(results: Path, out: Path, correlation: float | None) -> None:
     used = "; ".join(f"{m or '?'}: {note}" for m, note in notes.items())
     without = f"; {skipped} image(s) without a well in the name left out" if skipped else ""
     typer.echo(f"{len(rows)} well total(s) -> {out} (within-well correlation {used}{without})")
+    partial = sum(1 for r in rows if r.get("failed"))
+    if partial:
+        typer.echo(
+            f"warning: {partial} well(s) lack images that could not be counted "
+            "(column 'failed'): their totals cover only the images counted",
+            err=True,
+        )
 
 
 @app.command()

@@ -43,6 +43,7 @@ WELL_COLUMNS: list[str] = [
     "well",
     "stain",
     "images",
+    "failed",
     "sites",
     "count",
     "std",
@@ -130,6 +131,7 @@ def aggregate_wells(
     rows: Iterable[Mapping[str, str]],
     *,
     correlation: float | Mapping[str, float],
+    failed: Iterable[str] = (),
     source: str = "results",
 ) -> tuple[list[dict[str, Any]], int]:
     """Sum a results table's counts per (plate, well, stain), with a combined interval.
@@ -141,6 +143,10 @@ def aggregate_wells(
         ``plate``, ``well`` and ``stain`` columns, else from the file name.
     correlation : float or mapping of model name to float
         Within-well correlation of the images' errors (0 independent, 1 shared).
+    failed : iterable of str
+        Files that could not be counted (a run's errors CSV): each well says
+        how many of its images are missing from its total (``failed``), and a
+        well whose every image failed still gets a row, with no count.
     source : str
         Named in error messages (the results file).
 
@@ -175,6 +181,10 @@ def aggregate_wells(
         group = (row.get("model") or "", row.get("level") or "", *key)
         groups.setdefault(group, []).append(row)
         sites_of.setdefault(group, set()).add(site)
+    missing: dict[tuple, int] = {}
+    for name in failed:
+        if (key := well_key(name)) is not None:
+            missing[key] = missing.get(key, 0) + 1
     wells = []
     for group, members in sorted(groups.items()):
         model, level, plate, well, stain = group
@@ -197,6 +207,7 @@ def aggregate_wells(
                 "well": well,
                 "stain": stain,
                 "images": len(members),
+                "failed": missing.pop((plate, well, stain), 0),
                 "sites": ";".join(sites),
                 "count": round(total, 2),
                 "std": round(std, 3),
@@ -211,6 +222,9 @@ def aggregate_wells(
                 "error": "" if truth is None else round(total - truth, 2),
             }
         )
+    for (plate, well, stain), n in missing.items():  # wells with no image counted
+        wells.append({"plate": plate, "well": well, "stain": stain, "images": 0, "failed": n})
+    wells.sort(key=lambda w: (w["plate"], w["well"], w["stain"]))
     return wells, skipped
 
 
@@ -230,6 +244,18 @@ def write_wells(path: str | Path, wells: Sequence[Mapping[str, Any]]) -> Path:
             writer.writerow({c: row.get(c, "") for c in WELL_COLUMNS})
     tmp.replace(path)
     return path
+
+
+def _failed_files(results: str | Path, rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Files in the run's errors CSV (``<results stem>.errors.csv``) not counted since."""
+    from celltally.batch import output_paths
+
+    errors = output_paths(results).errors
+    if not errors.is_file():
+        return []
+    counted = {r.get("file") for r in rows}
+    with errors.open(newline="") as handle:
+        return [r["file"] for r in csv.DictReader(handle) if r.get("file") not in counted]
 
 
 def well_totals(
@@ -252,6 +278,8 @@ def well_totals(
         found = {name: model_correlation(name) for name in names}
         values = {name: v for name, (v, _) in found.items()}
         notes = {name: note for name, (_, note) in found.items()}
-    wells, skipped = aggregate_wells(rows, correlation=values, source=str(results))
+    wells, skipped = aggregate_wells(
+        rows, correlation=values, failed=_failed_files(results, rows), source=str(results)
+    )
     write_wells(out, wells)
     return wells, skipped, notes

@@ -124,7 +124,7 @@ def model_correlation(model: str | Path) -> tuple[float, str]:
     fitted = config.get("calibration", {}).get("well_correlation")
     if not fitted:
         return DEFAULT_CORRELATION, f"assumed ({model} has no measured value)"
-    return float(fitted["value"]), (f"measured by {model} on {fitted['groups']} calibration wells")
+    return float(fitted["value"]), f"measured by {model} on {fitted['groups']} calibration wells"
 
 
 def aggregate_wells(

@@ -207,6 +207,8 @@ def test_models_lists_shipped_models_with_their_figures():
     assert f"held-out test ({int(bbbc005['n'])} images): MAE {bbbc005['mae']:.2f}" in result.output
     assert "trained on:\n    - " in result.output  # one line per training source, not a list repr
     assert "['" not in result.output
+    wells = CellCounter.from_pretrained("bbbc005", device="cpu").calibration["well_correlation"]
+    assert f"within-well error correlation {wells['value']:.3f}" in result.output
 
 
 def test_progress_bar_only_on_a_terminal(tiny_model, image_folder, tmp_path):

@@ -555,6 +555,12 @@ def models() -> None:
             f"max error {test.get('max_abs_error', nan):.1f}, R² {test.get('r2', nan):.3f}, "
             f"95% interval coverage {test.get('coverage', nan):.1%}",
         ]
+        wells = config.get("calibration", {}).get("well_correlation")
+        if wells:
+            lines.append(
+                f"  per-well totals: within-well error correlation {wells['value']:.3f} "
+                f"(measured on {wells['groups']} calibration wells)"
+            )
         typer.echo("\n".join(lines) + "\n")
 
 

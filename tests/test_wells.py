@@ -253,3 +253,44 @@ def test_wells_say_which_images_failed(tiny_model, tmp_path):
     with open(totals, newline="") as handle:
         wells = {w["well"]: w for w in csv.DictReader(handle)}
     assert (wells["B02"]["images"], wells["B02"]["failed"]) == ("2", "0")
+
+
+def test_evaluate_reports_per_well_totals(tiny_model, tmp_path):
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    for column, n in ((1, 3), (2, 8)):
+        for site in (1, 2, 3):
+            name = f"SIMCEPImages_A{column:02d}_C{n}_F1_s{site:02d}_w1.TIF"
+            tifffile.imwrite(folder / name, blob_image(n, seed=10 * n + site))
+    from celltally.evaluation import evaluate_folder
+
+    result = evaluate_folder(folder, model=tiny_model)
+    wells = result["wells"]
+    assert wells["n_wells"] == 2 and wells["images_per_well"] == 3
+    assert wells["correlation_source"] == "assumed" and wells["correlation"] == DEFAULT_CORRELATION
+    by_well: dict[str, list] = {}
+    for r in result["rows"]:
+        by_well.setdefault(r["file"].split("_")[1], []).append(r)
+    expected = np.mean(
+        [abs(sum(r["count"] for r in rs) - sum(r["true"] for r in rs)) for rs in by_well.values()]
+    )
+    assert wells["mae"] == pytest.approx(expected, abs=0.02)
+    assert 0.0 <= wells["coverage"] <= 1.0
+    out = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(folder),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(tmp_path / "e.json"),
+            "--no-progress",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert "per-well totals (2 wells of 3.0 images, assumed within-well correlation" in out.output
+    single = tmp_path / "single"
+    single.mkdir()
+    tifffile.imwrite(single / "SIMCEPImages_A01_C3_F1_s01_w1.TIF", blob_image(3))
+    assert evaluate_folder(single, model=tiny_model)["wells"] is None

@@ -359,6 +359,14 @@ def evaluate(
     except _user_errors() as err:
         fail(str(err))
     typer.echo(format_table(result["metrics"]))
+    if wells := result.get("wells"):
+        typer.echo(
+            f"per-well totals ({wells['n_wells']} wells of {wells['images_per_well']:.1f} images, "
+            f"{wells['correlation_source']} within-well correlation {wells['correlation']:.3f}): "
+            f"MAE {wells['mae']:.2f}, max {wells['max_abs_error']:.2f}, "
+            f"{level:.0%} coverage {wells['coverage']:.1%}, "
+            f"mean half-width {wells['mean_half_width']:.2f}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(f"metrics -> {out}")

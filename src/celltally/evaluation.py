@@ -6,6 +6,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from celltally import io, naming
@@ -84,6 +85,47 @@ def evaluate_folder(
         "data": str(data),
         "level": level,
         "metrics": grouped_metrics(rows, by=("blur", "stain")),
+        "wells": well_metrics(rows, counter=counter),
         "errors": errors,
         "rows": rows,
+    }
+
+
+def well_metrics(rows: list[dict[str, Any]], *, counter: CellCounter) -> dict[str, Any] | None:
+    """Errors and interval coverage of per-well totals (wells of two images or more).
+
+    The totals are :func:`celltally.wells.aggregate_wells`'s, with the
+    within-well correlation the model measured (else the default). None when
+    no well in the names holds two images.
+    """
+    from celltally.wells import DEFAULT_CORRELATION, aggregate_wells
+
+    fitted = counter.calibration.get("well_correlation")
+    rho = float(fitted["value"]) if fitted else DEFAULT_CORRELATION
+    table = [
+        {
+            "file": r["file"],
+            "count": str(r["count"]),
+            "std": str(r["std"]),
+            "high": str(r["high"]),
+            "true_count": str(r["true"]),
+            "model": counter.name,
+            "level": "",
+        }
+        for r in rows
+    ]
+    wells = [w for w in aggregate_wells(table, correlation=rho)[0] if w["images"] >= 2]
+    if not wells:
+        return None
+    error = np.array([w["error"] for w in wells], dtype=float)
+    inside = [w["low"] <= w["true_count"] <= w["high"] for w in wells]
+    return {
+        "n_wells": len(wells),
+        "images_per_well": float(np.mean([w["images"] for w in wells])),
+        "correlation": rho,
+        "correlation_source": "measured" if fitted else "assumed",
+        "mae": float(np.abs(error).mean()),
+        "max_abs_error": float(np.abs(error).max()),
+        "coverage": float(np.mean(inside)),
+        "mean_half_width": float(np.mean([(w["high"] - w["low"]) / 2 for w in wells])),
     }

@@ -122,6 +122,22 @@ def test_report_renders_and_its_images_exist(tiny_model, labelled_folder, tmp_pa
     for row in misses:
         assert row["file"] in text
     assert re.search(r"<td>0\.95</td>", text)  # the reliability table lists nominal 0.95
+    assert "Per-well totals" not in text  # one image per well: no totals to show
+
+
+def test_report_shows_per_well_totals(tiny_model, tmp_path):
+    folder = tmp_path / "wells"
+    folder.mkdir()
+    for site in (1, 2):
+        for column, n in ((1, 4), (2, 9)):
+            name = f"SIMCEPImages_A{column:02d}_C{n}_F1_s{site:02d}_w1.TIF"
+            tifffile.imwrite(folder / name, blob_image(n, seed=site * 10 + n))
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    evaluation = evaluate_folder(folder, model=counter)
+    text = write_report(evaluation, tmp_path / "r", counter=counter, data=folder).read_text()
+    wells = evaluation["wells"]
+    assert "<h2>Per-well totals</h2>" in text and "2 wells of 2.0 images" in text
+    assert f"<td>{wells['mae']:.2f}</td>" in text and f"<td>{wells['coverage']:.1%}</td>" in text
 
 
 def test_report_caps_the_gallery(tiny_model, labelled_folder, tmp_path):

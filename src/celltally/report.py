@@ -355,6 +355,22 @@ def _safe_stem(name: str, used: set[str]) -> str:
     return candidate
 
 
+def _wells_section(wells: Mapping[str, Any] | None, level: float) -> str:
+    """Per-well totals (wells of two images or more), when the names give wells."""
+    if not wells:
+        return ""
+    return (
+        "<h2>Per-well totals</h2>"
+        f"<p>{wells['n_wells']} wells of {wells['images_per_well']:.1f} images on average: "
+        "each well's counts summed, the interval from the sites' stds with a within-well "
+        f"error correlation of {wells['correlation']:.3f} ({_esc(wells['correlation_source'])})."
+        "</p><table><tr><th>MAE</th><th>max |error|</th>"
+        f"<th>inside the {level:.0%} interval</th><th>mean half-width</th></tr>"
+        f"<tr><td>{wells['mae']:.2f}</td><td>{wells['max_abs_error']:.2f}</td>"
+        f"<td>{wells['coverage']:.1%}</td><td>{wells['mean_half_width']:.2f}</td></tr></table>"
+    )
+
+
 def write_report(
     evaluation: Mapping[str, Any],
     out_dir: str | Path,
@@ -465,6 +481,7 @@ def write_report(
         "<table><tr><th>nominal</th>"
         + "".join(f"<th>{_esc(m)}</th>" for m in methods)
         + f"</tr>{reliability_rows}</table>",
+        _wells_section(evaluation.get("wells"), level),
         f"<h2>Failures: truth outside the {level:.0%} interval "
         f"({len(failures)} of {len(rows)})</h2>",
         "<p class='note'>Each failure is put under the cause whose measure is most extreme "

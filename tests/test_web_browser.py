@@ -287,3 +287,37 @@ def test_channel_field_counts_one_plane_of_a_multichannel_tiff(
     half = (result.high - result.low) / 2
     sync_api.expect(done.locator(".count")).to_have_text(f"{result.count:.1f} ± {half:.1f}")
     context.close()
+
+
+def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
+    """Two sites of one well: the page sums them as `celltally wells` does."""
+    from celltally.batch import result_row
+    from celltally.wells import DEFAULT_CORRELATION, aggregate_wells
+
+    counter = CellCounter.from_pretrained(tiny_model)
+    paths = []
+    for site, n in ((1, 12), (2, 30)):
+        path = tmp_path / f"Screen1_B02_s{site}_w1.tif"
+        tifffile.imwrite(path, simulate_scene(n, seed=40 + site).image)
+        paths.append(path)
+    rows = [result_row(p, counter.count(p), model_name="tiny") for p in paths]
+    (expected,), _ = aggregate_wells(rows, correlation=DEFAULT_CORRELATION)
+    info = json.loads(urllib.request.urlopen(f"{server}/api/info", timeout=10).read())
+    assert info["well_correlation"] == DEFAULT_CORRELATION  # the tiny model measured none
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(server)
+    sync_api.expect(page.locator("#model-name")).to_have_text("tiny")
+    page.set_input_files("#file-input", [str(p) for p in paths])
+    wait_for_batch(page, 2)
+    row = page.locator('#well-totals tbody tr[data-well="B02"]')
+    cells = row.locator("td").all_text_contents()
+    assert cells[:3] == ["Screen1 B02", "w1", "2"]
+    total, half = (float(v) for v in cells[3].split(" ± "))
+    low, high = (float(v) for v in cells[4].split("–"))
+    assert total == pytest.approx(expected["count"], abs=0.06)
+    assert high == pytest.approx(expected["high"], abs=0.06)
+    assert low == pytest.approx(expected["low"], abs=0.06)
+    assert half == pytest.approx((expected["high"] - expected["count"]), abs=0.06)
+    context.close()

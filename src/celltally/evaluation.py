@@ -100,7 +100,7 @@ def well_metrics(rows: list[dict[str, Any]], *, counter: CellCounter) -> dict[st
     """
     from celltally.wells import DEFAULT_CORRELATION, aggregate_wells
 
-    fitted = counter.calibration.get("well_correlation")
+    fitted = (counter.calibration or {}).get("well_correlation")
     rho = float(fitted["value"]) if fitted else DEFAULT_CORRELATION
     table = [
         {

@@ -61,6 +61,7 @@ from celltally import io, naming
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
 from celltally.web import render
 from celltally.web.uploads import RequestRejected, Upload, UploadLimits, receive_uploads
+from celltally.wells import DEFAULT_CORRELATION
 
 __all__ = ["create_app", "STATIC_DIR"]
 
@@ -146,6 +147,9 @@ class Info(BaseModel):
     level: float
     saliency: bool
     accept: list[str]
+    well_correlation: float = Field(
+        description="Within-well error correlation used for per-well totals (celltally.wells)."
+    )
 
 
 _UPLOAD_SCHEMA = {
@@ -443,6 +447,9 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    fitted = (counter.calibration or {}).get("well_correlation")
+    well_correlation = float(fitted["value"]) if fitted else DEFAULT_CORRELATION
+
     @app.get("/api/info", response_model=Info)
     async def info() -> Info:
         """Version, the loaded model, upload limits and defaults."""
@@ -458,6 +465,7 @@ def create_app(
             level=level,
             saliency=saliency,
             accept=list(io.IMAGE_SUFFIXES),
+            well_correlation=well_correlation,
         )
 
     @app.get("/api/models")

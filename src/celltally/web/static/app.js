@@ -106,6 +106,7 @@ async function send({ file, card, row, index }) {
   fillCard(card, result);
   fillRow(row, result);
   drawPlate();
+  drawWellTotals();
 }
 
 // -- cards -----------------------------------------------------------------
@@ -324,6 +325,52 @@ function drawPlate() {
   $("legend-high").textContent = `${fmt(hi)} cells`;
 }
 
+// Per-well totals, as `celltally wells` computes them: the images' counts summed;
+// the std adds their stds with the model's within-well error correlation, and the
+// interval uses the model's own multiplier ((high - count) / std of each image).
+function wellTotals() {
+  const groups = new Map();
+  for (const r of state.results) {
+    const m = (r && r.metadata) || {};
+    if (!r || !r.ok || !m.well) continue;
+    const stain = m.stain === null || m.stain === undefined ? "" : String(m.stain);
+    const key = [m.plate || "", m.well, stain].join("|");
+    const g = groups.get(key) || { plate: m.plate || "", well: m.well, stain, counts: [], stds: [], mult: 0 };
+    g.counts.push(r.count);
+    g.stds.push(r.std);
+    if (r.std > 0) g.mult = Math.max(g.mult, (r.high - r.count) / r.std);
+    groups.set(key, g);
+  }
+  const rho = state.info && state.info.well_correlation !== undefined ? state.info.well_correlation : 0.1;
+  const sum = (xs) => xs.reduce((a, b) => a + b, 0);
+  return [...groups.values()]
+    .sort((a, b) => (a.plate + a.well + a.stain).localeCompare(b.plate + b.well + b.stain))
+    .map((g) => {
+      const total = sum(g.counts);
+      const s1 = sum(g.stds);
+      const s2 = sum(g.stds.map((s) => s * s));
+      const half = g.mult * Math.sqrt(s2 + rho * (s1 * s1 - s2));
+      return { ...g, total, half, low: Math.max(0, total - half), high: total + half };
+    });
+}
+
+function drawWellTotals() {
+  const body = $("well-totals").querySelector("tbody");
+  body.replaceChildren();
+  for (const w of wellTotals()) {
+    const tr = document.createElement("tr");
+    tr.dataset.well = w.well;
+    const cells = [w.plate ? `${w.plate} ${w.well}` : w.well, w.stain ? `w${w.stain}` : "",
+      String(w.counts.length), `${fmt(w.total)} ± ${fmt(w.half)}`, `${fmt(w.low)}–${fmt(w.high)}`];
+    for (const text of cells) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.appendChild(td);
+    }
+    body.appendChild(tr);
+  }
+}
+
 // -- wiring ----------------------------------------------------------------
 function clearAll() {
   state.results = [];
@@ -333,6 +380,7 @@ function clearAll() {
   state.failed = 0;
   $("cards").replaceChildren();
   $("table").querySelector("tbody").replaceChildren();
+  $("well-totals").querySelector("tbody").replaceChildren();
   $("summary").hidden = true;
   $("plate").hidden = true;
   updateProgress();

@@ -326,7 +326,7 @@ class CellCounter:
             out.mask,
             out.mask_std,
             out.epistemic_std,
-            self._forward([self._central_frame(item.prepared)])[0][5],
+            self._embeddings([self._central_frame(item.prepared)])[0],
         )
 
     def _central_frame(self, image: np.ndarray) -> np.ndarray:
@@ -347,8 +347,10 @@ class CellCounter:
             frame = np.pad(frame, pad, mode="reflect")
         return np.ascontiguousarray(frame, dtype=np.float32)
 
-    @torch.inference_mode()
-    def _forward(self, prepared: Sequence[np.ndarray]) -> list[tuple]:
+    def _segment(
+        self, prepared: Sequence[np.ndarray]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """The batch on the device, its mask and log-variance, and its embeddings (or Nones)."""
         # unsqueeze, not NumPy's [:, None]: a zero stride that cuDNN misreads on GPU
         x = torch.from_numpy(np.stack(prepared)).unsqueeze(1).to(self.device)
         self._local.collect, self._local.embedding = True, None
@@ -359,6 +361,16 @@ class CellCounter:
         embeddings = self._local.embedding
         if embeddings is None:
             embeddings = [None] * len(x)
+        return x, mask, mask_logvar, embeddings
+
+    @torch.inference_mode()
+    def _embeddings(self, prepared: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+        """The images' embeddings: the segmenter alone, no counter."""
+        return list(self._segment(prepared)[3])
+
+    @torch.inference_mode()
+    def _forward(self, prepared: Sequence[np.ndarray]) -> list[tuple]:
+        x, mask, mask_logvar, embeddings = self._segment(prepared)
         planes = self.model.counter_planes(mask, mask_logvar, x)
         outs = [self.model.counter(planes)] + [m(planes) for m in self.members]
         means = torch.stack([o[0] for o in outs])
@@ -384,7 +396,7 @@ class CellCounter:
         rows = []
         for start in range(0, len(prepared), batch_size):
             chunk = [np.asarray(a, dtype=np.float32) for a in prepared[start : start + batch_size]]
-            rows += [r[5] for r in self._forward(chunk)]
+            rows += self._embeddings(chunk)
         if any(r is None for r in rows):
             raise ValueError(f"model {self.name}'s segmenter has no encoder blocks to embed with")
         return np.stack(rows)

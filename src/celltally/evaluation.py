@@ -98,10 +98,9 @@ def well_metrics(rows: list[dict[str, Any]], *, counter: CellCounter) -> dict[st
     within-well correlation the model measured (else the default). None when
     no well in the names holds two images.
     """
-    from celltally.wells import DEFAULT_CORRELATION, aggregate_wells
+    from celltally.wells import aggregate_wells, calibrated_correlation
 
-    fitted = (counter.calibration or {}).get("well_correlation")
-    rho = float(fitted["value"]) if fitted else DEFAULT_CORRELATION
+    rho, fitted = calibrated_correlation(counter.calibration)
     table = [
         {
             "file": r["file"],

@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_CORRELATION",
     "WELL_COLUMNS",
     "aggregate_wells",
+    "calibrated_correlation",
     "model_correlation",
     "read_results",
     "well_key",
@@ -121,10 +122,21 @@ def model_correlation(model: str | Path) -> tuple[float, str]:
         config = json.loads((resolve_model(model) / "config.json").read_text())
     except (io.InputError, OSError, ValueError):
         return DEFAULT_CORRELATION, f"assumed ({model}: model not found)"
-    fitted = config.get("calibration", {}).get("well_correlation")
+    value, fitted = calibrated_correlation(config.get("calibration"))
     if not fitted:
-        return DEFAULT_CORRELATION, f"assumed ({model} has no measured value)"
-    return float(fitted["value"]), f"measured by {model} on {fitted['groups']} calibration wells"
+        return value, f"assumed ({model} has no measured value)"
+    return value, f"measured by {model} on {fitted['groups']} calibration wells"
+
+
+def calibrated_correlation(
+    calibration: Mapping[str, Any] | None,
+) -> tuple[float, Mapping[str, Any] | None]:
+    """The within-well correlation of a model's ``calibration`` block, and its fit record.
+
+    :data:`DEFAULT_CORRELATION` and None when the block has none.
+    """
+    fitted = (calibration or {}).get("well_correlation")
+    return (float(fitted["value"]) if fitted else DEFAULT_CORRELATION), fitted
 
 
 def aggregate_wells(

@@ -61,7 +61,7 @@ from celltally import io, naming
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
 from celltally.web import render
 from celltally.web.uploads import RequestRejected, Upload, UploadLimits, receive_uploads
-from celltally.wells import DEFAULT_CORRELATION
+from celltally.wells import calibrated_correlation
 
 __all__ = ["create_app", "STATIC_DIR"]
 
@@ -447,8 +447,7 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    fitted = (counter.calibration or {}).get("well_correlation")
-    well_correlation = float(fitted["value"]) if fitted else DEFAULT_CORRELATION
+    well_correlation = calibrated_correlation(counter.calibration)[0]
 
     @app.get("/api/info", response_model=Info)
     async def info() -> Info:

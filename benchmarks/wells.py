@@ -31,7 +31,7 @@ import numpy as np
 from celltally import naming
 from celltally.calibration import calibrate, fit_group_correlation, interval_multiplier
 from celltally.counter import CellCounter
-from celltally.evaluation import labelled_files
+from celltally.evaluation import labelled_files, summarize_wells
 from celltally.wells import aggregate_wells, well_key
 
 LEVELS = (0.8, 0.9, 0.95)
@@ -68,17 +68,7 @@ def totals(pred: dict, sel: np.ndarray, multiplier: float, correlation: float) -
             pred["name"][sel], pred["y"][sel], pred["mu"][sel], pred["sigma"][sel], strict=True
         )
     ]
-    wells, _ = aggregate_wells(rows, correlation=correlation)
-    error = np.array([w["error"] for w in wells], dtype=float)
-    inside = np.array([w["low"] <= w["true_count"] <= w["high"] for w in wells], dtype=float)
-    half = np.array([(w["high"] - max(w["low"], 0)) / 2 for w in wells])
-    return {
-        "wells": len(wells),
-        "images_per_well": len(rows) / max(len(wells), 1),
-        "coverage": float(inside.mean()),
-        "mean_half_width": float(half.mean()),
-        "mae": float(np.abs(error).mean()),
-    }
+    return summarize_wells(aggregate_wells(rows, correlation=correlation)[0])
 
 
 def measure(pred: dict, fit: np.ndarray, held: np.ndarray) -> dict:
@@ -134,7 +124,7 @@ def main() -> int:
                 + f"  {cells['0.95']['mean_half_width']:>5.2f}  {cells['0.95']['mae']:.2f}"
             )
     first = next(iter(results.values()))["fitted"]["0.95"]
-    print(f"({first['wells']} test totals of {first['images_per_well']:.0f} images each)")
+    print(f"({first['n_wells']} test totals of {first['images_per_well']:.0f} images each)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {

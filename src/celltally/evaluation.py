@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +116,23 @@ def well_metrics(rows: list[dict[str, Any]], *, counter: CellCounter) -> dict[st
     wells = [w for w in aggregate_wells(table, correlation=rho)[0] if w["images"] >= 2]
     if not wells:
         return None
+    return {
+        **summarize_wells(wells),
+        "correlation": rho,
+        "correlation_source": "measured" if fitted else "assumed",
+    }
+
+
+def summarize_wells(wells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """MAE, max |error|, interval coverage and mean half-width of per-well totals.
+
+    ``wells``: rows of :func:`celltally.wells.aggregate_wells` whose true totals are known.
+    """
     error = np.array([w["error"] for w in wells], dtype=float)
     inside = [w["low"] <= w["true_count"] <= w["high"] for w in wells]
     return {
         "n_wells": len(wells),
         "images_per_well": float(np.mean([w["images"] for w in wells])),
-        "correlation": rho,
-        "correlation_source": "measured" if fitted else "assumed",
         "mae": float(np.abs(error).mean()),
         "max_abs_error": float(np.abs(error).max()),
         "coverage": float(np.mean(inside)),

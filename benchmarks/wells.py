@@ -34,22 +34,18 @@ from celltally.counter import CellCounter
 from celltally.evaluation import labelled_files, summarize_wells
 from celltally.wells import aggregate_wells, well_key
 
+sys.path.insert(0, str(Path(__file__).parent))
+from calibration import predict as predict_pairs  # noqa: E402  (the sibling benchmark)
+
 LEVELS = (0.8, 0.9, 0.95)
 
 
 def predict(counter: CellCounter, data: Path) -> dict[str, np.ndarray]:
-    pairs = labelled_files(data)
-    truth = dict(pairs)
-    rows: dict[str, list] = {"y": [], "mu": [], "sigma": [], "name": [], "site": []}
-    for path, result in counter.count_paths([p for p, _ in pairs]):
-        if isinstance(result, Exception):
-            raise result
-        rows["y"].append(truth[path])
-        rows["mu"].append(result.count)
-        rows["sigma"].append(result.std)
-        rows["name"].append(path.name)
-        rows["site"].append(naming.parse_name(path.name).site)
-    return {k: np.array(v) for k, v in rows.items()}
+    """Truths, counts, stds, names and sites of every labelled image (calibration.py's count)."""
+    pred = predict_pairs(counter, labelled_files(data))
+    pred["name"] = np.array(pred.pop("names"))
+    pred["site"] = np.array([naming.parse_name(n).site for n in pred["name"]])
+    return pred
 
 
 def totals(pred: dict, sel: np.ndarray, multiplier: float, correlation: float) -> dict:

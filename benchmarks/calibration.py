@@ -164,6 +164,19 @@ def measure(cal: dict, test: dict, stored: dict) -> dict:
     return out
 
 
+def fold_coverage(
+    y: np.ndarray, mu: np.ndarray, sigma: np.ndarray, splits, *, levels: tuple = LEVELS
+) -> dict[str, list[float]]:
+    """Conformal coverage per level over ``splits`` of (fit, held-out) indices or masks."""
+    per_level: dict[str, list[float]] = {f"{lv:g}": [] for lv in levels}
+    for fit, held in splits:
+        block = calibrate(y[fit], mu[fit], sigma[fit])
+        for lv in levels:
+            q = interval_multiplier(block, lv, "conformal")
+            per_level[f"{lv:g}"].append(coverage(y[held], mu[held], sigma[held], q))
+    return per_level
+
+
 def cross_site(cal: dict, *, levels: tuple[float, ...] = LEVELS) -> dict:
     """Conformal coverage on each pair of calibration sites, fitted on the other sites.
 
@@ -178,15 +191,8 @@ def cross_site(cal: dict, *, levels: tuple[float, ...] = LEVELS) -> dict:
     site = np.array([naming.parse_name(n).site for n in cal["names"]])
     sites = sorted(set(site.tolist()))
     folds = list(combinations(sites, 2))
-    per_level: dict[str, list[float]] = {f"{lv:g}": [] for lv in levels}
-    for pair in folds:
-        held = np.isin(site, pair)
-        block = calibrate(cal["y"][~held], cal["mu"][~held], cal["sigma"][~held])
-        for lv in levels:
-            q = interval_multiplier(block, lv, "conformal")
-            per_level[f"{lv:g}"].append(
-                coverage(cal["y"][held], cal["mu"][held], cal["sigma"][held], q)
-            )
+    splits = ((~np.isin(site, pair), np.isin(site, pair)) for pair in folds)
+    per_level = fold_coverage(cal["y"], cal["mu"], cal["sigma"], splits, levels=levels)
     return {
         "folds": len(folds),
         "held_out_sites_per_fold": 2,
@@ -217,14 +223,9 @@ def resplit(
     sigma = np.concatenate([cal["sigma"], test["sigma"]])
     n_cal = len(cal["y"])
     rng = np.random.default_rng(seed)
-    per_level: dict[str, list[float]] = {f"{lv:g}": [] for lv in levels}
-    for _ in range(draws):
-        order = rng.permutation(len(y))
-        fit, held = order[:n_cal], order[n_cal:]
-        block = calibrate(y[fit], mu[fit], sigma[fit])
-        for lv in levels:
-            q = interval_multiplier(block, lv, "conformal")
-            per_level[f"{lv:g}"].append(coverage(y[held], mu[held], sigma[held], q))
+    orders = (rng.permutation(len(y)) for _ in range(draws))
+    splits = ((order[:n_cal], order[n_cal:]) for order in orders)
+    per_level = fold_coverage(y, mu, sigma, splits, levels=levels)
     return {
         "draws": draws,
         "n_calibration": n_cal,

@@ -15,6 +15,9 @@
    fractions inside it.
 3. Peak memory (max RSS of a fresh process) counting one 4096 x 4096 16-bit
    image with the default tiles, and with one whole-image pass.
+4. What a perfect foreground mask allows: the annotated union masks of the 60
+   training images, counted by connected components and by distance-transform
+   watershed (the best peak spacing), against their instance counts.
 
 Prints tables and writes benchmarks/results/bbbc039.json. Skips cleanly when
 the data (or the model) is absent.
@@ -101,6 +104,32 @@ seconds = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(f"{count} {before / 1024:.1f} {peak / 1024:.1f} {seconds:.2f}")
 """
+
+
+def annotated_mask_counts(data: Path, names: list[str]) -> dict:
+    """Count the union of each image's annotated instances: components and watershed."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+
+    truth, components, peaks = [], [], {5: [], 7: [], 9: []}
+    for name in names:
+        labels = read_instances(data / "masks" / (Path(name).stem + ".png"))
+        foreground = labels > 0
+        blobs, n_blobs = ndi.label(foreground)
+        smooth = ndi.gaussian_filter(ndi.distance_transform_edt(foreground), 1)
+        truth.append(int(len(np.unique(labels)) - 1))
+        components.append(n_blobs)
+        for md in peaks:
+            found = peak_local_max(smooth, min_distance=md, labels=blobs, exclude_border=False)
+            peaks[md].append(len(found))
+    by_md = {md: count_metrics(truth, p)["mae"] for md, p in peaks.items()}
+    best = min(by_md, key=by_md.get)
+    return {
+        "n": len(names),
+        "components": count_metrics(truth, components),
+        "watershed": {**count_metrics(truth, peaks[best]), "min_distance": best},
+        "watershed_mae_by_min_distance": by_md,
+    }
 
 
 def peak_memory(model: str, path: Path, mode: str) -> dict:
@@ -319,6 +348,17 @@ def main() -> int:
             f"{m['windows']:<14}{m['count']:>9.1f}{m['rss_before_count_mib']:>10.0f} M"
             f"{m['peak_rss_mib']:>8.0f} M{m['seconds']:>9.1f}"
         )
+
+    # 4. counting from a perfect mask -------------------------------------------------
+    perfect = annotated_mask_counts(data, train)
+    report["annotated_masks"] = perfect
+    print(f"\n== the {perfect['n']} training images' annotated masks (no network) ==")
+    print(
+        f"connected components: MAE {perfect['components']['mae']:.2f} "
+        f"(bias {perfect['components']['bias']:+.2f}); watershed (min distance "
+        f"{perfect['watershed']['min_distance']}): MAE {perfect['watershed']['mae']:.2f} "
+        f"(bias {perfect['watershed']['bias']:+.2f})"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=float) + "\n")

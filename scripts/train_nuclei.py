@@ -364,11 +364,15 @@ def train_counter_cells(
     return history
 
 
-def add_members(folder: Path, runs: list[str], model: CountingPipeline) -> None:
+def add_members(
+    folder: Path, runs: list[str], model: CountingPipeline, *, unet: list[str] = ()
+) -> None:
     """Copy the counters of ``runs`` into ``folder`` as ``ensemble_<k>.safetensors``.
 
     Each run must share this model's segmenter (trained with ``--init`` of this
     run and ``--seg-epochs 0``), or its counter read other masks than it will get.
+    With ``unet`` (one U-Net counter file per run), member ``k`` is the average
+    of run ``k``'s counter and U-Net ``k``, as the model's own counter is.
     """
     from safetensors.torch import load_file, save_file
 
@@ -382,7 +386,53 @@ def add_members(folder: Path, runs: list[str], model: CountingPipeline) -> None:
             for key, value in state.items()
             if key.startswith("counter.")
         }
+        if unet:
+            counter = {f"counters.0.{key}": value for key, value in counter.items()}
+            counter.update(
+                {f"counters.1.{key}": v.contiguous() for key, v in load_file(unet[k - 1]).items()}
+            )
         save_file(counter, str(folder / f"ensemble_{k}.safetensors"))
+
+
+def with_unet(
+    model: CountingPipeline, config: dict, unet: Path, *, tta: str
+) -> tuple[CountingPipeline, dict]:
+    """``model`` with its counter averaged with the U-Net counter in ``unet`` (a new model)."""
+    from safetensors.torch import load_file
+
+    trained = json.loads((unet.parent / "result.json").read_text())["args"]
+    block = {
+        "head": "unet",
+        "width": int(trained.get("width", 16)),
+        "levels": int(trained.get("levels", 3)),
+        "count_scale": 0.05,
+        "tta": tta,
+    }
+    config = {**config, "counter": {**config["counter"], "average_with": [block]}}
+    paired = CountingPipeline(config)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("counter."):
+            key = "counter.counters.0." + key.removeprefix("counter.")
+        state[key] = value
+    state.update({f"counter.counters.1.{k}": v for k, v in load_file(str(unet)).items()})
+    paired.load_state_dict(state)
+    return paired, config
+
+
+def unet_commands(unet: Path) -> list[str]:
+    """The scripts/train_nuclei_unet.py commands that made ``unet``, first run first."""
+    args = json.loads((unet.parent / "result.json").read_text())["args"]
+    line = f"python scripts/train_nuclei_unet.py --epochs {args['epochs']} --lr {args['lr']}"
+    line += f" --seed {args['seed']}"
+    if "steps" not in args:  # the first runs drew each epoch's frames from a permutation
+        line += " --sampling permutation"
+    earlier = []
+    if args.get("init"):
+        init = Path(args["init"]).parent / "counter.safetensors"
+        earlier = unet_commands(init)
+        line += f" --init {init}"
+    return [*earlier, f"{line} --out {args['out']}"]
 
 
 def main() -> None:
@@ -433,6 +483,17 @@ def main() -> None:
         nargs="+",
         default=[],
         help="finished runs (--init THIS_RUN --seg-epochs 0) whose counters join as an ensemble",
+    )
+    parser.add_argument(
+        "--unet",
+        help="counter.safetensors of scripts/train_nuclei_unet.py: its U-Net counter is "
+        "averaged with this model's counter (models.average)",
+    )
+    parser.add_argument(
+        "--unet-members",
+        nargs="+",
+        default=[],
+        help="U-Net counters paired, in order, with the --members runs' counters",
     )
     parser.add_argument(
         "--tta",
@@ -512,6 +573,14 @@ def main() -> None:
             model, config = add_counter_inputs(
                 model, {**config, "counter_inputs": planes}, config["counter_inputs"]
             )
+    if args.unet:
+        if args.count_epochs or args.seg_epochs:
+            raise SystemExit(
+                "--unet only assembles trained counters: use --seg-epochs 0 --count-epochs 0"
+            )
+        if len(args.unet_members) != len(args.members):
+            raise SystemExit("--unet-members must pair one U-Net counter with each --members run")
+        model, config = with_unet(model, config, Path(args.unet), tta=args.tta)
     if args.init_segmenter:
         from safetensors.torch import load_file
 
@@ -620,6 +689,22 @@ def main() -> None:
         config["training"]["finalized_by"] = config["training"]["command"]
         config["training"]["command"] = done["training"]["command"]
         config["training"]["data"] = done["training"]["data"]
+    if args.unet:
+        config["training"]["unet_counter"] = {
+            "averaged_with": "the counter trained by 'command' (models.average)",
+            "commands": unet_commands(Path(args.unet)),
+            "targets": "one normalized Gaussian (sigma 1.5 mask px) at each instance's centroid",
+            "calibration_mae_alone": json.loads(
+                (Path(args.unet).parent / "result.json").read_text()
+            ).get("calibration_mae"),
+        }
+        config["training"]["data"] = list(config["training"]["data"]) + [
+            "U-Net counter: the same 60 BBBC039 training images (no simulated scenes)"
+        ]
+        if args.unet_members:
+            config["training"]["unet_members"] = [
+                unet_commands(Path(f))[-1] for f in args.unet_members
+            ]
     if args.members:
         config["training"]["ensemble_members"] = [
             json.loads((Path(run) / "config.json").read_text())["training"]["command"]
@@ -627,7 +712,7 @@ def main() -> None:
         ]
     out = Path(args.out)
     save_model_folder(model, config, out)
-    add_members(out, args.members, model)
+    add_members(out, args.members, model, unet=args.unet_members)
     calibrate_model(out, cal, log=print)
     counter = CellCounter.from_pretrained(out, device=cpu)
     rows, judged = [], {}

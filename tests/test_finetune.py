@@ -40,11 +40,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
+def base_config(name: str) -> dict:
     from conftest import tiny_config
 
-    torch.manual_seed(0)
     config = tiny_config()
     config["counter"] = {
         "width": 0.125,
@@ -56,7 +54,14 @@ def base_model(tmp_path_factory):
     config["scale"] = {"native_size": list(SIZE), "object_diameter_px": 16.0}
     config["train"]["segmenter"].update(epochs=6, batch_size=4, lr=3e-3)
     config["train"]["counter"].update(epochs=30, batch_size=4, lr=1e-2)
-    config["name"] = "base"
+    config["name"] = name
+    return config
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    torch.manual_seed(0)
+    config = base_config("base")
     folder = tmp_path_factory.mktemp("base") / "base"
     save_model_folder(CountingPipeline(config), config, folder)
     return folder
@@ -190,3 +195,20 @@ def test_counts_only_folder_finetunes_only_the_counter(base_model, tmp_path, ext
     counter = [k for k in before if k.startswith("counter.") and before[k].is_floating_point()]
     assert all(torch.equal(before[k], after[k]) for k in segmenter)
     assert any(not torch.equal(before[k], after[k]) for k in counter)
+
+
+def test_finetuning_a_model_whose_counter_averages_a_unet(folders, tmp_path):
+    # the shipped nuclei model's design (models.average): both counters learn the counts
+    train, val = folders
+    torch.manual_seed(0)
+    config = base_config("averaged")
+    unet = {"head": "unet", "width": 4, "levels": 2, "count_scale": 0.05, "tta": "none"}
+    config["counter"]["average_with"] = [unet]
+    base = tmp_path / "averaged"
+    save_model_folder(CountingPipeline(config), config, base)
+    new = tmp_path / "mine"
+    result = run("train", "--data", train, "--from", base, "--out", new, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert json.loads((new / "config.json").read_text())["counter"]["average_with"] == [unet]
+    before, after = mae(base, val), mae(new, val)
+    assert after < 0.5 * before, (before, after)

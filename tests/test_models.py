@@ -1,9 +1,11 @@
 import pytest
 import torch
 
+from celltally.models.average import AverageCounter, sum_to_grid
 from celltally.models.fpn import FPN
 from celltally.models.pipeline import CountingPipeline, add_counter_inputs, counter_input
 from celltally.models.presets import PRESETS, get_preset
+from celltally.models.unet import UNetCounter
 from celltally.models.vgg import VGG11, VGGCounter, make_layers
 
 
@@ -281,3 +283,53 @@ def test_inference_copy_folds_the_paper_fc_head_exactly():
         slow_out, fast_out = model(x), fast(x)
     torch.testing.assert_close(fast_out.count, slow_out.count, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast_out.count_logvar, slow_out.count_logvar, rtol=1e-4, atol=1e-4)
+
+
+def test_unet_counter_density_sums_to_its_count_at_any_size():
+    torch.manual_seed(3)
+    model = UNetCounter(in_channels=2, width=4, levels=2, tta="flip")
+    x = torch.rand(2, 2, 37, 53)  # not a multiple of the pooling: the decoder resizes
+    _settle_batch_norm(model, x)
+    with torch.inference_mode():
+        dens, log_var = model.density(x)
+        count, total_lv = model(x)
+        mirrored, _ = model.density(torch.flip(x, (-2,)))
+    assert dens.shape == log_var.shape == (2, 37, 53)
+    assert (dens >= 0).all()
+    assert torch.allclose(dens.sum((-2, -1)), count, rtol=1e-5)
+    assert torch.allclose(torch.logsumexp(log_var.flatten(1), 1), total_lv, atol=1e-5)
+    assert torch.allclose(mirrored, torch.flip(dens, (-2,)), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="tta must be one of"):
+        UNetCounter(tta="d16")
+
+
+def test_sum_to_grid_keeps_totals():
+    values = torch.rand(3, 32, 48)
+    grid = sum_to_grid(values, (2, 3), 16)
+    assert grid.shape == (3, 2, 3)
+    assert torch.allclose(grid.sum((-2, -1)), values.sum((-2, -1)))
+    assert grid[0, 1, 2] == pytest.approx(values[0, 16:, 32:].sum().item(), rel=1e-6)
+
+
+def test_average_counter_is_the_mean_of_its_counters():
+    torch.manual_seed(4)
+    config = get_preset("small")
+    unet = {"head": "unet", "width": 4, "levels": 2, "count_scale": 0.05, "tta": "flip"}
+    config["counter"] = {**config["counter"], "tta": "flip", "average_with": [unet]}
+    model = CountingPipeline(config)
+    assert isinstance(model.counter, AverageCounter)
+    assert model.density_stride == CountingPipeline(get_preset("small")).density_stride
+    x = torch.rand(2, len(config["counter_inputs"]), 64, 96)
+    _settle_batch_norm(model.counter, x)
+    grid_counter, unet_counter = model.counter.counters
+    with torch.inference_mode():
+        count, log_var = model.counter(x)
+        (c1, lv1), (c2, lv2) = grid_counter(x), unet_counter(x)
+        dens, dens_lv = model.counter.density(x)
+    assert torch.allclose(count, (c1 + c2) / 2, rtol=1e-5)
+    assert torch.allclose(log_var.exp(), (lv1.exp() + lv2.exp()) / 2, rtol=1e-4)
+    assert dens.shape == grid_counter.density(x)[0].shape  # the grid counter's cells
+    assert torch.allclose(dens.sum((-2, -1)), count, rtol=1e-5)
+    assert torch.allclose(dens_lv.exp().sum((-2, -1)), log_var.exp(), rtol=1e-4)
+    with pytest.raises(ValueError, match="at least 2 counters"):
+        AverageCounter([grid_counter])

@@ -391,3 +391,27 @@ def test_images_counted_in_tiles_get_the_deep_feature_check():
     mosaic = counter.count(np.block([[frame, frame], [frame, frame]]))
     assert mosaic.ood["feature_distance"] < limit and not mosaic.warning
     assert mosaic.count == pytest.approx(4 * counter.count(frame).count, rel=0.05)
+
+
+@pytest.mark.parametrize("averaged", [True, False])
+def test_tiled_count_equals_whole_image_count_with_a_unet_counter(averaged):
+    # the nuclei model's design: the grid counter averaged with a per-pixel U-Net;
+    # and a U-Net alone (density stride 2: the canvas is still padded to 32 px)
+    torch.manual_seed(3)
+    config = density_config()
+    unet = {"head": "unet", "width": 4, "levels": 2, "count_scale": 0.05}
+    if averaged:
+        config["counter"]["average_with"] = [unet]
+    else:
+        config["counter"] = unet
+    model = CountingPipeline(config).eval()
+    assert model.density_stride == (32 if averaged else 2)
+    image = disc_image(200, shape=(1200, 1500), seed=6)
+    prepared = prepare_image(image, size=(185, 262), norm=None)
+    whole = count_density(model, prepared, tile=None)
+    tiled = count_density(model, prepared, tile=160, margin=64)
+    assert tiled.tiles > 4
+    assert tiled.count == pytest.approx(whole.count, rel=TOLERANCE)
+    assert tiled.variance == pytest.approx(whole.variance, rel=TOLERANCE)
+    # the canvas (density grid x stride) is a multiple of 32 model px either way
+    assert all(n * model.density_stride % 32 == 0 for n in whole.density.shape)

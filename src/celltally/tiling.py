@@ -305,7 +305,9 @@ def count_density(
         raise ValueError(f"expected a prepared 2-D image, got shape {array.shape}")
     stride = int(model.density_stride)
     height, width = array.shape
-    canvas_shape = padded_shape(array.shape, stride)
+    # Also a multiple of 32 model px: the segmenter's and a U-Net counter's pooled and
+    # upsampled grids line up only then (a per-pixel counter's own stride is 2).
+    canvas_shape = padded_shape(array.shape, math.lcm(stride, 32))
     canvas = np.zeros(canvas_shape, dtype=np.float32)
     canvas[:height, :width] = array
     if tile is None:

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from celltally.models.average import AverageCounter
 from celltally.models.fpn import FPN
+from celltally.models.unet import UNetCounter
 from celltally.models.vgg import VGGCounter
 
 #: Counter input planes, each at the mask's size (half the input). "image" is the
@@ -81,6 +83,43 @@ def planes_shape(input_size: Sequence[int], planes_at: str = "mask") -> tuple[in
     return (int(input_size[0]) // 2, int(input_size[1]) // 2)
 
 
+def build_counter(
+    counter: Mapping[str, Any], in_channels: int, *, planes_at: str = "mask"
+) -> nn.Module:
+    """The counter a config's ``counter`` block describes.
+
+    ``head``: 'fc' or 'density' (``VGGCounter``), or 'unet' (``UNetCounter``;
+    ``width`` is then its first level's channels). ``average_with``: a list of
+    further counter blocks whose counts are averaged with this one's
+    (``AverageCounter``; this counter's density grid must be the coarsest).
+    """
+    if counter.get("head") == "unet":  # per-pixel centroid density (models.unet)
+        built: nn.Module = UNetCounter(
+            in_channels=in_channels,
+            width=int(counter["width"]),
+            levels=int(counter.get("levels", 3)),
+            count_scale=counter["count_scale"],
+            tta=counter.get("tta", "none"),
+        )
+    else:
+        built = VGGCounter(
+            in_channels=in_channels,
+            width=counter["width"],
+            fc=counter["fc"],
+            pool_size=tuple(counter["pool_size"]),
+            count_scale=counter["count_scale"],
+            head=counter.get("head", "fc"),
+            tta=counter.get("tta", "none"),
+            keep_last_pool=planes_at == "input",
+        )
+    others = counter.get("average_with") or []
+    if not others:
+        return built
+    return AverageCounter(
+        [built, *(build_counter(o, in_channels, planes_at=planes_at) for o in others)]
+    )
+
+
 class CountingPipeline(nn.Module):
     """Segmenter and counter built from a model configuration (see ``presets``)."""
 
@@ -95,16 +134,7 @@ class CountingPipeline(nn.Module):
         self.segmenter = FPN(
             in_channels=1, encoder=seg["encoder"], lateral=seg["lateral"], head=seg["head"]
         )
-        self.counter = VGGCounter(
-            in_channels=len(self.counter_inputs),
-            width=cnt["width"],
-            fc=cnt["fc"],
-            pool_size=tuple(cnt["pool_size"]),
-            count_scale=cnt["count_scale"],
-            head=cnt.get("head", "fc"),
-            tta=cnt.get("tta", "none"),
-            keep_last_pool=self.planes_at == "input",
-        )
+        self.counter = build_counter(cnt, len(self.counter_inputs), planes_at=self.planes_at)
 
     def counter_planes(
         self, mask: torch.Tensor, mask_logvar: torch.Tensor, image: torch.Tensor

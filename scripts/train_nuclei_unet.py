@@ -1,0 +1,206 @@
+"""Train the `nuclei` model's U-Net counter (``celltally.models.unet``) on real BBBC039.
+
+    python scripts/train_nuclei_unet.py --epochs 100 --lr 2e-3 --seed 0 \\
+        --sampling permutation --out runs/nuc2/u0
+    python scripts/train_nuclei_unet.py --epochs 100 --lr 1e-3 --seed 1 \\
+        --init runs/nuc2/u0/counter.safetensors --out runs/nuc2/u1
+
+Same split as ``scripts/train_nuclei.py`` (60 training images; the 20
+calibration images only report progress; the test images are never read).
+The planes are the shipped ``nuclei`` segmenter's mask, the image averaged
+onto the mask's grid and the mask's log-variance (eval mode, computed once).
+Target: one normalized Gaussian (sigma 1.5 plane px) at each annotated
+nucleus' centroid, cut at the frame's edge and renormalized, so each frame's
+density sums to its count. Each step takes ``--batch`` whole training frames (drawn at random, or
+in turn from a fresh permutation each epoch),
+one of the 8 flips/rotations and a random gain on the image plane. Loss:
+100 x the per-frame sum of squared density errors + 0.01 x the squared count
+error + the Gaussian NLL of 8 x 8-pixel block counts under the summed
+per-pixel variances (block counts detached: the variance head learns the
+error it makes, without bending the density). Adam with a one-cycle
+schedule; the weights kept are an exponential moving average (0.99,
+BatchNorm statistics included).
+
+Writes ``counter.safetensors`` (the counter's weights, ``UNetCounter``
+keys) and ``result.json`` (calibration-image counts, flip-averaged). The
+model folder is assembled by ``scripts/train_nuclei.py --unet ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from scipy import ndimage as ndi
+from train_nuclei import read_instances, split_names
+
+from celltally import io
+from celltally.models.pipeline import load_model_folder
+from celltally.models.unet import UNetCounter
+from celltally.transforms import prepare_image
+
+
+def centroid_density(labels: np.ndarray, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """One Gaussian per instance at its centroid, on a ``shape`` grid; sums to the count."""
+    H, W = labels.shape
+    h, w = shape
+    out = np.zeros(shape, np.float64)
+    idx = np.arange(1, labels.max() + 1)
+    present = np.bincount(labels.ravel(), minlength=labels.max() + 1)[1:] > 0
+    centres = ndi.center_of_mass(np.ones_like(labels), labels, idx[present])
+    yy = np.arange(h)[:, None]
+    xx = np.arange(w)[None, :]
+    for cy, cx in centres:
+        y = (cy + 0.5) * h / H - 0.5
+        x = (cx + 0.5) * w / W - 0.5
+        y0, y1 = max(0, int(y - 4 * sigma)), min(h, int(y + 4 * sigma) + 2)
+        x0, x1 = max(0, int(x - 4 * sigma)), min(w, int(x + 4 * sigma) + 2)
+        g = np.exp(-((yy[y0:y1] - y) ** 2 + (xx[:, x0:x1] - x) ** 2) / (2 * sigma**2))
+        out[y0:y1, x0:x1] += g / g.sum()
+    return out.astype(np.float32)
+
+
+def d8(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th (0-7) flip/rotation of the plane."""
+    if k & 4:
+        x = x.transpose(-1, -2)
+    dims = [(), (-2,), (-1,), (-2, -1)][k & 3]
+    return x.flip(dims) if dims else x
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/bbbc039")
+    p.add_argument("--segmenter", default="src/celltally/weights/nuclei")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--steps", type=int, default=15, help="batches per epoch")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--sigma", type=float, default=1.5)
+    p.add_argument(
+        "--sampling",
+        choices=("random", "permutation"),
+        default="random",
+        help="frames of a step: drawn with replacement, or each epoch a fresh permutation",
+    )
+    p.add_argument("--init", help="counter.safetensors of an earlier run to start from")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/nuc2/u0")
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    root = Path(args.data)
+    names = sorted(p.name for p in (root / "images").glob("*.tif"))
+    split = split_names(names)
+    seg, cfg = load_model_folder(args.segmenter)
+    seg.eval()
+    size = tuple(cfg["input_size"])
+
+    def load(part: list[str]):
+        planes_all, dens, counts = [], [], []
+        for name in part:
+            raw = io.read_image(root / "images" / name)
+            labels = read_instances(root / "masks" / (name[:-4] + ".png"))
+            img = prepare_image(raw, size=size, norm=cfg["normalization"])
+            img = torch.from_numpy(img)[None, None]
+            with torch.no_grad():
+                m, lv = seg.segmenter(img, levels=1)[0]
+            planes = torch.cat([m, F.adaptive_avg_pool2d(img, m.shape[-2:]), lv], 1)
+            planes_all.append(planes[0])
+            target = centroid_density(labels, planes.shape[-2:], args.sigma)
+            dens.append(torch.from_numpy(target))
+            counts.append(len(np.unique(labels)) - 1)
+        return (
+            torch.stack(planes_all),
+            torch.stack(dens)[:, None],
+            torch.tensor(counts, dtype=torch.float32),
+        )
+
+    t0 = time.time()
+    x_train, d_train, _ = load(split["train"])
+    x_cal, _, c_cal = load(split["calibration"])
+    print(f"loaded {len(x_train)} training frames in {time.time() - t0:.0f}s", flush=True)
+    net = UNetCounter(3, width=args.width, levels=args.levels, count_scale=0.05)
+    if args.init:
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(args.init))
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    total_steps = args.epochs * args.steps
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=total_steps, pct_start=0.1
+    )
+    ema = torch.optim.swa_utils.AveragedModel(
+        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99), use_buffers=True
+    )
+
+    def evaluate(model) -> tuple[float, float, np.ndarray]:
+        model.eval()
+        preds = []
+        with torch.no_grad():
+            for i in range(len(x_cal)):
+                s = 0.0
+                for k in range(4):
+                    d, _ = model.density(d8(x_cal[i : i + 1], k))
+                    s += d.sum().item()
+                preds.append(s / 4)
+        model.train()
+        preds = np.array(preds)
+        err = preds - c_cal.numpy()
+        return float(np.abs(err).mean()), float(err.mean()), preds
+
+    for ep in range(args.epochs):
+        tot = 0.0
+        perm = torch.randperm(len(x_train)) if args.sampling == "permutation" else None
+        for step in range(args.steps):
+            if perm is None:
+                idx = torch.randint(0, len(x_train), (args.batch,))
+            else:
+                idx = perm[step * args.batch : (step + 1) * args.batch]
+            k = int(torch.randint(0, 8, (1,)))
+            x, d = d8(x_train[idx], k), d8(d_train[idx], k)
+            gain = torch.exp(torch.randn(len(idx), 1, 1, 1) * 0.1)
+            x = torch.cat([x[:, :1], x[:, 1:2] * gain, x[:, 2:]], 1)
+            pd, lv = net.density(x)
+            pd, lv = pd[:, None], lv[:, None]
+            pix = ((pd - d) ** 2).sum((1, 2, 3)).mean() * 100
+            cnt = ((pd.sum((1, 2, 3)) - d.sum((1, 2, 3))) ** 2).mean() * 0.01
+            bs = F.avg_pool2d(pd.detach(), 8) * 64
+            bt = F.avg_pool2d(d, 8) * 64
+            blv = torch.logsumexp(F.unfold(lv, 8, stride=8), 1).view_as(bs[:, 0])[:, None]
+            nll = (0.5 * torch.exp(-blv) * (bs - bt) ** 2 + 0.5 * blv).mean()
+            loss = pix + cnt + nll
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            ema.update_parameters(net)
+            tot += loss.item()
+        if ep % 10 == 9 or ep == args.epochs - 1:
+            mae, bias, _ = evaluate(ema.module)
+            print(
+                f"epoch {ep + 1} loss {tot / args.steps:.3f} calibration MAE {mae:.2f} "
+                f"bias {bias:+.2f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
+    mae, bias, preds = evaluate(ema.module)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in ema.module.state_dict().items()}
+    save_file(state, str(out / "counter.safetensors"))
+    result = {"calibration_mae": mae, "bias": bias, "preds": preds.tolist(), "args": vars(args)}
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"calibration MAE {mae:.3f}; saved {out}")
+
+
+if __name__ == "__main__":
+    main()

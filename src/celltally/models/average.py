@@ -1,0 +1,75 @@
+"""Counters averaged: several count heads on the same planes, one count.
+
+The ``nuclei`` model averages its grid-density VGG counter with a per-pixel
+U-Net counter (``models.unet``): on its 20 calibration images the two err
+on different images (MAE 4.17 and 3.86; their mean 3.41).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sum_to_grid(values: torch.Tensor, grid: Sequence[int], factor: int) -> torch.Tensor:
+    """Sum an ``(N, H, W)`` map over ``factor x factor`` blocks onto an ``(N, *grid)`` grid.
+
+    The map is zero-padded (or cut) to ``grid * factor`` first; when ``H`` and
+    ``W`` are multiples of ``factor`` (as tiles are) nothing is lost.
+    """
+    gh, gw = int(grid[0]), int(grid[1])
+    h, w = values.shape[-2:]
+    values = F.pad(values, (0, max(0, gw * factor - w), 0, max(0, gh * factor - h)))
+    values = values[..., : gh * factor, : gw * factor]
+    return values.reshape(*values.shape[:-2], gh, factor, gw, factor).sum((-3, -1))
+
+
+class AverageCounter(nn.Module):
+    """The mean of ``counters``' counts (and variances), each reading the same planes.
+
+    ``forward`` averages the counters' counts and their variances (the aleatoric
+    part of a mixture, as test-time averaging does). ``density`` sums every
+    counter's map onto the first counter's grid, then averages: tiles combine
+    exactly as with the first counter alone. The first counter's grid must be
+    the coarsest, its stride a multiple of the others'.
+    """
+
+    head = "density"
+
+    def __init__(self, counters: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(counters) < 2:
+            raise ValueError(f"an average needs at least 2 counters, got {len(counters)}")
+        self.counters = nn.ModuleList(counters)
+        first = int(counters[0].stride)
+        for counter in counters[1:]:
+            if first % int(counter.stride):
+                raise ValueError(
+                    f"counter strides must divide the first's ({first}), not {counter.stride}"
+                )
+
+    @property
+    def stride(self) -> int:
+        """Plane pixels per density cell (the first counter's)."""
+        return int(self.counters[0].stride)
+
+    def density(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean per-cell count and log of the mean per-cell variance, on the first's grid."""
+        dens, log_var = self.counters[0].density(x)
+        grid, total, var = dens.shape[-2:], dens, log_var.exp()
+        for counter in self.counters[1:]:
+            d, lv = counter.density(x)
+            factor = self.stride // int(counter.stride)
+            total = total + sum_to_grid(d, grid, factor)
+            var = var + sum_to_grid(lv.exp(), grid, factor)
+        n = len(self.counters)
+        return total / n, torch.log(var / n)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [counter(x) for counter in self.counters]
+        count = torch.stack([c for c, _ in outs]).mean(0)
+        var = torch.stack([lv.exp() for _, lv in outs]).mean(0)
+        return count, torch.log(var)

@@ -538,6 +538,13 @@ def demo(
     )
 
 
+def _counter_heads(counter: dict) -> str:
+    """'density', or 'density averaged with unet' for a model whose counters are averaged."""
+    others = [o.get("head", "fc") for o in counter.get("average_with") or []]
+    head = counter.get("head", "fc")
+    return f"{head} averaged with {', '.join(others)}" if others else head
+
+
 @app.command()
 def models() -> None:
     """List the shipped models, what they were trained on, and their measured figures."""
@@ -555,7 +562,7 @@ def models() -> None:
         lines = [
             f"{name}{default}",
             f"  preset {config.get('preset')}, input {width} x {height} px, counter head "
-            f"{config.get('counter', {}).get('head', 'fc')}"
+            f"{_counter_heads(config.get('counter', {}))}"
             + (f"; {members + 1} counters with --epistemic" if members else ""),
             "  trained on:",
             *(f"    - {item}" for item in ([data] if isinstance(data, str) else data)),

@@ -427,6 +427,8 @@ def unet_commands(unet: Path) -> list[str]:
     line += f" --seed {args['seed']}"
     if "steps" not in args:  # the first runs drew each epoch's frames from a permutation
         line += " --sampling permutation"
+    if args.get("mosaic"):
+        line += " --mosaic"
     earlier = []
     if args.get("init"):
         init = Path(args["init"]).parent / "counter.safetensors"

@@ -74,6 +74,56 @@ def d8(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
 
+def mosaic_crops(
+    planes: torch.Tensor, density: torch.Tensor, idx: torch.Tensor, *, margin: int = 8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Frame-sized crops of 2 x 2 mosaics of flipped frames, and their loss weights.
+
+    Each crop's first frame is ``idx``'s; three random ones fill the mosaic. Each
+    offset is snapped to the mosaic's start or end half the time (so whole frames
+    and real borders are seen too), else uniform. A nucleus cut by a crop side
+    inside the mosaic has only part of its target in the crop, while one cut by a
+    real border counts whole: the network cannot tell these apart, so pixels
+    within ``margin`` of a cutting side get weight 0 (as the grid counter's cells).
+    """
+    n, _, h, w = planes.shape
+    xs, ds, ws = [], [], []
+    for first in idx.tolist():
+        frames = [first, *torch.randint(0, n, (3,)).tolist()]
+        flips = torch.randint(0, 4, (4,)).tolist()
+        tiles = [(d8(planes[i], f), d8(density[i], f)) for i, f in zip(frames, flips, strict=True)]
+        mx = torch.cat(
+            [torch.cat([tiles[0][0], tiles[1][0]], -1), torch.cat([tiles[2][0], tiles[3][0]], -1)],
+            -2,
+        )
+        md = torch.cat(
+            [torch.cat([tiles[0][1], tiles[1][1]], -1), torch.cat([tiles[2][1], tiles[3][1]], -1)],
+            -2,
+        )
+        y0, x0 = (_snapped_offset(side) for side in (h, w))
+        weight = torch.ones(1, h, w)
+        if y0 > 0:
+            weight[:, :margin] = 0
+        if y0 < h:
+            weight[:, -margin:] = 0
+        if x0 > 0:
+            weight[:, :, :margin] = 0
+        if x0 < w:
+            weight[:, :, -margin:] = 0
+        xs.append(mx[:, y0 : y0 + h, x0 : x0 + w])
+        ds.append(md[:, y0 : y0 + h, x0 : x0 + w])
+        ws.append(weight)
+    return torch.stack(xs), torch.stack(ds), torch.stack(ws)
+
+
+def _snapped_offset(side: int) -> int:
+    """0 or ``side`` (a whole frame of the mosaic) half the time, else uniform in between."""
+    mode = int(torch.randint(0, 4, (1,)))
+    if mode < 2:
+        return 0 if mode == 0 else side
+    return int(torch.randint(0, side + 1, (1,)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/bbbc039")
@@ -90,6 +140,11 @@ def main() -> None:
         choices=("random", "permutation"),
         default="random",
         help="frames of a step: drawn with replacement, or each epoch a fresh permutation",
+    )
+    p.add_argument(
+        "--mosaic",
+        action="store_true",
+        help="train on frame-sized crops of 2 x 2 mosaics of flipped frames, not whole frames",
     )
     p.add_argument("--init", help="counter.safetensors of an earlier run to start from")
     p.add_argument("--threads", type=int, default=2)
@@ -167,17 +222,24 @@ def main() -> None:
             else:
                 idx = perm[step * args.batch : (step + 1) * args.batch]
             k = int(torch.randint(0, 8, (1,)))
-            x, d = d8(x_train[idx], k), d8(d_train[idx], k)
+            if args.mosaic:
+                x, d, weight = mosaic_crops(x_train, d_train, idx)
+            else:
+                x, d, weight = x_train[idx], d_train[idx], torch.ones_like(d_train[idx])
+            x, d, weight = d8(x, k), d8(d, k), d8(weight, k)
             gain = torch.exp(torch.randn(len(idx), 1, 1, 1) * 0.1)
             x = torch.cat([x[:, :1], x[:, 1:2] * gain, x[:, 2:]], 1)
             pd, lv = net.density(x)
             pd, lv = pd[:, None], lv[:, None]
-            pix = ((pd - d) ** 2).sum((1, 2, 3)).mean() * 100
-            cnt = ((pd.sum((1, 2, 3)) - d.sum((1, 2, 3))) ** 2).mean() * 0.01
+            pix = (weight * (pd - d) ** 2).sum((1, 2, 3)).mean() * 100
+            cnt = (((weight * pd).sum((1, 2, 3)) - (weight * d).sum((1, 2, 3))) ** 2).mean()
+            cnt = cnt * 0.01
             bs = F.avg_pool2d(pd.detach(), 8) * 64
             bt = F.avg_pool2d(d, 8) * 64
             blv = torch.logsumexp(F.unfold(lv, 8, stride=8), 1).view_as(bs[:, 0])[:, None]
-            nll = (0.5 * torch.exp(-blv) * (bs - bt) ** 2 + 0.5 * blv).mean()
+            whole = F.avg_pool2d(weight, 8) > 0.99  # blocks clear of cut mosaic sides
+            block_nll = (0.5 * torch.exp(-blv) * (bs - bt) ** 2 + 0.5 * blv) * whole
+            nll = block_nll.sum() / whole.sum().clamp(min=1)
             loss = pix + cnt + nll
             opt.zero_grad()
             loss.backward()

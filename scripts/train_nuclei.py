@@ -387,10 +387,7 @@ def add_members(
             if key.startswith("counter.")
         }
         if unet:
-            counter = {f"counters.0.{key}": value for key, value in counter.items()}
-            counter.update(
-                {f"counters.1.{key}": v.contiguous() for key, v in load_file(unet[k - 1]).items()}
-            )
+            counter = averaged_counter_state(counter, Path(unet[k - 1]))
         save_file(counter, str(folder / f"ensemble_{k}.safetensors"))
 
 
@@ -398,8 +395,6 @@ def with_unet(
     model: CountingPipeline, config: dict, unet: Path, *, tta: str
 ) -> tuple[CountingPipeline, dict]:
     """``model`` with its counter averaged with the U-Net counter in ``unet`` (a new model)."""
-    from safetensors.torch import load_file
-
     trained = json.loads((unet.parent / "result.json").read_text())["args"]
     block = {
         "head": "unet",
@@ -410,14 +405,22 @@ def with_unet(
     }
     config = {**config, "counter": {**config["counter"], "average_with": [block]}}
     paired = CountingPipeline(config)
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("counter."):
-            key = "counter.counters.0." + key.removeprefix("counter.")
-        state[key] = value
-    state.update({f"counter.counters.1.{k}": v for k, v in load_file(str(unet)).items()})
-    paired.load_state_dict(state)
+    state = model.state_dict()
+    grid = {k.removeprefix("counter."): v for k, v in state.items() if k.startswith("counter.")}
+    paired.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith("counter.")}
+        | {f"counter.{k}": v for k, v in averaged_counter_state(grid, unet).items()}
+    )
     return paired, config
+
+
+def averaged_counter_state(grid: dict, unet: Path) -> dict:
+    """An ``AverageCounter``'s weights: the grid counter's ``grid`` and the U-Net file's."""
+    from safetensors.torch import load_file
+
+    return {f"counters.0.{k}": v.contiguous() for k, v in grid.items()} | {
+        f"counters.1.{k}": v.contiguous() for k, v in load_file(str(unet)).items()
+    }
 
 
 def unet_commands(unet: Path) -> list[str]:

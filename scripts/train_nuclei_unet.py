@@ -43,7 +43,7 @@ from train_nuclei import read_instances, split_names
 from celltally import io
 from celltally.models.pipeline import load_model_folder
 from celltally.models.unet import UNetCounter
-from celltally.transforms import prepare_image
+from celltally.transforms import flip_rotate, prepare_image
 
 
 def centroid_density(labels: np.ndarray, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -67,11 +67,8 @@ def centroid_density(labels: np.ndarray, shape: tuple[int, int], sigma: float) -
 
 
 def d8(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th (0-7) flip/rotation of the plane."""
-    if k & 4:
-        x = x.transpose(-1, -2)
-    dims = [(), (-2,), (-1,), (-2, -1)][k & 3]
-    return x.flip(dims) if dims else x
+    """The k-th (0-7) flip/rotation of the plane: a transpose for k >= 4, then a flip."""
+    return flip_rotate([x.transpose(-1, -2) if k & 4 else x], k)[0]
 
 
 def mosaic_crops(
@@ -91,7 +88,9 @@ def mosaic_crops(
     for first in idx.tolist():
         frames = [first, *torch.randint(0, n, (3,)).tolist()]
         flips = torch.randint(0, 4, (4,)).tolist()
-        tiles = [(d8(planes[i], f), d8(density[i], f)) for i, f in zip(frames, flips, strict=True)]
+        tiles = [
+            flip_rotate([planes[i], density[i]], f) for i, f in zip(frames, flips, strict=True)
+        ]
         mx = torch.cat(
             [torch.cat([tiles[0][0], tiles[1][0]], -1), torch.cat([tiles[2][0], tiles[3][0]], -1)],
             -2,
@@ -169,7 +168,7 @@ def main() -> None:
             img = torch.from_numpy(img)[None, None]
             with torch.no_grad():
                 m, lv = seg.segmenter(img, levels=1)[0]
-            planes = torch.cat([m, F.adaptive_avg_pool2d(img, m.shape[-2:]), lv], 1)
+            planes = seg.counter_planes(m, lv, img)  # mask, image, mask log-variance
             planes_all.append(planes[0])
             target = centroid_density(labels, planes.shape[-2:], args.sigma)
             dens.append(torch.from_numpy(target))
@@ -184,7 +183,7 @@ def main() -> None:
     x_train, d_train, _ = load(split["train"])
     x_cal, _, c_cal = load(split["calibration"])
     print(f"loaded {len(x_train)} training frames in {time.time() - t0:.0f}s", flush=True)
-    net = UNetCounter(3, width=args.width, levels=args.levels, count_scale=0.05)
+    net = UNetCounter(3, width=args.width, levels=args.levels, count_scale=0.05, tta="flip")
     if args.init:
         from safetensors.torch import load_file
 
@@ -201,13 +200,9 @@ def main() -> None:
     def evaluate(model) -> tuple[float, float, np.ndarray]:
         model.eval()
         preds = []
-        with torch.no_grad():
+        with torch.no_grad():  # eval mode: the counter averages the 4 flips itself
             for i in range(len(x_cal)):
-                s = 0.0
-                for k in range(4):
-                    d, _ = model.density(d8(x_cal[i : i + 1], k))
-                    s += d.sum().item()
-                preds.append(s / 4)
+                preds.append(model(x_cal[i : i + 1])[0].item())
         model.train()
         preds = np.array(preds)
         err = preds - c_cal.numpy()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from celltally.models.vgg import TTA, DensityHead, _transform, _untransform
+from celltally.models.vgg import TTA, DensityHead, averaged_maps
 
 
 def _conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -106,15 +106,7 @@ class UNetCounter(nn.Module):
 
     def density(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel count density and log-variance maps, each ``(N, H, W)``."""
-        transforms = TTA["none" if self.training else self.tta]
-        if len(transforms) == 1:
-            return self._maps(x)
-        dens, var = 0.0, 0.0
-        for t in transforms:
-            d, lv = self._maps(_transform(x, t))
-            dens = dens + _untransform(d, t)
-            var = var + _untransform(lv.exp(), t)
-        return dens / len(transforms), torch.log(var / len(transforms))
+        return averaged_maps(self._maps, x, TTA["none" if self.training else self.tta])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return DensityHead.total(*self.density(x))

@@ -6,7 +6,7 @@ Built the torchvision way: a configuration list, a small builder, a module.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -103,6 +103,26 @@ def _untransform(x: torch.Tensor, t: tuple[bool, tuple[int, ...]]) -> torch.Tens
     return torch.flip(x, dims) if dims else x
 
 
+def averaged_maps(
+    maps: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    transforms: Sequence[tuple[bool, tuple[int, ...]]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``maps(x)`` (a density and its log-variance) averaged over ``transforms`` of ``x``.
+
+    Each map is put back in the input's orientation, then the densities and the
+    variances are averaged; one transform is a plain call.
+    """
+    if len(transforms) == 1:
+        return maps(_transform(x, transforms[0]))
+    dens, var = 0.0, 0.0
+    for t in transforms:
+        d, lv = maps(_transform(x, t))
+        dens = dens + _untransform(d, t)
+        var = var + _untransform(lv.exp(), t)
+    return dens / len(transforms), torch.log(var / len(transforms))
+
+
 class VGGCounter(nn.Module):
     """Count regressor: VGG features, then twin FC heads for count and log-variance.
 
@@ -189,14 +209,7 @@ class VGGCounter(nn.Module):
         if self.head != "density":
             raise ValueError("the 'fc' counter head has no density map; it counts whole frames")
         transforms = TTA["none" if self.training else self.tta]
-        if len(transforms) == 1:
-            return self.density_head.density(self.features(x))
-        dens, var = 0.0, 0.0
-        for t in transforms:  # each map is put back in the input's orientation, then averaged
-            d, lv = self.density_head.density(self.features(_transform(x, t)))
-            dens = dens + _untransform(d, t)
-            var = var + _untransform(lv.exp(), t)
-        return dens / len(transforms), torch.log(var / len(transforms))
+        return averaged_maps(lambda z: self.density_head.density(self.features(z)), x, transforms)
 
     def _fc_count(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.flatten(self.pool(self.features(x)), 1)

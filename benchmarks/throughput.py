@@ -1,6 +1,6 @@
 """End-to-end counting throughput on 696 x 520 8-bit TIFFs (read, prepare, network, CSV).
 
-    python benchmarks/throughput.py [--images 300] [--model bbbc005] [--threads 2]
+    python benchmarks/throughput.py [--images 300] [--model bbbc005] [--threads 2] [--epistemic]
 
 Writes simulated BBBC005-style TIFFs to a temporary folder, then times
 (1) the `celltally count` command as a user runs it (process start included)
@@ -33,6 +33,7 @@ def main() -> int:
     parser.add_argument("--model", default="bbbc005")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epistemic", action="store_true", help="count with the model's ensemble")
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -40,7 +41,7 @@ def main() -> int:
         scenes = max(1, args.images // 6)
         plate = simulate_plate(Path(tmp) / "plate", images=scenes, seed=1, workers=2)
         files = sorted((plate / "images").glob("*.TIF"))
-        counter = CellCounter.from_pretrained(args.model)
+        counter = CellCounter.from_pretrained(args.model, epistemic=args.epistemic)
         list(counter.count_paths(files[:16], batch_size=args.batch_size))  # warm-up
         t0 = time.perf_counter()
         n = sum(1 for _ in counter.count_paths(files, batch_size=args.batch_size))
@@ -52,7 +53,8 @@ def main() -> int:
             subprocess.run(
                 [sys.executable, "-m", "celltally.cli", "count", str(target)]
                 + ["--out", str(Path(tmp) / "r.csv"), "--overwrite", "--model", args.model]
-                + ["--no-progress", "--batch-size", str(args.batch_size)],
+                + ["--no-progress", "--batch-size", str(args.batch_size)]
+                + (["--epistemic"] if args.epistemic else []),
                 check=True,
                 env=env,
                 capture_output=True,
@@ -68,6 +70,7 @@ def main() -> int:
         "images": n,
         "image_size": "696x520 uint8 TIFF (zlib)",
         "model": args.model,
+        "epistemic": args.epistemic,
         "count_paths_images_per_s": round(n / loop, 1),
         "cli_images_per_s": round(n / cli, 1),
         "cli_seconds": round(cli, 2),

@@ -365,14 +365,25 @@ def train_counter_cells(
 
 
 def add_members(
-    folder: Path, runs: list[str], model: CountingPipeline, *, unet: list[str] = ()
+    folder: Path,
+    runs: list[str],
+    model: CountingPipeline,
+    *,
+    unet: list[str] = (),
+    counter_config: dict | None = None,
+    unet_float16: bool = False,
 ) -> None:
     """Copy the counters of ``runs`` into ``folder`` as ``ensemble_<k>.safetensors``.
 
     Each run must share this model's segmenter (trained with ``--init`` of this
     run and ``--seg-epochs 0``), or its counter read other masks than it will get.
     With ``unet`` (one U-Net counter file per run), member ``k`` is the average
-    of run ``k``'s counter and U-Net ``k``, as the model's own counter is.
+    of run ``k``'s counter and U-Net ``k``, as the model's own counter is; where
+    that U-Net's shape differs from the model's (``counter_config``), the
+    member's file records its own counter block in its metadata
+    (``celltally.uncertainty.load_members`` reads it). ``unet_float16`` stores
+    the U-Net parts' floating-point tensors at half precision (they load into
+    float32 counters; the calibration that follows is fitted on them as stored).
     """
     from safetensors.torch import load_file, save_file
 
@@ -386,23 +397,27 @@ def add_members(
             for key, value in state.items()
             if key.startswith("counter.")
         }
+        metadata = None
         if unet:
             counter = averaged_counter_state(counter, Path(unet[k - 1]))
-        save_file(counter, str(folder / f"ensemble_{k}.safetensors"))
+            if unet_float16:
+                counter = {
+                    key: value.half()
+                    if key.startswith("counters.1.") and value.is_floating_point()
+                    else value
+                    for key, value in counter.items()
+                }
+            block = unet_block(Path(unet[k - 1]), tta=counter_config["average_with"][0]["tta"])
+            if block != counter_config["average_with"][0]:
+                metadata = {"counter": json.dumps({**counter_config, "average_with": [block]})}
+        save_file(counter, str(folder / f"ensemble_{k}.safetensors"), metadata=metadata)
 
 
 def with_unet(
     model: CountingPipeline, config: dict, unet: Path, *, tta: str
 ) -> tuple[CountingPipeline, dict]:
     """``model`` with its counter averaged with the U-Net counter in ``unet`` (a new model)."""
-    trained = json.loads((unet.parent / "result.json").read_text())["args"]
-    block = {
-        "head": "unet",
-        "width": int(trained.get("width", 16)),
-        "levels": int(trained.get("levels", 3)),
-        "count_scale": 0.05,
-        "tta": tta,
-    }
+    block = unet_block(unet, tta=tta)
     config = {**config, "counter": {**config["counter"], "average_with": [block]}}
     paired = CountingPipeline(config)
     state = model.state_dict()
@@ -412,6 +427,18 @@ def with_unet(
         | {f"counter.{k}": v for k, v in averaged_counter_state(grid, unet).items()}
     )
     return paired, config
+
+
+def unet_block(unet: Path, *, tta: str) -> dict:
+    """The ``average_with`` counter block of the U-Net counter in ``unet`` (its run's shape)."""
+    trained = json.loads((unet.parent / "result.json").read_text())["args"]
+    return {
+        "head": "unet",
+        "width": int(trained.get("width", 16)),
+        "levels": int(trained.get("levels", 3)),
+        "count_scale": 0.05,
+        "tta": tta,
+    }
 
 
 def averaged_counter_state(grid: dict, unet: Path) -> dict:
@@ -425,13 +452,20 @@ def averaged_counter_state(grid: dict, unet: Path) -> dict:
 
 def unet_commands(unet: Path) -> list[str]:
     """The scripts/train_nuclei_unet.py commands that made ``unet``, first run first."""
-    args = json.loads((unet.parent / "result.json").read_text())["args"]
+    result = json.loads((unet.parent / "result.json").read_text())
+    args = result["args"]
     line = f"python scripts/train_nuclei_unet.py --epochs {args['epochs']} --lr {args['lr']}"
     line += f" --seed {args['seed']}"
-    if "steps" not in args:  # the first runs drew each epoch's frames from a permutation
-        line += " --sampling permutation"
+    if args.get("width", 16) != 16:
+        line += f" --width {args['width']}"
+    if args.get("sampling", "permutation" if "steps" not in args else "random") != "random":
+        line += " --sampling permutation"  # the first runs always drew frames this way
     if args.get("mosaic"):
         line += " --mosaic"
+    if args.get("device", "cpu") != "cpu":
+        line += f" --device {args['device']}"
+    if args.get("budget"):  # the budget cut the epochs: say how many ran
+        line += f" --budget {args['budget']:g} (ran {result['epochs_trained']} epochs)"
     earlier = []
     if args.get("init"):
         init = Path(args["init"]).parent / "counter.safetensors"
@@ -493,6 +527,12 @@ def main() -> None:
         "--unet",
         help="counter.safetensors of scripts/train_nuclei_unet.py: its U-Net counter is "
         "averaged with this model's counter (models.average)",
+    )
+    parser.add_argument(
+        "--unet-members-float16",
+        action="store_true",
+        help="store the --unet-members' weights at half precision "
+        "(half the bytes; the calibration is fitted on them as stored)",
     )
     parser.add_argument(
         "--unet-members",
@@ -710,6 +750,8 @@ def main() -> None:
             config["training"]["unet_members"] = [
                 unet_commands(Path(f))[-1] for f in args.unet_members
             ]
+            if args.unet_members_float16:
+                config["training"]["unet_members_stored_as"] = "float16"
     if args.members:
         config["training"]["ensemble_members"] = [
             json.loads((Path(run) / "config.json").read_text())["training"]["command"]
@@ -717,7 +759,14 @@ def main() -> None:
         ]
     out = Path(args.out)
     save_model_folder(model, config, out)
-    add_members(out, args.members, model, unet=args.unet_members)
+    add_members(
+        out,
+        args.members,
+        model,
+        unet=args.unet_members,
+        counter_config=config["counter"],
+        unet_float16=args.unet_members_float16,
+    )
     calibrate_model(out, cal, log=print)
     counter = CellCounter.from_pretrained(out, device=cpu)
     rows, judged = [], {}

@@ -21,6 +21,10 @@ error it makes, without bending the density). Adam with a one-cycle
 schedule; the weights kept are an exponential moving average (0.99,
 BatchNorm statistics included).
 
+On a GPU (``--device cuda``) ``--budget SECONDS`` caps a run's time: epochs
+3-5 are timed and, where the rest would not fit, the epoch count is cut and
+the one-cycle schedule rebuilt for it (``result.json`` records the epochs run).
+
 Writes ``counter.safetensors`` (the counter's weights, ``UNetCounter``
 keys) and ``result.json`` (calibration-image counts, flip-averaged). The
 model folder is assembled by ``scripts/train_nuclei.py --unet ...``.
@@ -147,6 +151,13 @@ def main() -> None:
     )
     p.add_argument("--init", help="counter.safetensors of an earlier run to start from")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="seconds of training at most: epochs 3-5 are timed, then fewer epochs if they "
+        "would not fit (the one-cycle schedule is rebuilt; result.json records the epochs)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/nuc2/u0")
     args = p.parse_args()
@@ -155,8 +166,9 @@ def main() -> None:
     root = Path(args.data)
     names = sorted(p.name for p in (root / "images").glob("*.tif"))
     split = split_names(names)
+    device = torch.device(args.device)
     seg, cfg = load_model_folder(args.segmenter)
-    seg.eval()
+    seg.eval().to(device)
     size = tuple(cfg["input_size"])
 
     def load(part: list[str]):
@@ -165,11 +177,11 @@ def main() -> None:
             raw = io.read_image(root / "images" / name)
             labels = read_instances(root / "masks" / (name[:-4] + ".png"))
             img = prepare_image(raw, size=size, norm=cfg["normalization"])
-            img = torch.from_numpy(img)[None, None]
+            img = torch.from_numpy(img)[None, None].to(device)
             with torch.no_grad():
                 m, lv = seg.segmenter(img, levels=1)[0]
             planes = seg.counter_planes(m, lv, img)  # mask, image, mask log-variance
-            planes_all.append(planes[0])
+            planes_all.append(planes[0].cpu())
             target = centroid_density(labels, planes.shape[-2:], args.sigma)
             dens.append(torch.from_numpy(target))
             counts.append(len(np.unique(labels)) - 1)
@@ -182,17 +194,23 @@ def main() -> None:
     t0 = time.time()
     x_train, d_train, _ = load(split["train"])
     x_cal, _, c_cal = load(split["calibration"])
+    x_cal = x_cal.to(device)
     print(f"loaded {len(x_train)} training frames in {time.time() - t0:.0f}s", flush=True)
     net = UNetCounter(3, width=args.width, levels=args.levels, count_scale=0.05, tta="flip")
     if args.init:
         from safetensors.torch import load_file
 
         net.load_state_dict(load_file(args.init))
+    net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    total_steps = args.epochs * args.steps
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=total_steps, pct_start=0.1
-    )
+
+    def one_cycle(total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=args.lr, total_steps=total_steps, pct_start=0.1
+        )
+
+    epochs = args.epochs
+    sched = one_cycle(epochs * args.steps)
     ema = torch.optim.swa_utils.AveragedModel(
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99), use_buffers=True
     )
@@ -208,7 +226,20 @@ def main() -> None:
         err = preds - c_cal.numpy()
         return float(np.abs(err).mean()), float(err.mean()), preds
 
-    for ep in range(args.epochs):
+    ep = 0
+    t_train = time.time()
+    while ep < epochs:
+        if args.budget and ep == 2:
+            t_mark = time.time()  # epochs 3-5 time the rest (the first ones warm up)
+        if args.budget and ep == 5:  # fewer epochs if the rest would not fit the budget
+            per_epoch = (time.time() - t_mark) / 3
+            fit = 5 + int((args.budget - (time.time() - t_train)) / per_epoch)
+            if fit < epochs:
+                epochs = max(fit, 6)
+                sched = one_cycle(epochs * args.steps)
+                for _ in range(5 * args.steps):
+                    sched.step()
+                print(f"budget {args.budget:.0f}s: {epochs} epochs", flush=True)
         tot = 0.0
         perm = torch.randperm(len(x_train)) if args.sampling == "permutation" else None
         for step in range(args.steps):
@@ -222,7 +253,8 @@ def main() -> None:
             else:
                 x, d, weight = x_train[idx], d_train[idx], torch.ones_like(d_train[idx])
             x, d, weight = d8(x, k), d8(d, k), d8(weight, k)
-            gain = torch.exp(torch.randn(len(idx), 1, 1, 1) * 0.1)
+            x, d, weight = x.to(device), d.to(device), weight.to(device)
+            gain = torch.exp(torch.randn(len(idx), 1, 1, 1) * 0.1).to(device)
             x = torch.cat([x[:, :1], x[:, 1:2] * gain, x[:, 2:]], 1)
             pd, lv = net.density(x)
             pd, lv = pd[:, None], lv[:, None]
@@ -242,19 +274,27 @@ def main() -> None:
             sched.step()
             ema.update_parameters(net)
             tot += loss.item()
-        if ep % 10 == 9 or ep == args.epochs - 1:
+        ep += 1
+        if ep % 10 == 0 or ep == epochs:
             mae, bias, _ = evaluate(ema.module)
             print(
-                f"epoch {ep + 1} loss {tot / args.steps:.3f} calibration MAE {mae:.2f} "
+                f"epoch {ep} loss {tot / args.steps:.3f} calibration MAE {mae:.2f} "
                 f"bias {bias:+.2f} ({time.time() - t0:.0f}s)",
                 flush=True,
             )
     mae, bias, preds = evaluate(ema.module)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in ema.module.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}
     save_file(state, str(out / "counter.safetensors"))
-    result = {"calibration_mae": mae, "bias": bias, "preds": preds.tolist(), "args": vars(args)}
+    result = {
+        "calibration_mae": mae,
+        "bias": bias,
+        "preds": preds.tolist(),
+        "epochs_trained": epochs,
+        "seconds": round(time.time() - t0, 1),
+        "args": vars(args),
+    }
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"calibration MAE {mae:.3f}; saved {out}")
 

@@ -29,7 +29,7 @@ from celltally.datasets import LabeledSet
 from celltally.models.pipeline import CountingPipeline
 from celltally.train import save_model_folder, train_counter, train_segmenter
 from celltally.transforms import prepare_image, resize_area
-from celltally.uncertainty import calibrate_model, ensemble_files, train_ensemble
+from celltally.uncertainty import calibrate_model, ensemble_files, load_members, train_ensemble
 
 LEVELS = (0.8, 0.9, 0.95)
 
@@ -229,6 +229,35 @@ def test_epistemic_counter_adds_the_ensemble_spread(blob_model):
     assert b.epistemic_std == pytest.approx(abs(a.count - c.count) / 2, rel=1e-4)
     assert b.std**2 == pytest.approx((a.std**2 + c.std**2) / 2 + b.epistemic_std**2, rel=1e-4)
     assert ens.calibration["members"] == 2  # the ensemble's own calibration block
+
+
+def test_a_member_may_carry_its_own_counter_shape(tmp_path):
+    """A member whose U-Net part is wider than the model's own loads from its file's metadata."""
+    from safetensors.torch import save_file
+
+    config = tiny_config()
+    unet = {"head": "unet", "width": 4, "levels": 2, "count_scale": 0.05, "tta": "flip"}
+    config["counter"] = {**config["counter"], "head": "density", "average_with": [unet]}
+    wide = {**config["counter"], "average_with": [{**unet, "width": 8}]}
+    torch.manual_seed(1)
+    member = CountingPipeline({**config, "counter": wide}).counter
+    state = {k: v.contiguous() for k, v in member.state_dict().items()}
+    save_file(state, str(tmp_path / "ensemble_1.safetensors"))
+    with pytest.raises(io.InputError, match="ensemble_1.safetensors: not a counter of this model"):
+        load_members(tmp_path, config)  # without its shape it does not fit
+    metadata = {"counter": json.dumps(wide)}
+    save_file(state, str(tmp_path / "ensemble_1.safetensors"), metadata=metadata)
+    (loaded,) = load_members(tmp_path, config)
+    narrow = CountingPipeline(config).counter
+    assert sum(v.numel() for v in state.values()) > sum(
+        v.numel() for v in narrow.state_dict().values()
+    )
+    assert loaded.state_dict().keys() == state.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key])
+    (tmp_path / "ensemble_1.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(io.InputError, match="not a counter of this model"):
+        load_members(tmp_path, config)
 
 
 def test_epistemic_without_members_fails_cleanly(tiny_model):

@@ -333,3 +333,7 @@ def test_average_counter_is_the_mean_of_its_counters():
     assert torch.allclose(dens_lv.exp().sum((-2, -1)), log_var.exp(), rtol=1e-4)
     with pytest.raises(ValueError, match="at least 2 counters"):
         AverageCounter([grid_counter])
+    # a density's sum counts any size; the paper's fixed-size FC head does not
+    assert model.counter.counts_any_size and unet_counter.counts_any_size
+    assert grid_counter.counts_any_size
+    assert not CountingPipeline(get_preset("paper")).counter.counts_any_size

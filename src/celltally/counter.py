@@ -178,7 +178,7 @@ class CellCounter:
         chosen = tile if tile is not None else tiling.get("tile", DEFAULT_TILE)
         self.tile = tile_sides(chosen)
         self.margin = int(margin if margin is not None else tiling.get("margin", DEFAULT_MARGIN))
-        self.density_head = getattr(model.counter, "head", "fc") in ("density", "unet")
+        self.density_head = bool(getattr(model.counter, "counts_any_size", False))
         if not self.density_head and self.factor != 1.0:
             raise io.InputError(
                 f"model {self.name} has the paper's fixed-frame 'fc' head, which cannot "

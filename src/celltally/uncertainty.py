@@ -54,11 +54,16 @@ def ensemble_files(folder: str | Path) -> list[Path]:
 def load_members(folder: str | Path, config: dict[str, Any]) -> list[torch.nn.Module]:
     """The extra counter heads of a model folder (eval mode, on the CPU).
 
+    Each member has the model's counter architecture (``config['counter']``)
+    unless its file's metadata holds its own counter block under ``"counter"``
+    (JSON), as the ``nuclei`` model's members with wider U-Nets do.
+
     Raises
     ------
     celltally.io.InputError
         The folder has no ensemble, or a member does not fit the architecture.
     """
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     files = ensemble_files(folder)
@@ -69,10 +74,14 @@ def load_members(folder: str | Path, config: dict[str, Any]) -> list[torch.nn.Mo
         )
     members = []
     for path in files:
-        counter = CountingPipeline(config).counter
         try:
+            with safe_open(str(path), "pt") as handle:
+                own = (handle.metadata() or {}).get("counter")
+            # A member may describe its own counter (e.g. a wider U-Net part).
+            member_config = config if own is None else {**config, "counter": json.loads(own)}
+            counter = CountingPipeline(member_config).counter
             counter.load_state_dict(load_file(str(path)))
-        except (RuntimeError, OSError) as err:
+        except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise io.InputError(f"{path}: not a counter of this model ({first})") from None
         members.append(counter.eval())

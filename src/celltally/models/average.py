@@ -38,6 +38,7 @@ class AverageCounter(nn.Module):
     """
 
     head = "density"
+    counts_any_size = True  # every part's density is summed onto the first's grid
 
     def __init__(self, counters: Sequence[nn.Module]) -> None:
         super().__init__()

@@ -56,6 +56,7 @@ class UNetCounter(nn.Module):
     """
 
     head = "unet"
+    counts_any_size = True  # the count is the per-pixel density's sum
     stride = 1
 
     def __init__(

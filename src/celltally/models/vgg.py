@@ -195,6 +195,11 @@ class VGGCounter(nn.Module):
         nn.init.constant_(self.count_head[-1].bias, 1.0)
 
     @property
+    def counts_any_size(self) -> bool:
+        """Whether the count is a density's sum (any input size, tiles add up)."""
+        return self.head == "density"
+
+    @property
     def stride(self) -> int:
         """Input pixels per feature-grid cell along each side (2 ** number of pools)."""
         return 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.features)

@@ -372,6 +372,7 @@ def add_members(
     unet: list[str] = (),
     counter_config: dict | None = None,
     unet_float16: bool = False,
+    unet_tta: str | None = None,
 ) -> None:
     """Copy the counters of ``runs`` into ``folder`` as ``ensemble_<k>.safetensors``.
 
@@ -384,6 +385,7 @@ def add_members(
     (``celltally.uncertainty.load_members`` reads it). ``unet_float16`` stores
     the U-Net parts' floating-point tensors at half precision (they load into
     float32 counters; the calibration that follows is fitted on them as stored).
+    ``unet_tta`` sets the members' U-Net test-time averaging (default: the model's).
     """
     from safetensors.torch import load_file, save_file
 
@@ -407,7 +409,8 @@ def add_members(
                     else value
                     for key, value in counter.items()
                 }
-            block = unet_block(Path(unet[k - 1]), tta=counter_config["average_with"][0]["tta"])
+            tta = unet_tta or counter_config["average_with"][0]["tta"]
+            block = unet_block(Path(unet[k - 1]), tta=tta)
             if block != counter_config["average_with"][0]:
                 metadata = {"counter": json.dumps({**counter_config, "average_with": [block]})}
         save_file(counter, str(folder / f"ensemble_{k}.safetensors"), metadata=metadata)
@@ -533,6 +536,11 @@ def main() -> None:
         action="store_true",
         help="store the --unet-members' weights at half precision "
         "(half the bytes; the calibration is fitted on them as stored)",
+    )
+    parser.add_argument(
+        "--unet-members-tta",
+        choices=("none", "flip", "d8"),
+        help="test-time averaging of the --unet-members (default: --tta, as the model's own)",
     )
     parser.add_argument(
         "--unet-members",
@@ -752,6 +760,8 @@ def main() -> None:
             ]
             if args.unet_members_float16:
                 config["training"]["unet_members_stored_as"] = "float16"
+            if args.unet_members_tta:
+                config["training"]["unet_members_tta"] = args.unet_members_tta
     if args.members:
         config["training"]["ensemble_members"] = [
             json.loads((Path(run) / "config.json").read_text())["training"]["command"]
@@ -766,6 +776,7 @@ def main() -> None:
         unet=args.unet_members,
         counter_config=config["counter"],
         unet_float16=args.unet_members_float16,
+        unet_tta=args.unet_members_tta,
     )
     calibrate_model(out, cal, log=print)
     counter = CellCounter.from_pretrained(out, device=cpu)

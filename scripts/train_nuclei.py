@@ -364,6 +364,21 @@ def train_counter_cells(
     return history
 
 
+def command_line(script: str, args: dict) -> str:
+    """The command that gives ``args``: switches alone, values and lists after their names.
+
+    Unset options (None, False, an empty list) are left out: they are the defaults.
+    """
+    words = ["python", script]
+    for key, value in args.items():
+        if value is None or value is False or (isinstance(value, list | tuple) and not value):
+            continue
+        words.append(f"--{key.replace('_', '-')}")
+        if value is not True:
+            words.extend(map(str, value) if isinstance(value, list | tuple) else [str(value)])
+    return " ".join(words)
+
+
 def add_members(
     folder: Path,
     runs: list[str],
@@ -389,6 +404,8 @@ def add_members(
     """
     from safetensors.torch import load_file, save_file
 
+    if unet and counter_config is None:
+        raise ValueError("add_members: pairing U-Nets needs the model's counter_config")
     own = {k: v for k, v in model.state_dict().items() if k.startswith("segmenter.")}
     for k, run in enumerate(runs, start=1):
         state = load_file(str(Path(run) / "model.safetensors"))
@@ -723,13 +740,7 @@ def main() -> None:
             "calibration": split["calibration"],
         },
         "masks": "union of BBBC039's instance masks; counter targets: per-instance 1/area density",
-        "command": "python scripts/train_nuclei.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} "
-            + (" ".join(map(str, v)) if isinstance(v, list | tuple) else str(v))
-            for k, v in vars(args).items()
-            if v is not None and v is not False
-        ),
+        "command": command_line("scripts/train_nuclei.py", vars(args)),
         "seed": args.seed,
     }
     config["history"] = {"segmenter": seg_history, "counter": count_history}
@@ -755,9 +766,7 @@ def main() -> None:
             "U-Net counter: the same 60 BBBC039 training images (no simulated scenes)"
         ]
         if args.unet_members:
-            config["training"]["unet_members"] = [
-                unet_commands(Path(f))[-1] for f in args.unet_members
-            ]
+            config["training"]["unet_members"] = [unet_commands(Path(f)) for f in args.unet_members]
             if args.unet_members_float16:
                 config["training"]["unet_members_stored_as"] = "float16"
             if args.unet_members_tta:

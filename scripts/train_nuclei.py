@@ -810,6 +810,21 @@ def main() -> None:
         "calibration": {"all": {k: round(float(v), 4) for k, v in judged["calibration"].items()}},
         "test": {"all": {k: round(float(v), 4) for k, v in judged["test"].items()}, "rows": rows},
     }
+    if args.members:  # the same figures counted with the ensemble (--epistemic)
+        ensemble = CellCounter.from_pretrained(out, device=cpu, epistemic=True)
+        config["metrics"]["epistemic"] = {}
+        for part in ("calibration", "test"):
+            results = [ensemble.count(root / "images" / name) for name in split[part]]
+            truth = np.array([float(table[n]) for n in split[part]])
+            figures = count_metrics(
+                truth,
+                np.array([r.count for r in results]),
+                low=np.array([r.low for r in results]),
+                high=np.array([r.high for r in results]),
+            )
+            config["metrics"]["epistemic"][part] = {
+                "all": {k: round(float(v), 4) for k, v in figures.items()}
+            }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     cal_all = config["metrics"]["calibration"]["all"]
     print(f"calibration images: MAE {cal_all['mae']:.2f}, max {cal_all['max_abs_error']:.1f}")

@@ -209,6 +209,10 @@ def test_models_lists_shipped_models_with_their_figures():
     assert "['" not in result.output
     wells = CellCounter.from_pretrained("bbbc005", device="cpu").calibration["well_correlation"]
     assert f"within-well error correlation {wells['value']:.3f}" in result.output
+    # a model that measured its ensemble says so, under its own entry
+    nuclei = CellCounter.from_pretrained("nuclei", device="cpu").config["metrics"]
+    ensemble = nuclei["epistemic"]["test"]["all"]
+    assert f"with --epistemic: MAE {ensemble['mae']:.2f}" in result.output.split("\nnuclei\n")[1]
 
 
 def test_progress_bar_only_on_a_terminal(tiny_model, image_folder, tmp_path):

@@ -570,6 +570,12 @@ def models() -> None:
             f"max error {test.get('max_abs_error', nan):.1f}, R² {test.get('r2', nan):.3f}, "
             f"95% interval coverage {test.get('coverage', nan):.1%}",
         ]
+        ensemble = config.get("metrics", {}).get("epistemic", {}).get("test", {}).get("all")
+        if ensemble:
+            lines.append(
+                f"  with --epistemic: MAE {ensemble['mae']:.2f}, max error "
+                f"{ensemble['max_abs_error']:.1f}, 95% interval coverage {ensemble['coverage']:.1%}"
+            )
         wells = config.get("calibration", {}).get("well_correlation")
         if wells:
             lines.append(

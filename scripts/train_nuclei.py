@@ -788,43 +788,39 @@ def main() -> None:
         unet_tta=args.unet_members_tta,
     )
     calibrate_model(out, cal, log=print)
-    counter = CellCounter.from_pretrained(out, device=cpu)
-    rows, judged = [], {}
-    for part in ("calibration", "test"):
-        results = [counter.count(root / "images" / name) for name in split[part]]
-        truth = np.array([float(table[n]) for n in split[part]])
-        mean = np.array([r.count for r in results])
-        judged[part] = count_metrics(
-            truth,
-            mean,
+
+    def judge(counter: CellCounter, names: list[str]) -> tuple[dict, list]:
+        """Rounded count figures of ``counter`` on ``names``, and its results."""
+        results = [counter.count(root / "images" / name) for name in names]
+        figures = count_metrics(
+            np.array([float(table[n]) for n in names]),
+            np.array([r.count for r in results]),
             low=np.array([r.low for r in results]),
             high=np.array([r.high for r in results]),
         )
-        if part == "test":
-            rows = [
-                {"file": n, "true": float(t), "count": round(r.count, 2), "std": round(r.std, 3)}
-                for n, t, r in zip(split[part], truth, results, strict=True)
-            ]
+        return {k: round(float(v), 4) for k, v in figures.items()}, results
+
+    counter = CellCounter.from_pretrained(out, device=cpu)
     config = json.loads((out / "config.json").read_text())
-    config["metrics"] = {
-        "calibration": {"all": {k: round(float(v), 4) for k, v in judged["calibration"].items()}},
-        "test": {"all": {k: round(float(v), 4) for k, v in judged["test"].items()}, "rows": rows},
-    }
+    config["metrics"] = {}
+    for part in ("calibration", "test"):
+        figures, results = judge(counter, split[part])
+        config["metrics"][part] = {"all": figures}
+        if part == "test":
+            config["metrics"][part]["rows"] = [
+                {
+                    "file": n,
+                    "true": float(table[n]),
+                    "count": round(r.count, 2),
+                    "std": round(r.std, 3),
+                }
+                for n, r in zip(split[part], results, strict=True)
+            ]
     if args.members:  # the same figures counted with the ensemble (--epistemic)
         ensemble = CellCounter.from_pretrained(out, device=cpu, epistemic=True)
-        config["metrics"]["epistemic"] = {}
-        for part in ("calibration", "test"):
-            results = [ensemble.count(root / "images" / name) for name in split[part]]
-            truth = np.array([float(table[n]) for n in split[part]])
-            figures = count_metrics(
-                truth,
-                np.array([r.count for r in results]),
-                low=np.array([r.low for r in results]),
-                high=np.array([r.high for r in results]),
-            )
-            config["metrics"]["epistemic"][part] = {
-                "all": {k: round(float(v), 4) for k, v in figures.items()}
-            }
+        config["metrics"]["epistemic"] = {
+            part: {"all": judge(ensemble, split[part])[0]} for part in ("calibration", "test")
+        }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     cal_all = config["metrics"]["calibration"]["all"]
     print(f"calibration images: MAE {cal_all['mae']:.2f}, max {cal_all['max_abs_error']:.1f}")

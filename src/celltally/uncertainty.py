@@ -37,7 +37,7 @@ from celltally.calibration import (
     ood_thresholds,
 )
 from celltally.datasets import LabeledSet
-from celltally.models.pipeline import CountingPipeline
+from celltally.models.pipeline import CountingPipeline, build_counter
 from celltally.wells import well_key
 
 Log = Callable[[str], None]
@@ -78,8 +78,10 @@ def load_members(folder: str | Path, config: dict[str, Any]) -> list[torch.nn.Mo
             with safe_open(str(path), "pt") as handle:
                 own = (handle.metadata() or {}).get("counter")
             # A member may describe its own counter (e.g. a wider U-Net part).
-            member_config = config if own is None else {**config, "counter": json.loads(own)}
-            counter = CountingPipeline(member_config).counter
+            block = config["counter"] if own is None else json.loads(own)
+            counter = build_counter(
+                block, len(config["counter_inputs"]), planes_at=block.get("planes_at", "mask")
+            )
             counter.load_state_dict(load_file(str(path)))
         except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__

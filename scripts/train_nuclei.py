@@ -491,6 +491,8 @@ def unet_commands(unet: Path) -> list[str]:
         init = Path(args["init"]).parent / "counter.safetensors"
         earlier = unet_commands(init)
         line += f" --init {init}"
+        if args.get("init_as"):  # a lent GPU got the start weights rounded for the trip
+            line += f" (init stored as {args['init_as']})"
     return [*earlier, f"{line} --out {args['out']}"]
 
 
@@ -547,6 +549,11 @@ def main() -> None:
         "--unet",
         help="counter.safetensors of scripts/train_nuclei_unet.py: its U-Net counter is "
         "averaged with this model's counter (models.average)",
+    )
+    parser.add_argument(
+        "--unet-tta",
+        choices=("none", "flip", "d8"),
+        help="test-time averaging of the --unet counter (default: --tta, as the grid counter's)",
     )
     parser.add_argument(
         "--unet-members-float16",
@@ -650,7 +657,9 @@ def main() -> None:
             )
         if len(args.unet_members) != len(args.members):
             raise SystemExit("--unet-members must pair one U-Net counter with each --members run")
-        model, config = with_unet(model, config, Path(args.unet), tta=args.tta)
+        model, config = with_unet(
+            model, config, Path(args.unet), tta=args.unet_tta or args.tta
+        )
     if args.init_segmenter:
         from safetensors.torch import load_file
 

@@ -551,6 +551,14 @@ def main() -> None:
         "averaged with this model's counter (models.average)",
     )
     parser.add_argument(
+        "--count-scale",
+        nargs="+",
+        default=[],
+        choices=("plain", "epistemic"),
+        help="blocks whose counts get a factor sum(y) / sum(mu) fitted on the calibration "
+        "images (celltally.uncertainty.calibrate_model)",
+    )
+    parser.add_argument(
         "--unet-tta",
         choices=("none", "flip", "d8"),
         help="test-time averaging of the --unet counter (default: --tta, as the grid counter's)",
@@ -657,9 +665,7 @@ def main() -> None:
             )
         if len(args.unet_members) != len(args.members):
             raise SystemExit("--unet-members must pair one U-Net counter with each --members run")
-        model, config = with_unet(
-            model, config, Path(args.unet), tta=args.unet_tta or args.tta
-        )
+        model, config = with_unet(model, config, Path(args.unet), tta=args.unet_tta or args.tta)
     if args.init_segmenter:
         from safetensors.torch import load_file
 
@@ -796,7 +802,7 @@ def main() -> None:
         unet_float16=args.unet_members_float16,
         unet_tta=args.unet_members_tta,
     )
-    calibrate_model(out, cal, log=print)
+    calibrate_model(out, cal, count_scale=args.count_scale, log=print)
 
     def judge(counter: CellCounter, names: list[str]) -> tuple[dict, list]:
         """Rounded count figures of ``counter`` on ``names``, and its results."""

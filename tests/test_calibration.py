@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -194,6 +195,37 @@ def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):
     assert {"mask_std", "feature_distance"} <= set(ens["ood"])
 
 
+def test_count_scale_corrects_a_known_bias_and_a_refit_removes_it(blob_model, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(blob_model[0], folder)
+    cal = blob_set(60, 2, tiny_config())
+    images = list(cal.images[:, 0].numpy())
+    raw = CellCounter.from_pretrained(folder, device="cpu").count_prepared(images)
+    mu = np.array([r.count for r in raw])
+    # truths 25% above what the model counts: a bias the factor must take out
+    biased = LabeledSet(cal.images, cal.masks, cal.counts * 1.25, cal.meta)
+    quiet = {"log": lambda s: None, "device": "cpu"}
+    block = calibrate_model(folder, biased, count_scale=("plain", "epistemic"), **quiet)
+    scale = block["count_scale"]
+    assert scale == pytest.approx(1.25 * float(cal.counts.sum()) / mu.sum(), rel=1e-4)
+    assert block["epistemic"]["count_scale"] > 1.0
+    # the intervals' scores are out of sample: each image corrected without itself
+    y, sd = 1.25 * cal.counts.numpy(), np.array([r.std for r in raw])
+    loo = (y.sum() - y) / (mu.sum() - mu)
+    expected = np.sort(np.abs(y - mu * loo) / (sd * loo))
+    assert block["scores"] == pytest.approx(expected, abs=1e-4)
+    fixed = CellCounter.from_pretrained(folder, device="cpu").count_prepared(images)
+    assert [r.count for r in fixed] == pytest.approx(mu * scale, rel=1e-5)
+    assert [r.std for r in fixed] == pytest.approx([r.std * scale for r in raw], rel=1e-5)
+    # a refit without it starts from the raw counts again, not the corrected ones
+    block = calibrate_model(folder, cal, **quiet)
+    assert "count_scale" not in block and "count_scale" not in block["epistemic"]
+    again = CellCounter.from_pretrained(folder, device="cpu").count_prepared(images)
+    assert [r.count for r in again] == pytest.approx(mu, rel=1e-5)
+    with pytest.raises(ValueError, match="count_scale"):
+        calibrate_model(folder, cal, count_scale=("total",), **quiet)
+
+
 def test_out_of_distribution_images_are_flagged(blob_model):
     counter = CellCounter.from_pretrained(blob_model[0], device="cpu")
     rng = np.random.default_rng(0)
@@ -344,3 +376,10 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     )
     missing = runner.invoke(app, ["calibrate", "--model", str(model)])
     assert missing.exit_code != 0 and "error: no data" in missing.output
+    scaled = ["calibrate", "--model", str(model), "--data", str(data), "--count-scale", "plain"]
+    result = runner.invoke(app, scaled)
+    assert result.exit_code == 0, result.output
+    assert json.loads((model / "config.json").read_text())["calibration"]["count_scale"] > 0
+    bogus = runner.invoke(app, [*scaled[:-1], "total"])
+    assert bogus.exit_code != 0 and "count_scale: unknown block" in bogus.output
+    assert "Traceback" not in bogus.output

@@ -27,9 +27,15 @@ def files(tmp_path_factory):
     return sorted((plate / "images").glob("*.TIF"))
 
 
-def test_shipped_model_counts_the_same_on_cpu_and_gpu(files):
-    cpu = [r.count for _, r in CellCounter.from_pretrained(device="cpu").count_paths(files)]
-    gpu = [r.count for _, r in CellCounter.from_pretrained(device="cuda").count_paths(files)]
+@pytest.mark.parametrize(
+    ("model", "epistemic"), [("bbbc005", False), ("nuclei", False), ("nuclei", True)]
+)
+def test_shipped_models_count_the_same_on_cpu_and_gpu(files, model, epistemic):
+    counts = {}
+    for device in ("cpu", "cuda"):
+        counter = CellCounter.from_pretrained(model, device=device, epistemic=epistemic)
+        counts[device] = [(r.count, r.std) for _, r in counter.count_paths(files)]
+    cpu, gpu = np.array(counts["cpu"]), np.array(counts["cuda"])
     assert len(cpu) == len(gpu) == len(files) > 1
     # TF32 convolutions (PyTorch's default on GPU) differ from float32 by ~1e-4
     np.testing.assert_allclose(gpu, cpu, rtol=2e-3, atol=0.02)

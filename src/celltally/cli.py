@@ -692,6 +692,13 @@ def calibrate(
     quantile: Annotated[
         float, typer.Option(help="OOD threshold: this quantile of the calibration images.")
     ] = 0.99,
+    count_scale: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also correct the counts of this block ('plain' or 'epistemic', repeatable) "
+            "by a factor sum(true) / sum(counted) fitted on the calibration split."
+        ),
+    ] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
     channel: ChannelOption = None,
 ) -> None:
@@ -704,7 +711,9 @@ def calibrate(
         )
         if cal is None:
             fail("the data gave no calibration images")
-        calibrate_model(folder, cal, quantile=quantile, log=typer.echo)
+        calibrate_model(
+            folder, cal, quantile=quantile, count_scale=count_scale or (), log=typer.echo
+        )
     except _user_errors() as err:
         fail(str(err))
 

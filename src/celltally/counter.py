@@ -191,6 +191,9 @@ class CellCounter:
             # them the aleatoric block applies: total sigma >= aleatoric, so wider.)
             block = dict(block["epistemic"])
         self.calibration = block
+        # A count correction fitted on the calibration split (uncertainty.calibrate_model
+        # count_scale): a factor, so tile sums stay additive. 1 where none was fitted.
+        self.count_scale = float(block.get("count_scale", 1.0))
         interval_multiplier(block, 0.5, calibration)  # fail early on an unknown method
         self.ood_reference = (
             None
@@ -403,6 +406,9 @@ class CellCounter:
 
     def _result(self, raw: tuple, level: float, source: str | None) -> CountResult:
         count, std, mask, mask_std, spread, embedding = raw
+        if self.count_scale != 1.0:
+            count, std = count * self.count_scale, std * self.count_scale
+            spread = None if spread is None else spread * self.count_scale
         half = self.multiplier(level) * float(std)
         meta = naming.parse_name(source).as_dict() if source else {}
         distance = None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,11 +176,25 @@ def _predict(counter: Any, data: LabeledSet) -> tuple[np.ndarray, np.ndarray, li
     return mean, std, features
 
 
+def _count_scale(y: np.ndarray, mean: np.ndarray) -> tuple[float, np.ndarray]:
+    """The factor ``s = sum(y) / sum(mean)`` and, per image, the same factor without it.
+
+    The intervals are fitted on counts corrected by the leave-one-out factors,
+    so each image's score is out of sample, as split-conformal needs.
+    """
+    y, mean = np.asarray(y, float), np.asarray(mean, float)
+    total = float(mean.sum())
+    if len(y) < 2 or not np.isfinite(total) or np.any(mean.sum() - mean <= 0):
+        raise ValueError("count_scale: needs 2 or more calibration images with counts above zero")
+    return round(float(y.sum()) / total, 5), (y.sum() - y) / (total - mean)
+
+
 def calibrate_model(
     model_folder: str | Path,
     calibration: LabeledSet,
     *,
     quantile: float = 0.99,
+    count_scale: Sequence[str] = (),
     device: torch.device | str | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
@@ -194,6 +208,14 @@ def calibrate_model(
     mean and shrunk precision of the images' deep features (the reference of
     the feature-distance check) go to ``ood.safetensors``. The weights are not
     touched.
+
+    ``count_scale`` names the blocks ('plain', 'epistemic') whose counts get a
+    multiplicative correction ``s = sum(y) / sum(mu)`` fitted on the same
+    split (stored as the block's ``count_scale``; :class:`celltally.counter.CellCounter`
+    multiplies counts and stds by it). The block's intervals are fitted on
+    counts corrected by leave-one-out factors (each image's without itself),
+    so their scores stay out of sample. For a model that systematically under-
+    or over-counts unseen images; check the gain out of sample first.
 
     Returns
     -------
@@ -210,22 +232,37 @@ def calibrate_model(
 
     from celltally.counter import OOD_REFERENCE_FILE
 
+    unknown = set(count_scale) - {"plain", "epistemic"}
+    if unknown:
+        raise ValueError(f"count_scale: unknown block(s) {sorted(unknown)}; 'plain' or 'epistemic'")
     config = json.loads((folder / "config.json").read_text())
+    old = config.get("calibration") or {}
+    if "count_scale" in old or "count_scale" in (old.get("epistemic") or {}):
+        # an earlier fit's correction must not shape the raw counts fitted now
+        old.pop("count_scale", None)
+        (old.get("epistemic") or {}).pop("count_scale", None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     counter = CellCounter.from_pretrained(folder, device=device)
     reference = feature_reference(counter.embed(list(calibration.images[:, 0].numpy())))
     tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}
     save_file(tensors, str(folder / OOD_REFERENCE_FILE))
     counter = CellCounter.from_pretrained(folder, device=device)  # now with the reference
     mean, std, features = _predict(counter, calibration)
-    block = calibrate(y, mean, std)
+    scale, loo = _count_scale(y, mean) if "plain" in count_scale else (1.0, 1.0)
+    block = calibrate(y, mean * loo, std * loo)
+    if "plain" in count_scale:
+        block["count_scale"] = scale
     block["ood"] = ood_thresholds(features, quantile=quantile)
     wells = [well_key(m["name"]) if m.get("name") else None for m in calibration.meta]
-    if len(wells) == len(y) and (fitted := fit_group_correlation(y, mean, std, wells)):
+    if len(wells) == len(y) and (fitted := fit_group_correlation(y, mean * loo, std * loo, wells)):
         block["well_correlation"] = fitted  # for per-well totals (celltally.wells)
     if ensemble_files(folder):
         ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
         e_mean, e_std, e_features = _predict(ens, calibration)
-        block["epistemic"] = calibrate(y, e_mean, e_std)
+        e_scale, e_loo = _count_scale(y, e_mean) if "epistemic" in count_scale else (1.0, 1.0)
+        block["epistemic"] = calibrate(y, e_mean * e_loo, e_std * e_loo)
+        if "epistemic" in count_scale:
+            block["epistemic"]["count_scale"] = e_scale
         block["epistemic"]["members"] = 1 + len(ens.members)
         block["epistemic"]["ood"] = ood_thresholds(e_features, quantile=quantile)
     config["calibration"] = block

@@ -213,6 +213,10 @@ def test_models_lists_shipped_models_with_their_figures():
     nuclei = CellCounter.from_pretrained("nuclei", device="cpu").config["metrics"]
     ensemble = nuclei["epistemic"]["test"]["all"]
     assert f"with --epistemic: MAE {ensemble['mae']:.2f}" in result.output.split("\nnuclei\n")[1]
+    # and a count correction, where its calibration fitted one
+    scale = CellCounter.from_pretrained("nuclei", epistemic=True, device="cpu").count_scale
+    line = f"counts with --epistemic multiplied by {scale:.4f}"
+    assert (line in result.output) == (scale != 1.0)
 
 
 def test_progress_bar_only_on_a_terminal(tiny_model, image_folder, tmp_path):

@@ -576,6 +576,13 @@ def models() -> None:
                 f"  with --epistemic: MAE {ensemble['mae']:.2f}, max error "
                 f"{ensemble['max_abs_error']:.1f}, 95% interval coverage {ensemble['coverage']:.1%}"
             )
+        calib = config.get("calibration", {})
+        for block, label in ((calib, ""), (calib.get("epistemic", {}), " with --epistemic")):
+            if "count_scale" in block:
+                lines.append(
+                    f"  counts{label} multiplied by {block['count_scale']:.4f} "
+                    "(a correction fitted on the calibration images)"
+                )
         wells = config.get("calibration", {}).get("well_correlation")
         if wells:
             lines.append(

@@ -237,11 +237,19 @@ def calibrate_model(
         raise ValueError(f"count_scale: unknown block(s) {sorted(unknown)}; 'plain' or 'epistemic'")
     config = json.loads((folder / "config.json").read_text())
     old = config.get("calibration") or {}
-    if "count_scale" in old or "count_scale" in (old.get("epistemic") or {}):
-        # an earlier fit's correction must not shape the raw counts fitted now
-        old.pop("count_scale", None)
-        (old.get("epistemic") or {}).pop("count_scale", None)
+    earlier = {
+        name: block.pop("count_scale")
+        for name, block in (("plain", old), ("epistemic", old.get("epistemic") or {}))
+        if "count_scale" in block
+    }
+    if earlier:  # an earlier fit's correction must not shape the raw counts fitted now
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, value in earlier.items():
+            if name not in count_scale:
+                log(
+                    f"dropped the {name} counts' earlier correction (x{value}); "
+                    f"refit it with count_scale {name!r} (--count-scale {name})"
+                )
     counter = CellCounter.from_pretrained(folder, device=device)
     reference = feature_reference(counter.embed(list(calibration.images[:, 0].numpy())))
     tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}

@@ -121,6 +121,44 @@ def mosaic_crops(
     return torch.stack(xs), torch.stack(ds), torch.stack(ws)
 
 
+def paint_fibres(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Add one or two bright, smooth, curved bands to each prepared image (a new tensor).
+
+    BBBC039 holds a few frames crossed by bright fibres, and the nuclei under
+    and beside them are where the counters miss most. Each band follows a
+    gently bent line across the frame (a sine bend of random amplitude),
+    with a Gaussian cross-section (sigma 6-18 px at the model input) and a
+    peak of 0.2-0.8 of the normalized range, added to the image. The nuclei
+    stay where they are, so the count target does not change.
+    """
+    n, _, h, w = images.shape
+    dev = images.device
+    yy = torch.arange(h, device=dev, dtype=torch.float32)[:, None]
+    xx = torch.arange(w, device=dev, dtype=torch.float32)[None, :]
+    out = images.clone()
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand(1, generator=generator))
+
+    t = torch.linspace(-0.75, 0.75, 192, device=dev)
+    for i in range(n):
+        for _ in range(1 + int(torch.rand(1, generator=generator) < 0.3)):
+            angle = uniform(0, np.pi)
+            cy, cx = uniform(0.2, 0.8) * h, uniform(0.2, 0.8) * w
+            span = float(np.hypot(h, w))
+            bend = (
+                uniform(0.0, 0.08)
+                * span
+                * torch.sin(2 * np.pi * (t * uniform(0.5, 1.5) + uniform(0, 1)))
+            )
+            py = cy + t * span * np.sin(angle) + bend * np.cos(angle)
+            px = cx + t * span * np.cos(angle) - bend * np.sin(angle)
+            d2 = ((yy[None] - py[:, None, None]) ** 2 + (xx[None] - px[:, None, None]) ** 2).amin(0)
+            sigma = uniform(6.0, 18.0)
+            out[i, 0] += uniform(0.2, 0.8) * torch.exp(-d2 / (2 * sigma**2))
+    return out
+
+
 def _snapped_offset(side: int) -> int:
     """0 or ``side`` (a whole frame of the mosaic) half the time, else uniform in between."""
     mode = int(torch.randint(0, 4, (1,)))
@@ -151,6 +189,13 @@ def main() -> None:
         action="store_true",
         help="train on frame-sized crops of 2 x 2 mosaics of flipped frames, not whole frames",
     )
+    p.add_argument(
+        "--fibres",
+        type=float,
+        default=0.0,
+        help="probability that a training frame gets bright fibres painted on (paint_fibres); "
+        "its planes are then recomputed by the segmenter each step (frames only, not --mosaic)",
+    )
     p.add_argument("--init", help="counter.safetensors of an earlier run to start from")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
@@ -173,8 +218,11 @@ def main() -> None:
     seg.eval().to(device)
     size = tuple(cfg["input_size"])
 
+    if args.fibres and args.mosaic:
+        raise SystemExit("--fibres paints whole frames: leave out --mosaic")
+
     def load(part: list[str]):
-        planes_all, dens, counts = [], [], []
+        planes_all, dens, counts, prepared = [], [], [], []
         for name in part:
             raw = io.read_image(root / "images" / name)
             labels = read_instances(root / "masks" / (name[:-4] + ".png"))
@@ -184,6 +232,7 @@ def main() -> None:
                 m, lv = seg.segmenter(img, levels=1)[0]
             planes = seg.counter_planes(m, lv, img)  # mask, image, mask log-variance
             planes_all.append(planes[0].cpu())
+            prepared.append(img[0].cpu())
             target = centroid_density(labels, planes.shape[-2:], args.sigma)
             dens.append(torch.from_numpy(target))
             counts.append(len(np.unique(labels)) - 1)
@@ -191,11 +240,24 @@ def main() -> None:
             torch.stack(planes_all),
             torch.stack(dens)[:, None],
             torch.tensor(counts, dtype=torch.float32),
+            torch.stack(prepared),
         )
 
     t0 = time.time()
-    x_train, d_train, _ = load(split["train"])
-    x_cal, _, c_cal = load(split["calibration"])
+    x_train, d_train, _, img_train = load(split["train"])
+    x_cal, _, c_cal, _ = load(split["calibration"])
+
+    def planes_with_fibres(idx: torch.Tensor) -> torch.Tensor:
+        """The frames' planes, recomputed by the segmenter where fibres were painted on."""
+        x = x_train[idx].clone()
+        painted = torch.rand(len(idx)) < args.fibres
+        if painted.any():
+            img = paint_fibres(img_train[idx[painted]].to(device))
+            with torch.no_grad():
+                m, lv = seg.segmenter(img, levels=1)[0]
+                x[painted] = seg.counter_planes(m, lv, img).cpu()
+        return x
+
     x_cal = x_cal.to(device)
     print(f"loaded {len(x_train)} training frames in {time.time() - t0:.0f}s", flush=True)
     net = UNetCounter(3, width=args.width, levels=args.levels, count_scale=0.05, tta="flip")
@@ -254,6 +316,9 @@ def main() -> None:
             k = int(torch.randint(0, 8, (1,)))
             if args.mosaic:
                 x, d, weight = mosaic_crops(x_train, d_train, idx)
+            elif args.fibres:
+                x, d = planes_with_fibres(idx), d_train[idx]
+                weight = torch.ones_like(d)
             else:
                 x, d, weight = x_train[idx], d_train[idx], torch.ones_like(d_train[idx])
             x, d, weight = d8(x, k), d8(d, k), d8(weight, k)

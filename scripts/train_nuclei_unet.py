@@ -21,6 +21,11 @@ error it makes, without bending the density). Adam with a one-cycle
 schedule; the weights kept are an exponential moving average (0.99,
 BatchNorm statistics included).
 
+``--fibres P`` paints one or two bright bands (``paint_fibres``) on a
+fraction P of the training frames, whose planes the segmenter then
+recomputes each step (whole frames only; tried once, not adopted: see
+docs/finetuning.md).
+
 On a GPU (``--device cuda``) ``--budget SECONDS`` caps a run's time: at
 epoch 5, then every 10 epochs, the pace since the last check is measured
 and, where the rest would not fit, the epoch count is cut and the one-cycle

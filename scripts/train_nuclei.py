@@ -62,6 +62,7 @@ from celltally.models.pipeline import (
     planes_shape,
 )
 from celltally.models.presets import get_preset
+from celltally.models.vgg import TTA
 from celltally.train import (
     default_device,
     one_cycle,
@@ -70,7 +71,7 @@ from celltally.train import (
     train_segmenter,
 )
 from celltally.transforms import prepare_image, resize_area
-from celltally.uncertainty import calibrate_model
+from celltally.uncertainty import COUNT_SCALE_BLOCKS, calibrate_model
 
 SPLIT_SALT = "bbbc039-split-0"
 N_TEST = 20
@@ -554,13 +555,13 @@ def main() -> None:
         "--count-scale",
         nargs="+",
         default=[],
-        choices=("plain", "epistemic"),
+        choices=COUNT_SCALE_BLOCKS,
         help="blocks whose counts get a factor sum(y) / sum(mu) fitted on the calibration "
         "images (celltally.uncertainty.calibrate_model)",
     )
     parser.add_argument(
         "--unet-tta",
-        choices=("none", "flip", "d8"),
+        choices=tuple(TTA),
         help="test-time averaging of the --unet counter (default: --tta, as the grid counter's)",
     )
     parser.add_argument(
@@ -571,7 +572,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--unet-members-tta",
-        choices=("none", "flip", "d8"),
+        choices=tuple(TTA),
         help="test-time averaging of the --unet-members (default: --tta, as the model's own)",
     )
     parser.add_argument(
@@ -582,7 +583,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--tta",
-        choices=("none", "flip", "d8"),
+        choices=tuple(TTA),
         default="none",
         help="counter test-time averaging over flips (eval only; the shipped model: flip)",
     )

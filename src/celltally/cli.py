@@ -583,7 +583,7 @@ def models() -> None:
                     f"  counts{label} multiplied by {block['count_scale']:.4f} "
                     "(a correction fitted on the calibration images)"
                 )
-        wells = config.get("calibration", {}).get("well_correlation")
+        wells = calib.get("well_correlation")
         if wells:
             lines.append(
                 f"  per-well totals: within-well error correlation {wells['value']:.3f} "

@@ -41,6 +41,9 @@ from celltally.models.pipeline import CountingPipeline, build_counter
 from celltally.wells import well_key
 
 Log = Callable[[str], None]
+
+#: The calibration blocks a count correction can be fitted for (``calibrate_model``).
+COUNT_SCALE_BLOCKS = ("plain", "epistemic")
 _MEMBER = re.compile(r"^ensemble_(\d+)\.safetensors$")
 
 
@@ -189,6 +192,21 @@ def _count_scale(y: np.ndarray, mean: np.ndarray) -> tuple[float, np.ndarray]:
     return round(float(y.sum()) / total, 5), (y.sum() - y) / (total - mean)
 
 
+def _calibrated_block(
+    y: np.ndarray, mean: np.ndarray, std: np.ndarray, *, scaled: bool
+) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`celltally.calibration.calibrate`'s block, with a fitted ``count_scale`` if ``scaled``.
+
+    Also returns the per-image factors the intervals were fitted with (the
+    leave-one-out ones, or ones).
+    """
+    scale, loo = _count_scale(y, mean) if scaled else (1.0, np.ones(len(y)))
+    block = calibrate(y, mean * loo, std * loo)
+    if scaled:
+        block["count_scale"] = scale
+    return block, loo
+
+
 def calibrate_model(
     model_folder: str | Path,
     calibration: LabeledSet,
@@ -232,45 +250,36 @@ def calibrate_model(
 
     from celltally.counter import OOD_REFERENCE_FILE
 
-    unknown = set(count_scale) - {"plain", "epistemic"}
+    unknown = set(count_scale) - set(COUNT_SCALE_BLOCKS)
     if unknown:
         raise ValueError(f"count_scale: unknown block(s) {sorted(unknown)}; 'plain' or 'epistemic'")
     config = json.loads((folder / "config.json").read_text())
     old = config.get("calibration") or {}
-    earlier = {
-        name: block.pop("count_scale")
-        for name, block in (("plain", old), ("epistemic", old.get("epistemic") or {}))
-        if "count_scale" in block
-    }
-    if earlier:  # an earlier fit's correction must not shape the raw counts fitted now
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name, value in earlier.items():
-            if name not in count_scale:
-                log(
-                    f"dropped the {name} counts' earlier correction (x{value}); "
-                    f"refit it with count_scale {name!r} (--count-scale {name})"
-                )
+    for name, earlier in (("plain", old), ("epistemic", old.get("epistemic") or {})):
+        if "count_scale" in earlier and name not in count_scale:
+            log(
+                f"dropped the {name} counts' earlier correction (x{earlier['count_scale']}); "
+                f"refit it with count_scale {name!r} (--count-scale {name})"
+            )
     counter = CellCounter.from_pretrained(folder, device=device)
     reference = feature_reference(counter.embed(list(calibration.images[:, 0].numpy())))
     tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}
     save_file(tensors, str(folder / OOD_REFERENCE_FILE))
     counter = CellCounter.from_pretrained(folder, device=device)  # now with the reference
+    counter.count_scale = 1.0  # raw counts: an earlier correction must not shape this fit
     mean, std, features = _predict(counter, calibration)
-    scale, loo = _count_scale(y, mean) if "plain" in count_scale else (1.0, 1.0)
-    block = calibrate(y, mean * loo, std * loo)
-    if "plain" in count_scale:
-        block["count_scale"] = scale
+    block, loo = _calibrated_block(y, mean, std, scaled="plain" in count_scale)
     block["ood"] = ood_thresholds(features, quantile=quantile)
     wells = [well_key(m["name"]) if m.get("name") else None for m in calibration.meta]
     if len(wells) == len(y) and (fitted := fit_group_correlation(y, mean * loo, std * loo, wells)):
         block["well_correlation"] = fitted  # for per-well totals (celltally.wells)
     if ensemble_files(folder):
         ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
+        ens.count_scale = 1.0
         e_mean, e_std, e_features = _predict(ens, calibration)
-        e_scale, e_loo = _count_scale(y, e_mean) if "epistemic" in count_scale else (1.0, 1.0)
-        block["epistemic"] = calibrate(y, e_mean * e_loo, e_std * e_loo)
-        if "epistemic" in count_scale:
-            block["epistemic"]["count_scale"] = e_scale
+        block["epistemic"], _ = _calibrated_block(
+            y, e_mean, e_std, scaled="epistemic" in count_scale
+        )
         block["epistemic"]["members"] = 1 + len(ens.members)
         block["epistemic"]["ood"] = ood_thresholds(e_features, quantile=quantile)
     config["calibration"] = block

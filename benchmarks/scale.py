@@ -89,7 +89,8 @@ def main() -> int:
 
     results: list[dict] = []
     print(f"{len(names)} held-out images, model {args.model} (object diameter {diameter:.1f} px)")
-    print(f"{'factor':>6} {'condition':<16} {'MAE':>7} {'bias':>7} {'median count/truth':>19} {'s':>6}")
+    header = ("factor", "condition", "MAE", "bias", "median count/truth", "s")
+    print("{:>6} {:<16} {:>7} {:>7} {:>19} {:>6}".format(*header))
     for factor in FACTORS:
         scaled = [resized(images[n], factor) for n in names]
         for condition, multiple in CONDITIONS.items():

@@ -23,8 +23,10 @@ BatchNorm statistics included).
 
 ``--fibres P`` paints one or two bright bands (``paint_fibres``) on a
 fraction P of the training frames, whose planes the segmenter then
-recomputes each step (whole frames only; tried once, not adopted: see
-docs/finetuning.md).
+recomputes each step. With ``--mosaic`` the bands are painted on the
+frames before they are tiled into mosaics (each band stays within its
+frame). On whole frames it was tried once and not adopted (see
+docs/finetuning.md); inside the mosaic phase it is untried.
 
 On a GPU (``--device cuda``) ``--budget SECONDS`` caps a run's time: at
 epoch 5, then every 10 epochs, the pace since the last check is measured
@@ -83,11 +85,17 @@ def d8(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def mosaic_crops(
-    planes: torch.Tensor, density: torch.Tensor, idx: torch.Tensor, *, margin: int = 8
+    planes: torch.Tensor,
+    density: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    margin: int = 8,
+    partners: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Frame-sized crops of 2 x 2 mosaics of flipped frames, and their loss weights.
 
-    Each crop's first frame is ``idx``'s; three random ones fill the mosaic. Each
+    Each crop's first frame is ``idx``'s; three others fill the mosaic (row j of
+    ``partners``, shape (len(idx), 3), else drawn at random). Each
     offset is snapped to the mosaic's start or end half the time (so whole frames
     and real borders are seen too), else uniform. A nucleus cut by a crop side
     inside the mosaic has only part of its target in the crop, while one cut by a
@@ -96,8 +104,9 @@ def mosaic_crops(
     """
     n, _, h, w = planes.shape
     xs, ds, ws = [], [], []
-    for first in idx.tolist():
-        frames = [first, *torch.randint(0, n, (3,)).tolist()]
+    for j, first in enumerate(idx.tolist()):
+        others = torch.randint(0, n, (3,)) if partners is None else partners[j]
+        frames = [first, *others.tolist()]
         flips = torch.randint(0, 4, (4,)).tolist()
         tiles = [
             flip_rotate([planes[i], density[i]], f) for i, f in zip(frames, flips, strict=True)
@@ -199,7 +208,8 @@ def main() -> None:
         type=float,
         default=0.0,
         help="probability that a training frame gets bright fibres painted on (paint_fibres); "
-        "its planes are then recomputed by the segmenter each step (frames only, not --mosaic)",
+        "its planes are then recomputed by the segmenter each step (with --mosaic: on the "
+        "frames before they are tiled)",
     )
     p.add_argument("--init", help="counter.safetensors of an earlier run to start from")
     p.add_argument("--threads", type=int, default=2)
@@ -222,9 +232,6 @@ def main() -> None:
     seg, cfg = load_model_folder(args.segmenter)
     seg.eval().to(device)
     size = tuple(cfg["input_size"])
-
-    if args.fibres and args.mosaic:
-        raise SystemExit("--fibres paints whole frames: leave out --mosaic")
 
     def load(part: list[str]):
         planes_all, dens, counts, prepared = [], [], [], []
@@ -319,7 +326,16 @@ def main() -> None:
             else:
                 idx = perm[step * args.batch : (step + 1) * args.batch]
             k = int(torch.randint(0, 8, (1,)))
-            if args.mosaic:
+            if args.mosaic and args.fibres:
+                # paint the frames first, then tile: only the frames this step uses
+                partners = torch.randint(0, len(x_train), (len(idx), 3))
+                used, where = torch.unique(
+                    torch.cat([idx[:, None], partners], 1), return_inverse=True
+                )
+                x, d, weight = mosaic_crops(
+                    planes_with_fibres(used), d_train[used], where[:, 0], partners=where[:, 1:]
+                )
+            elif args.mosaic:
                 x, d, weight = mosaic_crops(x_train, d_train, idx)
             elif args.fibres:
                 x, d = planes_with_fibres(idx), d_train[idx]

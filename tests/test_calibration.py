@@ -367,8 +367,30 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["calibrate", "--model", str(model), "--data", str(data)])
     assert result.exit_code == 0, result.output
+    # the model never trained on this folder: all of its images calibrate
+    assert "all 24 images calibrate" in result.output
     block = json.loads((model / "config.json").read_text())["calibration"]
-    assert block["n"] == cal_size and "temperature" in block and "ood" in block
+    assert block["n"] == 24 and "temperature" in block and "ood" in block
+    # a folder the model's config records as trained on gives only its held-out part
+    config = json.loads((model / "config.json").read_text())
+    config.setdefault("training", {})["split"] = {str(data): {"path": str(data.resolve())}}
+    (model / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["calibrate", "--model", str(model), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((model / "config.json").read_text())["calibration"]["n"] == cal_size
+    # a shipped model is never rewritten; --out writes a calibrated copy
+    shipped = runner.invoke(app, ["calibrate", "--model", "bbbc005", "--data", str(data)])
+    assert shipped.exit_code != 0 and "is shipped inside celltally" in shipped.output
+    copy = tmp_path / "copy"
+    result = runner.invoke(
+        app, ["calibrate", "--model", str(model), "--data", str(data), "--out", str(copy)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy / "config.json").read_text())["calibration"]["n"] == cal_size
+    again = runner.invoke(
+        app, ["calibrate", "--model", str(model), "--data", str(data), "--out", str(copy)]
+    )
+    assert again.exit_code != 0 and "already exists" in again.output
     args = ["ensemble", "--model", str(model), "--data", str(data), "--members", "2"]
     result = runner.invoke(app, [*args, "--epochs", "1", "--no-progress"])
     assert result.exit_code == 0, result.output

@@ -109,10 +109,27 @@ def test_unknown_model_and_level(image_folder, tmp_path):
 
 
 def test_evaluate_writes_json(tiny_model, image_folder, tmp_path):
+    from conftest import blob_image
+
+    # a blur level with one image: its group's R² is undefined
+    tifffile.imwrite(image_folder / "SIMCEPImages_A03_C5_F23_s01_w1.TIF", blob_image(5, seed=7))
     out = tmp_path / "eval.json"
     result = run("evaluate", image_folder, "--model", tiny_model, "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     assert "mae" in result.output and out.exists()
+    # strict JSON: the one-image groups' R² is NaN, written as null (JSON.parse refuses NaN)
+    text = out.read_text()
+    assert "NaN" not in text
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    groups = [m for m in report["metrics"].values() if m["n"] == 1]
+    assert groups and all(m["r2"] is None for m in groups)
+    assert all(isinstance(m["n"], int) for m in report["metrics"].values())
+    # --sites takes ranges; a bad value is a one-line error naming the option
+    sites = run("evaluate", image_folder, "--model", tiny_model, "--out", out, "--sites", "1-3")
+    assert sites.exit_code == 0, sites.output
+    bad = run("evaluate", image_folder, "--model", tiny_model, "--out", out, "--sites", "9-x")
+    assert bad.exit_code != 0 and "--sites: expected numbers" in bad.output
+    assert "Traceback" not in bad.output
 
 
 def test_console_entry_point_runs(tmp_path):

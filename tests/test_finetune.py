@@ -103,7 +103,13 @@ def test_finetuning_improves_its_validation_error(base_model, folders, tmp_path)
     assert result.exit_code == 0, result.output
     config = json.loads((new / "config.json").read_text())
     assert config["training"]["from"] == str(base_model)
-    assert config["scale"]["object_diameter_px"] == 16.0
+    # --diameter's reference is now the user's objects, measured on the label images
+    from celltally.datasets import labels_diameter
+
+    measured = labels_diameter(train)
+    assert 4.0 < measured < 40.0
+    assert config["scale"]["object_diameter_px"] == round(measured, 2)
+    assert config["scale"]["native_size"] == list(SIZE)
     assert config["calibration"]["n"] > 0
     before, after = mae(base_model, val), mae(new, val)
     assert after < 0.5 * before, (before, after)
@@ -212,3 +218,31 @@ def test_finetuning_a_model_whose_counter_averages_a_unet(folders, tmp_path):
     assert json.loads((new / "config.json").read_text())["counter"]["average_with"] == [unet]
     before, after = mae(base, val), mae(new, val)
     assert after < 0.5 * before, (before, after)
+
+
+def test_a_segmenter_trained_apart_is_still_fine_tuned_on_the_users_masks(folders, tmp_path):
+    """A starting model that records 0 segmenter epochs (as the shipped nuclei model)."""
+    torch.manual_seed(0)
+    config = base_config("apart")
+    config["train"]["segmenter"]["epochs"] = 0
+    base = tmp_path / "apart"
+    save_model_folder(CountingPipeline(config), config, base)
+    train, _ = folders
+    new = tmp_path / "mine"
+    args = ["train", "--data", train, "--from", base, "--out", new, "--no-progress"]
+    result = run(*args, "--count-epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "segmenter: 6 epochs" in result.output
+    history = json.loads((new / "config.json").read_text())["history"]
+    assert len(history["segmenter"]) == 6
+    kept = run(
+        *args[:-3],
+        "--out",
+        tmp_path / "kept",
+        "--no-progress",
+        "--count-epochs",
+        "1",
+        "--seg-epochs",
+        "0",
+    )
+    assert kept.exit_code == 0 and "segmenter:" not in kept.output

@@ -169,3 +169,84 @@ def test_cli_writes_per_object_output_and_cellprofiler_table(tiny_model, image_f
     assert [r["FileName"] for r in table] == [Path(f).name for f in rows]
     bad = CliRunner().invoke(app, [str(a) for a in [*args[:7], "--format", "excel"]])
     assert bad.exit_code == 2 and "--format must be" in bad.output
+
+
+def _count(args):
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in [*args, "--no-progress"]])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_same_named_files_of_two_folders_get_their_own_masks_and_labels(tiny_model, tmp_path):
+    from conftest import blob_image
+
+    for folder, n in (("p1", 3), ("p2", 9)):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "A01.tif", blob_image(n, seed=n))
+    objs = tmp_path / "objs"
+    out = tmp_path / "res.csv"
+    _count(
+        [
+            "count",
+            tmp_path / "p1",
+            tmp_path / "p2",
+            "--out",
+            out,
+            "--model",
+            tiny_model,
+            "--save-labels",
+            objs,
+        ]
+    )
+    with out.open() as handle:
+        rows = {Path(r["file"]).parent.name: r for r in csv.DictReader(handle)}
+    for folder in ("p1", "p2"):  # mirrored under the inputs' common folder
+        assert (objs / folder / "A01_mask.png").exists()
+        assert (objs / folder / "A01_mask_std.tif").exists()
+        labels = tifffile.imread(objs / folder / "A01_labels.tif")
+        assert labels.max() <= round(float(rows[folder]["count"]))
+    assert not (objs / "A01_mask.png").exists()
+
+
+def test_labels_follow_a_rerun_and_a_resumed_run_writes_missing_masks(
+    tiny_model, image_folder, tmp_path
+):
+    out = tmp_path / "res.csv"
+    base = ["count", image_folder, "--out", out, "--model", tiny_model]
+    _count(base)
+    with out.open() as handle:
+        n_rows = len(list(csv.DictReader(handle)))
+    # adding --save-labels to a finished run: the images are counted again for their
+    # masks only (no duplicate rows), then labelled
+    objs = tmp_path / "objs"
+    result = _count([*base, "--save-labels", objs])
+    assert "counted again for their missing masks" in result.output
+    with out.open() as handle:
+        assert len(list(csv.DictReader(handle))) == n_rows
+    image = sorted(image_folder.iterdir())[0]
+    labels = objs / f"{image.stem}_labels.tif"
+    assert labels.exists() and (objs / f"{image.stem}_mask.png").exists()
+    # a rerun that rewrites the masks (--overwrite) rewrites the labels too
+    before = labels.stat().st_mtime_ns
+    _count([*base, "--save-labels", objs, "--overwrite"])
+    assert labels.stat().st_mtime_ns > before
+    # a plain resume leaves them alone
+    after = labels.stat().st_mtime_ns
+    _count([*base, "--save-labels", objs])
+    assert labels.stat().st_mtime_ns == after
+
+
+def test_output_root_and_stem(tmp_path):
+    from celltally import io
+
+    (tmp_path / "a" / "x").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    assert io.output_root([tmp_path / "a"]) == tmp_path / "a"
+    assert io.output_root([tmp_path / "a", tmp_path / "b"]) == tmp_path
+    assert io.output_root([str(tmp_path / "a" / "x" / "img*.tif")]) == tmp_path / "a" / "x"
+    assert io.output_stem(tmp_path / "a" / "x" / "s.1.TIF", tmp_path) == "a/x/s.1"
+    assert io.output_stem(tmp_path / "b" / "s.tif", tmp_path / "a") == "s"

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from celltally.calibration import conformal_quantile, conformal_scores, gaussian_quantile
@@ -67,4 +68,13 @@ def test_conformal_quantile_rank():
     assert conformal_quantile(scores, 0.95) == 19
     assert conformal_quantile(scores, 0.5) == 10
     assert conformal_quantile([], 0.95) == gaussian_quantile(0.95)
+    # beyond n / (n + 1): the temperature-scaled Gaussian, never below the largest score,
+    # so the multiplier grows with the level
+    few = [0.5, 1.0, 4.0]
+    t = np.sqrt(np.mean(np.square(few)))
+    assert conformal_quantile(few, 0.9) == pytest.approx(max(4.0, t * gaussian_quantile(0.9)))
+    levels = np.linspace(0.05, 0.9999, 200)
+    multipliers = [conformal_quantile(few, level) for level in levels]
+    assert all(b >= a for a, b in zip(multipliers, multipliers[1:], strict=False))
+    assert conformal_quantile(scores, 0.999) >= 19
     assert abs(gaussian_quantile(0.95) - 1.959964) < 1e-5

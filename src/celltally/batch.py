@@ -443,6 +443,8 @@ class BatchSummary:
         Images counted (rows appended) by this run.
     skipped : int
         Images skipped because the results already held them.
+    masks_only : int
+        Of those, images counted again only to write a missing mask (no new row).
     failed : int
         Images that could not be read (all in ``errors_file``).
     errors : list of str
@@ -456,6 +458,7 @@ class BatchSummary:
     manifest: Path
     counted: int = 0
     skipped: int = 0
+    masks_only: int = 0
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -561,19 +564,32 @@ def _shown_inputs(paths: Sequence[str], limit: int = 20) -> list[str]:
     return shown
 
 
-def _save_masks(folder: Path, path: Path, result: CountResult) -> None:
-    io.write_mask(folder / f"{path.stem}_mask.png", result.mask)
-    io.write_float_image(folder / f"{path.stem}_mask_std.tif", result.mask_std)
+def mask_file(folder: str | os.PathLike[str], path: str | os.PathLike[str], root: Path) -> Path:
+    """Where ``--save-masks`` puts the mask of ``path`` (see :func:`celltally.io.output_root`)."""
+    return Path(folder) / f"{io.output_stem(path, root)}_mask.png"
+
+
+def _save_masks(folder: Path, path: Path, result: CountResult, root: Path) -> None:
+    mask = mask_file(folder, path, root)
+    mask.parent.mkdir(parents=True, exist_ok=True)
+    io.write_float_image(
+        mask.with_name(mask.name[: -len("_mask.png")] + "_mask_std.tif"), result.mask_std
+    )
+    io.write_mask(mask, result.mask)  # last: a mask on disk means both files are
 
 
 def _outcome(
-    path: Path, result: CountResult | Exception, model_name: str, save_masks: Path | None
+    path: Path,
+    result: CountResult | Exception,
+    model_name: str,
+    save_masks: Path | None,
+    root: Path | None = None,
 ) -> tuple[str, dict | None, str | None]:
     """``(file, row, None)`` for a counted image, ``(file, None, message)`` for a failure."""
     if isinstance(result, Exception):
         return str(path), None, str(result)
     if save_masks is not None:
-        _save_masks(save_masks, path, result)
+        _save_masks(save_masks, path, result, root or Path(path).parent)
     return str(path), result_row(path, result, model_name=model_name), None
 
 
@@ -628,7 +644,11 @@ def run_batch(
     batch_size : int, default 16
         Images per network batch; also rows per flushed write.
     save_masks : str or Path, optional
-        Folder for ``<stem>_mask.png`` and ``<stem>_mask_std.tif`` per image.
+        Folder for ``<stem>_mask.png`` and ``<stem>_mask_std.tif`` per image, where
+        ``<stem>`` is the file's path under :func:`celltally.io.output_root` of
+        ``paths`` without its suffix (same-named files of two folders go to two
+        sub-folders). On a resumed run, images already counted whose mask is
+        missing are counted again for the mask only (their rows are kept).
     recursive : bool, default False
         Descend into sub-folders.
     overwrite : bool, default False
@@ -692,8 +712,10 @@ def run_batch(
     identity = model_identity(folder)
     options = json.loads(json.dumps(counter_options or {}))  # as the manifest will hold them
     masks = Path(save_masks) if save_masks is not None else None
+    root = io.output_root(inputs)
     if masks is not None:
         masks.mkdir(parents=True, exist_ok=True)
+    mask_only: set[str] = set()  # counted before, recounted for a missing mask
     out_paths = output_paths(out)
     results = _ResultsFile(out_paths.results, COUNT_COLUMNS)
     errors = _ErrorLog(out_paths.errors)
@@ -742,6 +764,9 @@ def run_batch(
             for path in files:
                 if found.done and _digest(str(path)) in found.done:
                     summary.skipped += 1
+                    if masks is not None and not mask_file(masks, path, root).exists():
+                        mask_only.add(str(path))
+                        yield path
                     continue
                 yield path
 
@@ -750,10 +775,13 @@ def run_batch(
         bar = tqdm(disable=None if progress else True, unit="img", desc="counting")
 
         def commit(outcomes: Sequence[tuple[str, dict | None, str | None]]) -> None:
-            rows = [row for _, row, _ in outcomes if row is not None]
+            rows = [row for name, row, _ in outcomes if row is not None and name not in mask_only]
             results.append(rows)
             errors.add([(name, msg) for name, row, msg in outcomes if row is None])
             summary.counted += len(rows)
+            summary.masks_only += sum(
+                row is not None and name in mask_only for name, row, _ in outcomes
+            )
             bar.update(len(outcomes))
             if on_commit is not None:
                 on_commit(summary.counted + errors.count)
@@ -777,6 +805,7 @@ def run_batch(
                     chunk_size=chunk_size or 2 * batch_size,
                     read_threads=read_threads,
                     save_masks=masks,
+                    masks_root=root,
                     log=log,
                 )
             else:
@@ -790,7 +819,7 @@ def run_batch(
                     remaining, level=level, batch_size=batch_size, read_threads=read_threads
                 )
                 for path, result in stream:
-                    pending.append(_outcome(path, result, counter.name, masks))
+                    pending.append(_outcome(path, result, counter.name, masks, root))
                     if len(pending) >= batch_size:
                         commit(pending)
                         pending = []
@@ -873,6 +902,7 @@ def count_chunk(
     batch_size: int,
     read_threads: int = 2,
     save_masks: str | None = None,
+    masks_root: str | None = None,
     options: dict | None = None,
 ) -> list[tuple[str, dict | None, str | None]]:
     """Count one chunk of files on a worker (the Dask task).
@@ -889,6 +919,9 @@ def count_chunk(
         As for :func:`run_batch`.
     save_masks : str, optional
         Mask folder, writable from the worker.
+    masks_root : str, optional
+        The folder the masks' names mirror (:func:`celltally.io.output_root`);
+        default: each file's own folder.
     options : dict, optional
         Keyword arguments for :meth:`CellCounter.from_pretrained`.
 
@@ -899,10 +932,11 @@ def count_chunk(
     """
     counter = _worker_counter(model, weights_sha256, options or {})
     masks = Path(save_masks) if save_masks else None
+    root = Path(masks_root) if masks_root else None
     stream = counter.count_paths(
         paths, level=level, batch_size=batch_size, read_threads=read_threads
     )
-    return [_outcome(path, result, counter.name, masks) for path, result in stream]
+    return [_outcome(path, result, counter.name, masks, root) for path, result in stream]
 
 
 def _local_workers(spec: str) -> int | None:
@@ -972,6 +1006,7 @@ def _run_dask(
     chunk_size: int,
     read_threads: int,
     save_masks: Path | None,
+    masks_root: Path,
     log: Log,
 ) -> None:
     """Shard ``files`` into chunks, count them on the cluster, commit each as it finishes."""
@@ -999,6 +1034,7 @@ def _run_dask(
                     batch_size=batch_size,
                     read_threads=read_threads,
                     save_masks=None if save_masks is None else str(save_masks),
+                    masks_root=str(masks_root),
                     pure=False,
                 )
             )

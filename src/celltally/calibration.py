@@ -24,16 +24,23 @@ def conformal_quantile(scores: Sequence[float], level: float) -> float:
     """Split-conformal multiplier: the ceil((n + 1) level) / n empirical quantile.
 
     With exchangeable calibration and test data, ``mu ± q * sigma`` covers
-    the truth with probability >= ``level`` (Lei et al., 2018). Falls back to
-    the Gaussian quantile when there are too few scores for the level.
+    the truth with probability >= ``level`` (Lei et al., 2018). Above the
+    highest level ``n`` scores can promise, n / (n + 1), the conformal
+    interval is unbounded; this then returns the temperature-scaled Gaussian
+    multiplier ``T z_level`` (``T = sqrt(mean(score^2))``, see
+    :func:`temperature_scale`), never less than the largest score, so the
+    multiplier still grows with the level. Without scores: ``z_level``.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be between 0 and 1, got {level}")
     s = np.sort(np.asarray(scores, dtype=float))
     n = s.size
-    rank = math.ceil((n + 1) * level)
-    if n == 0 or rank > n:
+    if n == 0:
         return gaussian_quantile(level)
+    rank = math.ceil((n + 1) * level)
+    if rank > n:
+        temperature = float(np.sqrt(np.mean(s**2)))
+        return max(float(s[-1]), temperature * gaussian_quantile(level))
     return float(s[rank - 1])
 
 

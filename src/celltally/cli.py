@@ -243,10 +243,15 @@ def count(
         if save_labels is not None or table_format == "cellprofiler":
             rows = read_results(out)
         if save_labels is not None:
+            from celltally.io import output_root
             from celltally.objects import save_objects_for_rows
 
             n = save_objects_for_rows(
-                rows, masks_dir=save_masks, out_dir=save_labels, channel=channel
+                rows,
+                masks_dir=save_masks,
+                out_dir=save_labels,
+                root=output_root(paths),
+                channel=channel,
             )
             typer.echo(f"per-object labels, tables and overlays of {n} image(s) -> {save_labels}")
         if table_format == "cellprofiler":
@@ -260,6 +265,8 @@ def count(
         fail(str(err))
     total = summary.counted + summary.failed
     skipped = f" ({summary.skipped} already in {out}, skipped)" if summary.skipped else ""
+    if summary.masks_only:
+        skipped += f"; {summary.masks_only} of those counted again for their missing masks"
     rate = f", {summary.counted / summary.seconds:.1f} img/s" if summary.counted > 1 else ""
     took = f" in {summary.seconds:.1f} s{rate}" if summary.counted and summary.seconds > 0 else ""
     typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
@@ -325,7 +332,8 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="JSON file for the metrics.")] = Path("evaluation.json"),
     level: Annotated[float, typer.Option(help="Interval level.")] = 0.95,
     sites: Annotated[
-        str | None, typer.Option(help="Only these sites, e.g. '9,10' (BBBC005 held-out).")
+        str | None,
+        typer.Option(help="Only these sites, e.g. '9,10' or '1-8' (BBBC005 held-out: 9-10)."),
     ] = None,
     report: Annotated[
         Path | None,
@@ -349,7 +357,7 @@ def evaluate(
 
     _check_level(level)
     try:
-        site_set = {int(s) for s in sites.split(",")} if sites else None
+        site_set = _site_numbers(sites) if sites else None
         counter = CellCounter.from_pretrained(
             model, epistemic=epistemic, calibration=calibration, channel=channel
         )
@@ -368,7 +376,9 @@ def evaluate(
             f"mean half-width {wells['mean_half_width']:.2f}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from celltally.metrics import json_ready
+
+    out.write_text(json.dumps(json_ready(result), indent=2) + "\n")
     typer.echo(f"metrics -> {out}")
     if report is not None:
         from celltally.report import write_report
@@ -378,6 +388,23 @@ def evaluate(
         except _user_errors() as err:
             fail(str(err))
         typer.echo(f"report -> {index}")
+
+
+def _site_numbers(text: str) -> set[int]:
+    """``--sites``: '9,10', '1-8' or '1-4,9' -> the site numbers."""
+    from celltally import io
+
+    found: set[int] = set()
+    for part in text.split(","):
+        bounds = part.strip().split("-")
+        try:
+            lo, hi = int(bounds[0]), int(bounds[-1])
+        except ValueError:
+            lo = hi = -1
+        if len(bounds) > 2 or lo < 0 or hi < lo:
+            raise io.InputError(f"--sites: expected numbers like '9,10' or '1-8', got {text!r}")
+        found.update(range(lo, hi + 1))
+    return found
 
 
 @app.command()
@@ -673,28 +700,62 @@ def explain(
     typer.echo(f"{image}: {expl.result}{truth}{warn} -> {out}")
 
 
-def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, **kw):
-    import json as _json
+def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out: Path | None, **kw):
+    """(folder to write, (train, calibration)) for ``calibrate`` and ``ensemble``.
 
-    from celltally.counter import resolve_model
+    Both rewrite a model folder. A shipped model is never rewritten: with
+    ``--out`` the model is copied there first (once the data have loaded).
+    """
+    import json as _json
+    import shutil
+
+    from celltally import io
+    from celltally.counter import WEIGHTS_DIR, resolve_model
     from celltally.uncertainty import held_out_sets
 
     folder = resolve_model(model)
+    if out is None and folder.resolve().is_relative_to(WEIGHTS_DIR.resolve()):
+        raise io.InputError(
+            f"{model} is shipped inside celltally and is not rewritten: give --out FOLDER "
+            "to write a copy there"
+        )
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise io.InputError(f"{out}: already exists; --out takes a new folder", out)
     config = _json.loads((folder / "config.json").read_text())
     if bbbc005 is None and not data:
         raise ValueError("no data: give --bbbc005 or --data")
-    return folder, held_out_sets(config, bbbc005=bbbc005, folders=data or [], **kw)
+    sets = held_out_sets(config, bbbc005=bbbc005, folders=data or [], **kw)
+    if out is not None:
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+        kw.get("log", print)(f"copied model {model} to {out}")
+        folder = out
+    return folder, sets
+
+
+OutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Write into a copy of the model in this new folder (needed for a shipped model).",
+    ),
+]
 
 
 @app.command()
 def calibrate(
-    model: Annotated[str, typer.Option(help="Model folder (its config.json is rewritten).")],
+    model: Annotated[
+        str, typer.Option(help="Model folder (its config.json is rewritten; see --out).")
+    ],
     bbbc005: Annotated[
         Path | None,
         typer.Option(help="Real BBBC005 folder: calibrates on the model's own sites."),
     ] = None,
     data: Annotated[
-        list[Path] | None, typer.Option(help="Folder(s) of images + counts.csv (scene split).")
+        list[Path] | None,
+        typer.Option(
+            help="Folder(s) of images + counts.csv: a folder the model was trained on gives its "
+            "held-out part (scene split), any other folder all its images."
+        ),
     ] = None,
     quantile: Annotated[
         float, typer.Option(help="OOD threshold: this quantile of the calibration images.")
@@ -708,13 +769,21 @@ def calibrate(
     ] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
     channel: ChannelOption = None,
+    out: OutOption = None,
 ) -> None:
     """Refit the intervals (conformal, temperature) and OOD thresholds on a held-out split."""
     from celltally.uncertainty import calibrate_model
 
     try:
         folder, (_, cal) = _held_out(
-            model, bbbc005, data, cache=cache, log=typer.echo, channel=channel
+            model,
+            bbbc005,
+            data,
+            cache=cache,
+            log=typer.echo,
+            channel=channel,
+            out=out,
+            unseen_folders_calibrate=True,
         )
         if cal is None:
             fail("the data gave no calibration images")
@@ -745,6 +814,7 @@ def ensemble(
     progress: Annotated[
         bool, typer.Option(help="Show progress bars (when writing to a terminal).")
     ] = True,
+    out: OutOption = None,
 ) -> None:
     """Train extra counter heads (epistemic ensemble, used by --epistemic) and recalibrate."""
     from celltally.uncertainty import train_ensemble
@@ -762,6 +832,7 @@ def ensemble(
             cache=cache,
             log=typer.echo,
             channel=channel,
+            out=out,
         )
         if train_set is None:
             fail("the data gave no training images")

@@ -161,6 +161,32 @@ def _count_from_labels(image: Path, mask_dirs: Sequence[Path]) -> int | None:
     return None
 
 
+def labels_diameter(root: str | Path, *, limit: int = 100) -> float | None:
+    """Median equivalent diameter (raw px) of the objects in a folder's label images.
+
+    Reads up to ``limit`` label images (``root/labels`` or ``root/masks``, the
+    ones with more than one label: binary masks do not separate objects) and
+    returns the median of ``2 sqrt(area / pi)`` over their objects; None when
+    there are none.
+    """
+    root = Path(root)
+    areas: list[np.ndarray] = []
+    for d in (root / "labels", root / "masks"):
+        if not d.is_dir():
+            continue
+        for path in sorted(d.iterdir())[:limit]:
+            if path.suffix.lower() not in io.IMAGE_SUFFIXES:
+                continue
+            labels = io.read_mask(path).astype(np.int64)
+            sizes = np.bincount(labels.ravel())[1:]
+            sizes = sizes[sizes > 0]
+            if sizes.size > 1:
+                areas.append(sizes)
+    if not areas:
+        return None
+    return float(np.median(2.0 * np.sqrt(np.concatenate(areas) / np.pi)))
+
+
 def load_folder(
     root: str | Path,
     *,

@@ -27,6 +27,8 @@ __all__ = [
     "about_file",
     "iter_images",
     "list_images",
+    "output_root",
+    "output_stem",
     "read_counts_csv",
     "read_image",
     "read_mask",
@@ -470,6 +472,46 @@ def _scan_folder(folder: Path, recursive: bool) -> Iterator[Path]:
             reason = _short_reason(exc)
             raise InputError(f"{current}: cannot list folder: {reason}", current) from None
         stack.extend(reversed(subdirs))
+
+
+def output_root(paths: Sequence[str | os.PathLike[str]]) -> Path:
+    """The folder whose layout per-image outputs (masks, labels) mirror.
+
+    The deepest folder holding every input: a folder argument itself, a file's
+    folder, a pattern's folder (the part before its first wildcard). One folder
+    of images gives its files' own names; ``plate1/ plate2/`` gives
+    ``plate1/A01`` and ``plate2/A01``, so same-named files never share an output.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    folders = []
+    for arg in paths:
+        text = os.fspath(arg)
+        p = Path(text)
+        if p.is_dir():
+            folders.append(p)
+        elif any(ch in text for ch in _GLOB_CHARS) and not p.exists():
+            cut = min(text.index(ch) for ch in _GLOB_CHARS if ch in text)
+            folders.append(Path(text[:cut] + "x").parent)
+        else:
+            folders.append(p.parent)
+    if not folders:
+        return Path.cwd()
+    return Path(os.path.commonpath([os.path.abspath(f) for f in folders]))
+
+
+def output_stem(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+    """``path`` relative to ``root`` without its suffix, '/'-separated ('plate1/A01').
+
+    The name an image's outputs take (``<stem>_mask.png``, ...); a file outside
+    ``root`` keeps only its own name.
+    """
+    full = Path(os.path.abspath(path))
+    try:
+        rel = full.relative_to(os.path.abspath(root))
+    except ValueError:
+        rel = Path(full.name)
+    return rel.with_name(rel.stem).as_posix()
 
 
 def _arg_images(text: str, recursive: bool) -> Iterator[Path]:

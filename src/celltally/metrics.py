@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["count_metrics", "format_table", "grouped_metrics"]
+__all__ = ["count_metrics", "format_table", "grouped_metrics", "json_ready"]
 
 DEFAULT_COLUMNS: tuple[str, ...] = (
     "n",
@@ -82,7 +82,7 @@ def count_metrics(
     ss_res = float(np.sum(err**2))
     ss_tot = float(np.sum((true - true.mean()) ** 2))
     out: dict[str, float] = {
-        "n": float(true.size),
+        "n": int(true.size),
         "mae": float(abs_err.mean()),
         "rmse": math.sqrt(ss_res / true.size),
         "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan,
@@ -250,3 +250,20 @@ def format_table(
     lines = [line(header), "  ".join("-" * w for w in widths)]
     lines.extend(line(r) for r in body)
     return "\n".join(lines)
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with numpy scalars made Python and NaN/inf made None (strict JSON).
+
+    ``json.dumps`` writes NaN as a bare ``NaN``, which is not JSON (R² of a
+    group with one image is NaN): JavaScript's ``JSON.parse`` refuses it.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -213,6 +213,8 @@ def save_objects(
 ) -> dict[str, Any]:
     """Write ``<stem>_labels.tif``, ``<stem>_objects.csv`` and ``<stem>_overlay.png``.
 
+    ``stem`` may name a sub-folder of ``folder`` ('plate1/A01'), made as needed.
+
     ``image`` is the raw 2-D image (its size is the label image's), ``mask``
     and ``count`` come from the ``CountResult``. Returns the paths and the
     number of objects written.
@@ -221,7 +223,7 @@ def save_objects(
     from PIL import Image
 
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / stem).parent.mkdir(parents=True, exist_ok=True)
     labels = label_objects(mask, count, shape=np.shape(image))
     rows = object_table(labels)
     labels_path = out / f"{stem}_labels.tif"
@@ -243,14 +245,18 @@ def save_objects_for_rows(
     *,
     masks_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
+    root: str | os.PathLike[str] | None = None,
     channel: int | None = None,
 ) -> int:
     """Per-object output for results-CSV rows whose mask PNG is in ``masks_dir``.
 
-    Reads each row's image (``file``, with ``channel``), its
-    ``<stem>_mask.png`` and its ``count``; writes :func:`save_objects`' files
-    into ``out_dir``. Images whose ``<stem>_labels.tif`` exists already are
-    skipped (a resumed run). Returns the number of images written.
+    Reads each row's image (``file``, with ``channel``), its ``<stem>_mask.png``
+    and its ``count``; writes :func:`save_objects`' files into ``out_dir``.
+    ``<stem>`` is the file's path under ``root`` without its suffix (the names
+    ``celltally.batch.run_batch`` gives the masks; default: each file's own
+    folder, i.e. its name). Images whose ``<stem>_labels.tif`` is newer than
+    their mask are skipped (a resumed run); an older one (the mask was written
+    again) is replaced. Returns the number of images written.
     """
     from PIL import Image
 
@@ -259,15 +265,17 @@ def save_objects_for_rows(
     written = 0
     for row in rows:
         path = Path(str(row["file"]))
-        if (Path(out_dir) / f"{path.stem}_labels.tif").exists():
-            continue
-        mask_path = Path(masks_dir) / f"{path.stem}_mask.png"
+        stem = io.output_stem(path, path.parent if root is None else root)
+        mask_path = Path(masks_dir) / f"{stem}_mask.png"
         if not mask_path.exists():
             raise io.InputError(f"{mask_path}: mask not found for {path}", mask_path)
+        labels_path = Path(out_dir) / f"{stem}_labels.tif"
+        if labels_path.exists() and labels_path.stat().st_mtime_ns >= mask_path.stat().st_mtime_ns:
+            continue
         with Image.open(mask_path) as handle:
             mask = np.asarray(handle, dtype=np.float32) / 255.0
         image = io.read_image(path, channel=channel)
-        save_objects(out_dir, path.stem, image, mask, float(row["count"]))
+        save_objects(out_dir, stem, image, mask, float(row["count"]))
         written += 1
     return written
 

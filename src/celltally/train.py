@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 from celltally import distributed
 from celltally.datasets import LabeledSet
 from celltally.losses import gaussian_nll, segmentation_loss
+from celltally.metrics import json_ready
 from celltally.models.pipeline import CountingPipeline
 from celltally.transforms import dense_strides, flip_rotate
 
@@ -346,20 +346,8 @@ def save_model_folder(model: CountingPipeline, config: dict[str, Any], folder: s
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(_jsonable(config), indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(json_ready(config), indent=2) + "\n")
     return folder
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def interval_metrics(
@@ -436,6 +424,10 @@ def fit(
         seg_epochs = 0
     if stages in ("both", "segmenter") and seg_epochs > 0:
         s = hp["segmenter"]
+        log(
+            f"segmenter: {s['epochs']} epochs on the {int(train.has_mask.sum())} training "
+            "images with a mask (--seg-epochs sets them, 0 keeps the segmenter)"
+        )
         history["segmenter"] = train_segmenter(
             model,
             train,

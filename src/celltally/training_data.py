@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -11,7 +12,14 @@ from typing import Any
 import numpy as np
 
 from celltally import io
-from celltally.datasets import LabeledSet, load_bbbc005, load_folder, simulate_set, split_bbbc005
+from celltally.datasets import (
+    LabeledSet,
+    labels_diameter,
+    load_bbbc005,
+    load_folder,
+    simulate_set,
+    split_bbbc005,
+)
 from celltally.models.presets import get_preset
 from celltally.train import Log, fit
 from celltally.transforms import DEFAULT_NORMALIZATION
@@ -34,6 +42,32 @@ def split_by_scene_hash(
         "train": np.asarray(train, dtype=np.int64),
         "calibration": np.asarray(cal, dtype=np.int64),
     }
+
+
+def _rescale_reference(
+    config: dict[str, Any], folders: Sequence[Path], from_model: str, log: Log
+) -> None:
+    """Make a fine-tuned model's reference object diameter (``--diameter``) the user's.
+
+    The new model learns the user's images at their own scale, so the starting
+    model's ``scale.object_diameter_px`` no longer applies: it is measured from
+    the folders' label images where there are some, else kept with a note.
+    """
+    measured = [d for d in (labels_diameter(f) for f in folders) if d is not None]
+    scale = dict(config.get("scale") or {})
+    if measured:
+        scale["object_diameter_px"] = round(float(np.median(measured)), 2)
+        scale["note"] = "median equivalent diameter of the training label images' objects, raw px"
+        config["scale"] = scale
+        log(
+            f"reference object diameter (--diameter): {scale['object_diameter_px']} px, "
+            "measured on your label images"
+        )
+    elif "object_diameter_px" in scale:
+        log(
+            f"no label images to measure your objects: the new model keeps {from_model}'s "
+            f"reference object diameter ({scale['object_diameter_px']} px) for --diameter"
+        )
 
 
 def build_and_fit(
@@ -68,9 +102,14 @@ def build_and_fit(
         folder = resolve_model(from_model)
         base = json.loads((folder / "config.json").read_text())
         config = {k: base[k] for k in ("input_size", "segmenter", "counter", "counter_inputs")}
-        config["train"] = (
+        config["train"] = copy.deepcopy(
             base["train"] if "train" in base else get_preset(base.get("preset", "small"))["train"]
         )
+        if seg_epochs is None and config["train"]["segmenter"].get("epochs", 0) <= 0:
+            # A shipped model whose segmenter was trained apart (nuclei) records 0 epochs:
+            # fine-tuning on the user's masks must still train it (the small preset's epochs).
+            small = get_preset("small")["train"]["segmenter"]
+            config["train"]["segmenter"]["epochs"] = small["epochs"]
         config["preset"] = base.get("preset")
         config["normalization"] = base.get("normalization", {})
         if "scale" in base:
@@ -105,6 +144,8 @@ def build_and_fit(
             "test_sites": [9, 10],
             **{k: int(v.size) for k, v in parts.items()},
         }
+    if from_model is not None and folders:
+        _rescale_reference(config, folders, from_model, log)
     for folder in folders:
         log(f"loading {folder}")
         user = load_folder(folder, size=size, norm=norm, channel=channel)
@@ -113,7 +154,11 @@ def build_and_fit(
         cals.append(user.subset(parts["calibration"]))
         plane = "" if channel is None else f", channel {channel}"
         sources.append(f"{folder} ({len(user)} images{plane})")
-        split_info[str(folder)] = {"by": "scene hash", **{k: int(v.size) for k, v in parts.items()}}
+        split_info[str(folder)] = {
+            "by": "scene hash",
+            "path": str(Path(folder).resolve()),
+            **{k: int(v.size) for k, v in parts.items()},
+        }
     if simulated > 0:
         log(f"simulating {simulated} training scenes")
         trains.append(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from celltally.calibration import (
     ood_thresholds,
 )
 from celltally.datasets import LabeledSet
+from celltally.metrics import json_ready
 from celltally.models.pipeline import CountingPipeline, build_counter
 from celltally.wells import well_key
 
@@ -283,7 +284,7 @@ def calibrate_model(
         block["epistemic"]["members"] = 1 + len(ens.members)
         block["epistemic"]["ood"] = ood_thresholds(e_features, quantile=quantile)
     config["calibration"] = block
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(json_ready(config), indent=2) + "\n")
     log(
         f"calibrated {folder} on {len(y)} images: temperature {block['temperature']:.3f}"
         + (
@@ -293,6 +294,23 @@ def calibrate_model(
         )
     )
     return block
+
+
+def _training_folders(config: Mapping[str, Any]) -> set[Path]:
+    """The user folders a model's config says it was trained on (resolved paths).
+
+    Each ``training.split`` entry but BBBC005's: its recorded ``path``, and its
+    key resolved from here (older models record only the name as given).
+    """
+    split = (config.get("training") or {}).get("split") or {}
+    found: set[Path] = set()
+    for key, info in split.items():
+        if key == "bbbc005" or not isinstance(info, Mapping):
+            continue
+        found.add(Path(key).resolve())
+        if info.get("path"):
+            found.add(Path(info["path"]))
+    return found
 
 
 def held_out_sets(
@@ -306,12 +324,16 @@ def held_out_sets(
     cache: str | Path | None = None,
     log: Log = print,
     channel: int | None = None,
+    unseen_folders_calibrate: bool = False,
 ) -> tuple[LabeledSet | None, LabeledSet | None]:
     """Training and calibration sets split as ``celltally train`` splits them.
 
     BBBC005: the calibration sites recorded in the model's config (default 8;
     the shipped model: 1-8), the other sites up to 8 train (9-10, the test
     sites, are never loaded into either). A user folder: its stable scene-hash split.
+    With ``unseen_folders_calibrate``, a folder the model was not trained on
+    (not among the folders its config's ``training.split`` records) goes to
+    calibration whole: none of its images can have been seen.
     ``simulated`` scenes join the training set only. Returns ``(train,
     calibration)``, either None when no source gave images to it.
     """
@@ -333,9 +355,14 @@ def held_out_sets(
         parts = split_bbbc005(real.meta, calibration_sites=calibration_sites(config))
         trains.append(real.subset(parts["train"]))
         cals.append(real.subset(parts["calibration"]))
+    trained_on = _training_folders(config)
     for folder in folders:
         log(f"loading {folder}")
         user = load_folder(folder, size=size, norm=norm, channel=channel)
+        if unseen_folders_calibrate and Path(folder).resolve() not in trained_on:
+            log(f"{folder} was not used to train this model: all {len(user)} images calibrate")
+            cals.append(user)
+            continue
         parts = split_by_scene_hash(user)
         trains.append(user.subset(parts["train"]))
         cals.append(user.subset(parts["calibration"]))

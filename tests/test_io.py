@@ -172,7 +172,7 @@ def test_bool_tiff_becomes_uint8(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("shape", [(5, 64, 64), (2, 3, 16, 16)])
+@pytest.mark.parametrize("shape", [(20, 64, 64), (2, 3, 16, 16)])
 def test_stack_error(tmp_path: Path, shape: tuple[int, ...]) -> None:
     path = tmp_path / "stack.tif"
     tifffile.imwrite(path, np.zeros(shape, dtype=np.uint8), photometric="minisblack")
@@ -181,6 +181,42 @@ def test_stack_error(tmp_path: Path, shape: tuple[int, ...]) -> None:
     text = _assert_one_line(err, "stack.tif")
     assert f"got a stack of shape {shape}" in text
     assert "save one plane" in text and "--channel" not in text  # --channel cannot help
+
+
+def test_five_planes_need_a_channel(tmp_path: Path) -> None:
+    # (5, Y, X): five stains (Cell Painting) or a 5-plane z-stack; only the user knows
+    stack = np.stack([np.full((32, 40), 10 * (v + 1), dtype=np.uint16) for v in range(5)])
+    path = tmp_path / "five.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    text = _assert_one_line(err, "five.tif")
+    assert "stack of 5 planes" in text and "--channel 0-4" in text and "save one plane" in text
+    np.testing.assert_array_equal(read_image(path, channel=3), 40)
+
+
+def test_two_channels_last_need_a_channel(tmp_path: Path) -> None:
+    image = np.stack([np.full((32, 40), 7, np.uint8), np.full((32, 40), 9, np.uint8)], -1)
+    path = tmp_path / "yx2.tif"
+    tifffile.imwrite(path, image)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "--channel 0-1" in _assert_one_line(err, "yx2.tif")
+    np.testing.assert_array_equal(read_image(path, channel=1), 9)
+
+
+def test_ome_axes_pick_the_channel_and_refuse_z_stacks(tmp_path: Path) -> None:
+    czyx = np.stack([np.full((1, 32, 40), 10 * (c + 1), np.uint16) for c in range(3)])
+    path = tmp_path / "czyx.ome.tif"
+    tifffile.imwrite(path, czyx.transpose(1, 0, 2, 3), ome=True, metadata={"axes": "ZCYX"})
+    np.testing.assert_array_equal(read_image(path, channel=2), 30)
+    zstack = tmp_path / "z.ome.tif"
+    tifffile.imwrite(
+        zstack, np.zeros((4, 2, 32, 40), np.uint8), ome=True, metadata={"axes": "ZCYX"}
+    )
+    with pytest.raises(ImageReadError) as err:
+        read_image(zstack, channel=0)
+    assert "axes ZCYX, Z=4" in _assert_one_line(err, "z.ome.tif")
 
 
 def test_missing_file(tmp_path: Path) -> None:

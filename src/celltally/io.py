@@ -43,6 +43,8 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 _PNG_SUFFIXES = (".png",)
 _SUPPORTED_TEXT = "use TIFF, PNG or JPEG"
 _GLOB_CHARS = ("*", "?", "[")
+#: Most planes a (C, Y, X) TIFF may hold (e.g. a 5-stain Cell Painting image).
+MAX_CHANNELS = 16
 _MAX_REASON = 160
 
 
@@ -178,7 +180,10 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     # messages off the terminal and use the first one as the reason.
     with _tifffile_notes() as notes:
         try:
-            arr = np.asarray(tifffile.imread(path))
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0] if tif.series else None
+                arr = np.asarray(series.asarray() if series is not None else tif.asarray())
+                axes = series.axes if series is not None else ""
         except Exception as exc:  # any decoder failure is a user-facing read error
             reason = _short_reason(exc)
             raise ImageReadError(original, f"cannot be read as TIFF: {reason}") from None
@@ -187,7 +192,31 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
         raise ImageReadError(
             original, f"cannot be read as TIFF (corrupt or truncated file): {reason}"
         )
-    return arr
+    return _channels_first(arr, axes, original)
+
+
+def _channels_first(arr: np.ndarray, axes: str, path: str | os.PathLike[str]) -> np.ndarray:
+    """An OME-TIFF/ImageJ hyperstack as (C, Y, X); other arrays as they are.
+
+    Only axes named by such metadata (C, Z, T, ... before Y X) are trusted: a
+    plain shaped TIFF reports generic ones ('QYX'). A Z or time axis longer
+    than one plane is refused (count one plane, or a projection).
+    """
+    if len(axes) != arr.ndim or not set(axes) & set("CZT") or "YX" not in axes:
+        return arr
+    stacked = [(a, n) for a, n in zip(axes, arr.shape, strict=True) if a not in "CYXS" and n > 1]
+    if stacked:
+        shown = ", ".join(f"{a}={n}" for a, n in stacked)
+        raise ImageReadError(
+            path,
+            f"is a stack (axes {axes}, {shown}); save one plane (or a projection) as a 2-D image",
+        )
+    keep = [i for i, a in enumerate(axes) if a in "CYXS"]
+    work = arr.reshape([arr.shape[i] for i in keep])
+    kept = "".join(axes[i] for i in keep)
+    if "C" in kept:
+        work = np.moveaxis(work, kept.index("C"), 0)
+    return work
 
 
 _TIFF_READ = threading.local()
@@ -263,14 +292,25 @@ def _to_2d(
             )
         return np.array(work, copy=True)
     planes_first = False
+    small = min(work.shape[-2:]) if work.ndim == 3 else 0
     if work.ndim == 3 and work.shape[-1] in (3, 4):
-        channels = np.moveaxis(work, -1, 0)
-    elif work.ndim == 3 and is_tiff and work.shape[0] <= 4:
-        channels, planes_first = work, True
+        channels = np.moveaxis(work, -1, 0)  # (Y, X, 3|4): colour
+    elif work.ndim == 3 and work.shape[-1] == 2 and min(work.shape[:2]) > 2:
+        channels, planes_first = np.moveaxis(work, -1, 0), True  # (Y, X, 2): two stains
+    elif work.ndim == 3 and is_tiff and work.shape[0] <= MAX_CHANNELS and work.shape[0] < small:
+        channels, planes_first = work, True  # (C, Y, X) planes
+        n = work.shape[0]
+        if n > 4 and channel is None:  # as likely a z-stack or time series as stains
+            raise ImageReadError(
+                path,
+                f"is a stack of {n} planes (shape {original_shape}): if they are channels, "
+                f"pick one with --channel 0-{n - 1}; if z-planes or time points, save one "
+                "plane (or a projection) as a 2-D image",
+            )
     else:
         raise ImageReadError(
             path,
-            f"expected a 2-D image (or up to 4 channels), got a stack of shape "
+            f"expected a 2-D image (or up to {MAX_CHANNELS} channels), got a stack of shape "
             f"{original_shape}; save one plane (or a projection) as a 2-D image",
         )
     n_channels = channels.shape[0]

@@ -381,6 +381,25 @@ def test_folder_whose_images_are_in_a_sub_folder_names_it(tmp_path: Path, lister
     text = _assert_one_line(err, "plate")
     assert "sub-folder 'images' has" in text and "--recursive" in text
     assert [p.name for p in list_images([tmp_path / "plate"], recursive=True)] == ["a.tif"]
+    # a training folder's masks/ and labels/ beside images/ are annotations, not images
+    _touch_images(tmp_path / "plate" / "masks", ["a.png"])
+    _touch_images(tmp_path / "plate" / "labels", ["a.tif"])
+    found = lister([tmp_path / "plate" / "images"])
+    assert [p.name for p in found] == ["a.tif"]
+    deep = [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path], recursive=True)]
+    assert deep == ["plate/images/a.tif"]
+    # without an images/ sibling a folder called masks is just a folder of images
+    _touch_images(tmp_path / "other" / "masks", ["m.tif"])
+    assert "m.tif" in {p.name for p in list_images([tmp_path / "other"], recursive=True)}
+
+
+def test_a_broken_link_is_listed_so_that_reading_it_reports_it(tmp_path: Path) -> None:
+    _touch_images(tmp_path / "plate", ["a.tif"])
+    (tmp_path / "plate" / "gone.tif").symlink_to(tmp_path / "nowhere.tif")
+    for found in (list_images([tmp_path / "plate"]), list(iter_images([tmp_path / "plate"]))):
+        assert sorted(p.name for p in found) == ["a.tif", "gone.tif"]
+    with pytest.raises(ImageReadError):
+        read_image(tmp_path / "plate" / "gone.tif")
 
 
 def test_list_missing_path(tmp_path: Path) -> None:

@@ -43,6 +43,8 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 _PNG_SUFFIXES = (".png",)
 _SUPPORTED_TEXT = "use TIFF, PNG or JPEG"
 _GLOB_CHARS = ("*", "?", "[")
+#: Sub-folders of a training folder (beside ``images/``) that hold annotations, not images.
+ANNOTATION_FOLDERS = ("masks", "labels")
 #: Most planes a (C, Y, X) TIFF may hold (e.g. a 5-stain Cell Painting image).
 MAX_CHANNELS = 16
 _MAX_REASON = 160
@@ -380,15 +382,6 @@ def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> n
     return out
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    """Whether any component of ``path`` below ``root`` starts with a dot."""
-    try:
-        parts = path.relative_to(root).parts
-    except ValueError:
-        parts = (path.name,)
-    return any(part.startswith(".") for part in parts)
-
-
 def _is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
@@ -400,14 +393,15 @@ def _empty_folder(folder: Path, text: str, recursive: bool) -> InputError:
         first = next(_scan_folder(folder, True), None)
         if first is not None:
             sub = first.parent.relative_to(folder).parts[0]
-            message += f" of its own, but its sub-folder '{sub}' has: name it, or use --recursive"
+            shown = os.path.join(text, sub)
+            message += (
+                f" of its own, but its sub-folder '{sub}' has: count {shown}, or use --recursive"
+            )
     return InputError(message, text)
 
 
 def _folder_images(folder: Path, recursive: bool) -> list[Path]:
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    found = [p for p in candidates if not _is_hidden(p, folder) and _is_image_file(p)]
-    return sorted(found, key=lambda p: str(p))
+    return sorted(_scan_folder(folder, recursive), key=str)
 
 
 def list_images(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = False) -> list[Path]:
@@ -487,7 +481,10 @@ def _scan_folder(folder: Path, recursive: bool) -> Iterator[Path]:
     """Image files in ``folder`` in directory order, streamed with :func:`os.scandir`.
 
     Holds one open directory handle per level of nesting, never the whole listing.
-    Entries whose name starts with ``.`` are skipped (and not descended into).
+    Entries whose name starts with ``.`` are skipped (and not descended into). A
+    folder laid out for training (``images/`` beside ``masks/`` or ``labels/``)
+    gives only its ``images/``. A broken link with an image suffix is produced
+    (reading it then fails with its own error) rather than skipped unseen.
     """
     stack = [os.fspath(folder)]
     while stack:
@@ -501,9 +498,8 @@ def _scan_folder(folder: Path, recursive: bool) -> Iterator[Path]:
                     try:
                         if recursive and entry.is_dir():
                             subdirs.append(entry.path)
-                        elif (
-                            os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
-                            and entry.is_file()
+                        elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and (
+                            entry.is_file() or (entry.is_symlink() and not entry.is_dir())
                         ):
                             yield Path(entry.path)
                     except OSError:
@@ -511,6 +507,9 @@ def _scan_folder(folder: Path, recursive: bool) -> Iterator[Path]:
         except OSError as exc:
             reason = _short_reason(exc)
             raise InputError(f"{current}: cannot list folder: {reason}", current) from None
+        names = {os.path.basename(d) for d in subdirs}
+        if "images" in names and names & set(ANNOTATION_FOLDERS):
+            subdirs = [d for d in subdirs if os.path.basename(d) not in ANNOTATION_FOLDERS]
         stack.extend(reversed(subdirs))
 
 

@@ -110,6 +110,12 @@ def test_finetuning_improves_its_validation_error(base_model, folders, tmp_path)
     assert 4.0 < measured < 40.0
     assert config["scale"]["object_diameter_px"] == round(measured, 2)
     assert config["scale"]["native_size"] == list(SIZE)
+    # the log and the config compare it with the starting model on the held-out images
+    compared = config["training"]["compared_with_start"]
+    assert compared["n"] == config["calibration"]["n"]
+    assert compared["mae_new"] < compared["mae_start"]
+    assert "calibration images (not trained on): MAE" in result.output
+    assert "warning: the new model counts" not in result.output
     assert config["calibration"]["n"] > 0
     before, after = mae(base_model, val), mae(new, val)
     assert after < 0.5 * before, (before, after)

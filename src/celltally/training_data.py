@@ -20,6 +20,8 @@ from celltally.datasets import (
     simulate_set,
     split_bbbc005,
 )
+from celltally.distributed import is_main
+from celltally.metrics import json_ready
 from celltally.models.presets import get_preset
 from celltally.train import Log, fit
 from celltally.transforms import DEFAULT_NORMALIZATION
@@ -186,7 +188,7 @@ def build_and_fit(
     log(
         f"train {len(train)} / calibration {len(calibration)} / test {config['training']['n_test']}"
     )
-    return fit(
+    result = fit(
         train=train,
         calibration=calibration,
         test=test,
@@ -199,3 +201,42 @@ def build_and_fit(
         progress=progress,
         log=log,
     )
+    if from_model is not None and split_info.get("calibration") is None and is_main():
+        result["training"]["compared_with_start"] = compare_with_start(
+            Path(out), from_model, calibration, log=log
+        )
+    return result
+
+
+def compare_with_start(
+    out: Path, from_model: str, calibration: LabeledSet, *, log: Log = print
+) -> dict[str, Any]:
+    """Count the calibration images with the fine-tuned and the starting model; record both.
+
+    Fine-tuning can make a model worse (too few images, too few epochs): the
+    user is told, and ``config.json`` (``training.compared_with_start``) keeps
+    both figures.
+    """
+    from celltally.counter import CellCounter, resolve_model
+
+    images = list(calibration.images[:, 0].numpy())
+    truth = calibration.counts.numpy().astype(float)
+    mae = {}
+    for key, folder in (("new", out), ("start", resolve_model(from_model))):
+        counts = [r.count for r in CellCounter.from_pretrained(folder).count_prepared(images)]
+        mae[key] = round(float(np.mean(np.abs(np.asarray(counts) - truth))), 4)
+    record = {"n": len(truth), "mae_new": mae["new"], "mae_start": mae["start"]}
+    log(
+        f"your {len(truth)} calibration images (not trained on): MAE {mae['new']:.2f} with "
+        f"the new model, {mae['start']:.2f} with {from_model}"
+    )
+    if mae["new"] > mae["start"]:
+        log(
+            f"warning: the new model counts your held-out images worse than {from_model}; "
+            "keep using it, or fine-tune with more images or epochs (--count-epochs)"
+        )
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config.setdefault("training", {})["compared_with_start"] = record
+    config_path.write_text(json.dumps(json_ready(config), indent=2) + "\n")
+    return record

@@ -252,3 +252,5 @@ def test_a_segmenter_trained_apart_is_still_fine_tuned_on_the_users_masks(folder
         "0",
     )
     assert kept.exit_code == 0 and "segmenter:" not in kept.output
+    again = run(*args[:-3], "--out", new, "--no-progress", "--count-epochs", "1")
+    assert again.exit_code != 0 and "already holds a model" in again.output

@@ -92,7 +92,12 @@ def _interval_options(epistemic: bool, calibration: str | None) -> dict:
     return options
 
 
-@app.command()
+@app.command(
+    help="Count cells in images; append one CSV row per image as it is counted (resumable)."
+    "\n\nRows are in processing order. Unreadable images are listed at the end (exit status "
+    "1). Beside OUT (say results.csv): results.errors.csv lists them, results.manifest.json "
+    "records the model and settings."
+)
 def count(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
     out: Annotated[
@@ -194,12 +199,7 @@ def count(
         bool, typer.Option(help="Show a progress bar (when writing to a terminal).")
     ] = True,
 ) -> None:
-    """Count cells in images; append one CSV row per image as it is counted (resumable).
-
-    Rows are in processing order. Unreadable images are listed at the end and in
-    <out>.errors.csv (exit status 1); a manifest <out>.manifest.json records the model
-    and settings.
-    """
+    """Count cells in images into a resumable CSV (help text: the decorator's)."""
     from celltally.batch import read_results, run_batch
 
     def note(message: str) -> None:
@@ -263,6 +263,13 @@ def count(
             _echo_wells(out, wells, None)
     except _user_errors() as err:
         fail(str(err))
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: the rows written so far are kept in {out}; run the same command "
+            "again to count the rest",
+            err=True,
+        )
+        raise typer.Exit(130) from None
     total = summary.counted + summary.failed
     skipped = f" ({summary.skipped} already in {out}, skipped)" if summary.skipped else ""
     if summary.masks_only:
@@ -469,8 +476,8 @@ def train(
 ) -> None:
     """Train segmenter then counter (as in the paper) and write a model folder.
 
-    Data-parallel on N processes (GPUs, or CPU with gloo):
-    torchrun --nproc_per_node N -m celltally.cli train ... (batch size is per process).
+    Data-parallel on N processes (GPUs, or CPU with gloo), batch size per process:
+    torchrun --nproc_per_node N -m celltally.cli train ...
     """
     from celltally import distributed
     from celltally.training_data import build_and_fit

@@ -95,6 +95,12 @@ def build_and_fit(
 
     ``channel`` picks the plane of multi-channel images in ``folders``.
     """
+    if (Path(out) / "config.json").exists() and not resume:
+        raise io.InputError(
+            f"{out}: already holds a model; give a new --out (or --resume to continue training "
+            "it there)",
+            out,
+        )
     init = None
     if from_model is not None:
         from safetensors.torch import load_file

@@ -330,8 +330,15 @@ def test_cli_reading_and_normalization_options(tiny_model, tmp_path):
 
     expected = CellCounter.from_pretrained(tiny_model, device="cpu").count(planes[1]).count
     assert count("--channel", "1") == pytest.approx(expected, abs=0.01)
+    # --no-norm takes images already scaled to 0-1: raw 16-bit values are refused per image
+    refused = count("--channel", "1", "--no-norm")
+    assert refused.exit_code == 1 and "--no-norm expects intensities scaled to 0-1" in (
+        refused.output
+    )
+    tifffile.imwrite(folder / "two.tif", (planes / 4095.0).astype(np.float32))
     plain = count("--channel", "1", "--no-norm")
-    assert plain != pytest.approx(expected, abs=0.01)
+    assert isinstance(plain, float)  # counted as it is
+    tifffile.imwrite(folder / "two.tif", planes)
     count("--channel", "1", "--norm-low", "5", "--norm-high", "99")
     newest = max(tmp_path.glob("r*.manifest.json"), key=lambda p: p.stat().st_mtime_ns)
     options = json.loads(newest.read_text())["settings"]["counter_options"]

@@ -238,7 +238,7 @@ def test_a_segmenter_trained_apart_is_still_fine_tuned_on_the_users_masks(folder
     args = ["train", "--data", train, "--from", base, "--out", new, "--no-progress"]
     result = run(*args, "--count-epochs", "1")
     assert result.exit_code == 0, result.output
-    assert "segmenter: 6 epochs" in result.output
+    assert "segmenter: 6 epochs at lr 0.0003" in result.output
     history = json.loads((new / "config.json").read_text())["history"]
     assert len(history["segmenter"]) == 6
     kept = run(

@@ -425,8 +425,9 @@ def fit(
     if stages in ("both", "segmenter") and seg_epochs > 0:
         s = hp["segmenter"]
         log(
-            f"segmenter: {s['epochs']} epochs on the {int(train.has_mask.sum())} training "
-            "images with a mask (--seg-epochs sets them, 0 keeps the segmenter)"
+            f"segmenter: {s['epochs']} epochs at lr {s['lr']:g} on the "
+            f"{int(train.has_mask.sum())} training images with a mask (--seg-epochs sets "
+            "them, 0 keeps the segmenter)"
         )
         history["segmenter"] = train_segmenter(
             model,

@@ -26,6 +26,9 @@ from celltally.models.presets import get_preset
 from celltally.train import Log, fit
 from celltally.transforms import DEFAULT_NORMALIZATION
 
+#: Factor on a starting model's segmenter learning rate when fine-tuning (``--from``).
+FINE_TUNE_SEGMENTER_LR = 0.1
+
 
 def _hash_fraction(text: str) -> float:
     return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
@@ -113,11 +116,14 @@ def build_and_fit(
         config["train"] = copy.deepcopy(
             base["train"] if "train" in base else get_preset(base.get("preset", "small"))["train"]
         )
-        if seg_epochs is None and config["train"]["segmenter"].get("epochs", 0) <= 0:
+        segmenter = config["train"]["segmenter"]
+        if seg_epochs is None and segmenter.get("epochs", 0) <= 0:
             # A shipped model whose segmenter was trained apart (nuclei) records 0 epochs:
             # fine-tuning on the user's masks must still train it (the small preset's epochs).
-            small = get_preset("small")["train"]["segmenter"]
-            config["train"]["segmenter"]["epochs"] = small["epochs"]
+            segmenter["epochs"] = get_preset("small")["train"]["segmenter"]["epochs"]
+        # A trained segmenter is fine-tuned at a tenth of its learning rate: at the full
+        # rate 34 simulated nuclei frames made the shipped one worse (docs/finetuning.md).
+        segmenter["lr"] = segmenter["lr"] * FINE_TUNE_SEGMENTER_LR
         config["preset"] = base.get("preset")
         config["normalization"] = base.get("normalization", {})
         if "scale" in base:

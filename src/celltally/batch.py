@@ -572,9 +572,7 @@ def mask_file(folder: str | os.PathLike[str], path: str | os.PathLike[str], root
 def _save_masks(folder: Path, path: Path, result: CountResult, root: Path) -> None:
     mask = mask_file(folder, path, root)
     mask.parent.mkdir(parents=True, exist_ok=True)
-    io.write_float_image(
-        mask.with_name(mask.name[: -len("_mask.png")] + "_mask_std.tif"), result.mask_std
-    )
+    io.write_float_image(mask.with_name(f"{mask.stem}_std.tif"), result.mask_std)
     io.write_mask(mask, result.mask)  # last: a mask on disk means both files are
 
 

@@ -375,9 +375,14 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     config = json.loads((model / "config.json").read_text())
     config.setdefault("training", {})["split"] = {str(data): {"path": str(data.resolve())}}
     (model / "config.json").write_text(json.dumps(config))
+    assert (model / "ood.safetensors").is_file()  # 24 images: thresholds and reference fitted
     result = runner.invoke(app, ["calibrate", "--model", str(model), "--data", str(data)])
     assert result.exit_code == 0, result.output
-    assert json.loads((model / "config.json").read_text())["calibration"]["n"] == cal_size
+    block = json.loads((model / "config.json").read_text())["calibration"]
+    assert block["n"] == cal_size < 20
+    # too few images for out-of-distribution thresholds: the loose defaults, no reference
+    assert f"only {cal_size} calibration images" in result.output
+    assert block["ood"] == {} and not (model / "ood.safetensors").exists()
     # a shipped model is never rewritten; --out writes a calibrated copy
     shipped = runner.invoke(app, ["calibrate", "--model", "bbbc005", "--data", str(data)])
     assert shipped.exit_code != 0 and "is shipped inside celltally" in shipped.output

@@ -208,6 +208,10 @@ def _calibrated_block(
     return block, loo
 
 
+#: Fewest calibration images on which out-of-distribution thresholds are fitted.
+MIN_OOD_IMAGES = 20
+
+
 def calibrate_model(
     model_folder: str | Path,
     calibration: LabeledSet,
@@ -262,15 +266,23 @@ def calibrate_model(
                 f"dropped the {name} counts' earlier correction (x{earlier['count_scale']}); "
                 f"refit it with count_scale {name!r} (--count-scale {name})"
             )
-    counter = CellCounter.from_pretrained(folder, device=device)
-    reference = feature_reference(counter.embed(list(calibration.images[:, 0].numpy())))
-    tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}
-    save_file(tensors, str(folder / OOD_REFERENCE_FILE))
-    counter = CellCounter.from_pretrained(folder, device=device)  # now with the reference
+    fit_ood = len(y) >= MIN_OOD_IMAGES
+    if fit_ood:
+        counter = CellCounter.from_pretrained(folder, device=device)
+        reference = feature_reference(counter.embed(list(calibration.images[:, 0].numpy())))
+        tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}
+        save_file(tensors, str(folder / OOD_REFERENCE_FILE))
+    else:  # a 99th percentile of a handful of images would flag most new ones
+        (folder / OOD_REFERENCE_FILE).unlink(missing_ok=True)
+        log(
+            f"only {len(y)} calibration images: out-of-distribution warnings use the loose "
+            f"defaults (thresholds are fitted on {MIN_OOD_IMAGES} or more)"
+        )
+    counter = CellCounter.from_pretrained(folder, device=device)  # with the reference, if any
     counter.count_scale = 1.0  # raw counts: an earlier correction must not shape this fit
     mean, std, features = _predict(counter, calibration)
     block, loo = _calibrated_block(y, mean, std, scaled="plain" in count_scale)
-    block["ood"] = ood_thresholds(features, quantile=quantile)
+    block["ood"] = ood_thresholds(features, quantile=quantile) if fit_ood else {}
     wells = [well_key(m["name"]) if m.get("name") else None for m in calibration.meta]
     if len(wells) == len(y) and (fitted := fit_group_correlation(y, mean * loo, std * loo, wells)):
         block["well_correlation"] = fitted  # for per-well totals (celltally.wells)
@@ -282,7 +294,7 @@ def calibrate_model(
             y, e_mean, e_std, scaled="epistemic" in count_scale
         )
         block["epistemic"]["members"] = 1 + len(ens.members)
-        block["epistemic"]["ood"] = ood_thresholds(e_features, quantile=quantile)
+        block["epistemic"]["ood"] = ood_thresholds(e_features, quantile=quantile) if fit_ood else {}
     config["calibration"] = block
     (folder / "config.json").write_text(json.dumps(json_ready(config), indent=2) + "\n")
     log(

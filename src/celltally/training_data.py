@@ -245,7 +245,7 @@ def compare_with_start(
     if mae["new"] > mae["start"]:
         log(
             f"warning: the new model counts your held-out images worse than {from_model}; "
-            "keep using it, or fine-tune with more images or epochs (--count-epochs)"
+            f"keep using {from_model}, or fine-tune with more images or epochs (--count-epochs)"
         )
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())

@@ -166,3 +166,16 @@ def test_count_with_input_returns_the_count_and_what_the_model_read(tiny_model):
     np.testing.assert_array_equal(prepared, counter.prepare(image))
     np.testing.assert_allclose(result.count, counter.count(image).count)
     np.testing.assert_array_equal(image, original)  # the input is not modified
+
+
+def test_display_max_shows_a_few_cells_on_an_even_background():
+    from celltally.explain import display_max
+
+    sparse = np.full((96, 128), 0.0025)
+    sparse[40:44, 60:64] = 0.46  # one cell: 0.13% of the pixels
+    assert display_max(sparse) == pytest.approx(0.46)  # not the floor: no all-yellow map
+    rng = np.random.default_rng(0)
+    varied = rng.uniform(0, 0.2, (96, 128))
+    varied[0, 0] = 50.0  # one hot pixel does not wash out a varied map
+    assert display_max(varied) < 0.25
+    assert display_max(np.zeros((4, 4))) == 1.0

@@ -324,6 +324,10 @@ def test_models_info_docs_and_page(client):
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert "content-security-policy" not in docs.headers  # Swagger UI needs its scripts
+    # offline: Swagger UI comes from the installed swagger-ui-bundle, not a CDN
+    assert "cdn." not in docs.text and "/docs-static/swagger-ui-bundle.js" in docs.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert client.get(f"/docs-static/{asset}").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert 'id="file-input"' in page.text

@@ -320,4 +320,36 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     assert high == pytest.approx(expected["high"], abs=0.06)
     assert low == pytest.approx(expected["low"], abs=0.06)
     assert half == pytest.approx((expected["high"] - expected["count"]), abs=0.06)
+    # the same site uploaded again is flagged; a second plate gets its own map
+    other = tmp_path / "Screen2_C03_s1_w1.tif"
+    tifffile.imwrite(other, simulate_scene(8, seed=45).image)
+    page.set_input_files("#file-input", [str(paths[0]), str(other)])
+    wait_for_batch(page, 4)
+    images = row.locator("td").nth(2)
+    sync_api.expect(images).to_have_text("3 (site 1 more than once)")
+    pick = page.locator("#plate-select")
+    sync_api.expect(pick).to_be_visible()
+    assert pick.locator("option").all_text_contents() == ["Screen1", "Screen2"]
+    assert page.locator('#plate-grid .well.has[data-well="B02"]').count() == 1
+    assert page.locator('#plate-grid .well.has[data-well="C03"]').count() == 0
+    pick.select_option("Screen2")
+    assert page.locator('#plate-grid .well.has[data-well="C03"]').count() == 1
+    assert page.locator('#plate-grid .well.has[data-well="B02"]').count() == 0
+    context.close()
+
+
+def test_api_docs_render_without_internet(server, browser):
+    """/docs draws the API from the installed Swagger UI: no request leaves the machine."""
+    context = browser.new_context()
+    page = context.new_page()
+    outside = []
+    page.on(
+        "request",
+        lambda r: outside.append(r.url) if not r.url.startswith(server) else None,
+    )
+    page.goto(f"{server}/docs")
+    sync_api.expect(page.locator(".opblock-summary-path", has_text="/api/count")).to_be_visible(
+        timeout=30_000
+    )
+    assert outside == []
     context.close()

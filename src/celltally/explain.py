@@ -26,7 +26,14 @@ from celltally.losses import gaussian_nll
 if TYPE_CHECKING:  # pragma: no cover
     from celltally.counter import CellCounter, CountResult
 
-__all__ = ["Explanation", "explain_image", "explanation_figure", "explanation_png", "saliency"]
+__all__ = [
+    "Explanation",
+    "display_max",
+    "explain_image",
+    "explanation_figure",
+    "explanation_png",
+    "saliency",
+]
 
 
 @dataclass
@@ -210,6 +217,21 @@ def panel_title(result: CountResult, true_count: float | None = None) -> str:
     return title
 
 
+def display_max(array: np.ndarray) -> float:
+    """The value at the top of a map's colour scale (uncertainty, saliency).
+
+    The 99.5th percentile, so that one hot pixel does not wash out the map;
+    but where that is no higher than the map's median (a few cells on an
+    even background: the percentile sits on the floor), the maximum, or the
+    background would take the top colour and read as "uncertain everywhere".
+    """
+    values = np.asarray(array, dtype=np.float64)
+    top = float(np.percentile(values, 99.5))
+    if top <= float(np.median(values)) * (1 + 1e-6):
+        top = float(values.max())
+    return top if top > 0 else 1.0
+
+
 def _draw(expl: Explanation, *, title: str | None, true_count: float | None, image_saliency: bool):
     from matplotlib.figure import Figure
 
@@ -226,8 +248,7 @@ def _draw(expl: Explanation, *, title: str | None, true_count: float | None, ima
     axes = fig.subplots(1, len(panels))
     for ax, (name, array, cmap, vmin, vmax) in zip(axes, panels, strict=True):
         if vmax is None and name != "input":
-            # The 99.5th percentile: one hot pixel should not wash out the map.
-            vmax = float(np.percentile(array, 99.5)) or float(array.max()) or 1.0
+            vmax = display_max(array)
         shown = ax.imshow(array, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])

@@ -146,7 +146,7 @@ def _check_image_file(path: Path, original: str | os.PathLike[str]) -> None:
 
 def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     """Decode a PNG/JPEG file with Pillow into a numpy array (2-D or (H, W, C))."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     kind = _format_name(path.suffix)
     try:
@@ -166,8 +166,13 @@ def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
                 img = img.convert("I;16")
             arr = np.array(img)
             mode = img.mode
+    except UnidentifiedImageError:  # its message names the path (a server's temporary one)
+        raise ImageReadError(
+            original, f"is not a valid {kind} file (corrupt, or another format under this name)"
+        ) from None
     except Exception as exc:  # any decoder failure is a user-facing read error
-        raise ImageReadError(original, f"cannot be read as {kind}: {_short_reason(exc)}") from None
+        reason = _short_reason(exc).replace(str(path), path.name)
+        raise ImageReadError(original, f"cannot be read as {kind}: {reason}") from None
     if mode == "I" and arr.dtype.kind in "iu" and arr.size:
         if arr.min() >= 0 and arr.max() <= np.iinfo(np.uint16).max:
             arr = arr.astype(np.uint16)
@@ -187,7 +192,9 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
                 arr = np.asarray(series.asarray() if series is not None else tif.asarray())
                 axes = series.axes if series is not None else ""
         except Exception as exc:  # any decoder failure is a user-facing read error
-            reason = _short_reason(exc)
+            reason = _short_reason(exc).replace(str(path), path.name)
+            if not reason.startswith("not a TIFF"):
+                reason = f"corrupt or truncated file? ({reason})"
             raise ImageReadError(original, f"cannot be read as TIFF: {reason}") from None
     if arr.size == 0 and (notes or arr.ndim < 2):  # no page, not a 0 x N page
         reason = _short_reason(Exception(notes[0])) if notes else "no pages"

@@ -297,7 +297,8 @@ def plot_reliability(
         if method != "level":
             ax.plot(levels, values, styles.get(method, "x-"), ms=4, label=method)
     ax.set_xlim(0.45, 1.0)
-    ax.set_ylim(min(0.45, float(np.min([v for k, v in curves.items() if k != "level"]))), 1.0)
+    lowest = float(np.min([v for k, v in curves.items() if k != "level"]))
+    ax.set_ylim(min(0.45, lowest - 0.03), 1.01)  # room for the markers at both ends
     ax.set_xlabel("nominal level")
     ax.set_ylabel("observed coverage")
     ax.set_title(title, fontsize=10)
@@ -321,6 +322,16 @@ img { max-width: 100%; }
 """
 
 _METRIC_COLUMNS = ("n", "mae", "rmse", "r2", "max_abs_error", "coverage", "mean_half_width")
+
+
+def _interval_text(row: dict) -> str:
+    """'12.3 [10.1, 14.5]' with as many decimals (1-3) as it takes to show the truth outside."""
+    true, count = float(row["true"]), float(row["count"])
+    low, high = float(row["low"]), float(row["high"])
+    for digits in (1, 2, 3):
+        if round(low, digits) > true or round(high, digits) < true:
+            break
+    return f"{count:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def _esc(value: Any) -> str:
@@ -461,6 +472,7 @@ def write_report(
     default = counter.calibration.get("default", "conformal") if counter.calibration else "none"
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>celltally evaluation: {_esc(evaluation.get('model', counter.name))}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>Evaluation of model {_esc(evaluation.get('model', counter.name))}</h1>",
@@ -506,7 +518,7 @@ def write_report(
             parts.append(
                 "<div class='failure'>"
                 f"<p><b>{_esc(row['file'])}</b>: true {row['true']:g}, predicted "
-                f"{float(row['count']):.1f} [{float(row['low']):.1f}, {float(row['high']):.1f}]; "
+                f"{_interval_text(row)}; "
                 f"blur {_esc(row.get('blur'))}, stain {_esc(row.get('stain'))}; "
                 f"sharpness {row['sharpness']:.3g}, cells/object {row['cells_per_object']:.2f}, "
                 f"solidity {row['solidity']:.3f}; worse than: {_esc(rank_text)}{warn}</p>"

@@ -40,6 +40,7 @@ is created, and used by one request at a time.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import shutil
@@ -53,7 +54,8 @@ from typing import Any
 import anyio
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -65,13 +67,16 @@ from celltally.wells import calibrated_correlation
 
 __all__ = ["create_app", "STATIC_DIR"]
 
+#: Swagger UI's files, installed with the fastapi-offline package (MIT).
+SWAGGER_UI_DIR = Path(importlib.util.find_spec("fastapi_offline").origin).parent / "static"
+
 logger = logging.getLogger("celltally.web")
 
 STATIC_DIR = Path(__file__).parent / "static"
 
 #: Security headers on every response; the page needs nothing outside this server.
-#: (FastAPI's /docs and /redoc pages load Swagger UI / ReDoc from a CDN with inline
-#: scripts, so they get every header except the Content-Security-Policy.)
+#: (The /docs page runs Swagger UI, from the installed fastapi-offline, with an
+#: inline script, so it gets every header except the Content-Security-Policy.)
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -424,6 +429,8 @@ def create_app(
             "Count cells in microscopy images with calibrated intervals "
             "(Hernández, Sultan & Pande 2018). See `POST /api/count`."
         ),
+        docs_url=None,  # served below from the installed fastapi-offline, not a CDN:
+        redoc_url=None,  # lab computers are often offline
     )
     app.state.counter = counter
     app.state.limits = limits
@@ -446,6 +453,17 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/docs-static", StaticFiles(directory=SWAGGER_UI_DIR), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="celltally API",
+            swagger_js_url="/docs-static/swagger-ui-bundle.js",
+            swagger_css_url="/docs-static/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.svg",
+        )
 
     well_correlation = calibrated_correlation(counter.calibration)[0]
 

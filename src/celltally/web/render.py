@@ -119,8 +119,8 @@ def heat_png(
     cmap : str
         Matplotlib colormap name.
     vmax : float, optional
-        Value shown at the top of the colormap; default the 99.5th percentile
-        of the map at its own resolution (one hot pixel does not wash the rest out).
+        Value shown at the top of the colormap; default
+        :func:`celltally.explain.display_max` of the map at its own resolution.
 
     Returns
     -------
@@ -130,7 +130,9 @@ def heat_png(
     """
     native = np.asarray(array, dtype=np.float32)
     if vmax is None:
-        vmax = float(np.percentile(native, 99.5)) or float(native.max()) or 1.0
+        from celltally.explain import display_max
+
+        vmax = display_max(native)
     index = np.rint(_to_unit(native, 0.0, vmax) * 255).astype(np.uint8)
     # Nearest-neighbour upscaling shows the map's true resolution (and keeps the PNG small).
     rgb = Image.fromarray(colormap(cmap)[index])

@@ -109,10 +109,9 @@ class Upload:
 
 def human_size(nbytes: int) -> str:
     """``'32 MB'``, ``'391 KB'``, ``'1000 bytes'`` (binary units)."""
-    if nbytes >= 2**20:
-        return f"{nbytes / 2**20:.3g} MB"
-    if nbytes >= 2**10:
-        return f"{nbytes / 2**10:.3g} KB"
+    for unit, size in (("MB", 2**20), ("KB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f}".removesuffix(".0") + f" {unit}"
     return f"{nbytes} bytes"
 
 

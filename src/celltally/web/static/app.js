@@ -10,6 +10,8 @@ const state = {
   total: 0,
   done: 0,
   failed: 0,
+  generation: 0, // bumped by Clear: answers of earlier files are then ignored
+  plate: null, // the plate the map shows when the results span several
 };
 const CONCURRENCY = 2;
 const $ = (id) => document.getElementById(id);
@@ -35,10 +37,17 @@ async function loadInfo() {
 function addFiles(fileList) {
   const files = Array.from(fileList);
   if (!files.length) return;
+  // The options as they are now: changing them later does not change queued files.
+  const settings = {
+    level: $("level").value,
+    saliency: $("saliency").checked ? "true" : "false",
+    channel: $("channel").value,
+  };
   for (const file of files) {
     const card = makeCard(file.name);
     const row = makeRow(file.name);
-    state.queue.push({ file, card, row, index: state.results.length });
+    state.queue.push({ file, card, row, index: state.results.length, settings,
+                       generation: state.generation });
     state.results.push(null); // filled in when this file's answer arrives
   }
   state.total += files.length;
@@ -52,7 +61,7 @@ function pump() {
     state.running += 1;
     send(job).finally(() => {
       state.running -= 1;
-      state.done += 1;
+      if (job.generation === state.generation) state.done += 1;
       updateProgress();
       pump();
     });
@@ -71,7 +80,7 @@ function updateProgress() {
   document.body.dataset.busy = busy ? "yes" : "no";
 }
 
-async function send({ file, card, row, index }) {
+async function send({ file, card, row, index, settings }) {
   card.dataset.state = "running";
   card.querySelector(".count").textContent = "counting…";
   const maxBytes = state.info ? state.info.limits.max_bytes : Infinity;
@@ -84,9 +93,9 @@ async function send({ file, card, row, index }) {
   } else {
     const form = new FormData();
     form.append("files", file, file.name);
-    form.append("level", $("level").value);
-    form.append("saliency", $("saliency").checked ? "true" : "false");
-    form.append("channel", $("channel").value);
+    form.append("level", settings.level);
+    form.append("saliency", settings.saliency);
+    form.append("channel", settings.channel);
     try {
       const response = await fetch("/api/count", { method: "POST", body: form });
       const body = await response.json();
@@ -115,7 +124,11 @@ function makeCard(name) {
   node.querySelector(".name").textContent = name;
   node.dataset.name = name;
   for (const button of node.querySelectorAll(".tabs button")) {
+    button.setAttribute("role", "tab");
     button.addEventListener("click", () => setView(node, button.dataset.view));
+  }
+  for (const img of node.querySelectorAll(".maps img")) {
+    img.alt = `${img.alt} of ${name}`; // each card's images say whose they are
   }
   $("cards").appendChild(node);
   return node;
@@ -267,10 +280,19 @@ function rowLabel(n) {
 }
 
 function drawPlate() {
+  // One plate at a time: a select appears when the results span several.
+  const plates = [...new Set(state.results
+    .filter((r) => r && r.ok && r.metadata && r.metadata.row && r.metadata.column)
+    .map((r) => r.metadata.plate || ""))];
+  if (!plates.includes(state.plate)) state.plate = plates.length ? plates[0] : null;
+  const pick = $("plate-select");
+  pick.hidden = plates.length < 2;
+  pick.replaceChildren(...plates.map((p) => new Option(p || "(no plate name)", p)));
+  pick.value = state.plate === null ? "" : state.plate;
   const wells = new Map();
   for (const r of state.results) {
     const m = (r && r.metadata) || {};
-    if (!r || !r.ok || !m.row || !m.column) continue;
+    if (!r || !r.ok || !m.row || !m.column || (m.plate || "") !== state.plate) continue;
     const key = `${m.row}${m.column}`;
     const entry = wells.get(key) || { row: rowIndex(m.row), column: m.column, counts: [] };
     entry.counts.push(r.count);
@@ -335,7 +357,9 @@ function wellTotals() {
     if (!r || !r.ok || !m.well) continue;
     const stain = m.stain === null || m.stain === undefined ? "" : String(m.stain);
     const key = [m.plate || "", m.well, stain].join("|");
-    const g = groups.get(key) || { plate: m.plate || "", well: m.well, stain, counts: [], stds: [], mult: 0 };
+    const g = groups.get(key) || { plate: m.plate || "", well: m.well, stain, counts: [], stds: [],
+                                   mult: 0, sites: [] };
+    g.sites.push(m.site === null || m.site === undefined ? "" : String(m.site));
     g.counts.push(r.count);
     g.stds.push(r.std);
     if (r.std > 0) g.mult = Math.max(g.mult, (r.high - r.count) / r.std);
@@ -360,13 +384,18 @@ function drawWellTotals() {
   for (const w of wellTotals()) {
     const tr = document.createElement("tr");
     tr.dataset.well = w.well;
+    // The same site twice (an image uploaded again, or as another format) is summed twice.
+    const repeated = [...new Set(w.sites.filter((s, i) => s && w.sites.indexOf(s) !== i))];
+    const images = String(w.counts.length) +
+      (repeated.length ? ` (site ${repeated.join(", ")} more than once)` : "");
     const cells = [w.plate ? `${w.plate} ${w.well}` : w.well, w.stain ? `w${w.stain}` : "",
-      String(w.counts.length), `${fmt(w.total)} ± ${fmt(w.half)}`, `${fmt(w.low)}–${fmt(w.high)}`];
+      images, `${fmt(w.total)} ± ${fmt(w.half)}`, `${fmt(w.low)}–${fmt(w.high)}`];
     for (const text of cells) {
       const td = document.createElement("td");
       td.textContent = text;
       tr.appendChild(td);
     }
+    if (repeated.length) tr.classList.add("repeated");
     body.appendChild(tr);
   }
 }
@@ -375,7 +404,8 @@ function drawWellTotals() {
 function clearAll() {
   state.results = [];
   state.queue = [];
-  state.total = state.running;
+  state.generation += 1; // files still being counted no longer count
+  state.total = 0;
   state.done = 0;
   state.failed = 0;
   $("cards").replaceChildren();
@@ -410,6 +440,10 @@ function init() {
     for (const card of document.querySelectorAll('.card[data-state="done"]')) {
       setView(card, $("view").value);
     }
+  });
+  $("plate-select").addEventListener("change", () => {
+    state.plate = $("plate-select").value;
+    drawPlate();
   });
   $("csv").addEventListener("click", downloadCSV);
   $("clear").addEventListener("click", clearAll);

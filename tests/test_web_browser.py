@@ -196,6 +196,7 @@ def test_desktop_upload_count_maps_table_plate_csv(server, images, browser, tmp_
     by_file = {r["file"]: r for r in rows}
     assert float(by_file[TIFF_NAME]["count"]) == pytest.approx(expected[TIFF_NAME].count, abs=1e-3)
     assert by_file[TIFF_NAME]["well"] == "C05" and by_file[TIFF_NAME]["true_count"] == "20"
+    assert by_file[TIFF_NAME]["model"] == "tiny"  # which model counted it travels with the CSV
     assert "unsupported" in by_file["notes.txt"]["error"]
 
     page.screenshot(path=str(tmp_path / "desktop.png"), full_page=True)

@@ -217,8 +217,8 @@ function fillRow(tr, r) {
   });
 }
 
-const CSV_COLUMNS = ["file", "count", "std", "low", "high", "level", "plate", "well", "site",
-  "blur", "stain", "true_count", "warning", "error"];
+const CSV_COLUMNS = ["file", "count", "std", "low", "high", "level", "model", "plate", "well",
+  "site", "blur", "stain", "true_count", "warning", "error"];
 
 function csvCell(value) {
   if (value === null || value === undefined) return "";
@@ -234,7 +234,8 @@ function toCSV() {
     if (!r) continue;
     const m = r.metadata || {};
     const row = [r.name, fmt(r.count, 3), fmt(r.std, 4), fmt(r.low, 3), fmt(r.high, 3),
-      r.level ?? "", m.plate, m.well, m.site, m.blur, m.stain, m.count, r.warning, r.error];
+      r.level ?? "", state.info ? state.info.model : "", m.plate, m.well, m.site, m.blur,
+      m.stain, m.count, r.warning, r.error];
     lines.push(row.map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";

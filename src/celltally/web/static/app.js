@@ -160,7 +160,8 @@ function fillCard(card, r) {
     badge.title = r.warning;
     badge.hidden = false;
     const text = card.querySelector(".warning-text");
-    text.textContent = `The interval may not hold: ${r.warning}`;
+    text.textContent = "This image differs from the images the model was calibrated on, " +
+      `so its interval may not hold. (${r.warning})`;
     text.hidden = false;
   }
   const images = r.images || {};

@@ -322,6 +322,16 @@ img { max-width: 100%; }
 """
 
 _METRIC_COLUMNS = ("n", "mae", "rmse", "r2", "max_abs_error", "coverage", "mean_half_width")
+#: Column headings of the metrics table, with units.
+_METRIC_HEADINGS = {
+    "n": "images",
+    "mae": "MAE (cells)",
+    "rmse": "RMSE (cells)",
+    "r2": "R²",
+    "max_abs_error": "max |error| (cells)",
+    "coverage": "truths inside the interval",
+    "mean_half_width": "mean half-width (cells)",
+}
 
 
 def _interval_text(row: dict) -> str:
@@ -339,13 +349,17 @@ def _esc(value: Any) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"  # e.g. R² of a group whose images all have one count
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.3f}"
+        return f"{value:.3f}"
     return _esc(value)
 
 
 def _metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-    head = "".join(f"<th>{_esc(c)}</th>" for c in ("group", *_METRIC_COLUMNS))
+    head = "".join(
+        f"<th>{_esc(_METRIC_HEADINGS.get(c, c))}</th>" for c in ("group", *_METRIC_COLUMNS)
+    )
     body = "".join(
         "<tr>"
         + f"<td>{_esc(group)}</td>"

@@ -304,6 +304,28 @@ def test_sanitize_name():
     assert sanitize_name("\u202eevil\u0007.png", 0) == "evil.png"
 
 
+def test_a_request_names_another_shipped_model(client, scene):
+    info = client.get("/api/info").json()
+    assert info["models"][0] == "tiny" and "nuclei" in info["models"]
+    response = post(
+        client,
+        [(BBBC_NAME, tiff_bytes(scene.image), "image/tiff")],
+        model="nuclei",
+        saliency="false",
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "nuclei" and body["counted"] == 1
+    assert body["well_correlation"] is not None
+    expected = CellCounter.from_pretrained("nuclei").count(scene.image).count
+    assert body["results"][0]["count"] == pytest.approx(expected, rel=1e-4)
+    unknown = post(client, [(BBBC_NAME, tiff_bytes(scene.image), "image/tiff")], model="nope")
+    assert unknown.status_code == 422
+    assert "model: unknown model 'nope'; choose one of tiny" in unknown.json()["detail"]
+    default = post(client, [(BBBC_NAME, tiff_bytes(scene.image), "image/tiff")])
+    assert default.json()["model"] == "tiny"
+
+
 def test_models_info_docs_and_page(client):
     models = client.get("/api/models").json()
     assert models["active"]["name"] == "tiny"

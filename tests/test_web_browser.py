@@ -354,3 +354,24 @@ def test_api_docs_render_without_internet(server, browser):
     )
     assert outside == []
     context.close()
+
+
+def test_the_page_counts_with_the_model_picked(server, images, browser, tmp_path):
+    folder, _ = images
+    expected = CellCounter.from_pretrained("nuclei").count(folder / PNG_NAME).count
+    context = browser.new_context(accept_downloads=True)
+    page = context.new_page()
+    page.goto(server)
+    sync_api.expect(page.locator("#model option")).to_have_count(1 + 2)  # tiny + shipped
+    page.select_option("#model", "nuclei")
+    page.set_input_files("#file-input", [str(folder / PNG_NAME)])
+    wait_for_batch(page, 1)
+    shown = card(page, PNG_NAME).locator(".count").text_content()
+    assert float(shown.split()[0]) == pytest.approx(expected, abs=0.051)
+    with page.expect_download() as download_info:
+        page.click("#csv")
+    csv_path = tmp_path / "picked.csv"
+    download_info.value.save_as(csv_path)
+    (row,) = csv.DictReader(csv_path.open(newline=""))
+    assert row["model"] == "nuclei"
+    context.close()

@@ -136,6 +136,9 @@ class CountResponse(BaseModel):
     failed: int
     results: list[FileResult]
     detail: str | None = Field(None, description="Set when no file could be counted.")
+    well_correlation: float | None = Field(
+        None, description="The model's within-well error correlation (per-well totals)."
+    )
 
 
 class Limits(BaseModel):
@@ -154,6 +157,9 @@ class Info(BaseModel):
     accept: list[str]
     well_correlation: float = Field(
         description="Within-well error correlation used for per-well totals (celltally.wells)."
+    )
+    models: list[str] = Field(
+        description="Models a request may name in its 'model' field (the default first)."
     )
 
 
@@ -178,6 +184,16 @@ _UPLOAD_SCHEMA = {
                             "exclusiveMaximum": 1,
                         },
                         "saliency": {"type": "boolean", "default": True},
+                        "channel": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "0-based channel of multi-channel images.",
+                        },
+                        "model": {
+                            "type": "string",
+                            "description": "A model of GET /api/info's 'models' "
+                            "(default: the server's).",
+                        },
                     },
                 }
             }
@@ -421,6 +437,26 @@ def create_app(
     if warmup:
         service.warm_up()
     temp_parent = None if temp_dir is None else Path(temp_dir)
+    # Other shipped models, loaded on first use by a request's 'model' field.
+    services = {counter.name: service}
+    choices = [counter.name, *(m for m in available_models() if m != counter.name)]
+    loading = threading.Lock()
+
+    def service_for(name: str | None) -> _Service:
+        name = (name or "").strip() or counter.name
+        if name not in choices:
+            raise RequestRejected(
+                422, f"model: unknown model {name!r}; choose one of {', '.join(choices)}"
+            )
+        with loading:
+            if name not in services:
+                services[name] = _Service(
+                    CellCounter.from_pretrained(name),
+                    saliency=saliency,
+                    display_side=display_side,
+                    max_pixels=int(max_pixels),
+                )
+        return services[name]
 
     app = FastAPI(
         title="celltally",
@@ -483,6 +519,7 @@ def create_app(
             saliency=saliency,
             accept=list(io.IMAGE_SUFFIXES),
             well_correlation=well_correlation,
+            models=choices,
         )
 
     @app.get("/api/models")
@@ -515,6 +552,7 @@ def create_app(
             req_level = _parse_level(fields.get("level"), level)
             req_saliency = _parse_bool(fields.get("saliency"), saliency, "saliency")
             req_channel = _parse_channel(fields.get("channel"))
+            used = service_for(fields.get("model"))
             if not uploads:
                 raise RequestRejected(422, "no files uploaded (send them as the 'files' field)")
             results: list[FileResult] = []
@@ -528,7 +566,7 @@ def create_app(
                     continue
                 try:
                     result = await anyio.to_thread.run_sync(
-                        service.count_file, upload, req_level, req_saliency, req_channel
+                        used.count_file, upload, req_level, req_saliency, req_channel
                     )
                 except Exception:  # a bug must not lose the rest of the batch
                     logger.exception("counting %s failed", upload.name)
@@ -538,11 +576,12 @@ def create_app(
             shutil.rmtree(folder, ignore_errors=True)
         counted = sum(r.ok for r in results)
         body = CountResponse(
-            model=counter.name,
+            model=used.counter.name,
             level=req_level,
             counted=counted,
             failed=len(results) - counted,
             results=results,
+            well_correlation=calibrated_correlation(used.counter.calibration)[0],
         )
         status = 200
         if counted == 0:

@@ -25,6 +25,8 @@ async function loadInfo() {
     const response = await fetch("/api/info");
     state.info = await response.json();
     $("model-name").textContent = state.info.model;
+    $("model").replaceChildren(...(state.info.models || [state.info.model])
+      .map((name) => new Option(name, name)));
     $("limit-mb").textContent = String(Math.round(state.info.limits.max_mb * 10) / 10);
     $("level").value = String(state.info.level);
     $("saliency").checked = Boolean(state.info.saliency);
@@ -39,6 +41,7 @@ function addFiles(fileList) {
   if (!files.length) return;
   // The options as they are now: changing them later does not change queued files.
   const settings = {
+    model: $("model").value,
     level: $("level").value,
     saliency: $("saliency").checked ? "true" : "false",
     channel: $("channel").value,
@@ -93,6 +96,7 @@ async function send({ file, card, row, index, settings }) {
   } else {
     const form = new FormData();
     form.append("files", file, file.name);
+    form.append("model", settings.model);
     form.append("level", settings.level);
     form.append("saliency", settings.saliency);
     form.append("channel", settings.channel);
@@ -100,7 +104,9 @@ async function send({ file, card, row, index, settings }) {
       const response = await fetch("/api/count", { method: "POST", body: form });
       const body = await response.json();
       if (body.results && body.results.length) {
-        result = body.results[0];
+        // which model counted it, and that model's within-well correlation (well totals)
+        result = { ...body.results[0], model: body.model,
+                   well_correlation: body.well_correlation };
       } else {
         result = { name: file.name, ok: false, status: response.status,
                    error: `${file.name}: ${body.detail || response.statusText}` };
@@ -235,7 +241,7 @@ function toCSV() {
     if (!r) continue;
     const m = r.metadata || {};
     const row = [r.name, fmt(r.count, 3), fmt(r.std, 4), fmt(r.low, 3), fmt(r.high, 3),
-      r.level ?? "", state.info ? state.info.model : "", m.plate, m.well, m.site, m.blur,
+      r.level ?? "", r.model || "", m.plate, m.well, m.site, m.blur,
       m.stain, m.count, r.warning, r.error];
     lines.push(row.map(csvCell).join(","));
   }
@@ -358,16 +364,18 @@ function wellTotals() {
     const m = (r && r.metadata) || {};
     if (!r || !r.ok || !m.well) continue;
     const stain = m.stain === null || m.stain === undefined ? "" : String(m.stain);
-    const key = [m.plate || "", m.well, stain].join("|");
+    const key = [m.plate || "", m.well, stain, r.model || ""].join("|");
     const g = groups.get(key) || { plate: m.plate || "", well: m.well, stain, counts: [], stds: [],
-                                   mult: 0, sites: [] };
+                                   mult: 0, sites: [], model: r.model || "",
+                                   rho: r.well_correlation };
     g.sites.push(m.site === null || m.site === undefined ? "" : String(m.site));
     g.counts.push(r.count);
     g.stds.push(r.std);
     if (r.std > 0) g.mult = Math.max(g.mult, (r.high - r.count) / r.std);
     groups.set(key, g);
   }
-  const rho = state.info && state.info.well_correlation !== undefined ? state.info.well_correlation : 0.1;
+  const fallback = state.info && state.info.well_correlation !== undefined
+    ? state.info.well_correlation : 0.1;
   const sum = (xs) => xs.reduce((a, b) => a + b, 0);
   return [...groups.values()]
     .sort((a, b) => (a.plate + a.well + a.stain).localeCompare(b.plate + b.well + b.stain))
@@ -375,6 +383,7 @@ function wellTotals() {
       const total = sum(g.counts);
       const s1 = sum(g.stds);
       const s2 = sum(g.stds.map((s) => s * s));
+      const rho = g.rho === null || g.rho === undefined ? fallback : g.rho;
       const half = g.mult * Math.sqrt(s2 + rho * (s1 * s1 - s2));
       return { ...g, total, half, low: Math.max(0, total - half), high: total + half };
     });
@@ -383,14 +392,17 @@ function wellTotals() {
 function drawWellTotals() {
   const body = $("well-totals").querySelector("tbody");
   body.replaceChildren();
-  for (const w of wellTotals()) {
+  const totals = wellTotals();
+  const several = new Set(totals.map((w) => w.model)).size > 1;
+  for (const w of totals) {
     const tr = document.createElement("tr");
     tr.dataset.well = w.well;
     // The same site twice (an image uploaded again, or as another format) is summed twice.
     const repeated = [...new Set(w.sites.filter((s, i) => s && w.sites.indexOf(s) !== i))];
     const images = String(w.counts.length) +
       (repeated.length ? ` (site ${repeated.join(", ")} more than once)` : "");
-    const cells = [w.plate ? `${w.plate} ${w.well}` : w.well, w.stain ? `w${w.stain}` : "",
+    const label = (w.plate ? `${w.plate} ${w.well}` : w.well) + (several ? ` (${w.model})` : "");
+    const cells = [label, w.stain ? `w${w.stain}` : "",
       images, `${fmt(w.total)} ± ${fmt(w.half)}`, `${fmt(w.low)}–${fmt(w.high)}`];
     for (const text of cells) {
       const td = document.createElement("td");

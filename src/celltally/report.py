@@ -517,6 +517,8 @@ def write_report(
         + ". They are correlated (blur also merges cells), so read them as leads, "
         "not diagnoses.</p>",
     ]
+    if not failures:
+        parts.append(f"<p>None: every truth lies inside its {level:.0%} interval.</p>")
     if len(failures) > len(shown):
         parts.append(
             f"<p class='note'>The {len(shown)} worst failures are shown; "

@@ -151,6 +151,18 @@ def peak_memory(model: str, path: Path, mode: str) -> dict:
     }
 
 
+def data_and_model(data: Path, model: str) -> Path | None:
+    """The model folder, or None (with a 'skipped' line) when the data or the model is absent."""
+    if not (data / "counts.csv").exists():
+        print(f"skipped: {data} not found (real BBBC039 is not part of the repository)")
+        return None
+    try:
+        return resolve_model(model)
+    except io.InputError as err:
+        print(f"skipped: {err}")
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/bbbc039")
@@ -166,13 +178,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     data = Path(args.data)
-    if not (data / "counts.csv").exists():
-        print(f"skipped: {data} not found (real BBBC039 is not part of the repository)")
-        return 0
-    try:
-        folder = resolve_model(args.model)
-    except io.InputError as err:
-        print(f"skipped: {err}")
+    folder = data_and_model(data, args.model)
+    if folder is None:
         return 0
     import torch
 

@@ -31,8 +31,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from bbbc039 import data_and_model  # noqa: E402 (benchmarks/, this script's folder)
+
 from celltally import io  # noqa: E402
-from celltally.counter import CellCounter, resolve_model  # noqa: E402
+from celltally.counter import CellCounter  # noqa: E402
 from celltally.metrics import count_metrics  # noqa: E402
 
 FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
@@ -62,13 +64,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/scale.json"))
     args = parser.parse_args()
     data = Path(args.data)
-    if not (data / "counts.csv").exists():
-        print(f"skipped: {data} not found (real BBBC039 is not part of the repository)")
-        return 0
-    try:
-        folder = resolve_model(args.model)
-    except io.InputError as err:
-        print(f"skipped: {err}")
+    folder = data_and_model(data, args.model)
+    if folder is None:
         return 0
     import torch
 

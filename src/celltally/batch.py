@@ -564,12 +564,16 @@ def _shown_inputs(paths: Sequence[str], limit: int = 20) -> list[str]:
     return shown
 
 
-def mask_file(folder: str | os.PathLike[str], path: str | os.PathLike[str], root: Path) -> Path:
+def mask_file(
+    folder: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    root: str | os.PathLike[str] | None = None,
+) -> Path:
     """Where ``--save-masks`` puts the mask of ``path`` (see :func:`celltally.io.output_root`)."""
     return Path(folder) / f"{io.output_stem(path, root)}_mask.png"
 
 
-def _save_masks(folder: Path, path: Path, result: CountResult, root: Path) -> None:
+def _save_masks(folder: Path, path: Path, result: CountResult, root: Path | None) -> None:
     mask = mask_file(folder, path, root)
     mask.parent.mkdir(parents=True, exist_ok=True)
     io.write_float_image(mask.with_name(f"{mask.stem}_std.tif"), result.mask_std)
@@ -587,7 +591,7 @@ def _outcome(
     if isinstance(result, Exception):
         return str(path), None, str(result)
     if save_masks is not None:
-        _save_masks(save_masks, path, result, root or Path(path).parent)
+        _save_masks(save_masks, path, result, root)
     return str(path), result_row(path, result, model_name=model_name), None
 
 

@@ -298,10 +298,11 @@ class CellCounter:
                 f"image of {image.shape[1]}x{image.shape[0]} px is too small to count "
                 f"(each side needs at least {MIN_SIDE} px)"
             )
-        if self.norm.get("method") == "none" and image.size and float(np.max(image)) > 2.0:
+        top = float(np.max(image)) if self.norm.get("method") == "none" and image.size else 0.0
+        if top > 2.0:
             raise io.InputError(
                 f"--no-norm expects intensities scaled to 0-1, but this {image.dtype} image "
-                f"reaches {float(np.max(image)):g}; leave out --no-norm (or scale it first)"
+                f"reaches {top:g}; leave out --no-norm (or scale it first)"
             )
         shape = model_shape(image.shape, self.scale, self.factor)
         if shape == self.input_size:

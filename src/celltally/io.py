@@ -546,15 +546,15 @@ def output_root(paths: Sequence[str | os.PathLike[str]]) -> Path:
     return Path(os.path.commonpath([os.path.abspath(f) for f in folders]))
 
 
-def output_stem(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+def output_stem(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:
     """``path`` relative to ``root`` without its suffix, '/'-separated ('plate1/A01').
 
     The name an image's outputs take (``<stem>_mask.png``, ...); a file outside
-    ``root`` keeps only its own name.
+    ``root`` (or with no ``root``) keeps only its own name.
     """
     full = Path(os.path.abspath(path))
     try:
-        rel = full.relative_to(os.path.abspath(root))
+        rel = full.relative_to(os.path.abspath(full.parent if root is None else root))
     except ValueError:
         rel = Path(full.name)
     return rel.with_name(rel.stem).as_posix()

@@ -261,12 +261,13 @@ def save_objects_for_rows(
     from PIL import Image
 
     from celltally import io
+    from celltally.batch import mask_file
 
     written = 0
     for row in rows:
         path = Path(str(row["file"]))
-        stem = io.output_stem(path, path.parent if root is None else root)
-        mask_path = Path(masks_dir) / f"{stem}_mask.png"
+        stem = io.output_stem(path, root)
+        mask_path = mask_file(masks_dir, path, root)
         if not mask_path.exists():
             raise io.InputError(f"{mask_path}: mask not found for {path}", mask_path)
         labels_path = Path(out_dir) / f"{stem}_labels.tif"

@@ -346,8 +346,15 @@ def save_model_folder(model: CountingPipeline, config: dict[str, Any], folder: s
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(json_ready(config), indent=2) + "\n")
+    write_config(folder, config)
     return folder
+
+
+def write_config(folder: str | Path, config: dict[str, Any]) -> Path:
+    """Write a model folder's ``config.json`` (strict JSON: NaN and inf as null)."""
+    path = Path(folder) / "config.json"
+    path.write_text(json.dumps(json_ready(config), indent=2) + "\n")
+    return path
 
 
 def interval_metrics(

@@ -21,9 +21,8 @@ from celltally.datasets import (
     split_bbbc005,
 )
 from celltally.distributed import is_main
-from celltally.metrics import json_ready
 from celltally.models.presets import get_preset
-from celltally.train import Log, fit
+from celltally.train import Log, fit, write_config
 from celltally.transforms import DEFAULT_NORMALIZATION
 
 #: Factor on a starting model's segmenter learning rate when fine-tuning (``--from``).
@@ -247,8 +246,7 @@ def compare_with_start(
             f"warning: the new model counts your held-out images worse than {from_model}; "
             f"keep using {from_model}, or fine-tune with more images or epochs (--count-epochs)"
         )
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
+    config = json.loads((out / "config.json").read_text())
     config.setdefault("training", {})["compared_with_start"] = record
-    config_path.write_text(json.dumps(json_ready(config), indent=2) + "\n")
+    write_config(out, config)
     return record

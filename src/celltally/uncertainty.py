@@ -37,8 +37,8 @@ from celltally.calibration import (
     ood_thresholds,
 )
 from celltally.datasets import LabeledSet
-from celltally.metrics import json_ready
 from celltally.models.pipeline import CountingPipeline, build_counter
+from celltally.train import write_config
 from celltally.wells import well_key
 
 Log = Callable[[str], None]
@@ -296,7 +296,7 @@ def calibrate_model(
         block["epistemic"]["members"] = 1 + len(ens.members)
         block["epistemic"]["ood"] = ood_thresholds(e_features, quantile=quantile) if fit_ood else {}
     config["calibration"] = block
-    (folder / "config.json").write_text(json.dumps(json_ready(config), indent=2) + "\n")
+    write_config(folder, config)
     log(
         f"calibrated {folder} on {len(y)} images: temperature {block['temperature']:.3f}"
         + (

@@ -257,6 +257,8 @@ class _Service:
         self, counter: CellCounter, *, saliency: bool, display_side: int, max_pixels: int
     ) -> None:
         self.counter = counter
+        # within-well error correlation of per-well totals (celltally.wells)
+        self.well_correlation = calibrated_correlation(counter.calibration)[0]
         self.max_pixels = max_pixels
         self.saliency = saliency
         self.display_side = display_side
@@ -501,8 +503,6 @@ def create_app(
             swagger_favicon_url="/static/favicon.svg",
         )
 
-    well_correlation = calibrated_correlation(counter.calibration)[0]
-
     @app.get("/api/info", response_model=Info)
     async def info() -> Info:
         """Version, the loaded model, upload limits and defaults."""
@@ -518,7 +518,7 @@ def create_app(
             level=level,
             saliency=saliency,
             accept=list(io.IMAGE_SUFFIXES),
-            well_correlation=well_correlation,
+            well_correlation=service.well_correlation,
             models=choices,
         )
 
@@ -581,7 +581,7 @@ def create_app(
             counted=counted,
             failed=len(results) - counted,
             results=results,
-            well_correlation=calibrated_correlation(used.counter.calibration)[0],
+            well_correlation=used.well_correlation,
         )
         status = 200
         if counted == 0:

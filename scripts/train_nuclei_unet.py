@@ -21,6 +21,10 @@ error it makes, without bending the density). Adam with a one-cycle
 schedule; the weights kept are an exponential moving average (0.99,
 BatchNorm statistics included).
 
+``--rescale LO HI`` resizes each batch by a random factor (``rescale_batch``):
+the counters' counts moved by 0.3-3.5% when an image was rescaled by only
+0.1-1% (docs/finetuning.md), which this augmentation is meant to remove.
+
 ``--fibres P`` paints one or two bright bands (``paint_fibres``) on a
 fraction P of the training frames, whose planes the segmenter then
 recomputes each step. With ``--mosaic`` the bands are painted on the
@@ -173,6 +177,47 @@ def paint_fibres(images: torch.Tensor, generator: torch.Generator | None = None)
     return out
 
 
+def rescale_batch(
+    planes: torch.Tensor,
+    density: torch.Tensor,
+    weight: torch.Tensor,
+    factor: float,
+    *,
+    margin: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Planes, target density and loss weights of a batch resized by ``factor``.
+
+    One factor for the whole batch (bilinear, antialiased when shrinking).
+    The density is renormalized so each frame keeps its sum, i.e. its count:
+    its Gaussians widen or narrow with the factor, as the nuclei do. An
+    enlarged batch is cropped back to its size at a random offset; pixels
+    within ``margin`` of a side that cut the frame get weight 0 (as for
+    mosaic crops). A shrunk batch stays smaller (the U-Net takes any size).
+    """
+    n, _, h, w = planes.shape
+    size = (max(8, round(h * factor)), max(8, round(w * factor)))
+    kw = {"mode": "bilinear", "align_corners": False, "antialias": factor < 1}
+    x = F.interpolate(planes, size=size, **kw)
+    d = F.interpolate(density, size=size, **kw).clamp(min=0)
+    d = d * (density.sum((1, 2, 3), keepdim=True) / d.sum((1, 2, 3), keepdim=True).clamp(min=1e-8))
+    wt = F.interpolate(weight, size=size, mode="nearest")
+    if factor <= 1:
+        return x, d, wt
+    y0 = int(torch.randint(0, size[0] - h + 1, (1,)))
+    x0 = int(torch.randint(0, size[1] - w + 1, (1,)))
+    crop = (slice(None), slice(None), slice(y0, y0 + h), slice(x0, x0 + w))
+    x, d, wt = x[crop], d[crop], wt[crop].clone()
+    if y0 > 0:
+        wt[:, :, :margin] = 0
+    if y0 < size[0] - h:
+        wt[:, :, -margin:] = 0
+    if x0 > 0:
+        wt[:, :, :, :margin] = 0
+    if x0 < size[1] - w:
+        wt[:, :, :, -margin:] = 0
+    return x, d, wt
+
+
 def _snapped_offset(side: int) -> int:
     """0 or ``side`` (a whole frame of the mosaic) half the time, else uniform in between."""
     mode = int(torch.randint(0, 4, (1,)))
@@ -210,6 +255,14 @@ def main() -> None:
         help="probability that a training frame gets bright fibres painted on (paint_fibres); "
         "its planes are then recomputed by the segmenter each step (with --mosaic: on the "
         "frames before they are tiled)",
+    )
+    p.add_argument(
+        "--rescale",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="resize each batch (planes and target) by a factor drawn log-uniformly from "
+        "[LO, HI] (rescale_batch), e.g. 0.9 1.1: counts that do not move with resampling",
     )
     p.add_argument("--init", help="counter.safetensors of an earlier run to start from")
     p.add_argument("--threads", type=int, default=2)
@@ -343,6 +396,10 @@ def main() -> None:
             else:
                 x, d, weight = x_train[idx], d_train[idx], torch.ones_like(d_train[idx])
             x, d, weight = d8(x, k), d8(d, k), d8(weight, k)
+            if args.rescale:
+                lo, hi = np.log(args.rescale)
+                factor = float(np.exp(lo + (hi - lo) * float(torch.rand(1))))
+                x, d, weight = rescale_batch(x, d, weight, factor)
             x, d, weight = x.to(device), d.to(device), weight.to(device)
             gain = torch.exp(torch.randn(len(idx), 1, 1, 1) * 0.1).to(device)
             x = torch.cat([x[:, :1], x[:, 1:2] * gain, x[:, 2:]], 1)

@@ -284,6 +284,26 @@ def test_bad_settings_fail_before_anything_is_written(plate, tiny_model, tmp_pat
     assert not out.exists()
 
 
+def test_a_run_that_failed_before_counting_does_not_block_the_corrected_rerun(
+    plate, tiny_model, tmp_path
+):
+    out = tmp_path / "res.csv"
+    files = files_of(plate)[:3]
+    # the tiny model records no object scale, so --diameter fails when the model loads
+    with pytest.raises(io.InputError, match="diameter"):
+        run_batch(files, out=out, model=tiny_model, counter_options={"diameter": 20.0})
+    again = run_batch(files, out=out, model=tiny_model)
+    assert again.counted == 3 and len(read_results(out)) == 3
+    manifest = json.loads(output_paths(out).manifest.read_text())
+    assert manifest["settings"]["counter_options"] == {} and len(manifest["runs"]) == 1
+
+
+def test_threads_are_set_back_after_a_run(plate, tiny_model, tmp_path):
+    before = torch.get_num_threads()
+    run_batch(files_of(plate)[:1], out=tmp_path / "res.csv", model=tiny_model, threads=before + 1)
+    assert torch.get_num_threads() == before
+
+
 def test_reading_inline_gives_the_same_rows_as_reading_ahead(plate, tiny_model, tmp_path):
     files = files_of(plate)[:9]
     bad = tmp_path / "bad.tif"

@@ -391,7 +391,13 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
         app, ["calibrate", "--model", str(model), "--data", str(data), "--out", str(copy)]
     )
     assert result.exit_code == 0, result.output
-    assert json.loads((copy / "config.json").read_text())["calibration"]["n"] == cal_size
+    copied = json.loads((copy / "config.json").read_text())
+    assert copied["calibration"]["n"] == cal_size
+    # the copy is a model of its own: its CSV rows and per-well totals name it
+    assert (
+        copied["name"] == "copy"
+        and copied["copied_from"] == json.loads((model / "config.json").read_text())["name"]
+    )
     again = runner.invoke(
         app, ["calibrate", "--model", str(model), "--data", str(data), "--out", str(copy)]
     )

@@ -132,6 +132,26 @@ def test_evaluate_writes_json(tiny_model, image_folder, tmp_path):
     assert "Traceback" not in bad.output
 
 
+def test_evaluate_reports_unreadable_images_and_exits_1(tiny_model, image_folder, tmp_path):
+    (image_folder / "SIMCEPImages_A03_C5_F1_s01_w1.TIF").write_bytes(b"not a tiff")
+    out = tmp_path / "eval.json"
+    result = run("evaluate", image_folder, "--model", tiny_model, "--out", out, "--no-progress")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "SIMCEPImages_A03_C5_F1_s01_w1.TIF" in result.output
+    assert "1 of 3 images could not be counted" in result.output
+    report = json.loads(out.read_text())  # the metrics of the other two are still written
+    assert report["metrics"]["all"]["n"] == 2 and len(report["errors"]) == 1
+
+
+def test_evaluate_takes_the_scale_and_normalization_options(tiny_model, image_folder, tmp_path):
+    out = tmp_path / "eval.json"
+    args = ("evaluate", image_folder, "--model", tiny_model, "--out", out, "--no-progress")
+    assert run(*args, "--norm-high", "99.0").exit_code == 0
+    # the tiny model records no object scale: --diameter is refused in one line
+    result = run(*args, "--diameter", "20")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+
+
 def test_console_entry_point_runs(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "celltally.cli", "count", str(tmp_path / "none.tif")],

@@ -136,6 +136,10 @@ def test_counts_come_from_label_masks_without_counts_csv(folders, tmp_path):
         shutil.copy(image, folder / "images" / f"well{i}.tif")
         tifffile.imwrite(folder / "labels" / f"well{i}.tif", labels)
         truth[f"well{i}.tif"] = len(np.unique(labels)) - 1
+    # an empty frame's label image (all 0) counts 0
+    shutil.copy(image, folder / "images" / "empty.tif")
+    tifffile.imwrite(folder / "labels" / "empty.tif", np.zeros_like(labels))
+    truth["empty.tif"] = 0
     data = load_folder(folder, size=(64, 96))
     assert {m["name"]: c for m, c in zip(data.meta, data.counts.tolist(), strict=True)} == truth
     assert bool(data.has_mask.all())
@@ -197,6 +201,14 @@ def test_counts_only_folder_finetunes_only_the_counter(base_model, tmp_path, ext
     # a new model cannot learn its segmenter without masks: a clear refusal
     refused = run(*args, "--out", tmp_path / "a")
     assert refused.exit_code == 2 and "needs masks" in refused.output
+    assert "--from MODEL" in refused.output
+    # nor a counter on a new (untrained) segmenter; and --from keeps its own architecture
+    for more in (("--stage", "counter"), ("--seg-epochs", "0")):
+        untrained = run(*args, *more, "--out", tmp_path / "c")
+        assert untrained.exit_code == 2 and "add --from MODEL" in untrained.output
+    preset = run(*args, "--from", base_model, "--preset", "paper", "--out", tmp_path / "d")
+    assert preset.exit_code == 2 and "does not apply with --from" in preset.output
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
     result = run(*args, "--from", base_model, "--out", tmp_path / "b", *extra)
     assert result.exit_code == 0, result.output
     if not extra:
@@ -254,3 +266,31 @@ def test_a_segmenter_trained_apart_is_still_fine_tuned_on_the_users_masks(folder
     assert kept.exit_code == 0 and "segmenter:" not in kept.output
     again = run(*args[:-3], "--out", new, "--no-progress", "--count-epochs", "1")
     assert again.exit_code != 0 and "already holds a model" in again.output
+
+
+def test_training_frames_and_the_models_frame_stay_the_same_size(base_model, folders, tmp_path):
+    """Training resizes each image whole; counting does so only for frames of the model's size."""
+    train, _ = folders  # SIZE frames (260 x 348)
+    quick = ("--no-progress", "--seg-epochs", "1", "--count-epochs", "1")
+    # a new model trained on the user's images alone takes their size as its frame
+    result = run("train", "--data", train, "--out", tmp_path / "new", *quick)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert config["scale"]["native_size"] == list(SIZE)
+    assert "the new model's frame is 260 x 348 px" in result.output
+    # fine-tuning a model on images of another size warns, naming the sizes
+    other = simulate_plate(
+        tmp_path / "big",
+        images=6,
+        counts=(2, 40),
+        blurs=(1,),
+        stains=(1,),
+        seed=9,
+        size=(520, 696),
+        bit_depth=16,
+    )
+    tuned = run("train", "--data", other, "--from", base_model, "--out", tmp_path / "t", *quick)
+    assert tuned.exit_code == 0, tuned.output
+    assert "warning: 6 of 6 training images are not about the model's frame of 260 x 348" in (
+        tuned.output
+    )

@@ -113,6 +113,10 @@ def test_density_maps_sum_to_the_whole_frame_count():
     result = count_density(model, x.numpy(), tile=None)
     assert result.tiles == 1
     assert result.count == pytest.approx(whole.count.item(), rel=1e-5)
+    # counting runs in eval mode but leaves the caller's model in the mode it was in
+    model.train()
+    assert count_density(model, x.numpy(), tile=None).count == pytest.approx(result.count)
+    assert all(m.training for m in model.modules())
 
 
 def test_fc_head_has_no_density_map():
@@ -155,6 +159,11 @@ def test_window_geometry_comes_from_the_model_folder_unless_given():
     assert (CellCounter(model, config).tile, CellCounter(model, config).margin) == ((64, 96), 0)
     assert CellCounter(model, config, tile=128, margin=32).tile == (128, 128)
     assert CellCounter(model, density_config()).tile == (512, 512)
+    # a window the model cannot tile with is refused when the counter is made,
+    # before any image (a batch would otherwise stop at its first large image)
+    for tile, margin in ((100, 0), (128, 64)):
+        with pytest.raises(io.InputError, match="does not fit model"):
+            CellCounter(model, config, tile=tile, margin=margin)
 
 
 def test_large_image_counts_in_bounded_windows(density_counter):

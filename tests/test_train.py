@@ -29,3 +29,35 @@ def test_a_few_steps_train_without_a_broken_schedule(n_images):
     cnt = train_counter(model, data, log=lambda _: None, **quiet)
     assert len(seg) == len(cnt) == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fit_trains_the_segmenter_on_segmenter_train_when_given(tmp_path):
+    from celltally.train import fit
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    config["train"]["segmenter"]["epochs"] = 1
+    config["train"]["counter"]["epochs"] = 1
+    h, w = config["input_size"]
+
+    def labelled(n: int) -> LabeledSet:
+        return LabeledSet(
+            images=torch.rand(n, 1, h, w),
+            masks=(torch.rand(n, 1, h, w) > 0.5).float(),
+            counts=torch.arange(n, dtype=torch.float32),
+        )
+
+    train = labelled(8)
+    lines: list[str] = []
+    fit(
+        train=train,
+        calibration=labelled(4),
+        test=None,
+        config=config,
+        out=tmp_path / "m",
+        segmenter_train=train.subset(torch.arange(3).numpy()),
+        progress=False,
+        device=torch.device("cpu"),
+        log=lines.append,
+    )
+    assert any("on the 3 training images with a mask" in line for line in lines), lines

@@ -154,7 +154,7 @@ def test_desktop_upload_count_maps_table_plate_csv(server, images, browser, tmp_
     for name, result in expected.items():
         item = card(page, name)
         assert item.get_attribute("data-state") == "done"
-        half = (result.high - result.low) / 2
+        half = result.half_width
         sync_api.expect(item.locator(".count")).to_have_text(f"{result.count:.1f} ± {half:.1f}")
         sync_api.expect(item.locator(".interval")).to_contain_text(
             f"95% interval {result.low:.1f}–{result.high:.1f}"
@@ -220,7 +220,7 @@ def test_phone_viewport(server, images, browser, tmp_path):
     item = card(page, TIFF_NAME)
     result = expected[TIFF_NAME]
     sync_api.expect(item.locator(".count")).to_have_text(
-        f"{result.count:.1f} ± {(result.high - result.low) / 2:.1f}"
+        f"{result.count:.1f} ± {result.half_width:.1f}"
     )
     assert item.locator(".mask-img").evaluate("img => img.decode().then(() => img.naturalWidth)")
     # Nothing wider than the phone's screen (the plate map scrolls inside its own box).
@@ -285,7 +285,7 @@ def test_channel_field_counts_one_plane_of_a_multichannel_tiff(
     done = page.locator('.card[data-state="done"]')
     assert done.get_attribute("data-name") == path.name
     result = CellCounter.from_pretrained(tiny_model).count(scene)  # the plane alone
-    half = (result.high - result.low) / 2
+    half = result.half_width
     sync_api.expect(done.locator(".count")).to_have_text(f"{result.count:.1f} ± {half:.1f}")
     context.close()
 

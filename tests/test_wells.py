@@ -1,6 +1,7 @@
 """Per-well totals (celltally.wells, `celltally wells`, `celltally count --wells`)."""
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -172,6 +173,37 @@ def test_count_with_wells_then_wells_command(tiny_model, well_plate, tmp_path):
         first = next(csv.DictReader(handle))
     mine = [r for r in images if r["well"] == first["well"]]
     assert float(first["std"]) == pytest.approx(sum(float(r["std"]) for r in mine), abs=2e-3)
+
+
+def test_wells_find_a_model_folder_through_the_manifest(
+    tiny_model, well_plate, tmp_path, monkeypatch
+):
+    import shutil
+
+    model = tmp_path / "models" / "mine"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["name"] = "mine"
+    block = config.setdefault("calibration", {})
+    block["well_correlation"] = {"value": 0.42, "groups": 7}
+    block["epistemic"] = {"well_correlation": {"value": 0.3, "groups": 7}}
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "res.csv"
+    args = ["count", str(well_plate), "-o", str(out), "--model", str(model), "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the CSV names the model 'mine', not its folder
+    result = runner.invoke(app, ["wells", str(out), "-o", "w.csv"])
+    assert result.exit_code == 0, result.output
+    assert "measured by mine on 7 calibration wells" in result.output
+    with open("w.csv", newline="") as handle:
+        assert {float(w["correlation"]) for w in csv.DictReader(handle)} == {0.42}
+    # the ensemble's own value where it has one, else the model's
+    assert model_correlation(model, epistemic=True)[0] == 0.3
+    del config["calibration"]["epistemic"]
+    (model / "config.json").write_text(json.dumps(config))
+    assert model_correlation(model, epistemic=True)[0] == 0.42
 
 
 @pytest.mark.parametrize(

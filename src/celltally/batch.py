@@ -34,8 +34,11 @@ Files written for ``--out results.csv``:
 ``results.manifest.json``
     The model (name, folder, sha256 of its config and its weights), the
     celltally version, the settings (level, batch size, ...) and one entry per
-    run with its start and finish times and totals. Resuming with another model
-    or level is refused: the rows would mix two models.
+    run with its start and finish times and totals. Resuming with another model,
+    level or counter option (calibration, channel, normalization, scale, tile)
+    is refused: the rows would mix two settings. A results CSV that holds no
+    counted row yet (a run stopped before its first image, e.g. on a bad
+    option) starts afresh with the new settings.
 
 Memory is bounded: files are listed with :func:`celltally.io.iter_images`
 (``os.scandir``, streamed), read and prepared a bounded window ahead of the
@@ -514,13 +517,16 @@ def _prepare_output(
             f"({paths.manifest.name}); pick a new --out or pass --overwrite",
             paths.results,
         )
+    found, good_end, header_ok = _scan_results(paths.results, results.columns, size)
+    if not header_ok or (found.rows == 0 and not found.torn_bytes):
+        # nothing counted yet (e.g. the last run stopped on a bad option): start afresh,
+        # whatever settings that run had
+        results.truncate(0)
+        paths.errors.unlink(missing_ok=True)
+        return _Recovered(), None
     problem = _mismatch(manifest, identity, level, options, paths.results)
     if problem:
         raise io.InputError(problem, paths.results)
-    found, good_end, header_ok = _scan_results(paths.results, results.columns, size)
-    if not header_ok:
-        results.truncate(0)
-        return _Recovered(), manifest
     if good_end < size:
         results.truncate(good_end)
     return found, manifest
@@ -789,6 +795,7 @@ def run_batch(
                 on_commit(summary.counted + errors.count)
 
         remaining = todo()
+        threads_before: int | None = None
         first = next(remaining, None)  # nothing left: no model load, no cluster
         remaining = itertools.chain([first], remaining) if first is not None else iter(())
         try:
@@ -814,7 +821,8 @@ def run_batch(
                 if threads is not None:
                     import torch
 
-                    torch.set_num_threads(threads)
+                    threads_before = torch.get_num_threads()
+                    torch.set_num_threads(threads)  # set back when the run ends (finally)
                 counter = CellCounter.from_pretrained(folder, **options)
                 pending: list[tuple[str, dict | None, str | None]] = []
                 stream = counter.count_paths(
@@ -828,6 +836,10 @@ def run_batch(
                 commit(pending)
         finally:
             bar.close()
+            if threads_before is not None:
+                import torch
+
+                torch.set_num_threads(threads_before)
         run["status"] = "finished"
     except BaseException:
         if manifest is not None:

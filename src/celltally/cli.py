@@ -14,6 +14,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Count cells in microscopy images, with calibrated 95% intervals.",
     pretty_exceptions_enable=False,
+    # plain help: typer's rich panels print on/off flags with a "<bool>" type, as if
+    # they took a value
+    rich_markup_mode=None,
 )
 
 
@@ -63,7 +66,7 @@ def _image_options(
     if tile is not None:
         if tile < 64 or tile % 32:
             raise ValueError(f"--tile must be a multiple of 32 and at least 64, got {tile}")
-        options["tile"] = tile
+        options["tile"] = tile  # the model's own rule (stride, margin): CellCounter checks it
     return options
 
 
@@ -73,6 +76,41 @@ ChannelOption = Annotated[
     typer.Option(
         help="Channel (0-based) of multi-channel images (e.g. OME-TIFF); required when "
         "a (C, Y, X) file's channels differ. RGB without it: the mean of the colours."
+    ),
+]
+
+
+#: Normalization, scale and tiling flags, the same on ``count`` and ``evaluate``.
+NormLowOption = Annotated[
+    float | None, typer.Option(help="Lower normalization percentile (default: the model's).")
+]
+NormHighOption = Annotated[
+    float | None, typer.Option(help="Upper normalization percentile (default: the model's).")
+]
+NoNormOption = Annotated[
+    bool,
+    typer.Option("--no-norm", help="No intensity normalization (images already scaled 0-1)."),
+]
+PixelSizeOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Pixel size of the images, um: rescales them to the model's scale (needs a "
+        "model that records its pixel size; no shipped model does)."
+    ),
+]
+DiameterOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Typical cell/nucleus diameter in the images, px: rescales them to the model's "
+        "scale (needs a model that records one: nuclei, 28.3 px; leave it out at the "
+        "model's own magnification)."
+    ),
+]
+TileOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Window side (model px) for images larger than one frame "
+        "(default: the model's, else 512)."
     ),
 ]
 
@@ -148,31 +186,12 @@ def count(
         typer.Option(help="Interval method: conformal (default), temperature, gaussian."),
     ] = None,
     channel: ChannelOption = None,
-    norm_low: Annotated[
-        float | None, typer.Option(help="Lower normalization percentile (default: the model's).")
-    ] = None,
-    norm_high: Annotated[
-        float | None, typer.Option(help="Upper normalization percentile (default: the model's).")
-    ] = None,
-    no_norm: Annotated[
-        bool,
-        typer.Option("--no-norm", help="No intensity normalization (images already scaled)."),
-    ] = False,
-    pixel_size: Annotated[
-        float | None,
-        typer.Option(help="Pixel size of the images, um: rescales them to the model's scale."),
-    ] = None,
-    diameter: Annotated[
-        float | None,
-        typer.Option(help="Typical cell/nucleus diameter in the images, px: rescales them."),
-    ] = None,
-    tile: Annotated[
-        int | None,
-        typer.Option(
-            help="Window side (model px) for images larger than one frame "
-            "(default: the model's, else 512)."
-        ),
-    ] = None,
+    norm_low: NormLowOption = None,
+    norm_high: NormHighOption = None,
+    no_norm: NoNormOption = False,
+    pixel_size: PixelSizeOption = None,
+    diameter: DiameterOption = None,
+    tile: TileOption = None,
     save_labels: Annotated[
         Path | None,
         typer.Option(
@@ -185,7 +204,8 @@ def count(
         typer.Option(
             "--format",
             help="celltally, or cellprofiler: also write <out stem>_Image.csv with "
-            "ImageNumber, FileName, Metadata_Plate/Well/Site, Count, Count_Low, Count_High.",
+            "ImageNumber, FileName, PathName, Metadata_Plate/Well/Site, Count, Count_Low, "
+            "Count_High, Count_Std, Warning.",
         ),
     ] = "celltally",
     wells: Annotated[
@@ -356,6 +376,12 @@ def evaluate(
         bool, typer.Option(help="Show a progress bar (when writing to a terminal).")
     ] = True,
     channel: ChannelOption = None,
+    norm_low: NormLowOption = None,
+    norm_high: NormHighOption = None,
+    no_norm: NoNormOption = False,
+    pixel_size: PixelSizeOption = None,
+    diameter: DiameterOption = None,
+    tile: TileOption = None,
 ) -> None:
     """MAE, RMSE, R², max error, interval coverage and width, overall and per blur x stain."""
     from celltally.counter import CellCounter
@@ -365,8 +391,18 @@ def evaluate(
     _check_level(level)
     try:
         site_set = _site_numbers(sites) if sites else None
+        options = _image_options(
+            model,
+            channel=channel,
+            norm_low=norm_low,
+            norm_high=norm_high,
+            no_norm=no_norm,
+            pixel_size=pixel_size,
+            diameter=diameter,
+            tile=tile,
+        )
         counter = CellCounter.from_pretrained(
-            model, epistemic=epistemic, calibration=calibration, channel=channel
+            model, epistemic=epistemic, calibration=calibration, **options
         )
         result = evaluate_folder(
             data, model=counter, level=level, sites=site_set, progress=progress
@@ -395,6 +431,16 @@ def evaluate(
         except _user_errors() as err:
             fail(str(err))
         typer.echo(f"report -> {index}")
+    if errors := result.get("errors"):
+        for message in errors:
+            typer.echo(f"error: {message}", err=True)
+        n = len(errors) + len(result["rows"])
+        typer.echo(
+            f"{len(errors)} of {n} images could not be counted; the metrics above are of the "
+            f"other {len(result['rows'])}",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 def _site_numbers(text: str) -> set[int]:
@@ -458,8 +504,14 @@ def train(
         list[Path] | None, typer.Option(help="Folder(s) of images + counts.csv (+ masks/).")
     ] = None,
     simulated: Annotated[int, typer.Option(help="Simulated training scenes to add.")] = 0,
-    preset: Annotated[str, typer.Option(help="'small' (CPU default) or 'paper'.")] = "small",
-    stage: Annotated[str, typer.Option(help="both, segmenter or counter.")] = "both",
+    preset: Annotated[
+        str | None,
+        typer.Option(help="'small' (CPU default) or 'paper', for a new model (not with --from)."),
+    ] = None,
+    stage: Annotated[
+        str,
+        typer.Option(help="both, segmenter or counter (counter needs --from: a segmenter)."),
+    ] = "both",
     from_model: Annotated[
         str | None, typer.Option("--from", help="Start from this model's weights.")
     ] = None,
@@ -547,7 +599,7 @@ def demo(
             if isinstance(res, Exception):
                 fail(str(res), code=1)
             true = truth[path]
-            half = (res.high - res.low) / 2
+            half = res.half_width  # before low is clipped at 0
             inside = res.low <= true <= res.high
             rows.append((true, res.count, res.low, res.high))
             writer.writerow(
@@ -734,7 +786,12 @@ def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out:
     sets = held_out_sets(config, bbbc005=bbbc005, folders=data or [], **kw)
     if out is not None:
         shutil.copytree(folder, out, dirs_exist_ok=True)
-        kw.get("log", print)(f"copied model {model} to {out}")
+        # the copy is a model of its own: named after its folder, as `train` names one
+        copied = _json.loads((out / "config.json").read_text())
+        copied["copied_from"] = copied.get("name", model)
+        copied["name"] = out.name
+        (out / "config.json").write_text(_json.dumps(copied, indent=2) + "\n")
+        kw.get("log", print)(f"copied model {model} to {out} (model name {out.name})")
         folder = out
     return folder, sets
 

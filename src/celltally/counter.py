@@ -55,8 +55,17 @@ class CountResult:
     count : predicted number of cells (continuous).
     std : the model's aleatoric standard deviation of the count.
     low, high : the calibrated interval at ``level`` (low clipped at 0).
-    mask : foreground probability at half the model's input size.
-    mask_std : per-pixel standard deviation of the mask (aleatoric).
+    level : the interval's level (e.g. 0.95).
+    mask : foreground probability at half the model's input size; for an image
+        counted in tiles (not one native frame), at half the size of the whole
+        image at the model's pixel scale, stitched from the windows' cores.
+    mask_std : per-pixel standard deviation of the mask (aleatoric), same size.
+    source : the file path (as a string) when the image was given as a path,
+        else None.
+    metadata : fields parsed from the file name by
+        ``celltally.naming.parse_name`` (well, row, column, site, blur, stain,
+        count: the true count, plate; None where not parsed); empty without a
+        path.
     warning : non-empty when the image looks unlike the model's calibration
         images (its uncertainty features exceed their calibration range): the
         interval may not mean what it says.
@@ -80,9 +89,13 @@ class CountResult:
     epistemic_std: float | None = None
     ood: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def half_width(self) -> float:
+        """``high - count``: the interval's half-width before ``low`` is clipped at 0."""
+        return self.high - self.count
+
     def __str__(self) -> str:
-        half = (self.high - self.low) / 2
-        return f"{self.count:.1f} ± {half:.1f} cells ({self.level:.0%})"
+        return f"{self.count:.1f} ± {self.half_width:.1f} cells ({self.level:.0%})"
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -179,6 +192,13 @@ class CellCounter:
         self.tile = tile_sides(chosen)
         self.margin = int(margin if margin is not None else tiling.get("margin", DEFAULT_MARGIN))
         self.density_head = bool(getattr(model.counter, "counts_any_size", False))
+        stride = int(getattr(model, "density_stride", 0) or 0) if self.density_head else 0
+        if stride and any(t % stride or t <= 2 * self.margin for t in self.tile):
+            # checked here, not at the first large image, so a batch fails before it starts
+            raise io.InputError(
+                f"tile {chosen} does not fit model {self.name}: a tile must be a multiple of "
+                f"{stride} model px and larger than {2 * self.margin} (twice its margin)"
+            )
         if not self.density_head and self.factor != 1.0:
             raise io.InputError(
                 f"model {self.name} has the paper's fixed-frame 'fc' head, which cannot "

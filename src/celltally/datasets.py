@@ -59,9 +59,8 @@ class LabeledSet:
 
     def subset(self, index: Sequence[int] | np.ndarray) -> LabeledSet:
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        return LabeledSet(
-            self.images[idx], self.masks[idx], self.counts[idx], [self.meta[i] for i in idx]
-        )
+        meta = [self.meta[i] for i in idx.tolist()] if self.meta else []
+        return LabeledSet(self.images[idx], self.masks[idx], self.counts[idx], meta)
 
     @staticmethod
     def concat(sets: Sequence[LabeledSet]) -> LabeledSet:
@@ -151,13 +150,17 @@ def load_bbbc005(
 
 
 def _count_from_labels(image: Path, mask_dirs: Sequence[Path]) -> int | None:
-    """Number of labels of ``image``'s label mask; None without one (or for a binary mask)."""
+    """Number of labels of ``image``'s label mask; None without one.
+
+    An empty mask or label image (all 0) counts 0. One with a single value is
+    None: a binary mask cannot be told from a one-object label image.
+    """
     for d in mask_dirs:
         found = sorted(d.glob(image.stem + ".*"))
         if found:
             labels = io.read_mask(found[0])
             values = np.unique(labels[labels > 0])
-            return int(values.size) if values.size > 1 else None
+            return None if values.size == 1 else int(values.size)
     return None
 
 
@@ -252,6 +255,7 @@ def load_folder(
                 "blur": name.blur,
                 "stain": name.stain,
                 "source": str(root),
+                "shape": [int(raw.shape[0]), int(raw.shape[1])],
             }
         )
     return _stack(images, masks, counts, meta)

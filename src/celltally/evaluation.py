@@ -46,8 +46,19 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Count every labelled image of ``data`` and measure the errors and intervals.
 
-    Returns a dict with ``metrics`` (overall 'all' and per 'blur=..,stain=..'
-    group: MAE, RMSE, R², max |error|, coverage, interval width) and ``rows``.
+    ``data`` holds images with ``counts.csv``, or BBBC-style names carrying
+    ``_C<n>_`` (see :func:`labelled_files`). ``model`` is a shipped model
+    name, a model folder, or a :class:`~celltally.counter.CellCounter` (used
+    as it is, e.g. with ``epistemic=True``). ``sites``, if given, keeps only
+    the images whose names parse to one of these site numbers (e.g. ``{9,
+    10}``, BBBC005's held-out sites); none left is an error.
+
+    Returns a dict with ``model`` (its name), ``data``, ``level``, ``metrics``
+    (overall 'all' and per 'blur=..,stain=..' group: MAE, RMSE, R², max
+    |error|, coverage, interval width), ``wells`` (:func:`well_metrics`:
+    per-well totals' errors and coverage, None when no well has two images),
+    ``errors`` (one message per image that could not be counted) and ``rows``
+    (per image: file, true, count, std, low, high, blur, stain, warning).
     """
     counter = model if isinstance(model, CellCounter) else CellCounter.from_pretrained(model)
     pairs = labelled_files(data)
@@ -98,9 +109,11 @@ def well_metrics(rows: list[dict[str, Any]], *, counter: CellCounter) -> dict[st
     within-well correlation the model measured (else the default). None when
     no well in the names holds two images.
     """
-    from celltally.wells import aggregate_wells, calibrated_correlation
+    from celltally.wells import aggregate_wells, block_correlation
 
-    rho, fitted = calibrated_correlation(counter.calibration)
+    rho, fitted = block_correlation(
+        counter.config.get("calibration"), epistemic=bool(counter.members)
+    )
     table = [
         {
             "file": r["file"],

@@ -367,12 +367,14 @@ def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> n
     numpy.ndarray
         A new 2-D array in the file's own dtype (uint8, uint16, float32, ...). Boolean
         images become uint8 0/1; 16-bit PNGs come back as uint16. Multi-channel images
-        (``(H, W, 3|4)``, or ``(C, H, W)`` with ``C <= 4`` for TIFF) give the selected
-        ``channel``. Without one: a single channel if all channels are equal; for a
-        colour image ``(H, W, 3|4)`` the float32 mean of its colour channels (a 4th
-        is alpha and ignored); a ``(C, H, W)`` TIFF whose channels differ is an error
-        (they are separate stains: choose one). Size-1 axes (e.g. ``(1, H, W)``) are
-        dropped.
+        (colour ``(H, W, 3|4)``, two stains ``(H, W, 2)``, or for TIFF ``(C, H, W)``
+        planes with ``C <= MAX_CHANNELS`` (16) and ``C`` smaller than both sides) give
+        the selected ``channel``. Without one: a single channel if all channels are
+        equal; for a colour image ``(H, W, 3|4)`` the float32 mean of its colour
+        channels (a 4th is alpha and ignored); ``(H, W, 2)`` or ``(C, H, W)`` planes
+        that differ are an error (they are separate stains: choose one), and a TIFF of
+        5 or more planes always needs ``channel`` (it may as well be a z-stack or time
+        series). Size-1 axes (e.g. ``(1, H, W)``) are dropped.
 
     Raises
     ------

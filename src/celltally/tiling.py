@@ -1,8 +1,9 @@
 """Counting images of any size at the model's pixel scale, in overlapping tiles.
 
 A model folder is trained on frames of ``scale.native_size`` raw pixels
-(696 x 520 for every shipped model) resized to its ``input_size`` (256 x
-192), so one model pixel is ~2.71 raw pixels. An image of another size is
+(696 x 520 for every shipped model) resized to its ``input_size``, so one
+model pixel covers native / input raw pixels: ~2.7 for ``bbbc005`` (256 x
+192), ~1.36 for ``nuclei`` (512 x 384). An image of another size is
 resized by that same factor (optionally corrected by ``--pixel-size`` or
 ``--diameter``), normalized once as a whole, padded to a multiple of the
 density grid (32 model px) and cut into overlapping windows. Each window
@@ -66,7 +67,11 @@ class ModelScale:
 
     @property
     def raw_per_model(self) -> tuple[float, float]:
-        """Raw pixels per model pixel along y and x (~2.71 for 696 x 520 -> 256 x 192)."""
+        """Raw pixels per model pixel along y and x.
+
+        For 696 x 520 frames: ~2.7 with ``bbbc005``'s input (256 x 192), ~1.36
+        with ``nuclei``'s (512 x 384).
+        """
         return (
             self.native_size[0] / self.input_size[0],
             self.native_size[1] / self.input_size[1],
@@ -298,8 +303,40 @@ def count_density(
     ``members`` are extra counter heads (a deep ensemble, ``celltally.uncertainty``):
     the count is then the members' mean (the main counter included) and the
     variance the mean aleatoric variance plus the variance of the members' totals.
-    """
 
+    The networks run in eval mode; a module given in training mode is put back
+    in it afterwards.
+    """
+    modules = [model, *members]
+    training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        return _count_density(
+            model,
+            prepared,
+            tile=tile,
+            margin=margin,
+            batch_size=batch_size,
+            device=device,
+            members=members,
+        )
+    finally:
+        for m, mode in zip(modules, training, strict=True):
+            m.train(mode)
+
+
+def _count_density(
+    model: torch.nn.Module,
+    prepared: np.ndarray,
+    *,
+    tile: int | Sequence[int] | None,
+    margin: int,
+    batch_size: int | None,
+    device: str | torch.device,
+    members: Sequence[torch.nn.Module],
+) -> DensityCount:
+    """:func:`count_density` for modules already in eval mode."""
     array = np.asarray(prepared, dtype=np.float32)
     if array.ndim != 2:
         raise ValueError(f"expected a prepared 2-D image, got shape {array.shape}")
@@ -321,7 +358,6 @@ def count_density(
     density_var = np.zeros((len(counters), gy, gx), dtype=np.float64)
     mask = np.zeros((canvas_shape[0] // 2, canvas_shape[1] // 2), dtype=np.float32)
     mask_std = np.zeros_like(mask)
-    model = model.eval()
     if batch_size is None:
         wy0, wy1, wx0, wx1 = tiles[0].window
         batch_size = max(1, WINDOW_PIXELS // ((wy1 - wy0) * (wx1 - wx0)))

@@ -170,7 +170,7 @@ def train_segmenter(
     if not bool(keep.any()):
         raise ValueError(
             "no training image has a foreground mask; the segmenter needs masks (to "
-            "fine-tune only the counter on counts: --stage counter, or --seg-epochs 0)"
+            "train only the counter on counts, start from a trained model: --from MODEL)"
         )
     images, masks = data.images[keep], data.masks[keep]
     seg = model.segmenter.to(device)
@@ -425,20 +425,21 @@ def fit(
     history: dict[str, Any] = dict(config.get("history", {}))
     # A stage given 0 epochs is kept as it is (e.g. --from MODEL --seg-epochs 0), and so
     # is a starting model's segmenter when the data have counts but no masks.
+    seg_train = train if segmenter_train is None else segmenter_train
     seg_epochs = hp["segmenter"]["epochs"]
-    if stages == "both" and init is not None and seg_epochs > 0 and not bool(train.has_mask.any()):
+    if stages == "both" and init is not None and seg_epochs > 0 and not seg_train.has_mask.any():
         log("no training image has a mask: the segmenter is kept, only the counter is trained")
         seg_epochs = 0
     if stages in ("both", "segmenter") and seg_epochs > 0:
         s = hp["segmenter"]
         log(
             f"segmenter: {s['epochs']} epochs at lr {s['lr']:g} on the "
-            f"{int(train.has_mask.sum())} training images with a mask (--seg-epochs sets "
+            f"{int(seg_train.has_mask.sum())} training images with a mask (--seg-epochs sets "
             "them, 0 keeps the segmenter)"
         )
         history["segmenter"] = train_segmenter(
             model,
-            train,
+            seg_train,
             val=calibration,
             epochs=s["epochs"],
             batch_size=s["batch_size"],

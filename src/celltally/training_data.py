@@ -22,6 +22,7 @@ from celltally.datasets import (
 )
 from celltally.distributed import is_main
 from celltally.models.presets import get_preset
+from celltally.tiling import model_scale
 from celltally.train import Log, fit, write_config
 from celltally.transforms import DEFAULT_NORMALIZATION
 
@@ -46,6 +47,42 @@ def split_by_scene_hash(
         "train": np.asarray(train, dtype=np.int64),
         "calibration": np.asarray(cal, dtype=np.int64),
     }
+
+
+def _check_frame_size(
+    config: dict[str, Any], meta: Sequence[dict[str, Any]], *, adopt: bool, log: Log
+) -> None:
+    """Keep the training frames and the model's frame (``scale.native_size``) the same size.
+
+    Each training image is resized whole to the model input, while counting
+    resizes only images of the model's frame size that way (others are counted
+    in tiles at the model's pixel scale). A new model trained on the user's
+    images alone, all of one size, takes that size as its frame (``adopt``);
+    otherwise images more than 10% off the frame get a warning.
+    """
+    native = model_scale(config).native_size
+    shapes = sorted({tuple(m["shape"]) for m in meta if m.get("shape")})
+    if adopt and len(shapes) == 1 and shapes[0] != native:
+        config["scale"] = {**dict(config.get("scale") or {}), "native_size": list(shapes[0])}
+        log(
+            f"the new model's frame is {shapes[0][0]} x {shapes[0][1]} px (your images' size); "
+            "images of another size will be counted in tiles at its pixel scale"
+        )
+        return
+    off = [
+        m
+        for m in meta
+        if m.get("shape") and max(abs(m["shape"][i] / native[i] - 1) for i in (0, 1)) > 0.1
+    ]
+    if off:
+        h, w = off[0]["shape"]
+        log(
+            f"warning: {len(off)} of {len(meta)} training images are not about the model's "
+            f"frame of {native[0]} x {native[1]} px (first: {off[0]['name']}, {h} x {w}). "
+            "Each is resized whole to the model input, so its cells look larger or smaller "
+            "than when such an image is counted (in tiles at the model's scale): crop them "
+            f"into pieces of about {native[0]} x {native[1]} px (docs/finetuning.md)"
+        )
 
 
 def _rescale_reference(
@@ -80,7 +117,7 @@ def build_and_fit(
     bbbc005: Path | None = None,
     folders: Sequence[Path] = (),
     simulated: int = 0,
-    preset: str = "small",
+    preset: str | None = None,
     stages: str = "both",
     from_model: str | None = None,
     seg_epochs: int | None = None,
@@ -95,6 +132,8 @@ def build_and_fit(
 ) -> dict[str, Any]:
     """Load every named source, split by scene, train, calibrate and write the model folder.
 
+    ``preset`` ('small' when None) shapes a new model; with ``from_model`` the
+    starting model's architecture is kept and ``preset`` must be None.
     ``channel`` picks the plane of multi-channel images in ``folders``.
     """
     if (Path(out) / "config.json").exists() and not resume:
@@ -102,6 +141,17 @@ def build_and_fit(
             f"{out}: already holds a model; give a new --out (or --resume to continue training "
             "it there)",
             out,
+        )
+    if from_model is None and (stages == "counter" or (stages == "both" and seg_epochs == 0)):
+        raise io.InputError(
+            "--stage counter and --seg-epochs 0 keep the segmenter as it is, and a new "
+            "model's segmenter is untrained: add --from MODEL (e.g. a model trained with "
+            "--stage segmenter) to train a counter on its masks"
+        )
+    if from_model is not None and preset is not None:
+        raise io.InputError(
+            f"--preset {preset} does not apply with --from {from_model}: fine-tuning keeps "
+            "the starting model's architecture"
         )
     init = None
     if from_model is not None:
@@ -129,6 +179,7 @@ def build_and_fit(
             config["scale"] = base["scale"]
         init = load_file(str(folder / "model.safetensors"))
     else:
+        preset = preset or "small"
         config = get_preset(preset)
         config["preset"] = preset
         config["normalization"] = dict(config.get("normalization", DEFAULT_NORMALIZATION))
@@ -159,9 +210,11 @@ def build_and_fit(
         }
     if from_model is not None and folders:
         _rescale_reference(config, folders, from_model, log)
+    user_meta: list[dict[str, Any]] = []
     for folder in folders:
         log(f"loading {folder}")
         user = load_folder(folder, size=size, norm=norm, channel=channel)
+        user_meta += user.meta
         parts = split_by_scene_hash(user)
         trains.append(user.subset(parts["train"]))
         cals.append(user.subset(parts["calibration"]))
@@ -172,6 +225,9 @@ def build_and_fit(
             "path": str(Path(folder).resolve()),
             **{k: int(v.size) for k, v in parts.items()},
         }
+    if user_meta:
+        only_user = bbbc005 is None and simulated <= 0
+        _check_frame_size(config, user_meta, adopt=from_model is None and only_user, log=log)
     if simulated > 0:
         log(f"simulating {simulated} training scenes")
         trains.append(

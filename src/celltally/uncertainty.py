@@ -139,8 +139,8 @@ def train_ensemble(
     config = json.loads((folder / "config.json").read_text())
     hp = dict(config.get("train", {}).get("counter", {}))
     device = device or default_device()
-    for old in ensemble_files(folder):
-        old.unlink()
+    # New members are written beside the old ones and swapped in once all are trained:
+    # a run that fails midway leaves the folder's ensemble as it was.
     written = []
     for k in range(1, members):
         seed_everything(seed + k)
@@ -163,9 +163,12 @@ def train_ensemble(
             log=log,
         )
         state = {k2: v.detach().cpu().contiguous() for k2, v in model.counter.state_dict().items()}
-        path = folder / f"ensemble_{k}.safetensors"
+        path = folder / f"ensemble_{k}.safetensors.new"
         save_file(state, str(path))
         written.append(path)
+    for old in ensemble_files(folder):
+        old.unlink()
+    written = [path.replace(path.with_suffix("")) for path in written]
     if calibration is not None and len(calibration):
         calibrate_model(folder, calibration, device=device, log=log)
     return written
@@ -290,9 +293,13 @@ def calibrate_model(
         ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
         ens.count_scale = 1.0
         e_mean, e_std, e_features = _predict(ens, calibration)
-        block["epistemic"], _ = _calibrated_block(
+        block["epistemic"], e_loo = _calibrated_block(
             y, e_mean, e_std, scaled="epistemic" in count_scale
         )
+        if len(wells) == len(y) and (
+            fitted := fit_group_correlation(y, e_mean * e_loo, e_std * e_loo, wells)
+        ):
+            block["epistemic"]["well_correlation"] = fitted
         block["epistemic"]["members"] = 1 + len(ens.members)
         block["epistemic"]["ood"] = ood_thresholds(e_features, quantile=quantile) if fit_ood else {}
     config["calibration"] = block

@@ -110,22 +110,45 @@ def _number(row: Mapping[str, str], column: str, source: str) -> float:
     return value
 
 
-def model_correlation(model: str | Path) -> tuple[float, str]:
+def model_correlation(
+    model: str | Path, *, epistemic: bool = False, name: str | None = None
+) -> tuple[float, str]:
     """The within-well error correlation a model measured, and where the value comes from.
 
-    Falls back to :data:`DEFAULT_CORRELATION` when the model is unknown here
-    or its config has no ``calibration.well_correlation``.
+    ``model`` is a shipped model's name or a model folder; ``name`` is how
+    the note calls it (default: ``model``). With ``epistemic`` the value
+    measured for the ensemble's counts is used where the model has one, else
+    the model's own. Falls back to :data:`DEFAULT_CORRELATION` when the model
+    is unknown here or its config has no ``calibration.well_correlation``.
     """
     from celltally.counter import resolve_model
 
+    name = str(model) if name is None else name
     try:
         config = json.loads((resolve_model(model) / "config.json").read_text())
     except (io.InputError, OSError, ValueError):
-        return DEFAULT_CORRELATION, f"assumed ({model}: model not found)"
-    value, fitted = calibrated_correlation(config.get("calibration"))
+        return DEFAULT_CORRELATION, f"assumed ({name}: model not found)"
+    value, fitted = block_correlation(config.get("calibration"), epistemic=epistemic)
     if not fitted:
-        return value, f"assumed ({model} has no measured value)"
-    return value, f"measured by {model} on {fitted['groups']} calibration wells"
+        return value, f"assumed ({name} has no measured value)"
+    return value, f"measured by {name} on {fitted['groups']} calibration wells"
+
+
+def block_correlation(
+    calibration: Mapping[str, Any] | None, *, epistemic: bool = False
+) -> tuple[float, Mapping[str, Any] | None]:
+    """:func:`calibrated_correlation` of a model's whole ``calibration`` block.
+
+    With ``epistemic``, the ensemble's sub-block's value where it has one,
+    else the model's own (the ensemble's errors are those of a mean of similar
+    counters, so they share the same wells' density and focus).
+    """
+    calibration = calibration or {}
+    if epistemic:
+        value, fitted = calibrated_correlation(calibration.get("epistemic"))
+        if fitted:
+            return value, fitted
+    return calibrated_correlation(calibration)
 
 
 def calibrated_correlation(
@@ -270,6 +293,21 @@ def _failed_files(results: str | Path, rows: Sequence[Mapping[str, str]]) -> lis
         return [r["file"] for r in csv.DictReader(handle) if r.get("file") not in counted]
 
 
+def _manifest_model(results: str | Path) -> tuple[dict[str, str], bool]:
+    """{model name: its folder} and the --epistemic flag from a results CSV's manifest."""
+    from celltally.batch import output_paths
+
+    try:
+        manifest = json.loads(output_paths(Path(results)).manifest.read_text())
+        model = manifest["model"]
+        options = manifest.get("settings", {}).get("counter_options") or {}
+        folder = Path(model["folder"])
+        where = {str(model["name"]): str(folder)} if (folder / "config.json").exists() else {}
+        return where, bool(options.get("epistemic"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, False
+
+
 def well_totals(
     results: str | Path, out: str | Path, *, correlation: float | None = None
 ) -> tuple[list[dict[str, Any]], int, dict[str, str]]:
@@ -287,7 +325,13 @@ def well_totals(
         values = dict.fromkeys(names, float(correlation))
         notes = dict.fromkeys(names, "given")
     else:
-        found = {name: model_correlation(name) for name in names}
+        # the run's manifest names the model folder and whether --epistemic was on:
+        # a model trained elsewhere is then found whatever the working directory
+        where, epistemic = _manifest_model(results)
+        found = {
+            name: model_correlation(where.get(name, name), epistemic=epistemic, name=name)
+            for name in names
+        }
         values = {name: v for name, (v, _) in found.items()}
         notes = {name: note for name, (_, note) in found.items()}
     wells, skipped = aggregate_wells(

@@ -156,7 +156,7 @@ function fillCard(card, r) {
     error.hidden = false;
     return;
   }
-  const half = (r.high - r.low) / 2;
+  const half = r.high - r.count; // before low is clipped at 0
   card.querySelector(".count").textContent = `${fmt(r.count)} ± ${fmt(half)}`;
   card.querySelector(".interval").textContent =
     `cells · ${Math.round(r.level * 100)}% interval ${fmt(r.low)}–${fmt(r.high)}`;

@@ -61,3 +61,35 @@ def test_fit_trains_the_segmenter_on_segmenter_train_when_given(tmp_path):
         log=lines.append,
     )
     assert any("on the 3 training images with a mask" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("schedule", ["constant", "one_cycle"])
+def test_the_paper_presets_constant_rate_and_the_default_one_cycle(schedule):
+    from celltally.models.presets import get_preset
+
+    assert {s["schedule"] for s in get_preset("paper")["train"].values()} == {"constant"}
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = CountingPipeline(config)
+    h, w = config["input_size"]
+    data = LabeledSet(
+        images=torch.rand(8, 1, h, w),
+        masks=(torch.rand(8, 1, h, w) > 0.5).float(),
+        counts=torch.arange(8, dtype=torch.float32),
+    )
+    history = train_counter(
+        model,
+        data,
+        epochs=3,
+        batch_size=2,
+        lr=1e-3,
+        schedule=schedule,
+        device=torch.device("cpu"),
+        progress=False,
+        log=lambda _: None,
+    )
+    rates = [record["lr"] for record in history]
+    if schedule == "constant":
+        assert rates == [1e-3] * 3
+    else:  # annealed towards 0 by the last step
+        assert rates[-1] < 0.05 * max(rates)

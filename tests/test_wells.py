@@ -173,6 +173,12 @@ def test_count_with_wells_then_wells_command(tiny_model, well_plate, tmp_path):
         first = next(csv.DictReader(handle))
     mine = [r for r in images if r["well"] == first["well"]]
     assert float(first["std"]) == pytest.approx(sum(float(r["std"]) for r in mine), abs=2e-3)
+    # the same totals drawn on the plate's grid
+    png = tmp_path / "plate.png"
+    result = runner.invoke(app, ["wells", str(out), "-o", str(again), "--plate-map", str(png)])
+    assert result.exit_code == 0 and f"plate map -> {png}" in result.output and png.stat().st_size
+    bad = runner.invoke(app, ["wells", str(out), "--plate-map", str(png), "--map-value", "x"])
+    assert bad.exit_code == 2 and "--map-value" in bad.output
 
 
 def test_wells_find_a_model_folder_through_the_manifest(

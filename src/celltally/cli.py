@@ -310,9 +310,17 @@ def count(
         raise typer.Exit(1)
 
 
-def _echo_wells(results: Path, out: Path, correlation: float | None) -> None:
+def _echo_wells(
+    results: Path,
+    out: Path,
+    correlation: float | None,
+    plate_map: Path | None = None,
+    map_value: str = "count",
+) -> None:
     from celltally.wells import well_totals
 
+    if map_value not in ("count", "mean_per_image"):
+        raise ValueError(f"--map-value must be count or mean_per_image, not {map_value!r}")
     rows, skipped, notes = well_totals(results, out, correlation=correlation)
     used = "; ".join(f"{m or '?'}: {note}" for m, note in notes.items())
     without = f"; {skipped} image(s) without a well in the name left out" if skipped else ""
@@ -324,6 +332,10 @@ def _echo_wells(results: Path, out: Path, correlation: float | None) -> None:
             "(column 'failed'): their totals cover only the images counted",
             err=True,
         )
+    if plate_map is not None:
+        from celltally.platemap import plot_plate_maps
+
+        typer.echo(f"plate map -> {plot_plate_maps(rows, plate_map, value=map_value)}")
 
 
 @app.command()
@@ -339,6 +351,17 @@ def wells(
             "model measured on its calibration wells, else 0.1).",
         ),
     ] = None,
+    plate_map: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also draw the totals on each plate's grid of wells into this PNG (wells "
+            "with flagged or uncounted images outlined red).",
+        ),
+    ] = None,
+    map_value: Annotated[
+        str,
+        typer.Option(help="What the plate map shows: count (the well's total) or mean_per_image."),
+    ] = "count",
 ) -> None:
     """Per-well totals: the sites of each plate/well/stain summed, with their interval.
 
@@ -347,7 +370,7 @@ def wells(
     uses the model's multiplier at the results' level.
     """
     try:
-        _echo_wells(results, out, correlation)
+        _echo_wells(results, out, correlation, plate_map, map_value)
     except _user_errors() as err:
         fail(str(err))
 

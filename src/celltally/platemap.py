@@ -1,0 +1,211 @@
+"""Plate maps: per-well totals drawn on the plate's grid of wells.
+
+A screen's layout effects (edge wells drying out, a dosing gradient, a
+failed column) show at a glance on a plate map, and are easy to miss in a
+table. :func:`plate_grids` places the rows of :func:`celltally.wells.aggregate_wells`
+on each plate's grid (rows A, B, ... from the top, columns 1, 2, ... from
+the left; the smallest standard plate format that holds every well named),
+and :func:`plot_plate_maps` draws one map per plate and stain into a PNG
+(matplotlib, Agg backend), marking wells with images that were flagged as
+unlike the calibration data or could not be counted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PLATE_FORMATS", "PlateGrid", "plate_grids", "plot_plate_maps", "well_position"]
+
+#: Standard plate formats, (rows, columns), smallest first.
+PLATE_FORMATS: tuple[tuple[int, int], ...] = (
+    (2, 3),
+    (3, 4),
+    (4, 6),
+    (6, 8),
+    (8, 12),
+    (16, 24),
+    (32, 48),
+)
+
+_WELL = re.compile(r"^(?P<row>[A-Z]{1,2})(?P<column>\d{1,3})$")
+
+
+def well_position(well: str) -> tuple[int, int]:
+    """0-based (row, column) of a well name: 'A01' -> (0, 0), 'P24' -> (15, 23), 'AF48' -> (31, 47).
+
+    Raises
+    ------
+    ValueError
+        When ``well`` is not row letters followed by a column number.
+    """
+    match = _WELL.match(str(well).strip().upper())
+    if match is None or int(match["column"]) < 1:
+        raise ValueError(f"{well!r} is not a well name such as B03")
+    letters = match["row"]
+    row = 0
+    for letter in letters:
+        row = row * 26 + (ord(letter) - ord("A") + 1)
+    return row - 1, int(match["column"]) - 1
+
+
+@dataclass
+class PlateGrid:
+    """One plate and stain on its grid of wells.
+
+    Attributes
+    ----------
+    plate, stain : as in the well rows ('' where the names carry none).
+    values : (rows, columns) float array of the chosen value; NaN for wells
+        with no row.
+    flagged : (rows, columns) bool array: the well holds images flagged as
+        unlike the calibration data (``warnings``) or not counted (``failed``).
+    """
+
+    plate: str
+    stain: str
+    values: np.ndarray
+    flagged: np.ndarray
+
+    @property
+    def wells(self) -> int:
+        """The plate format's number of wells (e.g. 96)."""
+        return int(self.values.size)
+
+
+def _format(rows: int, columns: int) -> tuple[int, int]:
+    for shape in PLATE_FORMATS:
+        if rows <= shape[0] and columns <= shape[1]:
+            return shape
+    return rows, columns
+
+
+def _number(text: Any) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plate_grids(wells: Sequence[Mapping[str, Any]], *, value: str = "count") -> list[PlateGrid]:
+    """Place per-well rows on their plates' grids, one grid per (plate, stain).
+
+    Parameters
+    ----------
+    wells : rows with at least ``plate``, ``well``, ``stain`` and ``value``
+        (:data:`celltally.wells.WELL_COLUMNS`; strings or numbers).
+    value : the column to map, e.g. ``count`` (the well's total) or
+        ``mean_per_image`` (the total over its sites, per site).
+
+    Returns
+    -------
+    list of PlateGrid
+        Sorted by plate, then stain. Each plate is shown in the smallest
+        standard format (:data:`PLATE_FORMATS`) that holds every well named
+        on it. A row whose well is not a well name is left out.
+    """
+    groups: dict[tuple[str, str], list[tuple[int, int, Mapping[str, Any]]]] = {}
+    for row in wells:
+        try:
+            r, c = well_position(str(row["well"]))
+        except ValueError:
+            continue
+        key = (str(row.get("plate") or ""), str(row.get("stain") or ""))
+        groups.setdefault(key, []).append((r, c, row))
+    extent: dict[str, tuple[int, int]] = {}  # one format per plate, whatever the stain
+    for (plate, _), members in groups.items():
+        r0, c0 = extent.get(plate, (0, 0))
+        extent[plate] = (
+            max(r0, *(r + 1 for r, _, _ in members)),
+            max(c0, *(c + 1 for _, c, _ in members)),
+        )
+    grids = []
+    for (plate, stain), members in sorted(groups.items()):
+        shape = _format(*extent[plate])
+        values = np.full(shape, np.nan)
+        flagged = np.zeros(shape, dtype=bool)
+        for r, c, row in members:
+            values[r, c] = _number(row.get(value))
+            flagged[r, c] = any(_number(row.get(k)) > 0 for k in ("warnings", "failed"))
+        grids.append(PlateGrid(plate=plate, stain=stain, values=values, flagged=flagged))
+    return grids
+
+
+def _row_label(index: int) -> str:
+    label = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        label = chr(ord("A") + rest) + label
+    return label
+
+
+def plot_plate_maps(
+    wells: Sequence[Mapping[str, Any]],
+    out: str | Path,
+    *,
+    value: str = "count",
+    title: str | None = None,
+) -> Path:
+    """Draw :func:`plate_grids`'s maps into one PNG, one panel per plate and stain.
+
+    Each well is coloured by ``value`` on one colour scale shared by all
+    panels; empty positions are grey; a flagged well (images flagged or not
+    counted) is outlined in red with a '!'. Returns the path written.
+
+    Raises
+    ------
+    ValueError
+        When no row names a well.
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    grids = plate_grids(wells, value=value)
+    if not grids:
+        raise ValueError("no row names a well (e.g. B03): nothing to map")
+    finite = np.concatenate([g.values[np.isfinite(g.values)] for g in grids])
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    norm = Normalize(vmin=low, vmax=high if high > low else low + 1)
+    cmap = colormaps["viridis"].with_extremes(bad="#dddddd")  # empty positions grey
+    n = len(grids)
+    columns = min(n, 2)
+    panel_w = max(4.0, 0.32 * max(g.values.shape[1] for g in grids) + 1.6)
+    panel_h = max(3.0, 0.32 * max(g.values.shape[0] for g in grids) + 1.2)
+    fig = Figure(figsize=(panel_w * columns, panel_h * math.ceil(n / columns)), dpi=110)
+    label = value.replace("_", " ")
+    for k, grid in enumerate(grids):
+        ax = fig.add_subplot(math.ceil(n / columns), columns, k + 1)
+        rows, cols = grid.values.shape
+        shown = np.ma.masked_invalid(grid.values)
+        image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest")
+        for r, c in zip(*np.nonzero(grid.flagged), strict=True):
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+            ax.text(c, r, "!", ha="center", va="center", color="red", fontsize=8, weight="bold")
+        step = 1 if cols <= 24 else 2
+        ax.set_xticks(range(0, cols, step), [str(c + 1) for c in range(0, cols, step)])
+        ax.set_yticks(range(0, rows, step), [_row_label(r) for r in range(0, rows, step)])
+        ax.tick_params(labelsize=7, top=True, labeltop=True, bottom=False, labelbottom=False)
+        name = " · ".join(
+            part
+            for part in (grid.plate or "plate", f"stain {grid.stain}" if grid.stain else "")
+            if part
+        )
+        ax.set_title(f"{name} ({grid.wells}-well)", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8, label=label)
+    flagged = sum(int(g.flagged.sum()) for g in grids)
+    note = f"; {flagged} well(s) outlined red hold flagged or uncounted images" if flagged else ""
+    fig.suptitle(title or f"{label} per well{note}", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out

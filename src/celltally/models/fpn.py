@@ -43,7 +43,7 @@ class _Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.out(self.body(x))
-        return torch.sigmoid(y[:, :1]), y[:, 1:].clamp(-12.0, 8.0)
+        return torch.sigmoid(y[:, :1]), y[:, 1:].clamp(-12.0, 8.0)  # finite exp() early on
 
 
 class FPN(nn.Module):

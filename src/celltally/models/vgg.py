@@ -29,7 +29,7 @@ def make_layers(
         layers += [
             nn.Conv2d(channels, out, 3, padding=1, bias=False),
             nn.BatchNorm2d(out),
-            nn.LeakyReLU(0.1, inplace=True),
+            nn.LeakyReLU(0.1, inplace=True),  # the paper gives no slope: 0.1, a common choice
         ]
         channels = out
     return nn.Sequential(*layers)
@@ -192,6 +192,8 @@ class VGGCounter(nn.Module):
         self.count_head = _fc_stack(flat, fc)
         self.logvar_head = _fc_stack(flat, fc)
         self.count_scale = float(count_scale)
+        # start at count_scale (~50: mid-range for BBBC005) rather than 0, where the final
+        # ReLU would leave the count's gradient dead for a poorly initialised head
         nn.init.constant_(self.count_head[-1].bias, 1.0)
 
     @property
@@ -219,7 +221,7 @@ class VGGCounter(nn.Module):
     def _fc_count(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.flatten(self.pool(self.features(x)), 1)
         count = torch.relu(self.count_head(z)[:, 0]) * self.count_scale
-        log_var = self.logvar_head(z)[:, 0].clamp(-8.0, 12.0)
+        log_var = self.logvar_head(z)[:, 0].clamp(-8.0, 12.0)  # keeps exp() finite early on
         return count, log_var
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

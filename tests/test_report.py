@@ -138,6 +138,9 @@ def test_report_shows_per_well_totals(tiny_model, tmp_path):
     wells = evaluation["wells"]
     assert "<h2>Per-well totals</h2>" in text and "2 wells of 2.0 images" in text
     assert f"<td>{wells['mae']:.2f}</td>" in text and f"<td>{wells['coverage']:.1%}</td>" in text
+    # the wells' errors on the plate's grid (A01 and A02)
+    assert [(w["well"], w["images"]) for w in wells["rows"]] == [("A01", 2), ("A02", 2)]
+    assert "<img src='plate_error.png'" in text and (tmp_path / "r" / "plate_error.png").is_file()
 
 
 def test_report_caps_the_gallery(tiny_model, labelled_folder, tmp_path):

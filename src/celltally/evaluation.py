@@ -123,16 +123,20 @@ def well_metrics(rows: list[dict[str, Any]], *, counter: CellCounter) -> dict[st
             "true_count": str(r["true"]),
             "model": counter.name,
             "level": "",
+            "warning": r.get("warning") or "",
         }
         for r in rows
     ]
     wells = [w for w in aggregate_wells(table, correlation=rho)[0] if w["images"] >= 2]
     if not wells:
         return None
+    keep = ("plate", "well", "stain", "images", "count", "low", "high", "true_count", "error")
+    keep += ("warnings", "failed")
     return {
         **summarize_wells(wells),
         "correlation": rho,
         "correlation_source": "measured" if fitted else "assumed",
+        "rows": [{k: w.get(k) for k in keep} for w in wells],
     }
 
 

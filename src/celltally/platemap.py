@@ -152,12 +152,14 @@ def plot_plate_maps(
     *,
     value: str = "count",
     title: str | None = None,
+    diverging: bool = False,
 ) -> Path:
     """Draw :func:`plate_grids`'s maps into one PNG, one panel per plate and stain.
 
     Each well is coloured by ``value`` on one colour scale shared by all
     panels; empty positions are grey; a flagged well (images flagged or not
-    counted) is outlined in red with a '!'. Returns the path written.
+    counted) is outlined in red with a '!'. ``diverging`` centres a red-blue
+    scale on 0 (for signed values such as ``error``). Returns the path written.
 
     Raises
     ------
@@ -174,8 +176,13 @@ def plot_plate_maps(
         raise ValueError("no row names a well (e.g. B03): nothing to map")
     finite = np.concatenate([g.values[np.isfinite(g.values)] for g in grids])
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    norm = Normalize(vmin=low, vmax=high if high > low else low + 1)
-    cmap = colormaps["viridis"].with_extremes(bad="#dddddd")  # empty positions grey
+    if diverging:
+        reach = max(abs(low), abs(high)) or 1.0
+        norm = Normalize(vmin=-reach, vmax=reach)
+    else:
+        norm = Normalize(vmin=low, vmax=high if high > low else low + 1)
+    name = "RdBu_r" if diverging else "viridis"
+    cmap = colormaps[name].with_extremes(bad="#dddddd")  # empty positions grey
     n = len(grids)
     columns = min(n, 2)
     panel_w = max(4.0, 0.32 * max(g.values.shape[1] for g in grids) + 1.6)
@@ -188,8 +195,12 @@ def plot_plate_maps(
         shown = np.ma.masked_invalid(grid.values)
         image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest")
         for r, c in zip(*np.nonzero(grid.flagged), strict=True):
-            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
-            ax.text(c, r, "!", ha="center", va="center", color="red", fontsize=8, weight="bold")
+            edge = "black" if diverging else "red"
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec=edge, lw=1.5))
+            shade = norm(grid.values[r, c]) if np.isfinite(grid.values[r, c]) else 0.5
+            dark = abs(shade - 0.5) > 0.35 if diverging else shade < 0.3
+            mark = "white" if dark else edge  # readable on the darkest colours
+            ax.text(c, r, "!", ha="center", va="center", color=mark, fontsize=8, weight="bold")
         step = 1 if cols <= 24 else 2
         ax.set_xticks(range(0, cols, step), [str(c + 1) for c in range(0, cols, step)])
         ax.set_yticks(range(0, rows, step), [_row_label(r) for r in range(0, rows, step)])
@@ -202,7 +213,10 @@ def plot_plate_maps(
         ax.set_title(f"{name} ({grid.wells}-well)", fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8, label=label)
     flagged = sum(int(g.flagged.sum()) for g in grids)
-    note = f"; {flagged} well(s) outlined red hold flagged or uncounted images" if flagged else ""
+    colour = "black" if diverging else "red"
+    note = (
+        f"; {flagged} well(s) outlined {colour} hold flagged or uncounted images" if flagged else ""
+    )
     fig.suptitle(title or f"{label} per well{note}", fontsize=10)
     fig.tight_layout()
     out = Path(out)

@@ -380,6 +380,26 @@ def _safe_stem(name: str, used: set[str]) -> str:
     return candidate
 
 
+def _plate_error_map(wells: Mapping[str, Any] | None, out_dir: Path) -> str:
+    """A plate map of the per-well totals' errors, when the wells sit on a plate grid."""
+    from celltally.platemap import plate_grids, plot_plate_maps
+
+    rows = (wells or {}).get("rows") or []
+    if not plate_grids(rows, value="error"):
+        return ""
+    plot_plate_maps(
+        rows,
+        out_dir / "plate_error.png",
+        value="error",
+        diverging=True,
+        title="error of each well's total (counted - true); outlined: flagged images",
+    )
+    return (
+        "<p class='note'>Where on the plate the totals err: red wells counted high, "
+        "blue low.</p><img src='plate_error.png' alt='plate map of per-well errors'>"
+    )
+
+
 def _wells_section(wells: Mapping[str, Any] | None, level: float) -> str:
     """Per-well totals (wells of two images or more), when the names give wells."""
     if not wells:
@@ -508,6 +528,7 @@ def write_report(
         + "".join(f"<th>{_esc(m)}</th>" for m in methods)
         + f"</tr>{reliability_rows}</table>",
         _wells_section(evaluation.get("wells"), level),
+        _plate_error_map(evaluation.get("wells"), out),
         f"<h2>Failures: truth outside the {level:.0%} interval "
         f"({len(failures)} of {len(rows)})</h2>",
         "<p class='note'>Each failure is put under the cause whose measure is most extreme "

@@ -46,8 +46,14 @@ def test_grids_put_each_well_in_its_place_on_the_smallest_standard_plate():
     assert first.values[0, 0] == 10.5 and first.values[7, 11] == 80
     assert int(np.isfinite(first.values).sum()) == 2
     assert first.flagged[7, 11] and not first.flagged[0, 0]  # warnings
-    assert grids[1].flagged[1, 2]  # an image that could not be counted
+    assert grids[1].failed[1, 2] and not grids[1].flagged[1, 2]  # an image not counted
     assert grids[2].values[14, 19] == 3 and grids[2].wells == 384
+    # a plate format given: every plate drawn on it, and a well beyond it refused
+    assert [g.wells for g in plate_grids(rows(), plate_format=384)] == [384, 384, 384]
+    with pytest.raises(ValueError, match="beyond a 96-well plate"):
+        plate_grids(rows(), plate_format=96)  # O20
+    with pytest.raises(ValueError, match="plate format must be one of"):
+        plate_grids(rows(), plate_format=100)
 
 
 def test_plot_writes_a_png_and_refuses_rows_without_wells(tmp_path):

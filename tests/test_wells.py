@@ -179,6 +179,23 @@ def test_count_with_wells_then_wells_command(tiny_model, well_plate, tmp_path):
     assert result.exit_code == 0 and f"plate map -> {png}" in result.output and png.stat().st_size
     bad = runner.invoke(app, ["wells", str(out), "--plate-map", str(png), "--map-value", "x"])
     assert bad.exit_code == 2 and "--map-value" in bad.output
+    assert "(measured" not in result.output and f"{DEFAULT_CORRELATION:.3f} (assumed" in (
+        result.output
+    )
+
+
+def test_wells_refuses_results_without_wells_and_non_csv_files(tiny_model, tmp_path):
+    folder = tmp_path / "nowells"
+    folder.mkdir()
+    tifffile.imwrite(folder / "nuclei_1.tif", blob_image(3))
+    out = tmp_path / "res.csv"
+    args = ["count", str(folder), "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["wells", str(out), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 2 and "no file name carries a well" in result.output
+    assert not (tmp_path / "w.csv").exists()
+    binary = runner.invoke(app, ["wells", str(folder / "nuclei_1.tif")])
+    assert binary.exit_code == 2 and "not a celltally results CSV" in binary.output
 
 
 def test_wells_find_a_model_folder_through_the_manifest(
@@ -279,7 +296,7 @@ def test_wells_say_which_images_failed(tiny_model, tmp_path):
     args = ["count", str(folder), "-o", str(out), "--model", str(tiny_model), "--no-progress"]
     result = runner.invoke(app, [*args, "--wells", str(totals)])
     assert result.exit_code == 1  # unreadable files: counted what it could
-    assert "2 well(s) lack images that could not be counted" in result.output
+    assert "2 well(s) include images that could not be counted" in result.output
     with open(totals, newline="") as handle:
         wells = {w["well"]: w for w in csv.DictReader(handle)}
     assert (wells["B02"]["images"], wells["B02"]["failed"]) == ("1", "1")

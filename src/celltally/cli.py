@@ -310,32 +310,56 @@ def count(
         raise typer.Exit(1)
 
 
+def _fmt_number(value: object) -> str:
+    try:
+        return f"{float(value):.3f}"  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "?"
+
+
 def _echo_wells(
     results: Path,
     out: Path,
     correlation: float | None,
     plate_map: Path | None = None,
     map_value: str = "count",
+    plate_format: int | None = None,
+    *,
+    strict: bool = False,
 ) -> None:
-    from celltally.wells import well_totals
+    """Write and report per-well totals; ``strict``: no well in the names is an error."""
+    from celltally import io
+    from celltally.wells import read_results, well_key, well_totals
 
     if map_value not in ("count", "mean_per_image"):
         raise ValueError(f"--map-value must be count or mean_per_image, not {map_value!r}")
+    if strict and not any(well_key(r.get("file") or "") for r in read_results(results)):
+        raise io.InputError(
+            f"{results}: no file name carries a well (such as Plate1_B03_s1_w1.tif or "
+            "SIMCEPImages_B03_...): nothing to total per well",
+            results,
+        )
     rows, skipped, notes = well_totals(results, out, correlation=correlation)
-    used = "; ".join(f"{m or '?'}: {note}" for m, note in notes.items())
+    value = {r.get("model"): r.get("correlation") for r in rows if r.get("correlation") != ""}
+    used = "; ".join(
+        f"{m or '?'}: {_fmt_number(value.get(m))} ({note})" for m, note in notes.items()
+    )
+    if not rows:
+        typer.echo(f"warning: no file name in {results} carries a well: no well totals", err=True)
     without = f"; {skipped} image(s) without a well in the name left out" if skipped else ""
     typer.echo(f"{len(rows)} well total(s) -> {out} (within-well correlation {used}{without})")
     partial = sum(1 for r in rows if r.get("failed"))
     if partial:
         typer.echo(
-            f"warning: {partial} well(s) lack images that could not be counted "
-            "(column 'failed'): their totals cover only the images counted",
+            f"warning: {partial} well(s) include images that could not be counted "
+            "(column 'failed'): their totals cover only the images that were",
             err=True,
         )
     if plate_map is not None:
         from celltally.platemap import plot_plate_maps
 
-        typer.echo(f"plate map -> {plot_plate_maps(rows, plate_map, value=map_value)}")
+        drawn = plot_plate_maps(rows, plate_map, value=map_value, plate_format=plate_format)
+        typer.echo(f"plate map -> {drawn}")
 
 
 @app.command()
@@ -362,6 +386,13 @@ def wells(
         str,
         typer.Option(help="What the plate map shows: count (the well's total) or mean_per_image."),
     ] = "count",
+    plate_format: Annotated[
+        int | None,
+        typer.Option(
+            help="Wells per plate for the map (6, 12, 24, 48, 96, 384, 1536; default: the "
+            "smallest that holds the wells named)."
+        ),
+    ] = None,
 ) -> None:
     """Per-well totals: the sites of each plate/well/stain summed, with their interval.
 
@@ -370,7 +401,7 @@ def wells(
     uses the model's multiplier at the results' level.
     """
     try:
-        _echo_wells(results, out, correlation, plate_map, map_value)
+        _echo_wells(results, out, correlation, plate_map, map_value, plate_format, strict=True)
     except _user_errors() as err:
         fail(str(err))
 

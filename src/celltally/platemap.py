@@ -65,13 +65,16 @@ class PlateGrid:
     values : (rows, columns) float array of the chosen value; NaN for wells
         with no row.
     flagged : (rows, columns) bool array: the well holds images flagged as
-        unlike the calibration data (``warnings``) or not counted (``failed``).
+        unlike the calibration data (``warnings``).
+    failed : (rows, columns) bool array: the well holds images that could not
+        be counted (``failed``); its value covers only the others.
     """
 
     plate: str
     stain: str
     values: np.ndarray
     flagged: np.ndarray
+    failed: np.ndarray
 
     @property
     def wells(self) -> int:
@@ -93,7 +96,9 @@ def _number(text: Any) -> float:
         return math.nan
 
 
-def plate_grids(wells: Sequence[Mapping[str, Any]], *, value: str = "count") -> list[PlateGrid]:
+def plate_grids(
+    wells: Sequence[Mapping[str, Any]], *, value: str = "count", plate_format: int | None = None
+) -> list[PlateGrid]:
     """Place per-well rows on their plates' grids, one grid per (plate, stain).
 
     Parameters
@@ -102,6 +107,8 @@ def plate_grids(wells: Sequence[Mapping[str, Any]], *, value: str = "count") -> 
         (:data:`celltally.wells.WELL_COLUMNS`; strings or numbers).
     value : the column to map, e.g. ``count`` (the well's total) or
         ``mean_per_image`` (the total over its sites, per site).
+    plate_format : number of wells of every plate (6, 12, 24, 48, 96, 384 or
+        1536); by default the smallest standard format that holds the wells named.
 
     Returns
     -------
@@ -125,15 +132,31 @@ def plate_grids(wells: Sequence[Mapping[str, Any]], *, value: str = "count") -> 
             max(r0, *(r + 1 for r, _, _ in members)),
             max(c0, *(c + 1 for _, c, _ in members)),
         )
+    forced = None
+    if plate_format is not None:
+        sizes = {r * c: (r, c) for r, c in PLATE_FORMATS}
+        if plate_format not in sizes:
+            raise ValueError(
+                f"plate format must be one of {sorted(sizes)} wells, not {plate_format}"
+            )
+        forced = sizes[plate_format]
     grids = []
     for (plate, stain), members in sorted(groups.items()):
-        shape = _format(*extent[plate])
+        shape = forced or _format(*extent[plate])
+        if extent[plate][0] > shape[0] or extent[plate][1] > shape[1]:
+            raise ValueError(
+                f"plate {plate or '(unnamed)'} has wells beyond a {plate_format}-well plate"
+            )
         values = np.full(shape, np.nan)
         flagged = np.zeros(shape, dtype=bool)
+        failed = np.zeros(shape, dtype=bool)
         for r, c, row in members:
             values[r, c] = _number(row.get(value))
-            flagged[r, c] = any(_number(row.get(k)) > 0 for k in ("warnings", "failed"))
-        grids.append(PlateGrid(plate=plate, stain=stain, values=values, flagged=flagged))
+            flagged[r, c] = _number(row.get("warnings")) > 0
+            failed[r, c] = _number(row.get("failed")) > 0
+        grids.append(
+            PlateGrid(plate=plate, stain=stain, values=values, flagged=flagged, failed=failed)
+        )
     return grids
 
 
@@ -153,25 +176,31 @@ def plot_plate_maps(
     value: str = "count",
     title: str | None = None,
     diverging: bool = False,
+    plate_format: int | None = None,
 ) -> Path:
     """Draw :func:`plate_grids`'s maps into one PNG, one panel per plate and stain.
 
     Each well is coloured by ``value`` on one colour scale shared by all
-    panels; empty positions are grey; a flagged well (images flagged or not
-    counted) is outlined in red with a '!'. ``diverging`` centres a red-blue
-    scale on 0 (for signed values such as ``error``). Returns the path written.
+    panels (and, on plates of 96 wells or fewer, labelled with it); grey is
+    a position with no image. A well with images flagged as unlike the
+    calibration data is outlined with a '!'; one with images that could not
+    be counted gets an 'x' (its value covers only the others). ``diverging``
+    centres a red-blue scale on 0 (for signed values such as ``error``).
+    Returns the path written.
 
     Raises
     ------
     ValueError
-        When no row names a well.
+        When no row names a well, or a well lies beyond ``plate_format``.
     """
+    import textwrap
+
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    grids = plate_grids(wells, value=value)
+    grids = plate_grids(wells, value=value, plate_format=plate_format)
     if not grids:
         raise ValueError("no row names a well (e.g. B03): nothing to map")
     finite = np.concatenate([g.values[np.isfinite(g.values)] for g in grids])
@@ -181,26 +210,51 @@ def plot_plate_maps(
         norm = Normalize(vmin=-reach, vmax=reach)
     else:
         norm = Normalize(vmin=low, vmax=high if high > low else low + 1)
-    name = "RdBu_r" if diverging else "viridis"
-    cmap = colormaps[name].with_extremes(bad="#dddddd")  # empty positions grey
+    cmap_name = "RdBu_r" if diverging else "viridis"
+    cmap = colormaps[cmap_name].with_extremes(bad="#dddddd")  # no image: grey
+    edge = "black" if diverging else "red"
     n = len(grids)
     columns = min(n, 2)
-    panel_w = max(4.0, 0.32 * max(g.values.shape[1] for g in grids) + 1.6)
-    panel_h = max(3.0, 0.32 * max(g.values.shape[0] for g in grids) + 1.2)
-    fig = Figure(figsize=(panel_w * columns, panel_h * math.ceil(n / columns)), dpi=110)
+    panel_w = max(5.0, 0.32 * max(g.values.shape[1] for g in grids) + 1.8)
+    panel_h = max(3.4, 0.32 * max(g.values.shape[0] for g in grids) + 1.4)
+    width = panel_w * columns
+    fig = Figure(figsize=(width, panel_h * math.ceil(n / columns) + 0.6), dpi=110)
     label = value.replace("_", " ")
+
+    def ink(grid: PlateGrid, r: int, c: int) -> str:
+        """White on the darkest colours, else black."""
+        v = grid.values[r, c]
+        if not np.isfinite(v):
+            return edge
+        shade = float(norm(v))
+        dark = abs(shade - 0.5) > 0.35 if diverging else shade < 0.35
+        return "white" if dark else "black"
+
     for k, grid in enumerate(grids):
         ax = fig.add_subplot(math.ceil(n / columns), columns, k + 1)
         rows, cols = grid.values.shape
-        shown = np.ma.masked_invalid(grid.values)
-        image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest")
-        for r, c in zip(*np.nonzero(grid.flagged), strict=True):
-            edge = "black" if diverging else "red"
+        image = ax.imshow(
+            np.ma.masked_invalid(grid.values), cmap=cmap, norm=norm, interpolation="nearest"
+        )
+        if grid.wells <= 96:  # room for the numbers
+            for r, c in zip(*np.nonzero(np.isfinite(grid.values)), strict=True):
+                text = f"{grid.values[r, c]:.0f}"
+                ax.text(
+                    c, r + 0.25, text, ha="center", va="center", fontsize=6, color=ink(grid, r, c)
+                )
+        for r, c in zip(*np.nonzero(grid.flagged | grid.failed), strict=True):
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec=edge, lw=1.5))
-            shade = norm(grid.values[r, c]) if np.isfinite(grid.values[r, c]) else 0.5
-            dark = abs(shade - 0.5) > 0.35 if diverging else shade < 0.3
-            mark = "white" if dark else edge  # readable on the darkest colours
-            ax.text(c, r, "!", ha="center", va="center", color=mark, fontsize=8, weight="bold")
+            mark = ("!" if grid.flagged[r, c] else "") + ("x" if grid.failed[r, c] else "")
+            ax.text(
+                c,
+                r - 0.15,
+                mark,
+                ha="center",
+                va="center",
+                fontsize=8,
+                weight="bold",
+                color=ink(grid, r, c),
+            )
         step = 1 if cols <= 24 else 2
         ax.set_xticks(range(0, cols, step), [str(c + 1) for c in range(0, cols, step)])
         ax.set_yticks(range(0, rows, step), [_row_label(r) for r in range(0, rows, step)])
@@ -213,12 +267,16 @@ def plot_plate_maps(
         ax.set_title(f"{name} ({grid.wells}-well)", fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8, label=label)
     flagged = sum(int(g.flagged.sum()) for g in grids)
-    colour = "black" if diverging else "red"
-    note = (
-        f"; {flagged} well(s) outlined {colour} hold flagged or uncounted images" if flagged else ""
-    )
-    fig.suptitle(title or f"{label} per well{note}", fontsize=10)
-    fig.tight_layout()
+    failed = sum(int(g.failed.sum()) for g in grids)
+    legend = ["grey: no image"]
+    if flagged:
+        legend.append(f"!: {flagged} well(s) with images flagged as unlike the calibration data")
+    if failed:
+        legend.append(f"x: {failed} well(s) with images that could not be counted")
+    chars = int(width * 14)  # characters that fit across the figure at this font size
+    fig.suptitle(textwrap.fill(title or f"{label} per well", chars), fontsize=10)
+    fig.text(0.5, 0.01, textwrap.fill("; ".join(legend), chars), ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

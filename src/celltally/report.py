@@ -392,7 +392,7 @@ def _plate_error_map(wells: Mapping[str, Any] | None, out_dir: Path) -> str:
         out_dir / "plate_error.png",
         value="error",
         diverging=True,
-        title="error of each well's total (counted - true); outlined: flagged images",
+        title="error of each well's total (counted - true)",
     )
     return (
         "<p class='note'>Where on the plate the totals err: red wells counted high, "

@@ -88,8 +88,11 @@ def read_results(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise io.InputError(f"{path}: no such results file")
-    with path.open(newline="") as handle:
-        header = next(csv.reader(handle), [])
+    try:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+    except (UnicodeDecodeError, csv.Error):
+        raise io.InputError(f"{path}: not a celltally results CSV (not CSV text)") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise io.InputError(

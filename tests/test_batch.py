@@ -292,6 +292,11 @@ def test_a_run_that_failed_before_counting_does_not_block_the_corrected_rerun(
     # the tiny model records no object scale, so --diameter fails when the model loads
     with pytest.raises(io.InputError, match="diameter"):
         run_batch(files, out=out, model=tiny_model, counter_options={"diameter": 20.0})
+    assert not out.exists()  # refused before any output was made
+    # a CSV that holds no counted row yet (a run stopped before its first image) starts
+    # afresh whatever its settings were
+    run_batch(files, out=out, model=tiny_model, level=0.9)
+    out.write_bytes(out.read_bytes().splitlines(keepends=True)[0])  # only the header left
     again = run_batch(files, out=out, model=tiny_model)
     assert again.counted == 3 and len(read_results(out)) == 3
     manifest = json.loads(output_paths(out).manifest.read_text())

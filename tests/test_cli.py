@@ -152,6 +152,16 @@ def test_evaluate_takes_the_scale_and_normalization_options(tiny_model, image_fo
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
 
 
+def test_version_and_a_bad_stage(tmp_path):
+    from celltally import __version__
+
+    version = run("--version")
+    assert version.exit_code == 0 and version.output.strip() == f"celltally {__version__}"
+    # a bad --stage is refused before any data is loaded or simulated
+    bad = run("train", "--out", tmp_path / "m", "--simulated", "100000", "--stage", "Counter")
+    assert bad.exit_code == 2 and "--stage must be both, segmenter or counter" in bad.output
+
+
 def test_console_entry_point_runs(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "celltally.cli", "count", str(tmp_path / "none.tif")],

@@ -694,8 +694,9 @@ def run_batch(
     Raises
     ------
     InputError
-        Before anything is counted, for bad paths, an unknown model, a bad level or
-        batch size, an output that holds another model's or level's counts (or is
+        Before anything is counted or written, for bad paths, an unknown model or
+        counter option, a bad level or batch size; before anything is counted, for
+        an output that holds another model's or level's counts (or is
         not celltally's), an output another run is writing, or an unreachable Dask
         scheduler.
     """
@@ -719,6 +720,10 @@ def run_batch(
     folder = resolve_model(model)
     identity = model_identity(folder)
     options = json.loads(json.dumps(counter_options or {}))  # as the manifest will hold them
+    # The model with these options, made before any output exists: a bad option (e.g.
+    # --diameter for a model without a scale, a tile it cannot use) leaves no file behind.
+    # Counted here unless a Dask cluster counts (its workers load their own).
+    local_counter = CellCounter.from_pretrained(folder, **options)
     masks = Path(save_masks) if save_masks is not None else None
     root = io.output_root(inputs)
     if masks is not None:
@@ -796,7 +801,7 @@ def run_batch(
 
         remaining = todo()
         threads_before: int | None = None
-        first = next(remaining, None)  # nothing left: no model load, no cluster
+        first = next(remaining, None)  # nothing left: no cluster
         remaining = itertools.chain([first], remaining) if first is not None else iter(())
         try:
             if first is None:
@@ -823,7 +828,7 @@ def run_batch(
 
                     threads_before = torch.get_num_threads()
                     torch.set_num_threads(threads)  # set back when the run ends (finally)
-                counter = CellCounter.from_pretrained(folder, **options)
+                counter = local_counter
                 pending: list[tuple[str, dict | None, str | None]] = []
                 stream = counter.count_paths(
                     remaining, level=level, batch_size=batch_size, read_threads=read_threads

@@ -20,6 +20,26 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from celltally import __version__
+
+        typer.echo(f"celltally {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Count cells in microscopy images, with calibrated 95% intervals."""
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit non-zero (no traceback)."""
     typer.echo(f"error: {message}", err=True)
@@ -476,6 +496,13 @@ def evaluate(
     from celltally.metrics import json_ready
 
     out.write_text(json.dumps(json_ready(result), indent=2) + "\n")
+    flagged = sum(1 for r in result["rows"] if r.get("warning"))
+    if flagged:
+        typer.echo(
+            f"{flagged} of {len(result['rows'])} images flagged as unlike the model's "
+            f"calibration images ('warning' in their rows in {out}): their intervals may not "
+            "mean what they say"
+        )
     typer.echo(f"metrics -> {out}")
     if report is not None:
         from celltally.report import write_report

@@ -136,7 +136,7 @@ def rescale_factor(
         if scale.object_diameter_px is None:
             raise io.InputError(
                 f"{model_name} does not record the object diameter it was trained at; "
-                "count without --diameter, or resize the images yourself"
+                "leave out --diameter, or resize the images yourself"
             )
         return scale.object_diameter_px / float(diameter)
     return 1.0

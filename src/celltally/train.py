@@ -125,14 +125,18 @@ def _run_epochs(
         history = state["history"]
         start = state["epoch"] + 1
         log(f"{stage}: resumed from {checkpoint} after epoch {start}")
+    if start < epochs:
+        rate = f"lr {lr:g}" if schedule == "constant" else f"one-cycle lr peaking at {lr:g}"
+        log(f"{stage}: {epochs - start} epoch(s) of {steps_per_epoch} step(s), {rate}")
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         module.train()
+        rate_used = float(optimizer.param_groups[0]["lr"])  # by the epoch's first step
         loss = distributed.mean(train_epoch(optimizer, scheduler, generator))
         module.eval()
         main = distributed.is_main()  # under torchrun only rank 0 validates, logs, saves
         record = {"epoch": epoch + 1, "loss": loss, **(validate() if main else {})}
-        record["lr"] = float(optimizer.param_groups[0]["lr"])  # at the epoch's end
+        record["lr"] = rate_used
         record["seconds"] = round(time.perf_counter() - t0, 1)
         history.append(record)
         if main:

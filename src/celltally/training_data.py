@@ -142,6 +142,8 @@ def build_and_fit(
             "it there)",
             out,
         )
+    if stages not in ("both", "segmenter", "counter"):
+        raise io.InputError(f"--stage must be both, segmenter or counter, not {stages!r}")
     if from_model is None and (stages == "counter" or (stages == "both" and seg_epochs == 0)):
         raise io.InputError(
             "--stage counter and --seg-epochs 0 keep the segmenter as it is, and a new "
@@ -299,7 +301,7 @@ def compare_with_start(
     )
     if mae["new"] > mae["start"]:
         log(
-            f"warning: the new model counts your held-out images worse than {from_model}; "
+            f"warning: the new model counts your calibration images worse than {from_model}; "
             f"keep using {from_model}, or fine-tune with more images or epochs (--count-epochs)"
         )
     config = json.loads((out / "config.json").read_text())

@@ -278,8 +278,10 @@ def calibrate_model(
     else:  # a 99th percentile of a handful of images would flag most new ones
         (folder / OOD_REFERENCE_FILE).unlink(missing_ok=True)
         log(
-            f"only {len(y)} calibration images: out-of-distribution warnings use the loose "
-            f"defaults (thresholds are fitted on {MIN_OOD_IMAGES} or more)"
+            f"only {len(y)} calibration images: out-of-distribution warnings use loose "
+            "defaults that flag only images far from anything the model saw (thresholds "
+            f"are fitted on {MIN_OOD_IMAGES} or more: `celltally calibrate --data FOLDER` "
+            "with more images not trained on)"
         )
     counter = CellCounter.from_pretrained(folder, device=device)  # with the reference, if any
     counter.count_scale = 1.0  # raw counts: an earlier correction must not shape this fit

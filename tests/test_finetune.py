@@ -294,3 +294,21 @@ def test_training_frames_and_the_models_frame_stay_the_same_size(base_model, fol
     assert "warning: 6 of 6 training images are not about the model's frame of 260 x 348" in (
         tuned.output
     )
+
+
+def test_small_training_sets_get_smaller_batches():
+    from celltally.training_data import _small_batches
+
+    config = base_config("small_set")
+    config["train"]["segmenter"]["batch_size"] = 8
+    config["train"]["counter"]["batch_size"] = 16
+    lines: list[str] = []
+    _small_batches(config, 18, lines.append)
+    assert config["train"]["segmenter"]["batch_size"] == 4
+    assert config["train"]["counter"]["batch_size"] == 4
+    assert "counter: batches of 4 instead of 16, so each epoch over 18" in lines[-1]
+    _small_batches(config, 5, lines.append)  # never below 2
+    assert config["train"]["counter"]["batch_size"] == 2
+    big = base_config("big_set")
+    _small_batches(big, 1000, lines.append)
+    assert big["train"] == base_config("big_set")["train"]

@@ -49,6 +49,28 @@ def split_by_scene_hash(
     }
 
 
+#: Fewest optimizer steps per epoch on a small training set (batches are made smaller).
+MIN_STEPS_PER_EPOCH = 4
+
+
+def _small_batches(config: dict[str, Any], n_train: int, log: Log) -> None:
+    """Smaller batches for a small training set, so each epoch takes a few steps.
+
+    A stage's batch is at most ``n_train // MIN_STEPS_PER_EPOCH`` (and at least
+    2): with 18 images and the usual 16 a counter epoch was one step (the last,
+    partial batch is dropped), and 10 epochs 10 updates.
+    """
+    for stage in ("segmenter", "counter"):
+        hp = config["train"][stage]
+        batch = max(2, min(int(hp["batch_size"]), n_train // MIN_STEPS_PER_EPOCH))
+        if batch < hp["batch_size"]:
+            log(
+                f"{stage}: batches of {batch} instead of {hp['batch_size']}, so each epoch "
+                f"over {n_train} training images takes {n_train // batch} steps"
+            )
+            hp["batch_size"] = batch
+
+
 def _check_frame_size(
     config: dict[str, Any], meta: Sequence[dict[str, Any]], *, adopt: bool, log: Log
 ) -> None:
@@ -257,6 +279,7 @@ def build_and_fit(
     log(
         f"train {len(train)} / calibration {len(calibration)} / test {config['training']['n_test']}"
     )
+    _small_batches(config, len(train), log)
     result = fit(
         train=train,
         calibration=calibration,

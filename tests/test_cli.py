@@ -147,6 +147,8 @@ def test_evaluate_takes_the_scale_and_normalization_options(tiny_model, image_fo
     out = tmp_path / "eval.json"
     args = ("evaluate", image_folder, "--model", tiny_model, "--out", out, "--no-progress")
     assert run(*args, "--norm-high", "99.0").exit_code == 0
+    assert run(*args, "--threads", "1").exit_code == 0
+    assert run(*args, "--threads", "0").exit_code == 2
     # the tiny model records no object scale: --diameter is refused in one line
     result = run(*args, "--diameter", "20")
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -40,7 +40,7 @@ def _options(
     """Count cells in microscopy images, with calibrated 95% intervals."""
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print a one-line error and exit non-zero (no traceback)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)

@@ -156,7 +156,8 @@ def measure(cal: dict, test: dict, stored: dict) -> dict:
         test["y"], test["mu"], test["sigma"], block, levels=RELIABILITY_LEVELS
     )
     q95 = interval_multiplier(block, 0.95, "conformal")
-    # Half the width of [max(0, mu - q sigma), mu + q sigma], as CountResult reports it.
+    # Half the width of [max(0, mu - q sigma), mu + q sigma] (the clipped interval, as
+    # the metrics' mean_half_width; CountResult.half_width is the unclipped q sigma).
     half = (test["mu"] + q95 * test["sigma"] - np.maximum(0, test["mu"] - q95 * test["sigma"])) / 2
     by_count: dict[str, dict] = {}
     for c in np.unique(test["y"]):

@@ -303,12 +303,22 @@ def test_small_training_sets_get_smaller_batches():
     config["train"]["segmenter"]["batch_size"] = 8
     config["train"]["counter"]["batch_size"] = 16
     lines: list[str] = []
-    _small_batches(config, 18, lines.append)
-    assert config["train"]["segmenter"]["batch_size"] == 4
+    # the segmenter learns from the images with a mask only
+    _small_batches(config, n_images={"segmenter": 8, "counter": 18}, log=lines.append)
+    assert config["train"]["segmenter"]["batch_size"] == 2
     assert config["train"]["counter"]["batch_size"] == 4
     assert "counter: batches of 4 instead of 16, so each epoch over 18" in lines[-1]
-    _small_batches(config, 5, lines.append)  # never below 2
-    assert config["train"]["counter"]["batch_size"] == 2
-    big = base_config("big_set")
-    _small_batches(big, 1000, lines.append)
-    assert big["train"] == base_config("big_set")["train"]
+    _small_batches(config, n_images={"counter": 5}, stages="counter", log=lines.append)
+    assert config["train"]["counter"]["batch_size"] == 2  # never below 2
+    # two processes each see half the images
+    two = base_config("two")
+    two["train"]["counter"]["batch_size"] = 16
+    _small_batches(two, n_images={"segmenter": 0, "counter": 40}, world=2, log=lines.append)
+    assert two["train"]["counter"]["batch_size"] == 5 and "per process" in lines[-1]
+    # a stage that does not run keeps its settings; a large set changes nothing
+    kept = base_config("kept")
+    kept["train"]["segmenter"]["epochs"] = 0
+    _small_batches(kept, n_images={"segmenter": 4, "counter": 1000}, log=lines.append)
+    before = base_config("kept")["train"]
+    assert kept["train"]["counter"] == before["counter"]
+    assert kept["train"]["segmenter"]["batch_size"] == before["segmenter"]["batch_size"]

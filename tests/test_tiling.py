@@ -113,10 +113,12 @@ def test_density_maps_sum_to_the_whole_frame_count():
     result = count_density(model, x.numpy(), tile=None)
     assert result.tiles == 1
     assert result.count == pytest.approx(whole.count.item(), rel=1e-5)
-    # counting runs in eval mode but leaves the caller's model in the mode it was in
+    # counting runs in eval mode but leaves each part of the caller's model as it was
     model.train()
+    model.segmenter.eval()  # as train_counter holds it: frozen
     assert count_density(model, x.numpy(), tile=None).count == pytest.approx(result.count)
-    assert all(m.training for m in model.modules())
+    assert all(m.training for m in model.counter.modules())
+    assert not any(m.training for m in model.segmenter.modules())
 
 
 def test_fc_head_has_no_density_map():
@@ -161,7 +163,7 @@ def test_window_geometry_comes_from_the_model_folder_unless_given():
     assert CellCounter(model, density_config()).tile == (512, 512)
     # a window the model cannot tile with is refused when the counter is made,
     # before any image (a batch would otherwise stop at its first large image)
-    for tile, margin in ((100, 0), (128, 64)):
+    for tile, margin in ((100, 0), (128, 64), (256, 48)):
         with pytest.raises(io.InputError, match="does not fit model"):
             CellCounter(model, config, tile=tile, margin=margin)
 

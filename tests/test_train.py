@@ -93,3 +93,37 @@ def test_the_paper_presets_constant_rate_and_the_default_one_cycle(schedule):
         assert rates == [1e-3] * 3
     else:  # warm-up, then annealing
         assert rates[0] < max(rates) and rates[-1] < max(rates)
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = CountingPipeline(config)
+    h, w = config["input_size"]
+    data = LabeledSet(
+        images=torch.rand(8, 1, h, w),
+        masks=(torch.rand(8, 1, h, w) > 0.5).float(),
+        counts=torch.arange(8, dtype=torch.float32),
+    )
+    quiet = dict(device=torch.device("cpu"), progress=False, log=lambda _: None)
+    checkpoint = tmp_path / "counter.pt"
+    train_counter(model, data, epochs=2, batch_size=2, checkpoint=checkpoint, **quiet)
+    again = train_counter(
+        model, data, epochs=2, batch_size=2, checkpoint=checkpoint, resume=True, **quiet
+    )
+    assert len(again) == 2  # nothing left to do: the saved history
+    with pytest.raises(ValueError, match="saved by a run with"):
+        train_counter(
+            model, data, epochs=2, batch_size=4, checkpoint=checkpoint, resume=True, **quiet
+        )
+    with pytest.raises(ValueError, match="saved by a run with"):
+        train_counter(
+            model,
+            data,
+            epochs=2,
+            batch_size=2,
+            schedule="constant",
+            checkpoint=checkpoint,
+            resume=True,
+            **quiet,
+        )

@@ -184,6 +184,27 @@ def test_count_with_wells_then_wells_command(tiny_model, well_plate, tmp_path):
     )
 
 
+def test_wells_of_a_run_whose_every_image_failed(tiny_model, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "Plate1_B03_s1_w1.tif").write_bytes(b"not a tiff")
+    out = tmp_path / "res.csv"
+    args = ["count", str(folder), "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 1
+    totals = tmp_path / "w.csv"
+    result = runner.invoke(app, ["wells", str(out), "-o", str(totals)])
+    assert result.exit_code == 0, result.output
+    with open(totals, newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert (row["well"], row["images"], row["failed"]) == ("B03", "0", "1")
+    # a bad plate format is refused before anything is written
+    bad = runner.invoke(
+        app, ["wells", str(out), "-o", str(tmp_path / "x.csv"), "--plate-format", "100"]
+    )
+    assert bad.exit_code == 2 and "--plate-format" in bad.output
+    assert not (tmp_path / "x.csv").exists()
+
+
 def test_wells_refuses_results_without_wells_and_non_csv_files(tiny_model, tmp_path):
     folder = tmp_path / "nowells"
     folder.mkdir()

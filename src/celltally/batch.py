@@ -722,8 +722,16 @@ def run_batch(
     options = json.loads(json.dumps(counter_options or {}))  # as the manifest will hold them
     # The model with these options, made before any output exists: a bad option (e.g.
     # --diameter for a model without a scale, a tile it cannot use) leaves no file behind.
-    # Counted here unless a Dask cluster counts (its workers load their own).
-    local_counter = CellCounter.from_pretrained(folder, **options)
+    # It counts here unless a Dask cluster does (its workers load their own: this one is
+    # then only a check, on the CPU, and dropped).
+    try:
+        local_counter = CellCounter.from_pretrained(
+            folder, **({**options, "device": "cpu"} if dask else options)
+        )
+    except (TypeError, ValueError) as err:
+        raise io.InputError(f"counter options {options}: {err}") from None
+    if dask:
+        local_counter = None
     masks = Path(save_masks) if save_masks is not None else None
     root = io.output_root(inputs)
     if masks is not None:
@@ -801,7 +809,7 @@ def run_batch(
 
         remaining = todo()
         threads_before: int | None = None
-        first = next(remaining, None)  # nothing left: no cluster
+        first = next(remaining, None)  # nothing left: no cluster started
         remaining = itertools.chain([first], remaining) if first is not None else iter(())
         try:
             if first is None:
@@ -828,6 +836,7 @@ def run_batch(
 
                     threads_before = torch.get_num_threads()
                     torch.set_num_threads(threads)  # set back when the run ends (finally)
+                assert local_counter is not None
                 counter = local_counter
                 pending: list[tuple[str, dict | None, str | None]] = []
                 stream = counter.count_paths(

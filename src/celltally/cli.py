@@ -365,11 +365,17 @@ def _echo_wells(
 ) -> None:
     """Write and report per-well totals; ``strict``: no well in the names is an error."""
     from celltally import io
-    from celltally.wells import read_results, well_key, well_totals
+    from celltally.platemap import PLATE_FORMATS
+    from celltally.wells import _failed_files, read_results, well_key, well_totals
 
     if map_value not in ("count", "mean_per_image"):
         raise ValueError(f"--map-value must be count or mean_per_image, not {map_value!r}")
-    if strict and not any(well_key(r.get("file") or "") for r in read_results(results)):
+    sizes = sorted(r * c for r, c in PLATE_FORMATS)
+    if plate_format is not None and plate_format not in sizes:
+        raise ValueError(f"--plate-format must be one of {sizes} wells, not {plate_format}")
+    counted = read_results(results)
+    names = [r.get("file") or "" for r in counted] + _failed_files(results, counted)
+    if strict and not any(well_key(name) for name in names):
         raise io.InputError(
             f"{results}: no file name carries a well (such as Plate1_B03_s1_w1.tif or "
             "SIMCEPImages_B03_...): nothing to total per well",

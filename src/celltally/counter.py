@@ -193,11 +193,16 @@ class CellCounter:
         self.margin = int(margin if margin is not None else tiling.get("margin", DEFAULT_MARGIN))
         self.density_head = bool(getattr(model.counter, "counts_any_size", False))
         stride = int(getattr(model, "density_stride", 0) or 0) if self.density_head else 0
-        if stride and any(t % stride or t <= 2 * self.margin for t in self.tile):
+        if stride and (
+            any(t % stride or t <= 2 * self.margin for t in self.tile)
+            or self.margin % stride
+            or self.margin < 0
+        ):
             # checked here, not at the first large image, so a batch fails before it starts
             raise io.InputError(
-                f"tile {chosen} does not fit model {self.name}: a tile must be a multiple of "
-                f"{stride} model px and larger than {2 * self.margin} (twice its margin)"
+                f"tile {chosen} with margin {self.margin} does not fit model {self.name}: "
+                f"both must be multiples of {stride} model px, the tile larger than twice "
+                "the margin"
             )
         if not self.density_head and self.factor != 1.0:
             raise io.InputError(

@@ -308,7 +308,7 @@ def count_density(
     in it afterwards.
     """
     modules = [model, *members]
-    training = [m.training for m in modules]
+    training = [(sub, sub.training) for m in modules for sub in m.modules()]
     for m in modules:
         m.eval()
     try:
@@ -322,8 +322,8 @@ def count_density(
             members=members,
         )
     finally:
-        for m, mode in zip(modules, training, strict=True):
-            m.train(mode)
+        for sub, mode in training:  # each part as it was (e.g. a frozen segmenter in eval)
+            sub.training = mode
 
 
 def _count_density(

@@ -117,7 +117,14 @@ def _run_epochs(
     history: list[dict[str, float]] = []
     start = 0
     state = _load_checkpoint(checkpoint) if resume else None
+    plan = {"schedule": schedule, "steps_per_epoch": steps_per_epoch, "epochs": epochs}
     if state is not None and state.get("stage") == stage:
+        saved = {k: state.get("plan", {}).get(k, "not recorded") for k in plan}
+        if saved != plan:
+            raise ValueError(
+                f"{checkpoint}: saved by a run with {saved}, this one has {plan}: resume with "
+                "the same data and settings, or train into a new --out"
+            )
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -151,6 +158,7 @@ def _run_epochs(
                 "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(),
                 "history": history,
+                "plan": plan,
             },
         )
     distributed.sync_buffers(module)  # rank 0's BatchNorm statistics on every rank
@@ -187,8 +195,8 @@ def train_segmenter(
     keep = data.has_mask
     if not bool(keep.any()):
         raise ValueError(
-            "no training image has a foreground mask; the segmenter needs masks (to "
-            "train only the counter on counts, start from a trained model: --from MODEL)"
+            "no training image has a foreground mask, and the segmenter needs masks (to "
+            "train only the counter on counts: --from MODEL --stage counter)"
         )
     images, masks = data.images[keep], data.masks[keep]
     seg = model.segmenter.to(device)

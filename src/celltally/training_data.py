@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from celltally.datasets import (
     simulate_set,
     split_bbbc005,
 )
-from celltally.distributed import is_main
+from celltally.distributed import is_main, world_size
 from celltally.models.presets import get_preset
 from celltally.tiling import model_scale
 from celltally.train import Log, fit, write_config
@@ -53,20 +53,34 @@ def split_by_scene_hash(
 MIN_STEPS_PER_EPOCH = 4
 
 
-def _small_batches(config: dict[str, Any], n_train: int, log: Log) -> None:
+def _small_batches(
+    config: dict[str, Any],
+    *,
+    n_images: Mapping[str, int],
+    stages: str = "both",
+    world: int = 1,
+    log: Log = print,
+) -> None:
     """Smaller batches for a small training set, so each epoch takes a few steps.
 
-    A stage's batch is at most ``n_train // MIN_STEPS_PER_EPOCH`` (and at least
-    2): with 18 images and the usual 16 a counter epoch was one step (the last,
-    partial batch is dropped), and 10 epochs 10 updates.
+    ``n_images`` holds each stage's training images (the segmenter's: those
+    with a mask). A stage that runs gets batches of at most
+    ``n // (world * MIN_STEPS_PER_EPOCH)`` images (and at least 2; ``world``
+    processes each see ``n / world``): with 18 images and the usual 16 a
+    counter epoch was one step (the last, partial batch is dropped), and 10
+    epochs 10 updates.
     """
     for stage in ("segmenter", "counter"):
         hp = config["train"][stage]
-        batch = max(2, min(int(hp["batch_size"]), n_train // MIN_STEPS_PER_EPOCH))
+        if stages not in ("both", stage) or hp.get("epochs", 0) <= 0:
+            continue
+        n = int(n_images.get(stage, 0)) // max(1, world)
+        batch = max(2, min(int(hp["batch_size"]), n // MIN_STEPS_PER_EPOCH))
         if batch < hp["batch_size"]:
             log(
                 f"{stage}: batches of {batch} instead of {hp['batch_size']}, so each epoch "
-                f"over {n_train} training images takes {n_train // batch} steps"
+                f"over {n} training images{' per process' if world > 1 else ''} takes "
+                f"{max(1, n // batch)} steps"
             )
             hp["batch_size"] = batch
 
@@ -279,7 +293,13 @@ def build_and_fit(
     log(
         f"train {len(train)} / calibration {len(calibration)} / test {config['training']['n_test']}"
     )
-    _small_batches(config, len(train), log)
+    _small_batches(
+        config,
+        n_images={"segmenter": int(train.has_mask.sum()), "counter": len(train)},
+        stages=stages,
+        world=world_size(),
+        log=log,
+    )
     result = fit(
         train=train,
         calibration=calibration,

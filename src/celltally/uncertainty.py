@@ -129,9 +129,8 @@ def train_ensemble(
     list of Path
         The member files written.
     """
-    from safetensors.torch import load_file, save_file
 
-    from celltally.train import default_device, seed_everything, train_counter
+    from celltally.train import default_device
 
     if members < 2:
         raise ValueError(f"an ensemble needs at least 2 members, got {members}")
@@ -141,7 +140,58 @@ def train_ensemble(
     device = device or default_device()
     # New members are written beside the old ones and swapped in once all are trained:
     # a run that fails midway leaves the folder's ensemble as it was.
-    written = []
+    written: list[Path] = []
+    try:
+        _train_members(
+            folder,
+            config,
+            hp,
+            train=train,
+            calibration=calibration,
+            members=members,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            progress=progress,
+            log=log,
+            written=written,
+        )
+    except BaseException:
+        for path in written:  # members of an unfinished run: the folder keeps its own
+            path.unlink(missing_ok=True)
+        raise
+    for old in ensemble_files(folder):
+        old.unlink()
+    written = [path.replace(path.with_suffix("")) for path in written]
+    if calibration is not None and len(calibration):
+        calibrate_model(folder, calibration, device=device, log=log)
+    return written
+
+
+def _train_members(
+    folder: Path,
+    config: dict[str, Any],
+    hp: dict[str, Any],
+    *,
+    train: Any,
+    calibration: Any,
+    members: int,
+    epochs: int | None,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+    log: Any,
+    written: list[Path],
+) -> None:
+    """Train ensemble members 1 .. members - 1 into ``ensemble_<k>.safetensors.new``.
+
+    Each file is appended to ``written`` before it is saved, so a failure
+    leaves nothing the caller does not know about.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from celltally.train import seed_everything, train_counter
+
     for k in range(1, members):
         seed_everything(seed + k)
         model = CountingPipeline(config)  # fresh counter, initialised by seed + k
@@ -157,6 +207,7 @@ def train_ensemble(
             batch_size=int(hp.get("batch_size", 16)),
             lr=float(hp.get("lr", 1e-3)),
             beta=float(hp.get("beta", 0.0)),
+            schedule=str(hp.get("schedule", "one_cycle")),
             seed=seed + k,
             device=device,
             progress=progress,
@@ -164,14 +215,8 @@ def train_ensemble(
         )
         state = {k2: v.detach().cpu().contiguous() for k2, v in model.counter.state_dict().items()}
         path = folder / f"ensemble_{k}.safetensors.new"
-        save_file(state, str(path))
         written.append(path)
-    for old in ensemble_files(folder):
-        old.unlink()
-    written = [path.replace(path.with_suffix("")) for path in written]
-    if calibration is not None and len(calibration):
-        calibrate_model(folder, calibration, device=device, log=log)
-    return written
+        save_file(state, str(path))
 
 
 def _predict(counter: Any, data: LabeledSet) -> tuple[np.ndarray, np.ndarray, list[dict]]:

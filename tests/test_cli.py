@@ -154,6 +154,18 @@ def test_evaluate_takes_the_scale_and_normalization_options(tiny_model, image_fo
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
 
 
+def test_count_says_how_many_images_look_unlike_the_calibration_data(tmp_path):
+    from celltally.simulate import simulate_plate
+
+    # BBBC005-like cell bodies are far from the nuclei model's calibration images
+    plate = simulate_plate(tmp_path / "p", images=1, counts=[60], blurs=(48,), stains=(2,))
+    out = tmp_path / "res.csv"
+    args = ("-o", out, "--model", "nuclei", "--threads", "1", "--no-progress")
+    result = run("count", plate / "images", *args)
+    assert result.exit_code == 0, result.output
+    assert f"1 of 1 images in {out} flagged as unlike the model's calibration" in result.output
+
+
 def test_version_and_a_bad_stage(tmp_path):
     from celltally import __version__
 

@@ -333,6 +333,13 @@ def count(
     rate = f", {summary.counted / summary.seconds:.1f} img/s" if summary.counted > 1 else ""
     took = f" in {summary.seconds:.1f} s{rate}" if summary.counted and summary.seconds > 0 else ""
     typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
+    in_csv = read_results(out) if out.exists() else []
+    flagged = sum(1 for r in in_csv if r.get("warning"))
+    if flagged:
+        typer.echo(
+            f"{flagged} of {len(in_csv)} images in {out} flagged as unlike the model's "
+            "calibration images (column 'warning'): their intervals may not mean what they say"
+        )
     if summary.failed:
         for message in summary.errors:
             typer.echo(f"error: {message}", err=True)

@@ -11,6 +11,16 @@ from celltally.models.pipeline import CountingPipeline
 from celltally.train import train_counter, train_segmenter
 
 
+def random_set(config: dict, n: int) -> LabeledSet:
+    """``n`` random images at the config's input size, random masks, counts 0 .. n - 1."""
+    h, w = config["input_size"]
+    return LabeledSet(
+        images=torch.rand(n, 1, h, w),
+        masks=(torch.rand(n, 1, h, w) > 0.5).float(),
+        counts=torch.arange(n, dtype=torch.float32),
+    )
+
+
 @pytest.mark.parametrize("n_images", [2, 4, 8, 10, 12])
 def test_a_few_steps_train_without_a_broken_schedule(n_images):
     # one epoch of n / 2 steps: at 5 steps a one-cycle warm-up of 20% has zero
@@ -18,12 +28,7 @@ def test_a_few_steps_train_without_a_broken_schedule(n_images):
     torch.manual_seed(0)
     config = tiny_config()
     model = CountingPipeline(config)
-    h, w = config["input_size"]
-    data = LabeledSet(
-        images=torch.rand(n_images, 1, h, w),
-        masks=(torch.rand(n_images, 1, h, w) > 0.5).float(),
-        counts=torch.arange(n_images, dtype=torch.float32),
-    )
+    data = random_set(config, n_images)
     quiet = dict(epochs=1, batch_size=2, lr=1e-3, device=torch.device("cpu"), progress=False)
     seg = train_segmenter(model, data, log=lambda _: None, **quiet)
     cnt = train_counter(model, data, log=lambda _: None, **quiet)
@@ -38,20 +43,11 @@ def test_fit_trains_the_segmenter_on_segmenter_train_when_given(tmp_path):
     config = tiny_config()
     config["train"]["segmenter"]["epochs"] = 1
     config["train"]["counter"]["epochs"] = 1
-    h, w = config["input_size"]
-
-    def labelled(n: int) -> LabeledSet:
-        return LabeledSet(
-            images=torch.rand(n, 1, h, w),
-            masks=(torch.rand(n, 1, h, w) > 0.5).float(),
-            counts=torch.arange(n, dtype=torch.float32),
-        )
-
-    train = labelled(8)
+    train = random_set(config, 8)
     lines: list[str] = []
     fit(
         train=train,
-        calibration=labelled(4),
+        calibration=random_set(config, 4),
         test=None,
         config=config,
         out=tmp_path / "m",
@@ -71,12 +67,7 @@ def test_the_paper_presets_constant_rate_and_the_default_one_cycle(schedule):
     torch.manual_seed(0)
     config = tiny_config()
     model = CountingPipeline(config)
-    h, w = config["input_size"]
-    data = LabeledSet(
-        images=torch.rand(8, 1, h, w),
-        masks=(torch.rand(8, 1, h, w) > 0.5).float(),
-        counts=torch.arange(8, dtype=torch.float32),
-    )
+    data = random_set(config, 8)
     history = train_counter(
         model,
         data,
@@ -99,12 +90,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     torch.manual_seed(0)
     config = tiny_config()
     model = CountingPipeline(config)
-    h, w = config["input_size"]
-    data = LabeledSet(
-        images=torch.rand(8, 1, h, w),
-        masks=(torch.rand(8, 1, h, w) > 0.5).float(),
-        counts=torch.arange(8, dtype=torch.float32),
-    )
+    data = random_set(config, 8)
     quiet = dict(device=torch.device("cpu"), progress=False, log=lambda _: None)
     checkpoint = tmp_path / "counter.pt"
     train_counter(model, data, epochs=2, batch_size=2, checkpoint=checkpoint, **quiet)

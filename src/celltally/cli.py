@@ -296,8 +296,7 @@ def count(
             log=note,
             counter_options=options,
         )
-        if save_labels is not None or table_format == "cellprofiler":
-            rows = read_results(out)
+        rows = read_results(out) if out.exists() else []  # this run's and earlier runs'
         if save_labels is not None:
             from celltally.io import output_root
             from celltally.objects import save_objects_for_rows
@@ -333,11 +332,10 @@ def count(
     rate = f", {summary.counted / summary.seconds:.1f} img/s" if summary.counted > 1 else ""
     took = f" in {summary.seconds:.1f} s{rate}" if summary.counted and summary.seconds > 0 else ""
     typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
-    in_csv = read_results(out) if out.exists() else []
-    flagged = sum(1 for r in in_csv if r.get("warning"))
+    flagged = sum(1 for r in rows if r.get("warning"))
     if flagged:
         typer.echo(
-            f"{flagged} of {len(in_csv)} images in {out} flagged as unlike the model's "
+            f"{flagged} of {len(rows)} images in {out} flagged as unlike the model's "
             "calibration images (column 'warning'): their intervals may not mean what they say"
         )
     if summary.failed:
@@ -371,24 +369,17 @@ def _echo_wells(
     strict: bool = False,
 ) -> None:
     """Write and report per-well totals; ``strict``: no well in the names is an error."""
-    from celltally import io
-    from celltally.platemap import PLATE_FORMATS
-    from celltally.wells import _failed_files, read_results, well_key, well_totals
+    from celltally.platemap import plate_shape
+    from celltally.wells import well_totals
 
     if map_value not in ("count", "mean_per_image"):
         raise ValueError(f"--map-value must be count or mean_per_image, not {map_value!r}")
-    sizes = sorted(r * c for r, c in PLATE_FORMATS)
-    if plate_format is not None and plate_format not in sizes:
-        raise ValueError(f"--plate-format must be one of {sizes} wells, not {plate_format}")
-    counted = read_results(results)
-    names = [r.get("file") or "" for r in counted] + _failed_files(results, counted)
-    if strict and not any(well_key(name) for name in names):
-        raise io.InputError(
-            f"{results}: no file name carries a well (such as Plate1_B03_s1_w1.tif or "
-            "SIMCEPImages_B03_...): nothing to total per well",
-            results,
-        )
-    rows, skipped, notes = well_totals(results, out, correlation=correlation)
+    if plate_format is not None:
+        try:
+            plate_shape(plate_format)
+        except ValueError as err:
+            raise ValueError(f"--plate-format: {err}") from None
+    rows, skipped, notes = well_totals(results, out, correlation=correlation, require_wells=strict)
     value = {r.get("model"): r.get("correlation") for r in rows if r.get("correlation") != ""}
     used = "; ".join(
         f"{m or '?'}: {_fmt_number(value.get(m))} ({note})" for m, note in notes.items()

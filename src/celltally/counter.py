@@ -29,6 +29,7 @@ from celltally.tiling import (
     DEFAULT_MARGIN,
     DEFAULT_TILE,
     FRAME_TOLERANCE,
+    check_tiles,
     count_density,
     model_scale,
     model_shape,
@@ -192,18 +193,12 @@ class CellCounter:
         self.tile = tile_sides(chosen)
         self.margin = int(margin if margin is not None else tiling.get("margin", DEFAULT_MARGIN))
         self.density_head = bool(getattr(model.counter, "counts_any_size", False))
-        stride = int(getattr(model, "density_stride", 0) or 0) if self.density_head else 0
-        if stride and (
-            any(t % stride or t <= 2 * self.margin for t in self.tile)
-            or self.margin % stride
-            or self.margin < 0
-        ):
+        if self.density_head:
             # checked here, not at the first large image, so a batch fails before it starts
-            raise io.InputError(
-                f"tile {chosen} with margin {self.margin} does not fit model {self.name}: "
-                f"both must be multiples of {stride} model px, the tile larger than twice "
-                "the margin"
-            )
+            try:
+                check_tiles(self.tile, margin=self.margin, stride=int(model.density_stride))
+            except ValueError as err:
+                raise io.InputError(f"the tile does not fit model {self.name}: {err}") from None
         if not self.density_head and self.factor != 1.0:
             raise io.InputError(
                 f"model {self.name} has the paper's fixed-frame 'fc' head, which cannot "

@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PLATE_FORMATS", "PlateGrid", "plate_grids", "plot_plate_maps", "well_position"]
+__all__ = [
+    "PLATE_FORMATS",
+    "PlateGrid",
+    "plate_grids",
+    "plate_shape",
+    "plot_plate_maps",
+    "well_position",
+]
 
 #: Standard plate formats, (rows, columns), smallest first.
 PLATE_FORMATS: tuple[tuple[int, int], ...] = (
@@ -82,6 +89,14 @@ class PlateGrid:
         return int(self.values.size)
 
 
+def plate_shape(plate_format: int) -> tuple[int, int]:
+    """(rows, columns) of a standard plate of ``plate_format`` wells; ValueError otherwise."""
+    sizes = {r * c: (r, c) for r, c in PLATE_FORMATS}
+    if plate_format not in sizes:
+        raise ValueError(f"plate format must be one of {sorted(sizes)} wells, not {plate_format}")
+    return sizes[plate_format]
+
+
 def _format(rows: int, columns: int) -> tuple[int, int]:
     for shape in PLATE_FORMATS:
         if rows <= shape[0] and columns <= shape[1]:
@@ -132,14 +147,7 @@ def plate_grids(
             max(r0, *(r + 1 for r, _, _ in members)),
             max(c0, *(c + 1 for _, c, _ in members)),
         )
-    forced = None
-    if plate_format is not None:
-        sizes = {r * c: (r, c) for r, c in PLATE_FORMATS}
-        if plate_format not in sizes:
-            raise ValueError(
-                f"plate format must be one of {sorted(sizes)} wells, not {plate_format}"
-            )
-        forced = sizes[plate_format]
+    forced = None if plate_format is None else plate_shape(plate_format)
     grids = []
     for (plate, stain), members in sorted(groups.items()):
         shape = forced or _format(*extent[plate])

@@ -385,7 +385,7 @@ def _plate_error_map(wells: Mapping[str, Any] | None, out_dir: Path) -> str:
     from celltally.platemap import plate_grids, plot_plate_maps
 
     rows = (wells or {}).get("rows") or []
-    if not plate_grids(rows, value="error"):
+    if not plate_grids(rows, value="error"):  # no well name sits on a plate grid
         return ""
     plot_plate_maps(
         rows,

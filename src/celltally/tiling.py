@@ -212,6 +212,21 @@ def tile_sides(tile: int | Sequence[int]) -> tuple[int, int]:
     return ty, tx
 
 
+def check_tiles(tile: int | Sequence[int], *, margin: int, stride: int) -> tuple[int, int]:
+    """(height, width) of the window ``tile``; ValueError unless it can be tiled with.
+
+    ``tile`` and ``margin`` must be multiples of ``stride`` with ``tile > 2 margin``,
+    so every core is a block of whole density cells.
+    """
+    ty, tx = tile_sides(tile)
+    if any(t % stride or t <= 2 * margin for t in (ty, tx)) or margin % stride or margin < 0:
+        raise ValueError(
+            f"tile ({tile}) and margin ({margin}) must be multiples of {stride} "
+            "with tile > 2 * margin"
+        )
+    return ty, tx
+
+
 def plan_tiles(
     shape: Sequence[int],
     *,
@@ -228,12 +243,7 @@ def plan_tiles(
     core is a block of whole density cells. A canvas no larger than ``tile``
     along an axis is one window along it.
     """
-    ty, tx = tile_sides(tile)
-    if any(t % stride or t <= 2 * margin for t in (ty, tx)) or margin % stride or margin < 0:
-        raise ValueError(
-            f"tile ({tile}) and margin ({margin}) must be multiples of {stride} "
-            "with tile > 2 * margin"
-        )
+    ty, tx = check_tiles(tile, margin=margin, stride=stride)
     if shape[0] % stride or shape[1] % stride:
         raise ValueError(f"canvas {tuple(shape)} is not a multiple of the stride {stride}")
     ys = _axis_tiles(int(shape[0]), ty, margin)

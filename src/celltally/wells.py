@@ -312,13 +312,19 @@ def _manifest_model(results: str | Path) -> tuple[dict[str, str], bool]:
 
 
 def well_totals(
-    results: str | Path, out: str | Path, *, correlation: float | None = None
+    results: str | Path,
+    out: str | Path,
+    *,
+    correlation: float | None = None,
+    require_wells: bool = False,
 ) -> tuple[list[dict[str, Any]], int, dict[str, str]]:
     """Read a results CSV, total it per well and write ``out``: the ``celltally wells`` job.
 
     ``correlation`` None takes each model's measured value
-    (:func:`model_correlation`). Returns the well rows, the number of images
-    without a well, and where each model's correlation came from.
+    (:func:`model_correlation`). With ``require_wells``, a results CSV in which
+    no image name (counted or failed) carries a well raises InputError before
+    ``out`` is written. Returns the well rows, the number of images without a
+    well, and where each model's correlation came from.
     """
     rows = read_results(results)
     names = sorted({r.get("model") or "" for r in rows})
@@ -340,5 +346,11 @@ def well_totals(
     wells, skipped = aggregate_wells(
         rows, correlation=values, failed=_failed_files(results, rows), source=str(results)
     )
+    if require_wells and not wells:
+        raise io.InputError(
+            f"{results}: no file name carries a well (such as Plate1_B03_s1_w1.tif or "
+            "SIMCEPImages_B03_...): nothing to total per well",
+            results,
+        )
     write_wells(out, wells)
     return wells, skipped, notes

@@ -11,6 +11,7 @@ from conftest import blob_image, tiny_config
 
 from celltally import io
 from celltally.calibration import (
+    beyond_calibration,
     calibrate,
     conformal_quantile,
     coverage,
@@ -418,3 +419,12 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     bogus = runner.invoke(app, [*scaled[:-1], "total"])
     assert bogus.exit_code != 0 and "count_scale: unknown block" in bogus.output
     assert "Traceback" not in bogus.output
+
+
+def test_beyond_calibration_names_the_supported_level():
+    block = {"scores": list(np.linspace(0.1, 2.0, 20)), "default": "conformal"}
+    assert beyond_calibration(block, 0.95) is None  # 20 scores support up to 20/21
+    note = beyond_calibration(block, 0.99)
+    assert "0.952" in note and "20 calibration" in note and "99 or more" in note
+    assert beyond_calibration(block, 0.99, "temperature") is None  # not a conformal interval
+    assert beyond_calibration({}, 0.99) is None

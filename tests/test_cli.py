@@ -108,6 +108,29 @@ def test_unknown_model_and_level(image_folder, tmp_path):
     assert result.exit_code == 2 and "--level" in result.output
 
 
+def test_a_level_above_what_the_calibration_supports_is_noted(tiny_model, image_folder, tmp_path):
+    import shutil
+
+    model = tmp_path / "five_scores"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["calibration"] = {"default": "conformal", "scores": [0.2, 0.5, 0.9, 1.3, 2.0]}
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "res.csv"
+    common = ("--model", model, "--no-progress")
+    supported = run("count", image_folder, "-o", out, "--level", "0.8", *common)
+    assert supported.exit_code == 0 and "note: level" not in supported.output
+    above = run("count", image_folder, "-o", tmp_path / "b.csv", "--level", "0.9", *common)
+    assert above.exit_code == 0, above.output
+    assert "note: level 0.9 is above the 0.833 that the model's 5 calibration images" in (
+        above.output
+    )
+    evaluated = run(
+        "evaluate", image_folder, "--level", "0.9", "--out", tmp_path / "e.json", *common
+    )
+    assert "note: level 0.9 is above" in evaluated.output
+
+
 def test_evaluate_writes_json(tiny_model, image_folder, tmp_path):
     from conftest import blob_image
 

@@ -153,8 +153,23 @@ def test_explain_an_image_counted_in_tiles():
     assert expl.image.shape != counter.input_size  # not resized into one frame
     assert expl.image_saliency.shape == expl.image.shape
     h, w = expl.image.shape
-    assert expl.mask.shape == expl.mask_std.shape == expl.mask_saliency.shape == (h // 2, w // 2)
+    half = (-(-h // 2), -(-w // 2))  # the half-size masks cover every image pixel
+    assert expl.mask.shape == expl.mask_std.shape == expl.mask_saliency.shape == half
     assert expl.result.count == pytest.approx(counter.count(image).count)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (40, 40), (40, 696), (8, 300)])
+def test_explain_a_small_image_or_thin_strip(shape):
+    """Explained on the zero-padded canvas counting uses, then cropped back (it crashed)."""
+    counter = CellCounter.from_pretrained("bbbc005")
+    image = blob_image(1 if min(shape) >= 20 else 0, shape=shape, seed=5)
+    expl = explain_image(counter, image)
+    assert expl.image.shape == expl.image_saliency.shape
+    h, w = expl.image.shape
+    half = (-(-h // 2), -(-w // 2))
+    assert expl.mask.shape == expl.mask_std.shape == expl.mask_saliency.shape == half
+    assert expl.result.count == pytest.approx(counter.count(image).count)
+    assert np.isfinite(expl.image_saliency).all()
 
 
 def test_count_with_input_returns_the_count_and_what_the_model_read(tiny_model):

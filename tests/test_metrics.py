@@ -36,7 +36,10 @@ def test_count_metrics_intervals() -> None:
     m = count_metrics(true, [10, 22, 31, 41], low=low, high=high)
     assert m["coverage"] == pytest.approx(0.75)  # 20 is below [21, 25]; 40 == low counts
     assert m["mean_interval_width"] == pytest.approx((4 + 4 + 10 + 4) / 4)
-    assert m["mean_half_width"] == pytest.approx((4 + 4 + 10 + 4) / 8)
+    assert m["mean_half_width"] == pytest.approx((2 + 3 + 4 + 3) / 4)  # high - pred
+    # a low clipped at 0 does not shrink the half-width: 1 ± 3 is [0, 4]
+    clipped = count_metrics([0.0, 2.0], [1.0, 1.0], low=[0.0, 0.0], high=[4.0, 4.0])
+    assert clipped["mean_half_width"] == pytest.approx(3.0)
     for a, b in zip((true, low, high), before, strict=True):
         np.testing.assert_array_equal(a, b)
 

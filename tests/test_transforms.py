@@ -7,6 +7,7 @@ from celltally.datasets import LabeledSet
 from celltally.transforms import (
     dense_strides,
     flip_rotate,
+    noise_std,
     normalize_percentile,
     prepare_image,
     resize_area,
@@ -33,6 +34,37 @@ def test_empty_frame_is_not_stretched():
     empty = rng.integers(0, 3, (520, 696)).astype(np.uint8)
     out = prepare_image(empty, size=(192, 256))
     assert out.max() < 0.5  # noise of 2 grey levels stays small
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int16", "uint16", "uint8"])
+def test_empty_frame_is_not_stretched_in_any_dtype(dtype):
+    # a background-only frame: 1% noise of the dtype's typical full scale
+    full = {"float32": 1.0, "int16": 4095, "uint16": 4095, "uint8": 255}[dtype]
+    rng = np.random.default_rng(0)
+    empty = (rng.random((520, 696)) * 0.01 * full).astype(dtype)
+    out = prepare_image(empty, size=(192, 256))
+    assert out.max() < 0.6
+
+
+@pytest.mark.parametrize("dtype, level, noise", [("uint8", 20, 4), ("uint16", 300, 60)])
+def test_a_noise_only_frame_is_not_stretched(dtype, level, noise):
+    # noise far above the dtype guard: the noise-std guard keeps it dim
+    rng = np.random.default_rng(2)
+    empty = np.clip(rng.normal(level, noise, (520, 696)), 0, None).astype(dtype)
+    out = prepare_image(empty, size=(192, 256))
+    assert out.max() < 0.6
+    stretched = prepare_image(empty, size=(192, 256), norm={"noise_range": 0})
+    assert stretched.max() > 0.95  # what it was without the guard
+
+
+def test_noise_std_estimates_white_noise_and_ignores_smooth_signal():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:200, :300]
+    smooth = 100 + 0.5 * xx + 40 * np.exp(-((yy - 100) ** 2 + (xx - 150) ** 2) / 2000)
+    noisy = smooth + rng.normal(0, 3, smooth.shape)
+    assert noise_std(noisy) == pytest.approx(3, rel=0.05)
+    assert noise_std(smooth) < 0.1
+    assert noise_std(np.zeros((2, 5))) == 0.0
 
 
 def test_16bit_and_8bit_same_scene_agree_percentile():
@@ -68,13 +100,27 @@ def test_conformal_quantile_rank():
     assert conformal_quantile(scores, 0.95) == 19
     assert conformal_quantile(scores, 0.5) == 10
     assert conformal_quantile([], 0.95) == gaussian_quantile(0.95)
-    # beyond n / (n + 1): the temperature-scaled Gaussian, never below the largest score,
-    # so the multiplier grows with the level
+    # beyond n / (n + 1) (0.75 for 3 scores): the largest score, extrapolated with a
+    # Gaussian tail from the level it belongs to, or T z if wider; growing with the level
     few = [0.5, 1.0, 4.0]
     t = np.sqrt(np.mean(np.square(few)))
-    assert conformal_quantile(few, 0.9) == pytest.approx(max(4.0, t * gaussian_quantile(0.9)))
+    tail = 4.0 * gaussian_quantile(0.9) / gaussian_quantile(0.75)
+    assert conformal_quantile(few, 0.9) == pytest.approx(max(tail, t * gaussian_quantile(0.9)))
+    assert conformal_quantile(few, 0.75) == 4.0  # the last level the scores support
     levels = np.linspace(0.05, 0.9999, 200)
     multipliers = [conformal_quantile(few, level) for level in levels]
     assert all(b >= a for a, b in zip(multipliers, multipliers[1:], strict=False))
-    assert conformal_quantile(scores, 0.999) >= 19
+    above = [m for m, level in zip(multipliers, levels, strict=True) if level > 0.75]
+    assert all(b > a for a, b in zip(above, above[1:], strict=False))  # never flat
+    assert conformal_quantile(scores, 0.999) > 19
     assert abs(gaussian_quantile(0.95) - 1.959964) < 1e-5
+
+
+def test_the_shipped_model_counts_no_cells_in_a_noise_only_frame():
+    from celltally.counter import CellCounter
+
+    rng = np.random.default_rng(4)
+    empty = np.clip(rng.normal(20, 2, (520, 696)), 0, 255).astype(np.uint8)
+    result = CellCounter.from_pretrained("bbbc005").count(empty)
+    assert result.count < 1.0  # was ~157 before the noise guard
+    assert result.warning  # and it is flagged: no calibration image was empty

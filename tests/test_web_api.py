@@ -198,6 +198,43 @@ def test_bad_files_are_reported_and_the_rest_still_count(client, scene):
         assert "/" not in item["error"], "temporary paths must not leak into messages"
 
 
+def test_a_failed_file_keeps_its_well_so_the_page_can_say_what_its_total_lacks(client, scene):
+    good = tiff_bytes(scene.image)
+    files = [
+        ("SIMCEPImages_D07_C30_F1_s01_w1.TIF", good, "image/tiff"),
+        ("SIMCEPImages_D07_C30_F1_s02_w1.TIF", good[:100], "image/tiff"),
+        ("SIMCEPImages_D07_C30_F1_s03_w1.txt", b"x", "text/plain"),
+    ]
+    body = post(client, files, saliency="false").json()
+    assert [r["ok"] for r in body["results"]] == [True, False, False]
+    for r in body["results"]:
+        assert (r["metadata"]["well"], r["metadata"]["stain"]) == ("D07", 1)
+    assert [r["metadata"]["site"] for r in body["results"]] == [1, 2, 3]
+
+
+def test_a_file_whose_client_has_left_is_not_counted(counter, scene, tmp_path):
+    from celltally.web.app import _Service
+    from celltally.web.uploads import Upload
+
+    path = tmp_path / "scene.tif"
+    tifffile.imwrite(path, scene.image)
+    upload = Upload(index=0, name="scene.tif", path=path, size=path.stat().st_size)
+    service = _Service(counter, saliency=False, display_side=256, max_pixels=10**8)
+    gone = service.count_file(upload, 0.95, False, abandoned=lambda: True)
+    assert (gone.ok, gone.status) == (False, 499) and "left" in gone.error
+    here = service.count_file(upload, 0.95, False, abandoned=lambda: False)
+    assert here.ok and here.count == pytest.approx(counter.count(scene.image).count, abs=0.01)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (40, 696)])
+def test_a_small_image_or_strip_counts_with_saliency(client, shape):
+    image = np.full(shape, 5, np.uint8)
+    response = post(client, [("small.png", pil_bytes(image, "PNG"), "image/png")], saliency="true")
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    assert result["ok"] and result["images"]["saliency"], result
+
+
 @pytest.mark.parametrize(
     ("files", "status", "text"),
     [

@@ -336,6 +336,13 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     pick.select_option("Screen2")
     assert page.locator('#plate-grid .well.has[data-well="C03"]').count() == 1
     assert page.locator('#plate-grid .well.has[data-well="B02"]').count() == 0
+    # a site that cannot be read: its well's total says what it leaves out
+    broken = tmp_path / "Screen1_B02_s3_w1.tif"
+    broken.write_bytes(b"II*\x00 not really a tiff")
+    page.set_input_files("#file-input", [str(broken)])
+    wait_for_batch(page, 5)
+    sync_api.expect(images).to_have_text("3 (site 1 more than once) + 1 not counted")
+    assert "incomplete" in (row.get_attribute("class") or "")
     context.close()
 
 

@@ -77,6 +77,25 @@ def test_wells_sum_sites_per_stain_with_the_combined_interval():
     assert wells[1]["true_count"] == ""  # truth unknown for one of its images
 
 
+def test_the_multiplier_survives_the_csv_rounding_of_a_near_empty_site():
+    q = 2.0392  # the model's multiplier; the CSV keeps count/high to 0.01, std to 0.001
+    sites = [(0.084, 0.0124), (40.31, 1.874), (55.6, 2.41), (61.2, 2.77)]
+    rows = [
+        {
+            "file": f"P1_B03_s{i}_w1.tif",
+            "count": f"{c:.2f}",
+            "std": f"{s:.3f}",
+            "low": f"{max(0.0, c - q * s):.2f}",
+            "high": f"{c + q * s:.2f}",
+            "level": "0.95",
+            "model": "m",
+        }
+        for i, (c, s) in enumerate(sites, start=1)
+    ]
+    (well,), _ = aggregate_wells(rows, correlation=0.3)
+    assert (well["high"] - well["count"]) / well["std"] == pytest.approx(q, rel=2e-3)
+
+
 def test_well_key_from_names():
     assert well_key("SIMCEPImages_A05_C18_F1_s03_w2.TIF") == ("", "A05", "2")
     assert well_key("Plate7_C11_s2_w1.tif") == ("Plate7", "C11", "1")

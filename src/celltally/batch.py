@@ -730,6 +730,8 @@ def run_batch(
         )
     except (TypeError, ValueError) as err:
         raise io.InputError(f"counter options {options}: {err}") from None
+    if (level_note := local_counter.level_note(level)) is not None:
+        log(f"note: {level_note}")
     if dask:
         local_counter = None
     masks = Path(save_masks) if save_masks is not None else None

@@ -26,10 +26,12 @@ def conformal_quantile(scores: Sequence[float], level: float) -> float:
     With exchangeable calibration and test data, ``mu ± q * sigma`` covers
     the truth with probability >= ``level`` (Lei et al., 2018). Above the
     highest level ``n`` scores can promise, n / (n + 1), the conformal
-    interval is unbounded; this then returns the temperature-scaled Gaussian
-    multiplier ``T z_level`` (``T = sqrt(mean(score^2))``, see
-    :func:`temperature_scale`), never less than the largest score, so the
-    multiplier still grows with the level. Without scores: ``z_level``.
+    interval is unbounded and no finite multiplier carries the guarantee
+    (:func:`beyond_calibration` says so in words). This then extrapolates
+    with a Gaussian tail: the largest score (the multiplier at n / (n + 1))
+    times ``z_level / z_(n/(n+1))``, or the temperature-scaled ``T z_level``
+    (``T = sqrt(mean(score^2))``, see :func:`temperature_scale`) if wider; so
+    the multiplier keeps growing with the level. Without scores: ``z_level``.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be between 0 and 1, got {level}")
@@ -39,9 +41,31 @@ def conformal_quantile(scores: Sequence[float], level: float) -> float:
         return gaussian_quantile(level)
     rank = math.ceil((n + 1) * level)
     if rank > n:
+        z = gaussian_quantile(level)
+        tail = float(s[-1]) * z / gaussian_quantile(n / (n + 1))
         temperature = float(np.sqrt(np.mean(s**2)))
-        return max(float(s[-1]), temperature * gaussian_quantile(level))
+        return max(tail, temperature * z)
     return float(s[rank - 1])
+
+
+def beyond_calibration(
+    calibration: Mapping[str, Any] | None, level: float, method: str | None = None
+) -> str | None:
+    """A one-line note when ``level`` exceeds what the conformal scores can promise, else None.
+
+    ``n`` calibration scores support levels up to n / (n + 1) (0.95 needs 19);
+    above it the interval is an extrapolation (see :func:`conformal_quantile`).
+    """
+    calibration = calibration or {}
+    method = method or calibration.get("default", DEFAULT_METHOD)
+    n = len(calibration.get("scores") or ())
+    if method != "conformal" or n == 0 or math.ceil((n + 1) * level) <= n:
+        return None
+    return (
+        f"level {level:g} is above the {n / (n + 1):.3f} that the model's {n} calibration "
+        "images can guarantee: its intervals extrapolate a Gaussian tail (calibrate on "
+        f"{math.ceil(level / (1 - level) - 1e-9)} or more images for a guaranteed {level:g})"
+    )
 
 
 def gaussian_quantile(level: float) -> float:

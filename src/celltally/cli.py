@@ -500,6 +500,8 @@ def evaluate(
         counter = CellCounter.from_pretrained(
             model, epistemic=epistemic, calibration=calibration, **options
         )
+        if (level_note := counter.level_note(level)) is not None:
+            typer.echo(f"note: {level_note}", err=True)
         result = evaluate_folder(
             data, model=counter, level=level, sites=site_set, progress=progress
         )
@@ -855,6 +857,8 @@ def explain(
     true = true if named is None else float(named)
     try:
         counter = CellCounter.from_pretrained(model, channel=channel)
+        if (level_note := counter.level_note(level)) is not None:
+            typer.echo(f"note: {level_note}", err=True)
         expl = explain_image(counter, image, true_count=true, level=level)
         explanation_figure(expl, out, image_saliency=image_saliency)
     except _user_errors() as err:

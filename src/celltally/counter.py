@@ -18,6 +18,7 @@ import torch
 
 from celltally import io, naming
 from celltally.calibration import (
+    beyond_calibration,
     feature_distance,
     interval_multiplier,
     ood_features,
@@ -292,6 +293,10 @@ class CellCounter:
         if there is none). ``method`` overrides the counter's method.
         """
         return interval_multiplier(self.calibration, level, method or self.calibration_method)
+
+    def level_note(self, level: float = 0.95) -> str | None:
+        """A one-line note when ``level`` is above what the calibration can guarantee."""
+        return beyond_calibration(self.calibration, level, self.calibration_method)
 
     # -- counting --------------------------------------------------------
     def prepare(self, image: np.ndarray) -> np.ndarray:

@@ -153,5 +153,5 @@ def summarize_wells(wells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "mae": float(np.abs(error).mean()),
         "max_abs_error": float(np.abs(error).max()),
         "coverage": float(np.mean(inside)),
-        "mean_half_width": float(np.mean([(w["high"] - w["low"]) / 2 for w in wells])),
+        "mean_half_width": float(np.mean([w["high"] - w["count"] for w in wells])),
     }

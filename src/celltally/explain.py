@@ -22,6 +22,7 @@ import torch
 from celltally import io, naming
 from celltally.counter import ModelScaleImage
 from celltally.losses import gaussian_nll
+from celltally.tiling import padded_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     from celltally.counter import CellCounter, CountResult
@@ -191,12 +192,21 @@ def explain_image(
         result = dataclasses.replace(
             result, source=source, metadata=naming.parse_name(source).as_dict()
         )
+    pad = None
     if isinstance(prepared, ModelScaleImage):
-        # Counted in tiles; explained in one pass over the whole model-scale image.
+        # Counted in tiles; explained in one pass over the whole model-scale image,
+        # zero-padded (the normalized background) to the density stride as counting
+        # pads it: a small image or thin strip would otherwise be pooled to nothing.
         prepared = prepared.prepared
+        pad = padded_shape(prepared.shape, counter.model.density_stride)
     mask_sal, image_sal, (mask, mask_std) = _saliency(
-        counter.model, prepared, true_count=true_count, device=counter.device
+        counter.model, _padded(prepared, pad), true_count=true_count, device=counter.device
     )
+    if pad is not None:  # back to the image's own extent (the masks are at half size)
+        height, width = prepared.shape
+        half = (-(-height // 2), -(-width // 2))
+        image_sal = image_sal[:height, :width]
+        mask_sal, mask, mask_std = (a[: half[0], : half[1]] for a in (mask_sal, mask, mask_std))
     return Explanation(
         result=result,
         image=prepared,
@@ -207,6 +217,15 @@ def explain_image(
         true_count=None if true_count is None else float(true_count),
         loss="count" if true_count is None else "nll",
     )
+
+
+def _padded(image: np.ndarray, shape: tuple[int, int] | None) -> np.ndarray:
+    """``image`` zero-padded at the bottom and right to ``shape`` (itself if None)."""
+    if shape is None or tuple(shape) == image.shape:
+        return image
+    out = np.zeros(shape, dtype=np.float32)
+    out[: image.shape[0], : image.shape[1]] = image
+    return out
 
 
 def panel_title(result: CountResult, true_count: float | None = None) -> str:

@@ -347,7 +347,10 @@ def _to_2d(
             f"has {n_channels} different channels (shape {original_shape}); choose the "
             f"one to count with --channel 0-{n_channels - 1}",
         )
-    return colour.astype(np.float32).mean(axis=0, dtype=np.float32)
+    mean = colour.astype(np.float32).mean(axis=0, dtype=np.float32)
+    # Keep the file's integer type: normalization's empty-frame guard and 'fixed'
+    # scaling are set by the dtype (a float mean would be taken as 0..1 data).
+    return np.rint(mean).astype(colour.dtype) if colour.dtype.kind in "ui" else mean
 
 
 def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> np.ndarray:
@@ -370,11 +373,12 @@ def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> n
         (colour ``(H, W, 3|4)``, two stains ``(H, W, 2)``, or for TIFF ``(C, H, W)``
         planes with ``C <= MAX_CHANNELS`` (16) and ``C`` smaller than both sides) give
         the selected ``channel``. Without one: a single channel if all channels are
-        equal; for a colour image ``(H, W, 3|4)`` the float32 mean of its colour
-        channels (a 4th is alpha and ignored); ``(H, W, 2)`` or ``(C, H, W)`` planes
-        that differ are an error (they are separate stains: choose one), and a TIFF of
-        5 or more planes always needs ``channel`` (it may as well be a z-stack or time
-        series). Size-1 axes (e.g. ``(1, H, W)``) are dropped.
+        equal; for a colour image ``(H, W, 3|4)`` the mean of its colour channels,
+        rounded to the file's integer dtype (a 4th is alpha and ignored);
+        ``(H, W, 2)`` or ``(C, H, W)`` planes that differ are an error (they are
+        separate stains: choose one), and a TIFF of 5 or more planes always needs
+        ``channel`` (it may as well be a z-stack or time series). Size-1 axes (e.g.
+        ``(1, H, W)``) are dropped.
 
     Raises
     ------

@@ -57,7 +57,9 @@ def count_metrics(
         ``n``, ``mae``, ``rmse``, ``r2`` (``1 - SS_res / SS_tot``; NaN if all true values
         are equal), ``max_abs_error`` and ``bias`` (mean of ``pred - true``). With
         intervals also ``coverage`` (fraction with ``low <= true <= high``),
-        ``mean_interval_width`` (mean ``high - low``) and ``mean_half_width``.
+        ``mean_interval_width`` (mean ``high - low``) and ``mean_half_width`` (mean
+        ``high - pred``: the half-width of a symmetric interval before its ``low`` is
+        clipped at 0, as ``CountResult.half_width``).
 
     Raises
     ------
@@ -103,7 +105,7 @@ def count_metrics(
         width = hi - lo
         out["coverage"] = float(np.mean((lo <= true) & (true <= hi)))
         out["mean_interval_width"] = float(width.mean())
-        out["mean_half_width"] = float(width.mean() / 2.0)
+        out["mean_half_width"] = float(np.mean(hi - pred))
     return out
 
 

@@ -480,7 +480,7 @@ def write_report(
     plot_reliability(curves, out / "reliability.png", n=len(rows))
 
     def severity(r: Mapping[str, Any]) -> float:
-        half = max((float(r["high"]) - float(r["low"])) / 2, 1e-6)
+        half = max(float(r["high"]) - float(r["count"]), 1e-6)  # before low's clip at 0
         return abs(float(r["count"]) - float(r["true"])) / half
 
     failures = sorted((r for r in rows if _outside(r)), key=severity, reverse=True)

@@ -198,7 +198,8 @@ def aggregate_wells(
     Notes
     -----
     The total's half-width is the model's interval multiplier at the rows'
-    level (each row's ``(high - count) / std``) times :func:`total_std` of the
+    level (``(high - count) / std``, pooled over all rows of that model and
+    level, as the CSV's rounding would otherwise distort it) times :func:`total_std` of the
     sites' stds: exact for Gaussian errors with that correlation, and measured
     against real held-out wells in ``benchmarks/wells.py``.
     """
@@ -223,15 +224,24 @@ def aggregate_wells(
     for name in failed:
         if (key := well_key(name)) is not None:
             missing[key] = missing.get(key, 0) + 1
+    # One interval multiplier per model and level: (high - count) / std is the same for
+    # every row, but the CSV rounds count and high to 0.01 and std to 0.001, so it is
+    # pooled over all of them, sum(high - count) / sum(std), where rounding weighs least.
+    spread: dict[tuple[str, str], list[float]] = {}
+    for (model, level, *_), members in groups.items():
+        pooled = spread.setdefault((model, level), [0.0, 0.0])
+        for r in members:
+            if (std_r := _number(r, "std", source)) > 0:
+                pooled[0] += _number(r, "high", source) - _number(r, "count", source)
+                pooled[1] += std_r
     wells = []
     for group, members in sorted(groups.items()):
         model, level, plate, well, stain = group
         rho = correlation if isinstance(correlation, int | float) else correlation[model]
         counts = [_number(r, "count", source) for r in members]
         stds = [_number(r, "std", source) for r in members]
-        highs = [_number(r, "high", source) for r in members]
-        multipliers = [(h - c) / s for c, s, h in zip(counts, stds, highs, strict=True) if s > 0]
-        multiplier = max(multipliers) if multipliers else 0.0
+        width, std_sum = spread[(model, level)]
+        multiplier = width / std_sum if std_sum > 0 else 0.0
         total = sum(counts)
         std = total_std(stds, float(rho))
         half = multiplier * std

@@ -47,6 +47,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -277,9 +278,19 @@ class _Service:
                 self.counter.count(frame)
 
     def count_file(
-        self, upload: Upload, level: float, saliency: bool, channel: int | None = None
+        self,
+        upload: Upload,
+        level: float,
+        saliency: bool,
+        channel: int | None = None,
+        abandoned: Callable[[], bool] | None = None,
     ) -> FileResult:
-        """Read, count and render one stored upload (runs in a worker thread)."""
+        """Read, count and render one stored upload (runs in a worker thread).
+
+        ``abandoned`` is asked once the model is free: when the client has gone
+        (a cleared page, a timed-out script), the file is not counted, so the
+        requests queued behind it do not wait for work nobody will read.
+        """
         start = time.perf_counter()
         assert upload.path is not None
         pixels = pixel_count(upload.path)
@@ -297,6 +308,8 @@ class _Service:
             return _failure(upload.name, 422, err.problem.replace("--channel", "channel"))
         try:
             with self.lock:
+                if abandoned is not None and abandoned():
+                    return _failure(upload.name, 499, "the client left before it was counted")
                 if saliency:
                     from celltally.explain import explain_image
 
@@ -366,7 +379,13 @@ def pixel_count(path: Path) -> int | None:
 
 
 def _failure(name: str, status: int, problem: str) -> FileResult:
-    return FileResult(name=name, ok=False, status=status, error=f"{name}: {problem}")
+    return FileResult(
+        name=name,
+        ok=False,
+        status=status,
+        error=f"{name}: {problem}",
+        metadata=naming.parse_name(name).as_dict(),  # its well still misses an image
+    )
 
 
 def _model_summary(counter: CellCounter) -> dict[str, Any]:
@@ -556,17 +575,25 @@ def create_app(
             if not uploads:
                 raise RequestRejected(422, "no files uploaded (send them as the 'files' field)")
             results: list[FileResult] = []
+
+            def abandoned() -> bool:  # asked from the worker thread
+                return anyio.from_thread.run(request.is_disconnected)
+
             for upload in uploads:
                 if upload.error is not None:
                     results.append(
                         FileResult(
-                            name=upload.name, ok=False, status=upload.status, error=upload.error
+                            name=upload.name,
+                            ok=False,
+                            status=upload.status,
+                            error=upload.error,
+                            metadata=naming.parse_name(upload.name).as_dict(),
                         )
                     )
                     continue
                 try:
                     result = await anyio.to_thread.run_sync(
-                        used.count_file, upload, req_level, req_saliency, req_channel
+                        used.count_file, upload, req_level, req_saliency, req_channel, abandoned
                     )
                 except Exception:  # a bug must not lose the rest of the batch
                     logger.exception("counting %s failed", upload.name)

@@ -12,12 +12,16 @@ const state = {
   failed: 0,
   generation: 0, // bumped by Clear: answers of earlier files are then ignored
   plate: null, // the plate the map shows when the results span several
+  inflight: new Set(), // AbortControllers of the requests being answered (Clear aborts them)
 };
 const CONCURRENCY = 2;
 const $ = (id) => document.getElementById(id);
 
-function fmt(x, digits = 1) {
-  return x === null || x === undefined || Number.isNaN(x) ? "" : Number(x).toFixed(digits);
+// One decimal, two below 1 (so a near-empty image's 0.00–0.04 does not read "0.0–0.0").
+function fmt(x, digits) {
+  if (x === null || x === undefined || Number.isNaN(x)) return "";
+  const n = Number(x);
+  return n.toFixed(digits ?? (Math.abs(n) < 1 && n !== 0 ? 2 : 1));
 }
 
 async function loadInfo() {
@@ -100,8 +104,12 @@ async function send({ file, card, row, index, settings }) {
     form.append("level", settings.level);
     form.append("saliency", settings.saliency);
     form.append("channel", settings.channel);
+    const controller = new AbortController();
+    state.inflight.add(controller);
     try {
-      const response = await fetch("/api/count", { method: "POST", body: form });
+      // Clear aborts it: the server then skips the file instead of counting it for nobody
+      const response = await fetch("/api/count",
+        { method: "POST", body: form, signal: controller.signal });
       const body = await response.json();
       if (body.results && body.results.length) {
         // which model counted it, and that model's within-well correlation (well totals)
@@ -113,6 +121,8 @@ async function send({ file, card, row, index, settings }) {
       }
     } catch (err) {
       result = { name: file.name, ok: false, status: 0, error: `${file.name}: ${err.message}` };
+    } finally {
+      state.inflight.delete(controller);
     }
   }
   if (!card.isConnected) return; // cleared while this file was being counted
@@ -357,22 +367,40 @@ function drawPlate() {
 
 // Per-well totals, as `celltally wells` computes them: the images' counts summed;
 // the std adds their stds with the model's within-well error correlation, and the
-// interval uses the model's own multiplier ((high - count) / std of each image).
+// interval uses the model's own multiplier ((high - count) / std, pooled over the
+// model's images at that level). Images that could not be counted are listed per well.
 function wellTotals() {
   const groups = new Map();
+  const failed = new Map();
+  const pooled = new Map(); // model|level -> [sum of (high - count), sum of std]
   for (const r of state.results) {
     const m = (r && r.metadata) || {};
-    if (!r || !r.ok || !m.well) continue;
+    if (!r || !m.well) continue;
     const stain = m.stain === null || m.stain === undefined ? "" : String(m.stain);
-    const key = [m.plate || "", m.well, stain, r.model || ""].join("|");
+    const where = [m.plate || "", m.well, stain].join("|");
+    if (!r.ok) {
+      failed.set(where, (failed.get(where) || 0) + 1);
+      continue;
+    }
+    const key = [where, r.model || "", r.level ?? ""].join("|");
     const g = groups.get(key) || { plate: m.plate || "", well: m.well, stain, counts: [], stds: [],
-                                   mult: 0, sites: [], model: r.model || "",
+                                   sites: [], model: r.model || "", where,
+                                   spread: `${r.model || ""}|${r.level ?? ""}`,
                                    rho: r.well_correlation };
     g.sites.push(m.site === null || m.site === undefined ? "" : String(m.site));
     g.counts.push(r.count);
     g.stds.push(r.std);
-    if (r.std > 0) g.mult = Math.max(g.mult, (r.high - r.count) / r.std);
     groups.set(key, g);
+    if (r.std > 0) {
+      const p = pooled.get(g.spread) || [0, 0];
+      pooled.set(g.spread, [p[0] + (r.high - r.count), p[1] + r.std]);
+    }
+  }
+  for (const [where, n] of failed) { // wells none of whose images could be counted
+    if ([...groups.values()].some((g) => g.where === where)) continue;
+    const [plate, well, stain] = where.split("|");
+    groups.set(where, { plate, well, stain, counts: [], stds: [], sites: [], model: "", where,
+                        spread: "", rho: 0 });
   }
   const fallback = state.info && state.info.well_correlation !== undefined
     ? state.info.well_correlation : 0.1;
@@ -384,8 +412,11 @@ function wellTotals() {
       const s1 = sum(g.stds);
       const s2 = sum(g.stds.map((s) => s * s));
       const rho = g.rho === null || g.rho === undefined ? fallback : g.rho;
-      const half = g.mult * Math.sqrt(s2 + rho * (s1 * s1 - s2));
-      return { ...g, total, half, low: Math.max(0, total - half), high: total + half };
+      const p = pooled.get(g.spread) || [0, 0];
+      const mult = p[1] > 0 ? p[0] / p[1] : 0;
+      const half = mult * Math.sqrt(s2 + rho * (s1 * s1 - s2));
+      return { ...g, total, half, low: Math.max(0, total - half), high: total + half,
+               failed: failed.get(g.where) || 0 };
     });
 }
 
@@ -400,16 +431,23 @@ function drawWellTotals() {
     // The same site twice (an image uploaded again, or as another format) is summed twice.
     const repeated = [...new Set(w.sites.filter((s, i) => s && w.sites.indexOf(s) !== i))];
     const images = String(w.counts.length) +
-      (repeated.length ? ` (site ${repeated.join(", ")} more than once)` : "");
+      (repeated.length ? ` (site ${repeated.join(", ")} more than once)` : "") +
+      (w.failed ? ` + ${w.failed} not counted` : "");
     const label = (w.plate ? `${w.plate} ${w.well}` : w.well) + (several ? ` (${w.model})` : "");
-    const cells = [label, w.stain ? `w${w.stain}` : "",
-      images, `${fmt(w.total)} ± ${fmt(w.half)}`, `${fmt(w.low)}–${fmt(w.high)}`];
+    const counted = w.counts.length > 0;
+    const cells = [label, w.stain ? `w${w.stain}` : "", images,
+      counted ? `${fmt(w.total)} ± ${fmt(w.half)}` : "no image counted",
+      counted ? `${fmt(w.low)}–${fmt(w.high)}` : ""];
     for (const text of cells) {
       const td = document.createElement("td");
       td.textContent = text;
       tr.appendChild(td);
     }
     if (repeated.length) tr.classList.add("repeated");
+    if (w.failed) {
+      tr.classList.add("incomplete");
+      tr.title = `${w.failed} image(s) of this well could not be counted: the total leaves them out`;
+    }
     body.appendChild(tr);
   }
 }
@@ -419,6 +457,8 @@ function clearAll() {
   state.results = [];
   state.queue = [];
   state.generation += 1; // files still being counted no longer count
+  for (const controller of state.inflight) controller.abort();
+  state.inflight.clear();
   state.total = 0;
   state.done = 0;
   state.failed = 0;

@@ -226,6 +226,22 @@ def test_a_file_whose_client_has_left_is_not_counted(counter, scene, tmp_path):
     assert here.ok and here.count == pytest.approx(counter.count(scene.image).count, abs=0.01)
 
 
+def test_saliency_is_skipped_with_a_note_above_its_pixel_limit(
+    counter, scene, tmp_path, monkeypatch
+):
+    import celltally.web.app as web_app
+    from celltally.web.uploads import Upload
+
+    monkeypatch.setattr(web_app, "SALIENCY_MAX_PIXELS", scene.image.size - 1)
+    path = tmp_path / "scene.tif"
+    tifffile.imwrite(path, scene.image)
+    upload = Upload(index=0, name="scene.tif", path=path, size=path.stat().st_size)
+    service = web_app._Service(counter, saliency=True, display_side=256, max_pixels=10**8)
+    result = service.count_file(upload, 0.95, True)
+    assert result.ok and result.images.saliency is None
+    assert result.note.startswith("saliency map skipped: 0.1 million pixels")
+
+
 @pytest.mark.parametrize("shape", [(8, 8), (40, 696)])
 def test_a_small_image_or_strip_counts_with_saliency(client, shape):
     image = np.full(shape, 5, np.uint8)
@@ -276,6 +292,7 @@ def test_body_over_the_total_limit_is_refused_early(client):
     ("kwargs", "status", "text"),
     [
         (multipart([("level", None, b"0.9")]), 422, "no files"),
+        (multipart([("files", None, b"\x89PNG" + b"\x00" * 70_000)]), 400, "no file name"),
         ({"data": {"level": "0.9"}}, 415, "multipart"),
         ({"json": {"files": []}}, 415, "multipart"),
         (
@@ -339,6 +356,7 @@ def test_sanitize_name():
     long = sanitize_name("x" * 500 + ".tiff", 0)
     assert len(long) <= 120 and long.endswith(".tiff")
     assert sanitize_name("\u202eevil\u0007.png", 0) == "evil.png"
+    assert sanitize_name("ctrl, %22DMSO%22 B03.png", 0) == 'ctrl, "DMSO" B03.png'
 
 
 def test_a_request_names_another_shipped_model(client, scene):

@@ -122,6 +122,7 @@ class FileResult(BaseModel):
         description="Parsed from the name: plate, well, row, column, site, blur, stain, count.",
     )
     warning: str | None = Field(None, description="Set when the input looks unlike training.")
+    note: str | None = Field(None, description="What was left out, e.g. a skipped saliency map.")
     width: int | None = Field(None, description="Input width in pixels.")
     height: int | None = Field(None, description="Input height in pixels.")
     seconds: float | None = Field(None, description="Server time spent on this file.")
@@ -251,6 +252,11 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+#: Largest image (pixels) the page computes a saliency map for: it needs a backward
+#: pass over the whole image at once.
+SALIENCY_MAX_PIXELS = 16_000_000
+
+
 class _Service:
     """The loaded model and what one file goes through."""
 
@@ -306,6 +312,16 @@ class _Service:
         except io.ImageReadError as err:
             # the problem names the command line's option; here it is the form's field
             return _failure(upload.name, 422, err.problem.replace("--channel", "channel"))
+        note = None
+        if saliency and image.size > SALIENCY_MAX_PIXELS:
+            # one backward pass over the whole image: ~7 GB and a minute at 59 M pixels,
+            # while every other request waits for the model
+            saliency = False
+            note = (
+                f"saliency map skipped: {image.size / 1e6:.1f} million pixels, more than "
+                f"the {SALIENCY_MAX_PIXELS / 1e6:g} million it is computed for here "
+                "(`celltally explain` computes it for any size)"
+            )
         try:
             with self.lock:
                 if abandoned is not None and abandoned():
@@ -348,6 +364,7 @@ class _Service:
             level=level,
             metadata=naming.parse_name(upload.name).as_dict(),
             warning=str(warning) if warning else None,
+            note=note,
             width=int(image.shape[1]),
             height=int(image.shape[0]),
             seconds=round(time.perf_counter() - start, 4),

@@ -118,9 +118,10 @@ def human_size(nbytes: int) -> str:
 def sanitize_name(raw: str | bytes | None, index: int) -> str:
     """A safe display name for a client-supplied file name.
 
-    Folders (``/`` or ``\\``), control and format characters are removed, the
-    name is shortened to ``MAX_NAME_CHARS`` (keeping its suffix), and an empty
-    result becomes ``upload-<n>``.
+    ``%22`` becomes ``"`` (browsers escape it so), folders (``/`` or ``\\``),
+    control and format characters are removed, the name is shortened to
+    ``MAX_NAME_CHARS`` (keeping its suffix), and an empty result becomes
+    ``upload-<n>``.
 
     Parameters
     ----------
@@ -135,7 +136,8 @@ def sanitize_name(raw: str | bytes | None, index: int) -> str:
     """
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")
-    text = (raw or "").replace("\\", "/").split("/")[-1]
+    # Browsers send '"' as %22 in multipart file names (the HTML standard's encoding)
+    text = (raw or "").replace("%22", '"').replace("\\", "/").split("/")[-1]
     text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C").strip()
     if text in ("", ".", ".."):
         return f"upload-{index + 1}"
@@ -214,6 +216,12 @@ class _Reader:
         size = end - start
         if self._current is None:
             if len(self._field_data) + size > MAX_FIELD_BYTES:
+                if self._field_name == "files":  # e.g. curl -F 'files=<img.png'
+                    raise RequestRejected(
+                        400,
+                        "form field 'files' has no file name: send each image as a file "
+                        "(e.g. curl -F files=@image.tif)",
+                    )
                 raise RequestRejected(413, f"form field '{self._field_name}' is too long")
             self._field_data += data[start:end]
             return

@@ -190,7 +190,8 @@ function fillCard(card, r) {
       img.height = images.height;
     } else {
       figure.classList.add("absent");
-      figure.querySelector("figcaption").textContent = `${key}: off`;
+      figure.querySelector("figcaption").textContent =
+        key === "saliency" && r.note ? r.note : `${key}: off`;
     }
   }
   const scale = images.uncertainty_scale;

@@ -67,6 +67,17 @@ def test_iter_images_streams_same_files_as_list_images(tmp_path):
     assert len(twice) == len(set(map(os.path.abspath, twice))) == 2
 
 
+def test_a_link_back_up_the_tree_is_listed_once(tmp_path):
+    root = tmp_path / "loop"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.tif").write_bytes(b"x")
+    (root / "sub" / "b.tif").write_bytes(b"x")
+    (root / "sub" / "up").symlink_to("..")  # a loop
+    (root / "again").symlink_to("sub")  # a folder reached twice
+    found = sorted(p.name for p in io.iter_images([root], recursive=True))
+    assert found == ["a.tif", "b.tif"]
+
+
 @pytest.mark.parametrize(
     "arg, message",
     [("missing.tif", "no such file"), ("empty", "contains no"), ("notes.txt", "unsupported")],
@@ -151,6 +162,29 @@ def test_torn_last_row_is_dropped_and_recounted(plate, tiny_model, tmp_path):
     rows = assert_exactly_once(out, expected)
     again = {r["file"]: r["count"] for r in rows}
     assert again == {r["file"]: r["count"] for r in read_results_from(data)}
+
+
+def test_resume_knows_an_image_however_its_path_is_spelt(plate, tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "res.csv"
+    monkeypatch.chdir(plate.parent)
+    first = run_batch([plate.name], out=out, model=tiny_model)  # relative: images/...
+    assert first.counted == 42
+    for spelling in (str(plate), f"./{plate.name}", f"{plate.name}/"):
+        again = run_batch([spelling], out=out, model=tiny_model)
+        assert (again.counted, again.skipped) == (0, 42), spelling
+    assert len(read_results(out)) == 42
+
+
+def test_outputs_that_would_overwrite_inputs_or_each_other_are_refused(plate, tiny_model, tmp_path):
+    image = tmp_path / "a.tif"
+    image.write_bytes(Path(files_of(plate)[0]).read_bytes())
+    with pytest.raises(io.InputError, match="names an image file"):
+        run_batch([image], out=image, model=tiny_model, overwrite=True)
+    assert image.read_bytes() == Path(files_of(plate)[0]).read_bytes()
+    out = tmp_path / "res.csv"
+    with pytest.raises(io.InputError, match="--save-masks"):
+        run_batch([image], out=out, model=tiny_model, save_masks=out)
+    assert not out.exists()
 
 
 def read_results_from(data: bytes) -> list[dict]:

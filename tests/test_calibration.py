@@ -417,8 +417,17 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((model / "config.json").read_text())["calibration"]["count_scale"] > 0
     bogus = runner.invoke(app, [*scaled[:-1], "total"])
-    assert bogus.exit_code != 0 and "count_scale: unknown block" in bogus.output
+    assert bogus.exit_code != 0 and "--count-scale 'total': choose plain or" in bogus.output
     assert "Traceback" not in bogus.output
+    # bad settings are refused before a copy is made; a copy whose run failed is removed
+    copy = model.parent / "refused_copy"
+    for bad in (["--quantile", "2"], ["--count-scale", "total"]):
+        refused = runner.invoke(app, [*scaled[:5], *bad, "--out", str(copy)])
+        assert refused.exit_code == 2 and not copy.exists(), refused.output
+    empty = model.parent / "empty"
+    empty.mkdir()
+    failed = runner.invoke(app, [*scaled[:4], str(empty), "--out", str(copy)])
+    assert failed.exit_code != 0 and not copy.exists(), failed.output
 
 
 def test_beyond_calibration_names_the_supported_level():

@@ -60,6 +60,18 @@ def test_count_matches_python_api(tiny_model, image_folder, tmp_path):
     assert float(row["count"]) == pytest.approx(counter.count(first).count, abs=0.01)
 
 
+def test_python_api_refuses_uncountable_arrays_and_takes_one_path(tiny_model, image_folder):
+    from celltally import io
+
+    counter = CellCounter.from_pretrained(tiny_model)
+    for bad in (np.zeros((64, 64), np.complex64), np.full((64, 64), 1e39)):
+        with pytest.raises(io.InputError):
+            counter.count(bad)
+    first = sorted(image_folder.iterdir())[0]
+    (only,) = list(counter.count_paths(str(first)))  # one path, not its characters
+    assert only[0] == first and not isinstance(only[1], Exception)
+
+
 def test_bad_file_in_folder_is_reported_and_rest_counted(tiny_model, image_folder, tmp_path):
     (image_folder / "broken.tif").write_bytes(b"II*\x00garbage")
     out = tmp_path / "res.csv"
@@ -343,3 +355,91 @@ def test_explain_takes_the_truth_from_a_bbbc_name(tiny_model, image_folder, tmp_
     assert "(truth 3, from the file name)" in result.output
     given = run("explain", named, "--model", tiny_model, "--out", tmp_path / "g.png", "--true", 5)
     assert "(truth 5)" in given.output  # --true wins over the name
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["count", "{images}", "-o", "{file}/r.csv"],
+        ["count", "{images}", "-o", "{tmp}/r.csv", "--save-masks", "{file}"],
+        ["count", "{images}", "-o", "{tmp}/r.csv", "--save-labels", "{file}/labels"],
+        ["count", "{images}", "-o", "{tmp}/r.csv", "--wells", "{tmp}"],
+        ["count", "{images}", "-o", "{tmp}/r.csv", "--wells", "{tmp}/r.csv"],
+        ["evaluate", "{images}", "--out", "{tmp}"],
+        ["evaluate", "{images}", "--out", "{file}/e.json"],
+        ["evaluate", "{images}", "--out", "{tmp}/e.json", "--report", "{file}"],
+        ["explain", "{image}", "-o", "{file}/x.png"],
+        ["demo", "-o", "{file}"],
+        ["train", "-o", "{file}", "--data", "{images}"],
+        ["train", "-o", "{tmp}/m", "--data", "{images}", "--seg-epochs", "-1"],
+        ["explain", "{image}", "--true", "nan"],
+    ],
+)
+def test_bad_outputs_and_options_fail_in_one_line_before_any_work(
+    tiny_model, image_folder, tmp_path, args
+):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("not a folder")
+    image = sorted(image_folder.iterdir())[0]
+    values = {"images": image_folder, "image": image, "file": afile, "tmp": tmp_path}
+    argv = [a.format(**values) for a in args]
+    if argv[0] in ("count", "evaluate", "explain"):
+        argv += ["--model", str(tiny_model)]
+    result = run(*argv)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert "counted" not in result.output
+    assert afile.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("truncate_weights", "model.safetensors: corrupt weights file"),
+        ("drop_weights", "model.safetensors: missing"),
+        ("garbage_ood", "ood.safetensors: corrupt file"),
+        ("empty_config", "config.json: not a celltally model config (no 'input_size')"),
+        ("list_config", "config.json: not a celltally model config (not a JSON object)"),
+        ("broken_json", "config.json: not a readable model config"),
+        ("no_config", "a folder but not a model (no config.json"),
+    ],
+)
+def test_a_damaged_model_folder_is_one_line_naming_the_file(
+    tiny_model, image_folder, tmp_path, damage, expected
+):
+    import shutil
+
+    model = tmp_path / "damaged"
+    shutil.copytree(tiny_model, model)
+    weights, config = model / "model.safetensors", model / "config.json"
+    if damage == "truncate_weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "drop_weights":
+        weights.unlink()
+    elif damage == "garbage_ood":
+        (model / "ood.safetensors").write_bytes(b"garbage")
+    elif damage == "empty_config":
+        config.write_text("{}")
+    elif damage == "list_config":
+        config.write_text("[1, 2]")
+    elif damage == "broken_json":
+        config.write_text('{"input_size": ')
+    elif damage == "no_config":
+        config.unlink()
+    for argv in (
+        ["count", image_folder, "-o", tmp_path / "r.csv"],
+        ["evaluate", image_folder, "--out", tmp_path / "e.json"],
+        ["explain", sorted(image_folder.iterdir())[0], "-o", tmp_path / "x.png"],
+    ):
+        result = run(*argv, "--model", model)
+        assert result.exit_code == 2, (argv[0], result.output)
+        assert expected in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_tiny_diameter_is_refused_before_it_asks_for_terabytes(image_folder, tmp_path):
+    out = tmp_path / "r.csv"
+    result = run("count", image_folder, "-o", out, "--model", "nuclei", "--diameter", "0.001")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "million pixels); check --diameter" in result.output

@@ -514,3 +514,39 @@ def test_read_mask_shape_mismatch(tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         read_mask(path, shape=(520, 696))
     assert str(err.value) == f"{path}: mask is 64x48 but its image is 696x520"
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((20, 20), np.complex64), "unsupported pixel type complex64"),
+        (np.zeros((20, 20), "datetime64[s]"), "unsupported pixel type datetime64"),
+        (np.full((20, 20), "a"), "unsupported pixel type <U1"),
+        (np.zeros((20, 20), object), "unsupported pixel type object"),
+        (np.ma.masked_array(np.zeros((20, 20)), mask=True), "masked array"),
+        (np.full((20, 20), 1e300), "beyond the float32 range"),
+        (np.full((20, 20), np.nan), "NaN or infinite"),
+    ],
+)
+def test_check_pixels_refuses_what_cannot_be_counted(array, message):
+    from celltally.io import InputError, check_pixels
+
+    with pytest.raises(InputError, match=message):
+        check_pixels(array)
+
+
+def test_check_pixels_passes_numbers_and_makes_booleans_uint8():
+    from celltally.io import check_pixels
+
+    flags = np.eye(4, dtype=bool)
+    out = check_pixels(flags)
+    assert out.dtype == np.uint8 and out.sum() == 4 and flags.dtype == bool
+    ints = np.arange(6, dtype=np.int16).reshape(2, 3)
+    assert check_pixels(ints) is not None and check_pixels(ints).dtype == np.int16
+
+
+def test_a_float64_tiff_beyond_float32_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "huge.tif"
+    tifffile.imwrite(path, np.full((16, 16), 1e300))
+    with pytest.raises(ImageReadError, match=r"huge.tif: values beyond the float32 range"):
+        read_image(path)

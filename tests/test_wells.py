@@ -286,6 +286,45 @@ def test_wells_bad_input_one_line_error(tmp_path, content, expected):
     assert len(result.output.strip().splitlines()) == 1
 
 
+HEADER = "file,count,std,low,high,level,model,well\n"
+GOOD = "a_B02_s1.tif,3,1,1,5,0.95,m,B02\n"
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (GOOD + GOOD, "a_B02_s1.tif has more than one row"),
+        ("a_B02_s1.tif,-5,1,0,-3,0.95,m,B02\n", "count -5 of a_B02_s1.tif is below 0"),
+        ("a_B02_s1.tif,3,-1,1,5,0.95,m,B02\n", "std -1 of a_B02_s1.tif is below 0"),
+        ("a_B02_s1.tif,3,1,1,2,0.95,m,B02\n", "high 2 of a_B02_s1.tif is below 3"),
+        ("a_B02_s1.tif,3,1,1,5,high,m,B02\n", "level 'high' of a_B02_s1.tif is not a number"),
+        ("a_B02_s1.tif,3,1,1,5,1,m,B02\n", "level '1' of a_B02_s1.tif is not a number"),
+        (GOOD + "a_B02_s2.tif,1e308,1,1,1e308,0.95,m,B02\n" * 2, "more than one row"),
+        (
+            GOOD.replace("3,1,1,5", "1e308,1,1,1e308")
+            + "a_B02_s2.tif,1e308,1,1,1e308,0.95,m,B02\n",
+            "the counts of well B02 add up to inf",
+        ),
+    ],
+)
+def test_wells_refuse_rows_no_count_run_writes(tmp_path, rows, expected):
+    path = tmp_path / "results.csv"
+    path.write_text(HEADER + rows)
+    result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "w.csv").exists()
+
+
+def test_wells_never_overwrite_the_results_they_read(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text(HEADER + GOOD)
+    for out in (path, tmp_path / "results.manifest.json", tmp_path):
+        result = runner.invoke(app, ["wells", str(path), "-o", str(out)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert path.read_text() == HEADER + GOOD
+
+
 def test_wells_refuses_a_bad_number_and_a_bad_correlation(tmp_path):
     path = tmp_path / "results.csv"
     fields = ["file", "count", "std", "low", "high", "level", "model", "well"]

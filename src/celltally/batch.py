@@ -43,8 +43,8 @@ Files written for ``--out results.csv``:
 Memory is bounded: files are listed with :func:`celltally.io.iter_images`
 (``os.scandir``, streamed), read and prepared a bounded window ahead of the
 network, and each row is written and forgotten. What grows with the number of
-images is the set of already-counted files when resuming, at 16 bytes of
-digest per file (about 5 MB per 100,000 images).
+images is the set of already-counted files when resuming, two 16-byte
+digests per file (name as written and real path; about 10 MB per 100,000 images).
 
 With ``dask=...`` the same job runs on a dask.distributed cluster: files are
 sharded by path into chunks, each worker loads the model once (a cached
@@ -169,6 +169,16 @@ def _digest(name: str) -> bytes:
     return hashlib.blake2b(name.encode(_ENCODING, _ENC_ERRORS), digest_size=16).digest()
 
 
+def _keys(name: str) -> tuple[bytes, bytes]:
+    """How a counted file is recognised on resume: its name as written, and its real path.
+
+    The real path (from this working folder) matches the same image however it is
+    spelt (``plate/a.tif``, ``./plate/a.tif``, an absolute path, a link); the name as
+    written matches a relative name rerun from another working folder.
+    """
+    return _digest(name), _digest(os.path.realpath(name))
+
+
 def _csv_text(rows: Iterable[Sequence[str]]) -> bytes:
     buffer = _stdio.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -236,9 +246,13 @@ def model_identity(folder: str | os.PathLike[str]) -> dict[str, str]:
     Two runs used the same model exactly when both hashes agree (the folder may
     have moved).
     """
+    from celltally.models.pipeline import read_model_config
+
     folder = Path(folder)
     config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
+    config = read_model_config(folder)
+    if not (weights := folder / "model.safetensors").is_file():
+        raise io.InputError(f"{weights}: missing (a model folder holds its weights here)")
     return {
         "name": str(config.get("name", folder.name)),
         "folder": str(folder.resolve()),
@@ -305,7 +319,7 @@ def _scan_results(path: Path, columns: Sequence[str], size: int) -> tuple[_Recov
                 good_end = state["offset"]  # a blank line: harmless
                 continue
             if complete and len(record) == len(columns) and record[0]:
-                found.done.add(_digest(record[0]))
+                found.done.update(_keys(record[0]))
                 found.rows += 1
                 good_end = state["offset"]
                 continue
@@ -715,6 +729,14 @@ def run_batch(
         raise io.InputError(f"--read-threads must be 0 or more, got {read_threads}")
     if dask is not None:
         _local_workers(dask)  # a malformed local:N fails before anything is written
+    if Path(out).suffix.lower() in io.IMAGE_SUFFIXES:  # e.g. -o plate/a.tif --overwrite
+        raise io.InputError(
+            f"{out}: --out names an image file; it must be a CSV file (e.g. results.csv)"
+        )
+    named = output_paths(out)
+    taken = {p.resolve() for p in (named.results, named.errors, named.manifest)}
+    if save_masks is not None and Path(save_masks).resolve() in taken:
+        raise io.InputError(f"--save-masks {save_masks}: is one of this run's output files")
     inputs = [os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
     files = io.iter_images(inputs, recursive=recursive)
     folder = resolve_model(model)
@@ -785,7 +807,7 @@ def run_batch(
 
         def todo() -> Iterator[Path]:
             for path in files:
-                if found.done and _digest(str(path)) in found.done:
+                if found.done and not found.done.isdisjoint(_keys(str(path))):
                     summary.skipped += 1
                     if masks is not None and not mask_file(masks, path, root).exists():
                         mask_only.add(str(path))

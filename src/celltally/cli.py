@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -40,10 +43,46 @@ def _options(
     """Count cells in microscopy images, with calibrated 95% intervals."""
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print a one-line error and exit non-zero (no traceback)."""
+def fail(message: str | BaseException, code: int = 2) -> NoReturn:
+    """Print a one-line error and exit non-zero (no traceback).
+
+    An ``OSError`` (an output path under a file, a folder where a file goes, no
+    permission) is told as ``path: reason``.
+    """
+    if isinstance(message, OSError) and message.strerror:
+        where = message.filename if message.filename is not None else ""
+        message = f"{where}: {message.strerror.lower()}" if where else message.strerror
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _writable_file(path: Path | None, option: str) -> None:
+    """Fail now, before any work, if ``path`` cannot be written as a file."""
+    if path is None:
+        return
+    if path.is_dir():
+        fail(f"{option} {path}: is a folder; give a file name")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as err:
+        fail(f"{option} {path}: cannot be written ({(err.strerror or str(err)).lower()})")
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def _writable_folder(path: Path | None, option: str) -> None:
+    """Fail now, before any work, if ``path`` cannot be (made into) a folder."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        fail(f"{option} {path}: is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        fail(f"{option} {path}: cannot be made ({(err.strerror or str(err)).lower()})")
 
 
 def _silent(_: str) -> None:
@@ -53,7 +92,7 @@ def _silent(_: str) -> None:
 def _user_errors():
     from celltally import io
 
-    return (io.InputError, io.ImageReadError, ValueError, FileNotFoundError)
+    return (io.InputError, io.ImageReadError, ValueError, OSError)
 
 
 def _image_options(
@@ -69,13 +108,14 @@ def _image_options(
 ) -> dict:
     """``CellCounter`` keywords for the reading, normalization and scale flags (only those set)."""
     from celltally.counter import resolve_model
+    from celltally.models.pipeline import read_model_config
     from celltally.tiling import merge_normalization
 
     options: dict = {}
     if channel is not None:
         options["channel"] = channel
     if no_norm or norm_low is not None or norm_high is not None:
-        config = json.loads((resolve_model(model) / "config.json").read_text())
+        config = read_model_config(resolve_model(model))
         options["norm"] = merge_normalization(
             config.get("normalization"), low=norm_low, high=norm_high, disable=no_norm
         )
@@ -265,6 +305,15 @@ def count(
         fail(f"--format must be celltally or cellprofiler, not {table_format!r}")
     if save_labels is not None and save_masks is None:
         save_masks = save_labels  # the per-object pass reads the masks from there
+    if wells is not None:
+        from celltally.batch import output_paths
+
+        named = output_paths(out)
+        if wells.resolve() in {p.resolve() for p in (named.results, named.errors, named.manifest)}:
+            fail(f"--wells {wells}: is one of this run's output files (--out {out}); name another")
+    _writable_file(wells, "--wells")
+    _writable_folder(save_masks, "--save-masks")
+    _writable_folder(save_labels, "--save-labels")
     try:
         options = _interval_options(epistemic, calibration)
         options.update(
@@ -317,7 +366,7 @@ def count(
         if wells is not None:
             _echo_wells(out, wells, None)
     except _user_errors() as err:
-        fail(str(err))
+        fail(err)
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted: the rows written so far are kept in {out}; run the same command "
@@ -440,10 +489,11 @@ def wells(
     combines the sites' stds with the within-well error correlation; the interval
     uses the model's multiplier at the results' level.
     """
+    _writable_file(plate_map, "--plate-map")
     try:
         _echo_wells(results, out, correlation, plate_map, map_value, plate_format, strict=True)
     except _user_errors() as err:
-        fail(str(err))
+        fail(err)
 
 
 @app.command()
@@ -484,6 +534,8 @@ def evaluate(
     from celltally.metrics import format_table
 
     _check_level(level)
+    _writable_file(out, "--out")
+    _writable_folder(report, "--report")
     try:
         _set_threads(threads)
         site_set = _site_numbers(sites) if sites else None
@@ -506,7 +558,7 @@ def evaluate(
             data, model=counter, level=level, sites=site_set, progress=progress
         )
     except _user_errors() as err:
-        fail(str(err))
+        fail(err)
     typer.echo(format_table(result["metrics"]))
     if wells := result.get("wells"):
         typer.echo(
@@ -534,7 +586,7 @@ def evaluate(
         try:
             index = write_report(result, report, counter=counter, data=data, progress=progress)
         except _user_errors() as err:
-            fail(str(err))
+            fail(err)
         typer.echo(f"report -> {index}")
     if errors := result.get("errors"):
         for message in errors:
@@ -595,7 +647,7 @@ def simulate(
             progress=True,
         )
     except _user_errors() as err:
-        fail(str(err))
+        fail(err)
     typer.echo(f"simulated plate -> {folder}")
 
 
@@ -640,6 +692,15 @@ def train(
     from celltally import distributed
     from celltally.training_data import build_and_fit
 
+    for option, value in (
+        ("--seg-epochs", seg_epochs),
+        ("--count-epochs", count_epochs),
+        ("--simulated", simulated),
+    ):
+        if value is not None and value < 0:
+            fail(f"{option} must be 0 or more, got {value}")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: is a file; train writes a model folder")
     try:
         _set_threads(threads)
         # Under torchrun (WORLD_SIZE > 1) this is data-parallel training; rank 0 writes.
@@ -664,7 +725,7 @@ def train(
                 channel=channel,
             )
     except _user_errors() as err:
-        fail(str(err))
+        fail(err)
 
 
 @app.command()
@@ -682,6 +743,7 @@ def demo(
     from celltally.metrics import count_metrics
     from celltally.simulate import simulate_plate
 
+    _writable_folder(out, "--out")
     try:
         counter = CellCounter.from_pretrained(model)
         plate = simulate_plate(
@@ -693,7 +755,7 @@ def demo(
             seed=seed,
         )
     except _user_errors() as err:
-        fail(str(err))
+        fail(err)
     pairs = labelled_files(plate)
     truth = {path: c for path, c in pairs}
     csv_path = out / "results.csv"
@@ -821,9 +883,9 @@ def serve(
             threads=threads,
         )
     except OSError as err:
-        fail(str(err))
+        fail(err)
     except _user_errors() as err:
-        fail(str(err))
+        fail(err)
 
 
 @app.command()
@@ -853,6 +915,10 @@ def explain(
     from celltally.naming import parse_name
 
     _check_level(level)
+    if true is not None and not (math.isfinite(true) and true >= 0):
+        fail(f"--true must be a count of 0 or more, got {true}")
+    out = out if out.suffix else out.with_name(out.name + ".png")
+    _writable_file(out, "--out")
     named = parse_name(image.name).count if true is None else None
     true = true if named is None else float(named)
     try:
@@ -860,12 +926,12 @@ def explain(
         if (level_note := counter.level_note(level)) is not None:
             typer.echo(f"note: {level_note}", err=True)
         expl = explain_image(counter, image, true_count=true, level=level)
-        explanation_figure(expl, out, image_saliency=image_saliency)
+        written = explanation_figure(expl, out, image_saliency=image_saliency)
     except _user_errors() as err:
-        fail(str(err))
+        fail(err)
     truth = "" if true is None else f" (truth {true:g}{', from the file name' if named else ''})"
     warn = f"; warning: {expl.result.warning}" if expl.result.warning else ""
-    typer.echo(f"{image}: {expl.result}{truth}{warn} -> {out}")
+    typer.echo(f"{image}: {expl.result}{truth}{warn} -> {written}")
 
 
 def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out: Path | None, **kw):
@@ -879,6 +945,7 @@ def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out:
 
     from celltally import io
     from celltally.counter import WEIGHTS_DIR, resolve_model
+    from celltally.models.pipeline import read_model_config
     from celltally.uncertainty import held_out_sets
 
     folder = resolve_model(model)
@@ -889,7 +956,7 @@ def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out:
         )
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise io.InputError(f"{out}: already exists; --out takes a new folder", out)
-    config = _json.loads((folder / "config.json").read_text())
+    config = read_model_config(folder)
     if bbbc005 is None and not data:
         raise ValueError("no data: give --bbbc005 or --data")
     sets = held_out_sets(config, bbbc005=bbbc005, folders=data or [], **kw)
@@ -903,6 +970,20 @@ def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out:
         kw.get("log", print)(f"copied model {model} to {out} (model name {out.name})")
         folder = out
     return folder, sets
+
+
+@contextlib.contextmanager
+def _removed_on_failure(out: Path | None) -> Iterator[None]:
+    """Remove ``out`` again if this command made it and then failed (a rerun is not blocked)."""
+    made = out is not None and not out.exists()
+    try:
+        yield
+    except BaseException:
+        if made and out is not None and out.exists():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 OutOption = Annotated[
@@ -945,26 +1026,31 @@ def calibrate(
     out: OutOption = None,
 ) -> None:
     """Refit the intervals (conformal, temperature) and OOD thresholds on a held-out split."""
-    from celltally.uncertainty import calibrate_model
+    from celltally.uncertainty import COUNT_SCALE_BLOCKS, calibrate_model
 
-    try:
-        folder, (_, cal) = _held_out(
-            model,
-            bbbc005,
-            data,
-            cache=cache,
-            log=typer.echo,
-            channel=channel,
-            out=out,
-            unseen_folders_calibrate=True,
-        )
-        if cal is None:
-            fail("the data gave no calibration images")
-        calibrate_model(
-            folder, cal, quantile=quantile, count_scale=count_scale or (), log=typer.echo
-        )
-    except _user_errors() as err:
-        fail(str(err))
+    if not 0.0 < quantile < 1.0:
+        fail(f"--quantile must be between 0 and 1 (0.99: the 99th percentile), got {quantile}")
+    if unknown := sorted(set(count_scale or ()) - set(COUNT_SCALE_BLOCKS)):
+        fail(f"--count-scale {unknown[0]!r}: choose plain or epistemic")
+    with _removed_on_failure(out):
+        try:
+            folder, (_, cal) = _held_out(
+                model,
+                bbbc005,
+                data,
+                cache=cache,
+                log=typer.echo,
+                channel=channel,
+                out=out,
+                unseen_folders_calibrate=True,
+            )
+            if cal is None:
+                fail("the data gave no calibration images")
+            calibrate_model(
+                folder, cal, quantile=quantile, count_scale=count_scale or (), log=typer.echo
+            )
+        except _user_errors() as err:
+            fail(err)
 
 
 @app.command()
@@ -994,33 +1080,38 @@ def ensemble(
 
     if members < 2:
         fail(f"--members must be at least 2, got {members}")
-    try:
-        folder, (train_set, cal) = _held_out(
-            model,
-            bbbc005,
-            data,
-            simulated=simulated,
-            seed=seed,
-            workers=workers,
-            cache=cache,
-            log=typer.echo,
-            channel=channel,
-            out=out,
-        )
-        if train_set is None:
-            fail("the data gave no training images")
-        files = train_ensemble(
-            folder,
-            train_set,
-            cal,
-            members=members,
-            epochs=epochs,
-            seed=seed,
-            progress=progress,
-            log=typer.echo,
-        )
-    except _user_errors() as err:
-        fail(str(err))
+    if epochs is not None and epochs < 1:
+        fail(f"--epochs must be at least 1 (each member is trained), got {epochs}")
+    if simulated < 0:
+        fail(f"--simulated must be 0 or more, got {simulated}")
+    with _removed_on_failure(out):
+        try:
+            folder, (train_set, cal) = _held_out(
+                model,
+                bbbc005,
+                data,
+                simulated=simulated,
+                seed=seed,
+                workers=workers,
+                cache=cache,
+                log=typer.echo,
+                channel=channel,
+                out=out,
+            )
+            if train_set is None:
+                fail("the data gave no training images")
+            files = train_ensemble(
+                folder,
+                train_set,
+                cal,
+                members=members,
+                epochs=epochs,
+                seed=seed,
+                progress=progress,
+                log=typer.echo,
+            )
+        except _user_errors() as err:
+            fail(err)
     typer.echo(f"{len(files)} ensemble member(s) -> {folder}")
 
 

@@ -109,6 +109,10 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if (shipped / "config.json").exists():
         return shipped
     names = ", ".join(available_models()) or "none"
+    if path.is_dir():
+        raise io.InputError(
+            f"{name_or_path}: a folder but not a model (no config.json; shipped models: {names})"
+        )
     raise io.InputError(f"{name_or_path}: no such model (shipped models: {names})")
 
 
@@ -117,6 +121,11 @@ def available_models() -> list[str]:
     if not WEIGHTS_DIR.is_dir():
         return []
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").exists())
+
+
+#: Most pixels an image may have once rescaled to a model's scale (16384 x 16384): a
+#: mistyped --diameter or --pixel-size would otherwise ask for terabytes.
+MAX_MODEL_PIXELS = 16384 * 16384
 
 
 @dataclass(frozen=True)
@@ -270,10 +279,14 @@ class CellCounter:
 
             members = load_members(folder, config)
         reference = None
-        if (folder / OOD_REFERENCE_FILE).exists():
-            reference = {
-                k: v.numpy() for k, v in load_file(str(folder / OOD_REFERENCE_FILE)).items()
-            }
+        if (ood_file := folder / OOD_REFERENCE_FILE).exists():
+            from safetensors import SafetensorError
+
+            try:
+                reference = {k: v.numpy() for k, v in load_file(str(ood_file)).items()}
+            except (SafetensorError, OSError) as err:
+                first = (str(err).splitlines() or [type(err).__name__])[0]
+                raise io.InputError(f"{ood_file}: corrupt file ({first})") from None
         return cls(
             model,
             config,
@@ -330,6 +343,12 @@ class CellCounter:
                 f"reaches {top:g}; leave out --no-norm (or scale it first)"
             )
         shape = model_shape(image.shape, self.scale, self.factor)
+        if shape[0] * shape[1] > MAX_MODEL_PIXELS:
+            raise io.InputError(
+                f"image of {image.shape[1]}x{image.shape[0]} px would be {shape[1]}x{shape[0]} "
+                f"px at model {self.name}'s scale (more than {MAX_MODEL_PIXELS / 1e6:g} million "
+                "pixels); check --diameter / --pixel-size"
+            )
         if shape == self.input_size:
             return self.prepare(image)
         if not self.density_head:
@@ -491,11 +510,12 @@ class CellCounter:
         if isinstance(image, str | Path):
             source = str(image)
             image = self.read(image)
-        array = np.asarray(image)
+        try:
+            array = io.check_pixels(image)
+        except io.InputError as err:
+            raise io.about_file(err, source) from None
         if array.ndim != 2:
             raise io.InputError(f"expected a 2-D image, got an array of shape {array.shape}")
-        if not np.isfinite(array).all():
-            raise io.InputError("image contains NaN or infinite values")
         try:
             prepared = self.prepare_any(array)
         except io.InputError as err:
@@ -530,6 +550,8 @@ class CellCounter:
             except io.InputError as err:
                 return io.about_file(err, path)
 
+        if isinstance(paths, str | Path):  # one file, not the characters of its name
+            paths = [paths]
         with ThreadPoolExecutor(read_threads) if read_threads else _InlineExecutor() as pool:
             pending: list[tuple[Path, Any]] = []
             iterator = iter(Path(p) for p in paths)

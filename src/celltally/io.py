@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,7 @@ __all__ = [
     "ImageReadError",
     "InputError",
     "about_file",
+    "check_pixels",
     "iter_images",
     "list_images",
     "output_root",
@@ -390,9 +392,37 @@ def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> n
     """
     arr, is_tiff = _load_raw(path)
     out = _to_2d(arr, path, is_tiff=is_tiff, channel=channel, colour_mean=True)
-    if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
-        raise ImageReadError(path, "contains NaN or infinite values")
-    return out
+    try:
+        return check_pixels(out)
+    except InputError as err:
+        raise ImageReadError(path, str(err)) from None
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_pixels(image: Any) -> np.ndarray:
+    """``image`` as an array of pixel values celltally can count, or InputError saying why.
+
+    Integers and floats pass (booleans become uint8 0/1, as files do); masked
+    arrays, complex, text, object and date types, NaN or infinite values and
+    floats beyond the float32 range (the network's arithmetic) are refused.
+    The input is not modified.
+    """
+    if isinstance(image, np.ma.MaskedArray):
+        raise InputError("a masked array: fill its masked pixels first (numpy.ma.filled)")
+    array = np.asarray(image)
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if array.dtype.kind not in "uif":
+        raise InputError(f"unsupported pixel type {array.dtype}; give integer or float pixels")
+    if array.dtype.kind == "f" and array.size:
+        if not np.all(np.isfinite(array)):
+            raise InputError("contains NaN or infinite values")
+        largest = float(np.max(np.abs(array)))
+        if largest > _FLOAT32_MAX:
+            raise InputError(f"values beyond the float32 range (largest magnitude {largest:.3g})")
+    return array
 
 
 def _is_image_file(path: Path) -> bool:
@@ -497,11 +527,22 @@ def _scan_folder(folder: Path, recursive: bool) -> Iterator[Path]:
     Entries whose name starts with ``.`` are skipped (and not descended into). A
     folder laid out for training (``images/`` beside ``masks/`` or ``labels/``)
     gives only its ``images/``. A broken link with an image suffix is produced
-    (reading it then fails with its own error) rather than skipped unseen.
+    (reading it then fails with its own error) rather than skipped unseen. A
+    folder reached twice (a link back up the tree, or to a folder already listed)
+    is listed once.
     """
     stack = [os.fspath(folder)]
+    seen: set[tuple[int, int]] = set()
     while stack:
         current = stack.pop()
+        try:
+            info = os.stat(current)
+        except OSError:
+            info = None
+        if info is not None:
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
         try:
             with os.scandir(current) as entries:
                 subdirs: list[str] = []

@@ -196,9 +196,10 @@ def build_and_fit(
         from safetensors.torch import load_file
 
         from celltally.counter import resolve_model
+        from celltally.models.pipeline import read_model_config
 
         folder = resolve_model(from_model)
-        base = json.loads((folder / "config.json").read_text())
+        base = read_model_config(folder)
         config = {k: base[k] for k in ("input_size", "segmenter", "counter", "counter_inputs")}
         config["train"] = copy.deepcopy(
             base["train"] if "train" in base else get_preset(base.get("preset", "small"))["train"]

@@ -82,12 +82,10 @@ def min_range_for(dtype: np.dtype) -> float:
     return _MIN_RANGE_FRACTION * full_scale
 
 
-DEFAULT_NORMALIZATION: dict[str, Any] = {
-    "method": "percentile",
-    "low": 0.5,
-    "high": 99.95,
-    "noise_range": 20.0,
-}
+DEFAULT_NORMALIZATION: dict[str, Any] = {"method": "percentile", "low": 0.5, "high": 99.95}
+#: Smallest percentile range, in noise stds, of ``'percentile'`` normalization
+#: (``norm['noise_range']`` overrides it; see :func:`prepare_image`).
+NOISE_RANGE = 20.0
 
 
 def dtype_full_scale(dtype: np.dtype) -> float:
@@ -129,7 +127,8 @@ def prepare_image(
         return resized / np.float32(dtype_full_scale(image.dtype))
     if method != "percentile":
         raise ValueError(f"unknown normalization {method!r}; use percentile, fixed or none")
-    guard = max(min_range_for(image.dtype), float(norm["noise_range"]) * noise_std(resized))
+    noise_guard = float(norm.get("noise_range", NOISE_RANGE)) * noise_std(resized)
+    guard = max(min_range_for(image.dtype), noise_guard)
     out = normalize_percentile(resized, low=norm["low"], high=norm["high"], min_range=guard)
     return np.clip(out, -1.0, 4.0, out=out)
 

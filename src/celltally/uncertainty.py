@@ -37,7 +37,7 @@ from celltally.calibration import (
     ood_thresholds,
 )
 from celltally.datasets import LabeledSet
-from celltally.models.pipeline import CountingPipeline, build_counter
+from celltally.models.pipeline import CountingPipeline, build_counter, read_model_config
 from celltally.train import write_config
 from celltally.wells import well_key
 
@@ -135,7 +135,7 @@ def train_ensemble(
     if members < 2:
         raise ValueError(f"an ensemble needs at least 2 members, got {members}")
     folder = Path(model_folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_model_config(folder)
     hp = dict(config.get("train", {}).get("counter", {}))
     device = device or default_device()
     # New members are written beside the old ones and swapped in once all are trained:
@@ -306,7 +306,7 @@ def calibrate_model(
     unknown = set(count_scale) - set(COUNT_SCALE_BLOCKS)
     if unknown:
         raise ValueError(f"count_scale: unknown block(s) {sorted(unknown)}; 'plain' or 'epistemic'")
-    config = json.loads((folder / "config.json").read_text())
+    config = read_model_config(folder)
     old = config.get("calibration") or {}
     for name, earlier in (("plain", old), ("epistemic", old.get("epistemic") or {})):
         if "count_scale" in earlier and name not in count_scale:

@@ -101,7 +101,8 @@ def read_results(path: str | Path) -> list[dict[str, str]]:
     return read_complete_rows(path)
 
 
-def _number(row: Mapping[str, str], column: str, source: str) -> float:
+def _number(row: Mapping[str, str], column: str, source: str, *, minimum: float = 0.0) -> float:
+    """The row's ``column`` as a finite number of at least ``minimum`` (InputError if not)."""
     try:
         value = float(row[column])
     except (TypeError, ValueError):
@@ -110,7 +111,34 @@ def _number(row: Mapping[str, str], column: str, source: str) -> float:
         ) from None
     if not math.isfinite(value):
         raise io.InputError(f"{source}: {column} of {row.get('file')} is {value}")
+    if value < minimum:
+        raise io.InputError(
+            f"{source}: {column} {row.get(column)} of {row.get('file')} is below {minimum:g}"
+        )
     return value
+
+
+def _check_rows(rows: Sequence[Mapping[str, str]], source: str) -> None:
+    """Refuse what no ``celltally count`` run writes: a file twice, a level outside (0, 1)."""
+    seen: set[str] = set()
+    for row in rows:
+        name = row.get("file") or ""
+        if name in seen:
+            raise io.InputError(
+                f"{source}: {name} has more than one row (a results file lists each image "
+                "once; totals would count it twice)"
+            )
+        seen.add(name)
+        level = row.get("level")
+        if level not in (None, ""):
+            try:
+                ok = 0.0 < float(level) < 1.0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise io.InputError(
+                    f"{source}: level {level!r} of {name} is not a number between 0 and 1"
+                )
 
 
 def model_correlation(
@@ -125,10 +153,11 @@ def model_correlation(
     is unknown here or its config has no ``calibration.well_correlation``.
     """
     from celltally.counter import resolve_model
+    from celltally.models.pipeline import read_model_config
 
     name = str(model) if name is None else name
     try:
-        config = json.loads((resolve_model(model) / "config.json").read_text())
+        config = read_model_config(resolve_model(model))
     except (io.InputError, OSError, ValueError):
         return DEFAULT_CORRELATION, f"assumed ({name}: model not found)"
     value, fitted = block_correlation(config.get("calibration"), epistemic=epistemic)
@@ -203,6 +232,8 @@ def aggregate_wells(
     sites' stds: exact for Gaussian errors with that correlation, and measured
     against real held-out wells in ``benchmarks/wells.py``.
     """
+    rows = list(rows)
+    _check_rows(rows, source)
     groups: dict[tuple, list[Mapping[str, str]]] = {}
     sites_of: dict[tuple, set[str]] = {}
     skipped = 0
@@ -231,8 +262,10 @@ def aggregate_wells(
     for (model, level, *_), members in groups.items():
         pooled = spread.setdefault((model, level), [0.0, 0.0])
         for r in members:
-            if (std_r := _number(r, "std", source)) > 0:
-                pooled[0] += _number(r, "high", source) - _number(r, "count", source)
+            count_r, std_r = _number(r, "count", source), _number(r, "std", source)
+            high_r = _number(r, "high", source, minimum=count_r)  # high below count: damaged
+            if std_r > 0:
+                pooled[0] += high_r - count_r
                 pooled[1] += std_r
     wells = []
     for group, members in sorted(groups.items()):
@@ -243,6 +276,8 @@ def aggregate_wells(
         width, std_sum = spread[(model, level)]
         multiplier = width / std_sum if std_sum > 0 else 0.0
         total = sum(counts)
+        if not math.isfinite(total):
+            raise io.InputError(f"{source}: the counts of well {well} add up to {total}")
         std = total_std(stds, float(rho))
         half = multiplier * std
         truths = [r.get("true_count") for r in members]
@@ -336,6 +371,13 @@ def well_totals(
     ``out`` is written. Returns the well rows, the number of images without a
     well, and where each model's correlation came from.
     """
+    from celltally.batch import output_paths
+
+    read = output_paths(results)
+    if Path(out).resolve() in {p.resolve() for p in (read.results, read.errors, read.manifest)}:
+        raise io.InputError(f"--out {out}: is the results being read ({results}); name another")
+    if Path(out).is_dir():
+        raise io.InputError(f"--out {out}: is a folder; it must be a CSV file (e.g. wells.csv)")
     rows = read_results(results)
     names = sorted({r.get("model") or "" for r in rows})
     if correlation is not None:

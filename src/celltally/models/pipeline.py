@@ -203,18 +203,69 @@ def widen_counter_state(
     return {**state, key: torch.cat([weight, pad], 1)}
 
 
+#: Keys every model config holds (``models.presets`` plus what training adds).
+CONFIG_KEYS = ("input_size", "segmenter", "counter", "counter_inputs")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def read_model_config(folder: str | Path) -> dict[str, Any]:
+    """A model folder's ``config.json``, or InputError naming the file and the problem."""
+    import json
+
+    from celltally.io import InputError
+
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{folder}: not a model folder (no config.json)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"{path}: not a readable model config ({_first_line(err)})") from None
+    missing = [k for k in CONFIG_KEYS if k not in config] if isinstance(config, dict) else None
+    if missing is None or missing:
+        what = f"no {missing[0]!r}" if missing else "not a JSON object"
+        raise InputError(f"{path}: not a celltally model config ({what})")
+    return config
+
+
 def load_model_folder(folder: str | Path) -> tuple[CountingPipeline, dict[str, Any]]:
     """The model and config of a model folder (``config.json`` + ``model.safetensors``).
 
     The reader of :func:`celltally.train.save_model_folder`'s folders; the model is
     returned as built (train mode), with the folder's weights.
-    """
-    import json
 
+    Raises
+    ------
+    celltally.io.InputError
+        A missing, corrupt or mismatched config or weights file (named).
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from celltally.io import InputError
+
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    model = CountingPipeline(config)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    config = read_model_config(folder)
+    try:
+        model = CountingPipeline(config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(
+            f"{folder / 'config.json'}: not a celltally model config ({_first_line(err)})"
+        ) from None
+    weights = folder / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except FileNotFoundError:
+        raise InputError(f"{weights}: missing (a model folder holds its weights here)") from None
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{weights}: corrupt weights file ({_first_line(err)})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(
+            f"{weights}: does not fit the model in config.json ({_first_line(err)})"
+        ) from None
     return model, config

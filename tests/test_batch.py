@@ -220,7 +220,9 @@ def test_changing_model_or_level_needs_new_out_or_overwrite(plate, tiny_model, t
     assert "level 0.95" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(io.InputError, match="model 'other'"):
         run_batch(files, out=out, model=other_model(tmp_path), level=0.95)
-    with pytest.raises(io.InputError, match="counter options"):
+    with pytest.raises(
+        io.InputError, match="made with no counter options; this run uses --calibration gaussian"
+    ):
         run_batch(files, out=out, model=tiny_model, counter_options={"calibration": "gaussian"})
     result = CliRunner().invoke(
         app, ["count", str(plate), "-o", str(out), "--model", str(tiny_model), "--level", "0.9"]

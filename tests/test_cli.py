@@ -443,3 +443,13 @@ def test_a_tiny_diameter_is_refused_before_it_asks_for_terabytes(image_folder, t
     result = run("count", image_folder, "-o", out, "--model", "nuclei", "--diameter", "0.001")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "million pixels); check --diameter" in result.output
+
+
+def test_evaluate_says_what_is_wrong_with_its_data_argument(tiny_model, image_folder, tmp_path):
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "counts.csv").write_text("image,count\n")
+    image = sorted(image_folder.iterdir())[0]
+    for data, expected in ((listed, "counts.csv: lists no images"), (image, "a file; evaluate")):
+        result = run("evaluate", data, "--model", tiny_model, "--out", tmp_path / "e.json")
+        assert result.exit_code == 2 and expected in result.output, result.output

@@ -162,6 +162,8 @@ def copy_plate(source, target):
         ("mask_size", "mask is 100x80 but its image is 348x260"),
         ("missing_file", "lists 'nothere_C5.tif', which is not in"),
         ("negative", "is negative"),
+        ("header_only", "counts.csv: lists no images"),
+        ("two_masks", "are both masks of"),
     ],
 )
 def test_bad_annotations_fail_before_training(base_model, folders, tmp_path, problem, message):
@@ -175,10 +177,20 @@ def test_bad_annotations_fail_before_training(base_model, folders, tmp_path, pro
             m.unlink()
     elif problem == "missing_file":
         rows.append({**rows[0], "image": "nothere_C5.tif"})
-    else:
+    elif problem == "negative":
         rows[2]["count"] = "-3"
+    elif problem == "two_masks":
+        for sub in ("masks", "labels"):  # the same mask again, as X.PNG beside X.png
+            victim = sorted((folder / sub).iterdir())[0]
+            shutil.copy(victim, victim.with_suffix(victim.suffix.upper()))
+    # beside every label image, a note that is not a mask (ignored, not an error)
+    for label in list((folder / "labels").iterdir())[:1]:
+        label.with_suffix(".txt").write_text("counted by hand")
+    fields = list(rows[0])
+    if problem == "header_only":
+        rows = []
     with counts.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     out = tmp_path / "never"

@@ -292,7 +292,7 @@ def test_simulate_plate_workers_give_identical_bytes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"images": 0}, "images must be"),
+        ({"images": 0}, r"images \(--images\) must be"),
         ({"images": 1, "blurs": (1, 5)}, "blur must be one of"),
         ({"images": 1, "stains": (0,)}, "stain must be"),
         ({"images": 1, "counts": (10, 5)}, "counts range"),

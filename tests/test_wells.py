@@ -294,6 +294,7 @@ GOOD = "a_B02_s1.tif,3,1,1,5,0.95,m,B02\n"
     ("rows", "expected"),
     [
         (GOOD + GOOD, "a_B02_s1.tif has more than one row"),
+        (GOOD + "a_B02_s2.tif,3,1\n", "data row 2 (a_B02_s2.tif) has fewer fields"),
         ("a_B02_s1.tif,-5,1,0,-3,0.95,m,B02\n", "count -5 of a_B02_s1.tif is below 0"),
         ("a_B02_s1.tif,3,-1,1,5,0.95,m,B02\n", "std -1 of a_B02_s1.tif is below 0"),
         ("a_B02_s1.tif,3,1,1,2,0.95,m,B02\n", "high 2 of a_B02_s1.tif is below 3"),

@@ -63,7 +63,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -156,13 +156,34 @@ def result_row(path: str | os.PathLike[str], result: CountResult, *, model_name:
         "std": f"{result.std:.3f}",
         "low": f"{result.low:.2f}",
         "high": f"{result.high:.2f}",
-        "level": f"{result.level:g}",
+        "level": repr(float(result.level)),  # 0.9999999 must not read as 1
         "model": model_name,
         **{k: text(meta.get(k)) for k in ("plate", "well", "site", "blur", "stain")},
         "true_count": text(true),
         "error": "" if true is None else f"{result.count - float(true):.2f}",
         "warning": text(getattr(result, "warning", None)),
     }
+
+
+def describe_options(options: Mapping[str, Any]) -> str:
+    """Counter options as the command-line flags that set them ('no counter options' if none)."""
+    if not options:
+        return "no counter options"
+    parts = []
+    for key, value in sorted(options.items()):
+        flag = "--" + key.replace("_", "-")
+        if key == "norm" and isinstance(value, Mapping):
+            method = value.get("method")
+            parts.append(
+                "--no-norm"
+                if method == "none"
+                else f"normalization {method} {value.get('low')}-{value.get('high')}"
+            )
+        elif value is True:
+            parts.append(flag)
+        else:
+            parts.append(f"{flag} {value}")
+    return ", ".join(parts)
 
 
 def _digest(name: str) -> bytes:
@@ -487,8 +508,9 @@ def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: 
     old_options = manifest.get("settings", {}).get("counter_options", {})
     if old_options != options:
         return (
-            f"{out} holds counts made with counter options {old_options}; this run uses "
-            f"{options}. Pick a new --out, or pass --overwrite to start it again"
+            f"{out} holds counts made with {describe_options(old_options)}; this run uses "
+            f"{describe_options(options)}. Pick a new --out, or pass --overwrite to start it "
+            "again"
         )
     same_model = (old.get("config_sha256"), old.get("weights_sha256")) == (
         identity["config_sha256"],
@@ -751,7 +773,7 @@ def run_batch(
             folder, **({**options, "device": "cpu"} if dask else options)
         )
     except (TypeError, ValueError) as err:
-        raise io.InputError(f"counter options {options}: {err}") from None
+        raise io.InputError(f"{describe_options(options)}: {err}") from None
     if (level_note := local_counter.level_note(level)) is not None:
         log(f"note: {level_note}")
     if dask:

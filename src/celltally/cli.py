@@ -124,8 +124,8 @@ def _image_options(
     if diameter is not None:
         options["diameter"] = diameter
     if tile is not None:
-        if tile < 64 or tile % 32:
-            raise ValueError(f"--tile must be a multiple of 32 and at least 64, got {tile}")
+        if tile < 32 or tile % 32:
+            raise ValueError(f"--tile must be a positive multiple of 32, got {tile}")
         options["tile"] = tile  # the model's own rule (stride, margin): CellCounter checks it
     return options
 
@@ -633,13 +633,21 @@ def simulate(
     from celltally.simulate import parse_count_range, simulate_plate
 
     try:
-        width, height = (int(v) for v in size.lower().split("x"))
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            fail(f"--size must be WIDTHxHEIGHT in pixels, e.g. 696x520, got {size!r}")
+        try:
+            blur_levels = [int(b) for b in blur.split(",")]
+            stain_ids = [int(s) for s in stain.split(",")]
+        except ValueError:
+            fail("--blur and --stain take whole numbers separated by commas, e.g. 1,23,48")
         folder = simulate_plate(
             out,
             images=images,
             counts=parse_count_range(counts),
-            blurs=[int(b) for b in blur.split(",")],
-            stains=[int(s) for s in stain.split(",")],
+            blurs=blur_levels,
+            stains=stain_ids,
             seed=seed,
             size=(height, width),
             bit_depth=bit_depth,

@@ -149,6 +149,23 @@ def load_bbbc005(
     return data
 
 
+def mask_for(image: Path, folder: Path) -> Path | None:
+    """The mask or label image of ``image`` in ``folder``: same stem, an image suffix.
+
+    Other files with that stem (notes, a ``.txt`` export) are not masks; two
+    images with the stem (``a.tif`` and ``a.png``) are ambiguous (InputError).
+    """
+    found = [
+        p for p in sorted(folder.glob(image.stem + ".*")) if p.suffix.lower() in io.IMAGE_SUFFIXES
+    ]
+    if len(found) > 1:
+        raise io.InputError(
+            f"{folder}: {found[0].name} and {found[1].name} are both masks of {image.name}; "
+            "keep one"
+        )
+    return found[0] if found else None
+
+
 def _count_from_labels(image: Path, mask_dirs: Sequence[Path]) -> int | None:
     """Number of labels of ``image``'s label mask; None without one.
 
@@ -156,9 +173,8 @@ def _count_from_labels(image: Path, mask_dirs: Sequence[Path]) -> int | None:
     None: a binary mask cannot be told from a one-object label image.
     """
     for d in mask_dirs:
-        found = sorted(d.glob(image.stem + ".*"))
-        if found:
-            labels = io.read_mask(found[0])
+        if found := mask_for(image, d):
+            labels = io.read_mask(found)
             values = np.unique(labels[labels > 0])
             return None if values.size == 1 else int(values.size)
     return None
@@ -214,6 +230,8 @@ def load_folder(
     mask_dirs = [d for d in (root / "masks", root / "labels") if d.is_dir()]
     if counts_csv.exists():
         table = io.read_counts_csv(counts_csv)
+        if not table:
+            raise io.InputError(f"{counts_csv}: lists no images (a header and no rows)")
         paths = []
         for name in table:
             path = folder / name
@@ -239,9 +257,8 @@ def load_folder(
         images.append(prepare_image(raw, size=size, norm=norm))
         mask = np.full(tuple(size), np.nan, dtype=np.float32)
         for d in mask_dirs:
-            found = sorted(d.glob(path.stem + ".*"))
-            if found:
-                labels = io.read_mask(found[0], shape=raw.shape)
+            if found := mask_for(path, d):
+                labels = io.read_mask(found, shape=raw.shape)
                 mask = resize_area(labels > 0, size)
                 break
         masks.append(mask)

@@ -17,10 +17,14 @@ from celltally.metrics import grouped_metrics
 def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
     """(image path, true count) from ``counts.csv`` if present, else from ``_C<n>_`` names."""
     data = Path(data)
+    if data.is_file():
+        raise io.InputError(f"{data}: a file; evaluate takes a folder of images")
     folder = data / "images" if (data / "images").is_dir() else data
     csv_path = data / "counts.csv"
     if csv_path.exists():
         table = io.read_counts_csv(csv_path)
+        if not table:
+            raise io.InputError(f"{csv_path}: lists no images (a header and no rows)")
         pairs = [(folder / name, float(c)) for name, c in table.items()]
         missing = [p for p, _ in pairs if not p.exists()]
         if missing:

@@ -1139,7 +1139,7 @@ def simulate_plate(
         For ``images < 1``, bad counts, blur levels, stains, size or bit depth.
     """
     if isinstance(images, bool) or int(images) != images or images < 1:
-        raise ValueError(f"images must be a whole number >= 1, got {images!r}")
+        raise ValueError(f"images (--images) must be a whole number >= 1, got {images!r}")
     if isinstance(workers, bool) or int(workers) != workers or workers < 1:
         raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
     images = int(images)

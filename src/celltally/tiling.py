@@ -220,9 +220,10 @@ def check_tiles(tile: int | Sequence[int], *, margin: int, stride: int) -> tuple
     """
     ty, tx = tile_sides(tile)
     if any(t % stride or t <= 2 * margin for t in (ty, tx)) or margin % stride or margin < 0:
+        shown = "x".join(str(t) for t in dict.fromkeys((ty, tx)))
         raise ValueError(
-            f"tile ({tile}) and margin ({margin}) must be multiples of {stride} "
-            "with tile > 2 * margin"
+            f"tile {shown} and margin {margin} must be multiples of {stride} "
+            f"with the tile above 2 x margin (at least {2 * margin + stride} here)"
         )
     return ty, tx
 

@@ -121,8 +121,12 @@ def _number(row: Mapping[str, str], column: str, source: str, *, minimum: float 
 def _check_rows(rows: Sequence[Mapping[str, str]], source: str) -> None:
     """Refuse what no ``celltally count`` run writes: a file twice, a level outside (0, 1)."""
     seen: set[str] = set()
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
         name = row.get("file") or ""
+        if None in row.values():  # csv.DictReader's filler for missing fields
+            raise io.InputError(
+                f"{source}: data row {number} ({name}) has fewer fields than the header"
+            )
         if name in seen:
             raise io.InputError(
                 f"{source}: {name} has more than one row (a results file lists each image "

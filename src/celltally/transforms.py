@@ -127,7 +127,8 @@ def prepare_image(
         return resized / np.float32(dtype_full_scale(image.dtype))
     if method != "percentile":
         raise ValueError(f"unknown normalization {method!r}; use percentile, fixed or none")
-    noise_guard = float(norm.get("noise_range", NOISE_RANGE)) * noise_std(resized)
+    noise_range = float(norm.get("noise_range", NOISE_RANGE))
+    noise_guard = noise_range * noise_std(resized) if noise_range > 0 else 0.0
     guard = max(min_range_for(image.dtype), noise_guard)
     out = normalize_percentile(resized, low=norm["low"], high=norm["high"], min_range=guard)
     return np.clip(out, -1.0, 4.0, out=out)

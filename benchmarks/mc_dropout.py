@@ -57,6 +57,11 @@ from train_bbbc005 import SIM_BLURS, SIM_CLUSTERING, SIM_COUNTS  # noqa: E402
 LEVELS = (0.8, 0.9, 0.95)
 
 
+def _run_key(args: argparse.Namespace) -> str:
+    """The settings a fine-tuned counter depends on (its cached files are named by them)."""
+    return f"p{args.p:g}_n{args.scenes}_s{args.sim_seed}_e{args.epochs}_seed{args.seed}"
+
+
 class DropoutSwitch:
     """Dropout before each 1x1 conv of a density head, on in training or when ``on``."""
 
@@ -75,7 +80,7 @@ def fine_tune(args: argparse.Namespace) -> tuple[nn.Module, DropoutSwitch, float
     """The shipped counter with dropout, fine-tuned (or loaded from ``--out``)."""
     model, config = load_model_folder(resolve_model("bbbc005"))
     switch = DropoutSwitch(model.counter.density_head, args.p)
-    weights = Path(args.out) / f"dropout_p{args.p:g}_counter.safetensors"
+    weights = Path(args.out) / f"dropout_{_run_key(args)}_counter.safetensors"
     seconds = 0.0
     if weights.exists():
         model.counter.load_state_dict(load_file(str(weights)))
@@ -187,7 +192,7 @@ def main() -> int:
         return 0
     torch.set_num_threads(os.cpu_count() or 1)
     model, switch, seconds = fine_tune(args)
-    saved = Path(args.out) / f"passes_p{args.p:g}.pt"
+    saved = Path(args.out) / f"passes_{_run_key(args)}_T{args.max_passes}.pt"
     if saved.exists():  # the counts of an earlier run of the same counter
         res = torch.load(saved, weights_only=False)
     else:

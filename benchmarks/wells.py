@@ -58,7 +58,7 @@ def totals(pred: dict, sel: np.ndarray, multiplier: float, correlation: float) -
             "high": f"{mu + multiplier * sigma:.6f}",
             "true_count": f"{y:g}",
             "model": "m",
-            "level": "x",
+            "level": "",  # one level per call: its multiplier is given
         }
         for name, y, mu, sigma in zip(
             pred["name"][sel], pred["y"][sel], pred["mu"][sel], pred["sigma"][sel], strict=True

@@ -175,6 +175,27 @@ def test_resume_knows_an_image_however_its_path_is_spelt(plate, tiny_model, tmp_
     assert len(read_results(out)) == 42
 
 
+def test_relative_names_from_another_working_folder_are_not_taken_for_these(
+    plate, tiny_model, tmp_path, monkeypatch
+):
+    import shutil
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for root in (one, two):  # the same relative names, different images
+        (root / "images").mkdir(parents=True)
+    for i, src in enumerate(files_of(plate)[:4]):
+        shutil.copy(src, one / "images" / f"f{i}.tif")
+    for i, src in enumerate(files_of(plate)[4:8]):
+        shutil.copy(src, two / "images" / f"f{i}.tif")
+    out = tmp_path / "res.csv"
+    monkeypatch.chdir(one)
+    assert run_batch(["images"], out=out, model=tiny_model).counted == 4
+    monkeypatch.chdir(two)
+    again = run_batch([str(two / "images")], out=out, model=tiny_model)
+    assert (again.counted, again.skipped) == (4, 0)  # two's images are not one's
+    assert len(read_results(out)) == 8
+
+
 def test_outputs_that_would_overwrite_inputs_or_each_other_are_refused(plate, tiny_model, tmp_path):
     image = tmp_path / "a.tif"
     image.write_bytes(Path(files_of(plate)[0]).read_bytes())

@@ -365,6 +365,9 @@ def test_explain_takes_the_truth_from_a_bbbc_name(tiny_model, image_folder, tmp_
         ["count", "{images}", "-o", "{tmp}/r.csv", "--save-labels", "{file}/labels"],
         ["count", "{images}", "-o", "{tmp}/r.csv", "--wells", "{tmp}"],
         ["count", "{images}", "-o", "{tmp}/r.csv", "--wells", "{tmp}/r.csv"],
+        ["count", "{images}", "-o", "{tmp}/r.csv", "--wells", "{images}/x.TIF"],
+        ["count", "{images}", "-o", "{tmp}/r.csv", "--save-masks", "{tmp}/r.csv"],
+        ["count", "{images}", "-o", "{tmp}/r.csv", "--save-masks", "{tmp}/m", "--level", "2"],
         ["evaluate", "{images}", "--out", "{tmp}"],
         ["evaluate", "{images}", "--out", "{file}/e.json"],
         ["evaluate", "{images}", "--out", "{tmp}/e.json", "--report", "{file}"],
@@ -391,6 +394,8 @@ def test_bad_outputs_and_options_fail_in_one_line_before_any_work(
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert "counted" not in result.output
     assert afile.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt", "plate"]  # nothing made
+    assert len(list(image_folder.iterdir())) == 2
 
 
 @pytest.mark.parametrize(

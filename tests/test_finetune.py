@@ -334,3 +334,26 @@ def test_small_training_sets_get_smaller_batches():
     before = base_config("kept")["train"]
     assert kept["train"]["counter"] == before["counter"]
     assert kept["train"]["segmenter"]["batch_size"] == before["segmenter"]["batch_size"]
+
+
+def test_a_mask_is_the_file_with_the_image_s_own_stem(tmp_path):
+    from celltally.datasets import mask_for
+
+    for name in ("A1.png", "A1.s2.png", "well[1].png", "A1.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert mask_for(tmp_path / "x" / "A1.tif", tmp_path) == tmp_path / "A1.png"
+    assert mask_for(tmp_path / "x" / "A1.s2.tif", tmp_path) == tmp_path / "A1.s2.png"
+    assert mask_for(tmp_path / "x" / "well[1].tif", tmp_path) == tmp_path / "well[1].png"
+    assert mask_for(tmp_path / "x" / "B2.tif", tmp_path) is None
+
+
+def test_a_small_folder_keeps_at_least_one_scene_for_calibration():
+    from celltally.datasets import LabeledSet
+    from celltally.training_data import split_by_scene_hash
+
+    for n in range(2, 30):
+        meta = [{"scene": f"plate_B{i:02d}_s1"} for i in range(n)]
+        data = LabeledSet(torch.zeros(n, 1, 4, 4), torch.zeros(n, 1, 4, 4), torch.zeros(n), meta)
+        parts = split_by_scene_hash(data)
+        assert parts["calibration"].size >= 1 and parts["train"].size >= 1, n
+        assert split_by_scene_hash(data)["calibration"].tolist() == parts["calibration"].tolist()

@@ -226,6 +226,52 @@ def test_a_file_whose_client_has_left_is_not_counted(counter, scene, tmp_path):
     assert here.ok and here.count == pytest.approx(counter.count(scene.image).count, abs=0.01)
 
 
+def test_the_endpoint_sees_a_client_that_has_left(counter, scene, tmp_path):
+    """Through the whole app (middleware included): a disconnect after the upload
+    means the file is not counted (BaseHTTPMiddleware used to hide it)."""
+    import json
+
+    import anyio
+
+    app = create_app(counter, warmup=False, temp_dir=tmp_path)
+    request = multipart([("files", "scene.tif", tiff_bytes(scene.image)), ("saliency", None, b"0")])
+    body = request["content"]
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/count",
+        "raw_path": b"/api/count",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", request["headers"]["content-type"].encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    anyio.run(app, scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert (b"x-content-type-options", b"nosniff") in start["headers"]  # headers still set
+    payload = json.loads(
+        b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    )
+    (result,) = payload["results"]
+    assert (result["ok"], result["status"]) == (False, 499), result
+
+
 def test_saliency_is_skipped_with_a_note_above_its_pixel_limit(
     counter, scene, tmp_path, monkeypatch
 ):
@@ -293,6 +339,7 @@ def test_body_over_the_total_limit_is_refused_early(client):
     [
         (multipart([("level", None, b"0.9")]), 422, "no files"),
         (multipart([("files", None, b"\x89PNG" + b"\x00" * 70_000)]), 400, "no file name"),
+        (multipart([("files", None, b"image.tif")]), 400, "curl -F files=@image.tif"),
         ({"data": {"level": "0.9"}}, 415, "multipart"),
         ({"json": {"files": []}}, 415, "multipart"),
         (
@@ -374,6 +421,15 @@ def test_a_request_names_another_shipped_model(client, scene):
     assert body["well_correlation"] is not None
     expected = CellCounter.from_pretrained("nuclei").count(scene.image).count
     assert body["results"][0]["count"] == pytest.approx(expected, rel=1e-4)
+    assert body["level_note"] is None  # 95%: its 20 calibration images guarantee it
+    wide = post(
+        client,
+        [(BBBC_NAME, tiff_bytes(scene.image), "image/tiff")],
+        model="nuclei",
+        saliency="false",
+        level="0.99",
+    ).json()
+    assert wide["level_note"].startswith("level 0.99 is above the 0.952")
     unknown = post(client, [(BBBC_NAME, tiff_bytes(scene.image), "image/tiff")], model="nope")
     assert unknown.status_code == 422
     assert "model: unknown model 'nope'; choose one of tiny" in unknown.json()["detail"]

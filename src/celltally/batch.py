@@ -246,11 +246,15 @@ def _now() -> str:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(data, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(data, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # e.g. ``path`` is a folder: no stray temporary file
+        raise
 
 
 def _sha256(path: Path) -> str:
@@ -289,9 +293,12 @@ class _Recovered:
     torn_bytes: int = 0
 
 
-def _scan_results(path: Path, columns: Sequence[str], size: int) -> tuple[_Recovered, int, bool]:
+def _scan_results(
+    path: Path, columns: Sequence[str], size: int, *, resolve: bool = True
+) -> tuple[_Recovered, int, bool]:
     """Read a results CSV back; return what it holds, where its last complete record ends,
-    and whether it has a complete header.
+    and whether it has a complete header. ``resolve``: recognise each file by its real
+    path from this working folder too (see :func:`_keys`), else only by its name.
 
     Raises
     ------
@@ -340,7 +347,7 @@ def _scan_results(path: Path, columns: Sequence[str], size: int) -> tuple[_Recov
                 good_end = state["offset"]  # a blank line: harmless
                 continue
             if complete and len(record) == len(columns) and record[0]:
-                found.done.update(_keys(record[0]))
+                found.done.update(_keys(record[0]) if resolve else (_digest(record[0]),))
                 found.rows += 1
                 good_end = state["offset"]
                 continue
@@ -553,7 +560,13 @@ def _prepare_output(
             f"({paths.manifest.name}); pick a new --out or pass --overwrite",
             paths.results,
         )
-    found, good_end, header_ok = _scan_results(paths.results, results.columns, size)
+    # Relative names are resolved (to know an image however it is spelt) only when every
+    # earlier run wrote them from this working folder; else they match as written.
+    here = os.getcwd()
+    same_folder = all(r.get("cwd") == here for r in manifest.get("runs", []))
+    found, good_end, header_ok = _scan_results(
+        paths.results, results.columns, size, resolve=same_folder
+    )
     if not header_ok or (found.rows == 0 and not found.torn_bytes):
         # nothing counted yet (e.g. the last run stopped on a bad option): start afresh,
         # whatever settings that run had
@@ -793,6 +806,7 @@ def run_batch(
         "status": "running",
         "inputs": _shown_inputs(inputs),
         "executor": dask or "local",
+        "cwd": os.getcwd(),  # where relative file names in the results are relative to
         "batch_size": batch_size,
         "save_masks": None if masks is None else str(masks),
     }

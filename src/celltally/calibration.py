@@ -68,6 +68,11 @@ def beyond_calibration(
     )
 
 
+def level_text(level: float) -> str:
+    """A level as a percentage keeping its digits: 0.95 -> '95%', 0.9995 -> '99.95%'."""
+    return f"{round(float(level) * 100, 8):g}%"
+
+
 def gaussian_quantile(level: float) -> float:
     """Two-sided standard normal multiplier (1.96 for 0.95)."""
     # the standard library's inverse normal CDF: importing scipy.stats for it cost

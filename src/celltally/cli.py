@@ -50,39 +50,50 @@ def fail(message: str | BaseException, code: int = 2) -> NoReturn:
     permission) is told as ``path: reason``.
     """
     if isinstance(message, OSError) and message.strerror:
-        where = message.filename if message.filename is not None else ""
+        # a rename names its target second: that is the path the user gave
+        where = message.filename2 or message.filename or ""
         message = f"{where}: {message.strerror.lower()}" if where else message.strerror
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-def _writable_file(path: Path | None, option: str) -> None:
-    """Fail now, before any work, if ``path`` cannot be written as a file."""
-    if path is None:
-        return
-    if path.is_dir():
-        fail(f"{option} {path}: is a folder; give a file name")
-    existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a"):
-            pass
-    except OSError as err:
-        fail(f"{option} {path}: cannot be written ({(err.strerror or str(err)).lower()})")
-    if not existed:
-        path.unlink(missing_ok=True)
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest ancestor that exists."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return candidate
+    return Path(".")
 
 
-def _writable_folder(path: Path | None, option: str) -> None:
-    """Fail now, before any work, if ``path`` cannot be (made into) a folder."""
+def _check_output(path: Path | None, option: str, *, folder: bool, image: bool = False) -> None:
+    """Fail now, before any work, if ``path`` cannot be written as a file (or folder).
+
+    Nothing is created or removed: a folder where a file goes, a file where a
+    folder goes, a path under a file, or a parent without write permission is
+    refused; so is a table's path with an image suffix (it could be an input),
+    unless the output is an ``image`` (a figure).
+    """
+    import os
+
+    from celltally.io import IMAGE_SUFFIXES
+
     if path is None:
         return
-    if path.exists() and not path.is_dir():
+    if folder and path.exists() and not path.is_dir():
         fail(f"{option} {path}: is a file; give a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        fail(f"{option} {path}: cannot be made ({(err.strerror or str(err)).lower()})")
+    if not folder:
+        if path.is_dir():
+            fail(f"{option} {path}: is a folder; give a file name")
+        if not image and path.suffix.lower() in IMAGE_SUFFIXES:
+            fail(f"{option} {path}: names an image file; give a .csv or .json name")
+    start = path if folder else path.parent
+    existing = _nearest_existing(start)
+    if not existing.is_dir():
+        fail(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: no permission to write in {existing}")
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        fail(f"{option} {path}: no permission to write it")
 
 
 def _silent(_: str) -> None:
@@ -311,9 +322,9 @@ def count(
         named = output_paths(out)
         if wells.resolve() in {p.resolve() for p in (named.results, named.errors, named.manifest)}:
             fail(f"--wells {wells}: is one of this run's output files (--out {out}); name another")
-    _writable_file(wells, "--wells")
-    _writable_folder(save_masks, "--save-masks")
-    _writable_folder(save_labels, "--save-labels")
+    _check_output(wells, "--wells", folder=False)
+    _check_output(save_masks, "--save-masks", folder=True)
+    _check_output(save_labels, "--save-labels", folder=True)
     try:
         options = _interval_options(epistemic, calibration)
         options.update(
@@ -489,7 +500,7 @@ def wells(
     combines the sites' stds with the within-well error correlation; the interval
     uses the model's multiplier at the results' level.
     """
-    _writable_file(plate_map, "--plate-map")
+    _check_output(plate_map, "--plate-map", folder=False, image=True)
     try:
         _echo_wells(results, out, correlation, plate_map, map_value, plate_format, strict=True)
     except _user_errors() as err:
@@ -534,8 +545,8 @@ def evaluate(
     from celltally.metrics import format_table
 
     _check_level(level)
-    _writable_file(out, "--out")
-    _writable_folder(report, "--report")
+    _check_output(out, "--out", folder=False)
+    _check_output(report, "--report", folder=True)
     try:
         _set_threads(threads)
         site_set = _site_numbers(sites) if sites else None
@@ -560,12 +571,14 @@ def evaluate(
     except _user_errors() as err:
         fail(err)
     typer.echo(format_table(result["metrics"]))
+    from celltally.calibration import level_text
+
     if wells := result.get("wells"):
         typer.echo(
             f"per-well totals ({wells['n_wells']} wells of {wells['images_per_well']:.1f} images, "
             f"{wells['correlation_source']} within-well correlation {wells['correlation']:.3f}): "
             f"MAE {wells['mae']:.2f}, max {wells['max_abs_error']:.2f}, "
-            f"{level:.0%} coverage {wells['coverage']:.1%}, "
+            f"{level_text(level)} coverage {wells['coverage']:.1%}, "
             f"mean half-width {wells['mean_half_width']:.2f}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -751,7 +764,7 @@ def demo(
     from celltally.metrics import count_metrics
     from celltally.simulate import simulate_plate
 
-    _writable_folder(out, "--out")
+    _check_output(out, "--out", folder=True)
     try:
         counter = CellCounter.from_pretrained(model)
         plate = simulate_plate(
@@ -926,7 +939,7 @@ def explain(
     if true is not None and not (math.isfinite(true) and true >= 0):
         fail(f"--true must be a count of 0 or more, got {true}")
     out = out if out.suffix else out.with_name(out.name + ".png")
-    _writable_file(out, "--out")
+    _check_output(out, "--out", folder=False, image=True)
     named = parse_name(image.name).count if true is None else None
     true = true if named is None else float(named)
     try:

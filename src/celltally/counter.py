@@ -21,6 +21,7 @@ from celltally.calibration import (
     beyond_calibration,
     feature_distance,
     interval_multiplier,
+    level_text,
     ood_features,
     ood_warning,
 )
@@ -97,7 +98,7 @@ class CountResult:
         return self.high - self.count
 
     def __str__(self) -> str:
-        return f"{self.count:.1f} ± {self.half_width:.1f} cells ({self.level:.0%})"
+        return f"{self.count:.1f} ± {self.half_width:.1f} cells ({level_text(self.level)})"
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -123,8 +124,9 @@ def available_models() -> list[str]:
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").exists())
 
 
-#: Most pixels an image may have once rescaled to a model's scale (16384 x 16384): a
-#: mistyped --diameter or --pixel-size would otherwise ask for terabytes.
+#: Most pixels an image may be enlarged to at a model's scale (16384 x 16384; images
+#: shrunk or kept at their size are not limited): a mistyped --diameter or --pixel-size
+#: would otherwise ask for terabytes.
 MAX_MODEL_PIXELS = 16384 * 16384
 
 
@@ -343,7 +345,7 @@ class CellCounter:
                 f"reaches {top:g}; leave out --no-norm (or scale it first)"
             )
         shape = model_shape(image.shape, self.scale, self.factor)
-        if shape[0] * shape[1] > MAX_MODEL_PIXELS:
+        if shape[0] * shape[1] > max(MAX_MODEL_PIXELS, image.shape[0] * image.shape[1]):
             raise io.InputError(
                 f"image of {image.shape[1]}x{image.shape[0]} px would be {shape[1]}x{shape[0]} "
                 f"px at model {self.name}'s scale (more than {MAX_MODEL_PIXELS / 1e6:g} million "

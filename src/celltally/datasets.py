@@ -7,6 +7,7 @@ does, so the network never sees a differently prepared image at test time.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -156,8 +157,10 @@ def mask_for(image: Path, folder: Path) -> Path | None:
     images with the stem (``a.tif`` and ``a.png``) are ambiguous (InputError).
     """
     found = [
-        p for p in sorted(folder.glob(image.stem + ".*")) if p.suffix.lower() in io.IMAGE_SUFFIXES
-    ]
+        p
+        for p in sorted(folder.glob(glob.escape(image.stem) + ".*"))
+        if p.stem == image.stem and p.suffix.lower() in io.IMAGE_SUFFIXES
+    ]  # A1.png is A1.tif's mask; A1.s2.png belongs to A1.s2.tif
     if len(found) > 1:
         raise io.InputError(
             f"{folder}: {found[0].name} and {found[1].name} are both masks of {image.name}; "

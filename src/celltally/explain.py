@@ -22,7 +22,7 @@ import torch
 from celltally import io, naming
 from celltally.counter import ModelScaleImage
 from celltally.losses import gaussian_nll
-from celltally.tiling import padded_shape
+from celltally.tiling import model_canvas
 
 if TYPE_CHECKING:  # pragma: no cover
     from celltally.counter import CellCounter, CountResult
@@ -192,17 +192,17 @@ def explain_image(
         result = dataclasses.replace(
             result, source=source, metadata=naming.parse_name(source).as_dict()
         )
-    pad = None
+    canvas = prepared
     if isinstance(prepared, ModelScaleImage):
-        # Counted in tiles; explained in one pass over the whole model-scale image,
-        # zero-padded (the normalized background) to the density stride as counting
-        # pads it: a small image or thin strip would otherwise be pooled to nothing.
+        # Counted in tiles; explained in one pass over the whole model-scale image, on
+        # the zero-padded canvas counting uses: a small image or thin strip would
+        # otherwise be pooled to nothing.
         prepared = prepared.prepared
-        pad = padded_shape(prepared.shape, counter.model.density_stride)
+        canvas = model_canvas(prepared, counter.model.density_stride)
     mask_sal, image_sal, (mask, mask_std) = _saliency(
-        counter.model, _padded(prepared, pad), true_count=true_count, device=counter.device
+        counter.model, canvas, true_count=true_count, device=counter.device
     )
-    if pad is not None:  # back to the image's own extent (the masks are at half size)
+    if canvas is not prepared:  # back to the image's own extent (the masks are at half size)
         height, width = prepared.shape
         half = (-(-height // 2), -(-width // 2))
         image_sal = image_sal[:height, :width]
@@ -217,15 +217,6 @@ def explain_image(
         true_count=None if true_count is None else float(true_count),
         loss="count" if true_count is None else "nll",
     )
-
-
-def _padded(image: np.ndarray, shape: tuple[int, int] | None) -> np.ndarray:
-    """``image`` zero-padded at the bottom and right to ``shape`` (itself if None)."""
-    if shape is None or tuple(shape) == image.shape:
-        return image
-    out = np.zeros(shape, dtype=np.float32)
-    out[: image.shape[0], : image.shape[1]] = image
-    return out
 
 
 def panel_title(result: CountResult, true_count: float | None = None) -> str:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from celltally import io
-from celltally.calibration import RELIABILITY_LEVELS, reliability
+from celltally.calibration import RELIABILITY_LEVELS, level_text, reliability
 
 if TYPE_CHECKING:  # pragma: no cover
     from celltally.counter import CellCounter
@@ -194,7 +194,7 @@ def plot_pred_vs_true(rows: Sequence[Mapping[str, Any]], path: str | Path, *, le
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_xlabel("true count")
-    ax.set_ylabel(f"predicted count ({level:.0%} interval)")
+    ax.set_ylabel(f"predicted count ({level_text(level)} interval)")
     ax.legend(loc="upper left", fontsize=8)
     path = Path(path)
     fig.savefig(path)
@@ -410,7 +410,7 @@ def _wells_section(wells: Mapping[str, Any] | None, level: float) -> str:
         "each well's counts summed, the interval from the sites' stds with a within-well "
         f"error correlation of {wells['correlation']:.3f} ({_esc(wells['correlation_source'])})."
         "</p><table><tr><th>MAE</th><th>max |error|</th>"
-        f"<th>inside the {level:.0%} interval</th><th>mean half-width</th></tr>"
+        f"<th>inside the {level_text(level)} interval</th><th>mean half-width</th></tr>"
         f"<tr><td>{wells['mae']:.2f}</td><td>{wells['max_abs_error']:.2f}</td>"
         f"<td>{wells['coverage']:.1%}</td><td>{wells['mean_half_width']:.2f}</td></tr></table>"
     )
@@ -511,7 +511,7 @@ def write_report(
         f"<style>{_CSS}</style></head><body>",
         f"<h1>Evaluation of model {_esc(evaluation.get('model', counter.name))}</h1>",
         f"<p>Data: <code>{_esc(evaluation.get('data', data))}</code>; {len(rows)} images; "
-        f"intervals at {level:.0%} (calibration used: {_esc(default)}"
+        f"intervals at {level_text(level)} (calibration used: {_esc(default)}"
         f"{', with ensemble spread' if counter.epistemic else ''}).</p>",
         "<h2>Accuracy and coverage</h2>",
         _metrics_table(evaluation.get("metrics", {})),
@@ -529,7 +529,7 @@ def write_report(
         + f"</tr>{reliability_rows}</table>",
         _wells_section(evaluation.get("wells"), level),
         _plate_error_map(evaluation.get("wells"), out),
-        f"<h2>Failures: truth outside the {level:.0%} interval "
+        f"<h2>Failures: truth outside the {level_text(level)} interval "
         f"({len(failures)} of {len(rows)})</h2>",
         "<p class='note'>Each failure is put under the cause whose measure is most extreme "
         f"among all {len(rows)} evaluated images, if worse than {CAUSE_RANK:.0%} of them "
@@ -539,7 +539,7 @@ def write_report(
         "not diagnoses.</p>",
     ]
     if not failures:
-        parts.append(f"<p>None: every truth lies inside its {level:.0%} interval.</p>")
+        parts.append(f"<p>None: every truth lies inside its {level_text(level)} interval.</p>")
     if len(failures) > len(shown):
         parts.append(
             f"<p class='note'>The {len(shown)} worst failures are shown; "

@@ -288,6 +288,23 @@ def padded_shape(shape: Sequence[int], stride: int) -> tuple[int, int]:
     )
 
 
+def model_canvas(prepared: np.ndarray, stride: int) -> np.ndarray:
+    """``prepared`` zero-padded (bottom, right) to what the network runs on: a multiple of
+    ``stride`` and of 32 model px (the segmenter's and a U-Net counter's pooled and
+    upsampled grids line up only then; a per-pixel counter's own stride is 2).
+
+    Zero is the normalized background, as the network's own zero padding. Counting
+    and explaining (:mod:`celltally.explain`) both run on this canvas.
+    """
+    array = np.asarray(prepared, dtype=np.float32)
+    shape = padded_shape(array.shape, math.lcm(int(stride), 32))
+    if shape == array.shape:
+        return array
+    canvas = np.zeros(shape, dtype=np.float32)
+    canvas[: array.shape[0], : array.shape[1]] = array
+    return canvas
+
+
 @torch.inference_mode()
 def count_density(
     model: torch.nn.Module,
@@ -353,11 +370,8 @@ def _count_density(
         raise ValueError(f"expected a prepared 2-D image, got shape {array.shape}")
     stride = int(model.density_stride)
     height, width = array.shape
-    # Also a multiple of 32 model px: the segmenter's and a U-Net counter's pooled and
-    # upsampled grids line up only then (a per-pixel counter's own stride is 2).
-    canvas_shape = padded_shape(array.shape, math.lcm(stride, 32))
-    canvas = np.zeros(canvas_shape, dtype=np.float32)
-    canvas[:height, :width] = array
+    canvas = model_canvas(array, stride)
+    canvas_shape = canvas.shape
     if tile is None:
         whole = (0, canvas_shape[0], 0, canvas_shape[1])
         tiles = [Tile(window=whole, core=whole)]

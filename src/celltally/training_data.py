@@ -37,10 +37,19 @@ def _hash_fraction(text: str) -> float:
 def split_by_scene_hash(
     data: LabeledSet, *, calibration_fraction: float = 0.15
 ) -> dict[str, np.ndarray]:
-    """Stable scene-level split for a user folder (same scene, same side, every run)."""
-    cal = [
-        i for i, m in enumerate(data.meta) if _hash_fraction(str(m["scene"])) < calibration_fraction
-    ]
+    """Stable scene-level split for a user folder (same scene, same side, every run).
+
+    A scene goes to calibration when its name's hash falls in the lowest
+    ``calibration_fraction``. When none does (a small folder: 14% of 12-scene
+    folders), the scene with the lowest hash does, if there are two or more:
+    the intervals of a fine-tuned model are then calibrated on the user's own
+    images rather than on simulated ones.
+    """
+    fraction = {str(m["scene"]): _hash_fraction(str(m["scene"])) for m in data.meta}
+    threshold = calibration_fraction
+    if len(fraction) >= 2 and min(fraction.values()) >= calibration_fraction:
+        threshold = min(fraction.values()) + 1e-12  # the lowest scene only
+    cal = [i for i, m in enumerate(data.meta) if fraction[str(m["scene"])] < threshold]
     cal_set = set(cal)
     train = [i for i in range(len(data)) if i not in cal_set]
     return {
@@ -75,6 +84,8 @@ def _small_batches(
         if stages not in ("both", stage) or hp.get("epochs", 0) <= 0:
             continue
         n = int(n_images.get(stage, 0)) // max(1, world)
+        if n == 0:  # nothing to train this stage on (e.g. no masks: the segmenter is kept)
+            continue
         batch = max(2, min(int(hp["batch_size"]), n // MIN_STEPS_PER_EPOCH))
         if batch < hp["batch_size"]:
             log(

@@ -324,12 +324,16 @@ def write_wells(path: str | Path, wells: Sequence[Mapping[str, Any]]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=WELL_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in wells:
-            writer.writerow({c: row.get(c, "") for c in WELL_COLUMNS})
-    tmp.replace(path)
+    try:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=WELL_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            for row in wells:
+                writer.writerow({c: row.get(c, "") for c in WELL_COLUMNS})
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -380,8 +384,8 @@ def well_totals(
     read = output_paths(results)
     if Path(out).resolve() in {p.resolve() for p in (read.results, read.errors, read.manifest)}:
         raise io.InputError(f"--out {out}: is the results being read ({results}); name another")
-    if Path(out).is_dir():
-        raise io.InputError(f"--out {out}: is a folder; it must be a CSV file (e.g. wells.csv)")
+    if Path(out).is_dir() or Path(out).suffix.lower() in io.IMAGE_SUFFIXES:
+        raise io.InputError(f"--out {out}: must be a CSV file (e.g. wells.csv)")
     rows = read_results(results)
     names = sorted({r.get("model") or "" for r in rows})
     if correlation is not None:

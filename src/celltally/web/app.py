@@ -59,11 +59,18 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.datastructures import MutableHeaders
 
 from celltally import io, naming
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
 from celltally.web import render
-from celltally.web.uploads import RequestRejected, Upload, UploadLimits, receive_uploads
+from celltally.web.uploads import (
+    FILES_WITHOUT_NAME,
+    RequestRejected,
+    Upload,
+    UploadLimits,
+    receive_uploads,
+)
 from celltally.wells import calibrated_correlation
 
 __all__ = ["create_app", "STATIC_DIR"]
@@ -140,6 +147,9 @@ class CountResponse(BaseModel):
     detail: str | None = Field(None, description="Set when no file could be counted.")
     well_correlation: float | None = Field(
         None, description="The model's within-well error correlation (per-well totals)."
+    )
+    level_note: str | None = Field(
+        None, description="Set when the level is above what the calibration can guarantee."
     )
 
 
@@ -250,6 +260,34 @@ def _parse_bool(text: str | None, default: bool, name: str) -> bool:
 
 def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
+
+
+class _SecurityHeaders:
+    """Adds :data:`SECURITY_HEADERS` to every HTTP response (no CSP on the API docs).
+
+    Plain ASGI: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) would
+    hide a client's disconnect from the endpoint, which checks for it before
+    counting each file.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        docs = str(scope.get("path", "")).startswith(("/docs", "/redoc"))
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in SECURITY_HEADERS.items():
+                    if key not in headers and not (docs and key == "Content-Security-Policy"):
+                        headers.append(key, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 #: Largest image (pixels) the page computes a saliency map for: it needs a backward
@@ -509,14 +547,7 @@ def create_app(
     app.state.counter = counter
     app.state.limits = limits
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        docs = request.url.path.startswith(("/docs", "/redoc"))
-        for key, value in SECURITY_HEADERS.items():
-            if not (docs and key == "Content-Security-Policy"):
-                response.headers.setdefault(key, value)
-        return response
+    app.add_middleware(_SecurityHeaders)
 
     @app.exception_handler(RequestRejected)
     async def rejected(_request: Request, exc: RequestRejected) -> JSONResponse:
@@ -589,6 +620,8 @@ def create_app(
             req_saliency = _parse_bool(fields.get("saliency"), saliency, "saliency")
             req_channel = _parse_channel(fields.get("channel"))
             used = service_for(fields.get("model"))
+            if not uploads and "files" in fields:  # e.g. curl -F files=image.tif (no @)
+                raise RequestRejected(400, FILES_WITHOUT_NAME)
             if not uploads:
                 raise RequestRejected(422, "no files uploaded (send them as the 'files' field)")
             results: list[FileResult] = []
@@ -626,6 +659,7 @@ def create_app(
             failed=len(results) - counted,
             results=results,
             well_correlation=used.well_correlation,
+            level_note=used.counter.level_note(req_level),
         )
         status = 200
         if counted == 0:

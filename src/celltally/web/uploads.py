@@ -24,6 +24,10 @@ __all__ = ["RequestRejected", "Upload", "UploadLimits", "receive_uploads", "sani
 
 MAX_NAME_CHARS = 120
 MAX_FIELD_BYTES = 1024
+#: A 'files' part sent as a plain form field (no file name), e.g. curl -F files=x.tif.
+FILES_WITHOUT_NAME = (
+    "form field 'files' has no file name: send each image as a file (e.g. curl -F files=@image.tif)"
+)
 MAX_FIELDS = 16
 #: Room for multipart headers and boundaries on top of the files themselves.
 BODY_OVERHEAD_BYTES = 1 << 20
@@ -217,11 +221,7 @@ class _Reader:
         if self._current is None:
             if len(self._field_data) + size > MAX_FIELD_BYTES:
                 if self._field_name == "files":  # e.g. curl -F 'files=<img.png'
-                    raise RequestRejected(
-                        400,
-                        "form field 'files' has no file name: send each image as a file "
-                        "(e.g. curl -F files=@image.tif)",
-                    )
+                    raise RequestRejected(400, FILES_WITHOUT_NAME)
                 raise RequestRejected(413, f"form field '{self._field_name}' is too long")
             self._field_data += data[start:end]
             return

@@ -114,7 +114,7 @@ async function send({ file, card, row, index, settings }) {
       if (body.results && body.results.length) {
         // which model counted it, and that model's within-well correlation (well totals)
         result = { ...body.results[0], model: body.model,
-                   well_correlation: body.well_correlation };
+                   well_correlation: body.well_correlation, level_note: body.level_note };
       } else {
         result = { name: file.name, ok: false, status: response.status,
                    error: `${file.name}: ${body.detail || response.statusText}` };
@@ -168,8 +168,13 @@ function fillCard(card, r) {
   }
   const half = r.high - r.count; // before low is clipped at 0
   card.querySelector(".count").textContent = `${fmt(r.count)} ± ${fmt(half)}`;
-  card.querySelector(".interval").textContent =
+  const interval = card.querySelector(".interval");
+  interval.textContent =
     `cells · ${Math.round(r.level * 100)}% interval ${fmt(r.low)}–${fmt(r.high)}`;
+  if (r.level_note) { // above what the model's calibration can guarantee
+    interval.textContent += " (extrapolated)";
+    interval.title = r.level_note;
+  }
   if (r.warning) {
     const badge = card.querySelector(".badge.warn");
     badge.textContent = "⚠ unusual input";

@@ -226,6 +226,16 @@ def test_a_file_whose_client_has_left_is_not_counted(counter, scene, tmp_path):
     assert here.ok and here.count == pytest.approx(counter.count(scene.image).count, abs=0.01)
 
 
+def test_name_fields_as_counting_parses_them(client):
+    fields = client.get("/api/name", params={"file": "C:\\x\\Plate1_B03_s2_w1.tif"}).json()
+    assert (fields["plate"], fields["well"], fields["site"], fields["stain"]) == (
+        "Plate1",
+        "B03",
+        2,
+        1,
+    )
+
+
 def test_the_endpoint_sees_a_client_that_has_left(counter, scene, tmp_path):
     """Through the whole app (middleware included): a disconnect after the upload
     means the file is not counted (BaseHTTPMiddleware used to hide it)."""

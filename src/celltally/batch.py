@@ -240,6 +240,12 @@ def output_paths(out: str | os.PathLike[str]) -> OutputPaths:
     )
 
 
+def run_files(out: str | os.PathLike[str]) -> set[Path]:
+    """The resolved paths of the files a run writing ``out`` owns (results, errors, manifest)."""
+    named = output_paths(out)
+    return {p.resolve() for p in (named.results, named.errors, named.manifest)}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -768,9 +774,7 @@ def run_batch(
         raise io.InputError(
             f"{out}: --out names an image file; it must be a CSV file (e.g. results.csv)"
         )
-    named = output_paths(out)
-    taken = {p.resolve() for p in (named.results, named.errors, named.manifest)}
-    if save_masks is not None and Path(save_masks).resolve() in taken:
+    if save_masks is not None and Path(save_masks).resolve() in run_files(out):
         raise io.InputError(f"--save-masks {save_masks}: is one of this run's output files")
     inputs = [os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
     files = io.iter_images(inputs, recursive=recursive)

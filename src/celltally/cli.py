@@ -317,10 +317,9 @@ def count(
     if save_labels is not None and save_masks is None:
         save_masks = save_labels  # the per-object pass reads the masks from there
     if wells is not None:
-        from celltally.batch import output_paths
+        from celltally.batch import run_files
 
-        named = output_paths(out)
-        if wells.resolve() in {p.resolve() for p in (named.results, named.errors, named.manifest)}:
+        if wells.resolve() in run_files(out):
             fail(f"--wells {wells}: is one of this run's output files (--out {out}); name another")
     _check_output(wells, "--wells", folder=False)
     _check_output(save_masks, "--save-masks", folder=True)

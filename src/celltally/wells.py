@@ -162,8 +162,9 @@ def model_correlation(
     name = str(model) if name is None else name
     try:
         config = read_model_config(resolve_model(model))
-    except (io.InputError, OSError, ValueError):
-        return DEFAULT_CORRELATION, f"assumed ({name}: model not found)"
+    except (io.InputError, OSError, ValueError) as err:
+        why = "model not found" if "no such model" in str(err) else str(err)
+        return DEFAULT_CORRELATION, f"assumed ({name}: {why})"
     value, fitted = block_correlation(config.get("calibration"), epistemic=epistemic)
     if not fitted:
         return value, f"assumed ({name} has no measured value)"
@@ -379,10 +380,9 @@ def well_totals(
     ``out`` is written. Returns the well rows, the number of images without a
     well, and where each model's correlation came from.
     """
-    from celltally.batch import output_paths
+    from celltally.batch import run_files
 
-    read = output_paths(results)
-    if Path(out).resolve() in {p.resolve() for p in (read.results, read.errors, read.manifest)}:
+    if Path(out).resolve() in run_files(results):
         raise io.InputError(f"--out {out}: is the results being read ({results}); name another")
     if Path(out).is_dir() or Path(out).suffix.lower() in io.IMAGE_SUFFIXES:
         raise io.InputError(f"--out {out}: must be a CSV file (e.g. wells.csv)")

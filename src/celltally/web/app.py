@@ -70,6 +70,7 @@ from celltally.web.uploads import (
     Upload,
     UploadLimits,
     receive_uploads,
+    sanitize_name,
 )
 from celltally.wells import calibrated_correlation
 
@@ -588,6 +589,15 @@ def create_app(
             well_correlation=service.well_correlation,
             models=choices,
         )
+
+    @app.get("/api/name")
+    async def name_fields(file: str) -> dict[str, Any]:
+        """Plate, well, site, blur, stain and count parsed from a file name (as counting does).
+
+        The page asks for the files it could not send (over the size limit), so
+        their wells still say an image is missing.
+        """
+        return naming.parse_name(sanitize_name(file, 0)).as_dict()
 
     @app.get("/api/models")
     async def models() -> dict[str, Any]:

@@ -126,6 +126,13 @@ async function send({ file, card, row, index, settings }) {
     }
   }
   if (!card.isConnected) return; // cleared while this file was being counted
+  if (!result.ok && !result.metadata) { // not sent (too large) or no answer: its well, if any
+    try {
+      const named = await fetch(`/api/name?file=${encodeURIComponent(file.name)}`);
+      if (named.ok) result.metadata = await named.json();
+    } catch (err) { /* the server is gone: the well cannot be known */ }
+  }
+  if (!card.isConnected) return;
   if (!result.ok) state.failed += 1;
   state.results[index] = result;
   fillCard(card, result);

@@ -172,6 +172,9 @@ def test_resume_knows_an_image_however_its_path_is_spelt(plate, tiny_model, tmp_
     for spelling in (str(plate), f"./{plate.name}", f"{plate.name}/"):
         again = run_batch([spelling], out=out, model=tiny_model)
         assert (again.counted, again.skipped) == (0, 42), spelling
+    monkeypatch.chdir(tmp_path)  # another working folder: the rows' names are taken from
+    elsewhere = run_batch([str(plate)], out=out, model=tiny_model)  # where they were written
+    assert (elsewhere.counted, elsewhere.skipped) == (0, 42)
     assert len(read_results(out)) == 42
 
 

@@ -198,7 +198,7 @@ def test_count_with_wells_then_wells_command(tiny_model, well_plate, tmp_path):
     assert result.exit_code == 0 and f"plate map -> {png}" in result.output and png.stat().st_size
     bad = runner.invoke(app, ["wells", str(out), "--plate-map", str(png), "--map-value", "x"])
     assert bad.exit_code == 2 and "--map-value" in bad.output
-    assert "(measured" not in result.output and f"{DEFAULT_CORRELATION:.3f} (assumed" in (
+    assert ", measured" not in result.output and f"{DEFAULT_CORRELATION:.3f}, assumed" in (
         result.output
     )
 

@@ -190,14 +190,15 @@ def _digest(name: str) -> bytes:
     return hashlib.blake2b(name.encode(_ENCODING, _ENC_ERRORS), digest_size=16).digest()
 
 
-def _keys(name: str) -> tuple[bytes, bytes]:
+def _keys(name: str, base: str | None = None) -> tuple[bytes, bytes]:
     """How a counted file is recognised on resume: its name as written, and its real path.
 
-    The real path (from this working folder) matches the same image however it is
-    spelt (``plate/a.tif``, ``./plate/a.tif``, an absolute path, a link); the name as
-    written matches a relative name rerun from another working folder.
+    The real path (a relative name taken from ``base``, the working folder it was
+    written from; default this one) matches the same image however it is spelt
+    (``plate/a.tif``, ``./plate/a.tif``, an absolute path, a link, another working
+    folder); the name as written matches a relative name rerun from another folder.
     """
-    return _digest(name), _digest(os.path.realpath(name))
+    return _digest(name), _digest(os.path.realpath(os.path.join(base or os.getcwd(), name)))
 
 
 def _csv_text(rows: Iterable[Sequence[str]]) -> bytes:
@@ -300,11 +301,11 @@ class _Recovered:
 
 
 def _scan_results(
-    path: Path, columns: Sequence[str], size: int, *, resolve: bool = True
+    path: Path, columns: Sequence[str], size: int, *, base: str | None = None
 ) -> tuple[_Recovered, int, bool]:
     """Read a results CSV back; return what it holds, where its last complete record ends,
-    and whether it has a complete header. ``resolve``: recognise each file by its real
-    path from this working folder too (see :func:`_keys`), else only by its name.
+    and whether it has a complete header. With ``base`` (the working folder the rows
+    were written from) each file is also recognised by its real path (:func:`_keys`).
 
     Raises
     ------
@@ -353,7 +354,7 @@ def _scan_results(
                 good_end = state["offset"]  # a blank line: harmless
                 continue
             if complete and len(record) == len(columns) and record[0]:
-                found.done.update(_keys(record[0]) if resolve else (_digest(record[0]),))
+                found.done.update(_keys(record[0], base) if base else (_digest(record[0]),))
                 found.rows += 1
                 good_end = state["offset"]
                 continue
@@ -566,13 +567,12 @@ def _prepare_output(
             f"({paths.manifest.name}); pick a new --out or pass --overwrite",
             paths.results,
         )
-    # Relative names are resolved (to know an image however it is spelt) only when every
-    # earlier run wrote them from this working folder; else they match as written.
-    here = os.getcwd()
-    same_folder = all(r.get("cwd") == here for r in manifest.get("runs", []))
-    found, good_end, header_ok = _scan_results(
-        paths.results, results.columns, size, resolve=same_folder
-    )
+    # Relative names are resolved (to know an image however it is spelt) from the working
+    # folder every earlier run wrote them from; when the runs disagree (or did not record
+    # it), they match only as written.
+    folders = {r.get("cwd") for r in manifest.get("runs", [])}
+    base = folders.pop() if len(folders) == 1 else None
+    found, good_end, header_ok = _scan_results(paths.results, results.columns, size, base=base)
     if not header_ok or (found.rows == 0 and not found.torn_bytes):
         # nothing counted yet (e.g. the last run stopped on a bad option): start afresh,
         # whatever settings that run had
@@ -770,6 +770,10 @@ def run_batch(
         raise io.InputError(f"--read-threads must be 0 or more, got {read_threads}")
     if dask is not None:
         _local_workers(dask)  # a malformed local:N fails before anything is written
+    if not Path(out).suffix and not Path(out).is_dir():  # -o results/ would be a file
+        raise io.InputError(
+            f"--out {out}: has no suffix; give a CSV file name, such as {Path(out) / 'results.csv'}"
+        )
     if Path(out).suffix.lower() in io.IMAGE_SUFFIXES:  # e.g. -o plate/a.tif --overwrite
         raise io.InputError(
             f"{out}: --out names an image file; it must be a CSV file (e.g. results.csv)"

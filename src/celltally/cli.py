@@ -57,6 +57,10 @@ def fail(message: str | BaseException, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+#: Figure formats of --plate-map and explain --out (matplotlib's common ones).
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
 def _nearest_existing(path: Path) -> Path:
     """``path`` itself or its closest ancestor that exists."""
     for candidate in (path, *path.parents):
@@ -390,7 +394,10 @@ def count(
         skipped += f"; {summary.masks_only} of those counted again for their missing masks"
     rate = f", {summary.counted / summary.seconds:.1f} img/s" if summary.counted > 1 else ""
     took = f" in {summary.seconds:.1f} s{rate}" if summary.counted and summary.seconds > 0 else ""
-    typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
+    if total == 0 and summary.skipped:
+        typer.echo(f"nothing new to count: all {summary.skipped} images are already in {out}")
+    else:
+        typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
     flagged = sum(1 for r in rows if r.get("warning"))
     if flagged:
         typer.echo(
@@ -440,9 +447,7 @@ def _echo_wells(
             raise ValueError(f"--plate-format: {err}") from None
     rows, skipped, notes = well_totals(results, out, correlation=correlation, require_wells=strict)
     value = {r.get("model"): r.get("correlation") for r in rows if r.get("correlation") != ""}
-    used = "; ".join(
-        f"{m or '?'}: {_fmt_number(value.get(m))} ({note})" for m, note in notes.items()
-    )
+    used = "; ".join(f"{m or '?'} {_fmt_number(value.get(m))}, {note}" for m, note in notes.items())
     if not rows:
         typer.echo(f"warning: no file name in {results} carries a well: no well totals", err=True)
     without = f"; {skipped} image(s) without a well in the name left out" if skipped else ""
@@ -499,6 +504,11 @@ def wells(
     combines the sites' stds with the within-well error correlation; the interval
     uses the model's multiplier at the results' level.
     """
+    if plate_map is not None:
+        if plate_map.suffix.lower() not in FIGURE_SUFFIXES + ("",):
+            fail(f"--plate-map {plate_map}: give a figure file ({', '.join(FIGURE_SUFFIXES)})")
+        if plate_map.resolve() == out.resolve():
+            fail(f"--plate-map {plate_map}: is the totals file (--out); name another")
     _check_output(plate_map, "--plate-map", folder=False, image=True)
     try:
         _echo_wells(results, out, correlation, plate_map, map_value, plate_format, strict=True)
@@ -668,7 +678,11 @@ def simulate(
         )
     except _user_errors() as err:
         fail(err)
-    typer.echo(f"simulated plate -> {folder}")
+    written = sum(1 for _ in (folder / "images").iterdir()) if (folder / "images").is_dir() else 0
+    typer.echo(
+        f"simulated {images} scene(s) as {written} images (every blur x stain) -> "
+        f"{folder / 'images'}; counts in {folder / 'counts.csv'}, masks and labels beside them"
+    )
 
 
 @app.command()
@@ -937,7 +951,11 @@ def explain(
     _check_level(level)
     if true is not None and not (math.isfinite(true) and true >= 0):
         fail(f"--true must be a count of 0 or more, got {true}")
+    if out.is_dir():
+        fail(f"--out {out}: is a folder; give a file name such as {out / 'explanation.png'}")
     out = out if out.suffix else out.with_name(out.name + ".png")
+    if out.suffix.lower() not in FIGURE_SUFFIXES:
+        fail(f"--out {out}: give a figure file ({', '.join(FIGURE_SUFFIXES)})")
     _check_output(out, "--out", folder=False, image=True)
     named = parse_name(image.name).count if true is None else None
     true = true if named is None else float(named)

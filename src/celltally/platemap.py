@@ -286,6 +286,8 @@ def plot_plate_maps(
     fig.text(0.5, 0.01, textwrap.fill("; ".join(legend), chars), ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     out = Path(out)
+    if not out.suffix:  # as matplotlib would save it, so the path returned is the file
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out

@@ -199,6 +199,27 @@ def test_relative_names_from_another_working_folder_are_not_taken_for_these(
     assert len(read_results(out)) == 8
 
 
+def test_resume_after_runs_from_two_working_folders_counts_nothing_twice(
+    plate, tiny_model, tmp_path, monkeypatch
+):
+    import shutil
+
+    data = tmp_path / "a" / "images"
+    data.mkdir(parents=True)
+    for src in files_of(plate)[:2]:
+        shutil.copy(src, data)
+    out = tmp_path / "res.csv"
+    monkeypatch.chdir(tmp_path / "a")
+    run_batch(["images"], out=out, model=tiny_model)  # relative names, from a/
+    shutil.copy(files_of(plate)[2], data)
+    monkeypatch.chdir(tmp_path)  # from elsewhere: adds the new image only
+    assert run_batch([str(data)], out=out, model=tiny_model).counted == 1
+    monkeypatch.chdir(tmp_path / "a")
+    again = run_batch(["images"], out=out, model=tiny_model)
+    assert (again.counted, again.skipped) == (0, 3)
+    assert len(read_results(out)) == 3
+
+
 def test_outputs_that_would_overwrite_inputs_or_each_other_are_refused(plate, tiny_model, tmp_path):
     image = tmp_path / "a.tif"
     image.write_bytes(Path(files_of(plate)[0]).read_bytes())

@@ -437,3 +437,28 @@ def test_beyond_calibration_names_the_supported_level():
     assert "0.952" in note and "20 calibration" in note and "99 or more" in note
     assert beyond_calibration(block, 0.99, "temperature") is None  # not a conformal interval
     assert beyond_calibration({}, 0.99) is None
+
+
+def test_a_folder_trained_on_whole_is_not_used_to_calibrate(tmp_path):
+    from celltally.simulate import simulate_plate
+    from celltally.uncertainty import held_out_sets
+
+    folder = simulate_plate(tmp_path / "p", images=3, size=(130, 174), blurs=(1,), stains=(1,))
+    config = tiny_config()
+    config["training"] = {"split": {str(folder): {"path": str(folder.resolve()), "calibration": 0}}}
+    train, cal = held_out_sets(config, folders=[folder], log=lambda _: None)
+    assert cal is None and len(train) == 3
+    config["training"]["split"][str(folder)]["calibration"] = 1  # one scene was held out
+    train, cal = held_out_sets(config, folders=[folder], log=lambda _: None)
+    assert len(cal) >= 1 and len(train) + len(cal) == 3
+
+
+def test_level_text_keeps_the_digits():
+    from celltally.calibration import level_text
+
+    assert [level_text(v) for v in (0.95, 0.9995, 0.9999999, 0.5)] == [
+        "95%",
+        "99.95%",
+        "99.99999%",
+        "50%",
+    ]

@@ -373,6 +373,7 @@ def test_explain_takes_the_truth_from_a_bbbc_name(tiny_model, image_folder, tmp_
         ["evaluate", "{images}", "--out", "{tmp}/e.json", "--report", "{file}"],
         ["explain", "{image}", "-o", "{file}/x.png"],
         ["explain", "{image}", "-o", "{tmp}"],
+        ["explain", "{image}", "-o", "{image}"],
         ["explain", "{image}", "-o", "{tmp}/x.csv"],
         ["count", "{images}", "-o", "{tmp}/brandnew"],
         ["demo", "-o", "{file}"],

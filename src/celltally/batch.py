@@ -43,8 +43,9 @@ Files written for ``--out results.csv``:
 Memory is bounded: files are listed with :func:`celltally.io.iter_images`
 (``os.scandir``, streamed), read and prepared a bounded window ahead of the
 network, and each row is written and forgotten. What grows with the number of
-images is the set of already-counted files when resuming, two 16-byte
-digests per file (name as written and real path; about 10 MB per 100,000 images).
+images is the set of already-counted files when resuming, 16-byte digests
+of each file's name as written and its real path (about 10 MB per 100,000
+images run from one working folder).
 
 With ``dask=...`` the same job runs on a dask.distributed cluster: files are
 sharded by path into chunks, each worker loads the model once (a cached
@@ -190,15 +191,17 @@ def _digest(name: str) -> bytes:
     return hashlib.blake2b(name.encode(_ENCODING, _ENC_ERRORS), digest_size=16).digest()
 
 
-def _keys(name: str, base: str | None = None) -> tuple[bytes, bytes]:
+def _keys(name: str, bases: Iterable[str] = ()) -> set[bytes]:
     """How a counted file is recognised on resume: its name as written, and its real path.
 
-    The real path (a relative name taken from ``base``, the working folder it was
-    written from; default this one) matches the same image however it is spelt
-    (``plate/a.tif``, ``./plate/a.tif``, an absolute path, a link, another working
-    folder); the name as written matches a relative name rerun from another folder.
+    The real path (a relative name taken from each of ``bases``, the working folders
+    the results were written from; default this one) matches the same image however
+    it is spelt (``plate/a.tif``, ``./plate/a.tif``, an absolute path, a link, another
+    working folder); the name as written matches a relative name rerun elsewhere.
     """
-    return _digest(name), _digest(os.path.realpath(os.path.join(base or os.getcwd(), name)))
+    folders = list(bases) or [os.getcwd()]
+    real = {_digest(os.path.realpath(os.path.join(base, name))) for base in folders}
+    return {_digest(name), *real}
 
 
 def _csv_text(rows: Iterable[Sequence[str]]) -> bytes:
@@ -301,11 +304,11 @@ class _Recovered:
 
 
 def _scan_results(
-    path: Path, columns: Sequence[str], size: int, *, base: str | None = None
+    path: Path, columns: Sequence[str], size: int, *, bases: Sequence[str] = ()
 ) -> tuple[_Recovered, int, bool]:
     """Read a results CSV back; return what it holds, where its last complete record ends,
-    and whether it has a complete header. With ``base`` (the working folder the rows
-    were written from) each file is also recognised by its real path (:func:`_keys`).
+    and whether it has a complete header. Each file is recognised by its name and its
+    real path from ``bases`` (the working folders the rows were written from; :func:`_keys`).
 
     Raises
     ------
@@ -354,7 +357,7 @@ def _scan_results(
                 good_end = state["offset"]  # a blank line: harmless
                 continue
             if complete and len(record) == len(columns) and record[0]:
-                found.done.update(_keys(record[0], base) if base else (_digest(record[0]),))
+                found.done.update(_keys(record[0], bases))
                 found.rows += 1
                 good_end = state["offset"]
                 continue
@@ -567,12 +570,12 @@ def _prepare_output(
             f"({paths.manifest.name}); pick a new --out or pass --overwrite",
             paths.results,
         )
-    # Relative names are resolved (to know an image however it is spelt) from the working
-    # folder every earlier run wrote them from; when the runs disagree (or did not record
-    # it), they match only as written.
-    folders = {r.get("cwd") for r in manifest.get("runs", [])}
-    base = folders.pop() if len(folders) == 1 else None
-    found, good_end, header_ok = _scan_results(paths.results, results.columns, size, base=base)
+    # Relative names are resolved (to know an image however it is spelt) from each working
+    # folder an earlier run wrote from (this one for runs that did not record theirs).
+    bases = {r.get("cwd") or os.getcwd() for r in manifest.get("runs", [])} or {os.getcwd()}
+    found, good_end, header_ok = _scan_results(
+        paths.results, results.columns, size, bases=sorted(bases)
+    )
     if not header_ok or (found.rows == 0 and not found.torn_bytes):
         # nothing counted yet (e.g. the last run stopped on a bad option): start afresh,
         # whatever settings that run had

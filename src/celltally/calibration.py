@@ -70,7 +70,7 @@ def beyond_calibration(
 
 def level_text(level: float) -> str:
     """A level as a percentage keeping its digits: 0.95 -> '95%', 0.9995 -> '99.95%'."""
-    return f"{round(float(level) * 100, 8):g}%"
+    return f"{float(level) * 100:.8f}".rstrip("0").rstrip(".") + "%"
 
 
 def gaussian_quantile(level: float) -> float:

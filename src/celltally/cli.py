@@ -90,14 +90,15 @@ def _check_output(path: Path | None, option: str, *, folder: bool, image: bool =
             fail(f"{option} {path}: is a folder; give a file name")
         if not image and path.suffix.lower() in IMAGE_SUFFIXES:
             fail(f"{option} {path}: names an image file; give a .csv or .json name")
-    start = path if folder else path.parent
-    existing = _nearest_existing(start)
+    if not folder and path.exists():  # written in place: the file's own permission counts
+        if not os.access(path, os.W_OK):
+            fail(f"{option} {path}: no permission to write it")
+        return
+    existing = _nearest_existing(path if folder else path.parent)
     if not existing.is_dir():
         fail(f"{option} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if existing != path and not os.access(existing, os.W_OK | os.X_OK):
         fail(f"{option} {path}: no permission to write in {existing}")
-    if not folder and path.exists() and not os.access(path, os.W_OK):
-        fail(f"{option} {path}: no permission to write it")
 
 
 def _silent(_: str) -> None:
@@ -320,11 +321,15 @@ def count(
         fail(f"--format must be celltally or cellprofiler, not {table_format!r}")
     if save_labels is not None and save_masks is None:
         save_masks = save_labels  # the per-object pass reads the masks from there
-    if wells is not None:
-        from celltally.batch import run_files
+    from celltally.batch import run_files
 
-        if wells.resolve() in run_files(out):
-            fail(f"--wells {wells}: is one of this run's output files (--out {out}); name another")
+    # the files this run writes besides --out's own: none may be another's
+    taken = run_files(out)
+    if table_format == "cellprofiler":
+        taken.add(out.with_name(f"{out.stem}_Image.csv").resolve())
+    for option, path in (("--wells", wells), ("--save-labels", save_labels)):
+        if path is not None and path.resolve() in taken:
+            fail(f"{option} {path}: is one of this run's output files (--out {out}); name another")
     _check_output(wells, "--wells", folder=False)
     _check_output(save_masks, "--save-masks", folder=True)
     _check_output(save_labels, "--save-labels", folder=True)
@@ -394,7 +399,7 @@ def count(
         skipped += f"; {summary.masks_only} of those counted again for their missing masks"
     rate = f", {summary.counted / summary.seconds:.1f} img/s" if summary.counted > 1 else ""
     took = f" in {summary.seconds:.1f} s{rate}" if summary.counted and summary.seconds > 0 else ""
-    if total == 0 and summary.skipped:
+    if total == 0 and summary.skipped and not summary.masks_only:
         typer.echo(f"nothing new to count: all {summary.skipped} images are already in {out}")
     else:
         typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
@@ -953,6 +958,8 @@ def explain(
         fail(f"--true must be a count of 0 or more, got {true}")
     if out.is_dir():
         fail(f"--out {out}: is a folder; give a file name such as {out / 'explanation.png'}")
+    if out.resolve() == image.resolve():
+        fail(f"--out {out}: is the image being explained; name another file")
     out = out if out.suffix else out.with_name(out.name + ".png")
     if out.suffix.lower() not in FIGURE_SUFFIXES:
         fail(f"--out {out}: give a figure file ({', '.join(FIGURE_SUFFIXES)})")

@@ -379,6 +379,17 @@ def _training_folders(config: Mapping[str, Any]) -> set[Path]:
     return found
 
 
+def _recorded_split(config: Mapping[str, Any], folder: str | Path) -> Mapping[str, Any]:
+    """What the model's config records of how ``folder`` was split in training ({} if none)."""
+    where = Path(folder).resolve()
+    for key, info in ((config.get("training") or {}).get("split") or {}).items():
+        if key == "bbbc005" or not isinstance(info, Mapping):
+            continue
+        if where in (Path(key).resolve(), Path(info["path"]) if info.get("path") else None):
+            return info
+    return {}
+
+
 def held_out_sets(
     config: dict[str, Any],
     *,
@@ -430,6 +441,10 @@ def held_out_sets(
             cals.append(user)
             continue
         parts = split_by_scene_hash(user)
+        if _recorded_split(config, folder).get("calibration") == 0:
+            # trained before a folder always kept a scene back: it saw all of them
+            log(f"{folder}: this model trained on all of its images; none can calibrate")
+            parts = {"train": np.arange(len(user)), "calibration": np.arange(0)}
         trains.append(user.subset(parts["train"]))
         cals.append(user.subset(parts["calibration"]))
     if simulated > 0:

@@ -97,7 +97,7 @@ def _check_output(path: Path | None, option: str, *, folder: bool, image: bool =
     existing = _nearest_existing(path if folder else path.parent)
     if not existing.is_dir():
         fail(f"{option} {path}: {existing} is a file, not a folder")
-    if existing != path and not os.access(existing, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK):
         fail(f"{option} {path}: no permission to write in {existing}")
 
 

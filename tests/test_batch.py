@@ -220,6 +220,20 @@ def test_resume_after_runs_from_two_working_folders_counts_nothing_twice(
     assert len(read_results(out)) == 3
 
 
+def test_a_recalibrated_model_is_named_as_the_reason_resume_refuses(plate, tiny_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "res.csv"
+    run_batch(files_of(plate)[:2], out=out, model=model)
+    config = json.loads((model / "config.json").read_text())
+    config["calibration"] = {"default": "conformal", "scores": [0.5, 1.0, 2.0]}
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(io.InputError, match=r"another config.json \(same weights: recalibrated"):
+        run_batch(files_of(plate)[:2], out=out, model=model)
+
+
 def test_outputs_that_would_overwrite_inputs_or_each_other_are_refused(plate, tiny_model, tmp_path):
     image = tmp_path / "a.tif"
     image.write_bytes(Path(files_of(plate)[0]).read_bytes())

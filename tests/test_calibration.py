@@ -462,3 +462,18 @@ def test_level_text_keeps_the_digits():
         "99.99999%",
         "50%",
     ]
+
+
+def test_the_folders_a_model_was_fine_tuned_from_count_as_seen(tmp_path):
+    from celltally.uncertainty import _training_folders
+
+    first, second = tmp_path / "A", tmp_path / "B"
+    parent = tmp_path / "M1"
+    parent.mkdir()
+    config = tiny_config()
+    config["training"] = {"split": {str(first): {"path": str(first)}}}
+    (parent / "config.json").write_text(json.dumps(config))
+    child = {**tiny_config(), "training": {"from": str(parent), "split": {str(second): {}}}}
+    assert _training_folders(child) == {first.resolve(), second.resolve()}
+    child["training"]["from"] = str(tmp_path / "gone")  # moved since: its own record only
+    assert _training_folders(child) == {second.resolve()}

@@ -357,3 +357,21 @@ def test_a_small_folder_keeps_at_least_one_scene_for_calibration():
         parts = split_by_scene_hash(data)
         assert parts["calibration"].size >= 1 and parts["train"].size >= 1, n
         assert split_by_scene_hash(data)["calibration"].tolist() == parts["calibration"].tolist()
+
+
+def test_a_segmenter_only_model_says_its_counter_is_untrained(tmp_path):
+    folder = plate(tmp_path / "small", 6, seed=8)
+    common = ("--data", folder, "--no-progress", "--seg-epochs", "1", "--count-epochs", "1")
+    refused = run("train", *common[:3], "--count-epochs", "0", "--out", tmp_path / "x")
+    assert refused.exit_code == 2 and "--stage segmenter" in refused.output
+    first = run("train", *common, "--stage", "segmenter", "--out", tmp_path / "s1")
+    assert first.exit_code == 0, first.output
+    assert "its counter is untrained" in first.output
+    image = sorted((folder / "images").iterdir())[0]
+    counted = run("count", image, "-o", tmp_path / "r.csv", "--model", tmp_path / "s1")
+    assert counted.exit_code == 2 and "its counter is untrained" in counted.output
+    second = run(
+        "train", *common, "--stage", "counter", "--from", tmp_path / "s1", "--out", tmp_path / "s2"
+    )
+    assert second.exit_code == 0, second.output
+    assert run("count", image, "-o", tmp_path / "r.csv", "--model", tmp_path / "s2").exit_code == 0

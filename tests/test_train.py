@@ -113,3 +113,9 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
             resume=True,
             **quiet,
         )
+    other = random_set(config, 8)
+    other.counts[0] += 5  # other training counts: another data set
+    same = dict(data=data, epochs=2, batch_size=2, checkpoint=checkpoint, resume=True, **quiet)
+    for changed in ({"seed": 1}, {"lr": 0.01}, {"data": other}):
+        with pytest.raises(ValueError, match="saved by a run with"):
+            train_counter(model, **{**same, **changed})

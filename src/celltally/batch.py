@@ -535,6 +535,16 @@ def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: 
     )
     if same_model and old_level == level:
         return None
+    if (
+        old_level == level
+        and old.get("weights_sha256") == identity["weights_sha256"]
+        and old.get("config_sha256") != identity["config_sha256"]
+    ):
+        return (
+            f"{out} holds counts from model '{old.get('name')}' with another config.json "
+            "(same weights: recalibrated since?), so its intervals differ from this run's. "
+            "Pick a new --out, or pass --overwrite to start it again"
+        )
     return (
         f"{out} holds counts from model '{old.get('name')}' "
         f"(weights {str(old.get('weights_sha256'))[:12]}) at level {old_level}; this run uses "

@@ -1011,6 +1011,9 @@ def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out:
         copied = _json.loads((out / "config.json").read_text())
         copied["copied_from"] = copied.get("name", model)
         copied["name"] = out.name
+        # the original's measured figures do not describe a recalibrated or re-ensembled copy
+        if "metrics" in copied:
+            copied["metrics_of_original"] = copied.pop("metrics")
         (out / "config.json").write_text(_json.dumps(copied, indent=2) + "\n")
         kw.get("log", print)(f"copied model {model} to {out} (model name {out.name})")
         folder = out

@@ -216,6 +216,11 @@ class CellCounter:
                 f"model {self.name} has the paper's fixed-frame 'fc' head, which cannot "
                 "rescale images; --pixel-size/--diameter need a density-head model"
             )
+        if config.get("untrained_counter"):
+            raise io.InputError(
+                f"model {self.name}: its counter is untrained (a --stage segmenter model); "
+                f"train it with `celltally train --stage counter --from MODEL_FOLDER`"
+            )
         self.calibration_method = calibration
         block = dict(config.get("calibration") or {})
         if self.members and block.get("epistemic"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,13 @@ def _run_epochs(
     resume: bool,
     seed: int,
     log: Log,
+    data: Mapping[str, Any] | None = None,
 ) -> list[dict[str, float]]:
     """Generic epoch loop: Adam, validation and a checkpoint per epoch.
+
+    A checkpoint records the run's plan (schedule, steps, epochs, learning rate,
+    seed, and ``data``: what identifies the training set); ``resume`` refuses one
+    made with another plan.
 
     ``schedule`` 'one_cycle' (warm up to ``lr``, cosine down to ~0; Adam's
     beta1 cycles 0.95 -> 0.85 -> 0.95 with it) instead of the paper's constant
@@ -117,7 +122,14 @@ def _run_epochs(
     history: list[dict[str, float]] = []
     start = 0
     state = _load_checkpoint(checkpoint) if resume else None
-    plan = {"schedule": schedule, "steps_per_epoch": steps_per_epoch, "epochs": epochs}
+    plan = {
+        "schedule": schedule,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        **({"data": dict(data)} if data else {}),
+    }
     if state is not None and state.get("stage") == stage:
         saved = {k: state.get("plan", {}).get(k, "not recorded") for k in plan}
         if saved != plan:
@@ -125,7 +137,13 @@ def _run_epochs(
                 f"{checkpoint}: saved by a run with {saved}, this one has {plan}: resume with "
                 "the same data and settings, or train into a new --out"
             )
-        module.load_state_dict(state["model"])
+        try:
+            module.load_state_dict(state["model"])
+        except RuntimeError:
+            raise ValueError(
+                f"{checkpoint}: holds another architecture's {stage} (trained from another "
+                "--from model?): train into a new --out"
+            ) from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
@@ -241,6 +259,7 @@ def train_segmenter(
         resume=resume,
         seed=seed,
         log=log,
+        data={"images": n, "mask_total": round(float(masks.sum()), 3)},
     )
 
 
@@ -364,25 +383,52 @@ def train_counter(
         resume=resume,
         seed=seed,
         log=log,
+        data={"images": n, "count_total": round(float(targets.sum()), 3)},
     )
 
 
 def save_model_folder(model: CountingPipeline, config: dict[str, Any], folder: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors``: a model folder that describes itself."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
+    save_readable(state, folder / "model.safetensors")
     write_config(folder, config)
     return folder
 
 
+def save_readable(tensors: dict[str, torch.Tensor], path: str | Path, **kwargs: Any) -> Path:
+    """``safetensors`` ``save_file``, atomically, readable as the umask allows (like config.json).
+
+    safetensors creates its files owner-only (0600); a model folder is meant to be
+    shared. Written to a temporary name and renamed, so a kill never leaves half a file.
+    """
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), **kwargs)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+    return path
+
+
 def write_config(folder: str | Path, config: dict[str, Any]) -> Path:
-    """Write a model folder's ``config.json`` (strict JSON: NaN and inf as null)."""
+    """Write a model folder's ``config.json`` (strict JSON: NaN and inf as null), atomically.
+
+    A temporary file renamed over the old one: a kill mid-write (calibrate, ensemble,
+    the end of train) never leaves an empty or half-written config.
+    """
+    import os
+
     path = Path(folder) / "config.json"
-    path.write_text(json.dumps(json_ready(config), indent=2) + "\n")
+    tmp = path.with_name(f".config.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(json_ready(config), indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -505,10 +551,20 @@ def fit(
         log(f"weights identical on all {len(digests)} ranks (sha256 {digests[0]})")
         if not distributed.is_main():
             return config
-    mean, std = predict_counts(model, calibration.images, device=device)
-    scores = conformal_scores(calibration.counts.numpy(), mean, std)
     config = dict(config)
     config["history"] = history
+    if init is None and (stages == "segmenter" or hp["counter"]["epochs"] <= 0):
+        # Its counter never trained: no intervals to calibrate, and CellCounter refuses
+        # to count with it; the folder is the first stage's, for `--stage counter --from`.
+        config["untrained_counter"] = True
+        save_model_folder(model, config, out)
+        log(
+            f"saved model folder {out} (segmenter only: its counter is untrained; train it "
+            f"with `celltally train --stage counter --from {out}`)"
+        )
+        return config
+    mean, std = predict_counts(model, calibration.images, device=device)
+    scores = conformal_scores(calibration.counts.numpy(), mean, std)
     config["calibration"] = {
         "method": "split-conformal on |y - mu| / sigma",
         "n": int(scores.size),

@@ -192,10 +192,16 @@ def build_and_fit(
     if stages not in ("both", "segmenter", "counter"):
         raise io.InputError(f"--stage must be both, segmenter or counter, not {stages!r}")
     if from_model is None and (stages == "counter" or (stages == "both" and seg_epochs == 0)):
+        what = "--stage counter" if stages == "counter" else "--seg-epochs 0"
         raise io.InputError(
-            "--stage counter and --seg-epochs 0 keep the segmenter as it is, and a new "
-            "model's segmenter is untrained: add --from MODEL (e.g. a model trained with "
-            "--stage segmenter) to train a counter on its masks"
+            f"{what} keeps the segmenter as it is, and a new model's segmenter is "
+            "untrained: add --from MODEL (e.g. a model trained with --stage segmenter) to "
+            "train a counter on its masks"
+        )
+    if from_model is None and stages == "both" and count_epochs == 0:
+        raise io.InputError(
+            "--count-epochs 0 would leave a new model's counter untrained: to train only "
+            "the segmenter, say so with --stage segmenter"
         )
     if from_model is not None and preset is not None:
         raise io.InputError(
@@ -325,7 +331,19 @@ def build_and_fit(
         progress=progress,
         log=log,
     )
-    if from_model is not None and split_info.get("calibration") is None and is_main():
+    from celltally.counter import resolve_model
+    from celltally.models.pipeline import read_model_config
+
+    start_untrained = from_model is not None and read_model_config(resolve_model(from_model)).get(
+        "untrained_counter"
+    )
+    if (
+        from_model is not None
+        and not start_untrained
+        and not result.get("untrained_counter")
+        and split_info.get("calibration") is None
+        and is_main()
+    ):
         result["training"]["compared_with_start"] = compare_with_start(
             Path(out), from_model, calibration, log=log
         )

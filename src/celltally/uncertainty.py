@@ -38,7 +38,7 @@ from celltally.calibration import (
 )
 from celltally.datasets import LabeledSet
 from celltally.models.pipeline import CountingPipeline, build_counter, read_model_config
-from celltally.train import write_config
+from celltally.train import save_readable, write_config
 from celltally.wells import well_key
 
 Log = Callable[[str], None]
@@ -162,9 +162,19 @@ def train_ensemble(
         raise
     for old in ensemble_files(folder):
         old.unlink()
+    # The old members' intervals must never pass for the new ones' (not even after a kill
+    # between the swap and the recalibration): dropped first, refitted after.
+    config = read_model_config(folder)
+    if (config.get("calibration") or {}).pop("epistemic", None) is not None:
+        write_config(folder, config)
     written = [path.replace(path.with_suffix("")) for path in written]
     if calibration is not None and len(calibration):
         calibrate_model(folder, calibration, device=device, log=log)
+    else:
+        log(
+            "no calibration images: --epistemic intervals use the model's own calibration "
+            "until `celltally calibrate` refits them for the new members"
+        )
     return written
 
 
@@ -188,7 +198,7 @@ def _train_members(
     Each file is appended to ``written`` before it is saved, so a failure
     leaves nothing the caller does not know about.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from celltally.train import seed_everything, train_counter
 
@@ -216,7 +226,7 @@ def _train_members(
         state = {k2: v.detach().cpu().contiguous() for k2, v in model.counter.state_dict().items()}
         path = folder / f"ensemble_{k}.safetensors.new"
         written.append(path)
-        save_file(state, str(path))
+        save_readable(state, path)
 
 
 def _predict(counter: Any, data: LabeledSet) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -299,7 +309,6 @@ def calibrate_model(
     if len(calibration) == 0:
         raise ValueError("the calibration split is empty")
     y = calibration.counts.numpy().astype(float)
-    from safetensors.torch import save_file
 
     from celltally.counter import OOD_REFERENCE_FILE
 
@@ -319,7 +328,7 @@ def calibrate_model(
         counter = CellCounter.from_pretrained(folder, device=device)
         reference = feature_reference(counter.embed(list(calibration.images[:, 0].numpy())))
         tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}
-        save_file(tensors, str(folder / OOD_REFERENCE_FILE))
+        save_readable(tensors, folder / OOD_REFERENCE_FILE)
     else:  # a 99th percentile of a handful of images would flag most new ones
         (folder / OOD_REFERENCE_FILE).unlink(missing_ok=True)
         log(
@@ -362,13 +371,17 @@ def calibrate_model(
     return block
 
 
-def _training_folders(config: Mapping[str, Any]) -> set[Path]:
-    """The user folders a model's config says it was trained on (resolved paths).
+def _training_folders(config: Mapping[str, Any], *, depth: int = 8) -> set[Path]:
+    """The user folders a model's config says it, or a model it was fine-tuned from, saw.
 
     Each ``training.split`` entry but BBBC005's: its recorded ``path``, and its
-    key resolved from here (older models record only the name as given).
+    key resolved from here (older models record only the name as given); then
+    the same for the ``training.from`` model, if it can still be found.
     """
-    split = (config.get("training") or {}).get("split") or {}
+    from celltally.counter import resolve_model
+
+    training = config.get("training") or {}
+    split = training.get("split") or {}
     found: set[Path] = set()
     for key, info in split.items():
         if key == "bbbc005" or not isinstance(info, Mapping):
@@ -376,6 +389,12 @@ def _training_folders(config: Mapping[str, Any]) -> set[Path]:
         found.add(Path(key).resolve())
         if info.get("path"):
             found.add(Path(info["path"]))
+    start = training.get("from")
+    if start and depth > 0:
+        try:
+            found |= _training_folders(read_model_config(resolve_model(start)), depth=depth - 1)
+        except (io.InputError, OSError, ValueError):
+            pass  # moved or deleted since: only this model's own record is known
     return found
 
 

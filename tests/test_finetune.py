@@ -375,3 +375,12 @@ def test_a_segmenter_only_model_says_its_counter_is_untrained(tmp_path):
     )
     assert second.exit_code == 0, second.output
     assert run("count", image, "-o", tmp_path / "r.csv", "--model", tmp_path / "s2").exit_code == 0
+
+
+def test_an_interrupted_run_is_not_silently_restarted(tmp_path):
+    out = tmp_path / "m"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "counter.pt").write_bytes(b"from an interrupted run")
+    result = run("train", "--simulated", "10", "--out", out, "--no-progress")
+    assert result.exit_code == 2 and "add --resume to continue it" in result.output
+    assert (out / "checkpoints" / "counter.pt").read_bytes() == b"from an interrupted run"

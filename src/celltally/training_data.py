@@ -189,6 +189,13 @@ def build_and_fit(
             "it there)",
             out,
         )
+    saved = Path(out) / "checkpoints"
+    if not resume and saved.is_dir() and any(saved.glob("*.pt")):
+        raise io.InputError(
+            f"{out}: holds the checkpoints of an interrupted run; add --resume to continue "
+            "it, or give a new --out",
+            out,
+        )
     if stages not in ("both", "segmenter", "counter"):
         raise io.InputError(f"--stage must be both, segmenter or counter, not {stages!r}")
     if from_model is None and (stages == "counter" or (stages == "both" and seg_epochs == 0)):

@@ -52,7 +52,7 @@ from celltally.train import train_counter
 from celltally.uncertainty import load_members
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-from train_bbbc005 import SIM_BLURS, SIM_CLUSTERING, SIM_COUNTS  # noqa: E402
+from train_bbbc005 import simulation_settings  # noqa: E402
 
 LEVELS = (0.8, 0.9, 0.95)
 
@@ -85,13 +85,8 @@ def fine_tune(args: argparse.Namespace) -> tuple[nn.Module, DropoutSwitch, float
     if weights.exists():
         model.counter.load_state_dict(load_file(str(weights)))
     else:
-        kw = dict(
-            size=config["input_size"],
-            counts=SIM_COUNTS,
-            blurs=SIM_BLURS,
-            clustering=SIM_CLUSTERING,
-            norm=config["normalization"],
-            workers=os.cpu_count() or 1,
+        kw = simulation_settings(
+            config["input_size"], config["normalization"], workers=os.cpu_count() or 1
         )
         start = time.perf_counter()
         data = simulate_set(args.scenes, seed=args.sim_seed, **kw)

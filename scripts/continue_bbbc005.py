@@ -73,7 +73,7 @@ from celltally.train import default_device, interval_metrics, save_model_folder,
 from celltally.uncertainty import calibrate_model, ensemble_files
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_bbbc005 import SIM_BLURS, SIM_CLUSTERING, SIM_COUNTS  # noqa: E402
+from train_bbbc005 import simulation_settings  # noqa: E402
 from train_nuclei import instance_density, train_counter_cells  # noqa: E402
 
 MEMBERS_NOTE = (
@@ -234,14 +234,7 @@ def main() -> None:
         log = Path(args.weights).with_name("history.json")
         history = json.loads(log.read_text()) if log.exists() else None
     else:
-        kw = dict(
-            size=config["input_size"],
-            counts=SIM_COUNTS,
-            blurs=SIM_BLURS,
-            clustering=SIM_CLUSTERING,
-            norm=config["normalization"],
-            workers=args.workers,
-        )
+        kw = simulation_settings(config["input_size"], config["normalization"], args.workers)
         if args.cell_loss:
             if args.real_sites:
                 parser.error("--cell-loss needs per-cell targets, which real images lack")

@@ -39,6 +39,19 @@ SIM_CLUSTERING = (0.0, 0.0, 0.25)
 SIM_COUNTS = (0, 120)
 
 
+def simulation_settings(size, norm, workers: int) -> dict:
+    """``simulate_set`` keywords of the shipped model's simulated scenes (counts, blurs,
+    clustering above), at the model's input ``size`` and normalization."""
+    return dict(
+        size=size,
+        counts=SIM_COUNTS,
+        blurs=SIM_BLURS,
+        clustering=SIM_CLUSTERING,
+        norm=norm,
+        workers=workers,
+    )
+
+
 def cached_simulation(n: int, seed: int, size, norm, cache: Path) -> LabeledSet:
     spec = dict(
         n=n,
@@ -53,16 +66,7 @@ def cached_simulation(n: int, seed: int, size, norm, cache: Path) -> LabeledSet:
     path = cache / f"sim_{key}.pt"
     if path.exists():
         return LabeledSet(**torch.load(path, weights_only=False))
-    data = simulate_set(
-        n,
-        size=size,
-        seed=seed,
-        workers=2,
-        counts=SIM_COUNTS,
-        blurs=SIM_BLURS,
-        clustering=SIM_CLUSTERING,
-        norm=norm,
-    )
+    data = simulate_set(n, seed=seed, **simulation_settings(size, norm, workers=2))
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(data.__dict__, path)
     return data

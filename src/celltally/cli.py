@@ -985,12 +985,12 @@ def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out:
     Both rewrite a model folder. A shipped model is never rewritten: with
     ``--out`` the model is copied there first (once the data have loaded).
     """
-    import json as _json
     import shutil
 
     from celltally import io
     from celltally.counter import WEIGHTS_DIR, resolve_model
     from celltally.models.pipeline import read_model_config
+    from celltally.train import write_config
     from celltally.uncertainty import held_out_sets
 
     folder = resolve_model(model)
@@ -1008,13 +1008,11 @@ def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out:
     if out is not None:
         shutil.copytree(folder, out, dirs_exist_ok=True)
         # the copy is a model of its own: named after its folder, as `train` names one
-        copied = _json.loads((out / "config.json").read_text())
-        copied["copied_from"] = copied.get("name", model)
-        copied["name"] = out.name
+        copied = {**config, "copied_from": config.get("name", model), "name": out.name}
         # the original's measured figures do not describe a recalibrated or re-ensembled copy
         if "metrics" in copied:
             copied["metrics_of_original"] = copied.pop("metrics")
-        (out / "config.json").write_text(_json.dumps(copied, indent=2) + "\n")
+        write_config(out, copied)
         kw.get("log", print)(f"copied model {model} to {out} (model name {out.name})")
         folder = out
     return folder, sets

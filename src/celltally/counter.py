@@ -26,7 +26,7 @@ from celltally.calibration import (
     ood_warning,
 )
 from celltally.models.inference import inference_copy
-from celltally.models.pipeline import CountingPipeline, load_model_folder
+from celltally.models.pipeline import CountingPipeline, first_line, load_model_folder
 from celltally.tiling import (
     DEFAULT_MARGIN,
     DEFAULT_TILE,
@@ -292,8 +292,7 @@ class CellCounter:
             try:
                 reference = {k: v.numpy() for k, v in load_file(str(ood_file)).items()}
             except (SafetensorError, OSError) as err:
-                first = (str(err).splitlines() or [type(err).__name__])[0]
-                raise io.InputError(f"{ood_file}: corrupt file ({first})") from None
+                raise io.InputError(f"{ood_file}: corrupt file ({first_line(err)})") from None
         return cls(
             model,
             config,

@@ -267,11 +267,10 @@ def _load_raw(path: str | os.PathLike[str]) -> tuple[np.ndarray, bool]:
     arr = _load_tiff(p, path) if is_tiff else _load_pillow(p, path)
     if arr.ndim == 0 or arr.size == 0 or 0 in arr.shape:
         raise ImageReadError(path, f"image has a zero-size side (shape {tuple(arr.shape)})")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8)
-    if arr.dtype.kind not in "uif":
-        raise ImageReadError(path, f"unsupported pixel type {arr.dtype}")
-    return arr, is_tiff
+    try:
+        return _countable_type(arr), is_tiff
+    except InputError as err:
+        raise ImageReadError(path, str(err)) from None
 
 
 def _squeeze_singletons(arr: np.ndarray) -> np.ndarray:
@@ -401,6 +400,15 @@ def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> n
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+def _countable_type(array: np.ndarray) -> np.ndarray:
+    """``array`` with booleans as uint8 0/1; InputError unless integers or floats."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if array.dtype.kind not in "uif":
+        raise InputError(f"unsupported pixel type {array.dtype}; give integer or float pixels")
+    return array
+
+
 def check_pixels(image: Any) -> np.ndarray:
     """``image`` as an array of pixel values celltally can count, or InputError saying why.
 
@@ -411,11 +419,7 @@ def check_pixels(image: Any) -> np.ndarray:
     """
     if isinstance(image, np.ma.MaskedArray):
         raise InputError("a masked array: fill its masked pixels first (numpy.ma.filled)")
-    array = np.asarray(image)
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8)
-    if array.dtype.kind not in "uif":
-        raise InputError(f"unsupported pixel type {array.dtype}; give integer or float pixels")
+    array = _countable_type(np.asarray(image))
     if array.dtype.kind == "f" and array.size:
         if not np.all(np.isfinite(array)):
             raise InputError("contains NaN or infinite values")

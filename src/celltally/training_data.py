@@ -216,6 +216,7 @@ def build_and_fit(
             "the starting model's architecture"
         )
     init = None
+    start_untrained = False  # the starting model is a --stage segmenter one
     if from_model is not None:
         from safetensors.torch import load_file
 
@@ -224,6 +225,7 @@ def build_and_fit(
 
         folder = resolve_model(from_model)
         base = read_model_config(folder)
+        start_untrained = bool(base.get("untrained_counter"))
         config = {k: base[k] for k in ("input_size", "segmenter", "counter", "counter_inputs")}
         config["train"] = copy.deepcopy(
             base["train"] if "train" in base else get_preset(base.get("preset", "small"))["train"]
@@ -337,12 +339,6 @@ def build_and_fit(
         resume=resume,
         progress=progress,
         log=log,
-    )
-    from celltally.counter import resolve_model
-    from celltally.models.pipeline import read_model_config
-
-    start_untrained = from_model is not None and read_model_config(resolve_model(from_model)).get(
-        "untrained_counter"
     )
     if (
         from_model is not None

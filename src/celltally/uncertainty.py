@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,12 @@ from celltally.calibration import (
     ood_thresholds,
 )
 from celltally.datasets import LabeledSet
-from celltally.models.pipeline import CountingPipeline, build_counter, read_model_config
+from celltally.models.pipeline import (
+    CountingPipeline,
+    build_counter,
+    first_line,
+    read_model_config,
+)
 from celltally.train import save_readable, write_config
 from celltally.wells import well_key
 
@@ -88,8 +93,8 @@ def load_members(folder: str | Path, config: dict[str, Any]) -> list[torch.nn.Mo
             )
             counter.load_state_dict(load_file(str(path)))
         except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise io.InputError(f"{path}: not a counter of this model ({first})") from None
+            problem = f"not a counter of this model ({first_line(err)})"
+            raise io.InputError(f"{path}: {problem}") from None
         members.append(counter.eval())
     return members
 
@@ -371,25 +376,29 @@ def calibrate_model(
     return block
 
 
+def _split_entries(config: Mapping[str, Any]) -> Iterator[tuple[set[Path], Mapping[str, Any]]]:
+    """Each user folder of the config's ``training.split`` (not BBBC005's): where it is
+    (its key resolved from here, and its recorded ``path``: older models record only
+    the name as given) and what the split recorded of it.
+    """
+    for key, info in ((config.get("training") or {}).get("split") or {}).items():
+        if key == "bbbc005" or not isinstance(info, Mapping):
+            continue
+        yield {Path(key).resolve(), *([Path(info["path"])] if info.get("path") else [])}, info
+
+
 def _training_folders(config: Mapping[str, Any], *, depth: int = 8) -> set[Path]:
     """The user folders a model's config says it, or a model it was fine-tuned from, saw.
 
-    Each ``training.split`` entry but BBBC005's: its recorded ``path``, and its
-    key resolved from here (older models record only the name as given); then
-    the same for the ``training.from`` model, if it can still be found.
+    Those of :func:`_split_entries`, then the same for the ``training.from``
+    model, if it can still be found.
     """
     from celltally.counter import resolve_model
 
-    training = config.get("training") or {}
-    split = training.get("split") or {}
     found: set[Path] = set()
-    for key, info in split.items():
-        if key == "bbbc005" or not isinstance(info, Mapping):
-            continue
-        found.add(Path(key).resolve())
-        if info.get("path"):
-            found.add(Path(info["path"]))
-    start = training.get("from")
+    for places, _ in _split_entries(config):
+        found |= places
+    start = (config.get("training") or {}).get("from")
     if start and depth > 0:
         try:
             found |= _training_folders(read_model_config(resolve_model(start)), depth=depth - 1)
@@ -401,12 +410,7 @@ def _training_folders(config: Mapping[str, Any], *, depth: int = 8) -> set[Path]
 def _recorded_split(config: Mapping[str, Any], folder: str | Path) -> Mapping[str, Any]:
     """What the model's config records of how ``folder`` was split in training ({} if none)."""
     where = Path(folder).resolve()
-    for key, info in ((config.get("training") or {}).get("split") or {}).items():
-        if key == "bbbc005" or not isinstance(info, Mapping):
-            continue
-        if where in (Path(key).resolve(), Path(info["path"]) if info.get("path") else None):
-            return info
-    return {}
+    return next((info for places, info in _split_entries(config) if where in places), {})
 
 
 def held_out_sets(

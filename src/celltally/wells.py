@@ -264,11 +264,15 @@ def aggregate_wells(
     # every row, but the CSV rounds count and high to 0.01 and std to 0.001, so it is
     # pooled over all of them, sum(high - count) / sum(std), where rounding weighs least.
     spread: dict[tuple[str, str], list[float]] = {}
-    for (model, level, *_), members in groups.items():
-        pooled = spread.setdefault((model, level), [0.0, 0.0])
+    numbers: dict[tuple, tuple[list[float], list[float]]] = {}  # each group's counts, stds
+    for group, members in groups.items():
+        pooled = spread.setdefault(group[:2], [0.0, 0.0])
+        counts, stds = numbers.setdefault(group, ([], []))
         for r in members:
             count_r, std_r = _number(r, "count", source), _number(r, "std", source)
             high_r = _number(r, "high", source, minimum=count_r)  # high below count: damaged
+            counts.append(count_r)
+            stds.append(std_r)
             if std_r > 0:
                 pooled[0] += high_r - count_r
                 pooled[1] += std_r
@@ -276,8 +280,7 @@ def aggregate_wells(
     for group, members in sorted(groups.items()):
         model, level, plate, well, stain = group
         rho = correlation if isinstance(correlation, int | float) else correlation[model]
-        counts = [_number(r, "count", source) for r in members]
-        stds = [_number(r, "std", source) for r in members]
+        counts, stds = numbers[group]
         width, std_sum = spread[(model, level)]
         multiplier = width / std_sum if std_sum > 0 else 0.0
         total = sum(counts)

@@ -207,7 +207,8 @@ def widen_counter_state(
 CONFIG_KEYS = ("input_size", "segmenter", "counter", "counter_inputs")
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception's message in one line (its type's name when it has none)."""
     return (str(err).splitlines() or [type(err).__name__])[0]
 
 
@@ -223,7 +224,7 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise InputError(f"{folder}: not a model folder (no config.json)") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise InputError(f"{path}: not a readable model config ({_first_line(err)})") from None
+        raise InputError(f"{path}: not a readable model config ({first_line(err)})") from None
     missing = [k for k in CONFIG_KEYS if k not in config] if isinstance(config, dict) else None
     if missing is None or missing:
         what = f"no {missing[0]!r}" if missing else "not a JSON object"
@@ -253,7 +254,7 @@ def load_model_folder(folder: str | Path) -> tuple[CountingPipeline, dict[str, A
         model = CountingPipeline(config)
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(
-            f"{folder / 'config.json'}: not a celltally model config ({_first_line(err)})"
+            f"{folder / 'config.json'}: not a celltally model config ({first_line(err)})"
         ) from None
     weights = folder / "model.safetensors"
     try:
@@ -261,11 +262,11 @@ def load_model_folder(folder: str | Path) -> tuple[CountingPipeline, dict[str, A
     except FileNotFoundError:
         raise InputError(f"{weights}: missing (a model folder holds its weights here)") from None
     except (SafetensorError, OSError) as err:
-        raise InputError(f"{weights}: corrupt weights file ({_first_line(err)})") from None
+        raise InputError(f"{weights}: corrupt weights file ({first_line(err)})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise InputError(
-            f"{weights}: does not fit the model in config.json ({_first_line(err)})"
+            f"{weights}: does not fit the model in config.json ({first_line(err)})"
         ) from None
     return model, config

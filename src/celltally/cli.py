@@ -949,6 +949,7 @@ def explain(
     channel: ChannelOption = None,
 ) -> None:
     """The paper's Figure 4 panel: input, mask, mask uncertainty, saliency of the count."""
+    from celltally import io
     from celltally.counter import CellCounter
     from celltally.explain import explain_image, explanation_figure
     from celltally.naming import parse_name
@@ -960,7 +961,7 @@ def explain(
         fail(f"--out {out}: is a folder; give a file name such as {out / 'explanation.png'}")
     if out.resolve() == image.resolve():
         fail(f"--out {out}: is the image being explained; name another file")
-    out = out if out.suffix else out.with_name(out.name + ".png")
+    out = io.figure_path(out)
     if out.suffix.lower() not in FIGURE_SUFFIXES:
         fail(f"--out {out}: give a figure file ({', '.join(FIGURE_SUFFIXES)})")
     _check_output(out, "--out", folder=False, image=True)

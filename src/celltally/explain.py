@@ -299,9 +299,7 @@ def explanation_figure(
     """
     fig = _draw(expl, title=title, true_count=true_count, image_saliency=image_saliency)
     if isinstance(path, str | Path):
-        path = Path(path)
-        if not path.suffix:  # as matplotlib would save it, so the path returned is the file
-            path = path.with_name(path.name + ".png")
+        path = io.figure_path(path)  # the path returned is the file written
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
     else:

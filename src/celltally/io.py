@@ -27,6 +27,7 @@ __all__ = [
     "InputError",
     "about_file",
     "check_pixels",
+    "figure_path",
     "iter_images",
     "list_images",
     "output_root",
@@ -398,6 +399,12 @@ def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> n
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def figure_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` with ``.png`` added when it has no suffix: the file matplotlib would write."""
+    path = Path(path)
+    return path if path.suffix else path.with_name(path.name + ".png")
 
 
 def _countable_type(array: np.ndarray) -> np.ndarray:

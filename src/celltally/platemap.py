@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from celltally import io
+
 __all__ = [
     "PLATE_FORMATS",
     "PlateGrid",
@@ -285,9 +287,7 @@ def plot_plate_maps(
     fig.suptitle(textwrap.fill(title or f"{label} per well", chars), fontsize=10)
     fig.text(0.5, 0.01, textwrap.fill("; ".join(legend), chars), ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    out = Path(out)
-    if not out.suffix:  # as matplotlib would save it, so the path returned is the file
-        out = out.with_name(out.name + ".png")
+    out = io.figure_path(out)  # the path returned is the file written
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out

@@ -407,9 +407,12 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     result = runner.invoke(app, [*args, "--epochs", "1", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (model / "ensemble_1.safetensors").is_file()
-    assert json.loads((model / "config.json").read_text())["calibration"]["epistemic"]["n"] == (
-        cal_size
-    )
+    config = json.loads((model / "config.json").read_text())
+    assert config["calibration"]["epistemic"]["n"] == cal_size
+    # the config says how its members were made: seeds, epochs, training images
+    made = config["training"]["ensemble"]
+    assert made["members"] == ["ensemble_1.safetensors"] and made["seeds"] == [1]
+    assert made["counter_epochs"] == 1 and sum(made["training_images"].values()) == 24 - cal_size
     missing = runner.invoke(app, ["calibrate", "--model", str(model)])
     assert missing.exit_code != 0 and "error: no data" in missing.output
     scaled = ["calibrate", "--model", str(model), "--data", str(data), "--count-scale", "plain"]

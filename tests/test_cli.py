@@ -315,6 +315,18 @@ def test_models_lists_shipped_models_with_their_figures():
     assert (line in result.output) == (scale != 1.0)
 
 
+def test_listing_models_and_summing_wells_do_not_import_torch():
+    """``models`` and ``wells`` read JSON and CSV only: they start in well under a second."""
+    code = (
+        "import sys; from typer.testing import CliRunner; from celltally.cli import app; "
+        "r = CliRunner().invoke(app, ['models']); assert r.exit_code == 0, r.output; "
+        "import celltally.wells, celltally.batch; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_progress_bar_only_on_a_terminal(tiny_model, image_folder, tmp_path):
     """A log file or pipe gets no progress-bar redraws; a terminal gets the bar."""
     import os

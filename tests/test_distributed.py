@@ -34,6 +34,20 @@ def test_helpers_are_no_ops_outside_torchrun():
     assert distributed.to_float([x, (x,)])[1][0] is x  # float32 stays the same tensor
 
 
+def test_a_user_error_names_the_rank_that_says_it(tmp_path):
+    """Under torchrun each process reports the error; all but rank 0 say which they are."""
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+
+    args = ["train", "--out", str(tmp_path / "m"), "--no-progress"]  # no data given
+    plain = CliRunner().invoke(app, args, env={"RANK": "0"})
+    other = CliRunner().invoke(app, args, env={"RANK": "1"})
+    assert plain.exit_code == other.exit_code == 2
+    assert plain.output.startswith("error: no training data")
+    assert other.output.startswith("rank 1: error: no training data")
+
+
 def test_torchrun_two_cpu_processes_train_and_end_with_the_same_weights(tiny_model, tmp_path):
     plate = simulate_plate(
         tmp_path / "plate", images=8, blurs=(1, 23), stains=(1,), size=(130, 174), seed=5

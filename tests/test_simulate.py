@@ -17,6 +17,7 @@ from celltally.simulate import (
     SimulatedImage,
     SimulationParams,
     blur_sigma,
+    empty_frame,
     focus_blur,
     image_scale,
     parse_count_range,
@@ -145,6 +146,29 @@ def test_count_zero_is_empty() -> None:
         assert sim.count == 0
         assert not sim.labels.any() and not sim.mask.any()
         assert sim.image.max() < 20
+
+
+def test_empty_frame_is_background_and_noise_only() -> None:
+    from celltally.transforms import noise_std
+
+    a = empty_frame(size=SMALL, bit_depth=8, seed=3)
+    assert a.shape == SMALL and a.dtype == np.uint8
+    assert np.array_equal(a, empty_frame(size=SMALL, bit_depth=8, seed=3))
+    assert not np.array_equal(a, empty_frame(size=SMALL, bit_depth=8, seed=4))
+    frames = [empty_frame(size=SMALL, bit_depth=16, seed=s) for s in range(30)]
+    assert all(f.dtype == np.uint16 for f in frames)
+    for f in frames:
+        # no objects: after removing a plane fitted to the frame (ramp or offset),
+        # what is left is not much wider than the pixel noise (vignettes bend a little)
+        yy, xx = np.mgrid[0 : f.shape[0], 0 : f.shape[1]]
+        design = np.stack([np.ones(f.size), yy.ravel(), xx.ravel(), (yy**2 + xx**2).ravel()], 1)
+        values = f.astype(float).ravel()
+        residual = values - design @ np.linalg.lstsq(design, values, rcond=None)[0]
+        assert np.abs(residual).max() < 7 * noise_std(f) + 2
+        assert 1.5 < noise_std(f) < 150
+    # two of three frames have uneven illumination, often visible above the noise
+    widths = [f.astype(float).std() / noise_std(f) for f in frames]
+    assert sum(w > 1.15 for w in widths) >= 6 and min(widths) > 0.9
 
 
 def test_sixteen_bit_output() -> None:

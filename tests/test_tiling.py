@@ -358,7 +358,14 @@ def test_cli_reading_and_normalization_options(tiny_model, tmp_path):
     custom = CellCounter.from_pretrained(tiny_model, device="cpu", norm=norm)
     default = CellCounter.from_pretrained(tiny_model, device="cpu")
     assert not np.allclose(custom.prepare(planes[1]), default.prepare(planes[1]))
+    # --background subtracts a smooth background first, recorded like the other settings
+    count("--channel", "1", "--background", "quadratic")
+    newest = max(tmp_path.glob("r*.manifest.json"), key=lambda p: p.stat().st_mtime_ns)
+    options = json.loads(newest.read_text())["settings"]["counter_options"]
+    assert options["norm"]["background"] == "quadratic"
     for extra, message in [
+        (("--channel", "1", "--background", "plane"), "--background 'plane': choose quadratic"),
+        (("--no-norm", "--background", "quadratic"), "--no-norm cannot be combined"),
         (("--norm-low", "90", "--norm-high", "10"), "low < high"),
         (("--channel", "1", "--diameter", "20"), "does not record the object diameter"),
         (("--channel", "1", "--tile", "100"), "--tile must be a positive multiple of 32"),

@@ -5,6 +5,7 @@ import torch
 from celltally.calibration import conformal_quantile, conformal_scores, gaussian_quantile
 from celltally.datasets import LabeledSet
 from celltally.transforms import (
+    background_surface,
     dense_strides,
     flip_rotate,
     noise_std,
@@ -65,6 +66,36 @@ def test_noise_std_estimates_white_noise_and_ignores_smooth_signal():
     assert noise_std(noisy) == pytest.approx(3, rel=0.05)
     assert noise_std(smooth) < 0.1
     assert noise_std(np.zeros((2, 5))) == 0.0
+
+
+def test_background_surface_follows_uneven_light_not_the_cells():
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:192, :256] / 100.0
+    light = 200 + 30 * xx - 20 * yy + 15 * (xx - 1.2) ** 2  # ramp + curvature, grey levels
+    cells = np.zeros_like(light)
+    for cy, cx in rng.uniform([10, 10], [182, 246], (40, 2)):  # 40 bright discs, ~25% cover
+        cells[(np.mgrid[:192, :256][0] - cy) ** 2 + (np.mgrid[:192, :256][1] - cx) ** 2 < 80] = 120
+    image = (light + cells + rng.normal(0, 2, light.shape)).astype(np.float32)
+    before = image.copy()
+    surface = background_surface(image)
+    assert np.array_equal(image, before)  # the input is not modified
+    assert surface.shape == image.shape and surface.dtype == np.float32
+    assert np.abs(surface - light).max() < 2.0  # within one noise std, cells ignored
+    assert np.abs(background_surface(np.full((50, 60), 7.0)) - 7.0).max() < 1e-4
+    assert not background_surface(np.ones((2, 9))).any()
+
+
+def test_background_option_keeps_an_unevenly_lit_empty_frame_dim():
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[:520, :696]
+    ramp = 500 + 0.2 * xx + 0.1 * yy  # 180 grey levels across: 12 noise stds
+    empty = np.clip(ramp + rng.normal(0, 15, ramp.shape), 0, None).astype(np.uint16)
+    stretched = prepare_image(empty, size=(192, 256))
+    assert stretched.max() > 0.95  # the ramp spans the whole range
+    flat = prepare_image(empty, size=(192, 256), norm={"background": "quadratic"})
+    assert np.ptp(flat) < 0.6  # the noise floor keeps it dim once the ramp is gone
+    with pytest.raises(ValueError, match="unknown background 'plane'"):
+        prepare_image(empty, size=(192, 256), norm={"background": "plane"})
 
 
 def test_16bit_and_8bit_same_scene_agree_percentile():

@@ -68,10 +68,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celltally import __version__, io
-from celltally.counter import WEIGHTS_DIR, CellCounter, CountResult, resolve_model
+from celltally.model_folder import WEIGHTS_DIR, resolve_model
+
+if TYPE_CHECKING:  # the counter imports PyTorch: only runs that count need it
+    from celltally.counter import CellCounter, CountResult
 
 __all__ = [
     "COUNT_COLUMNS",
@@ -802,6 +805,8 @@ def run_batch(
     # --diameter for a model without a scale, a tile it cannot use) leaves no file behind.
     # It counts here unless a Dask cluster does (its workers load their own: this one is
     # then only a check, on the CPU, and dropped).
+    from celltally.counter import CellCounter
+
     try:
         local_counter = CellCounter.from_pretrained(
             folder, **({**options, "device": "cpu"} if dask else options)
@@ -992,6 +997,8 @@ def _worker_counter(model: str, weights_sha256: str, options: dict) -> CellCount
                     "install the same model on every worker"
                 )
             import torch
+
+            from celltally.counter import CellCounter
 
             torch.set_num_threads(1)  # one torch thread per one-thread worker
             global _WORKER_LOADS

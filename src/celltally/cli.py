@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -43,17 +44,20 @@ def _options(
     """Count cells in microscopy images, with calibrated 95% intervals."""
 
 
-def fail(message: str | BaseException, code: int = 2) -> NoReturn:
+def fail(message: str | BaseException, code: int = 2, *, rank: str | None = None) -> NoReturn:
     """Print a one-line error and exit non-zero (no traceback).
 
     An ``OSError`` (an output path under a file, a folder where a file goes, no
-    permission) is told as ``path: reason``.
+    permission) is told as ``path: reason``. Under torchrun (``rank``, from
+    ``RANK``) every process but rank 0 names its rank, so N copies of one
+    error read as one error said by N processes.
     """
     if isinstance(message, OSError) and message.strerror:
         # a rename names its target second: that is the path the user gave
         where = message.filename2 or message.filename or ""
         message = f"{where}: {message.strerror.lower()}" if where else message.strerror
-    typer.echo(f"error: {message}", err=True)
+    who = f"rank {rank}: " if rank not in (None, "", "0") else ""
+    typer.echo(f"{who}error: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -121,19 +125,23 @@ def _image_options(
     pixel_size: float | None,
     diameter: float | None,
     tile: int | None,
+    background: str | None = None,
 ) -> dict:
     """``CellCounter`` keywords for the reading, normalization and scale flags (only those set)."""
-    from celltally.counter import resolve_model
-    from celltally.models.pipeline import read_model_config
+    from celltally.model_folder import read_model_config, resolve_model
     from celltally.tiling import merge_normalization
 
     options: dict = {}
     if channel is not None:
         options["channel"] = channel
-    if no_norm or norm_low is not None or norm_high is not None:
+    if no_norm or norm_low is not None or norm_high is not None or background is not None:
         config = read_model_config(resolve_model(model))
         options["norm"] = merge_normalization(
-            config.get("normalization"), low=norm_low, high=norm_high, disable=no_norm
+            config.get("normalization"),
+            low=norm_low,
+            high=norm_high,
+            disable=no_norm,
+            background=background,
         )
     if pixel_size is not None:
         options["pixel_size"] = pixel_size
@@ -182,6 +190,13 @@ NormHighOption = Annotated[
 NoNormOption = Annotated[
     bool,
     typer.Option("--no-norm", help="No intensity normalization (images already scaled 0-1)."),
+]
+BackgroundOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Subtract a smooth background (uneven illumination, vignetting) before "
+        "normalizing: quadratic, or none (default: the model's; see docs/finetuning.md)."
+    ),
 ]
 PixelSizeOption = Annotated[
     float | None,
@@ -281,6 +296,7 @@ def count(
     norm_low: NormLowOption = None,
     norm_high: NormHighOption = None,
     no_norm: NoNormOption = False,
+    background: BackgroundOption = None,
     pixel_size: PixelSizeOption = None,
     diameter: DiameterOption = None,
     tile: TileOption = None,
@@ -342,6 +358,7 @@ def count(
                 norm_low=norm_low,
                 norm_high=norm_high,
                 no_norm=no_norm,
+                background=background,
                 pixel_size=pixel_size,
                 diameter=diameter,
                 tile=tile,
@@ -548,6 +565,7 @@ def evaluate(
     norm_low: NormLowOption = None,
     norm_high: NormHighOption = None,
     no_norm: NoNormOption = False,
+    background: BackgroundOption = None,
     pixel_size: PixelSizeOption = None,
     diameter: DiameterOption = None,
     tile: TileOption = None,
@@ -570,6 +588,7 @@ def evaluate(
             norm_low=norm_low,
             norm_high=norm_high,
             no_norm=no_norm,
+            background=background,
             pixel_size=pixel_size,
             diameter=diameter,
             tile=tile,
@@ -764,7 +783,7 @@ def train(
                 channel=channel,
             )
     except _user_errors() as err:
-        fail(err)
+        fail(err, rank=os.environ.get("RANK"))
 
 
 @app.command()
@@ -842,8 +861,12 @@ def _counter_heads(counter: dict) -> str:
 @app.command()
 def models() -> None:
     """List the shipped models, what they were trained on, and their measured figures."""
-    from celltally.counter import DEFAULT_MODEL, WEIGHTS_DIR, available_models
-    from celltally.uncertainty import ensemble_files
+    from celltally.model_folder import (
+        DEFAULT_MODEL,
+        WEIGHTS_DIR,
+        available_models,
+        ensemble_files,
+    )
 
     nan = float("nan")
     for name in available_models():
@@ -989,8 +1012,7 @@ def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out:
     import shutil
 
     from celltally import io
-    from celltally.counter import WEIGHTS_DIR, resolve_model
-    from celltally.models.pipeline import read_model_config
+    from celltally.model_folder import WEIGHTS_DIR, read_model_config, resolve_model
     from celltally.train import write_config
     from celltally.uncertainty import held_out_sets
 

@@ -25,6 +25,12 @@ from celltally.calibration import (
     ood_features,
     ood_warning,
 )
+from celltally.model_folder import (  # noqa: F401 (re-exported: the public names)
+    DEFAULT_MODEL,
+    WEIGHTS_DIR,
+    available_models,
+    resolve_model,
+)
 from celltally.models.inference import inference_copy
 from celltally.models.pipeline import CountingPipeline, first_line, load_model_folder
 from celltally.tiling import (
@@ -40,8 +46,6 @@ from celltally.tiling import (
 )
 from celltally.transforms import prepare_image
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "bbbc005"
 #: Smallest image side (raw px) counted: below it there is not one whole cell.
 MIN_SIDE = 8
 #: In a model folder: mean and precision of the calibration images' deep
@@ -99,29 +103,6 @@ class CountResult:
 
     def __str__(self) -> str:
         return f"{self.count:.1f} ± {self.half_width:.1f} cells ({level_text(self.level)})"
-
-
-def resolve_model(name_or_path: str | Path) -> Path:
-    """A shipped model name ('bbbc005') or a path to a model folder -> the folder."""
-    path = Path(name_or_path)
-    if (path / "config.json").exists():
-        return path
-    shipped = WEIGHTS_DIR / str(name_or_path)
-    if (shipped / "config.json").exists():
-        return shipped
-    names = ", ".join(available_models()) or "none"
-    if path.is_dir():
-        raise io.InputError(
-            f"{name_or_path}: a folder but not a model (no config.json; shipped models: {names})"
-        )
-    raise io.InputError(f"{name_or_path}: no such model (shipped models: {names})")
-
-
-def available_models() -> list[str]:
-    """Names of the model folders shipped inside the package."""
-    if not WEIGHTS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").exists())
 
 
 #: Most pixels an image may be enlarged to at a model's scale (16384 x 16384; images

@@ -157,13 +157,22 @@ def merge_normalization(
     low: float | None = None,
     high: float | None = None,
     disable: bool = False,
+    background: str | None = None,
 ) -> dict[str, Any]:
-    """The model's normalization with the user's overrides (``--norm-low/--norm-high/--no-norm``).
+    """The model's normalization with the user's overrides (``--norm-low/--norm-high/--no-norm``,
+    ``--background``).
 
     Giving a percentile switches the method to 'percentile'. Raises ``InputError``
-    for percentiles outside [0, 100], ``low >= high``, or percentiles with ``disable``.
+    for percentiles outside [0, 100], ``low >= high``, percentiles or a background
+    with ``disable``, or a background other than 'quadratic' or 'none'.
     """
     norm = {**DEFAULT_NORMALIZATION, **dict(base or {})}
+    if background is not None:
+        if background not in ("quadratic", "none"):
+            raise io.InputError(f"--background {background!r}: choose quadratic or none")
+        if disable:
+            raise io.InputError("--no-norm cannot be combined with --background")
+        norm["background"] = background
     if disable:
         if low is not None or high is not None:
             raise io.InputError("--no-norm cannot be combined with --norm-low/--norm-high")

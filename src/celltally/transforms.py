@@ -51,6 +51,56 @@ def noise_std(image: np.ndarray) -> float:
     return float(np.sqrt(np.pi / 2.0) / 6.0 * np.abs(m).mean())
 
 
+def background_surface(
+    image: np.ndarray,
+    *,
+    clip: float = 2.5,
+    iterations: int = 8,
+    samples: int = 20_000,
+) -> np.ndarray:
+    """A smooth background of ``image``: a quadratic surface fitted to its background pixels.
+
+    Uneven illumination (a ramp, a vignette) that percentile normalization would
+    stretch across the whole range. The fit starts from the darker half of the
+    pixels and then keeps, each round, those not brighter than the surface by
+    more than ``clip`` noise stds (:func:`noise_std`), so bright objects do not
+    pull it up; least squares on up to ``samples`` pixels of a regular grid.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 surface of ``image``'s shape (zeros for images under 3 x 3).
+    """
+    a = np.asarray(image, dtype=np.float32)
+    if a.ndim != 2 or min(a.shape) < 3:
+        return np.zeros(a.shape, dtype=np.float32)
+    h, w = a.shape
+    step = max(1, int(np.sqrt(h * w / samples)))
+    yy, xx = np.mgrid[0:h:step, 0:w:step]
+    values = a[::step, ::step].ravel().astype(np.float64)
+
+    def design(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        y, x = y.ravel() / max(h - 1, 1) * 2.0 - 1.0, x.ravel() / max(w - 1, 1) * 2.0 - 1.0
+        return np.stack([np.ones_like(y), x, y, x * x, x * y, y * y], axis=1)
+
+    matrix = design(yy, xx)
+    keep = values <= np.median(values)
+    limit = clip * max(noise_std(a), 1e-6)
+    coef = np.zeros(6)
+    for _ in range(iterations):
+        if keep.sum() < 12:
+            break
+        coef = np.linalg.lstsq(matrix[keep], values[keep], rcond=None)[0]
+        new = values - matrix @ coef <= limit
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    y = (np.arange(h, dtype=np.float32) / max(h - 1, 1) * 2.0 - 1.0)[:, None]
+    x = (np.arange(w, dtype=np.float32) / max(w - 1, 1) * 2.0 - 1.0)[None, :]
+    c = coef.astype(np.float32)
+    return c[0] + c[1] * x + c[2] * y + c[3] * x * x + c[4] * x * y + c[5] * y * y
+
+
 def normalize_percentile(
     image: np.ndarray,
     *,
@@ -113,6 +163,10 @@ def prepare_image(
       stretched until its noise looks like cells (the shipped ``bbbc005`` model
       counted 150-160 cells in such frames; real BBBC005 and BBBC039 images
       have ranges of 40 to 100,000 noise stds, so they are untouched).
+      With ``norm['background'] = 'quadratic'`` a smooth background
+      (:func:`background_surface`: uneven illumination, a vignette) is
+      subtracted first, so an empty but unevenly lit well is not stretched
+      into a bright blob either (default ``'none'``).
     - ``'fixed'``: divide by the dtype's full scale (255 for 8-bit): keeps
       absolute brightness, which on a fixed acquisition (BBBC005) carries the
       count of overlapping cells that a per-image stretch would erase.
@@ -127,6 +181,11 @@ def prepare_image(
         return resized / np.float32(dtype_full_scale(image.dtype))
     if method != "percentile":
         raise ValueError(f"unknown normalization {method!r}; use percentile, fixed or none")
+    background = norm.get("background", "none")
+    if background == "quadratic":
+        resized = resized - background_surface(resized)
+    elif background != "none":
+        raise ValueError(f"unknown background {background!r}; use quadratic or none")
     noise_range = float(norm.get("noise_range", NOISE_RANGE))
     noise_guard = noise_range * noise_std(resized) if noise_range > 0 else 0.0
     guard = max(min_range_for(image.dtype), noise_guard)

@@ -21,7 +21,6 @@ accurate (MAE 0.72 against 0.65) and its conformal 95% intervals 11% wider.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from celltally.calibration import (
     ood_thresholds,
 )
 from celltally.datasets import LabeledSet
+from celltally.model_folder import ensemble_files
 from celltally.models.pipeline import (
     CountingPipeline,
     build_counter,
@@ -50,14 +50,6 @@ Log = Callable[[str], None]
 
 #: The calibration blocks a count correction can be fitted for (``calibrate_model``).
 COUNT_SCALE_BLOCKS = ("plain", "epistemic")
-_MEMBER = re.compile(r"^ensemble_(\d+)\.safetensors$")
-
-
-def ensemble_files(folder: str | Path) -> list[Path]:
-    """The folder's ``ensemble_<k>.safetensors`` files, by ``k``."""
-    folder = Path(folder)
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _MEMBER.match(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def load_members(folder: str | Path, config: dict[str, Any]) -> list[torch.nn.Module]:
@@ -170,8 +162,11 @@ def train_ensemble(
     # The old members' intervals must never pass for the new ones' (not even after a kill
     # between the swap and the recalibration): dropped first, refitted after.
     config = read_model_config(folder)
-    if (config.get("calibration") or {}).pop("epistemic", None) is not None:
-        write_config(folder, config)
+    (config.get("calibration") or {}).pop("epistemic", None)
+    config.setdefault("training", {})["ensemble"] = _ensemble_record(
+        train, members=members, epochs=int(epochs or hp.get("epochs", 30)), seed=seed
+    )
+    write_config(folder, config)
     written = [path.replace(path.with_suffix("")) for path in written]
     if calibration is not None and len(calibration):
         calibrate_model(folder, calibration, device=device, log=log)
@@ -181,6 +176,22 @@ def train_ensemble(
             "until `celltally calibrate` refits them for the new members"
         )
     return written
+
+
+def _ensemble_record(train: Any, *, members: int, epochs: int, seed: int) -> dict[str, Any]:
+    """What ``config.json`` keeps of how ``train_ensemble`` made the members."""
+    sources: dict[str, int] = {}
+    for meta in train.meta:
+        key = str(meta.get("source", "unknown"))
+        sources[key] = sources.get(key, 0) + 1
+    return {
+        "members": [f"ensemble_{k}.safetensors" for k in range(1, members)],
+        "seeds": [seed + k for k in range(1, members)],
+        "counter_epochs": epochs,
+        "training_images": sources,
+        "how": "celltally ensemble: per member a fresh counter, initialised and shuffled "
+        "with its seed, trained on the model's own segmenter (unchanged)",
+    }
 
 
 def _train_members(
@@ -218,7 +229,7 @@ def _train_members(
             model,
             train,
             val=calibration,
-            epochs=int(epochs if epochs is not None else hp.get("epochs", 30)),
+            epochs=int(epochs or hp.get("epochs", 30)),
             batch_size=int(hp.get("batch_size", 16)),
             lr=float(hp.get("lr", 1e-3)),
             beta=float(hp.get("beta", 0.0)),

@@ -156,8 +156,7 @@ def model_correlation(
     the model's own. Falls back to :data:`DEFAULT_CORRELATION` when the model
     is unknown here or its config has no ``calibration.well_correlation``.
     """
-    from celltally.counter import resolve_model
-    from celltally.models.pipeline import read_model_config
+    from celltally.model_folder import read_model_config, resolve_model
 
     name = str(model) if name is None else name
     try:

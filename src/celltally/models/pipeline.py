@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from celltally.model_folder import first_line, read_model_config
 from celltally.models.average import AverageCounter
 from celltally.models.fpn import FPN
 from celltally.models.unet import UNetCounter
@@ -204,34 +205,6 @@ def widen_counter_state(
 
 
 #: Keys every model config holds (``models.presets`` plus what training adds).
-CONFIG_KEYS = ("input_size", "segmenter", "counter", "counter_inputs")
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's message in one line (its type's name when it has none)."""
-    return (str(err).splitlines() or [type(err).__name__])[0]
-
-
-def read_model_config(folder: str | Path) -> dict[str, Any]:
-    """A model folder's ``config.json``, or InputError naming the file and the problem."""
-    import json
-
-    from celltally.io import InputError
-
-    path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{folder}: not a model folder (no config.json)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise InputError(f"{path}: not a readable model config ({first_line(err)})") from None
-    missing = [k for k in CONFIG_KEYS if k not in config] if isinstance(config, dict) else None
-    if missing is None or missing:
-        what = f"no {missing[0]!r}" if missing else "not a JSON object"
-        raise InputError(f"{path}: not a celltally model config ({what})")
-    return config
-
-
 def load_model_folder(folder: str | Path) -> tuple[CountingPipeline, dict[str, Any]]:
     """The model and config of a model folder (``config.json`` + ``model.safetensors``).
 

@@ -1,0 +1,75 @@
+"""Model folders: where the shipped ones live, how a name or path finds one, its config.
+
+A model is a folder that describes itself (``config.json`` + ``model.safetensors``,
+optionally ``ensemble_<k>.safetensors`` and ``ood.safetensors``). This module
+reads folders without importing PyTorch, so commands that only list models or
+read their calibration (``celltally models``, ``celltally wells``) start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from celltally.io import InputError
+
+#: The folder of the models shipped inside the package.
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: The model counted with when none is named.
+DEFAULT_MODEL = "bbbc005"
+#: Keys every model config must have.
+CONFIG_KEYS = ("input_size", "segmenter", "counter", "counter_inputs")
+_MEMBER = re.compile(r"^ensemble_(\d+)\.safetensors$")
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message in one line (its type's name when it has none)."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def available_models() -> list[str]:
+    """Names of the model folders shipped inside the package."""
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").exists())
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A shipped model name ('bbbc005') or a path to a model folder -> the folder."""
+    path = Path(name_or_path)
+    if (path / "config.json").exists():
+        return path
+    shipped = WEIGHTS_DIR / str(name_or_path)
+    if (shipped / "config.json").exists():
+        return shipped
+    names = ", ".join(available_models()) or "none"
+    if path.is_dir():
+        raise InputError(
+            f"{name_or_path}: a folder but not a model (no config.json; shipped models: {names})"
+        )
+    raise InputError(f"{name_or_path}: no such model (shipped models: {names})")
+
+
+def read_model_config(folder: str | Path) -> dict[str, Any]:
+    """A model folder's ``config.json``, or InputError naming the file and the problem."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{folder}: not a model folder (no config.json)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"{path}: not a readable model config ({first_line(err)})") from None
+    missing = [k for k in CONFIG_KEYS if k not in config] if isinstance(config, dict) else None
+    if missing is None or missing:
+        what = f"no {missing[0]!r}" if missing else "not a JSON object"
+        raise InputError(f"{path}: not a celltally model config ({what})")
+    return config
+
+
+def ensemble_files(folder: str | Path) -> list[Path]:
+    """The folder's ``ensemble_<k>.safetensors`` files, by ``k``."""
+    folder = Path(folder)
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _MEMBER.match(p.name))]
+    return [p for _, p in sorted(found)]

@@ -305,6 +305,7 @@ def main() -> None:
     if args.new_counter:  # the old counter's lines and log no longer describe this model
         _describe_new_counter(config, previous, args)
     members = []
+    config["training"].pop("ensemble", None)  # how `celltally ensemble` made --init's members
     if args.members_from_init:
         weights = load_file(str(init / "model.safetensors"))
         members = [
@@ -317,8 +318,8 @@ def main() -> None:
         config["training"]["ensemble_note"] = MEMBERS_NOTE.format(
             n=len(members), init=config["training"]["continued_from"]
         )
-    else:
-        config["training"].pop("ensemble_note", None)  # --init's members are not carried over
+    else:  # --init's members are not carried over
+        config["training"].pop("ensemble_note", None)
     save_model_folder(model, config, out)
     for old in ensemble_files(out):
         old.unlink()

@@ -146,6 +146,8 @@ def with_background(args: argparse.Namespace, config: dict) -> Path:
         "what": f"no retraining: normalization subtracts a {args.background} background "
         "(celltally.transforms.background_surface) first; recalibrated with it",
     }
+    if "metrics" in config:  # measured on the original: not this copy's figures
+        config["metrics_of_original"] = config.pop("metrics")
     write_config(out, config)
     recalibrate(args, out, config)
     return out
@@ -203,6 +205,8 @@ def fine_tune_segmenter(args: argparse.Namespace, config: dict) -> Path:
         f"segmenter fine-tune: {seen} + {args.empty} empty frames (celltally.simulate.empty_frame)"
     ]
     config.setdefault("history", {})["segmenter_empty_frames"] = history
+    if "metrics" in config:  # measured on the original: not this copy's figures
+        config["metrics_of_original"] = config.pop("metrics")
     write_config(out, config)
     recalibrate(args, out, config)
     return out
@@ -306,6 +310,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     if args.measure_only:
+        if args.background:
+            raise SystemExit("--measure-only measures --init as it is: leave out --background")
         folder = Path(args.init)
         out.mkdir(parents=True, exist_ok=True)
     else:

@@ -433,6 +433,38 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     assert failed.exit_code != 0 and not copy.exists(), failed.output
 
 
+def test_cli_calibrate_writes_a_copy_with_background_subtraction(tiny_model, tmp_path):
+    import tifffile
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+
+    data = tmp_path / "plate"
+    data.mkdir()
+    ramp = np.mgrid[:130, :174][1] * 0.3  # uneven light: 52 grey levels across
+    for i in range(12):
+        image = np.clip(blob_image(2 + i, seed=400 + i) + ramp, 0, 255).astype(np.uint8)
+        tifffile.imwrite(data / f"SIMCEPImages_A{i + 1:02d}_C{2 + i}_F1_s01_w1.TIF", image)
+    runner = CliRunner()
+    args = ["calibrate", "--model", str(tiny_model), "--data", str(data)]
+    in_place = runner.invoke(app, [*args, "--background", "quadratic"])
+    assert in_place.exit_code != 0 and "give --out for the new copy" in in_place.output
+    copy = tmp_path / "flat"
+    result = runner.invoke(app, [*args, "--background", "quadratic", "--out", str(copy)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((copy / "config.json").read_text())
+    assert config["normalization"]["background"] == "quadratic"
+    assert config["calibration"]["n"] == 12
+    original = json.loads((tiny_model / "config.json").read_text())
+    assert original["normalization"].get("background", "none") == "none"  # untouched
+    # the copy counts with the background removed, as it was calibrated
+    counter = CellCounter.from_pretrained(copy, device="cpu")
+    image = tifffile.imread(next(data.iterdir()))
+    ramp_only = counter.prepare(image)
+    plain = CellCounter.from_pretrained(tiny_model, device="cpu").prepare(image)
+    assert not np.allclose(ramp_only, plain)
+
+
 def test_beyond_calibration_names_the_supported_level():
     block = {"scores": list(np.linspace(0.1, 2.0, 20)), "default": "conformal"}
     assert beyond_calibration(block, 0.95) is None  # 20 scores support up to 20/21

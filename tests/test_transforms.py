@@ -85,6 +85,19 @@ def test_background_surface_follows_uneven_light_not_the_cells():
     assert not background_surface(np.ones((2, 9))).any()
 
 
+def test_background_surface_on_quantized_empty_and_crowded_frames():
+    from celltally.simulate import simulate_scene
+
+    # a blurred 8-bit empty frame: its noise estimate is far below one grey level,
+    # which once made the fit shed pixels round after round and bend away
+    empty = resize_area(simulate_scene(0, blur=23, stain=2, seed=2).image, (192, 256))
+    surface = background_surface(empty, step=1.0)
+    assert surface.min() >= empty.min() and np.ptp(empty - surface) <= np.ptp(empty) + 0.2
+    # 100 blurred cell bodies leave little background: the surface must stay flat
+    crowded = resize_area(simulate_scene(100, blur=48, stain=2, seed=1).image, (192, 256))
+    assert np.ptp(background_surface(crowded, step=1.0)) < 0.02 * np.ptp(crowded)
+
+
 def test_background_option_keeps_an_unevenly_lit_empty_frame_dim():
     rng = np.random.default_rng(6)
     yy, xx = np.mgrid[:520, :696]

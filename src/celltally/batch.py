@@ -178,11 +178,14 @@ def describe_options(options: Mapping[str, Any]) -> str:
         flag = "--" + key.replace("_", "-")
         if key == "norm" and isinstance(value, Mapping):
             method = value.get("method")
-            parts.append(
+            text = (
                 "--no-norm"
                 if method == "none"
                 else f"normalization {method} {value.get('low')}-{value.get('high')}"
             )
+            if value.get("background", "none") != "none":
+                text += f", --background {value['background']}"
+            parts.append(text)
         elif value is True:
             parts.append(flag)
         else:
@@ -284,7 +287,7 @@ def model_identity(folder: str | os.PathLike[str]) -> dict[str, str]:
     Two runs used the same model exactly when both hashes agree (the folder may
     have moved).
     """
-    from celltally.models.pipeline import read_model_config
+    from celltally.model_folder import read_model_config
 
     folder = Path(folder)
     config_path = folder / "config.json"

@@ -143,6 +143,15 @@ def _image_options(
             disable=no_norm,
             background=background,
         )
+        own = (config.get("normalization") or {}).get("background", "none")
+        if background is not None and background != own:
+            typer.echo(
+                f"note: --background {background}: the model's intervals and out-of-"
+                f"distribution checks were calibrated with background {own}; for intervals "
+                f"that hold, calibrate a copy: celltally calibrate --background {background} "
+                "--out NEW ...",
+                err=True,
+            )
     if pixel_size is not None:
         options["pixel_size"] = pixel_size
     if diameter is not None:
@@ -750,15 +759,16 @@ def train(
     from celltally import distributed
     from celltally.training_data import build_and_fit
 
+    rank = os.environ.get("RANK")  # under torchrun: each process reports, naming its rank
     for option, value in (
         ("--seg-epochs", seg_epochs),
         ("--count-epochs", count_epochs),
         ("--simulated", simulated),
     ):
         if value is not None and value < 0:
-            fail(f"{option} must be 0 or more, got {value}")
+            fail(f"{option} must be 0 or more, got {value}", rank=rank)
     if out.exists() and not out.is_dir():
-        fail(f"--out {out}: is a file; train writes a model folder")
+        fail(f"--out {out}: is a file; train writes a model folder", rank=rank)
     try:
         _set_threads(threads)
         # Under torchrun (WORLD_SIZE > 1) this is data-parallel training; rank 0 writes.
@@ -783,7 +793,7 @@ def train(
                 channel=channel,
             )
     except _user_errors() as err:
-        fail(err, rank=os.environ.get("RANK"))
+        fail(err, rank=rank)
 
 
 @app.command()
@@ -1003,11 +1013,21 @@ def explain(
     typer.echo(f"{image}: {expl.result}{truth}{warn} -> {written}")
 
 
-def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out: Path | None, **kw):
+def _held_out(
+    model: str,
+    bbbc005: Path | None,
+    data: list[Path] | None,
+    *,
+    out: Path | None,
+    background: str | None = None,
+    **kw,
+):
     """(folder to write, (train, calibration)) for ``calibrate`` and ``ensemble``.
 
     Both rewrite a model folder. A shipped model is never rewritten: with
     ``--out`` the model is copied there first (once the data have loaded).
+    ``background`` (calibrate's ``--background``, only with ``--out``) sets the
+    copy's background subtraction; the data are prepared with it.
     """
     import shutil
 
@@ -1027,6 +1047,16 @@ def _held_out(model: str, bbbc005: Path | None, data: list[Path] | None, *, out:
     config = read_model_config(folder)
     if bbbc005 is None and not data:
         raise ValueError("no data: give --bbbc005 or --data")
+    if background is not None:
+        from celltally.tiling import merge_normalization
+
+        if out is None:
+            raise io.InputError("--background changes the model: give --out for the new copy")
+        normalization = config.get("normalization")
+        config = {
+            **config,
+            "normalization": merge_normalization(normalization, background=background),
+        }
     sets = held_out_sets(config, bbbc005=bbbc005, folders=data or [], **kw)
     if out is not None:
         shutil.copytree(folder, out, dirs_exist_ok=True)
@@ -1092,6 +1122,13 @@ def calibrate(
     ] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
     channel: ChannelOption = None,
+    background: Annotated[
+        str | None,
+        typer.Option(
+            help="Write a copy (--out) that subtracts a smooth background before normalizing "
+            "(quadratic, or none), calibrated with it."
+        ),
+    ] = None,
     out: OutOption = None,
 ) -> None:
     """Refit the intervals (conformal, temperature) and OOD thresholds on a held-out split."""
@@ -1111,6 +1148,7 @@ def calibrate(
                 log=typer.echo,
                 channel=channel,
                 out=out,
+                background=background,
                 unseen_folders_calibrate=True,
             )
             if cal is None:

@@ -172,6 +172,11 @@ def merge_normalization(
             raise io.InputError(f"--background {background!r}: choose quadratic or none")
         if disable:
             raise io.InputError("--no-norm cannot be combined with --background")
+        if background != "none" and norm.get("method") != "percentile":
+            raise io.InputError(
+                f"--background {background} works with percentile normalization; this model "
+                f"normalizes by {norm.get('method')!r}"
+            )
         norm["background"] = background
     if disable:
         if low is not None or high is not None:

@@ -220,8 +220,7 @@ def build_and_fit(
     if from_model is not None:
         from safetensors.torch import load_file
 
-        from celltally.counter import resolve_model
-        from celltally.models.pipeline import read_model_config
+        from celltally.model_folder import read_model_config, resolve_model
 
         folder = resolve_model(from_model)
         base = read_model_config(folder)

@@ -54,8 +54,9 @@ def noise_std(image: np.ndarray) -> float:
 def background_surface(
     image: np.ndarray,
     *,
+    step: float = 0.0,
     clip: float = 2.5,
-    iterations: int = 8,
+    iterations: int = 20,
     samples: int = 20_000,
 ) -> np.ndarray:
     """A smooth background of ``image``: a quadratic surface fitted to its background pixels.
@@ -63,8 +64,14 @@ def background_surface(
     Uneven illumination (a ramp, a vignette) that percentile normalization would
     stretch across the whole range. The fit starts from the darker half of the
     pixels and then keeps, each round, those not brighter than the surface by
-    more than ``clip`` noise stds (:func:`noise_std`), so bright objects do not
-    pull it up; least squares on up to ``samples`` pixels of a regular grid.
+    more than ``clip`` times the noise std (:func:`noise_std`, but at least
+    half the grey-level ``step`` of integer input: a blurred, quantized frame's
+    noise estimate is far below its steps), so bright objects do not pull it
+    up; least squares on up to ``samples`` pixels of a regular grid. A round
+    that would keep under 2% of the pixels is not taken (the surface would
+    bend where it has no support), and the surface stays within the image's
+    range. On simulated BBBC005 scenes of 100 blurred cell bodies (F48 w2,
+    nearly no background) the surface spans under 1% of the image's range.
 
     Returns
     -------
@@ -75,30 +82,25 @@ def background_surface(
     if a.ndim != 2 or min(a.shape) < 3:
         return np.zeros(a.shape, dtype=np.float32)
     h, w = a.shape
-    step = max(1, int(np.sqrt(h * w / samples)))
-    yy, xx = np.mgrid[0:h:step, 0:w:step]
-    values = a[::step, ::step].ravel().astype(np.float64)
-
-    def design(y: np.ndarray, x: np.ndarray) -> np.ndarray:
-        y, x = y.ravel() / max(h - 1, 1) * 2.0 - 1.0, x.ravel() / max(w - 1, 1) * 2.0 - 1.0
-        return np.stack([np.ones_like(y), x, y, x * x, x * y, y * y], axis=1)
-
-    matrix = design(yy, xx)
+    stride = max(1, int(np.sqrt(h * w / samples)))
+    yy, xx = np.mgrid[0:h:stride, 0:w:stride]
+    values = a[::stride, ::stride].ravel().astype(np.float64)
+    y, x = yy.ravel() / max(h - 1, 1) * 2.0 - 1.0, xx.ravel() / max(w - 1, 1) * 2.0 - 1.0
+    matrix = np.stack([np.ones_like(y), x, y, x * x, x * y, y * y], axis=1)
+    limit = clip * max(noise_std(a), 0.5 * step, 1e-6)
     keep = values <= np.median(values)
-    limit = clip * max(noise_std(a), 1e-6)
-    coef = np.zeros(6)
+    coef = np.linalg.lstsq(matrix[keep], values[keep], rcond=None)[0]
     for _ in range(iterations):
-        if keep.sum() < 12:
-            break
-        coef = np.linalg.lstsq(matrix[keep], values[keep], rcond=None)[0]
         new = values - matrix @ coef <= limit
-        if np.array_equal(new, keep):
+        if np.array_equal(new, keep) or new.sum() < max(12, values.size // 50):
             break
         keep = new
-    y = (np.arange(h, dtype=np.float32) / max(h - 1, 1) * 2.0 - 1.0)[:, None]
-    x = (np.arange(w, dtype=np.float32) / max(w - 1, 1) * 2.0 - 1.0)[None, :]
+        coef = np.linalg.lstsq(matrix[keep], values[keep], rcond=None)[0]
+    gy = (np.arange(h, dtype=np.float32) / max(h - 1, 1) * 2.0 - 1.0)[:, None]
+    gx = (np.arange(w, dtype=np.float32) / max(w - 1, 1) * 2.0 - 1.0)[None, :]
     c = coef.astype(np.float32)
-    return c[0] + c[1] * x + c[2] * y + c[3] * x * x + c[4] * x * y + c[5] * y * y
+    surface = c[0] + c[1] * gx + c[2] * gy + c[3] * gx * gx + c[4] * gx * gy + c[5] * gy * gy
+    return np.clip(surface, a.min(), a.max()).astype(np.float32)
 
 
 def normalize_percentile(
@@ -183,7 +185,8 @@ def prepare_image(
         raise ValueError(f"unknown normalization {method!r}; use percentile, fixed or none")
     background = norm.get("background", "none")
     if background == "quadratic":
-        resized = resized - background_surface(resized)
+        step = 1.0 if np.dtype(image.dtype).kind in "uib" else 0.0
+        resized = resized - background_surface(resized, step=step)
     elif background != "none":
         raise ValueError(f"unknown background {background!r}; use quadratic or none")
     noise_range = float(norm.get("noise_range", NOISE_RANGE))

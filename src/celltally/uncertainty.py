@@ -164,7 +164,10 @@ def train_ensemble(
     config = read_model_config(folder)
     (config.get("calibration") or {}).pop("epistemic", None)
     config.setdefault("training", {})["ensemble"] = _ensemble_record(
-        train, members=members, epochs=int(epochs or hp.get("epochs", 30)), seed=seed
+        train,
+        members=members,
+        epochs=int(epochs if epochs is not None else hp.get("epochs", 30)),
+        seed=seed,
     )
     write_config(folder, config)
     written = [path.replace(path.with_suffix("")) for path in written]
@@ -229,7 +232,7 @@ def _train_members(
             model,
             train,
             val=calibration,
-            epochs=int(epochs or hp.get("epochs", 30)),
+            epochs=int(epochs if epochs is not None else hp.get("epochs", 30)),
             batch_size=int(hp.get("batch_size", 16)),
             lr=float(hp.get("lr", 1e-3)),
             beta=float(hp.get("beta", 0.0)),
@@ -404,7 +407,7 @@ def _training_folders(config: Mapping[str, Any], *, depth: int = 8) -> set[Path]
     Those of :func:`_split_entries`, then the same for the ``training.from``
     model, if it can still be found.
     """
-    from celltally.counter import resolve_model
+    from celltally.model_folder import resolve_model
 
     found: set[Path] = set()
     for places, _ in _split_entries(config):

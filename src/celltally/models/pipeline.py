@@ -204,7 +204,6 @@ def widen_counter_state(
     return {**state, key: torch.cat([weight, pad], 1)}
 
 
-#: Keys every model config holds (``models.presets`` plus what training adds).
 def load_model_folder(folder: str | Path) -> tuple[CountingPipeline, dict[str, Any]]:
     """The model and config of a model folder (``config.json`` + ``model.safetensors``).
 

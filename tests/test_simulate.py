@@ -166,6 +166,13 @@ def test_empty_frame_is_background_and_noise_only() -> None:
         residual = values - design @ np.linalg.lstsq(design, values, rcond=None)[0]
         assert np.abs(residual).max() < 7 * noise_std(f) + 2
         assert 1.5 < noise_std(f) < 150
+    # the illumination can be forced without changing the other draws
+    flat = empty_frame(size=SMALL, bit_depth=16, seed=5, illumination="flat")
+    ramp = empty_frame(size=SMALL, bit_depth=16, seed=5, illumination="ramp")
+    assert abs(float(flat.mean()) - float(ramp.mean())) < 3 * noise_std(flat)
+    assert ramp.astype(float).std() >= flat.astype(float).std()
+    with pytest.raises(ValueError, match="illumination must be one of"):
+        empty_frame(size=SMALL, illumination="spot")
     # two of three frames have uneven illumination, often visible above the noise
     widths = [f.astype(float).std() / noise_std(f) for f in frames]
     assert sum(w > 1.15 for w in widths) >= 6 and min(widths) > 0.9

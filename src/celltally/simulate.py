@@ -1023,6 +1023,7 @@ def empty_frame(
     size: tuple[int, int] = (520, 696),
     bit_depth: int = 16,
     seed: int | np.random.Generator | None = None,
+    illumination: str | None = None,
 ) -> np.ndarray:
     """A camera frame with no objects: offset, uneven illumination and noise.
 
@@ -1044,12 +1045,18 @@ def empty_frame(
         8 (``uint8``) or 16 (``uint16``).
     seed : int, numpy.random.Generator or None
         Same int seed, same frame.
+    illumination : {'flat', 'ramp', 'vignette'}, optional
+        Force this illumination field (default: drawn from ``seed``; the other
+        parameters are drawn the same either way).
 
     Returns
     -------
     numpy.ndarray
         ``(height, width)`` array of ``uint8`` or ``uint16``.
     """
+    kinds = ("flat", "ramp", "vignette")
+    if illumination is not None and illumination not in kinds:
+        raise ValueError(f"illumination must be one of {kinds}, got {illumination!r}")
     height, width = _check_size(size)
     bit_depth = _check_bit_depth(bit_depth)
     rng = _generator(seed)
@@ -1062,6 +1069,8 @@ def empty_frame(
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     yy, xx = yy / max(height - 1, 1) - 0.5, xx / max(width - 1, 1) - 0.5
     kind = int(rng.integers(0, 3))
+    if illumination is not None:
+        kind = kinds.index(illumination)
     amplitude = rng.uniform(0.0, 10.0) * read
     if kind == 1:  # linear ramp in a random direction
         angle = rng.uniform(0.0, 2.0 * np.pi)

@@ -1,0 +1,119 @@
+"""Empty wells: what the shipped models count in frames without a single cell.
+
+    python benchmarks/empty_frames.py [--models bbbc005 nuclei] [--frames 10]
+
+An empty well (or one whose cells all died) is a common, important result in
+a screen, and a model that never saw one may count noise or uneven light as
+cells. For each shipped model, with and without ``--background quadratic``
+(a smooth background subtracted before normalizing; the model's own
+calibration is used either way), this counts ``--frames`` frames of each
+kind of ``celltally.simulate.empty_frame`` (flat, ramp, vignette; half
+8-bit, half 16-bit; seeds 20,000 on, never used for training or for the
+decisions in docs/finetuning.md) and BBBC005's own empty background
+(``simulate_scene(0, ...)``: 8-bit, blur 1/23/48, both stains), and, as the
+check that the option does not lose real cells, 20 sparse simulated scenes
+of 1-10 cells (bbbc005: 8-bit, blur 1/23/48, both stains; nuclei: 16-bit in
+focus). Prints mean and max count and the share of frames flagged as unlike
+the calibration images; writes benchmarks/results/empty_frames.json. Needs
+no data from outside the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from celltally.counter import CellCounter
+from celltally.simulate import empty_frame, simulate_scene
+from celltally.tiling import merge_normalization
+
+SEED = 20_000
+
+
+def frames(kind: str, n: int) -> list[np.ndarray]:
+    if kind == "BBBC005 background":
+        looks = [(b, s) for s in (1, 2) for b in (1, 23, 48)]
+        return [
+            simulate_scene(0, blur=looks[i % 6][0], stain=looks[i % 6][1], seed=SEED + i).image
+            for i in range(n)
+        ]
+    return [
+        empty_frame(bit_depth=8 if i % 2 else 16, seed=SEED + i, illumination=kind)
+        for i in range(n)
+    ]
+
+
+def sparse(model: str) -> list[tuple[np.ndarray, int]]:
+    rng = np.random.default_rng(SEED)
+    out = []
+    for i in range(20):
+        count = int(rng.integers(1, 11))
+        if model == "nuclei":
+            kw = dict(blur=1, stain=1, bit_depth=16)
+        else:
+            kw = dict(blur=(1, 23, 48)[i % 3], stain=1 + (i // 3) % 2, bit_depth=8)
+        out.append((simulate_scene(count, seed=SEED + i, **kw).image, count))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["bbbc005", "nuclei"])
+    parser.add_argument("--frames", type=int, default=10, help="frames of each kind")
+    parser.add_argument("--out", default="benchmarks/results/empty_frames.json")
+    args = parser.parse_args()
+    kinds = ["flat", "ramp", "vignette", "BBBC005 background"]
+    made = {kind: frames(kind, args.frames) for kind in kinds}
+    results: list[dict] = []
+    print(f"{'model':8} {'background':10} {'frames':19} {'mean':>7} {'max':>7} {'flagged':>8}")
+    for model in args.models:
+        base = CellCounter.from_pretrained(model, device="cpu")
+        for background in ("none", "quadratic"):
+            norm = merge_normalization(base.norm, background=background)
+            counter = CellCounter.from_pretrained(model, device="cpu", norm=norm)
+            t0 = time.perf_counter()
+            for kind in kinds:
+                res = [counter.count(f) for f in made[kind]]
+                counts = [r.count for r in res]
+                row = {
+                    "model": model,
+                    "background": background,
+                    "frames": kind,
+                    "n": len(res),
+                    "mean_count": float(np.mean(counts)),
+                    "max_count": float(np.max(counts)),
+                    "flagged": float(np.mean([bool(r.warning) for r in res])),
+                }
+                results.append(row)
+                print(
+                    f"{model:8} {background:10} {kind:19} {row['mean_count']:7.2f} "
+                    f"{row['max_count']:7.2f} {row['flagged']:8.0%}"
+                )
+            scenes = sparse(model)
+            errors = [abs(counter.count(im).count - c) for im, c in scenes]
+            results.append(
+                {
+                    "model": model,
+                    "background": background,
+                    "frames": "sparse scenes, 1-10 cells (MAE)",
+                    "n": len(scenes),
+                    "mae": float(np.mean(errors)),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            print(f"{model:8} {background:10} {'sparse, 1-10: MAE':19} {np.mean(errors):7.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"frames_per_kind": args.frames, "results": results}, indent=2) + "\n"
+    )
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

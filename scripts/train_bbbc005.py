@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from celltally.datasets import LabeledSet, load_bbbc005, simulate_set, split_bbbc005
+from celltally.datasets import (
+    LabeledSet,
+    load_bbbc005,
+    preparation_digest,
+    simulate_set,
+    split_bbbc005,
+)
 from celltally.models.presets import get_preset
 from celltally.simulate import BLUR_LEVELS
 from celltally.train import fit
@@ -61,6 +67,7 @@ def cached_simulation(n: int, seed: int, size, norm, cache: Path) -> LabeledSet:
         blurs=SIM_BLURS,
         clustering=SIM_CLUSTERING,
         counts=SIM_COUNTS,
+        prepared_by=preparation_digest(),  # celltally.transforms as it is now
     )
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"sim_{key}.pt"

@@ -868,6 +868,15 @@ def _counter_heads(counter: dict) -> str:
     return f"{head} averaged with {', '.join(others)}" if others else head
 
 
+def _normalization_text(norm: dict) -> str:
+    method = norm.get("method", "percentile")
+    if method != "percentile":
+        return method
+    text = f"percentiles {norm.get('low', 0.5)}-{norm.get('high', 99.95)}"
+    background = norm.get("background", "none")
+    return text + (f", {background} background subtracted first" if background != "none" else "")
+
+
 @app.command()
 def models() -> None:
     """List the shipped models, what they were trained on, and their measured figures."""
@@ -891,6 +900,7 @@ def models() -> None:
             f"  preset {config.get('preset')}, input {width} x {height} px, counter head "
             f"{_counter_heads(config.get('counter', {}))}"
             + (f"; {members + 1} counters with --epistemic" if members else ""),
+            f"  input normalization: {_normalization_text(config.get('normalization') or {})}",
             "  trained on:",
             *(f"    - {item}" for item in ([data] if isinstance(data, str) else data)),
             f"  held-out test ({int(test.get('n', 0))} images): MAE {test.get('mae', nan):.2f}, "

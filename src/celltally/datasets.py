@@ -91,6 +91,17 @@ def otsu_mask(image: np.ndarray) -> np.ndarray:
     return array > threshold_otsu(array)
 
 
+def preparation_digest() -> str:
+    """A digest of the code that prepares images (``celltally.transforms``), for cache keys.
+
+    A cache of prepared images is only valid for the code that prepared them: a
+    change to resizing or normalization must not be met by stale arrays.
+    """
+    import celltally.transforms
+
+    return hashlib.sha1(Path(celltally.transforms.__file__).read_bytes()).hexdigest()[:12]
+
+
 def load_bbbc005(
     root: str | Path,
     *,
@@ -109,9 +120,8 @@ def load_bbbc005(
     root = Path(root)
     folder = root / "images" if (root / "images").is_dir() else root
     paths = io.list_images([folder])
-    key = hashlib.sha1(
-        repr((sorted(p.name for p in paths), tuple(size), sorted((norm or {}).items()))).encode()
-    ).hexdigest()[:12]
+    spec = (sorted(p.name for p in paths), tuple(size), sorted((norm or {}).items()))
+    key = hashlib.sha1(repr((spec, preparation_digest())).encode()).hexdigest()[:12]
     cache = Path(cache_dir) / f"bbbc005_{key}.pt" if cache_dir else None
     if cache is not None and cache.exists():
         return LabeledSet(**torch.load(cache, weights_only=False))

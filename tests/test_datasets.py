@@ -1,0 +1,45 @@
+"""Tests for celltally.datasets: the BBBC005 reader and its cache of prepared images."""
+
+from __future__ import annotations
+
+import numpy as np
+import tifffile
+from conftest import blob_image
+
+from celltally import datasets
+
+
+def bbbc005_folder(root):
+    folder = root / "images"
+    folder.mkdir(parents=True)
+    for well, count in (("A01", 3), ("A02", 6)):
+        for blur in (1, 23):
+            image = blob_image(count, seed=count)
+            if blur == 23:  # a blurred copy of the same scene
+                image = (image.astype(float) * 0.8).astype(np.uint8)
+            name = f"SIMCEPImages_{well}_C{count}_F{blur}_s01_w1.TIF"
+            tifffile.imwrite(folder / name, image)
+    return root
+
+
+def test_bbbc005_reader_counts_from_names_and_masks_from_the_in_focus_image(tmp_path):
+    data = datasets.load_bbbc005(bbbc005_folder(tmp_path / "b"), size=(64, 96))
+    assert len(data) == 4 and sorted(data.counts.tolist()) == [3.0, 3.0, 6.0, 6.0]
+    by_name = {m["name"]: i for i, m in enumerate(data.meta)}
+    sharp = by_name["SIMCEPImages_A02_C6_F1_s01_w1.TIF"]
+    blurred = by_name["SIMCEPImages_A02_C6_F23_s01_w1.TIF"]
+    assert bool(data.masks[sharp].any())
+    assert np.array_equal(data.masks[sharp].numpy(), data.masks[blurred].numpy())
+
+
+def test_the_cache_of_prepared_images_is_keyed_by_the_preparing_code(tmp_path, monkeypatch):
+    root, cache = bbbc005_folder(tmp_path / "b"), tmp_path / "cache"
+    first = datasets.load_bbbc005(root, size=(64, 96), cache_dir=cache)
+    assert len(list(cache.glob("bbbc005_*.pt"))) == 1
+    again = datasets.load_bbbc005(root, size=(64, 96), cache_dir=cache)
+    assert np.array_equal(first.images.numpy(), again.images.numpy())
+    assert len(list(cache.glob("bbbc005_*.pt"))) == 1  # read back, not rebuilt
+    # other preparation code (a changed celltally.transforms) never reads the old arrays
+    monkeypatch.setattr(datasets, "preparation_digest", lambda: "changed-code")
+    datasets.load_bbbc005(root, size=(64, 96), cache_dir=cache)
+    assert len(list(cache.glob("bbbc005_*.pt"))) == 2

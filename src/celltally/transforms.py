@@ -107,8 +107,11 @@ def background_surface(
     gy = (np.arange(h, dtype=np.float32) / max(h - 1, 1) * 2.0 - 1.0)[:, None]
     gx = (np.arange(w, dtype=np.float32) / max(w - 1, 1) * 2.0 - 1.0)[None, :]
     c = coef.astype(np.float32)
-    surface = c[0] + c[1] * gx + c[2] * gy + c[3] * gx * gx + c[4] * gx * gy + c[5] * gy * gy
-    return np.clip(surface, a.min(), a.max()).astype(np.float32)
+    # one image-sized array: (c1 + c4 y) x, plus the terms of y alone and of x alone
+    surface = (c[1] + c[4] * gy) * gx
+    surface += c[0] + c[2] * gy + c[5] * gy * gy
+    surface += c[3] * gx * gx
+    return np.clip(surface, a.min(), a.max(), out=surface)
 
 
 def normalize_percentile(
@@ -198,7 +201,8 @@ def prepare_image(
     noise = noise_std(resized) if noise_range > 0 or background == "quadratic" else 0.0
     if background == "quadratic":  # Immerkaer's mask ignores quadratics: the same noise after
         step = 1.0 if np.dtype(image.dtype).kind in "uib" else 0.0
-        resized = resized - background_surface(resized, step=step, noise=noise)
+        surface = background_surface(resized, step=step, noise=noise)
+        resized = np.subtract(resized, surface, out=surface)  # a new array: the input stays
     noise_guard = noise_range * noise if noise_range > 0 else 0.0
     guard = max(min_range_for(image.dtype), noise_guard)
     out = normalize_percentile(resized, low=norm["low"], high=norm["high"], min_range=guard)

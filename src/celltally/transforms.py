@@ -93,13 +93,17 @@ def background_surface(
     limit = clip * max(noise_std(a) if noise is None else noise, 0.5 * step, 1e-6)
 
     def fit(keep: np.ndarray) -> np.ndarray:
+        # normal equations of a 6-term fit, summed by einsum rather than BLAS: counting
+        # prepares images in threads beside torch, and BLAS's own threads would fight it
         rows = matrix[keep]
-        return np.linalg.lstsq(rows, values[keep], rcond=None)[0]
+        gram = np.einsum("ij,ik->jk", rows, rows)
+        gram[np.diag_indices(6)] += 1e-9 * (np.trace(gram) + 1.0)  # never singular
+        return np.linalg.solve(gram, np.einsum("ij,i->j", rows, values[keep]))
 
     keep = values <= np.median(values)
     coef = fit(keep)
     for _ in range(iterations):
-        new = values - matrix @ coef <= limit
+        new = values - np.einsum("ij,j->i", matrix, coef) <= limit
         if np.array_equal(new, keep) or new.sum() < max(12, values.size // 50):
             break
         keep = new

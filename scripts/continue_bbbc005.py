@@ -42,6 +42,7 @@ calibration split: the intervals are calibrated on the remaining sites.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -56,6 +57,7 @@ from celltally.datasets import (
     LabeledSet,
     calibration_sites,
     load_bbbc005,
+    preparation_digest,
     simulate_set,
     simulate_set_with_maps,
     split_bbbc005,
@@ -144,7 +146,11 @@ def _simulated(args: argparse.Namespace, kw: dict) -> tuple[LabeledSet, LabeledS
     """The training and validation scenes, from ``--sim-cache`` when they are there."""
     n_val = max(16, args.scenes // 20)
     if args.sim_cache:
-        path = Path(args.sim_cache) / f"sim_{args.scenes}_{args.sim_seed}.pt"
+        # keyed by what shapes the arrays: the settings (size, normalization, ...) and
+        # the preparing code, so a changed model or celltally.transforms never reads old ones
+        spec = json.dumps({k: v for k, v in kw.items() if k != "workers"}, sort_keys=True)
+        key = hashlib.sha1(f"{spec} {preparation_digest()}".encode()).hexdigest()[:12]
+        path = Path(args.sim_cache) / f"sim_{args.scenes}_{args.sim_seed}_{key}.pt"
         if path.exists():
             parts = torch.load(path, weights_only=False)
             return LabeledSet(**parts["train"]), LabeledSet(**parts["val"])

@@ -455,6 +455,7 @@ def test_cli_calibrate_writes_a_copy_with_background_subtraction(tiny_model, tmp
     config = json.loads((copy / "config.json").read_text())
     assert config["normalization"]["background"] == "quadratic"
     assert config["calibration"]["n"] == 12
+    assert "calibrate --background quadratic" in config["training"]["background"]["what"]
     original = json.loads((tiny_model / "config.json").read_text())
     assert original["normalization"].get("background", "none") == "none"  # untouched
     # the copy counts with the background removed, as it was calibrated

@@ -168,3 +168,17 @@ def test_the_shipped_model_counts_no_cells_in_a_noise_only_frame():
     result = CellCounter.from_pretrained("bbbc005").count(empty)
     assert result.count < 1.0  # was ~157 before the noise guard
     assert result.warning  # and it is flagged: no calibration image was empty
+
+
+@pytest.mark.parametrize("illumination", ["ramp", "vignette"])
+def test_the_shipped_model_counts_no_cells_in_an_unevenly_lit_empty_frame(illumination):
+    from celltally.counter import CellCounter
+    from celltally.simulate import empty_frame
+
+    counter = CellCounter.from_pretrained("bbbc005")
+    assert counter.norm["background"] == "quadratic"
+    frame = empty_frame(bit_depth=16, seed=3, illumination=illumination)
+    assert counter.count(frame).count < 1.0
+    # without the background subtraction the stretched light is counted as cells
+    plain = {**counter.norm, "background": "none"}
+    assert CellCounter.from_pretrained("bbbc005", norm=plain).count(frame).count > 20

@@ -1063,9 +1063,16 @@ def _held_out(
         if out is None:
             raise io.InputError("--background changes the model: give --out for the new copy")
         normalization = config.get("normalization")
+        training = {k: v for k, v in (config.get("training") or {}).items() if k != "background"}
+        training["background"] = {
+            "what": f"celltally calibrate --background {background}: the copy subtracts "
+            f"{'a quadratic background' if background == 'quadratic' else 'no background'} "
+            "before normalizing, and its intervals and OOD checks were calibrated so",
+        }
         config = {
-            **config,
+            **{k: v for k, v in config.items() if k != "metrics_before_background"},
             "normalization": merge_normalization(normalization, background=background),
+            "training": training,
         }
     sets = held_out_sets(config, bbbc005=bbbc005, folders=data or [], **kw)
     if out is not None:

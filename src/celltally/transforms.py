@@ -204,7 +204,9 @@ def prepare_image(
     noise_range = float(norm.get("noise_range", NOISE_RANGE))
     noise = noise_std(resized) if noise_range > 0 or background == "quadratic" else 0.0
     if background == "quadratic":  # Immerkaer's mask ignores quadratics: the same noise after
-        step = 1.0 if np.dtype(image.dtype).kind in "uib" else 0.0
+        # the grey-level step: 1 for integers; floats are taken as 0..1 scaled from 8 bits
+        # (a finer step would let a blurred, quantized frame's fit run away again)
+        step = 1.0 if np.dtype(image.dtype).kind in "uib" else 1.0 / 255.0
         surface = background_surface(resized, step=step, noise=noise)
         resized = np.subtract(resized, surface, out=surface)  # a new array: the input stays
     noise_guard = noise_range * noise if noise_range > 0 else 0.0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,9 @@ import numpy as np
 from celltally.counter import CellCounter
 from celltally.simulate import empty_frame, simulate_scene
 from celltally.tiling import merge_normalization
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from empty_frames import sparse_scenes  # noqa: E402  (the decision's sparse scenes, other seeds)
 
 SEED = 20_000
 
@@ -45,19 +49,6 @@ def frames(kind: str, n: int) -> list[np.ndarray]:
         empty_frame(bit_depth=8 if i % 2 else 16, seed=SEED + i, illumination=kind)
         for i in range(n)
     ]
-
-
-def sparse(model: str) -> list[tuple[np.ndarray, int]]:
-    rng = np.random.default_rng(SEED)
-    out = []
-    for i in range(20):
-        count = int(rng.integers(1, 11))
-        if model == "nuclei":
-            kw = dict(blur=1, stain=1, bit_depth=16)
-        else:
-            kw = dict(blur=(1, 23, 48)[i % 3], stain=1 + (i // 3) % 2, bit_depth=8)
-        out.append((simulate_scene(count, seed=SEED + i, **kw).image, count))
-    return out
 
 
 def main() -> int:
@@ -92,7 +83,7 @@ def main() -> int:
                     f"{model:8} {background:10} {kind:19} {row['mean_count']:7.2f} "
                     f"{row['max_count']:7.2f} {row['flagged']:8.0%}"
                 )
-            scenes = sparse(model)
+            scenes = sparse_scenes(model, seed=SEED)
             t0 = time.perf_counter()
             errors = [abs(counter.count(im).count - c) for im, c in scenes]
             results.append(

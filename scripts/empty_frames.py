@@ -90,8 +90,9 @@ def held_out_empty_frames() -> list[np.ndarray]:
     return frames
 
 
-def sparse_scenes(model: str) -> list[tuple[np.ndarray, int]]:
-    rng = np.random.default_rng(HELD_OUT_SEED)
+def sparse_scenes(model: str, seed: int = HELD_OUT_SEED) -> list[tuple[np.ndarray, int]]:
+    """20 simulated scenes of 1-10 objects: nuclei, 16-bit in focus; else 8-bit BBBC005 looks."""
+    rng = np.random.default_rng(seed)
     out = []
     for i in range(20):
         count = int(rng.integers(1, 11))
@@ -99,29 +100,31 @@ def sparse_scenes(model: str) -> list[tuple[np.ndarray, int]]:
             kw = dict(blur=1, stain=1, bit_depth=16)
         else:
             kw = dict(blur=(1, 23, 48)[i % 3], stain=1 + (i // 3) % 2, bit_depth=8)
-        out.append((simulate_scene(count, seed=HELD_OUT_SEED + i, **kw).image, count))
+        out.append((simulate_scene(count, seed=seed + i, **kw).image, count))
     return out
+
+
+def _bbbc039_part(args: argparse.Namespace, config: dict, part: str) -> LabeledSet:
+    root = Path(args.data)
+    split = split_names(list(io.read_counts_csv(root / "counts.csv")))
+    return load_bbbc039(root, split[part], config["input_size"], config["normalization"])[0]
 
 
 def calibration_data(args: argparse.Namespace, config: dict) -> LabeledSet:
     """The model's calibration images, prepared as its config says."""
-    size, norm = config["input_size"], config["normalization"]
-    root = Path(args.data)
     if args.model == "nuclei":
-        split = split_names(list(io.read_counts_csv(root / "counts.csv")))
-        return load_bbbc039(root, split["calibration"], size, norm)[0]
-    real = load_bbbc005(root, size=size, norm=norm, cache_dir=args.cache)
+        return _bbbc039_part(args, config, "calibration")
+    size, norm = config["input_size"], config["normalization"]
+    real = load_bbbc005(Path(args.data), size=size, norm=norm, cache_dir=args.cache)
     sites = config["training"]["split"]["calibration_sites"]
     return real.subset(split_bbbc005(real.meta, calibration_sites=sites)["calibration"])
 
 
 def training_data(args: argparse.Namespace, config: dict) -> LabeledSet:
     """The segmenter's training set, without the empty frames."""
-    size, norm = config["input_size"], config["normalization"]
-    root = Path(args.data)
     if args.model == "nuclei":
-        split = split_names(list(io.read_counts_csv(root / "counts.csv")))
-        return load_bbbc039(root, split["train"], size, norm)[0]
+        return _bbbc039_part(args, config, "train")
+    size, norm = config["input_size"], config["normalization"]
     return cached_simulation(args.scenes, args.sim_seed, size, norm, Path(args.cache))
 
 

@@ -283,6 +283,10 @@ def test_changing_model_or_level_needs_new_out_or_overwrite(plate, tiny_model, t
         io.InputError, match="made with no counter options; this run uses --calibration gaussian"
     ):
         run_batch(files, out=out, model=tiny_model, counter_options={"calibration": "gaussian"})
+    # a background setting is named, even 'none' (it may undo the model's own)
+    norm = {"method": "percentile", "low": 0.5, "high": 99.95, "background": "none"}
+    with pytest.raises(io.InputError, match="this run uses normalization .*, --background none"):
+        run_batch(files, out=out, model=tiny_model, counter_options={"norm": norm})
     result = CliRunner().invoke(
         app, ["count", str(plate), "-o", str(out), "--model", str(tiny_model), "--level", "0.9"]
     )

@@ -183,7 +183,7 @@ def describe_options(options: Mapping[str, Any]) -> str:
                 if method == "none"
                 else f"normalization {method} {value.get('low')}-{value.get('high')}"
             )
-            if value.get("background", "none") != "none":
+            if "background" in value:  # given: 'none' may undo the model's own
                 text += f", --background {value['background']}"
             parts.append(text)
         elif value is True:

@@ -51,6 +51,10 @@ def noise_std(image: np.ndarray) -> float:
     return float(np.sqrt(np.pi / 2.0) / 6.0 * np.abs(m).mean())
 
 
+#: Share of the darkest pixels :func:`background_surface` leaves out of its fit.
+DARK_FRACTION = 0.01
+
+
 def background_surface(
     image: np.ndarray,
     *,
@@ -64,17 +68,20 @@ def background_surface(
 
     Uneven illumination (a ramp, a vignette) that percentile normalization would
     stretch across the whole range. The fit starts from the darker half of the
-    pixels and then keeps, each round, those not brighter than the surface by
-    more than ``clip`` times the noise std (:func:`noise_std`, but at least
-    half the grey-level ``step`` of integer input: a blurred, quantized frame's
-    noise estimate is far below its steps), so bright objects do not pull it
-    up; least squares on about ``samples`` pixels of a regular grid (``noise``,
-    if given, is the image's :func:`noise_std`, which a quadratic does not
-    change). A round
-    that would keep under 2% of the pixels is not taken (the surface would
-    bend where it has no support), and the surface stays within the image's
-    range. On simulated BBBC005 scenes of 100 blurred cell bodies (F48 w2,
-    nearly no background) the surface spans under 1% of the image's range.
+    pixels and then keeps, each round, those no more than ``clip`` noise stds
+    above the surface, so bright objects do not pull it up. The darkest 1% of
+    the pixels (:data:`DARK_FRACTION`) never enter it, so a dark speck, dead
+    pixels or a dark corner do not pull it down (a limit below the surface
+    would also drop the true background of a crowded frame, which lies far
+    below the first fit). The noise std is :func:`noise_std`'s (``noise``, if
+    given; a quadratic does not change it), but at least half the grey-level
+    ``step`` of integer input: a blurred, quantized frame's noise estimate is
+    far below its steps. Least squares on about ``samples`` pixels of a
+    regular grid. A round that would keep under 2% of the pixels is not taken
+    (the surface would bend where it has no support), and the surface stays
+    within the image's range. On simulated BBBC005 scenes of 100 blurred cell
+    bodies (F48 w2, nearly no background) the surface spans under 1% of the
+    image's range.
 
     Returns
     -------
@@ -100,10 +107,13 @@ def background_surface(
         gram[np.diag_indices(6)] += 1e-9 * (np.trace(gram) + 1.0)  # never singular
         return np.linalg.solve(gram, np.einsum("ij,i->j", rows, values[keep]))
 
-    keep = values <= np.median(values)
+    low, median = np.quantile(values, [DARK_FRACTION, 0.5])
+    usable = values > low  # a dark speck or dead pixels would pull the surface down
+    keep = (values <= median) & usable
     coef = fit(keep)
     for _ in range(iterations):
-        new = values - np.einsum("ij,j->i", matrix, coef) <= limit
+        # not far above the surface (objects), and never the frame's darkest pixels
+        new = (values - np.einsum("ij,j->i", matrix, coef) <= limit) & usable
         if np.array_equal(new, keep) or new.sum() < max(12, values.size // 50):
             break
         keep = new

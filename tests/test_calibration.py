@@ -450,8 +450,14 @@ def test_cli_calibrate_writes_a_copy_with_background_subtraction(tiny_model, tmp
     in_place = runner.invoke(app, [*args, "--background", "quadratic"])
     assert in_place.exit_code != 0 and "give --out for the new copy" in in_place.output
     copy = tmp_path / "flat"
+    # the copy is built beside --out and renamed when done: what a killed run left
+    # there is cleared, and never passes for a finished model
+    stale = tmp_path / ".flat.partial"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
     result = runner.invoke(app, [*args, "--background", "quadratic", "--out", str(copy)])
     assert result.exit_code == 0, result.output
+    assert not stale.exists() and f"calibrated copy -> {copy}" in result.output
     config = json.loads((copy / "config.json").read_text())
     assert config["normalization"]["background"] == "quadratic"
     assert config["calibration"]["n"] == 12

@@ -159,6 +159,12 @@ def test_evaluate_writes_json(tiny_model, image_folder, tmp_path):
     groups = [m for m in report["metrics"].values() if m["n"] == 1]
     assert groups and all(m["r2"] is None for m in groups)
     assert all(isinstance(m["n"], int) for m in report["metrics"].values())
+    assert report["normalization"]["method"] == "percentile"  # what it was counted with
+    flat = run(
+        "evaluate", image_folder, "--model", tiny_model, "--out", out, "--background", "quadratic"
+    )
+    assert flat.exit_code == 0, flat.output
+    assert json.loads(out.read_text())["normalization"]["background"] == "quadratic"
     # --sites takes ranges; a bad value is a one-line error naming the option
     sites = run("evaluate", image_folder, "--model", tiny_model, "--out", out, "--sites", "1-3")
     assert sites.exit_code == 0, sites.output

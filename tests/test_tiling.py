@@ -363,6 +363,27 @@ def test_cli_reading_and_normalization_options(tiny_model, tmp_path):
     newest = max(tmp_path.glob("r*.manifest.json"), key=lambda p: p.stat().st_mtime_ns)
     options = json.loads(newest.read_text())["settings"]["counter_options"]
     assert options["norm"]["background"] == "quadratic"
+    # repeating the model's own setting is no new setting: the run resumes, not refused
+    again = tmp_path / "again.csv"
+    first = CliRunner().invoke(
+        app,
+        [str(a) for a in ["count", folder, "-o", again, "--model", tiny_model, "--channel", "1"]],
+    )
+    assert first.exit_code == 0, first.output
+    same = [
+        "count",
+        folder,
+        "-o",
+        again,
+        "--model",
+        tiny_model,
+        "--channel",
+        "1",
+        "--background",
+        "none",
+    ]
+    resumed = CliRunner().invoke(app, [str(a) for a in same])
+    assert resumed.exit_code == 0 and "note: --background" not in resumed.output, resumed.output
     for extra, message in [
         (("--channel", "1", "--background", "plane"), "--background 'plane': choose quadratic"),
         (("--no-norm", "--background", "quadratic"), "--no-norm cannot be combined"),

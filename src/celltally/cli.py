@@ -148,10 +148,13 @@ def _image_options(
             typer.echo(
                 f"note: --background {background}: the model's intervals and out-of-"
                 f"distribution checks were calibrated with background {own}; for intervals "
-                f"that hold, calibrate a copy: celltally calibrate --background {background} "
-                "--out NEW ...",
+                f"that hold, calibrate a copy: celltally calibrate --model {model} --data "
+                f"FOLDER --background {background} --out NEW",
                 err=True,
             )
+        own_norm = merge_normalization(config.get("normalization"))
+        if {"background": "none", **options["norm"]} == {"background": "none", **own_norm}:
+            del options["norm"]  # the model's own settings, repeated: the same run
     if pixel_size is not None:
         options["pixel_size"] = pixel_size
     if diameter is not None:
@@ -1030,12 +1033,15 @@ def _held_out(
     *,
     out: Path | None,
     background: str | None = None,
+    build: Path | None = None,
     **kw,
 ):
     """(folder to write, (train, calibration)) for ``calibrate`` and ``ensemble``.
 
     Both rewrite a model folder. A shipped model is never rewritten: with
-    ``--out`` the model is copied there first (once the data have loaded).
+    ``--out`` the model is copied first (once the data have loaded) into
+    ``build``, the folder that becomes ``out`` when the command succeeds
+    (:func:`_built_whole`).
     ``background`` (calibrate's ``--background``, only with ``--out``) sets the
     copy's background subtraction; the data are prepared with it.
     """
@@ -1076,30 +1082,41 @@ def _held_out(
         }
     sets = held_out_sets(config, bbbc005=bbbc005, folders=data or [], **kw)
     if out is not None:
-        shutil.copytree(folder, out, dirs_exist_ok=True)
+        build = build or out
+        shutil.copytree(folder, build, dirs_exist_ok=True)
         # the copy is a model of its own: named after its folder, as `train` names one
         copied = {**config, "copied_from": config.get("name", model), "name": out.name}
         # the original's measured figures do not describe a recalibrated or re-ensembled copy
         if "metrics" in copied:
             copied["metrics_of_original"] = copied.pop("metrics")
-        write_config(out, copied)
-        kw.get("log", print)(f"copied model {model} to {out} (model name {out.name})")
-        folder = out
+        write_config(build, copied)
+        kw.get("log", print)(f"copying model {model} to {out} (model name {out.name})")
+        folder = build
     return folder, sets
 
 
 @contextlib.contextmanager
-def _removed_on_failure(out: Path | None) -> Iterator[None]:
-    """Remove ``out`` again if this command made it and then failed (a rerun is not blocked)."""
-    made = out is not None and not out.exists()
-    try:
-        yield
-    except BaseException:
-        if made and out is not None and out.exists():
-            import shutil
+def _built_whole(out: Path | None) -> Iterator[Path | None]:
+    """Where to build the model folder ``out``: a hidden sibling, renamed to ``out`` at the end.
 
-            shutil.rmtree(out, ignore_errors=True)
+    A copy that failed, or whose command was killed, never passes for a finished
+    model (a half-calibrated ``config.json`` would look complete); the next run
+    clears what a killed one left and is not blocked by it.
+    """
+    import shutil
+
+    if out is None:
+        yield None
+        return
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
         raise
+    if partial.exists():
+        partial.replace(out)
 
 
 OutOption = Annotated[
@@ -1155,7 +1172,7 @@ def calibrate(
         fail(f"--quantile must be between 0 and 1 (0.99: the 99th percentile), got {quantile}")
     if unknown := sorted(set(count_scale or ()) - set(COUNT_SCALE_BLOCKS)):
         fail(f"--count-scale {unknown[0]!r}: choose plain or epistemic")
-    with _removed_on_failure(out):
+    with _built_whole(out) as build:
         try:
             folder, (_, cal) = _held_out(
                 model,
@@ -1165,6 +1182,7 @@ def calibrate(
                 log=typer.echo,
                 channel=channel,
                 out=out,
+                build=build,
                 background=background,
                 unseen_folders_calibrate=True,
             )
@@ -1175,6 +1193,8 @@ def calibrate(
             )
         except _user_errors() as err:
             fail(err)
+    if out is not None:
+        typer.echo(f"calibrated copy -> {out}")
 
 
 @app.command()
@@ -1208,7 +1228,7 @@ def ensemble(
         fail(f"--epochs must be at least 1 (each member is trained), got {epochs}")
     if simulated < 0:
         fail(f"--simulated must be 0 or more, got {simulated}")
-    with _removed_on_failure(out):
+    with _built_whole(out) as build:
         try:
             folder, (train_set, cal) = _held_out(
                 model,
@@ -1221,6 +1241,7 @@ def ensemble(
                 log=typer.echo,
                 channel=channel,
                 out=out,
+                build=build,
             )
             if train_set is None:
                 fail("the data gave no training images")
@@ -1236,7 +1257,7 @@ def ensemble(
             )
         except _user_errors() as err:
             fail(err)
-    typer.echo(f"{len(files)} ensemble member(s) -> {folder}")
+    typer.echo(f"{len(files)} ensemble member(s) -> {out or folder}")
 
 
 def main() -> None:  # pragma: no cover

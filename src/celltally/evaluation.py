@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from celltally import io, naming
 from celltally.counter import CellCounter
 from celltally.metrics import grouped_metrics
+from celltally.transforms import DEFAULT_NORMALIZATION
 
 
 def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
@@ -99,6 +100,7 @@ def evaluate_folder(
         "model": counter.name,
         "data": str(data),
         "level": level,
+        "normalization": {**DEFAULT_NORMALIZATION, **counter.norm},  # as counted
         "metrics": grouped_metrics(rows, by=("blur", "stain")),
         "wells": well_metrics(rows, counter=counter),
         "errors": errors,

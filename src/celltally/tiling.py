@@ -170,8 +170,8 @@ def merge_normalization(
     if background is not None:
         if background not in ("quadratic", "none"):
             raise io.InputError(f"--background {background!r}: choose quadratic or none")
-        if disable:
-            raise io.InputError("--no-norm cannot be combined with --background")
+        if disable and background != "none":
+            raise io.InputError("--no-norm cannot be combined with --background quadratic")
         if background != "none" and norm.get("method") != "percentile":
             raise io.InputError(
                 f"--background {background} works with percentile normalization; this model "

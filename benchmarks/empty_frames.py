@@ -9,8 +9,10 @@ cells. For each shipped model, with and without ``--background quadratic``
 calibration is used either way), this counts ``--frames`` frames of each
 kind of ``celltally.simulate.empty_frame`` (flat, ramp, vignette; half
 8-bit, half 16-bit; seeds 20,000 on, never used for training or for the
-decisions in docs/finetuning.md) and BBBC005's own empty background
-(``simulate_scene(0, ...)``: 8-bit, blur 1/23/48, both stains), and, as the
+decisions in docs/finetuning.md), BBBC005's own empty background
+(``simulate_scene(0, ...)``: 8-bit, blur 1/23/48, both stains) and flat
+frames with a dark corner (30 x 30 or 50 x 50 px, 10 noise stds deep: a dust
+speck, dead pixels, a field stop), and, as the
 check that the option does not lose real cells, 20 sparse simulated scenes
 of 1-10 cells (bbbc005: 8-bit, blur 1/23/48, both stains; nuclei: 16-bit in
 focus). Prints mean and max count and the share of frames flagged as unlike
@@ -31,6 +33,7 @@ import numpy as np
 from celltally.counter import CellCounter
 from celltally.simulate import empty_frame, simulate_scene
 from celltally.tiling import merge_normalization
+from celltally.transforms import noise_std
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from empty_frames import sparse_scenes  # noqa: E402  (the decision's sparse scenes, other seeds)
@@ -38,7 +41,17 @@ from empty_frames import sparse_scenes  # noqa: E402  (the decision's sparse sce
 SEED = 20_000
 
 
+def dark_corner(frame: np.ndarray, side: int) -> np.ndarray:
+    """``frame`` with its top-left ``side`` x ``side`` corner 10 noise stds darker."""
+    out = frame.astype(np.float64)
+    out[:side, :side] -= 10 * noise_std(frame)
+    return np.clip(out, 0, np.iinfo(frame.dtype).max).astype(frame.dtype)
+
+
 def frames(kind: str, n: int) -> list[np.ndarray]:
+    if kind.startswith("dark corner"):
+        side = int(kind.split()[-1].split("x")[0])
+        return [dark_corner(f, side) for f in frames("flat", n)]
     if kind == "BBBC005 background":
         looks = [(b, s) for s in (1, 2) for b in (1, 23, 48)]
         return [
@@ -57,7 +70,14 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=10, help="frames of each kind")
     parser.add_argument("--out", default="benchmarks/results/empty_frames.json")
     args = parser.parse_args()
-    kinds = ["flat", "ramp", "vignette", "BBBC005 background"]
+    kinds = [
+        "flat",
+        "ramp",
+        "vignette",
+        "BBBC005 background",
+        "dark corner 30x30",
+        "dark corner 50x50",
+    ]
     made = {kind: frames(kind, args.frames) for kind in kinds}
     results: list[dict] = []
     print(f"{'model':8} {'background':10} {'frames':19} {'mean':>7} {'max':>7} {'flagged':>8}")

@@ -148,10 +148,15 @@ def test_evaluate_writes_json(tiny_model, image_folder, tmp_path):
 
     # a blur level with one image: its group's R² is undefined
     tifffile.imwrite(image_folder / "SIMCEPImages_A03_C5_F23_s01_w1.TIF", blob_image(5, seed=7))
+    tifffile.imwrite(image_folder / "no_count_here.tif", blob_image(3, seed=8))  # not scored
     out = tmp_path / "eval.json"
     result = run("evaluate", image_folder, "--model", tiny_model, "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     assert "mae" in result.output and out.exists()
+    assert "1 image(s) of the folder left out: no true count" in result.output
+    assert [p.endswith("no_count_here.tif") for p in json.loads(out.read_text())["unlabelled"]] == [
+        True
+    ]
     # strict JSON: the one-image groups' R² is NaN, written as null (JSON.parse refuses NaN)
     text = out.read_text()
     assert "NaN" not in text

@@ -630,6 +630,11 @@ def evaluate(
     from celltally.metrics import json_ready
 
     out.write_text(json.dumps(json_ready(result), indent=2) + "\n")
+    if unlabelled := result.get("unlabelled"):
+        typer.echo(
+            f"{len(unlabelled)} image(s) of the folder left out: no true count (not in "
+            f"counts.csv, or no _C<n>_ in the name; e.g. {Path(unlabelled[0]).name})"
+        )
     flagged = sum(1 for r in result["rows"] if r.get("warning"))
     if flagged:
         typer.echo(

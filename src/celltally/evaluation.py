@@ -62,11 +62,15 @@ def evaluate_folder(
     (overall 'all' and per 'blur=..,stain=..' group: MAE, RMSE, R², max
     |error|, coverage, interval width), ``wells`` (:func:`well_metrics`:
     per-well totals' errors and coverage, None when no well has two images),
-    ``errors`` (one message per image that could not be counted) and ``rows``
-    (per image: file, true, count, std, low, high, blur, stain, warning).
+    ``errors`` (one message per image that could not be counted), ``rows``
+    (per image: file, true, count, std, low, high, blur, stain, warning) and
+    ``unlabelled`` (images of the folder left out for want of a true count).
     """
     counter = model if isinstance(model, CellCounter) else CellCounter.from_pretrained(model)
     pairs = labelled_files(data)
+    labelled = {p.resolve() for p, _ in pairs}
+    folder = Path(data) / "images" if (Path(data) / "images").is_dir() else Path(data)
+    unlabelled = [p for p in io.list_images([folder]) if p.resolve() not in labelled]
     if sites is not None:
         pairs = [(p, c) for p, c in pairs if naming.parse_name(p.name).site in sites]
         if not pairs:
@@ -104,6 +108,7 @@ def evaluate_folder(
         "metrics": grouped_metrics(rows, by=("blur", "stain")),
         "wells": well_metrics(rows, counter=counter),
         "errors": errors,
+        "unlabelled": [str(p) for p in unlabelled],
         "rows": rows,
     }
 

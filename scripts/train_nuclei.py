@@ -754,6 +754,7 @@ def main() -> None:
             "n_test": len(split["test"]),
             "test": split["test"],
             "calibration": split["calibration"],
+            "train": split["train"],  # by name: calibrate --data leaves these out
         },
         "masks": "union of BBBC039's instance masks; counter targets: per-instance 1/area density",
         "command": command_line("scripts/train_nuclei.py", vars(args)),

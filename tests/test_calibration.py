@@ -472,6 +472,27 @@ def test_cli_calibrate_writes_a_copy_with_background_subtraction(tiny_model, tmp
     assert not np.allclose(ramp_only, plain)
 
 
+def test_calibration_leaves_out_images_named_as_the_models_training_images(tiny_model, tmp_path):
+    """A model trained apart records its training images by name; a folder holding
+    copies of them must not calibrate on them (its intervals would be too narrow)."""
+    import tifffile
+
+    from celltally.uncertainty import held_out_sets
+
+    data = tmp_path / "plate"
+    data.mkdir()
+    names = [f"SIMCEPImages_A{i + 1:02d}_C{3 + i}_F1_s01_w1.TIF" for i in range(6)]
+    for i, name in enumerate(names):
+        tifffile.imwrite(data / name, blob_image(3 + i, seed=500 + i))
+    config = json.loads((tiny_model / "config.json").read_text())
+    config.setdefault("training", {})["split"] = {"train": names[:2], "n_train": 2}
+    said = []
+    _, cal = held_out_sets(config, folders=[data], unseen_folders_calibrate=True, log=said.append)
+    assert sorted(m["name"] for m in cal.meta) == sorted(names[2:])
+    assert any("2 image(s) have the names of this model's training images" in s for s in said)
+    assert any("the other 4 images calibrate" in s for s in said)
+
+
 def test_beyond_calibration_names_the_supported_level():
     block = {"scores": list(np.linspace(0.1, 2.0, 20)), "default": "conformal"}
     assert beyond_calibration(block, 0.95) is None  # 20 scores support up to 20/21

@@ -1146,7 +1146,8 @@ def calibrate(
         list[Path] | None,
         typer.Option(
             help="Folder(s) of images + counts.csv: a folder the model was trained on gives its "
-            "held-out part (scene split), any other folder all its images."
+            "held-out part (scene split), any other folder all its images (but those "
+            "named as the model's training images)."
         ),
     ] = None,
     quantile: Annotated[

@@ -407,18 +407,34 @@ def _training_folders(config: Mapping[str, Any], *, depth: int = 8) -> set[Path]
     Those of :func:`_split_entries`, then the same for the ``training.from``
     model, if it can still be found.
     """
-    from celltally.model_folder import resolve_model
-
     found: set[Path] = set()
     for places, _ in _split_entries(config):
         found |= places
-    start = (config.get("training") or {}).get("from")
-    if start and depth > 0:
-        try:
-            found |= _training_folders(read_model_config(resolve_model(start)), depth=depth - 1)
-        except (io.InputError, OSError, ValueError):
-            pass  # moved or deleted since: only this model's own record is known
+    for earlier in _fine_tuned_from(config, depth=depth):
+        found |= _training_folders(earlier, depth=depth - 1)
     return found
+
+
+def _training_names(config: Mapping[str, Any], *, depth: int = 8) -> set[str]:
+    """The file names a model (or one it was fine-tuned from) records as its training
+    images (``training.split.train``: models trained apart, like the shipped nuclei)."""
+    found = set(((config.get("training") or {}).get("split") or {}).get("train") or ())
+    for earlier in _fine_tuned_from(config, depth=depth):
+        found |= _training_names(earlier, depth=depth - 1)
+    return found
+
+
+def _fine_tuned_from(config: Mapping[str, Any], *, depth: int) -> list[dict[str, Any]]:
+    """The config of the ``training.from`` model, if any and it can still be found."""
+    from celltally.model_folder import resolve_model
+
+    start = (config.get("training") or {}).get("from")
+    if not start or depth <= 0:
+        return []
+    try:
+        return [read_model_config(resolve_model(start))]
+    except (io.InputError, OSError, ValueError):
+        return []  # moved or deleted since: only this model's own record is known
 
 
 def _recorded_split(config: Mapping[str, Any], folder: str | Path) -> Mapping[str, Any]:
@@ -447,7 +463,8 @@ def held_out_sets(
     sites, are never loaded into either). A user folder: its stable scene-hash split.
     With ``unseen_folders_calibrate``, a folder the model was not trained on
     (not among the folders its config's ``training.split`` records) goes to
-    calibration whole: none of its images can have been seen.
+    calibration whole, but for images named in ``training.split.train`` (a
+    model trained apart, by file name).
     ``simulated`` scenes join the training set only. Returns ``(train,
     calibration)``, either None when no source gave images to it.
     """
@@ -470,12 +487,21 @@ def held_out_sets(
         trains.append(real.subset(parts["train"]))
         cals.append(real.subset(parts["calibration"]))
     trained_on = _training_folders(config)
+    seen_names = _training_names(config)
     for folder in folders:
         log(f"loading {folder}")
         user = load_folder(folder, size=size, norm=norm, channel=channel)
         if unseen_folders_calibrate and Path(folder).resolve() not in trained_on:
-            log(f"{folder} was not used to train this model: all {len(user)} images calibrate")
-            cals.append(user)
+            # a model trained apart (the shipped nuclei) records its training images by name
+            fresh = [i for i, m in enumerate(user.meta) if m.get("name") not in seen_names]
+            if len(fresh) < len(user):
+                log(
+                    f"{folder}: {len(user) - len(fresh)} image(s) have the names of this "
+                    "model's training images (training.split.train): left out"
+                )
+            what = f"all {len(fresh)}" if len(fresh) == len(user) else f"the other {len(fresh)}"
+            log(f"{folder} was not used to train this model: {what} images calibrate")
+            cals.append(user.subset(np.asarray(fresh, dtype=int)))
             continue
         parts = split_by_scene_hash(user)
         if _recorded_split(config, folder).get("calibration") == 0:

@@ -508,6 +508,22 @@ def test_read_mask_binary_and_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_mask(lpath), labels)
 
 
+def test_read_mask_colour_coded_instances(tmp_path: Path) -> None:
+    """A colour label PNG (as BBBC039 and annotation tools write): one object per
+    4-connected region of one colour; a colour reused far away is another object."""
+    colour = np.zeros((10, 12, 3), np.uint8)
+    colour[1:3, 1:3] = (255, 0, 0)
+    colour[1:3, 3:5] = (0, 255, 0)  # touches the red one: still its own object
+    colour[7:9, 8:11] = (255, 0, 0)  # red again, elsewhere: a third object
+    path = tmp_path / "labels.png"
+    Image.fromarray(colour).save(path)
+    out = read_mask(path, shape=(10, 12))
+    assert out.max() == 3 and len(np.unique(out)) == 4
+    assert len({out[1, 1], out[1, 3], out[7, 8]}) == 3 and out[0, 0] == 0
+    with pytest.raises(InputError, match="mask is 12x10 but its image is 8x6"):
+        read_mask(path, shape=(6, 8))
+
+
 def test_read_mask_shape_mismatch(tmp_path: Path) -> None:
     path = tmp_path / "mask.png"
     Image.fromarray(np.zeros((48, 64), np.uint8)).save(path)

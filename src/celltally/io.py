@@ -889,13 +889,36 @@ def read_counts_csv(path: str | os.PathLike[str]) -> dict[str, float]:
     return counts
 
 
+def colour_labels(colour: np.ndarray) -> np.ndarray:
+    """A colour-coded instance label image ``(Y, X, 3)`` -> integer labels (0 = black).
+
+    Each object is a 4-connected region of one colour (BBBC039's masks, and most
+    annotation tools' exports, colour objects; a colour may be reused for objects
+    that do not touch).
+    """
+    from scipy import ndimage as ndi
+
+    code = (
+        colour[..., 0].astype(np.int64) << 16
+        | colour[..., 1].astype(np.int64) << 8
+        | colour[..., 2].astype(np.int64)
+    )
+    labels = np.zeros(code.shape, dtype=np.int64)
+    four = ndi.generate_binary_structure(2, 1)
+    for value in np.unique(code[code > 0]):
+        lab, n = ndi.label(code == value, structure=four)
+        labels[lab > 0] = lab[lab > 0] + labels.max()
+    return labels
+
+
 def read_mask(path: str | os.PathLike[str], *, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read a label or binary mask image (PNG/TIFF) as a 2-D integer array.
 
     Parameters
     ----------
     path : str or Path
-        Mask file. Colour files are accepted only if all colour channels are equal.
+        Mask file. An 8-bit colour file whose channels differ is a colour-coded
+        instance label image (:func:`colour_labels`).
     shape : tuple of int, optional
         Expected ``(height, width)`` (that of the image the mask belongs to).
 
@@ -914,6 +937,20 @@ def read_mask(path: str | os.PathLike[str], *, shape: tuple[int, int] | None = N
         If ``shape`` is given and differs from the mask's shape.
     """
     arr, is_tiff = _load_raw(path)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype.kind in "ub":
+        colour = arr[..., :3]
+        if not (
+            np.array_equal(colour[..., 0], colour[..., 1])
+            and np.array_equal(colour[..., 0], colour[..., 2])
+        ):
+            out = colour_labels(colour)
+            if shape is not None and out.shape != (int(shape[0]), int(shape[1])):
+                raise InputError(
+                    f"{os.fspath(path)}: mask is {out.shape[1]}x{out.shape[0]} "
+                    f"but its image is {int(shape[1])}x{int(shape[0])}",
+                    path,
+                )
+            return out
     mask = _to_2d(arr, path, is_tiff=is_tiff, channel=None, colour_mean=False)
     if mask.dtype.kind == "f":
         if not np.all(np.isfinite(mask)):

@@ -37,7 +37,7 @@ def main() -> int:
     if not data.exists():
         print(f"skipped: {data} not found (real BBBC005 is not part of the repository)")
         return 0
-    files = io.list_images([data / "images" if (data / "images").is_dir() else data])
+    files = io.list_images([io.images_folder(data)])
     records = []
     for path in files:
         name = naming.parse_name(path.name)

@@ -139,6 +139,15 @@ def recalibrate(args: argparse.Namespace, folder: Path, config: dict) -> None:
     calibrate_model(folder, calibration_data(args, config), count_scale=blocks)
 
 
+def finish_copy(args: argparse.Namespace, out: Path, config: dict) -> Path:
+    """Write the copy's config (the original's figures kept apart) and recalibrate it."""
+    if "metrics" in config:  # measured on the original: not this copy's figures
+        config["metrics_of_original"] = config.pop("metrics")
+    write_config(out, config)
+    recalibrate(args, out, config)
+    return out
+
+
 def with_background(args: argparse.Namespace, config: dict) -> Path:
     """A copy of ``--init`` that subtracts a smooth background before normalizing; recalibrated."""
     out = Path(args.out)
@@ -149,11 +158,7 @@ def with_background(args: argparse.Namespace, config: dict) -> Path:
         "what": f"no retraining: normalization subtracts a {args.background} background "
         "(celltally.transforms.background_surface) first; recalibrated with it",
     }
-    if "metrics" in config:  # measured on the original: not this copy's figures
-        config["metrics_of_original"] = config.pop("metrics")
-    write_config(out, config)
-    recalibrate(args, out, config)
-    return out
+    return finish_copy(args, out, config)
 
 
 def fine_tune_segmenter(args: argparse.Namespace, config: dict) -> Path:
@@ -208,11 +213,7 @@ def fine_tune_segmenter(args: argparse.Namespace, config: dict) -> Path:
         f"segmenter fine-tune: {seen} + {args.empty} empty frames (celltally.simulate.empty_frame)"
     ]
     config.setdefault("history", {})["segmenter_empty_frames"] = history
-    if "metrics" in config:  # measured on the original: not this copy's figures
-        config["metrics_of_original"] = config.pop("metrics")
-    write_config(out, config)
-    recalibrate(args, out, config)
-    return out
+    return finish_copy(args, out, config)
 
 
 def mae(counts, truths) -> float:
@@ -235,9 +236,8 @@ def real_images(args: argparse.Namespace, config: dict, group: str) -> list[tupl
         return [(root / "images" / n, float(table[n])) for n in split_names(list(table))[group]]
     split = config["training"]["split"]
     sites = split["calibration_sites"] if group == "calibration" else split["test_sites"]
-    folder = root / "images" if (root / "images").is_dir() else root
     out = []
-    for path in io.list_images([folder]):
+    for path in io.list_images([io.images_folder(root)]):
         name = parse_name(path.name)
         if name.site in sites and name.count is not None:
             out.append((path, float(name.count)))

@@ -48,7 +48,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage as ndi
 
 from celltally import io
 from celltally.counter import CellCounter
@@ -91,13 +90,8 @@ def split_names(names: list[str], *, n_test: int = N_TEST, n_cal: int = N_CAL) -
 
 def read_instances(path: Path) -> np.ndarray:
     """BBBC039 label PNG -> instance labels (the 4-connected components of each colour)."""
-    colours = np.asarray(Image.open(path))[..., 0]
-    labels = np.zeros(colours.shape, dtype=np.int32)
-    four = ndi.generate_binary_structure(2, 1)
-    for value in np.unique(colours[colours > 0]):
-        lab, n = ndi.label(colours == value, structure=four)
-        labels[lab > 0] = lab[lab > 0] + labels.max()
-    return labels
+    # the same on all 100 BBBC039 masks as reading channel 0 alone, as this did before
+    return io.colour_labels(np.asarray(Image.open(path))[..., :3]).astype(np.int32)
 
 
 def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:

@@ -118,7 +118,7 @@ def load_bbbc005(
     border pixels hold the fraction of foreground they cover.
     """
     root = Path(root)
-    folder = root / "images" if (root / "images").is_dir() else root
+    folder = io.images_folder(root)
     paths = io.list_images([folder])
     spec = (sorted(p.name for p in paths), tuple(size), sorted((norm or {}).items()))
     key = hashlib.sha1(repr((spec, preparation_digest())).encode()).hexdigest()[:12]
@@ -238,7 +238,7 @@ def load_folder(
     ``channel`` picks the plane of multi-channel images (``io.read_image``).
     """
     root = Path(root)
-    folder = root / "images" if (root / "images").is_dir() else root
+    folder = io.images_folder(root)
     counts_csv = root / "counts.csv"
     mask_dirs = [d for d in (root / "masks", root / "labels") if d.is_dir()]
     if counts_csv.exists():

@@ -20,7 +20,7 @@ def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
     data = Path(data)
     if data.is_file():
         raise io.InputError(f"{data}: a file; evaluate takes a folder of images")
-    folder = data / "images" if (data / "images").is_dir() else data
+    folder = io.images_folder(data)
     csv_path = data / "counts.csv"
     if csv_path.exists():
         table = io.read_counts_csv(csv_path)
@@ -69,8 +69,9 @@ def evaluate_folder(
     counter = model if isinstance(model, CellCounter) else CellCounter.from_pretrained(model)
     pairs = labelled_files(data)
     labelled = {p.resolve() for p, _ in pairs}
-    folder = Path(data) / "images" if (Path(data) / "images").is_dir() else Path(data)
-    unlabelled = [p for p in io.list_images([folder]) if p.resolve() not in labelled]
+    unlabelled = [
+        p for p in io.list_images([io.images_folder(data)]) if p.resolve() not in labelled
+    ]
     if sites is not None:
         pairs = [(p, c) for p, c in pairs if naming.parse_name(p.name).site in sites]
         if not pairs:

@@ -889,6 +889,12 @@ def read_counts_csv(path: str | os.PathLike[str]) -> dict[str, float]:
     return counts
 
 
+def images_folder(data: str | os.PathLike[str]) -> Path:
+    """``data/images`` when there is one (a folder laid out for training), else ``data``."""
+    data = Path(data)
+    return data / "images" if (data / "images").is_dir() else data
+
+
 def colour_labels(colour: np.ndarray) -> np.ndarray:
     """A colour-coded instance label image ``(Y, X, 3)`` -> integer labels (0 = black).
 
@@ -905,9 +911,11 @@ def colour_labels(colour: np.ndarray) -> np.ndarray:
     )
     labels = np.zeros(code.shape, dtype=np.int64)
     four = ndi.generate_binary_structure(2, 1)
+    found = 0  # labels given so far
     for value in np.unique(code[code > 0]):
         lab, n = ndi.label(code == value, structure=four)
-        labels[lab > 0] = lab[lab > 0] + labels.max()
+        labels[lab > 0] = lab[lab > 0] + found
+        found += n
     return labels
 
 
@@ -931,11 +939,25 @@ def read_mask(path: str | os.PathLike[str], *, shape: tuple[int, int] | None = N
     Raises
     ------
     ImageReadError
-        If the file cannot be read as a 2-D image, or has colour, non-integer, negative
-        or non-finite values.
+        If the file cannot be read as a 2-D image, or has colour (other than an 8-bit
+        colour label image), non-integer, negative or non-finite values.
     InputError
         If ``shape`` is given and differs from the mask's shape.
     """
+    out = _mask_values(path)
+    if shape is not None:
+        expected = (int(shape[0]), int(shape[1]))
+        if out.shape != expected:
+            raise InputError(
+                f"{os.fspath(path)}: mask is {out.shape[1]}x{out.shape[0]} "
+                f"but its image is {expected[1]}x{expected[0]}",
+                path,
+            )
+    return out
+
+
+def _mask_values(path: str | os.PathLike[str]) -> np.ndarray:
+    """:func:`read_mask`'s labels (int64) before the shape check."""
     arr, is_tiff = _load_raw(path)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype.kind in "ub":
         colour = arr[..., :3]
@@ -943,14 +965,7 @@ def read_mask(path: str | os.PathLike[str], *, shape: tuple[int, int] | None = N
             np.array_equal(colour[..., 0], colour[..., 1])
             and np.array_equal(colour[..., 0], colour[..., 2])
         ):
-            out = colour_labels(colour)
-            if shape is not None and out.shape != (int(shape[0]), int(shape[1])):
-                raise InputError(
-                    f"{os.fspath(path)}: mask is {out.shape[1]}x{out.shape[0]} "
-                    f"but its image is {int(shape[1])}x{int(shape[0])}",
-                    path,
-                )
-            return out
+            return colour_labels(colour)
     mask = _to_2d(arr, path, is_tiff=is_tiff, channel=None, colour_mean=False)
     if mask.dtype.kind == "f":
         if not np.all(np.isfinite(mask)):
@@ -967,13 +982,4 @@ def read_mask(path: str | os.PathLike[str], *, shape: tuple[int, int] | None = N
             values = np.unique(mask)
             if values[-1] == top and np.all((values == 0) | (values == top)):
                 mask = mask == top
-    out = mask.astype(np.int64)
-    if shape is not None:
-        expected = (int(shape[0]), int(shape[1]))
-        if out.shape != expected:
-            raise InputError(
-                f"{os.fspath(path)}: mask is {out.shape[1]}x{out.shape[0]} "
-                f"but its image is {expected[1]}x{expected[0]}",
-                path,
-            )
-    return out
+    return mask.astype(np.int64)

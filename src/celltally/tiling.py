@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from celltally import io
-from celltally.transforms import DEFAULT_NORMALIZATION
+from celltally.transforms import BACKGROUNDS, DEFAULT_NORMALIZATION
 
 #: The frame every shipped model was trained on (BBBC005 / BBBC039), (height, width).
 DEFAULT_NATIVE_SIZE = (520, 696)
@@ -168,7 +168,7 @@ def merge_normalization(
     """
     norm = {**DEFAULT_NORMALIZATION, **dict(base or {})}
     if background is not None:
-        if background not in ("quadratic", "none"):
+        if background not in BACKGROUNDS:
             raise io.InputError(f"--background {background!r}: choose quadratic or none")
         if disable and background != "none":
             raise io.InputError("--no-norm cannot be combined with --background quadratic")

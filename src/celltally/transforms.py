@@ -51,6 +51,8 @@ def noise_std(image: np.ndarray) -> float:
     return float(np.sqrt(np.pi / 2.0) / 6.0 * np.abs(m).mean())
 
 
+#: Values of ``norm['background']``: what :func:`prepare_image` subtracts first.
+BACKGROUNDS = ("quadratic", "none")
 #: Share of the darkest pixels :func:`background_surface` leaves out of its fit.
 DARK_FRACTION = 0.01
 
@@ -209,7 +211,7 @@ def prepare_image(
     if method != "percentile":
         raise ValueError(f"unknown normalization {method!r}; use percentile, fixed or none")
     background = norm.get("background", "none")
-    if background not in ("quadratic", "none"):
+    if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}; use quadratic or none")
     noise_range = float(norm.get("noise_range", NOISE_RANGE))
     noise = noise_std(resized) if noise_range > 0 or background == "quadratic" else 0.0

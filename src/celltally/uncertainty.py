@@ -401,40 +401,36 @@ def _split_entries(config: Mapping[str, Any]) -> Iterator[tuple[set[Path], Mappi
         yield {Path(key).resolve(), *([Path(info["path"])] if info.get("path") else [])}, info
 
 
-def _training_folders(config: Mapping[str, Any], *, depth: int = 8) -> set[Path]:
-    """The user folders a model's config says it, or a model it was fine-tuned from, saw.
-
-    Those of :func:`_split_entries`, then the same for the ``training.from``
-    model, if it can still be found.
-    """
-    found: set[Path] = set()
-    for places, _ in _split_entries(config):
-        found |= places
-    for earlier in _fine_tuned_from(config, depth=depth):
-        found |= _training_folders(earlier, depth=depth - 1)
-    return found
-
-
-def _training_names(config: Mapping[str, Any], *, depth: int = 8) -> set[str]:
-    """The file names a model (or one it was fine-tuned from) records as its training
-    images (``training.split.train``: models trained apart, like the shipped nuclei)."""
-    found = set(((config.get("training") or {}).get("split") or {}).get("train") or ())
-    for earlier in _fine_tuned_from(config, depth=depth):
-        found |= _training_names(earlier, depth=depth - 1)
-    return found
-
-
-def _fine_tuned_from(config: Mapping[str, Any], *, depth: int) -> list[dict[str, Any]]:
-    """The config of the ``training.from`` model, if any and it can still be found."""
+def _lineage(config: Mapping[str, Any], *, depth: int = 8) -> list[Mapping[str, Any]]:
+    """``config``, then the configs of the models it was fine-tuned from (``training.from``),
+    as far as they can still be found (at most ``depth`` back)."""
     from celltally.model_folder import resolve_model
 
-    start = (config.get("training") or {}).get("from")
-    if not start or depth <= 0:
-        return []
-    try:
-        return [read_model_config(resolve_model(start))]
-    except (io.InputError, OSError, ValueError):
-        return []  # moved or deleted since: only this model's own record is known
+    chain = [config]
+    while len(chain) <= depth and (start := (chain[-1].get("training") or {}).get("from")):
+        try:
+            chain.append(read_model_config(resolve_model(start)))
+        except (io.InputError, OSError, ValueError):
+            break  # moved or deleted since: only the record up to here is known
+    return chain
+
+
+def _seen_in_training(config: Mapping[str, Any]) -> tuple[set[Path], set[str]]:
+    """What a model, or one it was fine-tuned from (its :func:`_lineage`), trained on:
+    the user folders of :func:`_split_entries`, and the file names recorded in
+    ``training.split.train`` (models trained apart, like the shipped nuclei)."""
+    folders: set[Path] = set()
+    names: set[str] = set()
+    for c in _lineage(config):
+        for places, _ in _split_entries(c):
+            folders |= places
+        names |= set(((c.get("training") or {}).get("split") or {}).get("train") or ())
+    return folders, names
+
+
+def _training_folders(config: Mapping[str, Any]) -> set[Path]:
+    """The user folders a model's config says it, or a model it was fine-tuned from, saw."""
+    return _seen_in_training(config)[0]
 
 
 def _recorded_split(config: Mapping[str, Any], folder: str | Path) -> Mapping[str, Any]:
@@ -486,8 +482,7 @@ def held_out_sets(
         parts = split_bbbc005(real.meta, calibration_sites=calibration_sites(config))
         trains.append(real.subset(parts["train"]))
         cals.append(real.subset(parts["calibration"]))
-    trained_on = _training_folders(config)
-    seen_names = _training_names(config)
+    trained_on, seen_names = _seen_in_training(config)
     for folder in folders:
         log(f"loading {folder}")
         user = load_folder(folder, size=size, norm=norm, channel=channel)

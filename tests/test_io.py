@@ -522,6 +522,11 @@ def test_read_mask_colour_coded_instances(tmp_path: Path) -> None:
     assert len({out[1, 1], out[1, 3], out[7, 8]}) == 3 and out[0, 0] == 0
     with pytest.raises(InputError, match="mask is 12x10 but its image is 8x6"):
         read_mask(path, shape=(6, 8))
+    # 16-bit colour is not a colour code (its channels would overlap in one): refused
+    wide = tmp_path / "wide.tif"
+    tifffile.imwrite(wide, colour.astype(np.uint16) * 257)
+    with pytest.raises(ImageReadError, match="colour channels differ"):
+        read_mask(wide)
 
 
 def test_read_mask_shape_mismatch(tmp_path: Path) -> None:

@@ -959,7 +959,7 @@ def read_mask(path: str | os.PathLike[str], *, shape: tuple[int, int] | None = N
 def _mask_values(path: str | os.PathLike[str]) -> np.ndarray:
     """:func:`read_mask`'s labels (int64) before the shape check."""
     arr, is_tiff = _load_raw(path)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype.kind in "ub":
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8:
         colour = arr[..., :3]
         if not (
             np.array_equal(colour[..., 0], colour[..., 1])

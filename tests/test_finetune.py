@@ -384,3 +384,19 @@ def test_an_interrupted_run_is_not_silently_restarted(tmp_path):
     result = run("train", "--simulated", "10", "--out", out, "--no-progress")
     assert result.exit_code == 2 and "add --resume to continue it" in result.output
     assert (out / "checkpoints" / "counter.pt").read_bytes() == b"from an interrupted run"
+
+
+def test_a_second_train_into_a_folder_being_written_is_refused(tmp_path):
+    """Two runs into one new --out would overwrite each other's checkpoints and model."""
+    from celltally.training_data import _train_lock
+
+    out = tmp_path / "m"
+    with _train_lock(out, resume=False):  # as a first run does while it trains
+        second = run("train", "--simulated", "4", "--out", out, "--no-progress")
+        assert second.exit_code == 2, second.output
+        assert "another celltally train is writing this folder" in second.output
+        assert not (out / "checkpoints").exists()
+    args = ("--simulated", "4", "--seg-epochs", "1", "--count-epochs", "1", "--no-progress")
+    after = run("train", *args, "--out", out)  # once the first has let go
+    assert after.exit_code == 0, after.output
+    assert (out / "config.json").exists()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,61 @@ def _rescale_reference(
         )
 
 
+def _check_out(out: Path, *, resume: bool) -> None:
+    """Refuse an ``--out`` that holds a finished model, or an interrupted run without resume."""
+    if (Path(out) / "config.json").exists() and not resume:
+        raise io.InputError(
+            f"{out}: already holds a model; give a new --out (or --resume to continue training "
+            "it there)",
+            out,
+        )
+    saved = Path(out) / "checkpoints"
+    if not resume and saved.is_dir() and any(saved.glob("*.pt")):
+        raise io.InputError(
+            f"{out}: holds the checkpoints of an interrupted run; add --resume to continue "
+            "it, or give a new --out",
+            out,
+        )
+
+
+#: Hidden file in a model folder that a ``train`` run holds locked while it writes there.
+TRAIN_LOCK = ".train.lock"
+
+
+@contextlib.contextmanager
+def _train_lock(out: Path, *, resume: bool) -> Iterator[None]:
+    """Hold ``out`` for this run: a second ``train`` into it fails at once with one line.
+
+    Taken only by the process that writes (rank 0 under torchrun), after the data
+    are loaded, so the folder checks are repeated under the lock: a run that
+    finished meanwhile has left a model there. The lock file stays (removing
+    it would let a third run lock a fresh file while a second waits on the old).
+    """
+    if not is_main():
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no lock
+        yield
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(out) / TRAIN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise io.InputError(
+                f"{out}: another celltally train is writing this folder; wait for it to "
+                "finish or give a new --out",
+                out,
+            ) from None
+        _check_out(out, resume=resume)
+        yield
+    finally:
+        os.close(fd)  # also releases the lock
+
+
 def build_and_fit(
     *,
     out: Path,
@@ -183,19 +240,7 @@ def build_and_fit(
     starting model's architecture is kept and ``preset`` must be None.
     ``channel`` picks the plane of multi-channel images in ``folders``.
     """
-    if (Path(out) / "config.json").exists() and not resume:
-        raise io.InputError(
-            f"{out}: already holds a model; give a new --out (or --resume to continue training "
-            "it there)",
-            out,
-        )
-    saved = Path(out) / "checkpoints"
-    if not resume and saved.is_dir() and any(saved.glob("*.pt")):
-        raise io.InputError(
-            f"{out}: holds the checkpoints of an interrupted run; add --resume to continue "
-            "it, or give a new --out",
-            out,
-        )
+    _check_out(out, resume=resume)
     if stages not in ("both", "segmenter", "counter"):
         raise io.InputError(f"--stage must be both, segmenter or counter, not {stages!r}")
     if from_model is None and (stages == "counter" or (stages == "both" and seg_epochs == 0)):
@@ -326,29 +371,30 @@ def build_and_fit(
         world=world_size(),
         log=log,
     )
-    result = fit(
-        train=train,
-        calibration=calibration,
-        test=test,
-        config=config,
-        out=out,
-        stages=stages,
-        init=init,
-        seed=seed,
-        resume=resume,
-        progress=progress,
-        log=log,
-    )
-    if (
-        from_model is not None
-        and not start_untrained
-        and not result.get("untrained_counter")
-        and split_info.get("calibration") is None
-        and is_main()
-    ):
-        result["training"]["compared_with_start"] = compare_with_start(
-            Path(out), from_model, calibration, log=log
+    with _train_lock(out, resume=resume):
+        result = fit(
+            train=train,
+            calibration=calibration,
+            test=test,
+            config=config,
+            out=out,
+            stages=stages,
+            init=init,
+            seed=seed,
+            resume=resume,
+            progress=progress,
+            log=log,
         )
+        if (
+            from_model is not None
+            and not start_untrained
+            and not result.get("untrained_counter")
+            and split_info.get("calibration") is None
+            and is_main()
+        ):
+            result["training"]["compared_with_start"] = compare_with_start(
+                Path(out), from_model, calibration, log=log
+            )
     return result
 
 

@@ -124,6 +124,16 @@ def test_ood_thresholds_and_warning():
     # Without fitted thresholds the loose fallback (mask std only) applies.
     assert ood_warning(strange, None).startswith("unlike")
     assert ood_warning(features[0], None) == ""
+    # A frame whose range the empty-frame guard set is called possibly empty, alone
+    # or before the other reasons; contrast is never given a fitted threshold.
+    dim = ood_features(3, np.full((4, 4), 0.02), feature_distance=1.5, contrast=0.43)
+    assert ood_warning(dim, limits) == (
+        "low contrast (range 0.43 of the empty-frame floor): the frame may hold no cells"
+    )
+    both = ood_warning({**strange, "contrast": 0.5}, limits)
+    assert both.startswith("low contrast (range 0.50") and "; unlike the calibration" in both
+    assert ood_warning({**features[0], "contrast": 1.0}, limits) == ""
+    assert "contrast" not in ood_thresholds([{**f, "contrast": 0.5} for f in features])
 
 
 def test_feature_distance_is_mahalanobis():
@@ -236,9 +246,12 @@ def test_out_of_distribution_images_are_flagged(blob_model):
     checker = ((np.indices((130, 174)) // 8).sum(0) % 2 * 200).astype(np.uint8)
     for strange in (noise, checker):
         result = counter.count(strange)
-        assert result.warning.startswith("unlike the calibration images")
+        assert "unlike the calibration images (" in result.warning
         assert result.ood["feature_distance"] > counter.calibration["ood"]["feature_distance"]
         assert "deep features" in result.warning
+    # pure noise, all its range within 20 noise stds, is also said to be possibly empty
+    assert counter.count(noise).warning.startswith("low contrast (range ")
+    assert counter.count(checker).ood["contrast"] == 1.0
     fresh = [counter.count(blob_image(int(c), seed=5000 + i)) for i, c in enumerate(range(2, 22))]
     # Each of the 2 features is flagged above the 99th percentile of 60 calibration
     # images: ~2.5% of fresh in-distribution images each, so ~1 of these 20 expected.
@@ -320,10 +333,11 @@ def test_cli_count_epistemic_and_warning_column(blob_model, tiny_model, tmp_path
         args = ["count", str(folder), "-o", str(out), "--model", str(blob_model[0]), flag]
         result = runner.invoke(app, [*args, "--no-progress"])
         assert result.exit_code == 0, result.output
+        assert "1 of them with so little contrast that they may hold no cells" in result.output
         with open(out, newline="") as handle:
             rows[flag] = {r["file"].split("/")[-1]: r for r in csv.DictReader(handle)}
     for table in rows.values():
-        assert table["noise.tif"]["warning"].startswith("unlike the calibration images")
+        assert "unlike the calibration images (" in table["noise.tif"]["warning"]
         assert table["blobs.tif"]["warning"] == ""
     # The ensemble's total std includes the members' spread.
     plain, ens = rows["--no-epistemic"]["blobs.tif"], rows["--epistemic"]["blobs.tif"]

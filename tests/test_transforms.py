@@ -6,6 +6,7 @@ from celltally.calibration import conformal_quantile, conformal_scores, gaussian
 from celltally.datasets import LabeledSet
 from celltally.transforms import (
     background_surface,
+    contrast,
     dense_strides,
     flip_rotate,
     noise_std,
@@ -45,6 +46,25 @@ def test_empty_frame_is_not_stretched_in_any_dtype(dtype):
     empty = (rng.random((520, 696)) * 0.01 * full).astype(dtype)
     out = prepare_image(empty, size=(192, 256))
     assert out.max() < 0.6
+
+
+def test_contrast_says_when_the_empty_frame_guard_set_the_scale():
+    rng = np.random.default_rng(3)
+    empty = np.clip(rng.normal(300, 20, (520, 696)), 0, None).astype(np.uint16)
+    cells = empty.copy()
+    cells[100:140, 200:240] += 3000  # one bright object: its own range sets the scale
+    for norm in ({}, {"background": "quadratic"}):
+        dim = contrast(prepare_image(empty, size=(192, 256), norm=norm), norm=norm)
+        assert 0.0 < dim < 0.99, norm
+        bright = contrast(prepare_image(cells, size=(192, 256), norm=norm), norm=norm)
+        assert bright == pytest.approx(1.0, abs=1e-4), norm
+    # np.percentile's range of the prepared image, capped at 1
+    smooth = prepare_image(np.add.outer(np.arange(192.0), np.arange(256.0)), size=(192, 256))
+    dimmed = smooth * np.float32(0.37) + np.float32(5.0)
+    lo, hi = np.percentile(dimmed, [0.5, 99.95])
+    assert contrast(dimmed) == pytest.approx(hi - lo, abs=1e-5) and contrast(smooth) == 1.0
+    fixed = {"method": "fixed"}
+    assert contrast(prepare_image(empty, size=(192, 256), norm=fixed), norm=fixed) is None
 
 
 @pytest.mark.parametrize("dtype, level, noise", [("uint8", 20, 4), ("uint16", 300, 60)])

@@ -438,6 +438,13 @@ def count(
             f"{flagged} of {len(rows)} images in {out} flagged as unlike the model's "
             "calibration images (column 'warning'): their intervals may not mean what they say"
         )
+    from celltally.calibration import EMPTY_HINT
+
+    if empty := sum(1 for r in rows if EMPTY_HINT in (r.get("warning") or "")):
+        typer.echo(
+            f"{empty} of them with so little contrast that they may hold no cells "
+            "(empty wells?): check them before trusting their counts"
+        )
     if summary.failed:
         for message in summary.errors:
             typer.echo(f"error: {message}", err=True)

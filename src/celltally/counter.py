@@ -44,7 +44,7 @@ from celltally.tiling import (
     rescale_factor,
     tile_sides,
 )
-from celltally.transforms import prepare_image
+from celltally.transforms import contrast, prepare_image
 
 #: Smallest image side (raw px) counted: below it there is not one whole cell.
 MIN_SIDE = 8
@@ -80,7 +80,8 @@ class CountResult:
         members' counts; ``std`` is then the total,
         ``sqrt(aleatoric**2 + epistemic**2)``. None without an ensemble.
     ood : the out-of-distribution features the warning was decided on
-        (``celltally.calibration.OOD_FEATURES``).
+        (``celltally.calibration.OOD_FEATURES``, and ``contrast``: below 1
+        when the frame's range is so low that it may hold no cells).
     """
 
     count: float
@@ -367,6 +368,7 @@ class CellCounter:
             out.mask_std,
             out.epistemic_std,
             self._embeddings([self._central_frame(item.prepared)])[0],
+            contrast(item.prepared, norm=self.norm),
         )
 
     def _central_frame(self, image: np.ndarray) -> np.ndarray:
@@ -423,8 +425,18 @@ class CellCounter:
         spreads = torch.sqrt(epistemic_var).cpu().numpy() if self.members else [None] * len(x)
         masks = mask[:, 0].cpu().numpy()
         mask_stds = torch.exp(0.5 * mask_logvar[:, 0]).cpu().numpy()
+        contrasts = [contrast(a, norm=self.norm) for a in prepared]
         return list(
-            zip(counts.cpu().numpy(), stds, masks, mask_stds, spreads, embeddings, strict=True)
+            zip(
+                counts.cpu().numpy(),
+                stds,
+                masks,
+                mask_stds,
+                spreads,
+                embeddings,
+                contrasts,
+                strict=True,
+            )
         )
 
     def embed(self, prepared: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
@@ -442,7 +454,7 @@ class CellCounter:
         return np.stack(rows)
 
     def _result(self, raw: tuple, level: float, source: str | None) -> CountResult:
-        count, std, mask, mask_std, spread, embedding = raw
+        count, std, mask, mask_std, spread, embedding, frame_contrast = raw
         if self.count_scale != 1.0:
             count, std = count * self.count_scale, std * self.count_scale
             spread = None if spread is None else spread * self.count_scale
@@ -451,7 +463,7 @@ class CellCounter:
         distance = None
         if embedding is not None and self.ood_reference is not None:
             distance = float(feature_distance(embedding, self.ood_reference)[0])
-        features = ood_features(count, mask_std, spread, distance)
+        features = ood_features(count, mask_std, spread, distance, frame_contrast)
         return CountResult(
             count=float(count),
             std=float(std),

@@ -227,6 +227,37 @@ def prepare_image(
     return np.clip(out, -1.0, 4.0, out=out)
 
 
+def _percentile(flat: np.ndarray, q: float) -> float:
+    """``np.percentile(flat, q)`` (linear interpolation) by one partition: ~10x faster."""
+    position = (flat.size - 1) * q / 100.0
+    below = int(np.floor(position))
+    part = np.partition(flat, below)
+    value = float(part[below])
+    if below + 1 < flat.size and position > below:
+        value += (position - below) * (float(part[below + 1 :].min()) - value)
+    return value
+
+
+def contrast(prepared: np.ndarray, *, norm: Mapping[str, Any] | None = None) -> float | None:
+    """The percentile range of an image :func:`prepare_image` returned, in its scale's units.
+
+    1 when the image's own ``low``-``high`` percentile range set the scale, below
+    1 when the empty-frame guard did (a range under ``noise_range`` noise stds or
+    2% of the dtype's full scale): a frame of background and noise, likely with no
+    cells (of the real images only BBBC039's one image of 0 nuclei is below 1, at
+    0.43; no BBBC005 image is). ``None`` unless ``norm['method']`` is
+    ``'percentile'``. Capped at 1 (clipping can only lower the range).
+    """
+    norm = {**DEFAULT_NORMALIZATION, **(norm or {})}
+    if norm["method"] != "percentile":
+        return None
+    flat = np.asarray(prepared, dtype=np.float32).ravel()
+    if flat.size == 0:
+        return None
+    span = _percentile(flat, float(norm["high"])) - _percentile(flat, float(norm["low"]))
+    return min(span, 1.0)
+
+
 def dense_strides(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` with row-major strides computed from its shape (a copy only when needed).
 

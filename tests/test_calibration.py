@@ -71,6 +71,18 @@ def test_conformal_reaches_nominal_coverage(level):
     assert abs(gaussian - level) > tolerance
 
 
+def test_conformal_rank_is_exact_where_the_float_product_is_not():
+    from fractions import Fraction
+
+    from celltally.calibration import conformal_quantile, conformal_rank
+
+    assert conformal_quantile(np.arange(1, 75.0), 0.68) == 51.0  # 75 * 0.68 = 51, not 52
+    for level in (0.5, 0.68, 0.8, 0.9, 0.95, 0.99):
+        for n in range(1, 3000):
+            exact = -((-(n + 1) * Fraction(str(level))) // 1)  # ceil in exact arithmetic
+            assert conformal_rank(n, level) == exact, (n, level)
+
+
 def test_temperature_scaling_recovers_a_known_scale():
     n = 20000
     rng = np.random.default_rng(5)

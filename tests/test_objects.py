@@ -51,6 +51,22 @@ def test_fewer_seeds_than_blobs_keeps_the_largest(scene):
     assert np.unique(labels[labels > 0]).size == 5
 
 
+def test_crowded_small_blobs_get_exactly_the_count():
+    """More seeds than a blob has peaks: distinct seeds, never a lost label."""
+    yy, xx = np.mgrid[0:40, 0:40]
+    for radius in (2, 3, 4, 5, 6):
+        disc = ((yy - 20) ** 2 + (xx - 20) ** 2 <= radius**2).astype(np.float32)
+        for count in range(2, 8):
+            labels = label_objects(disc, count, shape=(40, 40))
+            assert np.unique(labels[labels > 0]).size == count, (radius, count)
+    dots = np.zeros((100, 120), dtype=np.float32)
+    for i in range(10):
+        dots[10 * i + 3 : 10 * i + 6, 10:13] = 1.0
+    for count in (15, 30, 90, 120):  # 90 pixels in all: at most 90 objects
+        labels = label_objects(dots, count, shape=(100, 120))
+        assert np.unique(labels[labels > 0]).size == min(count, 90), count
+
+
 def test_empty_mask_or_zero_count_gives_no_objects():
     mask = np.zeros((96, 128), dtype=np.float32)
     assert not label_objects(mask, 12.0, shape=(520, 696)).any()

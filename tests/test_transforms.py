@@ -25,6 +25,15 @@ def test_resize_area_preserves_mean_and_input():
     assert np.array_equal(image, before)
 
 
+def test_resize_area_averages_a_shrinking_axis_while_the_other_grows():
+    lines = np.zeros((150, 696), dtype=np.float32)
+    lines[:, ::8] = 1.0  # one pixel in 8: area averaging gives about 1/8 to 1/3
+    out = resize_area(lines, (192, 256))  # rows grow, columns shrink
+    assert out.shape == (192, 256)
+    assert out.mean() == pytest.approx(0.125, abs=0.005) and out.max() < 0.4
+    assert np.allclose(out, resize_area(resize_area(lines, (150, 256)), (192, 256)))
+
+
 def test_normalize_percentile_maps_range():
     image = np.linspace(0, 100, 10001, dtype=np.float32)
     out = normalize_percentile(image, low=1, high=99)

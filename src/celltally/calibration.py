@@ -20,6 +20,15 @@ def conformal_scores(
     return np.sort(np.abs(y - mu) / sigma)
 
 
+def conformal_rank(n: int, level: float) -> int:
+    """``ceil((n + 1) level)``, the rank of the split-conformal quantile of ``n`` scores.
+
+    Rounded to 9 decimals first: a float product such as ``75 * 0.68``
+    (51.00000000000001) must not round up one rank too many.
+    """
+    return math.ceil(round((n + 1) * level, 9))
+
+
 def conformal_quantile(scores: Sequence[float], level: float) -> float:
     """Split-conformal multiplier: the ceil((n + 1) level) / n empirical quantile.
 
@@ -39,7 +48,7 @@ def conformal_quantile(scores: Sequence[float], level: float) -> float:
     n = s.size
     if n == 0:
         return gaussian_quantile(level)
-    rank = math.ceil((n + 1) * level)
+    rank = conformal_rank(n, level)
     if rank > n:
         z = gaussian_quantile(level)
         tail = float(s[-1]) * z / gaussian_quantile(n / (n + 1))
@@ -59,7 +68,7 @@ def beyond_calibration(
     calibration = calibration or {}
     method = method or calibration.get("default", DEFAULT_METHOD)
     n = len(calibration.get("scores") or ())
-    if method != "conformal" or n == 0 or math.ceil((n + 1) * level) <= n:
+    if method != "conformal" or n == 0 or conformal_rank(n, level) <= n:
         return None
     return (
         f"level {level:g} is above the {n / (n + 1):.3f} that the model's {n} calibration "

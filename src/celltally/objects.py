@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,6 @@ def _seeds(dist: np.ndarray, components: np.ndarray, n_comp: int, n: int, spacin
     peaks (highest first, at least ``spacing`` apart), topped up, when a merged
     blob has fewer peaks than seeds, by k-means centres of its pixels.
     """
-    from scipy.cluster.vq import kmeans2
     from skimage.feature import peak_local_max
 
     index = np.arange(1, n_comp + 1)
@@ -104,17 +104,41 @@ def _seeds(dist: np.ndarray, components: np.ndarray, n_comp: int, n: int, spacin
             local, min_distance=max(1, int(round(spacing))), exclude_border=False, num_peaks=k
         )
         if len(peaks) < k:
-            pixels = np.argwhere(inside).astype(float)
-            k = min(k, len(pixels))
-            rng = np.random.default_rng(label)
-            extra = pixels[rng.choice(len(pixels), size=k - len(peaks), replace=False)]
-            start = np.vstack([peaks.astype(float).reshape(-1, 2), extra])
-            centres, _ = kmeans2(pixels, start, minit="matrix", iter=20)
-            # Snap each centre to the nearest pixel of the component.
-            nearest = np.argmin(((pixels[None] - centres[:, None]) ** 2).sum(-1), axis=1)
-            peaks = pixels[nearest].astype(int)
+            peaks = _spread_seeds(np.argwhere(inside), peaks.reshape(-1, 2), k, seed=label)
         seeds.extend(tuple(int(v) for v in p + offset) for p in peaks)
     return seeds
+
+
+def _spread_seeds(pixels: np.ndarray, peaks: np.ndarray, k: int, *, seed: int) -> np.ndarray:
+    """``min(k, len(pixels))`` distinct pixels of one component, spread by k-means.
+
+    Starts from ``peaks`` plus random other pixels of the component; each
+    centre is snapped to its nearest pixel, and a centre that lands on a pixel
+    already taken (an empty cluster, or two centres by one pixel) moves to the
+    pixel farthest from those taken, so the seeds stay distinct.
+    """
+    from scipy.cluster.vq import kmeans2
+
+    k = min(k, len(pixels))
+    if k <= len(peaks):
+        return peaks[:k]
+    points = pixels.astype(float)
+    taken = {tuple(p) for p in peaks.tolist()}
+    others = [i for i, p in enumerate(pixels.tolist()) if tuple(p) not in taken]
+    rng = np.random.default_rng(seed)
+    extra = points[rng.choice(others, size=k - len(peaks), replace=False)]
+    start = np.vstack([peaks.astype(float), extra])
+    with warnings.catch_warnings():  # an empty cluster is handled below
+        warnings.simplefilter("ignore", UserWarning)
+        centres, _ = kmeans2(points, start, minit="matrix", iter=20)
+    nearest = np.argmin(((points[None] - centres[:, None]) ** 2).sum(-1), axis=1)
+    chosen: list[int] = []
+    for index in nearest.tolist():
+        if index in chosen:
+            gap = ((points[:, None] - points[chosen][None]) ** 2).sum(-1).min(1)
+            index = int(np.argmax(gap))
+        chosen.append(index)
+    return pixels[chosen]
 
 
 def label_objects(

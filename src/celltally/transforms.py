@@ -19,17 +19,21 @@ _MIN_RANGE_FRACTION = 0.02
 def resize_area(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Resize a 2-D image to ``size`` = (height, width) by area averaging (anti-aliased).
 
-    Returns float32; the input is not modified.
+    Axes that grow are interpolated (bilinear). Returns float32; the input is
+    not modified.
     """
     height, width = int(size[0]), int(size[1])
     array = np.asarray(image, dtype=np.float32)
     if array.shape == (height, width):
         return array.copy()
-    tensor = torch.from_numpy(np.ascontiguousarray(array))[None, None]
-    if height <= array.shape[0] and width <= array.shape[1]:
-        out = F.adaptive_avg_pool2d(tensor, (height, width))
-    else:
-        out = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+    out = torch.from_numpy(np.ascontiguousarray(array))[None, None]
+    # Average over the axes that shrink, then interpolate the ones that grow: plain
+    # bilinear on a shrinking axis would skip pixels (aliasing) instead of averaging.
+    pooled = (min(height, array.shape[0]), min(width, array.shape[1]))
+    if pooled != array.shape:
+        out = F.adaptive_avg_pool2d(out, pooled)
+    if pooled != (height, width):
+        out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
     return out[0, 0].numpy()
 
 

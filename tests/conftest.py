@@ -56,3 +56,30 @@ def image_folder(tmp_path):
             folder / f"SIMCEPImages_A0{i + 1}_C{n}_F1_s01_w1.TIF", blob_image(n, seed=i)
         )
     return folder
+
+
+def write_zero_tiff(path, side: int, *, rows: int | None = None) -> None:
+    """A deflate TIFF of side x side 8-bit zeros, a few hundred KB: a "decompression bomb".
+
+    ``rows`` (fewer than ``side``) stores only that many rows, so the header
+    announces the whole image while the file stays tiny (truncated data).
+    """
+    import struct
+    import zlib
+
+    packer = zlib.compressobj(9)
+    row = bytes(side)
+    data = b"".join(packer.compress(row) for _ in range(side if rows is None else rows))
+    data += packer.flush()
+    tags = [
+        (256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 8), (262, 3, 1),
+        (273, 4, 8 + 2 + 12 * 11 + 4), (277, 3, 1), (278, 4, side), (279, 4, len(data)),
+        (284, 3, 1), (339, 3, 1),
+    ]  # fmt: skip
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, value in tags:
+        packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, 1) + packed
+    ifd += struct.pack("<I", 0)
+    with open(path, "wb") as handle:
+        handle.write(b"II*\x00" + struct.pack("<I", 8) + ifd + data)

@@ -148,6 +148,33 @@ def test_ood_thresholds_and_warning():
     assert "contrast" not in ood_thresholds([{**f, "contrast": 0.5} for f in features])
 
 
+def test_a_threshold_on_held_out_distances_flags_about_its_share_of_new_images():
+    from celltally.calibration import feature_distance, feature_reference, held_out_distances
+
+    rng = np.random.default_rng(0)
+    scale = 1.0 / np.arange(1, 97)  # 96 features, a falling spectrum as deep features have
+
+    def draw(n):
+        return rng.normal(size=(n, 96)) * scale
+
+    new = draw(20000)
+    for n in (20, 100):
+        alarms_in, alarms_out = [], []
+        for _ in range(6):
+            x = draw(n)
+            reference = feature_reference(x)
+            d_new = feature_distance(new, reference)
+            in_sample = np.quantile(feature_distance(x, reference), 0.9)
+            held = held_out_distances(x, groups=np.arange(n) // 2)  # pairs stay together
+            alarms_in.append(np.mean(d_new > in_sample))
+            alarms_out.append(np.mean(d_new > np.quantile(held, 0.9)))
+        # nominal 10%: the in-sample threshold flags far more, the held-out one about that
+        assert np.mean(alarms_in) > 0.2, n
+        assert 0.03 < np.mean(alarms_out) < 0.16, (n, alarms_out)
+    with pytest.raises(ValueError, match="2 or more groups"):
+        held_out_distances(draw(5), groups=["a"] * 5)
+
+
 def test_feature_distance_is_mahalanobis():
     rng = np.random.default_rng(1)
     d, n = 6, 4000

@@ -485,3 +485,40 @@ def test_evaluate_says_what_is_wrong_with_its_data_argument(tiny_model, image_fo
     for data, expected in ((listed, "counts.csv: lists no images"), (image, "a file; evaluate")):
         result = run("evaluate", data, "--model", tiny_model, "--out", tmp_path / "e.json")
         assert result.exit_code == 2 and expected in result.output, result.output
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="an address-space limit (RLIMIT_AS)")
+def test_an_image_without_memory_to_count_it_is_one_error_and_the_run_goes_on(
+    image_folder, tmp_path
+):
+    """A real out-of-memory: the process may use 1.6 GB, the image needs more (the
+    shipped model counts it in tiles; 3 GB were enough)."""
+    import resource
+    import shutil
+
+    from conftest import write_zero_tiff
+
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    write_zero_tiff(folder / "a_huge.tif", 16000)  # 256 million pixels, a 250 KB file
+    out = tmp_path / "r.csv"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1_600_000_000, 1_600_000_000))
+
+    args = ["count", folder, "-o", out, "--model", "bbbc005", "--no-progress"]
+    args += ["--read-threads", "0", "--threads", "1", "--batch-size", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "celltally.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    said = done.stdout + done.stderr
+    assert "a_huge.tif: ran out of memory counting it" in said and "Traceback" not in said
+    names = [row["file"] for row in read_rows(out)]
+    assert len(names) == len(list(image_folder.iterdir())) and "a_huge" not in " ".join(names)
+    errors = (tmp_path / "r.errors.csv").read_text()
+    assert "a_huge.tif" in errors

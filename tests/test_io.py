@@ -571,3 +571,21 @@ def test_a_float64_tiff_beyond_float32_is_refused_naming_the_file(tmp_path):
     tifffile.imwrite(path, np.full((16, 16), 1e300))
     with pytest.raises(ImageReadError, match=r"huge.tif: values beyond the float32 range"):
         read_image(path)
+
+
+def test_an_image_too_large_to_count_is_refused_from_its_header(tmp_path):
+    from conftest import write_zero_tiff
+
+    from celltally.io import MAX_IMAGE_PIXELS, header_pixels
+
+    bomb = tmp_path / "bomb.tif"
+    write_zero_tiff(bomb, 20000, rows=10)  # announces 400 million pixels in a 1 KB file
+    assert bomb.stat().st_size < 5000 and header_pixels(bomb) == 20000 * 20000 > MAX_IMAGE_PIXELS
+    with pytest.raises(ImageReadError) as err:
+        read_image(bomb)
+    message = _assert_one_line(err, "bomb.tif")
+    assert "400 million pixel values, more than the 268 million" in message
+    fine = tmp_path / "fine.tif"
+    write_zero_tiff(fine, 300)
+    assert header_pixels(fine) == 90000 and read_image(fine).shape == (300, 300)
+    assert header_pixels(tmp_path / "missing.tif") is None

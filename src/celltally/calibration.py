@@ -373,6 +373,41 @@ def feature_distance(embeddings: np.ndarray, reference: Mapping[str, np.ndarray]
     return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, reference["precision"], x), 0.0))
 
 
+def held_out_distances(
+    embeddings: np.ndarray,
+    *,
+    groups: Sequence[Any] | None = None,
+    folds: int = 20,
+    shrinkage: float = 0.5,
+) -> np.ndarray:
+    """Each image's feature distance from a reference fitted without it (cross-fitting).
+
+    A threshold set on the distances of the very images the reference was fitted
+    on is too low: those distances are biased small (with 20 images of 96
+    features, a 99th-percentile threshold flagged 69% of new images like them;
+    measured on Gaussian features, 2026-11-27). So the images are split into
+    ``min(folds, number of groups)`` folds (one image per fold when there are no
+    more), whole ``groups`` at a time (a scene's images err together), and each
+    fold is measured against :func:`feature_reference` of the others.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    n = x.shape[0]
+    keys = list(range(n)) if groups is None else [str(g) for g in groups]
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} groups for {n} embeddings")
+    order = {key: i for i, key in enumerate(sorted(set(keys), key=str))}
+    k = min(folds, len(order))
+    if k < 2:
+        raise ValueError("need images of 2 or more groups to cross-fit feature distances")
+    fold = np.array([order[key] % k for key in keys])
+    out = np.empty(n)
+    for f in range(k):
+        held = fold == f
+        reference = feature_reference(x[~held], shrinkage=shrinkage)
+        out[held] = feature_distance(x[held], reference)
+    return out
+
+
 def ood_thresholds(
     features: Sequence[Mapping[str, float]], *, quantile: float = 0.99
 ) -> dict[str, Any]:

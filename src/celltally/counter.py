@@ -120,6 +120,24 @@ class ModelScaleImage:
     raw_shape: tuple[int, ...]
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    """NumPy's MemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or (
+        "DefaultCPUAllocator" in text or "not enough memory" in text
+    )
+
+
+def _out_of_memory(path: Path, shape: Sequence[int] | None = None) -> io.ImageReadError:
+    """The error of a file this machine had no memory to count: one line, and the run goes on."""
+    size = f" ({shape[-1]} x {shape[-2]} px)" if shape is not None and len(shape) >= 2 else ""
+    return io.ImageReadError(
+        path,
+        f"ran out of memory counting it{size}: cut it into smaller images, or count it on "
+        "a machine with more memory",
+    )
+
+
 class _InlineExecutor(Executor):
     """Runs each task at submit time, in the caller's thread (``read_threads=0``)."""
 
@@ -548,6 +566,10 @@ class CellCounter:
                 return self.prepare_any(self.read(path))
             except io.InputError as err:
                 return io.about_file(err, path)
+            except (MemoryError, RuntimeError) as err:
+                if not _is_out_of_memory(err):
+                    raise
+                return _out_of_memory(path)
 
         if isinstance(paths, str | Path):  # one file, not the characters of its name
             paths = [paths]
@@ -574,6 +596,13 @@ class CellCounter:
                     if isinstance(item, Exception):
                         yield path, item
                     elif isinstance(item, ModelScaleImage):
-                        yield path, self._result(self._count_scaled(item), level, str(path))
+                        try:
+                            raw = self._count_scaled(item)
+                        except (MemoryError, RuntimeError) as err:
+                            if not _is_out_of_memory(err):
+                                raise
+                            yield path, _out_of_memory(path, item.raw_shape)
+                            continue
+                        yield path, self._result(raw, level, str(path))
                     else:
                         yield path, self._result(by_path[id(item)], level, str(path))

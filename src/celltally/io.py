@@ -169,6 +169,8 @@ def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
                 img = img.convert("I;16")
             arr = np.array(img)
             mode = img.mode
+    except MemoryError:  # not the file's fault: the caller says so
+        raise
     except UnidentifiedImageError:  # its message names the path (a server's temporary one)
         raise ImageReadError(
             original, f"is not a valid {kind} file (corrupt, or another format under this name)"
@@ -194,6 +196,8 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
                 series = tif.series[0] if tif.series else None
                 arr = np.asarray(series.asarray() if series is not None else tif.asarray())
                 axes = series.axes if series is not None else ""
+        except MemoryError:  # not the file's fault: the caller says so
+            raise
         except Exception as exc:  # any decoder failure is a user-facing read error
             reason = _short_reason(exc).replace(str(path), path.name)
             if not reason.startswith("not a TIFF"):
@@ -260,10 +264,52 @@ def _tifffile_notes() -> Iterator[list[str]]:
         _TIFF_READ.notes = None
 
 
+#: Most values (pixels x channels) one image file may hold: 16384 x 16384. Checked on
+#: the header, before decoding, so a small compressed file that would decode into
+#: gigabytes (a "decompression bomb", or a whole slide) is refused in one line.
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+def header_pixels(path: str | os.PathLike[str]) -> int | None:
+    """Values (pixels x channels) in the first image of a file, from its header alone.
+
+    None when the header cannot be read: decoding then reports the problem.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            import tifffile
+
+            with _tifffile_notes(), tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape if tif.series else tif.pages[0].shape
+            return int(np.prod(shape, dtype=np.int64))
+        from PIL import Image
+
+        with Image.open(path) as img:
+            width, height = img.size
+            bands = len(img.getbands())
+        return int(width) * int(height) * bands
+    except Exception:  # unreadable headers: decoding reports the problem
+        return None
+
+
+def _check_size(path: Path, original: str | os.PathLike[str]) -> None:
+    """ImageReadError when the file's header announces more than MAX_IMAGE_PIXELS values."""
+    values = header_pixels(path)
+    if values is not None and values > MAX_IMAGE_PIXELS:
+        raise ImageReadError(
+            original,
+            f"holds {values / 1e6:,.0f} million pixel values, more than the "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} million (16384 x 16384) celltally counts in one "
+            "piece; cut it into smaller images first",
+        )
+
+
 def _load_raw(path: str | os.PathLike[str]) -> tuple[np.ndarray, bool]:
     """Validate and decode an image file; return the raw array and whether it is a TIFF."""
     p = Path(path)
     _check_image_file(p, path)
+    _check_size(p, path)
     is_tiff = p.suffix.lower() in _TIFF_SUFFIXES
     arr = _load_tiff(p, path) if is_tiff else _load_pillow(p, path)
     if arr.ndim == 0 or arr.size == 0 or 0 in arr.shape:

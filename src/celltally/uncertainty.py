@@ -33,6 +33,7 @@ from celltally.calibration import (
     calibrate,
     feature_reference,
     fit_group_correlation,
+    held_out_distances,
     ood_thresholds,
 )
 from celltally.datasets import LabeledSet
@@ -285,6 +286,13 @@ def _calibrated_block(
     return block, loo
 
 
+def _with_distances(features: list[dict], distances: np.ndarray | None) -> list[dict]:
+    """``features`` with their ``feature_distance`` replaced by ``distances`` (if given)."""
+    if distances is None:
+        return features
+    return [{**f, "feature_distance": float(d)} for f, d in zip(features, distances, strict=True)]
+
+
 #: Fewest calibration images on which out-of-distribution thresholds are fitted.
 MIN_OOD_IMAGES = 20
 
@@ -306,8 +314,10 @@ def calibrate_model(
     in ``config.json``'s ``calibration``, and, when the folder has an ensemble,
     the same for the ensemble's total sigma in ``calibration.epistemic``. The
     mean and shrunk precision of the images' deep features (the reference of
-    the feature-distance check) go to ``ood.safetensors``. The weights are not
-    touched.
+    the feature-distance check) go to ``ood.safetensors``; that check's
+    threshold is the ``quantile`` of the images' distances measured out of
+    sample (:func:`celltally.calibration.held_out_distances`, folds by scene).
+    The weights are not touched.
 
     ``count_scale`` names the blocks ('plain', 'epistemic') whose counts get a
     multiplicative correction ``s = sum(y) / sum(mu)`` fitted on the same
@@ -343,11 +353,16 @@ def calibrate_model(
                 f"refit it with count_scale {name!r} (--count-scale {name})"
             )
     fit_ood = len(y) >= MIN_OOD_IMAGES
+    held_out: np.ndarray | None = None
     if fit_ood:
         counter = CellCounter.from_pretrained(folder, device=device)
-        reference = feature_reference(counter.embed(list(calibration.images[:, 0].numpy())))
+        embeddings = counter.embed(list(calibration.images[:, 0].numpy()))
+        reference = feature_reference(embeddings)
         tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}
         save_readable(tensors, folder / OOD_REFERENCE_FILE)
+        # its threshold from distances measured out of sample, by scene where known
+        scenes = [m.get("scene") or i for i, m in enumerate(calibration.meta)]
+        held_out = held_out_distances(embeddings, groups=scenes)
     else:  # a 99th percentile of a handful of images would flag most new ones
         (folder / OOD_REFERENCE_FILE).unlink(missing_ok=True)
         log(
@@ -359,6 +374,7 @@ def calibrate_model(
     counter = CellCounter.from_pretrained(folder, device=device)  # with the reference, if any
     counter.count_scale = 1.0  # raw counts: an earlier correction must not shape this fit
     mean, std, features = _predict(counter, calibration)
+    features = _with_distances(features, held_out)
     block, loo = _calibrated_block(y, mean, std, scaled="plain" in count_scale)
     block["ood"] = ood_thresholds(features, quantile=quantile) if fit_ood else {}
     wells = [well_key(m["name"]) if m.get("name") else None for m in calibration.meta]
@@ -368,6 +384,7 @@ def calibrate_model(
         ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
         ens.count_scale = 1.0
         e_mean, e_std, e_features = _predict(ens, calibration)
+        e_features = _with_distances(e_features, held_out)
         block["epistemic"], e_loo = _calibrated_block(
             y, e_mean, e_std, scaled="epistemic" in count_scale
         )

@@ -338,7 +338,7 @@ class _Service:
         """
         start = time.perf_counter()
         assert upload.path is not None
-        pixels = pixel_count(upload.path)
+        pixels = io.header_pixels(upload.path)
         if pixels is not None and pixels > self.max_pixels:
             return _failure(
                 upload.name,
@@ -409,29 +409,6 @@ class _Service:
             seconds=round(time.perf_counter() - start, 4),
             images=images,
         )
-
-
-def pixel_count(path: Path) -> int | None:
-    """Pixels in the first image of a file, from its header alone (None if unknown).
-
-    Lets the server refuse a small file that would decode into a huge array
-    (a "decompression bomb") before decoding it.
-    """
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                shape = tif.series[0].shape if tif.series else tif.pages[0].shape
-            return int(np.prod(shape, dtype=np.int64))
-        from PIL import Image
-
-        with Image.open(path) as img:
-            width, height = img.size
-            bands = len(img.getbands())
-        return int(width) * int(height) * bands
-    except Exception:  # unreadable headers: read_image reports the problem
-        return None
 
 
 def _failure(name: str, status: int, problem: str) -> FileResult:

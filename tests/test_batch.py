@@ -78,6 +78,40 @@ def test_a_link_back_up_the_tree_is_listed_once(tmp_path):
     assert found == ["a.tif", "b.tif"]
 
 
+def test_an_image_link_to_itself_is_listed_and_fails_on_its_own(tmp_path):
+    (tmp_path / "a.tif").write_bytes(b"x")
+    (tmp_path / "loopy.tif").symlink_to("loopy.tif")
+    found = sorted(p.name for p in io.iter_images([tmp_path]))
+    assert found == ["a.tif", "loopy.tif"]  # not dropped unseen
+    with pytest.raises(io.ImageReadError, match="loopy.tif"):
+        io.read_image(tmp_path / "loopy.tif")
+
+
+def test_a_runs_own_mask_and_label_folders_are_not_counted(plate, tiny_model, tmp_path):
+    root = tmp_path / "plate"
+    (root / "a").mkdir(parents=True)
+    for name in files_of(plate)[:4]:
+        (root / "a" / Path(name).name).write_bytes(Path(name).read_bytes())
+    expected = [str(p) for p in sorted((root / "a").iterdir())]
+    out = tmp_path / "r.csv"
+    args = [root, "-o", out, "--model", tiny_model, "--recursive", "--no-progress"]
+    for _ in range(2):  # a rerun must not find the first run's masks and labels either
+        result = CliRunner().invoke(
+            app,
+            ["count", *map(str, args), "--save-masks", str(root / "masks"), "--save-labels",
+             str(root / "labels")],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert_exactly_once(out, expected)
+    assert any((root / "masks").rglob("*_mask.png")) and any((root / "labels").rglob("*.png"))
+    same = CliRunner().invoke(
+        app, ["count", str(root / "a"), "-o", str(tmp_path / "s.csv"), "--model", str(tiny_model),
+              "--save-masks", str(root / "a")],
+    )  # fmt: skip
+    assert same.exit_code == 2 and "is also where this run writes its masks" in same.output
+    assert not (tmp_path / "s.csv").exists()
+
+
 @pytest.mark.parametrize(
     "arg, message",
     [("missing.tif", "no such file"), ("empty", "contains no"), ("notes.txt", "unsupported")],

@@ -704,6 +704,7 @@ def run_batch(
     log: Log = _quiet,
     on_commit: Callable[[int], None] | None = None,
     counter_options: dict[str, Any] | None = None,
+    exclude: Sequence[str | os.PathLike[str]] = (),
 ) -> BatchSummary:
     """Count every image under ``paths`` into the resumable CSV ``out``.
 
@@ -759,6 +760,9 @@ def run_batch(
         Keyword arguments for :meth:`CellCounter.from_pretrained` (e.g. interval
         options), JSON-serializable; recorded in the manifest, and like the model and
         level they must not change when resuming.
+    exclude : sequence of str or Path
+        More folders of this run's outputs (e.g. per-object labels) that are never
+        searched for images; ``save_masks`` always is not.
 
     Returns
     -------
@@ -800,7 +804,8 @@ def run_batch(
     if save_masks is not None and Path(save_masks).resolve() in run_files(out):
         raise io.InputError(f"--save-masks {save_masks}: is one of this run's output files")
     inputs = [os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
-    files = io.iter_images(inputs, recursive=recursive)
+    outputs = [d for d in (save_masks, *exclude) if d is not None]
+    files = io.iter_images(inputs, recursive=recursive, exclude=outputs)
     folder = resolve_model(model)
     identity = model_identity(folder)
     options = json.loads(json.dumps(counter_options or {}))  # as the manifest will hold them

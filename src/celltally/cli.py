@@ -392,6 +392,7 @@ def count(
             progress=progress,
             log=note,
             counter_options=options,
+            exclude=[save_labels] if save_labels is not None else [],
         )
         rows = read_results(out) if out.exists() else []  # this run's and earlier runs'
         if save_labels is not None:

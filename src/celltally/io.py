@@ -577,7 +577,9 @@ def list_images(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = Fa
     return result
 
 
-def _scan_folder(folder: Path, recursive: bool) -> Iterator[Path]:
+def _scan_folder(
+    folder: Path, recursive: bool, exclude: frozenset[str] = frozenset()
+) -> Iterator[Path]:
     """Image files in ``folder`` in directory order, streamed with :func:`os.scandir`.
 
     Holds one open directory handle per level of nesting, never the whole listing.
@@ -586,7 +588,8 @@ def _scan_folder(folder: Path, recursive: bool) -> Iterator[Path]:
     gives only its ``images/``. A broken link with an image suffix is produced
     (reading it then fails with its own error) rather than skipped unseen. A
     folder reached twice (a link back up the tree, or to a folder already listed)
-    is listed once.
+    is listed once. Sub-folders whose real path is in ``exclude`` (a run's own
+    output folders) are not descended into.
     """
     stack = [os.fspath(folder)]
     seen: set[tuple[int, int]] = set()
@@ -606,15 +609,18 @@ def _scan_folder(folder: Path, recursive: bool) -> Iterator[Path]:
                 for entry in entries:
                     if entry.name.startswith("."):
                         continue
+                    image = os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
                     try:
                         if recursive and entry.is_dir():
-                            subdirs.append(entry.path)
-                        elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and (
+                            if not exclude or os.path.realpath(entry.path) not in exclude:
+                                subdirs.append(entry.path)
+                        elif image and (
                             entry.is_file() or (entry.is_symlink() and not entry.is_dir())
                         ):
                             yield Path(entry.path)
-                    except OSError:
-                        continue
+                    except OSError:  # e.g. a link to itself: reading it says what is wrong
+                        if image:
+                            yield Path(entry.path)
         except OSError as exc:
             reason = _short_reason(exc)
             raise InputError(f"{current}: cannot list folder: {reason}", current) from None
@@ -664,24 +670,34 @@ def output_stem(path: str | os.PathLike[str], root: str | os.PathLike[str] | Non
     return rel.with_name(rel.stem).as_posix()
 
 
-def _arg_images(text: str, recursive: bool) -> Iterator[Path]:
+def _arg_images(
+    text: str, recursive: bool, exclude: frozenset[str] = frozenset()
+) -> Iterator[Path]:
     """Stream the image files one command-line argument stands for (no validation)."""
     p = Path(text)
     if p.is_dir():
-        yield from _scan_folder(p, recursive)
+        yield from _scan_folder(p, recursive, exclude)
     elif p.is_file():
         yield p
     else:
         for match in glob.iglob(text, recursive=recursive):
             m = Path(match)
+            if exclude and any(
+                os.path.realpath(m) == e or os.path.realpath(m).startswith(e + os.sep)
+                for e in exclude
+            ):
+                continue
             if m.is_dir():
-                yield from _scan_folder(m, recursive)
+                yield from _scan_folder(m, recursive, exclude)
             elif _is_image_file(m):
                 yield m
 
 
 def iter_images(
-    paths: Sequence[str | os.PathLike[str]], *, recursive: bool = False
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    recursive: bool = False,
+    exclude: Sequence[str | os.PathLike[str]] = (),
 ) -> Iterator[Path]:
     """Like :func:`list_images`, but streamed: bounded memory whatever the folder size.
 
@@ -698,6 +714,9 @@ def iter_images(
         Image files, folders and glob patterns, as for :func:`list_images`.
     recursive : bool, default False
         Descend into sub-folders; in patterns, ``**`` matches any number of folders.
+    exclude : sequence of str or Path
+        Folders never searched (a run's own output folders, such as ``--save-masks``:
+        its masks are images too), whether they exist yet or not.
 
     Returns
     -------
@@ -708,15 +727,23 @@ def iter_images(
     ------
     InputError
         Raised by this call (not later) for a path that does not exist, a folder without
-        images, a pattern matching no images, or a file with an unsupported suffix.
+        images, a pattern matching no images, a file with an unsupported suffix, or a
+        folder argument that is one of ``exclude``.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     texts = [os.fspath(arg) for arg in paths]
+    skip = frozenset(os.path.realpath(e) for e in exclude)
     for text in texts:
         p = Path(text)
+        if p.is_dir() and os.path.realpath(p) in skip:
+            raise InputError(
+                f"{text}: is also where this run writes its masks or labels, which would "
+                "be counted as images on the next run; write them to another folder",
+                text,
+            )
         if p.is_dir():
-            if next(_scan_folder(p, recursive), None) is None:
+            if next(_scan_folder(p, recursive, skip), None) is None:
                 raise _empty_folder(p, text, recursive)
         elif p.is_file():
             if p.suffix.lower() not in IMAGE_SUFFIXES:
@@ -727,7 +754,7 @@ def iter_images(
         elif any(ch in text for ch in _GLOB_CHARS):
             if next(iter(glob.iglob(text, recursive=recursive)), None) is None:
                 raise InputError(f"no files match the pattern '{text}'", text)
-            if next(_arg_images(text, recursive), None) is None:
+            if next(_arg_images(text, recursive, skip), None) is None:
                 raise InputError(f"pattern '{text}' matches no TIFF/PNG/JPEG images", text)
         else:
             raise InputError(f"no such file or folder: {text}", text)
@@ -735,7 +762,7 @@ def iter_images(
     def generate() -> Iterator[Path]:
         seen: set[bytes] | None = set() if len(texts) > 1 else None
         for text in texts:
-            for path in _arg_images(text, recursive):
+            for path in _arg_images(text, recursive, skip):
                 if seen is not None:
                     key = hashlib.blake2b(
                         os.fsencode(os.path.abspath(path)), digest_size=16

@@ -233,6 +233,54 @@ def test_relative_names_from_another_working_folder_are_not_taken_for_these(
     assert len(read_results(out)) == 8
 
 
+def test_same_relative_names_in_another_working_folder_are_other_images(
+    plate, tiny_model, tmp_path, monkeypatch
+):
+    """Both runs give 'plate1' from their own folder: only the recorded file's place decides."""
+    import shutil
+
+    out = tmp_path / "all.csv"
+    for k, where in enumerate(("scrA", "scrB")):
+        folder = tmp_path / where / "plate1"
+        folder.mkdir(parents=True)
+        for i, src in enumerate(files_of(plate)[4 * k : 4 * k + 2]):
+            shutil.copy(src, folder / f"f{i}.tif")
+        monkeypatch.chdir(tmp_path / where)
+        done = run_batch(["plate1"], out=out, model=tiny_model)
+        assert (done.counted, done.skipped) == (2, 0), where
+    assert len(read_results(out)) == 4
+    # the same project at another place (another node's mount): still known by name
+    monkeypatch.chdir(tmp_path / "scrA")
+    run_batch(["plate1"], out=tmp_path / "a.csv", model=tiny_model)
+    shutil.move(tmp_path / "scrA", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    again = run_batch(["plate1"], out=tmp_path / "a.csv", model=tiny_model)
+    assert (again.counted, again.skipped) == (0, 2)
+
+
+def test_a_file_linked_under_another_name_gets_its_own_row_resumed_or_not(
+    plate, tiny_model, tmp_path
+):
+    import shutil
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for src in files_of(plate)[:2]:
+        shutil.copy(src, folder)
+    first = sorted(folder.iterdir())[0]
+    (folder / "z_alias.tif").symlink_to(first.name)
+    whole = run_batch([folder], out=tmp_path / "whole.csv", model=tiny_model)
+    assert whole.counted == 3
+    out = tmp_path / "resumed.csv"
+    run_batch([first], out=out, model=tiny_model)
+    resumed = run_batch([folder], out=out, model=tiny_model)
+    assert (resumed.counted, resumed.skipped) == (2, 1)
+    assert len(read_results(out)) == 3
+    # a linked folder is the same files, however it is spelt
+    (tmp_path / "link").symlink_to(folder)
+    assert run_batch([tmp_path / "link"], out=out, model=tiny_model).counted == 0
+
+
 def test_resume_after_runs_from_two_working_folders_counts_nothing_twice(
     plate, tiny_model, tmp_path, monkeypatch
 ):

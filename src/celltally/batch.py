@@ -197,17 +197,30 @@ def _digest(name: str) -> bytes:
     return hashlib.blake2b(name.encode(_ENCODING, _ENC_ERRORS), digest_size=16).digest()
 
 
-def _keys(name: str, bases: Iterable[str] = ()) -> set[bytes]:
-    """How a counted file is recognised on resume: its name as written, and its real path.
+def _where(path: str) -> str:
+    """``path`` made absolute with its folders' links resolved, but not a link of its own."""
+    full = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
 
-    The real path (a relative name taken from each of ``bases``, the working folders
-    the results were written from; default this one) matches the same image however
-    it is spelt (``plate/a.tif``, ``./plate/a.tif``, an absolute path, a link, another
-    working folder); the name as written matches a relative name rerun elsewhere.
+
+def _keys(name: str, bases: Iterable[str] = (), *, recorded: bool = False) -> set[bytes]:
+    """How a counted file is recognised on resume: its path, and maybe its name as written.
+
+    The path (a relative name taken from each of ``bases``, the working folders
+    the results were written from; default this one; folder links resolved)
+    matches the same file however it is spelt (``plate/a.tif``, ``./plate/a.tif``,
+    an absolute path, a linked folder, another working folder). A file linked
+    under another name is another file, as in a run that is not resumed. The name
+    as written matches a relative name rerun from elsewhere, e.g. the same
+    project mounted at another place on another node; for a ``recorded`` row
+    only when no file is left where the row was written, else an image of the
+    same relative name in another folder would be taken for it.
     """
-    folders = list(bases) or [os.getcwd()]
-    real = {_digest(os.path.realpath(os.path.join(base, name))) for base in folders}
-    return {_digest(name), *real}
+    places = [os.path.join(base, name) for base in (list(bases) or [os.getcwd()])]
+    keys = {_digest(_where(place)) for place in places}
+    if not recorded or not any(os.path.lexists(place) for place in places):
+        keys.add(_digest(name))
+    return keys
 
 
 def _csv_text(rows: Iterable[Sequence[str]]) -> bytes:
@@ -363,7 +376,7 @@ def _scan_results(
                 good_end = state["offset"]  # a blank line: harmless
                 continue
             if complete and len(record) == len(columns) and record[0]:
-                found.done.update(_keys(record[0], bases))
+                found.done.update(_keys(record[0], bases, recorded=True))
                 found.rows += 1
                 good_end = state["offset"]
                 continue

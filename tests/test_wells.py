@@ -75,6 +75,10 @@ def test_wells_sum_sites_per_stain_with_the_combined_interval():
     assert first["true_count"] == 63.0 and first["error"] == -3.0
     assert first["mean_per_image"] == 20.0
     assert wells[1]["true_count"] == ""  # truth unknown for one of its images
+    assert first["repeated_sites"] == ""
+    again = [*rows[:3], row("copy/P1_B03_s2_w1.tif", 20.0, 2.0)]
+    twice = aggregate_wells(again, correlation=0.5)[0]
+    assert twice[0]["repeated_sites"] == "2" and twice[0]["images"] == 4
 
 
 def test_the_multiplier_survives_the_csv_rounding_of_a_near_empty_site():
@@ -201,6 +205,17 @@ def test_count_with_wells_then_wells_command(tiny_model, well_plate, tmp_path):
     assert ", measured" not in result.output and f"{DEFAULT_CORRELATION:.3f}, assumed" in (
         result.output
     )
+    assert "more than once" not in result.output
+    # a site counted again under another name: summed twice, and said so
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    first_image = sorted(well_plate.iterdir())[0]
+    (copy / first_image.name).write_bytes(first_image.read_bytes())
+    args = ["count", str(copy), "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["wells", str(out), "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 well(s) hold a site more than once" in result.output
 
 
 def test_wells_of_a_run_whose_every_image_failed(tiny_model, tmp_path):

@@ -494,6 +494,13 @@ def _echo_wells(
         typer.echo(f"warning: no file name in {results} carries a well: no well totals", err=True)
     without = f"; {skipped} image(s) without a well in the name left out" if skipped else ""
     typer.echo(f"{len(rows)} well total(s) -> {out} (within-well correlation {used}{without})")
+    if repeated := sum(1 for r in rows if r.get("repeated_sites")):
+        typer.echo(
+            f"warning: {repeated} well(s) hold a site more than once (column "
+            "'repeated_sites'; the same image counted under two names?): their totals "
+            "count it twice",
+            err=True,
+        )
     partial = sum(1 for r in rows if r.get("failed"))
     if partial:
         typer.echo(

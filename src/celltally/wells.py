@@ -46,6 +46,7 @@ WELL_COLUMNS: list[str] = [
     "images",
     "failed",
     "sites",
+    "repeated_sites",
     "count",
     "std",
     "low",
@@ -239,7 +240,7 @@ def aggregate_wells(
     rows = list(rows)
     _check_rows(rows, source)
     groups: dict[tuple, list[Mapping[str, str]]] = {}
-    sites_of: dict[tuple, set[str]] = {}
+    sites_of: dict[tuple, list[str]] = {}
     skipped = 0
     for row in rows:
         if row.get("well"):
@@ -254,7 +255,7 @@ def aggregate_wells(
             continue
         group = (row.get("model") or "", row.get("level") or "", *key)
         groups.setdefault(group, []).append(row)
-        sites_of.setdefault(group, set()).add(site)
+        sites_of.setdefault(group, []).append(site)
     missing: dict[tuple, int] = {}
     for name in failed:
         if (key := well_key(name)) is not None:
@@ -290,7 +291,10 @@ def aggregate_wells(
         truths = [r.get("true_count") for r in members]
         known = all(t not in (None, "") for t in truths)
         truth = sum(float(t) for t in truths) if known else None
-        sites = sorted(sites_of[group] - {""}, key=_site_order)
+        sites = sorted(set(sites_of[group]) - {""}, key=_site_order)
+        # the same site twice (counted again under another name, a copy, a link)
+        # is summed twice: said, not hidden
+        repeated = [s for s in sites if sites_of[group].count(s) > 1]
         wells.append(
             {
                 "plate": plate,
@@ -299,6 +303,7 @@ def aggregate_wells(
                 "images": len(members),
                 "failed": missing.pop((plate, well, stain), 0),
                 "sites": ";".join(sites),
+                "repeated_sites": ";".join(repeated),
                 "count": round(total, 2),
                 "std": round(std, 3),
                 "low": round(max(0.0, total - half), 2),

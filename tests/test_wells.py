@@ -444,3 +444,19 @@ def test_evaluate_reports_per_well_totals(tiny_model, tmp_path):
     single.mkdir()
     tifffile.imwrite(single / "SIMCEPImages_A01_C3_F1_s01_w1.TIF", blob_image(3))
     assert evaluate_folder(single, model=tiny_model)["wells"] is None
+
+
+def test_wells_read_a_results_csv_with_a_file_name_that_is_not_utf8(
+    tiny_model, well_plate, tmp_path
+):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = sorted(well_plate.iterdir())
+    (folder / "Plate\udce9_B03_s1_w1.tif").write_bytes(images[0].read_bytes())  # byte 0xE9
+    (folder / "Plate1_B03_s2_w1.tif").write_bytes(images[1].read_bytes())
+    out, totals = tmp_path / "res.csv", tmp_path / "wells.csv"
+    args = ["count", str(folder), "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    result = runner.invoke(app, [*args, "--wells", str(totals)])
+    assert result.exit_code == 0, result.output
+    assert "2 well total(s)" in result.output
+    assert b"Plate\xe9" in totals.read_bytes()  # the plate's name kept byte for byte

@@ -84,13 +84,14 @@ def read_results(path: str | Path) -> list[dict[str, str]]:
     celltally.io.InputError
         The file is missing or lacks a column the totals need (one-line message).
     """
+    from celltally.batch import _ENC_ERRORS, _ENCODING
     from celltally.batch import read_results as read_complete_rows
 
     path = Path(path)
     if not path.is_file():
         raise io.InputError(f"{path}: no such results file")
-    try:
-        with path.open(newline="") as handle:
+    try:  # as count writes it: a file name that is not UTF-8 kept byte for byte
+        with path.open(newline="", encoding=_ENCODING, errors=_ENC_ERRORS) as handle:
             header = next(csv.reader(handle), [])
     except (UnicodeDecodeError, csv.Error):
         raise io.InputError(f"{path}: not a celltally results CSV (not CSV text)") from None
@@ -333,7 +334,7 @@ def write_wells(path: str | Path, wells: Sequence[Mapping[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with tmp.open("w", newline="") as handle:
+        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             writer = csv.DictWriter(handle, fieldnames=WELL_COLUMNS, lineterminator="\n")
             writer.writeheader()
             for row in wells:

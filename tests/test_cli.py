@@ -522,3 +522,40 @@ def test_an_image_without_memory_to_count_it_is_one_error_and_the_run_goes_on(
     assert len(names) == len(list(image_folder.iterdir())) and "a_huge" not in " ".join(names)
     errors = (tmp_path / "r.errors.csv").read_text()
     assert "a_huge.tif" in errors
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file-size limit (RLIMIT_FSIZE)")
+def test_a_failed_write_names_the_file(tiny_model, tmp_path):
+    """Disk full or file too large: the error says which output, and the rows kept are whole."""
+    import resource
+
+    from conftest import blob_image
+
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    for i in range(16):
+        tifffile.imwrite(
+            folder / f"SIMCEPImages_A{i + 1:02d}_C5_F1_s01_w1.TIF", blob_image(5, seed=i)
+        )
+    whole = tmp_path / "whole.csv"
+    args = [folder, "--model", tiny_model, "--no-progress", "--batch-size", "1"]
+    assert run("count", *args, "-o", whole).exit_code == 0
+    room = whole.with_suffix(".manifest.json").stat().st_size + 200  # the manifest fits
+    assert whole.stat().st_size > room + 400  # the rows do not
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+
+    out = tmp_path / "r.csv"
+    done = subprocess.run(
+        [sys.executable, "-m", "celltally.cli", "count", *map(str, args), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert f"error: {out}: file too large" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    kept = read_rows(out)
+    assert 0 < len(kept) < 16 and all(row["count"] for row in kept)

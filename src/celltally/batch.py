@@ -56,6 +56,7 @@ chunks in flight.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io as _stdio
@@ -276,7 +277,7 @@ def _now() -> str:
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with _naming(path), open(tmp, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(data, indent=2) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
@@ -411,6 +412,17 @@ def read_results(out: str | os.PathLike[str]) -> list[dict[str, str]]:
     return list(csv.DictReader(_stdio.StringIO(text, newline="")))
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError of writing to an open file (disk full, file too large) names ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None
+
+
 class _ResultsFile:
     """The append-only results CSV, held open and locked for one run."""
 
@@ -450,8 +462,9 @@ class _ResultsFile:
 
     def truncate(self, size: int) -> None:
         assert self.fd is not None
-        os.ftruncate(self.fd, size)
-        os.fsync(self.fd)
+        with _naming(self.path):
+            os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
 
     def write_header(self) -> None:
         self.append_rows([self.columns])
@@ -461,8 +474,9 @@ class _ResultsFile:
         if not rows:
             return
         assert self.fd is not None
-        _write_all(self.fd, _csv_text(rows))
-        os.fsync(self.fd)
+        with _naming(self.path):
+            _write_all(self.fd, _csv_text(rows))
+            os.fsync(self.fd)
 
     def append(self, rows: Sequence[dict]) -> None:
         self.append_rows([[row.get(c, "") for c in self.columns] for row in rows])
@@ -485,6 +499,10 @@ class _ErrorLog:
     def add(self, items: Sequence[tuple[str, str]]) -> None:
         if not items:
             return
+        with _naming(self.path):
+            self._add(items)
+
+    def _add(self, items: Sequence[tuple[str, str]]) -> None:
         if self._handle is None:
             self._handle = open(self.path, "w", encoding=_ENCODING, errors=_ENC_ERRORS, newline="")
             csv.writer(self._handle, lineterminator="\n").writerow(ERROR_COLUMNS)

@@ -193,6 +193,11 @@ def test_conformal_quantile_rank():
     assert all(b > a for a, b in zip(above, above[1:], strict=False))  # never flat
     assert conformal_quantile(scores, 0.999) > 19
     assert abs(gaussian_quantile(0.95) - 1.959964) < 1e-5
+    # one or two small scores (a small fine-tuning folder) never narrow an interval
+    # beyond what they can promise below the model's own Gaussian one
+    assert conformal_quantile([0.212], 0.95) == pytest.approx(gaussian_quantile(0.95))
+    assert conformal_quantile([0.1, 0.3], 0.8) == pytest.approx(gaussian_quantile(0.8))
+    assert conformal_quantile([0.212], 0.5) == pytest.approx(0.212)  # what 1 score promises
 
 
 def test_the_shipped_model_counts_no_cells_in_a_noise_only_frame():

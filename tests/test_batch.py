@@ -564,3 +564,23 @@ def test_dask_cluster_gives_same_counts_as_one_process(plate, tiny_model, tmp_pa
         assert float(row["count"]) == pytest.approx(float(ref["count"]), abs=0.011)
         assert float(row["high"]) == pytest.approx(float(ref["high"]), abs=0.011)
         assert (row["well"], row["true_count"]) == (ref["well"], ref["true_count"])
+
+
+def test_two_images_whose_outputs_would_share_a_name_are_not_mixed(plate, tiny_model, tmp_path):
+    from PIL import Image
+
+    from celltally.batch import SAME_OUTPUT_NAME
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    first, second = files_of(plate)[:2]
+    Image.fromarray(tifffile.imread(first)).save(folder / "A01.png")
+    (folder / "A01.tif").write_bytes(Path(second).read_bytes())
+    out, masks = tmp_path / "r.csv", tmp_path / "masks"
+    for _ in range(2):  # the same on a rerun
+        summary = run_batch([folder], out=out, model=tiny_model, save_masks=masks)
+        assert summary.failed == 1 and SAME_OUTPUT_NAME in summary.errors[0]
+        assert len(read_results(out)) == 1  # the other one, with its own masks
+    assert sorted(p.name for p in masks.iterdir()) == ["A01_mask.png", "A01_mask_std.tif"]
+    # without masks there is nothing to mix: both are counted
+    assert run_batch([folder], out=tmp_path / "plain.csv", model=tiny_model).counted == 2

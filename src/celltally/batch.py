@@ -675,6 +675,13 @@ def _shown_inputs(paths: Sequence[str], limit: int = 20) -> list[str]:
     return shown
 
 
+#: Error of an image whose name differs from another's only in its suffix (with masks).
+SAME_OUTPUT_NAME = (
+    "another image of this run has the same name but for its suffix (A01.png, A01.tif): "
+    "its masks and labels would overwrite that one's; rename one of them"
+)
+
+
 def mask_file(
     folder: str | os.PathLike[str],
     path: str | os.PathLike[str],
@@ -906,8 +913,19 @@ def run_batch(
         if results.size() == 0:
             results.write_header()
 
+        claimed: set[bytes] = set()  # output names taken (16 bytes per image, with masks)
+
         def todo() -> Iterator[Path]:
             for path in files:
+                if masks is not None:
+                    # A01.png and A01.tif would write one A01_mask.png (and labels): the
+                    # second is not counted but said, before it mixes the first's outputs
+                    stem = _digest(os.path.abspath(mask_file(masks, path, root)))
+                    if stem in claimed:
+                        errors.add([(str(path), f"{path}: {SAME_OUTPUT_NAME}")])
+                        bar.update(1)
+                        continue
+                    claimed.add(stem)
                 if found.done and not found.done.isdisjoint(_keys(str(path))):
                     summary.skipped += 1
                     if masks is not None and not mask_file(masks, path, root).exists():

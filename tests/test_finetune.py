@@ -149,6 +149,12 @@ def test_counts_come_from_label_masks_without_counts_csv(folders, tmp_path):
         tifffile.imwrite(path, (tifffile.imread(path) > 0).astype(np.uint8) * 255)
     with pytest.raises(ValueError, match="neither _C<count>_ in the name nor a label mask"):
         load_folder(binary, size=(64, 96))
+    # binary masks in masks/ beside the label images in labels/: the labels count
+    both = tmp_path / "both"
+    shutil.copytree(folder, both)
+    shutil.copytree(binary / "labels", both / "masks")
+    data = load_folder(both, size=(64, 96))
+    assert {m["name"]: c for m, c in zip(data.meta, data.counts.tolist(), strict=True)} == truth
 
 
 def copy_plate(source, target):

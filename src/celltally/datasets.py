@@ -182,14 +182,17 @@ def mask_for(image: Path, folder: Path) -> Path | None:
 def _count_from_labels(image: Path, mask_dirs: Sequence[Path]) -> int | None:
     """Number of labels of ``image``'s label mask; None without one.
 
-    An empty mask or label image (all 0) counts 0. One with a single value is
-    None: a binary mask cannot be told from a one-object label image.
+    ``labels/`` is looked at before ``masks/``. An empty mask or label image
+    (all 0) counts 0. One with a single value says nothing (a binary mask
+    cannot be told from a one-object label image): the next folder is tried.
     """
-    for d in mask_dirs:
+    ordered = sorted(mask_dirs, key=lambda d: d.name != "labels")
+    for d in ordered:
         if found := mask_for(image, d):
             labels = io.read_mask(found)
             values = np.unique(labels[labels > 0])
-            return None if values.size == 1 else int(values.size)
+            if values.size != 1:
+                return int(values.size)
     return None
 
 

@@ -478,9 +478,7 @@ def test_a_tiny_diameter_is_refused_before_it_asks_for_terabytes(image_folder, t
     # the other way (2830 for 28.3): a frame shrunk to a few pixels is no empty well
     result = run("count", image_folder, "-o", out, "--model", "nuclei", "--diameter", "2830")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "too small to count (each side needs at least 8 px); check --diameter" in (
-        result.output
-    )
+    assert "too small to count (each side needs at least 8 px); check --diameter" in (result.output)
 
 
 def test_evaluate_says_what_is_wrong_with_its_data_argument(tiny_model, image_folder, tmp_path):

@@ -589,3 +589,18 @@ def test_an_image_too_large_to_count_is_refused_from_its_header(tmp_path):
     write_zero_tiff(fine, 300)
     assert header_pixels(fine) == 90000 and read_image(fine).shape == (300, 300)
     assert header_pixels(tmp_path / "missing.tif") is None
+
+
+def test_a_grey_tiff_with_three_or_four_planes_last_is_stains_not_colour(tmp_path):
+    rng = np.random.default_rng(0)
+    planes = rng.integers(0, 4000, (40, 50, 4)).astype(np.uint16)
+    grey = tmp_path / "yxc4.tif"
+    tifffile.imwrite(grey, planes, photometric="minisblack")
+    with pytest.raises(ImageReadError) as err:
+        read_image(grey)
+    assert "4 different channels" in _assert_one_line(err, "yxc4.tif")
+    assert np.array_equal(read_image(grey, channel=3), planes[..., 3])
+    rgb = tmp_path / "rgb.tif"  # a real RGB TIFF is still a colour image: its mean
+    tifffile.imwrite(rgb, planes[..., :3].astype(np.uint8), photometric="rgb")
+    expected = np.rint(planes[..., :3].astype(np.uint8).astype(np.float32).mean(-1))
+    assert np.array_equal(read_image(rgb), expected.astype(np.uint8))

@@ -208,7 +208,12 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
         raise ImageReadError(
             original, f"cannot be read as TIFF (corrupt or truncated file): {reason}"
         )
-    return _channels_first(arr, axes, original)
+    arr = _channels_first(arr, axes, original)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and "S" not in axes and min(arr.shape[:2]) > 4:
+        # a grey (Y, X, 3|4) TIFF, not an RGB one (whose samples tifffile names S):
+        # its planes are stains, as a (C, Y, X) file's, not colours to average
+        arr = np.moveaxis(arr, -1, 0)
+    return arr
 
 
 def _channels_first(arr: np.ndarray, axes: str, path: str | os.PathLike[str]) -> np.ndarray:

@@ -373,6 +373,12 @@ def test_a_segmenter_only_model_says_its_counter_is_untrained(tmp_path):
     first = run("train", *common, "--stage", "segmenter", "--out", tmp_path / "s1")
     assert first.exit_code == 0, first.output
     assert "its counter is untrained" in first.output
+    # a new model on label images alone records its objects' size, for --diameter
+    from celltally.datasets import labels_diameter
+
+    scale = json.loads((tmp_path / "s1" / "config.json").read_text())["scale"]
+    assert scale["object_diameter_px"] == round(labels_diameter(folder), 2)
+    assert "measured on your label images" in first.output
     image = sorted((folder / "images").iterdir())[0]
     counted = run("count", image, "-o", tmp_path / "r.csv", "--model", tmp_path / "s1")
     assert counted.exit_code == 2 and "its counter is untrained" in counted.output

@@ -135,13 +135,15 @@ def _check_frame_size(
 
 
 def _rescale_reference(
-    config: dict[str, Any], folders: Sequence[Path], from_model: str, log: Log
+    config: dict[str, Any], folders: Sequence[Path], from_model: str | None, log: Log
 ) -> None:
-    """Make a fine-tuned model's reference object diameter (``--diameter``) the user's.
+    """Make a fine-tuned (or new) model's reference object diameter (``--diameter``) the user's.
 
     The new model learns the user's images at their own scale, so the starting
     model's ``scale.object_diameter_px`` no longer applies: it is measured from
-    the folders' label images where there are some, else kept with a note.
+    the folders' label images where there are some, else kept with a note. A
+    new model (``from_model`` None) trained on the folders alone gets one only
+    from label images.
     """
     measured = [d for d in (labels_diameter(f) for f in folders) if d is not None]
     scale = dict(config.get("scale") or {})
@@ -153,7 +155,7 @@ def _rescale_reference(
             f"reference object diameter (--diameter): {scale['object_diameter_px']} px, "
             "measured on your label images"
         )
-    elif "object_diameter_px" in scale:
+    elif "object_diameter_px" in scale and from_model is not None:
         log(
             f"no label images to measure your objects: the new model keeps {from_model}'s "
             f"reference object diameter ({scale['object_diameter_px']} px) for --diameter"
@@ -317,7 +319,8 @@ def build_and_fit(
             "test_sites": [9, 10],
             **{k: int(v.size) for k, v in parts.items()},
         }
-    if from_model is not None and folders:
+    if folders and (from_model is not None or (bbbc005 is None and simulated <= 0)):
+        # a new model trained on the user's images alone learns their objects' size too
         _rescale_reference(config, folders, from_model, log)
     user_meta: list[dict[str, Any]] = []
     for folder in folders:

@@ -584,3 +584,30 @@ def test_two_images_whose_outputs_would_share_a_name_are_not_mixed(plate, tiny_m
     assert sorted(p.name for p in masks.iterdir()) == ["A01_mask.png", "A01_mask_std.tif"]
     # without masks there is nothing to mix: both are counted
     assert run_batch([folder], out=tmp_path / "plain.csv", model=tiny_model).counted == 2
+
+
+def test_ctrl_c_on_a_local_dask_run_is_one_line_and_resumes(plate, tiny_model, tmp_path):
+    """Ctrl-C reaches the whole process group: only the command speaks, not each worker."""
+    pytest.importorskip("dask.distributed")
+    out = tmp_path / "r.csv"
+    args = ["count", str(plate), "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    args += ["--dask", "local:1", "--batch-size", "1", "--chunk-size", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celltally.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(read_results(out) if out.exists() else []) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    said, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said
+    assert "interrupted: the rows written so far are kept" in said
+    kept = len(read_results(out))
+    assert 2 <= kept < 42
+    rerun = run_batch([plate], out=out, model=tiny_model)
+    assert rerun.skipped == kept and rerun.counted == 42 - kept

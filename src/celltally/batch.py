@@ -1128,6 +1128,26 @@ def _local_workers(spec: str) -> int | None:
     return n
 
 
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """SIGINT ignored while worker processes start, so they inherit that (across exec too).
+
+    Ctrl-C reaches the whole process group: the workers then each printed a
+    KeyboardInterrupt traceback, while this process, which owns them, shuts
+    the cluster down and says what was kept.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def _connect(spec: str, log: Log):
     """A dask.distributed Client for ``spec`` (and the LocalCluster it started, if any)."""
     try:
@@ -1147,7 +1167,7 @@ def _connect(spec: str, log: Log):
         # and page-faulted anew and a worker counts ~1.4x slower than a plain process
         # (measured: 10-11 vs 15-16 img/s). Pinning the mmap threshold at glibc's own
         # adaptive maximum (32 MiB) restores the speed and keeps Dask's trimming.
-        with dask.config.set({MMAP_THRESHOLD_KEY: MMAP_THRESHOLD}):
+        with dask.config.set({MMAP_THRESHOLD_KEY: MMAP_THRESHOLD}), _workers_ignore_ctrl_c():
             cluster = LocalCluster(
                 n_workers=n,
                 threads_per_worker=1,

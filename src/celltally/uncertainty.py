@@ -31,6 +31,7 @@ import torch
 from celltally import io
 from celltally.calibration import (
     calibrate,
+    conformal_rank,
     feature_reference,
     fit_group_correlation,
     held_out_distances,
@@ -396,6 +397,13 @@ def calibrate_model(
         block["epistemic"]["ood"] = ood_thresholds(e_features, quantile=quantile) if fit_ood else {}
     config["calibration"] = block
     write_config(folder, config)
+    if conformal_rank(len(y), 0.95) > len(y):
+        log(
+            f"only {len(y)} calibration images: they guarantee intervals up to "
+            f"{len(y) / (len(y) + 1):.2f}, not 95% (that needs 19); wider levels extrapolate, "
+            "never narrower than the model's own sigma. For guaranteed 95% intervals: "
+            f"celltally calibrate --model {folder} --data FOLDER_OF_HELD_OUT_IMAGES"
+        )
     log(
         f"calibrated {folder} on {len(y)} images: temperature {block['temperature']:.3f}"
         + (

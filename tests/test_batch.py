@@ -611,3 +611,44 @@ def test_ctrl_c_on_a_local_dask_run_is_one_line_and_resumes(plate, tiny_model, t
     assert 2 <= kept < 42
     rerun = run_batch([plate], out=out, model=tiny_model)
     assert rerun.skipped == kept and rerun.counted == 42 - kept
+
+
+def test_each_row_is_resolved_from_the_folder_of_the_run_that_wrote_it(
+    plate, tiny_model, tmp_path, monkeypatch
+):
+    import shutil
+
+    images = files_of(plate)
+    for where, names in (("X", ["a"]), ("Y", ["a", "b"])):  # Y's a.tif is another image
+        (tmp_path / where / "plate").mkdir(parents=True)
+        for i, name in enumerate(names):
+            shutil.copy(images[i + (where == "Y")], tmp_path / where / "plate" / f"{name}.tif")
+    out = tmp_path / "r.csv"
+    monkeypatch.chdir(tmp_path / "X")
+    assert run_batch(["plate/a.tif"], out=out, model=tiny_model).counted == 1
+    monkeypatch.chdir(tmp_path / "Y")
+    assert run_batch(["plate/b.tif"], out=out, model=tiny_model).counted == 1
+    third = run_batch(["plate/a.tif"], out=out, model=tiny_model)  # Y's own a.tif: new
+    assert (third.counted, third.skipped) == (1, 0)
+    again = run_batch(["plate"], out=out, model=tiny_model)
+    assert (again.counted, again.skipped) == (0, 2)
+    monkeypatch.chdir(tmp_path / "X")
+    assert run_batch(["plate"], out=out, model=tiny_model).skipped == 1
+
+
+def test_an_image_counted_before_keeps_its_output_names(plate, tiny_model, tmp_path):
+    """A01.tif added beside an A01.png counted earlier: A01.tif is said, whatever the order."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    first, second = files_of(plate)[:2]
+    Image.fromarray(tifffile.imread(first)).save(folder / "A01.png")
+    out, masks = tmp_path / "r.csv", tmp_path / "masks"
+    run_batch([folder], out=out, model=tiny_model, save_masks=masks)
+    before = (masks / "A01_mask.png").read_bytes()
+    (folder / "A01.tif").write_bytes(Path(second).read_bytes())
+    summary = run_batch([folder], out=out, model=tiny_model, save_masks=masks)
+    assert (summary.counted, summary.skipped, summary.failed) == (0, 1, 1)
+    assert "A01.tif" in summary.errors[0]
+    assert (masks / "A01_mask.png").read_bytes() == before

@@ -56,6 +56,7 @@ chunks in flight.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import csv
 import hashlib
@@ -324,11 +325,18 @@ class _Recovered:
 
 
 def _scan_results(
-    path: Path, columns: Sequence[str], size: int, *, bases: Sequence[str] = ()
+    path: Path,
+    columns: Sequence[str],
+    size: int,
+    *,
+    bases: Sequence[str] | Callable[[int], Sequence[str]] = (),
+    on_row: Callable[[str, Sequence[str]], None] | None = None,
 ) -> tuple[_Recovered, int, bool]:
     """Read a results CSV back; return what it holds, where its last complete record ends,
     and whether it has a complete header. Each file is recognised by its name and its
-    real path from ``bases`` (the working folders the rows were written from; :func:`_keys`).
+    real path from ``bases`` (the working folders the rows were written from; :func:`_keys`),
+    or ``bases(i)`` for the i-th row (the folder of the run that wrote it). ``on_row``
+    receives each complete row's file name and its bases.
 
     Raises
     ------
@@ -377,7 +385,10 @@ def _scan_results(
                 good_end = state["offset"]  # a blank line: harmless
                 continue
             if complete and len(record) == len(columns) and record[0]:
-                found.done.update(_keys(record[0], bases, recorded=True))
+                where = bases(found.rows) if callable(bases) else bases
+                found.done.update(_keys(record[0], where, recorded=True))
+                if on_row is not None:
+                    on_row(record[0], where)
                 found.rows += 1
                 good_end = state["offset"]
                 continue
@@ -590,6 +601,28 @@ def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: 
     )
 
 
+def _row_bases(manifest: Mapping[str, Any]) -> Callable[[int], Sequence[str]]:
+    """The working folder(s) the i-th row of the results was written from.
+
+    Relative names are resolved (to know an image however it is spelt) from the
+    folder of the run that wrote the row (each run records its ``cwd`` and the
+    rows there were before it, ``rows_before``). Runs of older versions, which
+    did not record both, leave every folder a run wrote from (or this one).
+    """
+    runs = [r for r in manifest.get("runs", []) if r.get("rows_before") is not None]
+    known = [(int(r["rows_before"]), r.get("cwd")) for r in runs]
+    if not known or len(runs) != len(manifest.get("runs", [])) or not all(c for _, c in known):
+        every = sorted({r.get("cwd") or os.getcwd() for r in manifest.get("runs", [])})
+        return lambda i: every or [os.getcwd()]
+    starts = [start for start, _ in known]
+
+    def bases(i: int) -> Sequence[str]:
+        k = max(bisect.bisect_right(starts, i) - 1, 0)
+        return [known[k][1]]
+
+    return bases
+
+
 def _prepare_output(
     paths: OutputPaths,
     results: _ResultsFile,
@@ -598,6 +631,7 @@ def _prepare_output(
     level: float,
     options: dict,
     overwrite: bool,
+    on_row: Callable[[str, Sequence[str]], None] | None = None,
 ) -> tuple[_Recovered, dict | None]:
     """Lock the results CSV, check it against the manifest, repair a torn tail."""
     size = results.open()
@@ -617,11 +651,8 @@ def _prepare_output(
             f"({paths.manifest.name}); pick a new --out or pass --overwrite",
             paths.results,
         )
-    # Relative names are resolved (to know an image however it is spelt) from each working
-    # folder an earlier run wrote from (this one for runs that did not record theirs).
-    bases = {r.get("cwd") or os.getcwd() for r in manifest.get("runs", [])} or {os.getcwd()}
     found, good_end, header_ok = _scan_results(
-        paths.results, results.columns, size, bases=sorted(bases)
+        paths.results, results.columns, size, bases=_row_bases(manifest), on_row=on_row
     )
     if not header_ok or (found.rows == 0 and not found.torn_bytes):
         # nothing counted yet (e.g. the last run stopped on a bad option): start afresh,
@@ -883,6 +914,16 @@ def run_batch(
         "save_masks": None if masks is None else str(masks),
     }
     manifest: dict | None = None
+    # Output names (masks, labels) taken, 16 bytes per image, when there are outputs:
+    # first those of the images already counted, which keep theirs, then as listed.
+    claimed: set[bytes] = set()
+
+    def output_key(path: str) -> bytes:
+        return _digest(os.path.abspath(mask_file(masks, path, root)))
+
+    def claim_recorded(name: str, bases: Sequence[str]) -> None:
+        claimed.add(output_key(os.path.join(bases[0], name)))
+
     try:
         found, old = _prepare_output(
             out_paths,
@@ -891,6 +932,7 @@ def run_batch(
             level=level,
             options=options,
             overwrite=overwrite,
+            on_row=None if masks is None else claim_recorded,
         )
         if found.rows or found.torn_bytes:
             torn = f", a torn last row ({found.torn_bytes} B) dropped" if found.torn_bytes else ""
@@ -913,20 +955,19 @@ def run_batch(
         if results.size() == 0:
             results.write_header()
 
-        claimed: set[bytes] = set()  # output names taken (16 bytes per image, with masks)
-
         def todo() -> Iterator[Path]:
             for path in files:
-                if masks is not None:
-                    # A01.png and A01.tif would write one A01_mask.png (and labels): the
-                    # second is not counted but said, before it mixes the first's outputs
-                    stem = _digest(os.path.abspath(mask_file(masks, path, root)))
-                    if stem in claimed:
+                done = bool(found.done) and not found.done.isdisjoint(_keys(str(path)))
+                if masks is not None and not done:
+                    # A01.png and A01.tif would write one A01_mask.png (and labels): one
+                    # not counted yet whose name is taken is said, not let mix the outputs
+                    key = output_key(str(path))
+                    if key in claimed:
                         errors.add([(str(path), f"{path}: {SAME_OUTPUT_NAME}")])
                         bar.update(1)
                         continue
-                    claimed.add(stem)
-                if found.done and not found.done.isdisjoint(_keys(str(path))):
+                    claimed.add(key)
+                if done:
                     summary.skipped += 1
                     if masks is not None and not mask_file(masks, path, root).exists():
                         mask_only.add(str(path))

@@ -154,6 +154,7 @@ def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     kind = _format_name(path.suffix)
     try:
         with Image.open(path) as img:
+            _check_size(img.size[0] * img.size[1] * len(img.getbands()), original)
             img.load()
             mode = img.mode
             if mode == "P":
@@ -169,7 +170,7 @@ def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
                 img = img.convert("I;16")
             arr = np.array(img)
             mode = img.mode
-    except MemoryError:  # not the file's fault: the caller says so
+    except (MemoryError, ImageReadError):  # out of memory is not the file's fault
         raise
     except UnidentifiedImageError:  # its message names the path (a server's temporary one)
         raise ImageReadError(
@@ -194,9 +195,12 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
         try:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0] if tif.series else None
+                first = tif.pages[0].shape if len(tif.pages) else (0,)
+                shape = series.shape if series is not None else first
+                _check_size(int(np.prod(shape, dtype=np.int64)), original)  # before decoding
                 arr = np.asarray(series.asarray() if series is not None else tif.asarray())
                 axes = series.axes if series is not None else ""
-        except MemoryError:  # not the file's fault: the caller says so
+        except (MemoryError, ImageReadError):  # out of memory is not the file's fault
             raise
         except Exception as exc:  # any decoder failure is a user-facing read error
             reason = _short_reason(exc).replace(str(path), path.name)
@@ -298,10 +302,9 @@ def header_pixels(path: str | os.PathLike[str]) -> int | None:
         return None
 
 
-def _check_size(path: Path, original: str | os.PathLike[str]) -> None:
-    """ImageReadError when the file's header announces more than MAX_IMAGE_PIXELS values."""
-    values = header_pixels(path)
-    if values is not None and values > MAX_IMAGE_PIXELS:
+def _check_size(values: int, original: str | os.PathLike[str]) -> None:
+    """ImageReadError when a file's header announces more than MAX_IMAGE_PIXELS values."""
+    if values > MAX_IMAGE_PIXELS:
         raise ImageReadError(
             original,
             f"holds {values / 1e6:,.0f} million pixel values, more than the "
@@ -314,7 +317,6 @@ def _load_raw(path: str | os.PathLike[str]) -> tuple[np.ndarray, bool]:
     """Validate and decode an image file; return the raw array and whether it is a TIFF."""
     p = Path(path)
     _check_image_file(p, path)
-    _check_size(p, path)
     is_tiff = p.suffix.lower() in _TIFF_SUFFIXES
     arr = _load_tiff(p, path) if is_tiff else _load_pillow(p, path)
     if arr.ndim == 0 or arr.size == 0 or 0 in arr.shape:

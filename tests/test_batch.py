@@ -110,6 +110,12 @@ def test_a_runs_own_mask_and_label_folders_are_not_counted(plate, tiny_model, tm
     )  # fmt: skip
     assert same.exit_code == 2 and "is also where this run writes its masks" in same.output
     assert not (tmp_path / "s.csv").exists()
+    # an output folder inside the counted tree that holds images of the user's
+    hidden = CliRunner().invoke(
+        app, ["count", str(root), "-o", str(tmp_path / "h.csv"), "--model", str(tiny_model),
+              "--recursive", "--save-masks", str(root / "a")],
+    )  # fmt: skip
+    assert hidden.exit_code == 2 and "holds images of its own" in hidden.output
 
 
 @pytest.mark.parametrize(

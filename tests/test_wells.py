@@ -460,3 +460,8 @@ def test_wells_read_a_results_csv_with_a_file_name_that_is_not_utf8(
     assert result.exit_code == 0, result.output
     assert "2 well total(s)" in result.output
     assert b"Plate\xe9" in totals.read_bytes()  # the plate's name kept byte for byte
+    (folder / "Plate\udce9_B04_s1_w1.tif").write_bytes(b"not a tiff")  # in errors.csv too
+    result = runner.invoke(app, [*args, "--wells", str(totals)])
+    assert result.exit_code == 1 and "well(s) include images that could not be counted" in (
+        result.output
+    )

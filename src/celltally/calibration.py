@@ -392,17 +392,20 @@ def held_out_distances(
     measured on Gaussian features, 2026-11-27). So the images are split into
     ``min(folds, number of groups)`` folds (one image per fold when there are no
     more), whole ``groups`` at a time (a scene's images err together), and each
-    fold is measured against :func:`feature_reference` of the others.
+    fold is measured against :func:`feature_reference` of the others. With all
+    images in one group (a time-lapse of one field) the folds are single images.
     """
     x = np.asarray(embeddings, dtype=np.float64)
     n = x.shape[0]
     keys = list(range(n)) if groups is None else [str(g) for g in groups]
     if len(keys) != n:
         raise ValueError(f"{len(keys)} groups for {n} embeddings")
+    if len(set(keys)) < 2:
+        keys = list(range(n))
     order = {key: i for i, key in enumerate(sorted(set(keys), key=str))}
     k = min(folds, len(order))
     if k < 2:
-        raise ValueError("need images of 2 or more groups to cross-fit feature distances")
+        raise ValueError("need 2 or more images to cross-fit feature distances")
     fold = np.array([order[key] % k for key in keys])
     out = np.empty(n)
     for f in range(k):

@@ -355,7 +355,8 @@ class CellCounter:
                 f"px at model {self.name}'s scale (more than {MAX_MODEL_PIXELS / 1e6:g} million "
                 "pixels); check --diameter / --pixel-size"
             )
-        if self.factor != 1.0 and min(shape) < MIN_SIDE:  # e.g. --diameter 2830 for 28.3
+        if min(shape) < MIN_SIDE <= min(model_shape(image.shape, self.scale)):
+            # only the --diameter / --pixel-size factor shrinks it so (2830 for 28.3)
             raise io.InputError(
                 f"image of {image.shape[1]}x{image.shape[0]} px would be {shape[1]}x{shape[0]} "
                 f"px at model {self.name}'s scale, too small to count (each side needs at "

@@ -200,6 +200,8 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
                 _check_size(int(np.prod(shape, dtype=np.int64)), original)  # before decoding
                 arr = np.asarray(series.asarray() if series is not None else tif.asarray())
                 axes = series.axes if series is not None else ""
+                # RGB or YCbCr samples are colours; a grey page's samples are stains
+                colour = len(tif.pages) > 0 and int(tif.pages[0].photometric) in (2, 6)
         except (MemoryError, ImageReadError):  # out of memory is not the file's fault
             raise
         except Exception as exc:  # any decoder failure is a user-facing read error
@@ -213,9 +215,9 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
             original, f"cannot be read as TIFF (corrupt or truncated file): {reason}"
         )
     arr = _channels_first(arr, axes, original)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and "S" not in axes and min(arr.shape[:2]) > 4:
-        # a grey (Y, X, 3|4) TIFF, not an RGB one (whose samples tifffile names S):
-        # its planes are stains, as a (C, Y, X) file's, not colours to average
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and not colour and min(arr.shape[:2]) > 4:
+        # a grey (Y, X, 3|4) TIFF (photometric not RGB): its planes are stains, as a
+        # (C, Y, X) file's, not colours to average
         arr = np.moveaxis(arr, -1, 0)
     return arr
 
@@ -687,17 +689,47 @@ def _arg_images(
     elif p.is_file():
         yield p
     else:
+        parents: dict[str, str] = {}  # one realpath per folder, not per file
         for match in glob.iglob(text, recursive=recursive):
             m = Path(match)
-            if exclude and any(
-                os.path.realpath(m) == e or os.path.realpath(m).startswith(e + os.sep)
-                for e in exclude
-            ):
-                continue
+            if exclude:
+                parent = os.path.dirname(match) or "."
+                if parent not in parents:
+                    parents[parent] = os.path.realpath(parent)
+                real = parents[parent]
+                if any(real == e or real.startswith(e + os.sep) for e in exclude):
+                    continue
+                if m.is_dir() and os.path.realpath(match) in exclude:
+                    continue
             if m.is_dir():
                 yield from _scan_folder(m, recursive, exclude)
             elif _is_image_file(m):
                 yield m
+
+
+#: Ends of the image files celltally writes per counted image (masks, labels, overlay).
+OUTPUT_ENDINGS = ("_mask.png", "_mask_std.tif", "_labels.tif", "_overlay.png")
+
+
+def _check_output_folders(texts: Sequence[str], skip: frozenset[str]) -> None:
+    """InputError if an output folder inside a searched folder holds images of its own.
+
+    Such a folder is not searched (its masks would be counted as images), so
+    images of the user's there would silently go uncounted.
+    """
+    roots = [os.path.realpath(t) for t in texts if os.path.isdir(t)]
+    for folder in sorted(skip):
+        inside = any(folder.startswith(root + os.sep) for root in roots)
+        if not inside or not os.path.isdir(folder):
+            continue
+        for path in _scan_folder(Path(folder), True):
+            if not path.name.endswith(OUTPUT_ENDINGS):
+                raise InputError(
+                    f"{folder}: this run writes its masks or labels there, inside the "
+                    f"folders it counts, but it holds images of its own (e.g. {path.name}), "
+                    "which would not be counted; write the outputs to another folder",
+                    folder,
+                )
 
 
 def iter_images(
@@ -741,6 +773,8 @@ def iter_images(
         paths = [paths]
     texts = [os.fspath(arg) for arg in paths]
     skip = frozenset(os.path.realpath(e) for e in exclude)
+    if recursive and skip:
+        _check_output_folders(texts, skip)
     for text in texts:
         p = Path(text)
         if p.is_dir() and os.path.realpath(p) in skip:

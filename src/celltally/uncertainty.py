@@ -359,11 +359,11 @@ def calibrate_model(
         counter = CellCounter.from_pretrained(folder, device=device)
         embeddings = counter.embed(list(calibration.images[:, 0].numpy()))
         reference = feature_reference(embeddings)
-        tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}
-        save_readable(tensors, folder / OOD_REFERENCE_FILE)
         # its threshold from distances measured out of sample, by scene where known
         scenes = [m.get("scene") or i for i, m in enumerate(calibration.meta)]
         held_out = held_out_distances(embeddings, groups=scenes)
+        tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}
+        save_readable(tensors, folder / OOD_REFERENCE_FILE)
     else:  # a 99th percentile of a handful of images would flag most new ones
         (folder / OOD_REFERENCE_FILE).unlink(missing_ok=True)
         log(

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from typer.testing import CliRunner
 
+from celltally.batch import COUNT_COLUMNS
+from celltally.cli import app
 from celltally.counter import CellCounter
 from celltally.simulate import simulate_scene
 
@@ -197,7 +200,21 @@ def test_desktop_upload_count_maps_table_plate_csv(server, images, browser, tmp_
     assert float(by_file[TIFF_NAME]["count"]) == pytest.approx(expected[TIFF_NAME].count, abs=1e-3)
     assert by_file[TIFF_NAME]["well"] == "C05" and by_file[TIFF_NAME]["true_count"] == "20"
     assert by_file[TIFF_NAME]["model"] == "tiny"  # which model counted it travels with the CSV
-    assert "unsupported" in by_file["notes.txt"]["error"]
+    assert "unsupported" in by_file["notes.txt"]["problem"] and by_file["notes.txt"]["count"] == ""
+    # the columns of `celltally count`'s results, so `celltally wells` reads the page's file
+    assert list(rows[0])[: len(COUNT_COLUMNS)] == COUNT_COLUMNS
+    assert float(by_file[TIFF_NAME]["error"]) == pytest.approx(
+        expected[TIFF_NAME].count - 20, abs=0.01
+    )
+    wells = CliRunner().invoke(
+        app, ["wells", str(csv_path), "-o", str(tmp_path / "w.csv"), "--correlation", "0.1"]
+    )
+    assert wells.exit_code == 0, wells.output  # notes.txt's failed row is no obstacle
+    assert "2 well total(s)" in wells.output
+    # each result names the model and level it was counted with
+    sync_api.expect(card(page, TIFF_NAME).locator(".interval")).to_contain_text("model tiny")
+    made = page.locator("#table tbody tr").first.locator("td").nth(3)
+    sync_api.expect(made).to_have_text("tiny · 95%")
 
     page.screenshot(path=str(tmp_path / "desktop.png"), full_page=True)
     # The browser logs the (expected) 415 answer for notes.txt; nothing else may fail.
@@ -314,7 +331,12 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     wait_for_batch(page, 2)
     row = page.locator('#well-totals tbody tr[data-well="B02"]')
     cells = row.locator("td").all_text_contents()
-    assert cells[:3] == ["Screen1 B02", "w1", "2"]
+    two_flagged = sum(bool(r["warning"]) for r in rows)
+    assert cells[:3] == [
+        "Screen1 B02",
+        "w1",
+        "2" + (f" ({two_flagged} unusual)" if two_flagged else ""),
+    ]
     total, half = (float(v) for v in cells[3].split(" ± "))
     low, high = (float(v) for v in cells[4].split("–"))
     assert total == pytest.approx(expected["count"], abs=0.06)
@@ -327,13 +349,18 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     page.set_input_files("#file-input", [str(paths[0]), str(other)])
     wait_for_batch(page, 4)
     images = row.locator("td").nth(2)
-    sync_api.expect(images).to_have_text("3 (site 1 more than once)")
+    flagged = 2 * bool(rows[0]["warning"]) + bool(rows[1]["warning"])
+    unusual = f" ({flagged} unusual)" if flagged else ""
+    sync_api.expect(images).to_have_text(f"3 (site 1 more than once){unusual}")
     pick = page.locator("#plate-select")
     sync_api.expect(pick).to_be_visible()
-    assert pick.locator("option").all_text_contents() == ["Screen1", "Screen2"]
+    views = ["Screen1 · tiny · 95%", "Screen2 · tiny · 95%"]
+    assert pick.locator("option").all_text_contents() == views
     assert page.locator('#plate-grid .well.has[data-well="B02"]').count() == 1
     assert page.locator('#plate-grid .well.has[data-well="C03"]').count() == 0
-    pick.select_option("Screen2")
+    if flagged:  # a well with unusual images is outlined on the map
+        assert page.locator('#plate-grid .well.flagged[data-well="B02"]').count() == 1
+    pick.select_option(label=views[1])
     assert page.locator('#plate-grid .well.has[data-well="C03"]').count() == 1
     assert page.locator('#plate-grid .well.has[data-well="B02"]').count() == 0
     # a site that cannot be read: its well's total says what it leaves out
@@ -341,8 +368,10 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     broken.write_bytes(b"II*\x00 not really a tiff")
     page.set_input_files("#file-input", [str(broken)])
     wait_for_batch(page, 5)
-    sync_api.expect(images).to_have_text("3 (site 1 more than once) + 1 not counted")
+    pick.select_option(label=views[0])
+    sync_api.expect(images).to_have_text(f"3 (site 1 more than once){unusual} + 1 not counted")
     assert "incomplete" in (row.get_attribute("class") or "")
+    assert page.locator('#plate-grid .well.failed[data-well="B02"]').count() == 1
     context.close()
 
 

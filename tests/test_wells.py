@@ -76,6 +76,10 @@ def test_wells_sum_sites_per_stain_with_the_combined_interval():
     assert first["mean_per_image"] == 20.0
     assert wells[1]["true_count"] == ""  # truth unknown for one of its images
     assert first["repeated_sites"] == ""
+    # a row the web page could not count (no count, a 'problem') is a failed image
+    web = [*rows[:3], {**row("P1_B03_s4_w1.tif", 0, 0), "count": "", "problem": "corrupt"}]
+    (same, *_), _ = aggregate_wells(web, correlation=0.5)
+    assert same["failed"] == 1 and same["count"] == first["count"]
     again = [*rows[:3], row("copy/P1_B03_s2_w1.tif", 20.0, 2.0)]
     twice = aggregate_wells(again, correlation=0.5)[0]
     assert twice[0]["repeated_sites"] == "2" and twice[0]["images"] == 4

@@ -177,7 +177,8 @@ function fillCard(card, r) {
   card.querySelector(".count").textContent = `${fmt(r.count)} ± ${fmt(half)}`;
   const interval = card.querySelector(".interval");
   interval.textContent =
-    `cells · ${Math.round(r.level * 100)}% interval ${fmt(r.low)}–${fmt(r.high)}`;
+    `cells · ${Math.round(r.level * 100)}% interval ${fmt(r.low)}–${fmt(r.high)}` +
+    ` · model ${r.model || "?"}`;
   if (r.level_note) { // above what the model's calibration can guarantee
     interval.textContent += " (extrapolated)";
     interval.title = r.level_note;
@@ -223,7 +224,7 @@ function makeRow(name) {
   const td = document.createElement("td");
   td.textContent = name;
   const wait = document.createElement("td");
-  wait.colSpan = 5;
+  wait.colSpan = 6;
   wait.textContent = "waiting…";
   tr.append(td, wait);
   $("table").querySelector("tbody").appendChild(tr);
@@ -234,21 +235,24 @@ function fillRow(tr, r) {
   tr.replaceChildren();
   if (!r.ok) tr.className = "failed";
   const meta = r.metadata || {};
+  const made = r.ok ? `${r.model || ""} · ${Math.round(r.level * 100)}%` : "";
   const cells = r.ok
-    ? [r.name, fmt(r.count), `${fmt(r.low)}–${fmt(r.high)}`, meta.well || "", meta.site ?? "",
-       r.warning || ""]
-    : [r.name, "", "", meta.well || "", meta.site ?? "", r.error || "failed"];
+    ? [r.name, fmt(r.count), `${fmt(r.low)}–${fmt(r.high)}`, made, meta.well || "",
+       meta.site ?? "", r.warning || ""]
+    : [r.name, "", "", "", meta.well || "", meta.site ?? "", r.error || "failed"];
   cells.forEach((text, i) => {
     const td = document.createElement("td");
     td.textContent = String(text);
     if (i === 1 || i === 2) td.className = "num";
-    if (i === 5) { td.className = "note"; td.title = String(text); }
+    if (i === 6) { td.className = "note"; td.title = String(text); }
     tr.appendChild(td);
   });
 }
 
+// The columns of `celltally count`'s results CSV (so `celltally wells` reads this file),
+// then 'problem': why an image could not be counted (its count is then empty).
 const CSV_COLUMNS = ["file", "count", "std", "low", "high", "level", "model", "plate", "well",
-  "site", "blur", "stain", "true_count", "warning", "error"];
+  "site", "blur", "stain", "true_count", "error", "warning", "problem"];
 
 function csvCell(value) {
   if (value === null || value === undefined) return "";
@@ -263,15 +267,19 @@ function toCSV() {
   for (const r of state.results) {
     if (!r) continue;
     const m = r.metadata || {};
+    const truth = r.ok && m.count !== null && m.count !== undefined ? m.count : null;
     const row = [r.name, fmt(r.count, 3), fmt(r.std, 4), fmt(r.low, 3), fmt(r.high, 3),
-      r.level ?? "", r.model || "", m.plate, m.well, m.site, m.blur,
-      m.stain, m.count, r.warning, r.error];
+      r.level ?? "", r.model || "", m.plate, m.well, m.site, m.blur, m.stain, m.count,
+      truth === null ? "" : (r.count - truth).toFixed(2), r.warning, r.ok ? "" : r.error];
     lines.push(row.map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";
 }
 
 function downloadCSV() {
+  const pending = state.total - state.done;
+  if (pending > 0 && !window.confirm(`${pending} image(s) are still being counted and will ` +
+      `not be in the file. Download the ${state.done} done so far?`)) return;
   const blob = new Blob([toCSV()], { type: "text/csv" });
   const url = URL.createObjectURL(blob);
   const a = document.createElement("a");
@@ -311,23 +319,41 @@ function rowLabel(n) {
 }
 
 function drawPlate() {
-  // One plate at a time: a select appears when the results span several.
-  const plates = [...new Set(state.results
-    .filter((r) => r && r.ok && r.metadata && r.metadata.row && r.metadata.column)
-    .map((r) => r.metadata.plate || ""))];
-  if (!plates.includes(state.plate)) state.plate = plates.length ? plates[0] : null;
+  // One plate, model and level at a time (as the totals group them): a select appears
+  // when the results span several.
+  const keyOf = (r) => [(r.metadata && r.metadata.plate) || "", r.model || "", r.level ?? ""]
+    .join("|");
+  const placed = state.results.filter((r) => r && r.metadata && r.metadata.row &&
+    r.metadata.column);
+  const views = [...new Set(placed.filter((r) => r.ok).map(keyOf))];
+  if (!views.includes(state.plate)) state.plate = views.length ? views[0] : null;
   const pick = $("plate-select");
-  pick.hidden = plates.length < 2;
-  pick.replaceChildren(...plates.map((p) => new Option(p || "(no plate name)", p)));
+  pick.hidden = views.length < 2;
+  pick.replaceChildren(...views.map((v) => {
+    const [plate, model, level] = v.split("|");
+    const text = `${plate || "(no plate name)"} · ${model} · ${Math.round(level * 100)}%`;
+    return new Option(text, v);
+  }));
   pick.value = state.plate === null ? "" : state.plate;
+  const plateOf = state.plate === null ? null : state.plate.split("|")[0];
   const wells = new Map();
-  for (const r of state.results) {
-    const m = (r && r.metadata) || {};
-    if (!r || !r.ok || !m.row || !m.column || (m.plate || "") !== state.plate) continue;
+  const entry = (m) => {
     const key = `${m.row}${m.column}`;
-    const entry = wells.get(key) || { row: rowIndex(m.row), column: m.column, counts: [] };
-    entry.counts.push(r.count);
-    wells.set(key, entry);
+    const e = wells.get(key) ||
+      { row: rowIndex(m.row), column: m.column, counts: [], flagged: 0, failed: 0 };
+    wells.set(key, e);
+    return e;
+  };
+  for (const r of placed) {
+    const m = r.metadata;
+    if (!r.ok) { // an image not counted marks its well on every view of its plate
+      if ((m.plate || "") === plateOf) entry(m).failed += 1;
+      continue;
+    }
+    if (keyOf(r) !== state.plate) continue;
+    const e = entry(m);
+    e.counts.push(r.count);
+    if (r.warning) e.flagged += 1;
   }
   const section = $("plate");
   if (!wells.size) { section.hidden = true; return; }
@@ -337,7 +363,8 @@ function drawPlate() {
   // Standard plate formats: 96 (8 x 12), 384 (16 x 24), 1536 (32 x 48).
   const [nr, nc] = rows <= 8 && cols <= 12 ? [8, 12] : rows <= 16 && cols <= 24 ? [16, 24]
     : [Math.max(rows, 32), Math.max(cols, 48)];
-  const means = [...wells.values()].map((w) => w.counts.reduce((a, b) => a + b, 0) / w.counts.length);
+  const means = [...wells.values()].filter((w) => w.counts.length)
+    .map((w) => w.counts.reduce((a, b) => a + b, 0) / w.counts.length);
   const lo = Math.min(...means);
   const hi = Math.max(...means);
   const grid = $("plate-grid");
@@ -361,12 +388,24 @@ function drawPlate() {
       const well = [...wells.values()].find((w) => w.row === r && w.column === c);
       const name = `${rowLabel(r)}${String(c).padStart(2, "0")}`;
       if (well) {
-        const mean = well.counts.reduce((a, b) => a + b, 0) / well.counts.length;
-        cell.classList.add("has");
-        cell.style.background = viridis(hi > lo ? (mean - lo) / (hi - lo) : 0.5);
-        cell.title = `${name}: ${fmt(mean)} cells` +
-          (well.counts.length > 1 ? ` (mean of ${well.counts.length} images)` : "");
-        cell.dataset.count = fmt(mean);
+        const notes = [];
+        if (well.counts.length) {
+          const mean = well.counts.reduce((a, b) => a + b, 0) / well.counts.length;
+          cell.classList.add("has");
+          cell.style.background = viridis(hi > lo ? (mean - lo) / (hi - lo) : 0.5);
+          notes.push(`${fmt(mean)} cells` +
+            (well.counts.length > 1 ? ` (mean of ${well.counts.length} images)` : ""));
+          cell.dataset.count = fmt(mean);
+        }
+        if (well.flagged) {
+          cell.classList.add("flagged");
+          notes.push(`${well.flagged} unusual image(s): their intervals may not hold`);
+        }
+        if (well.failed) {
+          cell.classList.add("failed");
+          notes.push(`${well.failed} image(s) not counted`);
+        }
+        cell.title = `${name}: ${notes.join("; ")}`;
       } else {
         cell.title = `${name}: no image`;
       }
@@ -401,6 +440,8 @@ function wellTotals() {
                                    spread: `${r.model || ""}|${r.level ?? ""}`,
                                    rho: r.well_correlation };
     g.sites.push(m.site === null || m.site === undefined ? "" : String(m.site));
+    g.flagged = (g.flagged || 0) + (r.warning ? 1 : 0);
+    g.level = r.level;
     g.counts.push(r.count);
     g.stds.push(r.std);
     groups.set(key, g);
@@ -437,7 +478,8 @@ function drawWellTotals() {
   const body = $("well-totals").querySelector("tbody");
   body.replaceChildren();
   const totals = wellTotals();
-  const several = new Set(totals.map((w) => w.model)).size > 1;
+  const counted = totals.filter((w) => w.counts.length);
+  const several = new Set(counted.map((w) => `${w.model}|${w.level}`)).size > 1;
   for (const w of totals) {
     const tr = document.createElement("tr");
     tr.dataset.well = w.well;
@@ -445,22 +487,33 @@ function drawWellTotals() {
     const repeated = [...new Set(w.sites.filter((s, i) => s && w.sites.indexOf(s) !== i))];
     const images = String(w.counts.length) +
       (repeated.length ? ` (site ${repeated.join(", ")} more than once)` : "") +
+      (w.flagged ? ` (${w.flagged} unusual)` : "") +
       (w.failed ? ` + ${w.failed} not counted` : "");
-    const label = (w.plate ? `${w.plate} ${w.well}` : w.well) + (several ? ` (${w.model})` : "");
-    const counted = w.counts.length > 0;
+    const made = several && w.counts.length
+      ? ` (${w.model}, ${Math.round(w.level * 100)}%)` : "";
+    const label = (w.plate ? `${w.plate} ${w.well}` : w.well) + made;
+    const has = w.counts.length > 0;
     const cells = [label, w.stain ? `w${w.stain}` : "", images,
-      counted ? `${fmt(w.total)} ± ${fmt(w.half)}` : "no image counted",
-      counted ? `${fmt(w.low)}–${fmt(w.high)}` : ""];
+      has ? `${fmt(w.total)} ± ${fmt(w.half)}` : "no image counted",
+      has ? `${fmt(w.low)}–${fmt(w.high)}` : ""];
     for (const text of cells) {
       const td = document.createElement("td");
       td.textContent = text;
       tr.appendChild(td);
     }
     if (repeated.length) tr.classList.add("repeated");
+    const why = [];
+    if (w.flagged) {
+      tr.classList.add("flagged");
+      why.push(`${w.flagged} image(s) of this well are unlike the model's calibration ` +
+        "images: the total's interval may not hold");
+    }
     if (w.failed) {
       tr.classList.add("incomplete");
-      tr.title = `${w.failed} image(s) of this well could not be counted: the total leaves them out`;
+      why.push(`${w.failed} image(s) of this well could not be counted: the total leaves ` +
+        "them out");
     }
+    if (why.length) tr.title = why.join("; ");
     body.appendChild(tr);
   }
 }
@@ -514,6 +567,13 @@ function init() {
   });
   $("csv").addEventListener("click", downloadCSV);
   $("clear").addEventListener("click", clearAll);
+  // The results live only in this page: leaving or reloading it asks first.
+  window.addEventListener("beforeunload", (e) => {
+    if (state.results.some((r) => r) || state.done < state.total) {
+      e.preventDefault();
+      e.returnValue = "";
+    }
+  });
   loadInfo();
 }
 

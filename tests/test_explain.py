@@ -104,7 +104,14 @@ def test_figure_png(tiny_model, image_folder, tmp_path):
     data = explanation_png(expl, image_saliency=True)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     title = panel_title(expl.result, 8)
-    assert title.endswith("cells (95%), truth 8") and " ± " in title
+    first, *rest = title.split("\n")
+    assert first.endswith("cells (95%), truth 8") and " ± " in first
+    # a flagged image says so in the figure too (the tiny test model flags most)
+    assert bool(rest) == bool(expl.result.warning)
+    if rest:
+        assert rest == ["⚠ unlike the model's calibration images: the interval may not hold"] or (
+            rest == ["⚠ low contrast: the frame may hold no cells"]
+        )
 
 
 def test_explain_corrupt_file_fails_cleanly(tiny_model, tmp_path):

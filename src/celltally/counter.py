@@ -103,7 +103,12 @@ class CountResult:
         return self.high - self.count
 
     def __str__(self) -> str:
-        return f"{self.count:.1f} ± {self.half_width:.1f} cells ({level_text(self.level)})"
+        return f"{_short(self.count)} ± {_short(self.half_width)} cells ({level_text(self.level)})"
+
+
+def _short(x: float) -> str:
+    """One decimal; two below 1, so a near-empty image's ± 0.04 does not read ± 0.0."""
+    return f"{x:.2f}" if 0 < abs(x) < 1 else f"{x:.1f}"
 
 
 #: Most pixels an image may be enlarged to at a model's scale (16384 x 16384; images

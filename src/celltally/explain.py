@@ -220,10 +220,20 @@ def explain_image(
 
 
 def panel_title(result: CountResult, true_count: float | None = None) -> str:
-    """``'96.2 ± 3.6 cells (95%)'``, with ``', truth 96'`` when the truth is known."""
+    """``'96.2 ± 3.6 cells (95%)'``, with ``', truth 96'`` when the truth is known.
+
+    A flagged image (``result.warning``) gets a second line saying so: the figure
+    often travels without the terminal's or the CSV's warning.
+    """
+    from celltally.calibration import EMPTY_HINT
+
     title = str(result)
     if true_count is not None:
         title += f", truth {true_count:g}"
+    if EMPTY_HINT in result.warning:
+        title += f"\n⚠ low contrast: {EMPTY_HINT}"
+    elif result.warning:
+        title += "\n⚠ unlike the model's calibration images: the interval may not hold"
     return title
 
 

@@ -141,6 +141,22 @@ def test_report_shows_per_well_totals(tiny_model, tmp_path):
     # the wells' errors on the plate's grid (A01 and A02)
     assert [(w["well"], w["images"]) for w in wells["rows"]] == [("A01", 2), ("A02", 2)]
     assert "<img src='plate_error.png'" in text and (tmp_path / "r" / "plate_error.png").is_file()
+    assert "Images not counted" not in text
+
+
+def test_report_lists_the_images_it_could_not_count(tiny_model, labelled_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "data"
+    shutil.copytree(labelled_folder, folder)
+    broken = folder / "Plate1_G05_C40_s1_w1.tif"  # no blur in the name
+    broken.write_bytes(b"II*\x00 truncated")
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    evaluation = evaluate_folder(folder, model=counter)
+    assert len(evaluation["errors"]) == 1
+    text = write_report(evaluation, tmp_path / "r", counter=counter, data=folder).read_text()
+    assert "<h2>Images not counted (1)</h2>" in text and "Plate1_G05_C40_s1_w1.tif" in text
+    assert "blur None" not in text and "blur=None" not in text
 
 
 def test_report_caps_the_gallery(tiny_model, labelled_folder, tmp_path):

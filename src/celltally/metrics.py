@@ -158,8 +158,9 @@ def grouped_metrics(
     -------
     dict of str to dict
         Groups named like ``"blur=1,stain=2"`` (sorted by key values, numbers
-        numerically), followed by ``"all"``; only ``"all"`` when no row has any
-        ``by`` key. Empty if no row has a true value.
+        numerically; a key a group lacks is left out of its name), followed by
+        ``"all"``; only ``"all"`` when no row has any ``by`` key. Empty if no row
+        has a true value.
 
     Raises
     ------
@@ -194,7 +195,9 @@ def grouped_metrics(
     unlabelled = len(groups) == 1 and all(v is None for v in next(iter(groups)))
     if by and not unlabelled:
         for key in sorted(groups, key=_sort_key):
-            name = ",".join(f"{k}={v}" for k, v in zip(by, key, strict=True))
+            # a key the names do not carry (no blur in 'Plate1_B03_s1_w1') is left out
+            name = ",".join(f"{k}={v}" for k, v in zip(by, key, strict=True) if v is not None)
+            name = name or ",".join(f"{k}=?" for k in by)
             result[name] = metrics_of(groups[key])
     result["all"] = metrics_of(used)
     return result

@@ -179,6 +179,14 @@ def _row_label(index: int) -> str:
     return label
 
 
+def _label(value: float) -> str:
+    """A well's number: one decimal below 10 (an error of -0.28 is '-0.3', not '-0')."""
+    if abs(value) >= 9.95:
+        return f"{value:.0f}"
+    text = f"{value:.1f}"
+    return "0" if text in ("0.0", "-0.0") else text
+
+
 def plot_plate_maps(
     wells: Sequence[Mapping[str, Any]],
     out: str | Path,
@@ -248,7 +256,7 @@ def plot_plate_maps(
         )
         if grid.wells <= 96:  # room for the numbers
             for r, c in zip(*np.nonzero(np.isfinite(grid.values)), strict=True):
-                text = f"{grid.values[r, c]:.0f}"
+                text = _label(float(grid.values[r, c]))
                 ax.text(
                     c, r + 0.25, text, ha="center", va="center", fontsize=6, color=ink(grid, r, c)
                 )

@@ -228,14 +228,18 @@ def plot_errors_by_group(rows: Sequence[Mapping[str, Any]], path: str | Path) ->
     true = np.array([float(r["true"]) for r in rows])
     bins = _count_bins(true)
 
+    # bins (a, b] after the first [a, b]: labelled so that no two share an edge
+    labels = [f"{a:.3g}-{b:.3g}" if i == 0 else f">{a:.3g}-{b:.3g}" for i, (a, b) in
+              enumerate(bins)]  # fmt: skip
+
     def count_bin(r: Mapping[str, Any]) -> str:
         t = float(r["true"])
-        for i, (a, b) in enumerate(bins):
+        for i, (_, b) in enumerate(bins):
             if t <= b or i == len(bins) - 1:
-                return f"{a:.3g}-{b:.3g}"
+                return labels[i]
         return ""  # pragma: no cover
 
-    order = {f"{a:.3g}-{b:.3g}": i for i, (a, b) in enumerate(bins)}
+    order = {label: i for i, label in enumerate(labels)}
     panels = [
         ("blur", _group_stats(rows, lambda r: r.get("blur"))),
         ("stain", _group_stats(rows, lambda r: r.get("stain"))),
@@ -289,7 +293,7 @@ def plot_reliability(
             levels - band,
             levels + band,
             color="0.85",
-            label=f"±2 sd, {n} independent images",
+            label=f"±2 sd, if the {n} images were independent",
         )
     ax.plot([0.45, 1.0], [0.45, 1.0], "k--", lw=0.8, label="ideal")
     styles = {"conformal": "o-", "temperature": "s-", "gaussian": "^-"}
@@ -378,6 +382,17 @@ def _safe_stem(name: str, used: set[str]) -> str:
         candidate = f"{stem}_{k}"
     used.add(candidate)
     return candidate
+
+
+def _not_counted(errors: Sequence[str]) -> str:
+    """The images that could not be counted, each with its reason: left out of every figure."""
+    if not errors:
+        return ""
+    items = "".join(f"<li>{_esc(message)}</li>" for message in errors)
+    return (
+        f"<h2>Images not counted ({len(errors)})</h2><p class='note'>They are in no figure "
+        f"or total below (a well's total leaves them out).</p><ul>{items}</ul>"
+    )
 
 
 def _plate_error_map(wells: Mapping[str, Any] | None, out_dir: Path) -> str:
@@ -513,6 +528,7 @@ def write_report(
         f"<p>Data: <code>{_esc(evaluation.get('data', data))}</code>; {len(rows)} images; "
         f"intervals at {level_text(level)} (calibration used: {_esc(default)}"
         f"{', with ensemble spread' if counter.epistemic else ''}).</p>",
+        _not_counted(evaluation.get("errors") or []),
         "<h2>Accuracy and coverage</h2>",
         _metrics_table(evaluation.get("metrics", {})),
         "<h2>Predicted vs true</h2><img src='pred_vs_true.png' alt='predicted vs true'>",
@@ -552,11 +568,13 @@ def write_report(
         for row, ranks in members:
             rank_text = ", ".join(f"{c} {v:.0%}" for c, v in ranks.items())
             warn = f"; warning: {_esc(row['warning'])}" if row.get("warning") else ""
+            known = "".join(  # what the name says: no 'blur None' for names without one
+                f"{key} {_esc(row[key])}, " for key in ("blur", "stain") if row.get(key) is not None
+            )
             parts.append(
                 "<div class='failure'>"
                 f"<p><b>{_esc(row['file'])}</b>: true {row['true']:g}, predicted "
-                f"{_interval_text(row)}; "
-                f"blur {_esc(row.get('blur'))}, stain {_esc(row.get('stain'))}; "
+                f"{_interval_text(row)}; {known}"
                 f"sharpness {row['sharpness']:.3g}, cells/object {row['cells_per_object']:.2f}, "
                 f"solidity {row['solidity']:.3f}; worse than: {_esc(rank_text)}{warn}</p>"
                 f"<img src='{_esc(panels[row['file']])}' alt='explanation of "

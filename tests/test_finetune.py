@@ -328,6 +328,12 @@ def test_small_training_sets_get_smaller_batches():
     assert "counter: batches of 4 instead of 16, so each epoch over 18" in lines[-1]
     _small_batches(config, n_images={"counter": 5}, stages="counter", log=lines.append)
     assert config["train"]["counter"]["batch_size"] == 2  # never below 2
+    # a model fine-tuned from this one on many images gets the planned 16 back
+    assert config["train"]["counter"]["batch_size_planned"] == 16
+    _small_batches(config, n_images={"segmenter": 800, "counter": 1000}, log=lines.append)
+    assert config["train"]["counter"]["batch_size"] == 16
+    assert config["train"]["segmenter"]["batch_size"] == 8
+    assert "batch_size_planned" not in config["train"]["counter"]
     # two processes each see half the images
     two = base_config("two")
     two["train"]["counter"]["batch_size"] = 16

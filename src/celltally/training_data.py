@@ -79,12 +79,15 @@ def _small_batches(
     ``n // (world * MIN_STEPS_PER_EPOCH)`` images (and at least 2; ``world``
     processes each see ``n / world``): with 18 images and the usual 16 a
     counter epoch was one step (the last, partial batch is dropped), and 10
-    epochs 10 updates.
+    epochs 10 updates. The size it replaces is kept (``batch_size_planned``), so a
+    model fine-tuned from this one on more images gets the full size back.
     """
     for stage in ("segmenter", "counter"):
         hp = config["train"][stage]
         if stages not in ("both", stage) or hp.get("epochs", 0) <= 0:
             continue
+        if "batch_size_planned" in hp:  # shrunk for the starting model's few images
+            hp["batch_size"] = hp.pop("batch_size_planned")
         n = int(n_images.get(stage, 0)) // max(1, world)
         if n == 0:  # nothing to train this stage on (e.g. no masks: the segmenter is kept)
             continue
@@ -95,6 +98,7 @@ def _small_batches(
                 f"over {n} training images{' per process' if world > 1 else ''} takes "
                 f"{max(1, n // batch)} steps"
             )
+            hp["batch_size_planned"] = hp["batch_size"]
             hp["batch_size"] = batch
 
 

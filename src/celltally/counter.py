@@ -6,6 +6,7 @@ they can never disagree.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -53,7 +54,7 @@ MIN_SIDE = 8
 OOD_REFERENCE_FILE = "ood.safetensors"
 
 
-@dataclass
+@dataclass(eq=False)  # holds arrays: compared by identity, not field by field
 class CountResult:
     """The count of one image.
 
@@ -123,6 +124,47 @@ class ModelScaleImage:
 
     prepared: np.ndarray
     raw_shape: tuple[int, ...]
+
+
+def _checked_batch(batch_size: int) -> int:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise io.InputError(f"batch_size must be a whole number of 1 or more, got {batch_size!r}")
+    return batch_size
+
+
+def _checked_level(level: float) -> float:
+    try:
+        ok = 0.0 < float(level) < 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise io.InputError(f"level must be between 0 and 1 (e.g. 0.95), got {level!r}")
+    return float(level)
+
+
+def _checked_norm(norm: dict[str, Any]) -> dict[str, Any]:
+    """``norm`` if :func:`prepare_image` can use it, else InputError saying why."""
+    from celltally.transforms import BACKGROUNDS, DEFAULT_NORMALIZATION
+
+    full = {**DEFAULT_NORMALIZATION, **norm}
+    if full["method"] not in ("percentile", "fixed", "none"):
+        raise io.InputError(
+            f"normalization method {full['method']!r}: use percentile, fixed or none"
+        )
+    if full.get("background", "none") not in BACKGROUNDS:
+        raise io.InputError(
+            f"normalization background {full['background']!r}: use quadratic or none"
+        )
+    try:
+        low, high = float(full["low"]), float(full["high"])
+    except (TypeError, ValueError):
+        low, high = math.nan, math.nan
+    if full["method"] == "percentile" and not 0.0 <= low < high <= 100.0:
+        raise io.InputError(
+            f"normalization percentiles must satisfy 0 <= low < high <= 100, got "
+            f"{full['low']!r} and {full['high']!r}"
+        )
+    return norm
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
@@ -195,7 +237,9 @@ class CellCounter:
         self.members = [inference_copy(m, self.device) for m in members]
         self.config = config
         self.input_size = tuple(config["input_size"])
-        self.norm = dict(config.get("normalization", {}) if norm is None else norm)
+        # the caller's keys override the model's (a partial {'low', 'high'} keeps its
+        # background step); checked here, not at the first image of a batch
+        self.norm = _checked_norm({**dict(config.get("normalization") or {}), **(norm or {})})
         self.name = str(config.get("name", "model"))
         # Reading and scale options (see celltally.tiling): images that are not
         # one native frame are counted at the model's pixel scale, in tiles.
@@ -249,6 +293,16 @@ class CellCounter:
         if blocks is not None and len(blocks):
             blocks[-1].register_forward_hook(self._keep_embedding)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (for Dask, joblib, multiprocessing): the per-thread state is not kept."""
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def _keep_embedding(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
         if getattr(self._local, "collect", False):
             pooled = [output.mean((2, 3)), output.std((2, 3), unbiased=False)]
@@ -276,7 +330,8 @@ class CellCounter:
         their spread to the std. ``calibration`` picks the interval method
         ('conformal' default, 'temperature', 'gaussian'; see ``celltally.calibration``).
         ``options`` go to the constructor: ``channel`` (plane of multi-channel
-        files), ``norm`` (normalization replacing the model's, see
+        files), ``norm`` (keys overriding the model's normalization, e.g.
+        ``{'low': 1, 'high': 99.9}`` or ``{'background': 'none'}``; see
         ``tiling.merge_normalization``), ``pixel_size`` (micrometres) or
         ``diameter`` (typical object diameter, px) to rescale images to the
         model's scale, ``tile``/``margin`` (model px) for large images.
@@ -320,7 +375,7 @@ class CellCounter:
 
     def level_note(self, level: float = 0.95) -> str | None:
         """A one-line note when ``level`` is above what the calibration can guarantee."""
-        return beyond_calibration(self.calibration, level, self.calibration_method)
+        return beyond_calibration(self.calibration, _checked_level(level), self.calibration_method)
 
     # -- counting --------------------------------------------------------
     def prepare(self, image: np.ndarray) -> np.ndarray:
@@ -475,6 +530,7 @@ class CellCounter:
         The output of the segmenter's deepest encoder block, mean- and
         std-pooled over space, so ``d`` is twice its width.
         """
+        _checked_batch(batch_size)
         rows = []
         for start in range(0, len(prepared), batch_size):
             chunk = [np.asarray(a, dtype=np.float32) for a in prepared[start : start + batch_size]]
@@ -513,9 +569,17 @@ class CellCounter:
         self, prepared: Sequence[np.ndarray], *, level: float = 0.95, batch_size: int = 32
     ) -> list[CountResult]:
         """Count images already prepared by :meth:`prepare` (e.g. a ``LabeledSet``'s)."""
+        _checked_level(level)
+        _checked_batch(batch_size)
         results = []
         for start in range(0, len(prepared), batch_size):
             chunk = [np.asarray(a, dtype=np.float32) for a in prepared[start : start + batch_size]]
+            for k, a in enumerate(chunk):
+                if a.ndim != 2 or not np.isfinite(a).all():
+                    raise io.InputError(
+                        f"prepared image {start + k}: expected a finite 2-D array, got shape "
+                        f"{a.shape}" + ("" if a.ndim != 2 else " with NaN or infinite values")
+                    )
             results += [self._result(r, level, None) for r in self._forward(chunk)]
         return results
 
@@ -535,6 +599,7 @@ class CellCounter:
             or, for an image counted in tiles, a ``ModelScaleImage`` holding it
             at the model's pixel scale.
         """
+        _checked_level(level)
         source = None
         if isinstance(image, str | Path):
             source = str(image)
@@ -572,6 +637,8 @@ class CellCounter:
         """
         if read_threads < 0:
             raise io.InputError(f"read_threads must be 0 or more, got {read_threads}")
+        _checked_batch(batch_size)
+        _checked_level(level)
 
         def load(path: Path) -> np.ndarray | ModelScaleImage | Exception:
             try:

@@ -170,6 +170,8 @@ def label_objects(
     from skimage.segmentation import watershed
 
     shape = (int(shape[0]), int(shape[1]))
+    if not math.isfinite(float(count)):
+        raise ValueError(f"count must be a finite number, got {count}")
     n = int(round(max(float(count), 0.0)))
     prob = resize_to(np.asarray(mask, dtype=np.float32), shape)
     foreground = prob > threshold
@@ -246,9 +248,11 @@ def save_objects(
     import tifffile
     from PIL import Image
 
+    if np.ndim(image) != 2:  # before anything is written
+        raise ValueError(f"image must be 2-D (the raw image), got shape {np.shape(image)}")
     out = Path(folder)
-    (out / stem).parent.mkdir(parents=True, exist_ok=True)
     labels = label_objects(mask, count, shape=np.shape(image))
+    (out / stem).parent.mkdir(parents=True, exist_ok=True)
     rows = object_table(labels)
     labels_path = out / f"{stem}_labels.tif"
     dtype = np.uint16 if len(rows) < 65535 else np.uint32

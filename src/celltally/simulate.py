@@ -1089,6 +1089,10 @@ def empty_frame(
 
 
 def _plate_counts(counts: tuple[int, int] | Sequence[int], images: int, rng) -> list[int]:
+    if isinstance(counts, str | bytes):  # "59" is not the counts 5 and 9
+        raise ValueError(f"counts must be a (lo, hi) tuple or a sequence of counts, got {counts!r}")
+    for value in counts:  # 2.7 must not become a 'C2' truth
+        _check_count(value, (1 << 31, 1))
     if isinstance(counts, tuple) and len(counts) == 2:
         lo, hi = (int(v) for v in counts)
         if lo < 0 or lo > hi:

@@ -247,6 +247,11 @@ def build_and_fit(
     ``channel`` picks the plane of multi-channel images in ``folders``.
     """
     _check_out(out, resume=resume)
+    for name, value in (("seg_epochs", seg_epochs), ("count_epochs", count_epochs)):
+        if value is not None and value < 0:
+            raise io.InputError(f"{name} must be 0 or more, got {value}")
+    if simulated < 0:
+        raise io.InputError(f"simulated must be 0 or more, got {simulated}")
     if stages not in ("both", "segmenter", "counter"):
         raise io.InputError(f"--stage must be both, segmenter or counter, not {stages!r}")
     if from_model is None and (stages == "counter" or (stages == "both" and seg_epochs == 0)):

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,8 @@ def aggregate_wells(
     sites' stds: exact for Gaussian errors with that correlation, and measured
     against real held-out wells in ``benchmarks/wells.py``.
     """
-    rows = list(rows)
+    # values as a results CSV holds them (text), whatever the caller built the rows from
+    rows = [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]
     # the web page's CSV keeps an image it could not count as a row with a 'problem'
     # and no count: a failed image, as `count`'s errors file lists them
     unread = [r for r in rows if r.get("problem") and not r.get("count")]
@@ -286,7 +288,7 @@ def aggregate_wells(
     wells = []
     for group, members in sorted(groups.items()):
         model, level, plate, well, stain = group
-        rho = correlation if isinstance(correlation, int | float) else correlation[model]
+        rho = correlation if isinstance(correlation, Real) else correlation[model]
         counts, stds = numbers[group]
         width, std_sum = spread[(model, level)]
         multiplier = width / std_sum if std_sum > 0 else 0.0

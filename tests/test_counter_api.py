@@ -1,0 +1,100 @@
+"""The Python API as a pipeline embeds it: arguments checked on entry, objects that travel."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import blob_image
+
+from celltally.counter import CellCounter
+from celltally.io import InputError
+from celltally.objects import label_objects, save_objects
+from celltally.simulate import empty_frame, simulate_plate
+from celltally.training_data import build_and_fit
+from celltally.wells import aggregate_wells
+
+
+@pytest.fixture(scope="module")
+def counter(tiny_model):
+    return CellCounter.from_pretrained(tiny_model, device="cpu")
+
+
+def test_a_counter_pickles_and_counts_the_same(counter):
+    image = blob_image(9, seed=4)
+    again = pickle.loads(pickle.dumps(counter))  # as Dask, joblib or multiprocessing send it
+    first, second = counter.count(image), again.count(image)
+    assert second.count == first.count and second.std == first.std
+    assert second.ood == first.ood
+    assert first == first and first != second  # results compare by identity (they hold arrays)
+
+
+def test_bad_batch_sizes_and_levels_are_refused_on_entry(counter, tmp_path):
+    prepared = [counter.prepare(blob_image(3, seed=s)) for s in range(3)]
+    for size in (0, -1):
+        with pytest.raises(InputError, match="batch_size"):
+            next(counter.count_paths([tmp_path / "a.tif"], batch_size=size))
+        with pytest.raises(InputError, match="batch_size"):
+            counter.count_prepared(prepared, batch_size=size)
+        with pytest.raises(InputError, match="batch_size"):
+            counter.embed(prepared, batch_size=size)
+    for level in (0, 1.0, 1.5, float("nan")):
+        with pytest.raises(InputError, match="level must be between 0 and 1"):
+            counter.level_note(level)
+        with pytest.raises(InputError, match="level must be between 0 and 1"):
+            counter.count(prepared[0], level=level)
+    bad = [prepared[0], np.full_like(prepared[1], np.nan)]
+    with pytest.raises(InputError, match="prepared image 1: .* NaN"):
+        counter.count_prepared(bad)
+
+
+def test_normalization_options_add_to_the_models_and_are_checked():
+    partial = CellCounter.from_pretrained("bbbc005", norm={"low": 0.5, "high": 99.9})
+    assert partial.norm["background"] == "quadratic"  # the model's own step is kept
+    ramps = [empty_frame(seed=s, illumination="ramp", bit_depth=8) for s in range(2)]
+    assert max(partial.count(frame).count for frame in ramps) < 1.0
+    for bad, words in (
+        ({"background": "Quadratic"}, "background"),
+        ({"low": 5, "high": 1}, "percentiles"),
+        ({"method": "zscore"}, "method"),
+    ):
+        with pytest.raises(InputError, match=words):
+            CellCounter.from_pretrained("bbbc005", norm=bad)
+
+
+def test_build_and_fit_refuses_negative_epochs(tmp_path):
+    for option in ({"seg_epochs": -1}, {"count_epochs": -2}, {"simulated": -3}):
+        with pytest.raises(InputError, match="0 or more"):
+            build_and_fit(out=tmp_path / "m", **{"simulated": 2, **option}, progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_well_totals_take_rows_as_python_builds_them():
+    rows = [
+        {"file": f"P1_B03_s{site}_w1.tif", "count": 10.0 * site, "std": 1.0, "low": 8.0,
+         "high": 10.0 * site + 2.0, "level": 0.95, "model": "m", "plate": "P1", "well": "B03",
+         "site": site, "stain": 1}
+        for site in (1, 2)
+    ]  # fmt: skip
+    (well,), skipped = aggregate_wells(rows, correlation=np.float32(0.1))
+    assert skipped == 0 and well["count"] == 30.0 and well["sites"] == "1;2"
+
+
+def test_plate_counts_must_be_whole_numbers(tmp_path):
+    with pytest.raises(ValueError, match="whole number"):
+        simulate_plate(tmp_path / "a", images=1, counts=[2.7])
+    with pytest.raises(ValueError, match="sequence of counts"):
+        simulate_plate(tmp_path / "b", images=1, counts="59")
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.TIF"))
+
+
+def test_object_output_checks_before_writing(tmp_path):
+    mask = np.zeros((20, 20), dtype=np.float32)
+    mask[5:10, 5:10] = 1.0
+    with pytest.raises(ValueError, match="finite"):
+        label_objects(mask, float("nan"), shape=(40, 40))
+    with pytest.raises(ValueError, match="2-D"):
+        save_objects(tmp_path, "A01", np.zeros((3, 40, 40)), mask, 2.0)
+    assert list(Path(tmp_path).iterdir()) == []

@@ -327,7 +327,7 @@ def test_simulate_plate_workers_give_identical_bytes(tmp_path: Path) -> None:
         ({"images": 1, "blurs": (1, 5)}, "blur must be one of"),
         ({"images": 1, "stains": (0,)}, "stain must be"),
         ({"images": 1, "counts": (10, 5)}, "counts range"),
-        ({"images": 1, "counts": [-1]}, "counts must be >= 0"),
+        ({"images": 1, "counts": [-1]}, "must be >= 0"),
         ({"images": 1, "size": (0, 5)}, "size must be"),
         ({"images": 1, "bit_depth": 32}, "bit_depth must be 8 or 16"),
         ({"images": 1, "workers": 0}, "workers must be"),

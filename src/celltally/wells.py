@@ -240,7 +240,7 @@ def aggregate_wells(
     against real held-out wells in ``benchmarks/wells.py``.
     """
     # values as a results CSV holds them (text), whatever the caller built the rows from
-    rows = [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]
+    rows = [{k: v if v is None else str(v) for k, v in r.items()} for r in rows]
     # the web page's CSV keeps an image it could not count as a row with a 'problem'
     # and no count: a failed image, as `count`'s errors file lists them
     unread = [r for r in rows if r.get("problem") and not r.get("count")]

@@ -888,8 +888,10 @@ def run_batch(
         local_counter = CellCounter.from_pretrained(
             folder, **({**options, "device": "cpu"} if dask else options)
         )
-    except (TypeError, ValueError) as err:
-        raise io.InputError(f"{describe_options(options)}: {err}") from None
+    except (TypeError, ValueError) as err:  # the options named only when there are some
+        raise io.InputError(
+            f"{describe_options(options)}: {err}" if options else str(err)
+        ) from None
     if (level_note := local_counter.level_note(level)) is not None:
         log(f"note: {level_note}")
     if dask:

@@ -45,6 +45,7 @@ def test_bad_batch_sizes_and_levels_are_refused_on_entry(counter, tmp_path):
             counter.level_note(level)
         with pytest.raises(InputError, match="level must be between 0 and 1"):
             counter.count(prepared[0], level=level)
+    assert len(counter.count_prepared(prepared, batch_size=np.int64(2))) == 3  # numpy ints
     bad = [prepared[0], np.full_like(prepared[1], np.nan)]
     with pytest.raises(InputError, match="prepared image 1: .* NaN"):
         counter.count_prepared(bad)
@@ -87,6 +88,10 @@ def test_plate_counts_must_be_whole_numbers(tmp_path):
         simulate_plate(tmp_path / "a", images=1, counts=[2.7])
     with pytest.raises(ValueError, match="sequence of counts"):
         simulate_plate(tmp_path / "b", images=1, counts="59")
+    made = simulate_plate(tmp_path / "c", images=2, counts=(c for c in [3, 4]), size=(64, 80))
+    assert sorted(p.name.split("_C")[1].split("_")[0] for p in made.glob("images/*")) == [
+        "3", "3", "3", "3", "3", "3", "4", "4", "4", "4", "4", "4"
+    ]  # fmt: skip
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.TIF"))
 
 

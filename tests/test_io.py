@@ -600,6 +600,9 @@ def test_a_grey_tiff_with_three_or_four_planes_last_is_stains_not_colour(tmp_pat
         read_image(grey)
     assert "4 different channels" in _assert_one_line(err, "yxc4.tif")
     assert np.array_equal(read_image(grey, channel=3), planes[..., 3])
+    cmyk = tmp_path / "cmyk.tif"  # a colour TIFF of another kind is still colour
+    tifffile.imwrite(cmyk, planes.astype(np.uint8), photometric="separated")
+    assert read_image(cmyk).shape == (40, 50)
     samples = tmp_path / "yxs3.tif"  # one grey page of 3 samples per pixel, not RGB
     tifffile.imwrite(samples, planes[..., :3], photometric="minisblack", planarconfig="contig")
     with pytest.raises(ImageReadError, match="3 different channels"):

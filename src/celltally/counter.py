@@ -7,6 +7,7 @@ they can never disagree.
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -127,9 +128,13 @@ class ModelScaleImage:
 
 
 def _checked_batch(batch_size: int) -> int:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    try:
+        size = None if isinstance(batch_size, bool) else operator.index(batch_size)
+    except TypeError:  # a float, a string: not a whole number
+        size = None
+    if size is None or size < 1:
         raise io.InputError(f"batch_size must be a whole number of 1 or more, got {batch_size!r}")
-    return batch_size
+    return size
 
 
 def _checked_level(level: float) -> float:

@@ -232,7 +232,7 @@ def panel_title(result: CountResult, true_count: float | None = None) -> str:
         title += f", truth {true_count:g}"
     if EMPTY_HINT in result.warning:
         title += f"\n⚠ low contrast: {EMPTY_HINT}"
-    elif result.warning:
+    if "unlike the calibration images" in result.warning:
         title += "\n⚠ unlike the model's calibration images: the interval may not hold"
     return title
 

@@ -200,8 +200,9 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
                 _check_size(int(np.prod(shape, dtype=np.int64)), original)  # before decoding
                 arr = np.asarray(series.asarray() if series is not None else tif.asarray())
                 axes = series.axes if series is not None else ""
-                # RGB or YCbCr samples are colours; a grey page's samples are stains
-                colour = len(tif.pages) > 0 and int(tif.pages[0].photometric) in (2, 6)
+                # a grey page's samples (MINISWHITE 0, MINISBLACK 1) are stains; any other
+                # photometric (RGB, YCbCr, CMYK, CIELab...) is a colour image
+                colour = len(tif.pages) > 0 and int(tif.pages[0].photometric) not in (0, 1)
         except (MemoryError, ImageReadError):  # out of memory is not the file's fault
             raise
         except Exception as exc:  # any decoder failure is a user-facing read error

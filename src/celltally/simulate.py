@@ -1091,6 +1091,8 @@ def empty_frame(
 def _plate_counts(counts: tuple[int, int] | Sequence[int], images: int, rng) -> list[int]:
     if isinstance(counts, str | bytes):  # "59" is not the counts 5 and 9
         raise ValueError(f"counts must be a (lo, hi) tuple or a sequence of counts, got {counts!r}")
+    if not isinstance(counts, tuple):
+        counts = list(counts)  # a generator is read once
     for value in counts:  # 2.7 must not become a 'C2' truth
         _check_count(value, (1 << 31, 1))
     if isinstance(counts, tuple) and len(counts) == 2:

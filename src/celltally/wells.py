@@ -122,20 +122,22 @@ def _number(row: Mapping[str, str], column: str, source: str, *, minimum: float 
 
 
 def _check_rows(rows: Sequence[Mapping[str, str]], source: str) -> None:
-    """Refuse what no ``celltally count`` run writes: a file twice, a level outside (0, 1)."""
-    seen: set[str] = set()
+    """Refuse what no ``celltally count`` run writes: a file twice (by one model at one
+    level: the web page's CSV may hold an image counted by two), a level outside (0, 1)."""
+    seen: set[tuple[str, str, str]] = set()
     for number, row in enumerate(rows, start=1):
         name = row.get("file") or ""
         if None in row.values():  # csv.DictReader's filler for missing fields
             raise io.InputError(
                 f"{source}: data row {number} ({name}) has fewer fields than the header"
             )
-        if name in seen:
+        key = (name, row.get("model") or "", row.get("level") or "")
+        if key in seen:
             raise io.InputError(
                 f"{source}: {name} has more than one row (a results file lists each image "
                 "once; totals would count it twice)"
             )
-        seen.add(name)
+        seen.add(key)
         level = row.get("level")
         if level not in (None, ""):
             try:
@@ -245,8 +247,9 @@ def aggregate_wells(
     # and no count: a failed image, as `count`'s errors file lists them
     unread = [r for r in rows if r.get("problem") and not r.get("count")]
     if unread:
-        failed = [*failed, *(r.get("file") or "" for r in unread)]
         rows = [r for r in rows if not (r.get("problem") and not r.get("count"))]
+        counted = {r.get("file") for r in rows}  # failed once, then counted when dropped again
+        failed = [*failed, *(r.get("file") or "" for r in unread if r.get("file") not in counted)]
     _check_rows(rows, source)
     groups: dict[tuple, list[Mapping[str, str]]] = {}
     sites_of: dict[tuple, list[str]] = {}
@@ -310,7 +313,7 @@ def aggregate_wells(
                 "well": well,
                 "stain": stain,
                 "images": len(members),
-                "failed": missing.pop((plate, well, stain), 0),
+                "failed": missing.get((plate, well, stain), 0),  # in every model's total
                 "sites": ";".join(sites),
                 "repeated_sites": ";".join(repeated),
                 "count": round(total, 2),
@@ -326,8 +329,10 @@ def aggregate_wells(
                 "error": "" if truth is None else round(total - truth, 2),
             }
         )
+    totalled = {(w["plate"], w["well"], w["stain"]) for w in wells}
     for (plate, well, stain), n in missing.items():  # wells with no image counted
-        wells.append({"plate": plate, "well": well, "stain": stain, "images": 0, "failed": n})
+        if (plate, well, stain) not in totalled:
+            wells.append({"plate": plate, "well": well, "stain": stain, "images": 0, "failed": n})
     wells.sort(key=lambda w: (w["plate"], w["well"], w["stain"]))
     return wells, skipped
 

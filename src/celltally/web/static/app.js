@@ -257,8 +257,9 @@ const CSV_COLUMNS = ["file", "count", "std", "low", "high", "level", "model", "p
 function csvCell(value) {
   if (value === null || value === undefined) return "";
   let text = String(value);
-  // Keep spreadsheet programs from evaluating a file name as a formula.
-  if (/^[=+\-@]/.test(text)) text = `'${text}`;
+  // Keep spreadsheet programs from evaluating a file name as a formula (a number such
+  // as a negative error stays a number).
+  if (/^[=+\-@]/.test(text) && !/^-?\d+(\.\d+)?$/.test(text)) text = `'${text}`;
   return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 
@@ -321,8 +322,9 @@ function rowLabel(n) {
 function drawPlate() {
   // One plate, model and level at a time (as the totals group them): a select appears
   // when the results span several.
-  const keyOf = (r) => [(r.metadata && r.metadata.plate) || "", r.model || "", r.level ?? ""]
-    .join("|");
+  // JSON keys: a plate name may hold any character
+  const keyOf = (r) => JSON.stringify(
+    [(r.metadata && r.metadata.plate) || "", r.model || "", r.level ?? ""]);
   const placed = state.results.filter((r) => r && r.metadata && r.metadata.row &&
     r.metadata.column);
   const views = [...new Set(placed.filter((r) => r.ok).map(keyOf))];
@@ -330,12 +332,12 @@ function drawPlate() {
   const pick = $("plate-select");
   pick.hidden = views.length < 2;
   pick.replaceChildren(...views.map((v) => {
-    const [plate, model, level] = v.split("|");
+    const [plate, model, level] = JSON.parse(v);
     const text = `${plate || "(no plate name)"} · ${model} · ${Math.round(level * 100)}%`;
     return new Option(text, v);
   }));
   pick.value = state.plate === null ? "" : state.plate;
-  const plateOf = state.plate === null ? null : state.plate.split("|")[0];
+  const plateOf = state.plate === null ? null : JSON.parse(state.plate)[0];
   const wells = new Map();
   const entry = (m) => {
     const key = `${m.row}${m.column}`;
@@ -429,12 +431,12 @@ function wellTotals() {
     const m = (r && r.metadata) || {};
     if (!r || !m.well) continue;
     const stain = m.stain === null || m.stain === undefined ? "" : String(m.stain);
-    const where = [m.plate || "", m.well, stain].join("|");
+    const where = JSON.stringify([m.plate || "", m.well, stain]);
     if (!r.ok) {
       failed.set(where, (failed.get(where) || 0) + 1);
       continue;
     }
-    const key = [where, r.model || "", r.level ?? ""].join("|");
+    const key = JSON.stringify([where, r.model || "", r.level ?? ""]);
     const g = groups.get(key) || { plate: m.plate || "", well: m.well, stain, counts: [], stds: [],
                                    sites: [], model: r.model || "", where,
                                    spread: `${r.model || ""}|${r.level ?? ""}`,
@@ -452,7 +454,7 @@ function wellTotals() {
   }
   for (const [where, n] of failed) { // wells none of whose images could be counted
     if ([...groups.values()].some((g) => g.where === where)) continue;
-    const [plate, well, stain] = where.split("|");
+    const [plate, well, stain] = JSON.parse(where);
     groups.set(where, { plate, well, stain, counts: [], stds: [], sites: [], model: "", where,
                         spread: "", rho: 0 });
   }

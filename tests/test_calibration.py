@@ -83,6 +83,18 @@ def test_conformal_rank_is_exact_where_the_float_product_is_not():
             assert conformal_rank(n, level) == exact, (n, level)
 
 
+def test_a_temperature_from_few_images_never_narrows_the_interval():
+    from celltally.calibration import MIN_TEMPERATURE_IMAGES
+
+    z = gaussian_quantile(0.95)
+    few = {"temperature": 0.315, "n": 1, "scores": [0.315]}
+    assert interval_multiplier(few, 0.95, "temperature") == pytest.approx(z)
+    many = {"temperature": 0.8, "n": MIN_TEMPERATURE_IMAGES}
+    assert interval_multiplier(many, 0.95, "temperature") == pytest.approx(0.8 * z)
+    wide = {"temperature": 1.4, "n": 3}
+    assert interval_multiplier(wide, 0.95, "temperature") == pytest.approx(1.4 * z)
+
+
 def test_temperature_scaling_recovers_a_known_scale():
     n = 20000
     rng = np.random.default_rng(5)
@@ -280,6 +292,10 @@ def test_count_scale_corrects_a_known_bias_and_a_refit_removes_it(blob_model, tm
     assert [r.count for r in again] == pytest.approx(mu, rel=1e-5)
     with pytest.raises(ValueError, match="count_scale"):
         calibrate_model(folder, cal, count_scale=("total",), **quiet)
+    for member in folder.glob("ensemble_*.safetensors"):  # without members: nothing to correct
+        member.unlink()
+    with pytest.raises(ValueError, match="no ensemble members"):
+        calibrate_model(folder, cal, count_scale=("epistemic",), **quiet)
 
 
 def test_out_of_distribution_images_are_flagged(blob_model):

@@ -123,6 +123,22 @@ def test_finetuning_improves_its_validation_error(base_model, folders, tmp_path)
         "count", val / "images", "--model", new, "--out", tmp_path / "r.csv", "--no-progress"
     )
     assert counted.exit_code == 0, counted.output
+    # a copy of the training folder never calibrates on the images trained on (by name),
+    # and one folder given twice counts once
+    import shutil
+
+    from celltally.uncertainty import held_out_sets
+
+    recorded = config["training"]["split"][str(train)]["train_names"]
+    assert len(recorded) == config["training"]["n_train"]
+    copy = shutil.copytree(train, tmp_path / "copy")
+    said: list[str] = []
+    _, cal = held_out_sets(
+        config, folders=[copy, copy], unseen_folders_calibrate=True, log=said.append
+    )
+    assert not {m["name"] for m in cal.meta} & set(recorded)
+    assert len(cal) == len(list((train / "images").iterdir())) - len(recorded)
+    assert any("given more than once" in line for line in said)
 
 
 def test_counts_come_from_label_masks_without_counts_csv(folders, tmp_path):

@@ -172,6 +172,10 @@ def calibrate(
     }
 
 
+#: Fewest calibration images whose temperature may make intervals narrower than sigma's.
+MIN_TEMPERATURE_IMAGES = 20
+
+
 def interval_multiplier(
     calibration: Mapping[str, Any] | None, level: float, method: str | None = None
 ) -> float:
@@ -181,6 +185,9 @@ def interval_multiplier(
     ``'temperature'``: ``T`` times the Gaussian quantile; ``'gaussian'``: the
     raw Gaussian quantile (the model's sigma taken at its word). A method
     whose data are missing from ``calibration`` falls back to ``'gaussian'``.
+    A temperature fitted on fewer than :data:`MIN_TEMPERATURE_IMAGES` images
+    never narrows the interval (one image gave T = 0.32, and "95%" intervals
+    that held 22 of 40 truths).
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be between 0 and 1, got {level}")
@@ -191,7 +198,11 @@ def interval_multiplier(
     if method == "conformal" and calibration.get("scores"):
         return conformal_quantile(calibration["scores"], level)
     if method == "temperature" and calibration.get("temperature"):
-        return float(calibration["temperature"]) * gaussian_quantile(level)
+        temperature = float(calibration["temperature"])
+        n = int(calibration.get("n") or len(calibration.get("scores") or ()))
+        if n < MIN_TEMPERATURE_IMAGES:
+            temperature = max(temperature, 1.0)
+        return temperature * gaussian_quantile(level)
     return gaussian_quantile(level)
 
 

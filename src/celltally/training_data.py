@@ -345,6 +345,8 @@ def build_and_fit(
             "by": "scene hash",
             "path": str(Path(folder).resolve()),
             **{k: int(v.size) for k, v in parts.items()},
+            # by name, so a copy of the folder never calibrates on them (calibrate --data)
+            "train_names": [user.meta[int(i)]["name"] for i in parts["train"]],
         }
     if user_meta:
         only_user = bbbc005 is None and simulated <= 0

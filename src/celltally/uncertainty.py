@@ -294,6 +294,14 @@ def _with_distances(features: list[dict], distances: np.ndarray | None) -> list[
     return [{**f, "feature_distance": float(d)} for f, d in zip(features, distances, strict=True)]
 
 
+def _shown(folder: Path) -> Path:
+    """The folder a user will find: a copy built in ``.NAME.partial`` becomes ``NAME``."""
+    name = folder.name
+    if name.startswith(".") and name.endswith(".partial"):
+        return folder.with_name(name[1 : -len(".partial")])
+    return folder
+
+
 #: Fewest calibration images on which out-of-distribution thresholds are fitted.
 MIN_OOD_IMAGES = 20
 
@@ -345,6 +353,12 @@ def calibrate_model(
     unknown = set(count_scale) - set(COUNT_SCALE_BLOCKS)
     if unknown:
         raise ValueError(f"count_scale: unknown block(s) {sorted(unknown)}; 'plain' or 'epistemic'")
+    if "epistemic" in count_scale and not ensemble_files(folder):
+        raise ValueError(
+            "count_scale 'epistemic': the model has no ensemble members to correct "
+            "(celltally ensemble adds them)"
+        )
+    shown = _shown(folder)
     config = read_model_config(folder)
     old = config.get("calibration") or {}
     for name, earlier in (("plain", old), ("epistemic", old.get("epistemic") or {})):
@@ -402,10 +416,10 @@ def calibrate_model(
             f"only {len(y)} calibration images: they guarantee intervals up to "
             f"{len(y) / (len(y) + 1):.2f}, not 95% (that needs 19); wider levels extrapolate, "
             "never narrower than the model's own sigma. For guaranteed 95% intervals: "
-            f"celltally calibrate --model {folder} --data FOLDER_OF_HELD_OUT_IMAGES"
+            f"celltally calibrate --model {shown} --data FOLDER_OF_HELD_OUT_IMAGES"
         )
     log(
-        f"calibrated {folder} on {len(y)} images: temperature {block['temperature']:.3f}"
+        f"calibrated {shown} on {len(y)} images: temperature {block['temperature']:.3f}"
         + (
             f", ensemble temperature {block['epistemic']['temperature']:.3f}"
             if "epistemic" in block
@@ -447,8 +461,9 @@ def _seen_in_training(config: Mapping[str, Any]) -> tuple[set[Path], set[str]]:
     folders: set[Path] = set()
     names: set[str] = set()
     for c in _lineage(config):
-        for places, _ in _split_entries(c):
+        for places, info in _split_entries(c):
             folders |= places
+            names |= set(info.get("train_names") or ())  # recorded by `train` since 2026-11-27
         names |= set(((c.get("training") or {}).get("split") or {}).get("train") or ())
     return folders, names
 
@@ -508,20 +523,31 @@ def held_out_sets(
         trains.append(real.subset(parts["train"]))
         cals.append(real.subset(parts["calibration"]))
     trained_on, seen_names = _seen_in_training(config)
+
+    def unseen(user: LabeledSet, index: np.ndarray, folder: str | Path) -> np.ndarray:
+        """``index`` without the images named as the model's training images."""
+        keep = np.asarray([i for i in index if user.meta[i].get("name") not in seen_names], int)
+        if len(keep) < len(index):
+            log(
+                f"{folder}: {len(index) - len(keep)} image(s) have the names of this "
+                "model's training images (training.split): left out of calibration"
+            )
+        return keep
+
+    given: set[Path] = set()
     for folder in folders:
+        if Path(folder).resolve() in given:  # the same images twice would count twice
+            log(f"{folder}: given more than once (or a link to a folder given): used once")
+            continue
+        given.add(Path(folder).resolve())
         log(f"loading {folder}")
         user = load_folder(folder, size=size, norm=norm, channel=channel)
         if unseen_folders_calibrate and Path(folder).resolve() not in trained_on:
             # a model trained apart (the shipped nuclei) records its training images by name
-            fresh = [i for i, m in enumerate(user.meta) if m.get("name") not in seen_names]
-            if len(fresh) < len(user):
-                log(
-                    f"{folder}: {len(user) - len(fresh)} image(s) have the names of this "
-                    "model's training images (training.split.train): left out"
-                )
+            fresh = unseen(user, np.arange(len(user)), folder)
             what = f"all {len(fresh)}" if len(fresh) == len(user) else f"the other {len(fresh)}"
-            log(f"{folder} was not used to train this model: {what} images calibrate")
-            cals.append(user.subset(np.asarray(fresh, dtype=int)))
+            log(f"{folder} is not one of this model's training folders: {what} images calibrate")
+            cals.append(user.subset(fresh))
             continue
         parts = split_by_scene_hash(user)
         if _recorded_split(config, folder).get("calibration") == 0:
@@ -529,7 +555,7 @@ def held_out_sets(
             log(f"{folder}: this model trained on all of its images; none can calibrate")
             parts = {"train": np.arange(len(user)), "calibration": np.arange(0)}
         trains.append(user.subset(parts["train"]))
-        cals.append(user.subset(parts["calibration"]))
+        cals.append(user.subset(unseen(user, parts["calibration"], folder)))
     if simulated > 0:
         log(f"simulating {simulated} training scenes")
         trains.append(

@@ -488,6 +488,17 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     assert made["counter_epochs"] == 1 and sum(made["training_images"].values()) == 24 - cal_size
     missing = runner.invoke(app, ["calibrate", "--model", str(model)])
     assert missing.exit_code != 0 and "error: no data" in missing.output
+    # rewritten in place, a run that fails half-way leaves the folder as it was
+    before = {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()}
+    for member in model.glob("ensemble_*.safetensors"):
+        before.pop(member.name)
+        member.unlink()
+    stopped = runner.invoke(
+        app, ["calibrate", "--model", str(model), "--data", str(data), "--count-scale", "epistemic"]
+    )
+    assert stopped.exit_code != 0 and "no ensemble members" in stopped.output
+    assert {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()} == before
+    assert not list(model.parent.glob(".*.partial"))
     scaled = ["calibrate", "--model", str(model), "--data", str(data), "--count-scale", "plain"]
     result = runner.invoke(app, scaled)
     assert result.exit_code == 0, result.output

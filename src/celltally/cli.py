@@ -1101,6 +1101,9 @@ def _held_out(
             "training": training,
         }
     sets = held_out_sets(config, bbbc005=bbbc005, folders=data or [], **kw)
+    if out is None and build is not None:  # rewritten in place: built in a hidden copy first
+        shutil.copytree(folder, build, ignore=shutil.ignore_patterns("checkpoints"))
+        return build, sets
     if out is not None:
         build = build or out
         shutil.copytree(folder, build, dirs_exist_ok=True)
@@ -1116,27 +1119,49 @@ def _held_out(
 
 
 @contextlib.contextmanager
-def _built_whole(out: Path | None) -> Iterator[Path | None]:
+def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path | None]:
     """Where to build the model folder ``out``: a hidden sibling, renamed to ``out`` at the end.
 
     A copy that failed, or whose command was killed, never passes for a finished
     model (a half-calibrated ``config.json`` would look complete); the next run
-    clears what a killed one left and is not blocked by it.
+    clears what a killed one left and is not blocked by it. Without ``out`` the
+    ``model`` folder itself is rewritten the same way: built in a hidden copy,
+    whose files replace the folder's only when the command has succeeded.
     """
     import shutil
 
+    target = None
     if out is None:
-        yield None
-        return
-    partial = out.with_name(f".{out.name}.partial")
+        from celltally.model_folder import WEIGHTS_DIR, resolve_model
+
+        try:
+            found = resolve_model(model) if model is not None else None
+        except _user_errors():
+            found = None  # _held_out says what is wrong with it
+        if found is None or found.resolve().is_relative_to(WEIGHTS_DIR.resolve()):
+            yield None
+            return
+        target = found
+    partial = (out or target).with_name(f".{(out or target).name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         yield partial
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if partial.exists():
+    if not partial.exists():
+        return
+    if out is not None:
         partial.replace(out)
+        return
+    # in place: the files the command wrote replace the folder's, those it removed go
+    built = {path.name for path in partial.iterdir() if path.is_file()}
+    for name in built:
+        (partial / name).replace(target / name)
+    for path in list(target.iterdir()):
+        if path.is_file() and path.name not in built and path.name != ".train.lock":
+            path.unlink()  # e.g. ood.safetensors, when the new calibration has too few images
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 OutOption = Annotated[
@@ -1193,7 +1218,7 @@ def calibrate(
         fail(f"--quantile must be between 0 and 1 (0.99: the 99th percentile), got {quantile}")
     if unknown := sorted(set(count_scale or ()) - set(COUNT_SCALE_BLOCKS)):
         fail(f"--count-scale {unknown[0]!r}: choose plain or epistemic")
-    with _built_whole(out) as build:
+    with _built_whole(out, model=model) as build:
         try:
             folder, (_, cal) = _held_out(
                 model,
@@ -1249,7 +1274,7 @@ def ensemble(
         fail(f"--epochs must be at least 1 (each member is trained), got {epochs}")
     if simulated < 0:
         fail(f"--simulated must be 0 or more, got {simulated}")
-    with _built_whole(out) as build:
+    with _built_whole(out, model=model) as build:
         try:
             folder, (train_set, cal) = _held_out(
                 model,
@@ -1278,7 +1303,7 @@ def ensemble(
             )
         except _user_errors() as err:
             fail(err)
-    typer.echo(f"{len(files)} ensemble member(s) -> {out or folder}")
+    typer.echo(f"{len(files)} ensemble member(s) -> {out or model}")
 
 
 def main() -> None:  # pragma: no cover

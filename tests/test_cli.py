@@ -326,6 +326,15 @@ def test_models_lists_shipped_models_with_their_figures():
     assert (line in result.output) == (scale != 1.0)
 
 
+def test_models_describes_a_model_folder_given(tiny_model, tmp_path):
+    result = run("models", tiny_model)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{tiny_model}\n") and "bbbc005" not in result.output
+    assert "held-out test" in result.output
+    missing = run("models", tmp_path / "nowhere")
+    assert missing.exit_code == 2 and "not a model folder" in missing.output
+
+
 def test_listing_models_and_summing_wells_do_not_import_torch():
     """``models`` and ``wells`` read JSON and CSV only: they start in well under a second."""
     code = (

@@ -901,23 +901,38 @@ def _normalization_text(norm: dict) -> str:
 
 
 @app.command()
-def models() -> None:
-    """List the shipped models, what they were trained on, and their measured figures."""
+def models(
+    folders: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Model folders to describe (default: the shipped models).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """List the shipped models (or the model folders given), what they were trained on,
+    and their measured figures."""
     from celltally.model_folder import (
         DEFAULT_MODEL,
         WEIGHTS_DIR,
         available_models,
         ensemble_files,
+        read_model_config,
     )
 
     nan = float("nan")
-    for name in available_models():
-        config = json.loads((WEIGHTS_DIR / name / "config.json").read_text())
+    places = [(name, WEIGHTS_DIR / name) for name in available_models()]
+    if folders:
+        places = [(str(folder), folder) for folder in folders]
+    for name, place in places:
+        try:
+            config = read_model_config(place)
+        except _user_errors() as err:
+            fail(err)
         test = config.get("metrics", {}).get("test", {}).get("all", {})
         data = config.get("training", {}).get("data") or ["not recorded"]
         height, width = config.get("input_size", ("?", "?"))
-        members = len(ensemble_files(WEIGHTS_DIR / name))
-        default = " (default)" if name == DEFAULT_MODEL else ""
+        members = len(ensemble_files(place))
+        default = " (default)" if not folders and name == DEFAULT_MODEL else ""
         lines = [
             f"{name}{default}",
             f"  preset {config.get('preset')}, input {width} x {height} px, counter head "
@@ -928,7 +943,14 @@ def models() -> None:
             *(f"    - {item}" for item in ([data] if isinstance(data, str) else data)),
             f"  held-out test ({int(test.get('n', 0))} images): MAE {test.get('mae', nan):.2f}, "
             f"max error {test.get('max_abs_error', nan):.1f}, R² {test.get('r2', nan):.3f}, "
-            f"95% interval coverage {test.get('coverage', nan):.1%}",
+            f"95% interval coverage {test.get('coverage', nan):.1%}"
+            if test
+            else "  held-out test: not measured for this folder"
+            + (
+                " (its original's figures: metrics_of_original)"
+                if "metrics_of_original" in config
+                else ""
+            ),
         ]
         ensemble = config.get("metrics", {}).get("epistemic", {}).get("test", {}).get("all")
         if ensemble:

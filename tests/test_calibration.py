@@ -467,6 +467,8 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     copied = json.loads((copy / "config.json").read_text())
     assert copied["calibration"]["n"] == cal_size
+    assert copied["training"]["calibrated"]["n"] == cal_size  # what it was calibrated on
+    assert copied["training"]["calibrated"]["data"] == [str(data.resolve())]
     # the copy is a model of its own: its CSV rows and per-well totals name it
     assert (
         copied["name"] == "copy"

@@ -1140,6 +1140,30 @@ def _held_out(
     return folder, sets
 
 
+def _record_calibration(
+    folder: Path, *, cal_sources: list[Path], bbbc005: Path | None, n: int
+) -> None:
+    """Say in the model's config what its intervals were last calibrated on, and how."""
+    import shlex
+    import sys
+
+    from celltally.model_folder import read_model_config
+    from celltally.train import write_config
+
+    config = read_model_config(folder)
+    sources = [str(Path(f).resolve()) for f in cal_sources]
+    if bbbc005 is not None:
+        sources.append(f"BBBC005 {Path(bbbc005).resolve()}: the calibration sites in this config")
+    config.setdefault("training", {})["calibrated"] = {
+        "command": "celltally " + shlex.join(sys.argv[1:]),
+        "data": sources,
+        "n": n,
+        "note": "the intervals and OOD checks were refitted on these images; the training "
+        "record above describes how the weights were made",
+    }
+    write_config(folder, config)
+
+
 @contextlib.contextmanager
 def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path | None]:
     """Where to build the model folder ``out``: a hidden sibling, renamed to ``out`` at the end.
@@ -1259,6 +1283,7 @@ def calibrate(
             calibrate_model(
                 folder, cal, quantile=quantile, count_scale=count_scale or (), log=typer.echo
             )
+            _record_calibration(folder, cal_sources=data or [], bbbc005=bbbc005, n=len(cal))
         except _user_errors() as err:
             fail(err)
     if out is not None:

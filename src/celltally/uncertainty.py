@@ -165,7 +165,12 @@ def train_ensemble(
     # between the swap and the recalibration): dropped first, refitted after.
     config = read_model_config(folder)
     (config.get("calibration") or {}).pop("epistemic", None)
-    config.setdefault("training", {})["ensemble"] = _ensemble_record(
+    training = config.setdefault("training", {})
+    # what described the replaced members is kept apart, not left to describe these
+    stale = {k: training.pop(k) for k in STALE_MEMBER_KEYS if k in training}
+    if stale:
+        training["replaced_members"] = stale
+    training["ensemble"] = _ensemble_record(
         train,
         members=members,
         epochs=int(epochs if epochs is not None else hp.get("epochs", 30)),
@@ -292,6 +297,17 @@ def _with_distances(features: list[dict], distances: np.ndarray | None) -> list[
     if distances is None:
         return features
     return [{**f, "feature_distance": float(d)} for f, d in zip(features, distances, strict=True)]
+
+
+#: Training-record keys of a shipped model that describe its own ensemble members.
+STALE_MEMBER_KEYS = (
+    "ensemble",
+    "ensemble_note",
+    "ensemble_members",
+    "unet_members",
+    "unet_members_stored_as",
+    "unet_members_tta",
+)
 
 
 def _shown(folder: Path) -> Path:

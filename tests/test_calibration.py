@@ -247,6 +247,23 @@ def blob_model(tmp_path_factory):
     return folder, before
 
 
+def test_new_ensemble_members_leave_the_plain_calibration_alone(blob_model, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(blob_model[0], folder)
+    before = json.loads((folder / "config.json").read_text())["calibration"]
+    reference = (folder / "ood.safetensors").read_bytes()
+    config = tiny_config()
+    quiet = {"progress": False, "log": lambda s: None, "device": torch.device("cpu")}
+    other = blob_set(24, 3, config)  # another, smaller calibration split
+    train_ensemble(folder, blob_set(16, 4, config), other, members=2, epochs=1, **quiet)
+    block = json.loads((folder / "config.json").read_text())["calibration"]
+    assert {k: v for k, v in block.items() if k != "epistemic"} == {
+        k: v for k, v in before.items() if k != "epistemic"
+    }
+    assert block["epistemic"]["n"] == 24 and block["epistemic"]["ood"] == before["ood"]
+    assert (folder / "ood.safetensors").read_bytes() == reference
+
+
 def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):
     folder, before = blob_model
     block = json.loads((folder / "config.json").read_text())["calibration"]

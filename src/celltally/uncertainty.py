@@ -179,7 +179,7 @@ def train_ensemble(
     write_config(folder, config)
     written = [path.replace(path.with_suffix("")) for path in written]
     if calibration is not None and len(calibration):
-        calibrate_model(folder, calibration, device=device, log=log)
+        calibrate_model(folder, calibration, device=device, log=log, only_epistemic=True)
     else:
         log(
             "no calibration images: --epistemic intervals use the model's own calibration "
@@ -310,6 +310,41 @@ STALE_MEMBER_KEYS = (
 )
 
 
+def _calibrate_epistemic(
+    folder: Path,
+    config: dict[str, Any],
+    calibration: LabeledSet,
+    y: np.ndarray,
+    *,
+    count_scale: Sequence[str],
+    device: torch.device | str | None,
+    log: Log,
+) -> dict[str, Any]:
+    """:func:`calibrate_model` for new ensemble members: ``calibration.epistemic`` only."""
+    from celltally.counter import CellCounter
+
+    block = dict(config["calibration"])
+    ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
+    ens.count_scale = 1.0
+    e_mean, e_std, _ = _predict(ens, calibration)
+    epistemic, e_loo = _calibrated_block(y, e_mean, e_std, scaled="epistemic" in count_scale)
+    wells = [well_key(m["name"]) if m.get("name") else None for m in calibration.meta]
+    if len(wells) == len(y) and (
+        fitted := fit_group_correlation(y, e_mean * e_loo, e_std * e_loo, wells)
+    ):
+        epistemic["well_correlation"] = fitted
+    epistemic["members"] = 1 + len(ens.members)
+    epistemic["ood"] = dict(block.get("ood") or {})  # the segmenter's features: the same
+    block["epistemic"] = epistemic
+    config["calibration"] = block
+    write_config(folder, config)
+    log(
+        f"calibrated the ensemble of {_shown(folder)} on {len(y)} images: temperature "
+        f"{epistemic['temperature']:.3f} (the plain intervals and checks kept as they were)"
+    )
+    return block
+
+
 def _shown(folder: Path) -> Path:
     """The folder a user will find: a copy built in ``.NAME.partial`` becomes ``NAME``."""
     name = folder.name
@@ -330,6 +365,7 @@ def calibrate_model(
     count_scale: Sequence[str] = (),
     device: torch.device | str | None = None,
     log: Log = print,
+    only_epistemic: bool = False,
 ) -> dict[str, Any]:
     """Fit the interval calibrations and OOD thresholds of a model folder; rewrite its config.
 
@@ -343,6 +379,12 @@ def calibrate_model(
     threshold is the ``quantile`` of the images' distances measured out of
     sample (:func:`celltally.calibration.held_out_distances`, folds by scene).
     The weights are not touched.
+
+    ``only_epistemic`` (what ``celltally ensemble`` uses for new members) refits
+    ``calibration.epistemic`` alone and keeps the rest, the feature reference
+    included, as it was (the out-of-distribution features are the segmenter's,
+    so the ensemble shares the plain block's thresholds); a model never
+    calibrated before gets the whole block.
 
     ``count_scale`` names the blocks ('plain', 'epistemic') whose counts get a
     multiplicative correction ``s = sum(y) / sum(mu)`` fitted on the same
@@ -383,6 +425,10 @@ def calibrate_model(
                 f"dropped the {name} counts' earlier correction (x{earlier['count_scale']}); "
                 f"refit it with count_scale {name!r} (--count-scale {name})"
             )
+    if only_epistemic and old.get("scores"):
+        return _calibrate_epistemic(
+            folder, config, calibration, y, count_scale=count_scale, device=device, log=log
+        )
     fit_ood = len(y) >= MIN_OOD_IMAGES
     held_out: np.ndarray | None = None
     if fit_ood:

@@ -419,16 +419,16 @@ def calibrate_model(
     shown = _shown(folder)
     config = read_model_config(folder)
     old = config.get("calibration") or {}
+    if only_epistemic and old.get("scores"):
+        return _calibrate_epistemic(
+            folder, config, calibration, y, count_scale=count_scale, device=device, log=log
+        )
     for name, earlier in (("plain", old), ("epistemic", old.get("epistemic") or {})):
         if "count_scale" in earlier and name not in count_scale:
             log(
                 f"dropped the {name} counts' earlier correction (x{earlier['count_scale']}); "
                 f"refit it with count_scale {name!r} (--count-scale {name})"
             )
-    if only_epistemic and old.get("scores"):
-        return _calibrate_epistemic(
-            folder, config, calibration, y, count_scale=count_scale, device=device, log=log
-        )
     fit_ood = len(y) >= MIN_OOD_IMAGES
     held_out: np.ndarray | None = None
     if fit_ood:

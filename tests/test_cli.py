@@ -332,7 +332,8 @@ def test_models_describes_a_model_folder_given(tiny_model, tmp_path):
     assert result.output.startswith(f"{tiny_model}\n") and "bbbc005" not in result.output
     assert "held-out test" in result.output
     missing = run("models", tmp_path / "nowhere")
-    assert missing.exit_code == 2 and "not a model folder" in missing.output
+    assert missing.exit_code == 2 and "no such model" in missing.output
+    assert run("models", "nuclei").output.startswith("nuclei\n")  # a shipped model's name
 
 
 def test_listing_models_and_summing_wells_do_not_import_torch():

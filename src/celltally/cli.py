@@ -917,6 +917,7 @@ def models(
         available_models,
         ensemble_files,
         read_model_config,
+        resolve_model,
     )
 
     nan = float("nan")
@@ -925,6 +926,7 @@ def models(
         places = [(str(folder), folder) for folder in folders]
     for name, place in places:
         try:
+            place = resolve_model(str(place))  # a shipped model's name, or a folder
             config = read_model_config(place)
         except _user_errors() as err:
             fail(err)
@@ -1124,7 +1126,10 @@ def _held_out(
         }
     sets = held_out_sets(config, bbbc005=bbbc005, folders=data or [], **kw)
     if out is None and build is not None:  # rewritten in place: built in a hidden copy first
-        shutil.copytree(folder, build, ignore=shutil.ignore_patterns("checkpoints"))
+        # not the training state, a running train's lock, or the copy itself
+        shutil.copytree(
+            folder, build, ignore=shutil.ignore_patterns("checkpoints", ".train.lock", ".partial")
+        )
         return build, sets
     if out is not None:
         build = build or out
@@ -1187,8 +1192,10 @@ def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path
         if found is None or found.resolve().is_relative_to(WEIGHTS_DIR.resolve()):
             yield None
             return
-        target = found
-    partial = (out or target).with_name(f".{(out or target).name}.partial")
+        target = found.resolve()
+    # a copy is built beside it; a folder rewritten in place, inside itself (same disk,
+    # same permissions, whatever path or link named it)
+    partial = out.with_name(f".{out.name}.partial") if out is not None else target / ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         yield partial
@@ -1202,12 +1209,16 @@ def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path
         return
     # in place: the files the command wrote replace the folder's, those it removed go
     built = {path.name for path in partial.iterdir() if path.is_file()}
-    for name in built:
-        (partial / name).replace(target / name)
-    for path in list(target.iterdir()):
-        if path.is_file() and path.name not in built and path.name != ".train.lock":
-            path.unlink()  # e.g. ood.safetensors, when the new calibration has too few images
-    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        for name in built:
+            (partial / name).replace(target / name)
+        for path in list(target.iterdir()):
+            if path.is_file() and path.name not in built and path.name != ".train.lock":
+                path.unlink()  # e.g. ood.safetensors, when the new calibration has too few images
+    except OSError as err:
+        fail(f"{target}: could not put the new files in place ({err.strerror})")
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 OutOption = Annotated[

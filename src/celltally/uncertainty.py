@@ -346,8 +346,11 @@ def _calibrate_epistemic(
 
 
 def _shown(folder: Path) -> Path:
-    """The folder a user will find: a copy built in ``.NAME.partial`` becomes ``NAME``."""
+    """The folder a user will find: a copy built in ``.NAME.partial`` becomes ``NAME``,
+    and a folder rewritten in place (built in its own ``.partial``) the folder."""
     name = folder.name
+    if name == ".partial":
+        return folder.parent
     if name.startswith(".") and name.endswith(".partial"):
         return folder.with_name(name[1 : -len(".partial")])
     return folder

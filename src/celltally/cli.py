@@ -1133,7 +1133,13 @@ def _held_out(
         return build, sets
     if out is not None:
         build = build or out
-        shutil.copytree(folder, build, dirs_exist_ok=True)
+        # not a killed in-place run's leftover copy, nor a running train's lock
+        shutil.copytree(
+            folder,
+            build,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(".partial", ".train.lock"),
+        )
         # the copy is a model of its own: named after its folder, as `train` names one
         copied = {**config, "copied_from": config.get("name", model), "name": out.name}
         # the original's measured figures do not describe a recalibrated or re-ensembled copy

@@ -172,16 +172,19 @@ def _checked_norm(norm: dict[str, Any]) -> dict[str, Any]:
     return norm
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    """NumPy's MemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+def _out_of_memory(
+    err: MemoryError | RuntimeError, path: Path, shape: Sequence[int] | None = None
+) -> io.ImageReadError:
+    """The error of a file this machine had no memory to count: one line, and the run goes on.
+
+    ``err`` is re-raised unless it is NumPy's MemoryError or torch's CPU allocator
+    failing (a RuntimeError).
+    """
     text = str(err)
-    return isinstance(err, MemoryError) or (
-        "DefaultCPUAllocator" in text or "not enough memory" in text
-    )
-
-
-def _out_of_memory(path: Path, shape: Sequence[int] | None = None) -> io.ImageReadError:
-    """The error of a file this machine had no memory to count: one line, and the run goes on."""
+    if not (
+        isinstance(err, MemoryError) or "DefaultCPUAllocator" in text or "not enough memory" in text
+    ):
+        raise err
     size = f" ({shape[-1]} x {shape[-2]} px)" if shape is not None and len(shape) >= 2 else ""
     return io.ImageReadError(
         path,
@@ -651,9 +654,7 @@ class CellCounter:
             except io.InputError as err:
                 return io.about_file(err, path)
             except (MemoryError, RuntimeError) as err:
-                if not _is_out_of_memory(err):
-                    raise
-                return _out_of_memory(path)
+                return _out_of_memory(err, path)
 
         if isinstance(paths, str | Path):  # one file, not the characters of its name
             paths = [paths]
@@ -683,9 +684,7 @@ class CellCounter:
                         try:
                             raw = self._count_scaled(item)
                         except (MemoryError, RuntimeError) as err:
-                            if not _is_out_of_memory(err):
-                                raise
-                            yield path, _out_of_memory(path, item.raw_shape)
+                            yield path, _out_of_memory(err, path, item.raw_shape)
                             continue
                         yield path, self._result(raw, level, str(path))
                     else:

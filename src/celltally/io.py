@@ -154,7 +154,7 @@ def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     kind = _format_name(path.suffix)
     try:
         with Image.open(path) as img:
-            _check_size(img.size[0] * img.size[1] * len(img.getbands()), original)
+            _check_size(_pillow_values(img), original)
             img.load()
             mode = img.mode
             if mode == "P":
@@ -195,9 +195,7 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
         try:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0] if tif.series else None
-                first = tif.pages[0].shape if len(tif.pages) else (0,)
-                shape = series.shape if series is not None else first
-                _check_size(int(np.prod(shape, dtype=np.int64)), original)  # before decoding
+                _check_size(_tiff_values(tif), original)  # before decoding
                 arr = np.asarray(series.asarray() if series is not None else tif.asarray())
                 axes = series.axes if series is not None else ""
                 # a grey page's samples (MINISWHITE 0, MINISBLACK 1) are stains; any other
@@ -293,16 +291,28 @@ def header_pixels(path: str | os.PathLike[str]) -> int | None:
             import tifffile
 
             with _tifffile_notes(), tifffile.TiffFile(path) as tif:
-                shape = tif.series[0].shape if tif.series else tif.pages[0].shape
-            return int(np.prod(shape, dtype=np.int64))
+                return _tiff_values(tif)
         from PIL import Image
 
         with Image.open(path) as img:
-            width, height = img.size
-            bands = len(img.getbands())
-        return int(width) * int(height) * bands
+            return _pillow_values(img)
     except Exception:  # unreadable headers: decoding reports the problem
         return None
+
+
+def _tiff_values(tif: Any) -> int:
+    """Values in an open TIFF's first series (or first page; 0 without pages), from headers."""
+    if tif.series:
+        shape = tif.series[0].shape
+    else:
+        shape = tif.pages[0].shape if len(tif.pages) else (0,)
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _pillow_values(img: Any) -> int:
+    """Values (width x height x bands) of an open Pillow image, from its header."""
+    width, height = img.size
+    return int(width) * int(height) * len(img.getbands())
 
 
 def _check_size(values: int, original: str | os.PathLike[str]) -> None:

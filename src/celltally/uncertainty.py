@@ -310,6 +310,36 @@ STALE_MEMBER_KEYS = (
 )
 
 
+def _add_well_correlation(
+    block: dict[str, Any], calibration: LabeledSet, y: np.ndarray, mean: np.ndarray, std: np.ndarray
+) -> None:
+    """The within-well error correlation (for per-well totals, celltally.wells), where the
+    calibration images' names give wells."""
+    wells = [well_key(m["name"]) if m.get("name") else None for m in calibration.meta]
+    if len(wells) == len(y) and (fitted := fit_group_correlation(y, mean, std, wells)):
+        block["well_correlation"] = fitted
+
+
+def _epistemic_block(
+    folder: Path,
+    calibration: LabeledSet,
+    y: np.ndarray,
+    *,
+    count_scale: Sequence[str],
+    device: torch.device | str | None,
+) -> tuple[dict[str, Any], list[dict]]:
+    """The ensemble's ``calibration.epistemic`` block (without ``ood``) and its features."""
+    from celltally.counter import CellCounter
+
+    ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
+    ens.count_scale = 1.0
+    e_mean, e_std, e_features = _predict(ens, calibration)
+    block, e_loo = _calibrated_block(y, e_mean, e_std, scaled="epistemic" in count_scale)
+    _add_well_correlation(block, calibration, y, e_mean * e_loo, e_std * e_loo)
+    block["members"] = 1 + len(ens.members)
+    return block, e_features
+
+
 def _calibrate_epistemic(
     folder: Path,
     config: dict[str, Any],
@@ -321,19 +351,8 @@ def _calibrate_epistemic(
     log: Log,
 ) -> dict[str, Any]:
     """:func:`calibrate_model` for new ensemble members: ``calibration.epistemic`` only."""
-    from celltally.counter import CellCounter
-
     block = dict(config["calibration"])
-    ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
-    ens.count_scale = 1.0
-    e_mean, e_std, _ = _predict(ens, calibration)
-    epistemic, e_loo = _calibrated_block(y, e_mean, e_std, scaled="epistemic" in count_scale)
-    wells = [well_key(m["name"]) if m.get("name") else None for m in calibration.meta]
-    if len(wells) == len(y) and (
-        fitted := fit_group_correlation(y, e_mean * e_loo, e_std * e_loo, wells)
-    ):
-        epistemic["well_correlation"] = fitted
-    epistemic["members"] = 1 + len(ens.members)
+    epistemic, _ = _epistemic_block(folder, calibration, y, count_scale=count_scale, device=device)
     epistemic["ood"] = dict(block.get("ood") or {})  # the segmenter's features: the same
     block["epistemic"] = epistemic
     config["calibration"] = block
@@ -457,23 +476,14 @@ def calibrate_model(
     features = _with_distances(features, held_out)
     block, loo = _calibrated_block(y, mean, std, scaled="plain" in count_scale)
     block["ood"] = ood_thresholds(features, quantile=quantile) if fit_ood else {}
-    wells = [well_key(m["name"]) if m.get("name") else None for m in calibration.meta]
-    if len(wells) == len(y) and (fitted := fit_group_correlation(y, mean * loo, std * loo, wells)):
-        block["well_correlation"] = fitted  # for per-well totals (celltally.wells)
+    _add_well_correlation(block, calibration, y, mean * loo, std * loo)
     if ensemble_files(folder):
-        ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
-        ens.count_scale = 1.0
-        e_mean, e_std, e_features = _predict(ens, calibration)
-        e_features = _with_distances(e_features, held_out)
-        block["epistemic"], e_loo = _calibrated_block(
-            y, e_mean, e_std, scaled="epistemic" in count_scale
+        epistemic, e_features = _epistemic_block(
+            folder, calibration, y, count_scale=count_scale, device=device
         )
-        if len(wells) == len(y) and (
-            fitted := fit_group_correlation(y, e_mean * e_loo, e_std * e_loo, wells)
-        ):
-            block["epistemic"]["well_correlation"] = fitted
-        block["epistemic"]["members"] = 1 + len(ens.members)
-        block["epistemic"]["ood"] = ood_thresholds(e_features, quantile=quantile) if fit_ood else {}
+        e_features = _with_distances(e_features, held_out)
+        epistemic["ood"] = ood_thresholds(e_features, quantile=quantile) if fit_ood else {}
+        block["epistemic"] = epistemic
     config["calibration"] = block
     write_config(folder, config)
     if conformal_rank(len(y), 0.95) > len(y):

@@ -328,7 +328,8 @@ def build_and_fit(
             "test_sites": [9, 10],
             **{k: int(v.size) for k, v in parts.items()},
         }
-    if folders and (from_model is not None or (bbbc005 is None and simulated <= 0)):
+    only_user = bbbc005 is None and simulated <= 0  # the user's folders are all it learns
+    if folders and (from_model is not None or only_user):
         # a new model trained on the user's images alone learns their objects' size too
         _rescale_reference(config, folders, from_model, log)
     user_meta: list[dict[str, Any]] = []
@@ -349,7 +350,6 @@ def build_and_fit(
             "train_names": [user.meta[int(i)]["name"] for i in parts["train"]],
         }
     if user_meta:
-        only_user = bbbc005 is None and simulated <= 0
         _check_frame_size(config, user_meta, adopt=from_model is None and only_user, log=log)
     if simulated > 0:
         log(f"simulating {simulated} training scenes")

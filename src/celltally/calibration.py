@@ -337,6 +337,8 @@ FALLBACK_OOD_THRESHOLDS = {"mask_std": 0.25}
 LOW_CONTRAST = 0.99
 #: The words that end a low-contrast warning (the CLI counts the rows with them).
 EMPTY_HINT = "the frame may hold no cells"
+#: The words that open the warning of an image whose features are unlike the calibration's.
+UNLIKE_HINT = "unlike the calibration images"
 
 
 def ood_features(
@@ -458,7 +460,7 @@ def ood_warning(features: Mapping[str, float], thresholds: Mapping[str, Any] | N
         for name, value in features.items()
         if name in OOD_FEATURES and limits.get(name) is not None and value > float(limits[name])
     ]
-    text = f"unlike the calibration images ({'; '.join(parts)}; {where} limit)" if parts else ""
+    text = f"{UNLIKE_HINT} ({'; '.join(parts)}; {where} limit)" if parts else ""
     contrast = features.get("contrast")
     if contrast is not None and contrast < LOW_CONTRAST:
         empty = f"low contrast (range {contrast:.2f} of the empty-frame floor): {EMPTY_HINT}"

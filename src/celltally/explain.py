@@ -225,14 +225,14 @@ def panel_title(result: CountResult, true_count: float | None = None) -> str:
     A flagged image (``result.warning``) gets a second line saying so: the figure
     often travels without the terminal's or the CSV's warning.
     """
-    from celltally.calibration import EMPTY_HINT
+    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT
 
     title = str(result)
     if true_count is not None:
         title += f", truth {true_count:g}"
     if EMPTY_HINT in result.warning:
         title += f"\n⚠ low contrast: {EMPTY_HINT}"
-    if "unlike the calibration images" in result.warning:
+    if UNLIKE_HINT in result.warning:
         title += "\n⚠ unlike the model's calibration images: the interval may not hold"
     return title
 

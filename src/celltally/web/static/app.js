@@ -217,6 +217,11 @@ function fillCard(card, r) {
   setView(card, $("view").value);
 }
 
+// The model and interval level a result was counted with: "bbbc005 · 95%".
+function madeWith(model, level) {
+  return `${model || ""} · ${Math.round(level * 100)}%`;
+}
+
 // -- table, CSV ------------------------------------------------------------
 function makeRow(name) {
   $("summary").hidden = false;
@@ -235,7 +240,7 @@ function fillRow(tr, r) {
   tr.replaceChildren();
   if (!r.ok) tr.className = "failed";
   const meta = r.metadata || {};
-  const made = r.ok ? `${r.model || ""} · ${Math.round(r.level * 100)}%` : "";
+  const made = r.ok ? madeWith(r.model, r.level) : "";
   const cells = r.ok
     ? [r.name, fmt(r.count), `${fmt(r.low)}–${fmt(r.high)}`, made, meta.well || "",
        meta.site ?? "", r.warning || ""]
@@ -333,8 +338,7 @@ function drawPlate() {
   pick.hidden = views.length < 2;
   pick.replaceChildren(...views.map((v) => {
     const [plate, model, level] = JSON.parse(v);
-    const text = `${plate || "(no plate name)"} · ${model} · ${Math.round(level * 100)}%`;
-    return new Option(text, v);
+    return new Option(`${plate || "(no plate name)"} · ${madeWith(model, level)}`, v);
   }));
   pick.value = state.plate === null ? "" : state.plate;
   const plateOf = state.plate === null ? null : JSON.parse(state.plate)[0];

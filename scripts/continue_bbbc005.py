@@ -116,7 +116,17 @@ def _schedule(args: argparse.Namespace) -> str:
     return f"one-cycle lr {args.lr}, batch {args.batch_size}, seed {args.seed}, float32"
 
 
-def _describe_new_counter(config: dict, previous: dict, args: argparse.Namespace) -> None:
+def _epochs_run(args: argparse.Namespace, history: list[dict] | None) -> str:
+    """The epochs the counter trained, and the budget that cut them if one did."""
+    ran = len(history) if history else args.epochs
+    if ran < args.epochs:
+        return f"{ran} epochs (--budget {args.budget:g} s cut the {args.epochs} asked for)"
+    return f"{ran} epochs"
+
+
+def _describe_new_counter(
+    config: dict, previous: dict, args: argparse.Namespace, history: list[dict] | None
+) -> None:
     """Rewrite ``config``'s training record for a counter trained from scratch (in place).
 
     The data lines of earlier counter training ('continued: ...') and their
@@ -127,18 +137,18 @@ def _describe_new_counter(config: dict, previous: dict, args: argparse.Namespace
     training["data"] = [d for d in training["data"] if not d.startswith("continued:")] + [
         f"new counter (width {counter['width']}, planes at the "
         f"{counter.get('planes_at', 'mask')}) trained from scratch, replacing the counter "
-        f"above: {args.epochs} epochs on {args.scenes} new simulated scenes (same settings, "
-        f"seed {args.sim_seed}), {_schedule(args)}"
+        f"above: {_epochs_run(args, history)} on {args.scenes} new simulated scenes "
+        f"(same settings, seed {args.sim_seed}), {_schedule(args)}"
     ]
     training["segmenter_command"] = (
         previous.get("segmenter_command") or previous.get("continued_from") or previous["command"]
     )
     training["trained_on"] = training.pop("continued_on")
     training.pop("continued_from", None)
-    history = config.get("history", {})
+    logs = config.get("history", {})
     config["history"] = {
-        "segmenter": history.get("segmenter"),
-        "counter": history.get("counter_continued"),
+        "segmenter": logs.get("segmenter"),
+        "counter": logs.get("counter_continued"),
     }
 
 
@@ -191,6 +201,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help="seconds the counter's epochs may take at most: fewer epochs, the one-cycle "
+        "schedule rebuilt for them, where the rest would not fit (a lent GPU's time limit)",
+    )
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--weights", help="a model.safetensors trained by this script elsewhere")
     parser.add_argument("--members-from-init", action="store_true")
@@ -236,9 +252,19 @@ def main() -> None:
         model = fresh
     if args.weights:
         model.load_state_dict(load_file(args.weights))
-        # the run's log, if it was brought back beside the weights
+        # the run's log, if it was brought back beside the weights (history.json,
+        # or the uncalibrated config.json the run wrote)
         log = Path(args.weights).with_name("history.json")
-        history = json.loads(log.read_text()) if log.exists() else None
+        written = Path(args.weights).with_name("config.json")
+        if log.exists():
+            history = json.loads(log.read_text())
+        elif written.exists():
+            logs = json.loads(written.read_text()).get("history", {})
+            history = logs.get("counter_continued") or (
+                logs.get("counter") if args.new_counter else None
+            )
+        else:
+            history = None
     else:
         kw = simulation_settings(config["input_size"], config["normalization"], args.workers)
         if args.cell_loss:
@@ -266,6 +292,7 @@ def main() -> None:
                 checkpoint=Path(args.out) / "checkpoints" / "counter.pt",
                 device=default_device(),
                 progress=False,
+                budget=args.budget,
             )
     out = Path(args.out)
     config = dict(config)
@@ -274,7 +301,8 @@ def main() -> None:
         **previous,
         "data": previous["data"]
         + [
-            f"continued: the counter trained {args.epochs} more epochs on {args.scenes} new "
+            f"continued: the counter trained {_epochs_run(args, history)} more on "
+            f"{args.scenes} new "
             f"simulated scenes (same settings, seed {args.sim_seed})"
             + (
                 f" and the real BBBC005 images of sites {args.real_sites}"
@@ -309,7 +337,7 @@ def main() -> None:
     if history is not None:
         config["history"] = {**config.get("history", {}), "counter_continued": history}
     if args.new_counter:  # the old counter's lines and log no longer describe this model
-        _describe_new_counter(config, previous, args)
+        _describe_new_counter(config, previous, args, history)
     members = []
     config["training"].pop("ensemble", None)  # how `celltally ensemble` made --init's members
     if args.members_from_init:

@@ -119,3 +119,62 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     for changed in ({"seed": 1}, {"lr": 0.01}, {"data": other}):
         with pytest.raises(ValueError, match="saved by a run with"):
             train_counter(model, **{**same, **changed})
+
+
+def test_a_rebuilt_one_cycle_schedule_starts_where_the_run_is():
+    from celltally.train import one_cycle
+
+    def rates(scheduler, optimizer, steps):
+        out = []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([param], lr=1e-3)
+    fresh = rates(one_cycle(opt, lr=1e-2, total_steps=50), opt, 50)
+    opt2 = torch.optim.Adam([param], lr=1e-3)
+    rates(one_cycle(opt2, lr=1e-2, total_steps=50), opt2, 7)  # leaves initial_lr
+    later = rates(one_cycle(opt2, lr=1e-2, total_steps=50, done_steps=20), opt2, 30)
+    assert later == pytest.approx(fresh[20:])
+
+
+@pytest.mark.parametrize(
+    ("spent", "pace", "expected"),
+    [(10.0, 1.0, 40), (10.0, 10.0, 14), (100.0, 10.0, 6), (0.0, 0.5, 40)],
+)
+def test_epochs_that_fit_a_budget(spent, pace, expected):
+    from celltally.train import _epochs_within
+
+    # 5 epochs done in `spent` seconds of a 100-second budget, 40 planned
+    assert _epochs_within(100.0, epochs=40, done=5, spent=spent, pace=pace) == expected
+
+
+def test_a_time_budget_cuts_the_epochs_still_anneals_and_survives_resume(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config()
+    data = random_set(config, 4)
+    kw = dict(batch_size=2, lr=1e-2, device=torch.device("cpu"), progress=False)
+    ckpt = tmp_path / "counter.pt"
+    lines: list[str] = []
+    # a budget too small for anything: cut at the first check (after epoch 5) to 6 epochs
+    model = CountingPipeline(config)
+    history = train_counter(
+        model, data, epochs=20, budget=1e-6, checkpoint=ckpt, log=lines.append, **kw
+    )
+    assert len(history) == 6
+    assert history[-1]["epochs_planned"] == 6
+    assert any("6 epochs fit the budget" in line for line in lines), lines
+    # the schedule was rebuilt for 6 epochs: the last epoch starts low on the cosine
+    # (about 0.1 x the peak), where the 20-epoch schedule would be near its peak
+    assert history[-1]["lr"] < 0.2 * 1e-2
+    # a resumed run of the same plan sees the cut: nothing is left to train
+    again = CountingPipeline(config)
+    resumed = train_counter(
+        again, data, epochs=20, checkpoint=ckpt, resume=True, log=lambda _: None, **kw
+    )
+    assert len(resumed) == 6
+    with pytest.raises(ValueError, match="budget must be a positive"):
+        train_counter(model, data, epochs=1, budget=0.0, log=lines.append, **kw)

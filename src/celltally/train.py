@@ -66,17 +66,34 @@ def _save_checkpoint(path: Path | None, state: dict[str, Any]) -> None:
 
 
 def one_cycle(
-    optimizer: torch.optim.Optimizer, *, lr: float, total_steps: int
+    optimizer: torch.optim.Optimizer, *, lr: float, total_steps: int, done_steps: int = 0
 ) -> torch.optim.lr_scheduler.OneCycleLR:
     """One-cycle schedule peaking at ``lr``: warm-up over 20% of the steps, cosine down.
 
     The warm-up lasts at least 1.5 steps: OneCycleLR divides by its length,
     which is zero (a crash) or negative for runs of 5 steps or fewer.
+    ``done_steps`` starts the schedule that many steps in (a schedule rebuilt
+    for fewer steps mid-run; ``optimizer`` must already have run under a
+    one-cycle schedule, which left its ``initial_lr``).
     """
     total = max(2, int(total_steps))
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=total, pct_start=max(0.2, 1.5 / total)
+        optimizer,
+        max_lr=lr,
+        total_steps=total,
+        pct_start=max(0.2, 1.5 / total),
+        last_epoch=int(done_steps) - 1,
     )
+
+
+def _epochs_within(budget: float, *, epochs: int, done: int, spent: float, pace: float) -> int:
+    """How many epochs a run of ``epochs`` may have so that it ends within ``budget`` seconds.
+
+    ``done`` epochs took ``spent`` seconds so far; the rest take ``pace``
+    seconds each. Never fewer than ``done + 1`` (the epoch under way is finished).
+    """
+    fit = done + int(max(0.0, budget - spent) // max(pace, 1e-9))
+    return max(done + 1, min(epochs, fit))
 
 
 #: Learning-rate schedules: ``one_cycle`` (default) or ``constant`` (the paper's).
@@ -99,6 +116,7 @@ def _run_epochs(
     seed: int,
     log: Log,
     data: Mapping[str, Any] | None = None,
+    budget: float | None = None,
 ) -> list[dict[str, float]]:
     """Generic epoch loop: Adam, validation and a checkpoint per epoch.
 
@@ -110,9 +128,18 @@ def _run_epochs(
     beta1 cycles 0.95 -> 0.85 -> 0.95 with it) instead of the paper's constant
     rate: on the CPU budget it reaches a lower loss in fewer epochs. 'constant'
     is the paper's (the ``paper`` preset).
+
+    ``budget``: seconds the epochs may take at most (a lent GPU's time limit,
+    a cluster job's wall time). After epochs 5, 15, 25, ... the pace since
+    epoch 2 is measured (the first epochs warm up), and where the rest would
+    not fit the epoch count is cut and the one-cycle schedule rebuilt for it,
+    at the step reached: the run still ends annealed, with its weights saved.
+    The history's records carry ``epochs_planned``.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
+    if budget is not None and not budget > 0:
+        raise ValueError(f"budget must be a positive number of seconds, not {budget!r}")
     optimizer = torch.optim.Adam(params, lr=lr)
     if schedule == "constant":
         scheduler: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -150,10 +177,32 @@ def _run_epochs(
         history = state["history"]
         start = state["epoch"] + 1
         log(f"{stage}: resumed from {checkpoint} after epoch {start}")
-    if start < epochs:
+    planned = int(history[-1].get("epochs_planned", epochs)) if history else epochs
+    if start < planned:
         rate = f"lr {lr:g}" if schedule == "constant" else f"one-cycle lr peaking at {lr:g}"
-        log(f"{stage}: {epochs - start} epoch(s) of {steps_per_epoch} step(s), {rate}")
-    for epoch in range(start, epochs):
+        within = f", within {budget:g} s" if budget else ""
+        log(f"{stage}: {planned - start} epoch(s) of {steps_per_epoch} step(s), {rate}{within}")
+    began = time.perf_counter()
+    paced: tuple[int, float] | None = None  # (epochs done, time) when the pace clock started
+    epoch = start
+    while epoch < planned:
+        if budget and paced is None and epoch - start == 2:
+            paced = (epoch, time.perf_counter())
+        if budget and paced is not None and (epoch - start) % 10 == 5:
+            now = time.perf_counter()
+            pace = (now - paced[1]) / max(epoch - paced[0], 1)
+            cut = _epochs_within(budget, epochs=planned, done=epoch, spent=now - began, pace=pace)
+            cut = round(distributed.mean(float(cut)))  # under torchrun: every rank the same
+            if cut < planned:
+                planned = cut
+                if schedule != "constant":
+                    scheduler = one_cycle(
+                        optimizer,
+                        lr=lr,
+                        total_steps=planned * steps_per_epoch,
+                        done_steps=epoch * steps_per_epoch,
+                    )
+                log(f"{stage}: {planned} epochs fit the budget of {budget:g} s ({pace:.1f} s each)")
         t0 = time.perf_counter()
         module.train()
         rate_used = float(optimizer.param_groups[0]["lr"])  # by the epoch's first step
@@ -163,6 +212,8 @@ def _run_epochs(
         record = {"epoch": epoch + 1, "loss": loss, **(validate() if main else {})}
         record["lr"] = rate_used
         record["seconds"] = round(time.perf_counter() - t0, 1)
+        if budget:
+            record["epochs_planned"] = planned
         history.append(record)
         if main:
             log(f"{stage} " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
@@ -179,6 +230,7 @@ def _run_epochs(
                 "plan": plan,
             },
         )
+        epoch += 1
     distributed.sync_buffers(module)  # rank 0's BatchNorm statistics on every rank
     return history
 
@@ -207,8 +259,13 @@ def train_segmenter(
     device: torch.device | None = None,
     progress: bool = True,
     log: Log = print,
+    budget: float | None = None,
 ) -> list[dict[str, float]]:
-    """Stage 1: fit the FPN on images that have masks (sum of per-level NLL + TV)."""
+    """Stage 1: fit the FPN on images that have masks (sum of per-level NLL + TV).
+
+    ``budget``: seconds the epochs may take at most; fewer epochs, the one-cycle
+    schedule rebuilt for them, where the rest would not fit (see ``_run_epochs``).
+    """
     device = device or default_device()
     keep = data.has_mask
     if not bool(keep.any()):
@@ -260,6 +317,7 @@ def train_segmenter(
         seed=seed,
         log=log,
         data={"images": n, "mask_total": round(float(masks.sum()), 3)},
+        budget=budget,
     )
 
 
@@ -318,12 +376,14 @@ def train_counter(
     device: torch.device | None = None,
     progress: bool = True,
     log: Log = print,
+    budget: float | None = None,
 ) -> list[dict[str, float]]:
     """Stage 2: fit the VGG counter on the frozen segmenter's masks (aleatoric loss).
 
     The masks are computed once (eval mode), then flipped/rotated together with
     the image plane each batch, which is exact because the 4 symmetries
-    commute with the segmenter up to its padding.
+    commute with the segmenter up to its padding. ``budget``: as for
+    :func:`train_segmenter`.
     """
     device = device or default_device()
     mask, logvar = predict_masks(model, data.images, device=device)
@@ -384,6 +444,7 @@ def train_counter(
         seed=seed,
         log=log,
         data={"images": n, "count_total": round(float(targets.sum()), 3)},
+        budget=budget,
     )
 
 

@@ -188,3 +188,25 @@ def test_cli_evaluate_report(tiny_model, labelled_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "index.html").is_file() and (out / "reliability.png").is_file()
     assert "report ->" in result.output
+
+
+def test_evaluation_and_report_name_the_interval_method_used(tiny_model, labelled_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+
+    def named(counter):
+        evaluation = evaluate_folder(labelled_folder, model=counter)
+        index = write_report(evaluation, tmp_path / "r", counter=counter, data=labelled_folder)
+        return evaluation["calibration"], evaluation["epistemic"], index.read_text()
+
+    plain = CellCounter.from_pretrained(tiny_model, device="cpu")
+    method, epistemic, text = named(plain)
+    assert (method, epistemic) == ("none", False) and "(calibration used: none)" in text
+    model = tmp_path / "calibrated"
+    args = ["calibrate", "--model", str(tiny_model), "--data", str(labelled_folder)]
+    assert CliRunner().invoke(app, [*args, "--out", str(model)]).exit_code == 0
+    for asked, used in ((None, "conformal"), ("temperature", "temperature")):
+        counter = CellCounter.from_pretrained(model, device="cpu", calibration=asked)
+        method, _, text = named(counter)
+        assert method == used and f"(calibration used: {used})" in text

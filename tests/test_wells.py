@@ -476,3 +476,19 @@ def test_wells_read_a_results_csv_with_a_file_name_that_is_not_utf8(
     assert result.exit_code == 1 and "well(s) include images that could not be counted" in (
         result.output
     )
+
+
+def test_evaluate_per_well_rows_say_how_many_images_failed(tiny_model, tmp_path):
+    from celltally.evaluation import evaluate_folder
+
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    for column, n in ((1, 3), (2, 8)):
+        for site in (1, 2):
+            name = f"SIMCEPImages_A{column:02d}_C{n}_F1_s{site:02d}_w1.TIF"
+            tifffile.imwrite(folder / name, blob_image(n, seed=10 * n + site))
+    (folder / "SIMCEPImages_A01_C3_F1_s03_w1.TIF").write_bytes(b"II*\x00 truncated")
+    result = evaluate_folder(folder, model=tiny_model)
+    assert len(result["errors"]) == 1
+    rows = [(w["well"], w["images"], w["failed"]) for w in result["wells"]["rows"]]
+    assert rows == [("A01", 2, 1), ("A02", 2, 0)]

@@ -372,6 +372,16 @@ class CellCounter:
         )
 
     # -- intervals -------------------------------------------------------
+    @property
+    def calibration_used(self) -> str:
+        """The interval method counting uses: the one asked for, else the model's default.
+
+        'none' for a model folder without calibration (Gaussian intervals).
+        """
+        if not self.calibration:
+            return "none"
+        return self.calibration_method or str(self.calibration.get("default", "conformal"))
+
     def multiplier(self, level: float = 0.95, method: str | None = None) -> float:
         """Half-width of the interval in units of the model's std at ``level``.
 

@@ -58,7 +58,8 @@ def evaluate_folder(
     the images whose names parse to one of these site numbers (e.g. ``{9,
     10}``, BBBC005's held-out sites); none left is an error.
 
-    Returns a dict with ``model`` (its name), ``data``, ``level``, ``metrics``
+    Returns a dict with ``model`` (its name), ``data``, ``level``,
+    ``calibration`` (the interval method used), ``epistemic``, ``metrics``
     (overall 'all' and per 'blur=..,stain=..' group: MAE, RMSE, R², max
     |error|, coverage, interval width), ``wells`` (:func:`well_metrics`:
     per-well totals' errors and coverage, None when no well has two images),
@@ -77,13 +78,14 @@ def evaluate_folder(
         if not pairs:
             raise io.InputError(f"{data}: no labelled image from sites {sorted(sites)}")
     truth = dict(pairs)
-    rows, errors = [], []
+    rows, errors, failed = [], [], []
     results = counter.count_paths([p for p, _ in pairs], level=level)
     for path, result in tqdm(
         results, total=len(pairs), disable=None if progress else True, unit="img"
     ):
         if isinstance(result, Exception):
             errors.append(str(result))
+            failed.append(path.name)
             continue
         meta = result.metadata
         rows.append(
@@ -105,21 +107,26 @@ def evaluate_folder(
         "model": counter.name,
         "data": str(data),
         "level": level,
+        "calibration": counter.calibration_used,  # the interval method the figures used
+        "epistemic": bool(counter.epistemic),
         "normalization": {**DEFAULT_NORMALIZATION, **counter.norm},  # as counted
         "metrics": grouped_metrics(rows, by=("blur", "stain")),
-        "wells": well_metrics(rows, counter=counter),
+        "wells": well_metrics(rows, counter=counter, failed=failed),
         "errors": errors,
         "unlabelled": [str(p) for p in unlabelled],
         "rows": rows,
     }
 
 
-def well_metrics(rows: list[dict[str, Any]], *, counter: CellCounter) -> dict[str, Any] | None:
+def well_metrics(
+    rows: list[dict[str, Any]], *, counter: CellCounter, failed: Sequence[str] = ()
+) -> dict[str, Any] | None:
     """Errors and interval coverage of per-well totals (wells of two images or more).
 
     The totals are :func:`celltally.wells.aggregate_wells`'s, with the
-    within-well correlation the model measured (else the default). None when
-    no well in the names holds two images.
+    within-well correlation the model measured (else the default). ``failed``:
+    names of images that could not be counted (each well row says how many of
+    its images its total lacks). None when no well in the names holds two images.
     """
     from celltally.wells import aggregate_wells, block_correlation
 
@@ -139,7 +146,8 @@ def well_metrics(rows: list[dict[str, Any]], *, counter: CellCounter) -> dict[st
         }
         for r in rows
     ]
-    wells = [w for w in aggregate_wells(table, correlation=rho)[0] if w["images"] >= 2]
+    totals = aggregate_wells(table, correlation=rho, failed=failed)[0]
+    wells = [w for w in totals if w["images"] >= 2]
     if not wells:
         return None
     keep = ("plate", "well", "stain", "images", "count", "low", "high", "true_count", "error")

@@ -518,7 +518,7 @@ def write_report(
         for i, lv in enumerate(curves["level"])
     )
     methods = [m for m in curves if m != "level"]
-    default = counter.calibration.get("default", "conformal") if counter.calibration else "none"
+    default = evaluation.get("calibration") or counter.calibration_used
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",

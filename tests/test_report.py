@@ -210,3 +210,17 @@ def test_evaluation_and_report_name_the_interval_method_used(tiny_model, labelle
         counter = CellCounter.from_pretrained(model, device="cpu", calibration=asked)
         method, _, text = named(counter)
         assert method == used and f"(calibration used: {used})" in text
+
+
+def test_a_counts_csv_name_that_is_not_there_is_named_with_the_path_tried(tmp_path):
+    from celltally import io
+    from celltally.evaluation import labelled_files
+
+    data = tmp_path / "sub"
+    (data / "images").mkdir(parents=True)
+    tifffile.imwrite(data / "images" / "a.tif", blob_image(3))
+    (data / "counts.csv").write_text("image,count\nimages/a.tif,3\n")
+    with pytest.raises(io.InputError) as err:
+        labelled_files(data)
+    message = str(err.value)
+    assert "lists images/a.tif, but" in message and str(data / "images" / "images") in message

@@ -346,3 +346,27 @@ def test_simulate_set_with_maps_gives_the_same_scenes_and_a_map_of_their_labels(
     data, maps = simulate_set_with_maps(4, label_map=np.max, **kw)  # labels.max() == count
     assert torch.equal(data.images, plain.images) and data.meta == plain.meta
     assert maps.shape == (4, 1) and torch.equal(maps[:, 0], data.counts)
+
+
+def test_a_plate_folder_holding_another_plate_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "plate"
+    kw = dict(blurs=(1,), stains=(1,), size=(40, 56))
+    simulate_plate(out, images=3, counts=(1, 20), seed=0, **kw)
+    first = sorted(p.name for p in (out / "images").iterdir())
+    simulate_plate(out, images=3, counts=(1, 20), seed=0, **kw)  # the same plate again: fine
+    assert sorted(p.name for p in (out / "images").iterdir()) == first
+    with pytest.raises(ValueError, match=r"already holds \d+ file\(s\) this plate would not"):
+        simulate_plate(out, images=1, counts=(1, 20), seed=7, **kw)
+    assert sorted(p.name for p in (out / "images").iterdir()) == first  # nothing written
+
+
+def test_a_size_larger_than_celltally_reads_is_refused_before_any_folder(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+
+    out = tmp_path / "big"
+    args = ["simulate", "--out", str(out), "--images", "1", "--size", "100000x100000"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "larger than celltally reads" in result.output
+    assert "Traceback" not in result.output and not out.exists()

@@ -27,9 +27,12 @@ def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
         if not table:
             raise io.InputError(f"{csv_path}: lists no images (a header and no rows)")
         pairs = [(folder / name, float(c)) for name, c in table.items()]
-        missing = [p for p, _ in pairs if not p.exists()]
+        missing = [name for name in table if not (folder / name).exists()]
         if missing:
-            raise io.InputError(f"{csv_path}: lists {missing[0].name}, which is not in {folder}")
+            raise io.InputError(
+                f"{csv_path}: lists {missing[0]}, but {folder / missing[0]} does not exist "
+                "(names are relative to the images' folder)"
+            )
         return pairs
     pairs = []
     for path in io.list_images([folder]):

@@ -326,6 +326,13 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
         raise ValueError(f"size must be (height, width), got {size!r}") from None
     if height < 1 or width < 1:
         raise ValueError(f"size must be (height, width) with both sides >= 1, got {tuple(size)}")
+    from celltally.io import MAX_IMAGE_PIXELS
+
+    if height * width > MAX_IMAGE_PIXELS:  # beyond what celltally reads back; and memory
+        raise ValueError(
+            f"size {height}x{width} is larger than celltally reads (at most {MAX_IMAGE_PIXELS:,} "
+            "pixels per image)"
+        )
     return height, width
 
 
@@ -1123,6 +1130,23 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _scene_stem(index: int, width_digits: int, count: int, blur: int, stain: int) -> str:
+    """The file stem of scene ``index`` at one blur and stain (BBBC005's naming)."""
+    row = chr(ord("A") + BLUR_LEVELS.index(blur))
+    return f"SIMCEPImages_{row}{index + 1:0{width_digits}d}_C{count}_F{blur}_s01_w{stain}"
+
+
+def _stale_files(out: Path, stems: set[str]) -> list[Path]:
+    """Files in ``out``'s images/, masks/ and labels/ that a plate of ``stems`` would not rewrite."""
+    return sorted(
+        path
+        for sub in ("images", "masks", "labels")
+        if (out / sub).is_dir()
+        for path in (out / sub).iterdir()
+        if path.stem not in stems
+    )
+
+
 def _write_scene(job: tuple) -> list[tuple[str, int, int, int]]:
     """Render one scene and write it at every requested blur and stain; return csv rows."""
     (out_dir, index, width_digits, count, entropy, blurs, stains, size, bit_depth, params) = job
@@ -1135,8 +1159,7 @@ def _write_scene(job: tuple) -> list[tuple[str, int, int, int]]:
         mask_png = _png_bytes(rendered.masks[ch].astype(np.uint8) * 255)
         label_tif = _tiff_bytes(rendered.labels[ch].astype(label_dtype))
         for blur in blurs:
-            row = chr(ord("A") + BLUR_LEVELS.index(blur))
-            stem = f"SIMCEPImages_{row}{index + 1:0{width_digits}d}_C{count}_F{blur}_s01_w{stain}"
+            stem = _scene_stem(index, width_digits, count, blur, stain)
             blurred = _focus_blur(rendered.images[ch], blur, rendered.scale)
             image = _to_output(blurred, bit_depth, params)
             (out / "images" / f"{stem}.TIF").write_bytes(_tiff_bytes(image))
@@ -1181,7 +1204,10 @@ def simulate_plate(
     Parameters
     ----------
     out_dir : str or os.PathLike
-        Folder to write (created if needed; existing files are overwritten).
+        Folder to write (created if needed). Files of the same names are
+        overwritten (the same arguments write the same plate again); any other
+        file in its ``images/``, ``masks/`` or ``labels/`` is refused, since
+        ``counts.csv`` would not describe it.
     images : int
         Number of scenes (>= 1).
     counts : tuple of int or sequence of int, default (1, 100)
@@ -1210,7 +1236,8 @@ def simulate_plate(
     Raises
     ------
     ValueError
-        For ``images < 1``, bad counts, blur levels, stains, size or bit depth.
+        For ``images < 1``, bad counts, blur levels, stains, size or bit depth,
+        or a folder holding files of another plate.
     """
     if isinstance(images, bool) or int(images) != images or images < 1:
         raise ValueError(f"images (--images) must be a whole number >= 1, got {images!r}")
@@ -1232,9 +1259,21 @@ def simulate_plate(
         _check_count(c, size)
 
     out = Path(out_dir)
+    digits = max(2, len(str(images)))
+    stems = {
+        _scene_stem(i, digits, scene_counts[i], blur, stain)
+        for i in range(images)
+        for blur in blurs
+        for stain in stains
+    }
+    if stale := _stale_files(out, stems):
+        raise ValueError(
+            f"{out} already holds {len(stale)} file(s) this plate would not rewrite (e.g. "
+            f"{stale[0].relative_to(out)}): its counts.csv would not describe them; write "
+            "the plate into a new folder, or empty this one"
+        )
     for sub in ("images", "masks", "labels"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    digits = max(2, len(str(images)))
     jobs = [
         (
             str(out),

@@ -1137,7 +1137,7 @@ def _scene_stem(index: int, width_digits: int, count: int, blur: int, stain: int
 
 
 def _stale_files(out: Path, stems: set[str]) -> list[Path]:
-    """Files in ``out``'s images/, masks/ and labels/ that a plate of ``stems`` would not rewrite."""
+    """Files in ``out``'s images/, masks/ and labels/ a plate of ``stems`` would not rewrite."""
     return sorted(
         path
         for sub in ("images", "masks", "labels")

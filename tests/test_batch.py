@@ -658,3 +658,45 @@ def test_an_image_counted_before_keeps_its_output_names(plate, tiny_model, tmp_p
     assert (summary.counted, summary.skipped, summary.failed) == (0, 1, 1)
     assert "A01.tif" in summary.errors[0]
     assert (masks / "A01_mask.png").read_bytes() == before
+
+
+def _errors_listed(out: Path) -> list[str]:
+    import csv
+
+    path = output_paths(out).errors
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return sorted(Path(r["file"]).name for r in csv.DictReader(handle))
+
+
+def test_failures_stay_listed_until_a_rerun_tries_them_again(tiny_model, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        tifffile.imwrite(folder / f"b{i}.tif", blob_image(4, seed=i))
+    for name in ("z_bad1.tif", "z_bad2.tif"):
+        (folder / name).write_bytes(b"II*\x00 truncated")
+    out = tmp_path / "res.csv"
+    kw = dict(out=out, model=tiny_model, batch_size=1, read_threads=1)
+    run_batch([folder], **kw)
+    assert _errors_listed(out) == ["z_bad1.tif", "z_bad2.tif"]
+    # new images sort first; the rerun is stopped after its first one, before it
+    # has tried the bad files again: their record is kept
+    for i in range(3):
+        tifffile.imwrite(folder / f"a{i}.tif", blob_image(5, seed=10 + i))
+
+    def stop(_: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([folder], on_commit=stop, **kw)
+    assert _errors_listed(out) == ["z_bad1.tif", "z_bad2.tif"]
+    # one bad file fixed: a finished rerun lists only the one that still fails
+    tifffile.imwrite(folder / "z_bad1.tif", blob_image(2, seed=30))
+    summary = run_batch([folder], **kw)
+    assert summary.failed == 1 and _errors_listed(out) == ["z_bad2.tif"]
+    tifffile.imwrite(folder / "z_bad2.tif", blob_image(2, seed=31))
+    assert run_batch([folder], **kw).failed == 0 and _errors_listed(out) == []
+    rows = read_results(out)
+    assert sorted(Path(r["file"]).name for r in rows) == sorted(p.name for p in folder.iterdir())

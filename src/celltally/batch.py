@@ -499,36 +499,69 @@ class _ResultsFile:
 
 
 class _ErrorLog:
-    """The errors CSV of the current run, created on its first error."""
+    """The errors CSV: this run's failures, and an earlier run's not tried again yet.
+
+    A resumed run starts from the errors file it finds (:meth:`carry`): each
+    entry stays listed until this run has tried its file again, so a run
+    stopped part-way never loses the record of images that failed before it
+    (``celltally wells`` counts them as missing from their wells). When the run
+    finishes (:meth:`finish`), entries of files it never tried are dropped. The
+    file is rewritten whole and atomically on each change; none when nothing failed.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.count = 0
+        self.count = 0  # this run's failures
         self.listed: list[str] = []
-        self._handle = None
+        self.rows: list[tuple[str, str]] = []
+        self.carried: dict[str, str] = {}
+
+    def carry(self) -> None:
+        """Keep the failures the errors file lists (a resumed run)."""
+        if not self.path.is_file():
+            return
+        with self.path.open(newline="", encoding=_ENCODING, errors=_ENC_ERRORS) as handle:
+            for row in csv.DictReader(handle):
+                if row.get("file"):
+                    self.carried[row["file"]] = row.get("error") or ""
 
     def add(self, items: Sequence[tuple[str, str]]) -> None:
-        if not items:
-            return
-        with _naming(self.path):
-            self._add(items)
+        """Record failures (``(file, message)``) of this run."""
+        self.record(tried=[name for name, _ in items], failed=items)
 
-    def _add(self, items: Sequence[tuple[str, str]]) -> None:
-        if self._handle is None:
-            self._handle = open(self.path, "w", encoding=_ENCODING, errors=_ENC_ERRORS, newline="")
-            csv.writer(self._handle, lineterminator="\n").writerow(ERROR_COLUMNS)
-        writer = csv.writer(self._handle, lineterminator="\n")
-        for name, message in items:
-            writer.writerow([name, message])
+    def record(self, *, tried: Iterable[str], failed: Sequence[tuple[str, str]]) -> None:
+        """Files this run has tried (counted or not), and the failures among them."""
+        dropped = [name for name in tried if self.carried.pop(name, None) is not None]
+        for name, message in failed:
+            self.rows.append((name, message))
             self.count += 1
             if len(self.listed) < MAX_LISTED_ERRORS:
                 self.listed.append(message)
-        self._handle.flush()
+        if dropped or failed:
+            self._write()
 
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+    def finish(self) -> None:
+        """The run is complete: earlier failures of files it did not try are dropped."""
+        if self.carried:
+            self.carried.clear()
+            self._write()
+
+    def _write(self) -> None:
+        rows = [*self.carried.items(), *self.rows]
+        if not rows:
+            self.path.unlink(missing_ok=True)
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with _naming(self.path):
+                with open(tmp, "w", encoding=_ENCODING, errors=_ENC_ERRORS, newline="") as out:
+                    writer = csv.writer(out, lineterminator="\n")
+                    writer.writerow(ERROR_COLUMNS)
+                    writer.writerows(rows)
+                os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 # -- the run -----------------------------------------------------------------
@@ -939,7 +972,7 @@ def run_batch(
         if found.rows or found.torn_bytes:
             torn = f", a torn last row ({found.torn_bytes} B) dropped" if found.torn_bytes else ""
             log(f"resuming {out_paths.results}: {found.rows} image(s) already counted{torn}")
-        out_paths.errors.unlink(missing_ok=True)
+        errors.carry()  # failures before this run stay listed until tried again
         run["rows_before"] = found.rows
         # the manifest first: a CSV that has a header always has its manifest
         manifest = _start_manifest(
@@ -984,7 +1017,10 @@ def run_batch(
         def commit(outcomes: Sequence[tuple[str, dict | None, str | None]]) -> None:
             rows = [row for name, row, _ in outcomes if row is not None and name not in mask_only]
             results.append(rows)
-            errors.add([(name, msg) for name, row, msg in outcomes if row is None])
+            errors.record(
+                tried=[name for name, _, _ in outcomes],
+                failed=[(name, msg) for name, row, msg in outcomes if row is None],
+            )
             summary.counted += len(rows)
             summary.masks_only += sum(
                 row is not None and name in mask_only for name, row, _ in outcomes
@@ -1040,6 +1076,7 @@ def run_batch(
                 import torch
 
                 torch.set_num_threads(threads_before)
+        errors.finish()
         run["status"] = "finished"
     except BaseException:
         if manifest is not None:
@@ -1047,7 +1084,6 @@ def run_batch(
         raise
     finally:
         results.close()
-        errors.close()
         if manifest is not None:
             run.update(
                 finished=_now(),

@@ -700,3 +700,59 @@ def test_failures_stay_listed_until_a_rerun_tries_them_again(tiny_model, tmp_pat
     assert run_batch([folder], **kw).failed == 0 and _errors_listed(out) == []
     rows = read_results(out)
     assert sorted(Path(r["file"]).name for r in rows) == sorted(p.name for p in folder.iterdir())
+
+
+def test_dask_workers_in_another_folder_count_the_files_the_user_named(
+    plate, tiny_model, tmp_path, monkeypatch
+):
+    distributed = pytest.importorskip("dask.distributed")
+    here, there = tmp_path / "here", tmp_path / "there"
+    for i, f in enumerate(files_of(plate)[:4]):  # the same names, there not images at all
+        for root, data in ((here, Path(f).read_bytes()), (there, b"not an image")):
+            (root / "screen").mkdir(parents=True, exist_ok=True)
+            (root / "screen" / f"A0{i + 1}.tif").write_bytes(data)
+    monkeypatch.chdir(there)  # the workers start here ...
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        monkeypatch.chdir(here)  # ... and the user counts from here
+        kw = dict(model=tiny_model, batch_size=2)
+        plain = run_batch(["screen"], out=here / "plain.csv", **kw)
+        on_dask = run_batch(["screen"], out=here / "dask.csv", dask=cluster.scheduler_address, **kw)
+    assert plain.counted == on_dask.counted == 4
+    expected = {r["file"]: r["count"] for r in read_results(here / "plain.csv")}
+    got = {r["file"]: r["count"] for r in read_results(here / "dask.csv")}
+    assert got == expected and sorted(got) == [f"screen/A0{i}.tif" for i in range(1, 5)]
+
+
+def test_an_image_that_kills_its_dask_worker_is_one_error_and_the_rest_is_counted(plate, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    import dask
+    import numpy as np
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, f in enumerate(files_of(plate)[:3]):
+        (folder / f"a{i}.tif").write_bytes(Path(f).read_bytes())
+    # 144 M pixels: a few hundred kB on disk, far more than the worker's memory once read
+    big = np.zeros((12000, 12000), dtype=np.uint8)
+    big[::97, ::89] = 255
+    tifffile.imwrite(folder / "a1_big.tif", big, compression="zlib")
+    del big
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+            memory_limit="450MiB",
+        ) as cluster,
+    ):  # fmt: skip
+        summary = run_batch(
+            [folder],
+            out=tmp_path / "r.csv",
+            model="bbbc005",
+            batch_size=4,
+            chunk_size=4,
+            dask=cluster.scheduler_address,
+        )  # fmt: skip  (a density-head model: it would count the big image in tiles)
+    assert (summary.counted, summary.failed) == (3, 1)
+    assert "a1_big.tif: the Dask worker counting it died" in summary.errors[0]

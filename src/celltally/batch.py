@@ -57,6 +57,7 @@ chunks in flight.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import csv
 import hashlib
@@ -1191,6 +1192,21 @@ def count_chunk(
     return [_outcome(path, result, counter.name, masks, root) for path, result in stream]
 
 
+#: Times an image may be on a dying Dask worker, alone in its task, before it is an error.
+DASK_TRIES = 3
+
+
+def _as_given(
+    outcome: tuple[str, dict | None, str | None], names: Mapping[str, str]
+) -> tuple[str, dict | None, str | None]:
+    """A worker's outcome for an absolute path, under the file's name as the user gave it."""
+    path, row, message = outcome
+    name = names.get(path, path)
+    if row is not None:
+        row = {**row, "file": name}
+    return name, row, message
+
+
 def _local_workers(spec: str) -> int | None:
     """N for ``local:N`` (``local`` alone: one per core), None for a scheduler address."""
     if spec != "local" and not spec.startswith("local:"):
@@ -1281,8 +1297,18 @@ def _run_dask(
     masks_root: Path,
     log: Log,
 ) -> None:
-    """Shard ``files`` into chunks, count them on the cluster, commit each as it finishes."""
+    """Shard ``files`` into chunks, count them on the cluster, commit each as it finishes.
+
+    The workers get absolute paths (they may run in another folder than this
+    client), and their outcomes are given back under the names as the user
+    wrote them. A chunk whose worker died (``KilledWorker``: out of memory, a
+    crash) is sent again one image per task; an image is an error once it has
+    been on a dying worker :data:`DASK_TRIES` times alone (tasks queued on a
+    worker die with it), so the image that kills workers is found and recorded,
+    and the rest of the screen is counted.
+    """
     from dask.distributed import as_completed
+    from distributed import KilledWorker
 
     client, cluster = _connect(spec, log)
     try:
@@ -1290,35 +1316,62 @@ def _run_dask(
         in_flight = max(4, 2 * threads)
         chunks = _chunks(files, chunk_size)
         running = as_completed()
+        sent: dict[Any, dict[str, str]] = {}  # future -> {absolute path: name as given}
+        again: collections.deque[str] = collections.deque()  # images of dead workers' tasks
+        deaths: collections.Counter[str] = collections.Counter()  # deaths of each alone
+        masks_folder = None if save_masks is None else os.path.abspath(save_masks)
+
+        def submit(names: Sequence[str]) -> None:
+            absolute = {os.path.abspath(name): name for name in names}
+            future = client.submit(
+                count_chunk,
+                list(absolute),
+                model=model,
+                weights_sha256=weights_sha256,
+                options=options,
+                level=level,
+                batch_size=batch_size,
+                read_threads=read_threads,
+                save_masks=masks_folder,
+                masks_root=os.path.abspath(masks_root),
+                pure=False,
+            )
+            sent[future] = absolute
+            running.add(future)
 
         def submit_next() -> bool:
+            if again:
+                submit([again.popleft()])
+                return True
             chunk = next(chunks, None)
             if chunk is None:
                 return False
-            running.add(
-                client.submit(
-                    count_chunk,
-                    [str(p) for p in chunk],
-                    model=model,
-                    weights_sha256=weights_sha256,
-                    options=options,
-                    level=level,
-                    batch_size=batch_size,
-                    read_threads=read_threads,
-                    save_masks=None if save_masks is None else str(save_masks),
-                    masks_root=str(masks_root),
-                    pure=False,
-                )
-            )
+            submit([str(p) for p in chunk])
             return True
 
         for _ in range(in_flight):
             if not submit_next():
                 break
         for future in running:
-            outcomes = future.result()
+            names = sent.pop(future)
+            try:
+                outcomes = future.result()
+            except KilledWorker as err:
+                future.release()
+                if len(names) == 1:
+                    (name,) = names.values()
+                    deaths[name] += 1
+                    if deaths[name] >= DASK_TRIES:
+                        message = f"{name}: the Dask worker counting it died ({err})"
+                        commit([(name, None, message)])
+                        submit_next()
+                        continue
+                again.extend(names.values())
+                for _ in range(len(names)):  # one image per task, as far as slots allow
+                    submit_next()
+                continue
             future.release()
-            commit(outcomes)
+            commit([_as_given(outcome, names) for outcome in outcomes])
             submit_next()
     finally:
         client.close()

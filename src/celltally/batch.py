@@ -1302,10 +1302,10 @@ def _run_dask(
     The workers get absolute paths (they may run in another folder than this
     client), and their outcomes are given back under the names as the user
     wrote them. A chunk whose worker died (``KilledWorker``: out of memory, a
-    crash) is sent again one image per task; an image is an error once it has
-    been on a dying worker :data:`DASK_TRIES` times alone (tasks queued on a
-    worker die with it), so the image that kills workers is found and recorded,
-    and the rest of the screen is counted.
+    crash) is sent again one image per task, one such task at a time (tasks
+    queued on a worker die with it); an image whose own task dies
+    :data:`DASK_TRIES` times is an error. So the image that kills workers is
+    found and recorded, and the rest of the screen is counted.
     """
     from dask.distributed import as_completed
     from distributed import KilledWorker
@@ -1318,10 +1318,11 @@ def _run_dask(
         running = as_completed()
         sent: dict[Any, dict[str, str]] = {}  # future -> {absolute path: name as given}
         again: collections.deque[str] = collections.deque()  # images of dead workers' tasks
-        deaths: collections.Counter[str] = collections.Counter()  # deaths of each alone
+        alone: list[Any] = []  # the task of one such image in flight (one at a time)
+        deaths: collections.Counter[str] = collections.Counter()  # deaths of each, alone
         masks_folder = None if save_masks is None else os.path.abspath(save_masks)
 
-        def submit(names: Sequence[str]) -> None:
+        def submit(names: Sequence[str]) -> Any:
             absolute = {os.path.abspath(name): name for name in names}
             future = client.submit(
                 count_chunk,
@@ -1338,10 +1339,11 @@ def _run_dask(
             )
             sent[future] = absolute
             running.add(future)
+            return future
 
         def submit_next() -> bool:
-            if again:
-                submit([again.popleft()])
+            if again and not alone:
+                alone.append(submit([again.popleft()]))
                 return True
             chunk = next(chunks, None)
             if chunk is None:
@@ -1354,21 +1356,22 @@ def _run_dask(
                 break
         for future in running:
             names = sent.pop(future)
+            was_alone = future in alone
+            if was_alone:
+                alone.remove(future)
             try:
                 outcomes = future.result()
             except KilledWorker as err:
                 future.release()
-                if len(names) == 1:
+                if was_alone:  # tasks queued on a worker die with it: only alone is telling
                     (name,) = names.values()
                     deaths[name] += 1
                     if deaths[name] >= DASK_TRIES:
-                        message = f"{name}: the Dask worker counting it died ({err})"
-                        commit([(name, None, message)])
+                        commit([(name, None, f"{name}: the Dask worker counting it died ({err})")])
                         submit_next()
                         continue
                 again.extend(names.values())
-                for _ in range(len(names)):  # one image per task, as far as slots allow
-                    submit_next()
+                submit_next()
                 continue
             future.release()
             commit([_as_given(outcome, names) for outcome in outcomes])

@@ -492,3 +492,24 @@ def test_evaluate_per_well_rows_say_how_many_images_failed(tiny_model, tmp_path)
     assert len(result["errors"]) == 1
     rows = [(w["well"], w["images"], w["failed"]) for w in result["wells"]["rows"]]
     assert rows == [("A01", 2, 1), ("A02", 2, 0)]
+
+
+def test_plates_told_apart_only_by_their_folders_are_not_merged():
+    rows = [
+        row("screen/PlateA/P1_B02_s1_w1.tif", 10.0, 1.0),
+        row("screen/PlateA/P1_B02_s2_w1.tif", 12.0, 1.0),
+        row("screen/PlateB/P1_B02_s1_w1.tif", 20.0, 2.0),  # the same names, other images
+        row("screen/PlateB/P1_B02_s2_w1.tif", 22.0, 2.0),
+    ]
+    wells, _ = aggregate_wells(rows, correlation=0.5, failed=["screen/PlateB/P1_B03_s1_w1.tif"])
+    got = [(w["plate"], w["well"], w["images"], w["failed"], w.get("count")) for w in wells]
+    assert got == [
+        ("PlateA/P1", "B02", 2, 0, 22.0),
+        ("PlateB/P1", "B02", 2, 0, 42.0),
+        ("PlateB/P1", "B03", 0, 1, None),
+    ]
+    assert all(not w.get("repeated_sites") for w in wells)
+    # one image counted twice under two folders' names (a copy) is a repeated site instead
+    copy = [*rows[:2], row("copy/P1_B02_s1_w1.tif", 10.0, 1.0)]
+    (well,), _ = aggregate_wells(copy, correlation=0.5)
+    assert (well["plate"], well["images"], well["repeated_sites"]) == ("P1", 3, "1")

@@ -14,9 +14,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from celltally import io, naming
@@ -75,6 +76,63 @@ def well_key(name: str | Path) -> tuple[str, str, str] | None:
     if parsed.well is None:
         return None
     return (parsed.plate or "", parsed.well, "" if parsed.stain is None else str(parsed.stain))
+
+
+def _site(name: str) -> str:
+    parsed = naming.parse_name(name)
+    return "" if parsed.site is None else str(parsed.site)
+
+
+def _place(row: Mapping[str, str]) -> tuple[tuple[str, str, str] | None, str]:
+    """A results row's ``(plate, well, stain)`` (None without a well) and its site."""
+    if row.get("well"):
+        return (row.get("plate") or "", row["well"], row.get("stain") or ""), row.get("site") or ""
+    # not written by `celltally count`: the name says where the image is from
+    name = row.get("file") or ""
+    return well_key(name), _site(name)
+
+
+def _plate_folders(
+    images: Sequence[tuple[str, tuple[str, str, str] | None, str, tuple | None]],
+) -> dict[str, str]:
+    """Folder -> plate prefix, when folders are all that tell plates apart; else empty.
+
+    ``images``: (file, (plate, well, stain), site, (count, std) or None if it
+    failed). When one plate, well, site and stain comes from files in two
+    folders whose counts differ (``PlateA/exp1_B02_s1_w1.tif``,
+    ``PlateB/exp1_B02_s1_w1.tif``: other images), the names cannot tell the
+    plates apart: every plate is then named after its folder as well
+    ('PlateA/exp1'), the folder relative to the one holding them all. The
+    same count and std twice is one image counted under two names (a copy):
+    that is a repeated site, not another plate.
+    """
+    seen: dict[tuple, dict[str, set]] = {}
+    for file, key, site, value in images:
+        if key is not None:
+            by_folder = seen.setdefault((*key, site), {})
+            by_folder.setdefault(str(PurePath(file).parent), set()).add(value)
+    apart = any(
+        len(by_folder) > 1
+        and len({v for values in by_folder.values() for v in values if v is not None}) > 1
+        for by_folder in seen.values()
+    )
+    if not apart:
+        return {}
+    every = sorted({str(PurePath(f).parent) for f, key, _, _ in images if key is not None})
+    one_kind = len({PurePath(f).is_absolute() for f in every}) == 1  # commonpath needs it
+    common = os.path.commonpath(every) if one_kind else ""
+    return {f: os.path.relpath(f, common) if common else f for f in every}
+
+
+def _in_folder(
+    key: tuple[str, str, str], file: str, folders: Mapping[str, str]
+) -> tuple[str, str, str]:
+    """``key`` with its plate named after the file's folder too (see :func:`_plate_folders`)."""
+    if not folders:
+        return key
+    prefix = folders.get(str(PurePath(file).parent), "")
+    plate = "/".join(part for part in (prefix, key[0]) if part and part != ".")
+    return (plate, key[1], key[2])
 
 
 def read_results(path: str | Path) -> list[dict[str, str]]:
@@ -251,26 +309,32 @@ def aggregate_wells(
         counted = {r.get("file") for r in rows}  # failed once, then counted when dropped again
         failed = [*failed, *(r.get("file") or "" for r in unread if r.get("file") not in counted)]
     _check_rows(rows, source)
+    placed = [(row, *_place(row)) for row in rows]
+    failed = list(failed)
+    folders = _plate_folders(
+        [
+            (row.get("file") or "", key, site, (row.get("count"), row.get("std")))
+            for row, key, site in placed
+        ]
+        + [(name, well_key(name), _site(name), None) for name in failed]
+    )
     groups: dict[tuple, list[Mapping[str, str]]] = {}
     sites_of: dict[tuple, list[str]] = {}
     skipped = 0
-    for row in rows:
-        if row.get("well"):
-            key = (row.get("plate") or "", row["well"], row.get("stain") or "")
-            site = row.get("site") or ""
-        else:  # not written by `celltally count`: the name says where the image is from
-            key = well_key(row.get("file") or "")
-            parsed = naming.parse_name(row.get("file") or "")
-            site = "" if parsed.site is None else str(parsed.site)
+    for row, key, site in placed:
         if key is None:
             skipped += 1
             continue
+        key = _in_folder(key, row.get("file") or "", folders)
+        if folders:  # the plate column says which folder's plate it is
+            row["plate"] = key[0]
         group = (row.get("model") or "", row.get("level") or "", *key)
         groups.setdefault(group, []).append(row)
         sites_of.setdefault(group, []).append(site)
     missing: dict[tuple, int] = {}
     for name in failed:
         if (key := well_key(name)) is not None:
+            key = _in_folder(key, name, folders)
             missing[key] = missing.get(key, 0) + 1
     # One interval multiplier per model and level: (high - count) / std is the same for
     # every row, but the CSV rounds count and high to 0.01 and std to 0.001, so it is

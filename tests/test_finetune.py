@@ -17,6 +17,7 @@ import tifffile
 import torch
 from typer.testing import CliRunner
 
+from celltally import io
 from celltally.cli import app
 from celltally.counter import CellCounter
 from celltally.datasets import load_folder
@@ -299,7 +300,7 @@ def test_a_segmenter_trained_apart_is_still_fine_tuned_on_the_users_masks(folder
     )
     assert kept.exit_code == 0 and "segmenter:" not in kept.output
     again = run(*args[:-3], "--out", new, "--no-progress", "--count-epochs", "1")
-    assert again.exit_code != 0 and "already holds a model" in again.output
+    assert again.exit_code != 0 and "already holds a finished model" in again.output
 
 
 def test_training_frames_and_the_models_frame_stay_the_same_size(base_model, folders, tmp_path):
@@ -436,3 +437,56 @@ def test_a_second_train_into_a_folder_being_written_is_refused(tmp_path):
     after = run("train", *args, "--out", out)  # once the first has let go
     assert after.exit_code == 0, after.output
     assert (out / "config.json").exists()
+
+
+def test_a_finished_model_is_never_trained_over_and_a_stop_in_calibration_resumes(
+    tmp_path, monkeypatch
+):
+    import shutil
+
+    from celltally import uncertainty
+    from celltally.counter import CellCounter
+
+    args = ("--simulated", "4", "--seg-epochs", "1", "--count-epochs", "1", "--no-progress")
+    out = tmp_path / "m"
+    real = uncertainty.calibrate_model
+
+    def stopped(*a, **k):  # Ctrl-C while the finished weights are being calibrated
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(uncertainty, "calibrate_model", stopped)
+    assert run("train", *args, "--out", out).exit_code != 0
+    monkeypatch.setattr(uncertainty, "calibrate_model", real)
+    assert (out / "config.json").exists()  # it looks finished, but is not
+    with pytest.raises(io.InputError, match="stopped before it finished"):
+        CellCounter.from_pretrained(out)
+    plain = run("train", *args, "--out", out)
+    assert plain.exit_code == 2 and "add --resume" in plain.output
+    resumed = run("train", *args, "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    counter = CellCounter.from_pretrained(out)
+    assert counter.calibration.get("temperature")  # calibrated this time
+    weights = (out / "model.safetensors").read_bytes()
+    # finished: refused with or without --resume, checkpoints or not
+    shutil.rmtree(out / "checkpoints")
+    for extra in ((), ("--resume",)):
+        again = run("train", *args, "--out", out, *extra)
+        assert again.exit_code == 2 and "already holds a finished model" in again.output
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_a_shipped_models_name_means_the_shipped_model(tmp_path, monkeypatch):
+    import shutil
+
+    from celltally.counter import resolve_model
+    from celltally.model_folder import WEIGHTS_DIR
+
+    monkeypatch.chdir(tmp_path)
+    refused = run("train", "--simulated", "4", "--out", "bbbc005", "--no-progress")
+    assert refused.exit_code == 2 and "the name of a shipped model" in refused.output
+    assert not (tmp_path / "bbbc005").exists()
+    shutil.copytree(WEIGHTS_DIR / "nuclei", tmp_path / "bbbc005")  # a folder here, that name
+    assert resolve_model("bbbc005") == WEIGHTS_DIR / "bbbc005"
+    assert resolve_model("./bbbc005").resolve() == (tmp_path / "bbbc005").resolve()
+    copy = run("calibrate", "--model", "bbbc005", "--data", tmp_path, "--out", "nuclei")
+    assert copy.exit_code == 2 and "the name of a shipped model" in copy.output

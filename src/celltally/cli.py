@@ -1187,6 +1187,13 @@ def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path
     """
     import shutil
 
+    from celltally.model_folder import check_new_model_folder
+
+    if out is not None:
+        try:
+            check_new_model_folder(out)
+        except _user_errors() as err:
+            fail(err)
     target = None
     if out is None:
         from celltally.model_folder import WEIGHTS_DIR, resolve_model

@@ -29,6 +29,7 @@ from celltally.calibration import (
 )
 from celltally.model_folder import (  # noqa: F401 (re-exported: the public names)
     DEFAULT_MODEL,
+    UNFINISHED,
     WEIGHTS_DIR,
     available_models,
     resolve_model,
@@ -344,9 +345,33 @@ class CellCounter:
         ``diameter`` (typical object diameter, px) to rescale images to the
         model's scale, ``tile``/``margin`` (model px) for large images.
         """
+        folder = resolve_model(name_or_path)
+        if (folder / UNFINISHED).exists():
+            raise io.InputError(
+                f"{folder}: its training run stopped before it finished (no calibrated "
+                "intervals yet); run the same `celltally train` command again with --resume"
+            )
+        return cls.from_folder(
+            folder, device=device, epistemic=epistemic, calibration=calibration, **options
+        )
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: Path,
+        *,
+        device: str | None = None,
+        epistemic: bool = False,
+        calibration: str | None = None,
+        **options: Any,
+    ) -> CellCounter:
+        """:meth:`from_pretrained` for a model folder, also one a ``train`` run is still writing.
+
+        Calibration uses it while training finishes the folder; everything else
+        should use :meth:`from_pretrained`, which refuses such a folder.
+        """
         from safetensors.torch import load_file
 
-        folder = resolve_model(name_or_path)
         model, config = load_model_folder(folder)
         members = []
         if epistemic:

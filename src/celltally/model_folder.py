@@ -36,12 +36,23 @@ def available_models() -> list[str]:
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").exists())
 
 
+#: In a model folder while a ``celltally train`` run writes it; removed when the model is complete.
+UNFINISHED = ".unfinished"
+
+
 def resolve_model(name_or_path: str | Path) -> Path:
-    """A shipped model name ('bbbc005') or a path to a model folder -> the folder."""
+    """A shipped model name ('bbbc005') or a path to a model folder -> the folder.
+
+    A shipped model's name given as a string means the shipped model, even where
+    a folder of that name is in the working folder (name that one ``./bbbc005``,
+    or as a ``Path``): the default model is never replaced by a folder here.
+    """
+    shipped = WEIGHTS_DIR / str(name_or_path)
+    if isinstance(name_or_path, str) and name_or_path in available_models():
+        return shipped
     path = Path(name_or_path)
     if (path / "config.json").exists():
         return path
-    shipped = WEIGHTS_DIR / str(name_or_path)
     if (shipped / "config.json").exists():
         return shipped
     names = ", ".join(available_models()) or "none"
@@ -50,6 +61,15 @@ def resolve_model(name_or_path: str | Path) -> Path:
             f"{name_or_path}: a folder but not a model (no config.json; shipped models: {names})"
         )
     raise InputError(f"{name_or_path}: no such model (shipped models: {names})")
+
+
+def check_new_model_folder(out: str | Path, option: str = "--out") -> None:
+    """Refuse a new model folder named as a shipped model ('bbbc005'), which that name means."""
+    if str(out) in available_models():
+        raise InputError(
+            f"{option} {out}: the name of a shipped model, which `--model {out}` means; "
+            "give your model folder another name"
+        )
 
 
 def read_model_config(folder: str | Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from celltally.datasets import (
     split_bbbc005,
 )
 from celltally.distributed import is_main, world_size
+from celltally.model_folder import UNFINISHED, check_new_model_folder
 from celltally.models.presets import get_preset
 from celltally.tiling import model_scale
 from celltally.train import Log, fit, write_config
@@ -166,25 +167,57 @@ def _rescale_reference(
         )
 
 
-def _check_out(out: Path, *, resume: bool) -> None:
-    """Refuse an ``--out`` that holds a finished model, or an interrupted run without resume."""
-    if (Path(out) / "config.json").exists() and not resume:
+def _check_out(out: Path, *, resume: bool, locked: bool = False) -> None:
+    """Refuse an ``--out`` that holds a finished model, or an interrupted run without resume.
+
+    A run marks its folder unfinished (:data:`UNFINISHED`) until its model is
+    complete and calibrated: only such a folder, or one with checkpoints and no
+    model yet, can be resumed. A finished model is never trained over.
+    ``locked``: this process holds the folder's lock (:func:`_train_lock`).
+    """
+    folder = Path(out)
+    check_new_model_folder(out)
+    unfinished = (folder / UNFINISHED).exists()
+    if unfinished and not locked and _being_written(folder):
         raise io.InputError(
-            f"{out}: already holds a model; give a new --out (or --resume to continue training "
-            "it there)",
+            f"{out}: another celltally train is writing this folder; wait for it to finish "
+            "or give a new --out",
             out,
         )
-    saved = Path(out) / "checkpoints"
+    if (folder / "config.json").exists() and not unfinished:
+        raise io.InputError(
+            f"{out}: already holds a finished model; give a new --out (to train it further: "
+            f"--from {out})",
+            out,
+        )
+    saved = folder / "checkpoints"
     if not resume and saved.is_dir() and any(saved.glob("*.pt")):
         raise io.InputError(
-            f"{out}: holds the checkpoints of an interrupted run; add --resume to continue "
-            "it, or give a new --out",
+            f"{out}: holds an interrupted training run; add --resume to continue it, or give "
+            "a new --out",
             out,
         )
 
 
 #: Hidden file in a model folder that a ``train`` run holds locked while it writes there.
 TRAIN_LOCK = ".train.lock"
+
+
+def _being_written(folder: Path) -> bool:
+    """Whether a ``train`` run holds ``folder``'s lock now (the lock is not kept)."""
+    try:
+        import fcntl
+
+        fd = os.open(folder / TRAIN_LOCK, os.O_RDONLY)
+    except (ImportError, OSError):  # no lock file: nobody holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 @contextlib.contextmanager
@@ -215,7 +248,8 @@ def _train_lock(out: Path, *, resume: bool) -> Iterator[None]:
                 "finish or give a new --out",
                 out,
             ) from None
-        _check_out(out, resume=resume)
+        _check_out(out, resume=resume, locked=True)
+        (Path(out) / UNFINISHED).touch()  # until the model is complete (build_and_fit)
         yield
     finally:
         os.close(fd)  # also releases the lock
@@ -399,6 +433,8 @@ def build_and_fit(
             progress=progress,
             log=log,
         )
+        if is_main():  # complete and calibrated: usable, and never trained over
+            (Path(out) / UNFINISHED).unlink(missing_ok=True)
         if (
             from_model is not None
             and not start_untrained

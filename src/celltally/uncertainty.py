@@ -331,7 +331,7 @@ def _epistemic_block(
     """The ensemble's ``calibration.epistemic`` block (without ``ood``) and its features."""
     from celltally.counter import CellCounter
 
-    ens = CellCounter.from_pretrained(folder, device=device, epistemic=True)
+    ens = CellCounter.from_folder(folder, device=device, epistemic=True)
     ens.count_scale = 1.0
     e_mean, e_std, e_features = _predict(ens, calibration)
     block, e_loo = _calibrated_block(y, e_mean, e_std, scaled="epistemic" in count_scale)
@@ -454,7 +454,7 @@ def calibrate_model(
     fit_ood = len(y) >= MIN_OOD_IMAGES
     held_out: np.ndarray | None = None
     if fit_ood:
-        counter = CellCounter.from_pretrained(folder, device=device)
+        counter = CellCounter.from_folder(folder, device=device)  # also mid-train
         embeddings = counter.embed(list(calibration.images[:, 0].numpy()))
         reference = feature_reference(embeddings)
         # its threshold from distances measured out of sample, by scene where known
@@ -470,7 +470,7 @@ def calibrate_model(
             f"are fitted on {MIN_OOD_IMAGES} or more: `celltally calibrate --data FOLDER` "
             "with more images not trained on)"
         )
-    counter = CellCounter.from_pretrained(folder, device=device)  # with the reference, if any
+    counter = CellCounter.from_folder(folder, device=device)  # with the reference, if any
     counter.count_scale = 1.0  # raw counts: an earlier correction must not shape this fit
     mean, std, features = _predict(counter, calibration)
     features = _with_distances(features, held_out)

@@ -43,3 +43,22 @@ def test_the_cache_of_prepared_images_is_keyed_by_the_preparing_code(tmp_path, m
     monkeypatch.setattr(datasets, "preparation_digest", lambda: "changed-code")
     datasets.load_bbbc005(root, size=(64, 96), cache_dir=cache)
     assert len(list(cache.glob("bbbc005_*.pt"))) == 2
+
+
+def test_a_label_image_of_another_size_is_refused_even_beside_binary_masks(tmp_path):
+    import pytest
+
+    from celltally import io
+
+    root = tmp_path / "data"
+    for sub in ("images", "masks", "labels"):
+        (root / sub).mkdir(parents=True)
+    image = blob_image(5, shape=(96, 128))
+    tifffile.imwrite(root / "images" / "img00.tif", image)
+    tifffile.imwrite(root / "masks" / "img00.tif", (image > image.mean()).astype(np.uint8) * 255)
+    labels = np.zeros((100, 100), dtype=np.uint16)  # 40 objects, the wrong size
+    for k in range(40):
+        labels[(k // 8) * 20 : (k // 8) * 20 + 5, (k % 8) * 12 : (k % 8) * 12 + 5] = k + 1
+    tifffile.imwrite(root / "labels" / "img00.tif", labels)
+    with pytest.raises(io.InputError, match=r"labels/img00.tif: mask is 100x100 but its image"):
+        datasets.load_folder(root, size=(96, 128))

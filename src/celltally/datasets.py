@@ -179,17 +179,20 @@ def mask_for(image: Path, folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _count_from_labels(image: Path, mask_dirs: Sequence[Path]) -> int | None:
+def _count_from_labels(
+    image: Path, mask_dirs: Sequence[Path], *, shape: tuple[int, int]
+) -> int | None:
     """Number of labels of ``image``'s label mask; None without one.
 
     ``labels/`` is looked at before ``masks/``. An empty mask or label image
     (all 0) counts 0. One with a single value says nothing (a binary mask
     cannot be told from a one-object label image): the next folder is tried.
+    A label image whose size is not the image's (``shape``) is an error.
     """
     ordered = sorted(mask_dirs, key=lambda d: d.name != "labels")
     for d in ordered:
         if found := mask_for(image, d):
-            labels = io.read_mask(found)
+            labels = io.read_mask(found, shape=shape)
             values = np.unique(labels[labels > 0])
             if values.size != 1:
                 return int(values.size)
@@ -259,7 +262,8 @@ def load_folder(
         table = {p.name: naming.parse_name(p.name).count for p in paths}
         for path in paths:
             if table[path.name] is None:
-                table[path.name] = _count_from_labels(path, mask_dirs)
+                shape = io.read_image(path, channel=channel).shape
+                table[path.name] = _count_from_labels(path, mask_dirs, shape=shape)
         missing = [n for n, c in table.items() if c is None]
         if missing:
             raise io.InputError(

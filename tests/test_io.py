@@ -220,6 +220,22 @@ def test_ome_axes_pick_the_channel_and_refuse_z_stacks(tmp_path: Path) -> None:
     assert "axes ZCYX, Z=4" in _assert_one_line(err, "z.ome.tif")
 
 
+def test_an_ome_tiff_of_several_images_is_refused_and_a_pyramid_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "positions.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:  # two positions: two OME series
+        tif.write(np.full((32, 40), 10, np.uint8), metadata={"axes": "YX"})
+        tif.write(np.full((32, 40), 200, np.uint8), metadata={"axes": "YX"})
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "holds 2 images (OME series" in _assert_one_line(err, "positions.ome.tif")
+    pyramid = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(pyramid, ome=True) as tif:  # one image, a reduced level
+        tif.write(np.full((64, 80), 7, np.uint8), subifds=1, metadata={"axes": "YX"})
+        tif.write(np.full((32, 40), 7, np.uint8), subfiletype=1)
+    np.testing.assert_array_equal(read_image(pyramid), 7)
+    assert read_image(pyramid).shape == (64, 80)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.tif"
     with pytest.raises(ImageReadError) as err:

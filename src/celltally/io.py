@@ -195,6 +195,12 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
         try:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0] if tif.series else None
+                if tif.is_ome and len(tif.series) > 1:  # (a pyramid is one series' levels)
+                    raise ImageReadError(
+                        original,
+                        f"holds {len(tif.series)} images (OME series, e.g. positions); "
+                        "celltally counts one image per file: save each as its own file",
+                    )
                 _check_size(_tiff_values(tif), original)  # before decoding
                 arr = np.asarray(series.asarray() if series is not None else tif.asarray())
                 axes = series.axes if series is not None else ""

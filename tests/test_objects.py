@@ -266,3 +266,25 @@ def test_output_root_and_stem(tmp_path):
     assert io.output_root([str(tmp_path / "a" / "x" / "img*.tif")]) == tmp_path / "a" / "x"
     assert io.output_stem(tmp_path / "a" / "x" / "s.1.TIF", tmp_path) == "a/x/s.1"
     assert io.output_stem(tmp_path / "b" / "s.tif", tmp_path / "a") == "s"
+
+
+def test_labels_added_on_a_resumed_out_with_other_inputs(tiny_model, image_folder, tmp_path):
+    import shutil
+
+    first, second = tmp_path / "p1", tmp_path / "p2"
+    first.mkdir()
+    second.mkdir()
+    images = sorted(image_folder.iterdir())
+    shutil.copy(images[0], first / images[0].name)
+    shutil.copy(images[1], second / images[1].name)
+    out, objs = tmp_path / "r.csv", tmp_path / "L"
+    _count(["count", first, "--out", out, "--model", tiny_model])
+    result = _count(
+        ["count", second, "--out", out, "--model", tiny_model, "--save-labels", objs,
+         "--format", "cellprofiler"]
+    )  # fmt: skip
+    assert "1 earlier row(s)" in result.output
+    assert (objs / f"{images[1].stem}_labels.tif").exists()
+    assert not (objs / f"{images[0].stem}_labels.tif").exists()
+    with (tmp_path / "r_Image.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 2

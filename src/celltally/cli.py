@@ -109,6 +109,11 @@ def _silent(_: str) -> None:
     return None
 
 
+def _is_under(file: str, root: Path) -> bool:
+    """Whether ``file`` (as a results row names it) is inside the folder ``root``."""
+    return Path(os.path.abspath(file)).is_relative_to(root)
+
+
 def _user_errors():
     from celltally import io
 
@@ -399,14 +404,18 @@ def count(
             from celltally.io import output_root
             from celltally.objects import save_objects_for_rows
 
+            root = output_root(paths)
+            # rows an earlier run wrote for other inputs have no masks under this root
+            mine = [r for r in rows if _is_under(str(r["file"]), root)]
             n = save_objects_for_rows(
-                rows,
-                masks_dir=save_masks,
-                out_dir=save_labels,
-                root=output_root(paths),
-                channel=channel,
+                mine, masks_dir=save_masks, out_dir=save_labels, root=root, channel=channel
             )
             typer.echo(f"per-object labels, tables and overlays of {n} image(s) -> {save_labels}")
+            if other := len(rows) - len(mine):
+                typer.echo(
+                    f"{other} earlier row(s) of {out} are images outside {root}: no labels "
+                    "for them (count them with --save-labels to get them)"
+                )
         if table_format == "cellprofiler":
             from celltally.objects import write_cellprofiler_csv
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import blob_image
 from typer.testing import CliRunner
 
 from celltally import io
@@ -288,6 +289,12 @@ def test_a_segmenter_trained_apart_is_still_fine_tuned_on_the_users_masks(folder
     assert "segmenter: 6 epochs at lr 0.0003" in result.output
     history = json.loads((new / "config.json").read_text())["history"]
     assert len(history["segmenter"]) == 6
+    # a fine-tune of the fine-tune: a tenth of the first rate again, not a hundredth
+    newer = run(
+        "train", "--data", train, "--from", new, "--out", tmp_path / "newer", "--no-progress",
+        "--count-epochs", "1", "--seg-epochs", "1",
+    )  # fmt: skip
+    assert newer.exit_code == 0 and "segmenter: 1 epochs at lr 0.0003" in newer.output
     kept = run(
         *args[:-3],
         "--out",
@@ -490,3 +497,16 @@ def test_a_shipped_models_name_means_the_shipped_model(tmp_path, monkeypatch):
     assert resolve_model("./bbbc005").resolve() == (tmp_path / "bbbc005").resolve()
     copy = run("calibrate", "--model", "bbbc005", "--data", tmp_path, "--out", "nuclei")
     assert copy.exit_code == 2 and "the name of a shipped model" in copy.output
+
+
+def test_a_counter_with_one_training_image_is_refused_before_training(tmp_path):
+    data = tmp_path / "two"
+    (data / "masks").mkdir(parents=True)
+    for i, n in enumerate((4, 9)):
+        image = blob_image(n, shape=SIZE, seed=i)
+        tifffile.imwrite(data / f"img{i}_C{n}_s{i + 1}.tif", image)
+        tifffile.imwrite(data / "masks" / f"img{i}_C{n}_s{i + 1}.tif", (image > 60).astype("uint8"))
+    out = tmp_path / "p"
+    result = run("train", "--data", data, "--preset", "paper", "--out", out, "--no-progress")
+    assert result.exit_code == 2 and "it needs 2 or more" in result.output, result.output
+    assert not (out / "checkpoints").exists()

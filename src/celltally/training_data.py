@@ -92,6 +92,11 @@ def _small_batches(
         n = int(n_images.get(stage, 0)) // max(1, world)
         if n == 0:  # nothing to train this stage on (e.g. no masks: the segmenter is kept)
             continue
+        if stage == "counter" and n < 2:  # one image a batch: BatchNorm cannot train on it
+            raise io.InputError(
+                f"the counter would train on {n} image{' per process' if world > 1 else ''}; "
+                "it needs 2 or more (add images, or train only the segmenter: --stage segmenter)"
+            )
         batch = max(2, min(int(hp["batch_size"]), n // MIN_STEPS_PER_EPOCH))
         if batch < hp["batch_size"]:
             log(
@@ -326,7 +331,13 @@ def build_and_fit(
             segmenter["epochs"] = get_preset("small")["train"]["segmenter"]["epochs"]
         # A trained segmenter is fine-tuned at a tenth of its learning rate: at the full
         # rate 34 simulated nuclei frames made the shipped one worse (docs/finetuning.md).
-        segmenter["lr"] = segmenter["lr"] * FINE_TUNE_SEGMENTER_LR
+        # A tenth of the rate it was first trained at (lr_base), not of a fine-tune's,
+        # and only where this run trains the segmenter.
+        base_lr = segmenter.pop("lr_base", segmenter["lr"])
+        segmenter["lr"] = base_lr
+        if stages in ("both", "segmenter") and seg_epochs != 0:
+            segmenter["lr_base"] = base_lr
+            segmenter["lr"] = base_lr * FINE_TUNE_SEGMENTER_LR
         config["preset"] = base.get("preset")
         config["normalization"] = base.get("normalization", {})
         if "scale" in base:

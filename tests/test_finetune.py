@@ -333,8 +333,33 @@ def test_training_frames_and_the_models_frame_stay_the_same_size(base_model, fol
     )
     tuned = run("train", "--data", other, "--from", base_model, "--out", tmp_path / "t", *quick)
     assert tuned.exit_code == 0, tuned.output
+    # fine-tuned on them alone: their size is its frame, so counting sees them as training did
+    assert "the new model's frame is 520 x 696 px (your images' size)" in tuned.output
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["scale"]["native_size"] == [520, 696]
+    # mixed with other data (simulated scenes), the starting frame stays, with a warning
+    mixed = run(
+        "train", "--data", other, "--simulated", "4", "--from", base_model,
+        "--out", tmp_path / "m", *quick,
+    )  # fmt: skip
+    assert mixed.exit_code == 0, mixed.output
     assert "warning: 6 of 6 training images are not about the model's frame of 260 x 348" in (
-        tuned.output
+        mixed.output
+    )
+    # of two sizes, the most common one is the frame, and the others are named
+    two = tmp_path / "two"
+    shutil.copytree(train, two)
+    tifffile.imwrite(two / "images" / "big_C5.tif", blob_image(5, shape=(300, 400)))
+    with (two / "counts.csv").open("a") as handle:
+        handle.write("big_C5.tif,5,1,1\n")
+    result = run("train", "--data", two, "--out", tmp_path / "two_m", *quick)
+    assert result.exit_code == 0, result.output
+    n = len(list((two / "images").iterdir()))
+    assert f"the new model's frame is 260 x 348 px ({n - 1} of your {n} images' size)" in (
+        result.output
+    )
+    assert f"warning: 1 of {n} training images are not about the model's frame of 260 x 348" in (
+        result.output
     )
 
 
@@ -510,3 +535,18 @@ def test_a_counter_with_one_training_image_is_refused_before_training(tmp_path):
     result = run("train", "--data", data, "--preset", "paper", "--out", out, "--no-progress")
     assert result.exit_code == 2 and "it needs 2 or more" in result.output, result.output
     assert not (out / "checkpoints").exists()
+
+
+def test_one_scene_says_its_intervals_come_from_simulated_scenes(base_model, tmp_path):
+    data = tmp_path / "timelapse"
+    data.mkdir()
+    rows = ["image,count"]
+    for t in range(1, 5):  # one field over time: one scene, none left to hold out
+        tifffile.imwrite(data / f"exp_A01_s1_t{t:02d}.tif", blob_image(6 + t, shape=SIZE, seed=t))
+        rows.append(f"exp_A01_s1_t{t:02d}.tif,{6 + t}")
+    (data / "counts.csv").write_text("\n".join(rows) + "\n")
+    quick = ("--no-progress", "--seg-epochs", "0", "--count-epochs", "1", "--from", base_model)
+    result = run("train", "--data", data, "--out", tmp_path / "m", *quick)
+    assert result.exit_code == 0, result.output
+    assert "warning: your images are too few scenes to hold some out" in result.output
+    assert f"celltally calibrate --model {tmp_path / 'm'} --data FOLDER" in result.output

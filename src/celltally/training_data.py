@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import hashlib
@@ -115,19 +116,31 @@ def _check_frame_size(
 
     Each training image is resized whole to the model input, while counting
     resizes only images of the model's frame size that way (others are counted
-    in tiles at the model's pixel scale). A new model trained on the user's
-    images alone, all of one size, takes that size as its frame (``adopt``);
-    otherwise images more than 10% off the frame get a warning.
+    in tiles at the model's pixel scale). A model trained on the user's images
+    alone (``adopt``; new or ``--from``) takes their most common size as its
+    frame, so counting those images sees them as training did (a fine-tuned
+    model kept its starting frame, and counted the user's off-frame images in
+    tiles at a scale it was not trained at: errors of 7-19 cells where its
+    calibration said 0.02). Its reference object diameter, if it has one, is
+    rescaled with the frame. Images more than 10% off the frame get a warning.
     """
-    native = model_scale(config).native_size
-    shapes = sorted({tuple(m["shape"]) for m in meta if m.get("shape")})
-    if adopt and len(shapes) == 1 and shapes[0] != native:
-        config["scale"] = {**dict(config.get("scale") or {}), "native_size": list(shapes[0])}
-        log(
-            f"the new model's frame is {shapes[0][0]} x {shapes[0][1]} px (your images' size); "
-            "images of another size will be counted in tiles at its pixel scale"
-        )
-        return
+    native = tuple(model_scale(config).native_size)
+    shapes = collections.Counter(tuple(m["shape"]) for m in meta if m.get("shape"))
+    if adopt and shapes:
+        common, n = shapes.most_common(1)[0]
+        if common != native:
+            scale = dict(config.get("scale") or {})
+            scale["native_size"] = list(common)
+            if scale.get("object_diameter_px"):  # the same objects in model pixels
+                ratio = (common[0] / native[0] + common[1] / native[1]) / 2
+                scale["object_diameter_px"] = round(scale["object_diameter_px"] * ratio, 2)
+            config["scale"] = scale
+            whose = "your images'" if n == len(meta) else f"{n} of your {len(meta)} images'"
+            log(
+                f"the new model's frame is {common[0]} x {common[1]} px ({whose} size); "
+                "images of another size will be counted in tiles at its pixel scale"
+            )
+            native = common
     off = [
         m
         for m in meta
@@ -374,9 +387,6 @@ def build_and_fit(
             **{k: int(v.size) for k, v in parts.items()},
         }
     only_user = bbbc005 is None and simulated <= 0  # the user's folders are all it learns
-    if folders and (from_model is not None or only_user):
-        # a new model trained on the user's images alone learns their objects' size too
-        _rescale_reference(config, folders, from_model, log)
     user_meta: list[dict[str, Any]] = []
     for folder in folders:
         log(f"loading {folder}")
@@ -395,7 +405,11 @@ def build_and_fit(
             "train_names": [user.meta[int(i)]["name"] for i in parts["train"]],
         }
     if user_meta:
-        _check_frame_size(config, user_meta, adopt=from_model is None and only_user, log=log)
+        _check_frame_size(config, user_meta, adopt=only_user, log=log)
+    if folders and (from_model is not None or only_user):
+        # a model trained on the user's images alone learns their objects' size too
+        # (after the frame: a diameter measured on their labels is already in their pixels)
+        _rescale_reference(config, folders, from_model, log)
     if simulated > 0:
         log(f"simulating {simulated} training scenes")
         trains.append(
@@ -406,6 +420,13 @@ def build_and_fit(
     if calibration is None:
         n_cal = max(60, simulated // 10)
         log(f"simulating {n_cal} calibration scenes")
+        if folders:
+            log(
+                "warning: your images are too few scenes to hold some out, so the intervals "
+                f"and out-of-distribution checks are fitted on {n_cal} simulated scenes and "
+                "may not describe your images; calibrate them on images not trained on: "
+                f"celltally calibrate --model {out} --data FOLDER"
+            )
         calibration = simulate_set(n_cal, size=size, seed=seed + 2000, workers=workers, norm=norm)
         split_info["calibration"] = f"{n_cal} fresh simulated scenes"
     train = LabeledSet.concat(trains)

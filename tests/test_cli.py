@@ -244,6 +244,11 @@ def test_demo_counts_a_simulated_plate_with_the_shipped_model(tmp_path):
     assert sum(errors) / len(errors) < 4.0 and max(errors) < 12.0
     assert all(float(r["low"]) <= float(r["count"]) <= float(r["high"]) for r in rows)
     assert "mean |error|" in result.output and "results.csv" in result.output
+    # run again into the same folder with another plate: that plate alone
+    again = run("demo", "--out", tmp_path / "demo", "--images", 1, "--seed", 12)
+    assert again.exit_code == 0, again.output
+    assert len(read_rows(tmp_path / "demo" / "results.csv")) == 6
+    assert len(list((tmp_path / "demo" / "plate" / "images").iterdir())) == 6
 
 
 def test_channel_option_across_commands(tiny_model, image_folder, tmp_path):

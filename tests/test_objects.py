@@ -288,3 +288,15 @@ def test_labels_added_on_a_resumed_out_with_other_inputs(tiny_model, image_folde
     assert not (objs / f"{images[0].stem}_labels.tif").exists()
     with (tmp_path / "r_Image.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 2
+    # the same with the earlier image in the same folder, named file by file
+    both, out2, objs2 = tmp_path / "both", tmp_path / "r2.csv", tmp_path / "L2"
+    both.mkdir()
+    for image in images[:2]:
+        shutil.copy(image, both / image.name)
+    _count(["count", both / images[0].name, "--out", out2, "--model", tiny_model])
+    result = _count(
+        ["count", both / images[1].name, "--out", out2, "--model", tiny_model,
+         "--save-labels", objs2]
+    )  # fmt: skip
+    assert "1 earlier row(s)" in result.output
+    assert sorted(p.name for p in objs2.glob("*_labels.tif")) == [f"{images[1].stem}_labels.tif"]

@@ -178,3 +178,38 @@ def test_a_time_budget_cuts_the_epochs_still_anneals_and_survives_resume(tmp_pat
     assert len(resumed) == 6
     with pytest.raises(ValueError, match="budget must be a positive"):
         train_counter(model, data, epochs=1, budget=0.0, log=lines.append, **kw)
+
+
+def test_a_budget_cut_run_resumed_twice_without_the_budget_finishes_its_cut_plan(tmp_path):
+    import time
+
+    from celltally.train import _run_epochs
+
+    layer = torch.nn.Linear(2, 1)
+    ckpt = tmp_path / "c.pt"
+
+    def train_epoch(optimizer, scheduler, generator) -> float:
+        for _ in range(3):
+            optimizer.step()
+            scheduler.step()
+        time.sleep(0.05)
+        return 0.0
+
+    def run(budget, stop_at=None):
+        def log(line: str) -> None:
+            if stop_at is not None and line.startswith(f"counter epoch={stop_at} "):
+                raise KeyboardInterrupt
+
+        return _run_epochs(
+            stage="counter", module=layer, params=list(layer.parameters()), epochs=100,
+            lr=1e-3, steps_per_epoch=3, train_epoch=train_epoch, validate=dict,
+            checkpoint=ckpt, resume=True, seed=0, log=log, budget=budget,
+        )  # fmt: skip
+
+    with pytest.raises(KeyboardInterrupt):
+        run(1.0, stop_at=8)  # cut at epoch 5 to about 20 epochs, stopped after the cut
+    with pytest.raises(KeyboardInterrupt):
+        run(None, stop_at=9)
+    history = run(None)  # the schedule of the cut plan: it ran past its end before
+    planned = history[-1]["epochs_planned"]
+    assert 9 < planned < 100 and len(history) == planned

@@ -109,9 +109,16 @@ def _silent(_: str) -> None:
     return None
 
 
-def _is_under(file: str, root: Path) -> bool:
-    """Whether ``file`` (as a results row names it) is inside the folder ``root``."""
-    return Path(os.path.abspath(file)).is_relative_to(root)
+def _clear_demo_plate(plate: Path) -> None:
+    """Remove the files an earlier ``demo`` simulated into ``plate`` (and nothing else)."""
+    from celltally.simulate import FILENAME_PATTERN
+
+    for sub in ("images", "masks", "labels"):
+        if (plate / sub).is_dir():
+            for path in (plate / sub).iterdir():
+                if path.is_file() and FILENAME_PATTERN.match(path.name):
+                    path.unlink()
+    (plate / "counts.csv").unlink(missing_ok=True)
 
 
 def _user_errors():
@@ -401,20 +408,26 @@ def count(
         )
         rows = read_results(out) if out.exists() else []  # this run's and earlier runs'
         if save_labels is not None:
-            from celltally.io import output_root
+            from celltally.io import iter_images, output_root
             from celltally.objects import save_objects_for_rows
 
             root = output_root(paths)
-            # rows an earlier run wrote for other inputs have no masks under this root
-            mine = [r for r in rows if _is_under(str(r["file"]), root)]
+            # rows an earlier run wrote for other inputs have no masks from this one
+            inputs = {
+                os.path.abspath(p)
+                for p in iter_images(
+                    paths, recursive=recursive, exclude=[d for d in (save_masks, save_labels) if d]
+                )
+            }
+            mine = [r for r in rows if os.path.abspath(str(r["file"])) in inputs]
             n = save_objects_for_rows(
                 mine, masks_dir=save_masks, out_dir=save_labels, root=root, channel=channel
             )
             typer.echo(f"per-object labels, tables and overlays of {n} image(s) -> {save_labels}")
             if other := len(rows) - len(mine):
                 typer.echo(
-                    f"{other} earlier row(s) of {out} are images outside {root}: no labels "
-                    "for them (count them with --save-labels to get them)"
+                    f"{other} earlier row(s) of {out} are not among this run's images: no "
+                    "labels for them (count them with --save-labels to get them)"
                 )
         if table_format == "cellprofiler":
             from celltally.objects import write_cellprofiler_csv
@@ -846,6 +859,7 @@ def demo(
     _check_output(out, "--out", folder=True)
     try:
         counter = CellCounter.from_pretrained(model)
+        _clear_demo_plate(out / "plate")  # another --seed or --images writes other names
         plate = simulate_plate(
             out / "plate",
             images=images,

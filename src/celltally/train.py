@@ -177,7 +177,8 @@ def _run_epochs(
         history = state["history"]
         start = state["epoch"] + 1
         log(f"{stage}: resumed from {checkpoint} after epoch {start}")
-    planned = int(history[-1].get("epochs_planned", epochs)) if history else epochs
+    # a budget may have cut the plan: the checkpoint knows to how many epochs
+    planned = int((state or {}).get("epochs_planned", epochs)) if start else epochs
     if start < planned:
         rate = f"lr {lr:g}" if schedule == "constant" else f"one-cycle lr peaking at {lr:g}"
         within = f", within {budget:g} s" if budget else ""
@@ -212,7 +213,7 @@ def _run_epochs(
         record = {"epoch": epoch + 1, "loss": loss, **(validate() if main else {})}
         record["lr"] = rate_used
         record["seconds"] = round(time.perf_counter() - t0, 1)
-        if budget:
+        if budget or planned != epochs:  # a budget's cut, also in its resumed runs
             record["epochs_planned"] = planned
         history.append(record)
         if main:
@@ -228,6 +229,7 @@ def _run_epochs(
                 "generator": generator.get_state(),
                 "history": history,
                 "plan": plan,
+                "epochs_planned": planned,
             },
         )
         epoch += 1

@@ -222,7 +222,13 @@ TRAIN_LOCK = ".train.lock"
 
 
 def _being_written(folder: Path) -> bool:
-    """Whether a ``train`` run holds ``folder``'s lock now (the lock is not kept)."""
+    """Whether a ``train`` run holds ``folder``'s lock now (the lock is not kept).
+
+    Asked by the main process only, with a shared lock: probes never see each
+    other as writers (torchrun's ranks all check the folder at once).
+    """
+    if not is_main():
+        return False
     try:
         import fcntl
 
@@ -230,7 +236,7 @@ def _being_written(folder: Path) -> bool:
     except (ImportError, OSError):  # no lock file: nobody holds it
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         return True
     finally:

@@ -462,3 +462,21 @@ def test_tiled_count_equals_whole_image_count_with_a_unet_counter(averaged):
     assert tiled.variance == pytest.approx(whole.variance, rel=TOLERANCE)
     # the canvas (density grid x stride) is a multiple of 32 model px either way
     assert all(n * model.density_stride % 32 == 0 for n in whole.density.shape)
+
+
+def test_a_half_resolution_mask_of_an_odd_side_spans_the_image_exactly():
+    from celltally.tiling import fit_extent, resize_to
+
+    height, width, raw = 9, 8, 90  # 9 model rows: 5 mask rows cover 10
+    rows = np.arange(5, dtype=np.float32) * 2 + 1  # each cell's centre, in model px
+    half = np.repeat(rows[:, None], 4, axis=1)
+    expected = (np.arange(raw) + 0.5) * height / raw  # model position of each raw row
+    inner = slice(25, 81)  # bilinear resizing clamps within a cell of the edges
+    before = resize_to(half, (raw, 40))[:, 0]
+    assert np.abs(before - expected)[inner].max() > 0.5  # stretched by 10 / 9
+    fitted = fit_extent(half, (height, width))
+    assert fitted.shape == half.shape
+    after = resize_to(fitted, (raw, 40))[:, 0]
+    assert np.abs(after - expected)[inner].max() < 0.05
+    even = fit_extent(half[:4], (8, 8))
+    np.testing.assert_array_equal(even, half[:4])  # an even side is left as it is

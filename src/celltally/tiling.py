@@ -439,10 +439,26 @@ def _count_density(
         epistemic_std=math.sqrt(spread_var) if len(counters) > 1 else None,
         density=density.mean(0).astype(np.float32),
         density_var=density_var.mean(0).astype(np.float32),
-        mask=mask[:mh, :mw].copy(),
-        mask_std=mask_std[:mh, :mw].copy(),
+        mask=fit_extent(mask[:mh, :mw], (height, width)),
+        mask_std=fit_extent(mask_std[:mh, :mw], (height, width)),
         tiles=len(tiles),
     )
+
+
+def fit_extent(half: np.ndarray, extent: Sequence[int]) -> np.ndarray:
+    """A half-resolution map resampled so that its grid spans ``extent`` model px exactly.
+
+    ``half``'s ``mh x mw`` cells cover ``2 mh x 2 mw`` model pixels; for an odd
+    side that is one pixel past the image, and a mask resized onto the raw image
+    (:func:`resize_to`, e.g. for per-object labels) was stretched by it: centroids
+    shifted by up to a model pixel towards the far side. The shape is kept.
+    """
+    mh, mw = half.shape
+    height, width = int(extent[0]), int(extent[1])
+    if (2 * mh, 2 * mw) == (height, width):
+        return half.copy()
+    full = resize_to(half, (2 * mh, 2 * mw))[:height, :width]
+    return resize_to(full, (mh, mw)).astype(half.dtype, copy=False)
 
 
 def resize_to(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:

@@ -337,6 +337,16 @@ def test_training_frames_and_the_models_frame_stay_the_same_size(base_model, fol
     assert "the new model's frame is 520 x 696 px (your images' size)" in tuned.output
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["scale"]["native_size"] == [520, 696]
+    # the log's comparison counts the held-out files as `count` does, with both models
+    trained = set(config["training"]["split"][str(other)]["train_names"])
+    with (other / "counts.csv").open() as handle:
+        held = {r["image"]: float(r["count"]) for r in csv.DictReader(handle)}
+    held = {k: v for k, v in held.items() if k not in trained}
+    for key, model in (("mae_start", base_model), ("mae_new", tmp_path / "t")):
+        counter = CellCounter.from_pretrained(model)
+        errors = [abs(counter.count(other / "images" / k).count - v) for k, v in held.items()]
+        expected = round(float(np.mean(errors)), 4)
+        assert config["training"]["compared_with_start"][key] == pytest.approx(expected, abs=1e-3)
     # mixed with other data (simulated scenes), the starting frame stays, with a warning
     mixed = run(
         "train", "--data", other, "--simulated", "4", "--from", base_model,

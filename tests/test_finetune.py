@@ -319,7 +319,7 @@ def test_training_frames_and_the_models_frame_stay_the_same_size(base_model, fol
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "new" / "config.json").read_text())
     assert config["scale"]["native_size"] == list(SIZE)
-    assert "the new model's frame is 260 x 348 px" in result.output
+    assert "the new model's frame is 348 x 260 px (width x height" in result.output
     # fine-tuning a model on images of another size warns, naming the sizes
     other = simulate_plate(
         tmp_path / "big",
@@ -334,7 +334,9 @@ def test_training_frames_and_the_models_frame_stay_the_same_size(base_model, fol
     tuned = run("train", "--data", other, "--from", base_model, "--out", tmp_path / "t", *quick)
     assert tuned.exit_code == 0, tuned.output
     # fine-tuned on them alone: their size is its frame, so counting sees them as training did
-    assert "the new model's frame is 520 x 696 px (your images' size)" in tuned.output
+    assert "the new model's frame is 696 x 520 px (width x height, your images' size)" in (
+        tuned.output
+    )
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["scale"]["native_size"] == [520, 696]
     # the log's comparison counts the held-out files as `count` does, with both models
@@ -353,7 +355,7 @@ def test_training_frames_and_the_models_frame_stay_the_same_size(base_model, fol
         "--out", tmp_path / "m", *quick,
     )  # fmt: skip
     assert mixed.exit_code == 0, mixed.output
-    assert "warning: 6 of 6 training images are not about the model's frame of 260 x 348" in (
+    assert "warning: 6 of 6 training images are not about the model's frame of 348 x 260" in (
         mixed.output
     )
     # of two sizes, the most common one is the frame, and the others are named
@@ -365,12 +367,22 @@ def test_training_frames_and_the_models_frame_stay_the_same_size(base_model, fol
     result = run("train", "--data", two, "--out", tmp_path / "two_m", *quick)
     assert result.exit_code == 0, result.output
     n = len(list((two / "images").iterdir()))
-    assert f"the new model's frame is 260 x 348 px ({n - 1} of your {n} images' size)" in (
+    assert f"frame is 348 x 260 px (width x height, {n - 1} of your {n} images' size)" in (
         result.output
     )
-    assert f"warning: 1 of {n} training images are not about the model's frame of 260 x 348" in (
+    assert f"warning: 1 of {n} training images are not about the model's frame of 348 x 260" in (
         result.output
     )
+    # portrait images for a landscape input: no frame that would squash them, a warning
+    tall = simulate_plate(
+        tmp_path / "tall", images=6, counts=(2, 20), blurs=(1,), stains=(1,), seed=5,
+        size=(348, 260),
+    )  # fmt: skip
+    portrait = run("train", "--data", tall, "--from", base_model, "--out", tmp_path / "p", *quick)
+    assert portrait.exit_code == 0, portrait.output
+    assert "are not shaped like the model's frame (348 x 260), which stays" in portrait.output
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["scale"]["native_size"] == list(SIZE)
 
 
 def test_small_training_sets_get_smaller_batches():
@@ -532,6 +544,8 @@ def test_a_shipped_models_name_means_the_shipped_model(tmp_path, monkeypatch):
     assert resolve_model("./bbbc005").resolve() == (tmp_path / "bbbc005").resolve()
     copy = run("calibrate", "--model", "bbbc005", "--data", tmp_path, "--out", "nuclei")
     assert copy.exit_code == 2 and "the name of a shipped model" in copy.output
+    inside = run("train", "--simulated", "4", "--out", tmp_path / "mm" / "nuclei", "--no-progress")
+    assert inside.exit_code == 2 and "named like the shipped model 'nuclei'" in inside.output
 
 
 def test_a_counter_with_one_training_image_is_refused_before_training(tmp_path):

@@ -70,6 +70,11 @@ def check_new_model_folder(out: str | Path, option: str = "--out") -> None:
             f"{option} {out}: the name of a shipped model, which `--model {out}` means; "
             "give your model folder another name"
         )
+    if Path(out).name in available_models():  # its results would name the shipped model
+        raise InputError(
+            f"{option} {out}: a folder named like the shipped model {Path(out).name!r}, whose "
+            "name its results would carry; give your model folder another name"
+        )
 
 
 def read_model_config(folder: str | Path) -> dict[str, Any]:

@@ -128,7 +128,11 @@ def _check_frame_size(
     shapes = collections.Counter(tuple(m["shape"]) for m in meta if m.get("shape"))
     if adopt and shapes:
         common, n = shapes.most_common(1)[0]
-        if common != native:
+        # only a frame shaped like the model's (height / width): resized whole into the
+        # input, a portrait frame for a landscape model is squashed (0.55 x 0.98), its
+        # cells shaped unlike any the model learned
+        same_shape = abs((common[0] / common[1]) / (native[0] / native[1]) - 1) <= 0.1
+        if common != native and same_shape:
             scale = dict(config.get("scale") or {})
             scale["native_size"] = list(common)
             if scale.get("object_diameter_px"):  # the same objects in model pixels
@@ -137,10 +141,16 @@ def _check_frame_size(
             config["scale"] = scale
             whose = "your images'" if n == len(meta) else f"{n} of your {len(meta)} images'"
             log(
-                f"the new model's frame is {common[0]} x {common[1]} px ({whose} size); "
-                "images of another size will be counted in tiles at its pixel scale"
+                f"the new model's frame is {common[1]} x {common[0]} px (width x height, "
+                f"{whose} size); images of another size will be counted in tiles at its "
+                "pixel scale"
             )
             native = common
+        elif common != native:
+            log(
+                f"warning: your images ({common[1]} x {common[0]} px, width x height) are not "
+                f"shaped like the model's frame ({native[1]} x {native[0]}), which stays"
+            )
     off = [
         m
         for m in meta
@@ -150,10 +160,10 @@ def _check_frame_size(
         h, w = off[0]["shape"]
         log(
             f"warning: {len(off)} of {len(meta)} training images are not about the model's "
-            f"frame of {native[0]} x {native[1]} px (first: {off[0]['name']}, {h} x {w}). "
-            "Each is resized whole to the model input, so its cells look larger or smaller "
-            "than when such an image is counted (in tiles at the model's scale): crop them "
-            f"into pieces of about {native[0]} x {native[1]} px (docs/finetuning.md)"
+            f"frame of {native[1]} x {native[0]} px, width x height (first: {off[0]['name']}, "
+            f"{w} x {h}). Each is resized whole to the model input, so its cells look larger "
+            "or smaller than when such an image is counted (in tiles at the model's scale): "
+            f"crop them into pieces of about {native[1]} x {native[0]} px (docs/finetuning.md)"
         )
 
 

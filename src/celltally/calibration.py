@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
+#: A one-dimensional run of numbers: a sequence or an array (each is read with ``np.asarray``).
+Floats = Sequence[float] | np.ndarray
 
-def conformal_scores(
-    y_true: Sequence[float], mean: Sequence[float], std: Sequence[float]
-) -> np.ndarray:
+
+def conformal_scores(y_true: Floats, mean: Floats, std: Floats) -> np.ndarray:
     """Normalized nonconformity scores ``|y - mu| / sigma``, sorted ascending."""
     y = np.asarray(y_true, dtype=float)
     mu = np.asarray(mean, dtype=float)
@@ -29,7 +30,7 @@ def conformal_rank(n: int, level: float) -> int:
     return math.ceil(round((n + 1) * level, 9))
 
 
-def conformal_quantile(scores: Sequence[float], level: float) -> float:
+def conformal_quantile(scores: Floats, level: float) -> float:
     """Split-conformal multiplier: the ceil((n + 1) level) / n empirical quantile.
 
     With exchangeable calibration and test data, ``mu ± q * sigma`` covers
@@ -100,9 +101,7 @@ DEFAULT_METHOD = "conformal"
 RELIABILITY_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99)
 
 
-def _arrays(
-    y_true: Sequence[float], mean: Sequence[float], std: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _arrays(y_true: Floats, mean: Floats, std: Floats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y = np.asarray(y_true, dtype=float).ravel()
     mu = np.asarray(mean, dtype=float).ravel()
     sigma = np.maximum(np.asarray(std, dtype=float).ravel(), 1e-6)
@@ -113,9 +112,7 @@ def _arrays(
     return y, mu, sigma
 
 
-def temperature_scale(
-    y_true: Sequence[float], mean: Sequence[float], std: Sequence[float]
-) -> float:
+def temperature_scale(y_true: Floats, mean: Floats, std: Floats) -> float:
     """The factor ``T`` on sigma that maximizes the Gaussian likelihood of ``y`` on a split.
 
     The negative log-likelihood ``sum log(T sigma_i) + (y_i - mu_i)^2 / (2 T^2 sigma_i^2)``
@@ -126,16 +123,16 @@ def temperature_scale(
     return float(np.sqrt(np.mean(((y - mu) / sigma) ** 2)))
 
 
-def gaussian_nll(y_true: Sequence[float], mean: Sequence[float], std: Sequence[float]) -> float:
+def gaussian_nll(y_true: Floats, mean: Floats, std: Floats) -> float:
     """Mean Gaussian negative log-likelihood of ``y`` under ``N(mu, sigma^2)`` (with constant)."""
     y, mu, sigma = _arrays(y_true, mean, std)
     return float(np.mean(np.log(sigma) + 0.5 * ((y - mu) / sigma) ** 2 + 0.5 * np.log(2 * np.pi)))
 
 
 def calibrate(
-    y_true: Sequence[float],
-    mean: Sequence[float],
-    std: Sequence[float],
+    y_true: Floats,
+    mean: Floats,
+    std: Floats,
     *,
     default: str = DEFAULT_METHOD,
 ) -> dict:
@@ -206,18 +203,16 @@ def interval_multiplier(
     return gaussian_quantile(level)
 
 
-def coverage(
-    y_true: Sequence[float], mean: Sequence[float], std: Sequence[float], multiplier: float
-) -> float:
+def coverage(y_true: Floats, mean: Floats, std: Floats, multiplier: float) -> float:
     """Fraction of ``y`` inside ``mu ± multiplier * sigma``."""
     y, mu, sigma = _arrays(y_true, mean, std)
     return float(np.mean(np.abs(y - mu) <= multiplier * sigma))
 
 
 def reliability(
-    y_true: Sequence[float],
-    mean: Sequence[float],
-    std: Sequence[float],
+    y_true: Floats,
+    mean: Floats,
+    std: Floats,
     calibration: Mapping[str, Any] | None,
     *,
     levels: Sequence[float] = RELIABILITY_LEVELS,
@@ -245,9 +240,9 @@ def coverage_tolerance(level: float, n: int, *, sigmas: float = 4.0) -> float:
 
 
 def fit_group_correlation(
-    y_true: Sequence[float],
-    mean: Sequence[float],
-    std: Sequence[float],
+    y_true: Floats,
+    mean: Floats,
+    std: Floats,
     groups: Sequence[Any],
 ) -> dict[str, Any] | None:
     """Correlation of the normalized errors of images in the same group (e.g. one well).
@@ -296,7 +291,7 @@ def fit_group_correlation(
     }
 
 
-def total_std(std: Sequence[float], correlation: float) -> float:
+def total_std(std: Floats, correlation: float) -> float:
     """Standard deviation of a sum of counts whose errors correlate by ``correlation``.
 
     ``sqrt(sum_i s_i^2 + correlation * sum_{i != j} s_i s_j)``: independent
@@ -451,7 +446,7 @@ def ood_warning(features: Mapping[str, float], thresholds: Mapping[str, Any] | N
     Without fitted ``thresholds`` the loose ``FALLBACK_OOD_THRESHOLDS`` apply.
     """
     fitted = bool(thresholds)
-    limits = thresholds if fitted else FALLBACK_OOD_THRESHOLDS
+    limits: Mapping[str, Any] = thresholds if thresholds else FALLBACK_OOD_THRESHOLDS
     where = (
         f"calibration {100 * float(limits.get('quantile', 0.99)):g}th pct" if fitted else "default"
     )

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,7 +35,12 @@ from celltally.model_folder import (  # noqa: F401 (re-exported: the public name
     resolve_model,
 )
 from celltally.models.inference import inference_copy
-from celltally.models.pipeline import CountingPipeline, first_line, load_model_folder
+from celltally.models.pipeline import (
+    CounterHead,
+    CountingPipeline,
+    first_line,
+    load_model_folder,
+)
 from celltally.tiling import (
     DEFAULT_MARGIN,
     DEFAULT_TILE,
@@ -229,7 +234,7 @@ class CellCounter:
         config: dict[str, Any],
         *,
         device: str | torch.device | None = None,
-        members: Sequence[torch.nn.Module] = (),
+        members: Sequence[CounterHead] = (),
         calibration: str | None = None,
         channel: int | None = None,
         norm: dict[str, Any] | None = None,
@@ -327,7 +332,7 @@ class CellCounter:
         cls,
         name_or_path: str | Path = DEFAULT_MODEL,
         *,
-        device: str | None = None,
+        device: str | torch.device | None = None,
         epistemic: bool = False,
         calibration: str | None = None,
         **options: Any,
@@ -360,7 +365,7 @@ class CellCounter:
         cls,
         folder: Path,
         *,
-        device: str | None = None,
+        device: str | torch.device | None = None,
         epistemic: bool = False,
         calibration: str | None = None,
         **options: Any,
@@ -580,7 +585,7 @@ class CellCounter:
             rows += self._embeddings(chunk)
         if any(r is None for r in rows):
             raise ValueError(f"model {self.name}'s segmenter has no encoder blocks to embed with")
-        return np.stack(rows)
+        return np.stack(cast("list[np.ndarray]", rows))  # no None: checked above
 
     def _result(self, raw: tuple, level: float, source: str | None) -> CountResult:
         count, std, mask, mask_std, spread, embedding, frame_contrast = raw

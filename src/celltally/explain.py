@@ -26,6 +26,7 @@ from celltally.tiling import model_canvas
 
 if TYPE_CHECKING:  # pragma: no cover
     from celltally.counter import CellCounter, CountResult
+    from celltally.models.pipeline import CountingPipeline
 
 __all__ = [
     "Explanation",
@@ -73,7 +74,7 @@ class Explanation:
 
 
 def _saliency(
-    model: torch.nn.Module,
+    model: CountingPipeline,
     prepared: np.ndarray,
     *,
     true_count: float | None = None,
@@ -99,17 +100,17 @@ def _saliency(
         # autograd.grad, not backward(): the parameters' .grad stay untouched, so
         # concurrent explanations (web server threads) cannot interfere.
         mask_grad, image_grad = torch.autograd.grad(loss, [mask, x])
-    mask_grad = mask_grad[0, 0].abs().cpu().numpy()
-    image_grad = image_grad[0, 0].abs().cpu().numpy()
+    mask_sal = mask_grad[0, 0].abs().cpu().numpy()
+    image_sal = image_grad[0, 0].abs().cpu().numpy()
     forward = (
         mask[0, 0].detach().cpu().numpy(),
         torch.exp(0.5 * mask_logvar[0, 0]).detach().cpu().numpy(),
     )
-    return mask_grad.astype(np.float32), image_grad.astype(np.float32), forward
+    return mask_sal.astype(np.float32), image_sal.astype(np.float32), forward
 
 
 def saliency(
-    model: torch.nn.Module,
+    model: CountingPipeline,
     prepared: np.ndarray,
     *,
     true_count: float | None = None,
@@ -192,13 +193,14 @@ def explain_image(
         result = dataclasses.replace(
             result, source=source, metadata=naming.parse_name(source).as_dict()
         )
-    canvas = prepared
     if isinstance(prepared, ModelScaleImage):
         # Counted in tiles; explained in one pass over the whole model-scale image, on
         # the zero-padded canvas counting uses: a small image or thin strip would
         # otherwise be pooled to nothing.
         prepared = prepared.prepared
         canvas = model_canvas(prepared, counter.model.density_stride)
+    else:
+        canvas = prepared
     mask_sal, image_sal, (mask, mask_std) = _saliency(
         counter.model, canvas, true_count=true_count, device=counter.device
     )

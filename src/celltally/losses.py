@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ def segmentation_loss(
     """
     total = target.new_zeros(())
     for mask, log_var in outputs:
-        level_target = F.adaptive_avg_pool2d(target, mask.shape[-2:])
+        level_target = F.adaptive_avg_pool2d(target, cast("tuple[int, int]", mask.shape[-2:]))
         total = (
             total + gaussian_nll(mask, level_target, log_var) + tv_weight * total_variation(mask)
         )

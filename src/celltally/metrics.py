@@ -120,7 +120,7 @@ def _is_missing(value: Any) -> bool:
 
 def _sort_key(values: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
     """Order group keys: numbers numerically, then strings, then None/other."""
-    key = []
+    key: list[tuple[int, Any]] = []
     for v in values:
         if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
             key.append((0, float(v)))

@@ -21,7 +21,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -96,16 +96,15 @@ def _seeds(dist: np.ndarray, components: np.ndarray, n_comp: int, n: int, spacin
         local = np.where(inside, dist[box], 0.0)
         offset = np.array([box[0].start, box[1].start])
         if k == 1:
-            seeds.append(
-                tuple(int(v) for v in np.unravel_index(np.argmax(local), local.shape) + offset)
-            )
+            peak = np.unravel_index(np.argmax(local), local.shape) + offset
+            seeds.append(cast("tuple[int, int]", tuple(int(v) for v in peak)))
             continue
         peaks = peak_local_max(
             local, min_distance=max(1, int(round(spacing))), exclude_border=False, num_peaks=k
         )
         if len(peaks) < k:
             peaks = _spread_seeds(np.argwhere(inside), peaks.reshape(-1, 2), k, seed=label)
-        seeds.extend(tuple(int(v) for v in p + offset) for p in peaks)
+        seeds.extend(cast("tuple[int, int]", tuple(int(v) for v in p + offset)) for p in peaks)
     return seeds
 
 

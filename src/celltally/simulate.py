@@ -76,6 +76,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -596,7 +597,8 @@ def _textures(
             centre *= np.float32(math.sqrt(12 * iid_var))
             out += centre
     # Scale to [bias, 1] (times ``peak``) over each bounding box; outside it is never used.
-    rows, cols = region.any(axis=2), region.any(axis=1)
+    rows = cast(np.ndarray, region.any(axis=2))  # arrays (n, side): an axis is given
+    cols = cast(np.ndarray, region.any(axis=1))
     r0, r1 = rows.argmax(axis=1), side - rows[:, ::-1].argmax(axis=1)
     c0, c1 = cols.argmax(axis=1), side - cols[:, ::-1].argmax(axis=1)
     for i in range(n):

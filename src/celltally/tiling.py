@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ import torch.nn.functional as F
 
 from celltally import io
 from celltally.transforms import BACKGROUNDS, DEFAULT_NORMALIZATION
+
+if TYPE_CHECKING:
+    from celltally.models.pipeline import CounterHead, CountingPipeline
 
 #: The frame every shipped model was trained on (BBBC005 / BBBC039), (height, width).
 DEFAULT_NATIVE_SIZE = (520, 696)
@@ -321,14 +324,14 @@ def model_canvas(prepared: np.ndarray, stride: int) -> np.ndarray:
 
 @torch.inference_mode()
 def count_density(
-    model: torch.nn.Module,
+    model: CountingPipeline,
     prepared: np.ndarray,
     *,
     tile: int | Sequence[int] | None = DEFAULT_TILE,
     margin: int = DEFAULT_MARGIN,
     batch_size: int | None = None,
     device: str | torch.device = "cpu",
-    members: Sequence[torch.nn.Module] = (),
+    members: Sequence[CounterHead] = (),
 ) -> DensityCount:
     """Count a prepared 2-D image (model scale, normalized) with a density-head pipeline.
 
@@ -369,14 +372,14 @@ def count_density(
 
 
 def _count_density(
-    model: torch.nn.Module,
+    model: CountingPipeline,
     prepared: np.ndarray,
     *,
     tile: int | Sequence[int] | None,
     margin: int,
     batch_size: int | None,
     device: str | torch.device,
-    members: Sequence[torch.nn.Module],
+    members: Sequence[CounterHead],
 ) -> DensityCount:
     """:func:`count_density` for modules already in eval mode."""
     array = np.asarray(prepared, dtype=np.float32)

@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -301,7 +301,8 @@ def train_segmenter(
             return {}
         vm = val.has_mask
         mask, _ = predict_masks(model, val.images[vm], device=device)
-        target = torch.nn.functional.adaptive_avg_pool2d(val.masks[vm], mask.shape[-2:])
+        size = cast("tuple[int, int]", mask.shape[-2:])
+        target = torch.nn.functional.adaptive_avg_pool2d(val.masks[vm], size)
         return {"val_mask_mse": float(((mask - target) ** 2).mean())}
 
     return _run_epochs(

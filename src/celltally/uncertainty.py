@@ -40,6 +40,7 @@ from celltally.calibration import (
 from celltally.datasets import LabeledSet
 from celltally.model_folder import ensemble_files
 from celltally.models.pipeline import (
+    CounterHead,
     CountingPipeline,
     build_counter,
     first_line,
@@ -54,7 +55,7 @@ Log = Callable[[str], None]
 COUNT_SCALE_BLOCKS = ("plain", "epistemic")
 
 
-def load_members(folder: str | Path, config: dict[str, Any]) -> list[torch.nn.Module]:
+def load_members(folder: str | Path, config: dict[str, Any]) -> list[CounterHead]:
     """The extra counter heads of a model folder (eval mode, on the CPU).
 
     Each member has the model's counter architecture (``config['counter']``)
@@ -558,7 +559,7 @@ def held_out_sets(
     config: dict[str, Any],
     *,
     bbbc005: str | Path | None = None,
-    folders: tuple[str | Path, ...] | list[str | Path] = (),
+    folders: Sequence[str | Path] = (),
     simulated: int = 0,
     seed: int = 0,
     workers: int = 2,

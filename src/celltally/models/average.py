@@ -9,6 +9,7 @@ U-Net shipped since the second GPU round, docs/finetuning.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,15 @@ def sum_to_grid(values: torch.Tensor, grid: Sequence[int], factor: int) -> torch
     values = F.pad(values, (0, max(0, gw * factor - w), 0, max(0, gh * factor - h)))
     values = values[..., : gh * factor, : gw * factor]
     return values.reshape(*values.shape[:-2], gh, factor, gw, factor).sum((-3, -1))
+
+
+class _Part(Protocol):
+    """What an averaged counter has (``VGGCounter``, ``UNetCounter``); for type checking."""
+
+    @property
+    def stride(self) -> int: ...
+
+    def density(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class AverageCounter(nn.Module):
@@ -46,8 +56,9 @@ class AverageCounter(nn.Module):
         if len(counters) < 2:
             raise ValueError(f"an average needs at least 2 counters, got {len(counters)}")
         self.counters = nn.ModuleList(counters)
-        first = int(counters[0].stride)
-        for counter in counters[1:]:
+        parts = cast("Sequence[_Part]", counters)
+        first = int(parts[0].stride)
+        for counter in parts[1:]:
             if first % int(counter.stride):
                 raise ValueError(
                     f"counter strides must divide the first's ({first}), not {counter.stride}"
@@ -56,13 +67,14 @@ class AverageCounter(nn.Module):
     @property
     def stride(self) -> int:
         """Plane pixels per density cell (the first counter's)."""
-        return int(self.counters[0].stride)
+        return int(cast("Sequence[_Part]", self.counters)[0].stride)
 
     def density(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean per-cell count and log of the mean per-cell variance, on the first's grid."""
-        dens, log_var = self.counters[0].density(x)
+        parts = cast("Sequence[_Part]", self.counters)
+        dens, log_var = parts[0].density(x)
         grid, total, var = dens.shape[-2:], dens, log_var.exp()
-        for counter in self.counters[1:]:
+        for counter in parts[1:]:
             d, lv = counter.density(x)
             factor = self.stride // int(counter.stride)
             total = total + sum_to_grid(d, grid, factor)

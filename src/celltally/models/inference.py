@@ -12,12 +12,16 @@ the networks' speed on a 2-core CPU (``benchmarks/throughput.py``).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-_FOLDABLE = (
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+
+_FOLDABLE: tuple[tuple[type[nn.Module], type[nn.Module], Callable[[Any, Any], nn.Module]], ...] = (
     (nn.Conv2d, nn.BatchNorm2d, fuse_conv_bn_eval),
     (nn.Linear, nn.BatchNorm1d, fuse_linear_bn_eval),
 )
@@ -48,7 +52,7 @@ def _fold(module: nn.Module) -> None:
         _fold(child)
 
 
-def inference_copy(module: nn.Module, device: torch.device) -> nn.Module:
+def inference_copy(module: _ModuleT, device: torch.device) -> _ModuleT:
     """A folded, eval-mode copy of ``module`` on ``device`` (channels-last on CPU).
 
     ``module`` itself is not modified. Hooks registered on it are not copied
@@ -60,5 +64,6 @@ def inference_copy(module: nn.Module, device: torch.device) -> nn.Module:
     fold_batchnorm(clone)
     clone = clone.to(device)
     if device.type == "cpu":
-        clone = clone.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format, but torch's overloads do not declare it
+        clone = clone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return clone

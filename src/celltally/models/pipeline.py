@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ COUNTER_INPUTS = ("mask", "image", "mask_logvar", "image_max", "image_min")
 #: their pixels; the counter then keeps VGG-11's fifth pool, so its density grid
 #: is the same).
 PLANES_AT = ("mask", "input")
+#: What :func:`build_counter` builds.
+CounterHead = VGGCounter | UNetCounter | AverageCounter
 
 
 @dataclass
@@ -65,7 +67,11 @@ def counter_input(
                 plane = F.interpolate(plane, size=size, mode="bilinear", align_corners=False)
             planes.append(plane)
         elif name == "image":
-            planes.append(image if at == "input" else F.adaptive_avg_pool2d(image, size))
+            planes.append(
+                image
+                if at == "input"
+                else F.adaptive_avg_pool2d(image, cast("tuple[int, int]", size))
+            )
         elif name not in COUNTER_INPUTS:
             raise ValueError(f"unknown counter input {name!r}; choose from {COUNTER_INPUTS}")
         elif at == "input":
@@ -86,7 +92,7 @@ def planes_shape(input_size: Sequence[int], planes_at: str = "mask") -> tuple[in
 
 def build_counter(
     counter: Mapping[str, Any], in_channels: int, *, planes_at: str = "mask"
-) -> nn.Module:
+) -> CounterHead:
     """The counter a config's ``counter`` block describes.
 
     ``head``: 'fc' or 'density' (``VGGCounter``), or 'unet' (``UNetCounter``;
@@ -95,7 +101,7 @@ def build_counter(
     (``AverageCounter``; this counter's density grid must be the coarsest).
     """
     if counter.get("head") == "unet":  # per-pixel centroid density (models.unet)
-        built: nn.Module = UNetCounter(
+        built: VGGCounter | UNetCounter = UNetCounter(
             in_channels=in_channels,
             width=int(counter["width"]),
             levels=int(counter.get("levels", 3)),

@@ -83,6 +83,7 @@ class UNetCounter(nn.Module):
             _block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(levels))
         )
         self.out = nn.Conv2d(widths[0], 2, 1)
+        assert self.out.bias is not None  # Conv2d built with its default bias=True
         nn.init.constant_(self.out.bias, -4.0)  # start near zero density
 
     def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -115,7 +116,8 @@ def averaged_maps(
     """
     if len(transforms) == 1:
         return maps(_transform(x, transforms[0]))
-    dens, var = 0.0, 0.0
+    dens: Any = 0.0  # tensors once the loop has added the first map
+    var: Any = 0.0
     for t in transforms:
         d, lv = maps(_transform(x, t))
         dens = dens + _untransform(d, t)
@@ -194,7 +196,7 @@ class VGGCounter(nn.Module):
         self.count_scale = float(count_scale)
         # start at count_scale (~50: mid-range for BBBC005) rather than 0, where the final
         # ReLU would leave the count's gradient dead for a poorly initialised head
-        nn.init.constant_(self.count_head[-1].bias, 1.0)
+        nn.init.constant_(cast(nn.Linear, self.count_head[-1]).bias, 1.0)
 
     @property
     def counts_any_size(self) -> bool:

@@ -71,7 +71,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from celltally import __version__, io
 from celltally.model_folder import WEIGHTS_DIR, resolve_model
@@ -385,7 +385,7 @@ def _scan_results(
             if complete and not record:
                 good_end = state["offset"]  # a blank line: harmless
                 continue
-            if complete and len(record) == len(columns) and record[0]:
+            if complete and record is not None and len(record) == len(columns) and record[0]:
                 where = bases(found.rows) if callable(bases) else bases
                 found.done.update(_keys(record[0], where, recorded=True))
                 if on_row is not None:
@@ -455,7 +455,7 @@ class _ResultsFile:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not on POSIX: no lock
-            fcntl = None
+            fcntl = None  # type: ignore[assignment]
         if fcntl is not None:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -918,6 +918,7 @@ def run_batch(
     # then only a check, on the CPU, and dropped).
     from celltally.counter import CellCounter
 
+    local_counter: CellCounter | None
     try:
         local_counter = CellCounter.from_pretrained(
             folder, **({**options, "device": "cpu"} if dask else options)
@@ -955,6 +956,7 @@ def run_batch(
     claimed: set[bytes] = set()
 
     def output_key(path: str) -> bytes:
+        assert masks is not None  # called only when there are masks to save
         return _digest(os.path.abspath(mask_file(masks, path, root)))
 
     def claim_recorded(name: str, bases: Sequence[str]) -> None:
@@ -1020,7 +1022,8 @@ def run_batch(
             results.append(rows)
             errors.record(
                 tried=[name for name, _, _ in outcomes],
-                failed=[(name, msg) for name, row, msg in outcomes if row is None],
+                # a failure's message is never None (_outcome, count_chunk, _run_dask)
+                failed=[(name, cast(str, msg)) for name, row, msg in outcomes if row is None],
             )
             summary.counted += len(rows)
             summary.masks_only += sum(

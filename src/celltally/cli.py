@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, NoReturn, cast
 
 import typer
 
@@ -420,6 +420,7 @@ def count(
                 )
             }
             mine = [r for r in rows if os.path.abspath(str(r["file"])) in inputs]
+            assert save_masks is not None  # --save-labels sets it when not given
             n = save_objects_for_rows(
                 mine, masks_dir=save_masks, out_dir=save_labels, root=root, channel=channel
             )
@@ -1231,7 +1232,12 @@ def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path
         target = found.resolve()
     # a copy is built beside it; a folder rewritten in place, inside itself (same disk,
     # same permissions, whatever path or link named it)
-    partial = out.with_name(f".{out.name}.partial") if out is not None else target / ".partial"
+    # (without out, target is the model folder found above)
+    partial = (
+        out.with_name(f".{out.name}.partial")
+        if out is not None
+        else cast(Path, target) / ".partial"
+    )
     shutil.rmtree(partial, ignore_errors=True)
     try:
         yield partial
@@ -1244,6 +1250,7 @@ def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path
         partial.replace(out)
         return
     # in place: the files the command wrote replace the folder's, those it removed go
+    assert target is not None  # without out: the model folder found above
     built = {path.name for path in partial.iterdir() if path.is_file()}
     try:
         for name in built:

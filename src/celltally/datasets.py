@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -140,7 +140,7 @@ def load_bbbc005(
             if f1 not in mask_cache:
                 mask_cache[f1] = resize_area(otsu_mask(io.read_image(f1)), size)
             masks.append(mask_cache[f1])
-        counts.append(float(name.count))
+        counts.append(float(cast(int, name.count)))  # not None: filtered above
         meta.append(
             {
                 "name": path.name,
@@ -252,25 +252,26 @@ def load_folder(
         if not table:
             raise io.InputError(f"{counts_csv}: lists no images (a header and no rows)")
         paths = []
-        for name in table:
-            path = folder / name
+        for listed in table:
+            path = folder / listed
             if not path.exists():
-                raise io.InputError(f"{counts_csv}: lists {name!r}, which is not in {folder}")
+                raise io.InputError(f"{counts_csv}: lists {listed!r}, which is not in {folder}")
             paths.append(path)
     else:
         paths = io.list_images([folder])
-        table = {p.name: naming.parse_name(p.name).count for p in paths}
+        named: dict[str, float | None] = {p.name: naming.parse_name(p.name).count for p in paths}
         for path in paths:
-            if table[path.name] is None:
+            if named[path.name] is None:
                 shape = io.read_image(path, channel=channel).shape
-                table[path.name] = _count_from_labels(path, mask_dirs, shape=shape)
-        missing = [n for n, c in table.items() if c is None]
+                named[path.name] = _count_from_labels(path, mask_dirs, shape=shape)
+        missing = [n for n, c in named.items() if c is None]
         if missing:
             raise io.InputError(
                 f"{root}: no counts.csv, and {len(missing)} image(s) have neither _C<count>_ "
                 f"in the name nor a label mask to count (first: {missing[0]}); "
                 "list them in counts.csv (columns image,count)"
             )
+        table = cast("dict[str, float]", named)  # no None left: checked above
     images, masks, counts, meta = [], [], [], []
     for path in paths:
         raw = io.read_image(path, channel=channel)

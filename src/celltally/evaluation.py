@@ -153,6 +153,7 @@ def well_metrics(
     wells = [w for w in totals if w["images"] >= 2]
     if not wells:
         return None
+    keep: tuple[str, ...]
     keep = ("plate", "well", "stain", "images", "count", "low", "high", "true_count", "error")
     keep += ("warnings", "failed")
     return {

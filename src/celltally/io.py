@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -152,6 +152,7 @@ def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     kind = _format_name(path.suffix)
+    img: Image.Image  # the opened file, then its conversions
     try:
         with Image.open(path) as img:
             _check_size(_pillow_values(img), original)
@@ -206,7 +207,9 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
                 axes = series.axes if series is not None else ""
                 # a grey page's samples (MINISWHITE 0, MINISBLACK 1) are stains; any other
                 # photometric (RGB, YCbCr, CMYK, CIELab...) is a colour image
-                colour = len(tif.pages) > 0 and int(tif.pages[0].photometric) not in (0, 1)
+                colour = len(tif.pages) > 0 and int(
+                    cast("tifffile.TiffPage", tif.pages[0]).photometric
+                ) not in (0, 1)
         except (MemoryError, ImageReadError):  # out of memory is not the file's fault
             raise
         except Exception as exc:  # any decoder failure is a user-facing read error
@@ -273,7 +276,8 @@ def _tifffile_notes() -> Iterator[list[str]]:
     logger = logging.getLogger("tifffile")
     if not any(isinstance(f, _TiffNotes) for f in logger.filters):
         logger.addFilter(_TiffNotes())
-    _TIFF_READ.notes = notes = []
+    notes: list[str] = []
+    _TIFF_READ.notes = notes
     try:
         yield notes
     finally:

@@ -9,6 +9,7 @@ read their calibration (``celltally models``, ``celltally wells``) start fast.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def available_models() -> list[str]:
 UNFINISHED = ".unfinished"
 
 
-def resolve_model(name_or_path: str | Path) -> Path:
+def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     """A shipped model name ('bbbc005') or a path to a model folder -> the folder.
 
     A shipped model's name given as a string means the shipped model, even where

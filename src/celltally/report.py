@@ -146,7 +146,7 @@ def assign_causes(
             for cause, (key, worse, _) in CAUSES.items()
             if key in row and columns[cause].size
         }
-        best = max(ranks, key=ranks.get) if ranks else None
+        best = max(ranks, key=ranks.__getitem__) if ranks else None
         cause = best if best is not None and ranks[best] >= CAUSE_RANK else NO_CAUSE
         groups[cause].append((row, ranks))
     return {k: v for k, v in groups.items() if v}
@@ -338,7 +338,7 @@ _METRIC_HEADINGS = {
 }
 
 
-def _interval_text(row: dict) -> str:
+def _interval_text(row: Mapping[str, Any]) -> str:
     """'12.3 [10.1, 14.5]' with as many decimals (1-3) as it takes to show the truth outside."""
     true, count = float(row["true"]), float(row["count"])
     low, high = float(row["low"]), float(row["high"])

@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, cast
 
 from celltally import io, naming
 from celltally.calibration import total_std
@@ -327,7 +327,7 @@ def aggregate_wells(
             continue
         key = _in_folder(key, row.get("file") or "", folders)
         if folders:  # the plate column says which folder's plate it is
-            row["plate"] = key[0]
+            cast("dict[str, str]", row)["plate"] = key[0]  # a copy made above
         group = (row.get("model") or "", row.get("level") or "", *key)
         groups.setdefault(group, []).append(row)
         sites_of.setdefault(group, []).append(site)
@@ -355,7 +355,11 @@ def aggregate_wells(
     wells = []
     for group, members in sorted(groups.items()):
         model, level, plate, well, stain = group
-        rho = correlation if isinstance(correlation, Real) else correlation[model]
+        rho = (
+            correlation
+            if isinstance(correlation, Real)
+            else cast("Mapping[str, float]", correlation)[model]
+        )
         counts, stds = numbers[group]
         width, std_sum = spread[(model, level)]
         multiplier = width / std_sum if std_sum > 0 else 0.0
@@ -366,7 +370,7 @@ def aggregate_wells(
         half = multiplier * std
         truths = [r.get("true_count") for r in members]
         known = all(t not in (None, "") for t in truths)
-        truth = sum(float(t) for t in truths) if known else None
+        truth = sum(float(cast(str, t)) for t in truths) if known else None
         sites = sorted(set(sites_of[group]) - {""}, key=_site_order)
         # the same site twice (counted again under another name, a copy, a link)
         # is summed twice: said, not hidden

@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import numpy as np
@@ -74,10 +74,14 @@ from celltally.web.uploads import (
 )
 from celltally.wells import calibrated_correlation
 
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
+
 __all__ = ["create_app", "STATIC_DIR"]
 
 #: Swagger UI's files, installed with the fastapi-offline package (MIT).
-SWAGGER_UI_DIR = Path(importlib.util.find_spec("fastapi_offline").origin).parent / "static"
+_SWAGGER_SPEC = cast("ModuleSpec", importlib.util.find_spec("fastapi_offline"))  # a dependency
+SWAGGER_UI_DIR = Path(cast(str, _SWAGGER_SPEC.origin)).parent / "static"
 
 logger = logging.getLogger("celltally.web")
 
@@ -105,7 +109,7 @@ class Images(BaseModel):
     mask: str = Field(description="Predicted foreground probability, black 0 to white 1.")
     uncertainty: str = Field(description="Per-pixel std of the mask (viridis, 0 to scale).")
     saliency: str | None = Field(
-        None, description="|d count / d mask| (inferno); null when saliency is off."
+        default=None, description="|d count / d mask| (inferno); null when saliency is off."
     )
     width: int
     height: int
@@ -119,7 +123,7 @@ class FileResult(BaseModel):
     name: str = Field(description="Sanitized display name of the upload.")
     ok: bool
     status: int = Field(description="200, or the HTTP-style status of this file's problem.")
-    error: str | None = Field(None, description="One line naming the file and the problem.")
+    error: str | None = Field(default=None, description="One line naming the file and the problem.")
     count: float | None = None
     std: float | None = None
     low: float | None = None
@@ -129,11 +133,15 @@ class FileResult(BaseModel):
         default_factory=dict,
         description="Parsed from the name: plate, well, row, column, site, blur, stain, count.",
     )
-    warning: str | None = Field(None, description="Set when the input looks unlike training.")
-    note: str | None = Field(None, description="What was left out, e.g. a skipped saliency map.")
-    width: int | None = Field(None, description="Input width in pixels.")
-    height: int | None = Field(None, description="Input height in pixels.")
-    seconds: float | None = Field(None, description="Server time spent on this file.")
+    warning: str | None = Field(
+        default=None, description="Set when the input looks unlike training."
+    )
+    note: str | None = Field(
+        default=None, description="What was left out, e.g. a skipped saliency map."
+    )
+    width: int | None = Field(default=None, description="Input width in pixels.")
+    height: int | None = Field(default=None, description="Input height in pixels.")
+    seconds: float | None = Field(default=None, description="Server time spent on this file.")
     images: Images | None = None
 
 
@@ -145,12 +153,12 @@ class CountResponse(BaseModel):
     counted: int
     failed: int
     results: list[FileResult]
-    detail: str | None = Field(None, description="Set when no file could be counted.")
+    detail: str | None = Field(default=None, description="Set when no file could be counted.")
     well_correlation: float | None = Field(
-        None, description="The model's within-well error correlation (per-well totals)."
+        default=None, description="The model's within-well error correlation (per-well totals)."
     )
     level_note: str | None = Field(
-        None, description="Set when the level is above what the calibration can guarantee."
+        default=None, description="Set when the level is above what the calibration can guarantee."
     )
 
 

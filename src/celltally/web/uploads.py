@@ -14,11 +14,14 @@ import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from celltally.io import IMAGE_SUFFIXES
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 __all__ = ["RequestRejected", "Upload", "UploadLimits", "receive_uploads", "sanitize_name"]
 
@@ -253,7 +256,7 @@ class _Reader:
             self._handle.close()
             self._handle = None
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self.on_part_begin,
             "on_part_data": self.on_part_data,

@@ -529,12 +529,12 @@ def compare_with_start(
         counts = np.zeros(len(truth))
         rest = [i for i in range(len(truth)) if i not in set(on_file)]
         prepared = [calibration.images[i, 0].numpy() for i in rest]
-        for i, result in zip(rest, counter.count_prepared(prepared), strict=True):
-            counts[i] = result.count
-        for i, (_, result) in zip(on_file, counter.count_paths(files), strict=True):
-            if isinstance(result, Exception):
-                raise result
-            counts[i] = result.count
+        for i, done in zip(rest, counter.count_prepared(prepared), strict=True):
+            counts[i] = done.count
+        for i, (_, outcome) in zip(on_file, counter.count_paths(files), strict=True):
+            if isinstance(outcome, Exception):
+                raise outcome
+            counts[i] = outcome.count
         mae[key] = round(float(np.mean(np.abs(counts - truth))), 4)
     record = {"n": len(truth), "mae_new": mae["new"], "mae_start": mae["start"]}
     log(

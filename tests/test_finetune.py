@@ -509,11 +509,17 @@ def test_a_finished_model_is_never_trained_over_and_a_stop_in_calibration_resume
         raise KeyboardInterrupt
 
     monkeypatch.setattr(uncertainty, "calibrate_model", stopped)
-    assert run("train", *args, "--out", out).exit_code != 0
+    interrupted = run("train", *args, "--out", out)
+    assert interrupted.exit_code == 130 and "with --resume to go on" in interrupted.output
     monkeypatch.setattr(uncertainty, "calibrate_model", real)
     assert (out / "config.json").exists()  # it looks finished, but is not
     with pytest.raises(io.InputError, match="stopped before it finished"):
         CellCounter.from_pretrained(out)
+    early = tmp_path / "early"  # stopped before it wrote any model file
+    early.mkdir()
+    (early / ".unfinished").touch()
+    with pytest.raises(io.InputError, match="has not finished; run the same"):
+        CellCounter.from_pretrained(early)
     plain = run("train", *args, "--out", out)
     assert plain.exit_code == 2 and "add --resume" in plain.output
     resumed = run("train", *args, "--out", out, "--resume")
@@ -574,3 +580,13 @@ def test_one_scene_says_its_intervals_come_from_simulated_scenes(base_model, tmp
     assert result.exit_code == 0, result.output
     assert "warning: your images are too few scenes to hold some out" in result.output
     assert f"celltally calibrate --model {tmp_path / 'm'} --data FOLDER" in result.output
+
+
+def test_calibrating_on_images_off_the_models_frame_warns(base_model, tmp_path):
+    other = simulate_plate(
+        tmp_path / "big", images=4, counts=(2, 20), blurs=(1,), stains=(1,), seed=2,
+        size=(130, 174),
+    )  # fmt: skip
+    result = run("calibrate", "--model", base_model, "--data", other, "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert "calibration images are not about the model's frame of 348 x 260 px" in result.output

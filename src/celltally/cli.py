@@ -840,6 +840,13 @@ def train(
             )
     except _user_errors() as err:
         fail(err, rank=rank)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: {out} keeps its checkpoints; run the same command with --resume to "
+            "go on",
+            err=True,
+        )
+        raise typer.Exit(130) from None
 
 
 @app.command()

@@ -57,6 +57,11 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     if (shipped / "config.json").exists():
         return shipped
     names = ", ".join(available_models()) or "none"
+    if path.is_dir() and (path / UNFINISHED).exists():
+        raise InputError(
+            f"{name_or_path}: a training run into it has not finished; run the same "
+            "`celltally train` command again with --resume"
+        )
     if path.is_dir():
         raise InputError(
             f"{name_or_path}: a folder but not a model (no config.json; shipped models: {names})"

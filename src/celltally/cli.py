@@ -109,6 +109,12 @@ def _silent(_: str) -> None:
     return None
 
 
+def _interrupted(what: str) -> NoReturn:
+    """Ctrl-C: one line on stderr saying what is kept, exit status 130."""
+    typer.echo(f"interrupted: {what}", err=True)
+    raise typer.Exit(130) from None
+
+
 def _clear_demo_plate(plate: Path) -> None:
     """Remove the files an earlier ``demo`` simulated into ``plate`` (and nothing else)."""
     from celltally.simulate import FILENAME_PATTERN
@@ -440,12 +446,10 @@ def count(
     except _user_errors() as err:
         fail(err)
     except KeyboardInterrupt:
-        typer.echo(
-            f"interrupted: the rows written so far are kept in {out}; run the same command "
-            "again to count the rest",
-            err=True,
+        _interrupted(
+            f"the rows written so far are kept in {out}; run the same command again to count "
+            "the rest"
         )
-        raise typer.Exit(130) from None
     total = summary.counted + summary.failed
     skipped = f" ({summary.skipped} already in {out}, skipped)" if summary.skipped else ""
     if summary.masks_only:
@@ -841,12 +845,7 @@ def train(
     except _user_errors() as err:
         fail(err, rank=rank)
     except KeyboardInterrupt:
-        typer.echo(
-            f"interrupted: {out} keeps its checkpoints; run the same command with --resume to "
-            "go on",
-            err=True,
-        )
-        raise typer.Exit(130) from None
+        _interrupted(f"{out} keeps its checkpoints; run the same command with --resume to go on")
 
 
 @app.command()

@@ -81,6 +81,21 @@ class ModelScale:
         )
 
 
+def off_frame(
+    meta: Sequence[Mapping[str, Any]], native: Sequence[int], *, tolerance: float = 0.1
+) -> list[Mapping[str, Any]]:
+    """The images (``meta`` rows with a raw ``shape``) more than ``tolerance`` off the frame.
+
+    Such an image is resized whole for training or calibration, but counted in
+    tiles at the model's pixel scale.
+    """
+    return [
+        m
+        for m in meta
+        if m.get("shape") and max(abs(m["shape"][i] / native[i] - 1) for i in (0, 1)) > tolerance
+    ]
+
+
 def model_scale(config: Mapping[str, Any]) -> ModelScale:
     """The ``ModelScale`` of a model configuration (``config['scale']``, else BBBC defaults)."""
     info = dict(config.get("scale") or {})

@@ -26,7 +26,7 @@ from celltally.datasets import (
 from celltally.distributed import is_main, world_size
 from celltally.model_folder import UNFINISHED, check_new_model_folder
 from celltally.models.presets import get_preset
-from celltally.tiling import model_scale
+from celltally.tiling import model_scale, off_frame
 from celltally.train import Log, fit, write_config
 from celltally.transforms import DEFAULT_NORMALIZATION
 
@@ -151,12 +151,7 @@ def _check_frame_size(
                 f"warning: your images ({common[1]} x {common[0]} px, width x height) are not "
                 f"shaped like the model's frame ({native[1]} x {native[0]}), which stays"
             )
-    off = [
-        m
-        for m in meta
-        if m.get("shape") and max(abs(m["shape"][i] / native[i] - 1) for i in (0, 1)) > 0.1
-    ]
-    if off:
+    if off := off_frame(meta, native):
         h, w = off[0]["shape"]
         log(
             f"warning: {len(off)} of {len(meta)} training images are not about the model's "

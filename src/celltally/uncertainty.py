@@ -263,15 +263,10 @@ def _warn_off_frame(config: dict[str, Any], data: LabeledSet, log: Any) -> None:
     such an image in tiles at the model's pixel scale: intervals calibrated on
     192 x 256 images for a 260 x 348 frame held 16 of those 20 images.
     """
-    from celltally.tiling import model_scale
+    from celltally.tiling import model_scale, off_frame
 
     native = model_scale(config).native_size
-    off = [
-        m
-        for m in data.meta
-        if m.get("shape") and max(abs(m["shape"][i] / native[i] - 1) for i in (0, 1)) > 0.1
-    ]
-    if off:
+    if off := off_frame(data.meta, native):
         h, w = off[0]["shape"]
         log(
             f"warning: {len(off)} of {len(data)} calibration images are not about the model's "

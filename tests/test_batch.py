@@ -734,16 +734,25 @@ def test_an_image_that_kills_its_dask_worker_is_one_error_and_the_rest_is_counte
     folder.mkdir()
     for i, f in enumerate(files_of(plate)[:3]):
         (folder / f"a{i}.tif").write_bytes(Path(f).read_bytes())
-    # 144 M pixels: a few hundred kB on disk, far more than the worker's memory once read
-    big = np.zeros((12000, 12000), dtype=np.uint8)
-    big[::97, ::89] = 255
+    # 256 M 16-bit pixels: about a MB on disk; decoding it alone takes 512 MB, past the
+    # worker's limit for seconds (a 144 M 8-bit one was not always caught in time)
+    big = np.zeros((16000, 16000), dtype=np.uint16)
+    big[::97, ::89] = 4000
     tifffile.imwrite(folder / "a1_big.tif", big, compression="zlib")
     del big
+    # a worker with the model loaded holds ~250-400 MB: never paused (a paused worker
+    # starts nothing), killed at 95% of 800 MiB, which the big image passes at once
+    settings = {
+        "distributed.scheduler.allowed-failures": 0,
+        "distributed.worker.memory.pause": False,
+        "distributed.worker.memory.spill": False,
+        "distributed.worker.memory.target": False,
+    }
     with (
-        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        dask.config.set(settings),
         distributed.LocalCluster(
             n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
-            memory_limit="450MiB",
+            memory_limit="800MiB",
         ) as cluster,
     ):  # fmt: skip
         summary = run_batch(

@@ -1324,6 +1324,7 @@ def _run_dask(
         alone: list[Any] = []  # the task of one such image in flight (one at a time)
         deaths: collections.Counter[str] = collections.Counter()  # deaths of each, alone
         masks_folder = None if save_masks is None else os.path.abspath(save_masks)
+        root = os.path.abspath(masks_root)
 
         def submit(names: Sequence[str]) -> Any:
             absolute = {os.path.abspath(name): name for name in names}
@@ -1337,7 +1338,7 @@ def _run_dask(
                 batch_size=batch_size,
                 read_threads=read_threads,
                 save_masks=masks_folder,
-                masks_root=os.path.abspath(masks_root),
+                masks_root=root,
                 pure=False,
             )
             sent[future] = absolute

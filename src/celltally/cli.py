@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn, cast
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -1219,13 +1219,15 @@ def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path
 
     from celltally.model_folder import check_new_model_folder
 
+    # a copy is built beside it; a folder rewritten in place, inside itself (same disk,
+    # same permissions, whatever path or link named it)
     if out is not None:
         try:
             check_new_model_folder(out)
         except _user_errors() as err:
             fail(err)
-    target = None
-    if out is None:
+        partial = out.with_name(f".{out.name}.partial")
+    else:
         from celltally.model_folder import WEIGHTS_DIR, resolve_model
 
         try:
@@ -1236,14 +1238,7 @@ def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path
             yield None
             return
         target = found.resolve()
-    # a copy is built beside it; a folder rewritten in place, inside itself (same disk,
-    # same permissions, whatever path or link named it)
-    # (without out, target is the model folder found above)
-    partial = (
-        out.with_name(f".{out.name}.partial")
-        if out is not None
-        else cast(Path, target) / ".partial"
-    )
+        partial = target / ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         yield partial
@@ -1256,7 +1251,6 @@ def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path
         partial.replace(out)
         return
     # in place: the files the command wrote replace the folder's, those it removed go
-    assert target is not None  # without out: the model folder found above
     built = {path.name for path in partial.iterdir() if path.is_file()}
     try:
         for name in built:

@@ -117,9 +117,9 @@ def _interrupted(what: str) -> NoReturn:
 
 def _clear_demo_plate(plate: Path) -> None:
     """Remove the files an earlier ``demo`` simulated into ``plate`` (and nothing else)."""
-    from celltally.simulate import FILENAME_PATTERN
+    from celltally.simulate import FILENAME_PATTERN, PLATE_FOLDERS
 
-    for sub in ("images", "masks", "labels"):
+    for sub in PLATE_FOLDERS:
         if (plate / sub).is_dir():
             for path in (plate / sub).iterdir():
                 if path.is_file() and FILENAME_PATTERN.match(path.name):

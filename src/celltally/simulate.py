@@ -85,6 +85,7 @@ from scipy import ndimage, signal, special
 __all__ = [
     "BLUR_LEVELS",
     "FILENAME_PATTERN",
+    "PLATE_FOLDERS",
     "REFERENCE_SIZE",
     "SimulatedImage",
     "SimulationParams",
@@ -102,6 +103,9 @@ BLUR_LEVELS: tuple[int, ...] = (1, 4, 7, 10, 14, 17, 20, 23, 26, 29, 32, 35, 39,
 
 #: (height, width) of a BBBC005 image; lengths in :class:`SimulationParams` refer to it.
 REFERENCE_SIZE: tuple[int, int] = (520, 696)
+
+#: The folders of a plate :func:`simulate_plate` writes (besides its counts.csv).
+PLATE_FOLDERS: tuple[str, ...] = ("images", "masks", "labels")
 
 #: File names written by :func:`simulate_plate` (and used by BBBC005).
 FILENAME_PATTERN = re.compile(
@@ -1142,7 +1146,7 @@ def _stale_files(out: Path, stems: set[str]) -> list[Path]:
     """Files in ``out``'s images/, masks/ and labels/ a plate of ``stems`` would not rewrite."""
     return sorted(
         path
-        for sub in ("images", "masks", "labels")
+        for sub in PLATE_FOLDERS
         if (out / sub).is_dir()
         for path in (out / sub).iterdir()
         if path.stem not in stems
@@ -1274,7 +1278,7 @@ def simulate_plate(
             f"{stale[0].relative_to(out)}): its counts.csv would not describe them; write "
             "the plate into a new folder, or empty this one"
         )
-    for sub in ("images", "masks", "labels"):
+    for sub in PLATE_FOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     jobs = [
         (

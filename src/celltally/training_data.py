@@ -202,11 +202,7 @@ def _check_out(out: Path, *, resume: bool, locked: bool = False) -> None:
     check_new_model_folder(out)
     unfinished = (folder / UNFINISHED).exists()
     if unfinished and not locked and _being_written(folder):
-        raise io.InputError(
-            f"{out}: another celltally train is writing this folder; wait for it to finish "
-            "or give a new --out",
-            out,
-        )
+        raise _being_written_error(out)
     if (folder / "config.json").exists() and not unfinished:
         raise io.InputError(
             f"{out}: already holds a finished model; give a new --out (to train it further: "
@@ -224,6 +220,15 @@ def _check_out(out: Path, *, resume: bool, locked: bool = False) -> None:
 
 #: Hidden file in a model folder that a ``train`` run holds locked while it writes there.
 TRAIN_LOCK = ".train.lock"
+
+
+def _being_written_error(out: Path) -> io.InputError:
+    """The one-line refusal of an ``--out`` another ``train`` run holds."""
+    return io.InputError(
+        f"{out}: another celltally train is writing this folder; wait for it to finish or "
+        "give a new --out",
+        out,
+    )
 
 
 def _being_written(folder: Path) -> bool:
@@ -272,11 +277,7 @@ def _train_lock(out: Path, *, resume: bool) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise io.InputError(
-                f"{out}: another celltally train is writing this folder; wait for it to "
-                "finish or give a new --out",
-                out,
-            ) from None
+            raise _being_written_error(out) from None
         _check_out(out, resume=resume, locked=True)
         (Path(out) / UNFINISHED).touch()  # until the model is complete (build_and_fit)
         yield

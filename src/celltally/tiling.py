@@ -96,6 +96,17 @@ def off_frame(
     ]
 
 
+def off_frame_note(
+    off: Sequence[Mapping[str, Any]], total: int, native: Sequence[int], *, kind: str
+) -> str:
+    """'N of M ``kind`` images are not about the model's frame ...' for :func:`off_frame`'s rows."""
+    h, w = off[0]["shape"]
+    return (
+        f"{len(off)} of {total} {kind} images are not about the model's frame of "
+        f"{native[1]} x {native[0]} px, width x height (first: {off[0]['name']}, {w} x {h})"
+    )
+
+
 def model_scale(config: Mapping[str, Any]) -> ModelScale:
     """The ``ModelScale`` of a model configuration (``config['scale']``, else BBBC defaults)."""
     info = dict(config.get("scale") or {})

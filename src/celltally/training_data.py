@@ -26,7 +26,7 @@ from celltally.datasets import (
 from celltally.distributed import is_main, world_size
 from celltally.model_folder import UNFINISHED, check_new_model_folder
 from celltally.models.presets import get_preset
-from celltally.tiling import model_scale, off_frame
+from celltally.tiling import model_scale, off_frame, off_frame_note
 from celltally.train import Log, fit, write_config
 from celltally.transforms import DEFAULT_NORMALIZATION
 
@@ -152,13 +152,11 @@ def _check_frame_size(
                 f"shaped like the model's frame ({native[1]} x {native[0]}), which stays"
             )
     if off := off_frame(meta, native):
-        h, w = off[0]["shape"]
         log(
-            f"warning: {len(off)} of {len(meta)} training images are not about the model's "
-            f"frame of {native[1]} x {native[0]} px, width x height (first: {off[0]['name']}, "
-            f"{w} x {h}). Each is resized whole to the model input, so its cells look larger "
-            "or smaller than when such an image is counted (in tiles at the model's scale): "
-            f"crop them into pieces of about {native[1]} x {native[0]} px (docs/finetuning.md)"
+            f"warning: {off_frame_note(off, len(meta), native, kind='training')}. Each is "
+            "resized whole to the model input, so its cells look larger or smaller than when "
+            "such an image is counted (in tiles at the model's scale): crop them into pieces "
+            f"of about {native[1]} x {native[0]} px (docs/finetuning.md)"
         )
 
 

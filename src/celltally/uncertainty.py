@@ -263,17 +263,14 @@ def _warn_off_frame(config: dict[str, Any], data: LabeledSet, log: Any) -> None:
     such an image in tiles at the model's pixel scale: intervals calibrated on
     192 x 256 images for a 260 x 348 frame held 16 of those 20 images.
     """
-    from celltally.tiling import model_scale, off_frame
+    from celltally.tiling import model_scale, off_frame, off_frame_note
 
     native = model_scale(config).native_size
     if off := off_frame(data.meta, native):
-        h, w = off[0]["shape"]
         log(
-            f"warning: {len(off)} of {len(data)} calibration images are not about the model's "
-            f"frame of {native[1]} x {native[0]} px, width x height (first: {off[0]['name']}, "
-            f"{w} x {h}): they are calibrated resized whole, but counted in tiles at the "
-            "model's scale, so their intervals may not hold; calibrate on images of the "
-            "frame's size"
+            f"warning: {off_frame_note(off, len(data), native, kind='calibration')}: they are "
+            "calibrated resized whole, but counted in tiles at the model's scale, so their "
+            "intervals may not hold; calibrate on images of the frame's size"
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import tifffile
 from conftest import blob_image
@@ -62,3 +64,28 @@ def test_a_label_image_of_another_size_is_refused_even_beside_binary_masks(tmp_p
     tifffile.imwrite(root / "labels" / "img00.tif", labels)
     with pytest.raises(io.InputError, match=r"labels/img00.tif: mask is 100x100 but its image"):
         datasets.load_folder(root, size=(96, 128))
+
+
+def test_a_folder_counted_by_its_label_images_reads_each_image_once(tmp_path, monkeypatch):
+    from celltally import io
+
+    root = tmp_path / "data"
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+    for i in range(3):
+        labels = np.zeros((48, 64), dtype=np.uint16)
+        for k in range(i + 2):
+            labels[4 + 10 * k : 9 + 10 * k, 5:12] = k + 1
+        tifffile.imwrite(root / "labels" / f"img{i}.tif", labels)
+        tifffile.imwrite(root / "images" / f"img{i}.tif", (labels > 0).astype(np.uint8) * 200)
+    reads: list[str] = []
+    real_read = io.read_image
+
+    def counting_read(path, **kwargs):
+        reads.append(Path(path).name)
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(io, "read_image", counting_read)
+    data = datasets.load_folder(root, size=(48, 64))
+    assert data.counts.tolist() == [2.0, 3.0, 4.0]
+    assert sorted(reads) == ["img0.tif", "img1.tif", "img2.tif"]

@@ -180,22 +180,23 @@ def mask_for(image: Path, folder: Path) -> Path | None:
 
 
 def _count_from_labels(
-    image: Path, mask_dirs: Sequence[Path], *, shape: tuple[int, int]
-) -> int | None:
-    """Number of labels of ``image``'s label mask; None without one.
+    image: Path, mask_dirs: Sequence[Path]
+) -> tuple[int, Path, tuple[int, int]] | None:
+    """Number of labels of ``image``'s label mask, that file and its shape; None without one.
 
     ``labels/`` is looked at before ``masks/``. An empty mask or label image
     (all 0) counts 0. One with a single value says nothing (a binary mask
     cannot be told from a one-object label image): the next folder is tried.
-    A label image whose size is not the image's (``shape``) is an error.
+    The caller checks the returned shape against the image's once it has read
+    the image (an image is read once).
     """
     ordered = sorted(mask_dirs, key=lambda d: d.name != "labels")
     for d in ordered:
         if found := mask_for(image, d):
-            labels = io.read_mask(found, shape=shape)
+            labels = io.read_mask(found)
             values = np.unique(labels[labels > 0])
             if values.size != 1:
-                return int(values.size)
+                return int(values.size), found, (int(labels.shape[0]), int(labels.shape[1]))
     return None
 
 
@@ -247,6 +248,8 @@ def load_folder(
     folder = io.images_folder(root)
     counts_csv = root / "counts.csv"
     mask_dirs = [d for d in (root / "masks", root / "labels") if d.is_dir()]
+    # label images that supply a count: (file, shape), checked against the image below
+    counted_by: dict[str, tuple[Path, tuple[int, int]]] = {}
     if counts_csv.exists():
         table = io.read_counts_csv(counts_csv)
         if not table:
@@ -261,9 +264,9 @@ def load_folder(
         paths = io.list_images([folder])
         named: dict[str, float | None] = {p.name: naming.parse_name(p.name).count for p in paths}
         for path in paths:
-            if named[path.name] is None:
-                shape = io.read_image(path, channel=channel).shape
-                named[path.name] = _count_from_labels(path, mask_dirs, shape=shape)
+            if named[path.name] is None and (from_labels := _count_from_labels(path, mask_dirs)):
+                named[path.name], found, shape = from_labels
+                counted_by[path.name] = (found, shape)
         missing = [n for n, c in named.items() if c is None]
         if missing:
             raise io.InputError(
@@ -275,6 +278,9 @@ def load_folder(
     images, masks, counts, meta = [], [], [], []
     for path in paths:
         raw = io.read_image(path, channel=channel)
+        if path.name in counted_by:
+            found, shape = counted_by[path.name]
+            io.check_mask_shape(found, mask_shape=shape, image_shape=raw.shape)
         images.append(prepare_image(raw, size=size, norm=norm))
         mask = np.full(tuple(size), np.nan, dtype=np.float32)
         for d in mask_dirs:

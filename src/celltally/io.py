@@ -1081,14 +1081,25 @@ def read_mask(path: str | os.PathLike[str], *, shape: tuple[int, int] | None = N
     """
     out = _mask_values(path)
     if shape is not None:
-        expected = (int(shape[0]), int(shape[1]))
-        if out.shape != expected:
-            raise InputError(
-                f"{os.fspath(path)}: mask is {out.shape[1]}x{out.shape[0]} "
-                f"but its image is {expected[1]}x{expected[0]}",
-                path,
-            )
+        check_mask_shape(path, mask_shape=out.shape, image_shape=shape)
     return out
+
+
+def check_mask_shape(
+    path: str | os.PathLike[str],
+    *,
+    mask_shape: tuple[int, ...],
+    image_shape: tuple[int, ...],
+) -> None:
+    """Raise :class:`InputError` naming ``path`` if a mask's (h, w) is not its image's."""
+    mask_hw = (int(mask_shape[0]), int(mask_shape[1]))
+    image_hw = (int(image_shape[0]), int(image_shape[1]))
+    if mask_hw != image_hw:
+        raise InputError(
+            f"{os.fspath(path)}: mask is {mask_hw[1]}x{mask_hw[0]} "
+            f"but its image is {image_hw[1]}x{image_hw[0]}",
+            path,
+        )
 
 
 def _mask_values(path: str | os.PathLike[str]) -> np.ndarray:

@@ -627,3 +627,69 @@ def test_a_grey_tiff_with_three_or_four_planes_last_is_stains_not_colour(tmp_pat
     tifffile.imwrite(rgb, planes[..., :3].astype(np.uint8), photometric="rgb")
     expected = np.rint(planes[..., :3].astype(np.uint8).astype(np.float32).mean(-1))
     assert np.array_equal(read_image(rgb), expected.astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- audit, 2026-11-27
+def test_a_plain_tiff_of_two_images_of_different_sizes_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "two.tif"
+    image = _ramp((60, 80), np.uint8, 255)
+    with tifffile.TiffWriter(path) as tif:  # not OME: two shaped series
+        tif.write(image[:30, :30])
+        tif.write(image)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "holds 2 images (pages of different sizes" in _assert_one_line(err, "two.tif")
+
+
+def test_a_planar_rgb_tiff_reads_as_its_contiguous_twin(tmp_path: Path) -> None:
+    grey = _ramp((40, 50), np.uint8, 255)
+    planes = np.stack([grey // 2, np.zeros_like(grey), grey])
+    tifffile.imwrite(tmp_path / "planar.tif", planes, photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "contig.tif", np.moveaxis(planes, 0, -1), photometric="rgb")
+    planar, contiguous = read_image(tmp_path / "planar.tif"), read_image(tmp_path / "contig.tif")
+    assert planar.shape == (40, 50)
+    assert np.array_equal(planar, contiguous)
+
+
+@pytest.mark.parametrize("lister", [iter_images, list_images])
+def test_an_empty_path_is_refused_not_taken_for_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lister
+) -> None:
+    tifffile.imwrite(tmp_path / "a.tif", _ramp((20, 20), np.uint8, 255))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="an empty path was given"):
+        list(lister([""]))
+
+
+def test_a_file_reached_through_a_linked_folder_is_one_file(tmp_path: Path) -> None:
+    (tmp_path / "plate").mkdir()
+    tifffile.imwrite(tmp_path / "plate" / "a.tif", _ramp((20, 20), np.uint8, 255))
+    (tmp_path / "link").symlink_to(tmp_path / "plate", target_is_directory=True)
+    (tmp_path / "plate" / "b.tif").symlink_to(tmp_path / "plate" / "a.tif")  # another name
+    args = [tmp_path / "plate", tmp_path / "link"]
+    listed = [p.name for p in iter_images(args)]
+    assert listed == ["a.tif", "b.tif"]  # the folder link adds nothing; a file link is a file
+    assert [p.name for p in list_images(args)] == listed
+
+
+def test_a_read_error_of_the_system_says_so_and_names_no_other_path(tmp_path: Path) -> None:
+    from celltally.io import _decoder_reason
+
+    where = Path("imgs/u.tif")
+    denied = PermissionError(13, "Permission denied", str(where.absolute()))
+    assert _decoder_reason(denied, where) == "cannot open the file: permission denied"
+    # a decoder's own message loses the path in whichever form it printed it
+    odd = ValueError(f"bad strip in {where.absolute()} at 12")
+    assert _decoder_reason(odd, where) == "bad strip in u.tif at 12"
+
+
+def test_pngs_up_to_celltallys_own_limit_pass_pillows_bomb_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "wide.png"
+    Image.fromarray(_ramp((60, 80), np.uint8, 255)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands for Pillow's 89 million
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        assert read_image(path).shape == (60, 80)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # left as it was

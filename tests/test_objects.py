@@ -300,3 +300,13 @@ def test_labels_added_on_a_resumed_out_with_other_inputs(tiny_model, image_folde
     )  # fmt: skip
     assert "1 earlier row(s)" in result.output
     assert sorted(p.name for p in objs2.glob("*_labels.tif")) == [f"{images[1].stem}_labels.tif"]
+
+
+def test_the_cellprofiler_table_keeps_a_file_name_that_is_not_utf8(tmp_path):
+    name = "P_A01_s1_" + b"\xff".decode("utf-8", "surrogateescape") + ".tif"
+    rows = [{"file": f"plate/{name}", "count": "3.00", "std": "0.5", "low": "2", "high": "4"}]
+    path = write_cellprofiler_csv(tmp_path / "out_Image.csv", rows)
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["FileName"] == name  # the same bytes as the file system's name
+    assert row["Count"] == "3.00"

@@ -480,3 +480,18 @@ def test_a_half_resolution_mask_of_an_odd_side_spans_the_image_exactly():
     assert np.abs(after - expected)[inner].max() < 0.05
     even = fit_extent(half[:4], (8, 8))
     np.testing.assert_array_equal(even, half[:4])  # an even side is left as it is
+
+
+@pytest.mark.parametrize(
+    ("options", "shown"),
+    [
+        ({"diameter": 1e-310}, "--diameter 1e-310 would rescale the images by inf"),
+        ({"diameter": 1e9}, "--diameter 1000000000.0 would rescale the images by 2.8e-08"),
+        ({"pixel_size": 1e-300}, "--pixel-size 1e-300 would rescale the images by 1.54e-300"),
+    ],
+)
+def test_an_extreme_diameter_or_pixel_size_is_refused_in_one_line(options, shown):
+    scale = ModelScale((520, 696), (192, 256), object_diameter_px=28.0, pixel_size_um=0.65)
+    with pytest.raises(io.InputError, match="rescales by at most 1000x") as err:
+        rescale_factor(scale, **options)
+    assert str(err.value).startswith(shown)

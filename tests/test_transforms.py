@@ -222,3 +222,18 @@ def test_the_shipped_model_counts_no_cells_in_an_unevenly_lit_empty_frame(illumi
     # without the background subtraction the stretched light is counted as cells
     plain = {**counter.norm, "background": "none"}
     assert CellCounter.from_pretrained("bbbc005", norm=plain).count(frame).count > 20
+
+
+def test_a_float_image_near_the_float32_limit_prepares_as_its_scaled_copy():
+    rng = np.random.default_rng(3)
+    image = rng.normal(10.0, 1.0, (130, 174)).astype(np.float32)
+    image[40:60, 50:70] += 30.0
+    norm = {"method": "percentile", "low": 0.5, "high": 99.5, "background": "quadratic"}
+    small = prepare_image(image, size=(48, 64), norm=norm)
+    huge = prepare_image(image * np.float32(2.0**120), size=(48, 64), norm=norm)  # ~1.3e37
+    assert np.isfinite(huge).all()
+    np.testing.assert_allclose(huge, small, atol=1e-5)
+    ordinary = image * np.float32(2.0**30)  # below 2**40: prepared as it is, untouched
+    kept = ordinary.copy()
+    prepare_image(ordinary, size=(48, 64), norm=norm)
+    assert np.array_equal(ordinary, kept)

@@ -200,12 +200,6 @@ def _digest(name: str) -> bytes:
     return hashlib.blake2b(name.encode(_ENCODING, _ENC_ERRORS), digest_size=16).digest()
 
 
-def _where(path: str) -> str:
-    """``path`` made absolute with its folders' links resolved, but not a link of its own."""
-    full = os.path.abspath(path)
-    return os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
-
-
 def _keys(name: str, bases: Iterable[str] = (), *, recorded: bool = False) -> set[bytes]:
     """How a counted file is recognised on resume: its path, and maybe its name as written.
 
@@ -220,7 +214,7 @@ def _keys(name: str, bases: Iterable[str] = (), *, recorded: bool = False) -> se
     same relative name in another folder would be taken for it.
     """
     places = [os.path.join(base, name) for base in (list(bases) or [os.getcwd()])]
-    keys = {_digest(_where(place)) for place in places}
+    keys = {_digest(io.file_identity(place)) for place in places}
     if not recorded or not any(os.path.lexists(place) for place in places):
         keys.add(_digest(name))
     return keys
@@ -923,9 +917,10 @@ def run_batch(
         local_counter = CellCounter.from_pretrained(
             folder, **({**options, "device": "cpu"} if dask else options)
         )
-    except (TypeError, ValueError) as err:  # the options named only when there are some
+    except (TypeError, ValueError) as err:  # the options named when there are some and
+        named = str(err).startswith("--")  # the message does not name its own already
         raise io.InputError(
-            f"{describe_options(options)}: {err}" if options else str(err)
+            f"{describe_options(options)}: {err}" if options and not named else str(err)
         ) from None
     if (level_note := local_counter.level_note(level)) is not None:
         log(f"note: {level_note}")

@@ -154,7 +154,9 @@ def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     kind = _format_name(path.suffix)
     img: Image.Image  # the opened file, then its conversions
     try:
-        with Image.open(path) as img:
+        with _pillow_header_only():
+            opened = Image.open(path)
+        with opened as img:
             _check_size(_pillow_values(img), original)
             img.load()
             mode = img.mode
@@ -178,12 +180,52 @@ def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
             original, f"is not a valid {kind} file (corrupt, or another format under this name)"
         ) from None
     except Exception as exc:  # any decoder failure is a user-facing read error
-        reason = _short_reason(exc).replace(str(path), path.name)
+        reason = _decoder_reason(exc, path)
+        if reason.startswith("cannot open"):
+            raise ImageReadError(original, reason) from None
         raise ImageReadError(original, f"cannot be read as {kind}: {reason}") from None
     if mode == "I" and arr.dtype.kind in "iu" and arr.size:
         if arr.min() >= 0 and arr.max() <= np.iinfo(np.uint16).max:
             arr = arr.astype(np.uint16)
     return arr
+
+
+_PILLOW_OPEN = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_header_only() -> Iterator[None]:
+    """Pillow's own size limit off while a file's header is read (``Image.open``).
+
+    Pillow warns above 89 million pixels and refuses twice that, as a
+    "decompression bomb"; celltally's limit (:data:`MAX_IMAGE_PIXELS`, checked
+    from the header before decoding) is the one that applies, as for TIFF. The
+    lock keeps other threads' opens from restoring the limit mid-way.
+    """
+    from PIL import Image
+
+    with _PILLOW_OPEN:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
+def _decoder_reason(exc: BaseException, path: Path) -> str:
+    """A decoder's error as a short reason, without the path (the message names it).
+
+    An operating-system error (no permission, an I/O error) says so; its message
+    is not taken for a sign of a corrupt file. The path is cut out in any of the
+    forms the library may print (a server's temporary name must not show).
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"cannot open the file: {(exc.strerror or type(exc).__name__).lower()}"
+    reason = _short_reason(exc)
+    for form in sorted({str(path.absolute()), os.path.abspath(path), str(path)}, key=len)[::-1]:
+        reason = reason.replace(form, path.name)
+    return reason
 
 
 def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
@@ -196,10 +238,15 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
         try:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0] if tif.series else None
-                if tif.is_ome and len(tif.series) > 1:  # (a pyramid is one series' levels)
+                if len(tif.series) > 1:  # (a pyramid is one series' levels)
+                    what = (
+                        "OME series, e.g. positions"
+                        if tif.is_ome
+                        else "pages of different sizes or types"
+                    )
                     raise ImageReadError(
                         original,
-                        f"holds {len(tif.series)} images (OME series, e.g. positions); "
+                        f"holds {len(tif.series)} images ({what}); "
                         "celltally counts one image per file: save each as its own file",
                     )
                 _check_size(_tiff_values(tif), original)  # before decoding
@@ -213,7 +260,9 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
         except (MemoryError, ImageReadError):  # out of memory is not the file's fault
             raise
         except Exception as exc:  # any decoder failure is a user-facing read error
-            reason = _short_reason(exc).replace(str(path), path.name)
+            reason = _decoder_reason(exc, path)
+            if reason.startswith("cannot open"):
+                raise ImageReadError(original, reason) from None
             if not reason.startswith("not a TIFF"):
                 reason = f"corrupt or truncated file? ({reason})"
             raise ImageReadError(original, f"cannot be read as TIFF: {reason}") from None
@@ -223,6 +272,8 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
             original, f"cannot be read as TIFF (corrupt or truncated file): {reason}"
         )
     arr = _channels_first(arr, axes, original)
+    if colour and arr.ndim == 3 and axes.replace("I", "")[-3:] == "SYX":
+        arr = np.moveaxis(arr, 0, -1)  # planar colour (samples stored apart): (Y, X, S)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and not colour and min(arr.shape[:2]) > 4:
         # a grey (Y, X, 3|4) TIFF (photometric not RGB): its planes are stains, as a
         # (C, Y, X) file's, not colours to average
@@ -550,7 +601,7 @@ def list_images(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = Fa
     Returns
     -------
     list of Path
-        Image files in argument order, duplicates (same resolved path) removed. Files and
+        Image files in argument order, duplicates (same :func:`file_identity`) removed. Files and
         folders whose name starts with ``.`` are skipped inside folders. An empty
         ``paths`` gives an empty list.
 
@@ -563,16 +614,17 @@ def list_images(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = Fa
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     result: list[Path] = []
-    seen: set[Path] = set()
+    seen: set[str] = set()
 
     def add(p: Path) -> None:
-        key = p.resolve()
+        key = file_identity(p)
         if key not in seen:
             seen.add(key)
             result.append(p)
 
     for arg in paths:
         text = os.fspath(arg)
+        _check_not_empty(text)
         p = Path(text)
         if p.is_dir():
             images = _folder_images(p, recursive)
@@ -673,6 +725,7 @@ def output_root(paths: Sequence[str | os.PathLike[str]]) -> Path:
     folders = []
     for arg in paths:
         text = os.fspath(arg)
+        _check_not_empty(text)
         p = Path(text)
         if p.is_dir():
             folders.append(p)
@@ -797,6 +850,7 @@ def iter_images(
     if recursive and skip:
         _check_output_folders(texts, skip)
     for text in texts:
+        _check_not_empty(text)
         p = Path(text)
         if p.is_dir() and os.path.realpath(p) in skip:
             raise InputError(
@@ -826,15 +880,31 @@ def iter_images(
         for text in texts:
             for path in _arg_images(text, recursive, skip):
                 if seen is not None:
-                    key = hashlib.blake2b(
-                        os.fsencode(os.path.abspath(path)), digest_size=16
-                    ).digest()
+                    key = hashlib.blake2b(os.fsencode(file_identity(path)), digest_size=16).digest()
                     if key in seen:
                         continue
                     seen.add(key)
                 yield path
 
     return generate()
+
+
+def _check_not_empty(text: str) -> None:
+    """InputError for an empty path argument: ``Path("")`` is the working folder."""
+    if not text.strip():  # e.g. "$DIR" with DIR unset
+        raise InputError("an empty path was given (an unset variable?); name a file or folder")
+
+
+def file_identity(path: str | os.PathLike[str]) -> str:
+    """``path`` made absolute with its folders' links resolved, but not a link of its own.
+
+    How celltally tells whether two paths are the same image, within a run and
+    on resume: ``plate/a.tif``, ``./plate/a.tif``, an absolute path and a path
+    through a linked folder are one file; a file linked under another name is
+    another (it may be meant as another image, e.g. a copy to count again).
+    """
+    full = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
 
 
 def _mask_to_uint8(mask: np.ndarray) -> np.ndarray:

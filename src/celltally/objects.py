@@ -341,7 +341,7 @@ def write_cellprofiler_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[
     """Write :func:`cellprofiler_rows` of ``rows`` to ``path`` (CellProfiler's Image.csv shape)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
+    with out.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.DictWriter(handle, fieldnames=CELLPROFILER_COLUMNS)
         writer.writeheader()
         writer.writerows(cellprofiler_rows(rows))

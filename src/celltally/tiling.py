@@ -158,7 +158,11 @@ def rescale_factor(
             raise io.InputError(
                 f"{model_name} does not record the pixel size it was trained at; {instead}"
             )
-        return float(pixel_size) / scale.pixel_size_um
+        return _checked_factor(
+            float(pixel_size) / scale.pixel_size_um,
+            f"--pixel-size {pixel_size}",
+            f"the model's {scale.pixel_size_um:g} um pixels",
+        )
     if diameter is not None:
         if not diameter > 0 or not math.isfinite(diameter):
             raise io.InputError(f"--diameter must be a positive number, got {diameter}")
@@ -167,8 +171,27 @@ def rescale_factor(
                 f"{model_name} does not record the object diameter it was trained at; "
                 "leave out --diameter, or resize the images yourself"
             )
-        return scale.object_diameter_px / float(diameter)
+        return _checked_factor(
+            scale.object_diameter_px / float(diameter),
+            f"--diameter {diameter}",
+            f"objects of {scale.object_diameter_px:g} px in the model's training images",
+        )
     return 1.0
+
+
+#: Largest rescaling (either way) that --pixel-size / --diameter may ask for.
+MAX_RESCALE = 1000.0
+
+
+def _checked_factor(factor: float, option: str, reference: str) -> float:
+    """``factor``, or InputError when it rescales by more than :data:`MAX_RESCALE` either way."""
+    if not 1.0 / MAX_RESCALE <= factor <= MAX_RESCALE:  # also inf / 0 from extreme values
+        raise io.InputError(
+            f"{option} would rescale the images by {factor:.3g} ({reference}); "
+            f"celltally rescales by at most {MAX_RESCALE:g}x either way: "
+            "check the value and its unit"
+        )
+    return factor
 
 
 def model_shape(shape: Sequence[int], scale: ModelScale, factor: float = 1.0) -> tuple[int, int]:

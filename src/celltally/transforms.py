@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -206,8 +207,10 @@ def prepare_image(
     - ``'none'``: resize only.
     """
     norm = {**DEFAULT_NORMALIZATION, **(norm or {})}
-    resized = resize_area(image, size)
     method = norm["method"]
+    if method == "percentile":
+        image = _within_float_range(image)
+    resized = resize_area(image, size)
     if method == "none":
         return resized
     if method == "fixed":
@@ -229,6 +232,27 @@ def prepare_image(
     guard = max(min_range_for(image.dtype), noise_guard)
     out = normalize_percentile(resized, low=norm["low"], high=norm["high"], min_range=guard)
     return np.clip(out, -1.0, 4.0, out=out)
+
+
+#: Largest magnitude a float image keeps before :func:`prepare_image` scales it down.
+_FLOAT_PEAK = 2.0**40
+
+
+def _within_float_range(image: np.ndarray) -> np.ndarray:
+    """A float image whose magnitudes pass 2**40 scaled by a power of two below it.
+
+    Percentile normalization does not depend on the scale, but float32 sums and
+    squares of values near 1e38 (resizing, the noise estimate, the background
+    fit) overflow to inf, and the count became NaN. Other images are returned
+    as they are (the same object).
+    """
+    if np.dtype(image.dtype).kind != "f" or not image.size:
+        return image
+    peak = float(np.max(np.abs(image)))
+    if not peak > _FLOAT_PEAK or not math.isfinite(peak):
+        return image
+    shift = math.ceil(math.log2(peak / _FLOAT_PEAK))
+    return np.ldexp(image, -shift).astype(np.float32, copy=False)
 
 
 def _percentile(flat: np.ndarray, q: float) -> float:

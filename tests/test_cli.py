@@ -578,3 +578,12 @@ def test_a_failed_write_names_the_file(tiny_model, tmp_path):
     assert "Traceback" not in done.stderr
     kept = read_rows(out)
     assert 0 < len(kept) < 16 and all(row["count"] for row in kept)
+
+
+def test_a_negative_channel_is_refused_before_any_file_is_read(tiny_model, image_folder, tmp_path):
+    out = tmp_path / "res.csv"
+    args = ("-o", out, "--model", tiny_model, "--no-progress")
+    result = run("count", image_folder, *args, "--channel", "-1")
+    assert result.exit_code == 2, result.output
+    assert "--channel must be 0 or more (0-based), got -1" in result.output
+    assert not out.exists()  # refused as a bad option, not as N unreadable files

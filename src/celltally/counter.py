@@ -257,7 +257,9 @@ class CellCounter:
         self.name = str(config.get("name", "model"))
         # Reading and scale options (see celltally.tiling): images that are not
         # one native frame are counted at the model's pixel scale, in tiles.
-        self.channel = channel
+        if channel is not None and (isinstance(channel, bool) or not int(channel) == channel >= 0):
+            raise io.InputError(f"--channel must be 0 or more (0-based), got {channel}")
+        self.channel = None if channel is None else int(channel)
         self.scale = model_scale(config)
         self.factor = rescale_factor(
             self.scale, pixel_size=pixel_size, diameter=diameter, model_name=f"model {self.name}"

@@ -309,6 +309,10 @@ def test_count_scale_corrects_a_known_bias_and_a_refit_removes_it(blob_model, tm
     assert [r.count for r in again] == pytest.approx(mu, rel=1e-5)
     with pytest.raises(ValueError, match="count_scale"):
         calibrate_model(folder, cal, count_scale=("total",), **quiet)
+    # truths that are all 0 (empty wells) give no factor: 0 would count every image as 0 +- 0
+    empty = LabeledSet(cal.images, cal.masks, cal.counts * 0, cal.meta)
+    with pytest.raises(ValueError, match="true counts are above zero"):
+        calibrate_model(folder, empty, count_scale=("plain",), **quiet)
     for member in folder.glob("ensemble_*.safetensors"):  # without members: nothing to correct
         member.unlink()
     with pytest.raises(ValueError, match="no ensemble members"):
@@ -409,7 +413,10 @@ def test_cli_count_epistemic_and_warning_column(blob_model, tiny_model, tmp_path
         args = ["count", str(folder), "-o", str(out), "--model", str(blob_model[0]), flag]
         result = runner.invoke(app, [*args, "--no-progress"])
         assert result.exit_code == 0, result.output
-        assert "1 of them with so little contrast that they may hold no cells" in result.output
+        assert f"1 of 2 images in {out} with so little contrast that they may hold no cells" in (
+            result.output
+        )
+        assert f"1 of 2 images in {out} flagged as unlike the model's" in result.output
         with open(out, newline="") as handle:
             rows[flag] = {r["file"].split("/")[-1]: r for r in csv.DictReader(handle)}
     for table in rows.values():
@@ -643,3 +650,21 @@ def test_the_folders_a_model_was_fine_tuned_from_count_as_seen(tmp_path):
     assert _training_folders(child) == {first.resolve(), second.resolve()}
     child["training"]["from"] = str(tmp_path / "gone")  # moved since: its own record only
     assert _training_folders(child) == {second.resolve()}
+
+
+def test_a_level_below_the_first_rank_takes_the_smallest_score_not_the_largest():
+    scores = [0.5, 1.0, 2.0, 3.0]  # 4 scores: ranks of (n + 1) level, 5 level
+    assert conformal_quantile(scores, 1e-11) == 0.5  # rank 0: was s[-1], the widest
+    assert conformal_quantile(scores, 0.2) == 0.5
+    assert conformal_quantile(scores, 0.5) == 2.0
+    assert conformal_quantile(scores, 0.8) == 3.0
+    assert "level 0.99999999999 is above" in str(beyond_calibration({"scores": scores}, 1 - 1e-11))
+
+
+def test_a_level_too_near_1_is_refused_not_a_crash():
+    from celltally.calibration import MAX_LEVEL, valid_level
+
+    assert valid_level(0.95) and valid_level(MAX_LEVEL) and valid_level(1e-11)
+    for bad in (0.9999999999999999, 1.0, 0.0, -0.1, float("nan"), "x", None):
+        assert not valid_level(bad)
+    assert math.isfinite(gaussian_quantile(MAX_LEVEL))

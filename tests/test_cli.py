@@ -487,9 +487,17 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file(
 
 def test_a_tiny_diameter_is_refused_before_it_asks_for_terabytes(image_folder, tmp_path):
     out = tmp_path / "r.csv"
-    result = run("count", image_folder, "-o", out, "--model", "nuclei", "--diameter", "0.001")
+    result = run("count", image_folder, "-o", out, "--model", "nuclei", "--diameter", "0.1")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "million pixels); check --diameter" in result.output
+    # beyond 1000x either way: refused as an option, before any file is read
+    result = run(
+        "count", image_folder, "-o", tmp_path / "x.csv", "--model", "nuclei", "--diameter", "0.001"
+    )
+    assert result.exit_code == 2 and "--diameter 0.001 would rescale the images by 2.83e+04" in (
+        result.output
+    )
+    assert not (tmp_path / "x.csv").exists()
     # the other way (2830 for 28.3): a frame shrunk to a few pixels is no empty well
     result = run("count", image_folder, "-o", out, "--model", "nuclei", "--diameter", "2830")
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -587,3 +595,32 @@ def test_a_negative_channel_is_refused_before_any_file_is_read(tiny_model, image
     assert result.exit_code == 2, result.output
     assert "--channel must be 0 or more (0-based), got -1" in result.output
     assert not out.exists()  # refused as a bad option, not as N unreadable files
+
+
+def test_evaluate_never_writes_its_json_over_a_table(tiny_model, image_folder, tmp_path):
+    counts = image_folder / "counts.csv"
+    counts.write_text("image,count\n" + "".join(f"{p.name},1\n" for p in image_folder.glob("*")))
+    before = counts.read_text()
+    result = run("evaluate", image_folder, "--model", tiny_model, "--out", counts)
+    assert result.exit_code == 2
+    assert "give a .json name" in result.output
+    assert counts.read_text() == before
+
+
+def test_explain_writes_over_its_own_figure_but_never_over_an_image(
+    tiny_model, image_folder, tmp_path
+):
+    first, second = sorted(image_folder.glob("*.TIF"))
+    kept = second.read_bytes()
+    result = run("explain", first, "--model", tiny_model, "--out", second)
+    assert result.exit_code == 2
+    assert f"--out {second}: exists and is not a figure celltally wrote" in result.output
+    assert second.read_bytes() == kept
+    for name in ("fig.tif", "fig.png", "fig.jpg"):  # a rerun replaces its own figure
+        for _ in range(2):
+            again = run("explain", first, "--model", tiny_model, "--out", tmp_path / name)
+            assert again.exit_code == 0, again.output
+    huge = run(
+        "explain", first, "--model", tiny_model, "--out", tmp_path / "t.png", "--true", "1e39"
+    )
+    assert huge.exit_code == 2 and "--true must be a count from 0 to" in huge.output

@@ -693,3 +693,16 @@ def test_pngs_up_to_celltallys_own_limit_pass_pillows_bomb_check(
         warnings.simplefilter("error")  # no DecompressionBombWarning either
         assert read_image(path).shape == (60, 80)
     assert Image.MAX_IMAGE_PIXELS == 1000  # left as it was
+    # the header read that size limits (the web server's) rely on sees it too, not None
+    from celltally.io import header_pixels
+
+    assert header_pixels(path) == 60 * 80
+
+
+def test_counts_csv_spellings_of_one_image_are_a_duplicate(tmp_path: Path) -> None:
+    path = tmp_path / "counts.csv"
+    path.write_text("image,count\na.tif,3\n./a.tif,4\n")
+    with pytest.raises(InputError, match=r"line 3: duplicate image './a.tif' \(first on line 2\)"):
+        read_counts_csv(path)
+    path.write_text("image,count\n./sub/a.tif,3\n")
+    assert read_counts_csv(path) == {"sub/a.tif": 3.0}

@@ -224,3 +224,33 @@ def test_a_counts_csv_name_that_is_not_there_is_named_with_the_path_tried(tmp_pa
         labelled_files(data)
     message = str(err.value)
     assert "lists images/a.tif, but" in message and str(data / "images" / "images") in message
+
+
+def test_the_overflow_table_prints_a_miss_as_a_miss(tiny_model, labelled_folder, tmp_path):
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    evaluation = evaluate_folder(labelled_folder, model=counter)
+    row = evaluation["rows"][0]
+    row.update({"true": 7.0, "count": 7.06, "low": 7.04, "high": 7.1})  # just missed
+    text = write_report(
+        evaluation, tmp_path / "r", counter=counter, data=labelled_folder, max_failures=0
+    ).read_text()
+    assert "<td>7</td><td>7.06</td><td>7.04</td><td>7.10</td>" in text  # not 7.1 / 7.0 / 7.1
+
+
+def test_evaluate_and_report_take_counts_csv_names_in_sub_folders(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    lines = ["image,count"]
+    for k, sub in enumerate(("p1", "p2")):  # the same file name in two sub-folders
+        (data / sub).mkdir(parents=True)
+        tifffile.imwrite(data / sub / "img.tif", blob_image(3 + 4 * k, seed=k))
+        lines.append(f"{sub}/img.tif,{3 + 4 * k}")
+    (data / "counts.csv").write_text("\n".join(lines) + "\n")
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    evaluation = evaluate_folder(data, model=counter)
+    assert [r["file"] for r in evaluation["rows"]] == ["p1/img.tif", "p2/img.tif"]
+    assert [r["true"] for r in evaluation["rows"]] == [3.0, 7.0]
+    assert evaluation["unlabelled"] == []
+    tifffile.imwrite(data / "p2" / "extra.tif", blob_image(2))  # found in the sub-folder
+    assert evaluate_folder(data, model=counter)["unlabelled"] == [str(data / "p2" / "extra.tif")]
+    index = write_report(evaluation, tmp_path / "r", counter=counter, data=data)
+    assert "p2/img.tif" in index.read_text()

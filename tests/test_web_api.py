@@ -348,6 +348,7 @@ def test_body_over_the_total_limit_is_refused_early(client):
     ("kwargs", "status", "text"),
     [
         (multipart([("level", None, b"0.9")]), 422, "no files"),
+        (multipart([("files", "", b""), ("level", None, b"0.9")]), 422, "no files"),
         (multipart([("files", None, b"\x89PNG" + b"\x00" * 70_000)]), 400, "no file name"),
         (multipart([("files", None, b"image.tif")]), 400, "curl -F files=@image.tif"),
         ({"data": {"level": "0.9"}}, 415, "multipart"),
@@ -376,11 +377,18 @@ def test_bad_requests(client, kwargs, status, text):
     assert text in response.json()["detail"]
 
 
-@pytest.mark.parametrize("level", ["abc", "1.5", "0", "nan"])
+@pytest.mark.parametrize("level", ["abc", "1.5", "0", "nan", "0.9999999999999999"])
 def test_bad_level(client, scene, level):
     response = post(client, [("x.tif", tiff_bytes(scene.image), "image/tiff")], level=level)
     assert response.status_code == 422
     assert "level" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("field", ["levle", "epistemic"])
+def test_an_unknown_form_field_is_refused_not_ignored(client, scene, field):
+    response = post(client, [("x.tif", tiff_bytes(scene.image), "image/tiff")], **{field: "0.5"})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith(f"unknown form field '{field}': this endpoint")
 
 
 def test_bad_saliency_flag(client, scene):
@@ -411,7 +419,10 @@ def test_sanitize_name():
     assert sanitize_name("", 0) == "upload-1"
     assert sanitize_name(None, 1) == "upload-2"
     long = sanitize_name("x" * 500 + ".tiff", 0)
-    assert len(long) <= 120 and long.endswith(".tiff")
+    assert len(long) <= 255 and long.endswith(".tiff")
+    # a long real name stays whole: its well, site and stain (at its end) are parsed
+    screen = "MyScreen_" + "x" * 100 + "_B03_s2_w1.tif"
+    assert sanitize_name(screen, 0) == screen
     assert sanitize_name("\u202eevil\u0007.png", 0) == "evil.png"
     assert sanitize_name("ctrl, %22DMSO%22 B03.png", 0) == 'ctrl, "DMSO" B03.png'
 
@@ -544,8 +555,28 @@ def test_serve_command_errors_are_one_line(tiny_model, tmp_path):
         (["--port", "0"], "--port"),
         (["--max-files", "0"], "--max-files"),
         (["--max-mb", "-1"], "--max-mb"),
+        (["--max-mb", "inf"], "--max-mb"),
+        (["--max-mb", "1e-9"], "--max-mb"),
         (["--threads", "0"], "--threads"),
     ]:
         result = runner.invoke(cli, ["serve", "--model", str(tiny_model), *args])
         assert result.exit_code == 2 and f"error: {text}" in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_a_model_that_fails_to_load_is_a_json_error(counter, scene, tmp_path, monkeypatch):
+    from celltally.web import app as web_app
+
+    def damaged(name, **_):
+        raise OSError(f"{name}/model.safetensors: truncated file")
+
+    app = create_app(counter, max_files=2, max_bytes=400_000, temp_dir=tmp_path)
+    monkeypatch.setattr(web_app.CellCounter, "from_pretrained", damaged)  # a damaged install
+    with TestClient(app) as test_client:
+        response = post(
+            test_client, [("x.tif", tiff_bytes(scene.image), "image/tiff")], model="nuclei"
+        )
+    assert response.status_code == 500
+    assert response.json()["detail"] == (
+        "model 'nuclei' could not be loaded: nuclei/model.safetensors: truncated file"
+    )

@@ -59,7 +59,7 @@ def conformal_quantile(scores: Floats, level: float) -> float:
         tail = float(s[-1]) * z / gaussian_quantile(n / (n + 1))
         temperature = float(np.sqrt(np.mean(s**2)))
         return max(tail, temperature * z, z)
-    return float(s[rank - 1])
+    return float(s[max(rank, 1) - 1])  # rank 0 (a level under 1 / (n + 1)): the smallest
 
 
 def beyond_calibration(
@@ -76,15 +76,28 @@ def beyond_calibration(
     if method != "conformal" or n == 0 or conformal_rank(n, level) <= n:
         return None
     return (
-        f"level {level:g} is above the {n / (n + 1):.3f} that the model's {n} calibration "
-        "images can guarantee: its intervals extrapolate a Gaussian tail (calibrate on "
-        f"{math.ceil(level / (1 - level) - 1e-9)} or more images for a guaranteed {level:g})"
+        f"level {level:.12g} is above the {n / (n + 1):.3f} that the model's {n} "
+        "calibration images can guarantee: its intervals extrapolate a Gaussian tail "
+        f"(calibrate on {math.ceil(level / (1 - level) - 1e-9)} or more images for a "
+        f"guaranteed {level:.12g})"
     )
 
 
 def level_text(level: float) -> str:
     """A level as a percentage keeping its digits: 0.95 -> '95%', 0.9995 -> '99.95%'."""
     return f"{float(level) * 100:.8f}".rstrip("0").rstrip(".") + "%"
+
+
+#: Highest interval level taken: nearer 1, 0.5 + level / 2 rounds to 1 in floating point.
+MAX_LEVEL = 1.0 - 1e-9
+
+
+def valid_level(level: float) -> bool:
+    """Whether ``level`` is an interval level celltally computes: 0 < level <= MAX_LEVEL."""
+    try:
+        return 0.0 < float(level) <= MAX_LEVEL
+    except (TypeError, ValueError):
+        return False
 
 
 def gaussian_quantile(level: float) -> float:

@@ -61,6 +61,8 @@ def fail(message: str | BaseException, code: int = 2, *, rank: str | None = None
     raise typer.Exit(code)
 
 
+#: Largest --true count explain takes (its loss is computed in float32).
+MAX_TRUE_COUNT = 1e7
 #: Figure formats of --plate-map and explain --out (matplotlib's common ones).
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -79,7 +81,8 @@ def _check_output(path: Path | None, option: str, *, folder: bool, image: bool =
     Nothing is created or removed: a folder where a file goes, a file where a
     folder goes, a path under a file, or a parent without write permission is
     refused; so is a table's path with an image suffix (it could be an input),
-    unless the output is an ``image`` (a figure).
+    unless the output is an ``image`` (a figure); a figure may replace only a
+    figure (:func:`celltally.io.is_own_figure`), never another image file.
     """
     import os
 
@@ -94,6 +97,14 @@ def _check_output(path: Path | None, option: str, *, folder: bool, image: bool =
             fail(f"{option} {path}: is a folder; give a file name")
         if not image and path.suffix.lower() in IMAGE_SUFFIXES:
             fail(f"{option} {path}: names an image file; give a .csv or .json name")
+    if image and path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        from celltally.io import is_own_figure
+
+        if not is_own_figure(path):  # e.g. another image of the folder being counted
+            fail(
+                f"{option} {path}: exists and is not a figure celltally wrote (an image "
+                "to count?); name a new file, or delete it first"
+            )
     if not folder and path.exists():  # written in place: the file's own permission counts
         if not os.access(path, os.W_OK):
             fail(f"{option} {path}: no permission to write it")
@@ -253,8 +264,13 @@ TileOption = Annotated[
 
 
 def _check_level(level: float) -> None:
-    if not 0.0 < level < 1.0:
-        fail(f"--level must be between 0 and 1 (0.95 for a 95% interval), got {level}")
+    from celltally.calibration import MAX_LEVEL, valid_level
+
+    if not valid_level(level):
+        fail(
+            f"--level must be between 0 and 1 (0.95 for a 95% interval; at most "
+            f"{MAX_LEVEL:.9f}), got {level}"
+        )
 
 
 def _interval_options(epistemic: bool, calibration: str | None) -> dict:
@@ -460,18 +476,18 @@ def count(
         typer.echo(f"nothing new to count: all {summary.skipped} images are already in {out}")
     else:
         typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
-    flagged = sum(1 for r in rows if r.get("warning"))
-    if flagged:
+    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT
+
+    # each kind of warning counted apart: a low-contrast frame alone is not "unlike"
+    if flagged := sum(1 for r in rows if UNLIKE_HINT in (r.get("warning") or "")):
         typer.echo(
             f"{flagged} of {len(rows)} images in {out} flagged as unlike the model's "
             "calibration images (column 'warning'): their intervals may not mean what they say"
         )
-    from celltally.calibration import EMPTY_HINT
-
     if empty := sum(1 for r in rows if EMPTY_HINT in (r.get("warning") or "")):
         typer.echo(
-            f"{empty} of them with so little contrast that they may hold no cells "
-            "(empty wells?): check them before trusting their counts"
+            f"{empty} of {len(rows)} images in {out} with so little contrast that they may "
+            "hold no cells (empty wells?): check them before trusting their counts"
         )
     if summary.failed:
         for message in summary.errors:
@@ -632,6 +648,8 @@ def evaluate(
 
     _check_level(level)
     _check_output(out, "--out", folder=False)
+    if out.suffix.lower() != ".json":  # e.g. the data's own counts.csv: never written over
+        fail(f"--out {out}: give a .json name (evaluate writes its metrics as JSON)")
     _check_output(report, "--report", folder=True)
     try:
         _set_threads(threads)
@@ -677,12 +695,19 @@ def evaluate(
             f"{len(unlabelled)} image(s) of the folder left out: no true count (not in "
             f"counts.csv, or no _C<n>_ in the name; e.g. {Path(unlabelled[0]).name})"
         )
-    flagged = sum(1 for r in result["rows"] if r.get("warning"))
-    if flagged:
+    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT
+
+    warnings = [r.get("warning") or "" for r in result["rows"]]
+    if flagged := sum(1 for w in warnings if UNLIKE_HINT in w):
         typer.echo(
-            f"{flagged} of {len(result['rows'])} images flagged as unlike the model's "
+            f"{flagged} of {len(warnings)} images flagged as unlike the model's "
             f"calibration images ('warning' in their rows in {out}): their intervals may not "
             "mean what they say"
+        )
+    if empty := sum(1 for w in warnings if EMPTY_HINT in w):
+        typer.echo(
+            f"{empty} of {len(warnings)} images with so little contrast that they may hold "
+            f"no cells ('warning' in their rows in {out}): check them before trusting them"
         )
     typer.echo(f"metrics -> {out}")
     if report is not None:
@@ -1029,8 +1054,8 @@ def serve(
         fail(f"--port must be between 1 and 65535, got {port}")
     if max_files < 1:
         fail(f"--max-files must be at least 1, got {max_files}")
-    if not max_mb > 0:
-        fail(f"--max-mb must be positive, got {max_mb:g}")
+    if not (math.isfinite(max_mb) and max_mb * 2**20 >= 1):
+        fail(f"--max-mb must be a positive number of megabytes (at least one byte), got {max_mb:g}")
     try:
         run_server(
             host=host,
@@ -1075,8 +1100,8 @@ def explain(
     from celltally.naming import parse_name
 
     _check_level(level)
-    if true is not None and not (math.isfinite(true) and true >= 0):
-        fail(f"--true must be a count of 0 or more, got {true}")
+    if true is not None and not (math.isfinite(true) and 0 <= true <= MAX_TRUE_COUNT):
+        fail(f"--true must be a count from 0 to {MAX_TRUE_COUNT:g}, got {true}")
     if out.is_dir():
         fail(f"--out {out}: is a folder; give a file name such as {out / 'explanation.png'}")
     if out.resolve() == image.resolve():

@@ -20,12 +20,14 @@ import torch
 
 from celltally import io, naming
 from celltally.calibration import (
+    MAX_LEVEL,
     beyond_calibration,
     feature_distance,
     interval_multiplier,
     level_text,
     ood_features,
     ood_warning,
+    valid_level,
 )
 from celltally.model_folder import (  # noqa: F401 (re-exported: the public names)
     DEFAULT_MODEL,
@@ -144,12 +146,10 @@ def _checked_batch(batch_size: int) -> int:
 
 
 def _checked_level(level: float) -> float:
-    try:
-        ok = 0.0 < float(level) < 1.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise io.InputError(f"level must be between 0 and 1 (e.g. 0.95), got {level!r}")
+    if not valid_level(level):
+        raise io.InputError(
+            f"level must be between 0 and 1 (e.g. 0.95; at most {MAX_LEVEL:.9f}), got {level!r}"
+        )
     return float(level)
 
 
@@ -486,6 +486,14 @@ class CellCounter:
             return self.prepare(image)
         return ModelScaleImage(prepare_image(image, size=shape, norm=self.norm), image.shape)
 
+    def counts_in_tiles(self, shape: Sequence[int]) -> bool:
+        """Whether :meth:`prepare_any` gives an image of raw ``shape`` a ``ModelScaleImage``.
+
+        True when its size at the model's scale (times the rescale factor) is
+        not the input size and the counter has a density head (counts any size).
+        """
+        return self.density_head and model_shape(shape, self.scale, self.factor) != self.input_size
+
     def _count_scaled(self, item: ModelScaleImage) -> tuple:
         """Raw result tuple (as ``_forward``'s) of a model-scale image, counted in tiles."""
         out = count_density(
@@ -574,16 +582,23 @@ class CellCounter:
             )
         )
 
-    def embed(self, prepared: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
+    def embed(
+        self, prepared: Sequence[np.ndarray | ModelScaleImage], *, batch_size: int = 32
+    ) -> np.ndarray:
         """Deep-feature embeddings (n, d) of prepared images (for the feature-distance OOD check).
 
         The output of the segmenter's deepest encoder block, mean- and
-        std-pooled over space, so ``d`` is twice its width.
+        std-pooled over space, so ``d`` is twice its width. A ``ModelScaleImage``
+        is embedded by its central frame, as ``count`` checks it.
         """
         _checked_batch(batch_size)
+        frames = [
+            self._central_frame(a.prepared) if isinstance(a, ModelScaleImage) else a
+            for a in prepared
+        ]
         rows = []
-        for start in range(0, len(prepared), batch_size):
-            chunk = [np.asarray(a, dtype=np.float32) for a in prepared[start : start + batch_size]]
+        for start in range(0, len(frames), batch_size):
+            chunk = [np.asarray(a, dtype=np.float32) for a in frames[start : start + batch_size]]
             rows += self._embeddings(chunk)
         if any(r is None for r in rows):
             raise ValueError(f"model {self.name}'s segmenter has no encoder blocks to embed with")
@@ -616,22 +631,36 @@ class CellCounter:
         )
 
     def count_prepared(
-        self, prepared: Sequence[np.ndarray], *, level: float = 0.95, batch_size: int = 32
+        self,
+        prepared: Sequence[np.ndarray | ModelScaleImage],
+        *,
+        level: float = 0.95,
+        batch_size: int = 32,
     ) -> list[CountResult]:
-        """Count images already prepared by :meth:`prepare` (e.g. a ``LabeledSet``'s)."""
+        """Count images already prepared by :meth:`prepare` (e.g. a ``LabeledSet``'s).
+
+        Items :meth:`prepare_any` returned as ``ModelScaleImage`` are counted in
+        tiles, as ``count`` counts them; results keep the order of ``prepared``.
+        """
         _checked_level(level)
         _checked_batch(batch_size)
-        results = []
-        for start in range(0, len(prepared), batch_size):
-            chunk = [np.asarray(a, dtype=np.float32) for a in prepared[start : start + batch_size]]
-            for k, a in enumerate(chunk):
+        results: list[CountResult | None] = [None] * len(prepared)
+        frames = [i for i, a in enumerate(prepared) if not isinstance(a, ModelScaleImage)]
+        for i, item in enumerate(prepared):
+            if isinstance(item, ModelScaleImage):
+                results[i] = self._result(self._count_scaled(item), level, None)
+        for start in range(0, len(frames), batch_size):
+            index = frames[start : start + batch_size]
+            chunk = [np.asarray(prepared[i], dtype=np.float32) for i in index]
+            for i, a in zip(index, chunk, strict=True):
                 if a.ndim != 2 or not np.isfinite(a).all():
                     raise io.InputError(
-                        f"prepared image {start + k}: expected a finite 2-D array, got shape "
+                        f"prepared image {i}: expected a finite 2-D array, got shape "
                         f"{a.shape}" + ("" if a.ndim != 2 else " with NaN or infinite values")
                     )
-            results += [self._result(r, level, None) for r in self._forward(chunk)]
-        return results
+            for i, r in zip(index, self._forward(chunk), strict=True):
+                results[i] = self._result(r, level, None)
+        return cast("list[CountResult]", results)  # every slot filled above
 
     def count(self, image: np.ndarray | str | Path, *, level: float = 0.95) -> CountResult:
         """Count one image, given as a 2-D array or a file path."""

@@ -226,6 +226,16 @@ def labels_diameter(root: str | Path, *, limit: int = 100) -> float | None:
     return float(np.median(2.0 * np.sqrt(np.concatenate(areas) / np.pi)))
 
 
+def source_file(meta: Mapping[str, Any]) -> Path | None:
+    """The image file a :func:`load_folder` row was read from (its ``source`` and ``name``).
+
+    None for rows without one (simulated scenes, BBBC005's prepared cache).
+    """
+    if not (meta.get("shape") and meta.get("source") and meta.get("name")):
+        return None
+    return io.images_folder(Path(meta["source"])) / str(meta["name"])
+
+
 def load_folder(
     root: str | Path,
     *,
@@ -300,6 +310,7 @@ def load_folder(
                 "stain": name.stain,
                 "source": str(root),
                 "shape": [int(raw.shape[0]), int(raw.shape[1])],
+                "channel": channel,
             }
         )
     return _stack(images, masks, counts, meta)

@@ -44,6 +44,18 @@ def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
     return pairs
 
 
+def image_key(path: str | Path, folder: str | Path) -> str:
+    """How an evaluation row names an image: its path relative to the images' folder.
+
+    The bare file name for an image directly in it (as before), ``sub/a.tif``
+    for one in a sub-folder, so two sub-folders' ``a.tif`` stay two rows.
+    """
+    try:
+        return Path(path).relative_to(Path(folder)).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
 def evaluate_folder(
     data: str | Path,
     *,
@@ -72,10 +84,15 @@ def evaluate_folder(
     """
     counter = model if isinstance(model, CellCounter) else CellCounter.from_pretrained(model)
     pairs = labelled_files(data)
+    folder = io.images_folder(data)
     labelled = {p.resolve() for p, _ in pairs}
-    unlabelled = [
-        p for p in io.list_images([io.images_folder(data)]) if p.resolve() not in labelled
-    ]
+    # counts.csv may name images in sub-folders: then look for unlabelled ones there too
+    deep = any(p.parent.resolve() != folder.resolve() for p, _ in pairs)
+    try:
+        listed = io.list_images([folder], recursive=deep)
+    except io.InputError:  # no image directly in it (all in sub-folders counts.csv names)
+        listed = []
+    unlabelled = [p for p in listed if p.resolve() not in labelled]
     if sites is not None:
         pairs = [(p, c) for p, c in pairs if naming.parse_name(p.name).site in sites]
         if not pairs:
@@ -93,7 +110,7 @@ def evaluate_folder(
         meta = result.metadata
         rows.append(
             {
-                "file": path.name,
+                "file": image_key(path, folder),
                 "true": truth[path],
                 "count": round(result.count, 3),
                 "std": round(result.std, 3),

@@ -311,9 +311,7 @@ def explanation_figure(
     """
     fig = _draw(expl, title=title, true_count=true_count, image_saliency=image_saliency)
     if isinstance(path, str | Path):
-        path = io.figure_path(path)  # the path returned is the file written
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        path = io.save_figure(fig, path)  # the path returned is the file written
     else:
         fig.savefig(path, format="png")
     return path

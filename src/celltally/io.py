@@ -355,7 +355,9 @@ def header_pixels(path: str | os.PathLike[str]) -> int | None:
                 return _tiff_values(tif)
         from PIL import Image
 
-        with Image.open(path) as img:
+        with _pillow_header_only():  # Pillow's own limit refuses past 179 M pixels
+            opened = Image.open(path)
+        with opened as img:
             return _pillow_values(img)
     except Exception:  # unreadable headers: decoding reports the problem
         return None
@@ -532,6 +534,51 @@ def figure_path(path: str | os.PathLike[str]) -> Path:
     """``path`` with ``.png`` added when it has no suffix: the file matplotlib would write."""
     path = Path(path)
     return path if path.suffix else path.with_name(path.name + ".png")
+
+
+#: What celltally writes into the metadata of its figures (:func:`save_figure`).
+FIGURE_MARK = "celltally"
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Save a matplotlib figure to ``path`` (:func:`figure_path`), marked as celltally's.
+
+    The mark (PNG/PDF/SVG metadata, the TIFF Software tag, a JPEG comment) is
+    what :func:`is_own_figure` looks for before a figure replaces a file.
+    """
+    out = figure_path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.suffix.lower()
+    options: dict[str, Any] = {}
+    if suffix == ".png":
+        options["metadata"] = {"Software": FIGURE_MARK}
+    elif suffix in (".pdf", ".svg"):
+        options["metadata"] = {"Creator": FIGURE_MARK}
+    elif suffix in _TIFF_SUFFIXES:
+        options["pil_kwargs"] = {"tiffinfo": {305: FIGURE_MARK}}  # 305: Software
+    elif suffix in (".jpg", ".jpeg"):
+        options["pil_kwargs"] = {"comment": FIGURE_MARK}
+    fig.savefig(out, **options)
+    return out
+
+
+def is_own_figure(path: str | os.PathLike[str]) -> bool:
+    """Whether an existing TIFF/PNG/JPEG file is a figure (celltally's, or matplotlib's PNG).
+
+    A figure may be written over; any other image file may be a user's image.
+    """
+    from PIL import Image
+
+    try:
+        with _pillow_header_only():
+            opened = Image.open(path)
+        with opened as img:
+            tag = getattr(img, "tag_v2", {}).get(305) if img.format == "TIFF" else None
+            marks = [img.info.get("Software"), img.info.get("comment"), tag]
+    except Exception:  # unreadable: not a figure we wrote
+        return False
+    text = " ".join(m.decode("latin-1") if isinstance(m, bytes) else str(m) for m in marks if m)
+    return FIGURE_MARK in text or "Matplotlib" in text
 
 
 def _countable_type(array: np.ndarray) -> np.ndarray:
@@ -1085,9 +1132,10 @@ def read_counts_csv(path: str | os.PathLike[str]) -> dict[str, float]:
             raise InputError(f"{where}: count '{raw}' is not a finite number", name)
         if value < 0:
             raise InputError(f"{where}: count {raw} is negative", name)
+        listed, image = image, os.path.normpath(image)  # ./a.tif and a.tif: one image
         if image in counts:
             raise InputError(
-                f"{where}: duplicate image '{image}' (first on line {first_line[image]})", name
+                f"{where}: duplicate image '{listed}' (first on line {first_line[image]})", name
             )
         counts[image] = value
         first_line[image] = line

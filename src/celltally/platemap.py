@@ -295,7 +295,4 @@ def plot_plate_maps(
     fig.suptitle(textwrap.fill(title or f"{label} per well", chars), fontsize=10)
     fig.text(0.5, 0.01, textwrap.fill("; ".join(legend), chars), ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    out = io.figure_path(out)  # the path returned is the file written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return io.save_figure(fig, out)  # the path returned is the file written

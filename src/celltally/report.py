@@ -338,13 +338,19 @@ _METRIC_HEADINGS = {
 }
 
 
-def _interval_text(row: Mapping[str, Any]) -> str:
-    """'12.3 [10.1, 14.5]' with as many decimals (1-3) as it takes to show the truth outside."""
-    true, count = float(row["true"]), float(row["count"])
-    low, high = float(row["low"]), float(row["high"])
+def _interval_digits(row: Mapping[str, Any]) -> int:
+    """Decimals (1-3) it takes for a missed truth to show outside the printed interval."""
+    true, low, high = float(row["true"]), float(row["low"]), float(row["high"])
     for digits in (1, 2, 3):
         if round(low, digits) > true or round(high, digits) < true:
-            break
+            return digits
+    return 3
+
+
+def _interval_text(row: Mapping[str, Any]) -> str:
+    """'12.3 [10.1, 14.5]' with as many decimals (1-3) as it takes to show the truth outside."""
+    digits = _interval_digits(row)
+    count, low, high = float(row["count"]), float(row["low"]), float(row["high"])
     return f"{count:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
@@ -468,13 +474,14 @@ def write_report(
     """
     from tqdm.auto import tqdm
 
-    from celltally.evaluation import labelled_files
+    from celltally.evaluation import image_key, labelled_files
     from celltally.explain import explain_image, explanation_figure
 
     out = Path(out_dir)
     (out / "failures").mkdir(parents=True, exist_ok=True)
     level = float(evaluation["level"])
-    paths = {p.name: p for p, _ in labelled_files(data)}
+    folder = io.images_folder(data)
+    paths = {image_key(p, folder): p for p, _ in labelled_files(data)}
     rows = []
     for row in tqdm(
         evaluation["rows"], desc="measures", disable=None if progress else True, unit="img"
@@ -585,8 +592,11 @@ def write_report(
         parts.append("<table><tr><th>file</th><th>true</th><th>count</th><th>low</th>")
         parts.append("<th>high</th></tr>")
         parts += [
-            f"<tr><td>{_esc(r['file'])}</td><td>{r['true']:g}</td><td>{float(r['count']):.1f}</td>"
-            f"<td>{float(r['low']):.1f}</td><td>{float(r['high']):.1f}</td></tr>"
+            f"<tr><td>{_esc(r['file'])}</td><td>{r['true']:g}</td>"
+            + "".join(
+                f"<td>{float(r[k]):.{_interval_digits(r)}f}</td>" for k in ("count", "low", "high")
+            )
+            + "</tr>"
             for r in rest
         ]
         parts.append("</table>")

@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from celltally.datasets import (
     load_bbbc005,
     load_folder,
     simulate_set,
+    source_file,
     split_bbbc005,
 )
 from celltally.distributed import is_main, world_size
@@ -511,11 +512,8 @@ def compare_with_start(
 
     # the user's folders' images by file (load_folder records their source and shape);
     # any other (BBBC005's, already at a model frame) as prepared
-    on_file = [i for i, m in enumerate(calibration.meta) if m.get("shape") and m.get("source")]
-    files = [
-        io.images_folder(calibration.meta[i]["source"]) / calibration.meta[i]["name"]
-        for i in on_file
-    ]
+    on_file = [i for i, m in enumerate(calibration.meta) if source_file(m) is not None]
+    files = [cast("Path", source_file(calibration.meta[i])) for i in on_file]  # not None
     truth = calibration.counts.numpy().astype(float)
     mae = {}
     for key, folder in (("new", out), ("start", resolve_model(from_model))):

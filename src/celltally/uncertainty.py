@@ -37,7 +37,7 @@ from celltally.calibration import (
     held_out_distances,
     ood_thresholds,
 )
-from celltally.datasets import LabeledSet
+from celltally.datasets import LabeledSet, source_file
 from celltally.model_folder import ensemble_files
 from celltally.models.pipeline import (
     CounterHead,
@@ -257,16 +257,17 @@ def _train_members(
 
 
 def _warn_off_frame(config: dict[str, Any], data: LabeledSet, log: Any) -> None:
-    """Warn when calibration images are not about the model's frame size.
+    """Warn when calibration images off the model's frame have no file to count them from.
 
-    They are fitted resized whole to the model input, while ``count`` counts
-    such an image in tiles at the model's pixel scale: intervals calibrated on
-    192 x 256 images for a 260 x 348 frame held 16 of those 20 images.
+    ``count`` counts such an image in tiles at the model's pixel scale, and so
+    does calibration for the images of a folder (:func:`_model_inputs`); an image
+    given only prepared (resized whole) can only be calibrated so, and intervals
+    calibrated on 192 x 256 images for a 260 x 348 frame held 16 of those 20.
     """
     from celltally.tiling import model_scale, off_frame, off_frame_note
 
     native = model_scale(config).native_size
-    if off := off_frame(data.meta, native):
+    if off := [m for m in off_frame(data.meta, native) if source_file(m) is None]:
         log(
             f"warning: {off_frame_note(off, len(data), native, kind='calibration')}: they are "
             "calibrated resized whole, but counted in tiles at the model's scale, so their "
@@ -274,9 +275,27 @@ def _warn_off_frame(config: dict[str, Any], data: LabeledSet, log: Any) -> None:
         )
 
 
+def _model_inputs(counter: Any, data: LabeledSet) -> list[Any]:
+    """The calibration images as ``celltally count`` gives them to ``counter``'s network.
+
+    A folder's image that ``count`` counts in tiles at the model's scale (its
+    size is not the model's frame) is read again from its file and prepared so
+    (``CellCounter.prepare_any``); the rest as the set holds them, resized whole
+    to the input, which is what ``count`` does with a frame-sized image. Before,
+    every image was resized whole, and a model calibrated on half-size frames
+    kept 4 of those 30 images inside their own 95% intervals.
+    """
+    inputs: list[Any] = list(data.images[:, 0].numpy())
+    for i, meta in enumerate(data.meta):
+        path = source_file(meta)
+        if path is not None and counter.counts_in_tiles(meta["shape"]):
+            raw = io.read_image(path, channel=meta.get("channel"))
+            inputs[i] = counter.prepare_any(raw)
+    return inputs
+
+
 def _predict(counter: Any, data: LabeledSet) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    images = data.images[:, 0].numpy()
-    results = counter.count_prepared(list(images))
+    results = counter.count_prepared(_model_inputs(counter, data))
     mean = np.array([r.count for r in results])
     std = np.array([r.std for r in results])
     features = [r.ood for r in results]
@@ -293,6 +312,10 @@ def _count_scale(y: np.ndarray, mean: np.ndarray) -> tuple[float, np.ndarray]:
     total = float(mean.sum())
     if len(y) < 2 or not np.isfinite(total) or np.any(mean.sum() - mean <= 0):
         raise ValueError("count_scale: needs 2 or more calibration images with counts above zero")
+    if np.any(y.sum() - y <= 0):  # a factor of 0 would count every image as 0 +- 0
+        raise ValueError(
+            "count_scale: needs 2 or more calibration images whose true counts are above zero"
+        )
     return round(float(y.sum()) / total, 5), (y.sum() - y) / (total - mean)
 
 
@@ -475,7 +498,7 @@ def calibrate_model(
     held_out: np.ndarray | None = None
     if fit_ood:
         counter = CellCounter.from_folder(folder, device=device)  # also mid-train
-        embeddings = counter.embed(list(calibration.images[:, 0].numpy()))
+        embeddings = counter.embed(_model_inputs(counter, calibration))
         reference = feature_reference(embeddings)
         # its threshold from distances measured out of sample, by scene where known
         scenes = [m.get("scene") or i for i, m in enumerate(calibration.meta)]

@@ -62,6 +62,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import MutableHeaders
 
 from celltally import io, naming
+from celltally.calibration import MAX_LEVEL, valid_level
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
 from celltally.web import render
 from celltally.web.uploads import (
@@ -230,6 +231,10 @@ def _package_version() -> str:
         return "unknown"
 
 
+#: The form fields ``POST /api/count`` reads; any other is refused, not ignored.
+COUNT_FIELDS = frozenset({"files", "level", "saliency", "channel", "model"})
+
+
 def _parse_level(text: str | None, default: float) -> float:
     if text is None or text.strip() == "":
         return default
@@ -239,8 +244,10 @@ def _parse_level(text: str | None, default: float) -> float:
         raise RequestRejected(
             422, f"level must be a number between 0 and 1, got '{text}'"
         ) from None
-    if not (math.isfinite(value) and 0.0 < value < 1.0):
-        raise RequestRejected(422, f"level must be between 0 and 1 (exclusive), got {text}")
+    if not valid_level(value):
+        raise RequestRejected(
+            422, f"level must be between 0 and 1 (at most {MAX_LEVEL:.9f}), got {text}"
+        )
     return value
 
 
@@ -512,8 +519,15 @@ def create_app(
             )
         with loading:
             if name not in services:
+                try:
+                    loaded = CellCounter.from_pretrained(name)
+                except Exception as err:  # a damaged install: a JSON answer, not a bare 500
+                    logger.exception("loading model %s failed", name)
+                    raise RequestRejected(
+                        500, f"model {name!r} could not be loaded: {err}".splitlines()[0]
+                    ) from None
                 services[name] = _Service(
-                    CellCounter.from_pretrained(name),
+                    loaded,
                     saliency=saliency,
                     display_side=display_side,
                     max_pixels=int(max_pixels),
@@ -611,6 +625,12 @@ def create_app(
                 folder,
                 limits,
             )
+            if unknown := sorted(set(fields) - COUNT_FIELDS):  # e.g. a misspelt 'levle'
+                raise RequestRejected(
+                    422,
+                    f"unknown form field '{unknown[0]}': this endpoint takes "
+                    f"{', '.join(sorted(COUNT_FIELDS))}",
+                )
             req_level = _parse_level(fields.get("level"), level)
             req_saliency = _parse_bool(fields.get("saliency"), saliency, "saliency")
             req_channel = _parse_channel(fields.get("channel"))

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = ["RequestRejected", "Upload", "UploadLimits", "receive_uploads", "sanitize_name"]
 
-MAX_NAME_CHARS = 120
+#: Longest upload name kept whole: a file system's (255), so a real name's metadata
+#: (plate, well, site, stain at its end) is never cut off.
+MAX_NAME_CHARS = 255
 MAX_FIELD_BYTES = 1024
 #: A 'files' part sent as a plain form field (no file name), e.g. curl -F files=x.tif.
 FILES_WITHOUT_NAME = (
@@ -169,6 +171,7 @@ class _Reader:
         self._header_name = b""
         self._header_value = b""
         self._disposition = b""
+        self._skip = False  # the current part is an empty file input (no file)
         self._current: Upload | None = None
         self._field_name: str | None = None
         self._field_data = bytearray()
@@ -177,6 +180,7 @@ class _Reader:
     # -- callbacks -------------------------------------------------------
     def on_part_begin(self) -> None:
         self._disposition = b""
+        self._skip = False
         self._current = None
         self._field_name = None
         self._field_data = bytearray()
@@ -202,6 +206,9 @@ class _Reader:
                 raise RequestRejected(400, f"too many form fields (limit {MAX_FIELDS})")
             self._field_name = options[b"name"].decode("utf-8", errors="replace")
             return
+        if options[b"filename"] == b"":  # an HTML form's file input left empty: no file
+            self._skip = True
+            return
         index = len(self.uploads)
         if index >= self.limits.max_files:
             raise RequestRejected(
@@ -221,6 +228,8 @@ class _Reader:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         size = end - start
+        if self._skip:
+            return
         if self._current is None:
             if len(self._field_data) + size > MAX_FIELD_BYTES:
                 if self._field_name == "files":  # e.g. curl -F 'files=<img.png'
@@ -241,6 +250,8 @@ class _Reader:
         self._handle.write(data[start:end])
 
     def on_part_end(self) -> None:
+        if self._skip:
+            return
         if self._current is None:
             if self._field_name is not None:
                 self.fields[self._field_name] = self._field_data.decode("utf-8", "replace")

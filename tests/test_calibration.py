@@ -262,6 +262,15 @@ def test_new_ensemble_members_leave_the_plain_calibration_alone(blob_model, tmp_
     }
     assert block["epistemic"]["n"] == 24 and block["epistemic"]["ood"] == before["ood"]
     assert (folder / "ood.safetensors").read_bytes() == reference
+    said: list[str] = []  # too few to guarantee 95%: said, as calibrate says it
+    few = {**quiet, "log": said.append}
+    train_ensemble(
+        folder, blob_set(16, 4, config), blob_set(8, 5, config), members=2, epochs=1, **few
+    )
+    assert any(
+        line.startswith("only 8 calibration images: they guarantee --epistemic intervals up to")
+        for line in said
+    ), said
 
 
 def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):

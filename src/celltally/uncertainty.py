@@ -403,7 +403,19 @@ def _calibrate_epistemic(
         f"calibrated the ensemble of {_shown(folder)} on {len(y)} images: temperature "
         f"{epistemic['temperature']:.3f} (the plain intervals and checks kept as they were)"
     )
+    _note_few_images(len(y), _shown(folder), log, what="--epistemic intervals")
     return block
+
+
+def _note_few_images(n: int, shown: Path, log: Log, *, what: str = "intervals") -> None:
+    """Say so when ``n`` calibration images cannot guarantee 95% (it needs 19)."""
+    if conformal_rank(n, 0.95) > n:
+        log(
+            f"only {n} calibration images: they guarantee {what} up to "
+            f"{n / (n + 1):.2f}, not 95% (that needs 19); wider levels extrapolate, "
+            "never narrower than the model's own sigma. For guaranteed 95% intervals: "
+            f"celltally calibrate --model {shown} --data FOLDER_OF_HELD_OUT_IMAGES"
+        )
 
 
 def _shown(folder: Path) -> Path:
@@ -529,13 +541,7 @@ def calibrate_model(
         block["epistemic"] = epistemic
     config["calibration"] = block
     write_config(folder, config)
-    if conformal_rank(len(y), 0.95) > len(y):
-        log(
-            f"only {len(y)} calibration images: they guarantee intervals up to "
-            f"{len(y) / (len(y) + 1):.2f}, not 95% (that needs 19); wider levels extrapolate, "
-            "never narrower than the model's own sigma. For guaranteed 95% intervals: "
-            f"celltally calibrate --model {shown} --data FOLDER_OF_HELD_OUT_IMAGES"
-        )
+    _note_few_images(len(y), shown, log)
     log(
         f"calibrated {shown} on {len(y)} images: temperature {block['temperature']:.3f}"
         + (

@@ -89,3 +89,21 @@ def test_a_folder_counted_by_its_label_images_reads_each_image_once(tmp_path, mo
     data = datasets.load_folder(root, size=(48, 64))
     assert data.counts.tolist() == [2.0, 3.0, 4.0]
     assert sorted(reads) == ["img0.tif", "img1.tif", "img2.tif"]
+
+
+def test_counts_csv_naming_sub_folders_loads_each_file_under_its_own_name(tmp_path):
+    root = tmp_path / "data"
+    lines = ["image,count"]
+    for k, plate in enumerate(("PlateA", "PlateB")):  # the same file name in two folders
+        (root / plate).mkdir(parents=True)
+        tifffile.imwrite(root / plate / "img.tif", blob_image(2 + 3 * k, seed=k))
+        lines.append(f"{plate}/img.tif,{2 + 3 * k}")
+    (root / "counts.csv").write_text("\n".join(lines) + "\n")
+    data = datasets.load_folder(root, size=(64, 96))  # was a KeyError on 'img.tif'
+    assert data.counts.tolist() == [2.0, 5.0]
+    assert [m["name"] for m in data.meta] == ["PlateA/img.tif", "PlateB/img.tif"]
+    assert [datasets.source_file(m) for m in data.meta] == [
+        root / "PlateA" / "img.tif",
+        root / "PlateB" / "img.tif",
+    ]
+    assert data.meta[0]["scene"] != data.meta[1]["scene"]

@@ -706,3 +706,32 @@ def test_counts_csv_spellings_of_one_image_are_a_duplicate(tmp_path: Path) -> No
         read_counts_csv(path)
     path.write_text("image,count\n./sub/a.tif,3\n")
     assert read_counts_csv(path) == {"sub/a.tif": 3.0}
+
+
+def test_tiff_series_a_preview_is_skipped_and_pages_of_one_shape_are_a_stack(
+    tmp_path: Path,
+) -> None:
+    image = _ramp((64, 80), np.uint16, 4000)
+    with tifffile.TiffWriter(tmp_path / "thumb.tif") as tif:  # an unflagged RGB preview
+        tif.write(image)
+        tif.write(np.zeros((16, 20, 3), np.uint8), photometric="rgb")
+    assert np.array_equal(read_image(tmp_path / "thumb.tif"), image)
+    for k in range(2):  # a time lapse written page by page
+        tifffile.imwrite(tmp_path / "lapse.tif", image // (k + 1), append=True)
+    with pytest.raises(ImageReadError, match="2 different channels"):
+        read_image(tmp_path / "lapse.tif")
+    assert np.array_equal(read_image(tmp_path / "lapse.tif", channel=1), image // 2)
+
+
+def test_a_path_through_a_linked_folder_and_up_is_the_file_it_reaches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "w").mkdir()
+    (tmp_path / "o" / "sub").mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "w" / "a.tif", _ramp((20, 20), np.uint8, 255))
+    tifffile.imwrite(tmp_path / "o" / "a.tif", _ramp((20, 20), np.uint8, 99))
+    (tmp_path / "w" / "link").symlink_to(tmp_path / "o" / "sub", target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "w")
+    # link/../a.tif is o/a.tif (the link is followed first), not w/a.tif
+    assert [str(p) for p in list_images(["a.tif", "link/../a.tif"])] == ["a.tif", "link/../a.tif"]
+    assert len(list(iter_images(["a.tif", "link/../a.tif"]))) == 2

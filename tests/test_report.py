@@ -254,3 +254,24 @@ def test_evaluate_and_report_take_counts_csv_names_in_sub_folders(tiny_model, tm
     assert evaluate_folder(data, model=counter)["unlabelled"] == [str(data / "p2" / "extra.tif")]
     index = write_report(evaluation, tmp_path / "r", counter=counter, data=data)
     assert "p2/img.tif" in index.read_text()
+
+
+def test_a_failed_image_in_a_sub_folder_counts_against_its_own_plate(tmp_path):
+    data = tmp_path / "d"
+    lines = ["image,count"]
+    for plate in ("PlateA", "PlateB"):
+        (data / "images" / plate).mkdir(parents=True)
+        for site in (1, 2, 3):
+            name = f"{plate}/exp1_B02_s{site}_w1.tif"
+            other = 3 * (plate == "PlateB")  # other images: the plates' counts differ
+            tifffile.imwrite(data / "images" / name, blob_image(site + other, seed=site + other))
+            lines.append(f"{name},{site}")
+    (data / "images" / "PlateA" / "exp1_B02_s3_w1.tif").write_bytes(b"II*\x00broken")
+    (data / "masks").mkdir()  # neither masks/ nor a report's figures are "unlabelled images"
+    tifffile.imwrite(data / "masks" / "exp1_B02_s1_w1.tif", np.zeros((8, 8), np.uint8))
+    (data / "counts.csv").write_text("\n".join(lines) + "\n")
+    # the shipped model: plates told apart by their folders need counts that differ
+    evaluation = evaluate_folder(data, model=CellCounter.from_pretrained("bbbc005"))
+    assert evaluation["unlabelled"] == []
+    failed = {r["plate"]: r["failed"] for r in evaluation["wells"]["rows"]}
+    assert failed == {"PlateA/exp1": 1, "PlateB/exp1": 0}

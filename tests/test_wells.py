@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import blob_image
+from PIL import Image
 from typer.testing import CliRunner
 
 from celltally.calibration import (
@@ -213,6 +214,15 @@ def test_count_with_wells_then_wells_command(tiny_model, well_plate, tmp_path):
     assert result.exit_code == 0 and f"plate map -> {png}" in result.output and png.stat().st_size
     bad = runner.invoke(app, ["wells", str(out), "--plate-map", str(png), "--map-value", "x"])
     assert bad.exit_code == 2 and "--map-value" in bad.output
+    # a name without a suffix is written as NAME.png: a user's image there is kept
+    users = tmp_path / "mine.png"
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(users)
+    kept = users.read_bytes()
+    mine = runner.invoke(
+        app, ["wells", str(out), "-o", str(again), "--plate-map", str(users.with_suffix(""))]
+    )
+    assert mine.exit_code == 2 and f"{users} exists and is not a figure" in mine.output
+    assert users.read_bytes() == kept
     assert ", measured" not in result.output and f"{DEFAULT_CORRELATION:.3f}, assumed" in (
         result.output
     )

@@ -97,14 +97,18 @@ def _check_output(path: Path | None, option: str, *, folder: bool, image: bool =
             fail(f"{option} {path}: is a folder; give a file name")
         if not image and path.suffix.lower() in IMAGE_SUFFIXES:
             fail(f"{option} {path}: names an image file; give a .csv or .json name")
-    if image and path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        from celltally.io import is_own_figure
+    if image:
+        from celltally.io import figure_path, is_own_figure
 
-        if not is_own_figure(path):  # e.g. another image of the folder being counted
-            fail(
-                f"{option} {path}: exists and is not a figure celltally wrote (an image "
-                "to count?); name a new file, or delete it first"
-            )
+        written = figure_path(path)  # a name without a suffix is written as NAME.png
+        if written.is_file() and written.suffix.lower() in IMAGE_SUFFIXES:
+            if not is_own_figure(written):  # e.g. another image of the folder being counted
+                where = f"{option} {path}: " + ("" if written == path else f"{written} ")
+                fail(
+                    f"{where}exists and is not a figure celltally wrote (an image to "
+                    "count?); name a new file, or delete it first (TIFF and JPEG figures "
+                    "written before celltally marked its figures are refused too)"
+                )
     if not folder and path.exists():  # written in place: the file's own permission counts
         if not os.access(path, os.W_OK):
             fail(f"{option} {path}: no permission to write it")

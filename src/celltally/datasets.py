@@ -270,8 +270,10 @@ def load_folder(
             if not path.exists():
                 raise io.InputError(f"{counts_csv}: lists {listed!r}, which is not in {folder}")
             paths.append(path)
+        keys = list(table)  # as listed: sub-folders' files may share a name
     else:
         paths = io.list_images([folder])
+        keys = [p.name for p in paths]
         named: dict[str, float | None] = {p.name: naming.parse_name(p.name).count for p in paths}
         for path in paths:
             if named[path.name] is None and (from_labels := _count_from_labels(path, mask_dirs)):
@@ -286,7 +288,7 @@ def load_folder(
             )
         table = cast("dict[str, float]", named)  # no None left: checked above
     images, masks, counts, meta = [], [], [], []
-    for path in paths:
+    for path, key in zip(paths, keys, strict=True):
         raw = io.read_image(path, channel=channel)
         if path.name in counted_by:
             found, shape = counted_by[path.name]
@@ -299,12 +301,12 @@ def load_folder(
                 mask = resize_area(labels > 0, size)
                 break
         masks.append(mask)
-        counts.append(float(table[path.name]))
+        counts.append(float(table[key]))
         name = naming.parse_name(path.name)
         meta.append(
             {
-                "name": path.name,
-                "scene": naming.scene_id(path.name) or path.stem,
+                "name": key,  # the path under the images' folder (source_file)
+                "scene": naming.scene_id(path.name) or str(Path(key).with_suffix("")),
                 "site": name.site,
                 "blur": name.blur,
                 "stain": name.stain,

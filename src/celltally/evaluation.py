@@ -86,12 +86,14 @@ def evaluate_folder(
     pairs = labelled_files(data)
     folder = io.images_folder(data)
     labelled = {p.resolve() for p, _ in pairs}
-    # counts.csv may name images in sub-folders: then look for unlabelled ones there too
-    deep = any(p.parent.resolve() != folder.resolve() for p, _ in pairs)
-    try:
-        listed = io.list_images([folder], recursive=deep)
-    except io.InputError:  # no image directly in it (all in sub-folders counts.csv names)
-        listed = []
+    # unlabelled images: in the folders the labelled ones are in (counts.csv may name
+    # sub-folders), not in others (masks/, a report's figures)
+    listed: list[Path] = []
+    for where in sorted({folder, *(p.parent for p, _ in pairs)}):
+        try:
+            listed += io.list_images([where])
+        except io.InputError:  # no image directly in it
+            pass
     unlabelled = [p for p in listed if p.resolve() not in labelled]
     if sites is not None:
         pairs = [(p, c) for p, c in pairs if naming.parse_name(p.name).site in sites]
@@ -105,7 +107,7 @@ def evaluate_folder(
     ):
         if isinstance(result, Exception):
             errors.append(str(result))
-            failed.append(path.name)
+            failed.append(image_key(path, folder))
             continue
         meta = result.metadata
         rows.append(

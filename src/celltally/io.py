@@ -228,6 +228,33 @@ def _decoder_reason(exc: BaseException, path: Path) -> str:
     return reason
 
 
+def _several_series(tif: Any, original: str | os.PathLike[str]) -> bool:
+    """Whether a TIFF's several series (a pyramid is one series' levels) form one stack.
+
+    One series, or a first one followed only by smaller ones (previews, thumbnails
+    not flagged as such): False, the first is the image. Series of one shape and
+    type (pages written one by one, e.g. a time lapse): True, read as planes (a
+    stack ``--channel`` picks from, as a multi-page file's). Anything else, or
+    several OME series (positions): ImageReadError, rather than counting one
+    of several images silently.
+    """
+    if len(tif.series) < 2:
+        return False
+    first, rest = tif.series[0], tif.series[1:]
+    if not tif.is_ome:
+        if all(s.shape == first.shape and s.dtype == first.dtype for s in rest):
+            return True
+        values = [int(np.prod(s.shape, dtype=np.int64)) for s in tif.series]
+        if all(v < values[0] for v in values[1:]):
+            return False
+    what = "OME series, e.g. positions" if tif.is_ome else "pages of different sizes or types"
+    raise ImageReadError(
+        original,
+        f"holds {len(tif.series)} images ({what}); "
+        "celltally counts one image per file: save each as its own file",
+    )
+
+
 def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     """Decode a TIFF (including OME-TIFF) with tifffile."""
     import tifffile
@@ -238,20 +265,13 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
         try:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0] if tif.series else None
-                if len(tif.series) > 1:  # (a pyramid is one series' levels)
-                    what = (
-                        "OME series, e.g. positions"
-                        if tif.is_ome
-                        else "pages of different sizes or types"
-                    )
-                    raise ImageReadError(
-                        original,
-                        f"holds {len(tif.series)} images ({what}); "
-                        "celltally counts one image per file: save each as its own file",
-                    )
-                _check_size(_tiff_values(tif), original)  # before decoding
-                arr = np.asarray(series.asarray() if series is not None else tif.asarray())
-                axes = series.axes if series is not None else ""
+                stacked = _several_series(tif, original)
+                _check_size(_tiff_values(tif) * (len(tif.series) if stacked else 1), original)
+                if stacked:  # pages of one shape written apart: planes, as a multi-page file's
+                    arr, axes = np.stack([s.asarray() for s in tif.series]), ""
+                else:
+                    arr = np.asarray(series.asarray() if series is not None else tif.asarray())
+                    axes = series.axes if series is not None else ""
                 # a grey page's samples (MINISWHITE 0, MINISBLACK 1) are stains; any other
                 # photometric (RGB, YCbCr, CMYK, CIELab...) is a colour image
                 colour = len(tif.pages) > 0 and int(
@@ -950,7 +970,8 @@ def file_identity(path: str | os.PathLike[str]) -> str:
     through a linked folder are one file; a file linked under another name is
     another (it may be meant as another image, e.g. a copy to count again).
     """
-    full = os.path.abspath(path)
+    # not os.path.abspath: it folds "link/../a.tif" by text, before the link is followed
+    full = os.path.join(os.getcwd(), os.fspath(path))
     return os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
 
 

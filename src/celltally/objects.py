@@ -285,7 +285,6 @@ def save_objects_for_rows(
     their mask are skipped (a resumed run); an older one (the mask was written
     again) is replaced. Returns the number of images written.
     """
-    from PIL import Image
 
     from celltally import io
     from celltally.batch import mask_file
@@ -300,8 +299,8 @@ def save_objects_for_rows(
         labels_path = Path(out_dir) / f"{stem}_labels.tif"
         if labels_path.exists() and labels_path.stat().st_mtime_ns >= mask_path.stat().st_mtime_ns:
             continue
-        with Image.open(mask_path) as handle:
-            mask = np.asarray(handle, dtype=np.float32) / 255.0
+        # read as images are (celltally's size limit, not Pillow's 179 M pixel one)
+        mask = io.read_image(mask_path).astype(np.float32) / 255.0
         image = io.read_image(path, channel=channel)
         save_objects(out_dir, stem, image, mask, float(row["count"]))
         written += 1

@@ -260,7 +260,7 @@ def _warn_off_frame(config: dict[str, Any], data: LabeledSet, log: Any) -> None:
     """Warn when calibration images off the model's frame have no file to count them from.
 
     ``count`` counts such an image in tiles at the model's pixel scale, and so
-    does calibration for the images of a folder (:func:`_model_inputs`); an image
+    does calibration for the images of a folder (:func:`_off_frame_files`); an image
     given only prepared (resized whole) can only be calibrated so, and intervals
     calibrated on 192 x 256 images for a 260 x 348 frame held 16 of those 20.
     """
@@ -275,27 +275,48 @@ def _warn_off_frame(config: dict[str, Any], data: LabeledSet, log: Any) -> None:
         )
 
 
-def _model_inputs(counter: Any, data: LabeledSet) -> list[Any]:
-    """The calibration images as ``celltally count`` gives them to ``counter``'s network.
+def _off_frame_files(counter: Any, data: LabeledSet) -> dict[int, Path]:
+    """The images (index: file) that ``celltally count`` counts in tiles at ``counter``'s scale.
 
-    A folder's image that ``count`` counts in tiles at the model's scale (its
-    size is not the model's frame) is read again from its file and prepared so
-    (``CellCounter.prepare_any``); the rest as the set holds them, resized whole
-    to the input, which is what ``count`` does with a frame-sized image. Before,
-    every image was resized whole, and a model calibrated on half-size frames
-    kept 4 of those 30 images inside their own 95% intervals.
+    A folder's image whose size is not the model's frame: calibration reads it
+    again from its file and prepares it as ``count`` does
+    (``CellCounter.prepare_any``), one at a time; the rest are used as the set
+    holds them, resized whole to the input, which is what ``count`` does with a
+    frame-sized image. Before, every image was resized whole, and a model
+    calibrated on half-size frames kept 4 of those 30 images inside their own
+    95% intervals.
     """
-    inputs: list[Any] = list(data.images[:, 0].numpy())
+    files = {}
     for i, meta in enumerate(data.meta):
         path = source_file(meta)
         if path is not None and counter.counts_in_tiles(meta["shape"]):
-            raw = io.read_image(path, channel=meta.get("channel"))
-            inputs[i] = counter.prepare_any(raw)
-    return inputs
+            files[i] = path
+    return files
+
+
+def _each_as_counted(counter: Any, data: LabeledSet, use: Any) -> list[Any]:
+    """``use(batch)`` over the calibration images as ``count`` gives them to the network.
+
+    ``use`` takes a list of model inputs (prepared arrays or ``ModelScaleImage``)
+    and returns one item per input (a count, an embedding). Frame-sized images
+    go in batches; each off-frame one (:func:`_off_frame_files`) alone, read
+    from its file, so memory holds one such image at a time.
+    """
+    files = _off_frame_files(counter, data)
+    out: list[Any] = [None] * len(data)
+    framed = [i for i in range(len(data)) if i not in files]
+    if framed:
+        images = data.images[:, 0].numpy()
+        for i, item in zip(framed, use([images[i] for i in framed]), strict=True):
+            out[i] = item
+    for i, path in files.items():
+        raw = io.read_image(path, channel=data.meta[i].get("channel"))
+        out[i] = use([counter.prepare_any(raw)])[0]
+    return out
 
 
 def _predict(counter: Any, data: LabeledSet) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    results = counter.count_prepared(_model_inputs(counter, data))
+    results = _each_as_counted(counter, data, counter.count_prepared)
     mean = np.array([r.count for r in results])
     std = np.array([r.std for r in results])
     features = [r.ood for r in results]
@@ -510,7 +531,7 @@ def calibrate_model(
     held_out: np.ndarray | None = None
     if fit_ood:
         counter = CellCounter.from_folder(folder, device=device)  # also mid-train
-        embeddings = counter.embed(_model_inputs(counter, calibration))
+        embeddings = np.stack(_each_as_counted(counter, calibration, counter.embed))
         reference = feature_reference(embeddings)
         # its threshold from distances measured out of sample, by scene where known
         scenes = [m.get("scene") or i for i, m in enumerate(calibration.meta)]

@@ -874,7 +874,12 @@ def train(
     except _user_errors() as err:
         fail(err, rank=rank)
     except KeyboardInterrupt:
-        _interrupted(f"{out} keeps its checkpoints; run the same command with --resume to go on")
+        checkpoints = out / "checkpoints"
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            _interrupted(
+                f"{out} keeps its checkpoints; run the same command with --resume to go on"
+            )
+        _interrupted("before any training was saved: run the same command again to start")
 
 
 @app.command()

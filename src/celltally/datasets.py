@@ -11,7 +11,6 @@ import glob
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from skimage.filters import threshold_otsu
 
 from celltally import io, naming
+from celltally.pools import process_map
 from celltally.transforms import dense_strides, prepare_image, resize_area
 
 #: Instance labels (full-size int32) -> one array per simulated scene.
@@ -421,8 +421,7 @@ def _simulate_scenes(
     jobs = [(c, b, s, sd, tuple(size), norm, cl) for c, b, s, sd, cl in specs]
     one = _simulate_one if label_map is None else partial(_simulate_one, label_map=label_map)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            return list(pool.map(one, jobs, chunksize=16))
+        return list(process_map(one, jobs, workers=workers, chunksize=16))
     return [one(j) for j in jobs]
 
 

@@ -72,7 +72,6 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -81,6 +80,8 @@ from typing import cast
 import numpy as np
 from PIL import Image
 from scipy import ndimage, signal, special
+
+from celltally.pools import process_map
 
 __all__ = [
     "BLUR_LEVELS",
@@ -1303,13 +1304,13 @@ def simulate_plate(
     rows: list[tuple[str, int, int, int]] = []
     try:
         if workers > 1 and images > 1:
-            with ProcessPoolExecutor(max_workers=min(workers, images)) as pool:
-                for result in pool.map(
-                    _write_scene, jobs, chunksize=max(1, images // (8 * workers))
-                ):
-                    rows.extend(result)
-                    if bar is not None:
-                        bar.update(1)
+            chunk = max(1, images // (8 * workers))
+            for result in process_map(
+                _write_scene, jobs, workers=min(workers, images), chunksize=chunk
+            ):
+                rows.extend(result)
+                if bar is not None:
+                    bar.update(1)
         else:
             for job in jobs:
                 rows.extend(_write_scene(job))

@@ -271,6 +271,7 @@ def test_new_ensemble_members_leave_the_plain_calibration_alone(blob_model, tmp_
         line.startswith("only 8 calibration images: they guarantee --epistemic intervals up to")
         for line in said
     ), said
+    assert "replaced the model's 1 earlier ensemble member(s) by 1 new one(s)" in said
 
 
 def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):

@@ -341,6 +341,26 @@ def test_models_describes_a_model_folder_given(tiny_model, tmp_path):
     assert run("models", "nuclei").output.startswith("nuclei\n")  # a shipped model's name
 
 
+def test_models_shows_a_recalibrated_copys_original_figures(tmp_path):
+    import json
+    import shutil
+
+    from celltally.counter import WEIGHTS_DIR
+
+    copy = tmp_path / "copy"  # what `calibrate --model bbbc005 --out copy` leaves
+    shutil.copytree(WEIGHTS_DIR / "bbbc005", copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["metrics_of_original"] = config.pop("metrics")
+    (copy / "config.json").write_text(json.dumps(config))
+    result = run("models", copy)
+    assert result.exit_code == 0, result.output
+    test = config["metrics_of_original"]["test"]["all"]
+    assert (
+        "held-out test: not measured for this folder; the model it was copied from, before "
+        f"this calibration: ({test['n']} images): MAE {test['mae']:.2f}"
+    ) in result.output
+
+
 def test_listing_models_and_summing_wells_do_not_import_torch():
     """``models`` and ``wells`` read JSON and CSV only: they start in well under a second."""
     code = (

@@ -459,6 +459,8 @@ def test_a_segmenter_only_model_says_its_counter_is_untrained(tmp_path):
     image = sorted((folder / "images").iterdir())[0]
     counted = run("count", image, "-o", tmp_path / "r.csv", "--model", tmp_path / "s1")
     assert counted.exit_code == 2 and "its counter is untrained" in counted.output
+    listed = run("models", tmp_path / "s1")
+    assert "(untrained: a --stage segmenter model, it cannot count yet)" in listed.output
     second = run(
         "train", *common, "--stage", "counter", "--from", tmp_path / "s1", "--out", tmp_path / "s2"
     )

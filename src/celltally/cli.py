@@ -124,6 +124,16 @@ def _silent(_: str) -> None:
     return None
 
 
+def _test_figures(test: dict) -> str:
+    """'(N images): MAE .., max error .., R² .., 95% interval coverage ..' of a metrics block."""
+    nan = float("nan")
+    return (
+        f"({int(test.get('n', 0))} images): MAE {test.get('mae', nan):.2f}, "
+        f"max error {test.get('max_abs_error', nan):.1f}, R² {test.get('r2', nan):.3f}, "
+        f"95% interval coverage {test.get('coverage', nan):.1%}"
+    )
+
+
 def _interrupted(what: str) -> NoReturn:
     """Ctrl-C: one line on stderr saying what is kept, exit status 130."""
     typer.echo(f"interrupted: {what}", err=True)
@@ -212,7 +222,9 @@ ChannelOption = Annotated[
 #: ``--threads`` on the commands that run a network over many images.
 ThreadsOption = Annotated[
     int | None,
-    typer.Option(help="torch threads (default one per core; 1 is faster on a busy CPU)."),
+    typer.Option(
+        help="torch threads (default one per core; on a busy CPU 1 may be faster: measure)."
+    ),
 ]
 
 
@@ -326,7 +338,9 @@ def count(
     ] = None,
     threads: Annotated[
         int | None,
-        typer.Option(help="torch threads here (default one per core; 1 is faster on a busy CPU)."),
+        typer.Option(
+            help="torch threads here (default one per core; on a busy CPU 1 may be faster)."
+        ),
     ] = None,
     read_threads: Annotated[
         int,
@@ -354,7 +368,9 @@ def count(
         Path | None,
         typer.Option(
             help="Folder for per-object output: <stem>_labels.tif (instances), "
-            "<stem>_objects.csv (label, centroid, area), <stem>_overlay.png (a dot per cell)."
+            "<stem>_objects.csv (label, centroid, area), <stem>_overlay.png (a dot per cell); "
+            "also the masks (<stem>_mask.png, <stem>_mask_std.tif) unless --save-masks names "
+            "another folder."
         ),
     ] = None,
     table_format: Annotated[
@@ -984,7 +1000,6 @@ def models(
         resolve_model,
     )
 
-    nan = float("nan")
     places = [(name, WEIGHTS_DIR / name) for name in available_models()]
     if folders:
         places = [(str(folder), folder) for folder in folders]
@@ -1003,18 +1018,21 @@ def models(
             f"{name}{default}",
             f"  preset {config.get('preset')}, input {width} x {height} px, counter head "
             f"{_counter_heads(config.get('counter', {}))}"
-            + (f"; {members + 1} counters with --epistemic" if members else ""),
+            + (f"; {members + 1} counters with --epistemic" if members else "")
+            + (
+                " (untrained: a --stage segmenter model, it cannot count yet)"
+                if config.get("untrained_counter")
+                else ""
+            ),
             f"  input normalization: {_normalization_text(config.get('normalization') or {})}",
             "  trained on:",
             *(f"    - {item}" for item in ([data] if isinstance(data, str) else data)),
-            f"  held-out test ({int(test.get('n', 0))} images): MAE {test.get('mae', nan):.2f}, "
-            f"max error {test.get('max_abs_error', nan):.1f}, R² {test.get('r2', nan):.3f}, "
-            f"95% interval coverage {test.get('coverage', nan):.1%}"
+            f"  held-out test {_test_figures(test)}"
             if test
             else "  held-out test: not measured for this folder"
             + (
-                " (its original's figures: metrics_of_original)"
-                if "metrics_of_original" in config
+                f"; the model it was copied from, before this calibration: {_test_figures(first)}"
+                if (first := config.get("metrics_of_original", {}).get("test", {}).get("all"))
                 else ""
             ),
         ]

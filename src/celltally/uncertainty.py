@@ -160,7 +160,12 @@ def train_ensemble(
         for path in written:  # members of an unfinished run: the folder keeps its own
             path.unlink(missing_ok=True)
         raise
-    for old in ensemble_files(folder):
+    if earlier := ensemble_files(folder):
+        log(
+            f"replaced the model's {len(earlier)} earlier ensemble member(s) by "
+            f"{members - 1} new one(s)"
+        )
+    for old in earlier:
         old.unlink()
     # The old members' intervals must never pass for the new ones' (not even after a kill
     # between the swap and the recalibration): dropped first, refitted after.
@@ -433,7 +438,7 @@ def _note_few_images(n: int, shown: Path, log: Log, *, what: str = "intervals") 
     if conformal_rank(n, 0.95) > n:
         log(
             f"only {n} calibration images: they guarantee {what} up to "
-            f"{n / (n + 1):.2f}, not 95% (that needs 19); wider levels extrapolate, "
+            f"{n / (n + 1):.3f}, not 95% (that needs 19); wider levels extrapolate, "
             "never narrower than the model's own sigma. For guaranteed 95% intervals: "
             f"celltally calibrate --model {shown} --data FOLDER_OF_HELD_OUT_IMAGES"
         )

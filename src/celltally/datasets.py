@@ -277,8 +277,8 @@ def load_folder(
         named: dict[str, float | None] = {p.name: naming.parse_name(p.name).count for p in paths}
         for path in paths:
             if named[path.name] is None and (from_labels := _count_from_labels(path, mask_dirs)):
-                named[path.name], found, shape = from_labels
-                counted_by[path.name] = (found, shape)
+                named[path.name], counting, shape = from_labels
+                counted_by[path.name] = (counting, shape)
         missing = [n for n, c in named.items() if c is None]
         if missing:
             raise io.InputError(
@@ -291,8 +291,8 @@ def load_folder(
     for path, key in zip(paths, keys, strict=True):
         raw = io.read_image(path, channel=channel)
         if path.name in counted_by:
-            found, shape = counted_by[path.name]
-            io.check_mask_shape(found, mask_shape=shape, image_shape=raw.shape)
+            counting, shape = counted_by[path.name]
+            io.check_mask_shape(counting, mask_shape=shape, image_shape=raw.shape)
         images.append(prepare_image(raw, size=size, norm=norm))
         mask = np.full(tuple(size), np.nan, dtype=np.float32)
         for d in mask_dirs:

@@ -103,3 +103,14 @@ def test_object_output_checks_before_writing(tmp_path):
     with pytest.raises(ValueError, match="2-D"):
         save_objects(tmp_path, "A01", np.zeros((3, 40, 40)), mask, 2.0)
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_from_folder_takes_a_string_and_bad_options_fail_at_construction(tmp_path):
+    from celltally.counter import WEIGHTS_DIR
+
+    counter = CellCounter.from_folder(str(WEIGHTS_DIR / "bbbc005"))  # was a TypeError
+    assert counter.name == "bbbc005"
+    with pytest.raises(InputError, match="noise_range must be a number >= 0, got 'abc'"):
+        CellCounter.from_pretrained(norm={"noise_range": "abc"})
+    result = counter.count(blob_image(5), level=np.float32(0.9))
+    assert type(result.level) is float and result.level == pytest.approx(0.9)

@@ -107,3 +107,20 @@ def test_counts_csv_naming_sub_folders_loads_each_file_under_its_own_name(tmp_pa
         root / "PlateB" / "img.tif",
     ]
     assert data.meta[0]["scene"] != data.meta[1]["scene"]
+
+
+def test_a_boolean_subset_picks_the_images_it_marks():
+    import pytest
+    import torch
+
+    data = datasets.LabeledSet(
+        images=torch.rand(4, 1, 8, 8),
+        masks=torch.full((4, 1, 8, 8), float("nan")),
+        counts=torch.tensor([86.0, 27.0, 8.0, 82.0]),
+    )
+    picked = data.subset(np.array([False, True, False, True]))
+    assert picked.counts.tolist() == [27.0, 82.0]  # not rows 0, 1, 0, 1
+    assert data.subset(torch.tensor([True, False, False, False])).counts.tolist() == [86.0]
+    assert len(data.subset(data.has_mask)) == 0  # no image has a mask here
+    with pytest.raises(ValueError, match="needs 4 values"):
+        data.subset(np.array([True, False]))

@@ -46,3 +46,10 @@ def test_segmentation_loss_sums_levels():
     ]
     # level 1: perfect -> 0; level 2: error 1 everywhere -> 0.5; TV 0
     assert math.isclose(float(segmentation_loss(outs, target, tv_weight=1.0)), 0.5)
+
+
+def test_total_variation_of_a_one_pixel_side_is_finite():
+    assert total_variation(torch.ones(1, 1, 1, 1)).item() == 0.0
+    row = torch.tensor([[[[0.0, 1.0, 3.0]]]])  # 1 x 3: only horizontal neighbours
+    assert total_variation(row).item() == 1.5
+    assert total_variation(row.transpose(-1, -2)).item() == 1.5

@@ -309,6 +309,28 @@ def test_sum_to_grid_keeps_totals():
     assert grid.shape == (3, 2, 3)
     assert torch.allclose(grid.sum((-2, -1)), values.sum((-2, -1)))
     assert grid[0, 1, 2] == pytest.approx(values[0, 16:, 32:].sum().item(), rel=1e-6)
+    # sides that are not whole blocks (the coarser counter floors them): the rest goes to
+    # the last row / column, so the grid still sums to the whole map
+    odd = torch.rand(2, 200, 300)
+    folded = sum_to_grid(odd, (6, 9), 32)
+    assert folded.shape == (2, 6, 9)
+    assert torch.allclose(folded.sum((-2, -1)), odd.sum((-2, -1)), rtol=1e-5)
+    assert folded[0, 5, 8] == pytest.approx(odd[0, 160:, 256:].sum().item(), rel=1e-5)
+    assert folded[0, 0, 0] == pytest.approx(odd[0, :32, :32].sum().item(), rel=1e-5)
+
+
+def test_the_nuclei_models_density_sums_to_its_count_at_any_size():
+    from celltally.model_folder import resolve_model
+    from celltally.models.pipeline import load_model_folder
+
+    model, _ = load_model_folder(resolve_model("nuclei"))
+    model.eval()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for shape in ((200, 300), (130, 190)):  # not multiples of its 32-px grid
+            x = torch.rand(1, 1, *shape)
+            count = model(x).count
+            assert model.density(x).count.sum().item() == pytest.approx(count.item(), rel=1e-4)
 
 
 def test_average_counter_is_the_mean_of_its_counters():

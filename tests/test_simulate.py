@@ -370,3 +370,13 @@ def test_a_size_larger_than_celltally_reads_is_refused_before_any_folder(tmp_pat
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and "larger than celltally reads" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_scene_numbers_that_are_not_whole_numbers_of_1_or_more_are_refused(tmp_path):
+    from celltally.datasets import simulate_set
+
+    for bad in (None, "3", 2.5, 0, True):
+        with pytest.raises(ValueError, match="images \\(--images\\) must be a whole number"):
+            simulate_plate(tmp_path / "p", images=bad)
+    with pytest.raises(ValueError, match="scenes must be a whole number >= 1, got 0"):
+        simulate_set(0, size=(32, 48))

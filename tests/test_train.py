@@ -213,3 +213,31 @@ def test_a_budget_cut_run_resumed_twice_without_the_budget_finishes_its_cut_plan
     history = run(None)  # the schedule of the cut plan: it ran past its end before
     planned = history[-1]["epochs_planned"]
     assert 9 < planned < 100 and len(history) == planned
+
+
+def test_sets_that_cannot_train_are_refused_before_any_step():
+    config = tiny_config()
+    model = CountingPipeline(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quiet = dict(epochs=1, batch_size=2, device=torch.device("cpu"), progress=False)
+    quiet["log"] = lambda _: None
+    data = random_set(config, 4)
+    nan_count = LabeledSet(data.images, data.masks, data.counts.clone())
+    nan_count.counts[1] = float("nan")
+    with pytest.raises(ValueError, match="1 training count"):
+        train_counter(model, nan_count, **quiet)
+    nan_pixel = LabeledSet(data.images.clone(), data.masks, data.counts)
+    nan_pixel.images[2, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="1 training image"):
+        train_segmenter(model, nan_pixel, **quiet)
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+        train_segmenter(model, data, **{**quiet, "batch_size": 0})
+    with pytest.raises(ValueError, match="no images"):
+        train_counter(model, data.subset([]), **quiet)
+    with pytest.raises(ValueError, match="2 or more training images"):
+        train_counter(model, data.subset([0]), **quiet)
+    for k, v in model.state_dict().items():  # nothing trained
+        assert torch.equal(v, before[k]), k
+    # an empty validation set is no validation set (was a torch.cat error)
+    history = train_counter(model, data, val=data.subset([]), **quiet)
+    assert len(history) == 1

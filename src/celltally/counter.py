@@ -175,6 +175,15 @@ def _checked_norm(norm: dict[str, Any]) -> dict[str, Any]:
             f"normalization percentiles must satisfy 0 <= low < high <= 100, got "
             f"{full['low']!r} and {full['high']!r}"
         )
+    if "noise_range" in full:  # the empty-frame guard's multiple of the noise std
+        try:
+            ok = float(full["noise_range"]) >= 0.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise io.InputError(
+                f"normalization noise_range must be a number >= 0, got {full['noise_range']!r}"
+            )
     return norm
 
 
@@ -365,7 +374,7 @@ class CellCounter:
     @classmethod
     def from_folder(
         cls,
-        folder: Path,
+        folder: str | Path,
         *,
         device: str | torch.device | None = None,
         epistemic: bool = False,
@@ -379,6 +388,7 @@ class CellCounter:
         """
         from safetensors.torch import load_file
 
+        folder = Path(folder)
         model, config = load_model_folder(folder)
         members = []
         if epistemic:
@@ -642,7 +652,7 @@ class CellCounter:
         Items :meth:`prepare_any` returned as ``ModelScaleImage`` are counted in
         tiles, as ``count`` counts them; results keep the order of ``prepared``.
         """
-        _checked_level(level)
+        level = _checked_level(level)
         _checked_batch(batch_size)
         results: list[CountResult | None] = [None] * len(prepared)
         frames = [i for i, a in enumerate(prepared) if not isinstance(a, ModelScaleImage)]
@@ -678,7 +688,7 @@ class CellCounter:
             or, for an image counted in tiles, a ``ModelScaleImage`` holding it
             at the model's pixel scale.
         """
-        _checked_level(level)
+        level = _checked_level(level)
         source = None
         if isinstance(image, str | Path):
             source = str(image)
@@ -717,7 +727,7 @@ class CellCounter:
         if read_threads < 0:
             raise io.InputError(f"read_threads must be 0 or more, got {read_threads}")
         _checked_batch(batch_size)
-        _checked_level(level)
+        level = _checked_level(level)
 
         def load(path: Path) -> np.ndarray | ModelScaleImage | Exception:
             try:

@@ -58,8 +58,17 @@ class LabeledSet:
     def has_mask(self) -> torch.Tensor:
         return ~torch.isnan(self.masks.flatten(1)[:, 0])
 
-    def subset(self, index: Sequence[int] | np.ndarray) -> LabeledSet:
-        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+    def subset(self, index: Sequence[int] | np.ndarray | torch.Tensor) -> LabeledSet:
+        """The images at ``index`` (positions, or a boolean mask of ``len(self)``)."""
+        chosen = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index)
+        if chosen.dtype == bool:  # a mask such as ``has_mask``, not positions 0 / 1
+            if chosen.shape != (len(self),):
+                raise ValueError(
+                    f"a boolean index needs {len(self)} values (one per image), got "
+                    f"shape {chosen.shape}"
+                )
+            chosen = np.flatnonzero(chosen)
+        idx = torch.as_tensor(chosen.astype(np.int64))
         meta = [self.meta[i] for i in idx.tolist()] if self.meta else []
         return LabeledSet(self.images[idx], self.masks[idx], self.counts[idx], meta)
 
@@ -415,6 +424,8 @@ def simulate_set_with_maps(
 def _simulate_scenes(
     scenes, size, counts, blurs, stains, clustering, seed, norm, workers, *, label_map
 ) -> list[tuple]:
+    if isinstance(scenes, bool) or not isinstance(scenes, (int, np.integer)) or scenes < 1:
+        raise ValueError(f"scenes must be a whole number >= 1, got {scenes!r}")
     specs = simulated_specs(
         scenes, counts=counts, blurs=blurs, stains=stains, clustering=clustering, seed=seed
     )

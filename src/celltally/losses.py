@@ -34,10 +34,17 @@ def gaussian_nll(
 
 
 def total_variation(image: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation: mean absolute difference of neighbouring pixels."""
-    dy = (image[..., 1:, :] - image[..., :-1, :]).abs().mean()
-    dx = (image[..., :, 1:] - image[..., :, :-1]).abs().mean()
-    return dx + dy
+    """Anisotropic total variation: mean absolute difference of neighbouring pixels.
+
+    A side of one pixel has no neighbours along it: that term is 0 (the mean of
+    no differences was NaN, at the coarsest pyramid level of inputs under 32 px).
+    """
+    terms = [
+        (image[..., 1:, :] - image[..., :-1, :]).abs(),
+        (image[..., :, 1:] - image[..., :, :-1]).abs(),
+    ]
+    zero = image.new_zeros(())
+    return sum((d.mean() if d.numel() else zero for d in terms), zero)
 
 
 def segmentation_loss(

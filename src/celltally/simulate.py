@@ -1176,6 +1176,13 @@ def _write_scene(job: tuple) -> list[tuple[str, int, int, int]]:
     return rows
 
 
+def _whole_at_least_1(value: object) -> bool:
+    """Whether ``value`` is a whole number >= 1 (not a bool, None or a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return float(value).is_integer() and value >= 1
+
+
 def simulate_plate(
     out_dir: str | os.PathLike[str],
     *,
@@ -1246,7 +1253,7 @@ def simulate_plate(
         For ``images < 1``, bad counts, blur levels, stains, size or bit depth,
         or a folder holding files of another plate.
     """
-    if isinstance(images, bool) or int(images) != images or images < 1:
+    if not _whole_at_least_1(images):
         raise ValueError(f"images (--images) must be a whole number >= 1, got {images!r}")
     if isinstance(workers, bool) or int(workers) != workers or workers < 1:
         raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")

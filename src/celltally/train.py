@@ -245,6 +245,29 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _check_training_set(data: LabeledSet, batch_size: int, *, counts: bool) -> None:
+    """ValueError, before any training, for a set that cannot train a stage.
+
+    No images, a batch size under 1, images with NaN or infinite pixels, and
+    for the counter (``counts``) fewer than 2 images (its batch norm needs 2
+    per batch) or counts that are not finite numbers of 0 or more: any of them
+    turned the loss into NaN and the weights with it, or failed deep in torch.
+    """
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if len(data) == 0:
+        raise ValueError("the training set has no images")
+    if counts and len(data) < 2:
+        raise ValueError("the counter needs 2 or more training images (batch norm), got 1")
+    if not bool(torch.isfinite(data.images).all()):
+        bad = int((~torch.isfinite(data.images.flatten(1))).any(1).sum())
+        raise ValueError(f"{bad} training image(s) have NaN or infinite pixels")
+    if counts:
+        c = data.counts
+        if bad := int((~torch.isfinite(c) | (c < 0)).sum()):
+            raise ValueError(f"{bad} training count(s) are NaN, infinite or negative")
+
+
 def train_segmenter(
     model: CountingPipeline,
     data: LabeledSet,
@@ -269,6 +292,7 @@ def train_segmenter(
     schedule rebuilt for them, where the rest would not fit (see ``_run_epochs``).
     """
     device = device or default_device()
+    _check_training_set(data, batch_size, counts=False)
     keep = data.has_mask
     if not bool(keep.any()):
         raise ValueError(
@@ -389,6 +413,9 @@ def train_counter(
     :func:`train_segmenter`.
     """
     device = device or default_device()
+    _check_training_set(data, batch_size, counts=True)
+    if val is not None and len(val) == 0:
+        val = None  # nothing to validate on
     mask, logvar = predict_masks(model, data.images, device=device)
     inputs = model.counter_planes(mask, logvar, data.images)
     targets = data.counts

@@ -19,14 +19,24 @@ from torch import nn
 def sum_to_grid(values: torch.Tensor, grid: Sequence[int], factor: int) -> torch.Tensor:
     """Sum an ``(N, H, W)`` map over ``factor x factor`` blocks onto an ``(N, *grid)`` grid.
 
-    The map is zero-padded (or cut) to ``grid * factor`` first; when ``H`` and
-    ``W`` are multiples of ``factor`` (as tiles are) nothing is lost.
+    The map is zero-padded to whole blocks first. Blocks beyond the grid (a
+    side that is not a multiple of ``factor``: the coarser counter's pooling
+    floors it) are added to the grid's last row or column, so the grid sums to
+    the whole map; when ``H`` and ``W`` are multiples of ``factor`` (as tiles
+    are) each block is its own cell.
     """
     gh, gw = int(grid[0]), int(grid[1])
     h, w = values.shape[-2:]
-    values = F.pad(values, (0, max(0, gw * factor - w), 0, max(0, gh * factor - h)))
-    values = values[..., : gh * factor, : gw * factor]
-    return values.reshape(*values.shape[:-2], gh, factor, gw, factor).sum((-3, -1))
+    bh, bw = max(gh, -(-h // factor)), max(gw, -(-w // factor))
+    values = F.pad(values, (0, bw * factor - w, 0, bh * factor - h))
+    blocks = values.reshape(*values.shape[:-2], bh, factor, bw, factor).sum((-3, -1))
+    if bh > gh:  # rows beyond the grid: into its last row
+        last = blocks[..., gh - 1 :, :].sum(-2, keepdim=True)
+        blocks = torch.cat([blocks[..., : gh - 1, :], last], dim=-2)
+    if bw > gw:
+        last = blocks[..., :, gw - 1 :].sum(-1, keepdim=True)
+        blocks = torch.cat([blocks[..., :, : gw - 1], last], dim=-1)
+    return blocks
 
 
 class _Part(Protocol):

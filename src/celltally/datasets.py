@@ -427,7 +427,7 @@ def _simulate_scenes(
     if isinstance(scenes, bool) or not isinstance(scenes, (int, np.integer)) or scenes < 1:
         raise ValueError(f"scenes must be a whole number >= 1, got {scenes!r}")
     specs = simulated_specs(
-        scenes, counts=counts, blurs=blurs, stains=stains, clustering=clustering, seed=seed
+        int(scenes), counts=counts, blurs=blurs, stains=stains, clustering=clustering, seed=seed
     )
     jobs = [(c, b, s, sd, tuple(size), norm, cl) for c, b, s, sd, cl in specs]
     one = _simulate_one if label_map is None else partial(_simulate_one, label_map=label_map)

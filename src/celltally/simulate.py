@@ -1180,7 +1180,7 @@ def _whole_at_least_1(value: object) -> bool:
     """Whether ``value`` is a whole number >= 1 (not a bool, None or a string)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         return False
-    return float(value).is_integer() and value >= 1
+    return float(value).is_integer() and float(value) >= 1
 
 
 def simulate_plate(

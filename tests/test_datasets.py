@@ -124,3 +124,19 @@ def test_a_boolean_subset_picks_the_images_it_marks():
     assert len(data.subset(data.has_mask)) == 0  # no image has a mask here
     with pytest.raises(ValueError, match="needs 4 values"):
         data.subset(np.array([True, False]))
+
+
+def test_a_labeled_set_whose_parts_do_not_fit_is_refused():
+    import pytest
+    import torch
+
+    images = torch.rand(3, 1, 8, 8)
+    counts = torch.tensor([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="masks must have the images' shape"):
+        datasets.LabeledSet(images, torch.rand(3, 1, 5, 5), counts)
+    with pytest.raises(ValueError, match=r"counts must be \(3,\), one per image"):
+        datasets.LabeledSet(images, torch.rand(3, 1, 8, 8), counts[:2])
+    with pytest.raises(ValueError, match=r"images must be \(N, 1, H, W\)"):
+        datasets.LabeledSet(images[:, 0], torch.rand(3, 8, 8), counts)
+    with pytest.raises(ValueError, match="one dict per image"):
+        datasets.LabeledSet(images, torch.rand(3, 1, 8, 8), counts, [{}])

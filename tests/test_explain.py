@@ -208,3 +208,12 @@ def test_display_max_shows_a_few_cells_on_an_even_background():
     varied[0, 0] = 50.0  # one hot pixel does not wash out a varied map
     assert display_max(varied) < 0.25
     assert display_max(np.zeros((4, 4))) == 1.0
+
+
+@pytest.mark.parametrize("truth", [float("nan"), 1e39, -1.0])
+def test_explain_refuses_a_truth_that_is_no_count(tiny_model, truth):
+    from celltally.io import InputError
+
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    with pytest.raises(InputError, match="true_count must be a count from 0 to 1e7"):
+        explain_image(counter, blob_image(3), true_count=truth)

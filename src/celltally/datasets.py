@@ -47,6 +47,20 @@ class LabeledSet:
     meta: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        n = int(self.images.shape[0]) if self.images.dim() else -1
+        if self.images.dim() != 4 or self.images.shape[1] != 1:
+            raise ValueError(f"images must be (N, 1, H, W), got shape {tuple(self.images.shape)}")
+        if tuple(self.masks.shape) != tuple(self.images.shape):
+            raise ValueError(
+                f"masks must have the images' shape {tuple(self.images.shape)} (NaN where "
+                f"an image has none), got {tuple(self.masks.shape)}"
+            )
+        if tuple(self.counts.shape) != (n,):
+            raise ValueError(
+                f"counts must be ({n},), one per image, got {tuple(self.counts.shape)}"
+            )
+        if self.meta and len(self.meta) != n:
+            raise ValueError(f"meta must have one dict per image ({n}), got {len(self.meta)}")
         # No zero strides (a NumPy ``[:, None]`` axis): cuDNN misreads them on GPU.
         self.images = dense_strides(self.images)
         self.masks = dense_strides(self.masks)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io as _bytes_io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -179,8 +180,13 @@ def explain_image(
     celltally.io.ImageReadError
         The file cannot be read (one-line message naming the file).
     celltally.io.InputError
-        The array is not a finite 2-D image.
+        The array is not a finite 2-D image, or ``true_count`` is not a finite count
+        of 0 or more.
     """
+    if true_count is not None and not (
+        math.isfinite(float(true_count)) and 0.0 <= float(true_count) <= 1e7
+    ):  # NaN made every saliency map NaN; 1e39 overflowed the float32 loss
+        raise io.InputError(f"true_count must be a count from 0 to 1e7, got {true_count!r}")
     source = None
     if isinstance(image, str | Path):
         source = str(image)

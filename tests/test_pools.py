@@ -1,7 +1,10 @@
-"""celltally.pools: process pools that stop at once."""
+"""celltally.pools: process pools that stop promptly."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,22 +18,34 @@ def _mark(job: tuple[str, int]) -> int:
     return k
 
 
+def _settled(folder: Path) -> int:
+    """The number of marks once no job is left running (the count stops changing)."""
+    done = -1
+    while (now := len(list(folder.iterdir()))) != done:
+        done = now
+        time.sleep(1.0)
+    return done
+
+
 def test_results_come_in_order():
     assert list(process_map(abs, [-3, 1, -2, 5], workers=2)) == [3, 1, 2, 5]
 
 
-def test_stopping_early_runs_no_further_job(tmp_path):
+def test_stopping_early_starts_no_further_job(tmp_path):
     jobs = [(str(tmp_path), k) for k in range(40)]
     results = process_map(_mark, jobs, workers=2)
     assert next(results) == 0
     results.close()  # what Ctrl-C in the consumer does too: the generator exits
-    done = len(list(tmp_path.glob("*.done")))
-    time.sleep(1.0)  # a pool left to finish would mark ~6 more jobs by now
-    assert len(list(tmp_path.glob("*.done"))) == done
-    assert done < 10  # of 40
+    assert _settled(tmp_path) < 10  # the jobs under way finish; of 40, no more start
 
 
-_SCRIPT = """
+def _run(script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True
+    )
+
+
+_INTERRUPTED = """
 import sys, time, signal
 from pathlib import Path
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
@@ -51,25 +66,39 @@ if __name__ == "__main__":
 """
 
 
-def test_ctrl_c_ends_the_workers_instead_of_waiting_for_their_jobs(tmp_path):
-    import signal
-    import subprocess
-    import sys
-
-    script = tmp_path / "run.py"
-    script.write_text(_SCRIPT)
+def test_ctrl_c_starts_no_further_job_and_the_process_exits(tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(marks)], stdout=subprocess.PIPE, text=True
-    )
+    proc = _run(_INTERRUPTED, str(marks))
     assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "0"  # the first job is done: the pool runs
+    assert proc.stdout.readline().strip() == "0"  # two chunks of 8 done: the pool runs
     proc.send_signal(signal.SIGINT)  # to the main process only, as `timeout -s INT` does
     assert proc.wait(timeout=60) == 130
-    done = len(list(marks.iterdir()))
-    time.sleep(1.0)
-    assert len(list(marks.iterdir())) == done  # no worker left running
-    # "0" came with the first two chunks done (16 jobs); the two under way then (8 jobs
-    # each) were ended, not run to their end (32)
-    assert done < 24
+    # the chunks under way or already handed to the workers' queue finish (8 jobs each:
+    # 2 running + 3 queued); the other 8 - 2 - 5 are never started
+    assert _settled(marks) <= 56
+
+
+_BIG_RESULTS = """
+from celltally.pools import process_map
+
+def job(k):
+    if k == 5:
+        raise ValueError("job 5 failed")
+    return bytes(1 << 20)  # more than a pipe's buffer, as a chunk of scenes is
+
+if __name__ == "__main__":
+    try:
+        list(process_map(job, range(40), workers=2))
+    except ValueError as err:
+        print("raised:", err, flush=True)
+"""
+
+
+def test_a_failed_job_among_large_results_lets_the_process_exit():
+    proc = _run(_BIG_RESULTS)
+    try:
+        assert proc.wait(timeout=60) == 0  # killing workers mid-send hung it at exit
+    finally:
+        proc.kill()
+    assert proc.stdout is not None and proc.stdout.read().strip() == "raised: job 5 failed"

@@ -234,10 +234,13 @@ def test_sets_that_cannot_train_are_refused_before_any_step():
         train_segmenter(model, data, **{**quiet, "batch_size": 0})
     with pytest.raises(ValueError, match="no images"):
         train_counter(model, data.subset([]), **quiet)
-    with pytest.raises(ValueError, match="2 or more training images"):
-        train_counter(model, data.subset([0]), **quiet)
+    with pytest.raises(ValueError, match="needs 2 or more training images, got 1"):
+        train_counter(model, data.subset([0]), **quiet)  # the tiny config's head: 'fc'
     for k, v in model.state_dict().items():  # nothing trained
         assert torch.equal(v, before[k]), k
     # an empty validation set is no validation set (was a torch.cat error)
     history = train_counter(model, data, val=data.subset([]), **quiet)
     assert len(history) == 1
+    # a density counter trains on a single image, as before
+    density = CountingPipeline({**config, "counter": {**config["counter"], "head": "density"}})
+    assert len(train_counter(density, data.subset([0]), **quiet)) == 1

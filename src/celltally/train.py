@@ -245,22 +245,31 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _check_training_set(data: LabeledSet, batch_size: int, *, counts: bool) -> None:
+def _check_training_set(
+    data: LabeledSet, batch_size: int, *, counts: bool, min_images: int = 1
+) -> None:
     """ValueError, before any training, for a set that cannot train a stage.
 
-    No images, a batch size under 1, images with NaN or infinite pixels, and
-    for the counter (``counts``) fewer than 2 images (its batch norm needs 2
-    per batch) or counts that are not finite numbers of 0 or more: any of them
-    turned the loss into NaN and the weights with it, or failed deep in torch.
+    No images, fewer than ``min_images`` (the paper's 'fc' counter: its
+    BatchNorm1d needs 2 per batch), a batch size under 1, images with NaN or
+    infinite pixels, and for the counter (``counts``) counts that are not
+    finite numbers of 0 or more: any of them turned the loss into NaN and the
+    weights with it, or failed deep in torch.
     """
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     if len(data) == 0:
         raise ValueError("the training set has no images")
-    if counts and len(data) < 2:
-        raise ValueError("the counter needs 2 or more training images (batch norm), got 1")
-    if not bool(torch.isfinite(data.images).all()):
-        bad = int((~torch.isfinite(data.images.flatten(1))).any(1).sum())
+    if len(data) < min_images:
+        raise ValueError(
+            f"this counter (the paper's 'fc' head, batch norm over the batch) needs "
+            f"{min_images} or more training images, got {len(data)}"
+        )
+    bad = 0
+    for start in range(0, len(data), 256):  # in chunks: no copy of a whole large set
+        chunk = data.images[start : start + 256].flatten(1)
+        bad += int((~torch.isfinite(chunk)).any(1).sum())
+    if bad:
         raise ValueError(f"{bad} training image(s) have NaN or infinite pixels")
     if counts:
         c = data.counts
@@ -413,7 +422,8 @@ def train_counter(
     :func:`train_segmenter`.
     """
     device = device or default_device()
-    _check_training_set(data, batch_size, counts=True)
+    fc_head = not getattr(model.counter, "counts_any_size", False)
+    _check_training_set(data, batch_size, counts=True, min_images=2 if fc_head else 1)
     if val is not None and len(val) == 0:
         val = None  # nothing to validate on
     mask, logvar = predict_masks(model, data.images, device=device)

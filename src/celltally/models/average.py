@@ -26,6 +26,8 @@ def sum_to_grid(values: torch.Tensor, grid: Sequence[int], factor: int) -> torch
     are) each block is its own cell.
     """
     gh, gw = int(grid[0]), int(grid[1])
+    if gh < 1 or gw < 1:  # an empty grid holds nothing
+        return values.new_zeros(*values.shape[:-2], max(gh, 0), max(gw, 0))
     h, w = values.shape[-2:]
     bh, bw = max(gh, -(-h // factor)), max(gw, -(-w // factor))
     values = F.pad(values, (0, bw * factor - w, 0, bh * factor - h))

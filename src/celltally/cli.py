@@ -61,8 +61,6 @@ def fail(message: str | BaseException, code: int = 2, *, rank: str | None = None
     raise typer.Exit(code)
 
 
-#: Largest --true count explain takes (its loss is computed in float32).
-MAX_TRUE_COUNT = 1e7
 #: Figure formats of --plate-map and explain --out (matplotlib's common ones).
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -1123,7 +1121,7 @@ def explain(
     """The paper's Figure 4 panel: input, mask, mask uncertainty, saliency of the count."""
     from celltally import io
     from celltally.counter import CellCounter
-    from celltally.explain import explain_image, explanation_figure
+    from celltally.explain import MAX_TRUE_COUNT, explain_image, explanation_figure
     from celltally.naming import parse_name
 
     _check_level(level)

@@ -149,6 +149,10 @@ def saliency(
     return mask_sal, image_sal
 
 
+#: Largest true count an explanation takes (its loss is computed in float32).
+MAX_TRUE_COUNT = 1e7
+
+
 def explain_image(
     counter: CellCounter,
     image: np.ndarray | str | Path,
@@ -184,9 +188,11 @@ def explain_image(
         of 0 or more.
     """
     if true_count is not None and not (
-        math.isfinite(float(true_count)) and 0.0 <= float(true_count) <= 1e7
+        math.isfinite(float(true_count)) and 0.0 <= float(true_count) <= MAX_TRUE_COUNT
     ):  # NaN made every saliency map NaN; 1e39 overflowed the float32 loss
-        raise io.InputError(f"true_count must be a count from 0 to 1e7, got {true_count!r}")
+        raise io.InputError(
+            f"true_count must be a count from 0 to 1e7, got {true_count!r}"  # MAX_TRUE_COUNT
+        )
     source = None
     if isinstance(image, str | Path):
         source = str(image)

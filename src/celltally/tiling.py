@@ -86,8 +86,8 @@ def off_frame(
 ) -> list[Mapping[str, Any]]:
     """The images (``meta`` rows with a raw ``shape``) more than ``tolerance`` off the frame.
 
-    Such an image is resized whole for training or calibration, but counted in
-    tiles at the model's pixel scale.
+    Such an image is resized whole for training, but counted in tiles at the
+    model's pixel scale (calibration counts it as ``count`` does).
     """
     return [
         m

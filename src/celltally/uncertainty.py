@@ -261,25 +261,6 @@ def _train_members(
         save_readable(state, path)
 
 
-def _warn_off_frame(config: dict[str, Any], data: LabeledSet, log: Any) -> None:
-    """Warn when calibration images off the model's frame have no file to count them from.
-
-    ``count`` counts such an image in tiles at the model's pixel scale, and so
-    does calibration for the images of a folder (:func:`_off_frame_files`); an image
-    given only prepared (resized whole) can only be calibrated so, and intervals
-    calibrated on 192 x 256 images for a 260 x 348 frame held 16 of those 20.
-    """
-    from celltally.tiling import model_scale, off_frame, off_frame_note
-
-    native = model_scale(config).native_size
-    if off := [m for m in off_frame(data.meta, native) if source_file(m) is None]:
-        log(
-            f"warning: {off_frame_note(off, len(data), native, kind='calibration')}: they are "
-            "calibrated resized whole, but counted in tiles at the model's scale, so their "
-            "intervals may not hold; calibrate on images of the frame's size"
-        )
-
-
 def _off_frame_files(counter: Any, data: LabeledSet) -> dict[int, Path]:
     """The images (index: file) that ``celltally count`` counts in tiles at ``counter``'s scale.
 
@@ -520,7 +501,6 @@ def calibrate_model(
         )
     shown = _shown(folder)
     config = read_model_config(folder)
-    _warn_off_frame(config, calibration, log)
     old = config.get("calibration") or {}
     if only_epistemic and old.get("scores"):
         return _calibrate_epistemic(

@@ -380,6 +380,19 @@ def test_list_glob_no_match(tmp_path: Path) -> None:
     _assert_one_line(err, "*.tif")
 
 
+@pytest.mark.parametrize("lister", [list_images, lambda p: list(iter_images(p))])
+def test_pattern_in_the_wrong_case_names_a_match(tmp_path: Path, lister) -> None:
+    # BBBC's files end in .TIF; a user's '*.tif' matches nothing on Linux
+    _touch_images(tmp_path / "Plate", ["w_A01.TIF"])
+    with pytest.raises(InputError) as err:
+        lister([str(tmp_path / "plate" / "*.tif")])
+    text = _assert_one_line(err, "*.tif")
+    assert "case-sensitive" in text and "w_A01.TIF" in text
+    with pytest.raises(InputError) as err:
+        lister([str(tmp_path / "Plate" / "[v]*.TIF")])  # no match in any case: no hint
+    assert "case-sensitive" not in _assert_one_line(err, "[v]*.TIF")
+
+
 def test_list_empty_folder(tmp_path: Path) -> None:
     folder = tmp_path / "emptyfolder"
     _touch_images(folder, ["readme.txt", ".hidden.png"])

@@ -232,6 +232,14 @@ def test_sets_that_cannot_train_are_refused_before_any_step():
         train_segmenter(model, nan_pixel, **quiet)
     with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
         train_segmenter(model, data, **{**quiet, "batch_size": 0})
+    for bad_value, row in ((255.0, 1), (-0.5, 0), (float("nan"), 3)):  # 0/255, partly NaN
+        bad_mask = LabeledSet(data.images, data.masks.clone(), data.counts)
+        bad_mask.masks[row, 0, 0, 0] = bad_value
+        with pytest.raises(ValueError, match=r"1 training mask\(s\) have values outside"):
+            train_segmenter(model, bad_mask, **quiet)
+    no_mask = LabeledSet(data.images, data.masks.clone(), data.counts)
+    no_mask.masks[1] = float("nan")  # a whole NaN mask: an image without one, not an error
+    assert len(train_segmenter(model, no_mask, **{**quiet, "epochs": 0})) == 0
     with pytest.raises(ValueError, match="no images"):
         train_counter(model, data.subset([]), **quiet)
     with pytest.raises(ValueError, match="needs 2 or more training images, got 1"):

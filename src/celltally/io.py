@@ -648,6 +648,41 @@ def _empty_folder(folder: Path, text: str, recursive: bool) -> InputError:
     return InputError(message, text)
 
 
+def _any_case(pattern: str) -> str:
+    """``pattern`` with each letter outside a ``[...]`` class matching either case."""
+    out = []
+    in_class = False
+    for ch in pattern:
+        if in_class:
+            in_class = ch != "]"
+            out.append(ch)
+        elif ch == "[":
+            in_class = True
+            out.append(ch)
+        elif ch.isalpha() and ch.lower() != ch.upper():
+            out.append(f"[{ch.lower()}{ch.upper()}]")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _no_match(text: str, recursive: bool) -> InputError:
+    """The error for a pattern that matches nothing, with a hint when only its case is off.
+
+    Shells and :mod:`glob` match case-sensitively on Linux, so ``*.tif`` misses
+    BBBC's ``.TIF`` files; the message names a file the pattern would match in
+    another case.
+    """
+    other = next(iter(glob.iglob(_any_case(text), recursive=recursive)), None)
+    if other is None:
+        return InputError(f"no files match the pattern '{text}'", text)
+    return InputError(
+        f"no files match the pattern '{text}' (matching is case-sensitive; "
+        f"it matches '{other}' in another case)",
+        text,
+    )
+
+
 def _folder_images(folder: Path, recursive: bool) -> list[Path]:
     return sorted(_scan_folder(folder, recursive), key=str)
 
@@ -709,7 +744,7 @@ def list_images(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = Fa
         elif any(ch in text for ch in _GLOB_CHARS):
             matches = sorted(glob.glob(text, recursive=recursive))
             if not matches:
-                raise InputError(f"no files match the pattern '{text}'", text)
+                raise _no_match(text, recursive)
             matched: list[Path] = []
             for match in matches:
                 m = Path(match)
@@ -936,7 +971,7 @@ def iter_images(
                 )
         elif any(ch in text for ch in _GLOB_CHARS):
             if next(iter(glob.iglob(text, recursive=recursive)), None) is None:
-                raise InputError(f"no files match the pattern '{text}'", text)
+                raise _no_match(text, recursive)
             if next(_arg_images(text, recursive, skip), None) is None:
                 raise InputError(f"pattern '{text}' matches no TIFF/PNG/JPEG images", text)
         else:

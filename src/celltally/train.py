@@ -246,15 +246,17 @@ def _fmt(value: float) -> str:
 
 
 def _check_training_set(
-    data: LabeledSet, batch_size: int, *, counts: bool, min_images: int = 1
+    data: LabeledSet, batch_size: int, *, counts: bool, min_images: int = 1, masks: bool = False
 ) -> None:
     """ValueError, before any training, for a set that cannot train a stage.
 
     No images, fewer than ``min_images`` (the paper's 'fc' counter: its
     BatchNorm1d needs 2 per batch), a batch size under 1, images with NaN or
-    infinite pixels, and for the counter (``counts``) counts that are not
-    finite numbers of 0 or more: any of them turned the loss into NaN and the
-    weights with it, or failed deep in torch.
+    infinite pixels, for the counter (``counts``) counts that are not
+    finite numbers of 0 or more, and for the segmenter (``masks``) masks with
+    values outside [0, 1] or partly NaN (a 0/255 mask trained it towards 255):
+    any of them turned the loss into NaN and the weights with it, failed deep
+    in torch, or trained towards a wrong target.
     """
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
@@ -271,6 +273,19 @@ def _check_training_set(
         bad += int((~torch.isfinite(chunk)).any(1).sum())
     if bad:
         raise ValueError(f"{bad} training image(s) have NaN or infinite pixels")
+    if masks:
+        bad = 0
+        for start in range(0, len(data), 256):
+            chunk = data.masks[start : start + 256].flatten(1)
+            missing = torch.isnan(chunk)
+            partly = missing.any(1) & ~missing.all(1)
+            outside = ((chunk < 0) | (chunk > 1) | torch.isinf(chunk)).any(1)
+            bad += int((partly | outside).sum())
+        if bad:
+            raise ValueError(
+                f"{bad} training mask(s) have values outside [0, 1] or are partly NaN "
+                "(a mask holds foreground fractions 0-1; NaN over a whole image means none)"
+            )
     if counts:
         c = data.counts
         if bad := int((~torch.isfinite(c) | (c < 0)).sum()):
@@ -301,7 +316,7 @@ def train_segmenter(
     schedule rebuilt for them, where the rest would not fit (see ``_run_epochs``).
     """
     device = device or default_device()
-    _check_training_set(data, batch_size, counts=False)
+    _check_training_set(data, batch_size, counts=False, masks=True)
     keep = data.has_mask
     if not bool(keep.any()):
         raise ValueError(

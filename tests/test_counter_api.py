@@ -49,6 +49,10 @@ def test_bad_batch_sizes_and_levels_are_refused_on_entry(counter, tmp_path):
     bad = [prepared[0], np.full_like(prepared[1], np.nan)]
     with pytest.raises(InputError, match="prepared image 1: .* NaN"):
         counter.count_prepared(bad)
+    raw = [prepared[0], blob_image(3, seed=5)]  # a raw image: other size, not normalized
+    for method in (counter.count_prepared, counter.embed):
+        with pytest.raises(InputError, match="prepared image 1 is .* not model .* input of"):
+            method(raw)
 
 
 def test_normalization_options_add_to_the_models_and_are_checked():

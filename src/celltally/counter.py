@@ -592,6 +592,27 @@ class CellCounter:
             )
         )
 
+    def _checked_prepared(self, i: int, image: np.ndarray) -> np.ndarray:
+        """Prepared image ``i`` as float32; InputError unless finite and of the input size.
+
+        A raw image (another size, not normalized) would be counted at the wrong
+        scale and intensity without a word.
+        """
+        a = np.asarray(image, dtype=np.float32)
+        if a.ndim != 2 or not np.isfinite(a).all():
+            raise io.InputError(
+                f"prepared image {i}: expected a finite 2-D array, got shape "
+                f"{a.shape}" + ("" if a.ndim != 2 else " with NaN or infinite values")
+            )
+        if a.shape != self.input_size:
+            (h, w), (mh, mw) = a.shape, self.input_size
+            raise io.InputError(
+                f"prepared image {i} is {w}x{h} px, not model {self.name}'s input of "
+                f"{mw}x{mh}: prepare it with prepare_any() first, or count the raw image "
+                "with count()"
+            )
+        return a
+
     def embed(
         self, prepared: Sequence[np.ndarray | ModelScaleImage], *, batch_size: int = 32
     ) -> np.ndarray:
@@ -608,7 +629,10 @@ class CellCounter:
         ]
         rows = []
         for start in range(0, len(frames), batch_size):
-            chunk = [np.asarray(a, dtype=np.float32) for a in frames[start : start + batch_size]]
+            chunk = [
+                self._checked_prepared(start + k, a)
+                for k, a in enumerate(frames[start : start + batch_size])
+            ]
             rows += self._embeddings(chunk)
         if any(r is None for r in rows):
             raise ValueError(f"model {self.name}'s segmenter has no encoder blocks to embed with")
@@ -661,13 +685,7 @@ class CellCounter:
                 results[i] = self._result(self._count_scaled(item), level, None)
         for start in range(0, len(frames), batch_size):
             index = frames[start : start + batch_size]
-            chunk = [np.asarray(prepared[i], dtype=np.float32) for i in index]
-            for i, a in zip(index, chunk, strict=True):
-                if a.ndim != 2 or not np.isfinite(a).all():
-                    raise io.InputError(
-                        f"prepared image {i}: expected a finite 2-D array, got shape "
-                        f"{a.shape}" + ("" if a.ndim != 2 else " with NaN or infinite values")
-                    )
+            chunk = [self._checked_prepared(i, prepared[i]) for i in index]
             for i, r in zip(index, self._forward(chunk), strict=True):
                 results[i] = self._result(r, level, None)
         return cast("list[CountResult]", results)  # every slot filled above

@@ -519,7 +519,7 @@ def compare_with_start(
     for key, folder in (("new", out), ("start", resolve_model(from_model))):
         counter = CellCounter.from_pretrained(folder, channel=channel)
         counts = np.zeros(len(truth))
-        rest = [i for i in range(len(truth)) if i not in set(on_file)]
+        rest = sorted(set(range(len(truth))) - set(on_file))
         prepared = [calibration.images[i, 0].numpy() for i in rest]
         for i, done in zip(rest, counter.count_prepared(prepared), strict=True):
             counts[i] = done.count

@@ -482,10 +482,11 @@ class CellCounter:
                 f"px at model {self.name}'s scale, too small to count (each side needs at "
                 f"least {MIN_SIDE} px); check --diameter / --pixel-size"
             )
-        if shape == self.input_size:
-            return self.prepare(image)
-        if not self.density_head:
-            if any(s > FRAME_TOLERANCE * n for s, n in zip(shape, self.input_size, strict=True)):
+        if not self.counts_in_tiles(image.shape):  # one rule, shared with calibration
+            too_large = any(
+                s > FRAME_TOLERANCE * n for s, n in zip(shape, self.input_size, strict=True)
+            )
+            if not self.density_head and too_large:
                 native = self.scale.native_size
                 raise io.InputError(
                     f"image of {image.shape[1]}x{image.shape[0]} px is larger than the "

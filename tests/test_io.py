@@ -683,6 +683,9 @@ def test_a_file_reached_through_a_linked_folder_is_one_file(tmp_path: Path) -> N
     listed = [p.name for p in iter_images(args)]
     assert listed == ["a.tif", "b.tif"]  # the folder link adds nothing; a file link is a file
     assert [p.name for p in list_images(args)] == listed
+    pattern = [str(tmp_path / "*")]  # one argument that matches the folder and its link
+    assert [p.name for p in iter_images(pattern)] == listed
+    assert [p.name for p in list_images(pattern)] == listed
 
 
 def test_a_read_error_of_the_system_says_so_and_names_no_other_path(tmp_path: Path) -> None:

@@ -72,9 +72,27 @@ def test_generic_well_and_count() -> None:
     # "_C10_" with no other well is the well, not a count.
     lone = parse_name("exp_C10_s2.tif")
     assert (lone.well, lone.count, lone.plate) == ("C10", None, "exp")
-    # A well not right after the first '_' gives no plate.
-    assert parse_name("exp_run2_D05.tif").plate is None
+    # The plate is all the text before the well, '_' included.
+    assert parse_name("exp_run2_D05.tif").plate == "exp_run2"
     assert parse_name("exp_run2_D05.tif").well == "D05"
+
+
+@pytest.mark.parametrize(
+    ("name", "plate", "well", "site", "stain"),
+    [
+        ("Plate1_B03_s1_w01.tif", "Plate1", "B03", 1, 1),  # zero-padded channel
+        ("Plate1_B03_s1_w10.tif", "Plate1", "B03", 1, 10),  # was read as channel 1
+        ("P01_B02_s1_w1.tif", "P01", "B02", 1, 1),  # a plate named like a well
+        ("PL01_D02_s3_w2.tif", "PL01", "D02", 3, 2),
+        ("Screen_P1_B03_s1_w1.tif", "Screen_P1", "B03", 1, 1),  # '_' in the plate name
+        ("MFGTMP_230101_A01_s1_w1.tif", "MFGTMP_230101", "A01", 1, 1),
+        ("B02_s1_w1.tif", None, "B02", 1, 1),
+        ("A01_w2_B12.tif", None, "A01", None, 2),  # a token after the channel is no well
+    ],
+)
+def test_screen_names(name: str, plate, well, site, stain) -> None:
+    got = parse_name(name)
+    assert (got.plate, got.well, got.site, got.stain) == (plate, well, site, stain)
 
 
 @pytest.mark.parametrize("name", ["", "junk.tif", "cells_0001.png", "a_b_c", "IMG-2024.jpeg"])

@@ -523,3 +523,26 @@ def test_plates_told_apart_only_by_their_folders_are_not_merged():
     copy = [*rows[:2], row("copy/P1_B02_s1_w1.tif", 10.0, 1.0)]
     (well,), _ = aggregate_wells(copy, correlation=0.5)
     assert (well["plate"], well["images"], well["repeated_sites"]) == ("P1", 3, "1")
+
+
+def test_wells_know_each_image_by_where_it_is(tmp_path, monkeypatch):
+    # the same names on two plates, each counted from inside its folder into one CSV (the
+    # shipped model: the untrained one counts every image alike, and alike is one image)
+    for plate, n in (("PlateA", 2), ("PlateB", 30)):  # unlike counts: not one image twice
+        (tmp_path / plate).mkdir()
+        tifffile.imwrite(tmp_path / plate / "exp1_B02_s1_w1.tif", blob_image(n, seed=n))
+    out = tmp_path / "res.csv"
+    for plate in ("PlateA", "PlateB"):
+        monkeypatch.chdir(tmp_path / plate)
+        args = ["count", ".", "-o", str(out), "--model", "bbbc005", "--no-progress"]
+        assert runner.invoke(app, args).exit_code == 0
+    # a site added to PlateA, counted through its absolute path
+    tifffile.imwrite(tmp_path / "PlateA" / "exp1_B02_s2_w1.tif", blob_image(5, seed=3))
+    monkeypatch.chdir(tmp_path)
+    args = ["count", str(tmp_path / "PlateA"), "-o", str(out), "--model", "bbbc005"]
+    assert runner.invoke(app, [*args, "--no-progress"]).exit_code == 0
+    result = runner.invoke(app, ["wells", str(out), "-o", "w.csv"])
+    assert result.exit_code == 0, result.output  # was: 'has more than one row'
+    with open("w.csv", newline="") as handle:
+        got = {(w["plate"], w["sites"]) for w in csv.DictReader(handle)}
+    assert got == {("PlateA/exp1", "1;2"), ("PlateB/exp1", "1")}

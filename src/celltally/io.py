@@ -978,7 +978,10 @@ def iter_images(
             raise InputError(f"no such file or folder: {text}", text)
 
     def generate() -> Iterator[Path]:
-        seen: set[bytes] | None = set() if len(texts) > 1 else None
+        # several arguments, or a pattern (a folder and a link to it may both match),
+        # can reach a file twice; one folder lists each file once (its sub-folders by inode)
+        patterns = any(not Path(t).exists() for t in texts)
+        seen: set[bytes] | None = set() if len(texts) > 1 or patterns else None
         for text in texts:
             for path in _arg_images(text, recursive, skip):
                 if seen is not None:

@@ -26,7 +26,10 @@ BBBC005_PATTERN = re.compile(
 # (or the start of the name / a '.' / the end).
 _WELL = re.compile(r"(?:^|_)(?P<row>[A-Z]{1,2})(?P<column>\d{2})(?=[_.]|$)")
 _SITE = re.compile(r"_s(?P<site>\d+)(?=[_.\-]|$)", re.IGNORECASE)
-_STAIN = re.compile(r"_w(?P<stain>\d)", re.IGNORECASE)
+# A channel is '_w' + its number ('_w1', '_w01', '_w10'); ImageXpress runs a GUID on after
+# one digit ('_w1051DAA7C-...'), so an undelimited number gives its first digit only.
+_STAIN = re.compile(r"_w(?P<stain>\d+)(?=[_.\-]|$)", re.IGNORECASE)
+_STAIN_GUID = re.compile(r"_w(?P<stain>\d)", re.IGNORECASE)
 _COUNT = re.compile(r"_C(?P<count>\d+)(?=_)")
 
 
@@ -51,7 +54,8 @@ class ImageName:
     count : int or None
         Ground-truth cell count encoded in the name (``C`` field).
     plate : str or None
-        Plate name (text before the first ``_`` when directly followed by a well).
+        Plate name: all the text before the well (``Screen_P1`` in
+        ``Screen_P1_B03_s1_w1.tif``).
     """
 
     well: str | None = None
@@ -100,20 +104,24 @@ def _parse_generic(base: str) -> ImageName:
 
     well = row = plate = None
     column = site = stain = count = None
-    if wells:
-        w = wells[0]
-        row = w.group("row")
-        column = int(w.group("column"))
-        well = f"{row}{w.group('column')}"
-        first_sep = base.find("_")
-        if first_sep > 0 and w.start() == first_sep:
-            plate = base[:first_sep]
     site_match = _SITE.search(base)
     if site_match:
         site = int(site_match.group("site"))
-    stain_match = _STAIN.search(base)
+    stain_match = _STAIN.search(base) or _STAIN_GUID.search(base)
     if stain_match:
         stain = int(stain_match.group("stain"))
+    if wells:
+        # names run plate, well, site, channel: the well is the last well-like token
+        # before the site (or channel), so a plate named like a well ('P01') stays the plate
+        marker = site_match or stain_match
+        end = marker.start() if marker else len(base)
+        w = ([m for m in wells if m.end() <= end] or wells)[-1]
+        row = w.group("row")
+        column = int(w.group("column"))
+        well = f"{row}{w.group('column')}"
+        if w.start() > 0:
+            plate = base[: w.start()]  # all before the well: 'Screen_P1', 'MFGTMP_230101'
+
     if counts:
         count = int(counts[0].group("count"))
     return ImageName(
@@ -134,8 +142,10 @@ def parse_name(name: str | os.PathLike[str]) -> ImageName:
     ImageName
         For a canonical BBBC005 name, well, row, column, count, blur, site and stain (plate
         ``None``). Otherwise whatever the generic patterns find: a well ``_A02_`` (row
-        letters + 2 digits), a site ``_s<digits>``, a channel ``_w<digit>``, a count
-        ``_C<digits>_`` and a plate (text before the first ``_`` when followed by a well).
+        letters + 2 digits; the last such token before the site or channel), a site
+        ``_s<digits>``, a channel ``_w<digits>`` (one digit when a GUID follows, as in
+        ImageXpress names), a count ``_C<digits>_`` and a plate (all the text before the
+        well).
         An unparseable name gives an all-``None`` result; this function never raises.
 
     Examples

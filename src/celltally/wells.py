@@ -454,6 +454,34 @@ def _manifest_model(results: str | Path) -> tuple[dict[str, str], bool]:
         return {}, False
 
 
+def _located(
+    results: str | Path, rows: Sequence[Mapping[str, str]], failed: Sequence[str]
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows (copies) and failed files with each file where it is (:func:`io.file_identity`).
+
+    A results CSV names files relative to the folder each run worked in (its
+    manifest records it), so ``plate/a.tif`` written from two folders is two
+    images, and ``sp/PlateA/a.tif`` and ``/abs/sp/PlateA/b.tif`` are in one
+    folder. Without a manifest (a CSV not written by ``count``) the names are
+    taken as written.
+    """
+    from celltally.batch import _row_bases, output_paths
+
+    try:
+        manifest = json.loads(output_paths(Path(results)).manifest.read_text())
+        runs = manifest["runs"]
+        bases = _row_bases(manifest)
+        last = (runs[-1].get("cwd") if runs else None) or os.getcwd()
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return [dict(r) for r in rows], list(failed)
+
+    def where(name: str, base: str) -> str:
+        return io.file_identity(os.path.join(base, name)) if name else name
+
+    located = [{**r, "file": where(r.get("file") or "", bases(i)[0])} for i, r in enumerate(rows)]
+    return located, [where(name, last) for name in failed]
+
+
 def well_totals(
     results: str | Path,
     out: str | Path,
@@ -492,9 +520,9 @@ def well_totals(
         }
         values = {name: v for name, (v, _) in found.items()}
         notes = {name: note for name, (_, note) in found.items()}
-    wells, skipped = aggregate_wells(
-        rows, correlation=values, failed=_failed_files(results, rows), source=str(results)
-    )
+    failed = _failed_files(results, rows)
+    rows, failed = _located(results, rows, failed)
+    wells, skipped = aggregate_wells(rows, correlation=values, failed=failed, source=str(results))
     if require_wells and not wells:
         raise io.InputError(
             f"{results}: no file name carries a well (such as Plate1_B03_s1_w1.tif or "

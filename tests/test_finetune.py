@@ -461,6 +461,21 @@ def test_a_segmenter_only_model_says_its_counter_is_untrained(tmp_path):
     assert counted.exit_code == 2 and "its counter is untrained" in counted.output
     listed = run("models", tmp_path / "s1")
     assert "(untrained: a --stage segmenter model, it cannot count yet)" in listed.output
+    # a segmenter trained on from it still has the untrained counter, and says so
+    again = run(
+        "train",
+        *common,
+        "--stage",
+        "segmenter",
+        "--from",
+        tmp_path / "s1",
+        "--out",
+        tmp_path / "s1b",
+    )
+    assert again.exit_code == 0, again.output
+    assert "its counter is untrained" in again.output
+    counted = run("count", image, "-o", tmp_path / "r.csv", "--model", tmp_path / "s1b")
+    assert counted.exit_code == 2 and "its counter is untrained" in counted.output
     second = run(
         "train", *common, "--stage", "counter", "--from", tmp_path / "s1", "--out", tmp_path / "s2"
     )

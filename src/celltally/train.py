@@ -586,6 +586,7 @@ def fit(
     stages: str = "both",
     segmenter_train: LabeledSet | None = None,
     init: dict[str, torch.Tensor] | None = None,
+    init_untrained_counter: bool = False,
     seed: int = 0,
     resume: bool = False,
     progress: bool = True,
@@ -599,6 +600,8 @@ def fit(
     the conformal calibration scores and the test metrics added.
     ``segmenter_train`` (default: ``train``) lets the costly first stage see a
     subset: masks are learnt from far fewer images than counts.
+    ``init_untrained_counter``: ``init`` is a segmenter-only model's, whose
+    counter never trained; a run that does not train it saves it as such.
     """
     from celltally.calibration import conformal_scores
 
@@ -669,7 +672,8 @@ def fit(
             return config
     config = dict(config)
     config["history"] = history
-    if init is None and (stages == "segmenter" or hp["counter"]["epochs"] <= 0):
+    counter_untrained = init is None or init_untrained_counter
+    if counter_untrained and (stages == "segmenter" or hp["counter"]["epochs"] <= 0):
         # Its counter never trained: no intervals to calibrate, and CellCounter refuses
         # to count with it; the folder is the first stage's, for `--stage counter --from`.
         config["untrained_counter"] = True

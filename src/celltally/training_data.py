@@ -471,6 +471,7 @@ def build_and_fit(
             out=out,
             stages=stages,
             init=init,
+            init_untrained_counter=start_untrained,
             seed=seed,
             resume=resume,
             progress=progress,

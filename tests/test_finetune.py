@@ -440,6 +440,15 @@ def test_a_small_folder_keeps_at_least_one_scene_for_calibration():
         parts = split_by_scene_hash(data)
         assert parts["calibration"].size >= 1 and parts["train"].size >= 1, n
         assert split_by_scene_hash(data)["calibration"].tolist() == parts["calibration"].tolist()
+    # one scene (a time-lapse of one field) whose hash falls in the calibration share: all
+    # of it trains (it left no training image, and train failed in torch.cat)
+    meta = [{"scene": "field_A01_s10"}] * 8
+    one = LabeledSet(torch.zeros(8, 1, 4, 4), torch.zeros(8, 1, 4, 4), torch.zeros(8), meta)
+    assert split_by_scene_hash(one)["train"].tolist() == list(range(8))
+    # two scenes, both in the calibration share: the lower one calibrates, the other trains
+    meta = [{"scene": "field_A01_s10"}, {"scene": "field_A01_s22"}] * 2
+    two = LabeledSet(torch.zeros(4, 1, 4, 4), torch.zeros(4, 1, 4, 4), torch.zeros(4), meta)
+    assert split_by_scene_hash(two)["train"].tolist() == [0, 2]
 
 
 def test_a_segmenter_only_model_says_its_counter_is_untrained(tmp_path):

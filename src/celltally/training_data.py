@@ -46,13 +46,17 @@ def split_by_scene_hash(
 
     A scene goes to calibration when its name's hash falls in the lowest
     ``calibration_fraction``. When none does (a small folder: 14% of 12-scene
-    folders), the scene with the lowest hash does, if there are two or more:
-    the intervals of a fine-tuned model are then calibrated on the user's own
-    images rather than on simulated ones.
+    folders), or all do, the scene with the lowest hash does, if there are two
+    or more: the intervals of a fine-tuned model are then calibrated on the
+    user's own images rather than on simulated ones. A folder of one scene
+    (one field of a time-lapse, a single image) is all training images.
     """
     fraction = {str(m["scene"]): _hash_fraction(str(m["scene"])) for m in data.meta}
     threshold = calibration_fraction
-    if len(fraction) >= 2 and min(fraction.values()) >= calibration_fraction:
+    below = sum(f < calibration_fraction for f in fraction.values())
+    if len(fraction) < 2:
+        threshold = 0.0  # nothing would be left to train on
+    elif below == 0 or below == len(fraction):
         threshold = min(fraction.values()) + 1e-12  # the lowest scene only
     cal = [i for i, m in enumerate(data.meta) if fraction[str(m["scene"])] < threshold]
     cal_set = set(cal)

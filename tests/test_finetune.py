@@ -626,3 +626,19 @@ def test_images_off_the_models_frame_calibrate_as_count_counts_them(base_model, 
     for name, true in truth.items():
         result = counter.count(other / "images" / name, level=n / (n + 1))
         assert result.low - 1e-3 <= true <= result.high + 1e-3, (name, true, result)
+
+
+def test_a_folder_given_twice_is_used_once_and_a_bad_seed_is_refused(tmp_path):
+    folder = plate(tmp_path / "small", 6, seed=8)
+    common = ("--no-progress", "--seg-epochs", "0", "--count-epochs", "1", "--from", "bbbc005")
+    once = run("train", "--data", folder, *common, "--out", tmp_path / "a")
+    assert once.exit_code == 0, once.output
+    twice = run("train", "--data", folder, "--data", f"{folder}/", *common, "--out", tmp_path / "b")
+    assert twice.exit_code == 0, twice.output
+    assert "--data: 1 folder(s) given twice are used once" in twice.output
+    sizes = [line for line in once.output.splitlines() if line.startswith("train ")]
+    assert sizes and sizes[0] in twice.output  # the same split, not each image twice
+    for seed in ("-1", str(2**32)):
+        bad = run("train", "--data", folder, *common, "--seed", seed, "--out", tmp_path / "c")
+        assert bad.exit_code == 2 and "--seed" in bad.output
+        assert not (tmp_path / "c").exists()

@@ -13,6 +13,9 @@ from typing import Annotated, NoReturn
 
 import typer
 
+#: Largest --seed (NumPy's seeds are 32-bit).
+SEED_MAX = 2**32 - 1
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -772,7 +775,9 @@ def simulate(
     counts: Annotated[str, typer.Option(help="Count range 'lo-hi' or one number.")] = "1-100",
     blur: Annotated[str, typer.Option(help="Blur levels, e.g. '1,23,48'.")] = "1,23,48",
     stain: Annotated[str, typer.Option(help="Stains, '1', '2' or '1,2'.")] = "1,2",
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=SEED_MAX, help="Random seed (same seed, same bytes).")
+    ] = 0,
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT.")] = "696x520",
     bit_depth: Annotated[int, typer.Option(help="8 or 16.")] = 8,
     workers: Annotated[int, typer.Option(help="Processes.")] = 1,
@@ -834,7 +839,7 @@ def train(
     ] = None,
     seg_epochs: Annotated[int | None, typer.Option(help="Override segmenter epochs.")] = None,
     count_epochs: Annotated[int | None, typer.Option(help="Override counter epochs.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Resume from checkpoints in --out.")] = False,
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
@@ -902,7 +907,7 @@ def demo(
         "celltally-demo"
     ),
     images: Annotated[int, typer.Option(help="Simulated scenes on the plate.")] = 12,
-    seed: Annotated[int, typer.Option(help="Random seed of the plate.")] = 7,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Random seed of the plate.")] = 7,
     model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
 ) -> None:
     """The built-in default job: simulate a small plate, count it, compare with the truth."""
@@ -1407,7 +1412,7 @@ def ensemble(
     simulated: Annotated[int, typer.Option(help="Simulated training scenes to add.")] = 0,
     members: Annotated[int, typer.Option(help="Ensemble size, the model's counter included.")] = 4,
     epochs: Annotated[int | None, typer.Option(help="Counter epochs per member.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Random seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
     channel: ChannelOption = None,

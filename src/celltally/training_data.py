@@ -403,6 +403,12 @@ def build_and_fit(
         }
     only_user = bbbc005 is None and simulated <= 0  # the user's folders are all it learns
     user_meta: list[dict[str, Any]] = []
+    unique: dict[str, Path] = {}
+    for folder in folders:
+        unique.setdefault(os.path.realpath(folder), Path(folder))
+    if len(unique) < len(folders):  # its images would train twice, or calibrate twice
+        log(f"--data: {len(folders) - len(unique)} folder(s) given twice are used once")
+    folders = list(unique.values())
     for folder in folders:
         log(f"loading {folder}")
         user = load_folder(folder, size=size, norm=norm, channel=channel)

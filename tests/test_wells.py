@@ -546,3 +546,24 @@ def test_wells_know_each_image_by_where_it_is(tmp_path, monkeypatch):
     with open("w.csv", newline="") as handle:
         got = {(w["plate"], w["sites"]) for w in csv.DictReader(handle)}
     assert got == {("PlateA/exp1", "1;2"), ("PlateB/exp1", "1")}
+
+
+def test_wells_read_a_spreadsheet_saved_csv_and_say_when_a_last_row_is_left_out(tmp_path):
+    path = tmp_path / "results.csv"
+    rows = [
+        f"{name},10,1,8,12,0.95,m,B02,{site}\n"
+        for site, name in ((1, "p_B02_s1.tif"), (2, "p_B02_s2.tif"))
+    ]
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + ("file,count,std,low,high,level,model,well,site\n" + "".join(rows)).encode()
+    )  # UTF-8 with a BOM
+    result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 0, result.output  # was: missing column(s) file
+    with open(tmp_path / "w.csv", newline="") as handle:
+        assert [w["images"] for w in csv.DictReader(handle)] == ["2"]
+    assert "no line end" not in result.output
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # as an editor may save it
+    result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 0, result.output
+    assert "the last line of" in result.output and "has no line end: left out" in result.output

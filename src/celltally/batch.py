@@ -57,6 +57,7 @@ chunks in flight.
 from __future__ import annotations
 
 import bisect
+import codecs
 import collections
 import contextlib
 import csv
@@ -401,6 +402,11 @@ def _scan_results(
 def read_results(out: str | os.PathLike[str]) -> list[dict[str, str]]:
     """The complete rows of a results CSV (a torn last record, if any, is left out).
 
+    A last line without a line end is a row being written, or one a killed
+    run tore (its numbers may be cut short), so it is left out, as a resumed
+    run leaves it out and counts the image again (:func:`torn_tail` says
+    whether there is one). A byte-order mark (a spreadsheet's UTF-8) is skipped.
+
     Parameters
     ----------
     out : str or Path
@@ -412,10 +418,20 @@ def read_results(out: str | os.PathLike[str]) -> list[dict[str, str]]:
         One dict per complete row, keyed by the header's column names.
     """
     path = Path(out)
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     end = data.rfind(b"\n") + 1
     text = data[:end].decode(_ENCODING, _ENC_ERRORS)
     return list(csv.DictReader(_stdio.StringIO(text, newline="")))
+
+
+def torn_tail(out: str | os.PathLike[str]) -> bool:
+    """Whether a results CSV ends in a line without a line end (:func:`read_results` drops it)."""
+    with open(out, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
+            return False
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) != b"\n"
 
 
 @contextlib.contextmanager

@@ -551,13 +551,22 @@ def _echo_wells(
             plate_shape(plate_format)
         except ValueError as err:
             raise ValueError(f"--plate-format: {err}") from None
-    rows, skipped, notes = well_totals(results, out, correlation=correlation, require_wells=strict)
+    rows, skipped, notes = well_totals(
+        results,
+        out,
+        correlation=correlation,
+        require_wells=strict,
+        warn=lambda text: typer.echo(f"warning: {text}", err=True),
+    )
     value = {r.get("model"): r.get("correlation") for r in rows if r.get("correlation") != ""}
     used = "; ".join(f"{m or '?'} {_fmt_number(value.get(m))}, {note}" for m, note in notes.items())
     if not rows:
         typer.echo(f"warning: no file name in {results} carries a well: no well totals", err=True)
-    without = f"; {skipped} image(s) without a well in the name left out" if skipped else ""
-    typer.echo(f"{len(rows)} well total(s) -> {out} (within-well correlation {used}{without})")
+    parts = [f"within-well correlation {used}"] if used else []
+    if skipped:
+        parts.append(f"{skipped} image(s) without a well in the name left out")
+    said = f" ({'; '.join(parts)})" if parts else ""
+    typer.echo(f"{len(rows)} well total(s) -> {out}{said}")
     if repeated := sum(1 for r in rows if r.get("repeated_sites")):
         typer.echo(
             f"warning: {repeated} well(s) hold a site more than once (column "

@@ -15,7 +15,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path, PurePath
 from typing import Any, cast
@@ -152,6 +152,7 @@ def read_results(path: str | Path) -> list[dict[str, str]]:
     try:  # as count writes it: a file name that is not UTF-8 kept byte for byte
         with path.open(newline="", encoding=_ENCODING, errors=_ENC_ERRORS) as handle:
             header = next(csv.reader(handle), [])
+        header = [header[0].removeprefix("\ufeff"), *header[1:]] if header else []
     except (UnicodeDecodeError, csv.Error):
         raise io.InputError(f"{path}: not a celltally results CSV (not CSV text)") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -488,22 +489,29 @@ def well_totals(
     *,
     correlation: float | None = None,
     require_wells: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], int, dict[str, str]]:
     """Read a results CSV, total it per well and write ``out``: the ``celltally wells`` job.
 
     ``correlation`` None takes each model's measured value
     (:func:`model_correlation`). With ``require_wells``, a results CSV in which
     no image name (counted or failed) carries a well raises InputError before
-    ``out`` is written. Returns the well rows, the number of images without a
-    well, and where each model's correlation came from.
+    ``out`` is written. ``warn`` is told of a last row left out (see
+    :func:`celltally.batch.read_results`). Returns the well rows, the number of
+    images without a well, and where each model's correlation came from.
     """
-    from celltally.batch import run_files
+    from celltally.batch import run_files, torn_tail
 
     if Path(out).resolve() in run_files(results):
         raise io.InputError(f"--out {out}: is the results being read ({results}); name another")
     if Path(out).is_dir() or Path(out).suffix.lower() in io.IMAGE_SUFFIXES:
         raise io.InputError(f"--out {out}: must be a CSV file (e.g. wells.csv)")
     rows = read_results(results)
+    if warn is not None and torn_tail(results):
+        warn(
+            f"the last line of {results} has no line end: left out, as a row a run was "
+            "writing or cut short (if you edited the file, end it with a newline)"
+        )
     names = sorted({r.get("model") or "" for r in rows})
     if correlation is not None:
         if not 0.0 <= correlation <= 1.0:

@@ -315,3 +315,19 @@ def test_the_cellprofiler_table_keeps_a_file_name_that_is_not_utf8(tmp_path):
         (row,) = list(csv.DictReader(handle))
     assert row["FileName"] == name  # the same bytes as the file system's name
     assert row["Count"] == "3.00"
+
+
+def test_cellprofiler_path_names_are_absolute(tiny_model, image_folder, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+
+    monkeypatch.chdir(image_folder.parent)  # a relative folder argument, as typed
+    out = tmp_path / "res.csv"
+    args = ["count", image_folder.name, "--out", out, "--model", tiny_model, "--no-progress"]
+    result = CliRunner().invoke(app, [str(a) for a in [*args, "--format", "cellprofiler"]])
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path)
+    with (tmp_path / "res_Image.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert table and {r["PathName"] for r in table} == {str(image_folder.resolve())}

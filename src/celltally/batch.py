@@ -424,6 +424,30 @@ def read_results(out: str | os.PathLike[str]) -> list[dict[str, str]]:
     return list(csv.DictReader(_stdio.StringIO(text, newline="")))
 
 
+def absolute_files(
+    out: str | os.PathLike[str], names: Sequence[str], *, last: bool = False
+) -> list[str] | None:
+    """``names`` (the ``file`` column of results CSV ``out``, in row order) made absolute.
+
+    Each row's relative name is joined to the folder the run that wrote it
+    worked in (the manifest records it); with ``last``, to the last run's (for
+    the errors CSV, which the last run rewrote). None without a readable
+    manifest (a CSV not written by ``count``): the names say no more than they
+    do as written.
+    """
+    try:
+        manifest = json.loads(output_paths(Path(out)).manifest.read_text())
+        runs = manifest["runs"]
+        bases = _row_bases(manifest)
+        final = (runs[-1].get("cwd") if runs else None) or os.getcwd()
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+    return [
+        os.path.abspath(os.path.join(final if last else bases(i)[0], name)) if name else name
+        for i, name in enumerate(names)
+    ]
+
+
 def torn_tail(out: str | os.PathLike[str]) -> bool:
     """Whether a results CSV ends in a line without a line end (:func:`read_results` drops it)."""
     with open(out, "rb") as handle:

@@ -474,9 +474,14 @@ def count(
                     "labels for them (count them with --save-labels to get them)"
                 )
         if table_format == "cellprofiler":
+            from celltally.batch import absolute_files
             from celltally.objects import write_cellprofiler_csv
 
-            table = write_cellprofiler_csv(out.with_name(f"{out.stem}_Image.csv"), rows)
+            # CellProfiler's PathName is absolute: each row's folder from where its run worked
+            names = [str(r["file"]) for r in rows]
+            where = absolute_files(out, names) or names
+            placed = [{**r, "file": f} for r, f in zip(rows, where, strict=True)]
+            table = write_cellprofiler_csv(out.with_name(f"{out.stem}_Image.csv"), placed)
             typer.echo(f"CellProfiler-style per-image table -> {table}")
         if wells is not None:
             _echo_wells(out, wells, None)

@@ -460,27 +460,20 @@ def _located(
 ) -> tuple[list[dict[str, str]], list[str]]:
     """Rows (copies) and failed files with each file where it is (:func:`io.file_identity`).
 
-    A results CSV names files relative to the folder each run worked in (its
-    manifest records it), so ``plate/a.tif`` written from two folders is two
-    images, and ``sp/PlateA/a.tif`` and ``/abs/sp/PlateA/b.tif`` are in one
-    folder. Without a manifest (a CSV not written by ``count``) the names are
-    taken as written.
+    A results CSV names files relative to the folder each run worked in
+    (:func:`celltally.batch.absolute_files`), so ``plate/a.tif`` written from two
+    folders is two images, and ``sp/PlateA/a.tif`` and ``/abs/sp/PlateA/b.tif``
+    are in one folder.
     """
-    from celltally.batch import _row_bases, output_paths
+    from celltally.batch import absolute_files
 
-    try:
-        manifest = json.loads(output_paths(Path(results)).manifest.read_text())
-        runs = manifest["runs"]
-        bases = _row_bases(manifest)
-        last = (runs[-1].get("cwd") if runs else None) or os.getcwd()
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+    files = absolute_files(results, [r.get("file") or "" for r in rows])
+    if files is None:  # not written by count: the names as written
         return [dict(r) for r in rows], list(failed)
-
-    def where(name: str, base: str) -> str:
-        return io.file_identity(os.path.join(base, name)) if name else name
-
-    located = [{**r, "file": where(r.get("file") or "", bases(i)[0])} for i, r in enumerate(rows)]
-    return located, [where(name, last) for name in failed]
+    where = [io.file_identity(f) if f else f for f in files]
+    failed_files = absolute_files(results, failed, last=True) or []
+    failed = [io.file_identity(f) if f else f for f in failed_files]
+    return [{**r, "file": w} for r, w in zip(rows, where, strict=True)], failed
 
 
 def well_totals(

@@ -140,3 +140,110 @@ def test_a_labeled_set_whose_parts_do_not_fit_is_refused():
         datasets.LabeledSet(images[:, 0], torch.rand(3, 8, 8), counts)
     with pytest.raises(ValueError, match="one dict per image"):
         datasets.LabeledSet(images, torch.rand(3, 1, 8, 8), counts, [{}])
+
+
+def _blob_folder(root, n_images=3, *, sub=""):
+    """images/<sub>img<i>.tif (named without a count) and their 0/255 masks' arrays."""
+    (root / "images" / sub).mkdir(parents=True)
+    masks = []
+    for i in range(n_images):
+        image = blob_image(4 + 3 * i, shape=(96, 128), seed=i)
+        tifffile.imwrite(root / "images" / sub / f"img{i}.tif", image)
+        masks.append((image > 80).astype(np.uint8) * 255)
+    return masks
+
+
+def test_a_soft_or_jpeg_mask_is_refused_not_counted_as_a_label_image(tmp_path):
+    import pytest
+    from PIL import Image, ImageFilter
+
+    from celltally import io
+
+    root = tmp_path / "soft"
+    (root / "masks").mkdir(parents=True)
+    for i, mask in enumerate(_blob_folder(root)):  # anti-aliased: every grey level was an object
+        Image.fromarray(mask).filter(ImageFilter.GaussianBlur(1)).save(
+            root / "masks" / f"img{i}.png"
+        )
+    with pytest.raises(io.InputError, match=r"masks/img0.png: looks like a soft \(blurred"):
+        datasets.load_folder(root, size=(48, 64))
+    with pytest.raises(io.InputError, match="soft"):
+        datasets.labels_diameter(root)
+    jpeg = tmp_path / "jpeg"
+    (jpeg / "masks").mkdir(parents=True)
+    for i, mask in enumerate(_blob_folder(jpeg)):
+        Image.fromarray(mask).save(jpeg / "masks" / f"img{i}.jpg", quality=95)
+    with pytest.raises(
+        io.InputError, match=r"masks/img0.jpg: masks and label images cannot be JPEG"
+    ):
+        datasets.load_folder(jpeg, size=(48, 64))
+    # real label images stay label images: touching objects, and one-pixel objects apart
+    labels = np.zeros((96, 128), dtype=np.uint16)
+    for k in range(12):  # a row of touching 6 x 8 cells, ids 1-12
+        labels[10:16, 8 * k : 8 * k + 8] = k + 1
+    labels[40, 40], labels[60, 90] = 13, 14
+    (root / "masks" / "img0.png").unlink()
+    tifffile.imwrite(root / "masks" / "img0.tif", labels)
+    assert len(np.unique(io.read_mask(root / "masks" / "img0.tif"))) == 15
+
+
+def test_label_images_of_another_size_are_refused_beside_masks_and_counts_csv(tmp_path):
+    import pytest
+
+    from celltally import io
+
+    root = tmp_path / "data"  # simulate's layout: counts.csv, masks/ and labels/
+    for sub in ("masks", "labels"):
+        (root / sub).mkdir(parents=True)
+    rows = ["image,count"]
+    for i, mask in enumerate(_blob_folder(root)):
+        tifffile.imwrite(root / "masks" / f"img{i}.tif", mask)
+        labels = np.zeros((96, 128), dtype=np.uint16)
+        labels[10:20, 10:20], labels[40:50, 60:70] = 1, 2
+        big = np.kron(labels, np.ones((2, 2), dtype=np.uint16))  # a 2x-upsampled label set
+        tifffile.imwrite(root / "labels" / f"img{i}.tif", big)
+        rows.append(f"img{i}.tif,{4 + 3 * i}")
+    (root / "counts.csv").write_text("\n".join(rows) + "\n")
+    message = r"labels/img0.tif: mask is 256x192 but its image is 128x96"
+    with pytest.raises(io.InputError, match=message):
+        datasets.load_folder(root, size=(48, 64))
+    with pytest.raises(io.InputError, match=message):  # was a diameter twice the true one
+        datasets.labels_diameter(root)
+
+
+def test_masks_of_same_named_images_in_sub_folders_are_looked_up_by_path(tmp_path):
+    import pytest
+
+    from celltally import io
+
+    root = tmp_path / "data"
+    masks = {plate: _blob_folder(root, 1, sub=plate)[0] for plate in ("p1", "p2")}
+    (root / "counts.csv").write_text("image,count\np1/img0.tif,4\np2/img0.tif,4\n")
+    (root / "masks").mkdir()
+    tifffile.imwrite(root / "masks" / "img0.tif", masks["p1"])  # whose?
+    with pytest.raises(io.InputError, match=r"masks/img0.tif: several images are named img0"):
+        datasets.load_folder(root, size=(48, 64))
+    (root / "masks" / "img0.tif").unlink()
+    for plate in ("p1", "p2"):  # masks/ mirrors images/
+        (root / "masks" / plate).mkdir()
+        tifffile.imwrite(root / "masks" / plate / "img0.tif", np.zeros_like(masks[plate]))
+    tifffile.imwrite(root / "masks" / "p1" / "img0.tif", masks["p1"])
+    data = datasets.load_folder(root, size=(48, 64))
+    assert bool(data.has_mask.all())
+    assert float(data.masks[0].sum()) > 0 and float(data.masks[1].sum()) == 0
+    # a stem no other image has: its mask may sit in masks/ itself
+    (root / "images" / "p2" / "img0.tif").rename(root / "images" / "p2" / "img9.tif")
+    (root / "masks" / "p2" / "img0.tif").rename(root / "masks" / "img9.tif")
+    (root / "counts.csv").write_text("image,count\np1/img0.tif,4\np2/img9.tif,4\n")
+    assert bool(datasets.load_folder(root, size=(48, 64)).has_mask.all())
+
+
+def test_a_folder_without_bbbc005_names_is_refused_in_one_line(tmp_path):
+    import pytest
+
+    from celltally import io
+
+    folder = tmp_path / "other"
+    _blob_folder(folder, 2)
+    with pytest.raises(io.InputError, match=r"images: no BBBC005 images \(SIMCEPImages_<well>"):
+        datasets.load_bbbc005(folder, size=(48, 64))

@@ -10,6 +10,7 @@ import csv
 import glob
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -150,6 +151,10 @@ def load_bbbc005(
         return LabeledSet(**torch.load(cache, weights_only=False))
     parsed = [(p, naming.parse_name(p.name)) for p in paths]
     parsed = [(p, n) for p, n in parsed if n.count is not None and n.blur is not None]
+    if not parsed:
+        raise io.InputError(
+            f"{folder}: no BBBC005 images (SIMCEPImages_<well>_C<n>_F<n>_s<n>_w<n>.TIF)", folder
+        )
     in_focus = {(naming.scene_id(p.name), n.stain): p for p, n in parsed if n.blur == 1}
     mask_cache: dict[Path, np.ndarray] = {}
     images, masks, counts, meta = [], [], [], []
@@ -183,12 +188,8 @@ def load_bbbc005(
     return data
 
 
-def mask_for(image: Path, folder: Path) -> Path | None:
-    """The mask or label image of ``image`` in ``folder``: same stem, an image suffix.
-
-    Other files with that stem (notes, a ``.txt`` export) are not masks; two
-    images with the stem (``a.tif`` and ``a.png``) are ambiguous (InputError).
-    """
+def _same_stem(image: Path, folder: Path) -> Path | None:
+    """The one file in ``folder`` with ``image``'s stem and an image suffix (:func:`mask_for`)."""
     found = [
         p
         for p in sorted(folder.glob(glob.escape(image.stem) + ".*"))
@@ -202,48 +203,147 @@ def mask_for(image: Path, folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _count_from_labels(
-    image: Path, mask_dirs: Sequence[Path]
-) -> tuple[int, Path, tuple[int, int]] | None:
-    """Number of labels of ``image``'s label mask, that file and its shape; None without one.
+def mask_for(
+    image: Path, folder: Path, *, key: str | None = None, shared: bool = False
+) -> Path | None:
+    """The mask or label image of ``image`` in ``folder``: same stem, an image suffix.
 
-    ``labels/`` is looked at before ``masks/``. An empty mask or label image
-    (all 0) counts 0. One with a single value says nothing (a binary mask
-    cannot be told from a one-object label image): the next folder is tried.
-    The caller checks the returned shape against the image's once it has read
-    the image (an image is read once).
+    Parameters
+    ----------
+    image : Path
+        The image file.
+    folder : Path
+        The masks' (or labels') folder.
+    key : str, optional
+        ``image``'s path under the images' folder (``p1/img1.tif``): its mirror in
+        ``folder`` (``p1/img1.png``) is looked for first, then ``img1.*`` in
+        ``folder`` itself.
+    shared : bool, default False
+        Other images have ``image``'s stem: a mask in ``folder`` itself, found by
+        the stem alone for an image in a sub-folder, is refused (it would be the
+        mask of all of them).
+
+    Returns
+    -------
+    Path or None
+        The file, or None when there is none.
+
+    Raises
+    ------
+    InputError
+        Two files with the stem (``a.tif`` and ``a.png``) in one folder, or a mask
+        found by a ``shared`` stem. Other files with that stem (notes, a ``.txt``
+        export) are not masks.
     """
-    ordered = sorted(mask_dirs, key=lambda d: d.name != "labels")
-    for d in ordered:
-        if found := mask_for(image, d):
+    sub = Path(key).parent if key is not None else Path()
+    if sub.is_absolute() or ".." in sub.parts:  # listed outside the images' folder
+        sub = Path()
+    if sub != Path() and (mirrored := _same_stem(image, folder / sub)):
+        return mirrored
+    flat = _same_stem(image, folder)
+    if flat is not None and shared and sub != Path():
+        raise io.InputError(
+            f"{flat}: several images are named {image.stem} (one is {key}), so this mask "
+            f"could be any one's; put each image's mask at its path under images/ "
+            f"({folder / sub / flat.name})",
+            flat,
+        )
+    return flat
+
+
+def _masks_in(folder: Path, paths: Sequence[Path], keys: Sequence[str]) -> list[Path | None]:
+    """Each image's file in ``folder`` (:func:`mask_for`), None where it has none.
+
+    InputError for a file that several images would share (``a.tif`` and
+    ``a.png`` beside each other, or a stem shared across sub-folders).
+    """
+    stems = Counter(p.stem for p in paths)
+    found = [
+        mask_for(path, folder, key=key, shared=stems[path.stem] > 1)
+        for path, key in zip(paths, keys, strict=True)
+    ]
+    owner: dict[Path, str] = {}
+    for mask, key in zip(found, keys, strict=True):
+        if mask is not None and owner.setdefault(mask, key) != key:
+            raise io.InputError(
+                f"{mask}: is the mask of both {owner[mask]} and {key}; give each its own",
+                mask,
+            )
+    return found
+
+
+def _listed_images(root: Path) -> tuple[list[Path], list[str], dict[str, float] | None]:
+    """A training folder's images, their keys (paths under the images' folder), its counts.
+
+    With ``counts.csv``: the images it lists, keyed as listed, and its counts
+    (InputError for a listed image that is missing, or no rows). Without: the
+    images' folder's files, keyed by name, and None.
+    """
+    folder = io.images_folder(root)
+    counts_csv = root / "counts.csv"
+    if not counts_csv.exists():
+        paths = io.list_images([folder])
+        return paths, [p.name for p in paths], None
+    table = io.read_counts_csv(counts_csv)
+    if not table:
+        raise io.InputError(f"{counts_csv}: lists no images (a header and no rows)")
+    paths = []
+    for listed in table:
+        path = folder / listed
+        if not path.exists():
+            raise io.InputError(f"{counts_csv}: lists {listed!r}, which is not in {folder}")
+        paths.append(path)
+    return paths, list(table), table  # keys as listed: sub-folders' files may share a name
+
+
+def _count_from_labels(files: Sequence[Path | None]) -> int | None:
+    """Number of labels of an image's label mask; None without one.
+
+    ``files`` are the image's mask files, ``labels/``'s first. An empty mask or
+    label image (all 0) counts 0. One with a single value says nothing (a
+    binary mask cannot be told from a one-object label image): the next file is
+    tried. Its shape is checked by the caller, once it has read the image.
+    """
+    for found in files:
+        if found is not None:
             labels = io.read_mask(found)
             values = np.unique(labels[labels > 0])
             if values.size != 1:
-                return int(values.size), found, (int(labels.shape[0]), int(labels.shape[1]))
+                return int(values.size)
     return None
 
 
 def labels_diameter(root: str | Path, *, limit: int = 100) -> float | None:
     """Median equivalent diameter (raw px) of the objects in a folder's label images.
 
-    Reads up to ``limit`` label images (``root/labels`` or ``root/masks``, the
-    ones with more than one label: binary masks do not separate objects) and
-    returns the median of ``2 sqrt(area / pi)`` over their objects; None when
-    there are none.
+    Reads the label images (``root/labels`` or ``root/masks``, the ones with
+    more than one label: binary masks do not separate objects) of up to
+    ``limit`` of the folder's images (those of ``counts.csv`` if it has one),
+    found as :func:`load_folder` finds them, and returns the median of
+    ``2 sqrt(area / pi)`` over their objects; None when there are none.
+    InputError for a mask whose size is not its image's.
     """
     root = Path(root)
+    mask_dirs = [d for d in (root / "labels", root / "masks") if d.is_dir()]
+    if not mask_dirs:
+        return None
+    paths, keys, _ = _listed_images(root)
+    found = [_masks_in(d, paths, keys) for d in mask_dirs]
     areas: list[np.ndarray] = []
-    for d in (root / "labels", root / "masks"):
-        if not d.is_dir():
+    for i, path in enumerate(paths[:limit]):
+        files = [masks[i] for masks in found if masks[i] is not None]
+        if not files:
             continue
-        for path in sorted(d.iterdir())[:limit]:
-            if path.suffix.lower() not in io.IMAGE_SUFFIXES:
-                continue
-            labels = io.read_mask(path).astype(np.int64)
+        # a label image of another size would measure objects at another scale;
+        # channel 0: the shape alone is needed, whatever the image's planes
+        shape = io.read_image(path, channel=0).shape
+        for file in files:
+            labels = io.read_mask(file, shape=(int(shape[0]), int(shape[1])))
             sizes = np.bincount(labels.ravel())[1:]
             sizes = sizes[sizes > 0]
             if sizes.size > 1:
                 areas.append(sizes)
+                break
     if not areas:
         return None
     return float(np.median(2.0 * np.sqrt(np.concatenate(areas) / np.pi)))
@@ -269,39 +369,31 @@ def load_folder(
     """Load a folder of images with ``counts.csv`` (columns image, count).
 
     Images may sit in ``root`` or ``root/images``. Optional masks (binary or
-    label images, same stem, PNG/TIFF) in ``root/masks`` or ``root/labels``
-    become training masks (label > 0 = foreground). Without counts.csv, counts
-    come from BBBC-style names (``_C<n>_``), else from the number of labels of
-    the image's label mask (a binary mask gives no count). Errors are raised
-    before any training: a counts.csv row naming a missing image or a negative
-    count, a mask whose size differs from its image, an image with no count.
+    label images, PNG/TIFF) in ``root/masks`` or ``root/labels`` become
+    training masks (label > 0 = foreground): an image's mask has its path under
+    the images' folder (``masks/p1/img1.png`` for ``p1/img1.tif``), or just its
+    stem (``masks/img1.png``) where no other image has that stem
+    (:func:`mask_for`). Without counts.csv, counts come from BBBC-style names
+    (``_C<n>_``), else from the number of labels of the image's label mask (a
+    binary mask gives no count). Errors are raised before any training: a
+    counts.csv row naming a missing image or a negative count, a mask (in any
+    of the folders) whose size differs from its image, a mask several images
+    would share, a JPEG or soft (blurred, anti-aliased) mask
+    (:func:`celltally.io.read_mask`), an image with no count.
     ``channel`` picks the plane of multi-channel images (``io.read_image``).
     """
     root = Path(root)
-    folder = io.images_folder(root)
-    counts_csv = root / "counts.csv"
     mask_dirs = [d for d in (root / "masks", root / "labels") if d.is_dir()]
-    # label images that supply a count: (file, shape), checked against the image below
-    counted_by: dict[str, tuple[Path, tuple[int, int]]] = {}
-    if counts_csv.exists():
-        table = io.read_counts_csv(counts_csv)
-        if not table:
-            raise io.InputError(f"{counts_csv}: lists no images (a header and no rows)")
-        paths = []
-        for listed in table:
-            path = folder / listed
-            if not path.exists():
-                raise io.InputError(f"{counts_csv}: lists {listed!r}, which is not in {folder}")
-            paths.append(path)
-        keys = list(table)  # as listed: sub-folders' files may share a name
+    paths, keys, listed = _listed_images(root)
+    found = {d: _masks_in(d, paths, keys) for d in mask_dirs}
+    if listed is not None:
+        table = listed
     else:
-        paths = io.list_images([folder])
-        keys = [p.name for p in paths]
         named: dict[str, float | None] = {p.name: naming.parse_name(p.name).count for p in paths}
-        for path in paths:
-            if named[path.name] is None and (from_labels := _count_from_labels(path, mask_dirs)):
-                named[path.name], counting, shape = from_labels
-                counted_by[path.name] = (counting, shape)
+        counting_dirs = sorted(mask_dirs, key=lambda d: d.name != "labels")  # labels/ first
+        for i, path in enumerate(paths):
+            if named[path.name] is None:
+                named[path.name] = _count_from_labels([found[d][i] for d in counting_dirs])
         missing = [n for n, c in named.items() if c is None]
         if missing:
             raise io.InputError(
@@ -311,19 +403,15 @@ def load_folder(
             )
         table = cast("dict[str, float]", named)  # no None left: checked above
     images, masks, counts, meta = [], [], [], []
-    for path, key in zip(paths, keys, strict=True):
+    for i, (path, key) in enumerate(zip(paths, keys, strict=True)):
         raw = io.read_image(path, channel=channel)
-        if path.name in counted_by:
-            counting, shape = counted_by[path.name]
-            io.check_mask_shape(counting, mask_shape=shape, image_shape=raw.shape)
         images.append(prepare_image(raw, size=size, norm=norm))
-        mask = np.full(tuple(size), np.nan, dtype=np.float32)
-        for d in mask_dirs:
-            if found := mask_for(path, d):
-                labels = io.read_mask(found, shape=raw.shape)
-                mask = resize_area(labels > 0, size)
-                break
-        masks.append(mask)
+        mask: np.ndarray | None = None
+        for d in mask_dirs:  # each is size-checked, not only the one trained on
+            if (file := found[d][i]) is not None:
+                labels = io.read_mask(file, shape=raw.shape)
+                mask = resize_area(labels > 0, size) if mask is None else mask
+        masks.append(np.full(tuple(size), np.nan, dtype=np.float32) if mask is None else mask)
         counts.append(float(table[key]))
         name = naming.parse_name(path.name)
         meta.append(

@@ -1237,8 +1237,9 @@ def read_mask(path: str | os.PathLike[str], *, shape: tuple[int, int] | None = N
     Parameters
     ----------
     path : str or Path
-        Mask file. An 8-bit colour file whose channels differ is a colour-coded
-        instance label image (:func:`colour_labels`).
+        Mask file, PNG or TIFF (a JPEG's lossy compression blurs a mask's edges and
+        changes label values). An 8-bit colour file whose channels differ is a
+        colour-coded instance label image (:func:`colour_labels`).
     shape : tuple of int, optional
         Expected ``(height, width)`` (that of the image the mask belongs to).
 
@@ -1251,8 +1252,10 @@ def read_mask(path: str | os.PathLike[str], *, shape: tuple[int, int] | None = N
     Raises
     ------
     ImageReadError
-        If the file cannot be read as a 2-D image, or has colour (other than an 8-bit
-        colour label image), non-integer, negative or non-finite values.
+        If the file is a JPEG, cannot be read as a 2-D image, has colour (other than an
+        8-bit colour label image), non-integer, negative or non-finite values, or is a
+        soft (blurred or anti-aliased) binary mask: several values, most of which are
+        only thin bands along other values' edges (:func:`_soft_mask_problem`).
     InputError
         If ``shape`` is given and differs from the mask's shape.
     """
@@ -1281,6 +1284,12 @@ def check_mask_shape(
 
 def _mask_values(path: str | os.PathLike[str]) -> np.ndarray:
     """:func:`read_mask`'s labels (int64) before the shape check."""
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        raise ImageReadError(
+            path,
+            "masks and label images cannot be JPEG (its lossy compression blurs edges "
+            "and changes label values); save them as PNG or TIFF",
+        )
     arr, is_tiff = _load_raw(path)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8:
         colour = arr[..., :3]
@@ -1288,7 +1297,7 @@ def _mask_values(path: str | os.PathLike[str]) -> np.ndarray:
             np.array_equal(colour[..., 0], colour[..., 1])
             and np.array_equal(colour[..., 0], colour[..., 2])
         ):
-            return colour_labels(colour)
+            return _not_soft(colour_labels(colour), path)
     mask = _to_2d(arr, path, is_tiff=is_tiff, channel=None, colour_mean=False)
     if mask.dtype.kind == "f":
         if not np.all(np.isfinite(mask)):
@@ -1305,4 +1314,44 @@ def _mask_values(path: str | os.PathLike[str]) -> np.ndarray:
             values = np.unique(mask)
             if values[-1] == top and np.all((values == 0) | (values == top)):
                 mask = mask == top
-    return mask.astype(np.int64)
+    return _not_soft(mask.astype(np.int64), path)
+
+
+def _not_soft(labels: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
+    """``labels``, unless :func:`_soft_mask_problem` finds a soft mask (ImageReadError)."""
+    if problem := _soft_mask_problem(labels):
+        raise ImageReadError(path, problem)
+    return labels
+
+
+def _soft_mask_problem(labels: np.ndarray) -> str | None:
+    """Why ``labels`` is a soft (blurred, anti-aliased) binary mask, not instance labels.
+
+    Read as labels, a soft mask's grey levels are "objects" that are thin bands
+    (or single pixels) on a ramp from the background up to the bright level:
+    no pixel of theirs has all 4 neighbours of their own value (an interior),
+    and they touch both a lower value (or 0) and a higher one. A real object
+    has an interior, or stands apart (a one-pixel label alone), or at most
+    borders higher ids on one side. None when under half of the labels are
+    such bands (BBBC039's colour labels: at most 1 in 132; a 1-px blur of a
+    0/255 mask: all but the brightest level).
+    """
+    padded = np.pad(labels, 1, mode="edge")  # the border does not cut an object's interior
+    centre = padded[1:-1, 1:-1]
+    around = (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:])
+    ids = np.unique(centre[centre > 0])
+    if ids.size < 2:
+        return None
+    inside = np.logical_and.reduce([n == centre for n in around]) & (centre > 0)
+    lower = np.logical_or.reduce([n < centre for n in around])  # 0 is lower than any label
+    higher = np.logical_or.reduce([n > centre for n in around]) & (centre > 0)
+    on_ramp = np.intersect1d(np.unique(centre[lower]), np.unique(centre[higher]))
+    bands = np.setdiff1d(on_ramp, np.unique(centre[inside])).size
+    if 2 * bands < ids.size:
+        return None
+    return (
+        f"looks like a soft (blurred or anti-aliased) binary mask, not a label image: "
+        f"{bands} of its {ids.size} values are only thin bands between lower and higher "
+        "values; save masks as 0/1 or 0/255 and label images as integer object ids "
+        "(0 = background)"
+    )

@@ -7,7 +7,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -502,19 +502,7 @@ def count(
         typer.echo(f"nothing new to count: all {summary.skipped} images are already in {out}")
     else:
         typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
-    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT
-
-    # each kind of warning counted apart: a low-contrast frame alone is not "unlike"
-    if flagged := sum(1 for r in rows if UNLIKE_HINT in (r.get("warning") or "")):
-        typer.echo(
-            f"{flagged} of {len(rows)} images in {out} flagged as unlike the model's "
-            "calibration images (column 'warning'): their intervals may not mean what they say"
-        )
-    if empty := sum(1 for r in rows if EMPTY_HINT in (r.get("warning") or "")):
-        typer.echo(
-            f"{empty} of {len(rows)} images in {out} with so little contrast that they may "
-            "hold no cells (empty wells?): check them before trusting their counts"
-        )
+    _echo_warnings([r.get("warning") or "" for r in rows], f"in {out}", "column 'warning'")
     if summary.failed:
         for message in summary.errors:
             typer.echo(f"error: {message}", err=True)
@@ -526,6 +514,28 @@ def count(
             err=True,
         )
         raise typer.Exit(1)
+
+
+def _echo_warnings(warnings: Sequence[str], where: str, see: str) -> None:
+    """How many images were flagged unlike the calibration images, and how many low-contrast.
+
+    Each kind is counted apart: a low-contrast frame alone is not "unlike".
+    ``where`` follows "N of M images" (e.g. "in results.csv"), ``see`` says where
+    the warnings are.
+    """
+    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT
+
+    of = f"{len(warnings)} images{' ' + where if where else ''}"
+    if flagged := sum(1 for w in warnings if UNLIKE_HINT in w):
+        typer.echo(
+            f"{flagged} of {of} flagged as unlike the model's calibration images ({see}): "
+            "their intervals may not mean what they say"
+        )
+    if empty := sum(1 for w in warnings if EMPTY_HINT in w):
+        typer.echo(
+            f"{empty} of {of} with so little contrast that they may hold no cells (empty "
+            f"wells? {see}): check them before trusting their counts"
+        )
 
 
 def _fmt_number(value: object) -> str:
@@ -730,20 +740,8 @@ def evaluate(
             f"{len(unlabelled)} image(s) of the folder left out: no true count (not in "
             f"counts.csv, or no _C<n>_ in the name; e.g. {Path(unlabelled[0]).name})"
         )
-    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT
-
     warnings = [r.get("warning") or "" for r in result["rows"]]
-    if flagged := sum(1 for w in warnings if UNLIKE_HINT in w):
-        typer.echo(
-            f"{flagged} of {len(warnings)} images flagged as unlike the model's "
-            f"calibration images ('warning' in their rows in {out}): their intervals may not "
-            "mean what they say"
-        )
-    if empty := sum(1 for w in warnings if EMPTY_HINT in w):
-        typer.echo(
-            f"{empty} of {len(warnings)} images with so little contrast that they may hold "
-            f"no cells ('warning' in their rows in {out}): check them before trusting them"
-        )
+    _echo_warnings(warnings, "", f"'warning' in their rows in {out}")
     typer.echo(f"metrics -> {out}")
     if report is not None:
         from celltally.report import write_report

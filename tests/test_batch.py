@@ -660,6 +660,33 @@ def test_an_image_counted_before_keeps_its_output_names(plate, tiny_model, tmp_p
     assert (masks / "A01_mask.png").read_bytes() == before
 
 
+def test_adding_a_folder_moves_earlier_masks_instead_of_counting_again(
+    plate, tiny_model, tmp_path
+):
+    """p1 counted with masks, then p1 and p2: p1's masks move under p1/, none is recounted."""
+    images = files_of(plate)[:4]
+    for name, chosen in (("p1", images[:2]), ("p2", images[2:])):
+        (tmp_path / name).mkdir()
+        for image in chosen:
+            (tmp_path / name / Path(image).name).write_bytes(Path(image).read_bytes())
+    out, masks = tmp_path / "r.csv", tmp_path / "masks"
+    run_batch([tmp_path / "p1"], out=out, model=tiny_model, save_masks=masks)
+    first = {p.name: p.read_bytes() for p in masks.glob("*_mask.png")}
+    assert len(first) == 2
+    notes: list[str] = []
+    both = [tmp_path / "p1", tmp_path / "p2"]
+    summary = run_batch(both, out=out, model=tiny_model, save_masks=masks, log=notes.append)
+    assert (summary.counted, summary.skipped, summary.masks_only) == (2, 2, 0)
+    assert summary.output_root == tmp_path
+    assert {p.name: p.read_bytes() for p in (masks / "p1").glob("*_mask.png")} == first
+    assert len(list((masks / "p2").glob("*_mask.png"))) == 2
+    assert not list(masks.glob("*_mask*"))  # nothing left at the old names
+    assert any("moved the outputs of 2 image(s)" in n for n in notes)
+    # p2 alone again keeps the layout of the folder holding both
+    again = run_batch([tmp_path / "p2"], out=out, model=tiny_model, save_masks=masks)
+    assert (again.counted, again.masks_only, again.output_root) == (0, 0, tmp_path)
+
+
 def _errors_listed(out: Path) -> list[str]:
     import csv
 

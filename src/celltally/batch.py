@@ -622,6 +622,8 @@ class BatchSummary:
         One-line messages of the first :data:`MAX_LISTED_ERRORS` failures.
     seconds : float
         Wall time of the run.
+    output_root : Path or None
+        The folder the per-image outputs' names mirror (with ``save_masks``).
     """
 
     out: Path
@@ -633,6 +635,7 @@ class BatchSummary:
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    output_root: Path | None = None
 
 
 def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: Path) -> str | None:
@@ -788,6 +791,45 @@ def mask_file(
 ) -> Path:
     """Where ``--save-masks`` puts the mask of ``path`` (see :func:`celltally.io.output_root`)."""
     return Path(folder) / f"{io.output_stem(path, root)}_mask.png"
+
+
+def _earlier_roots(manifest: Path, masks: Path) -> list[Path]:
+    """The folders earlier runs' outputs in ``masks`` mirror, latest first (recorded since
+    2026-11-27; absolute paths)."""
+    roots: list[Path] = []
+    try:
+        runs = json.loads(manifest.read_text()).get("runs", [])
+        for run in reversed(runs):
+            if run.get("save_masks") and run.get("output_root"):
+                folder = os.path.join(run.get("cwd") or os.getcwd(), run["save_masks"])
+                root = Path(run["output_root"])
+                same = os.path.realpath(folder) == os.path.realpath(masks)
+                if same and root.is_absolute() and root not in roots:
+                    roots.append(root)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    return roots
+
+
+#: What per-image outputs in a masks folder end in: the mask last (on disk, all are).
+_MOVED_ENDINGS = ("_mask_std.tif", "_labels.tif", "_objects.csv", "_overlay.png", "_mask.png")
+
+
+def _move_outputs(masks: Path, path: str | os.PathLike[str], old: Path, new: Path) -> bool:
+    """Move ``path``'s outputs in ``masks`` from their names under ``old`` to those under ``new``.
+
+    True when its mask is then where ``new`` puts it (nothing to count again).
+    An output already at its new name is left as it is.
+    """
+    before, after = io.output_stem(path, old), io.output_stem(path, new)
+    if before == after or not (masks / f"{before}_mask.png").exists():
+        return False
+    for ending in _MOVED_ENDINGS:
+        source, target = masks / f"{before}{ending}", masks / f"{after}{ending}"
+        if source.exists() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+    return (masks / f"{after}_mask.png").exists()
 
 
 def _save_masks(folder: Path, path: Path, result: CountResult, root: Path | None) -> None:
@@ -968,10 +1010,16 @@ def run_batch(
         local_counter = None
     masks = Path(save_masks) if save_masks is not None else None
     root = io.output_root(inputs)
+    out_paths = output_paths(out)
+    # an earlier run into these masks laid them out under its inputs' folder: keep to it,
+    # or to the folder holding both, so adding inputs does not move every output's name
+    earlier = [] if masks is None or overwrite else _earlier_roots(out_paths.manifest, masks)
+    if earlier:
+        root = Path(os.path.commonpath([*earlier, root]))
+    moved = 0  # earlier runs' outputs moved to this layout
     if masks is not None:
         masks.mkdir(parents=True, exist_ok=True)
     mask_only: set[str] = set()  # counted before, recounted for a missing mask
-    out_paths = output_paths(out)
     results = _ResultsFile(out_paths.results, COUNT_COLUMNS)
     errors = _ErrorLog(out_paths.errors)
     summary = BatchSummary(out=out_paths.results, errors_file=None, manifest=out_paths.manifest)
@@ -984,7 +1032,9 @@ def run_batch(
         "cwd": os.getcwd(),  # where relative file names in the results are relative to
         "batch_size": batch_size,
         "save_masks": None if masks is None else str(masks),
+        "output_root": None if masks is None else str(root),
     }
+    summary.output_root = root if masks is not None else None
     manifest: dict | None = None
     # Output names (masks, labels) taken, 16 bytes per image, when there are outputs:
     # first those of the images already counted, which keep theirs, then as listed.
@@ -1043,6 +1093,10 @@ def run_batch(
                 if done:
                     summary.skipped += 1
                     if masks is not None and not mask_file(masks, path, root).exists():
+                        if any(_move_outputs(masks, path, e, root) for e in earlier):
+                            nonlocal moved
+                            moved += 1
+                            continue
                         mask_only.add(str(path))
                         yield path
                     continue
@@ -1116,6 +1170,11 @@ def run_batch(
 
                 torch.set_num_threads(threads_before)
         errors.finish()
+        if moved:
+            log(
+                f"moved the outputs of {moved} image(s) counted before in {masks} to mirror "
+                f"{root}, the folder holding this run's inputs and theirs"
+            )
         run["status"] = "finished"
     except BaseException:
         if manifest is not None:

@@ -454,7 +454,7 @@ def count(
             from celltally.io import iter_images, output_root
             from celltally.objects import save_objects_for_rows
 
-            root = output_root(paths)
+            root = summary.output_root or output_root(paths)
             # rows an earlier run wrote for other inputs have no masks from this one
             inputs = {
                 os.path.abspath(p)

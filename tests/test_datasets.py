@@ -109,6 +109,19 @@ def test_counts_csv_naming_sub_folders_loads_each_file_under_its_own_name(tmp_pa
     assert data.meta[0]["scene"] != data.meta[1]["scene"]
 
 
+def test_frames_of_one_field_named_by_time_point_are_one_scene(tmp_path):
+    root = tmp_path / "lapse"
+    root.mkdir()
+    names = ["field1_t01.tif", "field1_t02.tif", "field2_t01.tif", "other.tif"]
+    for k, name in enumerate(names):
+        tifffile.imwrite(root / name, blob_image(2 + k, seed=k))
+    (root / "counts.csv").write_text(
+        "image,count\n" + "".join(f"{n},{2 + k}\n" for k, n in enumerate(names))
+    )
+    scenes = [m["scene"] for m in datasets.load_folder(root, size=(64, 96)).meta]
+    assert scenes == ["field1", "field1", "field2", "other"]  # each frame was its own scene
+
+
 def test_a_boolean_subset_picks_the_images_it_marks():
     import pytest
     import torch

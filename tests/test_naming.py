@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from celltally.naming import BBBC005_PATTERN, ImageName, parse_name, scene_id
+from celltally.naming import BBBC005_PATTERN, ImageName, field_stem, parse_name, scene_id
 
 
 def test_bbbc005_canonical() -> None:
@@ -118,3 +118,19 @@ def test_scene_id_generic() -> None:
     b = scene_id("IXMtest_A02_s1_w2AAAA.tif")
     assert a == b == "IXMtest_A02_s01"
     assert scene_id("IXMtest_A02_w1.tif") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        ("field1_t01.tif", "field1"),
+        ("field1_t02.tif", "field1"),
+        ("cells_T003_Z02.png", "cells"),
+        ("run2/img-t7.tif", "run2/img"),
+        ("img3.tif", "img3"),  # no time token: the stem
+        ("t01.tif", "t01"),  # nothing else left: the stem
+        ("stat_total.tif", "stat_total"),  # 'total' is no time token
+    ],
+)
+def test_field_stem_drops_time_points_and_planes(name: str, field: str) -> None:
+    assert field_stem(name) == field

@@ -417,7 +417,8 @@ def load_folder(
         meta.append(
             {
                 "name": key,  # the path under the images' folder (source_file)
-                "scene": naming.scene_id(path.name) or str(Path(key).with_suffix("")),
+                # else its field: frames of one time lapse (field1_t01, _t02) are one scene
+                "scene": naming.scene_id(path.name) or naming.field_stem(Path(key).as_posix()),
                 "site": name.site,
                 "blur": name.blur,
                 "stain": name.stain,

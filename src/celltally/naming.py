@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["BBBC005_PATTERN", "ImageName", "parse_name", "scene_id"]
+__all__ = ["BBBC005_PATTERN", "ImageName", "field_stem", "parse_name", "scene_id"]
 
 #: Canonical BBBC005 file name: well, cell count, focus blur, site and stain.
 BBBC005_PATTERN = re.compile(
@@ -202,3 +202,29 @@ def scene_id(name: str | os.PathLike[str]) -> str | None:
         prefix = f"{parsed.plate}_" if parsed.plate else ""
         return f"{prefix}{parsed.well}_s{parsed.site:02d}"
     return None
+
+
+#: A time point or focal plane in a name: '_t01', '-T003', '.z2' (delimited on both sides).
+_FRAME = re.compile(r"(?:^|[_\-. ])[tTzZ]\d+(?=$|[_\-. ])")
+
+
+def field_stem(name: str | os.PathLike[str]) -> str:
+    """``name`` without its suffix and without time-point / focal-plane tokens.
+
+    The field a frame of a time lapse or z-stack shows, for names that carry no
+    well and site: ``field1_t01.tif`` and ``field1_t02.tif`` give ``field1``, so
+    frames of one field are one scene (:func:`scene_id` covers named wells and
+    sites). A name left empty keeps its stem.
+
+    Examples
+    --------
+    >>> field_stem("field1_t01.tif")
+    'field1'
+    >>> field_stem("run2/img_T003_z1.png")
+    'run2/img'
+    """
+    text = os.fspath(name)
+    stem = text[: len(text) - len(os.path.splitext(text)[1])]
+    folder, _, base = stem.rpartition("/")
+    kept = _FRAME.sub("", base) or base
+    return f"{folder}/{kept}" if folder else kept

@@ -636,6 +636,13 @@ def test_explain_writes_over_its_own_figure_but_never_over_an_image(
     assert result.exit_code == 2
     assert f"--out {second}: exists and is not a figure celltally wrote" in result.output
     assert second.read_bytes() == kept
+    import matplotlib.pyplot as plt
+
+    plt.imsave(tmp_path / "mine.png", tifffile.imread(second))  # a user's image, by matplotlib
+    kept = (tmp_path / "mine.png").read_bytes()
+    result = run("explain", first, "--model", tiny_model, "--out", tmp_path / "mine.png")
+    assert result.exit_code == 2 and "exists and is not a figure" in result.output
+    assert (tmp_path / "mine.png").read_bytes() == kept
     for name in ("fig.tif", "fig.png", "fig.jpg"):  # a rerun replaces its own figure
         for _ in range(2):
             again = run("explain", first, "--model", tiny_model, "--out", tmp_path / name)

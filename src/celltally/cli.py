@@ -107,8 +107,8 @@ def _check_output(path: Path | None, option: str, *, folder: bool, image: bool =
                 where = f"{option} {path}: " + ("" if written == path else f"{written} ")
                 fail(
                     f"{where}exists and is not a figure celltally wrote (an image to "
-                    "count?); name a new file, or delete it first (TIFF and JPEG figures "
-                    "written before celltally marked its figures are refused too)"
+                    "count?); name a new file, or delete it first (figures written before "
+                    "celltally marked its figures, 2026-11-27, are refused too)"
                 )
     if not folder and path.exists():  # written in place: the file's own permission counts
         if not os.access(path, os.W_OK):

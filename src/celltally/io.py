@@ -583,9 +583,11 @@ def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def is_own_figure(path: str | os.PathLike[str]) -> bool:
-    """Whether an existing TIFF/PNG/JPEG file is a figure (celltally's, or matplotlib's PNG).
+    """Whether an existing TIFF/PNG/JPEG file is a figure celltally wrote (its mark).
 
-    A figure may be written over; any other image file may be a user's image.
+    A figure may be written over; any other image file may be a user's image,
+    including a PNG that matplotlib wrote (``plt.imsave`` marks an image as
+    ``savefig`` marks a figure, so the matplotlib mark alone says nothing).
     """
     from PIL import Image
 
@@ -598,7 +600,7 @@ def is_own_figure(path: str | os.PathLike[str]) -> bool:
     except Exception:  # unreadable: not a figure we wrote
         return False
     text = " ".join(m.decode("latin-1") if isinstance(m, bytes) else str(m) for m in marks if m)
-    return FIGURE_MARK in text or "Matplotlib" in text
+    return FIGURE_MARK in text
 
 
 def _countable_type(array: np.ndarray) -> np.ndarray:

@@ -738,6 +738,7 @@ def test_dask_workers_in_another_folder_count_the_files_the_user_named(
         for root, data in ((here, Path(f).read_bytes()), (there, b"not an image")):
             (root / "screen").mkdir(parents=True, exist_ok=True)
             (root / "screen" / f"A0{i + 1}.tif").write_bytes(data)
+    (here / "screen" / "z_bad.tif").write_bytes(b"not a tiff")  # its error names it as given
     monkeypatch.chdir(there)  # the workers start here ...
     with distributed.LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
@@ -747,6 +748,7 @@ def test_dask_workers_in_another_folder_count_the_files_the_user_named(
         plain = run_batch(["screen"], out=here / "plain.csv", **kw)
         on_dask = run_batch(["screen"], out=here / "dask.csv", dask=cluster.scheduler_address, **kw)
     assert plain.counted == on_dask.counted == 4
+    assert plain.errors == on_dask.errors and plain.errors[0].startswith("screen/z_bad.tif: ")
     expected = {r["file"]: r["count"] for r in read_results(here / "plain.csv")}
     got = {r["file"]: r["count"] for r in read_results(here / "dask.csv")}
     assert got == expected and sorted(got) == [f"screen/A0{i}.tif" for i in range(1, 5)]

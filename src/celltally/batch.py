@@ -1301,6 +1301,8 @@ def _as_given(
     name = names.get(path, path)
     if row is not None:
         row = {**row, "file": name}
+    if message is not None and name != path:  # the error names the file as given, as locally
+        message = message.replace(path, name)
     return name, row, message
 
 

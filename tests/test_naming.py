@@ -82,6 +82,8 @@ def test_generic_well_and_count() -> None:
     [
         ("Plate1_B03_s1_w01.tif", "Plate1", "B03", 1, 1),  # zero-padded channel
         ("Plate1_B03_s1_w10.tif", "Plate1", "B03", 1, 10),  # was read as channel 1
+        # BBBC039: a GUID whose first 8 hex digits are all decimal is no channel number
+        ("IXMtest_E19_s4_w129545707-4CD3-4498-AC27-E4AE24D0253C.tif", "IXMtest", "E19", 4, 1),
         ("P01_B02_s1_w1.tif", "P01", "B02", 1, 1),  # a plate named like a well
         ("PL01_D02_s3_w2.tif", "PL01", "D02", 3, 2),
         ("Screen_P1_B03_s1_w1.tif", "Screen_P1", "B03", 1, 1),  # '_' in the plate name

@@ -27,8 +27,9 @@ BBBC005_PATTERN = re.compile(
 _WELL = re.compile(r"(?:^|_)(?P<row>[A-Z]{1,2})(?P<column>\d{2})(?=[_.]|$)")
 _SITE = re.compile(r"_s(?P<site>\d+)(?=[_.\-]|$)", re.IGNORECASE)
 # A channel is '_w' + its number ('_w1', '_w01', '_w10'); ImageXpress runs a GUID on after
-# one digit ('_w1051DAA7C-...'), so an undelimited number gives its first digit only.
-_STAIN = re.compile(r"_w(?P<stain>\d+)(?=[_.\-]|$)", re.IGNORECASE)
+# one digit ('_w1051DAA7C-...', '_w129545707-4CD3-...': its 8 hex digits may all be
+# decimal), so a number of more than 2 digits or undelimited gives its first digit only.
+_STAIN = re.compile(r"_w(?P<stain>\d{1,2})(?=[_.\-]|$)", re.IGNORECASE)
 _STAIN_GUID = re.compile(r"_w(?P<stain>\d)", re.IGNORECASE)
 _COUNT = re.compile(r"_C(?P<count>\d+)(?=_)")
 
@@ -143,7 +144,7 @@ def parse_name(name: str | os.PathLike[str]) -> ImageName:
         For a canonical BBBC005 name, well, row, column, count, blur, site and stain (plate
         ``None``). Otherwise whatever the generic patterns find: a well ``_A02_`` (row
         letters + 2 digits; the last such token before the site or channel), a site
-        ``_s<digits>``, a channel ``_w<digits>`` (one digit when a GUID follows, as in
+        ``_s<digits>``, a channel ``_w<1-2 digits>`` (one digit when a GUID follows, as in
         ImageXpress names), a count ``_C<digits>_`` and a plate (all the text before the
         well).
         An unparseable name gives an all-``None`` result; this function never raises.

@@ -660,9 +660,7 @@ def test_an_image_counted_before_keeps_its_output_names(plate, tiny_model, tmp_p
     assert (masks / "A01_mask.png").read_bytes() == before
 
 
-def test_adding_a_folder_moves_earlier_masks_instead_of_counting_again(
-    plate, tiny_model, tmp_path
-):
+def test_adding_a_folder_moves_earlier_masks_instead_of_counting_again(plate, tiny_model, tmp_path):
     """p1 counted with masks, then p1 and p2: p1's masks move under p1/, none is recounted."""
     images = files_of(plate)[:4]
     for name, chosen in (("p1", images[:2]), ("p2", images[2:])):

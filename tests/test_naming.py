@@ -84,12 +84,14 @@ def test_generic_well_and_count() -> None:
         ("Plate1_B03_s1_w10.tif", "Plate1", "B03", 1, 10),  # was read as channel 1
         # BBBC039: a GUID whose first 8 hex digits are all decimal is no channel number
         ("IXMtest_E19_s4_w129545707-4CD3-4498-AC27-E4AE24D0253C.tif", "IXMtest", "E19", 4, 1),
-        ("P01_B02_s1_w1.tif", "P01", "B02", 1, 1),  # a plate named like a well
-        ("PL01_D02_s3_w2.tif", "PL01", "D02", 3, 2),
+        ("P01_B02_s1_w1.tif", None, "P01", 1, 1),  # a plate named like a well is the well
+        ("Plate1_B02_T01_s1_w1.tif", "Plate1", "B02", 1, 1),  # a time point after the well
+        ("Plate_B02_F01_C01.tif", "Plate", "B02", None, None),  # a field and a channel
+        ("B02_T01.tif", None, "B02", None, None),
         ("Screen_P1_B03_s1_w1.tif", "Screen_P1", "B03", 1, 1),  # '_' in the plate name
         ("MFGTMP_230101_A01_s1_w1.tif", "MFGTMP_230101", "A01", 1, 1),
         ("B02_s1_w1.tif", None, "B02", 1, 1),
-        ("A01_w2_B12.tif", None, "A01", None, 2),  # a token after the channel is no well
+        ("A01_w2_B12.tif", None, "A01", None, 2),
     ],
 )
 def test_screen_names(name: str, plate, well, site, stain) -> None:

@@ -567,3 +567,21 @@ def test_wells_read_a_spreadsheet_saved_csv_and_say_when_a_last_row_is_left_out(
     result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
     assert result.exit_code == 0, result.output
     assert "the last line of" in result.output and "has no line end: left out" in result.output
+
+
+def test_wells_read_plate_well_and_channel_from_the_name_whatever_the_columns(tmp_path):
+    # an older celltally wrote plate '' for Screen_P1 (it took the text before the first
+    # '_'); a resumed run writes 'Screen_P1': one well, not two. A name without a well
+    # keeps the well its row was given by hand.
+    path = tmp_path / "results.csv"
+    path.write_text(
+        "file,count,std,low,high,level,model,plate,well,site,stain\n"
+        "Screen_P1_B03_s1_w1.tif,10,1,8,12,0.95,m,,B03,1,1\n"
+        "Screen_P1_B03_s2_w1.tif,12,1,10,14,0.95,m,Screen_P1,B03,2,1\n"
+        "img7.tif,5,1,3,7,0.95,m,,C04,1,\n"
+    )
+    result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "w.csv", newline="") as handle:
+        got = {(w["plate"], w["well"], w["sites"]) for w in csv.DictReader(handle)}
+    assert got == {("Screen_P1", "B03", "1;2"), ("", "C04", "1")}

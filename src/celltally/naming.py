@@ -112,11 +112,10 @@ def _parse_generic(base: str) -> ImageName:
     if stain_match:
         stain = int(stain_match.group("stain"))
     if wells:
-        # names run plate, well, site, channel: the well is the last well-like token
-        # before the site (or channel), so a plate named like a well ('P01') stays the plate
-        marker = site_match or stain_match
-        end = marker.start() if marker else len(base)
-        w = ([m for m in wells if m.end() <= end] or wells)[-1]
+        # the first well-like token: later ones are as often a time point, field, plane or
+        # channel ('_T01', '_F01', '_Z01', '_C01'); a plate named like a well ('P01_B02')
+        # is read as the well, so plates are best named otherwise ('Plate01')
+        w = wells[0]
         row = w.group("row")
         column = int(w.group("column"))
         well = f"{row}{w.group('column')}"
@@ -143,7 +142,7 @@ def parse_name(name: str | os.PathLike[str]) -> ImageName:
     ImageName
         For a canonical BBBC005 name, well, row, column, count, blur, site and stain (plate
         ``None``). Otherwise whatever the generic patterns find: a well ``_A02_`` (row
-        letters + 2 digits; the last such token before the site or channel), a site
+        letters + 2 digits; the first such token), a site
         ``_s<digits>``, a channel ``_w<1-2 digits>`` (one digit when a GUID follows, as in
         ImageXpress names), a count ``_C<digits>_`` and a plate (all the text before the
         well).

@@ -84,12 +84,19 @@ def _site(name: str) -> str:
 
 
 def _place(row: Mapping[str, str]) -> tuple[tuple[str, str, str] | None, str]:
-    """A results row's ``(plate, well, stain)`` (None without a well) and its site."""
+    """A results row's ``(plate, well, stain)`` (None without a well) and its site.
+
+    Read from the file's name where it names a well, so rows an older celltally
+    wrote (another reading of plates and channels) group with today's; else
+    from the row's own columns (e.g. wells added by hand to a table of names
+    that carry none).
+    """
+    name = row.get("file") or ""
+    if (key := well_key(name)) is not None:
+        return key, _site(name)
     if row.get("well"):
         return (row.get("plate") or "", row["well"], row.get("stain") or ""), row.get("site") or ""
-    # not written by `celltally count`: the name says where the image is from
-    name = row.get("file") or ""
-    return well_key(name), _site(name)
+    return None, _site(name)
 
 
 def _plate_folders(

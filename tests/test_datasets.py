@@ -198,6 +198,14 @@ def test_a_soft_or_jpeg_mask_is_refused_not_counted_as_a_label_image(tmp_path):
     (root / "masks" / "img0.png").unlink()
     tifffile.imwrite(root / "masks" / "img0.tif", labels)
     assert len(np.unique(io.read_mask(root / "masks" / "img0.tif"))) == 15
+    # touching thin objects (2 px rods, 2 x 2 px cells) are bands, but one piece each
+    rods = np.zeros((64, 64), dtype=np.uint16)
+    for k, (r, c) in enumerate((r, c) for r in range(4, 60, 2) for c in range(4, 56, 10)):
+        rods[r : r + 2, c : c + 8] = k + 1
+    grid = (np.arange(400, dtype=np.uint16).reshape(20, 20) + 1).repeat(2, 0).repeat(2, 1)
+    for name, image in (("rods.tif", rods), ("grid.tif", grid)):
+        tifffile.imwrite(tmp_path / name, image)
+        assert np.array_equal(io.read_mask(tmp_path / name), image.astype(np.int64))
 
 
 def test_label_images_of_another_size_are_refused_beside_masks_and_counts_csv(tmp_path):

@@ -1332,13 +1332,17 @@ def _soft_mask_problem(labels: np.ndarray) -> str | None:
     Read as labels, a soft mask's grey levels are "objects" that are thin bands
     (or single pixels) on a ramp from the background up to the bright level:
     no pixel of theirs has all 4 neighbours of their own value (an interior),
-    and they touch both a lower value (or 0) and a higher one. A real object
-    has an interior, or stands apart (a one-pixel label alone), or at most
-    borders higher ids on one side. None when under half of the labels are
-    such bands (BBBC039's colour labels: at most 1 in 132; a 1-px blur of a
-    0/255 mask: all but the brightest level).
+    and they touch both a lower value (or 0) and a higher one. And each grey
+    level is a ring around every cell, so a value is several separate pieces;
+    an object of a label image is one (touching thin objects, 2 px rods, are
+    bands too, but one piece each). A soft mask: at least half of its values
+    are bands, and its values average 1.5 pieces or more (BBBC039's colour
+    labels: at most 1 band in 132, one piece each; a blur of radius 0.5-3 of a
+    0/255 mask of several cells: all but the brightest levels, in pieces).
     """
-    padded = np.pad(labels, 1, mode="edge")  # the border does not cut an object's interior
+    from skimage.measure import label as pieces_of
+
+    padded = np.pad(labels, 1)  # 0 beyond the border: an object there has no interior at it
     centre = padded[1:-1, 1:-1]
     around = (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:])
     ids = np.unique(centre[centre > 0])
@@ -1350,6 +1354,9 @@ def _soft_mask_problem(labels: np.ndarray) -> str | None:
     on_ramp = np.intersect1d(np.unique(centre[lower]), np.unique(centre[higher]))
     bands = np.setdiff1d(on_ramp, np.unique(centre[inside])).size
     if 2 * bands < ids.size:
+        return None
+    # regions of one value, 4-connected (skimage labels equal values apart)
+    if int(pieces_of(labels, background=0, connectivity=1).max()) < 1.5 * ids.size:
         return None
     return (
         f"looks like a soft (blurred or anti-aliased) binary mask, not a label image: "

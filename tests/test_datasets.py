@@ -257,6 +257,12 @@ def test_masks_of_same_named_images_in_sub_folders_are_looked_up_by_path(tmp_pat
     (root / "masks" / "p2" / "img0.tif").rename(root / "masks" / "img9.tif")
     (root / "counts.csv").write_text("image,count\np1/img0.tif,4\np2/img9.tif,4\n")
     assert bool(datasets.load_folder(root, size=(48, 64)).has_mask.all())
+    # images/img9.tif beside images/p2/img9.tif: masks/img9.tif is its own, and the
+    # sub-folder's image has none (it was refused as a mask several images could share)
+    (root / "images" / "img9.tif").write_bytes((root / "images" / "p2" / "img9.tif").read_bytes())
+    (root / "counts.csv").write_text("image,count\nimg9.tif,4\np2/img9.tif,4\n")
+    data = datasets.load_folder(root, size=(48, 64))
+    assert data.has_mask.tolist() == [True, False]
 
 
 def test_a_folder_without_bbbc005_names_is_refused_in_one_line(tmp_path):

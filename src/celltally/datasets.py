@@ -204,7 +204,12 @@ def _same_stem(image: Path, folder: Path) -> Path | None:
 
 
 def mask_for(
-    image: Path, folder: Path, *, key: str | None = None, shared: bool = False
+    image: Path,
+    folder: Path,
+    *,
+    key: str | None = None,
+    shared: bool = False,
+    flat_taken: bool = False,
 ) -> Path | None:
     """The mask or label image of ``image`` in ``folder``: same stem, an image suffix.
 
@@ -222,6 +227,10 @@ def mask_for(
         Other images have ``image``'s stem: a mask in ``folder`` itself, found by
         the stem alone for an image in a sub-folder, is refused (it would be the
         mask of all of them).
+    flat_taken : bool, default False
+        An image directly in the images' folder has ``image``'s stem: a mask in
+        ``folder`` itself is that image's, so an image in a sub-folder has only
+        its mirrored one.
 
     Returns
     -------
@@ -240,6 +249,8 @@ def mask_for(
         sub = Path()
     if sub != Path() and (mirrored := _same_stem(image, folder / sub)):
         return mirrored
+    if flat_taken and sub != Path():
+        return None  # masks/a.png is the mask of images/a.tif, not of images/p1/a.tif
     flat = _same_stem(image, folder)
     if flat is not None and shared and sub != Path():
         raise io.InputError(
@@ -258,8 +269,9 @@ def _masks_in(folder: Path, paths: Sequence[Path], keys: Sequence[str]) -> list[
     ``a.png`` beside each other, or a stem shared across sub-folders).
     """
     stems = Counter(p.stem for p in paths)
+    top = {p.stem for p, key in zip(paths, keys, strict=True) if Path(key).parent == Path()}
     found = [
-        mask_for(path, folder, key=key, shared=stems[path.stem] > 1)
+        mask_for(path, folder, key=key, shared=stems[path.stem] > 1, flat_taken=path.stem in top)
         for path, key in zip(paths, keys, strict=True)
     ]
     owner: dict[Path, str] = {}

@@ -331,3 +331,37 @@ def test_cellprofiler_path_names_are_absolute(tiny_model, image_folder, tmp_path
     with (tmp_path / "res_Image.csv").open() as handle:
         table = list(csv.DictReader(handle))
     assert table and {r["PathName"] for r in table} == {str(image_folder.resolve())}
+
+
+def test_adding_a_folder_moves_masks_and_labels_of_a_run_spelt_through_a_link(
+    tiny_model, tmp_path, monkeypatch
+):
+    from conftest import blob_image
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+
+    lab = tmp_path / "lab"
+    for plate, seed in (("p1", 1), ("p2", 2)):
+        (lab / plate).mkdir(parents=True)
+        for i in range(2):
+            tifffile.imwrite(lab / plate / f"A0{i + 1}.tif", blob_image(3 + i, seed=seed + 10 * i))
+    (tmp_path / "link").symlink_to(lab, target_is_directory=True)
+    monkeypatch.chdir(lab)
+    common = ["-o", "r.csv", "--model", str(tiny_model), "--save-masks", "m", "--no-progress"]
+    first = CliRunner().invoke(
+        app, ["count", str(tmp_path / "link" / "p1"), *common, "--save-labels", "l"]
+    )
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(app, ["count", "p1", "p2", *common, "--save-labels", "l"])
+    assert again.exit_code == 0, again.output
+    assert "moved the outputs of 2 image(s)" in again.output
+    assert "not among this run's images" not in again.output
+    for folder, endings in (
+        ("m", ("_mask.png", "_mask_std.tif")),
+        ("l", ("_labels.tif", "_objects.csv", "_overlay.png")),
+    ):
+        assert not [p for p in (lab / folder).iterdir() if p.is_file()]  # none left behind
+        for plate in ("p1", "p2"):
+            got = sorted(p.name for p in (lab / folder / plate).iterdir())
+            assert got == sorted(f"A0{i}{e}" for i in (1, 2) for e in endings), (folder, plate)

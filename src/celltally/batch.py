@@ -815,14 +815,21 @@ def _earlier_roots(manifest: Path, masks: Path) -> list[Path]:
 _MOVED_ENDINGS = ("_mask_std.tif", "_labels.tif", "_objects.csv", "_overlay.png", "_mask.png")
 
 
-def _move_outputs(masks: Path, path: str | os.PathLike[str], old: Path, new: Path) -> bool:
+def _same_folder(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _move_outputs(
+    masks: Path, path: str | os.PathLike[str], old: Path, new: Path, *, mask: bool = True
+) -> bool:
     """Move ``path``'s outputs in ``masks`` from their names under ``old`` to those under ``new``.
 
     True when its mask is then where ``new`` puts it (nothing to count again).
-    An output already at its new name is left as it is.
+    An output already at its new name is left as it is. ``mask`` False: a folder
+    of other outputs (labels), moved whether or not it holds a mask.
     """
     before, after = io.output_stem(path, old), io.output_stem(path, new)
-    if before == after or not (masks / f"{before}_mask.png").exists():
+    if before == after or (mask and not (masks / f"{before}_mask.png").exists()):
         return False
     for ending in _MOVED_ENDINGS:
         source, target = masks / f"{before}{ending}", masks / f"{after}{ending}"
@@ -1014,9 +1021,10 @@ def run_batch(
     # an earlier run into these masks laid them out under its inputs' folder: keep to it,
     # or to the folder holding both, so adding inputs does not move every output's name
     earlier = [] if masks is None or overwrite else _earlier_roots(out_paths.manifest, masks)
-    if earlier:
-        root = Path(os.path.commonpath([*earlier, root]))
+    if earlier:  # real paths: one folder reached through a link is one folder
+        root = Path(os.path.commonpath([os.path.realpath(f) for f in (*earlier, root)]))
     moved = 0  # earlier runs' outputs moved to this layout
+    others = [Path(d) for d in exclude if masks is None or not _same_folder(d, masks)]
     if masks is not None:
         masks.mkdir(parents=True, exist_ok=True)
     mask_only: set[str] = set()  # counted before, recounted for a missing mask
@@ -1094,6 +1102,9 @@ def run_batch(
                     summary.skipped += 1
                     if masks is not None and not mask_file(masks, path, root).exists():
                         if any(_move_outputs(masks, path, e, root) for e in earlier):
+                            for folder in others:  # labels etc., laid out alike
+                                for e in earlier:
+                                    _move_outputs(folder, path, e, root, mask=False)
                             nonlocal moved
                             moved += 1
                             continue

@@ -456,13 +456,22 @@ def count(
 
             root = summary.output_root or output_root(paths)
             # rows an earlier run wrote for other inputs have no masks from this one
+            from celltally.batch import absolute_files
+            from celltally.io import file_identity
+
             inputs = {
-                os.path.abspath(p)
+                file_identity(p)
                 for p in iter_images(
                     paths, recursive=recursive, exclude=[d for d in (save_masks, save_labels) if d]
                 )
             }
-            mine = [r for r in rows if os.path.abspath(str(r["file"])) in inputs]
+            # each row's file from the folder its run worked in, however spelt (links)
+            names = [str(r["file"]) for r in rows]
+            placed = [
+                {**r, "file": f}
+                for r, f in zip(rows, absolute_files(out, names) or names, strict=True)
+            ]
+            mine = [r for r in placed if file_identity(r["file"]) in inputs]
             assert save_masks is not None  # --save-labels sets it when not given
             n = save_objects_for_rows(
                 mine, masks_dir=save_masks, out_dir=save_labels, root=root, channel=channel

@@ -850,10 +850,14 @@ def output_stem(path: str | os.PathLike[str], root: str | os.PathLike[str] | Non
     ``root`` (or with no ``root``) keeps only its own name.
     """
     full = Path(os.path.abspath(path))
+    base = os.path.abspath(full.parent if root is None else root)
     try:
-        rel = full.relative_to(os.path.abspath(full.parent if root is None else root))
+        rel = full.relative_to(base)
     except ValueError:
-        rel = Path(full.name)
+        try:  # one of them spelt through a linked folder
+            rel = Path(file_identity(full)).relative_to(os.path.realpath(base))
+        except ValueError:
+            rel = Path(full.name)
     return rel.with_name(rel.stem).as_posix()
 
 

@@ -792,3 +792,21 @@ def test_an_image_that_kills_its_dask_worker_is_one_error_and_the_rest_is_counte
         )  # fmt: skip  (a density-head model: it would count the big image in tiles)
     assert (summary.counted, summary.failed) == (3, 1)
     assert "a1_big.tif: the Dask worker counting it died" in summary.errors[0]
+
+
+def test_absolute_files_place_names_only_where_the_manifest_says_which_run_wrote_them(
+    tmp_path,
+):
+    from celltally.batch import absolute_files
+
+    out = tmp_path / "r.csv"
+    out.write_text("file\na.tif\n")
+    manifest = output_paths(out).manifest
+    one = {"runs": [{"cwd": "/x", "rows_before": 0}]}
+    manifest.write_text(json.dumps(one))
+    assert absolute_files(out, ["a.tif", "/abs/b.tif"]) == ["/x/a.tif", "/abs/b.tif"]
+    older = {"runs": [{"cwd": "/x"}, {"cwd": "/y"}]}  # no rows_before: which folder?
+    manifest.write_text(json.dumps(older))
+    assert absolute_files(out, ["a.tif"]) is None
+    manifest.unlink()
+    assert absolute_files(out, ["a.tif"]) is None  # not written by count

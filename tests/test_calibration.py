@@ -513,6 +513,8 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     )
     assert again.exit_code != 0 and "already exists" in again.output
     args = ["ensemble", "--model", str(model), "--data", str(data), "--members", "2"]
+    top = runner.invoke(app, [*args, "--seed", str(2**32 - 1)])  # member 1: seed + 1
+    assert top.exit_code == 2 and "--seed must be at most 4294967294 with 2 members" in top.output
     result = runner.invoke(app, [*args, "--epochs", "1", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (model / "ensemble_1.safetensors").is_file()

@@ -432,8 +432,9 @@ def absolute_files(
     Each row's relative name is joined to the folder the run that wrote it
     worked in (the manifest records it); with ``last``, to the last run's (for
     the errors CSV, which the last run rewrote). None without a readable
-    manifest (a CSV not written by ``count``): the names say no more than they
-    do as written.
+    manifest (a CSV not written by ``count``), or with one of a version that
+    did not record which run wrote which row and whose runs worked in several
+    folders: the names say no more than they do as written.
     """
     try:
         manifest = json.loads(output_paths(Path(out)).manifest.read_text())
@@ -441,6 +442,8 @@ def absolute_files(
         bases = _row_bases(manifest)
         final = (runs[-1].get("cwd") if runs else None) or os.getcwd()
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+    if names and len(bases(0)) > 1:  # an older manifest: which run wrote a row is not known
         return None
     return [
         os.path.abspath(os.path.join(final if last else bases(i)[0], name)) if name else name

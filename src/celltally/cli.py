@@ -1447,6 +1447,8 @@ def ensemble(
 
     if members < 2:
         fail(f"--members must be at least 2, got {members}")
+    if seed + members - 1 > SEED_MAX:  # member k is seeded with seed + k
+        fail(f"--seed must be at most {SEED_MAX - members + 1} with {members} members")
     if epochs is not None and epochs < 1:
         fail(f"--epochs must be at least 1 (each member is trained), got {epochs}")
     if simulated < 0:

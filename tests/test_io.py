@@ -391,6 +391,11 @@ def test_pattern_in_the_wrong_case_names_a_match(tmp_path: Path, lister) -> None
     with pytest.raises(InputError) as err:
         lister([str(tmp_path / "Plate" / "[v]*.TIF")])  # no match in any case: no hint
     assert "case-sensitive" not in _assert_one_line(err, "[v]*.TIF")
+    # simulate's layout: sim/images/*.TIF, so 'sim/*.TIF' matches nothing
+    _touch_images(tmp_path / "sim" / "images", ["s1.TIF"])
+    with pytest.raises(InputError) as err:
+        lister([str(tmp_path / "sim" / "*.TIF")])
+    assert "sim/images/*.TIF' does: count the folder" in _assert_one_line(err, "sim/*.TIF")
 
 
 def test_list_empty_folder(tmp_path: Path) -> None:

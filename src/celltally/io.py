@@ -676,6 +676,16 @@ def _no_match(text: str, recursive: bool) -> InputError:
     another case.
     """
     other = next(iter(glob.iglob(_any_case(text), recursive=recursive)), None)
+    head, tail = os.path.split(text)
+    if other is None and not any(ch in head for ch in _GLOB_CHARS):
+        # a training folder's layout (simulate --out writes it): the images are in images/
+        inner = os.path.join(head, "images", tail)
+        if next(iter(glob.iglob(inner, recursive=recursive)), None) is not None:
+            return InputError(
+                f"no files match the pattern '{text}', but '{inner}' does: count the folder "
+                f"{head or '.'} (its images/) or that pattern",
+                text,
+            )
     if other is None:
         return InputError(f"no files match the pattern '{text}'", text)
     return InputError(

@@ -342,10 +342,11 @@ def test_adding_a_folder_moves_masks_and_labels_of_a_run_spelt_through_a_link(
     from celltally.cli import app
 
     lab = tmp_path / "lab"
-    for plate, seed in (("p1", 1), ("p2", 2)):
+    for plate, seed in (("p1", 1), ("p2", 2), ("../ext/p3", 3)):  # p3: a link in lab
         (lab / plate).mkdir(parents=True)
         for i in range(2):
             tifffile.imwrite(lab / plate / f"A0{i + 1}.tif", blob_image(3 + i, seed=seed + 10 * i))
+    (lab / "p3").symlink_to(tmp_path / "ext" / "p3", target_is_directory=True)
     (tmp_path / "link").symlink_to(lab, target_is_directory=True)
     monkeypatch.chdir(lab)
     common = ["-o", "r.csv", "--model", str(tiny_model), "--save-masks", "m", "--no-progress"]
@@ -353,15 +354,18 @@ def test_adding_a_folder_moves_masks_and_labels_of_a_run_spelt_through_a_link(
         app, ["count", str(tmp_path / "link" / "p1"), *common, "--save-labels", "l"]
     )
     assert first.exit_code == 0, first.output
-    again = CliRunner().invoke(app, ["count", "p1", "p2", *common, "--save-labels", "l"])
+    # a folder added without --save-labels: the labels move with the masks all the same
+    again = CliRunner().invoke(app, ["count", "p1", "p2", "p3", *common])
     assert again.exit_code == 0, again.output
     assert "moved the outputs of 2 image(s)" in again.output
-    assert "not among this run's images" not in again.output
+    third = CliRunner().invoke(app, ["count", "p1", "p2", "p3", *common, "--save-labels", "l"])
+    assert third.exit_code == 0, third.output
+    assert "not among this run's images" not in third.output
     for folder, endings in (
         ("m", ("_mask.png", "_mask_std.tif")),
         ("l", ("_labels.tif", "_objects.csv", "_overlay.png")),
     ):
         assert not [p for p in (lab / folder).iterdir() if p.is_file()]  # none left behind
-        for plate in ("p1", "p2"):
+        for plate in ("p1", "p2", "p3"):  # p3's links kept in its names, not flattened
             got = sorted(p.name for p in (lab / folder / plate).iterdir())
             assert got == sorted(f"A0{i}{e}" for i in (1, 2) for e in endings), (folder, plate)

@@ -796,22 +796,46 @@ def mask_file(
     return Path(folder) / f"{io.output_stem(path, root)}_mask.png"
 
 
-def _earlier_roots(manifest: Path, masks: Path) -> list[Path]:
-    """The folders earlier runs' outputs in ``masks`` mirror, latest first (recorded since
-    2026-11-27; absolute paths)."""
+def _earlier_roots(manifest: Path, masks: Path) -> tuple[list[Path], list[Path]]:
+    """The folders earlier runs' outputs in ``masks`` mirror, latest first, and the other
+    output folders (labels) those runs wrote alike (recorded since 2026-11-27)."""
     roots: list[Path] = []
+    others: list[Path] = []
     try:
         runs = json.loads(manifest.read_text()).get("runs", [])
         for run in reversed(runs):
             if run.get("save_masks") and run.get("output_root"):
-                folder = os.path.join(run.get("cwd") or os.getcwd(), run["save_masks"])
+                cwd = run.get("cwd") or os.getcwd()
                 root = Path(run["output_root"])
-                same = os.path.realpath(folder) == os.path.realpath(masks)
-                if same and root.is_absolute() and root not in roots:
+                if not _same_folder(os.path.join(cwd, run["save_masks"]), masks):
+                    continue
+                if root.is_absolute() and root not in roots:
                     roots.append(root)
+                for folder in run.get("other_outputs") or []:
+                    if (path := Path(cwd, folder)) not in others:
+                        others.append(path)
     except (OSError, ValueError, AttributeError, TypeError):
-        return []
-    return roots
+        return [], []
+    return roots, others
+
+
+def _spelt_as(folder: Path, root: Path) -> Path:
+    """``folder`` (an earlier run's root) as spelt from ``root`` (this run's), when only links
+    tell them apart: ``/link/p1`` is ``/real/p1`` for a run under ``/real``. Else as it is.
+
+    The folder of ``root`` (or above it) that is the same folder, or holds it, takes its
+    place; links below it are kept as they are written, so the names under them stay.
+    """
+    if folder == root or folder in root.parents or root in folder.parents:
+        return folder
+    real = os.path.realpath(folder)
+    for candidate in (root, *root.parents):
+        held = os.path.realpath(candidate)
+        if real == held:
+            return candidate
+        if real.startswith(held.rstrip(os.sep) + os.sep):
+            return candidate / os.path.relpath(real, held)
+    return folder
 
 
 #: What per-image outputs in a masks folder end in: the mask last (on disk, all are).
@@ -1023,11 +1047,17 @@ def run_batch(
     out_paths = output_paths(out)
     # an earlier run into these masks laid them out under its inputs' folder: keep to it,
     # or to the folder holding both, so adding inputs does not move every output's name
-    earlier = [] if masks is None or overwrite else _earlier_roots(out_paths.manifest, masks)
-    if earlier:  # real paths: one folder reached through a link is one folder
-        root = Path(os.path.commonpath([os.path.realpath(f) for f in (*earlier, root)]))
+    earlier, earlier_others = (
+        ([], []) if masks is None or overwrite else _earlier_roots(out_paths.manifest, masks)
+    )
+    if earlier:
+        root = Path(os.path.commonpath([_spelt_as(e, root) for e in earlier] + [root]))
     moved = 0  # earlier runs' outputs moved to this layout
-    others = [Path(d) for d in exclude if masks is None or not _same_folder(d, masks)]
+    others: list[Path] = []  # this run's and earlier runs' label folders: moved alike
+    for folder in (*map(Path, exclude), *earlier_others):
+        if masks is not None and folder.is_dir() and not _same_folder(folder, masks):
+            if not any(_same_folder(folder, o) for o in others):
+                others.append(folder)
     if masks is not None:
         masks.mkdir(parents=True, exist_ok=True)
     mask_only: set[str] = set()  # counted before, recounted for a missing mask
@@ -1044,6 +1074,7 @@ def run_batch(
         "batch_size": batch_size,
         "save_masks": None if masks is None else str(masks),
         "output_root": None if masks is None else str(root),
+        "other_outputs": [str(d) for d in exclude],
     }
     summary.output_root = root if masks is not None else None
     manifest: dict | None = None

@@ -680,10 +680,10 @@ def _no_match(text: str, recursive: bool) -> InputError:
     if other is None and not any(ch in head for ch in _GLOB_CHARS):
         # a training folder's layout (simulate --out writes it): the images are in images/
         inner = os.path.join(head, "images", tail)
-        if next(iter(glob.iglob(inner, recursive=recursive)), None) is not None:
+        if next(iter(glob.iglob(_any_case(inner), recursive=recursive)), None) is not None:
             return InputError(
-                f"no files match the pattern '{text}', but '{inner}' does: count the folder "
-                f"{head or '.'} (its images/) or that pattern",
+                f"no files match the pattern '{text}', but its folder's images/ holds "
+                f"images: count {os.path.join(head, 'images')}",
                 text,
             )
     if other is None:
@@ -863,11 +863,10 @@ def output_stem(path: str | os.PathLike[str], root: str | os.PathLike[str] | Non
     base = os.path.abspath(full.parent if root is None else root)
     try:
         rel = full.relative_to(base)
-    except ValueError:
-        try:  # one of them spelt through a linked folder
-            rel = Path(file_identity(full)).relative_to(os.path.realpath(base))
-        except ValueError:
-            rel = Path(full.name)
+    except ValueError:  # maybe ``root`` spelt through a linked folder: the folder of
+        real = os.path.realpath(base)  # ``path`` that is the same folder (links below kept)
+        same = next((p for p in full.parents if os.path.realpath(p) == real), None)
+        rel = full.relative_to(same) if same is not None else Path(full.name)
     return rel.with_name(rel.stem).as_posix()
 
 

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path, PurePath
@@ -76,6 +77,16 @@ def well_key(name: str | Path) -> tuple[str, str, str] | None:
     if parsed.well is None:
         return None
     return (parsed.plate or "", parsed.well, "" if parsed.stain is None else str(parsed.stain))
+
+
+#: A name that begins with two well-like tokens ('P01_B02_s1'): a plate named like a well?
+_TWO_WELLS = re.compile(r"^[A-Z]{1,2}\d{2}_[A-Z]{1,2}\d{2}(?=[_.]|$)")
+
+
+def _two_wells(name: str) -> bool:
+    return bool(_TWO_WELLS.match(PurePath(name).name)) and not naming.BBBC005_PATTERN.match(
+        PurePath(name).name
+    )
 
 
 def _site(name: str) -> str:
@@ -507,6 +518,13 @@ def well_totals(
     if Path(out).is_dir() or Path(out).suffix.lower() in io.IMAGE_SUFFIXES:
         raise io.InputError(f"--out {out}: must be a CSV file (e.g. wells.csv)")
     rows = read_results(results)
+    two = [name for r in rows if _two_wells(name := r.get("file") or "")]
+    if warn is not None and two:
+        warn(
+            f"{len(two)} file name(s) begin with two well-like names (e.g. "
+            f"{PurePath(two[0]).name}): the first is read as the well; if it names the "
+            "plate, name plates otherwise (e.g. Plate01) or the wells merge"
+        )
     if warn is not None and torn_tail(results):
         warn(
             f"the last line of {results} has no line end: left out, as a row a run was "

@@ -590,13 +590,15 @@ def test_wells_read_plate_well_and_channel_from_the_name_whatever_the_columns(tm
 def test_wells_warn_when_names_begin_with_two_well_like_names(tmp_path):
     path = tmp_path / "results.csv"
     path.write_text(
-        "file,count,std,low,high,level,model\n"
-        "PL01_A01_w1.tif,10,1,8,12,0.95,m\n"
-        "PL01_B05_w1.tif,12,1,10,14,0.95,m\n"
+        "file,count,std,low,high,level,model,well\n"
+        "PL01_A01_w1.tif,10,1,8,12,0.95,m,PL01\n"
+        "PL01_B05_w1.tif,12,1,10,14,0.95,m,PL01\n"
     )
     result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
     assert result.exit_code == 0, result.output
     assert "2 file name(s) begin with two well-like names (e.g. PL01_A01_w1.tif)" in result.output
-    path.write_text("file,count,std,low,high,level,model\nPlate01_A01_w1.tif,10,1,8,12,0.95,m\n")
+    path.write_text(
+        "file,count,std,low,high,level,model,well\nPlate01_A01_w1.tif,10,1,8,12,0.95,m,A01\n"
+    )
     result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
     assert "well-like names" not in result.output

@@ -343,6 +343,24 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     assert high == pytest.approx(expected["high"], abs=0.06)
     assert low == pytest.approx(expected["low"], abs=0.06)
     assert half == pytest.approx((expected["high"] - expected["count"]), abs=0.06)
+    # the totals download as `celltally wells` writes them
+    with page.expect_download() as download_info:
+        page.click("#wells-csv")
+    wells_path = tmp_path / "wells.csv"
+    download_info.value.save_as(wells_path)
+    (got,) = list(csv.DictReader(wells_path.open(newline="")))
+    assert (got["plate"], got["well"], got["stain"], got["images"], got["sites"]) == (
+        "Screen1",
+        "B02",
+        "1",
+        "2",
+        "1;2",
+    )
+    for column in ("count", "std", "low", "high", "mean_per_image", "correlation"):
+        assert float(got[column]) == pytest.approx(float(expected[column]), abs=0.06), column
+    # what the model is for, and what the interval means, are on the page
+    sync_api.expect(page.locator("#model-use")).to_have_text("")  # the tiny model: no line
+    assert "95 of 100 images" in page.locator("#upload-panel").inner_text()
     # the same site uploaded again is flagged; a second plate gets its own map
     other = tmp_path / "Screen2_C03_s1_w1.tif"
     tifffile.imwrite(other, simulate_scene(8, seed=45).image)
@@ -400,6 +418,7 @@ def test_the_page_counts_with_the_model_picked(server, images, browser, tmp_path
     page.goto(server)
     sync_api.expect(page.locator("#model option")).to_have_count(1 + 2)  # tiny + shipped
     page.select_option("#model", "nuclei")
+    sync_api.expect(page.locator("#model-use")).to_contain_text("nuclei: for fluorescent nuclei")
     page.set_input_files("#file-input", [str(folder / PNG_NAME)])
     wait_for_batch(page, 1)
     shown = card(page, PNG_NAME).locator(".count").text_content()

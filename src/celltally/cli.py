@@ -1020,6 +1020,7 @@ def models(
         WEIGHTS_DIR,
         available_models,
         ensemble_files,
+        model_use,
         read_model_config,
         resolve_model,
     )
@@ -1038,8 +1039,9 @@ def models(
         height, width = config.get("input_size", ("?", "?"))
         members = len(ensemble_files(place))
         default = " (default)" if not folders and name == DEFAULT_MODEL else ""
+        use = model_use(name) if not folders else ""
         lines = [
-            f"{name}{default}",
+            f"{name}{default}" + (f": for {use}" if use else ""),
             f"  preset {config.get('preset')}, input {width} x {height} px, counter head "
             f"{_counter_heads(config.get('counter', {}))}"
             + (f"; {members + 1} counters with --epistemic" if members else "")

@@ -37,6 +37,20 @@ def available_models() -> list[str]:
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").exists())
 
 
+#: What each shipped model is for, in a line (``celltally models``, the web page).
+SHIPPED_USES = {
+    "bbbc005": "BBBC005-like images: SIMCEP-simulated U2OS cells, 8-bit, 1-100 cells in a "
+    "696 x 520 frame at BBBC005's scale",
+    "nuclei": "fluorescent nuclei (Hoechst, U2OS, BBBC039-like), 16-bit, hundreds per image; "
+    "--diameter rescales other magnifications",
+}
+
+
+def model_use(name: str) -> str:
+    """:data:`SHIPPED_USES`'s line for a shipped model; '' for any other."""
+    return SHIPPED_USES.get(name, "")
+
+
 #: In a model folder while a ``celltally train`` run writes it; removed when the model is complete.
 UNFINISHED = ".unfinished"
 

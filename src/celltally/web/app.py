@@ -64,6 +64,7 @@ from starlette.datastructures import MutableHeaders
 from celltally import io, naming
 from celltally.calibration import MAX_LEVEL, valid_level
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
+from celltally.model_folder import model_use
 from celltally.web import render
 from celltally.web.uploads import (
     FILES_WITHOUT_NAME,
@@ -182,6 +183,10 @@ class Info(BaseModel):
     )
     models: list[str] = Field(
         description="Models a request may name in its 'model' field (the default first)."
+    )
+    model_uses: dict[str, str] = Field(
+        default_factory=dict,
+        description="What each shipped model is for, in a line (empty for other models).",
     )
 
 
@@ -587,6 +592,7 @@ def create_app(
             accept=list(io.IMAGE_SUFFIXES),
             well_correlation=service.well_correlation,
             models=choices,
+            model_uses={m: use for m in choices if (use := model_use(m))},
         )
 
     @app.get("/api/name")

@@ -31,12 +31,20 @@ async function loadInfo() {
     $("model-name").textContent = state.info.model;
     $("model").replaceChildren(...(state.info.models || [state.info.model])
       .map((name) => new Option(name, name)));
+    showModelUse();
     $("limit-mb").textContent = String(Math.round(state.info.limits.max_mb * 10) / 10);
     $("level").value = String(state.info.level);
     $("saliency").checked = Boolean(state.info.saliency);
   } catch (err) {
     $("model-name").textContent = "(server unreachable)";
   }
+}
+
+// What the chosen model is for (shipped models), under the options.
+function showModelUse() {
+  const uses = (state.info && state.info.model_uses) || {};
+  const name = $("model").value;
+  $("model-use").textContent = uses[name] ? `${name}: for ${uses[name]}.` : "";
 }
 
 // -- queue -----------------------------------------------------------------
@@ -120,7 +128,10 @@ async function send({ file, card, row, index, settings }) {
                    error: `${file.name}: ${body.detail || response.statusText}` };
       }
     } catch (err) {
-      result = { name: file.name, ok: false, status: 0, error: `${file.name}: ${err.message}` };
+      // fetch rejects only when no answer came (the server stopped, the network is down)
+      const why = err.name === "AbortError" ? "cancelled"
+        : "cannot reach the celltally server (is it still running?); add the file again";
+      result = { name: file.name, ok: false, status: 0, error: `${file.name}: ${why}` };
     } finally {
       state.inflight.delete(controller);
     }
@@ -474,10 +485,42 @@ function wellTotals() {
       const rho = g.rho === null || g.rho === undefined ? fallback : g.rho;
       const p = pooled.get(g.spread) || [0, 0];
       const mult = p[1] > 0 ? p[0] / p[1] : 0;
-      const half = mult * Math.sqrt(s2 + rho * (s1 * s1 - s2));
-      return { ...g, total, half, low: Math.max(0, total - half), high: total + half,
-               failed: failed.get(g.where) || 0 };
+      const std = Math.sqrt(s2 + rho * (s1 * s1 - s2));
+      const half = mult * std;
+      return { ...g, total, std, half, rhoUsed: rho, low: Math.max(0, total - half),
+               high: total + half, failed: failed.get(g.where) || 0 };
     });
+}
+
+// The per-well totals as a CSV, with the columns of `celltally wells` it can fill.
+const WELL_COLUMNS = ["plate", "well", "stain", "images", "failed", "sites", "repeated_sites",
+  "count", "std", "low", "high", "level", "mean_per_image", "model", "correlation", "warnings"];
+
+function wellsCSV() {
+  const lines = [WELL_COLUMNS.join(",")];
+  for (const w of wellTotals()) {
+    const has = w.counts.length > 0;
+    const repeated = [...new Set(w.sites.filter((s, i) => s && w.sites.indexOf(s) !== i))];
+    const row = [w.plate, w.well, w.stain, w.counts.length, w.failed, w.sites.join(";"),
+      repeated.join(";"), has ? fmt(w.total, 2) : "", has ? fmt(w.std, 3) : "",
+      has ? fmt(w.low, 2) : "", has ? fmt(w.high, 2) : "", has ? w.level : "",
+      has ? fmt(w.total / w.counts.length, 2) : "", w.model, has ? fmt(w.rhoUsed, 4) : "",
+      w.flagged || 0];
+    lines.push(row.map(csvCell).join(","));
+  }
+  return lines.join("\r\n") + "\r\n";
+}
+
+function downloadWells() {
+  const blob = new Blob([wellsCSV()], { type: "text/csv" });
+  const url = URL.createObjectURL(blob);
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = "celltally-wells.csv";
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
 function drawWellTotals() {
@@ -572,6 +615,8 @@ function init() {
     drawPlate();
   });
   $("csv").addEventListener("click", downloadCSV);
+  $("wells-csv").addEventListener("click", downloadWells);
+  $("model").addEventListener("change", showModelUse);
   $("clear").addEventListener("click", clearAll);
   // The results live only in this page: leaving or reloading it asks first.
   window.addEventListener("beforeunload", (e) => {

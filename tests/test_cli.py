@@ -313,7 +313,8 @@ def test_too_small_image_is_named_and_the_rest_counted(tiny_model, image_folder,
 def test_models_lists_shipped_models_with_their_figures():
     result = run("models")
     assert result.exit_code == 0, result.output
-    assert "bbbc005 (default)" in result.output and "\nnuclei\n" in result.output
+    assert "bbbc005 (default): for BBBC005-like images" in result.output
+    assert "\nnuclei: for fluorescent nuclei" in result.output  # what each is for
     # the figures printed are the ones recorded in the model folders
     bbbc005 = CellCounter.from_pretrained("bbbc005", device="cpu").config["metrics"]["test"]["all"]
     assert f"held-out test ({int(bbbc005['n'])} images): MAE {bbbc005['mae']:.2f}" in result.output
@@ -324,7 +325,7 @@ def test_models_lists_shipped_models_with_their_figures():
     # a model that measured its ensemble says so, under its own entry
     nuclei = CellCounter.from_pretrained("nuclei", device="cpu").config["metrics"]
     ensemble = nuclei["epistemic"]["test"]["all"]
-    assert f"with --epistemic: MAE {ensemble['mae']:.2f}" in result.output.split("\nnuclei\n")[1]
+    assert f"with --epistemic: MAE {ensemble['mae']:.2f}" in result.output.split("\nnuclei: ")[1]
     # and a count correction, where its calibration fitted one
     scale = CellCounter.from_pretrained("nuclei", epistemic=True, device="cpu").count_scale
     line = f"counts with --epistemic multiplied by {scale:.4f}"

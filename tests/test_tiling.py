@@ -417,7 +417,7 @@ def test_shipped_nuclei_model_counts_16bit_nuclei_beyond_100():
     assert result.epistemic_std is not None and result.low <= 160 <= result.high, result
     listing = CliRunner().invoke(app, ["models"])
     assert listing.exit_code == 0
-    block = listing.output.split("\nnuclei\n", 1)[1].split("\n\n", 1)[0]
+    block = listing.output.split("\nnuclei: ", 1)[1].split("\n\n", 1)[0]
     assert "BBBC039" in block and "held-out test" in block and "counters with --epistemic" in block
     assert "counter head density averaged with unet" in block
 

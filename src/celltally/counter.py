@@ -686,7 +686,8 @@ class CellCounter:
                 results[i] = self._result(self._count_scaled(item), level, None)
         for start in range(0, len(frames), batch_size):
             index = frames[start : start + batch_size]
-            chunk = [self._checked_prepared(i, prepared[i]) for i in index]
+            # not ModelScaleImage: those were counted above
+            chunk = [self._checked_prepared(i, cast("np.ndarray", prepared[i])) for i in index]
             for i, r in zip(index, self._forward(chunk), strict=True):
                 results[i] = self._result(r, level, None)
         return cast("list[CountResult]", results)  # every slot filled above

@@ -343,7 +343,7 @@ def labels_diameter(root: str | Path, *, limit: int = 100) -> float | None:
     found = [_masks_in(d, paths, keys) for d in mask_dirs]
     areas: list[np.ndarray] = []
     for i, path in enumerate(paths[:limit]):
-        files = [masks[i] for masks in found if masks[i] is not None]
+        files = [f for masks in found if (f := masks[i]) is not None]
         if not files:
             continue
         # a label image of another size would measure objects at another scale;

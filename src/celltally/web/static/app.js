@@ -293,19 +293,24 @@ function toCSV() {
   return lines.join("\r\n") + "\r\n";
 }
 
-function downloadCSV() {
-  const pending = state.total - state.done;
-  if (pending > 0 && !window.confirm(`${pending} image(s) are still being counted and will ` +
-      `not be in the file. Download the ${state.done} done so far?`)) return;
-  const blob = new Blob([toCSV()], { type: "text/csv" });
+// Hand ``text`` to the browser as a CSV file called ``name``.
+function saveCSV(text, name) {
+  const blob = new Blob([text], { type: "text/csv" });
   const url = URL.createObjectURL(blob);
   const a = document.createElement("a");
   a.href = url;
-  a.download = "celltally-results.csv";
+  a.download = name;
   document.body.appendChild(a);
   a.click();
   a.remove();
   setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+function downloadCSV() {
+  const pending = state.total - state.done;
+  if (pending > 0 && !window.confirm(`${pending} image(s) are still being counted and will ` +
+      `not be in the file. Download the ${state.done} done so far?`)) return;
+  saveCSV(toCSV(), "celltally-results.csv");
 }
 
 // -- plate heat map --------------------------------------------------------
@@ -512,15 +517,7 @@ function wellsCSV() {
 }
 
 function downloadWells() {
-  const blob = new Blob([wellsCSV()], { type: "text/csv" });
-  const url = URL.createObjectURL(blob);
-  const a = document.createElement("a");
-  a.href = url;
-  a.download = "celltally-wells.csv";
-  document.body.appendChild(a);
-  a.click();
-  a.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 1000);
+  saveCSV(wellsCSV(), "celltally-wells.csv");
 }
 
 function drawWellTotals() {

@@ -339,7 +339,7 @@ def test_models_describes_a_model_folder_given(tiny_model, tmp_path):
     assert "held-out test" in result.output
     missing = run("models", tmp_path / "nowhere")
     assert missing.exit_code == 2 and "no such model" in missing.output
-    assert run("models", "nuclei").output.startswith("nuclei\n")  # a shipped model's name
+    assert run("models", "nuclei").output.startswith("nuclei: for ")  # a shipped model's name
 
 
 def test_models_shows_a_recalibrated_copys_original_figures(tmp_path):

@@ -1039,7 +1039,8 @@ def models(
         height, width = config.get("input_size", ("?", "?"))
         members = len(ensemble_files(place))
         default = " (default)" if not folders and name == DEFAULT_MODEL else ""
-        use = model_use(name) if not folders else ""
+        shipped = place.resolve().parent == WEIGHTS_DIR.resolve()
+        use = model_use(place.name) if shipped else ""
         lines = [
             f"{name}{default}" + (f": for {use}" if use else ""),
             f"  preset {config.get('preset')}, input {width} x {height} px, counter head "

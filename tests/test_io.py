@@ -397,6 +397,10 @@ def test_pattern_in_the_wrong_case_names_a_match(tmp_path: Path, lister) -> None
         lister([str(tmp_path / "sim" / "*.TIF")])
     text = _assert_one_line(err, "sim/*.TIF")
     assert f"its folder's images/ holds images: count {tmp_path / 'sim' / 'images'}" in text
+    (tmp_path / "sim" / "images").rename(tmp_path / "sim" / "Images")  # named as on disk
+    with pytest.raises(InputError) as err:
+        lister([str(tmp_path / "sim" / "*.tif")])
+    assert f"holds images: count {tmp_path / 'sim' / 'Images'}" in _assert_one_line(err, "sim")
 
 
 def test_list_empty_folder(tmp_path: Path) -> None:

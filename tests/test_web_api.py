@@ -580,3 +580,20 @@ def test_a_model_that_fails_to_load_is_a_json_error(counter, scene, tmp_path, mo
     assert response.json()["detail"] == (
         "model 'nuclei' could not be loaded: nuclei/model.safetensors: truncated file"
     )
+
+
+def test_info_says_what_shipped_models_are_for_and_not_a_users_namesake(tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from celltally.model_folder import WEIGHTS_DIR
+
+    shipped = TestClient(create_app("nuclei", warmup=False)).get("/api/info").json()
+    assert shipped["model_uses"]["nuclei"].startswith("fluorescent nuclei")
+    assert shipped["model_uses"]["bbbc005"].startswith("BBBC005-like images")
+    mine = tmp_path / "nuclei"  # a user's model that carries a shipped name
+    shutil.copytree(WEIGHTS_DIR / "nuclei", mine)
+    info = TestClient(create_app(mine, warmup=False)).get("/api/info").json()
+    assert info["model"] == "nuclei" and "nuclei" not in info["model_uses"]
+    assert "bbbc005" in info["model_uses"]

@@ -370,6 +370,12 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     flagged = 2 * bool(rows[0]["warning"]) + bool(rows[1]["warning"])
     unusual = f" ({flagged} unusual)" if flagged else ""
     sync_api.expect(images).to_have_text(f"3 (site 1 more than once){unusual}")
+    with page.expect_download() as download_info:
+        page.click("#wells-csv")
+    download_info.value.save_as(wells_path)
+    by_well = {w["well"]: w for w in csv.DictReader(wells_path.open(newline=""))}
+    # as `celltally wells` lists them: each site once, in order (uploaded 1, 2, 1)
+    assert (by_well["B02"]["sites"], by_well["B02"]["repeated_sites"]) == ("1;2", "1")
     pick = page.locator("#plate-select")
     sync_api.expect(pick).to_be_visible()
     views = ["Screen1 · tiny · 95%", "Screen2 · tiny · 95%"]

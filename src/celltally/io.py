@@ -680,10 +680,11 @@ def _no_match(text: str, recursive: bool) -> InputError:
     if other is None and not any(ch in head for ch in _GLOB_CHARS):
         # a training folder's layout (simulate --out writes it): the images are in images/
         inner = os.path.join(head, "images", tail)
-        if next(iter(glob.iglob(_any_case(inner), recursive=recursive)), None) is not None:
+        if (hit := next(iter(glob.iglob(_any_case(inner), recursive=recursive)), None)) is not None:
+            folder = os.path.dirname(hit)  # as spelt on disk ('Images')
             return InputError(
                 f"no files match the pattern '{text}', but its folder's images/ holds "
-                f"images: count {os.path.join(head, 'images')}",
+                f"images: count {folder}",
                 text,
             )
     if other is None:

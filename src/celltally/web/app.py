@@ -64,7 +64,7 @@ from starlette.datastructures import MutableHeaders
 from celltally import io, naming
 from celltally.calibration import MAX_LEVEL, valid_level
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
-from celltally.model_folder import model_use
+from celltally.model_folder import WEIGHTS_DIR, model_use, resolve_model
 from celltally.web import render
 from celltally.web.uploads import (
     FILES_WITHOUT_NAME,
@@ -514,6 +514,12 @@ def create_app(
     # Other shipped models, loaded on first use by a request's 'model' field.
     services = {counter.name: service}
     choices = [counter.name, *(m for m in available_models() if m != counter.name)]
+    # what each shipped model is for; the server's own model only if it is the shipped one
+    # (a user's folder may carry a shipped name)
+    own_shipped = not isinstance(model, CellCounter) and (
+        resolve_model(model).resolve().parent == WEIGHTS_DIR.resolve()
+    )
+    uses = {m: use for m in choices if (m != counter.name or own_shipped) and (use := model_use(m))}
     loading = threading.Lock()
 
     def service_for(name: str | None) -> _Service:
@@ -592,7 +598,7 @@ def create_app(
             accept=list(io.IMAGE_SUFFIXES),
             well_correlation=service.well_correlation,
             models=choices,
-            model_uses={m: use for m in choices if (use := model_use(m))},
+            model_uses=uses,
         )
 
     @app.get("/api/name")

@@ -118,7 +118,9 @@ async function send({ file, card, row, index, settings }) {
       // Clear aborts it: the server then skips the file instead of counting it for nobody
       const response = await fetch("/api/count",
         { method: "POST", body: form, signal: controller.signal });
-      const body = await response.json();
+      // an answer that is not JSON (a proxy's error page) still says what went wrong
+      const body = await response.json()
+        .catch(() => ({ detail: `${response.status} ${response.statusText}` }));
       if (body.results && body.results.length) {
         // which model counted it, and that model's within-well correlation (well totals)
         result = { ...body.results[0], model: body.model,
@@ -501,16 +503,25 @@ function wellTotals() {
 const WELL_COLUMNS = ["plate", "well", "stain", "images", "failed", "sites", "repeated_sites",
   "count", "std", "low", "high", "level", "mean_per_image", "model", "correlation", "warnings"];
 
+// Sites as `celltally wells` lists them: once each, numbers first in order, then names.
+function siteList(sites) {
+  const key = (s) => (/^\d+$/.test(s) ? [0, Number(s), ""] : [1, 0, s]);
+  return [...new Set(sites.filter(Boolean))].sort((a, b) => {
+    const [x, y] = [key(a), key(b)];
+    return x[0] - y[0] || x[1] - y[1] || x[2].localeCompare(y[2]);
+  }).join(";");
+}
+
 function wellsCSV() {
   const lines = [WELL_COLUMNS.join(",")];
   for (const w of wellTotals()) {
     const has = w.counts.length > 0;
-    const repeated = [...new Set(w.sites.filter((s, i) => s && w.sites.indexOf(s) !== i))];
-    const row = [w.plate, w.well, w.stain, w.counts.length, w.failed, w.sites.join(";"),
-      repeated.join(";"), has ? fmt(w.total, 2) : "", has ? fmt(w.std, 3) : "",
+    const repeated = w.sites.filter((s, i) => s && w.sites.indexOf(s) !== i);
+    const row = [w.plate, w.well, w.stain, w.counts.length, w.failed, siteList(w.sites),
+      siteList(repeated), has ? fmt(w.total, 2) : "", has ? fmt(w.std, 3) : "",
       has ? fmt(w.low, 2) : "", has ? fmt(w.high, 2) : "", has ? w.level : "",
       has ? fmt(w.total / w.counts.length, 2) : "", w.model, has ? fmt(w.rhoUsed, 4) : "",
-      w.flagged || 0];
+      has ? w.flagged || 0 : ""];
     lines.push(row.map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";

@@ -133,6 +133,9 @@ def test_scene_id_generic() -> None:
         ("run2/img-t7.tif", "run2/img"),
         ("img3.tif", "img3"),  # no time token: the stem
         ("t01.tif", "t01"),  # nothing else left: the stem
+        ("field1/t01.tif", "field1"),  # ... or the folder, a field per folder
+        ("field6_t01_w2.tif", "field6"),  # channels of one field too
+        ("img_ch2_z1.tif", "img"),
         ("stat_total.tif", "stat_total"),  # 'total' is no time token
     ],
 )

@@ -204,17 +204,19 @@ def scene_id(name: str | os.PathLike[str]) -> str | None:
     return None
 
 
-#: A time point or focal plane in a name: '_t01', '-T003', '.z2' (delimited on both sides).
-_FRAME = re.compile(r"(?:^|[_\-. ])[tTzZ]\d+(?=$|[_\-. ])")
+#: A time point, focal plane or channel in a name: '_t01', '-T003', '.z2', '_w1', '_ch2'
+#: (delimited on both sides): frames of one field differ in these.
+_FRAME = re.compile(r"(?:^|[_\-. ])(?:[tTzZwW]|[cC][hH])\d+(?=$|[_\-. ])")
 
 
 def field_stem(name: str | os.PathLike[str]) -> str:
-    """``name`` without its suffix and without time-point / focal-plane tokens.
+    """``name`` without its suffix and without time-point / focal-plane / channel tokens.
 
-    The field a frame of a time lapse or z-stack shows, for names that carry no
-    well and site: ``field1_t01.tif`` and ``field1_t02.tif`` give ``field1``, so
-    frames of one field are one scene (:func:`scene_id` covers named wells and
-    sites). A name left empty keeps its stem.
+    The field a frame of a time lapse, z-stack or channel set shows, for names
+    that carry no well and site: ``field1_t01_w1.tif`` and ``field1_t02_w2.tif``
+    give ``field1``, so frames of one field are one scene (:func:`scene_id`
+    covers named wells and sites). A name left empty is its folder's field
+    (``field1/t01.tif``: ``field1``), or keeps its stem without a folder.
 
     Examples
     --------
@@ -226,5 +228,7 @@ def field_stem(name: str | os.PathLike[str]) -> str:
     text = os.fspath(name)
     stem = text[: len(text) - len(os.path.splitext(text)[1])]
     folder, _, base = stem.rpartition("/")
-    kept = _FRAME.sub("", base) or base
+    kept = _FRAME.sub("", base)
+    if not kept:  # 'field1/t01': the folder is the field
+        return folder or base
     return f"{folder}/{kept}" if folder else kept

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from celltally.naming import BBBC005_PATTERN, ImageName, field_stem, parse_name, scene_id
+from celltally.naming import (
+    BBBC005_PATTERN,
+    ImageName,
+    field_stem,
+    parse_name,
+    plate_label,
+    scene_id,
+)
 
 
 def test_bbbc005_canonical() -> None:
@@ -23,6 +30,7 @@ def test_bbbc005_canonical() -> None:
         "stain": 1,
         "count": 40,
         "plate": None,
+        "time": None,
     }
 
 
@@ -141,3 +149,12 @@ def test_scene_id_generic() -> None:
 )
 def test_field_stem_drops_time_points_and_planes(name: str, field: str) -> None:
     assert field_stem(name) == field
+
+
+def test_time_points_are_read_after_the_well_and_label_the_plate() -> None:
+    got = parse_name("Plate1_B03_s1_t02_w1.tif")
+    assert (got.plate, got.well, got.site, got.time, got.stain) == ("Plate1", "B03", 1, 2, 1)
+    assert plate_label(got.plate, got.time) == "Plate1 t02"
+    assert parse_name("Plate1_B03_s1_w1.tif").time is None
+    assert parse_name("t01_B03_s1.tif").time is None  # before the well: not its time point
+    assert plate_label(None, 3) == "t03" and plate_label("P", None) == "P"

@@ -396,6 +396,16 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     sync_api.expect(images).to_have_text(f"3 (site 1 more than once){unusual} + 1 not counted")
     assert "incomplete" in (row.get_attribute("class") or "")
     assert page.locator('#plate-grid .well.failed[data-well="B02"]').count() == 1
+    # a time lapse: each time point's well is totalled apart, as `celltally wells` does
+    lapse = []
+    for t in (1, 2):
+        path = tmp_path / f"Lapse_D04_s1_t0{t}_w1.tif"
+        tifffile.imwrite(path, simulate_scene(10 + t, seed=50 + t).image)
+        lapse.append(path)
+    page.set_input_files("#file-input", [str(p) for p in lapse])
+    wait_for_batch(page, 7)
+    labels = page.locator('#well-totals tbody tr[data-well="D04"] td:first-child')
+    assert sorted(labels.all_text_contents()) == ["Lapse t01 D04", "Lapse t02 D04"]
     context.close()
 
 

@@ -602,3 +602,24 @@ def test_wells_warn_when_names_begin_with_two_well_like_names(tmp_path):
     )
     result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
     assert "well-like names" not in result.output
+
+
+def test_a_time_lapse_is_totalled_per_time_point(tmp_path):
+    path = tmp_path / "results.csv"
+    rows = "".join(
+        f"Plate1_B03_s{s}_t0{t}_w1.tif,{n},1,{n - 2},{n + 2},0.95,m,B03\n"
+        for t in (1, 2)
+        for s in (1, 2)
+        for n in (10 * t + s,)
+    )
+    path.write_text("file,count,std,low,high,level,model,well\n" + rows)
+    result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 0, result.output
+    assert "more than once" not in result.output and "repeated" not in result.output
+    with open(tmp_path / "w.csv", newline="") as handle:
+        got = {
+            (w["plate"], w["sites"], w["repeated_sites"], w["count"])
+            for w in csv.DictReader(handle)
+        }
+    # each time point's sites summed (11 + 12, 21 + 22), not the frames over time as repeats
+    assert got == {("Plate1 t01", "1;2", "", "23.0"), ("Plate1 t02", "1;2", "", "43.0")}

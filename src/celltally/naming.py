@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["BBBC005_PATTERN", "ImageName", "field_stem", "parse_name", "scene_id"]
+__all__ = ["BBBC005_PATTERN", "ImageName", "field_stem", "parse_name", "plate_label", "scene_id"]
 
 #: Canonical BBBC005 file name: well, cell count, focus blur, site and stain.
 BBBC005_PATTERN = re.compile(
@@ -32,6 +32,7 @@ _SITE = re.compile(r"_s(?P<site>\d+)(?=[_.\-]|$)", re.IGNORECASE)
 _STAIN = re.compile(r"_w(?P<stain>\d{1,2})(?=[_.\-]|$)", re.IGNORECASE)
 _STAIN_GUID = re.compile(r"_w(?P<stain>\d)", re.IGNORECASE)
 _COUNT = re.compile(r"_C(?P<count>\d+)(?=_)")
+_TIME = re.compile(r"_[tT](?P<time>\d+)(?=[_.\-]|$)")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class ImageName:
     plate : str or None
         Plate name: all the text before the well (``Screen_P1`` in
         ``Screen_P1_B03_s1_w1.tif``).
+    time : int or None
+        Time point of a time lapse (``_t<digits>``, after the well).
     """
 
     well: str | None = None
@@ -67,6 +70,7 @@ class ImageName:
     stain: int | None = None
     count: int | None = None
     plate: str | None = None
+    time: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Return the fields as a new ``{name: value}`` dict.
@@ -124,9 +128,28 @@ def _parse_generic(base: str) -> ImageName:
 
     if counts:
         count = int(counts[0].group("count"))
+    time = None
+    if wells and (t := _TIME.search(base, wells[0].end())):
+        time = int(t.group("time"))
     return ImageName(
-        well=well, row=row, column=column, site=site, stain=stain, count=count, plate=plate
+        well=well,
+        row=row,
+        column=column,
+        site=site,
+        stain=stain,
+        count=count,
+        plate=plate,
+        time=time,
     )
+
+
+def plate_label(plate: str | None, time: int | None) -> str:
+    """The plate as per-well totals group it: its name, and its time point if any.
+
+    A time lapse's frames of one well are summed per time point, not over time
+    (``Plate1_B03_s1_t02_w1.tif``: ``"Plate1 t02"``). The web page builds the same label.
+    """
+    return " ".join(p for p in (plate, None if time is None else f"t{time:02d}") if p)
 
 
 def parse_name(name: str | os.PathLike[str]) -> ImageName:

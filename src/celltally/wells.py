@@ -71,12 +71,15 @@ def well_key(name: str | Path) -> tuple[str, str, str] | None:
     """``(plate, well, stain)`` parsed from an image name, or None without a well.
 
     Images of different stains (channels) of one well are separate groups:
-    they show the same cells, and adding them would count them twice.
+    they show the same cells, and adding them would count them twice. So are
+    a time lapse's time points: the plate is :func:`celltally.naming.plate_label`'s,
+    ``"Plate1 t02"``.
     """
     parsed = naming.parse_name(name)
     if parsed.well is None:
         return None
-    return (parsed.plate or "", parsed.well, "" if parsed.stain is None else str(parsed.stain))
+    plate = naming.plate_label(parsed.plate, parsed.time)  # a time lapse: per time point
+    return (plate, parsed.well, "" if parsed.stain is None else str(parsed.stain))
 
 
 #: A name that begins with two well-like tokens ('P01_B02_s1'): a plate named like a well?

@@ -315,6 +315,13 @@ function downloadCSV() {
   saveCSV(toCSV(), "celltally-results.csv");
 }
 
+// The plate as per-well totals group it, as celltally.naming.plate_label: its name and,
+// in a time lapse, the time point ("Plate1 t02"), so frames are not summed over time.
+function plateLabel(m) {
+  const time = m.time === null || m.time === undefined ? "" : `t${String(m.time).padStart(2, "0")}`;
+  return [m.plate || "", time].filter(Boolean).join(" ");
+}
+
 // -- plate heat map --------------------------------------------------------
 const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 
@@ -347,7 +354,7 @@ function drawPlate() {
   // when the results span several.
   // JSON keys: a plate name may hold any character
   const keyOf = (r) => JSON.stringify(
-    [(r.metadata && r.metadata.plate) || "", r.model || "", r.level ?? ""]);
+    [plateLabel(r.metadata || {}), r.model || "", r.level ?? ""]);
   const placed = state.results.filter((r) => r && r.metadata && r.metadata.row &&
     r.metadata.column);
   const views = [...new Set(placed.filter((r) => r.ok).map(keyOf))];
@@ -371,7 +378,7 @@ function drawPlate() {
   for (const r of placed) {
     const m = r.metadata;
     if (!r.ok) { // an image not counted marks its well on every view of its plate
-      if ((m.plate || "") === plateOf) entry(m).failed += 1;
+      if (plateLabel(m) === plateOf) entry(m).failed += 1;
       continue;
     }
     if (keyOf(r) !== state.plate) continue;
@@ -453,13 +460,13 @@ function wellTotals() {
     const m = (r && r.metadata) || {};
     if (!r || !m.well) continue;
     const stain = m.stain === null || m.stain === undefined ? "" : String(m.stain);
-    const where = JSON.stringify([m.plate || "", m.well, stain]);
+    const where = JSON.stringify([plateLabel(m), m.well, stain]);
     if (!r.ok) {
       failed.set(where, (failed.get(where) || 0) + 1);
       continue;
     }
     const key = JSON.stringify([where, r.model || "", r.level ?? ""]);
-    const g = groups.get(key) || { plate: m.plate || "", well: m.well, stain, counts: [], stds: [],
+    const g = groups.get(key) || { plate: plateLabel(m), well: m.well, stain, counts: [], stds: [],
                                    sites: [], model: r.model || "", where,
                                    spread: `${r.model || ""}|${r.level ?? ""}`,
                                    rho: r.well_correlation };

@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from celltally import __version__, io
-from celltally.model_folder import WEIGHTS_DIR, resolve_model
+from celltally.model_folder import is_shipped, resolve_model
 
 if TYPE_CHECKING:  # the counter imports PyTorch: only runs that count need it
     from celltally.counter import CellCounter, CountResult
@@ -449,6 +449,16 @@ def absolute_files(
         os.path.abspath(os.path.join(final if last else bases(i)[0], name)) if name else name
         for i, name in enumerate(names)
     ]
+
+
+def with_absolute_files(
+    out: str | os.PathLike[str], rows: Sequence[Mapping[str, str]]
+) -> list[dict[str, str]]:
+    """Copies of results rows whose ``file`` is made absolute by :func:`absolute_files`
+    (as written where the manifest cannot say)."""
+    names = [str(r.get("file") or "") for r in rows]
+    where = absolute_files(out, names) or names
+    return [{**r, "file": f} for r, f in zip(rows, where, strict=True)]
 
 
 def torn_tail(out: str | os.PathLike[str]) -> bool:
@@ -838,8 +848,13 @@ def _spelt_as(folder: Path, root: Path) -> Path:
     return folder
 
 
-#: What per-image outputs in a masks folder end in: the mask last (on disk, all are).
-_MOVED_ENDINGS = ("_mask_std.tif", "_labels.tif", "_objects.csv", "_overlay.png", "_mask.png")
+#: What per-image outputs in a masks folder end in (io's image outputs and the objects
+#: table): the mask last, since a mask on disk says its image's outputs are all there.
+_MOVED_ENDINGS = (
+    *(e for e in io.OUTPUT_ENDINGS if e != "_mask.png"),
+    "_objects.csv",
+    "_mask.png",
+)
 
 
 def _same_folder(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -1253,12 +1268,7 @@ _WORKER_LOADS = 0  # models loaded by this process (one per worker is the point)
 
 def _worker_model_ref(folder: Path) -> str:
     """A shipped model by name (each worker loads its installed copy), else the folder."""
-    try:
-        if folder.resolve().parent == WEIGHTS_DIR.resolve():
-            return folder.name
-    except OSError:
-        pass
-    return str(folder.resolve())
+    return folder.name if is_shipped(folder) else str(folder.resolve())
 
 
 def _worker_counter(model: str, weights_sha256: str, options: dict) -> CellCounter:

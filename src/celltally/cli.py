@@ -395,7 +395,7 @@ def count(
     ] = True,
 ) -> None:
     """Count cells in images into a resumable CSV (help text: the decorator's)."""
-    from celltally.batch import read_results, run_batch
+    from celltally.batch import read_results, run_batch, with_absolute_files
 
     def note(message: str) -> None:
         typer.echo(message, err=True)
@@ -456,7 +456,6 @@ def count(
 
             root = summary.output_root or output_root(paths)
             # rows an earlier run wrote for other inputs have no masks from this one
-            from celltally.batch import absolute_files
             from celltally.io import file_identity
 
             inputs = {
@@ -466,12 +465,7 @@ def count(
                 )
             }
             # each row's file from the folder its run worked in, however spelt (links)
-            names = [str(r["file"]) for r in rows]
-            placed = [
-                {**r, "file": f}
-                for r, f in zip(rows, absolute_files(out, names) or names, strict=True)
-            ]
-            mine = [r for r in placed if file_identity(r["file"]) in inputs]
+            mine = [r for r in with_absolute_files(out, rows) if file_identity(r["file"]) in inputs]
             assert save_masks is not None  # --save-labels sets it when not given
             n = save_objects_for_rows(
                 mine, masks_dir=save_masks, out_dir=save_labels, root=root, channel=channel
@@ -483,13 +477,10 @@ def count(
                     "labels for them (count them with --save-labels to get them)"
                 )
         if table_format == "cellprofiler":
-            from celltally.batch import absolute_files
             from celltally.objects import write_cellprofiler_csv
 
             # CellProfiler's PathName is absolute: each row's folder from where its run worked
-            names = [str(r["file"]) for r in rows]
-            where = absolute_files(out, names) or names
-            placed = [{**r, "file": f} for r, f in zip(rows, where, strict=True)]
+            placed = with_absolute_files(out, rows)
             table = write_cellprofiler_csv(out.with_name(f"{out.stem}_Image.csv"), placed)
             typer.echo(f"CellProfiler-style per-image table -> {table}")
         if wells is not None:
@@ -1020,6 +1011,7 @@ def models(
         WEIGHTS_DIR,
         available_models,
         ensemble_files,
+        is_shipped,
         model_use,
         read_model_config,
         resolve_model,
@@ -1039,8 +1031,7 @@ def models(
         height, width = config.get("input_size", ("?", "?"))
         members = len(ensemble_files(place))
         default = " (default)" if not folders and name == DEFAULT_MODEL else ""
-        shipped = place.resolve().parent == WEIGHTS_DIR.resolve()
-        use = model_use(place.name) if shipped else ""
+        use = model_use(place.name) if is_shipped(place) else ""
         lines = [
             f"{name}{default}" + (f": for {use}" if use else ""),
             f"  preset {config.get('preset')}, input {width} x {height} px, counter head "

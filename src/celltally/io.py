@@ -1313,7 +1313,8 @@ def _mask_values(path: str | os.PathLike[str]) -> np.ndarray:
             np.array_equal(colour[..., 0], colour[..., 1])
             and np.array_equal(colour[..., 0], colour[..., 2])
         ):
-            return _not_soft(colour_labels(colour), path)
+            # no soft-mask check: each colour_labels object is one piece, never a ring
+            return colour_labels(colour)
     mask = _to_2d(arr, path, is_tiff=is_tiff, channel=None, colour_mean=False)
     if mask.dtype.kind == "f":
         if not np.all(np.isfinite(mask)):

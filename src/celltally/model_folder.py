@@ -51,6 +51,14 @@ def model_use(name: str) -> str:
     return SHIPPED_USES.get(name, "")
 
 
+def is_shipped(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` is one of the package's own model folders (not a user's namesake)."""
+    try:
+        return Path(folder).resolve().parent == WEIGHTS_DIR.resolve()
+    except OSError:
+        return False
+
+
 #: In a model folder while a ``celltally train`` run writes it; removed when the model is complete.
 UNFINISHED = ".unfinished"
 

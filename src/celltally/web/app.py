@@ -64,7 +64,7 @@ from starlette.datastructures import MutableHeaders
 from celltally import io, naming
 from celltally.calibration import MAX_LEVEL, valid_level
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
-from celltally.model_folder import WEIGHTS_DIR, model_use, resolve_model
+from celltally.model_folder import is_shipped, model_use, resolve_model
 from celltally.web import render
 from celltally.web.uploads import (
     FILES_WITHOUT_NAME,
@@ -516,9 +516,7 @@ def create_app(
     choices = [counter.name, *(m for m in available_models() if m != counter.name)]
     # what each shipped model is for; the server's own model only if it is the shipped one
     # (a user's folder may carry a shipped name)
-    own_shipped = not isinstance(model, CellCounter) and (
-        resolve_model(model).resolve().parent == WEIGHTS_DIR.resolve()
-    )
+    own_shipped = not isinstance(model, CellCounter) and is_shipped(resolve_model(model))
     uses = {m: use for m in choices if (m != counter.name or own_shipped) and (use := model_use(m))}
     loading = threading.Lock()
 

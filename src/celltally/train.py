@@ -245,6 +245,12 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _bad_rows(values: torch.Tensor, bad: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """How many images of ``values`` ``bad`` marks, given their pixels flattened per row;
+    in chunks of 256, so a large set is never copied whole."""
+    return sum(int(bad(values[i : i + 256].flatten(1)).sum()) for i in range(0, len(values), 256))
+
+
 def _check_training_set(
     data: LabeledSet, batch_size: int, *, counts: bool, min_images: int = 1, masks: bool = False
 ) -> None:
@@ -267,21 +273,16 @@ def _check_training_set(
             f"this counter (the paper's 'fc' head, batch norm over the batch) needs "
             f"{min_images} or more training images, got {len(data)}"
         )
-    bad = 0
-    for start in range(0, len(data), 256):  # in chunks: no copy of a whole large set
-        chunk = data.images[start : start + 256].flatten(1)
-        bad += int((~torch.isfinite(chunk)).any(1).sum())
-    if bad:
+    if bad := _bad_rows(data.images, lambda x: (~torch.isfinite(x)).any(1)):
         raise ValueError(f"{bad} training image(s) have NaN or infinite pixels")
     if masks:
-        bad = 0
-        for start in range(0, len(data), 256):
-            chunk = data.masks[start : start + 256].flatten(1)
-            missing = torch.isnan(chunk)
+
+        def bad_mask(x: torch.Tensor) -> torch.Tensor:
+            missing = torch.isnan(x)
             partly = missing.any(1) & ~missing.all(1)
-            outside = ((chunk < 0) | (chunk > 1) | torch.isinf(chunk)).any(1)
-            bad += int((partly | outside).sum())
-        if bad:
+            return partly | ((x < 0) | (x > 1) | torch.isinf(x)).any(1)
+
+        if bad := _bad_rows(data.masks, bad_mask):
             raise ValueError(
                 f"{bad} training mask(s) have values outside [0, 1] or are partly NaN "
                 "(a mask holds foreground fractions 0-1; NaN over a whole image means none)"

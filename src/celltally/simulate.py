@@ -1255,7 +1255,7 @@ def simulate_plate(
     """
     if not _whole_at_least_1(images):
         raise ValueError(f"images (--images) must be a whole number >= 1, got {images!r}")
-    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+    if not _whole_at_least_1(workers):
         raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
     images = int(images)
     size = _check_size(size)

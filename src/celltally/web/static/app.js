@@ -501,7 +501,9 @@ function wellTotals() {
       const mult = p[1] > 0 ? p[0] / p[1] : 0;
       const std = Math.sqrt(s2 + rho * (s1 * s1 - s2));
       const half = mult * std;
-      return { ...g, total, std, half, rhoUsed: rho, low: Math.max(0, total - half),
+      // the same site twice (uploaded again, or as another format) is summed twice
+      const repeated = [...new Set(g.sites.filter((s, i) => s && g.sites.indexOf(s) !== i))];
+      return { ...g, total, std, half, rho, repeated, low: Math.max(0, total - half),
                high: total + half, failed: failed.get(g.where) || 0 };
     });
 }
@@ -523,11 +525,10 @@ function wellsCSV() {
   const lines = [WELL_COLUMNS.join(",")];
   for (const w of wellTotals()) {
     const has = w.counts.length > 0;
-    const repeated = w.sites.filter((s, i) => s && w.sites.indexOf(s) !== i);
     const row = [w.plate, w.well, w.stain, w.counts.length, w.failed, siteList(w.sites),
-      siteList(repeated), has ? fmt(w.total, 2) : "", has ? fmt(w.std, 3) : "",
+      siteList(w.repeated), has ? fmt(w.total, 2) : "", has ? fmt(w.std, 3) : "",
       has ? fmt(w.low, 2) : "", has ? fmt(w.high, 2) : "", has ? w.level : "",
-      has ? fmt(w.total / w.counts.length, 2) : "", w.model, has ? fmt(w.rhoUsed, 4) : "",
+      has ? fmt(w.total / w.counts.length, 2) : "", w.model, has ? fmt(w.rho, 4) : "",
       has ? w.flagged || 0 : ""];
     lines.push(row.map(csvCell).join(","));
   }
@@ -547,10 +548,8 @@ function drawWellTotals() {
   for (const w of totals) {
     const tr = document.createElement("tr");
     tr.dataset.well = w.well;
-    // The same site twice (an image uploaded again, or as another format) is summed twice.
-    const repeated = [...new Set(w.sites.filter((s, i) => s && w.sites.indexOf(s) !== i))];
     const images = String(w.counts.length) +
-      (repeated.length ? ` (site ${repeated.join(", ")} more than once)` : "") +
+      (w.repeated.length ? ` (site ${w.repeated.join(", ")} more than once)` : "") +
       (w.flagged ? ` (${w.flagged} unusual)` : "") +
       (w.failed ? ` + ${w.failed} not counted` : "");
     const made = several && w.counts.length
@@ -565,7 +564,7 @@ function drawWellTotals() {
       td.textContent = text;
       tr.appendChild(td);
     }
-    if (repeated.length) tr.classList.add("repeated");
+    if (w.repeated.length) tr.classList.add("repeated");
     const why = [];
     if (w.flagged) {
       tr.classList.add("flagged");

@@ -108,7 +108,7 @@ def _parse_generic(base: str) -> ImageName:
             counts = [m for m in counts if m.start("count") - 1 not in ambiguous]
 
     well = row = plate = None
-    column = site = stain = count = None
+    column = site = stain = count = time = None
     site_match = _SITE.search(base)
     if site_match:
         site = int(site_match.group("site"))
@@ -125,12 +125,10 @@ def _parse_generic(base: str) -> ImageName:
         well = f"{row}{w.group('column')}"
         if w.start() > 0:
             plate = base[: w.start()]  # all before the well: 'Screen_P1', 'MFGTMP_230101'
-
+        if t := _TIME.search(base, w.end()):  # a time point after the well
+            time = int(t.group("time"))
     if counts:
         count = int(counts[0].group("count"))
-    time = None
-    if wells and (t := _TIME.search(base, wells[0].end())):
-        time = int(t.group("time"))
     return ImageName(
         well=well,
         row=row,

@@ -87,9 +87,8 @@ _TWO_WELLS = re.compile(r"^[A-Z]{1,2}\d{2}_[A-Z]{1,2}\d{2}(?=[_.]|$)")
 
 
 def _two_wells(name: str) -> bool:
-    return bool(_TWO_WELLS.match(PurePath(name).name)) and not naming.BBBC005_PATTERN.match(
-        PurePath(name).name
-    )
+    base = PurePath(name).name
+    return bool(_TWO_WELLS.match(base)) and not naming.BBBC005_PATTERN.match(base)
 
 
 def _site(name: str) -> str:

@@ -208,6 +208,46 @@ def test_feature_distance_is_mahalanobis():
         feature_reference(x[:1])
 
 
+def test_one_gaussian_per_class_flags_what_lies_between_the_classes():
+    from celltally.calibration import feature_classes, held_out_distances
+
+    rng = np.random.default_rng(2)
+    d, n = 8, 200
+    offset = np.zeros(d)
+    offset[0] = 12.0  # two stains, far apart along one axis
+    x = np.concatenate([rng.standard_normal((n, d)), rng.standard_normal((n, d)) + offset])
+    stains = [1] * n + [2] * n
+    between = rng.standard_normal((50, d)) + offset / 2  # e.g. a stain-2 frame shrunk
+    same = np.concatenate([rng.standard_normal((25, d)), rng.standard_normal((25, d)) + offset])
+    classes = feature_classes(stains, min_images=20)
+    assert classes == ["1"] * n + ["2"] * n
+    flagged = {}
+    for name, labels in (("one", None), ("per class", classes)):
+        reference = feature_reference(x, classes=labels)
+        assert reference["mean"].shape == (1 if labels is None else 2, d)
+        limit = np.quantile(held_out_distances(x, classes=labels), 0.99)
+        flagged[name] = (
+            np.mean(feature_distance(between, reference) > limit),
+            np.mean(feature_distance(same, reference) > limit),
+        )
+    assert flagged["one"][0] < 0.1 and flagged["per class"][0] > 0.9, flagged
+    assert flagged["per class"][1] < 0.1, flagged  # images like the classes' still pass
+    # no classes where a label is missing, there is one class, or a class is small
+    assert feature_classes([1, None] * 30, min_images=20) is None
+    assert feature_classes([1] * 60, min_images=20) is None
+    assert feature_classes([1] * 50 + [2] * 10, min_images=20) is None
+    with pytest.raises(ValueError, match="class '2' has 1 embedding"):
+        feature_reference(x[:3], classes=["1", "1", "2"])
+
+
+def test_a_reference_saved_before_classes_reads_as_one_class():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50, 5))
+    reference = feature_reference(x)
+    flat = {"mean": reference["mean"][0], "precision": reference["precision"][0]}  # (d,), (d, d)
+    assert np.allclose(feature_distance(x, flat), feature_distance(x, reference))
+
+
 # -- a tiny model trained on blob images -------------------------------------
 
 
@@ -286,6 +326,29 @@ def test_calibrate_model_stores_both_methods_and_thresholds(blob_model):
     ens = block["epistemic"]
     assert ens["members"] == 2 and len(ens["scores"]) == 60
     assert {"mask_std", "feature_distance"} <= set(ens["ood"])
+
+
+def test_calibration_names_with_two_stains_fit_one_reference_per_stain(blob_model, tmp_path):
+    from safetensors.numpy import load_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(blob_model[0], folder)
+    cal = blob_set(60, 2, tiny_config())
+    quiet = {"log": lambda s: None, "device": "cpu"}
+    for stains, rows in (([1, 2] * 30, 2), ([1] * 60, 1)):
+        meta = [{**m, "stain": s} for m, s in zip(cal.meta, stains, strict=True)]
+        labelled = LabeledSet(cal.images, cal.masks, cal.counts, meta)
+        block = calibrate_model(folder, labelled, **quiet)
+        reference = load_file(str(folder / "ood.safetensors"))
+        assert reference["mean"].shape[0] == rows
+        assert reference["precision"].shape[:2] == (rows, reference["mean"].shape[1])
+        classes = {"by": "stain", "images": {"1": 30, "2": 30}} if rows == 2 else None
+        assert block["ood"].get("feature_classes") == classes
+        assert block["epistemic"]["ood"].get("feature_classes") == classes
+        counted = CellCounter.from_pretrained(folder, device="cpu").count_prepared(
+            list(cal.images[:4, 0].numpy())
+        )
+        assert all(np.isfinite(r.ood["feature_distance"]) for r in counted)
 
 
 def test_count_scale_corrects_a_known_bias_and_a_refit_removes_it(blob_model, tmp_path):

@@ -369,23 +369,47 @@ def ood_features(
     return features
 
 
-def feature_reference(embeddings: np.ndarray, *, shrinkage: float = 0.5) -> dict[str, np.ndarray]:
+def feature_reference(
+    embeddings: np.ndarray,
+    *,
+    classes: Sequence[Any] | None = None,
+    shrinkage: float = 0.5,
+) -> dict[str, np.ndarray]:
     """Mean and shrunk inverse covariance of the calibration images' deep features.
 
     ``embeddings`` is (n_images, d), e.g. :meth:`CellCounter.embed`. The
     covariance is shrunk towards ``trace / d`` times the identity by
     ``shrinkage`` so that it is invertible and stable with few images.
+
+    With ``classes`` (one label per image, e.g. the stain), one Gaussian is
+    fitted per class, as Lee et al. (2018) fit one per class: an image is then
+    as far as its nearest class (:func:`feature_distance`). Each class needs 2
+    or more images.
+
+    Returns
+    -------
+    dict
+        ``mean`` (k, d) and ``precision`` (k, d, d), one row per class (k = 1
+        without ``classes``).
     """
     x = np.asarray(embeddings, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"need at least 2 embeddings as an (n, d) array, got shape {x.shape}")
     if not 0.0 < shrinkage <= 1.0:
         raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage}")
-    mean = x.mean(0)
-    cov = np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
-    target = max(float(np.trace(cov)) / cov.shape[0], 1e-12) * np.eye(cov.shape[0])
-    precision = np.linalg.inv((1.0 - shrinkage) * cov + shrinkage * target)
-    return {"mean": mean, "precision": precision}
+    labels = np.zeros(len(x), int) if classes is None else np.asarray([str(c) for c in classes])
+    if len(labels) != len(x):
+        raise ValueError(f"{len(labels)} classes for {len(x)} embeddings")
+    means, precisions = [], []
+    for label in sorted(set(labels.tolist())):
+        rows = x[labels == label]
+        if len(rows) < 2:
+            raise ValueError(f"class {label!r} has {len(rows)} embedding; each class needs 2")
+        cov = np.cov(rows, rowvar=False).reshape(x.shape[1], x.shape[1])
+        target = max(float(np.trace(cov)) / cov.shape[0], 1e-12) * np.eye(cov.shape[0])
+        means.append(rows.mean(0))
+        precisions.append(np.linalg.inv((1.0 - shrinkage) * cov + shrinkage * target))
+    return {"mean": np.stack(means), "precision": np.stack(precisions)}
 
 
 def feature_distance(embeddings: np.ndarray, reference: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -393,15 +417,39 @@ def feature_distance(embeddings: np.ndarray, reference: Mapping[str, np.ndarray]
 
     Lee et al. (2018): distance in a network's feature space detects inputs
     unlike the training data far better than the network's own confidence.
+    A reference of several classes (:func:`feature_reference`) gives each row
+    its distance from the nearest; a reference saved before classes existed
+    (a (d,) mean) is one class.
     """
-    x = np.atleast_2d(np.asarray(embeddings, dtype=np.float64)) - reference["mean"]
-    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, reference["precision"], x), 0.0))
+    x = np.atleast_2d(np.asarray(embeddings, dtype=np.float64))
+    d = x.shape[1]
+    means = np.asarray(reference["mean"], dtype=np.float64).reshape(-1, d)
+    precisions = np.asarray(reference["precision"], dtype=np.float64).reshape(-1, d, d)
+    squared = [
+        np.einsum("ij,jk,ik->i", x - mean, precision, x - mean)
+        for mean, precision in zip(means, precisions, strict=True)
+    ]
+    return np.sqrt(np.maximum(np.min(squared, axis=0), 0.0))
+
+
+def feature_classes(labels: Sequence[Any], *, min_images: int) -> list[str] | None:
+    """``labels`` (one per calibration image, e.g. its stain) as feature classes, or None.
+
+    Classes only where every image has a label, there are 2 or more, and each
+    has ``min_images`` or more images; otherwise one Gaussian fits all.
+    """
+    if not labels or any(label is None for label in labels):
+        return None
+    names = [str(label) for label in labels]
+    sizes = [names.count(name) for name in set(names)]
+    return names if len(sizes) >= 2 and min(sizes) >= min_images else None
 
 
 def held_out_distances(
     embeddings: np.ndarray,
     *,
     groups: Sequence[Any] | None = None,
+    classes: Sequence[Any] | None = None,
     folds: int = 20,
     shrinkage: float = 0.5,
 ) -> np.ndarray:
@@ -413,7 +461,8 @@ def held_out_distances(
     measured on Gaussian features, 2026-11-27). So the images are split into
     ``min(folds, number of groups)`` folds (one image per fold when there are no
     more), whole ``groups`` at a time (a scene's images err together), and each
-    fold is measured against :func:`feature_reference` of the others. With all
+    fold is measured against :func:`feature_reference` of the others (of their
+    ``classes`` with 2 or more images there, when ``classes`` is given). With all
     images in one group (a time-lapse of one field) the folds are single images.
     """
     x = np.asarray(embeddings, dtype=np.float64)
@@ -421,6 +470,9 @@ def held_out_distances(
     keys = list(range(n)) if groups is None else [str(g) for g in groups]
     if len(keys) != n:
         raise ValueError(f"{len(keys)} groups for {n} embeddings")
+    labels = None if classes is None else np.asarray([str(c) for c in classes])
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} classes for {n} embeddings")
     if len(set(keys)) < 2:
         keys = list(range(n))
     order = {key: i for i, key in enumerate(sorted(set(keys), key=str))}
@@ -431,7 +483,13 @@ def held_out_distances(
     out = np.empty(n)
     for f in range(k):
         held = fold == f
-        reference = feature_reference(x[~held], shrinkage=shrinkage)
+        rest = ~held
+        if labels is not None:
+            kept = [c for c in set(labels[rest].tolist()) if np.sum(labels[rest] == c) >= 2]
+            rest &= np.isin(labels, kept)
+        reference = feature_reference(
+            x[rest], classes=None if labels is None else labels[rest], shrinkage=shrinkage
+        )
         out[held] = feature_distance(x[held], reference)
     return out
 

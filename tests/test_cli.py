@@ -198,6 +198,34 @@ def test_evaluate_takes_the_scale_and_normalization_options(tiny_model, image_fo
     # the tiny model records no object scale: --diameter is refused in one line
     result = run(*args, "--diameter", "20")
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "--rescale 2 for 2 x 2-binned images" in result.output  # what it can do instead
+    result = run(*args, "--rescale", "1.5")  # the tiny model's head counts one fixed frame
+    assert result.exit_code == 2 and "'fc' head, which cannot rescale" in result.output
+    result = run(*args, "--rescale", "2", "--diameter", "20")
+    assert result.exit_code == 2 and "give one of" in result.output, result.output
+
+
+def test_rescale_brings_binned_images_back_to_the_shipped_model_scale(tmp_path):
+    from skimage.transform import rescale
+
+    from celltally.simulate import simulate_plate
+
+    plate = simulate_plate(tmp_path / "p", images=1, counts=[60], blurs=(1,), stains=(2,))
+    (full,) = sorted((plate / "images").iterdir())
+    binned = tmp_path / "binned" / full.name  # 2 x 2 binning: cells half as wide
+    binned.parent.mkdir()
+    image = tifffile.imread(full).astype(np.float32)
+    small = rescale(image, 0.5, anti_aliasing=True, preserve_range=True)
+    tifffile.imwrite(binned, np.round(small).astype(np.uint8))
+    counts = {}
+    for name, extra in (("plain", ()), ("rescaled", ("--rescale", "2"))):
+        out = tmp_path / f"{name}.csv"
+        result = run("count", binned, "-o", out, "--threads", "1", "--no-progress", *extra)
+        assert result.exit_code == 0, result.output
+        (row,) = list(csv.DictReader(out.open()))
+        counts[name] = float(row["count"])
+    assert abs(counts["rescaled"] - 60) < 5, counts
+    assert abs(counts["plain"] - 60) > 10, counts  # cells half as wide as it saw
 
 
 def test_count_says_how_many_images_look_unlike_the_calibration_data(tmp_path):
@@ -510,7 +538,7 @@ def test_a_tiny_diameter_is_refused_before_it_asks_for_terabytes(image_folder, t
     out = tmp_path / "r.csv"
     result = run("count", image_folder, "-o", out, "--model", "nuclei", "--diameter", "0.1")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "million pixels); check --diameter" in result.output
+    assert "million pixels); check --rescale / --diameter" in result.output
     # beyond 1000x either way: refused as an option, before any file is read
     result = run(
         "count", image_folder, "-o", tmp_path / "x.csv", "--model", "nuclei", "--diameter", "0.001"
@@ -522,7 +550,7 @@ def test_a_tiny_diameter_is_refused_before_it_asks_for_terabytes(image_folder, t
     # the other way (2830 for 28.3): a frame shrunk to a few pixels is no empty well
     result = run("count", image_folder, "-o", out, "--model", "nuclei", "--diameter", "2830")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "too small to count (each side needs at least 8 px); check --diameter" in (result.output)
+    assert "too small to count (each side needs at least 8 px); check --rescale" in (result.output)
 
 
 def test_evaluate_says_what_is_wrong_with_its_data_argument(tiny_model, image_folder, tmp_path):

@@ -228,14 +228,23 @@ def test_diameter_and_pixel_size_rescale():
     assert rescale_factor(scale, diameter=56.0) == pytest.approx(0.5)
     assert rescale_factor(scale, pixel_size=0.325) == pytest.approx(0.5)
     assert model_shape((1040, 1392), scale, 0.5) == (192, 256)
-    with pytest.raises(io.InputError, match="not both"):
+    with pytest.raises(io.InputError, match="give one of"):
         rescale_factor(scale, diameter=10, pixel_size=1)
+    with pytest.raises(io.InputError, match=r"not \['--diameter', '--rescale'\]"):
+        rescale_factor(scale, diameter=10, rescale=2)
     with pytest.raises(io.InputError, match="positive"):
         rescale_factor(scale, diameter=-3)
     bare = ModelScale((520, 696), (192, 256))
     with pytest.raises(io.InputError, match="does not record the pixel size") as err:
         rescale_factor(bare, pixel_size=0.5)
     assert "--diameter" not in str(err.value)  # it would fail too: no circular advice
+    assert "--rescale 2 for 2 x 2-binned images" in str(err.value)  # what works instead
+    assert rescale_factor(bare, rescale=2.0) == 2.0  # any model takes the factor itself
+    for bad in (0.0, -2.0, float("nan"), float("inf")):
+        with pytest.raises(io.InputError, match="--rescale must be a positive number"):
+            rescale_factor(bare, rescale=bad)
+    with pytest.raises(io.InputError, match="at most 1000x"):
+        rescale_factor(bare, rescale=5000.0)
     diameter_only = ModelScale((520, 696), (192, 256), object_diameter_px=28.0)
     with pytest.raises(io.InputError, match="use --diameter"):
         rescale_factor(diameter_only, pixel_size=0.5)
@@ -254,6 +263,9 @@ def test_diameter_brings_a_magnified_image_to_the_model_scale():
     zoomed = CellCounter(CountingPipeline(config), config, device="cpu", diameter=20.0)
     assert zoomed.factor == pytest.approx(0.5)
     assert zoomed.count(big).count == pytest.approx(plain.count(small).count, rel=1e-3)
+    torch.manual_seed(2)
+    factor = CellCounter(CountingPipeline(config), config, device="cpu", rescale=0.5)
+    assert factor.count(big).count == pytest.approx(zoomed.count(big).count, rel=1e-6)
     fc_config = {**tiny_config(), "scale": config["scale"]}
     with pytest.raises(io.InputError, match="'fc' head"):
         CellCounter(CountingPipeline(fc_config), fc_config, diameter=20.0)

@@ -170,6 +170,7 @@ def _image_options(
     diameter: float | None,
     tile: int | None,
     background: str | None = None,
+    rescale: float | None = None,
 ) -> dict:
     """``CellCounter`` keywords for the reading, normalization and scale flags (only those set)."""
     from celltally.model_folder import read_model_config, resolve_model
@@ -203,6 +204,8 @@ def _image_options(
         options["pixel_size"] = pixel_size
     if diameter is not None:
         options["diameter"] = diameter
+    if rescale is not None:
+        options["rescale"] = rescale
     if tile is not None:
         if tile < 32 or tile % 32:
             raise ValueError(f"--tile must be a positive multiple of 32, got {tile}")
@@ -260,7 +263,7 @@ PixelSizeOption = Annotated[
     float | None,
     typer.Option(
         help="Pixel size of the images, um: rescales them to the model's scale (needs a "
-        "model that records its pixel size; no shipped model does)."
+        "model that records its pixel size; no shipped model does: use --rescale)."
     ),
 ]
 DiameterOption = Annotated[
@@ -269,6 +272,15 @@ DiameterOption = Annotated[
         help="Typical cell/nucleus diameter in the images, px: rescales them to the model's "
         "scale (needs a model that records one: nuclei, 28.3 px; leave it out at the "
         "model's own magnification)."
+    ),
+]
+RescaleOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Resize the images by this factor before counting (any model with a density "
+        "head, as every shipped one): 2 for "
+        "images binned 2 x 2 or taken at half the model's magnification (cells half as wide "
+        "as in its training images), 0.5 for twice it."
     ),
 ]
 TileOption = Annotated[
@@ -364,6 +376,7 @@ def count(
     background: BackgroundOption = None,
     pixel_size: PixelSizeOption = None,
     diameter: DiameterOption = None,
+    rescale: RescaleOption = None,
     tile: TileOption = None,
     save_labels: Annotated[
         Path | None,
@@ -428,6 +441,7 @@ def count(
                 background=background,
                 pixel_size=pixel_size,
                 diameter=diameter,
+                rescale=rescale,
                 tile=tile,
             )
         )
@@ -683,6 +697,7 @@ def evaluate(
     background: BackgroundOption = None,
     pixel_size: PixelSizeOption = None,
     diameter: DiameterOption = None,
+    rescale: RescaleOption = None,
     tile: TileOption = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -708,6 +723,7 @@ def evaluate(
             background=background,
             pixel_size=pixel_size,
             diameter=diameter,
+            rescale=rescale,
             tile=tile,
         )
         counter = CellCounter.from_pretrained(

@@ -122,7 +122,7 @@ def _short(x: float) -> str:
 
 
 #: Most pixels an image may be enlarged to at a model's scale (16384 x 16384; images
-#: shrunk or kept at their size are not limited): a mistyped --diameter or --pixel-size
+#: shrunk or kept at their size are not limited): a mistyped --rescale, --diameter or --pixel-size
 #: would otherwise ask for terabytes.
 MAX_MODEL_PIXELS = 16384 * 16384
 
@@ -249,6 +249,7 @@ class CellCounter:
         norm: dict[str, Any] | None = None,
         pixel_size: float | None = None,
         diameter: float | None = None,
+        rescale: float | None = None,
         tile: int | Sequence[int] | None = None,
         margin: int | None = None,
         ood_reference: Mapping[str, np.ndarray] | None = None,
@@ -271,7 +272,11 @@ class CellCounter:
         self.channel = None if channel is None else int(channel)
         self.scale = model_scale(config)
         self.factor = rescale_factor(
-            self.scale, pixel_size=pixel_size, diameter=diameter, model_name=f"model {self.name}"
+            self.scale,
+            pixel_size=pixel_size,
+            diameter=diameter,
+            rescale=rescale,
+            model_name=f"model {self.name}",
         )
         # Window geometry: the caller's, else the model folder's ("tiling"), else the default.
         tiling = dict(config.get("tiling") or {})
@@ -288,7 +293,7 @@ class CellCounter:
         if not self.density_head and self.factor != 1.0:
             raise io.InputError(
                 f"model {self.name} has the paper's fixed-frame 'fc' head, which cannot "
-                "rescale images; --pixel-size/--diameter need a density-head model"
+                "rescale images; --pixel-size/--diameter/--rescale need a density-head model"
             )
         if config.get("untrained_counter"):
             raise io.InputError(
@@ -357,9 +362,10 @@ class CellCounter:
         ``options`` go to the constructor: ``channel`` (plane of multi-channel
         files), ``norm`` (keys overriding the model's normalization, e.g.
         ``{'low': 1, 'high': 99.9}`` or ``{'background': 'none'}``; see
-        ``tiling.merge_normalization``), ``pixel_size`` (micrometres) or
-        ``diameter`` (typical object diameter, px) to rescale images to the
-        model's scale, ``tile``/``margin`` (model px) for large images.
+        ``tiling.merge_normalization``), ``pixel_size`` (micrometres),
+        ``diameter`` (typical object diameter, px) or ``rescale`` (the factor
+        itself) to rescale images to the model's scale, ``tile``/``margin``
+        (model px) for large images.
         """
         folder = resolve_model(name_or_path)
         if (folder / UNFINISHED).exists():
@@ -451,8 +457,8 @@ class CellCounter:
 
         A native frame (its size at the model's scale is the input size) is
         resized to ``input_size`` and counted in batches. Any other size is
-        resized by the model's pixel scale (times the ``pixel_size``/``diameter``
-        factor), normalized as a whole and returned wrapped, to be counted in
+        resized by the model's pixel scale (times the ``pixel_size``/``diameter``/
+        ``rescale`` factor), normalized as a whole and returned wrapped, to be counted in
         tiles (density head). The paper's 'fc' head counts one fixed frame: an
         image up to 10% larger than its native frame (or any smaller one) is
         resized into it, a larger one is refused.
@@ -473,14 +479,14 @@ class CellCounter:
             raise io.InputError(
                 f"image of {image.shape[1]}x{image.shape[0]} px would be {shape[1]}x{shape[0]} "
                 f"px at model {self.name}'s scale (more than {MAX_MODEL_PIXELS / 1e6:g} million "
-                "pixels); check --diameter / --pixel-size"
+                "pixels); check --rescale / --diameter / --pixel-size"
             )
         if min(shape) < MIN_SIDE <= min(model_shape(image.shape, self.scale)):
-            # only the --diameter / --pixel-size factor shrinks it so (2830 for 28.3)
+            # only the --rescale / --diameter / --pixel-size factor shrinks it so (2830 for 28.3)
             raise io.InputError(
                 f"image of {image.shape[1]}x{image.shape[0]} px would be {shape[1]}x{shape[0]} "
                 f"px at model {self.name}'s scale, too small to count (each side needs at "
-                f"least {MIN_SIDE} px); check --diameter / --pixel-size"
+                f"least {MIN_SIDE} px); check --rescale / --diameter / --pixel-size"
             )
         if not self.counts_in_tiles(image.shape):  # one rule, shared with calibration
             too_large = any(

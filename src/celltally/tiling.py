@@ -126,6 +126,7 @@ def rescale_factor(
     *,
     pixel_size: float | None = None,
     diameter: float | None = None,
+    rescale: float | None = None,
     model_name: str = "the model",
 ) -> float:
     """Factor that brings the user's pixels to the model's raw training pixels (1 = same).
@@ -137,15 +138,31 @@ def rescale_factor(
     diameter : float, optional
         Typical object diameter in the user's images, in pixels; needs the
         model's ``object_diameter_px``. Objects twice the model's diameter give 0.5.
+    rescale : float, optional
+        The factor itself, for any model's scale: 2 for images binned 2 x 2 or taken
+        at half the model's magnification (cells half as wide as it saw).
 
     Raises
     ------
     InputError
-        For both options at once, a non-positive value, or a model that does
-        not record the scale the option refers to.
+        For more than one option at once, a non-positive value, or a model that
+        does not record the scale the option refers to.
     """
-    if pixel_size is not None and diameter is not None:
-        raise io.InputError("give --pixel-size or --diameter, not both")
+    given = [
+        flag
+        for flag, value in (
+            ("--pixel-size", pixel_size),
+            ("--diameter", diameter),
+            ("--rescale", rescale),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise io.InputError(f"give one of --pixel-size, --diameter, --rescale, not {given}")
+    if rescale is not None:
+        if not rescale > 0 or not math.isfinite(rescale):
+            raise io.InputError(f"--rescale must be a positive number, got {rescale}")
+        return _checked_factor(float(rescale), f"--rescale {rescale}", "as given")
     if pixel_size is not None:
         if not pixel_size > 0 or not math.isfinite(pixel_size):
             raise io.InputError(f"--pixel-size must be a positive number, got {pixel_size}")
@@ -153,7 +170,7 @@ def rescale_factor(
             instead = (
                 "use --diameter (typical object diameter in pixels) instead"
                 if scale.object_diameter_px is not None
-                else "count without --pixel-size, or resize the images yourself"
+                else "give the resize factor instead (--rescale 2 for 2 x 2-binned images)"
             )
             raise io.InputError(
                 f"{model_name} does not record the pixel size it was trained at; {instead}"
@@ -169,7 +186,7 @@ def rescale_factor(
         if scale.object_diameter_px is None:
             raise io.InputError(
                 f"{model_name} does not record the object diameter it was trained at; "
-                "leave out --diameter, or resize the images yourself"
+                "give the resize factor instead (--rescale 2 for 2 x 2-binned images)"
             )
         return _checked_factor(
             scale.object_diameter_px / float(diameter),
@@ -179,7 +196,7 @@ def rescale_factor(
     return 1.0
 
 
-#: Largest rescaling (either way) that --pixel-size / --diameter may ask for.
+#: Largest rescaling (either way) that --pixel-size / --diameter / --rescale may ask for.
 MAX_RESCALE = 1000.0
 
 

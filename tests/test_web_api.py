@@ -458,6 +458,50 @@ def test_a_request_names_another_shipped_model(client, scene):
     assert default.json()["model"] == "tiny"
 
 
+def test_rescale_counts_binned_images_at_the_model_scale(client):
+    from skimage.transform import rescale
+
+    full = simulate_scene(60, stain=2, blur=1, seed=4)  # cell bodies: scale-sensitive
+    small = rescale(full.image.astype(np.float32), 0.5, anti_aliasing=True, preserve_range=True)
+    pixels = np.round(small).astype(np.uint8)  # 2 x 2 binning
+    binned = tiff_bytes(pixels)
+    library = CellCounter.from_pretrained("bbbc005", rescale=2.0).count(pixels)
+    answers = {}
+    for value in ("", "2"):
+        response = post(
+            client,
+            [("binned.tif", binned, "image/tiff")],
+            model="bbbc005",
+            saliency="false",
+            rescale=value,
+        )
+        assert response.status_code == 200, response.text
+        answers[value] = response.json()
+    assert answers["2"]["rescale"] == 2.0 and answers[""]["rescale"] is None
+    item = answers["2"]["results"][0]
+    assert item["count"] == pytest.approx(library.count, rel=1e-4)
+    assert item["warning"] == (library.warning or None)
+    assert abs(item["count"] - 60) < 5 < abs(answers[""]["results"][0]["count"] - 60)
+    for bad in ("abc", "0", "-2", "inf"):
+        refused = post(client, [("x.tif", binned, "image/tiff")], rescale=bad)
+        assert refused.status_code == 422
+        assert refused.json()["detail"].startswith("rescale must be a positive number"), bad
+    fixed = post(client, [("x.tif", binned, "image/tiff")], rescale="2")  # the tiny model
+    assert fixed.status_code == 422
+    assert "'fc' head, which cannot rescale images" in fixed.json()["detail"]
+
+
+def test_a_rescaled_twin_keeps_the_out_of_distribution_check():
+    from skimage.transform import rescale
+
+    image = simulate_scene(30, seed=6).image.astype(np.float32)
+    small = rescale(image, 0.5, anti_aliasing=True, preserve_range=True)
+    loaded = CellCounter.from_pretrained("bbbc005", rescale=2.0).count(small)
+    twin = CellCounter.from_pretrained("bbbc005").with_rescale(2.0).count(small)
+    assert twin.count == pytest.approx(loaded.count, rel=1e-6)
+    assert twin.ood["feature_distance"] == pytest.approx(loaded.ood["feature_distance"], rel=1e-6)
+
+
 def test_models_info_docs_and_page(client):
     models = client.get("/api/models").json()
     assert models["active"]["name"] == "tiny"

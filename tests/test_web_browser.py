@@ -446,3 +446,25 @@ def test_the_page_counts_with_the_model_picked(server, images, browser, tmp_path
     (row,) = csv.DictReader(csv_path.open(newline=""))
     assert row["model"] == "nuclei"
     context.close()
+
+
+def test_the_page_counts_binned_images_with_the_rescale_set(server, browser, tmp_path):
+    from skimage.transform import rescale
+
+    full = simulate_scene(60, stain=2, seed=7).image.astype(np.float32)
+    binned = np.round(rescale(full, 0.5, anti_aliasing=True, preserve_range=True))
+    path = tmp_path / "binned_w2.tif"
+    tifffile.imwrite(path, binned.astype(np.uint8))
+    expected = CellCounter.from_pretrained("bbbc005", rescale=2.0).count(path).count
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server)
+    page.select_option("#model", "bbbc005")
+    page.fill("#rescale", "2")
+    page.set_input_files("#file-input", [str(path)])
+    wait_for_batch(page, 1)
+    item = card(page, path.name)
+    assert item.get_attribute("data-state") == "done"
+    shown = item.locator(".count").text_content()
+    assert float(shown.split()[0]) == pytest.approx(expected, abs=0.051)
+    context.close()

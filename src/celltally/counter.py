@@ -121,6 +121,11 @@ def _short(x: float) -> str:
     return f"{x:.2f}" if 0 < abs(x) < 1 else f"{x:.1f}"
 
 
+_FC_CANNOT_RESCALE = (
+    "model {name} has the paper's fixed-frame 'fc' head, which cannot rescale images; "
+    "--pixel-size/--diameter/--rescale need a density-head model"
+)
+
 #: Most pixels an image may be enlarged to at a model's scale (16384 x 16384; images
 #: shrunk or kept at their size are not limited): a mistyped --rescale, --diameter or --pixel-size
 #: would otherwise ask for terabytes.
@@ -291,10 +296,7 @@ class CellCounter:
             except ValueError as err:
                 raise io.InputError(f"the tile does not fit model {self.name}: {err}") from None
         if not self.density_head and self.factor != 1.0:
-            raise io.InputError(
-                f"model {self.name} has the paper's fixed-frame 'fc' head, which cannot "
-                "rescale images; --pixel-size/--diameter/--rescale need a density-head model"
-            )
+            raise io.InputError(_FC_CANNOT_RESCALE.format(name=self.name))
         if config.get("untrained_counter"):
             raise io.InputError(
                 f"model {self.name}: its counter is untrained (a --stage segmenter model); "
@@ -337,6 +339,23 @@ class CellCounter:
         if getattr(self._local, "collect", False):
             pooled = [output.mean((2, 3)), output.std((2, 3), unbiased=False)]
             self._local.embedding = torch.cat(pooled, 1).float().cpu().numpy()
+
+    def with_rescale(self, rescale: float | None) -> CellCounter:
+        """This counter resizing images by ``rescale`` (``--rescale``); None: the model's scale.
+
+        The twin shares the model, its calibration and the per-thread state that
+        the embedding hook fills (no copy of the weights), so it must be used
+        under the same lock as this counter where one is held.
+        """
+        factor = 1.0
+        if rescale is not None:
+            factor = rescale_factor(self.scale, rescale=rescale, model_name=f"model {self.name}")
+        if not self.density_head and factor != 1.0:
+            raise io.InputError(_FC_CANNOT_RESCALE.format(name=self.name))
+        twin = object.__new__(CellCounter)
+        twin.__dict__.update(self.__dict__)  # not copy.copy: __getstate__ drops _local
+        twin.factor = factor
+        return twin
 
     @property
     def epistemic(self) -> bool:

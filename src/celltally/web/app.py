@@ -7,8 +7,11 @@ Endpoints
 ``POST /api/count``
     ``multipart/form-data`` with one or more ``files`` (TIFF 8/16-bit, PNG,
     JPEG), and optionally ``level`` (interval level, default 0.95),
-    ``saliency`` (``true``/``false``) and ``channel`` (0-based plane of
-    multi-channel files; empty = the file's only channel or its colour mean).
+    ``saliency`` (``true``/``false``), ``channel`` (0-based plane of
+    multi-channel files; empty = the file's only channel or its colour mean),
+    ``model`` (a shipped model; default the server's) and ``rescale`` (resize
+    factor before counting, as ``celltally count --rescale``: 2 for images
+    binned 2 x 2; empty = the model's own scale).
     Answers, in the order sent, one entry per file: the count with its
     interval and PNG renderings (data URLs) of the input, mask, uncertainty
     and saliency maps, or an ``error`` naming the file.
@@ -23,7 +26,8 @@ Endpoints
       the problems differ) and a ``detail`` message.
     - **413** too many files, or a body over the total limit; **415** not a
       multipart upload; **400** malformed multipart; **422** no files, or a bad
-      ``level``. These carry only ``detail`` (FastAPI's error shape).
+      ``level``, ``channel``, ``model`` or ``rescale``. These carry only
+      ``detail`` (FastAPI's error shape).
 ``GET /api/models``
     The loaded model (name, preset, input size, measured figures) and the
     models shipped with the package.
@@ -47,6 +51,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -162,6 +167,9 @@ class CountResponse(BaseModel):
     level_note: str | None = Field(
         default=None, description="Set when the level is above what the calibration can guarantee."
     )
+    rescale: float | None = Field(
+        default=None, description="The resize factor the images were counted at (the request's)."
+    )
 
 
 class Limits(BaseModel):
@@ -221,6 +229,13 @@ _UPLOAD_SCHEMA = {
                             "description": "A model of GET /api/info's 'models' "
                             "(default: the server's).",
                         },
+                        "rescale": {
+                            "type": "number",
+                            "exclusiveMinimum": 0,
+                            "description": "Resize the images by this factor before "
+                            "counting, as `celltally count --rescale`: 2 for images binned "
+                            "2 x 2 or at half the model's magnification (default: none).",
+                        },
                     },
                 }
             }
@@ -237,7 +252,9 @@ def _package_version() -> str:
 
 
 #: The form fields ``POST /api/count`` reads; any other is refused, not ignored.
-COUNT_FIELDS = frozenset({"files", "level", "saliency", "channel", "model"})
+COUNT_FIELDS = frozenset({"files", "level", "saliency", "channel", "model", "rescale"})
+#: How many rescaled twins of the models (one per model and ``rescale`` value) stay loaded.
+MAX_RESCALED = 16
 
 
 def _parse_level(text: str | None, default: float) -> float:
@@ -265,6 +282,20 @@ def _parse_channel(text: str | None) -> int | None:
         value = -1
     if value < 0:
         raise RequestRejected(422, f"channel must be a whole number >= 0, got '{text}'")
+    return value
+
+
+def _parse_rescale(text: str | None) -> float | None:
+    if text is None or text.strip() == "":
+        return None
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise RequestRejected(
+            422, f"rescale must be a positive number (2 for 2 x 2-binned images), got '{text}'"
+        )
     return value
 
 
@@ -543,6 +574,29 @@ def create_app(
                 )
         return services[name]
 
+    rescaled: OrderedDict[tuple[str, float], _Service] = OrderedDict()
+
+    def rescaled_service(name: str | None, rescale: float | None) -> _Service:
+        """:func:`service_for`'s model resizing images by ``rescale`` (a twin sharing its lock)."""
+        base = service_for(name)
+        if rescale is None:
+            return base
+        key = (base.counter.name, rescale)
+        with loading:
+            if key not in rescaled:
+                try:
+                    twin = base.counter.with_rescale(rescale)
+                except io.InputError as err:  # the command line's option is the form's field
+                    raise RequestRejected(422, str(err).replace("--rescale", "rescale")) from None
+                rescaled[key] = _Service(
+                    twin, saliency=saliency, display_side=display_side, max_pixels=int(max_pixels)
+                )
+                rescaled[key].lock = base.lock  # one model: one file at a time, as before
+                while len(rescaled) > MAX_RESCALED:
+                    rescaled.popitem(last=False)
+            rescaled.move_to_end(key)
+            return rescaled[key]
+
     app = FastAPI(
         title="celltally",
         version=_package_version(),
@@ -644,7 +698,8 @@ def create_app(
             req_level = _parse_level(fields.get("level"), level)
             req_saliency = _parse_bool(fields.get("saliency"), saliency, "saliency")
             req_channel = _parse_channel(fields.get("channel"))
-            used = service_for(fields.get("model"))
+            req_rescale = _parse_rescale(fields.get("rescale"))
+            used = rescaled_service(fields.get("model"), req_rescale)
             if not uploads and "files" in fields:  # e.g. curl -F files=image.tif (no @)
                 raise RequestRejected(400, FILES_WITHOUT_NAME)
             if not uploads:
@@ -685,6 +740,7 @@ def create_app(
             results=results,
             well_correlation=used.well_correlation,
             level_note=used.counter.level_note(req_level),
+            rescale=req_rescale,
         )
         status = 200
         if counted == 0:

@@ -57,6 +57,7 @@ function addFiles(fileList) {
     level: $("level").value,
     saliency: $("saliency").checked ? "true" : "false",
     channel: $("channel").value,
+    rescale: $("rescale").value,
   };
   for (const file of files) {
     const card = makeCard(file.name);
@@ -112,6 +113,7 @@ async function send({ file, card, row, index, settings }) {
     form.append("level", settings.level);
     form.append("saliency", settings.saliency);
     form.append("channel", settings.channel);
+    form.append("rescale", settings.rescale);
     const controller = new AbortController();
     state.inflight.add(controller);
     try {

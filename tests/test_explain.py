@@ -217,3 +217,26 @@ def test_explain_refuses_a_truth_that_is_no_count(tiny_model, truth):
     counter = CellCounter.from_pretrained(tiny_model, device="cpu")
     with pytest.raises(InputError, match="true_count must be a count from 0 to 1e7"):
         explain_image(counter, blob_image(3), true_count=truth)
+
+
+def test_cli_explain_takes_the_scale_and_normalization_options_of_count(tmp_path):
+    """A panel explains the count `count` gave with the same options (here --rescale)."""
+    import tifffile
+    from skimage.transform import rescale
+
+    from celltally.simulate import simulate_scene
+
+    full = simulate_scene(40, stain=2, seed=8).image.astype(np.float32)
+    binned = np.round(rescale(full, 0.5, anti_aliasing=True, preserve_range=True))
+    image = tmp_path / "binned.tif"
+    tifffile.imwrite(image, binned.astype(np.uint8))
+    expected = CellCounter.from_pretrained("bbbc005", rescale=2.0, norm={"high": 99.5})
+    shown = str(expected.count(image))  # "40.1 ± 1.9 cells (95%)"
+    out = tmp_path / "panel.png"
+    args = ["explain", str(image), "-o", str(out), "--rescale", "2", "--norm-high", "99.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"{image}: {shown}" in result.output
+    refused = CliRunner().invoke(app, [*args[:2], "-o", str(out), "--rescale", "-1"])
+    assert refused.exit_code != 0 and refused.output.count("\n") == 1
+    assert "--rescale must be a positive number" in refused.output

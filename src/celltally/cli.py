@@ -1153,6 +1153,14 @@ def explain(
         bool, typer.Option(help="Add a panel: saliency w.r.t. the input image.")
     ] = False,
     channel: ChannelOption = None,
+    norm_low: NormLowOption = None,
+    norm_high: NormHighOption = None,
+    no_norm: NoNormOption = False,
+    background: BackgroundOption = None,
+    pixel_size: PixelSizeOption = None,
+    diameter: DiameterOption = None,
+    rescale: RescaleOption = None,
+    tile: TileOption = None,
 ) -> None:
     """The paper's Figure 4 panel: input, mask, mask uncertainty, saliency of the count."""
     from celltally import io
@@ -1174,7 +1182,20 @@ def explain(
     named = parse_name(image.name).count if true is None else None
     true = true if named is None else float(named)
     try:
-        counter = CellCounter.from_pretrained(model, channel=channel)
+        # the image options of `count`, so a panel explains the count that command gave
+        options = _image_options(
+            model,
+            channel=channel,
+            norm_low=norm_low,
+            norm_high=norm_high,
+            no_norm=no_norm,
+            background=background,
+            pixel_size=pixel_size,
+            diameter=diameter,
+            rescale=rescale,
+            tile=tile,
+        )
+        counter = CellCounter.from_pretrained(model, **options)
         if (level_note := counter.level_note(level)) is not None:
             typer.echo(f"note: {level_note}", err=True)
         expl = explain_image(counter, image, true_count=true, level=level)

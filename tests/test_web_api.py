@@ -384,7 +384,7 @@ def test_bad_level(client, scene, level):
     assert "level" in response.json()["detail"]
 
 
-@pytest.mark.parametrize("field", ["levle", "epistemic"])
+@pytest.mark.parametrize("field", ["levle", "diameter"])
 def test_an_unknown_form_field_is_refused_not_ignored(client, scene, field):
     response = post(client, [("x.tif", tiff_bytes(scene.image), "image/tiff")], **{field: "0.5"})
     assert response.status_code == 422
@@ -489,6 +489,45 @@ def test_rescale_counts_binned_images_at_the_model_scale(client):
     fixed = post(client, [("x.tif", binned, "image/tiff")], rescale="2")  # the tiny model
     assert fixed.status_code == 422
     assert "'fc' head, which cannot rescale images" in fixed.json()["detail"]
+
+
+def test_epistemic_field_counts_with_the_models_ensemble(client, scene):
+    tiff = tiff_bytes(scene.image)
+    plain = CellCounter.from_pretrained("bbbc005").count(scene.image)
+    ensemble = CellCounter.from_pretrained("bbbc005", epistemic=True).count(scene.image)
+    answers = {}
+    for value in ("false", "true"):
+        response = post(
+            client,
+            [(BBBC_NAME, tiff, "image/tiff")],
+            model="bbbc005",
+            saliency="false",
+            epistemic=value,
+        )
+        assert response.status_code == 200, response.text
+        answers[value] = response.json()
+    assert answers["true"]["epistemic"] and not answers["false"]["epistemic"]
+    for value, expected in (("false", plain), ("true", ensemble)):
+        item = answers[value]["results"][0]
+        assert item["count"] == pytest.approx(expected.count, rel=1e-4)
+        assert item["std"] == pytest.approx(expected.std, rel=1e-4)
+    assert ensemble.std != pytest.approx(plain.std, rel=1e-3)  # the two differ: a real test
+    both = post(
+        client,
+        [(BBBC_NAME, tiff, "image/tiff")],
+        model="bbbc005",
+        saliency="false",
+        epistemic="true",
+        rescale="0.5",
+    ).json()
+    expected = CellCounter.from_pretrained("bbbc005", epistemic=True, rescale=0.5)
+    assert both["results"][0]["count"] == pytest.approx(expected.count(scene.image).count, rel=1e-4)
+    loaded = post(client, [(BBBC_NAME, tiff, "image/tiff")], epistemic="true")  # the tiny
+    assert loaded.status_code == 422
+    assert "handed to this server loaded" in loaded.json()["detail"]
+    bad = post(client, [(BBBC_NAME, tiff, "image/tiff")], epistemic="maybe")
+    assert bad.status_code == 422
+    assert bad.json()["detail"] == "epistemic must be true or false, got 'maybe'"
 
 
 def test_a_rescaled_twin_keeps_the_out_of_distribution_check():
@@ -641,3 +680,16 @@ def test_info_says_what_shipped_models_are_for_and_not_a_users_namesake(tmp_path
     info = TestClient(create_app(mine, warmup=False)).get("/api/info").json()
     assert info["model"] == "nuclei" and "nuclei" not in info["model_uses"]
     assert "bbbc005" in info["model_uses"]
+
+
+def test_epistemic_for_a_model_folder_without_an_ensemble_is_one_clear_error(tiny_model, scene):
+    with TestClient(create_app(str(tiny_model), warmup=False)) as folder_client:
+        response = post(
+            folder_client, [("x.tif", tiff_bytes(scene.image), "image/tiff")], epistemic="true"
+        )
+        assert response.status_code == 422
+        detail = response.json()["detail"]
+        assert detail.startswith("epistemic: ") and "model has no ensemble members" in detail
+        assert "\n" not in detail
+        plain = post(folder_client, [("x.tif", tiff_bytes(scene.image), "image/tiff")])
+        assert plain.status_code == 200 and plain.json()["epistemic"] is False

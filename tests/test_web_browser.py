@@ -467,4 +467,13 @@ def test_the_page_counts_binned_images_with_the_rescale_set(server, browser, tmp
     assert item.get_attribute("data-state") == "done"
     shown = item.locator(".count").text_content()
     assert float(shown.split()[0]) == pytest.approx(expected, abs=0.051)
+    # the ensemble box: the same file (another name) with the ensemble's interval
+    again = tmp_path / "binned_w2_ensemble.tif"
+    again.write_bytes(path.read_bytes())
+    ensemble = CellCounter.from_pretrained("bbbc005", rescale=2.0, epistemic=True).count(again)
+    page.check("#epistemic")
+    page.set_input_files("#file-input", [str(again)])
+    wait_for_batch(page, 2)
+    text = f"{ensemble.count:.1f} ± {ensemble.half_width:.1f}"
+    sync_api.expect(card(page, again.name).locator(".count")).to_have_text(text)
     context.close()

@@ -9,9 +9,10 @@ Endpoints
     JPEG), and optionally ``level`` (interval level, default 0.95),
     ``saliency`` (``true``/``false``), ``channel`` (0-based plane of
     multi-channel files; empty = the file's only channel or its colour mean),
-    ``model`` (a shipped model; default the server's) and ``rescale`` (resize
-    factor before counting, as ``celltally count --rescale``: 2 for images
-    binned 2 x 2; empty = the model's own scale).
+    ``model`` (a shipped model; default the server's), ``epistemic``
+    (``true``: add the model's ensemble spread, as ``count --epistemic``) and
+    ``rescale`` (resize factor before counting, as ``celltally count
+    --rescale``: 2 for images binned 2 x 2; empty = the model's own scale).
     Answers, in the order sent, one entry per file: the count with its
     interval and PNG renderings (data URLs) of the input, mask, uncertainty
     and saliency maps, or an ``error`` naming the file.
@@ -26,7 +27,7 @@ Endpoints
       the problems differ) and a ``detail`` message.
     - **413** too many files, or a body over the total limit; **415** not a
       multipart upload; **400** malformed multipart; **422** no files, or a bad
-      ``level``, ``channel``, ``model`` or ``rescale``. These carry only
+      ``level``, ``channel``, ``model``, ``epistemic`` or ``rescale``. These carry only
       ``detail`` (FastAPI's error shape).
 ``GET /api/models``
     The loaded model (name, preset, input size, measured figures) and the
@@ -170,6 +171,9 @@ class CountResponse(BaseModel):
     rescale: float | None = Field(
         default=None, description="The resize factor the images were counted at (the request's)."
     )
+    epistemic: bool = Field(
+        default=False, description="Whether the intervals include the ensemble's spread."
+    )
 
 
 class Limits(BaseModel):
@@ -229,6 +233,12 @@ _UPLOAD_SCHEMA = {
                             "description": "A model of GET /api/info's 'models' "
                             "(default: the server's).",
                         },
+                        "epistemic": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "Add the model's ensemble spread, as `celltally "
+                            "count --epistemic` (slower; the model needs ensemble members).",
+                        },
                         "rescale": {
                             "type": "number",
                             "exclusiveMinimum": 0,
@@ -252,7 +262,7 @@ def _package_version() -> str:
 
 
 #: The form fields ``POST /api/count`` reads; any other is refused, not ignored.
-COUNT_FIELDS = frozenset({"files", "level", "saliency", "channel", "model", "rescale"})
+COUNT_FIELDS = frozenset({"files", "level", "saliency", "channel", "model", "rescale", "epistemic"})
 #: How many rescaled twins of the models (one per model and ``rescale`` value) stay loaded.
 MAX_RESCALED = 16
 
@@ -542,8 +552,8 @@ def create_app(
     if warmup:
         service.warm_up()
     temp_parent = None if temp_dir is None else Path(temp_dir)
-    # Other shipped models, loaded on first use by a request's 'model' field.
-    services = {counter.name: service}
+    # Other shipped models, and ensembles (the 'epistemic' field), loaded on first use.
+    services: dict[tuple[str, bool], _Service] = {(counter.name, counter.epistemic): service}
     choices = [counter.name, *(m for m in available_models() if m != counter.name)]
     # what each shipped model is for; the server's own model only if it is the shipped one
     # (a user's folder may carry a shipped name)
@@ -551,37 +561,47 @@ def create_app(
     uses = {m: use for m in choices if (m != counter.name or own_shipped) and (use := model_use(m))}
     loading = threading.Lock()
 
-    def service_for(name: str | None) -> _Service:
+    def service_for(name: str | None, epistemic: bool = False) -> _Service:
         name = (name or "").strip() or counter.name
         if name not in choices:
             raise RequestRejected(
                 422, f"model: unknown model {name!r}; choose one of {', '.join(choices)}"
             )
+        # the server's own model from where it was loaded (a folder may carry a shipped name)
+        source = name if name != counter.name else model
         with loading:
-            if name not in services:
+            if (name, epistemic) not in services:
+                if isinstance(source, CellCounter):
+                    raise RequestRejected(
+                        422,
+                        f"epistemic {str(epistemic).lower()}: model {name!r} was handed to "
+                        "this server loaded, with no folder to load it from otherwise",
+                    )
                 try:
-                    loaded = CellCounter.from_pretrained(name)
+                    loaded = CellCounter.from_pretrained(source, epistemic=epistemic)
+                except io.InputError as err:  # e.g. a model without ensemble members
+                    raise RequestRejected(422, f"epistemic: {err}".splitlines()[0]) from None
                 except Exception as err:  # a damaged install: a JSON answer, not a bare 500
                     logger.exception("loading model %s failed", name)
                     raise RequestRejected(
                         500, f"model {name!r} could not be loaded: {err}".splitlines()[0]
                     ) from None
-                services[name] = _Service(
+                services[name, epistemic] = _Service(
                     loaded,
                     saliency=saliency,
                     display_side=display_side,
                     max_pixels=int(max_pixels),
                 )
-        return services[name]
+        return services[name, epistemic]
 
-    rescaled: OrderedDict[tuple[str, float], _Service] = OrderedDict()
+    rescaled: OrderedDict[tuple[str, bool, float], _Service] = OrderedDict()
 
-    def rescaled_service(name: str | None, rescale: float | None) -> _Service:
+    def rescaled_service(name: str | None, epistemic: bool, rescale: float | None) -> _Service:
         """:func:`service_for`'s model resizing images by ``rescale`` (a twin sharing its lock)."""
-        base = service_for(name)
+        base = service_for(name, epistemic)
         if rescale is None:
             return base
-        key = (base.counter.name, rescale)
+        key = (base.counter.name, epistemic, rescale)
         with loading:
             if key not in rescaled:
                 try:
@@ -699,7 +719,8 @@ def create_app(
             req_saliency = _parse_bool(fields.get("saliency"), saliency, "saliency")
             req_channel = _parse_channel(fields.get("channel"))
             req_rescale = _parse_rescale(fields.get("rescale"))
-            used = rescaled_service(fields.get("model"), req_rescale)
+            req_epistemic = _parse_bool(fields.get("epistemic"), False, "epistemic")
+            used = rescaled_service(fields.get("model"), req_epistemic, req_rescale)
             if not uploads and "files" in fields:  # e.g. curl -F files=image.tif (no @)
                 raise RequestRejected(400, FILES_WITHOUT_NAME)
             if not uploads:
@@ -741,6 +762,7 @@ def create_app(
             well_correlation=used.well_correlation,
             level_note=used.counter.level_note(req_level),
             rescale=req_rescale,
+            epistemic=used.counter.epistemic,
         )
         status = 200
         if counted == 0:

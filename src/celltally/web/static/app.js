@@ -58,6 +58,7 @@ function addFiles(fileList) {
     saliency: $("saliency").checked ? "true" : "false",
     channel: $("channel").value,
     rescale: $("rescale").value,
+    epistemic: $("epistemic").checked ? "true" : "false",
   };
   for (const file of files) {
     const card = makeCard(file.name);
@@ -114,6 +115,7 @@ async function send({ file, card, row, index, settings }) {
     form.append("saliency", settings.saliency);
     form.append("channel", settings.channel);
     form.append("rescale", settings.rescale);
+    form.append("epistemic", settings.epistemic);
     const controller = new AbortController();
     state.inflight.add(controller);
     try {

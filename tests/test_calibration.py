@@ -238,6 +238,13 @@ def test_one_gaussian_per_class_flags_what_lies_between_the_classes():
     assert feature_classes([1] * 50 + [2] * 10, min_images=20) is None
     with pytest.raises(ValueError, match="class '2' has 1 embedding"):
         feature_reference(x[:3], classes=["1", "1", "2"])
+    # a fold that leaves each class one image: one Gaussian of the rest, no crash
+    labels = ["1"] * 20 + ["2"] * 20 + ["1", "2"]
+    scenes = ["A"] * 40 + ["B"] * 2
+    lone = held_out_distances(x[:42], groups=scenes, classes=labels)
+    assert lone.shape == (42,) and np.isfinite(lone).all()
+    one = feature_reference(x[40:42])
+    assert np.allclose(lone[:40], feature_distance(x[:40], one))
 
 
 def test_a_reference_saved_before_classes_reads_as_one_class():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io as bytes_io
+import pickle
 
 import numpy as np
 import pytest
@@ -488,7 +489,9 @@ def test_rescale_counts_binned_images_at_the_model_scale(client):
         assert refused.json()["detail"].startswith("rescale must be a positive number"), bad
     fixed = post(client, [("x.tif", binned, "image/tiff")], rescale="2")  # the tiny model
     assert fixed.status_code == 422
-    assert "'fc' head, which cannot rescale images" in fixed.json()["detail"]
+    assert fixed.json()["detail"] == (
+        "rescale: model 'tiny' has the paper's fixed-frame 'fc' head, which cannot rescale images"
+    )
 
 
 def test_epistemic_field_counts_with_the_models_ensemble(client, scene):
@@ -536,9 +539,13 @@ def test_a_rescaled_twin_keeps_the_out_of_distribution_check():
     image = simulate_scene(30, seed=6).image.astype(np.float32)
     small = rescale(image, 0.5, anti_aliasing=True, preserve_range=True)
     loaded = CellCounter.from_pretrained("bbbc005", rescale=2.0).count(small)
-    twin = CellCounter.from_pretrained("bbbc005").with_rescale(2.0).count(small)
-    assert twin.count == pytest.approx(loaded.count, rel=1e-6)
-    assert twin.ood["feature_distance"] == pytest.approx(loaded.ood["feature_distance"], rel=1e-6)
+    twin = CellCounter.from_pretrained("bbbc005").with_rescale(2.0)
+    # as counted, and as a Dask worker or a process pool gets it (pickled)
+    for counter in (twin, pickle.loads(pickle.dumps(twin))):
+        result = counter.count(small)
+        assert result.count == pytest.approx(loaded.count, rel=1e-6)
+        distance = result.ood["feature_distance"]
+        assert distance == pytest.approx(loaded.ood["feature_distance"], rel=1e-6)
 
 
 def test_models_info_docs_and_page(client):
@@ -604,6 +611,28 @@ def test_decompression_bombs_are_refused_before_decoding(counter, scene):
     results = response.json()["results"]
     assert [r["status"] for r in results] == [413, 413, 200]
     assert "2.2 million values, more than the limit of 1 million" in results[0]["error"]
+
+
+def test_the_size_limits_hold_for_the_image_as_rescaled(scene, tmp_path, monkeypatch):
+    """A small upload with a large rescale is as big for the model as a big upload."""
+    import celltally.web.app as web_app
+    from celltally.web.uploads import Upload
+
+    path = tmp_path / "scene.tif"
+    tifffile.imwrite(path, scene.image)  # 348 x 260: 0.09 million pixels
+    upload = Upload(index=0, name="scene.tif", path=path, size=path.stat().st_size)
+    twin = CellCounter.from_pretrained("bbbc005").with_rescale(4.0)  # 16x the area
+    service = web_app._Service(twin, saliency=True, display_side=256, max_pixels=1_000_000)
+    refused = service.count_file(upload, 0.95, False)
+    assert refused.status == 413 and not refused.ok
+    assert "0.1 million values (16x that once rescaled), more than the limit of 1 million" in (
+        refused.error
+    )
+    monkeypatch.setattr(web_app, "SALIENCY_MAX_PIXELS", scene.image.size * 10)
+    service.max_pixels = 10**8
+    result = service.count_file(upload, 0.95, True)
+    assert result.ok and result.images.saliency is None
+    assert result.note.startswith("saliency map skipped: 0.1 million pixels (16x that once")
 
 
 def test_create_app_rejects_bad_settings(counter, tmp_path):

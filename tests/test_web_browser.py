@@ -456,7 +456,7 @@ def test_the_page_counts_binned_images_with_the_rescale_set(server, browser, tmp
     path = tmp_path / "binned_w2.tif"
     tifffile.imwrite(path, binned.astype(np.uint8))
     expected = CellCounter.from_pretrained("bbbc005", rescale=2.0).count(path).count
-    context = browser.new_context()
+    context = browser.new_context(accept_downloads=True)
     page = context.new_page()
     page.goto(server)
     page.select_option("#model", "bbbc005")
@@ -476,4 +476,17 @@ def test_the_page_counts_binned_images_with_the_rescale_set(server, browser, tmp
     wait_for_batch(page, 2)
     text = f"{ensemble.count:.1f} ± {ensemble.half_width:.1f}"
     sync_api.expect(card(page, again.name).locator(".count")).to_have_text(text)
+    # each result says how it was counted, on its card and in the CSV
+    sync_api.expect(item.locator(".interval")).to_contain_text("model bbbc005 ×2")
+    sync_api.expect(card(page, again.name).locator(".interval")).to_contain_text(
+        "model bbbc005 ensemble ×2"
+    )
+    with page.expect_download() as download_info:
+        page.click("#csv")
+    saved = tmp_path / "settings.csv"
+    download_info.value.save_as(saved)
+    rows = {r["file"]: r for r in csv.DictReader(saved.open(newline=""))}
+    assert (rows[path.name]["rescale"], rows[path.name]["epistemic"]) == ("2", "false")
+    assert (rows[again.name]["rescale"], rows[again.name]["epistemic"]) == ("2", "true")
+    assert rows[again.name]["model"] == "bbbc005"  # the name `celltally wells` looks up
     context.close()

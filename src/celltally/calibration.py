@@ -462,7 +462,8 @@ def held_out_distances(
     ``min(folds, number of groups)`` folds (one image per fold when there are no
     more), whole ``groups`` at a time (a scene's images err together), and each
     fold is measured against :func:`feature_reference` of the others (of their
-    ``classes`` with 2 or more images there, when ``classes`` is given). With all
+    ``classes`` with 2 or more images there, when ``classes`` is given; one
+    Gaussian of them where no class has 2). With all
     images in one group (a time-lapse of one field) the folds are single images.
     """
     x = np.asarray(embeddings, dtype=np.float64)
@@ -484,12 +485,13 @@ def held_out_distances(
     for f in range(k):
         held = fold == f
         rest = ~held
+        fold_classes = None
         if labels is not None:
             kept = [c for c in set(labels[rest].tolist()) if np.sum(labels[rest] == c) >= 2]
-            rest &= np.isin(labels, kept)
-        reference = feature_reference(
-            x[rest], classes=None if labels is None else labels[rest], shrinkage=shrinkage
-        )
+            if kept:  # else (every class down to one image here) one Gaussian of the rest
+                rest &= np.isin(labels, kept)
+                fold_classes = labels[rest]
+        reference = feature_reference(x[rest], classes=fold_classes, shrinkage=shrinkage)
         out[held] = feature_distance(x[held], reference)
     return out
 

@@ -6,6 +6,7 @@ they can never disagree.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import threading
@@ -119,6 +120,29 @@ class CountResult:
 def _short(x: float) -> str:
     """One decimal; two below 1, so a near-empty image's ± 0.04 does not read ± 0.0."""
     return f"{x:.2f}" if 0 < abs(x) < 1 else f"{x:.1f}"
+
+
+class _EmbeddingHook:
+    """Forward hook keeping the pooled output of a block, per thread, while asked to.
+
+    A counter and its :meth:`CellCounter.with_rescale` twins share one, as they
+    share the model it hooks; pickled with them (Dask, joblib), it stays shared
+    and starts with fresh per-thread state.
+    """
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.local = threading.local()
+
+    def __call__(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if getattr(self.local, "collect", False):
+            pooled = [output.mean((2, 3)), output.std((2, 3), unbiased=False)]
+            self.local.embedding = torch.cat(pooled, 1).float().cpu().numpy()
 
 
 _FC_CANNOT_RESCALE = (
@@ -320,40 +344,24 @@ class CellCounter:
         )
         # The deepest encoder block's output, pooled, is the image's embedding
         # (for the feature-distance OOD check); kept per thread for web servers.
-        self._local = threading.local()
+        self._hook = _EmbeddingHook()
         blocks = getattr(self.model.segmenter, "down", None)
         if blocks is not None and len(blocks):
-            blocks[-1].register_forward_hook(self._keep_embedding)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Picklable (for Dask, joblib, multiprocessing): the per-thread state is not kept."""
-        state = dict(self.__dict__)
-        state.pop("_local", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def _keep_embedding(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        if getattr(self._local, "collect", False):
-            pooled = [output.mean((2, 3)), output.std((2, 3), unbiased=False)]
-            self._local.embedding = torch.cat(pooled, 1).float().cpu().numpy()
+            blocks[-1].register_forward_hook(self._hook)
 
     def with_rescale(self, rescale: float | None) -> CellCounter:
         """This counter resizing images by ``rescale`` (``--rescale``); None: the model's scale.
 
-        The twin shares the model, its calibration and the per-thread state that
-        the embedding hook fills (no copy of the weights), so it must be used
-        under the same lock as this counter where one is held.
+        The twin shares the model, its calibration and the embedding hook on it
+        (no copy of the weights), so it must be used under the same lock as this
+        counter where one is held.
         """
         factor = 1.0
         if rescale is not None:
             factor = rescale_factor(self.scale, rescale=rescale, model_name=f"model {self.name}")
         if not self.density_head and factor != 1.0:
             raise io.InputError(_FC_CANNOT_RESCALE.format(name=self.name))
-        twin = object.__new__(CellCounter)
-        twin.__dict__.update(self.__dict__)  # not copy.copy: __getstate__ drops _local
+        twin = copy.copy(self)  # the same model, and the same hook on it
         twin.factor = factor
         return twin
 
@@ -574,12 +582,13 @@ class CellCounter:
         """The batch on the device, its mask and log-variance, and its embeddings (or Nones)."""
         # unsqueeze, not NumPy's [:, None]: a zero stride that cuDNN misreads on GPU
         x = torch.from_numpy(np.stack(prepared)).unsqueeze(1).to(self.device)
-        self._local.collect, self._local.embedding = True, None
+        local = self._hook.local
+        local.collect, local.embedding = True, None
         try:
             mask, mask_logvar = self.model.segmenter(x, levels=1)[0]
         finally:
-            self._local.collect = False
-        embeddings = self._local.embedding
+            local.collect = False
+        embeddings = local.embedding
         if embeddings is None:
             embeddings = [None] * len(x)
         return x, mask, mask_logvar, embeddings

@@ -158,11 +158,13 @@ def rescale_factor(
         if value is not None
     ]
     if len(given) > 1:
-        raise io.InputError(f"give one of --pixel-size, --diameter, --rescale, not {given}")
+        raise io.InputError(
+            f"give one of --pixel-size, --diameter and --rescale, not {' and '.join(given)}"
+        )
     if rescale is not None:
         if not rescale > 0 or not math.isfinite(rescale):
             raise io.InputError(f"--rescale must be a positive number, got {rescale}")
-        return _checked_factor(float(rescale), f"--rescale {rescale}", "as given")
+        return _checked_factor(float(rescale), f"--rescale {rescale}")
     if pixel_size is not None:
         if not pixel_size > 0 or not math.isfinite(pixel_size):
             raise io.InputError(f"--pixel-size must be a positive number, got {pixel_size}")
@@ -200,13 +202,18 @@ def rescale_factor(
 MAX_RESCALE = 1000.0
 
 
-def _checked_factor(factor: float, option: str, reference: str) -> float:
-    """``factor``, or InputError when it rescales by more than :data:`MAX_RESCALE` either way."""
+def _checked_factor(factor: float, option: str, reference: str | None = None) -> float:
+    """``factor``, or InputError when it rescales by more than :data:`MAX_RESCALE` either way.
+
+    ``reference`` (what the factor was worked out against, e.g. the model's
+    pixel size) is named in the message; without it the option was the factor.
+    """
     if not 1.0 / MAX_RESCALE <= factor <= MAX_RESCALE:  # also inf / 0 from extreme values
+        against = f" ({reference})" if reference else ""
+        check = "check the value and its unit" if reference else "check the value"
         raise io.InputError(
-            f"{option} would rescale the images by {factor:.3g} ({reference}); "
-            f"celltally rescales by at most {MAX_RESCALE:g}x either way: "
-            "check the value and its unit"
+            f"{option} would rescale the images by {factor:.3g}{against}; "
+            f"celltally rescales by at most {MAX_RESCALE:g}x either way: {check}"
         )
     return factor
 

@@ -399,13 +399,16 @@ class _Service:
         """
         start = time.perf_counter()
         assert upload.path is not None
+        # the limits hold for the image as the model gets it: a rescale's area counts too
+        area = self.counter.factor**2
+        rescaled = f" ({area:.3g}x that once rescaled)" if area != 1.0 else ""
         pixels = io.header_pixels(upload.path)
-        if pixels is not None and pixels > self.max_pixels:
+        if pixels is not None and pixels * area > self.max_pixels:
             return _failure(
                 upload.name,
                 413,
-                f"image has {pixels / 1e6:.1f} million values, more than the limit of "
-                f"{self.max_pixels / 1e6:g} million",
+                f"image has {pixels / 1e6:.1f} million values{rescaled}, more than the limit "
+                f"of {self.max_pixels / 1e6:g} million",
             )
         try:
             image = io.read_image(upload.path, channel=channel)
@@ -413,13 +416,13 @@ class _Service:
             # the problem names the command line's option; here it is the form's field
             return _failure(upload.name, 422, err.problem.replace("--channel", "channel"))
         note = None
-        if saliency and image.size > SALIENCY_MAX_PIXELS:
+        if saliency and image.size * area > SALIENCY_MAX_PIXELS:
             # one backward pass over the whole image: ~7 GB and a minute at 59 M pixels,
             # while every other request waits for the model
             saliency = False
             note = (
-                f"saliency map skipped: {image.size / 1e6:.1f} million pixels, more than "
-                f"the {SALIENCY_MAX_PIXELS / 1e6:g} million it is computed for here "
+                f"saliency map skipped: {image.size / 1e6:.1f} million pixels{rescaled}, "
+                f"more than the {SALIENCY_MAX_PIXELS / 1e6:g} million it is computed for here "
                 "(`celltally explain` computes it for any size)"
             )
         try:
@@ -604,6 +607,12 @@ def create_app(
         key = (base.counter.name, epistemic, rescale)
         with loading:
             if key not in rescaled:
+                if not base.counter.density_head:
+                    raise RequestRejected(
+                        422,
+                        f"rescale: model {base.counter.name!r} has the paper's fixed-frame "
+                        "'fc' head, which cannot rescale images",
+                    )
                 try:
                     twin = base.counter.with_rescale(rescale)
                 except io.InputError as err:  # the command line's option is the form's field

@@ -127,7 +127,11 @@ async function send({ file, card, row, index, settings }) {
         .catch(() => ({ detail: `${response.status} ${response.statusText}` }));
       if (body.results && body.results.length) {
         // which model counted it, and that model's within-well correlation (well totals)
-        result = { ...body.results[0], model: body.model,
+        // 'setting': the model as it counted (ensemble, resize factor); totals group by it
+        const setting = body.model + (body.epistemic ? " ensemble" : "") +
+          (body.rescale ? ` ×${body.rescale}` : "");
+        result = { ...body.results[0], model: body.model, setting,
+                   rescale: body.rescale, epistemic: body.epistemic,
                    well_correlation: body.well_correlation, level_note: body.level_note };
       } else {
         result = { name: file.name, ok: false, status: response.status,
@@ -195,7 +199,7 @@ function fillCard(card, r) {
   const interval = card.querySelector(".interval");
   interval.textContent =
     `cells · ${Math.round(r.level * 100)}% interval ${fmt(r.low)}–${fmt(r.high)}` +
-    ` · model ${r.model || "?"}`;
+    ` · model ${r.setting || r.model || "?"}`;
   if (r.level_note) { // above what the model's calibration can guarantee
     interval.textContent += " (extrapolated)";
     interval.title = r.level_note;
@@ -257,7 +261,7 @@ function fillRow(tr, r) {
   tr.replaceChildren();
   if (!r.ok) tr.className = "failed";
   const meta = r.metadata || {};
-  const made = r.ok ? madeWith(r.model, r.level) : "";
+  const made = r.ok ? madeWith(r.setting || r.model, r.level) : "";
   const cells = r.ok
     ? [r.name, fmt(r.count), `${fmt(r.low)}–${fmt(r.high)}`, made, meta.well || "",
        meta.site ?? "", r.warning || ""]
@@ -272,9 +276,10 @@ function fillRow(tr, r) {
 }
 
 // The columns of `celltally count`'s results CSV (so `celltally wells` reads this file),
-// then 'problem': why an image could not be counted (its count is then empty).
+// then 'problem': why an image could not be counted (its count is then empty), and the
+// settings `count` records in its manifest: the resize factor and the ensemble flag.
 const CSV_COLUMNS = ["file", "count", "std", "low", "high", "level", "model", "plate", "well",
-  "site", "blur", "stain", "true_count", "error", "warning", "problem"];
+  "site", "blur", "stain", "true_count", "error", "warning", "problem", "rescale", "epistemic"];
 
 function csvCell(value) {
   if (value === null || value === undefined) return "";
@@ -293,7 +298,8 @@ function toCSV() {
     const truth = r.ok && m.count !== null && m.count !== undefined ? m.count : null;
     const row = [r.name, fmt(r.count, 3), fmt(r.std, 4), fmt(r.low, 3), fmt(r.high, 3),
       r.level ?? "", r.model || "", m.plate, m.well, m.site, m.blur, m.stain, m.count,
-      truth === null ? "" : (r.count - truth).toFixed(2), r.warning, r.ok ? "" : r.error];
+      truth === null ? "" : (r.count - truth).toFixed(2), r.warning, r.ok ? "" : r.error,
+      r.rescale ?? "", r.ok ? String(Boolean(r.epistemic)) : ""];
     lines.push(row.map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";
@@ -358,7 +364,7 @@ function drawPlate() {
   // when the results span several.
   // JSON keys: a plate name may hold any character
   const keyOf = (r) => JSON.stringify(
-    [plateLabel(r.metadata || {}), r.model || "", r.level ?? ""]);
+    [plateLabel(r.metadata || {}), r.setting || r.model || "", r.level ?? ""]);
   const placed = state.results.filter((r) => r && r.metadata && r.metadata.row &&
     r.metadata.column);
   const views = [...new Set(placed.filter((r) => r.ok).map(keyOf))];
@@ -469,10 +475,11 @@ function wellTotals() {
       failed.set(where, (failed.get(where) || 0) + 1);
       continue;
     }
-    const key = JSON.stringify([where, r.model || "", r.level ?? ""]);
+    const setting = r.setting || r.model || "";
+    const key = JSON.stringify([where, setting, r.level ?? ""]);
     const g = groups.get(key) || { plate: plateLabel(m), well: m.well, stain, counts: [], stds: [],
-                                   sites: [], model: r.model || "", where,
-                                   spread: `${r.model || ""}|${r.level ?? ""}`,
+                                   sites: [], model: r.model || "", setting, where,
+                                   spread: `${setting}|${r.level ?? ""}`,
                                    rho: r.well_correlation };
     g.sites.push(m.site === null || m.site === undefined ? "" : String(m.site));
     g.flagged = (g.flagged || 0) + (r.warning ? 1 : 0);
@@ -488,8 +495,8 @@ function wellTotals() {
   for (const [where, n] of failed) { // wells none of whose images could be counted
     if ([...groups.values()].some((g) => g.where === where)) continue;
     const [plate, well, stain] = JSON.parse(where);
-    groups.set(where, { plate, well, stain, counts: [], stds: [], sites: [], model: "", where,
-                        spread: "", rho: 0 });
+    groups.set(where, { plate, well, stain, counts: [], stds: [], sites: [], model: "",
+                        setting: "", where, spread: "", rho: 0 });
   }
   const fallback = state.info && state.info.well_correlation !== undefined
     ? state.info.well_correlation : 0.1;
@@ -548,7 +555,7 @@ function drawWellTotals() {
   body.replaceChildren();
   const totals = wellTotals();
   const counted = totals.filter((w) => w.counts.length);
-  const several = new Set(counted.map((w) => `${w.model}|${w.level}`)).size > 1;
+  const several = new Set(counted.map((w) => `${w.setting}|${w.level}`)).size > 1;
   for (const w of totals) {
     const tr = document.createElement("tr");
     tr.dataset.well = w.well;
@@ -557,7 +564,7 @@ function drawWellTotals() {
       (w.flagged ? ` (${w.flagged} unusual)` : "") +
       (w.failed ? ` + ${w.failed} not counted` : "");
     const made = several && w.counts.length
-      ? ` (${w.model}, ${Math.round(w.level * 100)}%)` : "";
+      ? ` (${w.setting}, ${Math.round(w.level * 100)}%)` : "";
     const label = (w.plate ? `${w.plate} ${w.well}` : w.well) + made;
     const has = w.counts.length > 0;
     const cells = [label, w.stain ? `w${w.stain}` : "", images,

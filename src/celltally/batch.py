@@ -685,13 +685,20 @@ def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: 
     )
 
 
-def _row_bases(manifest: Mapping[str, Any]) -> Callable[[int], Sequence[str]]:
+def _row_bases(
+    manifest: Mapping[str, Any], results: Path | None = None
+) -> Callable[[int], Sequence[str]]:
     """The working folder(s) the i-th row of the results was written from.
 
     Relative names are resolved (to know an image however it is spelt) from the
     folder of the run that wrote the row (each run records its ``cwd`` and the
     rows there were before it, ``rows_before``). Runs of older versions, which
     did not record both, leave every folder a run wrote from (or this one).
+
+    With ``results`` (where the results CSV is now) and a run that recorded where
+    it wrote it (``results_dir``, since 2026-11-27), a CSV that has moved since,
+    as in a project folder copied or moved whole, adds that run's folder in the
+    same place relative to the CSV, after the folder itself (which comes first).
     """
     runs = [r for r in manifest.get("runs", []) if r.get("rows_before") is not None]
     known = [(int(r["rows_before"]), r.get("cwd")) for r in runs]
@@ -699,10 +706,18 @@ def _row_bases(manifest: Mapping[str, Any]) -> Callable[[int], Sequence[str]]:
         every = sorted({r.get("cwd") or os.getcwd() for r in manifest.get("runs", [])})
         return lambda i: every or [os.getcwd()]
     starts = [start for start, _ in known]
+    now = None if results is None else os.path.realpath(results.parent)
+    folders: list[list[str]] = []
+    for run, (_, cwd) in zip(runs, known, strict=True):
+        then = run.get("results_dir")
+        rebased = cwd
+        if isinstance(then, str) and now is not None and then != now:
+            rebased = os.path.normpath(os.path.join(now, os.path.relpath(cwd, then)))
+        folders.append([cwd] if rebased == cwd else [cwd, rebased])
 
     def bases(i: int) -> Sequence[str]:
         k = max(bisect.bisect_right(starts, i) - 1, 0)
-        return [known[k][1]]
+        return folders[k]
 
     return bases
 
@@ -736,7 +751,11 @@ def _prepare_output(
             paths.results,
         )
     found, good_end, header_ok = _scan_results(
-        paths.results, results.columns, size, bases=_row_bases(manifest), on_row=on_row
+        paths.results,
+        results.columns,
+        size,
+        bases=_row_bases(manifest, paths.results),
+        on_row=on_row,
     )
     if not header_ok or (found.rows == 0 and not found.torn_bytes):
         # nothing counted yet (e.g. the last run stopped on a bad option): start afresh,
@@ -1086,6 +1105,8 @@ def run_batch(
         "inputs": _shown_inputs(inputs),
         "executor": dask or "local",
         "cwd": os.getcwd(),  # where relative file names in the results are relative to
+        # where the results were: a copy of the project resumes from its own images
+        "results_dir": os.path.realpath(out_paths.results.parent),
         "batch_size": batch_size,
         "save_masks": None if masks is None else str(masks),
         "output_root": None if masks is None else str(root),

@@ -1442,10 +1442,19 @@ def _connect(spec: str, log: Log):
                 n_workers=n,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
+                # a free port: the scheduler's HTTP server starts either way, and on the
+                # default 8787 a second run warned that the port was taken
+                dashboard_address=":0",
+                # not ERROR: at every close a worker's heartbeat could still reach for the
+                # closing scheduler and print a traceback; a task's own failure reaches
+                # this process as its exception, and a lost worker as KilledWorker
+                silence_logs=logging.CRITICAL,
             )
-        log(f"started a local Dask cluster of {n} one-thread worker(s)")
+        try:
+            board = f"; dashboard {cluster.dashboard_link}"
+        except Exception:  # no dashboard (bokeh absent): nothing to show
+            board = ""
+        log(f"started a local Dask cluster of {n} one-thread worker(s){board}")
         return Client(cluster), cluster
     try:
         client = Client(spec, timeout=CONNECT_TIMEOUT)

@@ -413,6 +413,25 @@ def test_client_file_names_are_never_paths(client, scene, tmp_path):
     assert list(client.temp_dir.iterdir()) == []
 
 
+def test_a_file_named_only_by_rfc_2231_filename_star_is_counted(client, scene):
+    """Some HTTP libraries name a non-ASCII file only as filename*=UTF-8''...; it counts."""
+    boundary = "b0undary"
+    disposition = "form-data; name=\"files\"; filename*=UTF-8''Zellen%C3%A4_w1.tif"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        + tiff_bytes(scene.image)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    response = client.post(
+        "/api/count",
+        content=body,
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status_code == 200, response.text
+    (item,) = response.json()["results"]
+    assert item["ok"] and item["name"] == "Zellenä_w1.tif"
+
+
 def test_sanitize_name():
     assert sanitize_name("a/b/c.tif", 0) == "c.tif"
     assert sanitize_name(b"C:\\data\\A01.TIF", 0) == "A01.TIF"

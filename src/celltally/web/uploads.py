@@ -124,6 +124,21 @@ def human_size(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
+def _extended_filename(disposition: bytes) -> str | None:
+    """The RFC 2231 ``filename*=UTF-8''...`` of a Content-Disposition, decoded; else None.
+
+    RFC 7578 asks form clients for a plain ``filename``, but some HTTP libraries
+    send only the extended form for non-ASCII names, which python-multipart drops.
+    """
+    if b"filename*" not in disposition.lower():
+        return None
+    from email.message import Message
+
+    header = Message()
+    header["content-disposition"] = disposition.decode("latin-1")
+    return header.get_filename() or None
+
+
 def sanitize_name(raw: str | bytes | None, index: int) -> str:
     """A safe display name for a client-supplied file name.
 
@@ -199,6 +214,8 @@ class _Reader:
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
+        if b"filename" not in options and (extended := _extended_filename(self._disposition)):
+            options[b"filename"] = extended.encode("utf-8")
         if b"name" not in options:
             raise RequestRejected(400, "malformed multipart body: a part has no field name")
         if b"filename" not in options:

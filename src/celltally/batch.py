@@ -529,12 +529,22 @@ class _ResultsFile:
         self.append_rows([self.columns])
 
     def append_rows(self, rows: Sequence[Sequence[str]]) -> None:
-        """Append ``rows`` with one write, then flush them to disk (fsync)."""
+        """Append ``rows`` with one write, then flush them to disk (fsync).
+
+        A write that fails part-way (disk full, file too large) is cut back to
+        where it began, so other readers of the CSV never meet a torn row.
+        """
         if not rows:
             return
         assert self.fd is not None
         with _naming(self.path):
-            _write_all(self.fd, _csv_text(rows))
+            start = os.lseek(self.fd, 0, os.SEEK_END)  # appends begin at the end
+            try:
+                _write_all(self.fd, _csv_text(rows))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, start)
+                raise
             os.fsync(self.fd)
 
     def append(self, rows: Sequence[dict]) -> None:

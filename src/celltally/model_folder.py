@@ -40,9 +40,11 @@ def available_models() -> list[str]:
 #: What each shipped model is for, in a line (``celltally models``, the web page).
 SHIPPED_USES = {
     "bbbc005": "BBBC005-like images: SIMCEP-simulated U2OS cells, 8-bit, 1-100 cells in a "
-    "696 x 520 frame at BBBC005's scale",
-    "nuclei": "fluorescent nuclei (Hoechst, U2OS, BBBC039-like), 16-bit, hundreds per image; "
-    "--diameter rescales other magnifications",
+    "696 x 520 frame at BBBC005's scale (other magnifications: rescale by the factor, "
+    "2 for 2 x 2 binning)",
+    "nuclei": "fluorescent nuclei (Hoechst, U2OS, BBBC039-like), 16-bit, hundreds per image, "
+    "about 28 px across (other magnifications: --diameter, or rescale by 28.3 / their "
+    "diameter)",
 }
 
 

@@ -490,3 +490,21 @@ def test_the_page_counts_binned_images_with_the_rescale_set(server, browser, tmp
     assert (rows[again.name]["rescale"], rows[again.name]["epistemic"]) == ("2", "true")
     assert rows[again.name]["model"] == "bbbc005"  # the name `celltally wells` looks up
     context.close()
+
+
+def test_a_factor_the_page_cannot_read_is_refused_at_its_field(server, images, browser):
+    folder, _ = images
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server)
+    sync_api.expect(page.locator("#model-name")).to_have_text("tiny")
+    page.fill("#rescale", "-1")  # below the field's minimum: the browser would send ""
+    page.set_input_files("#file-input", [str(folder / PNG_NAME)])
+    page.wait_for_timeout(500)
+    assert page.locator(".card").count() == 0  # nothing counted at the model's own scale
+    assert page.evaluate("document.getElementById('rescale').validity.rangeUnderflow")
+    page.fill("#rescale", "")  # left empty: the model's own scale, as before
+    page.set_input_files("#file-input", [str(folder / PNG_NAME)])
+    wait_for_batch(page, 1)
+    assert card(page, PNG_NAME).get_attribute("data-state") == "done"
+    context.close()

@@ -51,6 +51,9 @@ function showModelUse() {
 function addFiles(fileList) {
   const files = Array.from(fileList);
   if (!files.length) return;
+  // a channel or factor the browser cannot read would reach the server empty (the
+  // model's defaults) without a word: say so at the field instead, and count nothing
+  if (!$("channel").reportValidity() || !$("rescale").reportValidity()) return;
   // The options as they are now: changing them later does not change queued files.
   const settings = {
     model: $("model").value,

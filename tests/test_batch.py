@@ -264,35 +264,32 @@ def test_same_relative_names_in_another_working_folder_are_other_images(
     assert (again.counted, again.skipped) == (0, 2)
 
 
-def test_a_project_copied_whole_resumes_from_its_own_images(
+def test_a_resume_in_a_copy_of_a_project_says_whose_images_its_rows_name(
     plate, tiny_model, tmp_path, monkeypatch
 ):
-    """Images and results copied together: the copy's images are the ones its rows name."""
+    """A copy may hold new images under the old names: they are counted, with a note."""
     import shutil
 
     original = tmp_path / "project"
     (original / "images").mkdir(parents=True)
-    for src in files_of(plate)[:3]:
+    for src in files_of(plate)[:2]:
         shutil.copy(src, original / "images")
     monkeypatch.chdir(original)
-    assert run_batch(["images"], out=Path("res.csv"), model=tiny_model).counted == 3
+    assert run_batch(["images"], out=Path("res.csv"), model=tiny_model).counted == 2
     copy = tmp_path / "copy"
-    shutil.copytree(original, copy)  # the original stays where it was
-    shutil.copy(files_of(plate)[3], copy / "images")  # and one image more in the copy
+    shutil.copytree(original, copy)  # e.g. a template for the next experiment
+    for src, old in zip(files_of(plate)[2:4], sorted((copy / "images").iterdir()), strict=True):
+        shutil.copy(src, old)  # new images under the old names
     monkeypatch.chdir(copy)
-    again = run_batch(["images"], out=Path("res.csv"), model=tiny_model)
-    assert (again.counted, again.skipped) == (1, 3)
-    assert len(read_results(copy / "res.csv")) == 4
-    # the original's own run is unchanged by its copy's: it still knows its three
+    said: list[str] = []
+    again = run_batch(["images"], out=Path("res.csv"), model=tiny_model, log=said.append)
+    assert (again.counted, again.skipped) == (2, 0)  # never the old counts for new images
+    note = [line for line in said if line.startswith("note: res.csv was written in")]
+    assert note and str(original) in note[0] and "give it a new --out" in note[0]
+    said.clear()  # where it was written: no note
     monkeypatch.chdir(original)
-    assert run_batch(["images"], out=Path("res.csv"), model=tiny_model).skipped == 3
-    # the results CSV moved alone (the images stay): still resumes from where they are
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    for name in ("res.csv", "res.manifest.json"):
-        shutil.move(original / name, archive / name)
-    moved = run_batch(["images"], out=archive / "res.csv", model=tiny_model)
-    assert (moved.counted, moved.skipped) == (0, 3)
+    run_batch(["images"], out=Path("res.csv"), model=tiny_model, log=said.append)
+    assert not [line for line in said if line.startswith("note:")]
 
 
 def test_a_file_linked_under_another_name_gets_its_own_row_resumed_or_not(

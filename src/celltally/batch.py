@@ -62,6 +62,7 @@ import collections
 import contextlib
 import csv
 import hashlib
+import importlib.util
 import io as _stdio
 import itertools
 import json
@@ -695,20 +696,13 @@ def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: 
     )
 
 
-def _row_bases(
-    manifest: Mapping[str, Any], results: Path | None = None
-) -> Callable[[int], Sequence[str]]:
+def _row_bases(manifest: Mapping[str, Any]) -> Callable[[int], Sequence[str]]:
     """The working folder(s) the i-th row of the results was written from.
 
     Relative names are resolved (to know an image however it is spelt) from the
     folder of the run that wrote the row (each run records its ``cwd`` and the
     rows there were before it, ``rows_before``). Runs of older versions, which
     did not record both, leave every folder a run wrote from (or this one).
-
-    With ``results`` (where the results CSV is now) and a run that recorded where
-    it wrote it (``results_dir``, since 2026-11-27), a CSV that has moved since,
-    as in a project folder copied or moved whole, adds that run's folder in the
-    same place relative to the CSV, after the folder itself (which comes first).
     """
     runs = [r for r in manifest.get("runs", []) if r.get("rows_before") is not None]
     known = [(int(r["rows_before"]), r.get("cwd")) for r in runs]
@@ -716,20 +710,27 @@ def _row_bases(
         every = sorted({r.get("cwd") or os.getcwd() for r in manifest.get("runs", [])})
         return lambda i: every or [os.getcwd()]
     starts = [start for start, _ in known]
-    now = None if results is None else os.path.realpath(results.parent)
-    folders: list[list[str]] = []
-    for run, (_, cwd) in zip(runs, known, strict=True):
-        then = run.get("results_dir")
-        rebased = cwd
-        if isinstance(then, str) and now is not None and then != now:
-            rebased = os.path.normpath(os.path.join(now, os.path.relpath(cwd, then)))
-        folders.append([cwd] if rebased == cwd else [cwd, rebased])
 
     def bases(i: int) -> Sequence[str]:
         k = max(bisect.bisect_right(starts, i) - 1, 0)
-        return folders[k]
+        return [known[k][1]]
 
     return bases
+
+
+def _written_elsewhere(manifest: Mapping[str, Any] | None, results: Path) -> str | None:
+    """The folder the results CSV was last written in, if it was moved or copied from one
+    that still exists (recorded since 2026-11-27); else None.
+
+    Rows name images from where they were written, so in a copy of a project the
+    copy's images are other files (a copy may hold new images under the old names,
+    so same-named is not taken as same): the resume says so instead of guessing.
+    """
+    dirs = [r.get("results_dir") for r in (manifest or {}).get("runs", [])]
+    then = next((d for d in reversed(dirs) if isinstance(d, str)), None)
+    if then is None or not os.path.isdir(then) or _same_folder(then, results.parent):
+        return None
+    return then
 
 
 def _prepare_output(
@@ -761,11 +762,7 @@ def _prepare_output(
             paths.results,
         )
     found, good_end, header_ok = _scan_results(
-        paths.results,
-        results.columns,
-        size,
-        bases=_row_bases(manifest, paths.results),
-        on_row=on_row,
+        paths.results, results.columns, size, bases=_row_bases(manifest), on_row=on_row
     )
     if not header_ok or (found.rows == 0 and not found.torn_bytes):
         # nothing counted yet (e.g. the last run stopped on a bad option): start afresh,
@@ -1115,8 +1112,7 @@ def run_batch(
         "inputs": _shown_inputs(inputs),
         "executor": dask or "local",
         "cwd": os.getcwd(),  # where relative file names in the results are relative to
-        # where the results were: a copy of the project resumes from its own images
-        "results_dir": os.path.realpath(out_paths.results.parent),
+        "results_dir": os.path.abspath(out_paths.results.parent),  # see _written_elsewhere
         "batch_size": batch_size,
         "save_masks": None if masks is None else str(masks),
         "output_root": None if masks is None else str(root),
@@ -1148,6 +1144,12 @@ def run_batch(
         if found.rows or found.torn_bytes:
             torn = f", a torn last row ({found.torn_bytes} B) dropped" if found.torn_bytes else ""
             log(f"resuming {out_paths.results}: {found.rows} image(s) already counted{torn}")
+        if found.rows and (elsewhere := _written_elsewhere(old, out_paths.results)):
+            log(
+                f"note: {out_paths.results} was written in {elsewhere}, where its rows' "
+                "images still are; images here are other files and get rows of their own "
+                "(to count a copy of a project afresh, give it a new --out)"
+            )
         errors.carry()  # failures before this run stay listed until tried again
         run["rows_before"] = found.rows
         # the manifest first: a CSV that has a header always has its manifest
@@ -1452,18 +1454,17 @@ def _connect(spec: str, log: Log):
                 n_workers=n,
                 threads_per_worker=1,
                 processes=True,
-                # a free port: the scheduler's HTTP server starts either way, and on the
-                # default 8787 a second run warned that the port was taken
-                dashboard_address=":0",
+                # a free port on this machine only: the scheduler's HTTP server starts
+                # either way, and on the default 8787 a second run warned that it was taken
+                dashboard_address="127.0.0.1:0",
                 # not ERROR: at every close a worker's heartbeat could still reach for the
                 # closing scheduler and print a traceback; a task's own failure reaches
                 # this process as its exception, and a lost worker as KilledWorker
                 silence_logs=logging.CRITICAL,
             )
-        try:
+        board = ""
+        if importlib.util.find_spec("bokeh") is not None:  # else the page only asks for it
             board = f"; dashboard {cluster.dashboard_link}"
-        except Exception:  # no dashboard (bokeh absent): nothing to show
-            board = ""
         log(f"started a local Dask cluster of {n} one-thread worker(s){board}")
         return Client(cluster), cluster
     try:

@@ -134,7 +134,7 @@ class _EmbeddingHook:
         self.local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {}
+        return {"local": None}  # not empty: a false state would skip __setstate__
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.local = threading.local()

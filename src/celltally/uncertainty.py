@@ -526,8 +526,9 @@ def calibrate_model(
         counter = CellCounter.from_folder(folder, device=device)  # also mid-train
         embeddings = np.stack(_each_as_counted(counter, calibration, counter.embed))
         # one Gaussian per stain where the names give stains (BBBC005's w1 nuclei and w2
-        # cell bodies): a w2 frame shrunk 0.7x sits between the two and was flagged 17%
-        # of the time against one Gaussian, 59% against one per stain (sites 1-8)
+        # cell bodies): a w2 frame shrunk 0.7x sits between the two and was flagged 15%
+        # of the time against one Gaussian, 58% against one per stain (sites 1-8;
+        # benchmarks/ood_classes.py)
         classes = feature_classes(
             [m.get("stain") for m in calibration.meta], min_images=MIN_OOD_IMAGES
         )

@@ -202,7 +202,8 @@ def test_evaluate_takes_the_scale_and_normalization_options(tiny_model, image_fo
     result = run(*args, "--rescale", "1.5")  # the tiny model's head counts one fixed frame
     assert result.exit_code == 2 and "'fc' head, which cannot rescale" in result.output
     result = run(*args, "--rescale", "2", "--diameter", "20")
-    assert result.exit_code == 2 and "give one of" in result.output, result.output
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "error: --diameter and --rescale: give only one of" in result.output
 
 
 def test_rescale_brings_binned_images_back_to_the_shipped_model_scale(tmp_path):

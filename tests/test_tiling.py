@@ -228,9 +228,9 @@ def test_diameter_and_pixel_size_rescale():
     assert rescale_factor(scale, diameter=56.0) == pytest.approx(0.5)
     assert rescale_factor(scale, pixel_size=0.325) == pytest.approx(0.5)
     assert model_shape((1040, 1392), scale, 0.5) == (192, 256)
-    with pytest.raises(io.InputError, match="give one of"):
+    with pytest.raises(io.InputError, match="^--pixel-size and --diameter: give only one of"):
         rescale_factor(scale, diameter=10, pixel_size=1)
-    with pytest.raises(io.InputError, match="--rescale, not --diameter and --rescale$"):
+    with pytest.raises(io.InputError, match="^--diameter and --rescale: give only one of"):
         rescale_factor(scale, diameter=10, rescale=2)
     with pytest.raises(io.InputError, match="positive"):
         rescale_factor(scale, diameter=-3)

@@ -159,7 +159,7 @@ def rescale_factor(
     ]
     if len(given) > 1:
         raise io.InputError(
-            f"give one of --pixel-size, --diameter and --rescale, not {' and '.join(given)}"
+            f"{' and '.join(given)}: give only one of --pixel-size, --diameter and --rescale"
         )
     if rescale is not None:
         if not rescale > 0 or not math.isfinite(rescale):

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from celltally.pools import process_map
 
 
@@ -102,3 +104,29 @@ def test_a_failed_job_among_large_results_lets_the_process_exit():
     finally:
         proc.kill()
     assert proc.stdout is not None and proc.stdout.read().strip() == "raised: job 5 failed"
+
+
+def test_the_lock_error_of_a_ctrl_c_mid_wait_is_reported_as_the_ctrl_c(monkeypatch):
+    """CPython's race: Ctrl-C inside Condition.wait can surface as a RuntimeError."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    def interrupted_map(self, fn, jobs, chunksize=1):
+        yield 1
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cannot release un-acquired lock")  # noqa: B904 (as CPython)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "map", interrupted_map)
+    results = process_map(abs, [1, 2], workers=1)
+    assert next(results) == 1
+    with pytest.raises(KeyboardInterrupt):
+        next(results)
+
+    def failing_map(self, fn, jobs, chunksize=1):
+        raise RuntimeError("a real error")
+        yield  # a generator
+
+    monkeypatch.setattr(ProcessPoolExecutor, "map", failing_map)
+    with pytest.raises(RuntimeError, match="a real error"):
+        list(process_map(abs, [1], workers=1))

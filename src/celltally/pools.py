@@ -24,7 +24,12 @@ def process_map(
     pool = ProcessPoolExecutor(workers)
     try:
         yield from pool.map(fn, jobs, chunksize=chunksize)
-    except BaseException:
+    except BaseException as err:
         pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(err.__context__, KeyboardInterrupt) and isinstance(err, RuntimeError):
+            # Ctrl-C inside the wait for a result can leave the waiting Condition's lock
+            # released twice (a CPython race, seen in 1 of many runs): the "cannot release
+            # un-acquired lock" that follows stands for the Ctrl-C
+            raise KeyboardInterrupt from None
         raise
     pool.shutdown(wait=True)

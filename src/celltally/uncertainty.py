@@ -549,20 +549,24 @@ def calibrate_model(
     counter = CellCounter.from_folder(folder, device=device)  # with the reference, if any
     counter.count_scale = 1.0  # raw counts: an earlier correction must not shape this fit
     mean, std, features = _predict(counter, calibration)
-    features = _with_distances(features, held_out)
+
+    def ood_block(scores: list[dict[str, float]]) -> dict[str, Any]:
+        """The thresholds of ``scores`` (with the held-out distances), and the classes."""
+        if not fit_ood:
+            return {}
+        out = ood_thresholds(_with_distances(scores, held_out), quantile=quantile)
+        if classes:
+            out["feature_classes"] = _class_sizes("stain", classes)
+        return out
+
     block, loo = _calibrated_block(y, mean, std, scaled="plain" in count_scale)
-    block["ood"] = ood_thresholds(features, quantile=quantile) if fit_ood else {}
-    if classes:  # only set where fitted
-        block["ood"]["feature_classes"] = _class_sizes("stain", classes)
+    block["ood"] = ood_block(features)
     _add_well_correlation(block, calibration, y, mean * loo, std * loo)
     if ensemble_files(folder):
         epistemic, e_features = _epistemic_block(
             folder, calibration, y, count_scale=count_scale, device=device
         )
-        e_features = _with_distances(e_features, held_out)
-        epistemic["ood"] = ood_thresholds(e_features, quantile=quantile) if fit_ood else {}
-        if classes:  # only set where fitted
-            epistemic["ood"]["feature_classes"] = _class_sizes("stain", classes)
+        epistemic["ood"] = ood_block(e_features)
         block["epistemic"] = epistemic
     config["calibration"] = block
     write_config(folder, config)

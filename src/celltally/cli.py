@@ -465,13 +465,11 @@ def count(
         )
         rows = read_results(out) if out.exists() else []  # this run's and earlier runs'
         if save_labels is not None:
-            from celltally.io import iter_images, output_root
+            from celltally.io import file_identity, iter_images, output_root
             from celltally.objects import save_objects_for_rows
 
             root = summary.output_root or output_root(paths)
             # rows an earlier run wrote for other inputs have no masks from this one
-            from celltally.io import file_identity
-
             inputs = {
                 file_identity(p)
                 for p in iter_images(

@@ -675,12 +675,15 @@ def _no_match(text: str, recursive: bool) -> InputError:
     BBBC's ``.TIF`` files; the message names a file the pattern would match in
     another case.
     """
-    other = next(iter(glob.iglob(_any_case(text), recursive=recursive)), None)
+
+    def first(pattern: str) -> str | None:  # in any case
+        return next(iter(glob.iglob(_any_case(pattern), recursive=recursive)), None)
+
+    other = first(text)
     head, tail = os.path.split(text)
     if other is None and not any(ch in head for ch in _GLOB_CHARS):
         # a training folder's layout (simulate --out writes it): the images are in images/
-        inner = os.path.join(head, "images", tail)
-        if (hit := next(iter(glob.iglob(_any_case(inner), recursive=recursive)), None)) is not None:
+        if (hit := first(os.path.join(head, "images", tail))) is not None:
             folder = os.path.dirname(hit)  # as spelt on disk ('Images')
             return InputError(
                 f"no files match the pattern '{text}', but its folder's images/ holds "

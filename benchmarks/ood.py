@@ -10,10 +10,11 @@ nuclei images (another microscope and stain: a different distribution), and
 gradient and a blank frame, 696 x 520, and (4) the BBBC005 test images at
 another size, counted in tiles: shrunk to 0.5x and 0.7x (as if imaged with
 another objective or binned: the cells look smaller, so warnings are hits),
+enlarged 1.5x and 2x (a higher magnification: hits too),
 and at their true scale as central 348 x 260 crops and 2 x 2 mosaics of one
 stain
 (warnings there are false alarms). Prints the warning rate of each (of the
-BBBC005 variants also per stain, with the MAE of the shrunk ones) and
+BBBC005 variants also per stain, with the MAE of the resized ones) and
 writes benchmarks/results/ood.json. Real data sets are skipped when absent.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ from celltally.counter import CellCounter
 from celltally.evaluation import labelled_files
 
 TEST_SITES = {9, 10}
+#: The words a warning ends with when it names the objects' size (calibration.ood_warning).
+SIZE_HINT = "another magnification? rescale by about"
 
 
 def strange_frames(shape: tuple[int, int] = (520, 696), seed: int = 0) -> dict[str, np.ndarray]:
@@ -64,11 +68,21 @@ def variants(paths: list[Path]) -> dict[str, list[tuple[np.ndarray, float]]]:
     for p in paths:
         name = naming.parse_name(p.name)
         frames.append((io.read_image(p).astype(np.float32), name.count, name.stain))
-    out: dict[str, list] = {"shrunk 0.5x": [], "shrunk 0.7x": [], "crop": [], "mosaic": []}
+    out: dict[str, list] = {
+        "shrunk 0.5x": [],
+        "shrunk 0.7x": [],
+        "enlarged 1.5x": [],
+        "enlarged 2x": [],
+        "crop": [],
+        "mosaic": [],
+    }
     for image, count, stain in frames:
         for factor in (0.5, 0.7):
             small = rescale(image, factor, anti_aliasing=True, preserve_range=True)
             out[f"shrunk {factor}x"].append((small, count, stain))
+        for factor in (1.5, 2):  # made when counted: 288 of them would fill 2.6 GB
+            large = partial(rescale, image, factor, preserve_range=True)
+            out[f"enlarged {factor}x"].append((large, count, stain))
         h, w = image.shape
         crop = image[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2]
         out["crop"].append((crop, None, stain))
@@ -85,13 +99,16 @@ def variants(paths: list[Path]) -> dict[str, list[tuple[np.ndarray, float]]]:
     return out
 
 
-def array_warning_rate(counter: CellCounter, items: list[tuple[np.ndarray, float, int]]) -> dict:
-    """Warning rate over (image, true count or None, stain or None) items, also per stain."""
-    flagged, ratios, by_stain = 0, [], {}
+def array_warning_rate(counter: CellCounter, items: list[tuple]) -> dict:
+    """Warning rate over (image, true count or None, stain or None) items, also per stain.
+
+    An image may be given as a function that makes it (the enlarged frames)."""
+    flagged, named, ratios, by_stain = 0, 0, [], {}
     for image, truth, stain in items:
-        result = counter.count(image)
+        result = counter.count(image() if callable(image) else image)
         warned = bool(result.warning)
         flagged += warned
+        named += SIZE_HINT in result.warning
         if truth:
             ratios.append(result.count / truth)
         if stain is not None:
@@ -101,6 +118,7 @@ def array_warning_rate(counter: CellCounter, items: list[tuple[np.ndarray, float
             if truth is not None:
                 group["errors"].append(abs(result.count - truth))
     out = {"n": len(items), "warned": flagged, "rate": flagged / max(len(items), 1)}
+    out["size_named"] = named  # warnings that name the objects' size and a factor
     if ratios:
         out["median_count_over_truth"] = float(np.median(ratios))
     for group in by_stain.values():
@@ -130,6 +148,8 @@ def main() -> int:
         names = {
             "shrunk 0.5x": "same, shrunk 0.5x (cells too small: hits)",
             "shrunk 0.7x": "same, shrunk 0.7x (cells too small: hits)",
+            "enlarged 1.5x": "same, enlarged 1.5x (cells too large: hits)",
+            "enlarged 2x": "same, enlarged 2x (cells too large: hits)",
             "crop": "same, central half crops, true scale (false alarms)",
             "mosaic": "same, 2 x 2 mosaics, true scale (false alarms)",
         }
@@ -146,7 +166,8 @@ def main() -> int:
     for name, r in results.items():
         ratio = r.get("median_count_over_truth")
         shown = f"  {ratio:.2f}" if ratio is not None else ""
-        print(f"{name:<56}{r['n']:>6}{r['warned']:>8}{r['rate']:>8.1%}{shown}")
+        named = f"  (size named in {r['size_named']})" if r.get("size_named") else ""
+        print(f"{name:<56}{r['n']:>6}{r['warned']:>8}{r['rate']:>8.1%}{shown}{named}")
         for stain, g in (r.get("by_stain") or {}).items():
             mae = f"  MAE {g['mae']:.2f}" if "mae" in g else ""
             print(f"{'  ' + stain:<56}{g['n']:>6}{g['warned']:>8}{g['rate']:>8.1%}{mae}")

@@ -15,6 +15,7 @@ feature-distance threshold from distances measured out of sample
 (``calibration.held_out_distances``, 20 folds by scene; before, from the
 calibration images' own distances, biased small), then one Gaussian of deep
 features per stain where the calibration names give two (BBBC005's w1 and w2).
+A third (2026-11-27) added the object sizes (``calibration.ood.size``).
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ def main() -> int:
     old = config["calibration"]
     config["training"]["ood_refit"] = {
         "command": command_line("scripts/refit_ood.py", vars(args)),
-        "what": "feature reference refitted, one Gaussian per stain where the calibration "
-        "names give two or more (celltally.calibration.feature_reference), and its threshold "
-        "on out-of-sample distances (held_out_distances, 20 folds by scene); nothing else "
+        "what": "out-of-distribution check refitted: the feature reference (one Gaussian per "
+        "stain where the calibration names give two or more), its threshold on out-of-sample "
+        "distances (held_out_distances, 20 folds by scene), and the object sizes "
+        "(calibration.ood.size: log object width against foreground fraction per stain; "
+        "size_shift, from held_out_size_ratios and at least MIN_SIZE_SHIFT, the factor beyond "
+        "which a warning names the size; the size raises no warning itself); nothing else "
         "changed",
         "before": {"plain": old.get("ood"), "epistemic": (old.get("epistemic") or {}).get("ood")},
         "earlier": config["training"].get("ood_refit"),  # the refits before this one

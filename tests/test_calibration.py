@@ -6,11 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from conftest import blob_image, tiny_config
 
 from celltally import io
 from celltally.calibration import (
+    OOD_FEATURES,
     beyond_calibration,
     calibrate,
     conformal_quantile,
@@ -750,3 +752,183 @@ def test_a_level_too_near_1_is_refused_not_a_crash():
     for bad in (0.9999999999999999, 1.0, 0.0, -0.1, float("nan"), "x", None):
         assert not valid_level(bad)
     assert math.isfinite(gaussian_quantile(MAX_LEVEL))
+
+
+def disc_mask(shape, centres, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    mask = np.zeros(shape)
+    for cy, cx in centres:
+        mask = np.maximum(mask, ((yy - cy) ** 2 + (xx - cx) ** 2 < radius**2).astype(float))
+    return mask
+
+
+def test_object_size_follows_magnification_and_ignores_the_image_border():
+    from skimage.transform import rescale
+
+    from celltally.calibration import object_size
+
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(10, (86, 118), size=(25, 2))
+    mask = disc_mask((96, 128), centres, 4.0)
+    fraction, width = object_size(mask)
+    assert fraction == pytest.approx(mask.mean())
+    for factor in (0.7, 1.5, 2.0):
+        _, w = object_size(rescale(mask, factor, order=1))
+        assert math.exp(w - width) == pytest.approx(factor, rel=0.08), factor
+    # a crop cuts discs at its edge without adding boundary there: the width stays
+    _, cropped = object_size(mask[24:72, 32:96])
+    assert math.exp(cropped - width) == pytest.approx(1.0, abs=0.12)
+    # too little foreground (or none) to measure, and NaN, give None
+    assert object_size(disc_mask((96, 128), [(40, 40)], 3.0)) is None
+    assert object_size(np.zeros((96, 128))) is None
+    assert object_size(np.full((96, 128), np.nan)) is None
+    assert object_size(np.ones((96, 128))) is None  # foreground without a boundary
+    with pytest.raises(ValueError, match="2-D"):
+        object_size(np.ones(5))
+
+
+def test_size_ratio_uses_the_images_class_or_else_only_an_unambiguous_nearest_one():
+    from celltally.calibration import size_ratio, size_reference
+
+    f = np.linspace(0.05, 0.4, 30)
+    small, large = 1.0 + 2.0 * f, 3.0 + 3.0 * f**2  # log widths of two stains
+    reference = size_reference(np.r_[f, f], np.r_[small, large], classes=["1"] * 30 + ["2"] * 30)
+    assert reference["classes"] == ["1", "2"]
+    assert np.allclose(reference["coef"], [[0, 2, 1], [3, 0, 3]], atol=1e-5)
+    assert reference["fraction"] == [[0.05, 0.4], [0.05, 0.4]]
+    # at f = 0.2 the curves are at 1.4 (class 1) and 3.12 (class 2)
+    assert size_ratio(0.2, 1.4, reference, label=1) == pytest.approx(1.0)
+    assert size_ratio(0.2, 1.4 + math.log(1.5), reference, label="1") == pytest.approx(1.5)
+    assert size_ratio(0.2, 1.4, reference, label=2) == pytest.approx(math.exp(1.4 - 3.12))
+    # no class given (or one the reference lacks): the nearest curve when the image is
+    # wider (or narrower) than both, none between them
+    assert size_ratio(0.2, 3.12 + math.log(1.5), reference) == pytest.approx(1.5)
+    assert size_ratio(0.2, 1.4 - math.log(1.5), reference, label=3) == pytest.approx(1 / 1.5)
+    assert size_ratio(0.2, 1.4 + math.log(1.5), reference) is None  # 1.5x class 1, 0.3x class 2
+    # beyond the fitted fractions the curve is held at its end value
+    assert size_ratio(0.9, 1.8, reference, label=1) == pytest.approx(1.0)
+    one = size_reference([0.1, 0.2], [1.0, 1.2])  # 2 images: a line
+    assert one["classes"] is None and size_ratio(0.15, 1.1, one) == pytest.approx(1.0)
+    assert size_ratio(0.15, 1.1 + math.log(0.7), one, label=1) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="each class needs 2"):
+        size_reference([0.1, 0.2, 0.3], [1.0, 1.1, 1.2], classes=["a", "a", "b"])
+
+
+def test_held_out_size_ratios_do_not_hide_an_image_in_its_own_curve():
+    from celltally.calibration import held_out_size_ratios, size_ratio, size_reference
+
+    rng = np.random.default_rng(3)
+    n = 40
+    f = rng.uniform(0.05, 0.4, n)
+    noise = rng.normal(0, 0.05, n)
+    width = 1.0 + 2.0 * f + noise
+    width[0] += math.log(1.5)  # one image at 1.5x the magnification
+    held = held_out_size_ratios(f, width, groups=np.arange(n) // 2)
+    in_sample = size_reference(f, width)
+    assert held[0] > size_ratio(f[0], width[0], in_sample) > 1.3
+    assert held[0] == pytest.approx(1.5 * math.exp(noise[0]), rel=0.04)
+    spread = np.log(held[1:])
+    assert 0.035 < spread.std() < 0.075  # the noise, 0.05, measured out of sample
+    # classes: each image against its own class's curve, fitted without its fold
+    classes = ["a"] * 20 + ["b"] * 20
+    shifted = np.where(np.arange(n) < 20, width, width + 1.0)  # class b's objects e x wider
+    by_class = held_out_size_ratios(f, shifted, groups=np.arange(n) // 2, classes=classes)
+    assert np.abs(np.log(by_class[1:])).max() < 0.2
+    one_curve = held_out_size_ratios(f, shifted, groups=np.arange(n) // 2)
+    assert np.median(np.abs(np.log(one_curve))) > 0.4
+    with pytest.raises(ValueError, match="3 or more"):
+        held_out_size_ratios([0.1, 0.2], [1.0, 1.1])
+
+
+def test_a_warning_names_an_object_size_off_the_calibration_as_its_likely_cause():
+    limits = {"quantile": 0.99, "mask_std": 0.5, "size_shift": 1.25}
+    flagged = np.full((4, 4), 0.6)  # mask std above its limit: a warning either way
+    large = ood_features(10.0, flagged, size_ratio=1.6)
+    assert large["size_shift"] == pytest.approx(1.6)
+    text = ood_warning(large, limits)
+    assert text.startswith("unlike the calibration images (mean per-pixel mask uncertainty")
+    assert text.endswith(
+        "; its objects look 1.6x as wide as the calibration images': another "
+        "magnification? rescale by about 0.62"
+    )
+    small = ood_features(10.0, flagged, size_ratio=0.7)
+    assert small["size_shift"] == pytest.approx(1 / 0.7)
+    assert ood_warning(small, limits).endswith(
+        "look 0.7x as wide as the calibration images': another magnification? rescale by about 1.4"
+    )
+    # within the calibration's range the size is not named
+    assert "rescale" not in ood_warning(ood_features(10.0, flagged, size_ratio=1.2), limits)
+    # and alone it raises no warning (not adopted: it flagged true-scale crops)
+    assert ood_warning(ood_features(10.0, np.full((4, 4), 0.01), size_ratio=1.6), limits) == ""
+    assert "size" not in " ".join(OOD_FEATURES)
+    no_sizes = {"quantile": 0.99, "mask_std": 0.5}  # a model calibrated before sizes
+    assert "rescale" not in ood_warning(large, no_sizes)
+
+
+@pytest.fixture(scope="module")
+def body_scenes():
+    """Simulated BBBC005-style frames: 20 of nuclei (w1), 20 of cell bodies (w2)."""
+    from celltally.simulate import simulate_scene
+
+    return [
+        (stain, simulate_scene(5 + 5 * (i % 20), stain=stain, seed=100 + i))
+        for i, stain in enumerate([1, 2] * 20)
+    ]
+
+
+def test_calibrate_model_fits_the_object_size_check_per_stain(body_scenes, tmp_path):
+    from celltally.model_folder import resolve_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(resolve_model("bbbc005"), folder)
+    counter = CellCounter.from_pretrained(folder, device="cpu")
+    cal = LabeledSet(
+        torch.from_numpy(np.stack([counter.prepare(s.image) for _, s in body_scenes])[:, None]),
+        torch.from_numpy(
+            np.stack(
+                [resize_area(s.mask.astype(np.float32), counter.input_size) for _, s in body_scenes]
+            )[:, None]
+        ),
+        torch.tensor([s.count for _, s in body_scenes], dtype=torch.float32),
+        [
+            {
+                "name": f"SIMCEPImages_A{i:02d}_C{s.count}_F1_s1_w{w}.TIF",
+                "stain": w,
+                "scene": i // 2,
+            }
+            for i, (w, s) in enumerate(body_scenes)
+        ],
+    )
+    block = calibrate_model(folder, cal, log=lambda s: None, device="cpu")
+    size = block["ood"]["size"]
+    assert size["classes"] == ["1", "2"] and len(size["coef"]) == len(size["fraction"]) == 2
+    assert block["ood"]["size_shift"] >= 1.25
+    # the mask is the segmenter's: the ensemble's block holds the same check
+    assert block["epistemic"]["ood"]["size"] == size
+    assert block["epistemic"]["ood"]["size_shift"] == block["ood"]["size_shift"]
+    # w2 cell bodies are wider than w1 nuclei at any fraction
+    middle = np.mean([max(lo for lo, _ in size["fraction"]), min(hi for _, hi in size["fraction"])])
+    assert np.polyval(size["coef"][1], middle) > np.polyval(size["coef"][0], middle)
+
+
+def test_the_shipped_model_measures_the_object_size_of_another_magnification(body_scenes, tmp_path):
+    from skimage.transform import rescale
+
+    counter = CellCounter.from_pretrained("bbbc005")
+    for stain, index in ((1, 10), (2, 11)):  # 55 nuclei, 60 cell bodies
+        image = body_scenes[index][1].image
+        assert 0.85 < counter.count(image).ood["size_ratio"] < 1.2, stain
+        for factor in (0.7, 1.5):
+            other = rescale(image.astype(np.float32), factor, anti_aliasing=factor < 1)
+            # named as BBBC005 names its files, the stain is known: its own curve
+            path = tmp_path / f"SIMCEPImages_A01_C{index}_F1_s1_w{stain}.tif"
+            tifffile.imwrite(path, np.clip(other, 0, 255).astype(np.uint8))
+            ratio = counter.count(path).ood["size_ratio"]
+            assert ratio == pytest.approx(factor, rel=0.2), (stain, factor)
+            # with the factor given, the image is at the model's scale again
+            back = counter.with_rescale(1 / factor).count(path)
+            assert 0.85 < back.ood["size_ratio"] < 1.2, (stain, factor)
+    # as an array (no name, so no stain) a w2 frame enlarged 1.5x is wider than both
+    # stains' objects: measured against the nearer, w2
+    enlarged = rescale(body_scenes[11][1].image.astype(np.float32), 1.5)
+    assert counter.count(enlarged).ood["size_ratio"] == pytest.approx(1.5, rel=0.2)

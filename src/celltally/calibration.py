@@ -355,10 +355,13 @@ def ood_features(
     spread: float | None = None,
     feature_distance: float | None = None,
     contrast: float | None = None,
+    size_ratio: float | None = None,
 ) -> dict[str, float]:
     """The out-of-distribution features of one image: ``OOD_FEATURES``, plus ``spread``
-    (ensemble std of the members' counts / sqrt(count + 1)) when ``spread`` is given
-    and ``contrast`` (:func:`celltally.transforms.contrast`) when given."""
+    (ensemble std of the members' counts / sqrt(count + 1)) when ``spread`` is given,
+    ``contrast`` (:func:`celltally.transforms.contrast`) when given, and with
+    ``size_ratio`` (:func:`size_ratio`) it and ``size_shift``, the ratio or its
+    inverse, whichever is above 1."""
     features = {"mask_std": float(np.mean(mask_std))}
     if spread is not None:
         features["spread"] = float(spread) / math.sqrt(max(float(count), 0.0) + 1.0)
@@ -366,6 +369,9 @@ def ood_features(
         features["feature_distance"] = float(feature_distance)
     if contrast is not None:
         features["contrast"] = float(contrast)
+    if size_ratio is not None:
+        features["size_ratio"] = float(size_ratio)
+        features["size_shift"] = max(float(size_ratio), 1.0 / float(size_ratio))
     return features
 
 
@@ -445,6 +451,19 @@ def feature_classes(labels: Sequence[Any], *, min_images: int) -> list[str] | No
     return names if len(sizes) >= 2 and min(sizes) >= min_images else None
 
 
+def _fold_index(keys: Sequence[Any], folds: int) -> np.ndarray:
+    """Fold number of each item: ``min(folds, number of distinct keys)`` folds, whole keys
+    at a time (single items when all share one key)."""
+    keys = [str(k) for k in keys]
+    if len(set(keys)) < 2:
+        keys = [str(i) for i in range(len(keys))]
+    order = {key: i for i, key in enumerate(sorted(set(keys)))}
+    k = min(folds, len(order))
+    if k < 2:
+        raise ValueError("need 2 or more images to cross-fit")
+    return np.array([order[key] % k for key in keys])
+
+
 def held_out_distances(
     embeddings: np.ndarray,
     *,
@@ -474,15 +493,11 @@ def held_out_distances(
     labels = None if classes is None else np.asarray([str(c) for c in classes])
     if labels is not None and len(labels) != n:
         raise ValueError(f"{len(labels)} classes for {n} embeddings")
-    if len(set(keys)) < 2:
-        keys = list(range(n))
-    order = {key: i for i, key in enumerate(sorted(set(keys), key=str))}
-    k = min(folds, len(order))
-    if k < 2:
+    if n < 2:
         raise ValueError("need 2 or more images to cross-fit feature distances")
-    fold = np.array([order[key] % k for key in keys])
+    fold = _fold_index(keys, folds)
     out = np.empty(n)
-    for f in range(k):
+    for f in range(int(fold.max()) + 1):
         held = fold == f
         rest = ~held
         fold_classes = None
@@ -493,6 +508,137 @@ def held_out_distances(
                 fold_classes = labels[rest]
         reference = feature_reference(x[rest], classes=fold_classes, shrinkage=shrinkage)
         out[held] = feature_distance(x[held], reference)
+    return out
+
+
+#: Least foreground (summed mask probability, mask px) on which :func:`object_size` is measured.
+MIN_SIZE_AREA = 30.0
+#: A warning names the object size as a likely cause only beyond this factor (either way)
+#: or the calibration images' held-out 99th percentile, whichever is larger: on BBBC005
+#: calibration sites 1-2 true-scale central-half crops were up to 1.25x off their
+#: frames (fewer, cut objects), frames at another magnification 1.4x and more.
+MIN_SIZE_SHIFT = 1.25
+
+
+def object_size(mask: np.ndarray, *, min_area: float = MIN_SIZE_AREA) -> tuple[float, float] | None:
+    """The mask's foreground fraction and log mean object width; None with too little foreground.
+
+    Width is 2 x area / boundary length (a disc's radius) in mask px, the
+    boundary counted as the pixel edges between foreground and background
+    (probability above 0.5) inside the image, so the image's own border adds
+    none (a crop is measured like its frame). Cells that overlap merge into
+    wider blobs, so the width grows with the foreground fraction;
+    :func:`size_reference` models that. An image at another magnification
+    shows its objects proportionally wider or narrower at the same fraction.
+    """
+    m = np.asarray(mask, dtype=np.float64)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"mask must be a non-empty 2-D array, got shape {m.shape}")
+    area = float(m.sum())
+    fg = m > 0.5
+    edges = np.count_nonzero(fg[1:] != fg[:-1]) + np.count_nonzero(fg[:, 1:] != fg[:, :-1])
+    if not area >= min_area or edges == 0:  # `not >=`: NaN too
+        return None
+    return area / m.size, math.log(2.0 * np.count_nonzero(fg) / edges)
+
+
+def size_reference(
+    fractions: Floats, log_sizes: Floats, *, classes: Sequence[Any] | None = None
+) -> dict[str, Any]:
+    """Per class, log object width as a quadratic in foreground fraction (:func:`object_size`).
+
+    Returns a JSON-ready dict: ``classes`` (labels, or None for one class),
+    ``coef`` (one ``np.polyfit`` row per class, highest power first) and
+    ``fraction`` (each class's fitted range, outside which the curve is held
+    flat). Each class needs 2 or more images (a line with 2, a quadratic with 3+).
+    """
+    x, y = np.asarray(fractions, dtype=float), np.asarray(log_sizes, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"{x.size} fractions for {y.size} sizes")
+    labels = np.zeros(len(x), int) if classes is None else np.asarray([str(c) for c in classes])
+    if len(labels) != len(x):
+        raise ValueError(f"{len(labels)} classes for {len(x)} sizes")
+    names = sorted(set(labels.tolist()))
+    coef, ranges = [], []
+    for label in names:
+        xs, ys = x[labels == label], y[labels == label]
+        if len(xs) < 2:
+            raise ValueError(f"class {label!r} has {len(xs)} sized image; each class needs 2")
+        degree = 2 if len(xs) >= 3 and np.ptp(xs) > 0 else 0 if np.ptp(xs) == 0 else 1
+        fit = np.polyfit(xs, ys, degree)
+        coef.append([round(float(c), 6) for c in np.pad(fit, (3 - len(fit), 0))])
+        ranges.append([round(float(xs.min()), 6), round(float(xs.max()), 6)])
+    return {"classes": None if classes is None else names, "coef": coef, "fraction": ranges}
+
+
+def size_ratio(
+    fraction: float,
+    log_size: float,
+    reference: Mapping[str, Any],
+    *,
+    label: Any = None,
+) -> float | None:
+    """An image's object width over the expected width at its foreground fraction.
+
+    Above 1: objects wider than in the calibration images (an enlarged image);
+    below 1: narrower. With ``label`` (the image's class, e.g. the stain its
+    file name gives) among the reference's classes, against that class's
+    curve. Otherwise against the nearest curve, but only when the image is
+    wider than every class's curve or narrower than every one; between two
+    (a w1 frame of nuclei enlarged to the w2 cell bodies' width, or a w2
+    frame shrunk to the nuclei's) it could be either, and the answer is None.
+    """
+    classes = reference.get("classes")
+    shifts = [
+        log_size - float(np.polyval(c, np.clip(fraction, lo, hi)))
+        for c, (lo, hi) in zip(reference["coef"], reference["fraction"], strict=True)
+    ]
+    if classes and label is not None and str(label) in classes:
+        return math.exp(shifts[classes.index(str(label))])
+    if min(shifts) < 0 < max(shifts):
+        return None
+    return math.exp(min(shifts, key=abs))
+
+
+def held_out_size_ratios(
+    fractions: Floats,
+    log_sizes: Floats,
+    *,
+    groups: Sequence[Any] | None = None,
+    classes: Sequence[Any] | None = None,
+    folds: int = 20,
+) -> np.ndarray:
+    """Each image's :func:`size_ratio` against curves fitted without its fold (by ``groups``).
+
+    As :func:`held_out_distances` does for the deep features: in-sample ratios
+    would set the threshold too low. Each image is measured against its own
+    class's curve; in a fold where its class keeps fewer than 2 images, as
+    :func:`size_ratio` measures an image of no known class (all images as one
+    class where no class keeps 2). NaN where that gives no ratio.
+    """
+    x, y = np.asarray(fractions, dtype=float), np.asarray(log_sizes, dtype=float)
+    n = len(x)
+    keys = list(range(n)) if groups is None else list(groups)
+    if len(keys) != n or len(y) != n:
+        raise ValueError(f"{len(keys)} groups and {len(y)} sizes for {n} fractions")
+    labels = None if classes is None else np.asarray([str(c) for c in classes])
+    if n < 3:
+        raise ValueError("need 3 or more sized images to cross-fit size ratios")
+    fold = _fold_index(keys, folds)
+    own = [None] * n if labels is None else labels.tolist()
+    out = np.empty(n)
+    for f in range(int(fold.max()) + 1):
+        held, rest = fold == f, fold != f
+        fold_classes = None
+        if labels is not None:
+            kept = [c for c in set(labels[rest].tolist()) if np.sum(labels[rest] == c) >= 2]
+            if kept:
+                rest &= np.isin(labels, kept)
+                fold_classes = labels[rest].tolist()
+        reference = size_reference(x[rest], y[rest], classes=fold_classes)
+        for i in np.flatnonzero(held):
+            ratio = size_ratio(x[i], y[i], reference, label=own[i])
+            out[i] = np.nan if ratio is None else ratio
     return out
 
 
@@ -529,6 +675,16 @@ def ood_warning(features: Mapping[str, float], thresholds: Mapping[str, Any] | N
         if name in OOD_FEATURES and limits.get(name) is not None and value > float(limits[name])
     ]
     text = f"{UNLIKE_HINT} ({'; '.join(parts)}; {where} limit)" if parts else ""
+    ratio = features.get("size_ratio")
+    beyond = limits.get("size_shift")
+    if text and ratio and beyond is not None and features.get("size_shift", 0.0) > float(beyond):
+        # the size names a likely cause of a warning; alone it raises none (not adopted:
+        # on BBBC005 calibration sites it added false alarms on true-scale crops,
+        # docs/uncertainty.md)
+        text += (
+            f"; its objects look {ratio:.2g}x as wide as the calibration images': "
+            f"another magnification? rescale by about {1 / ratio:.2g}"
+        )
     contrast = features.get("contrast")
     if contrast is not None and contrast < LOW_CONTRAST:
         empty = f"low contrast (range {contrast:.2f} of the empty-frame floor): {EMPTY_HINT}"

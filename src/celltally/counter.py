@@ -21,13 +21,16 @@ import torch
 
 from celltally import io, naming
 from celltally.calibration import (
+    LOW_CONTRAST,
     MAX_LEVEL,
     beyond_calibration,
     feature_distance,
     interval_multiplier,
     level_text,
+    object_size,
     ood_features,
     ood_warning,
+    size_ratio,
     valid_level,
 )
 from celltally.model_folder import (  # noqa: F401 (re-exported: the public names)
@@ -92,7 +95,12 @@ class CountResult:
         ``sqrt(aleatoric**2 + epistemic**2)``. None without an ensemble.
     ood : the out-of-distribution features the warning was decided on
         (``celltally.calibration.OOD_FEATURES``, and ``contrast``: below 1
-        when the frame's range is so low that it may hold no cells).
+        when the frame's range is so low that it may hold no cells; with a
+        model calibrated for it, ``size_ratio``: the objects' width over the
+        calibration images' at the same foreground fraction, e.g. 1.5 for an
+        image at 1.5x the magnification, and ``size_shift``, the ratio or its
+        inverse, whichever is above 1: a warning names it when it is beyond
+        the calibration's range, but it raises none by itself).
     """
 
     count: float
@@ -683,7 +691,13 @@ class CellCounter:
         distance = None
         if embedding is not None and self.ood_reference is not None:
             distance = float(feature_distance(embedding, self.ood_reference)[0])
-        features = ood_features(count, mask_std, spread, distance, frame_contrast)
+        ratio = None
+        curves = (self.calibration.get("ood") or {}).get("size")
+        # a frame that may hold no cells has a mask of noise: no object size to speak of
+        readable = frame_contrast is None or frame_contrast >= LOW_CONTRAST
+        if curves and readable and (size := object_size(mask)) is not None:
+            ratio = size_ratio(*size, curves, label=meta.get("stain"))
+        features = ood_features(count, mask_std, spread, distance, frame_contrast, ratio)
         return CountResult(
             count=float(count),
             std=float(std),

@@ -30,13 +30,18 @@ import torch
 
 from celltally import io
 from celltally.calibration import (
+    LOW_CONTRAST,
+    MIN_SIZE_SHIFT,
     calibrate,
     conformal_rank,
     feature_classes,
     feature_reference,
     fit_group_correlation,
     held_out_distances,
+    held_out_size_ratios,
+    object_size,
     ood_thresholds,
+    size_reference,
 )
 from celltally.datasets import LabeledSet, source_file
 from celltally.model_folder import ensemble_files
@@ -302,12 +307,50 @@ def _each_as_counted(counter: Any, data: LabeledSet, use: Any) -> list[Any]:
     return out
 
 
-def _predict(counter: Any, data: LabeledSet) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def _predict(
+    counter: Any, data: LabeledSet
+) -> tuple[np.ndarray, np.ndarray, list[dict], list[tuple[float, float] | None]]:
+    """Counts, stds, out-of-distribution features and object sizes (:func:`object_size`)."""
     results = _each_as_counted(counter, data, counter.count_prepared)
     mean = np.array([r.count for r in results])
     std = np.array([r.std for r in results])
     features = [r.ood for r in results]
-    return mean, std, features
+    sizes = [
+        object_size(r.mask) if r.ood.get("contrast", 1.0) >= LOW_CONTRAST else None for r in results
+    ]  # a frame that may hold no cells: its mask is noise (as CellCounter measures)
+    return mean, std, features, sizes
+
+
+def _size_block(
+    sizes: Sequence[tuple[float, float] | None],
+    *,
+    groups: Sequence[Any],
+    classes: Sequence[str] | None,
+    quantile: float,
+) -> dict[str, Any]:
+    """Object-size curves (``size``) and the factor beyond which a warning names the size.
+
+    Fitted on the calibration images with enough foreground to measure
+    (:func:`celltally.calibration.object_size`); ``size_shift`` is the
+    ``quantile`` of their held-out ratios (either way, folds by ``groups``),
+    at least ``MIN_SIZE_SHIFT``. The size raises no warning by itself; it
+    names the likely cause of one (``ood_warning``). Empty with fewer than
+    ``MIN_OOD_IMAGES`` such images. Classes as the deep-feature reference's,
+    where each keeps ``MIN_OOD_IMAGES``; else one curve.
+    """
+    keep = [(i, s) for i, s in enumerate(sizes) if s is not None]
+    if len(keep) < MIN_OOD_IMAGES:
+        return {}
+    fraction, width = [s[0] for _, s in keep], [s[1] for _, s in keep]
+    kept = None
+    if classes:
+        kept = feature_classes([classes[i] for i, _ in keep], min_images=MIN_OOD_IMAGES)
+    curves = size_reference(fraction, width, classes=kept)
+    held = held_out_size_ratios(fraction, width, groups=[groups[i] for i, _ in keep], classes=kept)
+    held = held[np.isfinite(held)]
+    shifts = np.maximum(held, 1.0 / held)
+    limit = max(MIN_SIZE_SHIFT, float(np.quantile(shifts, quantile)) if len(held) else 0.0)
+    return {"size": curves, "size_shift": round(limit, 6)}
 
 
 def _count_scale(y: np.ndarray, mean: np.ndarray) -> tuple[float, np.ndarray]:
@@ -383,7 +426,7 @@ def _epistemic_block(
 
     ens = CellCounter.from_folder(folder, device=device, epistemic=True)
     ens.count_scale = 1.0
-    e_mean, e_std, e_features = _predict(ens, calibration)
+    e_mean, e_std, e_features, _ = _predict(ens, calibration)
     block, e_loo = _calibrated_block(y, e_mean, e_std, scaled="epistemic" in count_scale)
     _add_well_correlation(block, calibration, y, e_mean * e_loo, e_std * e_loo)
     block["members"] = 1 + len(ens.members)
@@ -522,6 +565,7 @@ def calibrate_model(
     fit_ood = len(y) >= MIN_OOD_IMAGES
     held_out: np.ndarray | None = None
     classes: list[str] | None = None
+    scenes = [m.get("scene") or i for i, m in enumerate(calibration.meta)]
     if fit_ood:
         counter = CellCounter.from_folder(folder, device=device)  # also mid-train
         embeddings = np.stack(_each_as_counted(counter, calibration, counter.embed))
@@ -534,7 +578,6 @@ def calibrate_model(
         )
         reference = feature_reference(embeddings, classes=classes)
         # its threshold from distances measured out of sample, by scene where known
-        scenes = [m.get("scene") or i for i, m in enumerate(calibration.meta)]
         held_out = held_out_distances(embeddings, groups=scenes, classes=classes)
         tensors = {k: torch.from_numpy(v.astype(np.float32)) for k, v in reference.items()}
         save_readable(tensors, folder / OOD_REFERENCE_FILE)
@@ -548,16 +591,21 @@ def calibrate_model(
         )
     counter = CellCounter.from_folder(folder, device=device)  # with the reference, if any
     counter.count_scale = 1.0  # raw counts: an earlier correction must not shape this fit
-    mean, std, features = _predict(counter, calibration)
+    mean, std, features, sizes = _predict(counter, calibration)
+    # object sizes (a frame at another magnification), to name that cause in a warning:
+    # the mask is the segmenter's, so the plain and ensemble blocks share them
+    size_block = (
+        _size_block(sizes, groups=scenes, classes=classes, quantile=quantile) if fit_ood else {}
+    )
 
     def ood_block(scores: list[dict[str, float]]) -> dict[str, Any]:
-        """The thresholds of ``scores`` (with the held-out distances), and the classes."""
+        """The thresholds of ``scores`` (with the held-out distances), the classes, the sizes."""
         if not fit_ood:
             return {}
         out = ood_thresholds(_with_distances(scores, held_out), quantile=quantile)
         if classes:
             out["feature_classes"] = _class_sizes("stain", classes)
-        return out
+        return {**out, **size_block}
 
     block, loo = _calibrated_block(y, mean, std, scaled="plain" in count_scale)
     block["ood"] = ood_block(features)

@@ -385,7 +385,7 @@ def test_bad_level(client, scene, level):
     assert "level" in response.json()["detail"]
 
 
-@pytest.mark.parametrize("field", ["levle", "diameter"])
+@pytest.mark.parametrize("field", ["levle", "pixel_size"])  # pixel size: no model records one
 def test_an_unknown_form_field_is_refused_not_ignored(client, scene, field):
     response = post(client, [("x.tif", tiff_bytes(scene.image), "image/tiff")], **{field: "0.5"})
     assert response.status_code == 422
@@ -550,6 +550,47 @@ def test_epistemic_field_counts_with_the_models_ensemble(client, scene):
     bad = post(client, [(BBBC_NAME, tiff, "image/tiff")], epistemic="maybe")
     assert bad.status_code == 422
     assert bad.json()["detail"] == "epistemic must be true or false, got 'maybe'"
+
+
+def test_a_diameter_sets_the_resize_factor_from_the_models_own(client):
+    from skimage.transform import rescale
+
+    nuclei = simulate_scene(15, stain=1, size=(130, 174), bit_depth=16, seed=6).image
+    # nuclei twice as wide as the nuclei model's 28.3 px: a factor of 0.5
+    large = np.round(rescale(nuclei.astype(np.float32), 2.0, preserve_range=True))
+    data = tiff_bytes(large.astype(np.uint16))
+    library = CellCounter.from_pretrained("nuclei", diameter=56.6).count(large)
+    response = post(
+        client,
+        [("large.tif", data, "image/tiff")],
+        model="nuclei",
+        saliency="false",
+        diameter="56.6",
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["diameter"] == 56.6 and body["rescale"] == pytest.approx(0.5)
+    assert body["results"][0]["count"] == pytest.approx(library.count, rel=1e-4)
+    plain = post(client, [("large.tif", data, "image/tiff")], model="nuclei", saliency="false")
+    assert plain.json()["diameter"] is None and plain.json()["rescale"] is None
+    refused = {
+        "abc": "diameter must be a positive number of pixels",
+        "-3": "diameter must be a positive number of pixels",
+    }
+    for bad, message in refused.items():
+        answer = post(client, [("large.tif", data, "image/tiff")], model="nuclei", diameter=bad)
+        assert answer.status_code == 422 and answer.json()["detail"].startswith(message), bad
+    both = post(
+        client, [("large.tif", data, "image/tiff")], model="nuclei", diameter="30", rescale="2"
+    )
+    assert both.status_code == 422
+    assert both.json()["detail"].startswith("rescale and diameter: give only one")
+    unknown = post(client, [("large.tif", data, "image/tiff")], model="bbbc005", diameter="30")
+    assert unknown.status_code == 422
+    assert unknown.json()["detail"] == (
+        "model 'bbbc005' does not record the object diameter it was trained at; give the "
+        "resize factor instead (rescale 2 for 2 x 2-binned images)"
+    )
 
 
 def test_a_rescaled_twin_keeps_the_out_of_distribution_check():

@@ -507,4 +507,49 @@ def test_a_factor_the_page_cannot_read_is_refused_at_its_field(server, images, b
     page.set_input_files("#file-input", [str(folder / PNG_NAME)])
     wait_for_batch(page, 1)
     assert card(page, PNG_NAME).get_attribute("data-state") == "done"
+    # a diameter sets the factor: both at once is refused at the diameter field
+    page.fill("#rescale", "2")
+    page.fill("#diameter", "30")
+    page.set_input_files("#file-input", [str(folder / PNG_NAME)])
+    page.wait_for_timeout(500)
+    assert page.locator(".card").count() == 1
+    assert page.evaluate("document.getElementById('diameter').validity.customError")
+    context.close()
+
+
+def test_the_page_counts_with_a_nucleus_diameter(server, browser, tmp_path):
+    from skimage.transform import rescale
+
+    nuclei = simulate_scene(15, stain=1, size=(130, 174), bit_depth=16, seed=6).image
+    path = tmp_path / "large_nuclei.tif"
+    large = np.round(rescale(nuclei.astype(np.float32), 2.0, preserve_range=True))
+    tifffile.imwrite(path, large.astype(np.uint16))
+    expected = CellCounter.from_pretrained("nuclei", diameter=56.6).count(path)
+    context = browser.new_context(accept_downloads=True)
+    page = context.new_page()
+    page.goto(server)
+    page.select_option("#model", "nuclei")
+    page.fill("#diameter", "56.6")
+    page.set_input_files("#file-input", [str(path)])
+    wait_for_batch(page, 1)
+    item = card(page, path.name)
+    assert item.get_attribute("data-state") == "done"
+    text = f"{expected.count:.1f} ± {expected.half_width:.1f}"
+    sync_api.expect(item.locator(".count")).to_have_text(text)
+    sync_api.expect(item.locator(".interval")).to_contain_text("model nuclei ×0.5 (⌀ 56.6 px)")
+    with page.expect_download() as download_info:
+        page.click("#csv")
+    saved = tmp_path / "diameter.csv"
+    download_info.value.save_as(saved)
+    (row,) = csv.DictReader(saved.open(newline=""))
+    assert (row["rescale"], row["diameter"], row["model"]) == ("0.5", "56.6", "nuclei")
+    # the tiny model records no object diameter: the server says so on the card
+    page.select_option("#model", "tiny")
+    other = tmp_path / "other.tif"
+    other.write_bytes(path.read_bytes())
+    page.set_input_files("#file-input", [str(other)])
+    wait_for_batch(page, 2)
+    failed = card(page, other.name)
+    assert failed.get_attribute("data-state") == "failed"
+    sync_api.expect(failed).to_contain_text("does not record the object diameter")
     context.close()

@@ -12,7 +12,9 @@ Endpoints
     ``model`` (a shipped model; default the server's), ``epistemic``
     (``true``: add the model's ensemble spread, as ``count --epistemic``) and
     ``rescale`` (resize factor before counting, as ``celltally count
-    --rescale``: 2 for images binned 2 x 2; empty = the model's own scale).
+    --rescale``: 2 for images binned 2 x 2; empty = the model's own scale) or
+    ``diameter`` (typical object diameter in px, as ``--diameter``: the factor
+    from the model's own, for a model that records one, as ``nuclei`` does).
     Answers, in the order sent, one entry per file: the count with its
     interval and PNG renderings (data URLs) of the input, mask, uncertainty
     and saliency maps, or an ``error`` naming the file.
@@ -27,8 +29,8 @@ Endpoints
       the problems differ) and a ``detail`` message.
     - **413** too many files, or a body over the total limit; **415** not a
       multipart upload; **400** malformed multipart; **422** no files, or a bad
-      ``level``, ``channel``, ``model``, ``epistemic`` or ``rescale``. These carry only
-      ``detail`` (FastAPI's error shape).
+      ``level``, ``channel``, ``model``, ``epistemic``, ``rescale`` or
+      ``diameter``. These carry only ``detail`` (FastAPI's error shape).
 ``GET /api/models``
     The loaded model (name, preset, input size, measured figures) and the
     models shipped with the package.
@@ -71,6 +73,7 @@ from celltally import io, naming
 from celltally.calibration import MAX_LEVEL, valid_level
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
 from celltally.model_folder import is_shipped, model_use, resolve_model
+from celltally.tiling import rescale_factor
 from celltally.web import render
 from celltally.web.uploads import (
     FILES_WITHOUT_NAME,
@@ -169,7 +172,12 @@ class CountResponse(BaseModel):
         default=None, description="Set when the level is above what the calibration can guarantee."
     )
     rescale: float | None = Field(
-        default=None, description="The resize factor the images were counted at (the request's)."
+        default=None,
+        description="The resize factor the images were counted at (the request's, or the "
+        "one its diameter gave).",
+    )
+    diameter: float | None = Field(
+        default=None, description="The object diameter (px) the request gave, if any."
     )
     epistemic: bool = Field(
         default=False, description="Whether the intervals include the ensemble's spread."
@@ -246,6 +254,13 @@ _UPLOAD_SCHEMA = {
                             "counting, as `celltally count --rescale`: 2 for images binned "
                             "2 x 2 or at half the model's magnification (default: none).",
                         },
+                        "diameter": {
+                            "type": "number",
+                            "exclusiveMinimum": 0,
+                            "description": "Typical cell/nucleus diameter in the images, px, "
+                            "as `celltally count --diameter`: sets the resize factor from the "
+                            "model's own (nuclei: 28.3 px); instead of rescale.",
+                        },
                     },
                 }
             }
@@ -262,7 +277,9 @@ def _package_version() -> str:
 
 
 #: The form fields ``POST /api/count`` reads; any other is refused, not ignored.
-COUNT_FIELDS = frozenset({"files", "level", "saliency", "channel", "model", "rescale", "epistemic"})
+COUNT_FIELDS = frozenset(
+    {"files", "level", "saliency", "channel", "model", "rescale", "diameter", "epistemic"}
+)
 #: How many rescaled twins of the models (one per model and ``rescale`` value) stay loaded.
 MAX_RESCALED = 16
 
@@ -295,7 +312,8 @@ def _parse_channel(text: str | None) -> int | None:
     return value
 
 
-def _parse_rescale(text: str | None) -> float | None:
+def _parse_positive(text: str | None, what: str) -> float | None:
+    """A form field's positive number, None when empty; 422 naming ``what`` otherwise."""
     if text is None or text.strip() == "":
         return None
     try:
@@ -303,9 +321,7 @@ def _parse_rescale(text: str | None) -> float | None:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise RequestRejected(
-            422, f"rescale must be a positive number (2 for 2 x 2-binned images), got '{text}'"
-        )
+        raise RequestRejected(422, f"{what}, got '{text}'")
     return value
 
 
@@ -599,6 +615,23 @@ def create_app(
 
     rescaled: OrderedDict[tuple[str, bool, float], _Service] = OrderedDict()
 
+    def diameter_factor(
+        name: str | None, epistemic: bool, diameter: float, rescale: float | None
+    ) -> float:
+        """The resize factor a ``diameter`` gives with the named model (as ``--diameter``)."""
+        if rescale is not None:
+            raise RequestRejected(
+                422, "rescale and diameter: give only one (a diameter sets the resize factor)"
+            )
+        counter = rescaled_service(name, epistemic, None).counter
+        try:
+            return rescale_factor(
+                counter.scale, diameter=diameter, model_name=f"model {counter.name!r}"
+            )
+        except io.InputError as err:
+            text = str(err).replace("--diameter", "diameter").replace("--rescale", "rescale")
+            raise RequestRejected(422, text) from None
+
     def rescaled_service(name: str | None, epistemic: bool, rescale: float | None) -> _Service:
         """:func:`service_for`'s model resizing images by ``rescale`` (a twin sharing its lock)."""
         base = service_for(name, epistemic)
@@ -727,8 +760,20 @@ def create_app(
             req_level = _parse_level(fields.get("level"), level)
             req_saliency = _parse_bool(fields.get("saliency"), saliency, "saliency")
             req_channel = _parse_channel(fields.get("channel"))
-            req_rescale = _parse_rescale(fields.get("rescale"))
+            req_rescale = _parse_positive(
+                fields.get("rescale"),
+                "rescale must be a positive number (2 for 2 x 2-binned images)",
+            )
+            req_diameter = _parse_positive(
+                fields.get("diameter"),
+                "diameter must be a positive number of pixels (the typical cell or nucleus "
+                "width in the images)",
+            )
             req_epistemic = _parse_bool(fields.get("epistemic"), False, "epistemic")
+            if req_diameter is not None:
+                req_rescale = diameter_factor(
+                    fields.get("model"), req_epistemic, req_diameter, req_rescale
+                )
             used = rescaled_service(fields.get("model"), req_epistemic, req_rescale)
             if not uploads and "files" in fields:  # e.g. curl -F files=image.tif (no @)
                 raise RequestRejected(400, FILES_WITHOUT_NAME)
@@ -771,6 +816,7 @@ def create_app(
             well_correlation=used.well_correlation,
             level_note=used.counter.level_note(req_level),
             rescale=req_rescale,
+            diameter=req_diameter,
             epistemic=used.counter.epistemic,
         )
         status = 200

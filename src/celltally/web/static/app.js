@@ -53,7 +53,7 @@ function addFiles(fileList) {
   if (!files.length) return;
   // a channel or factor the browser cannot read would reach the server empty (the
   // model's defaults) without a word: say so at the field instead, and count nothing
-  if (!$("channel").reportValidity() || !$("rescale").reportValidity()) return;
+  if (!["channel", "rescale", "diameter"].every((id) => $(id).reportValidity())) return;
   // The options as they are now: changing them later does not change queued files.
   const settings = {
     model: $("model").value,
@@ -61,6 +61,7 @@ function addFiles(fileList) {
     saliency: $("saliency").checked ? "true" : "false",
     channel: $("channel").value,
     rescale: $("rescale").value,
+    diameter: $("diameter").value,
     epistemic: $("epistemic").checked ? "true" : "false",
   };
   for (const file of files) {
@@ -118,6 +119,7 @@ async function send({ file, card, row, index, settings }) {
     form.append("saliency", settings.saliency);
     form.append("channel", settings.channel);
     form.append("rescale", settings.rescale);
+    form.append("diameter", settings.diameter);
     form.append("epistemic", settings.epistemic);
     const controller = new AbortController();
     state.inflight.add(controller);
@@ -132,9 +134,10 @@ async function send({ file, card, row, index, settings }) {
         // which model counted it, and that model's within-well correlation (well totals)
         // 'setting': the model as it counted (ensemble, resize factor); totals group by it
         const setting = body.model + (body.epistemic ? " ensemble" : "") +
-          (body.rescale ? ` ×${body.rescale}` : "");
+          (body.rescale ? ` ×${+body.rescale.toPrecision(4)}` : "") +
+          (body.diameter ? ` (⌀ ${body.diameter} px)` : "");
         result = { ...body.results[0], model: body.model, setting,
-                   rescale: body.rescale, epistemic: body.epistemic,
+                   rescale: body.rescale, diameter: body.diameter, epistemic: body.epistemic,
                    well_correlation: body.well_correlation, level_note: body.level_note };
       } else {
         result = { name: file.name, ok: false, status: response.status,
@@ -280,9 +283,11 @@ function fillRow(tr, r) {
 
 // The columns of `celltally count`'s results CSV (so `celltally wells` reads this file),
 // then 'problem': why an image could not be counted (its count is then empty), and the
-// settings `count` records in its manifest: the resize factor and the ensemble flag.
+// settings `count` records in its manifest: the resize factor (given, or set by the
+// diameter), the ensemble flag and the diameter.
 const CSV_COLUMNS = ["file", "count", "std", "low", "high", "level", "model", "plate", "well",
-  "site", "blur", "stain", "true_count", "error", "warning", "problem", "rescale", "epistemic"];
+  "site", "blur", "stain", "true_count", "error", "warning", "problem", "rescale", "epistemic",
+  "diameter"];
 
 function csvCell(value) {
   if (value === null || value === undefined) return "";
@@ -302,7 +307,7 @@ function toCSV() {
     const row = [r.name, fmt(r.count, 3), fmt(r.std, 4), fmt(r.low, 3), fmt(r.high, 3),
       r.level ?? "", r.model || "", m.plate, m.well, m.site, m.blur, m.stain, m.count,
       truth === null ? "" : (r.count - truth).toFixed(2), r.warning, r.ok ? "" : r.error,
-      r.rescale ?? "", r.ok ? String(Boolean(r.epistemic)) : ""];
+      r.rescale ?? "", r.ok ? String(Boolean(r.epistemic)) : "", r.diameter ?? ""];
     lines.push(row.map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";
@@ -645,6 +650,11 @@ function init() {
   $("csv").addEventListener("click", downloadCSV);
   $("wells-csv").addEventListener("click", downloadWells);
   $("model").addEventListener("change", showModelUse);
+  // a diameter sets the resize factor: both at once is a contradiction, said at the field
+  const oneScale = () => $("diameter").setCustomValidity(
+    $("rescale").value && $("diameter").value ? "Give Rescale or Diameter, not both" : "");
+  $("rescale").addEventListener("input", oneScale);
+  $("diameter").addEventListener("input", oneScale);
   $("clear").addEventListener("click", clearAll);
   // The results live only in this page: leaving or reloading it asks first.
   window.addEventListener("beforeunload", (e) => {

@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from celltally import naming
+from celltally.calibration import SIZE_HINT
 from celltally.counter import CellCounter
 from celltally.evaluation import labelled_files
 
 TEST_SITES = {9, 10}
-#: The words a warning ends with when it names the objects' size (calibration.ood_warning).
-SIZE_HINT = "another magnification? rescale by about"
 
 
 def strange_frames(shape: tuple[int, int] = (520, 696), seed: int = 0) -> dict[str, np.ndarray]:

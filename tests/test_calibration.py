@@ -26,6 +26,7 @@ from celltally.calibration import (
     ood_thresholds,
     ood_warning,
     reliability,
+    suggested_rescale,
     temperature_scale,
 )
 from celltally.counter import CellCounter
@@ -838,6 +839,12 @@ def test_held_out_size_ratios_do_not_hide_an_image_in_its_own_curve():
     assert np.median(np.abs(np.log(one_curve))) > 0.4
     with pytest.raises(ValueError, match="3 or more"):
         held_out_size_ratios([0.1, 0.2], [1.0, 1.1])
+    with pytest.raises(ValueError, match="2 classes for 3 sizes"):
+        held_out_size_ratios([0.1, 0.2, 0.3], [1.0, 1.1, 1.2], classes=["a", "b"])
+    # one group holding all but one image: that fold has nothing to fit on (NaN), the
+    # lone image is measured against the rest
+    lone = held_out_size_ratios(f[:20], width[:20], groups=["a"] * 19 + ["b"])
+    assert np.isnan(lone[:19]).all() and np.isfinite(lone[19])
 
 
 def test_a_warning_names_an_object_size_off_the_calibration_as_its_likely_cause():
@@ -863,6 +870,15 @@ def test_a_warning_names_an_object_size_off_the_calibration_as_its_likely_cause(
     assert "size" not in " ".join(OOD_FEATURES)
     no_sizes = {"quantile": 0.99, "mask_std": 0.5}  # a model calibrated before sizes
     assert "rescale" not in ood_warning(large, no_sizes)
+    # counted at a factor already: the factor to count at is the whole one
+    twice = ood_warning(large, limits, rescale=2.0)
+    assert twice.endswith("rescale by about 1.2 (counted at 2)")
+    assert suggested_rescale(twice) == 1.2 and suggested_rescale(text) == 0.62
+    assert suggested_rescale("") is None and suggested_rescale("rescale by about") is None
+    # a counter that cannot rescale (the paper's fixed frame): the size without a factor
+    fixed = ood_warning(large, limits, rescale=None)
+    assert fixed.endswith("its objects look 1.6x as wide as the calibration images'")
+    assert suggested_rescale(fixed) is None
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 import csv
 import json
+import re
+import statistics
 import subprocess
 import sys
 
@@ -239,6 +241,38 @@ def test_count_says_how_many_images_look_unlike_the_calibration_data(tmp_path):
     result = run("count", plate / "images", *args)
     assert result.exit_code == 0, result.output
     assert f"1 of 1 images in {out} flagged as unlike the model's calibration" in result.output
+
+
+def test_count_suggests_a_factor_for_images_at_another_magnification(tmp_path):
+    from skimage.transform import rescale
+
+    from celltally.calibration import suggested_rescale
+    from celltally.simulate import simulate_scene
+
+    folder = tmp_path / "zoomed"
+    folder.mkdir()
+    for seed in (1, 2):  # cell bodies at twice BBBC005's magnification, named as BBBC005's
+        image = simulate_scene(60, stain=2, seed=seed).image.astype(np.float32)
+        large = np.clip(np.round(rescale(image, 2.0, preserve_range=True)), 0, 255)
+        tifffile.imwrite(folder / f"SIMCEPImages_A0{seed}_C60_F1_s1_w2.TIF", large.astype(np.uint8))
+    out = tmp_path / "res.csv"
+    result = run("count", folder, "-o", out, "--threads", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert all(abs(float(r["count"]) - 60) > 30 for r in rows), rows  # badly miscounted
+    factors = [suggested_rescale(r["warning"]) for r in rows]
+    assert all(0.4 < f < 0.65 for f in factors), rows  # the truth: 0.5
+    said = re.search(
+        r"2 of them have objects (\S+)x as wide as the calibration images' \(median\): if "
+        r"they were taken at another magnification, count them again with --rescale (\S+) "
+        r"\(or --diameter\)",
+        " ".join(result.output.split()),
+    )
+    assert said and float(said[2]) == pytest.approx(statistics.median(factors), abs=0.006)
+    fixed = tmp_path / "fixed.csv"
+    again = run("count", folder, "-o", fixed, "--rescale", "0.5", "--threads", "1", "--no-progress")
+    assert again.exit_code == 0 and "another magnification" not in again.output
+    assert all(abs(float(r["count"]) - 60) < 6 for r in csv.DictReader(fixed.open()))
 
 
 def test_version_and_a_bad_stage(tmp_path):

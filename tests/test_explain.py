@@ -119,6 +119,16 @@ def test_figure_png(tiny_model, image_folder, tmp_path):
         "cells; unlike the calibration images (distance 9 > 5; calibration 99th pct limit)",
     )  # fmt: skip
     assert panel_title(both).split("\n") == ["0.01 ± 0.04 cells (95%)", *lines]
+    sized = CountResult(  # a warning that names the objects' size gives the factor
+        count=180.0, std=3.0, low=174.0, high=186.0, level=0.95, mask=None, mask_std=None,
+        warning="unlike the calibration images (distance 9 > 5; calibration 99th pct limit); "
+        "its objects look 1.6x as wide as the calibration images': another magnification? "
+        "rescale by about 0.62",
+    )  # fmt: skip
+    assert panel_title(sized).split("\n")[1:] == [
+        lines[1],
+        "⚠ objects 1.6x as wide as theirs: another magnification? rescale by about 0.62",
+    ]
 
 
 def test_explain_corrupt_file_fails_cleanly(tiny_model, tmp_path):

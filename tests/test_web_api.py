@@ -585,12 +585,42 @@ def test_a_diameter_sets_the_resize_factor_from_the_models_own(client):
     )
     assert both.status_code == 422
     assert both.json()["detail"].startswith("rescale and diameter: give only one")
+    # a per-file problem names the form's fields, not the command line's options
+    tiny = post(client, [("large.tif", data, "image/tiff")], model="nuclei", diameter="1000")
+    error = tiny.json()["results"][0]["error"]
+    assert "too small to count" in error and "check rescale / diameter / pixel_size" in error
+    assert "--" not in error
     unknown = post(client, [("large.tif", data, "image/tiff")], model="bbbc005", diameter="30")
     assert unknown.status_code == 422
     assert unknown.json()["detail"] == (
         "model 'bbbc005' does not record the object diameter it was trained at; give the "
         "resize factor instead (rescale 2 for 2 x 2-binned images)"
     )
+
+
+def test_an_uploads_name_gives_its_stain_as_a_files_name_would(client, tmp_path):
+    from skimage.transform import rescale
+
+    from celltally.calibration import SIZE_HINT
+
+    # a w2 frame shrunk 0.7x: its cell bodies between the two stains' widths, so only
+    # the stain its name gives says that they are too narrow (seed 1: a flagged frame)
+    image = simulate_scene(60, stain=2, seed=1).image.astype(np.float32)
+    small = np.clip(np.round(rescale(image, 0.7, anti_aliasing=True, preserve_range=True)), 0, 255)
+    small = small.astype(np.uint8)
+    name = "SIMCEPImages_A01_C60_F1_s1_w2.TIF"
+    tifffile.imwrite(tmp_path / name, small)
+    counter = CellCounter.from_pretrained("bbbc005")
+    library = counter.count(tmp_path / name)
+    assert SIZE_HINT in library.warning and library.ood["size_ratio"] < 0.8
+    assert "size_ratio" not in counter.count(small).ood  # no name: which stain?
+    assert counter.count(small, name=name).ood == library.ood
+    for saliency in ("false", "true"):  # counted, or counted and explained
+        response = post(
+            client, [(name, tiff_bytes(small), "image/tiff")], model="bbbc005", saliency=saliency
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["warning"] == library.warning, saliency
 
 
 def test_a_rescaled_twin_keeps_the_out_of_distribution_check():

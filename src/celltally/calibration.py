@@ -347,6 +347,10 @@ LOW_CONTRAST = 0.99
 EMPTY_HINT = "the frame may hold no cells"
 #: The words that open the warning of an image whose features are unlike the calibration's.
 UNLIKE_HINT = "unlike the calibration images"
+#: The words before the suggested ``--rescale`` factor (the whole factor, not one on top
+#: of the factor counted at) in a warning that names the objects' size
+#: (:func:`ood_warning`, :func:`suggested_rescale`).
+SIZE_HINT = "another magnification? rescale by about"
 
 
 def ood_features(
@@ -464,6 +468,21 @@ def _fold_index(keys: Sequence[Any], folds: int) -> np.ndarray:
     return np.array([order[key] % k for key in keys])
 
 
+def _fold_rest(labels: np.ndarray | None, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images a fold's reference is fitted on, and their classes (None: one class).
+
+    Classes that keep 2 or more images in ``rest``; where none does, all of
+    ``rest`` as one class.
+    """
+    if labels is None:
+        return rest, None
+    kept = [c for c in set(labels[rest].tolist()) if np.sum(labels[rest] == c) >= 2]
+    if not kept:
+        return rest, None
+    rest = rest & np.isin(labels, kept)
+    return rest, labels[rest]
+
+
 def held_out_distances(
     embeddings: np.ndarray,
     *,
@@ -499,13 +518,7 @@ def held_out_distances(
     out = np.empty(n)
     for f in range(int(fold.max()) + 1):
         held = fold == f
-        rest = ~held
-        fold_classes = None
-        if labels is not None:
-            kept = [c for c in set(labels[rest].tolist()) if np.sum(labels[rest] == c) >= 2]
-            if kept:  # else (every class down to one image here) one Gaussian of the rest
-                rest &= np.isin(labels, kept)
-                fold_classes = labels[rest]
+        rest, fold_classes = _fold_rest(labels, ~held)
         reference = feature_reference(x[rest], classes=fold_classes, shrinkage=shrinkage)
         out[held] = feature_distance(x[held], reference)
     return out
@@ -531,10 +544,10 @@ def object_size(mask: np.ndarray, *, min_area: float = MIN_SIZE_AREA) -> tuple[f
     :func:`size_reference` models that. An image at another magnification
     shows its objects proportionally wider or narrower at the same fraction.
     """
-    m = np.asarray(mask, dtype=np.float64)
+    m = np.asarray(mask)
     if m.ndim != 2 or m.size == 0:
         raise ValueError(f"mask must be a non-empty 2-D array, got shape {m.shape}")
-    area = float(m.sum())
+    area = float(m.sum(dtype=np.float64))  # no float64 copy of a whole-well mask
     fg = m > 0.5
     edges = np.count_nonzero(fg[1:] != fg[:-1]) + np.count_nonzero(fg[:, 1:] != fg[:, :-1])
     if not area >= min_area or edges == 0:  # `not >=`: NaN too
@@ -622,20 +635,22 @@ def held_out_size_ratios(
     if len(keys) != n or len(y) != n:
         raise ValueError(f"{len(keys)} groups and {len(y)} sizes for {n} fractions")
     labels = None if classes is None else np.asarray([str(c) for c in classes])
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} classes for {n} sizes")
     if n < 3:
         raise ValueError("need 3 or more sized images to cross-fit size ratios")
     fold = _fold_index(keys, folds)
     own = [None] * n if labels is None else labels.tolist()
     out = np.empty(n)
     for f in range(int(fold.max()) + 1):
-        held, rest = fold == f, fold != f
-        fold_classes = None
-        if labels is not None:
-            kept = [c for c in set(labels[rest].tolist()) if np.sum(labels[rest] == c) >= 2]
-            if kept:
-                rest &= np.isin(labels, kept)
-                fold_classes = labels[rest].tolist()
-        reference = size_reference(x[rest], y[rest], classes=fold_classes)
+        held = fold == f
+        rest, fold_classes = _fold_rest(labels, fold != f)
+        if rest.sum() < 2:  # one group held nearly every image: nothing to fit on
+            out[held] = np.nan
+            continue
+        reference = size_reference(
+            x[rest], y[rest], classes=None if fold_classes is None else fold_classes.tolist()
+        )
         for i in np.flatnonzero(held):
             ratio = size_ratio(x[i], y[i], reference, label=own[i])
             out[i] = np.nan if ratio is None else ratio
@@ -659,10 +674,29 @@ def ood_thresholds(
     return out
 
 
-def ood_warning(features: Mapping[str, float], thresholds: Mapping[str, Any] | None) -> str:
+def suggested_rescale(warning: str) -> float | None:
+    """The ``--rescale`` factor a warning suggests (:data:`SIZE_HINT`), or None."""
+    _, found, rest = (warning or "").partition(SIZE_HINT + " ")
+    try:
+        return float(rest.split()[0].rstrip(";,)")) if found and rest else None
+    except ValueError:
+        return None
+
+
+def ood_warning(
+    features: Mapping[str, float],
+    thresholds: Mapping[str, Any] | None,
+    *,
+    rescale: float | None = 1.0,
+) -> str:
     """A one-line warning naming each feature above its threshold; ``''`` when none is.
 
     Without fitted ``thresholds`` the loose ``FALLBACK_OOD_THRESHOLDS`` apply.
+    A warning of an image whose objects look wider or narrower than the
+    calibration images' (``size_shift`` beyond its limit) ends with that and
+    the factor to count at, ``rescale / size_ratio``: ``rescale`` is the
+    factor the image was counted at (None: a counter that cannot rescale;
+    then the size is named without a factor).
     """
     fitted = bool(thresholds)
     limits: Mapping[str, Any] = thresholds if thresholds else FALLBACK_OOD_THRESHOLDS
@@ -681,10 +715,10 @@ def ood_warning(features: Mapping[str, float], thresholds: Mapping[str, Any] | N
         # the size names a likely cause of a warning; alone it raises none (not adopted:
         # on BBBC005 calibration sites it added false alarms on true-scale crops,
         # docs/uncertainty.md)
-        text += (
-            f"; its objects look {ratio:.2g}x as wide as the calibration images': "
-            f"another magnification? rescale by about {1 / ratio:.2g}"
-        )
+        text += f"; its objects look {ratio:.2g}x as wide as the calibration images'"
+        if rescale is not None:
+            now = f" (counted at {rescale:.3g})" if rescale != 1.0 else ""
+            text += f": {SIZE_HINT} {rescale / ratio:.2g}{now}"
     contrast = features.get("contrast")
     if contrast is not None and contrast < LOW_CONTRAST:
         empty = f"low contrast (range {contrast:.2f} of the empty-frame floor): {EMPTY_HINT}"

@@ -535,13 +535,22 @@ def _echo_warnings(warnings: Sequence[str], where: str, see: str) -> None:
     ``where`` follows "N of M images" (e.g. "in results.csv"), ``see`` says where
     the warnings are.
     """
-    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT
+    import statistics
+
+    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT, suggested_rescale
 
     of = f"{len(warnings)} images{' ' + where if where else ''}"
     if flagged := sum(1 for w in warnings if UNLIKE_HINT in w):
         typer.echo(
             f"{flagged} of {of} flagged as unlike the model's calibration images ({see}): "
             "their intervals may not mean what they say"
+        )
+    if factors := [f for w in warnings if (f := suggested_rescale(w)) is not None]:
+        typical = statistics.median(factors)
+        typer.echo(
+            f"{len(factors)} of them have objects {1 / typical:.2g}x as wide as the "
+            "calibration images' (median): if they were taken at another magnification, "
+            f"count them again with --rescale {typical:.2g} (or --diameter)"
         )
     if empty := sum(1 for w in warnings if EMPTY_HINT in w):
         typer.echo(

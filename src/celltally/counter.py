@@ -681,13 +681,17 @@ class CellCounter:
             raise ValueError(f"model {self.name}'s segmenter has no encoder blocks to embed with")
         return np.stack(cast("list[np.ndarray]", rows))  # no None: checked above
 
-    def _result(self, raw: tuple, level: float, source: str | None) -> CountResult:
+    def _result(
+        self, raw: tuple, level: float, source: str | None, name: str | None = None
+    ) -> CountResult:
+        """A raw result tuple as a ``CountResult``; metadata from ``source``, else ``name``."""
         count, std, mask, mask_std, spread, embedding, frame_contrast = raw
         if self.count_scale != 1.0:
             count, std = count * self.count_scale, std * self.count_scale
             spread = None if spread is None else spread * self.count_scale
         half = self.multiplier(level) * float(std)
-        meta = naming.parse_name(source).as_dict() if source else {}
+        named = source or name
+        meta = naming.parse_name(named).as_dict() if named else {}
         distance = None
         if embedding is not None and self.ood_reference is not None:
             distance = float(feature_distance(embedding, self.ood_reference)[0])
@@ -708,7 +712,13 @@ class CellCounter:
             mask_std=mask_std,
             source=source,
             metadata=meta,
-            warning=ood_warning(features, self.calibration.get("ood")),
+            # the factor a warning suggests is the whole one (this counter's times the
+            # size's); a fixed-frame counter cannot rescale: none
+            warning=ood_warning(
+                features,
+                self.calibration.get("ood"),
+                rescale=self.factor if self.density_head else None,
+            ),
             epistemic_std=None if spread is None else float(spread),
             ood=features,
         )
@@ -740,14 +750,22 @@ class CellCounter:
                 results[i] = self._result(r, level, None)
         return cast("list[CountResult]", results)  # every slot filled above
 
-    def count(self, image: np.ndarray | str | Path, *, level: float = 0.95) -> CountResult:
-        """Count one image, given as a 2-D array or a file path."""
-        return self.count_with_input(image, level=level)[0]
+    def count(
+        self, image: np.ndarray | str | Path, *, level: float = 0.95, name: str | None = None
+    ) -> CountResult:
+        """Count one image, given as a 2-D array or a file path.
+
+        ``name``, for an array: the file name it came from (e.g. an upload's),
+        read for its metadata as a path's would be (well, site, stain; the
+        stain picks the object-size curve of a model calibrated per stain).
+        """
+        return self.count_with_input(image, level=level, name=name)[0]
 
     def count_with_input(
-        self, image: np.ndarray | str | Path, *, level: float = 0.95
+        self, image: np.ndarray | str | Path, *, level: float = 0.95, name: str | None = None
     ) -> tuple[CountResult, np.ndarray | ModelScaleImage]:
-        """:meth:`count`, and the model input it counted (what ``explain`` draws).
+        """:meth:`count` (``name`` as there), and the model input it counted (what
+        ``explain`` draws).
 
         Returns
         -------
@@ -772,8 +790,8 @@ class CellCounter:
         except io.InputError as err:
             raise io.about_file(err, source) from None
         if isinstance(prepared, ModelScaleImage):
-            return self._result(self._count_scaled(prepared), level, source), prepared
-        return self._result(self._forward([prepared])[0], level, source), prepared
+            return self._result(self._count_scaled(prepared), level, source, name), prepared
+        return self._result(self._forward([prepared])[0], level, source, name), prepared
 
     def count_paths(
         self,

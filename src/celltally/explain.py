@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 import torch
 
-from celltally import io, naming
+from celltally import io
 from celltally.counter import ModelScaleImage
 from celltally.losses import gaussian_nll
 from celltally.tiling import model_canvas
@@ -159,6 +159,7 @@ def explain_image(
     *,
     true_count: float | None = None,
     level: float = 0.95,
+    name: str | None = None,
 ) -> Explanation:
     """Count one image and explain the count (mask, its uncertainty, saliency maps).
 
@@ -174,6 +175,9 @@ def explain_image(
         predicted count itself (see :func:`saliency`).
     level : float
         Interval level of the reported count.
+    name : str, optional
+        For an array: the file name it came from, read for its metadata
+        (:meth:`CellCounter.count`).
 
     Returns
     -------
@@ -198,13 +202,11 @@ def explain_image(
         source = str(image)
         image = counter.read(image)
     try:
-        result, prepared = counter.count_with_input(image, level=level)
+        result, prepared = counter.count_with_input(image, level=level, name=source or name)
     except io.InputError as err:
         raise io.about_file(err, source) from None
     if source is not None:
-        result = dataclasses.replace(
-            result, source=source, metadata=naming.parse_name(source).as_dict()
-        )
+        result = dataclasses.replace(result, source=source)
     if isinstance(prepared, ModelScaleImage):
         # Counted in tiles; explained in one pass over the whole model-scale image, on
         # the zero-padded canvas counting uses: a small image or thin strip would
@@ -239,7 +241,7 @@ def panel_title(result: CountResult, true_count: float | None = None) -> str:
     A flagged image (``result.warning``) gets a second line saying so: the figure
     often travels without the terminal's or the CSV's warning.
     """
-    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT
+    from celltally.calibration import EMPTY_HINT, SIZE_HINT, UNLIKE_HINT, suggested_rescale
 
     title = str(result)
     if true_count is not None:
@@ -248,6 +250,8 @@ def panel_title(result: CountResult, true_count: float | None = None) -> str:
         title += f"\n⚠ low contrast: {EMPTY_HINT}"
     if UNLIKE_HINT in result.warning:
         title += "\n⚠ unlike the model's calibration images: the interval may not hold"
+    if (factor := suggested_rescale(result.warning)) is not None:
+        title += f"\n⚠ objects {1 / factor:.2g}x as wide as theirs: {SIZE_HINT} {factor:.2g}"
     return title
 
 

@@ -308,17 +308,20 @@ def _each_as_counted(counter: Any, data: LabeledSet, use: Any) -> list[Any]:
 
 
 def _predict(
-    counter: Any, data: LabeledSet
+    counter: Any, data: LabeledSet, *, sizes: bool = True
 ) -> tuple[np.ndarray, np.ndarray, list[dict], list[tuple[float, float] | None]]:
-    """Counts, stds, out-of-distribution features and object sizes (:func:`object_size`)."""
+    """Counts, stds, out-of-distribution features and (with ``sizes``) object sizes
+    (:func:`object_size`; None each without)."""
     results = _each_as_counted(counter, data, counter.count_prepared)
     mean = np.array([r.count for r in results])
     std = np.array([r.std for r in results])
     features = [r.ood for r in results]
-    sizes = [
-        object_size(r.mask) if r.ood.get("contrast", 1.0) >= LOW_CONTRAST else None for r in results
-    ]  # a frame that may hold no cells: its mask is noise (as CellCounter measures)
-    return mean, std, features, sizes
+    measured = [
+        # a frame that may hold no cells: its mask is noise (as CellCounter measures)
+        object_size(r.mask) if sizes and r.ood.get("contrast", 1.0) >= LOW_CONTRAST else None
+        for r in results
+    ]
+    return mean, std, features, measured
 
 
 def _size_block(
@@ -426,7 +429,7 @@ def _epistemic_block(
 
     ens = CellCounter.from_folder(folder, device=device, epistemic=True)
     ens.count_scale = 1.0
-    e_mean, e_std, e_features, _ = _predict(ens, calibration)
+    e_mean, e_std, e_features, _ = _predict(ens, calibration, sizes=False)  # the plain's
     block, e_loo = _calibrated_block(y, e_mean, e_std, scaled="epistemic" in count_scale)
     _add_well_correlation(block, calibration, y, e_mean * e_loo, e_std * e_loo)
     block["members"] = 1 + len(ens.members)

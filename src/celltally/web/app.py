@@ -430,7 +430,7 @@ class _Service:
             image = io.read_image(upload.path, channel=channel)
         except io.ImageReadError as err:
             # the problem names the command line's option; here it is the form's field
-            return _failure(upload.name, 422, err.problem.replace("--channel", "channel"))
+            return _failure(upload.name, 422, _as_fields(err.problem))
         note = None
         if saliency and image.size * area > SALIENCY_MAX_PIXELS:
             # one backward pass over the whole image: ~7 GB and a minute at 59 M pixels,
@@ -448,12 +448,13 @@ class _Service:
                 if saliency:
                     from celltally.explain import explain_image
 
-                    expl = explain_image(self.counter, image, level=level)
+                    expl = explain_image(self.counter, image, level=level, name=upload.name)
                     result, saliency_map = expl.result, expl.mask_saliency
                 else:
-                    result, saliency_map = self.counter.count(image, level=level), None
+                    count = self.counter.count(image, level=level, name=upload.name)
+                    result, saliency_map = count, None
         except io.InputError as err:
-            return _failure(upload.name, 422, str(err))
+            return _failure(upload.name, 422, _as_fields(str(err)))
         if not math.isfinite(result.count):
             return _failure(upload.name, 500, "the model gave no finite count for this image")
         size = render.display_size(image.shape, self.display_side)
@@ -489,6 +490,13 @@ class _Service:
             seconds=round(time.perf_counter() - start, 4),
             images=images,
         )
+
+
+def _as_fields(text: str) -> str:
+    """A message naming command-line options, with the form fields' names instead."""
+    for flag in ("--rescale", "--diameter", "--pixel-size", "--channel"):
+        text = text.replace(flag, flag[2:].replace("-", "_"))
+    return text
 
 
 def _failure(name: str, status: int, problem: str) -> FileResult:
@@ -617,20 +625,29 @@ def create_app(
 
     def diameter_factor(
         name: str | None, epistemic: bool, diameter: float, rescale: float | None
-    ) -> float:
-        """The resize factor a ``diameter`` gives with the named model (as ``--diameter``)."""
+    ) -> float | None:
+        """The resize factor a ``diameter`` gives with the named model (as ``--diameter``);
+        None for the model's own diameter (no resizing: any model counts so)."""
         if rescale is not None:
             raise RequestRejected(
                 422, "rescale and diameter: give only one (a diameter sets the resize factor)"
             )
         counter = rescaled_service(name, epistemic, None).counter
         try:
-            return rescale_factor(
+            factor = rescale_factor(
                 counter.scale, diameter=diameter, model_name=f"model {counter.name!r}"
             )
         except io.InputError as err:
-            text = str(err).replace("--diameter", "diameter").replace("--rescale", "rescale")
-            raise RequestRejected(422, text) from None
+            raise RequestRejected(422, _as_fields(str(err))) from None
+        if factor == 1.0:
+            return None
+        if not counter.density_head:
+            raise RequestRejected(
+                422,
+                f"diameter: model {counter.name!r} has the paper's fixed-frame 'fc' head, "
+                "which cannot rescale images",
+            )
+        return factor
 
     def rescaled_service(name: str | None, epistemic: bool, rescale: float | None) -> _Service:
         """:func:`service_for`'s model resizing images by ``rescale`` (a twin sharing its lock)."""
@@ -649,7 +666,7 @@ def create_app(
                 try:
                     twin = base.counter.with_rescale(rescale)
                 except io.InputError as err:  # the command line's option is the form's field
-                    raise RequestRejected(422, str(err).replace("--rescale", "rescale")) from None
+                    raise RequestRejected(422, _as_fields(str(err))) from None
                 rescaled[key] = _Service(
                     twin, saliency=saliency, display_side=display_side, max_pixels=int(max_pixels)
                 )

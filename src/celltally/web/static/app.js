@@ -307,7 +307,8 @@ function toCSV() {
     const row = [r.name, fmt(r.count, 3), fmt(r.std, 4), fmt(r.low, 3), fmt(r.high, 3),
       r.level ?? "", r.model || "", m.plate, m.well, m.site, m.blur, m.stain, m.count,
       truth === null ? "" : (r.count - truth).toFixed(2), r.warning, r.ok ? "" : r.error,
-      r.rescale ?? "", r.ok ? String(Boolean(r.epistemic)) : "", r.diameter ?? ""];
+      r.rescale ? +r.rescale.toPrecision(6) : "", r.ok ? String(Boolean(r.epistemic)) : "",
+      r.diameter ?? ""];
     lines.push(row.map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";
@@ -655,6 +656,7 @@ function init() {
     $("rescale").value && $("diameter").value ? "Give Rescale or Diameter, not both" : "");
   $("rescale").addEventListener("input", oneScale);
   $("diameter").addEventListener("input", oneScale);
+  oneScale();  // values the browser restored on a reload
   $("clear").addEventListener("click", clearAll);
   // The results live only in this page: leaving or reloading it asks first.
   window.addEventListener("beforeunload", (e) => {

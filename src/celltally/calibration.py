@@ -519,7 +519,11 @@ def held_out_distances(
     for f in range(int(fold.max()) + 1):
         held = fold == f
         rest, fold_classes = _fold_rest(labels, ~held)
-        reference = feature_reference(x[rest], classes=fold_classes, shrinkage=shrinkage)
+        reference = feature_reference(
+            x[rest],
+            classes=None if fold_classes is None else fold_classes.tolist(),
+            shrinkage=shrinkage,
+        )
         out[held] = feature_distance(x[held], reference)
     return out
 

@@ -190,6 +190,10 @@ def test_a_threshold_on_held_out_distances_flags_about_its_share_of_new_images()
     assert np.allclose(
         held_out_distances(one_field, groups=["a"] * 20), held_out_distances(one_field)
     )
+    # one field and one image of another: holding the field out would leave 1 image
+    assert np.allclose(
+        held_out_distances(one_field, groups=["a"] * 19 + ["b"]), held_out_distances(one_field)
+    )
     with pytest.raises(ValueError, match="2 or more images"):
         held_out_distances(draw(1))
 
@@ -841,10 +845,10 @@ def test_held_out_size_ratios_do_not_hide_an_image_in_its_own_curve():
         held_out_size_ratios([0.1, 0.2], [1.0, 1.1])
     with pytest.raises(ValueError, match="2 classes for 3 sizes"):
         held_out_size_ratios([0.1, 0.2, 0.3], [1.0, 1.1, 1.2], classes=["a", "b"])
-    # one group holding all but one image: that fold has nothing to fit on (NaN), the
-    # lone image is measured against the rest
+    # one group holding all but one image: held out, it would leave 1 image to fit on,
+    # so the folds are single images, as with no groups
     lone = held_out_size_ratios(f[:20], width[:20], groups=["a"] * 19 + ["b"])
-    assert np.isnan(lone[:19]).all() and np.isfinite(lone[19])
+    assert np.allclose(lone, held_out_size_ratios(f[:20], width[:20]))
 
 
 def test_a_warning_names_an_object_size_off_the_calibration_as_its_likely_cause():
@@ -875,6 +879,11 @@ def test_a_warning_names_an_object_size_off_the_calibration_as_its_likely_cause(
     assert twice.endswith("rescale by about 1.2 (counted at 2)")
     assert suggested_rescale(twice) == 1.2 and suggested_rescale(text) == 0.62
     assert suggested_rescale("") is None and suggested_rescale("rescale by about") is None
+    for broken in ("about  ", "about\n", "about nan", "about -2", "about inf", "about x"):
+        assert suggested_rescale(f"another magnification? rescale by {broken}") is None
+    # a factor celltally would refuse (beyond 1000x either way) is not suggested
+    far = ood_warning(ood_features(10.0, flagged, size_ratio=0.004), limits, rescale=1000.0)
+    assert far.endswith("its objects look 0.004x as wide as the calibration images'")
     # a counter that cannot rescale (the paper's fixed frame): the size without a factor
     fixed = ood_warning(large, limits, rescale=None)
     assert fixed.endswith("its objects look 1.6x as wide as the calibration images'")

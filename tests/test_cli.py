@@ -263,12 +263,12 @@ def test_count_suggests_a_factor_for_images_at_another_magnification(tmp_path):
     factors = [suggested_rescale(r["warning"]) for r in rows]
     assert all(0.4 < f < 0.65 for f in factors), rows  # the truth: 0.5
     said = re.search(
-        r"2 of them have objects (\S+)x as wide as the calibration images' \(median\): if "
-        r"they were taken at another magnification, count them again with --rescale (\S+) "
-        r"\(or --diameter\)",
+        r"2 of them have objects wider or narrower than the calibration images' \(their "
+        r"warnings say how much\): if they were taken at another magnification, count them "
+        r"again with --rescale (\S+) \(the median of their factors; or --diameter\)",
         " ".join(result.output.split()),
     )
-    assert said and float(said[2]) == pytest.approx(statistics.median(factors), abs=0.006)
+    assert said and float(said[1]) == pytest.approx(statistics.median(factors), abs=0.006)
     fixed = tmp_path / "fixed.csv"
     again = run("count", folder, "-o", fixed, "--rescale", "0.5", "--threads", "1", "--no-progress")
     assert again.exit_code == 0 and "another magnification" not in again.output

@@ -1,6 +1,7 @@
 """Saliency maps and the Figure 4 panel (celltally.explain)."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -123,12 +124,17 @@ def test_figure_png(tiny_model, image_folder, tmp_path):
         count=180.0, std=3.0, low=174.0, high=186.0, level=0.95, mask=None, mask_std=None,
         warning="unlike the calibration images (distance 9 > 5; calibration 99th pct limit); "
         "its objects look 1.6x as wide as the calibration images': another magnification? "
-        "rescale by about 0.62",
+        "rescale by about 0.62", ood={"size_ratio": 1.62},
     )  # fmt: skip
     assert panel_title(sized).split("\n")[1:] == [
         lines[1],
         "⚠ objects 1.6x as wide as theirs: another magnification? rescale by about 0.62",
     ]
+    # counted at 2 already: the width as counted, the factor the whole one to count at
+    twice = dataclasses.replace(sized, warning=sized.warning.replace("0.62", "1.2 (counted at 2)"))
+    assert panel_title(twice).split("\n")[-1] == (
+        "⚠ objects 1.6x as wide as theirs: another magnification? rescale by about 1.2"
+    )
 
 
 def test_explain_corrupt_file_fails_cleanly(tiny_model, tmp_path):

@@ -588,8 +588,7 @@ def test_a_diameter_sets_the_resize_factor_from_the_models_own(client):
     # a per-file problem names the form's fields, not the command line's options
     tiny = post(client, [("large.tif", data, "image/tiff")], model="nuclei", diameter="1000")
     error = tiny.json()["results"][0]["error"]
-    assert "too small to count" in error and "check rescale / diameter / pixel_size" in error
-    assert "--" not in error
+    assert "too small to count" in error and error.endswith("check rescale / diameter")
     unknown = post(client, [("large.tif", data, "image/tiff")], model="bbbc005", diameter="30")
     assert unknown.status_code == 422
     assert unknown.json()["detail"] == (

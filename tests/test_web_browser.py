@@ -543,7 +543,7 @@ def test_the_page_counts_with_a_nucleus_diameter(server, browser, tmp_path):
     download_info.value.save_as(saved)
     (row,) = csv.DictReader(saved.open(newline=""))
     assert (row["rescale"], row["diameter"], row["model"]) == ("0.5", "56.6", "nuclei")
-    # the tiny model records no object diameter: the server says so on the card
+    # the tiny model (the paper's fixed frame) cannot rescale: the server says so on the card
     page.select_option("#model", "tiny")
     other = tmp_path / "other.tif"
     other.write_bytes(path.read_bytes())
@@ -551,5 +551,5 @@ def test_the_page_counts_with_a_nucleus_diameter(server, browser, tmp_path):
     wait_for_batch(page, 2)
     failed = card(page, other.name)
     assert failed.get_attribute("data-state") == "failed"
-    sync_api.expect(failed).to_contain_text("does not record the object diameter")
+    sync_api.expect(failed).to_contain_text("diameter: model 'tiny' has the paper's fixed-frame")
     context.close()

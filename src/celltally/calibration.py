@@ -457,9 +457,11 @@ def feature_classes(labels: Sequence[Any], *, min_images: int) -> list[str] | No
 
 def _fold_index(keys: Sequence[Any], folds: int) -> np.ndarray:
     """Fold number of each item: ``min(folds, number of distinct keys)`` folds, whole keys
-    at a time (single items when all share one key)."""
+    at a time (single items when one key holds all items but one or none: holding it
+    out would leave fewer than 2 to fit on)."""
     keys = [str(k) for k in keys]
-    if len(set(keys)) < 2:
+    largest = max((keys.count(k) for k in set(keys)), default=0)
+    if len(keys) - largest < 2:  # held out, the largest would leave under 2 to fit on
         keys = [str(i) for i in range(len(keys))]
     order = {key: i for i, key in enumerate(sorted(set(keys)))}
     k = min(folds, len(order))
@@ -648,10 +650,7 @@ def held_out_size_ratios(
     out = np.empty(n)
     for f in range(int(fold.max()) + 1):
         held = fold == f
-        rest, fold_classes = _fold_rest(labels, fold != f)
-        if rest.sum() < 2:  # one group held nearly every image: nothing to fit on
-            out[held] = np.nan
-            continue
+        rest, fold_classes = _fold_rest(labels, fold != f)  # 2 or more: _fold_index
         reference = size_reference(
             x[rest], y[rest], classes=None if fold_classes is None else fold_classes.tolist()
         )
@@ -681,10 +680,14 @@ def ood_thresholds(
 def suggested_rescale(warning: str) -> float | None:
     """The ``--rescale`` factor a warning suggests (:data:`SIZE_HINT`), or None."""
     _, found, rest = (warning or "").partition(SIZE_HINT + " ")
+    words = rest.split()
+    if not found or not words:
+        return None
     try:
-        return float(rest.split()[0].rstrip(";,)")) if found and rest else None
+        factor = float(words[0].rstrip(";,)"))
     except ValueError:
         return None
+    return factor if math.isfinite(factor) and factor > 0 else None
 
 
 def ood_warning(
@@ -719,10 +722,13 @@ def ood_warning(
         # the size names a likely cause of a warning; alone it raises none (not adopted:
         # on BBBC005 calibration sites it added false alarms on true-scale crops,
         # docs/uncertainty.md)
+        from celltally.tiling import MAX_RESCALE
+
         text += f"; its objects look {ratio:.2g}x as wide as the calibration images'"
-        if rescale is not None:
+        factor = None if rescale is None else rescale / ratio
+        if factor is not None and 1.0 / MAX_RESCALE <= factor <= MAX_RESCALE:
             now = f" (counted at {rescale:.3g})" if rescale != 1.0 else ""
-            text += f": {SIZE_HINT} {rescale / ratio:.2g}{now}"
+            text += f": {SIZE_HINT} {factor:.2g}{now}"
     contrast = features.get("contrast")
     if contrast is not None and contrast < LOW_CONTRAST:
         empty = f"low contrast (range {contrast:.2f} of the empty-frame floor): {EMPTY_HINT}"

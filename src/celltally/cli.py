@@ -548,9 +548,10 @@ def _echo_warnings(warnings: Sequence[str], where: str, see: str) -> None:
     if factors := [f for w in warnings if (f := suggested_rescale(w)) is not None]:
         typical = statistics.median(factors)
         typer.echo(
-            f"{len(factors)} of them have objects {1 / typical:.2g}x as wide as the "
-            "calibration images' (median): if they were taken at another magnification, "
-            f"count them again with --rescale {typical:.2g} (or --diameter)"
+            f"{len(factors)} of them have objects wider or narrower than the calibration "
+            "images' (their warnings say how much): if they were taken at another "
+            f"magnification, count them again with --rescale {typical:.2g} (the median of "
+            "their factors; or --diameter)"
         )
     if empty := sum(1 for w in warnings if EMPTY_HINT in w):
         typer.echo(

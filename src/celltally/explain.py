@@ -250,8 +250,10 @@ def panel_title(result: CountResult, true_count: float | None = None) -> str:
         title += f"\n⚠ low contrast: {EMPTY_HINT}"
     if UNLIKE_HINT in result.warning:
         title += "\n⚠ unlike the model's calibration images: the interval may not hold"
-    if (factor := suggested_rescale(result.warning)) is not None:
-        title += f"\n⚠ objects {1 / factor:.2g}x as wide as theirs: {SIZE_HINT} {factor:.2g}"
+    ratio = result.ood.get("size_ratio")
+    if ratio is not None and (factor := suggested_rescale(result.warning)) is not None:
+        # the width as counted (the warning's), the factor the whole one to count at
+        title += f"\n⚠ objects {ratio:.2g}x as wide as theirs: {SIZE_HINT} {factor:.2g}"
     return title
 
 

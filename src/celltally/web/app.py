@@ -493,9 +493,11 @@ class _Service:
 
 
 def _as_fields(text: str) -> str:
-    """A message naming command-line options, with the form fields' names instead."""
-    for flag in ("--rescale", "--diameter", "--pixel-size", "--channel"):
-        text = text.replace(flag, flag[2:].replace("-", "_"))
+    """A message naming command-line options, with the form fields' names instead (the
+    page has no pixel-size field: no shipped model records a pixel size)."""
+    text = text.replace(" / --pixel-size", "")
+    for flag in ("--rescale", "--diameter", "--channel"):
+        text = text.replace(flag, flag[2:])
     return text
 
 
@@ -625,28 +627,28 @@ def create_app(
 
     def diameter_factor(
         name: str | None, epistemic: bool, diameter: float, rescale: float | None
-    ) -> float | None:
-        """The resize factor a ``diameter`` gives with the named model (as ``--diameter``);
-        None for the model's own diameter (no resizing: any model counts so)."""
+    ) -> float:
+        """The resize factor a ``diameter`` gives with the named model (as ``--diameter``)."""
         if rescale is not None:
             raise RequestRejected(
                 422, "rescale and diameter: give only one (a diameter sets the resize factor)"
             )
         counter = rescaled_service(name, epistemic, None).counter
+        fixed_frame = RequestRejected(
+            422,
+            f"diameter: model {counter.name!r} has the paper's fixed-frame 'fc' head, "
+            "which cannot rescale images",
+        )
         try:
             factor = rescale_factor(
                 counter.scale, diameter=diameter, model_name=f"model {counter.name!r}"
             )
         except io.InputError as err:
+            if not counter.density_head:  # "give the resize factor instead": it cannot
+                raise fixed_frame from None
             raise RequestRejected(422, _as_fields(str(err))) from None
-        if factor == 1.0:
-            return None
-        if not counter.density_head:
-            raise RequestRejected(
-                422,
-                f"diameter: model {counter.name!r} has the paper's fixed-frame 'fc' head, "
-                "which cannot rescale images",
-            )
+        if factor != 1.0 and not counter.density_head:
+            raise fixed_frame
         return factor
 
     def rescaled_service(name: str | None, epistemic: bool, rescale: float | None) -> _Service:
@@ -791,7 +793,10 @@ def create_app(
                 req_rescale = diameter_factor(
                     fields.get("model"), req_epistemic, req_diameter, req_rescale
                 )
-            used = rescaled_service(fields.get("model"), req_epistemic, req_rescale)
+            # a factor of exactly 1 (the model's own diameter): the model as it is, which
+            # any model, the fixed-frame ones too, counts with
+            twin = None if req_rescale == 1.0 and req_diameter is not None else req_rescale
+            used = rescaled_service(fields.get("model"), req_epistemic, twin)
             if not uploads and "files" in fields:  # e.g. curl -F files=image.tif (no @)
                 raise RequestRejected(400, FILES_WITHOUT_NAME)
             if not uploads:

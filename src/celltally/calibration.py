@@ -470,6 +470,20 @@ def _fold_index(keys: Sequence[Any], folds: int) -> np.ndarray:
     return np.array([order[key] % k for key in keys])
 
 
+def _groups_and_classes(
+    n: int, groups: Sequence[Any] | None, classes: Sequence[Any] | None, *, what: str
+) -> tuple[list[Any], np.ndarray | None]:
+    """The fold keys of ``n`` items (their ``groups``, else each its own) and their class
+    labels as strings (None without ``classes``); ValueError when a length is not ``n``."""
+    keys = list(range(n)) if groups is None else list(groups)
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} groups for {n} {what}")
+    labels = None if classes is None else np.asarray([str(c) for c in classes])
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} classes for {n} {what}")
+    return keys, labels
+
+
 def _fold_rest(labels: np.ndarray | None, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """The images a fold's reference is fitted on, and their classes (None: one class).
 
@@ -508,12 +522,7 @@ def held_out_distances(
     """
     x = np.asarray(embeddings, dtype=np.float64)
     n = x.shape[0]
-    keys = list(range(n)) if groups is None else [str(g) for g in groups]
-    if len(keys) != n:
-        raise ValueError(f"{len(keys)} groups for {n} embeddings")
-    labels = None if classes is None else np.asarray([str(c) for c in classes])
-    if labels is not None and len(labels) != n:
-        raise ValueError(f"{len(labels)} classes for {n} embeddings")
+    keys, labels = _groups_and_classes(n, groups, classes, what="embeddings")
     if n < 2:
         raise ValueError("need 2 or more images to cross-fit feature distances")
     fold = _fold_index(keys, folds)
@@ -637,12 +646,9 @@ def held_out_size_ratios(
     """
     x, y = np.asarray(fractions, dtype=float), np.asarray(log_sizes, dtype=float)
     n = len(x)
-    keys = list(range(n)) if groups is None else list(groups)
-    if len(keys) != n or len(y) != n:
-        raise ValueError(f"{len(keys)} groups and {len(y)} sizes for {n} fractions")
-    labels = None if classes is None else np.asarray([str(c) for c in classes])
-    if labels is not None and len(labels) != n:
-        raise ValueError(f"{len(labels)} classes for {n} sizes")
+    if len(y) != n:
+        raise ValueError(f"{len(y)} sizes for {n} fractions")
+    keys, labels = _groups_and_classes(n, groups, classes, what="sizes")
     if n < 3:
         raise ValueError("need 3 or more sized images to cross-fit size ratios")
     fold = _fold_index(keys, folds)

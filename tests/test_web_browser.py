@@ -134,6 +134,14 @@ def wait_for_batch(page, total: int) -> None:
     )
 
 
+def download(page, button: str, path: Path) -> list[dict]:
+    """Click a download ``button`` (#csv, #wells-csv), save the file at ``path``, read its rows."""
+    with page.expect_download() as download_info:
+        page.click(button)
+    download_info.value.save_as(path)
+    return list(csv.DictReader(path.open(newline="")))
+
+
 def card(page, name: str):
     return page.locator(f'.card[data-name="{name}"]')
 
@@ -190,11 +198,8 @@ def test_desktop_upload_count_maps_table_plate_csv(server, images, browser, tmp_
     assert well.get_attribute("data-count") == f"{expected[TIFF_NAME].count:.1f}"
     assert page.locator("#plate-grid .well").count() == 96  # a 96-well plate: A-H x 1-12
 
-    with page.expect_download() as download_info:
-        page.click("#csv")
     csv_path = tmp_path / "results.csv"
-    download_info.value.save_as(csv_path)
-    rows = list(csv.DictReader(csv_path.open(newline="")))
+    rows = download(page, "#csv", csv_path)
     assert sorted(r["file"] for r in rows) == sorted([TIFF_NAME, PNG_NAME, "notes.txt"])
     by_file = {r["file"]: r for r in rows}
     assert float(by_file[TIFF_NAME]["count"]) == pytest.approx(expected[TIFF_NAME].count, abs=1e-3)
@@ -344,11 +349,8 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     assert low == pytest.approx(expected["low"], abs=0.06)
     assert half == pytest.approx((expected["high"] - expected["count"]), abs=0.06)
     # the totals download as `celltally wells` writes them
-    with page.expect_download() as download_info:
-        page.click("#wells-csv")
     wells_path = tmp_path / "wells.csv"
-    download_info.value.save_as(wells_path)
-    (got,) = list(csv.DictReader(wells_path.open(newline="")))
+    (got,) = download(page, "#wells-csv", wells_path)
     assert (got["plate"], got["well"], got["stain"], got["images"], got["sites"]) == (
         "Screen1",
         "B02",
@@ -370,10 +372,7 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     flagged = 2 * bool(rows[0]["warning"]) + bool(rows[1]["warning"])
     unusual = f" ({flagged} unusual)" if flagged else ""
     sync_api.expect(images).to_have_text(f"3 (site 1 more than once){unusual}")
-    with page.expect_download() as download_info:
-        page.click("#wells-csv")
-    download_info.value.save_as(wells_path)
-    by_well = {w["well"]: w for w in csv.DictReader(wells_path.open(newline=""))}
+    by_well = {w["well"]: w for w in download(page, "#wells-csv", wells_path)}
     # as `celltally wells` lists them: each site once, in order (uploaded 1, 2, 1)
     assert (by_well["B02"]["sites"], by_well["B02"]["repeated_sites"]) == ("1;2", "1")
     pick = page.locator("#plate-select")
@@ -439,11 +438,7 @@ def test_the_page_counts_with_the_model_picked(server, images, browser, tmp_path
     wait_for_batch(page, 1)
     shown = card(page, PNG_NAME).locator(".count").text_content()
     assert float(shown.split()[0]) == pytest.approx(expected, abs=0.051)
-    with page.expect_download() as download_info:
-        page.click("#csv")
-    csv_path = tmp_path / "picked.csv"
-    download_info.value.save_as(csv_path)
-    (row,) = csv.DictReader(csv_path.open(newline=""))
+    (row,) = download(page, "#csv", tmp_path / "picked.csv")
     assert row["model"] == "nuclei"
     context.close()
 
@@ -481,11 +476,7 @@ def test_the_page_counts_binned_images_with_the_rescale_set(server, browser, tmp
     sync_api.expect(card(page, again.name).locator(".interval")).to_contain_text(
         "model bbbc005 ensemble ×2"
     )
-    with page.expect_download() as download_info:
-        page.click("#csv")
-    saved = tmp_path / "settings.csv"
-    download_info.value.save_as(saved)
-    rows = {r["file"]: r for r in csv.DictReader(saved.open(newline=""))}
+    rows = {r["file"]: r for r in download(page, "#csv", tmp_path / "settings.csv")}
     assert (rows[path.name]["rescale"], rows[path.name]["epistemic"]) == ("2", "false")
     assert (rows[again.name]["rescale"], rows[again.name]["epistemic"]) == ("2", "true")
     assert rows[again.name]["model"] == "bbbc005"  # the name `celltally wells` looks up
@@ -537,11 +528,7 @@ def test_the_page_counts_with_a_nucleus_diameter(server, browser, tmp_path):
     text = f"{expected.count:.1f} ± {expected.half_width:.1f}"
     sync_api.expect(item.locator(".count")).to_have_text(text)
     sync_api.expect(item.locator(".interval")).to_contain_text("model nuclei ×0.5 (⌀ 56.6 px)")
-    with page.expect_download() as download_info:
-        page.click("#csv")
-    saved = tmp_path / "diameter.csv"
-    download_info.value.save_as(saved)
-    (row,) = csv.DictReader(saved.open(newline=""))
+    (row,) = download(page, "#csv", tmp_path / "diameter.csv")
     assert (row["rescale"], row["diameter"], row["model"]) == ("0.5", "56.6", "nuclei")
     # the tiny model (the paper's fixed frame) cannot rescale: the server says so on the card
     page.select_option("#model", "tiny")

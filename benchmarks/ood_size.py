@@ -50,6 +50,7 @@ from celltally.calibration import (  # noqa: E402
     held_out_size_ratios,
     object_size,
     size_reference,
+    size_shifts,
 )
 from celltally.counter import CellCounter  # noqa: E402
 from celltally.evaluation import labelled_files  # noqa: E402
@@ -61,11 +62,7 @@ def nearest_ratio(fraction: float, log_size: float, curves: dict) -> float:
     """The size ratio against the nearest stain's curve, whichever side: the measure the
     candidates were judged on (``size_ratio`` now gives none where the stains disagree,
     and uses the stain a file name gives)."""
-    shifts = [
-        log_size - float(np.polyval(c, np.clip(fraction, lo, hi)))
-        for c, (lo, hi) in zip(curves["coef"], curves["fraction"], strict=True)
-    ]
-    return math.exp(min(shifts, key=abs))
+    return math.exp(min(size_shifts(fraction, log_size, curves), key=abs))
 
 
 def frames(image: np.ndarray) -> dict[str, np.ndarray]:

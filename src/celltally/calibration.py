@@ -599,6 +599,15 @@ def size_reference(
     return {"classes": None if classes is None else names, "coef": coef, "fraction": ranges}
 
 
+def size_shifts(fraction: float, log_size: float, reference: Mapping[str, Any]) -> list[float]:
+    """An image's log object width minus each class's curve at its fraction (held flat
+    outside the fitted range), in the order of ``reference["classes"]``."""
+    return [
+        log_size - float(np.polyval(c, np.clip(fraction, lo, hi)))
+        for c, (lo, hi) in zip(reference["coef"], reference["fraction"], strict=True)
+    ]
+
+
 def size_ratio(
     fraction: float,
     log_size: float,
@@ -617,10 +626,7 @@ def size_ratio(
     frame shrunk to the nuclei's) it could be either, and the answer is None.
     """
     classes = reference.get("classes")
-    shifts = [
-        log_size - float(np.polyval(c, np.clip(fraction, lo, hi)))
-        for c, (lo, hi) in zip(reference["coef"], reference["fraction"], strict=True)
-    ]
+    shifts = size_shifts(fraction, log_size, reference)
     if classes and label is not None and str(label) in classes:
         return math.exp(shifts[classes.index(str(label))])
     if min(shifts) < 0 < max(shifts):

@@ -501,6 +501,15 @@ def _as_fields(text: str) -> str:
     return text
 
 
+def _cannot_rescale(field: str, model: str) -> RequestRejected:
+    """The refusal of a resize factor (set by form ``field``) for a fixed-frame model."""
+    return RequestRejected(
+        422,
+        f"{field}: model {model!r} has the paper's fixed-frame 'fc' head, which cannot "
+        "rescale images",
+    )
+
+
 def _failure(name: str, status: int, problem: str) -> FileResult:
     return FileResult(
         name=name,
@@ -633,26 +642,21 @@ def create_app(
             raise RequestRejected(
                 422, "rescale and diameter: give only one (a diameter sets the resize factor)"
             )
-        counter = rescaled_service(name, epistemic, None).counter
-        fixed_frame = RequestRejected(
-            422,
-            f"diameter: model {counter.name!r} has the paper's fixed-frame 'fc' head, "
-            "which cannot rescale images",
-        )
+        counter = service_for(name, epistemic).counter
         try:
-            factor = rescale_factor(
+            return rescale_factor(
                 counter.scale, diameter=diameter, model_name=f"model {counter.name!r}"
             )
         except io.InputError as err:
             if not counter.density_head:  # "give the resize factor instead": it cannot
-                raise fixed_frame from None
+                raise _cannot_rescale("diameter", counter.name) from None
             raise RequestRejected(422, _as_fields(str(err))) from None
-        if factor != 1.0 and not counter.density_head:
-            raise fixed_frame
-        return factor
 
-    def rescaled_service(name: str | None, epistemic: bool, rescale: float | None) -> _Service:
-        """:func:`service_for`'s model resizing images by ``rescale`` (a twin sharing its lock)."""
+    def rescaled_service(
+        name: str | None, epistemic: bool, rescale: float | None, *, field: str = "rescale"
+    ) -> _Service:
+        """:func:`service_for`'s model resizing images by ``rescale`` (a twin sharing its lock);
+        ``field`` is the form field that set the factor, for the refusal of a fixed frame."""
         base = service_for(name, epistemic)
         if rescale is None:
             return base
@@ -660,11 +664,7 @@ def create_app(
         with loading:
             if key not in rescaled:
                 if not base.counter.density_head:
-                    raise RequestRejected(
-                        422,
-                        f"rescale: model {base.counter.name!r} has the paper's fixed-frame "
-                        "'fc' head, which cannot rescale images",
-                    )
+                    raise _cannot_rescale(field, base.counter.name)
                 try:
                     twin = base.counter.with_rescale(rescale)
                 except io.InputError as err:  # the command line's option is the form's field
@@ -796,7 +796,8 @@ def create_app(
             # a factor of exactly 1 (the model's own diameter): the model as it is, which
             # any model, the fixed-frame ones too, counts with
             twin = None if req_rescale == 1.0 and req_diameter is not None else req_rescale
-            used = rescaled_service(fields.get("model"), req_epistemic, twin)
+            field = "rescale" if req_diameter is None else "diameter"
+            used = rescaled_service(fields.get("model"), req_epistemic, twin, field=field)
             if not uploads and "files" in fields:  # e.g. curl -F files=image.tif (no @)
                 raise RequestRejected(400, FILES_WITHOUT_NAME)
             if not uploads:

@@ -486,10 +486,39 @@ def test_a_segmenter_only_model_says_its_counter_is_untrained(tmp_path):
     counted = run("count", image, "-o", tmp_path / "r.csv", "--model", tmp_path / "s1b")
     assert counted.exit_code == 2 and "its counter is untrained" in counted.output
     second = run(
-        "train", *common, "--stage", "counter", "--from", tmp_path / "s1", "--out", tmp_path / "s2"
+        "train",
+        *common,
+        "--stage",
+        "counter",
+        "--from",
+        tmp_path / "s1",
+        "--out",
+        tmp_path / "s2",
+        "--pixel-size",
+        "0.65",
     )
     assert second.exit_code == 0, second.output
+    assert "pixel size of the training images: 0.65 um" in second.output
     assert run("count", image, "-o", tmp_path / "r.csv", "--model", tmp_path / "s2").exit_code == 0
+    # the recorded pixel size makes count --pixel-size work: pixels twice as large, factor 2
+    model = tmp_path / "s2"
+    assert CellCounter.from_pretrained(model, pixel_size=1.3).factor == pytest.approx(2.0)
+    listed = run("models", model)
+    assert "pixels of 0.65 um (--pixel-size)" in listed.output
+    # a model fine-tuned from it keeps it, and says so; --pixel-size needs --data
+    again = run("train", *common, "--from", model, "--out", tmp_path / "s3")
+    assert again.exit_code == 0, again.output
+    assert "keeps" in again.output and "pixel size (0.65 um)" in again.output
+    assert (
+        json.loads((tmp_path / "s3" / "config.json").read_text())["scale"]["pixel_size_um"] == 0.65
+    )
+    for bad, said in (
+        (("--simulated", "4"), "give --data FOLDER"),
+        (("--data", folder, "--pixel-size", "-1"), "positive number of micrometres"),
+    ):
+        args = ("--pixel-size", "0.5", *bad) if "--pixel-size" not in bad else bad
+        refused = run("train", *args, "--out", tmp_path / "bad")
+        assert refused.exit_code == 2 and said in refused.output, refused.output
     # 6 scenes leave a calibration image or two: the log says what they cannot promise
     assert "calibration images: they guarantee intervals up to" in second.output
 

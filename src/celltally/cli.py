@@ -263,7 +263,8 @@ PixelSizeOption = Annotated[
     float | None,
     typer.Option(
         help="Pixel size of the images, um: rescales them to the model's scale (needs a "
-        "model that records its pixel size; no shipped model does: use --rescale)."
+        "model that records its pixel size, as train --pixel-size does; no shipped model "
+        "does: use --rescale or --diameter)."
     ),
 ]
 DiameterOption = Annotated[
@@ -880,6 +881,13 @@ def train(
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
     channel: ChannelOption = None,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option(
+            help="Pixel size of the --data images, um: recorded in the model, so that "
+            "count --pixel-size can rescale other images to it."
+        ),
+    ] = None,
     progress: Annotated[
         bool, typer.Option(help="Show progress bars (when writing to a terminal).")
     ] = True,
@@ -925,6 +933,7 @@ def train(
                 progress=progress and main,
                 log=typer.echo if main else _silent,
                 channel=channel,
+                pixel_size=pixel_size,
             )
     except _user_errors() as err:
         fail(err, rank=rank)
@@ -1010,6 +1019,20 @@ def _counter_heads(counter: dict) -> str:
     return f"{head} averaged with {', '.join(others)}" if others else head
 
 
+def _scale_text(config: dict) -> str:
+    """'frame 696 x 520 px; objects about 28.3 px across (--diameter); ...' of a model."""
+    from celltally.tiling import model_scale
+
+    scale = model_scale(config)
+    height, width = scale.native_size
+    parts = [f"frame {width} x {height} px (width x height)"]
+    if scale.object_diameter_px is not None:
+        parts.append(f"objects about {scale.object_diameter_px:g} px across (--diameter)")
+    if scale.pixel_size_um is not None:
+        parts.append(f"pixels of {scale.pixel_size_um:g} um (--pixel-size)")
+    return "; ".join(parts)
+
+
 def _normalization_text(norm: dict) -> str:
     method = norm.get("method", "percentile")
     if method != "percentile":
@@ -1067,6 +1090,7 @@ def models(
                 else ""
             ),
             f"  input normalization: {_normalization_text(config.get('normalization') or {})}",
+            f"  scale: {_scale_text(config)}",
             "  trained on:",
             *(f"    - {item}" for item in ([data] if isinstance(data, str) else data)),
             f"  held-out test {_test_figures(test)}"

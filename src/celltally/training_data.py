@@ -7,6 +7,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -193,6 +194,29 @@ def _rescale_reference(
         )
 
 
+def _record_pixel_size(
+    config: dict[str, Any], pixel_size: float | None, from_model: str | None, log: Log
+) -> None:
+    """Record the user's pixel size (``train --pixel-size``, um) as ``scale.pixel_size_um``.
+
+    ``count --pixel-size`` then rescales other images to it. Without one, a
+    model fine-tuned from another keeps the starting model's, with a note.
+    """
+    scale = dict(config.get("scale") or {})
+    if pixel_size is not None:
+        scale["pixel_size_um"] = float(pixel_size)
+        config["scale"] = scale
+        log(
+            f"pixel size of the training images: {pixel_size:g} um, recorded for count --pixel-size"
+        )
+    elif "pixel_size_um" in scale and from_model is not None:
+        log(
+            f"the new model keeps {from_model}'s pixel size ({scale['pixel_size_um']:g} um) "
+            "for --pixel-size; if your images' pixels differ, train again with "
+            "--pixel-size UM"
+        )
+
+
 def _check_out(out: Path, *, resume: bool, locked: bool = False) -> None:
     """Refuse an ``--out`` that holds a finished model, or an interrupted run without resume.
 
@@ -306,14 +330,25 @@ def build_and_fit(
     progress: bool = True,
     log: Log = print,
     channel: int | None = None,
+    pixel_size: float | None = None,
 ) -> dict[str, Any]:
     """Load every named source, split by scene, train, calibrate and write the model folder.
 
     ``preset`` ('small' when None) shapes a new model; with ``from_model`` the
     starting model's architecture is kept and ``preset`` must be None.
-    ``channel`` picks the plane of multi-channel images in ``folders``.
+    ``channel`` picks the plane of multi-channel images in ``folders``;
+    ``pixel_size`` (um) is theirs, recorded for ``count --pixel-size``.
     """
     _check_out(out, resume=resume)
+    if pixel_size is not None:
+        if not (math.isfinite(pixel_size) and pixel_size > 0):
+            raise io.InputError(
+                f"--pixel-size must be a positive number of micrometres, got {pixel_size}"
+            )
+        if not folders:
+            raise io.InputError(
+                "--pixel-size is the pixel size of your --data images: give --data FOLDER"
+            )
     for name, value in (("seg_epochs", seg_epochs), ("count_epochs", count_epochs)):
         if value is not None and value < 0:
             raise io.InputError(f"{name} must be 0 or more, got {value}")
@@ -431,6 +466,8 @@ def build_and_fit(
         # a model trained on the user's images alone learns their objects' size too
         # (after the frame: a diameter measured on their labels is already in their pixels)
         _rescale_reference(config, folders, from_model, log)
+    if folders:
+        _record_pixel_size(config, pixel_size, from_model, log)
     if simulated > 0:
         log(f"simulating {simulated} training scenes")
         trains.append(

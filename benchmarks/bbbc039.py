@@ -94,7 +94,8 @@ image = tifffile.imread(sys.argv[2])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 if sys.argv[3] == "whole":
-    from celltally.tiling import count_density, model_shape
+    from celltally.scale import model_shape
+    from celltally.tiling import count_density
     from celltally.transforms import prepare_image
     shape = model_shape(image.shape, counter.scale)
     prepared = prepare_image(image, size=shape, norm=counter.norm)

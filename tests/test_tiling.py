@@ -16,15 +16,8 @@ from conftest import blob_image, tiny_config
 from celltally import io
 from celltally.counter import CellCounter
 from celltally.models.pipeline import CountingPipeline
-from celltally.tiling import (
-    ModelScale,
-    count_density,
-    merge_normalization,
-    model_scale,
-    model_shape,
-    plan_tiles,
-    rescale_factor,
-)
+from celltally.scale import ModelScale, model_scale, model_shape, rescale_factor
+from celltally.tiling import count_density, merge_normalization, plan_tiles
 from celltally.transforms import prepare_image
 
 TOLERANCE = 1e-3

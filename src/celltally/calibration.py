@@ -734,7 +734,7 @@ def ood_warning(
         # the size names a likely cause of a warning; alone it raises none (not adopted:
         # on BBBC005 calibration sites it added false alarms on true-scale crops,
         # docs/uncertainty.md)
-        from celltally.tiling import MAX_RESCALE
+        from celltally.scale import MAX_RESCALE
 
         text += f"; its objects look {ratio:.2g}x as wide as the calibration images'"
         factor = None if rescale is None else rescale / ratio

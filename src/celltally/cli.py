@@ -1021,7 +1021,7 @@ def _counter_heads(counter: dict) -> str:
 
 def _scale_text(config: dict) -> str:
     """'frame 696 x 520 px; objects about 28.3 px across (--diameter); ...' of a model."""
-    from celltally.tiling import model_scale
+    from celltally.scale import model_scale
 
     scale = model_scale(config)
     height, width = scale.native_size

@@ -47,15 +47,13 @@ from celltally.models.pipeline import (
     first_line,
     load_model_folder,
 )
+from celltally.scale import model_scale, model_shape, rescale_factor
 from celltally.tiling import (
     DEFAULT_MARGIN,
     DEFAULT_TILE,
     FRAME_TOLERANCE,
     check_tiles,
     count_density,
-    model_scale,
-    model_shape,
-    rescale_factor,
     tile_sides,
 )
 from celltally.transforms import contrast, prepare_image

@@ -28,7 +28,7 @@ from celltally.datasets import (
 from celltally.distributed import is_main, world_size
 from celltally.model_folder import UNFINISHED, check_new_model_folder
 from celltally.models.presets import get_preset
-from celltally.tiling import model_scale, off_frame, off_frame_note
+from celltally.scale import model_scale, off_frame, off_frame_note
 from celltally.train import Log, fit, write_config
 from celltally.transforms import DEFAULT_NORMALIZATION
 

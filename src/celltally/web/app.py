@@ -73,7 +73,7 @@ from celltally import io, naming
 from celltally.calibration import MAX_LEVEL, valid_level
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
 from celltally.model_folder import is_shipped, model_use, resolve_model
-from celltally.tiling import rescale_factor
+from celltally.scale import rescale_factor
 from celltally.web import render
 from celltally.web.uploads import (
     FILES_WITHOUT_NAME,

@@ -83,3 +83,21 @@ def write_zero_tiff(path, side: int, *, rows: int | None = None) -> None:
     ifd += struct.pack("<I", 0)
     with open(path, "wb") as handle:
         handle.write(b"II*\x00" + struct.pack("<I", 8) + ifd + data)
+
+
+@pytest.fixture(scope="session")
+def pixel_size_model(tmp_path_factory):
+    """The shipped ``bbbc005`` folder, renamed ``bbbc005_um``, recording 0.65 um pixels
+    (as ``celltally train --pixel-size 0.65`` records them)."""
+    import json
+    import shutil
+
+    from celltally.model_folder import WEIGHTS_DIR
+
+    folder = tmp_path_factory.mktemp("models") / "bbbc005_um"
+    shutil.copytree(WEIGHTS_DIR / "bbbc005", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["name"] = "bbbc005_um"
+    config["scale"] = {**config.get("scale", {}), "pixel_size_um": 0.65}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

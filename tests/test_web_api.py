@@ -385,7 +385,7 @@ def test_bad_level(client, scene, level):
     assert "level" in response.json()["detail"]
 
 
-@pytest.mark.parametrize("field", ["levle", "pixel_size"])  # pixel size: no model records one
+@pytest.mark.parametrize("field", ["levle", "pixelsize"])
 def test_an_unknown_form_field_is_refused_not_ignored(client, scene, field):
     response = post(client, [("x.tif", tiff_bytes(scene.image), "image/tiff")], **{field: "0.5"})
     assert response.status_code == 422
@@ -588,7 +588,7 @@ def test_a_diameter_sets_the_resize_factor_from_the_models_own(client):
     # a per-file problem names the form's fields, not the command line's options
     tiny = post(client, [("large.tif", data, "image/tiff")], model="nuclei", diameter="1000")
     error = tiny.json()["results"][0]["error"]
-    assert "too small to count" in error and error.endswith("check rescale / diameter")
+    assert "too small to count" in error and error.endswith("check rescale / diameter / pixel_size")
     unknown = post(client, [("large.tif", data, "image/tiff")], model="bbbc005", diameter="30")
     assert unknown.status_code == 422
     assert unknown.json()["detail"] == (
@@ -811,3 +811,39 @@ def test_epistemic_for_a_model_folder_without_an_ensemble_is_one_clear_error(tin
         assert "\n" not in detail
         plain = post(folder_client, [("x.tif", tiff_bytes(scene.image), "image/tiff")])
         assert plain.status_code == 200 and plain.json()["epistemic"] is False
+
+
+def test_a_pixel_size_sets_the_resize_factor_for_a_model_that_records_one(
+    pixel_size_model, tmp_path
+):
+    image = simulate_scene(12, size=(130, 174), seed=9).image  # 2 x 2-binned BBBC005 frame
+    data = tiff_bytes(image)
+    library = CellCounter.from_pretrained(pixel_size_model, pixel_size=1.3).count(image)
+    app = create_app(str(pixel_size_model), temp_dir=tmp_path, warmup=False)
+    with TestClient(app) as client:
+        info = client.get("/api/info").json()
+        assert info["pixel_sizes"] == {"bbbc005_um": 0.65}  # shipped models record none
+        response = post(client, [("binned.tif", data, "image/tiff")], pixel_size="1.3")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["pixel_size"], body["diameter"]) == (1.3, None)
+        assert body["rescale"] == pytest.approx(2.0)
+        assert body["results"][0]["count"] == pytest.approx(library.count, rel=1e-4)
+        # its own pixel size: the model as it is
+        same = post(client, [("binned.tif", data, "image/tiff")], pixel_size="0.65")
+        assert same.json()["rescale"] == 1.0
+        plain = CellCounter.from_pretrained(pixel_size_model).count(image)
+        assert same.json()["results"][0]["count"] == pytest.approx(plain.count, rel=1e-4)
+        refusals = {
+            (("pixel_size", "abc"),): "pixel_size must be a positive number of micrometres",
+            (("pixel_size", "1.3"), ("rescale", "2")): "rescale and pixel_size: give only one",
+            (("pixel_size", "1.3"), ("diameter", "30")): "diameter and pixel_size: give only one",
+            (("pixel_size", "1.3"), ("model", "nuclei")): (
+                "model 'nuclei' does not record the pixel size it was trained at; use "
+                "diameter (typical object diameter in pixels) instead"
+            ),
+        }
+        for fields, message in refusals.items():
+            answer = post(client, [("binned.tif", data, "image/tiff")], **dict(fields))
+            assert answer.status_code == 422, fields
+            assert answer.json()["detail"].startswith(message), answer.json()["detail"]

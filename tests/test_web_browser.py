@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +55,18 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     """`celltally serve --model <tiny>` on a free localhost port; yields its base URL."""
+    with serving(tiny_model, tmp_path_factory.mktemp("server")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(model: Path, folder: Path) -> Iterator[str]:
+    """`celltally serve --model MODEL` on a free localhost port, its log in ``folder``."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    log = folder / "server.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "celltally.cli", "serve", "--port", str(port)]
-    command += ["--model", str(tiny_model), "--threads", "1"]
+    command += ["--model", str(model), "--threads", "1"]
     with log.open("w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -540,3 +549,41 @@ def test_the_page_counts_with_a_nucleus_diameter(server, browser, tmp_path):
     assert failed.get_attribute("data-state") == "failed"
     sync_api.expect(failed).to_contain_text("diameter: model 'tiny' has the paper's fixed-frame")
     context.close()
+
+
+def test_the_page_offers_a_pixel_size_for_a_model_that_records_one(
+    pixel_size_model, browser, tmp_path
+):
+    image = simulate_scene(12, size=(130, 174), seed=9).image  # 2 x 2-binned BBBC005 frame
+    path = tmp_path / "binned.tif"
+    tifffile.imwrite(path, image)
+    expected = CellCounter.from_pretrained(pixel_size_model, pixel_size=1.3).count(path)
+    with serving(pixel_size_model, tmp_path) as url:
+        context = browser.new_context(accept_downloads=True)
+        page = context.new_page()
+        page.goto(url)
+        sync_api.expect(page.locator("#model-name")).to_have_text("bbbc005_um")
+        field = page.locator("#pixel-size-field")
+        sync_api.expect(field).to_be_visible()
+        assert page.get_attribute("#pixel-size", "placeholder") == "µm (model: 0.65)"
+        # with a diameter too: refused at the later field, nothing sent
+        page.fill("#diameter", "20")
+        page.fill("#pixel-size", "1.3")
+        page.set_input_files("#file-input", [str(path)])
+        page.wait_for_timeout(500)
+        assert page.locator(".card").count() == 0
+        assert page.evaluate("document.getElementById('pixel-size').validity.customError")
+        page.fill("#diameter", "")
+        page.set_input_files("#file-input", [str(path)])
+        wait_for_batch(page, 1)
+        item = card(page, path.name)
+        assert item.get_attribute("data-state") == "done"
+        sync_api.expect(item.locator(".count")).to_contain_text(f"{expected.count:.1f} ± ")
+        sync_api.expect(item.locator(".interval")).to_contain_text("×2 (1.3 µm pixels)")
+        (row,) = download(page, "#csv", tmp_path / "pixels.csv")
+        assert (row["rescale"], row["pixel_size"], row["diameter"]) == ("2", "1.3", "")
+        # a model that records no pixel size: the field is hidden, and emptied
+        page.select_option("#model", "nuclei")
+        sync_api.expect(field).to_be_hidden()
+        assert page.input_value("#pixel-size") == ""
+        context.close()

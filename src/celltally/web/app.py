@@ -14,7 +14,9 @@ Endpoints
     ``rescale`` (resize factor before counting, as ``celltally count
     --rescale``: 2 for images binned 2 x 2; empty = the model's own scale) or
     ``diameter`` (typical object diameter in px, as ``--diameter``: the factor
-    from the model's own, for a model that records one, as ``nuclei`` does).
+    from the model's own, for a model that records one, as ``nuclei`` does) or
+    ``pixel_size`` (um, as ``--pixel-size``: for a model trained with
+    ``train --pixel-size``; no shipped model records one).
     Answers, in the order sent, one entry per file: the count with its
     interval and PNG renderings (data URLs) of the input, mask, uncertainty
     and saliency maps, or an ``error`` naming the file.
@@ -29,8 +31,8 @@ Endpoints
       the problems differ) and a ``detail`` message.
     - **413** too many files, or a body over the total limit; **415** not a
       multipart upload; **400** malformed multipart; **422** no files, or a bad
-      ``level``, ``channel``, ``model``, ``epistemic``, ``rescale`` or
-      ``diameter``. These carry only ``detail`` (FastAPI's error shape).
+      ``level``, ``channel``, ``model``, ``epistemic``, ``rescale``,
+      ``diameter`` or ``pixel_size``. These carry only ``detail`` (FastAPI's error shape).
 ``GET /api/models``
     The loaded model (name, preset, input size, measured figures) and the
     models shipped with the package.
@@ -55,7 +57,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -72,8 +74,8 @@ from starlette.datastructures import MutableHeaders
 from celltally import io, naming
 from celltally.calibration import MAX_LEVEL, valid_level
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
-from celltally.model_folder import is_shipped, model_use, resolve_model
-from celltally.scale import rescale_factor
+from celltally.model_folder import is_shipped, model_use, read_model_config, resolve_model
+from celltally.scale import model_scale, rescale_factor
 from celltally.web import render
 from celltally.web.uploads import (
     FILES_WITHOUT_NAME,
@@ -174,10 +176,13 @@ class CountResponse(BaseModel):
     rescale: float | None = Field(
         default=None,
         description="The resize factor the images were counted at (the request's, or the "
-        "one its diameter gave).",
+        "one its diameter or pixel size gave).",
     )
     diameter: float | None = Field(
         default=None, description="The object diameter (px) the request gave, if any."
+    )
+    pixel_size: float | None = Field(
+        default=None, description="The pixel size (um) the request gave, if any."
     )
     epistemic: bool = Field(
         default=False, description="Whether the intervals include the ensemble's spread."
@@ -207,6 +212,11 @@ class Info(BaseModel):
     model_uses: dict[str, str] = Field(
         default_factory=dict,
         description="What each shipped model is for, in a line (empty for other models).",
+    )
+    pixel_sizes: dict[str, float] = Field(
+        default_factory=dict,
+        description="The pixel size (um) each model was trained at, for the 'pixel_size' "
+        "field; models that record none are left out (no shipped model records one).",
     )
 
 
@@ -261,6 +271,13 @@ _UPLOAD_SCHEMA = {
                             "as `celltally count --diameter`: sets the resize factor from the "
                             "model's own (nuclei: 28.3 px); instead of rescale.",
                         },
+                        "pixel_size": {
+                            "type": "number",
+                            "exclusiveMinimum": 0,
+                            "description": "Pixel size of the images, um, as `celltally count "
+                            "--pixel-size`: sets the resize factor from the model's own (for "
+                            "models of GET /api/info's 'pixel_sizes'); instead of rescale.",
+                        },
                     },
                 }
             }
@@ -278,7 +295,17 @@ def _package_version() -> str:
 
 #: The form fields ``POST /api/count`` reads; any other is refused, not ignored.
 COUNT_FIELDS = frozenset(
-    {"files", "level", "saliency", "channel", "model", "rescale", "diameter", "epistemic"}
+    {
+        "files",
+        "level",
+        "saliency",
+        "channel",
+        "model",
+        "rescale",
+        "diameter",
+        "pixel_size",
+        "epistemic",
+    }
 )
 #: How many rescaled twins of the models (one per model and ``rescale`` value) stay loaded.
 MAX_RESCALED = 16
@@ -493,11 +520,9 @@ class _Service:
 
 
 def _as_fields(text: str) -> str:
-    """A message naming command-line options, with the form fields' names instead (the
-    page has no pixel-size field: no shipped model records a pixel size)."""
-    text = text.replace(" / --pixel-size", "")
-    for flag in ("--rescale", "--diameter", "--channel"):
-        text = text.replace(flag, flag[2:])
+    """A message naming command-line options, with the form fields' names instead."""
+    for flag in ("--rescale", "--diameter", "--pixel-size", "--channel"):
+        text = text.replace(flag, flag[2:].replace("-", "_"))
     return text
 
 
@@ -597,6 +622,11 @@ def create_app(
     # (a user's folder may carry a shipped name)
     own_shipped = not isinstance(model, CellCounter) and is_shipped(resolve_model(model))
     uses = {m: use for m in choices if (m != counter.name or own_shipped) and (use := model_use(m))}
+    scales = {
+        m: counter.scale if m == counter.name else model_scale(read_model_config(resolve_model(m)))
+        for m in choices
+    }
+    pixel_sizes = {m: s.pixel_size_um for m, s in scales.items() if s.pixel_size_um is not None}
     loading = threading.Lock()
 
     def service_for(name: str | None, epistemic: bool = False) -> _Service:
@@ -634,22 +664,26 @@ def create_app(
 
     rescaled: OrderedDict[tuple[str, bool, float], _Service] = OrderedDict()
 
-    def diameter_factor(
-        name: str | None, epistemic: bool, diameter: float, rescale: float | None
+    def scale_factor(
+        name: str | None, epistemic: bool, given: Mapping[str, float], rescale: float | None
     ) -> float:
-        """The resize factor a ``diameter`` gives with the named model (as ``--diameter``)."""
-        if rescale is not None:
+        """The resize factor the one ``given`` field (``diameter`` or ``pixel_size``) gives
+        with the named model (as ``--diameter`` / ``--pixel-size``)."""
+        fields = ["rescale"] * (rescale is not None) + list(given)
+        if len(fields) > 1:
+            what = "a diameter" if "diameter" in given else "a pixel size"
             raise RequestRejected(
-                422, "rescale and diameter: give only one (a diameter sets the resize factor)"
+                422, f"{' and '.join(fields)}: give only one ({what} sets the resize factor)"
             )
+        ((field, value),) = given.items()
         counter = service_for(name, epistemic).counter
         try:
             return rescale_factor(
-                counter.scale, diameter=diameter, model_name=f"model {counter.name!r}"
+                counter.scale, **{field: value}, model_name=f"model {counter.name!r}"
             )
         except io.InputError as err:
             if not counter.density_head:  # "give the resize factor instead": it cannot
-                raise _cannot_rescale("diameter", counter.name) from None
+                raise _cannot_rescale(field, counter.name) from None
             raise RequestRejected(422, _as_fields(str(err))) from None
 
     def rescaled_service(
@@ -732,6 +766,7 @@ def create_app(
             well_correlation=service.well_correlation,
             models=choices,
             model_uses=uses,
+            pixel_sizes=pixel_sizes,
         )
 
     @app.get("/api/name")
@@ -788,15 +823,22 @@ def create_app(
                 "diameter must be a positive number of pixels (the typical cell or nucleus "
                 "width in the images)",
             )
+            req_pixel_size = _parse_positive(
+                fields.get("pixel_size"),
+                "pixel_size must be a positive number of micrometres (the images' pixel size)",
+            )
             req_epistemic = _parse_bool(fields.get("epistemic"), False, "epistemic")
-            if req_diameter is not None:
-                req_rescale = diameter_factor(
-                    fields.get("model"), req_epistemic, req_diameter, req_rescale
-                )
-            # a factor of exactly 1 (the model's own diameter): the model as it is, which
-            # any model, the fixed-frame ones too, counts with
-            twin = None if req_rescale == 1.0 and req_diameter is not None else req_rescale
-            field = "rescale" if req_diameter is None else "diameter"
+            given = {
+                field: value
+                for field, value in (("diameter", req_diameter), ("pixel_size", req_pixel_size))
+                if value is not None
+            }
+            if given:
+                req_rescale = scale_factor(fields.get("model"), req_epistemic, given, req_rescale)
+            # a factor of exactly 1 (the model's own diameter or pixel size): the model as
+            # it is, which any model, the fixed-frame ones too, counts with
+            twin = None if req_rescale == 1.0 and given else req_rescale
+            field = next(iter(given), "rescale")
             used = rescaled_service(fields.get("model"), req_epistemic, twin, field=field)
             if not uploads and "files" in fields:  # e.g. curl -F files=image.tif (no @)
                 raise RequestRejected(400, FILES_WITHOUT_NAME)
@@ -840,6 +882,7 @@ def create_app(
             level_note=used.counter.level_note(req_level),
             rescale=req_rescale,
             diameter=req_diameter,
+            pixel_size=req_pixel_size,
             epistemic=used.counter.epistemic,
         )
         status = 200

@@ -41,10 +41,28 @@ async function loadInfo() {
 }
 
 // What the chosen model is for (shipped models), under the options.
+// A pixel size field only for a model that records the pixel size it was trained at.
 function showModelUse() {
   const uses = (state.info && state.info.model_uses) || {};
   const name = $("model").value;
   $("model-use").textContent = uses[name] ? `${name}: for ${uses[name]}.` : "";
+  const trained = ((state.info && state.info.pixel_sizes) || {})[name];
+  $("pixel-size-field").hidden = trained === undefined;
+  if (trained === undefined) $("pixel-size").value = "";  // not sent to a model without one
+  $("pixel-size").placeholder = trained === undefined ? "µm" : `µm (model: ${trained})`;
+  oneScale();
+}
+
+// Rescale, Diameter and Pixel size each set the resize factor: two at once is a
+// contradiction, said at the later field
+const SCALE_FIELDS = ["rescale", "diameter", "pixel-size"];
+function oneScale() {
+  let seen = false;
+  for (const id of SCALE_FIELDS) {
+    const twice = seen && $(id).value !== "";
+    $(id).setCustomValidity(twice ? "Give only one of Rescale, Diameter and Pixel size" : "");
+    seen = seen || $(id).value !== "";
+  }
 }
 
 // -- queue -----------------------------------------------------------------
@@ -53,7 +71,7 @@ function addFiles(fileList) {
   if (!files.length) return;
   // a channel or factor the browser cannot read would reach the server empty (the
   // model's defaults) without a word: say so at the field instead, and count nothing
-  if (!["channel", "rescale", "diameter"].every((id) => $(id).reportValidity())) return;
+  if (!["channel", ...SCALE_FIELDS].every((id) => $(id).reportValidity())) return;
   // The options as they are now: changing them later does not change queued files.
   const settings = {
     model: $("model").value,
@@ -62,6 +80,7 @@ function addFiles(fileList) {
     channel: $("channel").value,
     rescale: $("rescale").value,
     diameter: $("diameter").value,
+    pixel_size: $("pixel-size").value,
     epistemic: $("epistemic").checked ? "true" : "false",
   };
   for (const file of files) {
@@ -120,6 +139,7 @@ async function send({ file, card, row, index, settings }) {
     form.append("channel", settings.channel);
     form.append("rescale", settings.rescale);
     form.append("diameter", settings.diameter);
+    form.append("pixel_size", settings.pixel_size);
     form.append("epistemic", settings.epistemic);
     const controller = new AbortController();
     state.inflight.add(controller);
@@ -135,9 +155,11 @@ async function send({ file, card, row, index, settings }) {
         // 'setting': the model as it counted (ensemble, resize factor); totals group by it
         const setting = body.model + (body.epistemic ? " ensemble" : "") +
           (body.rescale ? ` ×${+body.rescale.toPrecision(4)}` : "") +
-          (body.diameter ? ` (⌀ ${body.diameter} px)` : "");
+          (body.diameter ? ` (⌀ ${body.diameter} px)` : "") +
+          (body.pixel_size ? ` (${body.pixel_size} µm pixels)` : "");
         result = { ...body.results[0], model: body.model, setting,
-                   rescale: body.rescale, diameter: body.diameter, epistemic: body.epistemic,
+                   rescale: body.rescale, diameter: body.diameter, pixel_size: body.pixel_size,
+                   epistemic: body.epistemic,
                    well_correlation: body.well_correlation, level_note: body.level_note };
       } else {
         result = { name: file.name, ok: false, status: response.status,
@@ -284,10 +306,10 @@ function fillRow(tr, r) {
 // The columns of `celltally count`'s results CSV (so `celltally wells` reads this file),
 // then 'problem': why an image could not be counted (its count is then empty), and the
 // settings `count` records in its manifest: the resize factor (given, or set by the
-// diameter), the ensemble flag and the diameter.
+// diameter or pixel size), the ensemble flag, the diameter and the pixel size.
 const CSV_COLUMNS = ["file", "count", "std", "low", "high", "level", "model", "plate", "well",
   "site", "blur", "stain", "true_count", "error", "warning", "problem", "rescale", "epistemic",
-  "diameter"];
+  "diameter", "pixel_size"];
 
 function csvCell(value) {
   if (value === null || value === undefined) return "";
@@ -308,7 +330,7 @@ function toCSV() {
       r.level ?? "", r.model || "", m.plate, m.well, m.site, m.blur, m.stain, m.count,
       truth === null ? "" : (r.count - truth).toFixed(2), r.warning, r.ok ? "" : r.error,
       r.rescale ? +r.rescale.toPrecision(6) : "", r.ok ? String(Boolean(r.epistemic)) : "",
-      r.diameter ?? ""];
+      r.diameter ?? "", r.pixel_size ?? ""];
     lines.push(row.map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";
@@ -651,11 +673,7 @@ function init() {
   $("csv").addEventListener("click", downloadCSV);
   $("wells-csv").addEventListener("click", downloadWells);
   $("model").addEventListener("change", showModelUse);
-  // a diameter sets the resize factor: both at once is a contradiction, said at the field
-  const oneScale = () => $("diameter").setCustomValidity(
-    $("rescale").value && $("diameter").value ? "Give Rescale or Diameter, not both" : "");
-  $("rescale").addEventListener("input", oneScale);
-  $("diameter").addEventListener("input", oneScale);
+  for (const id of SCALE_FIELDS) $(id).addEventListener("input", oneScale);
   oneScale();  // values the browser restored on a reload
   $("clear").addEventListener("click", clearAll);
   // The results live only in this page: leaving or reloading it asks first.

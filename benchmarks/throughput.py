@@ -5,7 +5,8 @@
 Writes simulated BBBC005-style TIFFs to a temporary folder, then times
 (1) the `celltally count` command as a user runs it (process start included)
 and (2) the in-process loop (CellCounter.count_paths). Prints a table and
-writes benchmarks/results/throughput.json with the machine named.
+writes benchmarks/results/throughput.json with the machine named (other
+settings their own file: throughput_nuclei.json, throughput_1thread.json, ...).
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from celltally.counter import CellCounter
 from celltally.simulate import simulate_plate
 
 
+def default_out(model: str, *, epistemic: bool, threads: int) -> Path:
+    """Where a run's JSON goes: each setting its own file, so reruns overwrite only their own."""
+    name = "throughput"
+    name += "" if model == "bbbc005" else f"_{Path(model).name}"
+    name += "_epistemic" if epistemic else ""
+    name += "" if threads == 2 else f"_{threads}thread"
+    return Path("benchmarks/results") / f"{name}.json"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
@@ -34,7 +44,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epistemic", action="store_true", help="count with the model's ensemble")
-    parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    parser.add_argument(
+        "--out",
+        help="JSON to write (default: benchmarks/results/throughput[_MODEL][_epistemic]"
+        "[_Nthread].json, the model named unless bbbc005, threads unless 2)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +94,7 @@ def main() -> int:
     print(f"{'CellCounter.count_paths':<34}{result['count_paths_images_per_s']:>10}")
     print(f"{'celltally count (whole command)':<34}{result['cli_images_per_s']:>10}")
     print(f"start-up: the whole command on one image takes {startup:.2f} s (median of 5)")
-    out = Path(args.out)
+    out = Path(args.out or default_out(args.model, epistemic=args.epistemic, threads=args.threads))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

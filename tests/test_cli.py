@@ -180,6 +180,62 @@ def test_evaluate_writes_json(tiny_model, image_folder, tmp_path):
     assert "Traceback" not in bad.output
 
 
+def test_evaluate_names_the_images_a_model_was_made_with(tiny_model, image_folder, tmp_path):
+    import shutil
+
+    from conftest import blob_image
+
+    from celltally.uncertainty import seen_by_model
+
+    # BBBC005 names: site 1 trained on, site 2 calibrated on (as the shipped model's split
+    # records its sites); a file name recorded as a calibration image (as nuclei's split)
+    tifffile.imwrite(image_folder / "SIMCEPImages_A03_C5_F1_s02_w1.TIF", blob_image(5, seed=7))
+    tifffile.imwrite(image_folder / "SIMCEPImages_A04_C6_F1_s03_w1.TIF", blob_image(6, seed=9))
+    model = tmp_path / "made"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["training"] = {
+        "split": {
+            "train_sites": [1],
+            "calibration_sites": [2],
+            "calibration": ["SIMCEPImages_A04_C6_F1_s03_w1.TIF"],
+        }
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    keys = sorted(p.name for p in image_folder.iterdir())
+    assert seen_by_model(config, keys, folder=image_folder) == {
+        "SIMCEPImages_A01_C3_F1_s01_w1.TIF": "training",
+        "SIMCEPImages_A02_C8_F1_s01_w1.TIF": "training",
+        "SIMCEPImages_A03_C5_F1_s02_w1.TIF": "calibration",
+        "SIMCEPImages_A04_C6_F1_s03_w1.TIF": "calibration",
+    }
+    # a file of another naming at a calibration site is not BBBC005's: not taken for one
+    assert seen_by_model(config, ["plate_B02_s2.tif"], folder=image_folder) == {}
+    out = tmp_path / "e.json"
+    said = run("evaluate", image_folder, "--model", model, "--out", out, "--no-progress")
+    assert said.exit_code == 0, said.output
+    assert (
+        "warning: 4 image(s) the model was made with (2 trained on, 2 calibrated on, as its "
+        "config.json records): their errors and coverage are not held-out figures"
+    ) in said.output
+    report = json.loads(out.read_text())
+    assert report["seen"] == {"training": 2, "calibration": 2, "left_out": False}
+    assert report["metrics"]["all"]["n"] == 4
+    assert sorted(r["seen"] for r in report["rows"]) == ["calibration"] * 2 + ["training"] * 2
+    # --held-out scores only the others; none left is a one-line error
+    tifffile.imwrite(image_folder / "SIMCEPImages_A05_C4_F1_s09_w1.TIF", blob_image(4, seed=3))
+    held = run("evaluate", image_folder, "--model", model, "--out", out, "--held-out")
+    assert held.exit_code == 0, held.output
+    assert "left out 4 image(s) the model was made with" in held.output
+    report = json.loads(out.read_text())
+    assert [r["file"] for r in report["rows"]] == ["SIMCEPImages_A05_C4_F1_s09_w1.TIF"]
+    assert report["rows"][0]["seen"] is None and report["seen"]["left_out"] is True
+    none = run(
+        "evaluate", image_folder, "--model", model, "--out", out, "--sites", "1,2", "--held-out"
+    )
+    assert none.exit_code == 2 and "none is held out" in none.output, none.output
+
+
 def test_evaluate_reports_unreadable_images_and_exits_1(tiny_model, image_folder, tmp_path):
     (image_folder / "SIMCEPImages_A03_C5_F1_s01_w1.TIF").write_bytes(b"not a tiff")
     out = tmp_path / "eval.json"
@@ -522,6 +578,22 @@ def test_bad_outputs_and_options_fail_in_one_line_before_any_work(
     assert afile.read_text() == "not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt", "plate"]  # nothing made
     assert len(list(image_folder.iterdir())) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["-o", "{file}/r.csv"], "error: --out {file}/r.csv: {file} is a file, not a folder"),
+        (["-o", "{tmp}/r.csv", "--save-labels", "{file}"], "error: --save-labels {file}: is a"),
+    ],
+)
+def test_a_bad_output_is_named_by_its_own_option(tiny_model, image_folder, tmp_path, args, said):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("not a folder")
+    values = {"file": afile, "tmp": tmp_path}
+    argv = ["count", image_folder, *(a.format(**values) for a in args), "--model", tiny_model]
+    result = run(*argv)
+    assert result.exit_code == 2 and result.output.startswith(said.format(**values)), result.output
 
 
 @pytest.mark.parametrize(

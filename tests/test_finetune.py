@@ -133,6 +133,13 @@ def test_finetuning_improves_its_validation_error(base_model, folders, tmp_path)
 
     recorded = config["training"]["split"][str(train)]["train_names"]
     assert len(recorded) == config["training"]["n_train"]
+    # evaluate knows the training folder's images as ones the model was made with
+    from celltally.uncertainty import seen_by_model
+
+    keys = [p.name for p in sorted((train / "images").iterdir())]
+    seen = seen_by_model(config, keys, folder=train)
+    assert len(seen) == len(keys)
+    assert list(seen.values()).count("training") == len(recorded)
     copy = shutil.copytree(train, tmp_path / "copy")
     said: list[str] = []
     _, cal = held_out_sets(

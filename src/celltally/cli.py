@@ -7,9 +7,9 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -427,9 +427,10 @@ def count(
     for option, path in (("--wells", wells), ("--save-labels", save_labels)):
         if path is not None and path.resolve() in taken:
             fail(f"{option} {path}: is one of this run's output files (--out {out}); name another")
+    _check_output(out, "--out", folder=False)
     _check_output(wells, "--wells", folder=False)
+    _check_output(save_labels, "--save-labels", folder=True)  # first: it may set --save-masks
     _check_output(save_masks, "--save-masks", folder=True)
-    _check_output(save_labels, "--save-labels", folder=True)
     try:
         options = _interval_options(epistemic, calibration)
         options.update(
@@ -690,6 +691,14 @@ def evaluate(
         Path | None,
         typer.Option(help="Folder for an HTML report: plots, reliability diagram, failures."),
     ] = None,
+    held_out: Annotated[
+        bool,
+        typer.Option(
+            "--held-out",
+            help="Leave out the images the model was trained or calibrated on (as its "
+            "config.json records them), so the figures are held-out ones.",
+        ),
+    ] = False,
     epistemic: Annotated[
         bool, typer.Option(help="Add the model's ensemble spread (ensemble_<k> files).")
     ] = False,
@@ -741,11 +750,20 @@ def evaluate(
         if (level_note := counter.level_note(level)) is not None:
             typer.echo(f"note: {level_note}", err=True)
         result = evaluate_folder(
-            data, model=counter, level=level, sites=site_set, progress=progress
+            data, model=counter, level=level, sites=site_set, held_out=held_out, progress=progress
         )
     except _user_errors() as err:
         fail(err)
     typer.echo(format_table(result["metrics"]))
+    if made_with := _seen_text(result["seen"]):
+        if held_out:
+            typer.echo(f"left out {made_with}")
+        else:
+            typer.echo(
+                f"warning: {made_with}: their errors and coverage are not held-out figures "
+                "(--held-out leaves them out)",
+                err=True,
+            )
     from celltally.calibration import level_text
 
     if wells := result.get("wells"):
@@ -786,6 +804,17 @@ def evaluate(
             err=True,
         )
         raise typer.Exit(1)
+
+
+def _seen_text(seen: Mapping[str, Any]) -> str:
+    """'N images the model was made with (a trained on, b calibrated on, ...)', or ''."""
+    n = seen["training"] + seen["calibration"]
+    if not n:
+        return ""
+    return (
+        f"{n} image(s) the model was made with ({seen['training']} trained on, "
+        f"{seen['calibration']} calibrated on, as its config.json records)"
+    )
 
 
 def _site_numbers(text: str) -> set[int]:

@@ -62,6 +62,7 @@ def evaluate_folder(
     model: str | Path | CellCounter = "bbbc005",
     level: float = 0.95,
     sites: Collection[int] | None = None,
+    held_out: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Count every labelled image of ``data`` and measure the errors and intervals.
@@ -71,7 +72,10 @@ def evaluate_folder(
     name, a model folder, or a :class:`~celltally.counter.CellCounter` (used
     as it is, e.g. with ``epistemic=True``). ``sites``, if given, keeps only
     the images whose names parse to one of these site numbers (e.g. ``{9,
-    10}``, BBBC005's held-out sites); none left is an error.
+    10}``, BBBC005's held-out sites); none left is an error. With
+    ``held_out``, images the model's config records as its training or
+    calibration images (:func:`celltally.uncertainty.seen_by_model`) are left
+    out; without it they are counted and named in ``seen``.
 
     Returns a dict with ``model`` (its name), ``data``, ``level``,
     ``calibration`` (the interval method used), ``epistemic``, ``metrics``
@@ -80,7 +84,10 @@ def evaluate_folder(
     per-well totals' errors and coverage, None when no well has two images),
     ``errors`` (one message per image that could not be counted), ``rows``
     (per image: file, true, count, std, low, high, blur, stain, warning) and
-    ``unlabelled`` (images of the folder left out for want of a true count).
+    ``unlabelled`` (images of the folder left out for want of a true count)
+    and ``seen`` ({"training": n, "calibration": n, "left_out": held_out}: the
+    images counted, or left out, that the model was made with; each row's
+    ``seen`` says which, None for a held-out image).
     """
     counter = model if isinstance(model, CellCounter) else CellCounter.from_pretrained(model)
     pairs = labelled_files(data)
@@ -99,6 +106,22 @@ def evaluate_folder(
         pairs = [(p, c) for p, c in pairs if naming.parse_name(p.name).site in sites]
         if not pairs:
             raise io.InputError(f"{data}: no labelled image from sites {sorted(sites)}")
+    from celltally.uncertainty import seen_by_model
+
+    seen = seen_by_model(counter.config, [image_key(p, folder) for p, _ in pairs], folder=data)
+    roles = list(seen.values())
+    seen_summary = {
+        "training": roles.count("training"),
+        "calibration": roles.count("calibration"),
+        "left_out": held_out,
+    }
+    if held_out:
+        pairs = [(p, c) for p, c in pairs if image_key(p, folder) not in seen]
+        if not pairs:
+            raise io.InputError(
+                f"{data}: every labelled image is one model {counter.name} was trained or "
+                "calibrated on (its config.json says so): none is held out"
+            )
     truth = dict(pairs)
     rows, errors, failed = [], [], []
     results = counter.count_paths([p for p, _ in pairs], level=level)
@@ -121,6 +144,7 @@ def evaluate_folder(
                 "blur": meta.get("blur"),
                 "stain": meta.get("stain"),
                 "warning": result.warning,
+                "seen": seen.get(image_key(path, folder)),
             }
         )
     if not rows:
@@ -136,6 +160,7 @@ def evaluate_folder(
         "wells": well_metrics(rows, counter=counter, failed=failed),
         "errors": errors,
         "unlabelled": [str(p) for p in unlabelled],
+        "seen": seen_summary,
         "rows": rows,
     }
 

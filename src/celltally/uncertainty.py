@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from celltally import io
+from celltally import io, naming
 from celltally.calibration import (
     LOW_CONTRAST,
     MIN_SIZE_SHIFT,
@@ -670,6 +670,65 @@ def _seen_in_training(config: Mapping[str, Any]) -> tuple[set[Path], set[str]]:
             names |= set(info.get("train_names") or ())  # recorded by `train` since 2026-11-27
         names |= set(((c.get("training") or {}).get("split") or {}).get("train") or ())
     return folders, names
+
+
+def _bbbc005_sites(config: Mapping[str, Any]) -> dict[str, set[int]]:
+    """The BBBC005 sites a model trained and calibrated on, as its config records them:
+    the shipped model's ``training.split`` (``train_sites``, ``calibration_sites``), or
+    ``train --bbbc005``'s ``training.split.bbbc005`` (sites 1-7 and 8). {} for none."""
+    split = (config.get("training") or {}).get("split") or {}
+    if isinstance(split.get("bbbc005"), Mapping):  # celltally train --bbbc005
+        return {"training": set(range(1, 8)), "calibration": {8}}
+    if "calibration_sites" in split:
+        return {
+            "training": {int(v) for v in split.get("train_sites") or ()},
+            "calibration": {int(v) for v in split["calibration_sites"]},
+        }
+    return {}
+
+
+def seen_by_model(
+    config: Mapping[str, Any], keys: Sequence[str], *, folder: str | Path
+) -> dict[str, str]:
+    """The images of ``folder`` (named by ``keys``, paths under it) the model was made with.
+
+    Returns {key: "training" or "calibration"} for those its config (or a
+    model's it was fine-tuned from) records: file names recorded as training
+    or calibration images (``training.split``: the shipped ``nuclei``, and
+    ``train``'s ``train_names``), BBBC005 names from the sites it trained or
+    calibrated on, and the rest of a folder it was trained on (``train``
+    calibrates on a folder's images it does not train on). Their errors are
+    not held-out figures. Calibration by ``celltally calibrate`` on other
+    images is not recorded by name, so it is not found here.
+    """
+    seen: dict[str, str] = {}
+    where = Path(folder).resolve()
+    for c in _lineage(config):
+        split = (c.get("training") or {}).get("split") or {}
+        sites = _bbbc005_sites(c)
+        names = {
+            "training": set(split.get("train") or ()),
+            "calibration": set(split.get("calibration") or ()),
+        }
+        trained_here = False
+        for places, info in _split_entries(c):
+            names["training"] |= set(info.get("train_names") or ())
+            trained_here = trained_here or where in places
+        for key in keys:
+            if key in seen:
+                continue
+            name = naming.parse_name(Path(key).name)
+            for role in ("training", "calibration"):
+                by_site = name.site in sites.get(role, ()) and bool(
+                    naming.BBBC005_PATTERN.match(Path(key).name)
+                )
+                if key in names[role] or by_site:
+                    seen[key] = role
+                    break
+            else:
+                if trained_here:
+                    seen[key] = "calibration"
+    return seen
 
 
 def _training_folders(config: Mapping[str, Any]) -> set[Path]:

@@ -716,6 +716,75 @@ def test_adding_a_folder_moves_earlier_masks_instead_of_counting_again(plate, ti
     assert (again.counted, again.masks_only, again.output_root) == (0, 0, tmp_path)
 
 
+def test_a_new_root_moves_every_earlier_output_not_only_this_runs_images(
+    tiny_model, tmp_path, monkeypatch
+):
+    """screen/, then screen/ mine/images, then a file outside both and one of screen's: the
+    third run moves the outputs of every image counted before, not only the one it names,
+    and a kill mid-move loses none of them and the next run finishes the move."""
+    proj = tmp_path / "proj"
+    named = {"screen": ["a", "b", "c"], "mine/images": ["d", "e"], "../other": ["x"]}
+    for i, (folder, stems) in enumerate(named.items()):
+        (proj / folder).mkdir(parents=True)
+        for j, stem in enumerate(stems):
+            tifffile.imwrite(proj / folder / f"{stem}.tif", blob_image(2 + j, seed=10 * i + j))
+    monkeypatch.chdir(proj)
+    common = {"out": "r.csv", "model": tiny_model, "save_masks": "mvm", "exclude": ["lab"]}
+    run_batch(["screen"], **common)
+    run_batch(["screen", "mine/images"], **common)
+    assert sorted(p.name for p in (proj / "mvm").iterdir()) == ["mine", "screen"]
+    for stem in ("screen/a", "mine/images/d"):  # labels, laid out as the masks are
+        (proj / "lab" / stem).parent.mkdir(parents=True, exist_ok=True)
+        (proj / "lab" / f"{stem}_labels.tif").write_bytes(stem.encode())
+    earlier = {
+        p.relative_to(proj / "mvm").as_posix(): p.read_bytes()
+        for p in (proj / "mvm").rglob("*")
+        if p.is_file()
+    }
+    assert len(earlier) == 10  # a mask and its std per image
+
+    third = [str(tmp_path / "other" / "x.tif"), "screen/b.tif"]
+    moves = []
+
+    def killed_mid_move(source, target):  # after an image's std, before its mask
+        if f"{os.sep}mvm{os.sep}" in os.path.abspath(source):
+            moves.append(source)
+            if len(moves) == 6:
+                raise KeyboardInterrupt
+        os.rename(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed_mid_move)
+        with pytest.raises(KeyboardInterrupt):
+            run_batch(third, **common)
+    # every output is still somewhere: at its old name or its new one
+    now = {p.read_bytes() for p in (proj / "mvm").rglob("*") if p.is_file()}
+    assert set(earlier.values()) <= now
+    notes: list[str] = []
+    summary = run_batch(third, **common, log=notes.append)
+    assert (summary.counted, summary.skipped, summary.masks_only) == (1, 1, 0)
+    assert summary.output_root == tmp_path
+    moved = [n for n in notes if n.startswith("moved the outputs of")]
+    assert len(moved) == 1 and "of 3 image(s)" in moved[0], notes  # 2 moved before the kill
+    after = {
+        p.relative_to(proj / "mvm").as_posix(): p.read_bytes()
+        for p in (proj / "mvm").rglob("*")
+        if p.is_file()
+    }
+    assert after == {
+        **{f"proj/{name}": data for name, data in earlier.items()},
+        "other/x_mask.png": after["other/x_mask.png"],
+        "other/x_mask_std.tif": after["other/x_mask_std.tif"],
+    }
+    labels = sorted(p.relative_to(proj / "lab").as_posix() for p in (proj / "lab").rglob("*.tif"))
+    assert labels == ["proj/mine/images/d_labels.tif", "proj/screen/a_labels.tif"]
+    # once: a later run in this layout moves nothing and counts nothing again
+    notes.clear()
+    again = run_batch(["screen", "mine/images"], **common, log=notes.append)
+    assert (again.counted, again.skipped, again.masks_only) == (0, 5, 0)
+    assert not [n for n in notes if n.startswith("moved")]
+
+
 def _errors_listed(out: Path) -> list[str]:
     import csv
 

@@ -417,12 +417,27 @@ def read_results(out: str | os.PathLike[str]) -> list[dict[str, str]]:
     -------
     list of dict
         One dict per complete row, keyed by the header's column names.
+
+    Raises
+    ------
+    InputError
+        For a row that repeats the header (two results CSVs joined end to end).
     """
     path = Path(out)
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     end = data.rfind(b"\n") + 1
     text = data[:end].decode(_ENCODING, _ENC_ERRORS)
-    return list(csv.DictReader(_stdio.StringIO(text, newline="")))
+    reader = csv.DictReader(_stdio.StringIO(text, newline=""))
+    rows = []
+    for row in reader:
+        if reader.fieldnames and all(row.get(k) == k for k in reader.fieldnames):
+            raise io.InputError(
+                f"{path}: line {reader.line_num} repeats the header (results CSVs joined "
+                "with cat?): keep the first header only, or total each file apart",
+                path,
+            )
+        rows.append(row)
+    return rows
 
 
 def absolute_files(
@@ -832,11 +847,21 @@ def mask_file(
     return Path(folder) / f"{io.output_stem(path, root)}_mask.png"
 
 
+#: Recorded in a run of the manifest once every output of the runs before it (in its
+#: ``save_masks`` and other output folders) mirrors its ``output_root``.
+ALL_MOVED = "all_outputs_mirror_root"
+
+
 def _earlier_roots(manifest: Path, masks: Path) -> tuple[list[Path], list[Path]]:
     """The folders earlier runs' outputs in ``masks`` mirror, latest first, and the other
-    output folders (labels) those runs wrote alike (recorded since 2026-11-27)."""
+    output folders (labels) those runs wrote alike (recorded since 2026-11-27).
+
+    The roots end at the latest run that moved every output before it to its own
+    (:data:`ALL_MOVED`): the older ones hold nothing of this results CSV's any more.
+    """
     roots: list[Path] = []
     others: list[Path] = []
+    settled = False  # a later run moved every output to its root
     try:
         runs = json.loads(manifest.read_text()).get("runs", [])
         for run in reversed(runs):
@@ -845,8 +870,9 @@ def _earlier_roots(manifest: Path, masks: Path) -> tuple[list[Path], list[Path]]
                 root = Path(run["output_root"])
                 if not _same_folder(os.path.join(cwd, run["save_masks"]), masks):
                     continue
-                if root.is_absolute() and root not in roots:
+                if not settled and root.is_absolute() and root not in roots:
                     roots.append(root)
+                settled = settled or run.get(ALL_MOVED) is True
                 for folder in run.get("other_outputs") or []:
                     if (path := Path(cwd, folder)) not in others:
                         others.append(path)
@@ -905,6 +931,28 @@ def _move_outputs(
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, target)
     return (masks / f"{after}_mask.png").exists()
+
+
+def _move_image(
+    masks: Path,
+    others: Sequence[Path],
+    path: str | os.PathLike[str],
+    earlier: Sequence[Path],
+    root: Path,
+) -> bool:
+    """Move the outputs of ``path`` (counted before) from the layout of the first of the
+    ``earlier`` roots whose mask is there to that of ``root``: its other outputs (labels)
+    first, its mask last, so a kill in between leaves the mask at its old name and the
+    next run finishes the move. True when its mask is then at its new name."""
+    after = io.output_stem(path, root)
+    for old in earlier:
+        before = io.output_stem(path, old)
+        if before == after or not (masks / f"{before}_mask.png").exists():
+            continue
+        for folder in others:  # laid out as the masks are
+            _move_outputs(folder, path, old, root, mask=False)
+        return _move_outputs(masks, path, old, root)
+    return False
 
 
 def _save_masks(folder: Path, path: Path, result: CountResult, root: Path | None) -> None:
@@ -985,7 +1033,10 @@ def run_batch(
         ``<stem>`` is the file's path under :func:`celltally.io.output_root` of
         ``paths`` without its suffix (same-named files of two folders go to two
         sub-folders). On a resumed run, images already counted whose mask is
-        missing are counted again for the mask only (their rows are kept).
+        missing are counted again for the mask only (their rows are kept). A run
+        whose inputs widen that folder first moves the outputs of every image in
+        ``out`` (and of the ``exclude`` folders) to the new layout, never over
+        another file; a kill part-way is finished by the next run.
     recursive : bool, default False
         Descend into sub-folders.
     overwrite : bool, default False
@@ -1152,6 +1203,10 @@ def run_batch(
             )
         errors.carry()  # failures before this run stay listed until tried again
         run["rows_before"] = found.rows
+        # the root changed since outputs were saved: they all move to this layout first
+        relayout = masks is not None and found.rows > 0 and any(e != root for e in earlier)
+        if masks is not None and not relayout:
+            run[ALL_MOVED] = True
         # the manifest first: a CSV that has a header always has its manifest
         manifest = _start_manifest(
             out_paths,
@@ -1167,6 +1222,30 @@ def run_batch(
         )
         if results.size() == 0:
             results.write_header()
+        if relayout:
+            # Every image in the results moves, not only those this run names: the others
+            # would stay in the old layout, where a new image could take their names. Done
+            # before counting, so an output at an old name is always an earlier image's; a
+            # kill leaves ALL_MOVED unrecorded and the next run goes on (moved ones pass).
+            def move_recorded(name: str, bases: Sequence[str]) -> None:
+                nonlocal moved
+                assert masks is not None  # called only when there are masks to move
+                if len(bases) != 1:  # an older manifest: which folder the name is from is
+                    return  # not known (todo() still moves this run's images)
+                path = os.path.join(bases[0], name)
+                if not mask_file(masks, path, root).exists():
+                    if _move_image(masks, others, path, earlier, root):
+                        moved += 1
+
+            _scan_results(
+                out_paths.results,
+                COUNT_COLUMNS,
+                results.size(),
+                bases=_row_bases(manifest),
+                on_row=move_recorded,
+            )
+            run[ALL_MOVED] = True
+            _write_json_atomic(out_paths.manifest, manifest)
 
         def todo() -> Iterator[Path]:
             for path in files:
@@ -1183,10 +1262,8 @@ def run_batch(
                 if done:
                     summary.skipped += 1
                     if masks is not None and not mask_file(masks, path, root).exists():
-                        if any(_move_outputs(masks, path, e, root) for e in earlier):
-                            for folder in others:  # labels etc., laid out alike
-                                for e in earlier:
-                                    _move_outputs(folder, path, e, root, mask=False)
+                        # rows the pass above could not place (an older manifest)
+                        if _move_image(masks, others, path, earlier, root):
                             nonlocal moved
                             moved += 1
                             continue

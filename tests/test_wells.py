@@ -591,12 +591,13 @@ def test_wells_warn_when_names_begin_with_two_well_like_names(tmp_path):
     path = tmp_path / "results.csv"
     path.write_text(
         "file,count,std,low,high,level,model,well\n"
-        "PL01_A01_w1.tif,10,1,8,12,0.95,m,PL01\n"
-        "PL01_B05_w1.tif,12,1,10,14,0.95,m,PL01\n"
+        "P01_A01_w1.tif,10,1,8,12,0.95,m,P01\n"
+        "P1_B5_w1.tif,12,1,10,14,0.95,m,P01\n"
+        "PL01_B05_w1.tif,12,1,10,14,0.95,m,B05\n"  # row PL is on no plate: B05 is the well
     )
     result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
     assert result.exit_code == 0, result.output
-    assert "2 file name(s) begin with two well-like names (e.g. PL01_A01_w1.tif)" in result.output
+    assert "2 file name(s) begin with two well-like names (e.g. P01_A01_w1.tif)" in result.output
     path.write_text(
         "file,count,std,low,high,level,model,well\nPlate01_A01_w1.tif,10,1,8,12,0.95,m,A01\n"
     )
@@ -623,3 +624,15 @@ def test_a_time_lapse_is_totalled_per_time_point(tmp_path):
         }
     # each time point's sites summed (11 + 12, 21 + 22), not the frames over time as repeats
     assert got == {("Plate1 t01", "1;2", "", "23.0"), ("Plate1 t02", "1;2", "", "43.0")}
+
+
+def test_results_csvs_joined_end_to_end_are_refused_naming_the_line(tmp_path):
+    path = tmp_path / "joined.csv"
+    header = "file,count,std,low,high,level,model,well\n"
+    path.write_text(
+        header + "a_B03.tif,3,1,1,5,0.95,m,B03\n" + header + "b_B04.tif,4,1,2,6,0.95,m,B04\n"
+    )
+    result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {path}: line 3 repeats the header"), result.output
+    assert not (tmp_path / "w.csv").exists()

@@ -13,7 +13,14 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["BBBC005_PATTERN", "ImageName", "field_stem", "parse_name", "plate_label", "scene_id"]
+__all__ = [
+    "BBBC005_PATTERN",
+    "ImageName",
+    "field_stem",
+    "parse_name",
+    "plate_label",
+    "scene_id",
+]
 
 #: Canonical BBBC005 file name: well, cell count, focus blur, site and stain.
 BBBC005_PATTERN = re.compile(
@@ -22,9 +29,14 @@ BBBC005_PATTERN = re.compile(
     re.IGNORECASE,
 )
 
-# Generic patterns. A well is 1-2 upper-case row letters + 2 digits, delimited by '_'
-# (or the start of the name / a '.' / the end).
-_WELL = re.compile(r"(?:^|_)(?P<row>[A-Z]{1,2})(?P<column>\d{2})(?=[_.]|$)")
+# Generic patterns. A well is 1-2 row letters + a 1-2 digit column, delimited by '_' (or
+# the start of the name / a '.' / the end), and must lie on a real plate (_plate_well).
+# Rows are upper case only: lower-case 's1', 'w2', 't01', 'z3', 'f1' are fields, not wells.
+_WELL = re.compile(r"(?:^|_)(?P<row>[A-Z]{1,2})(?P<column>\d{1,2})(?=[_.]|$)")
+#: Plate formats read: up to 1536 wells (rows A-AF, columns 1-48). Unpadded columns ('B3')
+#: are read on 96- and 384-well rows (A-P) only: 1536-well names pad their columns, and
+#: 'S1', 'T1', 'W1', 'Z1' are sites, time points, channels and planes.
+_MAX_ROW, _MAX_COLUMN, _MAX_UNPADDED_ROW = 32, 48, 16
 _SITE = re.compile(r"_s(?P<site>\d+)(?=[_.\-]|$)", re.IGNORECASE)
 # A channel is '_w' + its number ('_w1', '_w01', '_w10'); ImageXpress runs a GUID on after
 # one digit ('_w1051DAA7C-...', '_w129545707-4CD3-...': its 8 hex digits may all be
@@ -42,7 +54,7 @@ class ImageName:
     Attributes
     ----------
     well : str or None
-        Well label as written, e.g. ``"A10"``.
+        Well label, its column zero-padded: ``"B03"`` for ``B3`` and ``B03`` alike.
     row : str or None
         Well row letters (upper case), e.g. ``"A"``.
     column : int or None
@@ -94,16 +106,52 @@ def _basename(name: str | os.PathLike[str]) -> str:
     return re.split(r"[\\/]", text)[-1]
 
 
+def _row_number(letters: str) -> int:
+    """1-based plate row of row letters: 'A' -> 1, 'P' -> 16, 'Z' -> 26, 'AF' -> 32."""
+    number = 0
+    for letter in letters:
+        number = number * 26 + ord(letter) - ord("A") + 1
+    return number
+
+
+def _plate_well(row: str, column: str) -> str | None:
+    """The well ``row`` + ``column`` spell, column zero-padded ('B3' -> 'B03'), or None.
+
+    None when it lies on no plate of up to 1536 wells, or when an unpadded column
+    ('B3') is on a row beyond P.
+    """
+    number, rows = int(column), _row_number(row)
+    if not (1 <= number <= _MAX_COLUMN and rows <= _MAX_ROW):
+        return None
+    if len(column) == 1 and rows > _MAX_UNPADDED_ROW:
+        return None
+    return f"{row}{number:02d}"
+
+
 def _parse_generic(base: str) -> ImageName:
-    wells = list(_WELL.finditer(base))
+    """The generic reading of ``base``.
+
+    An unpadded '_C3_' is BBBC's count tag ('img0_C4_s1.tif', a training image of 4
+    cells), not a well: one name cannot tell it from row C of a plate written unpadded,
+    which therefore needs its columns padded ('C03').
+    """
     counts = list(_COUNT.finditer(base))
+    count_rows = {m.start("count") - 1 for m in counts}
+    # (match, well) of each well-like token that lies on a real plate
+    wells = [
+        (m, w)
+        for m in _WELL.finditer(base)
+        if (w := _plate_well(m["row"], m["column"]))
+        and not (len(m["column"]) == 1 and m.start("row") in count_rows)
+    ]
     # "_C10_" fits both a well (row C, column 10) and a count: it is a count only if
-    # another well is present, otherwise it is the well.
-    well_spans = {m.span("row")[0] for m in wells}
+    # another well is present (BBBC005's 'A05_C18'), otherwise it is the well ('_C99_',
+    # on no plate, is a count).
+    well_spans = {m.span("row")[0] for m, _ in wells}
     ambiguous = {m.start("count") - 1 for m in counts} & well_spans
     if ambiguous:
         if len(wells) > len(ambiguous):
-            wells = [m for m in wells if m.start("row") not in ambiguous]
+            wells = [(m, w) for m, w in wells if m.start("row") not in ambiguous]
         else:
             counts = [m for m in counts if m.start("count") - 1 not in ambiguous]
 
@@ -115,14 +163,17 @@ def _parse_generic(base: str) -> ImageName:
     stain_match = _STAIN.search(base) or _STAIN_GUID.search(base)
     if stain_match:
         stain = int(stain_match.group("stain"))
+    if any(m["column"].startswith("0") for m, _ in wells):
+        # a name that pads its well ('Screen_P1_B03') has no unpadded one: 'P1' is a plate,
+        # 'C1' a channel, 'F1' a field there
+        wells = [(m, w) for m, w in wells if len(m["column"]) == 2]
     if wells:
         # the first well-like token: later ones are as often a time point, field, plane or
         # channel ('_T01', '_F01', '_Z01', '_C01'); a plate named like a well ('P01_B02')
         # is read as the well, so plates are best named otherwise ('Plate01')
-        w = wells[0]
+        w, well = wells[0]
         row = w.group("row")
         column = int(w.group("column"))
-        well = f"{row}{w.group('column')}"
         if w.start() > 0:
             plate = base[: w.start()]  # all before the well: 'Screen_P1', 'MFGTMP_230101'
         if t := _TIME.search(base, w.end()):  # a time point after the well
@@ -162,8 +213,11 @@ def parse_name(name: str | os.PathLike[str]) -> ImageName:
     -------
     ImageName
         For a canonical BBBC005 name, well, row, column, count, blur, site and stain (plate
-        ``None``). Otherwise whatever the generic patterns find: a well ``_A02_`` (row
-        letters + 2 digits; the first such token), a site
+        ``None``). Otherwise whatever the generic patterns find: a well ``_A02_`` or
+        ``_A2_`` (upper-case row letters + column, on a plate of up to 1536 wells: rows
+        A-AF, columns 1-48, unpadded columns on rows A-P only; the first such token, a
+        zero-padded one if any; returned zero-padded, ``"A02"``; an unpadded ``_C3_`` is
+        BBBC's count tag, not a well: pad row C's columns), a site
         ``_s<digits>``, a channel ``_w<1-2 digits>`` (one digit when a GUID follows, as in
         ImageXpress names), a count ``_C<digits>_`` and a plate (all the text before the
         well).
@@ -180,7 +234,7 @@ def parse_name(name: str | os.PathLike[str]) -> ImageName:
     m = BBBC005_PATTERN.match(base)
     if m:
         return ImageName(
-            well=m.group("well").upper(),
+            well=f"{m.group('row').upper()}{int(m.group('column')):02d}",
             row=m.group("row").upper(),
             column=int(m.group("column")),
             site=int(m.group("site")),

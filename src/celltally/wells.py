@@ -82,13 +82,19 @@ def well_key(name: str | Path) -> tuple[str, str, str] | None:
     return (plate, parsed.well, "" if parsed.stain is None else str(parsed.stain))
 
 
-#: A name that begins with two well-like tokens ('P01_B02_s1'): a plate named like a well?
-_TWO_WELLS = re.compile(r"^[A-Z]{1,2}\d{2}_[A-Z]{1,2}\d{2}(?=[_.]|$)")
+#: A name that begins with two well-like tokens ('P01_B02_s1', 'P1_B3_s1'): a plate named
+#: like a well?
+_TWO_WELLS = re.compile(r"^(?P<first>[A-Z]{1,2}\d{1,2})_[A-Z]{1,2}\d{1,2}(?=[_.]|$)")
 
 
 def _two_wells(name: str) -> bool:
+    """Whether the first of two leading well-like tokens is read as the well."""
     base = PurePath(name).name
-    return bool(_TWO_WELLS.match(base)) and not naming.BBBC005_PATTERN.match(base)
+    match = _TWO_WELLS.match(base)
+    if match is None or naming.BBBC005_PATTERN.match(base):
+        return False
+    first = naming.parse_name(match["first"] + ".tif").well
+    return first is not None and naming.parse_name(base).well == first
 
 
 def _site(name: str) -> str:

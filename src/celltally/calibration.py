@@ -317,6 +317,22 @@ def total_std(std: Floats, correlation: float) -> float:
     return math.sqrt(square + correlation * (float(s.sum()) ** 2 - square))
 
 
+def parts_variance_factor(parts: float, correlation: float) -> float:
+    """How much the variance of a sum of ``parts`` equal-std counts exceeds the variance
+    of independent ones: ``1 + correlation * (parts - 1)`` (:func:`total_std` squared over
+    the independent sum). 1 for one part or less: a frame's own sigma is calibrated as it is.
+
+    An image counted in tiles sums frames' worth of density cells whose variances
+    add as if independent, while the model's errors on neighbouring frames share
+    their density, blur and stain, as the sites of a well do: on 6 x 8 mosaics of
+    BBBC005 frames the independent sum's 95% intervals missed (user audit,
+    2026-11-27; ``benchmarks/mosaics.py``).
+    """
+    if not 0.0 <= correlation <= 1.0:
+        raise ValueError(f"correlation must be between 0 and 1, got {correlation}")
+    return 1.0 + correlation * max(0.0, float(parts) - 1.0)
+
+
 # -- out-of-distribution flags ------------------------------------------------
 
 #: The per-image features whose calibration range decides the warning.

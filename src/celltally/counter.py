@@ -30,6 +30,7 @@ from celltally.calibration import (
     object_size,
     ood_features,
     ood_warning,
+    parts_variance_factor,
     size_ratio,
     valid_level,
 )
@@ -57,6 +58,7 @@ from celltally.tiling import (
     tile_sides,
 )
 from celltally.transforms import contrast, prepare_image
+from celltally.wells import block_correlation
 
 #: Smallest image side (raw px) counted: below it there is not one whole cell.
 MIN_SIDE = 8
@@ -339,6 +341,11 @@ class CellCounter:
             # them the aleatoric block applies: total sigma >= aleatoric, so wider.)
             block = dict(block["epistemic"])
         self.calibration = block
+        # frames' worth of an image counted in tiles: their errors correlate as a well's
+        # sites do (the model's measured within-well correlation, else the default)
+        self.frame_correlation = block_correlation(
+            config.get("calibration"), epistemic=bool(self.members)
+        )[0]
         # A count correction fitted on the calibration split (uncertainty.calibrate_model
         # count_scale): a factor, so tile sums stay additive. 1 where none was fitted.
         self.count_scale = float(block.get("count_scale", 1.0))
@@ -545,7 +552,12 @@ class CellCounter:
         return self.density_head and model_shape(shape, self.scale, self.factor) != self.input_size
 
     def _count_scaled(self, item: ModelScaleImage) -> tuple:
-        """Raw result tuple (as ``_forward``'s) of a model-scale image, counted in tiles."""
+        """Raw result tuple (as ``_forward``'s) of a model-scale image, counted in tiles.
+
+        Its aleatoric variance, the sum of its density cells', grows by
+        :func:`~celltally.calibration.parts_variance_factor` for the frames it spans
+        (its area over the model input's), at :attr:`frame_correlation`.
+        """
         out = count_density(
             self.model,
             item.prepared,
@@ -554,9 +566,12 @@ class CellCounter:
             device=self.device,
             members=self.members,
         )
+        frames = item.prepared.size / (self.input_size[0] * self.input_size[1])
+        spread = 0.0 if out.epistemic_std is None else out.epistemic_std**2
+        factor = parts_variance_factor(frames, self.frame_correlation)
         return (
             out.count,
-            np.sqrt(out.variance),
+            math.sqrt((out.variance - spread) * factor + spread),
             out.mask,
             out.mask_std,
             out.epistemic_std,

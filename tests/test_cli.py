@@ -180,17 +180,27 @@ def test_evaluate_writes_json(tiny_model, image_folder, tmp_path):
     assert "Traceback" not in bad.output
 
 
-def test_evaluate_names_the_images_a_model_was_made_with(tiny_model, image_folder, tmp_path):
+def test_evaluate_names_the_images_a_model_was_made_with(tiny_model, tmp_path):
     import shutil
 
     from conftest import blob_image
 
     from celltally.uncertainty import seen_by_model
 
-    # BBBC005 names: site 1 trained on, site 2 calibrated on (as the shipped model's split
-    # records its sites); a file name recorded as a calibration image (as nuclei's split)
-    tifffile.imwrite(image_folder / "SIMCEPImages_A03_C5_F1_s02_w1.TIF", blob_image(5, seed=7))
-    tifffile.imwrite(image_folder / "SIMCEPImages_A04_C6_F1_s03_w1.TIF", blob_image(6, seed=9))
+    # real BBBC005 names (each column's count as in BBBC005's design): site 1 trained on,
+    # site 2 calibrated on (as the shipped model's split records its sites); a file name
+    # recorded as a calibration image (as nuclei's split); site 9 held out
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    names = {
+        "SIMCEPImages_A01_C1_F1_s01_w1.TIF": "training",
+        "SIMCEPImages_A02_C5_F1_s01_w1.TIF": "training",
+        "SIMCEPImages_A03_C10_F1_s02_w1.TIF": "calibration",
+        "SIMCEPImages_A04_C14_F1_s03_w1.TIF": "calibration",
+        "SIMCEPImages_A05_C18_F1_s09_w1.TIF": None,
+    }
+    for i, name in enumerate(names):
+        tifffile.imwrite(folder / name, blob_image(3 + i, seed=i))
     model = tmp_path / "made"
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "config.json").read_text())
@@ -198,21 +208,17 @@ def test_evaluate_names_the_images_a_model_was_made_with(tiny_model, image_folde
         "split": {
             "train_sites": [1],
             "calibration_sites": [2],
-            "calibration": ["SIMCEPImages_A04_C6_F1_s03_w1.TIF"],
+            "calibration": ["SIMCEPImages_A04_C14_F1_s03_w1.TIF"],
         }
     }
     (model / "config.json").write_text(json.dumps(config))
-    keys = sorted(p.name for p in image_folder.iterdir())
-    assert seen_by_model(config, keys, folder=image_folder) == {
-        "SIMCEPImages_A01_C3_F1_s01_w1.TIF": "training",
-        "SIMCEPImages_A02_C8_F1_s01_w1.TIF": "training",
-        "SIMCEPImages_A03_C5_F1_s02_w1.TIF": "calibration",
-        "SIMCEPImages_A04_C6_F1_s03_w1.TIF": "calibration",
-    }
-    # a file of another naming at a calibration site is not BBBC005's: not taken for one
-    assert seen_by_model(config, ["plate_B02_s2.tif"], folder=image_folder) == {}
+    seen = {k: v for k, v in names.items() if v}
+    assert seen_by_model(config, list(names), folder=folder) == seen
+    # a simulated plate's names (any count) and other namings at those sites are new images
+    simulated = ["SIMCEPImages_A01_C37_F1_s01_w1.TIF", "SIMCEPImages_B02_C12_F1_s02_w2.TIF"]
+    assert seen_by_model(config, [*simulated, "plate_B02_s2.tif"], folder=folder) == {}
     out = tmp_path / "e.json"
-    said = run("evaluate", image_folder, "--model", model, "--out", out, "--no-progress")
+    said = run("evaluate", folder, "--model", model, "--out", out, "--no-progress")
     assert said.exit_code == 0, said.output
     assert (
         "warning: 4 image(s) the model was made with (2 trained on, 2 calibrated on, as its "
@@ -220,19 +226,16 @@ def test_evaluate_names_the_images_a_model_was_made_with(tiny_model, image_folde
     ) in said.output
     report = json.loads(out.read_text())
     assert report["seen"] == {"training": 2, "calibration": 2, "left_out": False}
-    assert report["metrics"]["all"]["n"] == 4
-    assert sorted(r["seen"] for r in report["rows"]) == ["calibration"] * 2 + ["training"] * 2
+    assert report["metrics"]["all"]["n"] == 5
+    assert {r["file"]: r["seen"] for r in report["rows"]} == names
     # --held-out scores only the others; none left is a one-line error
-    tifffile.imwrite(image_folder / "SIMCEPImages_A05_C4_F1_s09_w1.TIF", blob_image(4, seed=3))
-    held = run("evaluate", image_folder, "--model", model, "--out", out, "--held-out")
+    held = run("evaluate", folder, "--model", model, "--out", out, "--held-out")
     assert held.exit_code == 0, held.output
     assert "left out 4 image(s) the model was made with" in held.output
     report = json.loads(out.read_text())
-    assert [r["file"] for r in report["rows"]] == ["SIMCEPImages_A05_C4_F1_s09_w1.TIF"]
+    assert [r["file"] for r in report["rows"]] == ["SIMCEPImages_A05_C18_F1_s09_w1.TIF"]
     assert report["rows"][0]["seen"] is None and report["seen"]["left_out"] is True
-    none = run(
-        "evaluate", image_folder, "--model", model, "--out", out, "--sites", "1,2", "--held-out"
-    )
+    none = run("evaluate", folder, "--model", model, "--out", out, "--sites", "1,2", "--held-out")
     assert none.exit_code == 2 and "none is held out" in none.output, none.output
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
+    "BBBC005_COLUMN_COUNTS",
     "BBBC005_PATTERN",
     "ImageName",
     "field_stem",
@@ -28,6 +29,12 @@ BBBC005_PATTERN = re.compile(
     r"_F(?P<blur>\d+)_s(?P<site>\d+)_w(?P<stain>\d+)",
     re.IGNORECASE,
 )
+
+#: BBBC005's design: the cell count of each well column 1-24 (the same in every row A-P).
+#: The simulator writes names of the same form with any count, so a name alone does not
+#: say it is one of the real images.
+BBBC005_COLUMN_COUNTS = (1, 5, 10, 14, 18, 23, 27, 31, 35, 40, 44, 48,
+                         53, 57, 61, 66, 70, 74, 78, 83, 87, 91, 96, 100)  # fmt: skip
 
 # Generic patterns. A well is 1-2 row letters + a 1-2 digit column, delimited by '_' (or
 # the start of the name / a '.' / the end), and must lie on a real plate (_plate_well).

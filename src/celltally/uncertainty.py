@@ -687,6 +687,20 @@ def _bbbc005_sites(config: Mapping[str, Any]) -> dict[str, set[int]]:
     return {}
 
 
+def _real_bbbc005(names: Sequence[str]) -> bool:
+    """Whether ``names`` are real BBBC005 images: BBBC005 names, nine in ten or more of
+    them with their column's count (:data:`~celltally.naming.BBBC005_COLUMN_COUNTS`).
+    A simulated plate's names have the same form with any count (one in 100 or so fits)."""
+    parsed = [naming.parse_name(n) for n in names if naming.BBBC005_PATTERN.match(n)]
+    fits = [
+        p.column is not None
+        and 1 <= p.column <= len(naming.BBBC005_COLUMN_COUNTS)
+        and p.count == naming.BBBC005_COLUMN_COUNTS[p.column - 1]
+        for p in parsed
+    ]
+    return bool(fits) and sum(fits) >= 0.9 * len(fits)
+
+
 def seen_by_model(
     config: Mapping[str, Any], keys: Sequence[str], *, folder: str | Path
 ) -> dict[str, str]:
@@ -695,14 +709,16 @@ def seen_by_model(
     Returns {key: "training" or "calibration"} for those its config (or a
     model's it was fine-tuned from) records: file names recorded as training
     or calibration images (``training.split``: the shipped ``nuclei``, and
-    ``train``'s ``train_names``), BBBC005 names from the sites it trained or
-    calibrated on, and the rest of a folder it was trained on (``train``
-    calibrates on a folder's images it does not train on). Their errors are
+    ``train``'s ``train_names``), real BBBC005 images (:func:`_real_bbbc005`;
+    not a simulated plate's) from the sites it trained or calibrated on, and the
+    rest of a folder it was trained on (``train`` calibrates on a folder's images
+    it does not train on). Their errors are
     not held-out figures. Calibration by ``celltally calibrate`` on other
     images is not recorded by name, so it is not found here.
     """
     seen: dict[str, str] = {}
     where = Path(folder).resolve()
+    real_bbbc005 = _real_bbbc005([Path(k).name for k in keys])
     for c in _lineage(config):
         split = (c.get("training") or {}).get("split") or {}
         sites = _bbbc005_sites(c)
@@ -719,9 +735,7 @@ def seen_by_model(
                 continue
             name = naming.parse_name(Path(key).name)
             for role in ("training", "calibration"):
-                by_site = name.site in sites.get(role, ()) and bool(
-                    naming.BBBC005_PATTERN.match(Path(key).name)
-                )
+                by_site = real_bbbc005 and name.site in sites.get(role, ())
                 if key in names[role] or by_site:
                     seen[key] = role
                     break

@@ -910,3 +910,19 @@ def test_absolute_files_place_names_only_where_the_manifest_says_which_run_wrote
     assert absolute_files(out, ["a.tif"]) is None
     manifest.unlink()
     assert absolute_files(out, ["a.tif"]) is None  # not written by count
+
+
+def test_an_image_never_takes_the_mask_of_a_namesake_outside_its_layout(tmp_path):
+    from celltally.batch import _move_image
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    # p1/a.tif was counted under root p1 (mask a_mask.png); p2/a.tif never had a mask
+    (masks / "a_mask.png").write_bytes(b"p1's mask")
+    moved = _move_image(masks, [], tmp_path / "p2" / "a.tif", [tmp_path / "p1"], tmp_path)
+    assert moved is False
+    assert (masks / "a_mask.png").read_bytes() == b"p1's mask"
+    assert not (masks / "p2").exists()
+    # p1/a.tif itself does move to the new layout
+    assert _move_image(masks, [], tmp_path / "p1" / "a.tif", [tmp_path / "p1"], tmp_path)
+    assert (masks / "p1" / "a_mask.png").read_bytes() == b"p1's mask"

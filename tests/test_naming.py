@@ -161,52 +161,17 @@ def test_time_points_are_read_after_the_well_and_label_the_plate() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "plate", "well", "row", "column", "site", "stain", "time"),
-    [
-        ("Plate1_B3_s1_w1.png", "Plate1", "B03", "B", 3, 1, 1, None),  # Fiji / export names
-        ("Plate1_B03_s1_w1.png", "Plate1", "B03", "B", 3, 1, 1, None),  # the same well
-        ("Plate1_H12_s2_w2.tif", "Plate1", "H12", "H", 12, 2, 2, None),
-        ("Plate1_P24.tif", "Plate1", "P24", "P", 24, None, None, None),
-        ("Plate1_B3_s1_t2_w1.tif", "Plate1", "B03", "B", 3, 1, 1, 2),
-        ("B3.tif", None, "B03", "B", 3, None, None, None),
-        ("Plate1_B3_T1_F1_C1.tif", "Plate1", "B03", "B", 3, None, None, 1),  # the first
-        ("VID12_B7_1_00d00h00m.tif", "VID12", "B07", "B", 7, None, None, None),
-    ],
-)
-def test_unpadded_wells_are_read_zero_padded(
-    name: str, plate, well, row, column, site, stain, time
-) -> None:
-    got = parse_name(name)
-    assert (got.plate, got.well, got.row, got.column, got.site, got.stain, got.time) == (
-        plate,
-        well,
-        row,
-        column,
-        site,
-        stain,
-        time,
-    )
-
-
-def test_unpadded_and_padded_spellings_are_one_well_and_scene() -> None:
-    assert scene_id("Plate1_B3_s1_w1.png") == scene_id("Plate1_B03_s1_w2.png") == "Plate1_B03_s01"
-    # BBBC005 names are read in the same spelling
-    assert parse_name("SIMCEPImages_A5_C5_F1_s1_w1.TIF").well == "A05"
-
-
-@pytest.mark.parametrize(
     "name",
     [
+        "Plate1_B3_s1_w1.png",  # unpadded wells are not read (wells names such files)
+        "VID12_B7_1_00d00h00m.tif",  # Incucyte: its time stamps are not read either
         "Plate1_b03_s1.png",  # lower-case rows are not read: 's01', 'w01', 't01' would be too
-        "Plate1_b3_s1_w1.png",
         "exp_s01_w01.tif",
         "Plate1_Z99_s1.tif",  # on no plate: columns run 1-48
         "Plate1_A00_s1.tif",
         "Plate1_B49_s1.tif",
         "Plate1_AG01_s1.tif",  # rows run A-AF (1536 wells)
         "Plate1_ZZ12_s1.tif",
-        "Plate1_Q3_s1.tif",  # unpadded columns on rows A-P only (96 / 384 wells)
-        "exp_T1_Z2_S1_W1.tif",  # time point, plane, site, channel
         "Plate1_B003_s1.tif",
     ],
 )
@@ -219,10 +184,11 @@ def test_tokens_on_no_plate_are_no_well(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "well"),
     [
-        ("Plate1_Q03_s1.tif", "Q03"),  # 1536-well rows and columns, padded
+        ("Plate1_Q03_s1.tif", "Q03"),  # 1536-well rows and columns
         ("Plate1_Z48_s1.tif", "Z48"),
         ("Plate1_AF48_s1.tif", "AF48"),
         ("Plate1_AA01_s1.tif", "AA01"),
+        ("PL01_A01_w1.tif", "A01"),  # row PL is on no plate: the plate's name
     ],
 )
 def test_1536_well_names(name: str, well: str) -> None:
@@ -233,20 +199,18 @@ def test_1536_well_names(name: str, well: str) -> None:
     ("name", "plate", "well", "count"),
     [
         ("A05_C5_F1_s1.png", None, "A05", 5),  # BBBC005-like: A05 the well, C5 the count
-        ("Plate_B3_C5_s1.tif", "Plate", "B03", 5),
-        ("exp_C5_B3_s1.tif", "exp_C5", "B03", 5),
-        ("exp_C18_B3_s1.tif", "exp_C18", "B03", 18),
-        ("img0_C4_s1.tif", None, None, 4),  # alone, unpadded: a count (training images)
+        ("img0_C4_s1.tif", None, None, 4),  # a training image's count tag
+        ("Plate1_C3_s1_w1.png", None, None, 3),
         ("exp_C10_s1.tif", "exp", "C10", None),  # alone, padded: the well (as it was)
         ("exp_C99_s1.tif", None, None, 99),  # on no plate: a count
     ],
 )
-def test_counts_beside_unpadded_wells(name: str, plate, well, count) -> None:
+def test_counts_and_wells(name: str, plate, well, count) -> None:
     got = parse_name(name)
     assert (got.plate, got.well, got.count) == (plate, well, count)
 
 
-def test_bbbc005_counts_unchanged() -> None:
+def test_bbbc005_names_unchanged() -> None:
     got = parse_name("SIMCEPImages_A05_C18_F1_s09_w2.TIF")
     assert (got.well, got.count, got.blur, got.site, got.stain, got.plate) == (
         "A05",
@@ -257,25 +221,4 @@ def test_bbbc005_counts_unchanged() -> None:
         None,
     )
     assert scene_id("SIMCEPImages_A05_C18_F1_s09_w2.TIF") == "C05_s09"
-
-
-@pytest.mark.parametrize(
-    ("name", "plate", "well"),
-    [
-        # a name that pads its well has no unpadded one: a plate, channel or field
-        ("Screen_P1_B03_s1_w1.tif", "Screen_P1", "B03"),
-        ("A1_B03_s1.tif", "A1", "B03"),
-        ("Plate_B02_F1_C1.tif", "Plate", "B02"),
-        ("Plate_B3_F12_C12.tif", "Plate", "B03"),  # two digits, not padded: the first
-    ],
-)
-def test_a_padded_well_wins_over_unpadded_tokens(name: str, plate, well) -> None:
-    got = parse_name(name)
-    assert (got.plate, got.well) == (plate, well)
-
-
-def test_a_lone_unpadded_c_is_a_count_not_row_c() -> None:
-    # BBBC's count tag: one name cannot tell it from row C of an unpadded plate
-    name = parse_name("Plate1_C3_s1_w1.png")
-    assert (name.well, name.count) == (None, 3)
-    assert parse_name("Plate1_C03_s1_w1.png").well == "C03"
+    assert parse_name("SIMCEPImages_A5_C5_F1_s1_w1.TIF").well == "A05"  # one spelling

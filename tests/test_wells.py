@@ -592,7 +592,7 @@ def test_wells_warn_when_names_begin_with_two_well_like_names(tmp_path):
     path.write_text(
         "file,count,std,low,high,level,model,well\n"
         "P01_A01_w1.tif,10,1,8,12,0.95,m,P01\n"
-        "P1_B5_w1.tif,12,1,10,14,0.95,m,P01\n"
+        "P01_B05_w1.tif,12,1,10,14,0.95,m,P01\n"
         "PL01_B05_w1.tif,12,1,10,14,0.95,m,B05\n"  # row PL is on no plate: B05 is the well
     )
     result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
@@ -636,3 +636,19 @@ def test_results_csvs_joined_end_to_end_are_refused_naming_the_line(tmp_path):
     assert result.exit_code == 2
     assert result.output.startswith(f"error: {path}: line 3 repeats the header"), result.output
     assert not (tmp_path / "w.csv").exists()
+
+
+def test_names_with_unpadded_wells_are_named_when_left_out(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text(
+        "file,count,std,low,high,level,model,well\n"
+        "Plate1_B3_s1_w1.tif,10,1,8,12,0.95,m,\n"
+        "Plate1_B03_s2_w1.tif,12,1,10,14,0.95,m,B03\n"
+    )
+    result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: 1 file name(s) hold a well without its leading zero (e.g. "
+        "Plate1_B3_s1_w1.tif): wells are read with two digits (B03, not B3)"
+    ) in result.output
+    assert "1 image(s) without a well in the name left out" in result.output

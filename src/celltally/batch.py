@@ -946,6 +946,8 @@ def _move_image(
     next run finishes the move. True when its mask is then at its new name."""
     after = io.output_stem(path, root)
     for old in earlier:
+        if not io.is_under(path, old):  # never its layout: the file name alone there may
+            continue  # be another image's (each run's inputs all lie under its root)
         before = io.output_stem(path, old)
         if before == after or not (masks / f"{before}_mask.png").exists():
             continue
@@ -1227,11 +1229,14 @@ def run_batch(
             # would stay in the old layout, where a new image could take their names. Done
             # before counting, so an output at an old name is always an earlier image's; a
             # kill leaves ALL_MOVED unrecorded and the next run goes on (moved ones pass).
+            unplaced = 0
+
             def move_recorded(name: str, bases: Sequence[str]) -> None:
-                nonlocal moved
+                nonlocal moved, unplaced
                 assert masks is not None  # called only when there are masks to move
                 if len(bases) != 1:  # an older manifest: which folder the name is from is
-                    return  # not known (todo() still moves this run's images)
+                    unplaced += 1  # not known (todo() still moves this run's images)
+                    return
                 path = os.path.join(bases[0], name)
                 if not mask_file(masks, path, root).exists():
                     if _move_image(masks, others, path, earlier, root):
@@ -1244,8 +1249,9 @@ def run_batch(
                 bases=_row_bases(manifest),
                 on_row=move_recorded,
             )
-            run[ALL_MOVED] = True
-            _write_json_atomic(out_paths.manifest, manifest)
+            if not unplaced:  # else later runs must still look in the older layouts
+                run[ALL_MOVED] = True
+                _write_json_atomic(out_paths.manifest, manifest)
 
         def todo() -> Iterator[Path]:
             for path in files:

@@ -857,6 +857,17 @@ def output_root(paths: Sequence[str | os.PathLike[str]]) -> Path:
     return Path(os.path.commonpath([os.path.abspath(f) for f in folders]))
 
 
+def is_under(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` lies in folder ``root`` (or a sub-folder), as :func:`output_stem`
+    sees it (``root`` may be spelt through a linked folder)."""
+    full = Path(os.path.abspath(path))
+    base = os.path.abspath(root)
+    if full.is_relative_to(base):
+        return True
+    real = os.path.realpath(base)
+    return any(os.path.realpath(p) == real for p in full.parents)
+
+
 def output_stem(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:
     """``path`` relative to ``root`` without its suffix, '/'-separated ('plate1/A01').
 

@@ -36,14 +36,14 @@ BBBC005_PATTERN = re.compile(
 BBBC005_COLUMN_COUNTS = (1, 5, 10, 14, 18, 23, 27, 31, 35, 40, 44, 48,
                          53, 57, 61, 66, 70, 74, 78, 83, 87, 91, 96, 100)  # fmt: skip
 
-# Generic patterns. A well is 1-2 row letters + a 1-2 digit column, delimited by '_' (or
-# the start of the name / a '.' / the end), and must lie on a real plate (_plate_well).
-# Rows are upper case only: lower-case 's1', 'w2', 't01', 'z3', 'f1' are fields, not wells.
-_WELL = re.compile(r"(?:^|_)(?P<row>[A-Z]{1,2})(?P<column>\d{1,2})(?=[_.]|$)")
-#: Plate formats read: up to 1536 wells (rows A-AF, columns 1-48). Unpadded columns ('B3')
-#: are read on 96- and 384-well rows (A-P) only: 1536-well names pad their columns, and
-#: 'S1', 'T1', 'W1', 'Z1' are sites, time points, channels and planes.
-_MAX_ROW, _MAX_COLUMN, _MAX_UNPADDED_ROW = 32, 48, 16
+# Generic patterns. A well is 1-2 upper-case row letters + 2 digits, delimited by '_' (or
+# the start of the name / a '.' / the end), on a real plate (_plate_well). Unpadded wells
+# ('B3') are not read: beside BBBC's '_C4_' count and '_F1_' focus tags, Incucyte's
+# time stamps and '_T01' / '_Z01' tags, no rule tried kept every name's meaning
+# (2026-11-27); `celltally wells` names such files when it leaves them out.
+_WELL = re.compile(r"(?:^|_)(?P<row>[A-Z]{1,2})(?P<column>\d{2})(?=[_.]|$)")
+#: Plate formats read: up to 1536 wells (rows A-AF, columns 1-48).
+_MAX_ROW, _MAX_COLUMN = 32, 48
 _SITE = re.compile(r"_s(?P<site>\d+)(?=[_.\-]|$)", re.IGNORECASE)
 # A channel is '_w' + its number ('_w1', '_w01', '_w10'); ImageXpress runs a GUID on after
 # one digit ('_w1051DAA7C-...', '_w129545707-4CD3-...': its 8 hex digits may all be
@@ -61,7 +61,7 @@ class ImageName:
     Attributes
     ----------
     well : str or None
-        Well label, its column zero-padded: ``"B03"`` for ``B3`` and ``B03`` alike.
+        Well label as written, e.g. ``"A10"`` (a BBBC005 name's column zero-padded).
     row : str or None
         Well row letters (upper case), e.g. ``"A"``.
     column : int or None
@@ -122,35 +122,19 @@ def _row_number(letters: str) -> int:
 
 
 def _plate_well(row: str, column: str) -> str | None:
-    """The well ``row`` + ``column`` spell, column zero-padded ('B3' -> 'B03'), or None.
-
-    None when it lies on no plate of up to 1536 wells, or when an unpadded column
-    ('B3') is on a row beyond P.
-    """
-    number, rows = int(column), _row_number(row)
-    if not (1 <= number <= _MAX_COLUMN and rows <= _MAX_ROW):
-        return None
-    if len(column) == 1 and rows > _MAX_UNPADDED_ROW:
+    """The well ``row`` + ``column`` spell ('B03'), or None when it lies on no plate of up
+    to 1536 wells ('Z99', 'A00')."""
+    number = int(column)
+    if not (1 <= number <= _MAX_COLUMN and _row_number(row) <= _MAX_ROW):
         return None
     return f"{row}{number:02d}"
 
 
 def _parse_generic(base: str) -> ImageName:
-    """The generic reading of ``base``.
-
-    An unpadded '_C3_' is BBBC's count tag ('img0_C4_s1.tif', a training image of 4
-    cells), not a well: one name cannot tell it from row C of a plate written unpadded,
-    which therefore needs its columns padded ('C03').
-    """
+    """The generic reading of ``base`` (see :func:`parse_name`)."""
     counts = list(_COUNT.finditer(base))
-    count_rows = {m.start("count") - 1 for m in counts}
     # (match, well) of each well-like token that lies on a real plate
-    wells = [
-        (m, w)
-        for m in _WELL.finditer(base)
-        if (w := _plate_well(m["row"], m["column"]))
-        and not (len(m["column"]) == 1 and m.start("row") in count_rows)
-    ]
+    wells = [(m, w) for m in _WELL.finditer(base) if (w := _plate_well(m["row"], m["column"]))]
     # "_C10_" fits both a well (row C, column 10) and a count: it is a count only if
     # another well is present (BBBC005's 'A05_C18'), otherwise it is the well ('_C99_',
     # on no plate, is a count).
@@ -170,10 +154,6 @@ def _parse_generic(base: str) -> ImageName:
     stain_match = _STAIN.search(base) or _STAIN_GUID.search(base)
     if stain_match:
         stain = int(stain_match.group("stain"))
-    if any(m["column"].startswith("0") for m, _ in wells):
-        # a name that pads its well ('Screen_P1_B03') has no unpadded one: 'P1' is a plate,
-        # 'C1' a channel, 'F1' a field there
-        wells = [(m, w) for m, w in wells if len(m["column"]) == 2]
     if wells:
         # the first well-like token: later ones are as often a time point, field, plane or
         # channel ('_T01', '_F01', '_Z01', '_C01'); a plate named like a well ('P01_B02')
@@ -220,11 +200,9 @@ def parse_name(name: str | os.PathLike[str]) -> ImageName:
     -------
     ImageName
         For a canonical BBBC005 name, well, row, column, count, blur, site and stain (plate
-        ``None``). Otherwise whatever the generic patterns find: a well ``_A02_`` or
-        ``_A2_`` (upper-case row letters + column, on a plate of up to 1536 wells: rows
-        A-AF, columns 1-48, unpadded columns on rows A-P only; the first such token, a
-        zero-padded one if any; returned zero-padded, ``"A02"``; an unpadded ``_C3_`` is
-        BBBC's count tag, not a well: pad row C's columns), a site
+        ``None``). Otherwise whatever the generic patterns find: a well ``_A02_``
+        (upper-case row letters + 2 digits, on a plate of up to 1536 wells: rows A-AF,
+        columns 01-48; the first such token; an unpadded ``_A2_`` is not read), a site
         ``_s<digits>``, a channel ``_w<1-2 digits>`` (one digit when a GUID follows, as in
         ImageXpress names), a count ``_C<digits>_`` and a plate (all the text before the
         well).

@@ -82,9 +82,18 @@ def well_key(name: str | Path) -> tuple[str, str, str] | None:
     return (plate, parsed.well, "" if parsed.stain is None else str(parsed.stain))
 
 
-#: A name that begins with two well-like tokens ('P01_B02_s1', 'P1_B3_s1'): a plate named
-#: like a well?
+#: A name that begins with two well-like tokens ('P01_B02_s1'): a plate named like a well?
 _TWO_WELLS = re.compile(r"^(?P<first>[A-Z]{1,2}\d{1,2})_[A-Z]{1,2}\d{1,2}(?=[_.]|$)")
+
+
+#: A well written without its leading zero ('Plate1_B3_s1'), which names do not give.
+_UNPADDED_WELL = re.compile(r"(?:^|_)[A-P]\d(?=[_.]|$)")
+
+
+def _unpadded_well(name: str) -> bool:
+    """Whether ``name`` has no well but an unpadded well-like token ('B3')."""
+    base = PurePath(name).name
+    return naming.parse_name(base).well is None and bool(_UNPADDED_WELL.search(base))
 
 
 def _two_wells(name: str) -> bool:
@@ -532,6 +541,13 @@ def well_totals(
             f"{len(two)} file name(s) begin with two well-like names (e.g. "
             f"{PurePath(two[0]).name}): the first is read as the well; if it names the "
             "plate, name plates otherwise (e.g. Plate01) or the wells merge"
+        )
+    unpadded = [name for r in rows if _unpadded_well(name := r.get("file") or "")]
+    if warn is not None and unpadded:
+        warn(
+            f"{len(unpadded)} file name(s) hold a well without its leading zero (e.g. "
+            f"{PurePath(unpadded[0]).name}): wells are read with two digits (B03, not B3), "
+            "so these are left out; rename them to total them"
         )
     if warn is not None and torn_tail(results):
         warn(

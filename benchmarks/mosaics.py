@@ -6,14 +6,15 @@
 An image larger than the model's frame is counted in tiles, and the variances
 of its density cells add up. Sums of frames whose errors share their density,
 blur and stain are not independent, so since 2026-11-27 the sigma of such an
-image is widened for the frames it spans, at the model's within-well
-correlation (``calibration.parts_variance_factor``). This benchmark stitches
+image is widened for the frames it spans, at ``calibration.FRAME_CORRELATION``
+(``calibration.parts_variance_factor``). This benchmark stitches
 real BBBC005 frames of one blur x stain group, in a seeded random order, into
 mosaics of R x C frames (each frame used once per layout; truth = the sum of
 their counts), counts each mosaic with ``CellCounter.count``, and reports
 95% coverage and half-width with that sigma and with the independent sum
 (the sigma divided back by the factor). Sites 9-10 are the model's test
-sites; sites 1-8 its calibration sites (the correlation was fitted on them).
+sites; sites 1-8 its calibration sites (its within-well correlation, 0.099,
+was fitted on them).
 Prints a table and writes benchmarks/results/mosaics.json. Skips cleanly
 without the data.
 """
@@ -100,7 +101,12 @@ def main() -> int:
         found = []
         for group, paths, truth in mosaics(pairs, rows, cols, rng):
             result, prepared = counter.count_with_input(stitch(paths, rows, cols))
-            frames = prepared.prepared.size / np.prod(counter.input_size)  # as the counter does
+            # as the counter does; a mosaic of one frame is counted as a frame, not in tiles
+            frames = (
+                1.0
+                if isinstance(prepared, np.ndarray)
+                else prepared.prepared.size / np.prod(counter.input_size)
+            )
             factor = parts_variance_factor(frames, rho)
             half = result.high - result.count
             found.append(

@@ -239,6 +239,44 @@ def test_evaluate_names_the_images_a_model_was_made_with(tiny_model, tmp_path):
     assert none.exit_code == 2 and "none is held out" in none.output, none.output
 
 
+def test_what_a_model_was_made_with_is_its_own_record(tiny_model, tmp_path):
+    import shutil
+
+    from celltally.uncertainty import seen_by_model
+
+    parent = tmp_path / "parent"
+    shutil.copytree(tiny_model, parent)
+    config = json.loads((parent / "config.json").read_text())
+    config["training"] = {"split": {"train_sites": [1], "calibration_sites": [2]}}
+    (parent / "config.json").write_text(json.dumps(config))
+    trained = tmp_path / "mine"
+    (trained / "images").mkdir(parents=True)
+    child = {
+        "training": {
+            "from": str(parent),
+            "split": {
+                str(trained): {"path": str(trained), "train_names": ["a.tif", "b.tif"]},
+            },
+        }
+    }
+    real = ["SIMCEPImages_A01_C1_F1_s01_w1.TIF", "SIMCEPImages_A02_C5_F1_s02_w1.TIF"]
+    # the parent's training sites are the child's training too; its calibration sites not
+    assert seen_by_model(child, real, folder=tmp_path) == {real[0]: "training"}
+    assert seen_by_model(config, real, folder=tmp_path) == {
+        real[0]: "training",
+        real[1]: "calibration",
+    }
+    # the trained folder, given as itself or as its images/ folder: the rest calibrated
+    mine = ["a.tif", "b.tif", "c.tif"]
+    expected = {"a.tif": "training", "b.tif": "training", "c.tif": "calibration"}
+    assert seen_by_model(child, mine, folder=trained) == expected
+    assert seen_by_model(child, mine, folder=trained / "images") == expected
+    # a copy of it is known by its training names; one shared name elsewhere is not enough
+    assert seen_by_model(child, mine, folder=tmp_path / "copy") == expected
+    other = ["a.tif", "x.tif", "y.tif", "z.tif"]
+    assert seen_by_model(child, other, folder=tmp_path / "other") == {}
+
+
 def test_evaluate_reports_unreadable_images_and_exits_1(tiny_model, image_folder, tmp_path):
     (image_folder / "SIMCEPImages_A03_C5_F1_s01_w1.TIF").write_bytes(b"not a tiff")
     out = tmp_path / "eval.json"

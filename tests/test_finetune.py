@@ -678,3 +678,24 @@ def test_a_folder_given_twice_is_used_once_and_a_bad_seed_is_refused(tmp_path):
         bad = run("train", "--data", folder, *common, "--seed", seed, "--out", tmp_path / "c")
         assert bad.exit_code == 2 and "--seed" in bad.output
         assert not (tmp_path / "c").exists()
+
+
+def test_a_pixel_size_is_recorded_for_the_models_frame():
+    from celltally.training_data import _check_frame_size, _record_pixel_size
+
+    said: list[str] = []
+    big = [{"shape": [1040, 1392]}] * 3
+    # images twice the frame's size, resized whole into it: frame pixels twice as large
+    config = {"input_size": [192, 256], "scale": {"native_size": [520, 696]}}
+    _record_pixel_size(config, 0.65, None, said.append, big)
+    assert config["scale"]["pixel_size_um"] == pytest.approx(1.3)
+    assert "to which your 1392 x 1040 images are resized" in said[-1]
+    # a frame adopted from the user's images: an inherited pixel size follows the frame
+    config = {
+        "input_size": [192, 256],
+        "scale": {"native_size": [520, 696], "pixel_size_um": 0.65, "object_diameter_px": 10},
+    }
+    _check_frame_size(config, big, adopt=True, log=said.append)
+    assert config["scale"]["native_size"] == [1040, 1392]
+    assert config["scale"]["pixel_size_um"] == pytest.approx(0.325)
+    assert config["scale"]["object_diameter_px"] == pytest.approx(20)

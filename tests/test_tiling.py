@@ -162,8 +162,7 @@ def test_window_geometry_comes_from_the_model_folder_unless_given():
 
 
 def test_the_frames_of_a_large_image_widen_its_sigma_as_a_wells_sites_do(density_counter):
-    from celltally.calibration import parts_variance_factor
-    from celltally.wells import DEFAULT_CORRELATION
+    from celltally.calibration import FRAME_CORRELATION, parts_variance_factor
 
     assert parts_variance_factor(1.0, 0.1) == parts_variance_factor(0.3, 0.1) == 1.0
     assert parts_variance_factor(4.0, 0.1) == pytest.approx(1.3)
@@ -171,14 +170,14 @@ def test_the_frames_of_a_large_image_widen_its_sigma_as_a_wells_sites_do(density
     with pytest.raises(ValueError, match="between 0 and 1"):
         parts_variance_factor(4.0, 1.5)
     # a 2 x 3-frame mosaic counted in tiles: sigma is the cells' independent sum widened
-    # for 6 frames whose errors correlate (the model records none: the default)
-    assert density_counter.frame_correlation == DEFAULT_CORRELATION
+    # for 6 frames whose errors correlate
+    assert density_counter.frame_correlation == FRAME_CORRELATION == 0.1
     image = disc_image(120, shape=(2 * 520, 3 * 696), seed=5)
     result, prepared = density_counter.count_with_input(image)
     frames = prepared.prepared.size / np.prod(density_counter.input_size)
     assert frames == pytest.approx(6.0, rel=0.02)
     cells = count_density(density_counter.model, prepared.prepared, tile=96, margin=32)
-    widened = cells.variance * (1 + DEFAULT_CORRELATION * (frames - 1))
+    widened = cells.variance * (1 + FRAME_CORRELATION * (frames - 1))
     assert result.std == pytest.approx(np.sqrt(widened), rel=1e-4)
     assert result.std > 1.2 * np.sqrt(cells.variance)
     # a frame of the model's own size keeps its calibrated sigma

@@ -76,7 +76,9 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
-def _check_output(path: Path | None, option: str, *, folder: bool, image: bool = False) -> None:
+def _check_output(
+    path: Path | None, option: str, *, folder: bool, image: bool = False, table: str = ".csv"
+) -> None:
     """Fail now, before any work, if ``path`` cannot be written as a file (or folder).
 
     Nothing is created or removed: a folder where a file goes, a file where a
@@ -84,6 +86,7 @@ def _check_output(path: Path | None, option: str, *, folder: bool, image: bool =
     refused; so is a table's path with an image suffix (it could be an input),
     unless the output is an ``image`` (a figure); a figure may replace only a
     figure (:func:`celltally.io.is_own_figure`), never another image file.
+    ``table`` is the suffix a table output takes, named in that refusal.
     """
     import os
 
@@ -97,7 +100,7 @@ def _check_output(path: Path | None, option: str, *, folder: bool, image: bool =
         if path.is_dir():
             fail(f"{option} {path}: is a folder; give a file name")
         if not image and path.suffix.lower() in IMAGE_SUFFIXES:
-            fail(f"{option} {path}: names an image file; give a .csv or .json name")
+            fail(f"{option} {path}: names an image file; give a {table} name")
     if image:
         from celltally.io import figure_path, is_own_figure
 
@@ -725,7 +728,7 @@ def evaluate(
     from celltally.metrics import format_table
 
     _check_level(level)
-    _check_output(out, "--out", folder=False)
+    _check_output(out, "--out", folder=False, table=".json")
     if out.suffix.lower() != ".json":  # e.g. the data's own counts.csv: never written over
         fail(f"--out {out}: give a .json name (evaluate writes its metrics as JSON)")
     _check_output(report, "--report", folder=True)

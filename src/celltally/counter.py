@@ -21,6 +21,7 @@ import torch
 
 from celltally import io, naming
 from celltally.calibration import (
+    FRAME_CORRELATION,
     LOW_CONTRAST,
     MAX_LEVEL,
     beyond_calibration,
@@ -58,7 +59,6 @@ from celltally.tiling import (
     tile_sides,
 )
 from celltally.transforms import contrast, prepare_image
-from celltally.wells import block_correlation
 
 #: Smallest image side (raw px) counted: below it there is not one whole cell.
 MIN_SIDE = 8
@@ -302,8 +302,8 @@ class CellCounter:
         # background step); checked here, not at the first image of a batch
         self.norm = _checked_norm({**dict(config.get("normalization") or {}), **(norm or {})})
         self.name = str(config.get("name", "model"))
-        # Reading and scale options (see celltally.tiling): images that are not
-        # one native frame are counted at the model's pixel scale, in tiles.
+        # Reading and scale options (see celltally.scale, celltally.tiling): images that
+        # are not one native frame are counted at the model's pixel scale, in tiles.
         if channel is not None and (isinstance(channel, bool) or not int(channel) == channel >= 0):
             raise io.InputError(f"--channel must be 0 or more (0-based), got {channel}")
         self.channel = None if channel is None else int(channel)
@@ -342,10 +342,8 @@ class CellCounter:
             block = dict(block["epistemic"])
         self.calibration = block
         # frames' worth of an image counted in tiles: their errors correlate as a well's
-        # sites do (the model's measured within-well correlation, else the default)
-        self.frame_correlation = block_correlation(
-            config.get("calibration"), epistemic=bool(self.members)
-        )[0]
+        # sites do (calibration.FRAME_CORRELATION)
+        self.frame_correlation = FRAME_CORRELATION
         # A count correction fitted on the calibration split (uncertainty.calibrate_model
         # count_scale): a factor, so tile sums stay additive. 1 where none was fitted.
         self.count_scale = float(block.get("count_scale", 1.0))

@@ -134,7 +134,7 @@ def _parse_generic(base: str) -> ImageName:
     """The generic reading of ``base`` (see :func:`parse_name`)."""
     counts = list(_COUNT.finditer(base))
     # (match, well) of each well-like token that lies on a real plate
-    wells = [(m, w) for m in _WELL.finditer(base) if (w := _plate_well(m["row"], m["column"]))]
+    wells = [(m, s) for m in _WELL.finditer(base) if (s := _plate_well(m["row"], m["column"]))]
     # "_C10_" fits both a well (row C, column 10) and a count: it is a count only if
     # another well is present (BBBC005's 'A05_C18'), otherwise it is the well ('_C99_',
     # on no plate, is a count).

@@ -141,9 +141,11 @@ def _check_frame_size(
         if common != native and same_shape:
             scale = dict(config.get("scale") or {})
             scale["native_size"] = list(common)
+            ratio = (common[0] / native[0] + common[1] / native[1]) / 2
             if scale.get("object_diameter_px"):  # the same objects in model pixels
-                ratio = (common[0] / native[0] + common[1] / native[1]) / 2
                 scale["object_diameter_px"] = round(scale["object_diameter_px"] * ratio, 2)
+            if scale.get("pixel_size_um"):  # the same field in more (or fewer) pixels
+                scale["pixel_size_um"] = round(scale["pixel_size_um"] / ratio, 6)
             config["scale"] = scale
             whose = "your images'" if n == len(meta) else f"{n} of your {len(meta)} images'"
             log(
@@ -195,19 +197,38 @@ def _rescale_reference(
 
 
 def _record_pixel_size(
-    config: dict[str, Any], pixel_size: float | None, from_model: str | None, log: Log
+    config: dict[str, Any],
+    pixel_size: float | None,
+    from_model: str | None,
+    log: Log,
+    meta: Sequence[Mapping[str, Any]] = (),
 ) -> None:
     """Record the user's pixel size (``train --pixel-size``, um) as ``scale.pixel_size_um``.
 
-    ``count --pixel-size`` then rescales other images to it. Without one, a
-    model fine-tuned from another keeps the starting model's, with a note.
+    ``count --pixel-size`` then rescales other images to it. It is recorded
+    for the model's frame (``scale.native_size``): training resizes each image
+    whole into the model input, so images of another size (their most common
+    one, from ``meta``) give frame pixels of ``pixel_size`` times their size
+    over the frame's. Without one, a model fine-tuned from another keeps the
+    starting model's (rescaled with an adopted frame), with a note.
     """
     scale = dict(config.get("scale") or {})
     if pixel_size is not None:
-        scale["pixel_size_um"] = float(pixel_size)
+        native = model_scale(config).native_size
+        shapes = collections.Counter(tuple(m["shape"]) for m in meta if m.get("shape"))
+        common = shapes.most_common(1)[0][0] if shapes else native
+        ratio = (common[0] / native[0] + common[1] / native[1]) / 2
+        scale["pixel_size_um"] = round(float(pixel_size) * ratio, 6)
         config["scale"] = scale
+        frame = (
+            ""
+            if abs(ratio - 1) < 1e-6
+            else f" ({scale['pixel_size_um']:g} um per pixel of the model's {native[1]} x "
+            f"{native[0]} frame, to which your {common[1]} x {common[0]} images are resized)"
+        )
         log(
-            f"pixel size of the training images: {pixel_size:g} um, recorded for count --pixel-size"
+            f"pixel size of the training images: {pixel_size:g} um{frame}, recorded for "
+            "count --pixel-size"
         )
     elif "pixel_size_um" in scale and from_model is not None:
         log(
@@ -467,7 +488,7 @@ def build_and_fit(
         # (after the frame: a diameter measured on their labels is already in their pixels)
         _rescale_reference(config, folders, from_model, log)
     if folders:
-        _record_pixel_size(config, pixel_size, from_model, log)
+        _record_pixel_size(config, pixel_size, from_model, log, user_meta)
     if simulated > 0:
         log(f"simulating {simulated} training scenes")
         trains.append(

@@ -706,41 +706,52 @@ def seen_by_model(
 ) -> dict[str, str]:
     """The images of ``folder`` (named by ``keys``, paths under it) the model was made with.
 
-    Returns {key: "training" or "calibration"} for those its config (or a
-    model's it was fine-tuned from) records: file names recorded as training
-    or calibration images (``training.split``: the shipped ``nuclei``, and
-    ``train``'s ``train_names``), real BBBC005 images (:func:`_real_bbbc005`;
-    not a simulated plate's) from the sites it trained or calibrated on, and the
-    rest of a folder it was trained on (``train`` calibrates on a folder's images
-    it does not train on). Their errors are
-    not held-out figures. Calibration by ``celltally calibrate`` on other
-    images is not recorded by name, so it is not found here.
+    Returns {key: "training" or "calibration"} for those its config records:
+    file names recorded as training or calibration images (``training.split``,
+    as the shipped ``nuclei`` records them), real BBBC005 images
+    (:func:`_real_bbbc005`; not a simulated plate's) from the sites it trained
+    or calibrated on, and the images of a folder ``train`` split (``folder`` or
+    its parent when it is an ``images`` folder): its recorded training names
+    trained, the rest calibrated (``train`` calibrates on a folder's images it
+    does not train on; images added since are taken for them too). A copy of
+    such a folder is known by its training names (half its images or more).
+    What a model it was fine-tuned from trained on is "training" too; what
+    that model calibrated on is not (this model recalibrated). Calibration by
+    ``celltally calibrate`` on other images is not recorded by name, so it is
+    not found here.
     """
     seen: dict[str, str] = {}
-    where = Path(folder).resolve()
+    here = Path(folder).resolve()
+    where = {here, here.parent} if here.name == "images" else {here}
     real_bbbc005 = _real_bbbc005([Path(k).name for k in keys])
-    for c in _lineage(config):
+    for depth, c in enumerate(_lineage(config)):
         split = (c.get("training") or {}).get("split") or {}
+        own = depth == 0  # this model's calibration; every model's training
         sites = _bbbc005_sites(c)
         names = {
             "training": set(split.get("train") or ()),
-            "calibration": set(split.get("calibration") or ()),
+            "calibration": set(split.get("calibration") or ()) if own else set(),
         }
         trained_here = False
         for places, info in _split_entries(c):
-            names["training"] |= set(info.get("train_names") or ())
-            trained_here = trained_here or where in places
+            trained = set(info.get("train_names") or ())
+            here_too = bool(where & places)
+            if here_too or len(trained & set(keys)) >= max(1, len(keys)) / 2:
+                names["training"] |= trained
+                trained_here = trained_here or here_too or bool(trained)
         for key in keys:
             if key in seen:
                 continue
-            name = naming.parse_name(Path(key).name)
+            site = naming.parse_name(Path(key).name).site
             for role in ("training", "calibration"):
-                by_site = real_bbbc005 and name.site in sites.get(role, ())
+                by_site = (
+                    real_bbbc005 and (own or role == "training") and site in sites.get(role, ())
+                )
                 if key in names[role] or by_site:
                     seen[key] = role
                     break
             else:
-                if trained_here:
+                if trained_here and own:  # an ancestor's calibration images: not this one's
                     seen[key] = "calibration"
     return seen
 

@@ -629,8 +629,8 @@ def test_a_time_lapse_is_totalled_per_time_point(tmp_path):
 def test_results_csvs_joined_end_to_end_are_refused_naming_the_line(tmp_path):
     path = tmp_path / "joined.csv"
     header = "file,count,std,low,high,level,model,well\n"
-    path.write_text(
-        header + "a_B03.tif,3,1,1,5,0.95,m,B03\n" + header + "b_B04.tif,4,1,2,6,0.95,m,B04\n"
+    path.write_text(  # the second file's header keeps its byte-order mark
+        header + "a_B03.tif,3,1,1,5,0.95,m,B03\n\ufeff" + header + "b_B04.tif,4,1,2,6,0.95,m,B04\n"
     )
     result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
     assert result.exit_code == 2

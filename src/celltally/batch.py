@@ -430,7 +430,10 @@ def read_results(out: str | os.PathLike[str]) -> list[dict[str, str]]:
     reader = csv.DictReader(_stdio.StringIO(text, newline=""))
     rows = []
     for row in reader:
-        if reader.fieldnames and all(row.get(k) == k for k in reader.fieldnames):
+        # (a joined file's header may open with its byte-order mark)
+        if reader.fieldnames and all(
+            (row.get(k) or "").removeprefix("\ufeff") == k for k in reader.fieldnames
+        ):
             raise io.InputError(
                 f"{path}: line {reader.line_num} repeats the header (results CSVs joined "
                 "with cat?): keep the first header only, or total each file apart",

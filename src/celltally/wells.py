@@ -535,20 +535,21 @@ def well_totals(
     if Path(out).is_dir() or Path(out).suffix.lower() in io.IMAGE_SUFFIXES:
         raise io.InputError(f"--out {out}: must be a CSV file (e.g. wells.csv)")
     rows = read_results(results)
-    two = [name for r in rows if _two_wells(name := r.get("file") or "")]
-    if warn is not None and two:
-        warn(
-            f"{len(two)} file name(s) begin with two well-like names (e.g. "
-            f"{PurePath(two[0]).name}): the first is read as the well; if it names the "
-            "plate, name plates otherwise (e.g. Plate01) or the wells merge"
-        )
-    unpadded = [name for r in rows if _unpadded_well(name := r.get("file") or "")]
-    if warn is not None and unpadded:
-        warn(
-            f"{len(unpadded)} file name(s) hold a well without its leading zero (e.g. "
-            f"{PurePath(unpadded[0]).name}): wells are read with two digits (B03, not B3), "
-            "so these are left out; rename them to total them"
-        )
+    for misread, problem in (
+        (
+            _two_wells,
+            "begin with two well-like names (e.g. {}): the first is read as the well; if it "
+            "names the plate, name plates otherwise (e.g. Plate01) or the wells merge",
+        ),
+        (
+            _unpadded_well,
+            "hold a well without its leading zero (e.g. {}): wells are read with two digits "
+            "(B03, not B3), so these are left out; rename them to total them",
+        ),
+    ):
+        names = [name for r in rows if misread(name := r.get("file") or "")]
+        if warn is not None and names:
+            warn(f"{len(names)} file name(s) " + problem.format(PurePath(names[0]).name))
     if warn is not None and torn_tail(results):
         warn(
             f"the last line of {results} has no line end: left out, as a row a run was "

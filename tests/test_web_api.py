@@ -823,6 +823,10 @@ def test_a_pixel_size_sets_the_resize_factor_for_a_model_that_records_one(
     with TestClient(app) as client:
         info = client.get("/api/info").json()
         assert info["pixel_sizes"] == {"bbbc005_um": 0.65}  # shipped models record none
+        assert info["diameters"] == {"nuclei": 28.3}
+        # the ensembles' measured coverage, for the page's note (nuclei's: 17 of 20)
+        assert info["ensemble_coverage"]["nuclei"] == pytest.approx(0.85)
+        assert set(info["ensemble_coverage"]) == {"bbbc005_um", "bbbc005", "nuclei"}
         response = post(client, [("binned.tif", data, "image/tiff")], pixel_size="1.3")
         assert response.status_code == 200, response.text
         body = response.json()

@@ -136,7 +136,8 @@ def drop_file(page, path: Path, mime: str) -> None:
 def wait_for_batch(page, total: int) -> None:
     page.wait_for_function(
         """(total) => document.querySelectorAll(
-            '.card[data-state="done"], .card[data-state="failed"]').length === total
+            '.card[data-state="done"], .card[data-state="failed"], '
+            + '.card[data-state="superseded"]').length === total
             && document.body.dataset.busy === "no" """,
         arg=total,
         timeout=60_000,
@@ -386,7 +387,7 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     assert (by_well["B02"]["sites"], by_well["B02"]["repeated_sites"]) == ("1;2", "1")
     pick = page.locator("#plate-select")
     sync_api.expect(pick).to_be_visible()
-    views = ["Screen1 · tiny · 95%", "Screen2 · tiny · 95%"]
+    views = ["Screen1 · w1 · tiny · 95%", "Screen2 · w1 · tiny · 95%"]
     assert pick.locator("option").all_text_contents() == views
     assert page.locator('#plate-grid .well.has[data-well="B02"]').count() == 1
     assert page.locator('#plate-grid .well.has[data-well="C03"]').count() == 0
@@ -404,6 +405,21 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     sync_api.expect(images).to_have_text(f"3 (site 1 more than once){unusual} + 1 not counted")
     assert "incomplete" in (row.get_attribute("class") or "")
     assert page.locator('#plate-grid .well.failed[data-well="B02"]').count() == 1
+    # the file added again and counted: its failure no longer stands; another stain of
+    # the same well is a map of its own, not averaged in
+    tifffile.imwrite(broken, simulate_scene(15, seed=46).image)
+    stain2 = tmp_path / "Screen1_B02_s1_w2.tif"
+    tifffile.imwrite(stain2, simulate_scene(40, seed=47).image)
+    page.set_input_files("#file-input", [str(broken), str(stain2)])
+    wait_for_batch(page, 7)
+    sync_api.expect(images).not_to_contain_text("not counted")
+    sync_api.expect(images).to_contain_text("4 (site 1 more than once)")
+    assert page.locator('#plate-grid .well.failed[data-well="B02"]').count() == 0
+    assert card(page, broken.name).first.get_attribute("data-state") == "superseded"
+    sync_api.expect(page.locator("#progress-text")).not_to_contain_text("failed")
+    exported = download(page, "#csv", tmp_path / "again.csv")
+    assert [r["problem"] for r in exported if r["file"] == broken.name] == [""]
+    assert pick.locator("option").all_text_contents() == [*views, "Screen1 · w2 · tiny · 95%"]
     # a time lapse: each time point's well is totalled apart, as `celltally wells` does
     lapse = []
     for t in (1, 2):
@@ -411,7 +427,7 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
         tifffile.imwrite(path, simulate_scene(10 + t, seed=50 + t).image)
         lapse.append(path)
     page.set_input_files("#file-input", [str(p) for p in lapse])
-    wait_for_batch(page, 7)
+    wait_for_batch(page, 9)
     labels = page.locator('#well-totals tbody tr[data-well="D04"] td:first-child')
     assert sorted(labels.all_text_contents()) == ["Lapse t01 D04", "Lapse t02 D04"]
     context.close()
@@ -483,8 +499,9 @@ def test_the_page_counts_binned_images_with_the_rescale_set(server, browser, tmp
     # each result says how it was counted, on its card and in the CSV
     sync_api.expect(item.locator(".interval")).to_contain_text("model bbbc005 ×2")
     sync_api.expect(card(page, again.name).locator(".interval")).to_contain_text(
-        "model bbbc005 ensemble ×2"
+        "model bbbc005 ensemble ×2 · its ensemble's 95% intervals held 95% of held-out truths"
     )
+    sync_api.expect(item.locator(".interval")).not_to_contain_text("held-out")
     rows = {r["file"]: r for r in download(page, "#csv", tmp_path / "settings.csv")}
     assert (rows[path.name]["rescale"], rows[path.name]["epistemic"]) == ("2", "false")
     assert (rows[again.name]["rescale"], rows[again.name]["epistemic"]) == ("2", "true")
@@ -507,7 +524,10 @@ def test_a_factor_the_page_cannot_read_is_refused_at_its_field(server, images, b
     page.set_input_files("#file-input", [str(folder / PNG_NAME)])
     wait_for_batch(page, 1)
     assert card(page, PNG_NAME).get_attribute("data-state") == "done"
-    # a diameter sets the factor: both at once is refused at the diameter field
+    # a diameter sets the factor: both at once is refused at the diameter field (shown
+    # for a model that records a diameter, as nuclei does)
+    sync_api.expect(page.locator("#diameter-field")).to_be_hidden()  # tiny records none
+    page.select_option("#model", "nuclei")
     page.fill("#rescale", "2")
     page.fill("#diameter", "30")
     page.set_input_files("#file-input", [str(folder / PNG_NAME)])
@@ -539,15 +559,13 @@ def test_the_page_counts_with_a_nucleus_diameter(server, browser, tmp_path):
     sync_api.expect(item.locator(".interval")).to_contain_text("model nuclei ×0.5 (⌀ 56.6 px)")
     (row,) = download(page, "#csv", tmp_path / "diameter.csv")
     assert (row["rescale"], row["diameter"], row["model"]) == ("0.5", "56.6", "nuclei")
-    # the tiny model (the paper's fixed frame) cannot rescale: the server says so on the card
+    assert page.get_attribute("#diameter", "placeholder") == "px (model: 28.3)"
+    sync_api.expect(page.locator("#model-name")).to_have_text("nuclei")  # the one picked
+    # a model that records no diameter (the tiny one) offers no Diameter field
     page.select_option("#model", "tiny")
-    other = tmp_path / "other.tif"
-    other.write_bytes(path.read_bytes())
-    page.set_input_files("#file-input", [str(other)])
-    wait_for_batch(page, 2)
-    failed = card(page, other.name)
-    assert failed.get_attribute("data-state") == "failed"
-    sync_api.expect(failed).to_contain_text("diameter: model 'tiny' has the paper's fixed-frame")
+    sync_api.expect(page.locator("#diameter-field")).to_be_hidden()
+    assert page.input_value("#diameter") == ""
+    sync_api.expect(page.locator("#model-name")).to_have_text("tiny")
     context.close()
 
 
@@ -566,14 +584,16 @@ def test_the_page_offers_a_pixel_size_for_a_model_that_records_one(
         field = page.locator("#pixel-size-field")
         sync_api.expect(field).to_be_visible()
         assert page.get_attribute("#pixel-size", "placeholder") == "µm (model: 0.65)"
-        # with a diameter too: refused at the later field, nothing sent
-        page.fill("#diameter", "20")
+        # the model records no diameter: no Diameter field; with a rescale too, refused at
+        # the later field, nothing sent
+        sync_api.expect(page.locator("#diameter-field")).to_be_hidden()
+        page.fill("#rescale", "2")
         page.fill("#pixel-size", "1.3")
         page.set_input_files("#file-input", [str(path)])
         page.wait_for_timeout(500)
         assert page.locator(".card").count() == 0
         assert page.evaluate("document.getElementById('pixel-size').validity.customError")
-        page.fill("#diameter", "")
+        page.fill("#rescale", "")
         page.set_input_files("#file-input", [str(path)])
         wait_for_batch(page, 1)
         item = card(page, path.name)

@@ -218,6 +218,16 @@ class Info(BaseModel):
         description="The pixel size (um) each model was trained at, for the 'pixel_size' "
         "field; models that record none are left out (no shipped model records one).",
     )
+    diameters: dict[str, float] = Field(
+        default_factory=dict,
+        description="The object diameter (px) each model was trained at, for the 'diameter' "
+        "field; models that record none are left out.",
+    )
+    ensemble_coverage: dict[str, float] = Field(
+        default_factory=dict,
+        description="For models with an ensemble: the share of held-out truths inside its "
+        "95% intervals with 'epistemic', as measured when the model was made.",
+    )
 
 
 _UPLOAD_SCHEMA = {
@@ -622,11 +632,21 @@ def create_app(
     # (a user's folder may carry a shipped name)
     own_shipped = not isinstance(model, CellCounter) and is_shipped(resolve_model(model))
     uses = {m: use for m in choices if (m != counter.name or own_shipped) and (use := model_use(m))}
-    scales = {
-        m: counter.scale if m == counter.name else model_scale(read_model_config(resolve_model(m)))
+    configs = {
+        m: counter.config if m == counter.name else read_model_config(resolve_model(m))
         for m in choices
     }
+    scales = {m: model_scale(c) for m, c in configs.items()}
     pixel_sizes = {m: s.pixel_size_um for m, s in scales.items() if s.pixel_size_um is not None}
+    diameters = {
+        m: s.object_diameter_px for m, s in scales.items() if s.object_diameter_px is not None
+    }
+    ensemble_coverage = {
+        m: float(test["coverage"])
+        for m, c in configs.items()
+        if (test := c.get("metrics", {}).get("epistemic", {}).get("test", {}).get("all"))
+        and "coverage" in test
+    }
     loading = threading.Lock()
 
     def service_for(name: str | None, epistemic: bool = False) -> _Service:
@@ -767,6 +787,8 @@ def create_app(
             models=choices,
             model_uses=uses,
             pixel_sizes=pixel_sizes,
+            diameters=diameters,
+            ensemble_coverage=ensemble_coverage,
         )
 
     @app.get("/api/name")

@@ -41,15 +41,21 @@ async function loadInfo() {
 }
 
 // What the chosen model is for (shipped models), under the options.
-// A pixel size field only for a model that records the pixel size it was trained at.
+// The model picked, in the header too; the Diameter and Pixel size fields only for a
+// model that records the diameter or pixel size it was trained at (else every file fails).
 function showModelUse() {
-  const uses = (state.info && state.info.model_uses) || {};
+  const info = state.info || {};
   const name = $("model").value;
+  const uses = info.model_uses || {};
   $("model-use").textContent = uses[name] ? `${name}: for ${uses[name]}.` : "";
-  const trained = ((state.info && state.info.pixel_sizes) || {})[name];
-  $("pixel-size-field").hidden = trained === undefined;
-  if (trained === undefined) $("pixel-size").value = "";  // not sent to a model without one
-  $("pixel-size").placeholder = trained === undefined ? "µm" : `µm (model: ${trained})`;
+  if (name) $("model-name").textContent = name;
+  for (const [id, key, unit] of [["diameter", "diameters", "px"],
+                                 ["pixel-size", "pixel_sizes", "µm"]]) {
+    const trained = (info[key] || {})[name];
+    $(`${id}-field`).hidden = trained === undefined;
+    if (trained === undefined) $(id).value = ""; // not sent to a model without one
+    $(id).placeholder = trained === undefined ? unit : `${unit} (model: ${trained})`;
+  }
   oneScale();
 }
 
@@ -127,7 +133,7 @@ async function send({ file, card, row, index, settings }) {
   let result;
   if (file.size > maxBytes) {
     result = {
-      name: file.name, ok: false, status: 413,
+      name: file.name, ok: false, status: 413, model: settings.model,
       error: `${file.name}: file is larger than the limit of ${state.info.limits.max_mb} MB`,
     };
   } else {
@@ -162,14 +168,15 @@ async function send({ file, card, row, index, settings }) {
                    epistemic: body.epistemic,
                    well_correlation: body.well_correlation, level_note: body.level_note };
       } else {
-        result = { name: file.name, ok: false, status: response.status,
+        result = { name: file.name, ok: false, status: response.status, model: settings.model,
                    error: `${file.name}: ${body.detail || response.statusText}` };
       }
     } catch (err) {
       // fetch rejects only when no answer came (the server stopped, the network is down)
       const why = err.name === "AbortError" ? "cancelled"
         : "cannot reach the celltally server (is it still running?); add the file again";
-      result = { name: file.name, ok: false, status: 0, error: `${file.name}: ${why}` };
+      result = { name: file.name, ok: false, status: 0, model: settings.model,
+                 error: `${file.name}: ${why}` };
     } finally {
       state.inflight.delete(controller);
     }
@@ -184,10 +191,28 @@ async function send({ file, card, row, index, settings }) {
   if (!card.isConnected) return;
   if (!result.ok) state.failed += 1;
   state.results[index] = result;
+  if (result.ok) supersede(result.name, index);
   fillCard(card, result);
   fillRow(row, result);
   drawPlate();
   drawWellTotals();
+}
+
+// A file that failed and was then added again and counted: the failure no longer stands
+// (its well is no longer "not counted", its row leaves the CSV); its card says so.
+function supersede(name, index) {
+  state.results.forEach((r, i) => {
+    if (!r || r.ok || r.superseded || r.name !== name || i === index) return;
+    r.superseded = true;
+    state.failed -= 1;
+    const card = [...document.querySelectorAll("#cards .card")][i];
+    if (card) {
+      card.dataset.state = "superseded";
+      card.querySelector(".count").textContent = "counted again";
+    }
+    const row = [...document.querySelectorAll("#table tbody tr")][i];
+    if (row) row.classList.add("superseded");
+  });
 }
 
 // -- cards -----------------------------------------------------------------
@@ -231,6 +256,11 @@ function fillCard(card, r) {
   if (r.level_note) { // above what the model's calibration can guarantee
     interval.textContent += " (extrapolated)";
     interval.title = r.level_note;
+  }
+  const held = ((state.info && state.info.ensemble_coverage) || {})[r.model];
+  if (r.epistemic && held !== undefined) { // how far the ensemble's intervals can be trusted
+    interval.textContent += ` · its ensemble's 95% intervals held ${Math.round(held * 100)}%` +
+      " of held-out truths";
   }
   if (r.warning) {
     const badge = card.querySelector(".badge.warn");
@@ -323,7 +353,7 @@ function csvCell(value) {
 function toCSV() {
   const lines = [CSV_COLUMNS.join(",")];
   for (const r of state.results) {
-    if (!r) continue;
+    if (!r || r.superseded) continue; // a failure counted again since
     const m = r.metadata || {};
     const truth = r.ok && m.count !== null && m.count !== undefined ? m.count : null;
     const row = [r.name, fmt(r.count, 3), fmt(r.std, 4), fmt(r.low, 3), fmt(r.high, 3),
@@ -391,23 +421,25 @@ function rowLabel(n) {
 }
 
 function drawPlate() {
-  // One plate, model and level at a time (as the totals group them): a select appears
-  // when the results span several.
+  // One plate, stain, model and level at a time (as the totals group them): a select
+  // appears when the results span several.
   // JSON keys: a plate name may hold any character
-  const keyOf = (r) => JSON.stringify(
-    [plateLabel(r.metadata || {}), r.setting || r.model || "", r.level ?? ""]);
-  const placed = state.results.filter((r) => r && r.metadata && r.metadata.row &&
-    r.metadata.column);
+  const stainOf = (m) => (m.stain === null || m.stain === undefined ? "" : String(m.stain));
+  const keyOf = (r) => JSON.stringify([plateLabel(r.metadata || {}), stainOf(r.metadata || {}),
+    r.setting || r.model || "", r.level ?? ""]);
+  const placed = state.results.filter((r) => r && !r.superseded && r.metadata &&
+    r.metadata.row && r.metadata.column);
   const views = [...new Set(placed.filter((r) => r.ok).map(keyOf))];
   if (!views.includes(state.plate)) state.plate = views.length ? views[0] : null;
   const pick = $("plate-select");
   pick.hidden = views.length < 2;
   pick.replaceChildren(...views.map((v) => {
-    const [plate, model, level] = JSON.parse(v);
-    return new Option(`${plate || "(no plate name)"} · ${madeWith(model, level)}`, v);
+    const [plate, stain, model, level] = JSON.parse(v);
+    const channel = stain === "" ? "" : ` · w${stain}`;
+    return new Option(`${plate || "(no plate name)"}${channel} · ${madeWith(model, level)}`, v);
   }));
   pick.value = state.plate === null ? "" : state.plate;
-  const plateOf = state.plate === null ? null : JSON.parse(state.plate)[0];
+  const [plateOf, stainShown] = state.plate === null ? [null, null] : JSON.parse(state.plate);
   const wells = new Map();
   const entry = (m) => {
     const key = `${m.row}${m.column}`;
@@ -418,8 +450,8 @@ function drawPlate() {
   };
   for (const r of placed) {
     const m = r.metadata;
-    if (!r.ok) { // an image not counted marks its well on every view of its plate
-      if (plateLabel(m) === plateOf) entry(m).failed += 1;
+    if (!r.ok) { // an image not counted marks its well on every view of its plate and stain
+      if (plateLabel(m) === plateOf && stainOf(m) === stainShown) entry(m).failed += 1;
       continue;
     }
     if (keyOf(r) !== state.plate) continue;
@@ -499,7 +531,7 @@ function wellTotals() {
   const pooled = new Map(); // model|level -> [sum of (high - count), sum of std]
   for (const r of state.results) {
     const m = (r && r.metadata) || {};
-    if (!r || !m.well) continue;
+    if (!r || r.superseded || !m.well) continue;
     const stain = m.stain === null || m.stain === undefined ? "" : String(m.stain);
     const where = JSON.stringify([plateLabel(m), m.well, stain]);
     if (!r.ok) {

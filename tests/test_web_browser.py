@@ -420,16 +420,24 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     exported = download(page, "#csv", tmp_path / "again.csv")
     assert [r["problem"] for r in exported if r["file"] == broken.name] == [""]
     assert pick.locator("option").all_text_contents() == [*views, "Screen1 · w2 · tiny · 95%"]
-    # a time lapse: each time point's well is totalled apart, as `celltally wells` does
+    # a time lapse: each time point's well is totalled apart, as `celltally wells` does;
+    # names that carry their counts give the true total and the error, as there too
     lapse = []
     for t in (1, 2):
-        path = tmp_path / f"Lapse_D04_s1_t0{t}_w1.tif"
+        path = tmp_path / f"Lapse_D04_C{10 + t}_s1_t0{t}_w1.tif"
         tifffile.imwrite(path, simulate_scene(10 + t, seed=50 + t).image)
         lapse.append(path)
     page.set_input_files("#file-input", [str(p) for p in lapse])
     wait_for_batch(page, 9)
     labels = page.locator('#well-totals tbody tr[data-well="D04"] td:first-child')
     assert sorted(labels.all_text_contents()) == ["Lapse t01 D04", "Lapse t02 D04"]
+    totals = download(page, "#wells-csv", wells_path)
+    truths = {w["plate"]: (w["true_count"], w["error"], w["count"]) for w in totals}
+    for t in (1, 2):
+        true, error, count = truths[f"Lapse t0{t}"]
+        assert float(true) == 10 + t
+        assert float(error) == pytest.approx(float(count) - (10 + t), abs=0.011)
+    assert (by_well["B02"]["true_count"], by_well["B02"]["error"]) == ("", "")  # no _C<n>_
     context.close()
 
 

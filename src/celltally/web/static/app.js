@@ -549,6 +549,7 @@ function wellTotals() {
     g.level = r.level;
     g.counts.push(r.count);
     g.stds.push(r.std);
+    g.truths = [...(g.truths || []), m.count]; // the name's _C<n>_, if any
     groups.set(key, g);
     if (r.std > 0) {
       const p = pooled.get(g.spread) || [0, 0];
@@ -584,7 +585,8 @@ function wellTotals() {
 
 // The per-well totals as a CSV, with the columns of `celltally wells` it can fill.
 const WELL_COLUMNS = ["plate", "well", "stain", "images", "failed", "sites", "repeated_sites",
-  "count", "std", "low", "high", "level", "mean_per_image", "model", "correlation", "warnings"];
+  "count", "std", "low", "high", "level", "mean_per_image", "model", "correlation", "warnings",
+  "true_count", "error"];
 
 // Sites as `celltally wells` lists them: once each, numbers first in order, then names.
 function siteList(sites) {
@@ -604,6 +606,11 @@ function wellsCSV() {
       has ? fmt(w.low, 2) : "", has ? fmt(w.high, 2) : "", has ? w.level : "",
       has ? fmt(w.total / w.counts.length, 2) : "", w.model, has ? fmt(w.rho, 4) : "",
       has ? w.flagged || 0 : ""];
+    // the true total when every image's name carries its count, as `celltally wells` gives it
+    const truths = w.truths || [];
+    const known = has && truths.every((t) => t !== null && t !== undefined);
+    const truth = known ? truths.reduce((a, b) => a + b, 0) : null;
+    row.push(known ? +truth.toFixed(2) : "", known ? (w.total - truth).toFixed(2) : "");
     lines.push(row.map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";

@@ -441,8 +441,9 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     context.close()
 
 
-def test_api_docs_render_without_internet(server, browser):
-    """/docs draws the API from the installed Swagger UI: no request leaves the machine."""
+def test_api_docs_render_without_internet(server, images, browser):
+    """/docs draws the API from the installed Swagger UI: no request leaves the machine;
+    its "Try it out" counts a file as it comes (no example values in the optional fields)."""
     context = browser.new_context()
     page = context.new_page()
     outside = []
@@ -455,6 +456,15 @@ def test_api_docs_render_without_internet(server, browser):
         timeout=30_000
     )
     assert outside == []
+    page.locator(".opblock-summary-path", has_text="/api/count").click()
+    page.locator("button.try-out__btn").click()
+    for field in ("model", "channel", "rescale", "diameter", "pixel_size"):
+        assert page.locator(f'.opblock-body input[placeholder="{field}"]').input_value() == ""
+    folder, _ = images
+    page.locator(".opblock-body input[type=file]").set_input_files(str(folder / TIFF_NAME))
+    page.locator("button.execute").click()
+    status = page.locator(".live-responses-table tr.response .response-col_status").first
+    sync_api.expect(status).to_have_text("200", timeout=60_000)
     context.close()
 
 

@@ -230,6 +230,10 @@ class Info(BaseModel):
     )
 
 
+#: An optional form field left empty (not given). Declared beside the field's own type,
+#: with an empty default, so that /docs's "Try it out" sends no made-up example values.
+_EMPTY_FIELD = {"type": "string", "maxLength": 0}
+
 _UPLOAD_SCHEMA = {
     "requestBody": {
         "required": True,
@@ -252,12 +256,13 @@ _UPLOAD_SCHEMA = {
                         },
                         "saliency": {"type": "boolean", "default": True},
                         "channel": {
-                            "type": "integer",
-                            "minimum": 0,
+                            "anyOf": [{"type": "integer", "minimum": 0}, _EMPTY_FIELD],
+                            "default": "",
                             "description": "0-based channel of multi-channel images.",
                         },
                         "model": {
                             "type": "string",
+                            "default": "",
                             "description": "A model of GET /api/info's 'models' "
                             "(default: the server's).",
                         },
@@ -268,22 +273,22 @@ _UPLOAD_SCHEMA = {
                             "count --epistemic` (slower; the model needs ensemble members).",
                         },
                         "rescale": {
-                            "type": "number",
-                            "exclusiveMinimum": 0,
+                            "anyOf": [{"type": "number", "exclusiveMinimum": 0}, _EMPTY_FIELD],
+                            "default": "",
                             "description": "Resize the images by this factor before "
                             "counting, as `celltally count --rescale`: 2 for images binned "
                             "2 x 2 or at half the model's magnification (default: none).",
                         },
                         "diameter": {
-                            "type": "number",
-                            "exclusiveMinimum": 0,
+                            "anyOf": [{"type": "number", "exclusiveMinimum": 0}, _EMPTY_FIELD],
+                            "default": "",
                             "description": "Typical cell/nucleus diameter in the images, px, "
                             "as `celltally count --diameter`: sets the resize factor from the "
                             "model's own (nuclei: 28.3 px); instead of rescale.",
                         },
                         "pixel_size": {
-                            "type": "number",
-                            "exclusiveMinimum": 0,
+                            "anyOf": [{"type": "number", "exclusiveMinimum": 0}, _EMPTY_FIELD],
+                            "default": "",
                             "description": "Pixel size of the images, um, as `celltally count "
                             "--pixel-size`: sets the resize factor from the model's own (for "
                             "models of GET /api/info's 'pixel_sizes'); instead of rescale.",

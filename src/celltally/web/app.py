@@ -37,7 +37,11 @@ Endpoints
     The loaded model (name, preset, input size, measured figures) and the
     models shipped with the package.
 ``GET /api/info``
-    Version, model name, upload limits and defaults (the page reads it).
+    Version, model name, upload limits and defaults, and per model what the page
+    offers (its use, recorded diameter and pixel size, ensemble coverage).
+``GET /api/name?file=NAME``
+    Plate, well, site, blur, stain and count parsed from a file name, as counting
+    parses them (the page asks for files it could not send).
 ``GET /docs``, ``GET /openapi.json``
     The OpenAPI schema (FastAPI's default pages).
 

@@ -271,10 +271,13 @@ def test_what_a_model_was_made_with_is_its_own_record(tiny_model, tmp_path):
     expected = {"a.tif": "training", "b.tif": "training", "c.tif": "calibration"}
     assert seen_by_model(child, mine, folder=trained) == expected
     assert seen_by_model(child, mine, folder=trained / "images") == expected
-    # a copy of it is known by its training names; one shared name elsewhere is not enough
-    assert seen_by_model(child, mine, folder=tmp_path / "copy") == expected
-    other = ["a.tif", "x.tif", "y.tif", "z.tif"]
-    assert seen_by_model(child, other, folder=tmp_path / "other") == {}
+    # elsewhere (a copy, or a larger folder holding the images) the training names are
+    # still training images, and the others are not taken for calibration images
+    other = ["a.tif", "b.tif", *(f"new{i}.tif" for i in range(6))]
+    assert seen_by_model(child, other, folder=tmp_path / "other") == {
+        "a.tif": "training",
+        "b.tif": "training",
+    }
 
 
 def test_evaluate_reports_unreadable_images_and_exits_1(tiny_model, image_folder, tmp_path):

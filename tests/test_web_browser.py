@@ -420,6 +420,21 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     exported = download(page, "#csv", tmp_path / "again.csv")
     assert [r["problem"] for r in exported if r["file"] == broken.name] == [""]
     assert pick.locator("option").all_text_contents() == [*views, "Screen1 · w2 · tiny · 95%"]
+    # a failure of a file already counted does not stand either (as `celltally wells` reads
+    # the CSV); a failure of a stain with no counted image marks its plate's map
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / paths[1].name).write_bytes(b"II*\x00 broken")
+    (late / "Screen2_C03_s1_w2.tif").write_bytes(b"II*\x00 broken")
+    page.set_input_files(
+        "#file-input", [str(late / paths[1].name), str(late / "Screen2_C03_s1_w2.tif")]
+    )
+    wait_for_batch(page, 9)
+    assert card(page, paths[1].name).last.get_attribute("data-state") == "superseded"
+    sync_api.expect(images).not_to_contain_text("not counted")
+    pick.select_option(label=views[1])
+    assert page.locator('#plate-grid .well.failed[data-well="C03"]').count() == 1
+    pick.select_option(label=views[0])
     # a time lapse: each time point's well is totalled apart, as `celltally wells` does;
     # names that carry their counts give the true total and the error, as there too
     lapse = []
@@ -428,7 +443,7 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
         tifffile.imwrite(path, simulate_scene(10 + t, seed=50 + t).image)
         lapse.append(path)
     page.set_input_files("#file-input", [str(p) for p in lapse])
-    wait_for_batch(page, 9)
+    wait_for_batch(page, 11)
     labels = page.locator('#well-totals tbody tr[data-well="D04"] td:first-child')
     assert sorted(labels.all_text_contents()) == ["Lapse t01 D04", "Lapse t02 D04"]
     totals = download(page, "#wells-csv", wells_path)

@@ -367,7 +367,11 @@ def count(
         ),
     ] = 2,
     epistemic: Annotated[
-        bool, typer.Option(help="Add the model's ensemble spread (ensemble_<k> files) to the std.")
+        bool,
+        typer.Option(
+            help="Count with the model's ensemble (ensemble_<k> files): the mean of its "
+            "counters, their spread added to the std."
+        ),
     ] = False,
     calibration: Annotated[
         str | None,
@@ -703,7 +707,11 @@ def evaluate(
         ),
     ] = False,
     epistemic: Annotated[
-        bool, typer.Option(help="Add the model's ensemble spread (ensemble_<k> files).")
+        bool,
+        typer.Option(
+            help="Count with the model's ensemble (ensemble_<k> files): their mean, their "
+            "spread in the interval."
+        ),
     ] = False,
     calibration: Annotated[
         str | None, typer.Option(help="Interval method: conformal, temperature or gaussian.")

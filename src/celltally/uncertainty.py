@@ -706,53 +706,42 @@ def seen_by_model(
 ) -> dict[str, str]:
     """The images of ``folder`` (named by ``keys``, paths under it) the model was made with.
 
-    Returns {key: "training" or "calibration"} for those its config records:
-    file names recorded as training or calibration images (``training.split``,
-    as the shipped ``nuclei`` records them), real BBBC005 images
-    (:func:`_real_bbbc005`; not a simulated plate's) from the sites it trained
-    or calibrated on, and the images of a folder ``train`` split (``folder`` or
-    its parent when it is an ``images`` folder): its recorded training names
-    trained, the rest calibrated (``train`` calibrates on a folder's images it
-    does not train on; images added since are taken for them too). A copy of
-    such a folder is known by its training names (half its images or more).
-    What a model it was fine-tuned from trained on is "training" too; what
-    that model calibrated on is not (this model recalibrated). Calibration by
-    ``celltally calibrate`` on other images is not recorded by name, so it is
-    not found here.
+    Returns {key: "training" or "calibration"}. Training: the file names its
+    config, or that of a model it was fine-tuned from, records as training
+    images (``training.split``: the shipped ``nuclei``'s list, ``train``'s
+    ``train_names``), matched by name wherever they are (as ``calibrate``
+    matches them: a copy of a training image must not pass for a held-out
+    one; a namesake is left out too), and real BBBC005 images
+    (:func:`_real_bbbc005`; not a simulated plate's) from the sites they trained
+    on. Calibration, this model's own only (it recalibrated after any it was
+    fine-tuned from): the names its split records as calibration images, real
+    BBBC005 images from its calibration sites, and the other images of a
+    folder its ``train`` split (``folder``, or its parent when it is an
+    ``images`` folder; images added since are taken for them too).
+    Calibration by ``celltally calibrate`` on other images is not recorded by
+    name, so it is not found here.
     """
-    seen: dict[str, str] = {}
     here = Path(folder).resolve()
     where = {here, here.parent} if here.name == "images" else {here}
+    chain = _lineage(config)
+    own = chain[0]
+    trained: set[str] = set()
+    trained_sites: set[int] = set()
+    for c in chain:
+        trained |= set(((c.get("training") or {}).get("split") or {}).get("train") or ())
+        trained |= {n for _, info in _split_entries(c) for n in info.get("train_names") or ()}
+        trained_sites |= _bbbc005_sites(c).get("training", set())
+    calibrated = set(((own.get("training") or {}).get("split") or {}).get("calibration") or ())
+    calibrated_sites = _bbbc005_sites(own).get("calibration", set())
+    split_here = any(where & places for places, _ in _split_entries(own))
     real_bbbc005 = _real_bbbc005([Path(k).name for k in keys])
-    for depth, c in enumerate(_lineage(config)):
-        split = (c.get("training") or {}).get("split") or {}
-        own = depth == 0  # this model's calibration; every model's training
-        sites = _bbbc005_sites(c)
-        names = {
-            "training": set(split.get("train") or ()),
-            "calibration": set(split.get("calibration") or ()) if own else set(),
-        }
-        trained_here = False
-        for places, info in _split_entries(c):
-            trained = set(info.get("train_names") or ())
-            here_too = bool(where & places)
-            if here_too or len(trained & set(keys)) >= max(1, len(keys)) / 2:
-                names["training"] |= trained
-                trained_here = trained_here or here_too or bool(trained)
-        for key in keys:
-            if key in seen:
-                continue
-            site = naming.parse_name(Path(key).name).site
-            for role in ("training", "calibration"):
-                by_site = (
-                    real_bbbc005 and (own or role == "training") and site in sites.get(role, ())
-                )
-                if key in names[role] or by_site:
-                    seen[key] = role
-                    break
-            else:
-                if trained_here and own:  # an ancestor's calibration images: not this one's
-                    seen[key] = "calibration"
+    seen: dict[str, str] = {}
+    for key in keys:
+        site = naming.parse_name(Path(key).name).site if real_bbbc005 else None
+        if key in trained or site in trained_sites:
+            seen[key] = "training"
+        elif key in calibrated or site in calibrated_sites or split_here:
+            seen[key] = "calibration"
     return seen
 
 

@@ -10,7 +10,8 @@ Endpoints
     ``saliency`` (``true``/``false``), ``channel`` (0-based plane of
     multi-channel files; empty = the file's only channel or its colour mean),
     ``model`` (a shipped model; default the server's), ``epistemic``
-    (``true``: add the model's ensemble spread, as ``count --epistemic``) and
+    (``true``: count with the model's ensemble, its mean and its spread in the interval,
+    as ``count --epistemic``) and
     ``rescale`` (resize factor before counting, as ``celltally count
     --rescale``: 2 for images binned 2 x 2; empty = the model's own scale) or
     ``diameter`` (typical object diameter in px, as ``--diameter``: the factor
@@ -273,7 +274,8 @@ _UPLOAD_SCHEMA = {
                         "epistemic": {
                             "type": "boolean",
                             "default": False,
-                            "description": "Add the model's ensemble spread, as `celltally "
+                            "description": "Count with the model's ensemble (its mean count, its "
+                            "spread added to the interval), as `celltally "
                             "count --epistemic` (slower; the model needs ensemble members).",
                         },
                         "rescale": {

@@ -27,6 +27,7 @@ function fmt(x, digits) {
 async function loadInfo() {
   try {
     const response = await fetch("/api/info");
+    if (!response.ok) throw new Error(`${response.status}`);
     state.info = await response.json();
     $("model-name").textContent = state.info.model;
     $("model").replaceChildren(...(state.info.models || [state.info.model])
@@ -189,30 +190,37 @@ async function send({ file, card, row, index, settings }) {
     } catch (err) { /* the server is gone: the well cannot be known */ }
   }
   if (!card.isConnected) return;
-  if (!result.ok) state.failed += 1;
   state.results[index] = result;
+  // as `celltally wells` reads a results CSV: a failure of a file counted elsewhere in
+  // the batch (before or after it) does not stand
   if (result.ok) supersede(result.name, index);
+  else if (state.results.some((r) => r && r.ok && r.name === result.name)) result.superseded = true;
+  else state.failed += 1;
   fillCard(card, result);
+  if (result.superseded) markSuperseded(card, row);
   fillRow(row, result);
   drawPlate();
   drawWellTotals();
 }
 
-// A file that failed and was then added again and counted: the failure no longer stands
+// A file that failed and was also counted (added again): the failure no longer stands
 // (its well is no longer "not counted", its row leaves the CSV); its card says so.
 function supersede(name, index) {
   state.results.forEach((r, i) => {
     if (!r || r.ok || r.superseded || r.name !== name || i === index) return;
     r.superseded = true;
     state.failed -= 1;
-    const card = [...document.querySelectorAll("#cards .card")][i];
-    if (card) {
-      card.dataset.state = "superseded";
-      card.querySelector(".count").textContent = "counted again";
-    }
-    const row = [...document.querySelectorAll("#table tbody tr")][i];
-    if (row) row.classList.add("superseded");
+    markSuperseded([...document.querySelectorAll("#cards .card")][i],
+      [...document.querySelectorAll("#table tbody tr")][i]);
   });
+}
+
+function markSuperseded(card, row) {
+  if (card) {
+    card.dataset.state = "superseded";
+    card.querySelector(".count").textContent = "counted in another card";
+  }
+  if (row) row.classList.add("superseded");
 }
 
 // -- cards -----------------------------------------------------------------
@@ -450,8 +458,11 @@ function drawPlate() {
   };
   for (const r of placed) {
     const m = r.metadata;
-    if (!r.ok) { // an image not counted marks its well on every view of its plate and stain
-      if (plateLabel(m) === plateOf && stainOf(m) === stainShown) entry(m).failed += 1;
+    if (!r.ok) { // an image not counted marks its well on every view of its plate and
+      // stain, or of its plate where no image of its stain was counted (no view of its own)
+      const own = views.some((v) => { const [p, s] = JSON.parse(v); return p === plateOf &&
+        s === stainOf(m); });
+      if (plateLabel(m) === plateOf && (stainOf(m) === stainShown || !own)) entry(m).failed += 1;
       continue;
     }
     if (keyOf(r) !== state.plate) continue;

@@ -393,6 +393,13 @@ def test_per_well_totals_in_the_page(server, browser, tiny_model, tmp_path):
     assert page.locator('#plate-grid .well.has[data-well="C03"]').count() == 0
     if flagged:  # a well with unusual images is outlined on the map
         assert page.locator('#plate-grid .well.flagged[data-well="B02"]').count() == 1
+    # a well's count and notes are read without a mouse: Tab to it, the line below says them
+    well = page.locator('#plate-grid .well.has[data-well="B02"]')
+    assert well.get_attribute("tabindex") == "0" and well.get_attribute("role") == "button"
+    well.focus()
+    sync_api.expect(page.locator("#well-detail")).to_contain_text("B02: ")
+    sync_api.expect(page.locator("#well-detail")).to_contain_text("cells (mean of 3 images)")
+    assert page.locator('#plate-grid .well[data-well="A01"]').get_attribute("tabindex") is None
     pick.select_option(label=views[1])
     assert page.locator('#plate-grid .well.has[data-well="C03"]').count() == 1
     assert page.locator('#plate-grid .well.has[data-well="B02"]').count() == 0

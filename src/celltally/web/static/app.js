@@ -521,6 +521,14 @@ function drawPlate() {
           notes.push(`${well.failed} image(s) not counted`);
         }
         cell.title = `${name}: ${notes.join("; ")}`;
+        // keyboard, screen-reader and touch users read it too, not only by hovering
+        cell.tabIndex = 0;
+        cell.setAttribute("role", "button");
+        cell.setAttribute("aria-label", cell.title);
+        const show = () => { $("well-detail").textContent = cell.title; };
+        cell.addEventListener("focus", show);
+        cell.addEventListener("click", show);
+        cell.addEventListener("mouseenter", show);
       } else {
         cell.title = `${name}: no image`;
       }

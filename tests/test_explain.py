@@ -256,3 +256,25 @@ def test_cli_explain_takes_the_scale_and_normalization_options_of_count(tmp_path
     refused = CliRunner().invoke(app, [*args[:2], "-o", str(out), "--rescale", "-1"])
     assert refused.exit_code != 0 and refused.output.count("\n") == 1
     assert "--rescale must be a positive number" in refused.output
+
+
+def test_the_panels_say_what_the_saliency_differentiates_and_show_dim_inputs(tiny_model):
+    from celltally.explain import _draw
+
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    image = blob_image(6, seed=4)
+    image[3, 3] = 255  # one hot pixel
+    for truth, of in ((None, "count"), (6.0, "NLL")):
+        fig = _draw(
+            explain_image(counter, image, true_count=truth),
+            title=None,
+            true_count=None,
+            image_saliency=True,
+        )
+        titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        assert titles[3:] == [f"saliency |d {of} / d mask|", f"saliency |d {of} / d image|"]
+    # the input's grey scale spans its 0.5-99.5th percentiles, not its hot pixel
+    expl = explain_image(counter, image)
+    low, high = fig.axes[0].images[0].get_clim()
+    assert high < float(expl.image.max())
+    assert (low, high) == pytest.approx(tuple(np.percentile(expl.image, [0.5, 99.5])), rel=1e-5)

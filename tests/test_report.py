@@ -275,3 +275,27 @@ def test_a_failed_image_in_a_sub_folder_counts_against_its_own_plate(tmp_path):
     assert evaluation["unlabelled"] == []
     failed = {r["plate"]: r["failed"] for r in evaluation["wells"]["rows"]}
     assert failed == {"PlateA/exp1": 1, "PlateB/exp1": 0}
+
+
+def test_report_says_which_images_the_model_was_made_with(tiny_model, labelled_folder, tmp_path):
+    import copy
+
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    evaluation = evaluate_folder(labelled_folder, model=counter)
+    assert evaluation["seen"] == {"training": 0, "calibration": 0, "left_out": False}
+    text = write_report(
+        evaluation, tmp_path / "r0", counter=counter, data=labelled_folder
+    ).read_text()
+    assert "Not held-out" not in text and "Held out" not in text
+    assert "by celltally" in text and str(labelled_folder.resolve()) in text
+    # two of them trained on, as a config would record them
+    seen = copy.deepcopy(evaluation)
+    seen["seen"] = {"training": 2, "calibration": 0, "left_out": False}
+    for row in seen["rows"][:2]:
+        row["seen"] = "training"
+    text = write_report(seen, tmp_path / "r1", counter=counter, data=labelled_folder).read_text()
+    assert "Not held-out figures:</strong> 2 image(s) model tiny was made with" in text
+    assert "--held-out" in text
+    seen["seen"]["left_out"] = True
+    text = write_report(seen, tmp_path / "r2", counter=counter, data=labelled_folder).read_text()
+    assert "Held out: 2 image(s) model tiny was made with" in text

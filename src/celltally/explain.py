@@ -276,25 +276,33 @@ def _draw(expl: Explanation, *, title: str | None, true_count: float | None, ima
     from matplotlib.figure import Figure
 
     truth = expl.true_count if true_count is None else true_count
+    # what the saliency differentiates: the count itself, or its loss against the truth
+    of = "count" if expl.loss == "count" else "NLL"
+    # the input between its 0.5th and 99.5th percentiles: one hot pixel would leave the
+    # rest black (the network sees it clipped to the normalization's range anyway)
+    low, high = (float(v) for v in np.percentile(expl.image, [0.5, 99.5]))
     panels = [
-        ("input", expl.image, "gray", None, None),
-        ("predicted mask", expl.mask, "gray", 0.0, 1.0),
-        ("mask uncertainty (std)", expl.mask_std, "viridis", 0.0, None),
-        ("saliency (d loss / d mask)", expl.mask_saliency, "inferno", 0.0, None),
+        ("input (normalized)", expl.image, "gray", low, high if high > low else low + 1, ""),
+        ("predicted mask", expl.mask, "gray", 0.0, 1.0, "foreground probability"),
+        ("mask uncertainty", expl.mask_std, "viridis", 0.0, None, "std of the mask"),
+        (f"saliency |d {of} / d mask|", expl.mask_saliency, "inferno", 0.0, None, "gradient"),
     ]
     if image_saliency:
-        panels.append(("saliency (d loss / d image)", expl.image_saliency, "inferno", 0.0, None))
+        panels.append(
+            (f"saliency |d {of} / d image|", expl.image_saliency, "inferno", 0.0, None, "gradient")
+        )
     fig = Figure(figsize=(3.2 * len(panels), 3.0), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(panels))
-    for ax, (name, array, cmap, vmin, vmax) in zip(axes, panels, strict=True):
-        if vmax is None and name != "input":
+    for ax, (name, array, cmap, vmin, vmax, unit) in zip(axes, panels, strict=True):
+        if vmax is None:
             vmax = display_max(array)
         shown = ax.imshow(array, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        if name != "input":
-            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        if unit:
+            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+            bar.set_label(unit, fontsize=7)
     fig.suptitle(title or panel_title(expl.result, truth), fontsize=11)
     return fig
 

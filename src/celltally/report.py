@@ -166,7 +166,8 @@ def _outside(row: Mapping[str, Any]) -> bool:
 
 
 def plot_pred_vs_true(rows: Sequence[Mapping[str, Any]], path: str | Path, *, level: float) -> Path:
-    """Predicted vs true count, with each image's interval as an error bar."""
+    """Predicted vs true count, with each image's interval as an error bar; images the
+    model was made with (a row's ``seen``) ringed by an open circle."""
     fig = _figure(6.0, 5.5)
     ax = fig.subplots()
     true = np.array([float(r["true"]) for r in rows])
@@ -189,12 +190,24 @@ def plot_pred_vs_true(rows: Sequence[Mapping[str, Any]], path: str | Path, *, le
                 alpha=0.7,
                 label=f"truth {name} the interval ({int(sel.sum())})",
             )
+    seen = np.array([bool(r.get("seen")) for r in rows], dtype=bool)
+    if seen.any():
+        ax.plot(
+            true[seen] + jitter[seen],
+            pred[seen],
+            "o",
+            mfc="none",
+            mec="black",
+            ms=7,
+            mew=0.8,
+            label=f"trained or calibrated on ({int(seen.sum())})",
+        )
     top = float(max(true.max(), high.max()) * 1.05 + 1)
     ax.plot([0, top], [0, top], "k--", lw=0.8, label="predicted = true")
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
-    ax.set_xlabel("true count")
-    ax.set_ylabel(f"predicted count ({level_text(level)} interval)")
+    ax.set_xlabel("true count (cells)")
+    ax.set_ylabel(f"predicted count (cells; {level_text(level)} interval)")
     ax.legend(loc="upper left", fontsize=8)
     path = Path(path)
     fig.savefig(path)
@@ -323,6 +336,7 @@ th:first-child, td:first-child { text-align: left; }
 img { max-width: 100%; }
 .failure { margin: 1em 0 2em; }
 .note { color: #555; font-size: 0.9em; }
+.warn { background: #fff4e5; border-left: 4px solid #b54708; padding: 0.5em 0.8em; }
 """
 
 _METRIC_COLUMNS = ("n", "mae", "rmse", "r2", "max_abs_error", "coverage", "mean_half_width")
@@ -437,6 +451,42 @@ def _wells_section(wells: Mapping[str, Any] | None, level: float) -> str:
     )
 
 
+def _made_line(evaluation: Mapping[str, Any]) -> str:
+    """'Made DATE by celltally VERSION; normalization ...': where the figures come from."""
+    import datetime
+
+    from celltally import __version__
+
+    norm = evaluation.get("normalization") or {}
+    shown = ", ".join(f"{k} {v}" for k, v in norm.items())
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return (
+        f"<p class='note'>Made {_esc(when)} by celltally {_esc(__version__)}"
+        + (f"; normalization: {_esc(shown)}" if shown else "")
+        + ".</p>"
+    )
+
+
+def _seen_banner(seen: Mapping[str, Any] | None, model: str) -> str:
+    """A warning when images the model was made with are among those evaluated, or a note
+    of how many ``--held-out`` left out (:func:`celltally.uncertainty.seen_by_model`)."""
+    if not seen or not (seen.get("training") or seen.get("calibration")):
+        return ""
+    what = (
+        f"{seen['training'] + seen['calibration']} image(s) model {_esc(model)} was made "
+        f"with ({seen['training']} trained on, {seen['calibration']} calibrated on, as its "
+        "config.json records)"
+    )
+    if seen.get("left_out"):
+        return f"<p class='note'>Held out: {what} were left out (--held-out).</p>"
+    return (
+        f"<p class='warn'><strong>Not held-out figures:</strong> {what} are among those "
+        "evaluated, so their errors and coverage flatter the model; the plots mark them "
+        "with open circles. <code>celltally evaluate ... --held-out</code> leaves them "
+        "out.</p>"
+    )
+
+
 def write_report(
     evaluation: Mapping[str, Any],
     out_dir: str | Path,
@@ -532,9 +582,12 @@ def write_report(
         f"<title>celltally evaluation: {_esc(evaluation.get('model', counter.name))}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>Evaluation of model {_esc(evaluation.get('model', counter.name))}</h1>",
-        f"<p>Data: <code>{_esc(evaluation.get('data', data))}</code>; {len(rows)} images; "
+        f"<p>Data: <code>{_esc(Path(str(evaluation.get('data', data))).resolve())}</code>; "
+        f"{len(rows)} images; "
         f"intervals at {level_text(level)} (calibration used: {_esc(default)}"
-        f"{', with ensemble spread' if counter.epistemic else ''}).</p>",
+        f"{', with the ensemble' if counter.epistemic else ''}).</p>",
+        _made_line(evaluation),
+        _seen_banner(evaluation.get("seen"), counter.name),
         _not_counted(evaluation.get("errors") or []),
         "<h2>Accuracy and coverage</h2>",
         _metrics_table(evaluation.get("metrics", {})),

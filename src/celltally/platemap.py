@@ -238,6 +238,8 @@ def plot_plate_maps(
     width = panel_w * columns
     fig = Figure(figsize=(width, panel_h * math.ceil(n / columns) + 0.6), dpi=110)
     label = value.replace("_", " ")
+    if value in ("count", "error", "mean_per_image", "std", "true_count"):
+        label += " (cells)"
 
     def ink(grid: PlateGrid, r: int, c: int) -> str:
         """White on the darkest colours, else black."""

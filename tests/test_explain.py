@@ -259,6 +259,8 @@ def test_cli_explain_takes_the_scale_and_normalization_options_of_count(tmp_path
 
 
 def test_the_panels_say_what_the_saliency_differentiates_and_show_dim_inputs(tiny_model):
+    import dataclasses
+
     from celltally.explain import _draw
 
     counter = CellCounter.from_pretrained(tiny_model, device="cpu")
@@ -273,6 +275,9 @@ def test_the_panels_say_what_the_saliency_differentiates_and_show_dim_inputs(tin
         )
         titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
         assert titles[3:] == [f"saliency |d {of} / d mask|", f"saliency |d {of} / d image|"]
+    assert fig.dpi == 100  # a frame's size; a larger image gets more pixels
+    large = dataclasses.replace(explain_image(counter, image), image=np.zeros((900, 1200)))
+    assert _draw(large, title=None, true_count=None, image_saliency=False).dpi == 400
     # the input's grey scale spans its 0.5-99.5th percentiles, not its hot pixel
     expl = explain_image(counter, image)
     low, high = fig.axes[0].images[0].get_clim()

@@ -291,7 +291,9 @@ def _draw(expl: Explanation, *, title: str | None, true_count: float | None, ima
         panels.append(
             (f"saliency |d {of} / d image|", expl.image_saliency, "inferno", 0.0, None, "gradient")
         )
-    fig = Figure(figsize=(3.2 * len(panels), 3.0), dpi=100, layout="constrained")
+    # more pixels for larger images (a whole-well mosaic), so that cells stay visible
+    dpi = round(100 * min(4.0, max(1.0, max(expl.image.shape) / 300)))
+    fig = Figure(figsize=(3.2 * len(panels), 3.0), dpi=dpi, layout="constrained")
     axes = fig.subplots(1, len(panels))
     for ax, (name, array, cmap, vmin, vmax, unit) in zip(axes, panels, strict=True):
         if vmax is None:

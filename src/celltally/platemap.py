@@ -195,13 +195,15 @@ def plot_plate_maps(
     title: str | None = None,
     diverging: bool = False,
     plate_format: int | None = None,
+    grey: str = "no image",
 ) -> Path:
     """Draw :func:`plate_grids`'s maps into one PNG, one panel per plate and stain.
 
     Each well is coloured by ``value`` on one colour scale shared by all
     panels (and, on plates of 96 wells or fewer, labelled with it); grey is
-    a position with no image. A well with images flagged as unlike the
-    calibration data is outlined with a '!'; one with images that could not
+    a position with no row in ``wells`` (the legend says ``grey``). A well with
+    images flagged as unlike the calibration data is outlined with a '!'; one
+    with images that could not
     be counted gets an 'x' (its value covers only the others). ``diverging``
     centres a red-blue scale on 0 (for signed values such as ``error``).
     Returns the path written.
@@ -288,7 +290,7 @@ def plot_plate_maps(
         fig.colorbar(image, ax=ax, shrink=0.8, label=label)
     flagged = sum(int(g.flagged.sum()) for g in grids)
     failed = sum(int(g.failed.sum()) for g in grids)
-    legend = ["grey: no image"]
+    legend = [f"grey: {grey}"]
     if flagged:
         legend.append(f"!: {flagged} well(s) with images flagged as unlike the calibration data")
     if failed:

@@ -428,6 +428,7 @@ def _plate_error_map(wells: Mapping[str, Any] | None, out_dir: Path) -> str:
         value="error",
         diverging=True,
         title="error of each well's total (counted - true)",
+        grey="no well total (no image, or one: wells of 2 or more images are totalled)",
     )
     return (
         "<p class='note'>Where on the plate the totals err: red wells counted high, "

@@ -7,9 +7,9 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -732,7 +732,7 @@ def evaluate(
 ) -> None:
     """MAE, RMSE, R², max error, interval coverage and width, overall and per blur x stain."""
     from celltally.counter import CellCounter
-    from celltally.evaluation import evaluate_folder
+    from celltally.evaluation import evaluate_folder, made_with_text
     from celltally.metrics import format_table
 
     _check_level(level)
@@ -766,7 +766,7 @@ def evaluate(
     except _user_errors() as err:
         fail(err)
     typer.echo(format_table(result["metrics"]))
-    if made_with := _seen_text(result["seen"]):
+    if made_with := made_with_text(result["seen"]):
         if held_out:
             typer.echo(f"left out {made_with}")
         else:
@@ -815,17 +815,6 @@ def evaluate(
             err=True,
         )
         raise typer.Exit(1)
-
-
-def _seen_text(seen: Mapping[str, Any]) -> str:
-    """'N images the model was made with (a trained on, b calibrated on, ...)', or ''."""
-    n = seen["training"] + seen["calibration"]
-    if not n:
-        return ""
-    return (
-        f"{n} image(s) the model was made with ({seen['training']} trained on, "
-        f"{seen['calibration']} calibrated on, as its config.json records)"
-    )
 
 
 def _site_numbers(text: str) -> set[int]:

@@ -56,6 +56,18 @@ def image_key(path: str | Path, folder: str | Path) -> str:
         return Path(path).name
 
 
+def made_with_text(seen: Mapping[str, Any] | None, *, model: str = "the model") -> str:
+    """'N image(s) the model was made with (a trained on, b calibrated on, as its
+    config.json records)' of :func:`evaluate_folder`'s ``seen``; '' when there are none.
+    ``model`` names the model in it ('model nuclei')."""
+    if not seen or not (n := seen.get("training", 0) + seen.get("calibration", 0)):
+        return ""
+    return (
+        f"{n} image(s) {model} was made with ({seen['training']} trained on, "
+        f"{seen['calibration']} calibrated on, as its config.json records)"
+    )
+
+
 def evaluate_folder(
     data: str | Path,
     *,
@@ -108,7 +120,8 @@ def evaluate_folder(
             raise io.InputError(f"{data}: no labelled image from sites {sorted(sites)}")
     from celltally.uncertainty import seen_by_model
 
-    seen = seen_by_model(counter.config, [image_key(p, folder) for p, _ in pairs], folder=data)
+    keys = {p: image_key(p, folder) for p, _ in pairs}  # how each image's row names it
+    seen = seen_by_model(counter.config, list(keys.values()), folder=data)
     roles = list(seen.values())
     seen_summary = {
         "training": roles.count("training"),
@@ -116,7 +129,7 @@ def evaluate_folder(
         "left_out": held_out,
     }
     if held_out:
-        pairs = [(p, c) for p, c in pairs if image_key(p, folder) not in seen]
+        pairs = [(p, c) for p, c in pairs if keys[p] not in seen]
         if not pairs:
             raise io.InputError(
                 f"{data}: every labelled image is one model {counter.name} was trained or "
@@ -130,12 +143,12 @@ def evaluate_folder(
     ):
         if isinstance(result, Exception):
             errors.append(str(result))
-            failed.append(image_key(path, folder))
+            failed.append(keys[path])
             continue
         meta = result.metadata
         rows.append(
             {
-                "file": image_key(path, folder),
+                "file": keys[path],
                 "true": truth[path],
                 "count": round(result.count, 3),
                 "std": round(result.std, 3),
@@ -144,7 +157,7 @@ def evaluate_folder(
                 "blur": meta.get("blur"),
                 "stain": meta.get("stain"),
                 "warning": result.warning,
-                "seen": seen.get(image_key(path, folder)),
+                "seen": seen.get(keys[path]),
             }
         )
     if not rows:

@@ -471,14 +471,12 @@ def _made_line(evaluation: Mapping[str, Any]) -> str:
 def _seen_banner(seen: Mapping[str, Any] | None, model: str) -> str:
     """A warning when images the model was made with are among those evaluated, or a note
     of how many ``--held-out`` left out (:func:`celltally.uncertainty.seen_by_model`)."""
-    if not seen or not (seen.get("training") or seen.get("calibration")):
+    from celltally.evaluation import made_with_text
+
+    what = _esc(made_with_text(seen, model=f"model {model}"))
+    if not what:
         return ""
-    what = (
-        f"{seen['training'] + seen['calibration']} image(s) model {_esc(model)} was made "
-        f"with ({seen['training']} trained on, {seen['calibration']} calibrated on, as its "
-        "config.json records)"
-    )
-    if seen.get("left_out"):
+    if seen and seen.get("left_out"):
         return f"<p class='note'>Held out: {what} were left out (--held-out).</p>"
     return (
         f"<p class='warn'><strong>Not held-out figures:</strong> {what} are among those "

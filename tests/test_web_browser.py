@@ -156,6 +156,22 @@ def card(page, name: str):
     return page.locator(f'.card[data-name="{name}"]')
 
 
+def count_one(browser, server: str, path: Path, *, model: str, **fields: str):
+    """Open the page, pick ``model``, fill the form ``fields`` (id: value), count ``path``;
+    the context (close it), the page and the file's card, counted."""
+    context = browser.new_context(accept_downloads=True)
+    page = context.new_page()
+    page.goto(server)
+    page.select_option("#model", model)
+    for field, value in fields.items():
+        page.fill(f"#{field}", value)
+    page.set_input_files("#file-input", [str(path)])
+    wait_for_batch(page, 1)
+    item = card(page, path.name)
+    assert item.get_attribute("data-state") == "done"
+    return context, page, item
+
+
 def test_desktop_upload_count_maps_table_plate_csv(server, images, browser, tmp_path):
     folder, expected = images
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
@@ -516,15 +532,7 @@ def test_the_page_counts_binned_images_with_the_rescale_set(server, browser, tmp
     path = tmp_path / "binned_w2.tif"
     tifffile.imwrite(path, binned.astype(np.uint8))
     expected = CellCounter.from_pretrained("bbbc005", rescale=2.0).count(path).count
-    context = browser.new_context(accept_downloads=True)
-    page = context.new_page()
-    page.goto(server)
-    page.select_option("#model", "bbbc005")
-    page.fill("#rescale", "2")
-    page.set_input_files("#file-input", [str(path)])
-    wait_for_batch(page, 1)
-    item = card(page, path.name)
-    assert item.get_attribute("data-state") == "done"
+    context, page, item = count_one(browser, server, path, model="bbbc005", rescale="2")
     shown = item.locator(".count").text_content()
     assert float(shown.split()[0]) == pytest.approx(expected, abs=0.051)
     # the ensemble box: the same file (another name) with the ensemble's interval
@@ -585,15 +593,7 @@ def test_the_page_counts_with_a_nucleus_diameter(server, browser, tmp_path):
     large = np.round(rescale(nuclei.astype(np.float32), 2.0, preserve_range=True))
     tifffile.imwrite(path, large.astype(np.uint16))
     expected = CellCounter.from_pretrained("nuclei", diameter=56.6).count(path)
-    context = browser.new_context(accept_downloads=True)
-    page = context.new_page()
-    page.goto(server)
-    page.select_option("#model", "nuclei")
-    page.fill("#diameter", "56.6")
-    page.set_input_files("#file-input", [str(path)])
-    wait_for_batch(page, 1)
-    item = card(page, path.name)
-    assert item.get_attribute("data-state") == "done"
+    context, page, item = count_one(browser, server, path, model="nuclei", diameter="56.6")
     text = f"{expected.count:.1f} ± {expected.half_width:.1f}"
     sync_api.expect(item.locator(".count")).to_have_text(text)
     sync_api.expect(item.locator(".interval")).to_contain_text("model nuclei ×0.5 (⌀ 56.6 px)")

@@ -857,15 +857,22 @@ def output_root(paths: Sequence[str | os.PathLike[str]]) -> Path:
     return Path(os.path.commonpath([os.path.abspath(f) for f in folders]))
 
 
+def _folder_in(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> Path | None:
+    """The folder among ``path``'s ancestors that is ``root``: as spelt, or, when ``root``
+    is spelt through a linked folder, the one that is the same folder (links below kept);
+    None when ``path`` lies outside it."""
+    full = Path(os.path.abspath(path))
+    base = Path(os.path.abspath(root))
+    if full.is_relative_to(base):
+        return base
+    real = os.path.realpath(base)
+    return next((p for p in full.parents if os.path.realpath(p) == real), None)
+
+
 def is_under(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
     """Whether ``path`` lies in folder ``root`` (or a sub-folder), as :func:`output_stem`
     sees it (``root`` may be spelt through a linked folder)."""
-    full = Path(os.path.abspath(path))
-    base = os.path.abspath(root)
-    if full.is_relative_to(base):
-        return True
-    real = os.path.realpath(base)
-    return any(os.path.realpath(p) == real for p in full.parents)
+    return _folder_in(path, root) is not None
 
 
 def output_stem(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:
@@ -875,13 +882,8 @@ def output_stem(path: str | os.PathLike[str], root: str | os.PathLike[str] | Non
     ``root`` (or with no ``root``) keeps only its own name.
     """
     full = Path(os.path.abspath(path))
-    base = os.path.abspath(full.parent if root is None else root)
-    try:
-        rel = full.relative_to(base)
-    except ValueError:  # maybe ``root`` spelt through a linked folder: the folder of
-        real = os.path.realpath(base)  # ``path`` that is the same folder (links below kept)
-        same = next((p for p in full.parents if os.path.realpath(p) == real), None)
-        rel = full.relative_to(same) if same is not None else Path(full.name)
+    base = _folder_in(full, full.parent if root is None else root)
+    rel = full.relative_to(base) if base is not None else Path(full.name)
     return rel.with_name(rel.stem).as_posix()
 
 

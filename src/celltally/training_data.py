@@ -115,6 +115,17 @@ def _small_batches(
             hp["batch_size"] = batch
 
 
+def _frame_shapes(meta: Sequence[Mapping[str, Any]]) -> collections.Counter:
+    """How many training images have each raw (height, width)."""
+    return collections.Counter(tuple(m["shape"]) for m in meta if m.get("shape"))
+
+
+def _size_ratio(shape: Sequence[int], native: Sequence[int]) -> float:
+    """How many times the model's frame ``native`` an image of ``shape`` is, per side
+    (the mean of the two sides' ratios)."""
+    return (shape[0] / native[0] + shape[1] / native[1]) / 2
+
+
 def _check_frame_size(
     config: dict[str, Any], meta: Sequence[dict[str, Any]], *, adopt: bool, log: Log
 ) -> None:
@@ -131,7 +142,7 @@ def _check_frame_size(
     rescaled with the frame. Images more than 10% off the frame get a warning.
     """
     native = tuple(model_scale(config).native_size)
-    shapes = collections.Counter(tuple(m["shape"]) for m in meta if m.get("shape"))
+    shapes = _frame_shapes(meta)
     if adopt and shapes:
         common, n = shapes.most_common(1)[0]
         # only a frame shaped like the model's (height / width): resized whole into the
@@ -141,7 +152,7 @@ def _check_frame_size(
         if common != native and same_shape:
             scale = dict(config.get("scale") or {})
             scale["native_size"] = list(common)
-            ratio = (common[0] / native[0] + common[1] / native[1]) / 2
+            ratio = _size_ratio(common, native)
             if scale.get("object_diameter_px"):  # the same objects in model pixels
                 scale["object_diameter_px"] = round(scale["object_diameter_px"] * ratio, 2)
             if scale.get("pixel_size_um"):  # the same field in more (or fewer) pixels
@@ -215,9 +226,9 @@ def _record_pixel_size(
     scale = dict(config.get("scale") or {})
     if pixel_size is not None:
         native = model_scale(config).native_size
-        shapes = collections.Counter(tuple(m["shape"]) for m in meta if m.get("shape"))
+        shapes = _frame_shapes(meta)
         common = shapes.most_common(1)[0][0] if shapes else native
-        ratio = (common[0] / native[0] + common[1] / native[1]) / 2
+        ratio = _size_ratio(common, native)
         scale["pixel_size_um"] = round(float(pixel_size) * ratio, 6)
         config["scale"] = scale
         frame = (

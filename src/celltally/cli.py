@@ -1087,6 +1087,7 @@ def models(
         WEIGHTS_DIR,
         available_models,
         ensemble_files,
+        held_out_figures,
         is_shipped,
         model_use,
         read_model_config,
@@ -1102,7 +1103,7 @@ def models(
             config = read_model_config(place)
         except _user_errors() as err:
             fail(err)
-        test = config.get("metrics", {}).get("test", {}).get("all", {})
+        test = held_out_figures(config)
         data = config.get("training", {}).get("data") or ["not recorded"]
         height, width = config.get("input_size", ("?", "?"))
         members = len(ensemble_files(place))
@@ -1131,7 +1132,7 @@ def models(
                 else ""
             ),
         ]
-        ensemble = config.get("metrics", {}).get("epistemic", {}).get("test", {}).get("all")
+        ensemble = held_out_figures(config, epistemic=True)
         if ensemble:
             lines.append(
                 f"  with --epistemic: MAE {ensemble['mae']:.2f}, max error "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,15 @@ SHIPPED_USES = {
     "about 28 px across (other magnifications: --diameter, or rescale by 28.3 / their "
     "diameter)",
 }
+
+
+def held_out_figures(config: Mapping[str, Any], *, epistemic: bool = False) -> dict[str, Any]:
+    """The held-out test figures a model's config records (MAE, coverage, ...; with
+    ``epistemic``, its ensemble's), all images together; {} where none were measured."""
+    metrics = dict(config.get("metrics") or {})
+    if epistemic:
+        metrics = dict(metrics.get("epistemic") or {})
+    return dict((metrics.get("test") or {}).get("all") or {})
 
 
 def model_use(name: str) -> str:

@@ -79,7 +79,13 @@ from starlette.datastructures import MutableHeaders
 from celltally import io, naming
 from celltally.calibration import MAX_LEVEL, valid_level
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
-from celltally.model_folder import is_shipped, model_use, read_model_config, resolve_model
+from celltally.model_folder import (
+    held_out_figures,
+    is_shipped,
+    model_use,
+    read_model_config,
+    resolve_model,
+)
 from celltally.scale import model_scale, rescale_factor
 from celltally.web import render
 from celltally.web.uploads import (
@@ -655,8 +661,7 @@ def create_app(
     ensemble_coverage = {
         m: float(test["coverage"])
         for m, c in configs.items()
-        if (test := c.get("metrics", {}).get("epistemic", {}).get("test", {}).get("all"))
-        and "coverage" in test
+        if "coverage" in (test := held_out_figures(c, epistemic=True))
     }
     loading = threading.Lock()
 

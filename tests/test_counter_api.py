@@ -118,3 +118,58 @@ def test_from_folder_takes_a_string_and_bad_options_fail_at_construction(tmp_pat
         CellCounter.from_pretrained(norm={"noise_range": "abc"})
     result = counter.count(blob_image(5), level=np.float32(0.9))
     assert type(result.level) is float and result.level == pytest.approx(0.9)
+
+
+def test_arrays_are_reduced_to_2d_as_files_are(counter):
+    image = blob_image(7, seed=2)
+    plain = counter.count(image).count
+    for shaped in (image[None], image[..., None], np.stack([image] * 3, axis=-1)):
+        assert counter.count(shaped).count == pytest.approx(plain)  # was "expected a 2-D image"
+    for stack in (np.stack([image, image // 2]), np.zeros((3, 20, 30))):
+        with pytest.raises(InputError, match=r"got an array of shape .*: pass one plane"):
+            counter.count(stack)
+
+
+def test_paths_of_any_kind_and_non_paths_given_as_paths(counter, tmp_path):
+    import os
+
+    import tifffile
+
+    class Where(os.PathLike):  # a path-like that is not a pathlib.Path
+        def __init__(self, path):
+            self.path = str(path)
+
+        def __fspath__(self):
+            return self.path
+
+    image = blob_image(6, seed=3)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    result = counter.count(Where(tmp_path / "a.tif"))  # was "unsupported pixel type object"
+    assert result.source == str(tmp_path / "a.tif")
+    assert result.count == pytest.approx(counter.count(image).count)
+    with pytest.raises(InputError, match="count_paths takes file paths, got a ndarray"):
+        list(counter.count_paths([image]))  # was a TypeError from pathlib
+
+
+def test_bad_counter_options_are_one_line_errors(tiny_model):
+    for options, words in (
+        ({"device": "gpu"}, "device 'gpu': use 'cpu'"),
+        ({"channel": "a"}, "channel must be 0 or more"),
+        ({"rescale": "x"}, "rescale must be a positive number, got 'x'"),
+        ({"rescale": True}, "rescale must be a positive number"),
+        ({"norm": {"lo": 1}}, "unknown normalization key.*'lo'"),
+    ):
+        with pytest.raises(InputError, match=words):
+            CellCounter.from_pretrained(tiny_model, **options)
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(InputError, match="sees no CUDA GPU"):
+            CellCounter.from_pretrained(tiny_model, device="cuda")  # was an AssertionError
+
+
+def test_results_print_briefly_and_celltally_exports_the_counter(counter):
+    import celltally
+
+    result = counter.count(blob_image(4, seed=1), level=np.float32(0.9))
+    assert "mask=" not in repr(result) and "array(" not in repr(result)  # brief in a notebook
+    assert str(result).endswith("cells (90%)")  # float32 0.9 read 89.99999762%
+    assert celltally.CellCounter is CellCounter

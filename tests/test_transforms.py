@@ -237,3 +237,21 @@ def test_a_float_image_near_the_float32_limit_prepares_as_its_scaled_copy():
     kept = ordinary.copy()
     prepare_image(ordinary, size=(48, 64), norm=norm)
     assert np.array_equal(ordinary, kept)
+
+
+def test_a_16bit_image_divided_by_65535_keeps_its_integers_floor():
+    from celltally.transforms import min_range_for, prepare_image
+
+    rng = np.random.default_rng(0)
+    dim = (rng.integers(100, 350, (120, 160))).astype(np.uint16)  # range 250 of a 12-bit camera
+    as_float = dim.astype(np.float32) / 65535  # as skimage.img_as_float gives it
+    assert min_range_for(as_float.dtype, image=as_float) == pytest.approx(
+        min_range_for(dim.dtype) / 65535
+    )
+    np.testing.assert_allclose(
+        prepare_image(as_float, size=(60, 80)), prepare_image(dim, size=(60, 80)), atol=1e-4
+    )
+    eight = (rng.integers(0, 256, (120, 160)) / 255).astype(np.float32)  # from 8 bits: as before
+    assert min_range_for(eight.dtype, image=eight) == min_range_for(np.float32)
+    smooth = rng.random((120, 160)).astype(np.float32)  # any other float: taken as 0..1
+    assert min_range_for(smooth.dtype, image=smooth) == min_range_for(np.float32)

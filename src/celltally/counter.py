@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -108,8 +109,8 @@ class CountResult:
     low: float
     high: float
     level: float
-    mask: np.ndarray
-    mask_std: np.ndarray
+    mask: np.ndarray = field(repr=False)  # a notebook's repr shows the numbers, not the maps
+    mask_std: np.ndarray = field(repr=False)
     source: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     warning: str = ""
@@ -182,11 +183,50 @@ def _checked_batch(batch_size: int) -> int:
     return size
 
 
+#: The keys of a ``norm`` (see :func:`celltally.transforms.prepare_image`).
+NORM_KEYS = ("method", "low", "high", "background", "noise_range")
+
+
+def _whole(value: Any) -> bool:
+    """Whether ``value`` is a whole number of 0 or more (not a bool)."""
+    try:
+        return not isinstance(value, bool) and int(value) == value >= 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _checked_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to count on (default: the GPU if there is one), or InputError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise io.InputError(f"device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise io.InputError(
+            f"device {device!r}: this torch sees no CUDA GPU (torch.cuda.is_available() is "
+            "False); use 'cpu'"
+        )
+    return chosen
+
+
+def _file_path(path: Any) -> Path:
+    """``path`` as a Path, or InputError when it is not one (an array given to count_paths)."""
+    if not isinstance(path, str | os.PathLike):
+        raise io.InputError(
+            f"count_paths takes file paths, got a {type(path).__name__}: count an array with count()"
+        )
+    return Path(path)
+
+
 def _checked_level(level: float) -> float:
     if not valid_level(level):
         raise io.InputError(
             f"level must be between 0 and 1 (e.g. 0.95; at most {MAX_LEVEL:.9f}), got {level!r}"
         )
+    if isinstance(level, np.floating) and level.dtype.itemsize < 8:
+        return float(str(level))  # float32 0.9 is 0.899999976: the level meant, 0.9
     return float(level)
 
 
@@ -291,7 +331,7 @@ class CellCounter:
         margin: int | None = None,
         ood_reference: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _checked_device(device)
         # Copies for inference (batch norm folded, channels-last on CPU; see
         # models.inference): about twice the speed, the caller's modules untouched.
         self.model = inference_copy(model, self.device)
@@ -300,12 +340,17 @@ class CellCounter:
         self.input_size = tuple(config["input_size"])
         # the caller's keys override the model's (a partial {'low', 'high'} keeps its
         # background step); checked here, not at the first image of a batch
+        if unknown := sorted(set(norm or {}) - set(NORM_KEYS)):
+            raise io.InputError(
+                f"unknown normalization key(s) {', '.join(map(repr, unknown))}: use "
+                + ", ".join(NORM_KEYS)
+            )
         self.norm = _checked_norm({**dict(config.get("normalization") or {}), **(norm or {})})
         self.name = str(config.get("name", "model"))
         # Reading and scale options (see celltally.scale, celltally.tiling): images that
         # are not one native frame are counted at the model's pixel scale, in tiles.
-        if channel is not None and (isinstance(channel, bool) or not int(channel) == channel >= 0):
-            raise io.InputError(f"--channel must be 0 or more (0-based), got {channel}")
+        if channel is not None and not _whole(channel):
+            raise io.InputError(f"--channel must be 0 or more (0-based), got {channel!r}")
         self.channel = None if channel is None else int(channel)
         self.scale = model_scale(config)
         self.factor = rescale_factor(
@@ -787,16 +832,15 @@ class CellCounter:
         """
         level = _checked_level(level)
         source = None
-        if isinstance(image, str | Path):
-            source = str(image)
+        if isinstance(image, str | os.PathLike):
+            source = os.fspath(image)
             image = self.read(image)
         try:
             array = io.check_pixels(image)
         except io.InputError as err:
             raise io.about_file(err, source) from None
-        if array.ndim != 2:
-            raise io.InputError(f"expected a 2-D image, got an array of shape {array.shape}")
         try:
+            array = io.image_plane(array)  # (1, H, W), (H, W, 1), RGB: as a file's pixels
             prepared = self.prepare_any(array)
         except io.InputError as err:
             raise io.about_file(err, source) from None
@@ -834,11 +878,11 @@ class CellCounter:
             except (MemoryError, RuntimeError) as err:
                 return _out_of_memory(err, path)
 
-        if isinstance(paths, str | Path):  # one file, not the characters of its name
+        if isinstance(paths, str | os.PathLike):  # one file, not the characters of its name
             paths = [paths]
         with ThreadPoolExecutor(read_threads) if read_threads else _InlineExecutor() as pool:
             pending: list[tuple[Path, Any]] = []
-            iterator = iter(Path(p) for p in paths)
+            iterator = iter(_file_path(p) for p in paths)
             window = batch_size * 3
 
             def refill() -> None:

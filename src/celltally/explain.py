@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import io as _bytes_io
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -65,11 +66,11 @@ class Explanation:
     """
 
     result: CountResult
-    image: np.ndarray
-    mask: np.ndarray
-    mask_std: np.ndarray
-    mask_saliency: np.ndarray
-    image_saliency: np.ndarray
+    image: np.ndarray = field(repr=False)  # a notebook's repr shows the count, not the maps
+    mask: np.ndarray = field(repr=False)
+    mask_std: np.ndarray = field(repr=False)
+    mask_saliency: np.ndarray = field(repr=False)
+    image_saliency: np.ndarray = field(repr=False)
     true_count: float | None = None
     loss: str = "count"
 
@@ -198,8 +199,8 @@ def explain_image(
             f"true_count must be a count from 0 to 1e7, got {true_count!r}"  # MAX_TRUE_COUNT
         )
     source = None
-    if isinstance(image, str | Path):
-        source = str(image)
+    if isinstance(image, str | os.PathLike):
+        source = os.fspath(image)
         image = counter.read(image)
     try:
         result, prepared = counter.count_with_input(image, level=level, name=source or name)
@@ -338,7 +339,7 @@ def explanation_figure(
     The ``path`` written.
     """
     fig = _draw(expl, title=title, true_count=true_count, image_saliency=image_saliency)
-    if isinstance(path, str | Path):
+    if isinstance(path, str | os.PathLike):
         path = io.save_figure(fig, path)  # the path returned is the file written
     else:
         fig.savefig(path, format="png")

@@ -632,6 +632,27 @@ def check_pixels(image: Any) -> np.ndarray:
     return array
 
 
+def image_plane(array: np.ndarray) -> np.ndarray:
+    """A 2-D image from an array, reduced as :func:`read_image` reduces a file's pixels.
+
+    Size-1 axes are dropped ((1, H, W), (H, W, 1)), and a (H, W, 3|4) colour
+    array is taken as one grey image (identical channels once, else the
+    colours averaged, alpha ignored). Any other shape raises InputError naming
+    it and how to pick a plane. A 2-D array is returned as it is.
+    """
+    if array.ndim == 2:
+        return array
+    work = _squeeze_singletons(array)
+    if work.ndim == 2:
+        return work
+    if work.ndim == 3 and work.shape[-1] in (3, 4) and min(work.shape[:2]) > 4:
+        return _to_2d(work, "array", is_tiff=False, channel=None, colour_mean=True)
+    raise InputError(
+        f"expected a 2-D image, got an array of shape {tuple(array.shape)}: pass one plane "
+        "(e.g. image[0] or image[..., 0])"
+    )
+
+
 def _is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 

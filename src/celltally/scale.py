@@ -91,6 +91,17 @@ def model_scale(config: Mapping[str, Any]) -> ModelScale:
     )
 
 
+def _positive(value: Any, flag: str) -> float:
+    """``value`` as a positive finite float, or InputError naming ``flag``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (number > 0 and math.isfinite(number)):
+        raise io.InputError(f"{flag} must be a positive number, got {value!r}")
+    return number
+
+
 def rescale_factor(
     scale: ModelScale,
     *,
@@ -132,12 +143,10 @@ def rescale_factor(
             f"{' and '.join(given)}: give only one of --pixel-size, --diameter and --rescale"
         )
     if rescale is not None:
-        if not rescale > 0 or not math.isfinite(rescale):
-            raise io.InputError(f"--rescale must be a positive number, got {rescale}")
+        rescale = _positive(rescale, "--rescale")
         return _checked_factor(float(rescale), f"--rescale {rescale}")
     if pixel_size is not None:
-        if not pixel_size > 0 or not math.isfinite(pixel_size):
-            raise io.InputError(f"--pixel-size must be a positive number, got {pixel_size}")
+        pixel_size = _positive(pixel_size, "--pixel-size")
         if scale.pixel_size_um is None:
             instead = (
                 "use --diameter (typical object diameter in pixels) instead"
@@ -153,8 +162,7 @@ def rescale_factor(
             f"the model's {scale.pixel_size_um:g} um pixels",
         )
     if diameter is not None:
-        if not diameter > 0 or not math.isfinite(diameter):
-            raise io.InputError(f"--diameter must be a positive number, got {diameter}")
+        diameter = _positive(diameter, "--diameter")
         if scale.object_diameter_px is None:
             raise io.InputError(
                 f"{model_name} does not record the object diameter it was trained at; "

@@ -152,18 +152,41 @@ def normalize_percentile(
     return ((array - lo) / scale).astype(np.float32)
 
 
-def min_range_for(dtype: np.dtype) -> float:
+def min_range_for(dtype: np.dtype, *, image: np.ndarray | None = None) -> float:
     """The empty-frame guard for ``normalize_percentile`` for images of ``dtype``.
 
     2% of a typical full scale: 255 for 8-bit integers, 4095 (a 12-bit camera)
-    for wider integers, 1 for floats and booleans (taken as 0..1).
+    for wider integers, 1 for floats and booleans (taken as 0..1). A float
+    ``image`` whose values all lie on the 1/65535 grid but not on the 1/255
+    one is a 16-bit image divided by 65535 (as ``skimage.img_as_float`` and
+    many readers do): its full scale is then 4095/65535, as its integers'
+    would be (a dim 12-bit image so converted was taken as an empty frame,
+    and 108 nuclei counted as 40).
     """
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         full_scale = 255.0 if dtype.itemsize == 1 else 4095.0
+    elif dtype.kind == "f" and image is not None and _on_grid(image, 65535) and not _on_grid(
+        image, 255
+    ):
+        full_scale = 4095.0 / 65535.0
     else:
         full_scale = 1.0
     return _MIN_RANGE_FRACTION * full_scale
+
+
+def _on_grid(image: np.ndarray, steps: int) -> bool:
+    """Whether ``image``'s values (sampled: about 65,000 of them) are in [0, 1] and k / ``steps``."""
+    array = np.asarray(image)
+    if array.ndim == 2:  # a strided view, no copy of a large image
+        sy = max(1, array.shape[0] // 256)
+        sx = max(1, array.shape[1] // 256)
+        array = array[::sy, ::sx]
+    values = np.asarray(array, dtype=np.float64).ravel()[:65536] * steps
+    if not values.size or values.min() < 0 or values.max() > steps:
+        return False
+    # float32 keeps k / 65535 to within 65535 * 2**-24 = 0.004 of a step
+    return bool(np.all(np.abs(values - np.rint(values)) < 0.01))
 
 
 DEFAULT_NORMALIZATION: dict[str, Any] = {"method": "percentile", "low": 0.5, "high": 99.95}
@@ -229,7 +252,7 @@ def prepare_image(
         surface = background_surface(resized, step=step, noise=noise)
         resized = np.subtract(resized, surface, out=surface)  # a new array: the input stays
     noise_guard = noise_range * noise if noise_range > 0 else 0.0
-    guard = max(min_range_for(image.dtype), noise_guard)
+    guard = max(min_range_for(image.dtype, image=image), noise_guard)
     out = normalize_percentile(resized, low=norm["low"], high=norm["high"], min_range=guard)
     return np.clip(out, -1.0, 4.0, out=out)
 

@@ -332,8 +332,10 @@ def aggregate_wells(
     The total's half-width is the model's interval multiplier at the rows'
     level (``(high - count) / std``, pooled over all rows of that model and
     level, as the CSV's rounding would otherwise distort it) times :func:`total_std` of the
-    sites' stds: exact for Gaussian errors with that correlation, and measured
-    against real held-out wells in ``benchmarks/wells.py``.
+    sites' stds: exact for Gaussian errors with that correlation. The multiplier
+    keeps single images' tail shape, while a sum over many sites tends to a
+    Gaussian (``docs/uncertainty.md``, "Per-well totals", compares the two);
+    measured against real held-out wells in ``benchmarks/wells.py``.
     """
     # values as a results CSV holds them (text), whatever the caller built the rows from
     rows = [{k: v if v is None else str(v) for k, v in r.items()} for r in rows]

@@ -18,6 +18,12 @@ const CONCURRENCY = 2;
 const $ = (id) => document.getElementById(id);
 
 // One decimal, two below 1 (so a near-empty image's 0.00–0.04 does not read "0.0–0.0").
+// A level as a percentage keeping its digits, as celltally.calibration.level_text:
+// 0.95 -> "95%", 0.975 -> "97.5%" (rounding to a whole percent read 98%).
+function levelText(level) {
+  return `${parseFloat((Number(level) * 100).toFixed(8))}%`;
+}
+
 function fmt(x, digits) {
   if (x === null || x === undefined || Number.isNaN(x)) return "";
   const n = Number(x);
@@ -259,7 +265,7 @@ function fillCard(card, r) {
   card.querySelector(".count").textContent = `${fmt(r.count)} ± ${fmt(half)}`;
   const interval = card.querySelector(".interval");
   interval.textContent =
-    `cells · ${Math.round(r.level * 100)}% interval ${fmt(r.low)}–${fmt(r.high)}` +
+    `cells · ${levelText(r.level)} interval ${fmt(r.low)}–${fmt(r.high)}` +
     ` · model ${r.setting || r.model || "?"}`;
   if (r.level_note) { // above what the model's calibration can guarantee
     interval.textContent += " (extrapolated)";
@@ -306,7 +312,7 @@ function fillCard(card, r) {
 
 // The model and interval level a result was counted with: "bbbc005 · 95%".
 function madeWith(model, level) {
-  return `${model || ""} · ${Math.round(level * 100)}%`;
+  return `${model || ""} · ${levelText(level)}`;
 }
 
 // -- table, CSV ------------------------------------------------------------
@@ -653,7 +659,7 @@ function drawWellTotals() {
       (w.flagged ? ` (${w.flagged} unusual)` : "") +
       (w.failed ? ` + ${w.failed} not counted` : "");
     const made = several && w.counts.length
-      ? ` (${w.setting}, ${Math.round(w.level * 100)}%)` : "";
+      ? ` (${w.setting}, ${levelText(w.level)})` : "";
     const label = (w.plate ? `${w.plate} ${w.well}` : w.well) + made;
     const has = w.counts.length > 0;
     const cells = [label, w.stain ? `w${w.stain}` : "", images,

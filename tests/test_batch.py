@@ -588,6 +588,14 @@ def test_dask_cluster_gives_same_counts_as_one_process(plate, tiny_model, tmp_pa
             dask=cluster.scheduler_address,
         )  # fmt: skip
         loads = client.run(lambda: __import__("celltally.batch").batch._WORKER_LOADS)
+        # with masks and a labels folder (as --save-labels passes it): the workers were
+        # sent the labels folder as their model
+        labelled = run_batch(
+            files[:2], out=tmp_path / "labelled.csv", model=tiny_model,
+            save_masks=tmp_path / "masks", exclude=[tmp_path / "labels"],
+            dask=cluster.scheduler_address,
+        )  # fmt: skip
+    assert labelled.counted == 2 and not labelled.errors
     assert (first.counted, summary.counted, summary.skipped) == (10, 6, 10)
     # a worker loads the model on its first chunk only: both counted, each loaded it once
     assert sorted(loads.values()) == [1, 1], loads

@@ -1151,10 +1151,10 @@ def run_batch(
         root = Path(os.path.commonpath([_spelt_as(e, root) for e in earlier] + [root]))
     moved = 0  # earlier runs' outputs moved to this layout
     others: list[Path] = []  # this run's and earlier runs' label folders: moved alike
-    for folder in (*map(Path, exclude), *earlier_others):
-        if masks is not None and folder.is_dir() and not _same_folder(folder, masks):
-            if not any(_same_folder(folder, o) for o in others):
-                others.append(folder)
+    for other in (*map(Path, exclude), *earlier_others):  # not `folder`: the model's
+        if masks is not None and other.is_dir() and not _same_folder(other, masks):
+            if not any(_same_folder(other, o) for o in others):
+                others.append(other)
     if masks is not None:
         masks.mkdir(parents=True, exist_ok=True)
     mask_only: set[str] = set()  # counted before, recounted for a missing mask

@@ -435,6 +435,23 @@ def test_manifest_records_model_version_settings_and_times(plate, tiny_model, tm
     assert run["started"] <= run["finished"] == manifest["finished"]
 
 
+def test_the_manifest_is_final_before_the_results_lock_is_released(
+    plate, tiny_model, tmp_path, monkeypatch
+):
+    out = tmp_path / "res.csv"
+    seen = []
+    close = batch._ResultsFile.close
+
+    def closing(self):  # a run waiting for the lock may take it from here on
+        seen.append(json.loads(output_paths(out).manifest.read_text())["runs"][-1]["status"])
+        close(self)
+
+    monkeypatch.setattr(batch._ResultsFile, "close", closing)
+    run_batch(files_of(plate)[:2], out=out, model=tiny_model)
+    # it was "running": that run's final entry then overwrote the waiting run's
+    assert seen == ["finished"]
+
+
 def test_existing_foreign_csv_is_not_appended_to(plate, tiny_model, tmp_path):
     out = tmp_path / "mine.csv"
     out.write_text("a,b\n1,2\n")

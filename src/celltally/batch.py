@@ -1360,17 +1360,20 @@ def run_batch(
             run["status"] = "interrupted"
         raise
     finally:
-        results.close()
-        if manifest is not None:
-            run.update(
-                finished=_now(),
-                counted=summary.counted,
-                skipped=summary.skipped,
-                failed=errors.count,
-            )
-            if run["status"] == "finished":
-                manifest["finished"] = run["finished"]
-            _write_json_atomic(out_paths.manifest, manifest)
+        try:  # the manifest is written while this run still holds the results' lock: a
+            # run waiting for it would otherwise write its own entry and have it overwritten
+            if manifest is not None:
+                run.update(
+                    finished=_now(),
+                    counted=summary.counted,
+                    skipped=summary.skipped,
+                    failed=errors.count,
+                )
+                if run["status"] == "finished":
+                    manifest["finished"] = run["finished"]
+                _write_json_atomic(out_paths.manifest, manifest)
+        finally:
+            results.close()
     summary.failed = errors.count
     summary.errors = errors.listed
     summary.errors_file = out_paths.errors if errors.count else None

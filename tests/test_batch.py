@@ -951,3 +951,23 @@ def test_an_image_never_takes_the_mask_of_a_namesake_outside_its_layout(tmp_path
     # p1/a.tif itself does move to the new layout
     assert _move_image(masks, [], tmp_path / "p1" / "a.tif", [tmp_path / "p1"], tmp_path)
     assert (masks / "p1" / "a_mask.png").read_bytes() == b"p1's mask"
+
+
+def test_a_run_over_other_inputs_keeps_the_failures_it_did_not_try(tiny_model, tmp_path):
+    one, two = tmp_path / "Plate1", tmp_path / "Plate3"
+    for folder in (one, two):
+        folder.mkdir()
+        tifffile.imwrite(folder / f"{folder.name}_C05_s1.tif", blob_image(4, seed=1))
+    (one / "Plate1_C05_s2.tif").write_bytes(b"II*\x00garbage")
+    out = tmp_path / "res.csv"
+    base = ["count", "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    assert CliRunner().invoke(app, [*base, str(one)]).exit_code == 1
+    result = CliRunner().invoke(app, [*base, str(two)])
+    # Plate1's unread site was dropped from the errors file: its well total lacked it silently
+    assert result.exit_code == 1 and "1 image(s) that an earlier run could not read" in result.output
+    assert _errors_listed(out) == ["Plate1_C05_s2.tif"]
+    wells = CliRunner().invoke(app, ["wells", str(out), "-o", str(tmp_path / "w.csv")])
+    assert "include images that could not be counted" in wells.output
+    (one / "Plate1_C05_s2.tif").unlink()  # a file deleted: its failure goes
+    assert CliRunner().invoke(app, [*base, str(two)]).exit_code == 0
+    assert not output_paths(out).errors.exists()

@@ -582,8 +582,11 @@ class _ErrorLog:
     entry stays listed until this run has tried its file again, so a run
     stopped part-way never loses the record of images that failed before it
     (``celltally wells`` counts them as missing from their wells). When the run
-    finishes (:meth:`finish`), entries of files it never tried are dropped. The
-    file is rewritten whole and atomically on each change; none when nothing failed.
+    finishes (:meth:`finish`), entries of files it never tried are dropped only
+    if the file is gone: one still there is still missing from the results (a
+    later run over other inputs dropped them all, and ``wells`` then totalled
+    such a well without saying it lacked a site). The file is rewritten whole
+    and atomically on each change; none when nothing failed.
     """
 
     def __init__(self, path: Path) -> None:
@@ -617,11 +620,18 @@ class _ErrorLog:
         if dropped or failed:
             self._write()
 
-    def finish(self) -> None:
-        """The run is complete: earlier failures of files it did not try are dropped."""
-        if self.carried:
-            self.carried.clear()
+    def finish(self) -> int:
+        """The run is complete: earlier failures of files now gone are dropped.
+
+        Returns how many earlier failures stay listed (files not tried by this
+        run that are still there).
+        """
+        gone = [name for name in self.carried if not os.path.lexists(name)]
+        for name in gone:
+            del self.carried[name]
+        if gone:
             self._write()
+        return len(self.carried)
 
     def _write(self) -> None:
         rows = [*self.carried.items(), *self.rows]
@@ -660,6 +670,9 @@ class BatchSummary:
         Of those, images counted again only to write a missing mask (no new row).
     failed : int
         Images that could not be read (all in ``errors_file``).
+    earlier_failed : int
+        Images an earlier run could not read that this run did not try again
+        (not among its inputs) and that are still there: also in ``errors_file``.
     errors : list of str
         One-line messages of the first :data:`MAX_LISTED_ERRORS` failures.
     seconds : float
@@ -675,6 +688,7 @@ class BatchSummary:
     skipped: int = 0
     masks_only: int = 0
     failed: int = 0
+    earlier_failed: int = 0
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     output_root: Path | None = None
@@ -1348,7 +1362,7 @@ def run_batch(
                 import torch
 
                 torch.set_num_threads(threads_before)
-        errors.finish()
+        summary.earlier_failed = errors.finish()
         if moved:
             log(
                 f"moved the outputs of {moved} image(s) counted before in {masks} to mirror "
@@ -1376,7 +1390,7 @@ def run_batch(
             results.close()
     summary.failed = errors.count
     summary.errors = errors.listed
-    summary.errors_file = out_paths.errors if errors.count else None
+    summary.errors_file = out_paths.errors if errors.count or summary.earlier_failed else None
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -534,6 +534,14 @@ def count(
             f"{summary.failed} file(s) could not be read (listed in {summary.errors_file})",
             err=True,
         )
+    if summary.earlier_failed:
+        typer.echo(
+            f"warning: {summary.earlier_failed} image(s) that an earlier run could not read "
+            f"were not among this run's inputs: still listed in {summary.errors_file} and "
+            "missing from the results (count them again, or remove the files)",
+            err=True,
+        )
+    if summary.failed or summary.earlier_failed:
         raise typer.Exit(1)
 
 

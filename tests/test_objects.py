@@ -369,3 +369,32 @@ def test_adding_a_folder_moves_masks_and_labels_of_a_run_spelt_through_a_link(
         for plate in ("p1", "p2", "p3"):  # p3's links kept in its names, not flattened
             got = sorted(p.name for p in (lab / folder / plate).iterdir())
             assert got == sorted(f"A0{i}{e}" for i in (1, 2) for e in endings), (folder, plate)
+
+
+def test_a_run_stopped_within_an_images_files_leaves_it_to_be_written_again(
+    scene, tmp_path, monkeypatch
+):
+    from celltally.objects import save_objects_for_rows
+
+    tifffile.imwrite(tmp_path / "a01.tif", scene.image)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray((half_model_mask(scene.mask) * 255).astype(np.uint8)).save(
+        masks / "a01_mask.png"
+    )
+    rows = [{"file": str(tmp_path / "a01.tif"), "count": "60.2"}]
+    kw = {"masks_dir": masks, "out_dir": tmp_path / "objs", "root": tmp_path}
+    save = Image.Image.save
+
+    def killed(self, *args, **kwargs):  # the run dies writing the overlay
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_objects_for_rows(rows, **kw)
+    monkeypatch.setattr(Image.Image, "save", save)
+    # the labels were written first: the resumed run skipped the image, overlay never made
+    assert save_objects_for_rows(rows, **kw) == 1
+    written = sorted(p.name for p in (tmp_path / "objs").iterdir())
+    assert written == ["a01_labels.tif", "a01_objects.csv", "a01_overlay.png"]  # no temporaries
+    assert save_objects_for_rows(rows, **kw) == 0  # complete: skipped

@@ -19,7 +19,8 @@ import csv
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -229,6 +230,17 @@ def overlay_image(image: np.ndarray, points: Iterable[tuple[float, float]]) -> n
     return rgb
 
 
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path``, renamed to it when the block completes."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_objects(
     folder: str | os.PathLike[str],
     stem: str,
@@ -255,15 +267,20 @@ def save_objects(
     rows = object_table(labels)
     labels_path = out / f"{stem}_labels.tif"
     dtype = np.uint16 if len(rows) < 65535 else np.uint32
-    tifffile.imwrite(labels_path, labels.astype(dtype), compression="zlib")
     table_path = out / f"{stem}_objects.csv"
-    with table_path.open("w", newline="") as handle:
+    overlay_path = out / f"{stem}_overlay.png"
+    points = [(r["centroid_y"], r["centroid_x"]) for r in rows]
+    # Each file whole or not at all (written beside, then renamed), the labels last: a
+    # resumed run skips an image whose labels exist, so a run killed part-way through
+    # an image's files must leave no labels behind (it left the table and overlay missing).
+    with _replacing(table_path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=OBJECT_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    overlay_path = out / f"{stem}_overlay.png"
-    points = [(r["centroid_y"], r["centroid_x"]) for r in rows]
-    Image.fromarray(overlay_image(image, points)).save(overlay_path)
+    with _replacing(overlay_path) as tmp:
+        Image.fromarray(overlay_image(image, points)).save(tmp, format="PNG")
+    with _replacing(labels_path) as tmp:
+        tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib")
     return {"labels": labels_path, "objects": table_path, "overlay": overlay_path, "n": len(rows)}
 
 
@@ -297,7 +314,14 @@ def save_objects_for_rows(
         if not mask_path.exists():
             raise io.InputError(f"{mask_path}: mask not found for {path}", mask_path)
         labels_path = Path(out_dir) / f"{stem}_labels.tif"
-        if labels_path.exists() and labels_path.stat().st_mtime_ns >= mask_path.stat().st_mtime_ns:
+        complete = all(
+            (Path(out_dir) / f"{stem}{end}").exists() for end in ("_objects.csv", "_overlay.png")
+        )
+        if (
+            complete
+            and labels_path.exists()
+            and labels_path.stat().st_mtime_ns >= mask_path.stat().st_mtime_ns
+        ):
             continue
         # read as images are (celltally's size limit, not Pillow's 179 M pixel one)
         mask = io.read_image(mask_path).astype(np.float32) / 255.0

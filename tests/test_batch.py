@@ -336,6 +336,22 @@ def test_resume_after_runs_from_two_working_folders_counts_nothing_twice(
     assert len(read_results(out)) == 3
 
 
+def test_resume_refuses_a_model_whose_ensemble_or_ood_files_changed(plate, tiny_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    shutil.copy(model / "model.safetensors", model / "ensemble_1.safetensors")
+    out = tmp_path / "res.csv"
+    run_batch(files_of(plate)[:2], out=out, model=model)
+    run_batch(files_of(plate)[:3], out=out, model=model)  # unchanged: resumes
+    torch.manual_seed(5)  # another member: its --epistemic counts would differ
+    save_model_folder(CountingPipeline(tiny_config()), tiny_config(), tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "model.safetensors", model / "ensemble_1.safetensors")
+    with pytest.raises(io.InputError, match=r"other ensemble or out-of-distribution files"):
+        run_batch(files_of(plate)[:4], out=out, model=model)  # mixed its rows silently
+
+
 def test_a_recalibrated_model_is_named_as_the_reason_resume_refuses(plate, tiny_model, tmp_path):
     import shutil
 

@@ -297,7 +297,9 @@ def model_identity(folder: str | os.PathLike[str]) -> dict[str, str]:
     """Name, folder and sha256 of the config and weights of a model folder.
 
     Two runs used the same model exactly when both hashes agree (the folder may
-    have moved).
+    have moved); ``files_sha256`` covers the folder's other weights (ensemble
+    members, the out-of-distribution reference), which set ``--epistemic``
+    counts and the ``warning`` column.
     """
     from celltally.model_folder import read_model_config
 
@@ -311,7 +313,17 @@ def model_identity(folder: str | os.PathLike[str]) -> dict[str, str]:
         "folder": str(folder.resolve()),
         "config_sha256": _sha256(config_path),
         "weights_sha256": _sha256(folder / "model.safetensors"),
+        "files_sha256": _files_sha256(folder),
     }
+
+
+def _files_sha256(folder: Path) -> str:
+    """One sha256 of the names and contents of a model folder's other ``.safetensors``."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name != "model.safetensors":
+            digest.update(f"{path.name}\0{_sha256(path)}\0".encode())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -709,7 +721,15 @@ def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: 
         identity["weights_sha256"],
     )
     if same_model and old_level == level:
-        return None
+        files = old.get("files_sha256")  # manifests before 2026-11-27 lack it
+        if files is None or files == identity["files_sha256"]:
+            return None
+        return (
+            f"{out} holds counts from model '{old.get('name')}' with other ensemble or "
+            "out-of-distribution files (ensemble_*.safetensors, ood.safetensors) than this "
+            "run's, so its --epistemic counts and warnings differ. Pick a new --out, or pass "
+            "--overwrite to start it again"
+        )
     if (
         old_level == level
         and old.get("weights_sha256") == identity["weights_sha256"]
@@ -1329,6 +1349,7 @@ def run_batch(
                     commit,
                     model=_worker_model_ref(folder),
                     weights_sha256=identity["weights_sha256"],
+                    files_sha256=identity["files_sha256"],
                     options=options,
                     level=level,
                     batch_size=batch_size,
@@ -1407,7 +1428,9 @@ def _worker_model_ref(folder: Path) -> str:
     return folder.name if is_shipped(folder) else str(folder.resolve())
 
 
-def _worker_counter(model: str, weights_sha256: str, options: dict) -> CellCounter:
+def _worker_counter(
+    model: str, weights_sha256: str, options: dict, files_sha256: str | None = None
+) -> CellCounter:
     """This process's counter for ``model``: loaded once, then reused by every chunk."""
     key = (model, weights_sha256, json.dumps(options, sort_keys=True))
     with _WORKER_LOCK:
@@ -1420,6 +1443,12 @@ def _worker_counter(model: str, weights_sha256: str, options: dict) -> CellCount
                     f"model {model} on worker {os.uname().nodename} has other weights "
                     f"({found[:12]}) than on the client ({weights_sha256[:12]}); "
                     "install the same model on every worker"
+                )
+            if files_sha256 is not None and _files_sha256(folder) != files_sha256:
+                raise io.InputError(
+                    f"model {model} on worker {os.uname().nodename} has other ensemble or "
+                    "out-of-distribution files (ensemble_*.safetensors, ood.safetensors) than "
+                    "on the client; install the same model on every worker"
                 )
             import torch
 
@@ -1445,6 +1474,7 @@ def count_chunk(
     save_masks: str | None = None,
     masks_root: str | None = None,
     options: dict | None = None,
+    files_sha256: str | None = None,
 ) -> list[tuple[str, dict | None, str | None]]:
     """Count one chunk of files on a worker (the Dask task).
 
@@ -1465,13 +1495,16 @@ def count_chunk(
         default: each file's own folder.
     options : dict, optional
         Keyword arguments for :meth:`CellCounter.from_pretrained`.
+    files_sha256 : str, optional
+        The client's hash of the model's other weights (:func:`model_identity`);
+        a worker with others refuses.
 
     Returns
     -------
     list of tuple
         ``(file, row, None)`` per counted image, ``(file, None, message)`` per failure.
     """
-    counter = _worker_counter(model, weights_sha256, options or {})
+    counter = _worker_counter(model, weights_sha256, options or {}, files_sha256)
     masks = Path(save_masks) if save_masks else None
     root = Path(masks_root) if masks_root else None
     stream = counter.count_paths(
@@ -1586,6 +1619,7 @@ def _run_dask(
     *,
     model: str,
     weights_sha256: str,
+    files_sha256: str,
     options: dict,
     level: float,
     batch_size: int,
@@ -1628,6 +1662,7 @@ def _run_dask(
                 list(absolute),
                 model=model,
                 weights_sha256=weights_sha256,
+                files_sha256=files_sha256,
                 options=options,
                 level=level,
                 batch_size=batch_size,

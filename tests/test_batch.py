@@ -987,3 +987,18 @@ def test_a_run_over_other_inputs_keeps_the_failures_it_did_not_try(tiny_model, t
     (one / "Plate1_C05_s2.tif").unlink()  # a file deleted: its failure goes
     assert CliRunner().invoke(app, [*base, str(two)]).exit_code == 0
     assert not output_paths(out).errors.exists()
+
+
+def test_a_failure_tried_again_under_another_spelling_is_listed_once(
+    tiny_model, tmp_path, monkeypatch
+):
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    tifffile.imwrite(folder / "B03_s1.tif", blob_image(3, seed=1))
+    (folder / "B03_s2.tif").write_bytes(b"II*\x00garbage")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "res.csv"
+    assert run_batch(["plate"], out=out, model=tiny_model).failed == 1
+    again = run_batch([str(folder.resolve())], out=out, model=tiny_model)  # absolute now
+    assert (again.failed, again.earlier_failed) == (1, 0)
+    assert _errors_listed(out) == ["B03_s2.tif"]  # was listed twice: one image, two failures

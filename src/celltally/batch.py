@@ -607,6 +607,7 @@ class _ErrorLog:
         self.listed: list[str] = []
         self.rows: list[tuple[str, str]] = []
         self.carried: dict[str, str] = {}
+        self._where: dict[str, str] = {}  # each carried name's file (io.file_identity)
 
     def carry(self) -> None:
         """Keep the failures the errors file lists (a resumed run)."""
@@ -616,14 +617,24 @@ class _ErrorLog:
             for row in csv.DictReader(handle):
                 if row.get("file"):
                     self.carried[row["file"]] = row.get("error") or ""
+                    self._where[row["file"]] = io.file_identity(row["file"])
 
     def add(self, items: Sequence[tuple[str, str]]) -> None:
         """Record failures (``(file, message)``) of this run."""
         self.record(tried=[name for name, _ in items], failed=items)
 
     def record(self, *, tried: Iterable[str], failed: Sequence[tuple[str, str]]) -> None:
-        """Files this run has tried (counted or not), and the failures among them."""
-        dropped = [name for name in tried if self.carried.pop(name, None) is not None]
+        """Files this run has tried (counted or not), and the failures among them.
+
+        An earlier failure is the same file however either run spelt it (relative,
+        absolute, through a linked folder: :func:`celltally.io.file_identity`).
+        """
+        dropped: list[str] = []
+        if self.carried:
+            where = {io.file_identity(name) for name in tried}
+            dropped = [name for name in self.carried if self._where[name] in where]
+            for name in dropped:
+                del self.carried[name]
         for name, message in failed:
             self.rows.append((name, message))
             self.count += 1

@@ -1002,3 +1002,12 @@ def test_a_failure_tried_again_under_another_spelling_is_listed_once(
     again = run_batch([str(folder.resolve())], out=out, model=tiny_model)  # absolute now
     assert (again.failed, again.earlier_failed) == (1, 0)
     assert _errors_listed(out) == ["B03_s2.tif"]  # was listed twice: one image, two failures
+
+
+def test_a_results_file_resaved_with_a_byte_order_mark_resumes(plate, tiny_model, tmp_path):
+    out = tmp_path / "res.csv"
+    run_batch(files_of(plate)[:2], out=out, model=tiny_model)
+    out.write_bytes(b"\xef\xbb\xbf" + out.read_bytes())  # as Excel saves "CSV UTF-8"
+    summary = run_batch(files_of(plate)[:3], out=out, model=tiny_model)  # was refused
+    assert (summary.counted, summary.skipped) == (1, 2)
+    assert len(read_results(out)) == 3

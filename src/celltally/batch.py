@@ -380,6 +380,8 @@ def _scan_results(
             if not header_ok:
                 if not complete:
                     break  # torn header: nothing was counted yet
+                if record and record[0].startswith("\ufeff"):  # re-saved by Excel: a BOM
+                    record = [record[0][1:], *record[1:]]
                 if record != list(columns):
                     shown = ",".join(record or [])[:200]
                     raise io.InputError(

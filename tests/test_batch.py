@@ -1011,3 +1011,22 @@ def test_a_results_file_resaved_with_a_byte_order_mark_resumes(plate, tiny_model
     summary = run_batch(files_of(plate)[:3], out=out, model=tiny_model)  # was refused
     assert (summary.counted, summary.skipped) == (1, 2)
     assert len(read_results(out)) == 3
+
+
+def test_sigterm_mid_run_keeps_the_rows_says_so_and_resumes(plate, tiny_model, tmp_path):
+    out = tmp_path / "res.csv"
+    expected = files_of(plate)
+    proc = cli_count(plate, out, tiny_model, "--batch-size", "1")
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and rows_on_disk(out) < 2 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)  # as SLURM does at the time limit
+    _, stderr = proc.communicate(timeout=60)
+    # it died silently, its manifest saying "running"
+    assert proc.returncode == 143 and "terminated (SIGTERM): the rows" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    manifest = json.loads(output_paths(out).manifest.read_text())
+    assert manifest["runs"][-1]["status"] == "interrupted"
+    assert cli_count(plate, out, tiny_model).wait(timeout=120) == 0
+    assert_exactly_once(out, expected)

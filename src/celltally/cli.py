@@ -7,6 +7,9 @@ import csv
 import json
 import math
 import os
+import signal
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -45,6 +48,16 @@ def _options(
     ] = False,
 ) -> None:
     """Count cells in microscopy images, with calibrated 95% intervals."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``kill``), handled as Ctrl-C is: work done is kept."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def fail(message: str | BaseException, code: int = 2, *, rank: str | None = None) -> NoReturn:
@@ -139,7 +152,10 @@ def _test_figures(test: dict) -> str:
 
 
 def _interrupted(what: str) -> NoReturn:
-    """Ctrl-C: one line on stderr saying what is kept, exit status 130."""
+    """Ctrl-C: one line on stderr saying what is kept, exit status 130 (SIGTERM: 143)."""
+    if isinstance(sys.exc_info()[1], Terminated):  # e.g. SLURM's time limit
+        typer.echo(f"terminated (SIGTERM): {what}", err=True)
+        raise typer.Exit(143) from None
     typer.echo(f"interrupted: {what}", err=True)
     raise typer.Exit(130) from None
 

@@ -98,13 +98,20 @@ def mae(model, folder) -> float:
     return float(np.mean(errors))
 
 
-def test_finetuning_improves_its_validation_error(base_model, folders, tmp_path):
+def test_finetuning_improves_its_validation_error(base_model, folders, tmp_path, monkeypatch):
     train, val = folders
     new = tmp_path / "mine"
-    result = run("train", "--data", train, "--from", base_model, "--out", new, "--no-progress")
+    monkeypatch.chdir(base_model.parent)  # --from as typed: relative to here
+    result = run("train", "--data", train, "--from", base_model.name, "--out", new, "--no-progress")
     assert result.exit_code == 0, result.output
     config = json.loads((new / "config.json").read_text())
-    assert config["training"]["from"] == str(base_model)
+    # recorded as typed, it was found again only from this folder (evaluate --held-out
+    # then took the starting model's training images for held-out ones)
+    assert config["training"]["from"] == str(base_model.resolve())
+    monkeypatch.chdir(tmp_path)
+    from celltally.uncertainty import _lineage
+
+    assert len(_lineage(config)) == 2
     # --diameter's reference is now the user's objects, measured on the label images
     from celltally.datasets import labels_diameter
 

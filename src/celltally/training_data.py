@@ -529,7 +529,9 @@ def build_and_fit(
         "n_calibration": len(calibration),
         "n_test": 0 if test is None else len(test),
         "seed": seed,
-        "from": from_model,
+        # a shipped model by name, a user's folder by its full path: read from any
+        # working folder (evaluate --held-out follows it back to what that model saw)
+        "from": None if from_model is None else _start_record(from_model),
     }
     log(
         f"train {len(train)} / calibration {len(calibration)} / test {config['training']['n_test']}"
@@ -569,6 +571,14 @@ def build_and_fit(
                 Path(out), from_model, calibration, channel=channel, log=log
             )
     return result
+
+
+def _start_record(from_model: str) -> str:
+    """How ``training.from`` names the starting model: its name if shipped, else its folder."""
+    from celltally.model_folder import is_shipped, resolve_model
+
+    folder = resolve_model(from_model)
+    return folder.name if is_shipped(folder) else str(folder.resolve())
 
 
 def compare_with_start(

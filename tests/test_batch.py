@@ -980,7 +980,9 @@ def test_a_run_over_other_inputs_keeps_the_failures_it_did_not_try(tiny_model, t
     assert CliRunner().invoke(app, [*base, str(one)]).exit_code == 1
     result = CliRunner().invoke(app, [*base, str(two)])
     # Plate1's unread site was dropped from the errors file: its well total lacked it silently
-    assert result.exit_code == 1 and "1 image(s) that an earlier run could not read" in result.output
+    assert (
+        result.exit_code == 1 and "1 image(s) that an earlier run could not read" in result.output
+    )
     assert _errors_listed(out) == ["Plate1_C05_s2.tif"]
     wells = CliRunner().invoke(app, ["wells", str(out), "-o", str(tmp_path / "w.csv")])
     assert "include images that could not be counted" in wells.output

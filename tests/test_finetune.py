@@ -187,6 +187,16 @@ def test_counts_come_from_label_masks_without_counts_csv(folders, tmp_path):
     shutil.copytree(binary / "labels", both / "masks")
     data = load_folder(both, size=(64, 96))
     assert {m["name"]: c for m, c in zip(data.meta, data.counts.tolist(), strict=True)} == truth
+    # evaluate reads the same truths (it refused the folder train accepts)
+    from celltally.evaluation import labelled_files
+
+    for where in (folder, both):
+        assert {p.name: c for p, c in labelled_files(where)} == truth
+    # binary masks give no count (one value: one object or a foreground?); all-0 gives 0
+    assert {p.name: c for p, c in labelled_files(binary)} == {"empty.tif": 0}
+    (binary / "labels" / "empty.tif").unlink()
+    with pytest.raises(ValueError, match="no label image .* gives a count"):
+        labelled_files(binary)
 
 
 def copy_plate(source, target):

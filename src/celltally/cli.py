@@ -710,7 +710,12 @@ def wells(
 
 @app.command()
 def evaluate(
-    data: Annotated[Path, typer.Argument(help="Folder: images + counts.csv, or BBBC005 names.")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder: images + counts.csv, BBBC005 names (_C<n>_), or label images in labels/."
+        ),
+    ],
     model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
     out: Annotated[Path, typer.Option(help="JSON file for the metrics.")] = Path("evaluation.json"),
     level: Annotated[float, typer.Option(help="Interval level.")] = 0.95,
@@ -816,7 +821,8 @@ def evaluate(
     if unlabelled := result.get("unlabelled"):
         typer.echo(
             f"{len(unlabelled)} image(s) of the folder left out: no true count (not in "
-            f"counts.csv, or no _C<n>_ in the name; e.g. {Path(unlabelled[0]).name})"
+            f"counts.csv, no _C<n>_ in the name, no label image; e.g. "
+            f"{Path(unlabelled[0]).name})"
         )
     warnings = [r.get("warning") or "" for r in result["rows"]]
     _echo_warnings(warnings, "", f"'warning' in their rows in {out}")
@@ -913,7 +919,11 @@ def train(
         Path | None, typer.Option(help="Real BBBC005 folder (split by site: 1-7/8/9-10).")
     ] = None,
     data: Annotated[
-        list[Path] | None, typer.Option(help="Folder(s) of images + counts.csv (+ masks/).")
+        list[Path] | None,
+        typer.Option(
+            help="Folder(s) of images with counts.csv and/or masks/ or labels/ (label images "
+            "give counts); repeat --data for several. See docs/finetuning.md."
+        ),
     ] = None,
     simulated: Annotated[int, typer.Option(help="Simulated training scenes to add.")] = 0,
     preset: Annotated[

@@ -215,7 +215,8 @@ def _file_path(path: Any) -> Path:
     """``path`` as a Path, or InputError when it is not one (an array given to count_paths)."""
     if not isinstance(path, str | os.PathLike):
         raise io.InputError(
-            f"count_paths takes file paths, got a {type(path).__name__}: count an array with count()"
+            f"count_paths takes file paths, got a {type(path).__name__}: "
+            "count an array with count()"
         )
     return Path(path)
 

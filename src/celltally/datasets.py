@@ -308,6 +308,21 @@ def _listed_images(root: Path) -> tuple[list[Path], list[str], dict[str, float] 
     return paths, list(table), table  # keys as listed: sub-folders' files may share a name
 
 
+def counts_from_label_masks(root: str | Path, paths: Sequence[Path]) -> list[int | None]:
+    """Each image's count from its label image (``root/labels``, else ``root/masks``).
+
+    As :func:`load_folder` counts an image that has no count of its own: the
+    number of labels of its label image, None where it has none (or only a
+    binary mask, which cannot be told from a one-object label image). ``paths``
+    are images directly in the folder's images folder.
+    """
+    root = Path(root)
+    dirs = [d for d in (root / "labels", root / "masks") if d.is_dir()]  # labels/ first
+    keys = [p.name for p in paths]
+    found = [_masks_in(d, paths, keys) for d in dirs]
+    return [_count_from_labels([files[i] for files in found]) for i in range(len(paths))]
+
+
 def _count_from_labels(files: Sequence[Path | None]) -> int | None:
     """Number of labels of an image's label mask; None without one.
 

@@ -16,7 +16,9 @@ from celltally.transforms import DEFAULT_NORMALIZATION
 
 
 def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
-    """(image path, true count) from ``counts.csv`` if present, else from ``_C<n>_`` names."""
+    """(image path, true count) from ``counts.csv`` if present, else from ``_C<n>_`` names,
+    else from the image's label image in ``labels/`` or ``masks/`` (its number of
+    objects, as ``train`` counts it)."""
     data = Path(data)
     if data.is_file():
         raise io.InputError(f"{data}: a file; evaluate takes a folder of images")
@@ -34,13 +36,19 @@ def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
                 "(names are relative to the images' folder)"
             )
         return pairs
-    pairs = []
-    for path in io.list_images([folder]):
-        c = naming.parse_name(path.name).count
-        if c is not None:
-            pairs.append((path, float(c)))
+    paths = io.list_images([folder])
+    named = [naming.parse_name(path.name).count for path in paths]
+    if any(c is None for c in named):  # as `train` counts them: the label images' objects
+        from celltally.datasets import counts_from_label_masks
+
+        by_labels = counts_from_label_masks(data, paths)
+        named = [c if c is not None else by_labels[i] for i, c in enumerate(named)]
+    pairs = [(path, float(c)) for path, c in zip(paths, named, strict=True) if c is not None]
     if not pairs:
-        raise io.InputError(f"{data}: no counts.csv and no image name carries _C<count>_")
+        raise io.InputError(
+            f"{data}: no counts.csv, no image name carries _C<count>_, and no label image "
+            "(labels/ or masks/) gives a count"
+        )
     return pairs
 
 

@@ -166,8 +166,11 @@ def min_range_for(dtype: np.dtype, *, image: np.ndarray | None = None) -> float:
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         full_scale = 255.0 if dtype.itemsize == 1 else 4095.0
-    elif dtype.kind == "f" and image is not None and _on_grid(image, 65535) and not _on_grid(
-        image, 255
+    elif (
+        dtype.kind == "f"
+        and image is not None
+        and _on_grid(image, 65535)
+        and not _on_grid(image, 255)
     ):
         full_scale = 4095.0 / 65535.0
     else:
@@ -176,7 +179,7 @@ def min_range_for(dtype: np.dtype, *, image: np.ndarray | None = None) -> float:
 
 
 def _on_grid(image: np.ndarray, steps: int) -> bool:
-    """Whether ``image``'s values (sampled: about 65,000 of them) are in [0, 1] and k / ``steps``."""
+    """Whether ``image``'s values (about 65,000 sampled) are in [0, 1] and k / ``steps``."""
     array = np.asarray(image)
     if array.ndim == 2:  # a strided view, no copy of a large image
         sy = max(1, array.shape[0] // 256)

@@ -716,3 +716,23 @@ def test_a_pixel_size_is_recorded_for_the_models_frame():
     assert config["scale"]["native_size"] == [1040, 1392]
     assert config["scale"]["pixel_size_um"] == pytest.approx(0.325)
     assert config["scale"]["object_diameter_px"] == pytest.approx(20)
+
+
+def test_files_a_training_folder_leaves_out_are_named(folders, tmp_path):
+    from celltally.datasets import unused_files
+
+    train, _ = folders
+    folder = tmp_path / "mine"
+    shutil.copytree(train, folder)
+    assert unused_files(folder) == []
+    images = sorted((folder / "images").iterdir())
+    first = images[0]
+    shutil.copy(folder / "labels" / f"{first.stem}.tif", folder / "labels" / "A01_mask.tif")
+    (folder / "images" / "p1").mkdir()
+    shutil.copy(first, folder / "images" / "p1" / "extra.tif")
+    notes = unused_files(folder)  # each was left out without a word
+    assert len(notes) == 2
+    assert "1 image(s) not used, not in counts.csv (e.g. p1/extra.tif)" in notes[0]
+    assert "labels: 1 file(s) are no image's mask (e.g. A01_mask.tif)" in notes[1]
+    (folder / "counts.csv").unlink()  # then only the top-level images count
+    assert "in sub-folders, which only counts.csv can name" in unused_files(folder)[0]

@@ -308,6 +308,44 @@ def _listed_images(root: Path) -> tuple[list[Path], list[str], dict[str, float] 
     return paths, list(table), table  # keys as listed: sub-folders' files may share a name
 
 
+def unused_files(root: str | Path) -> list[str]:
+    """One note per kind of file in a training folder that :func:`load_folder` leaves out.
+
+    Images not in ``counts.csv``; without one, images in sub-folders of the
+    images' folder (only ``counts.csv`` names those); files in ``masks/`` or
+    ``labels/`` that are no image's mask (their names must be the image's).
+    Each was left out without a word, e.g. 16 masks named ``A01_mask.png``.
+    """
+    root = Path(root)
+    folder = io.images_folder(root)
+    paths, keys, listed = _listed_images(root)
+    mask_dirs = [d for d in (root / "masks", root / "labels") if d.is_dir()]
+    used = {p.resolve() for p in paths}
+    notes = []
+    on_disk = [
+        p
+        for p in io.list_images([folder], recursive=True)
+        if p.resolve() not in used and not any(io.is_under(p, d) for d in mask_dirs)
+    ]
+    if on_disk:
+        example = on_disk[0].relative_to(folder).as_posix()
+        why = (
+            "not in counts.csv"
+            if listed is not None
+            else "in sub-folders, which only counts.csv can name (relative to the images' folder)"
+        )
+        notes.append(f"{folder}: {len(on_disk)} image(s) not used, {why} (e.g. {example})")
+    for d in mask_dirs:
+        matched = {p.resolve() for p in _masks_in(d, paths, keys) if p is not None}
+        extra = [p for p in io.list_images([d], recursive=True) if p.resolve() not in matched]
+        if extra and paths:
+            notes.append(
+                f"{d}: {len(extra)} file(s) are no image's mask (e.g. {extra[0].name}); a "
+                f"mask takes its image's name with an image suffix, e.g. {paths[0].stem}.png"
+            )
+    return notes
+
+
 def counts_from_label_masks(root: str | Path, paths: Sequence[Path]) -> list[int | None]:
     """Each image's count from its label image (``root/labels``, else ``root/masks``).
 

@@ -24,6 +24,7 @@ from celltally.datasets import (
     simulate_set,
     source_file,
     split_bbbc005,
+    unused_files,
 )
 from celltally.distributed import is_main, world_size
 from celltally.model_folder import UNFINISHED, check_new_model_folder
@@ -479,6 +480,8 @@ def build_and_fit(
     for folder in folders:
         log(f"loading {folder}")
         user = load_folder(folder, size=size, norm=norm, channel=channel)
+        for note in unused_files(folder):
+            log(f"note: {note}")
         user_meta += user.meta
         parts = split_by_scene_hash(user)
         trains.append(user.subset(parts["train"]))

@@ -269,10 +269,19 @@ def test_counts_only_folder_finetunes_only_the_counter(base_model, tmp_path, ext
     preset = run(*args, "--from", base_model, "--preset", "paper", "--out", tmp_path / "d")
     assert preset.exit_code == 2 and "does not apply with --from" in preset.output
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
-    result = run(*args, "--from", base_model, "--out", tmp_path / "b", *extra)
+    start = tmp_path / "start"  # a model whose own recipe used more than `fit` does
+    shutil.copytree(base_model, start)
+    config = json.loads((start / "config.json").read_text())
+    config["train"]["counter"].update(ema=0.98, crop=[96, 256], loss="on mosaics")
+    (start / "config.json").write_text(json.dumps(config))
+    result = run(*args, "--from", start, "--out", tmp_path / "b", *extra)
     assert result.exit_code == 0, result.output
     if not extra:
         assert "the segmenter is kept, only the counter is trained" in result.output
+    # the record says what this run did (it copied the start's recipe, segmenter epochs too)
+    recipe = json.loads((tmp_path / "b" / "config.json").read_text())["train"]
+    assert recipe["segmenter"]["epochs"] == 0 and recipe["counter"]["epochs"] == 2
+    assert not {"ema", "crop", "loss"} & set(recipe["counter"])
     before = load_file(str(base_model / "model.safetensors"))
     after = load_file(str(tmp_path / "b" / "model.safetensors"))
     segmenter = [k for k in before if k.startswith("segmenter.")]

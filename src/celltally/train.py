@@ -625,6 +625,7 @@ def fit(
     if stages == "both" and init is not None and seg_epochs > 0 and not seg_train.has_mask.any():
         log("no training image has a mask: the segmenter is kept, only the counter is trained")
         seg_epochs = 0
+        hp["segmenter"] = {**hp["segmenter"], "epochs": 0}  # the record says what ran
     if stages in ("both", "segmenter") and seg_epochs > 0:
         s = hp["segmenter"]
         log(

@@ -417,9 +417,15 @@ def build_and_fit(
         base = read_model_config(folder)
         start_untrained = bool(base.get("untrained_counter"))
         config = {k: base[k] for k in ("input_size", "segmenter", "counter", "counter_inputs")}
-        config["train"] = copy.deepcopy(
+        recipe = (
             base["train"] if "train" in base else get_preset(base.get("preset", "small"))["train"]
         )
+        # only what `fit` reads: a shipped model's record of its own recipe (crops of
+        # frame mosaics, EMA, steps per epoch) would describe a run this is not
+        config["train"] = {
+            stage: {k: copy.deepcopy(v) for k, v in recipe[stage].items() if k in FIT_KEYS[stage]}
+            for stage in ("segmenter", "counter")
+        }
         segmenter = config["train"]["segmenter"]
         if seg_epochs is None and segmenter.get("epochs", 0) <= 0:
             # A shipped model whose segmenter was trained apart (nuclei) records 0 epochs:
@@ -574,6 +580,21 @@ def build_and_fit(
                 Path(out), from_model, calibration, channel=channel, log=log
             )
     return result
+
+
+#: The keys of a config's ``train`` block that :func:`celltally.train.fit` reads, per stage.
+FIT_KEYS = {
+    "segmenter": (
+        "lr",
+        "lr_base",
+        "batch_size",
+        "batch_size_planned",
+        "epochs",
+        "tv_weight",
+        "schedule",
+    ),
+    "counter": ("lr", "batch_size", "batch_size_planned", "epochs", "beta", "schedule"),
+}
 
 
 def _start_record(from_model: str) -> str:

@@ -725,6 +725,15 @@ def test_a_pixel_size_is_recorded_for_the_models_frame():
     assert config["scale"]["native_size"] == [1040, 1392]
     assert config["scale"]["pixel_size_um"] == pytest.approx(0.325)
     assert config["scale"]["object_diameter_px"] == pytest.approx(20)
+    # the notes give the starting model's own values and the assumption (they read as if
+    # the starting model had 0.325 um and 20 px)
+    _record_pixel_size(config, None, "start", said.append)
+    assert "is 0.325 um (start's 0.65 um over your frame over its frame, 2)" in said[-1]
+    from celltally.training_data import _rescale_reference
+
+    _rescale_reference(config, [], "start", said.append)
+    assert "diameter (--diameter) is 20 px: start's 10 px times your frame" in said[-1]
+    assert "if they are crops at its magnification" in said[-1]
 
 
 def test_files_a_training_folder_leaves_out_are_named(folders, tmp_path):

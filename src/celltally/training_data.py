@@ -154,10 +154,13 @@ def _check_frame_size(
             scale = dict(config.get("scale") or {})
             scale["native_size"] = list(common)
             ratio = _size_ratio(common, native)
-            if scale.get("object_diameter_px"):  # the same objects in model pixels
+            # taken as the same field of view in more (or fewer) pixels: the same objects
+            # are wider (narrower) in pixels; the notes below say so (crops would not be)
+            if scale.get("object_diameter_px"):
                 scale["object_diameter_px"] = round(scale["object_diameter_px"] * ratio, 2)
-            if scale.get("pixel_size_um"):  # the same field in more (or fewer) pixels
+            if scale.get("pixel_size_um"):
                 scale["pixel_size_um"] = round(scale["pixel_size_um"] / ratio, 6)
+            scale["frame_ratio"] = round(ratio, 4)  # the new frame over the starting one
             config["scale"] = scale
             whose = "your images'" if n == len(meta) else f"{n} of your {len(meta)} images'"
             log(
@@ -202,9 +205,17 @@ def _rescale_reference(
             "measured on your label images"
         )
     elif "object_diameter_px" in scale and from_model is not None:
+        value = f"{scale['object_diameter_px']:g} px"
+        if ratio := scale.get("frame_ratio"):
+            value = (
+                f"{value}: {from_model}'s {scale['object_diameter_px'] / ratio:.4g} px times "
+                f"your frame over its frame ({ratio:g}), as if your images showed its field "
+                "in other pixels; if they are crops at its magnification, train with label "
+                "images"
+            )
         log(
-            f"no label images to measure your objects: the new model keeps {from_model}'s "
-            f"reference object diameter ({scale['object_diameter_px']} px) for --diameter"
+            "no label images to measure your objects: the new model's reference object "
+            f"diameter (--diameter) is {value}"
         )
 
 
@@ -243,10 +254,15 @@ def _record_pixel_size(
             "count --pixel-size"
         )
     elif "pixel_size_um" in scale and from_model is not None:
+        value = f"{scale['pixel_size_um']:g} um"
+        if ratio := scale.get("frame_ratio"):
+            value = (
+                f"{value} ({from_model}'s {scale['pixel_size_um'] * ratio:.4g} um over your "
+                f"frame over its frame, {ratio:g})"
+            )
         log(
-            f"the new model keeps {from_model}'s pixel size ({scale['pixel_size_um']:g} um) "
-            "for --pixel-size; if your images' pixels differ, train again with "
-            "--pixel-size UM"
+            f"the new model's pixel size (--pixel-size) is {value}; if your images' pixels "
+            "differ, train again with --pixel-size UM"
         )
 
 

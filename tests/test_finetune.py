@@ -112,6 +112,13 @@ def test_finetuning_improves_its_validation_error(base_model, folders, tmp_path,
     from celltally.uncertainty import _lineage
 
     assert len(_lineage(config)) == 2
+    # `models` says what it was fine-tuned from and how it did against it (it did not)
+    described = run("models", new)
+    assert f"fine-tuned from: {base_model.resolve()}" in described.output
+    compared = config["training"]["compared_with_start"]
+    assert f"on its {compared['n']} calibration image(s) (held out of fine-tuning)" in (
+        described.output
+    )
     # --diameter's reference is now the user's objects, measured on the label images
     from celltally.datasets import labels_diameter
 

@@ -1166,6 +1166,14 @@ def models(
                 else ""
             ),
         ]
+        training = config.get("training") or {}
+        if start := training.get("from"):
+            lines.insert(lines.index("  trained on:"), f"  fine-tuned from: {start}")
+        if compared := training.get("compared_with_start"):
+            lines.append(
+                f"  on its {compared['n']} calibration image(s) (held out of fine-tuning): "
+                f"MAE {compared['mae_new']:.2f}, the starting model {compared['mae_start']:.2f}"
+            )
         ensemble = held_out_figures(config, epistemic=True)
         if ensemble:
             lines.append(
@@ -1179,6 +1187,11 @@ def models(
                     f"  counts{label} multiplied by {block['count_scale']:.4f} "
                     "(a correction fitted on the calibration images)"
                 )
+        if calib.get("n"):
+            lines.append(
+                f"  intervals: {calib.get('default', 'conformal')}, calibrated on "
+                f"{calib['n']} image(s)"
+            )
         wells = calib.get("well_correlation")
         if wells:
             lines.append(

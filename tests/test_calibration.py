@@ -322,7 +322,7 @@ def test_new_ensemble_members_leave_the_plain_calibration_alone(blob_model, tmp_
         folder, blob_set(16, 4, config), blob_set(8, 5, config), members=2, epochs=1, **few
     )
     assert any(
-        line.startswith("only 8 calibration images: they guarantee --epistemic intervals up to")
+        line.startswith("only 8 calibration image(s): they guarantee --epistemic intervals up to")
         for line in said
     ), said
     assert "replaced the model's 1 earlier ensemble member(s) by 1 new one(s)" in said
@@ -566,7 +566,7 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     block = json.loads((model / "config.json").read_text())["calibration"]
     assert block["n"] == cal_size < 20
     # too few images for out-of-distribution thresholds: the loose defaults, no reference
-    assert f"only {cal_size} calibration images" in result.output
+    assert f"only {cal_size} calibration image(s)" in result.output
     assert block["ood"] == {} and not (model / "ood.safetensors").exists()
     # a shipped model is never rewritten; --out writes a calibrated copy
     shipped = runner.invoke(app, ["calibrate", "--model", "bbbc005", "--data", str(data)])

@@ -130,7 +130,7 @@ def test_finetuning_improves_its_validation_error(base_model, folders, tmp_path,
     compared = config["training"]["compared_with_start"]
     assert compared["n"] == config["calibration"]["n"]
     assert compared["mae_new"] < compared["mae_start"]
-    assert "calibration images (not trained on): MAE" in result.output
+    assert "calibration image(s) (not trained on): MAE" in result.output
     assert "warning: the new model counts" not in result.output
     assert config["calibration"]["n"] > 0
     before, after = mae(base_model, val), mae(new, val)
@@ -548,7 +548,7 @@ def test_a_segmenter_only_model_says_its_counter_is_untrained(tmp_path):
     # a model fine-tuned from it keeps it, and says so; --pixel-size needs --data
     again = run("train", *common, "--from", model, "--out", tmp_path / "s3")
     assert again.exit_code == 0, again.output
-    assert "keeps" in again.output and "pixel size (0.65 um)" in again.output
+    assert "the new model's pixel size (--pixel-size) is 0.65 um;" in again.output
     assert (
         json.loads((tmp_path / "s3" / "config.json").read_text())["scale"]["pixel_size_um"] == 0.65
     )
@@ -560,7 +560,7 @@ def test_a_segmenter_only_model_says_its_counter_is_untrained(tmp_path):
         refused = run("train", *args, "--out", tmp_path / "bad")
         assert refused.exit_code == 2 and said in refused.output, refused.output
     # 6 scenes leave a calibration image or two: the log says what they cannot promise
-    assert "calibration images: they guarantee intervals up to" in second.output
+    assert "calibration image(s): they guarantee intervals up to" in second.output
 
 
 def test_an_interrupted_run_is_not_silently_restarted(tmp_path):

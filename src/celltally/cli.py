@@ -935,10 +935,20 @@ def train(
         typer.Option(help="both, segmenter or counter (counter needs --from: a segmenter)."),
     ] = "both",
     from_model: Annotated[
-        str | None, typer.Option("--from", help="Start from this model's weights.")
+        str | None,
+        typer.Option(
+            "--from",
+            help="Fine-tune: start from this model (a shipped name, e.g. nuclei, or a folder).",
+        ),
     ] = None,
-    seg_epochs: Annotated[int | None, typer.Option(help="Override segmenter epochs.")] = None,
-    count_epochs: Annotated[int | None, typer.Option(help="Override counter epochs.")] = None,
+    seg_epochs: Annotated[
+        int | None,
+        typer.Option(help="Segmenter epochs (default: the preset's, or --from's); 0 keeps it."),
+    ] = None,
+    count_epochs: Annotated[
+        int | None,
+        typer.Option(help="Counter epochs (default: the preset's, or --from's); 0 keeps it."),
+    ] = None,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Resume from checkpoints in --out.")] = False,
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
@@ -957,6 +967,8 @@ def train(
     threads: ThreadsOption = None,
 ) -> None:
     """Train segmenter then counter (as in the paper) and write a model folder.
+
+    Fine-tune on your own images with --data FOLDER --from MODEL (docs/finetuning.md).
 
     Data-parallel on N processes (GPUs, or CPU with gloo), batch size per process:
     torchrun --nproc_per_node N -m celltally.cli train ...

@@ -525,6 +525,8 @@ def build_and_fit(
         _rescale_reference(config, folders, from_model, log)
     if folders:
         _record_pixel_size(config, pixel_size, from_model, log, user_meta)
+    if "frame_ratio" in (config.get("scale") or {}):  # this run's, for the notes above only
+        config["scale"] = {k: v for k, v in config["scale"].items() if k != "frame_ratio"}
     if simulated > 0:
         log(f"simulating {simulated} training scenes")
         trains.append(
@@ -660,7 +662,7 @@ def compare_with_start(
         mae[key] = round(float(np.mean(np.abs(counts - truth))), 4)
     record = {"n": len(truth), "mae_new": mae["new"], "mae_start": mae["start"]}
     log(
-        f"your {len(truth)} calibration images (not trained on): MAE {mae['new']:.2f} with "
+        f"your {len(truth)} calibration image(s) (not trained on): MAE {mae['new']:.2f} with "
         f"the new model, {mae['start']:.2f} with {from_model}"
     )
     if mae["new"] > mae["start"]:

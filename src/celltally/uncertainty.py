@@ -465,7 +465,7 @@ def _note_few_images(n: int, shown: Path, log: Log, *, what: str = "intervals") 
     """Say so when ``n`` calibration images cannot guarantee 95% (it needs 19)."""
     if conformal_rank(n, 0.95) > n:
         log(
-            f"only {n} calibration images: they guarantee {what} up to "
+            f"only {n} calibration image(s): they guarantee {what} up to "
             f"{n / (n + 1):.3f}, not 95% (that needs 19); wider levels extrapolate, "
             "never narrower than the model's own sigma. For guaranteed 95% intervals: "
             f"celltally calibrate --model {shown} --data FOLDER_OF_HELD_OUT_IMAGES"
@@ -587,7 +587,7 @@ def calibrate_model(
     else:  # a 99th percentile of a handful of images would flag most new ones
         (folder / OOD_REFERENCE_FILE).unlink(missing_ok=True)
         log(
-            f"only {len(y)} calibration images: out-of-distribution warnings use loose "
+            f"only {len(y)} calibration image(s): out-of-distribution warnings use loose "
             "defaults that flag only images far from anything the model saw (thresholds "
             f"are fitted on {MIN_OOD_IMAGES} or more: `celltally calibrate --data FOLDER` "
             "with more images not trained on)"

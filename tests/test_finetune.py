@@ -219,6 +219,8 @@ def copy_plate(source, target):
         ("negative", "is negative"),
         ("header_only", "counts.csv: lists no images"),
         ("two_masks", "are both masks of"),
+        ("latin1", "is not UTF-8 text (save it as CSV UTF-8"),  # was a codec error
+        ("csv_as_data", "a file; --data takes a folder of images"),  # was "unsupported type"
     ],
 )
 def test_bad_annotations_fail_before_training(base_model, folders, tmp_path, problem, message):
@@ -248,8 +250,11 @@ def test_bad_annotations_fail_before_training(base_model, folders, tmp_path, pro
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    if problem == "latin1":
+        counts.write_bytes(counts.read_bytes() + "Zellzählung_é.tif,3\n".encode("latin-1"))
     out = tmp_path / "never"
-    result = run("train", "--data", folder, "--from", base_model, "--out", out, "--no-progress")
+    data = counts if problem == "csv_as_data" else folder
+    result = run("train", "--data", data, "--from", base_model, "--out", out, "--no-progress")
     assert result.exit_code == 2
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
@@ -761,3 +766,18 @@ def test_files_a_training_folder_leaves_out_are_named(folders, tmp_path):
     assert "labels: 1 file(s) are no image's mask (e.g. A01_mask.tif)" in notes[1]
     (folder / "counts.csv").unlink()  # then only the top-level images count
     assert "in sub-folders, which only counts.csv can name" in unused_files(folder)[0]
+
+
+def test_counts_csv_inside_the_images_folder_is_taken(folders, tmp_path):
+    from celltally.evaluation import labelled_files
+
+    folder = copy_plate(folders[1], tmp_path / "mine")
+    rows = list(csv.DictReader((folder / "counts.csv").open()))
+    with (folder / "counts.csv").open("w", newline="") as handle:  # unlike the names' _C<n>_
+        handle.write("image,count\n" + "".join(f"{r['image']},{r['count']}.5\n" for r in rows))
+    truth = {p.name: c for p, c in labelled_files(folder)}
+    assert all(c % 1 == 0.5 for c in truth.values())
+    shutil.move(folder / "counts.csv", folder / "images" / "counts.csv")  # was "no counts.csv"
+    assert {p.name: c for p, c in labelled_files(folder)} == truth
+    data = load_folder(folder, size=(64, 96))
+    assert {m["name"]: c for m, c in zip(data.meta, data.counts.tolist(), strict=True)} == truth

@@ -292,7 +292,7 @@ def _listed_images(root: Path) -> tuple[list[Path], list[str], dict[str, float] 
     images' folder's files, keyed by name, and None.
     """
     folder = io.images_folder(root)
-    counts_csv = root / "counts.csv"
+    counts_csv = io.counts_csv(root)
     if not counts_csv.exists():
         paths = io.list_images([folder])
         return paths, [p.name for p in paths], None

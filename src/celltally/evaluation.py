@@ -23,7 +23,7 @@ def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
     if data.is_file():
         raise io.InputError(f"{data}: a file; evaluate takes a folder of images")
     folder = io.images_folder(data)
-    csv_path = data / "counts.csv"
+    csv_path = io.counts_csv(data)
     if csv_path.exists():
         table = io.read_counts_csv(csv_path)
         if not table:

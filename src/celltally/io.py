@@ -1200,7 +1200,11 @@ def read_counts_csv(path: str | os.PathLike[str]) -> dict[str, float]:
     try:
         with open(p, encoding="utf-8-sig", newline="") as fh:
             text = fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise InputError(
+            f"{name}: is not UTF-8 text (save it as CSV UTF-8, e.g. Excel's 'CSV UTF-8')", name
+        ) from None
+    except OSError as exc:
         raise InputError(f"{name}: cannot be read: {_short_reason(exc)}", name) from None
     lines = text.splitlines(keepends=True)
     first = next((line for line in lines if line.strip()), None)
@@ -1252,6 +1256,14 @@ def read_counts_csv(path: str | os.PathLike[str]) -> dict[str, float]:
         counts[image] = value
         first_line[image] = line
     return counts
+
+
+def counts_csv(data: str | os.PathLike[str]) -> Path:
+    """A folder's ``counts.csv``: beside ``images/``, or else inside it (either is taken)."""
+    data = Path(data)
+    beside = data / "counts.csv"
+    inside = images_folder(data) / "counts.csv"
+    return inside if not beside.exists() and inside.exists() else beside
 
 
 def images_folder(data: str | os.PathLike[str]) -> Path:

@@ -495,6 +495,11 @@ def build_and_fit(
     user_meta: list[dict[str, Any]] = []
     unique: dict[str, Path] = {}
     for folder in folders:
+        if Path(folder).is_file():  # e.g. --data my_training/counts.csv
+            raise io.InputError(
+                f"--data {folder}: a file; --data takes a folder of images (with counts.csv, "
+                "masks/ or labels/ beside them)"
+            )
         unique.setdefault(os.path.realpath(folder), Path(folder))
     if len(unique) < len(folders):  # its images would train twice, or calibrate twice
         log(f"--data: {len(folders) - len(unique)} folder(s) given twice are used once")

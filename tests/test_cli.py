@@ -452,6 +452,22 @@ def test_channel_option_across_commands(tiny_model, image_folder, tmp_path):
     with pytest.raises(Exception, match="--channel 0-1"):
         load_folder(two, size=(64, 96))
 
+    # a model trained on channel 1 (train --channel records it) reads it by default from
+    # multi-channel files, and single-channel files as they are (it refused the first)
+    import shutil
+
+    trained = tmp_path / "trained_on_1"
+    shutil.copytree(tiny_model, trained)
+    config = json.loads((trained / "config.json").read_text())
+    (trained / "config.json").write_text(json.dumps({**config, "channel": 1}))
+    again = tmp_path / "again.json"
+    result = run("evaluate", two, "--model", trained, "--no-progress", "--out", again)
+    assert result.exit_code == 0, result.output
+    rows = {r["file"]: r["count"] for r in json.loads(again.read_text())["rows"]}
+    assert rows == pytest.approx(expected)
+    assert run("evaluate", image_folder, "--model", trained, "--out", again).exit_code == 0
+    assert "reads channel 1 of multi-channel files" in run("models", trained).output
+
 
 def test_too_small_image_is_named_and_the_rest_counted(tiny_model, image_folder, tmp_path):
     tifffile.imwrite(image_folder / "speck.tif", np.full((1, 5), 9, np.uint8))

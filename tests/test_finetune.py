@@ -261,7 +261,7 @@ def test_bad_annotations_fail_before_training(base_model, folders, tmp_path, pro
     assert not out.exists()
 
 
-@pytest.mark.parametrize("extra", [(), ("--seg-epochs", "0")])
+@pytest.mark.parametrize("extra", [(), ("--seg-epochs", "0", "--channel", "0")])
 def test_counts_only_folder_finetunes_only_the_counter(base_model, tmp_path, extra):
     """No masks, as docs/finetuning.md says: the segmenter is kept, the counter learns counts."""
     from safetensors.torch import load_file
@@ -293,6 +293,8 @@ def test_counts_only_folder_finetunes_only_the_counter(base_model, tmp_path, ext
     # the record says what this run did (it copied the start's recipe, segmenter epochs too)
     recipe = json.loads((tmp_path / "b" / "config.json").read_text())["train"]
     assert recipe["segmenter"]["epochs"] == 0 and recipe["counter"]["epochs"] == 2
+    recorded = json.loads((tmp_path / "b" / "config.json").read_text()).get("channel")
+    assert recorded == (0 if "--channel" in extra else None)  # counting reads it by default
     assert not {"ema", "crop", "loss"} & set(recipe["counter"])
     before = load_file(str(base_model / "model.safetensors"))
     after = load_file(str(tmp_path / "b" / "model.safetensors"))

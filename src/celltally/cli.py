@@ -504,8 +504,16 @@ def count(
             # each row's file from the folder its run worked in, however spelt (links)
             mine = [r for r in with_absolute_files(out, rows) if file_identity(r["file"]) in inputs]
             assert save_masks is not None  # --save-labels sets it when not given
+            from celltally.model_folder import read_model_config, resolve_model
+
+            trained = read_model_config(resolve_model(model)).get("channel")
             n = save_objects_for_rows(
-                mine, masks_dir=save_masks, out_dir=save_labels, root=root, channel=channel
+                mine,
+                masks_dir=save_masks,
+                out_dir=save_labels,
+                root=root,
+                channel=channel,
+                default_channel=None if trained is None else int(trained),
             )
             typer.echo(f"per-object labels, tables and overlays of {n} image(s) -> {save_labels}")
             if other := len(rows) - len(mine):
@@ -1167,6 +1175,14 @@ def models(
             ),
             f"  input normalization: {_normalization_text(config.get('normalization') or {})}",
             f"  scale: {_scale_text(config)}",
+            *(
+                [
+                    f"  reads channel {config['channel']} of multi-channel files (the one it "
+                    "was trained on; --channel picks another)"
+                ]
+                if config.get("channel") is not None
+                else []
+            ),
             "  trained on:",
             *(f"    - {item}" for item in ([data] if isinstance(data, str) else data)),
             f"  held-out test {_test_figures(test)}"

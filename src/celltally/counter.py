@@ -533,8 +533,12 @@ class CellCounter:
         return prepare_image(image, size=self.input_size, norm=self.norm)
 
     def read(self, path: str | Path) -> np.ndarray:
-        """Read an image file with this counter's ``channel``."""
-        return io.read_image(path, channel=self.channel)
+        """Read an image file with this counter's ``channel``; without one, a multi-channel
+        file gives the channel the model was trained on (``config['channel']``), if any."""
+        trained = self.config.get("channel")
+        return io.read_image(
+            path, channel=self.channel, default_channel=None if trained is None else int(trained)
+        )
 
     def prepare_any(self, image: np.ndarray) -> np.ndarray | ModelScaleImage:
         """``prepare`` for a native frame; otherwise the image at the model's pixel scale.

@@ -441,6 +441,7 @@ def _to_2d(
     is_tiff: bool,
     channel: int | None,
     colour_mean: bool,
+    default_channel: int | None = None,
 ) -> np.ndarray:
     """Reduce a decoded array to 2-D following the rules of :func:`read_image`."""
     original_shape = tuple(arr.shape)
@@ -474,6 +475,8 @@ def _to_2d(
             f"{original_shape}; save one plane (or a projection) as a 2-D image",
         )
     n_channels = channels.shape[0]
+    if channel is None and default_channel is not None and 0 <= default_channel < n_channels:
+        channel = default_channel
     if channel is not None:
         if not 0 <= channel < n_channels:
             raise ImageReadError(
@@ -504,7 +507,9 @@ def _to_2d(
     return np.rint(mean).astype(colour.dtype) if colour.dtype.kind in "ui" else mean
 
 
-def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> np.ndarray:
+def read_image(
+    path: str | os.PathLike[str], *, channel: int | None = None, default_channel: int | None = None
+) -> np.ndarray:
     """Read one 2-D image from a TIFF (incl. OME-TIFF), PNG or JPEG file.
 
     Parameters
@@ -515,6 +520,10 @@ def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> n
     channel : int, optional
         For multi-channel images, the 0-based channel to return. For a single-channel
         image only ``0`` is accepted.
+    default_channel : int, optional
+        Without ``channel``: the channel a multi-channel image gives when it has
+        one of that number (a model's training channel); a single-channel image
+        is read as it is.
 
     Returns
     -------
@@ -540,7 +549,14 @@ def read_image(path: str | os.PathLike[str], *, channel: int | None = None) -> n
         out of range, or it contains NaN or infinite values.
     """
     arr, is_tiff = _load_raw(path)
-    out = _to_2d(arr, path, is_tiff=is_tiff, channel=channel, colour_mean=True)
+    out = _to_2d(
+        arr,
+        path,
+        is_tiff=is_tiff,
+        channel=channel,
+        colour_mean=True,
+        default_channel=default_channel,
+    )
     try:
         return check_pixels(out)
     except InputError as err:

@@ -291,10 +291,12 @@ def save_objects_for_rows(
     out_dir: str | os.PathLike[str],
     root: str | os.PathLike[str] | None = None,
     channel: int | None = None,
+    default_channel: int | None = None,
 ) -> int:
     """Per-object output for results-CSV rows whose mask PNG is in ``masks_dir``.
 
-    Reads each row's image (``file``, with ``channel``), its ``<stem>_mask.png``
+    Reads each row's image (``file``, with ``channel``, or ``default_channel`` for a
+    multi-channel file: :func:`celltally.io.read_image`), its ``<stem>_mask.png``
     and its ``count``; writes :func:`save_objects`' files into ``out_dir``.
     ``<stem>`` is the file's path under ``root`` without its suffix (the names
     ``celltally.batch.run_batch`` gives the masks; default: each file's own
@@ -325,7 +327,7 @@ def save_objects_for_rows(
             continue
         # read as images are (celltally's size limit, not Pillow's 179 M pixel one)
         mask = io.read_image(mask_path).astype(np.float32) / 255.0
-        image = io.read_image(path, channel=channel)
+        image = io.read_image(path, channel=channel, default_channel=default_channel)
         save_objects(out_dir, stem, image, mask, float(row["count"]))
         written += 1
     return written

@@ -554,6 +554,8 @@ def build_and_fit(
     train = LabeledSet.concat(trains)
     test = LabeledSet.concat(tests) if tests else None
     config["name"] = Path(out).name
+    if channel is not None:  # counting then reads multi-channel files' same plane by default
+        config["channel"] = int(channel)
     config["training"] = {
         "data": sources,
         "split": split_info,

@@ -481,7 +481,12 @@ class _Service:
                 f"of {self.max_pixels / 1e6:g} million",
             )
         try:
-            image = io.read_image(upload.path, channel=channel)
+            trained = self.counter.config.get("channel")  # the model's, for multi-channel files
+            image = io.read_image(
+                upload.path,
+                channel=channel,
+                default_channel=None if trained is None else int(trained),
+            )
         except io.ImageReadError as err:
             # the problem names the command line's option; here it is the form's field
             return _failure(upload.name, 422, _as_fields(err.problem))

@@ -652,3 +652,17 @@ def test_names_with_unpadded_wells_are_named_when_left_out(tmp_path):
         "Plate1_B3_s1_w1.tif): wells are read with two digits (B03, not B3)"
     ) in result.output
     assert "1 image(s) without a well in the name left out" in result.output
+
+
+def test_wells_missing_a_site_are_named(tmp_path):
+    path = tmp_path / "results.csv"
+    lines = ["file,count,std,low,high,level,model,well"]
+    for well, sites in (("B03", (1, 2, 3, 4)), ("B04", (1, 2, 4)), ("B05", (1, 2, 3, 4))):
+        lines += [f"P1_{well}_s{s}_w1.tif,10,1,8,12,0.95,m,{well}" for s in sites]
+    path.write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["wells", str(path), "-o", str(tmp_path / "w.csv")])
+    assert result.exit_code == 0, result.output
+    # B04's total covered 3 sites where the others covered 4, without a word
+    assert "1 well(s) have fewer images than most wells of their plate (e.g. B04: 3 of 4" in (
+        result.output
+    )

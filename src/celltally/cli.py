@@ -620,7 +620,7 @@ def _echo_wells(
 ) -> None:
     """Write and report per-well totals; ``strict``: no well in the names is an error."""
     from celltally.platemap import plate_shape
-    from celltally.wells import well_totals
+    from celltally.wells import fewer_sites, well_totals
 
     if map_value not in ("count", "mean_per_image"):
         raise ValueError(f"--map-value must be count or mean_per_image, not {map_value!r}")
@@ -650,6 +650,14 @@ def _echo_wells(
             f"warning: {repeated} well(s) hold a site more than once (column "
             "'repeated_sites'; the same image counted under two names?): their totals "
             "count it twice",
+            err=True,
+        )
+    if short := fewer_sites(rows):
+        row, usual = short[0]
+        typer.echo(
+            f"warning: {len(short)} well(s) have fewer images than most wells of their plate "
+            f"(e.g. {row['well']}: {int(row['images']) + int(row['failed'] or 0)} of {usual}; "
+            "column 'sites'): their totals cover fewer sites",
             err=True,
         )
     partial = sum(1 for r in rows if r.get("failed"))

@@ -29,6 +29,7 @@ __all__ = [
     "WELL_COLUMNS",
     "aggregate_wells",
     "calibrated_correlation",
+    "fewer_sites",
     "model_correlation",
     "read_results",
     "well_key",
@@ -295,6 +296,31 @@ def calibrated_correlation(
     """
     fitted = (calibration or {}).get("well_correlation")
     return (float(fitted["value"]) if fitted else DEFAULT_CORRELATION), fitted
+
+
+def fewer_sites(rows: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], int]]:
+    """Wells with fewer images (counted + failed) than most wells of their plate and stain.
+
+    Each with that usual number: a site that was never imaged or never given to
+    ``count`` leaves no trace but a smaller total (failed images are already
+    in the ``failed`` column).
+    """
+    from collections import Counter
+
+    def taken(row: Mapping[str, Any]) -> int:
+        return int(row.get("images") or 0) + int(row.get("failed") or 0)
+
+    usual: dict[tuple, int] = {}
+    by_plate: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_plate.setdefault((row.get("plate"), row.get("stain"), row.get("model")), []).append(row)
+    for key, members in by_plate.items():
+        usual[key] = Counter(taken(r) for r in members).most_common(1)[0][0]
+    return [
+        (r, n)
+        for r in rows
+        if taken(r) < (n := usual[(r.get("plate"), r.get("stain"), r.get("model"))])
+    ]
 
 
 def aggregate_wells(

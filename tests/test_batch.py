@@ -1032,3 +1032,14 @@ def test_sigterm_mid_run_keeps_the_rows_says_so_and_resumes(plate, tiny_model, t
     assert manifest["runs"][-1]["status"] == "interrupted"
     assert cli_count(plate, out, tiny_model).wait(timeout=120) == 0
     assert_exactly_once(out, expected)
+
+
+def test_resume_takes_options_spelt_out_at_their_defaults(plate, tiny_model, tmp_path):
+    out = tmp_path / "res.csv"
+    files = [str(f) for f in files_of(plate)[:3]]
+    base = ["count", "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    assert CliRunner().invoke(app, [*base, *files[:2]]).exit_code == 0
+    # the model's own calibration method and scale, spelt out: the same run (was refused)
+    again = CliRunner().invoke(app, [*base, *files, "--calibration", "conformal", "--rescale", "1"])
+    assert again.exit_code == 0, again.output
+    assert "counted 1 of 1 images (2 already in" in again.output

@@ -223,7 +223,7 @@ def _image_options(
         options["pixel_size"] = pixel_size
     if diameter is not None:
         options["diameter"] = diameter
-    if rescale is not None:
+    if rescale is not None and rescale != 1.0:  # 1: the model's own scale, as without it
         options["rescale"] = rescale
     if tile is not None:
         if tile < 32 or tile % 32:
@@ -322,13 +322,29 @@ def _check_level(level: float) -> None:
         )
 
 
-def _interval_options(epistemic: bool, calibration: str | None) -> dict:
-    """``CellCounter.from_pretrained`` keywords for the interval flags (only those set)."""
+def _interval_options(epistemic: bool, calibration: str | None, model: str | None = None) -> dict:
+    """``CellCounter.from_pretrained`` keywords for the interval flags (only those set).
+
+    A ``calibration`` that is ``model``'s own default is left out: the same run as
+    without it (a resume with it spelt out was refused as another setting).
+    """
     options: dict = {}
     if epistemic:
         options["epistemic"] = True
     if calibration is not None:
         options["calibration"] = calibration
+        if model is not None:
+            from celltally.calibration import DEFAULT_METHOD
+            from celltally.model_folder import read_model_config, resolve_model
+
+            try:
+                own = (read_model_config(resolve_model(model)).get("calibration") or {}).get(
+                    "default", DEFAULT_METHOD
+                )
+            except (OSError, ValueError):
+                own = None  # an unknown model: its own error comes when it is loaded
+            if calibration == own:
+                del options["calibration"]
     return options
 
 
@@ -455,7 +471,7 @@ def count(
     _check_output(save_labels, "--save-labels", folder=True)  # first: it may set --save-masks
     _check_output(save_masks, "--save-masks", folder=True)
     try:
-        options = _interval_options(epistemic, calibration)
+        options = _interval_options(epistemic, calibration, model)
         options.update(
             _image_options(
                 model,

@@ -274,6 +274,9 @@ def test_counts_only_folder_finetunes_only_the_counter(base_model, tmp_path, ext
     refused = run(*args, "--out", tmp_path / "a")
     assert refused.exit_code == 2 and "needs masks" in refused.output
     assert "--from MODEL" in refused.output
+    alone = run(*args, "--stage", "segmenter", "--out", tmp_path / "a2")
+    assert alone.exit_code == 2 and "needs masks" in alone.output
+    assert not (tmp_path / "a2").exists()  # was left, marked unfinished: count said --resume
     # nor a counter on a new (untrained) segmenter; and --from keeps its own architecture
     for more in (("--stage", "counter"), ("--seg-epochs", "0")):
         untrained = run(*args, *more, "--out", tmp_path / "c")

@@ -577,6 +577,14 @@ def build_and_fit(
         world=world_size(),
         log=log,
     )
+    segmenter_runs = stages in ("both", "segmenter") and config["train"]["segmenter"]["epochs"] > 0
+    if segmenter_runs and (init is None or stages == "segmenter") and not train.has_mask.any():
+        # as train_segmenter says it, but before the folder is made (it was left behind,
+        # marked unfinished, and `count` then asked for a --resume)
+        raise io.InputError(
+            "no training image has a foreground mask, and the segmenter needs masks (to "
+            "train only the counter on counts: --from MODEL --stage counter)"
+        )
     with _train_lock(out, resume=resume):
         result = fit(
             train=train,

@@ -786,3 +786,12 @@ def test_counts_csv_inside_the_images_folder_is_taken(folders, tmp_path):
     assert {p.name: c for p, c in labelled_files(folder)} == truth
     data = load_folder(folder, size=(64, 96))
     assert {m["name"]: c for m, c in zip(data.meta, data.counts.tolist(), strict=True)} == truth
+
+
+def test_too_few_images_fail_before_calibration_scenes_are_simulated(base_model, tmp_path):
+    folder = plate(tmp_path / "one", 1, seed=8)
+    out = tmp_path / "never"
+    result = run("train", "--data", folder, "--from", base_model, "--out", out, "--no-progress")
+    assert result.exit_code == 2 and "the counter would train on 1 image" in result.output
+    assert "simulating" not in result.output  # 60 calibration scenes were simulated first
+    assert not out.exists()

@@ -538,6 +538,23 @@ def build_and_fit(
             simulate_set(simulated, size=size, seed=seed + 1000, workers=workers, norm=norm)
         )
         sources.append(f"simulated ({simulated} scenes, counts 1-100, blur F1/F23/F48, w1/w2)")
+    train = LabeledSet.concat(trains)
+    # checked before any calibration scene is simulated (one image simulated 60 first)
+    _small_batches(
+        config,
+        n_images={"segmenter": int(train.has_mask.sum()), "counter": len(train)},
+        stages=stages,
+        world=world_size(),
+        log=log,
+    )
+    segmenter_runs = stages in ("both", "segmenter") and config["train"]["segmenter"]["epochs"] > 0
+    if segmenter_runs and (init is None or stages == "segmenter") and not train.has_mask.any():
+        # as train_segmenter says it, but before the folder is made (it was left behind,
+        # marked unfinished, and `count` then asked for a --resume)
+        raise io.InputError(
+            "no training image has a foreground mask, and the segmenter needs masks (to "
+            "train only the counter on counts: --from MODEL --stage counter)"
+        )
     calibration = LabeledSet.concat(cals) if any(len(c) for c in cals) else None
     if calibration is None:
         n_cal = max(60, simulated // 10)
@@ -551,7 +568,6 @@ def build_and_fit(
             )
         calibration = simulate_set(n_cal, size=size, seed=seed + 2000, workers=workers, norm=norm)
         split_info["calibration"] = f"{n_cal} fresh simulated scenes"
-    train = LabeledSet.concat(trains)
     test = LabeledSet.concat(tests) if tests else None
     config["name"] = Path(out).name
     if channel is not None:  # counting then reads multi-channel files' same plane by default
@@ -570,21 +586,6 @@ def build_and_fit(
     log(
         f"train {len(train)} / calibration {len(calibration)} / test {config['training']['n_test']}"
     )
-    _small_batches(
-        config,
-        n_images={"segmenter": int(train.has_mask.sum()), "counter": len(train)},
-        stages=stages,
-        world=world_size(),
-        log=log,
-    )
-    segmenter_runs = stages in ("both", "segmenter") and config["train"]["segmenter"]["epochs"] > 0
-    if segmenter_runs and (init is None or stages == "segmenter") and not train.has_mask.any():
-        # as train_segmenter says it, but before the folder is made (it was left behind,
-        # marked unfinished, and `count` then asked for a --resume)
-        raise io.InputError(
-            "no training image has a foreground mask, and the segmenter needs masks (to "
-            "train only the counter on counts: --from MODEL --stage counter)"
-        )
     with _train_lock(out, resume=resume):
         result = fit(
             train=train,

@@ -1043,3 +1043,23 @@ def test_resume_takes_options_spelt_out_at_their_defaults(plate, tiny_model, tmp
     again = CliRunner().invoke(app, [*base, *files, "--calibration", "conformal", "--rescale", "1"])
     assert again.exit_code == 0, again.output
     assert "counted 1 of 1 images (2 already in" in again.output
+
+
+def test_out_in_a_folder_it_cannot_write_in_is_refused_before_counting(
+    plate, tiny_model, tmp_path, monkeypatch
+):
+    out = tmp_path / "res.csv"
+    run_batch(files_of(plate)[:1], out=out, model=tiny_model)
+    real = os.access
+
+    def access(path, mode, **kw):  # as a read-only folder holding a writable file (root
+        # passes every permission check, so the folder's is simulated)
+        return False if Path(path) == tmp_path and mode & os.W_OK else real(path, mode, **kw)
+
+    monkeypatch.setattr(os, "access", access)
+    result = CliRunner().invoke(
+        app, ["count", str(plate), "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    )
+    # the early check passed (the file is writable): the run died at its manifest
+    assert result.exit_code == 2 and f"no permission to write in {tmp_path}" in result.output
+    assert len(read_results(out)) == 1

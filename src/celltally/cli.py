@@ -90,7 +90,13 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _check_output(
-    path: Path | None, option: str, *, folder: bool, image: bool = False, table: str = ".csv"
+    path: Path | None,
+    option: str,
+    *,
+    folder: bool,
+    image: bool = False,
+    table: str = ".csv",
+    beside: bool = False,
 ) -> None:
     """Fail now, before any work, if ``path`` cannot be written as a file (or folder).
 
@@ -100,6 +106,8 @@ def _check_output(
     unless the output is an ``image`` (a figure); a figure may replace only a
     figure (:func:`celltally.io.is_own_figure`), never another image file.
     ``table`` is the suffix a table output takes, named in that refusal.
+    ``beside``: files are also written next to it (count's errors file and
+    manifest), so an existing file's folder must be writable too.
     """
     import os
 
@@ -129,7 +137,8 @@ def _check_output(
     if not folder and path.exists():  # written in place: the file's own permission counts
         if not os.access(path, os.W_OK):
             fail(f"{option} {path}: no permission to write it")
-        return
+        if not beside:
+            return
     existing = _nearest_existing(path if folder else path.parent)
     if not existing.is_dir():
         fail(f"{option} {path}: {existing} is a file, not a folder")
@@ -466,7 +475,7 @@ def count(
     for option, path in (("--wells", wells), ("--save-labels", save_labels)):
         if path is not None and path.resolve() in taken:
             fail(f"{option} {path}: is one of this run's output files (--out {out}); name another")
-    _check_output(out, "--out", folder=False)
+    _check_output(out, "--out", folder=False, beside=True)  # + its errors file, manifest
     _check_output(wells, "--wells", folder=False)
     _check_output(save_labels, "--save-labels", folder=True)  # first: it may set --save-masks
     _check_output(save_masks, "--save-masks", folder=True)

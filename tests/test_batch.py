@@ -1063,3 +1063,28 @@ def test_out_in_a_folder_it_cannot_write_in_is_refused_before_counting(
     # the early check passed (the file is writable): the run died at its manifest
     assert result.exit_code == 2 and f"no permission to write in {tmp_path}" in result.output
     assert len(read_results(out)) == 1
+
+
+def test_earlier_failures_are_kept_across_working_folders_and_all_failed_runs(
+    tiny_model, tmp_path, monkeypatch
+):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a / "p1", a / "p2", b):
+        folder.mkdir(parents=True)
+    (a / "p1" / "bad.tif").write_bytes(b"II*\x00garbage")  # p1's only image: a run with no row
+    tifffile.imwrite(a / "p2" / "good.tif", blob_image(3, seed=1))
+    tifffile.imwrite(a / "p2" / "bad2.tif", blob_image(3, seed=2))
+    out = tmp_path / "res.csv"
+    monkeypatch.chdir(a)
+    assert run_batch(["p1"], out=out, model=tiny_model).failed == 1
+    second = run_batch(["p2"], out=out, model=tiny_model)  # every earlier image had failed:
+    assert second.earlier_failed == 1  # the errors file was deleted as a fresh start
+    tifffile.imwrite(a / "p2" / "new.tif", blob_image(4, seed=3))
+    monkeypatch.chdir(b)  # another working folder: "p1/bad.tif" names nothing here
+    third = run_batch([str(a / "p2" / "new.tif")], out=out, model=tiny_model)
+    assert (third.counted, third.earlier_failed) == (1, 1)  # it was dropped as gone
+    listed = read_results(output_paths(out).errors)  # relative to the last run's folder
+    assert [r["file"] for r in listed] == [str(a / "p1" / "bad.tif")]
+    again = run_batch([str(a / "p1")], out=out, model=tiny_model)  # the same file, absolute
+    assert (again.failed, again.earlier_failed) == (1, 0)
+    assert _errors_listed(out) == ["bad.tif"]  # once

@@ -611,15 +611,29 @@ class _ErrorLog:
         self.carried: dict[str, str] = {}
         self._where: dict[str, str] = {}  # each carried name's file (io.file_identity)
 
-    def carry(self) -> None:
-        """Keep the failures the errors file lists (a resumed run)."""
+    def carry(self, results: Path) -> None:
+        """Keep the failures the errors file lists (a resumed run).
+
+        Its names are relative to the folder the last run worked in (``results``'
+        manifest says which, before this run is added to it): an entry of a run
+        that worked elsewhere is kept by its absolute path, so this run's errors
+        file, relative to this run's folder, still names the same file.
+        """
         if not self.path.is_file():
             return
         with self.path.open(newline="", encoding=_ENCODING, errors=_ENC_ERRORS) as handle:
-            for row in csv.DictReader(handle):
-                if row.get("file"):
-                    self.carried[row["file"]] = row.get("error") or ""
-                    self._where[row["file"]] = io.file_identity(row["file"])
+            rows = [row for row in csv.DictReader(handle) if row.get("file")]
+        names = [row["file"] for row in rows]
+        where = absolute_files(results, names, last=True) or [os.path.abspath(n) for n in names]
+        moved = False
+        for row, name, full in zip(rows, names, where, strict=True):
+            here = os.path.abspath(name) == full  # written from this folder (or absolute)
+            moved |= not here
+            key = name if here else full
+            self.carried[key] = row.get("error") or ""
+            self._where[key] = io.file_identity(full)
+        if moved:  # the file is this run's now: its names must read from here
+            self._write()
 
     def add(self, items: Sequence[tuple[str, str]]) -> None:
         """Record failures (``(file, message)``) of this run."""
@@ -651,7 +665,7 @@ class _ErrorLog:
         Returns how many earlier failures stay listed (files not tried by this
         run that are still there).
         """
-        gone = [name for name in self.carried if not os.path.lexists(name)]
+        gone = [name for name in self.carried if not os.path.lexists(self._where[name])]
         for name in gone:
             del self.carried[name]
         if gone:
@@ -818,7 +832,8 @@ def _prepare_output(
             manifest = None
     if overwrite or size == 0:
         results.truncate(0)
-        paths.errors.unlink(missing_ok=True)
+        if overwrite:  # else an earlier run's failures stay listed (every image failed)
+            paths.errors.unlink(missing_ok=True)
         return _Recovered(), None
     if manifest is None or manifest.get("format") != MANIFEST_FORMAT:
         raise io.InputError(
@@ -831,9 +846,8 @@ def _prepare_output(
     )
     if not header_ok or (found.rows == 0 and not found.torn_bytes):
         # nothing counted yet (e.g. the last run stopped on a bad option): start afresh,
-        # whatever settings that run had
+        # whatever settings that run had; images it could not read stay listed
         results.truncate(0)
-        paths.errors.unlink(missing_ok=True)
         return _Recovered(), None
     problem = _mismatch(manifest, identity, level, options, paths.results)
     if problem:
@@ -1253,7 +1267,7 @@ def run_batch(
                 "images still are; images here are other files and get rows of their own "
                 "(to count a copy of a project afresh, give it a new --out)"
             )
-        errors.carry()  # failures before this run stay listed until tried again
+        errors.carry(out_paths.results)  # failures before this run stay until tried again
         run["rows_before"] = found.rows
         # the root changed since outputs were saved: they all move to this layout first
         relayout = masks is not None and found.rows > 0 and any(e != root for e in earlier)

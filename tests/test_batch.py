@@ -1088,3 +1088,15 @@ def test_earlier_failures_are_kept_across_working_folders_and_all_failed_runs(
     again = run_batch([str(a / "p1")], out=out, model=tiny_model)  # the same file, absolute
     assert (again.failed, again.earlier_failed) == (1, 0)
     assert _errors_listed(out) == ["bad.tif"]  # once
+
+
+def test_a_warm_dask_worker_checks_the_models_other_files_again(tiny_model, monkeypatch):
+    identity = batch.model_identity(tiny_model)
+    monkeypatch.setattr(batch, "_WORKER_COUNTERS", {})
+    model, weights = str(tiny_model), identity["weights_sha256"]
+    first = batch._worker_counter(model, weights, {}, identity["files_sha256"])
+    assert batch._worker_counter(model, weights, {}, identity["files_sha256"]) is first
+    # the client's ensemble or ood files differ from the worker's: its cached counter was
+    # reused without a check
+    with pytest.raises(io.InputError, match="other ensemble or out-of-distribution files"):
+        batch._worker_counter(model, weights, {}, "0" * 64)

@@ -318,10 +318,14 @@ def model_identity(folder: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def _files_sha256(folder: Path) -> str:
-    """One sha256 of the names and contents of a model folder's other ``.safetensors``."""
+    """One sha256 of the names and contents of a model folder's ensemble members and
+    out-of-distribution reference (other files, e.g. a backup, do not count)."""
+    from celltally.counter import OOD_REFERENCE_FILE
+    from celltally.model_folder import ensemble_files
+
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        if path.name != "model.safetensors":
+    for path in [*ensemble_files(folder), folder / OOD_REFERENCE_FILE]:
+        if path.is_file():
             digest.update(f"{path.name}\0{_sha256(path)}\0".encode())
     return digest.hexdigest()
 
@@ -1445,7 +1449,7 @@ def run_batch(
 
 # -- Dask ----------------------------------------------------------------------
 
-_WORKER_COUNTERS: dict[tuple[str, str, str], CellCounter] = {}
+_WORKER_COUNTERS: dict[tuple[str, str, str, str], CellCounter] = {}
 _WORKER_LOCK = threading.Lock()
 _WORKER_LOADS = 0  # models loaded by this process (one per worker is the point)
 
@@ -1458,8 +1462,12 @@ def _worker_model_ref(folder: Path) -> str:
 def _worker_counter(
     model: str, weights_sha256: str, options: dict, files_sha256: str | None = None
 ) -> CellCounter:
-    """This process's counter for ``model``: loaded once, then reused by every chunk."""
-    key = (model, weights_sha256, json.dumps(options, sort_keys=True))
+    """This process's counter for ``model``: loaded once, then reused by every chunk.
+
+    Known by the client's hashes: a model whose other files changed since a warm
+    worker loaded it is loaded (and checked) again.
+    """
+    key = (model, weights_sha256, files_sha256 or "", json.dumps(options, sort_keys=True))
     with _WORKER_LOCK:
         counter = _WORKER_COUNTERS.get(key)
         if counter is None:

@@ -1100,3 +1100,20 @@ def test_a_warm_dask_worker_checks_the_models_other_files_again(tiny_model, monk
     # reused without a check
     with pytest.raises(io.InputError, match="other ensemble or out-of-distribution files"):
         batch._worker_counter(model, weights, {}, "0" * 64)
+
+
+def test_sigterm_is_taken_over_only_while_count_runs_and_only_from_its_default(
+    plate, tiny_model, tmp_path
+):
+    args = ["count", str(files_of(plate)[0]), "--model", str(tiny_model), "--no-progress"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.csv")]).exit_code == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # not left to this process
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a caller that ignores it keeps its way
+    try:
+        assert CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b.csv")]).exit_code == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert CliRunner().invoke(app, ["models"]).exit_code == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -48,8 +48,6 @@ def _options(
     ] = False,
 ) -> None:
     """Count cells in microscopy images, with calibrated 95% intervals."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 class Terminated(KeyboardInterrupt):
@@ -57,7 +55,28 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one, during the clean-up, kills
     raise Terminated
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """While a resumable job (count, train) runs, SIGTERM is Ctrl-C (:class:`Terminated`).
+
+    Only where SIGTERM has its default action (a caller that ignores or handles
+    it keeps its way) and in the main thread. Returns the function that puts
+    the default back.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        return lambda: None
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return restore
 
 
 def fail(message: str | BaseException, code: int = 2, *, rank: str | None = None) -> NoReturn:
@@ -479,6 +498,7 @@ def count(
     _check_output(wells, "--wells", folder=False)
     _check_output(save_labels, "--save-labels", folder=True)  # first: it may set --save-masks
     _check_output(save_masks, "--save-masks", folder=True)
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         options = _interval_options(epistemic, calibration, model)
         options.update(
@@ -562,6 +582,8 @@ def count(
             f"the rows written so far are kept in {out}; run the same command again to count "
             "the rest"
         )
+    finally:
+        restore_sigterm()
     total = summary.counted + summary.failed
     skipped = f" ({summary.skipped} already in {out}, skipped)" if summary.skipped else ""
     if summary.masks_only:
@@ -1027,6 +1049,7 @@ def train(
             fail(f"{option} must be 0 or more, got {value}", rank=rank)
     if out.exists() and not out.is_dir():
         fail(f"--out {out}: is a file; train writes a model folder", rank=rank)
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         _set_threads(threads)
         # Under torchrun (WORLD_SIZE > 1) this is data-parallel training; rank 0 writes.
@@ -1060,6 +1083,8 @@ def train(
                 f"{out} keeps its checkpoints; run the same command with --resume to go on"
             )
         _interrupted("before any training was saved: run the same command again to start")
+    finally:
+        restore_sigterm()
 
 
 @app.command()

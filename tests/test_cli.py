@@ -414,6 +414,10 @@ def test_demo_counts_a_simulated_plate_with_the_shipped_model(tmp_path):
     assert len(list((tmp_path / "demo" / "plate" / "images").iterdir())) == 6
 
 
+def _silent(_: str) -> None:
+    return None
+
+
 def test_channel_option_across_commands(tiny_model, image_folder, tmp_path):
     """Two-channel TIFFs: refused without --channel, read the same as 2-D files with it."""
     from celltally.datasets import load_folder
@@ -467,6 +471,10 @@ def test_channel_option_across_commands(tiny_model, image_folder, tmp_path):
     assert rows == pytest.approx(expected)
     assert run("evaluate", image_folder, "--model", trained, "--out", again).exit_code == 0
     assert "reads channel 1 of multi-channel files" in run("models", trained).output
+    from celltally.uncertainty import held_out_sets  # calibrate's and ensemble's reader
+
+    _, calibration = held_out_sets({**config, "channel": 1}, folders=[two], log=_silent)
+    assert calibration is not None and len(calibration)  # was "choose ... --channel 0-1"
 
 
 def test_too_small_image_is_named_and_the_rest_counted(tiny_model, image_folder, tmp_path):

@@ -173,3 +173,33 @@ def test_results_print_briefly_and_celltally_exports_the_counter(counter):
     assert "mask=" not in repr(result) and "array(" not in repr(result)  # brief in a notebook
     assert str(result).endswith("cells (90%)")  # float32 0.9 read 89.99999762%
     assert celltally.CellCounter is CellCounter
+
+
+def test_a_channel_picks_an_arrays_plane_and_a_trained_one_only_stain_planes(
+    counter, tiny_model, tmp_path
+):
+    import json
+    import shutil
+
+    from PIL import Image
+
+    image = blob_image(7, seed=2)
+    plain = counter.count(image).count
+    two = np.stack([np.zeros_like(image), image])  # (C, H, W) stain planes
+    picked = CellCounter.from_pretrained(tiny_model, device="cpu", channel=1)
+    assert picked.count(two).count == pytest.approx(plain)  # was refused, channel ignored
+    trained = tmp_path / "trained_on_1"
+    shutil.copytree(tiny_model, trained)
+    config = json.loads((trained / "config.json").read_text())
+    (trained / "config.json").write_text(json.dumps({**config, "channel": 1}))
+    model = CellCounter.from_pretrained(trained, device="cpu")
+    assert model.count(two).count == pytest.approx(plain)
+    assert model.count(image).count == pytest.approx(plain)  # single-channel: as it is
+    # a colour file stays the mean of its colours: the 4th plane of RGBA is alpha (a model
+    # trained on plane 3 of 4-plane TIFFs read a grey PNG's alpha: an empty frame)
+    rgba = np.dstack([image, image, image, np.full_like(image, 255)])
+    Image.fromarray(rgba).save(tmp_path / "grey.png")
+    config["channel"] = 3
+    (trained / "config.json").write_text(json.dumps(config))
+    model = CellCounter.from_pretrained(trained, device="cpu")
+    assert model.count(tmp_path / "grey.png").count == pytest.approx(plain)

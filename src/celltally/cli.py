@@ -265,7 +265,8 @@ ChannelOption = Annotated[
     int | None,
     typer.Option(
         help="Channel (0-based) of multi-channel images (e.g. OME-TIFF); required when "
-        "a (C, Y, X) file's channels differ. RGB without it: the mean of the colours."
+        "a (C, Y, X) file's channels differ, unless the model records the channel it was "
+        "trained on (celltally models). RGB without it: the mean of the colours."
     ),
 ]
 

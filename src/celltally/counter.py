@@ -814,7 +814,14 @@ class CellCounter:
     def count(
         self, image: np.ndarray | str | Path, *, level: float = 0.95, name: str | None = None
     ) -> CountResult:
-        """Count one image, given as a 2-D array or a file path.
+        """Count one image, given as an array or a file path (str or path-like).
+
+        An array is reduced to 2-D as a file's pixels are (:func:`celltally.io.image_plane`:
+        size-1 axes dropped, RGB averaged, a stack's plane picked by ``channel`` or the
+        model's recorded one). Integers are taken at their type's scale, floats as 0-1
+        (a 16-bit image divided by 65535 is recognised). Raises
+        :class:`celltally.io.InputError` (one line, naming the file) for an image that
+        cannot be counted.
 
         ``name``, for an array: the file name it came from (e.g. an upload's),
         read for its metadata as a path's would be (well, site, stain; the
@@ -845,7 +852,12 @@ class CellCounter:
         except io.InputError as err:
             raise io.about_file(err, source) from None
         try:
-            array = io.image_plane(array)  # (1, H, W), (H, W, 1), RGB: as a file's pixels
+            trained = self.config.get("channel")
+            array = io.image_plane(  # (1, H, W), (H, W, 1), RGB, planes: as a file's pixels
+                array,
+                channel=self.channel if source is None else None,  # a file's: read already
+                default_channel=None if trained is None or source else int(trained),
+            )
             prepared = self.prepare_any(array)
         except io.InputError as err:
             raise io.about_file(err, source) from None

@@ -430,6 +430,7 @@ def load_folder(
     size: Sequence[int],
     norm: Mapping[str, Any] | None = None,
     channel: int | None = None,
+    default_channel: int | None = None,
 ) -> LabeledSet:
     """Load a folder of images with ``counts.csv`` (columns image, count).
 
@@ -445,9 +446,14 @@ def load_folder(
     of the folders) whose size differs from its image, a mask several images
     would share, a JPEG or soft (blurred, anti-aliased) mask
     (:func:`celltally.io.read_mask`), an image with no count.
-    ``channel`` picks the plane of multi-channel images (``io.read_image``).
+    ``channel`` picks the plane of multi-channel images, ``default_channel``
+    the plane of those that have one without it (``io.read_image``).
     """
     root = Path(root)
+    if root.is_file():  # e.g. --data my_training/counts.csv
+        raise io.InputError(
+            f"{root}: a file; give the folder of images (with counts.csv, masks/ or labels/)"
+        )
     mask_dirs = [d for d in (root / "masks", root / "labels") if d.is_dir()]
     paths, keys, listed = _listed_images(root)
     found = {d: _masks_in(d, paths, keys) for d in mask_dirs}
@@ -469,7 +475,7 @@ def load_folder(
         table = cast("dict[str, float]", named)  # no None left: checked above
     images, masks, counts, meta = [], [], [], []
     for i, (path, key) in enumerate(zip(paths, keys, strict=True)):
-        raw = io.read_image(path, channel=channel)
+        raw = io.read_image(path, channel=channel, default_channel=default_channel)
         images.append(prepare_image(raw, size=size, norm=norm))
         mask: np.ndarray | None = None
         for d in mask_dirs:  # each is size-checked, not only the one trained on

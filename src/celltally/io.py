@@ -475,8 +475,9 @@ def _to_2d(
             f"{original_shape}; save one plane (or a projection) as a 2-D image",
         )
     n_channels = channels.shape[0]
-    if channel is None and default_channel is not None and 0 <= default_channel < n_channels:
-        channel = default_channel
+    if channel is None and default_channel is not None and planes_first:
+        # stain planes only: a colour file stays the mean of its colours (its 4th is alpha)
+        channel = default_channel if 0 <= default_channel < n_channels else None
     if channel is not None:
         if not 0 <= channel < n_channels:
             raise ImageReadError(
@@ -648,17 +649,33 @@ def check_pixels(image: Any) -> np.ndarray:
     return array
 
 
-def image_plane(array: np.ndarray) -> np.ndarray:
+def image_plane(
+    array: np.ndarray, *, channel: int | None = None, default_channel: int | None = None
+) -> np.ndarray:
     """A 2-D image from an array, reduced as :func:`read_image` reduces a file's pixels.
 
     Size-1 axes are dropped ((1, H, W), (H, W, 1)), and a (H, W, 3|4) colour
     array is taken as one grey image (identical channels once, else the
-    colours averaged, alpha ignored). Any other shape raises InputError naming
-    it and how to pick a plane. A 2-D array is returned as it is.
+    colours averaged, alpha ignored). ``channel`` (and ``default_channel``)
+    pick a plane as :func:`read_image`'s do, of a (C, H, W) stack too. Any
+    other shape raises InputError naming it and how to pick a plane. A 2-D
+    array is a plane already (e.g. one a file was read into): returned as it is.
     """
     if array.ndim == 2:
         return array
     work = _squeeze_singletons(array)
+    if channel is not None or (default_channel is not None and work.ndim == 3):
+        try:  # as a TIFF's planes: (C, H, W) stacks are taken
+            return _to_2d(
+                work,
+                "array",
+                is_tiff=True,
+                channel=channel,
+                colour_mean=True,
+                default_channel=default_channel,
+            )
+        except ImageReadError as err:
+            raise InputError(f"an array of shape {tuple(array.shape)}: {err.problem}") from None
     if work.ndim == 2:
         return work
     if work.ndim == 3 and work.shape[-1] in (3, 4) and min(work.shape[:2]) > 4:

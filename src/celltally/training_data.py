@@ -495,7 +495,8 @@ def build_and_fit(
     user_meta: list[dict[str, Any]] = []
     unique: dict[str, Path] = {}
     for folder in folders:
-        if Path(folder).is_file():  # e.g. --data my_training/counts.csv
+        if Path(folder).is_file():  # e.g. --data my_training/counts.csv (load_folder says
+            # it too, for calibrate and ensemble; here before anything else is done)
             raise io.InputError(
                 f"--data {folder}: a file; --data takes a folder of images (with counts.csv, "
                 "masks/ or labels/ beside them)"

@@ -818,7 +818,14 @@ def held_out_sets(
             continue
         given.add(Path(folder).resolve())
         log(f"loading {folder}")
-        user = load_folder(folder, size=size, norm=norm, channel=channel)
+        trained = config.get("channel")  # the plane it reads by default (train --channel)
+        user = load_folder(
+            folder,
+            size=size,
+            norm=norm,
+            channel=channel,
+            default_channel=None if trained is None else int(trained),
+        )
         if unseen_folders_calibrate and Path(folder).resolve() not in trained_on:
             # a model trained apart (the shipped nuclei) records its training images by name
             fresh = unseen(user, np.arange(len(user)), folder)

@@ -51,3 +51,9 @@ def test_training_predictions_agree_on_numpy_built_batches(files):
     cpu, _ = predict_counts(model, data.images, device=torch.device("cpu"))
     gpu, _ = predict_counts(model, images, device=torch.device("cuda"), batch_size=4)
     np.testing.assert_allclose(gpu, cpu, rtol=2e-3, atol=0.02)
+
+
+def test_a_gpu_index_beyond_the_machines_is_one_line():
+    beyond = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(io.InputError, match=r"CUDA GPU\(s\)"):  # was a traceback, later
+        CellCounter.from_pretrained(device=beyond)

@@ -208,6 +208,11 @@ def _checked_device(device: str | torch.device | None) -> torch.device:
             f"device {device!r}: this torch sees no CUDA GPU (torch.cuda.is_available() is "
             "False); use 'cpu'"
         )
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise io.InputError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+            f"(cuda:0-{torch.cuda.device_count() - 1})"
+        )
     return chosen
 
 

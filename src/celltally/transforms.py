@@ -182,8 +182,8 @@ def _on_grid(image: np.ndarray, steps: int) -> bool:
     """Whether ``image``'s values (about 65,000 sampled) are in [0, 1] and k / ``steps``."""
     array = np.asarray(image)
     if array.ndim == 2:  # a strided view, no copy of a large image
-        sy = max(1, array.shape[0] // 256)
-        sx = max(1, array.shape[1] // 256)
+        sy = max(1, -(-array.shape[0] // 256))  # ceiling: at most 256 x 256, the whole image
+        sx = max(1, -(-array.shape[1] // 256))
         array = array[::sy, ::sx]
     values = np.asarray(array, dtype=np.float64).ravel()[:65536] * steps
     if not values.size or values.min() < 0 or values.max() > steps:
@@ -252,6 +252,8 @@ def prepare_image(
         # the grey-level step: 1 for integers; floats are taken as 0..1 scaled from 8 bits
         # (a finer step would let a blurred, quantized frame's fit run away again)
         step = 1.0 if np.dtype(image.dtype).kind in "uib" else 1.0 / 255.0
+        if step < 1.0 and _on_grid(image, 65535) and not _on_grid(image, 255):
+            step = 1.0 / 65535.0  # 16-bit integers divided by 65535 (see min_range_for)
         surface = background_surface(resized, step=step, noise=noise)
         resized = np.subtract(resized, surface, out=surface)  # a new array: the input stays
     noise_guard = noise_range * noise if noise_range > 0 else 0.0

@@ -771,6 +771,11 @@ def test_files_a_training_folder_leaves_out_are_named(folders, tmp_path):
     assert "labels: 1 file(s) are no image's mask (e.g. A01_mask.tif)" in notes[1]
     (folder / "counts.csv").unlink()  # then only the top-level images count
     assert "in sub-folders, which only counts.csv can name" in unused_files(folder)[0]
+    # the mask of an image left out is that image's, not "no image's mask"
+    (folder / "labels" / "A01_mask.tif").unlink()
+    (folder / "labels" / "p1").mkdir()
+    shutil.copy(folder / "labels" / f"{first.stem}.tif", folder / "labels" / "p1" / "extra.tif")
+    assert len(unused_files(folder)) == 1
 
 
 def test_counts_csv_inside_the_images_folder_is_taken(folders, tmp_path):

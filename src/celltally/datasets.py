@@ -335,8 +335,15 @@ def unused_files(root: str | Path) -> list[str]:
             else "in sub-folders, which only counts.csv can name (relative to the images' folder)"
         )
         notes.append(f"{folder}: {len(on_disk)} image(s) not used, {why} (e.g. {example})")
+    # masks of the images left out above are not orphans: matched against all of them
+    every = [*paths, *on_disk]
+    every_keys = [*keys, *(p.relative_to(folder).as_posix() for p in on_disk)]
     for d in mask_dirs:
-        matched = {p.resolve() for p in _masks_in(d, paths, keys) if p is not None}
+        try:
+            found = _masks_in(d, every, every_keys)
+        except io.InputError:  # stems shared with the unused images: as load_folder sees it
+            found = _masks_in(d, paths, keys)
+        matched = {p.resolve() for p in found if p is not None}
         extra = [p for p in io.list_images([d], recursive=True) if p.resolve() not in matched]
         if extra and paths:
             notes.append(

@@ -1117,3 +1117,28 @@ def test_sigterm_is_taken_over_only_while_count_runs_and_only_from_its_default(
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_earlier_failures_survive_a_moved_project_and_a_resaved_errors_file(
+    tiny_model, tmp_path, monkeypatch
+):
+    project = tmp_path / "nodeA" / "proj"
+    for sub in ("p1", "p2"):
+        (project / sub).mkdir(parents=True)
+    (project / "p1" / "bad.tif").write_bytes(b"II*\x00garbage")
+    tifffile.imwrite(project / "p1" / "good.tif", blob_image(3, seed=1))
+    tifffile.imwrite(project / "p2" / "new.tif", blob_image(3, seed=2))
+    monkeypatch.chdir(project)
+    assert run_batch(["p1"], out="res.csv", model=tiny_model).failed == 1
+    errors = output_paths(project / "res.csv").errors
+    errors.write_bytes(b"\xef\xbb\xbf" + errors.read_bytes())  # re-saved by a spreadsheet
+    moved = tmp_path / "nodeB" / "proj"
+    moved.parent.mkdir()
+    project.rename(moved)  # the recorded working folder is gone
+    monkeypatch.chdir(moved)
+    summary = run_batch(["p2"], out="res.csv", model=tiny_model)
+    assert (summary.counted, summary.earlier_failed) == (1, 1)  # was dropped as gone
+    listed = read_results(output_paths(moved / "res.csv").errors)  # reads a BOM too
+    assert [r["file"] for r in listed] == ["p1/bad.tif"]
+    (moved / "res.csv").unlink()  # results deleted to start afresh: their failures go too
+    assert run_batch(["p2"], out="res.csv", model=tiny_model).earlier_failed == 0

@@ -461,6 +461,23 @@ def read_results(out: str | os.PathLike[str]) -> list[dict[str, str]]:
     return rows
 
 
+def _last_cwd(manifest: Path) -> str | None:
+    """The folder the last run recorded in ``manifest`` worked in; None if unknown."""
+    try:
+        runs = json.loads(manifest.read_text())["runs"]
+        return str(runs[-1]["cwd"]) if runs and runs[-1].get("cwd") else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two folders are one (as spelt, or through links)."""
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def absolute_files(
     out: str | os.PathLike[str], names: Sequence[str], *, last: bool = False
 ) -> list[str] | None:
@@ -625,13 +642,20 @@ class _ErrorLog:
         """
         if not self.path.is_file():
             return
-        with self.path.open(newline="", encoding=_ENCODING, errors=_ENC_ERRORS) as handle:
+        # utf-8-sig: a file re-saved by a spreadsheet starts with a byte-order mark
+        with self.path.open(newline="", encoding="utf-8-sig", errors=_ENC_ERRORS) as handle:
             rows = [row for row in csv.DictReader(handle) if row.get("file")]
-        names = [row["file"] for row in rows]
-        where = absolute_files(results, names, last=True) or [os.path.abspath(n) for n in names]
+        there = _last_cwd(output_paths(results).manifest) or os.getcwd()
         moved = False
-        for row, name, full in zip(rows, names, where, strict=True):
-            here = os.path.abspath(name) == full  # written from this folder (or absolute)
+        for row in rows:
+            name = row["file"]
+            # joined, not folded: "link/../a.tif" is resolved as the file system does
+            full = name if os.path.isabs(name) else os.path.join(there, name)
+            here = os.path.isabs(name) or _same_place(there, os.getcwd())
+            if not here and not os.path.lexists(full) and os.path.lexists(name):
+                # that folder is gone (a moved project, another mount): read from here,
+                # as results rows are (_keys)
+                here, full = True, name
             moved |= not here
             key = name if here else full
             self.carried[key] = row.get("error") or ""
@@ -834,10 +858,9 @@ def _prepare_output(
             manifest = json.loads(paths.manifest.read_text())
         except (OSError, ValueError):
             manifest = None
-    if overwrite or size == 0:
+    if overwrite or size == 0:  # (a run whose every image failed leaves a header: below)
         results.truncate(0)
-        if overwrite:  # else an earlier run's failures stay listed (every image failed)
-            paths.errors.unlink(missing_ok=True)
+        paths.errors.unlink(missing_ok=True)
         return _Recovered(), None
     if manifest is None or manifest.get("format") != MANIFEST_FORMAT:
         raise io.InputError(

@@ -957,3 +957,36 @@ def test_the_shipped_model_measures_the_object_size_of_another_magnification(bod
     # stains' objects: measured against the nearer, w2
     enlarged = rescale(body_scenes[11][1].image.astype(np.float32), 1.5)
     assert counter.count(enlarged).ood["size_ratio"] == pytest.approx(1.5, rel=0.2)
+
+
+def test_calibrate_reads_the_channel_a_tiled_model_was_trained_on(tmp_path):
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+    from celltally.counter import WEIGHTS_DIR
+    from celltally.simulate import simulate_scene
+
+    data = tmp_path / "d"
+    (data / "images").mkdir(parents=True)
+    rows = ["image,count"]
+    for i in range(3):  # off the model's frame: counted in tiles, read again from the file
+        image = simulate_scene(20 + i, seed=i, size=(300, 400), bit_depth=16).image
+        planes = np.stack([np.zeros_like(image), image])
+        tifffile.imwrite(data / "images" / f"im{i}.tif", planes, photometric="minisblack")
+        rows.append(f"im{i}.tif,{20 + i}")
+    (data / "counts.csv").write_text("\n".join(rows) + "\n")
+    model = tmp_path / "m"
+    shutil.copytree(WEIGHTS_DIR / "nuclei", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "channel": 1}))
+    args = ["calibrate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "c")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output  # was "choose the one ... --channel 0-1"
+    # a stack of 5+ planes (refused without --channel: a z-stack?) takes the recorded one
+    five = np.stack([np.zeros((40, 50), np.uint16)] * 5)
+    five[1, 10:20, 10:20] = 900
+    assert np.array_equal(io.image_plane(five, default_channel=1), five[1])
+    for bad in (-1, "x", [1]):  # a damaged config: one line, not a traceback at counting
+        (model / "config.json").write_text(json.dumps({**config, "channel": bad}))
+        with pytest.raises(io.InputError, match="config.json's channel"):
+            CellCounter.from_pretrained(model)

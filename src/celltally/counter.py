@@ -210,8 +210,8 @@ def _checked_device(device: str | torch.device | None) -> torch.device:
         )
     if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
         raise io.InputError(
-            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
-            f"(cuda:0-{torch.cuda.device_count() - 1})"
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
         )
     return chosen
 
@@ -358,6 +358,14 @@ class CellCounter:
         if channel is not None and not _whole(channel):
             raise io.InputError(f"--channel must be 0 or more (0-based), got {channel!r}")
         self.channel = None if channel is None else int(channel)
+        trained = config.get("channel")  # the plane it was trained on (train --channel)
+        if trained is not None and not _whole(trained):
+            raise io.InputError(
+                f"model {config.get('name', 'model')}: config.json's channel {trained!r} is "
+                "not a whole number of 0 or more"
+            )
+        #: The plane multi-channel files and arrays give without ``channel``.
+        self.trained_channel = None if trained is None else int(trained)
         self.scale = model_scale(config)
         self.factor = rescale_factor(
             self.scale,
@@ -540,10 +548,7 @@ class CellCounter:
     def read(self, path: str | Path) -> np.ndarray:
         """Read an image file with this counter's ``channel``; without one, a multi-channel
         file gives the channel the model was trained on (``config['channel']``), if any."""
-        trained = self.config.get("channel")
-        return io.read_image(
-            path, channel=self.channel, default_channel=None if trained is None else int(trained)
-        )
+        return io.read_image(path, channel=self.channel, default_channel=self.trained_channel)
 
     def prepare_any(self, image: np.ndarray) -> np.ndarray | ModelScaleImage:
         """``prepare`` for a native frame; otherwise the image at the model's pixel scale.
@@ -857,11 +862,10 @@ class CellCounter:
         except io.InputError as err:
             raise io.about_file(err, source) from None
         try:
-            trained = self.config.get("channel")
             array = io.image_plane(  # (1, H, W), (H, W, 1), RGB, planes: as a file's pixels
                 array,
                 channel=self.channel if source is None else None,  # a file's: read already
-                default_channel=None if trained is None or source else int(trained),
+                default_channel=None if source else self.trained_channel,
             )
             prepared = self.prepare_any(array)
         except io.InputError as err:

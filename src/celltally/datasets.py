@@ -503,6 +503,7 @@ def load_folder(
                 "source": str(root),
                 "shape": [int(raw.shape[0]), int(raw.shape[1])],
                 "channel": channel,
+                "default_channel": default_channel,  # read again as it was (calibration)
             }
         )
     return _stack(images, masks, counts, meta)

@@ -302,7 +302,10 @@ def _each_as_counted(counter: Any, data: LabeledSet, use: Any) -> list[Any]:
         for i, item in zip(framed, use([images[i] for i in framed]), strict=True):
             out[i] = item
     for i, path in files.items():
-        raw = io.read_image(path, channel=data.meta[i].get("channel"))
+        meta = data.meta[i]
+        raw = io.read_image(
+            path, channel=meta.get("channel"), default_channel=meta.get("default_channel")
+        )
         out[i] = use([counter.prepare_any(raw)])[0]
     return out
 

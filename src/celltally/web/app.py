@@ -481,11 +481,10 @@ class _Service:
                 f"of {self.max_pixels / 1e6:g} million",
             )
         try:
-            trained = self.counter.config.get("channel")  # the model's, for multi-channel files
-            image = io.read_image(
+            image = io.read_image(  # the form's channel, else the counter's, else the model's
                 upload.path,
-                channel=channel,
-                default_channel=None if trained is None else int(trained),
+                channel=channel if channel is not None else self.counter.channel,
+                default_channel=self.counter.trained_channel,
             )
         except io.ImageReadError as err:
             # the problem names the command line's option; here it is the form's field

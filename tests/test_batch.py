@@ -133,13 +133,19 @@ def test_iter_images_checks_every_argument_up_front(tmp_path, arg, message):
 # -- resume and exactly-once --------------------------------------------------------
 
 
-def cli_count(folder: Path, out: Path, model: Path, *extra: str) -> subprocess.Popen:
+def cli_count(
+    folder: Path, out: Path, model: Path, *extra: str, sigterm_default: bool = False
+) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "celltally.cli", "count", str(folder), "-o", str(out)]
         + ["--model", str(model), "--batch-size", "2", "--no-progress", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # a SIGTERM ignored by whatever started pytest would be ignored by the child too
+        preexec_fn=(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+        if sigterm_default
+        else None,
     )
 
 
@@ -1018,7 +1024,7 @@ def test_a_results_file_resaved_with_a_byte_order_mark_resumes(plate, tiny_model
 def test_sigterm_mid_run_keeps_the_rows_says_so_and_resumes(plate, tiny_model, tmp_path):
     out = tmp_path / "res.csv"
     expected = files_of(plate)
-    proc = cli_count(plate, out, tiny_model, "--batch-size", "1")
+    proc = cli_count(plate, out, tiny_model, "--batch-size", "1", sigterm_default=True)
     deadline = time.monotonic() + 120
     while proc.poll() is None and rows_on_disk(out) < 2 and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -1106,17 +1112,17 @@ def test_sigterm_is_taken_over_only_while_count_runs_and_only_from_its_default(
     plate, tiny_model, tmp_path
 ):
     args = ["count", str(files_of(plate)[0]), "--model", str(tiny_model), "--no-progress"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    assert CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.csv")]).exit_code == 0
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # not left to this process
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a caller that ignores it keeps its way
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever pytest was given
     try:
+        assert CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.csv")]).exit_code == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # not left to this process
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a caller that ignores it keeps its way
         assert CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b.csv")]).exit_code == 0
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
         assert CliRunner().invoke(app, ["models"]).exit_code == 0
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_earlier_failures_survive_a_moved_project_and_a_resaved_errors_file(

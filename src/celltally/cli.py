@@ -59,6 +59,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _no_op() -> None:
+    return None
+
+
 def _sigterm_as_interrupt() -> Callable[[], None]:
     """While a resumable job (count, train) runs, SIGTERM is Ctrl-C (:class:`Terminated`).
 
@@ -70,7 +74,7 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     ):
-        return lambda: None
+        return _no_op
     signal.signal(signal.SIGTERM, _on_sigterm)
 
     def restore() -> None:
@@ -499,8 +503,9 @@ def count(
     _check_output(wells, "--wells", folder=False)
     _check_output(save_labels, "--save-labels", folder=True)  # first: it may set --save-masks
     _check_output(save_masks, "--save-masks", folder=True)
-    restore_sigterm = _sigterm_as_interrupt()
-    try:
+    restore_sigterm: Callable[[], None] = _no_op
+    try:  # (inside: a SIGTERM the moment it is taken over is caught too)
+        restore_sigterm = _sigterm_as_interrupt()
         options = _interval_options(epistemic, calibration, model)
         options.update(
             _image_options(
@@ -1050,8 +1055,9 @@ def train(
             fail(f"{option} must be 0 or more, got {value}", rank=rank)
     if out.exists() and not out.is_dir():
         fail(f"--out {out}: is a file; train writes a model folder", rank=rank)
-    restore_sigterm = _sigterm_as_interrupt()
+    restore_sigterm: Callable[[], None] = _no_op
     try:
+        restore_sigterm = _sigterm_as_interrupt()
         _set_threads(threads)
         # Under torchrun (WORLD_SIZE > 1) this is data-parallel training; rank 0 writes.
         with distributed.session():

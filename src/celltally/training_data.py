@@ -255,10 +255,10 @@ def _record_pixel_size(
         )
     elif "pixel_size_um" in scale and from_model is not None:
         value = f"{scale['pixel_size_um']:g} um"
-        if ratio := scale.get("frame_ratio"):
+        if frame_ratio := scale.get("frame_ratio"):
             value = (
-                f"{value} ({from_model}'s {scale['pixel_size_um'] * ratio:.4g} um over your "
-                f"frame over its frame, {ratio:g})"
+                f"{value} ({from_model}'s {scale['pixel_size_um'] * frame_ratio:.4g} um over "
+                f"your frame over its frame, {frame_ratio:g})"
             )
         log(
             f"the new model's pixel size (--pixel-size) is {value}; if your images' pixels "

@@ -1146,5 +1146,27 @@ def test_earlier_failures_survive_a_moved_project_and_a_resaved_errors_file(
     assert (summary.counted, summary.earlier_failed) == (1, 1)  # was dropped as gone
     listed = read_results(output_paths(moved / "res.csv").errors)  # reads a BOM too
     assert [r["file"] for r in listed] == ["p1/bad.tif"]
+    from celltally.wells import well_totals
+
+    well_totals(moved / "res.csv", moved / "w.csv")  # read its errors file past the BOM too
     (moved / "res.csv").unlink()  # results deleted to start afresh: their failures go too
     assert run_batch(["p2"], out="res.csv", model=tiny_model).earlier_failed == 0
+
+
+def test_a_deleted_failure_is_not_taken_for_a_namesake_in_another_folder(
+    tiny_model, tmp_path, monkeypatch
+):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a / "p1", b / "p1", b / "p2"):
+        folder.mkdir(parents=True)
+    (a / "p1" / "bad.tif").write_bytes(b"II*\x00garbage")
+    tifffile.imwrite(b / "p1" / "bad.tif", blob_image(3, seed=1))  # another file, never given
+    tifffile.imwrite(b / "p2" / "new.tif", blob_image(3, seed=2))
+    out = tmp_path / "res.csv"
+    monkeypatch.chdir(a)
+    assert run_batch(["p1"], out=out, model=tiny_model).failed == 1
+    (a / "p1" / "bad.tif").unlink()  # the failed file is gone; its folder is not
+    monkeypatch.chdir(b)
+    summary = run_batch(["p2"], out=out, model=tiny_model)
+    assert (summary.counted, summary.earlier_failed) == (1, 0)  # b/p1/bad.tif was carried
+    assert not output_paths(out).errors.exists()

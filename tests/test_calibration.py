@@ -982,11 +982,14 @@ def test_calibrate_reads_the_channel_a_tiled_model_was_trained_on(tmp_path):
     args = ["calibrate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "c")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output  # was "choose the one ... --channel 0-1"
-    # a stack of 5+ planes (refused without --channel: a z-stack?) takes the recorded one
+    # a stack of 5+ planes may be a z-stack: still refused, whatever the model recorded
     five = np.stack([np.zeros((40, 50), np.uint16)] * 5)
-    five[1, 10:20, 10:20] = 900
-    assert np.array_equal(io.image_plane(five, default_channel=1), five[1])
-    for bad in (-1, "x", [1]):  # a damaged config: one line, not a traceback at counting
+    with pytest.raises(io.InputError, match=r"stack of 5 planes.*CellCounter\(channel=N\)"):
+        io.image_plane(five, default_channel=1)
+    for bad in (-1, "x", [1], float("inf")):  # a damaged config: one line, not a traceback
         (model / "config.json").write_text(json.dumps({**config, "channel": bad}))
         with pytest.raises(io.InputError, match="config.json's channel"):
             CellCounter.from_pretrained(model)
+        shutil.rmtree(tmp_path / "c", ignore_errors=True)
+        result = CliRunner().invoke(app, args)  # calibrate read it before any counter
+        assert result.exit_code == 2 and "config.json's channel" in result.output

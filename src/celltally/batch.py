@@ -485,7 +485,8 @@ def absolute_files(
 
     Each row's relative name is joined to the folder the run that wrote it
     worked in (the manifest records it); with ``last``, to the last run's (for
-    the errors CSV, which the last run rewrote). None without a readable
+    the errors CSV, which the last run rewrote; joined as the file system reads
+    it, ``link/../a.tif`` not folded by text). None without a readable
     manifest (a CSV not written by ``count``), or with one of a version that
     did not record which run wrote which row and whose runs worked in several
     folders: the names say no more than they do as written.
@@ -497,10 +498,12 @@ def absolute_files(
         final = (runs[-1].get("cwd") if runs else None) or os.getcwd()
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
-    if names and len(bases(0)) > 1:  # an older manifest: which run wrote a row is not known
-        return None
+    if names and not last and len(bases(0)) > 1:  # an older manifest: which run wrote a
+        return None  # row is not known (the last run's folder is)
     return [
-        os.path.abspath(os.path.join(final if last else bases(i)[0], name)) if name else name
+        (os.path.join(final, name) if last else os.path.abspath(os.path.join(bases(i)[0], name)))
+        if name
+        else name
         for i, name in enumerate(names)
     ]
 
@@ -652,7 +655,7 @@ class _ErrorLog:
             # joined, not folded: "link/../a.tif" is resolved as the file system does
             full = name if os.path.isabs(name) else os.path.join(there, name)
             here = os.path.isabs(name) or _same_place(there, os.getcwd())
-            if not here and not os.path.lexists(full) and os.path.lexists(name):
+            if not here and not os.path.isdir(there) and os.path.lexists(name):
                 # that folder is gone (a moved project, another mount): read from here,
                 # as results rows are (_keys)
                 here, full = True, name
@@ -851,6 +854,7 @@ def _prepare_output(
     on_row: Callable[[str, Sequence[str]], None] | None = None,
 ) -> tuple[_Recovered, dict | None]:
     """Lock the results CSV, check it against the manifest, repair a torn tail."""
+    existed = paths.results.exists()
     size = results.open()
     manifest = None
     if paths.manifest.exists():
@@ -860,7 +864,8 @@ def _prepare_output(
             manifest = None
     if overwrite or size == 0:  # (a run whose every image failed leaves a header: below)
         results.truncate(0)
-        paths.errors.unlink(missing_ok=True)
+        if overwrite or not existed:  # deleted to start afresh: its failures go with it
+            paths.errors.unlink(missing_ok=True)
         return _Recovered(), None
     if manifest is None or manifest.get("format") != MANIFEST_FORMAT:
         raise io.InputError(

@@ -384,8 +384,9 @@ def _interval_options(epistemic: bool, calibration: str | None, model: str | Non
 @app.command(
     help="Count cells in images; append one CSV row per image as it is counted (resumable)."
     "\n\nRows are in processing order. Unreadable images are listed at the end (exit status "
-    "1). Beside OUT (say results.csv): results.errors.csv lists them, results.manifest.json "
-    "records the model and settings."
+    "1). Beside OUT (say results.csv): results.errors.csv lists them (an earlier run's stay "
+    "listed, and the exit status 1, until their files are counted or deleted), "
+    "results.manifest.json records the model and settings."
 )
 def count(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
@@ -555,16 +556,15 @@ def count(
             # each row's file from the folder its run worked in, however spelt (links)
             mine = [r for r in with_absolute_files(out, rows) if file_identity(r["file"]) in inputs]
             assert save_masks is not None  # --save-labels sets it when not given
-            from celltally.model_folder import read_model_config, resolve_model
+            from celltally.model_folder import read_model_config, recorded_channel, resolve_model
 
-            trained = read_model_config(resolve_model(model)).get("channel")
             n = save_objects_for_rows(
                 mine,
                 masks_dir=save_masks,
                 out_dir=save_labels,
                 root=root,
                 channel=channel,
-                default_channel=None if trained is None else int(trained),
+                default_channel=recorded_channel(read_model_config(resolve_model(model))),
             )
             typer.echo(f"per-object labels, tables and overlays of {n} image(s) -> {save_labels}")
             if other := len(rows) - len(mine):
@@ -1022,7 +1022,14 @@ def train(
     resume: Annotated[bool, typer.Option(help="Resume from checkpoints in --out.")] = False,
     workers: Annotated[int, typer.Option(help="Processes for simulation.")] = 2,
     cache: Annotated[Path | None, typer.Option(help="Cache folder for prepared data.")] = None,
-    channel: ChannelOption = None,
+    channel: Annotated[
+        int | None,
+        typer.Option(
+            help="Channel (0-based) of multi-channel training images. Recorded in the new "
+            "model: count, evaluate, explain, calibrate and the web page then read this plane "
+            "of stain-plane files by default (train itself does not take it from --from)."
+        ),
+    ] = None,
     pixel_size: Annotated[
         float | None,
         typer.Option(

@@ -41,6 +41,7 @@ from celltally.model_folder import (  # noqa: F401 (re-exported: the public name
     UNFINISHED,
     WEIGHTS_DIR,
     available_models,
+    recorded_channel,
     resolve_model,
 )
 from celltally.models.inference import inference_copy
@@ -191,7 +192,7 @@ def _whole(value: Any) -> bool:
     """Whether ``value`` is a whole number of 0 or more (not a bool)."""
     try:
         return not isinstance(value, bool) and int(value) == value >= 0
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
 
 
@@ -210,8 +211,8 @@ def _checked_device(device: str | torch.device | None) -> torch.device:
         )
     if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
         raise io.InputError(
-            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+            f"(the last is cuda:{torch.cuda.device_count() - 1})"
         )
     return chosen
 
@@ -358,14 +359,8 @@ class CellCounter:
         if channel is not None and not _whole(channel):
             raise io.InputError(f"--channel must be 0 or more (0-based), got {channel!r}")
         self.channel = None if channel is None else int(channel)
-        trained = config.get("channel")  # the plane it was trained on (train --channel)
-        if trained is not None and not _whole(trained):
-            raise io.InputError(
-                f"model {config.get('name', 'model')}: config.json's channel {trained!r} is "
-                "not a whole number of 0 or more"
-            )
-        #: The plane multi-channel files and arrays give without ``channel``.
-        self.trained_channel = None if trained is None else int(trained)
+        #: The plane stain-plane files and arrays give without ``channel`` (train --channel).
+        self.trained_channel = recorded_channel(config)
         self.scale = model_scale(config)
         self.factor = rescale_factor(
             self.scale,

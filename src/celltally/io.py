@@ -461,8 +461,6 @@ def _to_2d(
     elif work.ndim == 3 and is_tiff and work.shape[0] <= MAX_CHANNELS and work.shape[0] < small:
         channels, planes_first = work, True  # (C, Y, X) planes
         n = work.shape[0]
-        if default_channel is not None and channel is None and 0 <= default_channel < n:
-            channel = default_channel  # the plane its model was trained on: stains, then
         if n > 4 and channel is None:  # as likely a z-stack or time series as stains
             raise ImageReadError(
                 path,
@@ -677,7 +675,7 @@ def image_plane(
                 default_channel=default_channel,
             )
         except ImageReadError as err:
-            problem = err.problem.replace("--channel", "channel=")  # a keyword, from Python
+            problem = err.problem.replace("with --channel ", "with CellCounter(channel=N), N ")
             raise InputError(f"an array of shape {tuple(array.shape)}: {problem}") from None
     if work.ndim == 2:
         return work

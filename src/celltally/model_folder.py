@@ -63,6 +63,26 @@ def model_use(name: str) -> str:
     return SHIPPED_USES.get(name, "")
 
 
+def recorded_channel(config: Mapping[str, Any]) -> int | None:
+    """The channel a model was trained on (``config['channel']``, ``train --channel``), or None.
+
+    InputError for a damaged value (not a whole number of 0 or more).
+    """
+    value = config.get("channel")
+    if value is None:
+        return None
+    try:
+        whole = not isinstance(value, bool) and int(value) == value >= 0
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise InputError(
+            f"model {config.get('name', 'model')}: config.json's channel {value!r} is not a "
+            "whole number of 0 or more"
+        )
+    return int(value)
+
+
 def is_shipped(folder: str | os.PathLike[str]) -> bool:
     """Whether ``folder`` is one of the package's own model folders (not a user's namesake)."""
     try:

@@ -44,7 +44,7 @@ from celltally.calibration import (
     size_reference,
 )
 from celltally.datasets import LabeledSet, source_file
-from celltally.model_folder import ensemble_files
+from celltally.model_folder import ensemble_files, recorded_channel
 from celltally.models.pipeline import (
     CounterHead,
     CountingPipeline,
@@ -821,13 +821,8 @@ def held_out_sets(
             continue
         given.add(Path(folder).resolve())
         log(f"loading {folder}")
-        trained = config.get("channel")  # the plane it reads by default (train --channel)
-        user = load_folder(
-            folder,
-            size=size,
-            norm=norm,
-            channel=channel,
-            default_channel=None if trained is None else int(trained),
+        user = load_folder(  # the plane it reads by default: the one it was trained on
+            folder, size=size, norm=norm, channel=channel, default_channel=recorded_channel(config)
         )
         if unseen_folders_calibrate and Path(folder).resolve() not in trained_on:
             # a model trained apart (the shipped nuclei) records its training images by name

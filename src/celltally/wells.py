@@ -493,14 +493,16 @@ def write_wells(path: str | Path, wells: Sequence[Mapping[str, Any]]) -> Path:
 
 def _failed_files(results: str | Path, rows: Sequence[Mapping[str, str]]) -> list[str]:
     """Files in the run's errors CSV (``<results stem>.errors.csv``) not counted since."""
-    from celltally.batch import _ENC_ERRORS, _ENCODING, output_paths
+    from celltally.batch import _ENC_ERRORS, output_paths
 
     errors = output_paths(results).errors
     if not errors.is_file():
         return []
     counted = {r.get("file") for r in rows}
-    with errors.open(newline="", encoding=_ENCODING, errors=_ENC_ERRORS) as handle:
-        return [r["file"] for r in csv.DictReader(handle) if r.get("file") not in counted]
+    # utf-8-sig: a file re-saved by a spreadsheet starts with a byte-order mark
+    with errors.open(newline="", encoding="utf-8-sig", errors=_ENC_ERRORS) as handle:
+        listed = [r.get("file") or "" for r in csv.DictReader(handle)]
+    return [name for name in listed if name and name not in counted]
 
 
 def _manifest_model(results: str | Path) -> tuple[dict[str, str], bool]:

@@ -8,7 +8,8 @@ Endpoints
     ``multipart/form-data`` with one or more ``files`` (TIFF 8/16-bit, PNG,
     JPEG), and optionally ``level`` (interval level, default 0.95),
     ``saliency`` (``true``/``false``), ``channel`` (0-based plane of
-    multi-channel files; empty = the file's only channel or its colour mean),
+    multi-channel files; empty = the file's only channel, the stain plane the model
+    was trained on if it records one, or its colour mean),
     ``model`` (a shipped model; default the server's), ``epistemic``
     (``true``: count with the model's ensemble, its mean and its spread in the interval,
     as ``count --epistemic``) and
@@ -269,7 +270,8 @@ _UPLOAD_SCHEMA = {
                         "channel": {
                             "anyOf": [{"type": "integer", "minimum": 0}, _EMPTY_FIELD],
                             "default": "",
-                            "description": "0-based channel of multi-channel images.",
+                            "description": "0-based channel of multi-channel images "
+                            "(empty: the model's recorded one, or the colour mean).",
                         },
                         "model": {
                             "type": "string",

@@ -647,3 +647,26 @@ def test_the_page_offers_a_pixel_size_for_a_model_that_records_one(
         sync_api.expect(field).to_be_hidden()
         assert page.input_value("#pixel-size") == ""
         context.close()
+
+
+def test_a_well_with_fewer_images_than_its_plates_others_is_marked(server, browser, tmp_path):
+    paths = []
+    for well, sites in (("B02", (1, 2)), ("B03", (1, 2)), ("B04", (1,))):
+        for site in sites:
+            path = tmp_path / f"Screen1_{well}_s{site}_w1.tif"
+            tifffile.imwrite(path, simulate_scene(5, seed=site).image)
+            paths.append(path)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(server)
+    page.set_input_files("#file-input", [str(p) for p in paths])
+    wait_for_batch(page, 5)
+    short = page.locator('#well-totals tbody tr[data-well="B04"]')
+    # as `celltally wells` warns: B04's total covers one site where the others cover two
+    expected = "(fewer than the 2 of most wells on its plate)"
+    sync_api.expect(short.locator("td").nth(2)).to_contain_text(expected)
+    assert "incomplete" in (short.get_attribute("class") or "")
+    full = page.locator('#well-totals tbody tr[data-well="B03"]')
+    sync_api.expect(full.locator("td").nth(2)).not_to_contain_text("fewer")
+    assert "incomplete" not in (full.get_attribute("class") or "")
+    context.close()

@@ -651,13 +651,32 @@ function drawWellTotals() {
   const totals = wellTotals();
   const counted = totals.filter((w) => w.counts.length);
   const several = new Set(counted.map((w) => `${w.setting}|${w.level}`)).size > 1;
+  // as `celltally wells` warns (wells.fewer_sites): a well with fewer images (counted or
+  // not) than most wells of its plate, stain and model lacks a site in its total
+  const taken = (w) => w.counts.length + w.failed;
+  const plateOf = (w) => JSON.stringify([w.plate, w.stain, w.setting]);
+  const tallies = new Map();
+  for (const w of totals) {
+    const tally = tallies.get(plateOf(w)) || new Map();
+    tally.set(taken(w), (tally.get(taken(w)) || 0) + 1);
+    tallies.set(plateOf(w), tally);
+  }
+  const usual = new Map();
+  for (const [plate, tally] of tallies) {
+    let best = null; // the most common; on a tie the first seen, as Counter.most_common
+    for (const [n, k] of tally) if (best === null || k > best[1]) best = [n, k];
+    usual.set(plate, best[0]);
+  }
   for (const w of totals) {
     const tr = document.createElement("tr");
     tr.dataset.well = w.well;
+    const most = usual.get(plateOf(w));
+    const fewer = taken(w) < most;
     const images = String(w.counts.length) +
       (w.repeated.length ? ` (site ${w.repeated.join(", ")} more than once)` : "") +
       (w.flagged ? ` (${w.flagged} unusual)` : "") +
-      (w.failed ? ` + ${w.failed} not counted` : "");
+      (w.failed ? ` + ${w.failed} not counted` : "") +
+      (fewer ? ` (fewer than the ${most} of most wells on its plate)` : "");
     const made = several && w.counts.length
       ? ` (${w.setting}, ${levelText(w.level)})` : "";
     const label = (w.plate ? `${w.plate} ${w.well}` : w.well) + made;
@@ -681,6 +700,11 @@ function drawWellTotals() {
       tr.classList.add("incomplete");
       why.push(`${w.failed} image(s) of this well could not be counted: the total leaves ` +
         "them out");
+    }
+    if (fewer) {
+      tr.classList.add("incomplete");
+      why.push(`${taken(w)} image(s) where most wells of its plate have ${most}: the total ` +
+        "covers fewer sites");
     }
     if (why.length) tr.title = why.join("; ");
     body.appendChild(tr);

@@ -800,3 +800,25 @@ def test_too_few_images_fail_before_calibration_scenes_are_simulated(base_model,
     assert result.exit_code == 2 and "the counter would train on 1 image" in result.output
     assert "simulating" not in result.output  # 60 calibration scenes were simulated first
     assert not out.exists()
+
+
+def test_a_run_killed_comparing_with_its_start_resumes_to_the_comparison(
+    base_model, folders, tmp_path, monkeypatch
+):
+    from celltally import training_data
+
+    train, _ = folders
+    new = tmp_path / "mine"
+    real = training_data.compare_with_start
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_data, "compare_with_start", killed)
+    args = ("train", "--data", train, "--from", base_model, "--out", new, "--no-progress")
+    args += ("--seg-epochs", "1", "--count-epochs", "2")
+    assert run(*args).exit_code == 130
+    monkeypatch.setattr(training_data, "compare_with_start", real)
+    again = run(*args, "--resume")  # was "already holds a finished model": comparison lost
+    assert again.exit_code == 0, again.output
+    assert "compared_with_start" in json.loads((new / "config.json").read_text())["training"]

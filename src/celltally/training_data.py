@@ -602,18 +602,18 @@ def build_and_fit(
             progress=progress,
             log=log,
         )
-        if is_main():  # complete and calibrated: usable, and never trained over
-            (Path(out) / UNFINISHED).unlink(missing_ok=True)
         if (
             from_model is not None
             and not start_untrained
             and not result.get("untrained_counter")
             and split_info.get("calibration") is None
             and is_main()
-        ):
+        ):  # before the folder is marked finished: a run killed here is resumed, not lost
             result["training"]["compared_with_start"] = compare_with_start(
                 Path(out), from_model, calibration, channel=channel, log=log
             )
+        if is_main():  # complete and calibrated: usable, and never trained over
+            (Path(out) / UNFINISHED).unlink(missing_ok=True)
     return result
 
 
@@ -666,7 +666,8 @@ def compare_with_start(
     truth = calibration.counts.numpy().astype(float)
     mae = {}
     for key, folder in (("new", out), ("start", resolve_model(from_model))):
-        counter = CellCounter.from_pretrained(folder, channel=channel)
+        # from_folder: the new model's folder is still marked unfinished
+        counter = CellCounter.from_folder(folder, channel=channel)
         counts = np.zeros(len(truth))
         rest = sorted(set(range(len(truth))) - set(on_file))
         prepared = [calibration.images[i, 0].numpy() for i in rest]

@@ -160,8 +160,11 @@ def _run_epochs(
     if state is not None and state.get("stage") == stage:
         saved = {k: state.get("plan", {}).get(k, "not recorded") for k in plan}
         if saved != plan:
+            differ = "; ".join(
+                f"{k} {saved[k]!r} then, {plan[k]!r} now" for k in plan if saved[k] != plan[k]
+            )
             raise ValueError(
-                f"{checkpoint}: saved by a run with {saved}, this one has {plan}: resume with "
+                f"{checkpoint}: saved by a run with other settings ({differ}): resume with "
                 "the same data and settings, or train into a new --out"
             )
         try:

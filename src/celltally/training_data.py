@@ -609,9 +609,12 @@ def build_and_fit(
             and split_info.get("calibration") is None
             and is_main()
         ):  # before the folder is marked finished: a run killed here is resumed, not lost
-            result["training"]["compared_with_start"] = compare_with_start(
-                Path(out), from_model, calibration, channel=channel, log=log
-            )
+            try:
+                result["training"]["compared_with_start"] = compare_with_start(
+                    Path(out), from_model, calibration, channel=channel, log=log
+                )
+            except io.InputError as err:  # the model is complete all the same
+                log(f"warning: the new model could not be compared with {from_model}: {err}")
         if is_main():  # complete and calibrated: usable, and never trained over
             (Path(out) / UNFINISHED).unlink(missing_ok=True)
     return result

@@ -283,3 +283,23 @@ def test_the_panels_say_what_the_saliency_differentiates_and_show_dim_inputs(tin
     low, high = fig.axes[0].images[0].get_clim()
     assert high < float(expl.image.max())
     assert (low, high) == pytest.approx(tuple(np.percentile(expl.image, [0.5, 99.5])), rel=1e-5)
+
+
+def test_an_image_too_large_to_explain_and_truths_of_zero(tiny_model, tmp_path, monkeypatch):
+    from celltally import explain
+
+    image = tmp_path / "plate_C0_s1.tif"  # _C0_: a true count of 0, from the name
+    import tifffile
+
+    tifffile.imwrite(image, blob_image(3, seed=2))
+    args = ["explain", str(image), "--model", str(tiny_model)]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a.png")])
+    assert result.exit_code == 0, result.output
+    assert "(truth 0, from the file name)" in result.output  # "(truth 0)": a count of 0 is falsy
+    negative_zero = CliRunner().invoke(app, [*args, "--true", "-0", "-o", str(tmp_path / "b")])
+    assert "(truth 0)" in negative_zero.output  # was "truth -0"
+    monkeypatch.setattr(explain, "EXPLAIN_MAX_PIXELS", 100)  # one pass needs ~1 KB per pixel:
+    # a whole-well mosaic ran out of memory with a traceback
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c.png")])
+    assert refused.exit_code == 2 and "too large to explain in one pass" in refused.output
+    assert str(image) in refused.output and "Traceback" not in refused.output

@@ -1,5 +1,6 @@
 """The evaluation report (celltally.report) and `celltally evaluate --report`."""
 
+import math
 import re
 from html.parser import HTMLParser
 
@@ -53,7 +54,8 @@ def test_image_measures_see_focus_overlap_and_shape():
     star[10:70, 38:42] = 200  # a plus sign: its convex hull is mostly empty
     assert image_measures(star, 1)["solidity"] < 0.5 < apart["solidity"]
     flat = image_measures(np.full((20, 20), 7, dtype=np.uint8), 0)
-    assert flat == {"sharpness": 0.0, "objects": 0, "cells_per_object": 0.0, "solidity": 1.0}
+    assert math.isnan(flat.pop("sharpness"))  # no contrast: no focus to measure
+    assert flat == {"objects": 0, "cells_per_object": 0.0, "solidity": 1.0}
 
 
 def test_assign_causes_ranks_against_all_images():
@@ -159,7 +161,7 @@ def test_report_lists_the_images_it_could_not_count(tiny_model, labelled_folder,
     assert "blur None" not in text and "blur=None" not in text
 
 
-def test_report_caps_the_gallery(tiny_model, labelled_folder, tmp_path):
+def test_report_caps_the_gallery(tiny_model, labelled_folder, tmp_path, monkeypatch):
     counter = CellCounter.from_pretrained(tiny_model, device="cpu")
     evaluation = evaluate_folder(labelled_folder, model=counter)
     index = write_report(
@@ -167,6 +169,26 @@ def test_report_caps_the_gallery(tiny_model, labelled_folder, tmp_path):
     )
     assert len(list((index.parent / "failures").glob("*.png"))) == 1
     assert "more are listed in the table below" in index.read_text()
+    # again into the same folder with no panel drawable: the earlier panel goes (it stayed,
+    # unreferenced), and the page is still written, saying why (one too large lost it all)
+    from celltally import explain
+
+    monkeypatch.setattr(explain, "EXPLAIN_MAX_PIXELS", 100)
+    again = write_report(
+        evaluation, tmp_path / "r", counter=counter, data=labelled_folder, max_failures=1
+    )
+    assert list((again.parent / "failures").glob("*.png")) == []
+    assert "No panel: " in again.read_text() and "too large to explain" in again.read_text()
+
+
+def test_a_frame_without_contrast_is_not_put_under_bad_focus():
+    from celltally.report import assign_causes, image_measures
+
+    empty = {"file": "empty.tif", **image_measures(np.zeros((60, 80)), 0.0)}
+    rows = [{"file": f"{i}.tif", "sharpness": 0.1 * (i + 1), "cells_per_object": 1.0,
+             "solidity": 0.9} for i in range(9)] + [empty]  # fmt: skip
+    groups = assign_causes(rows, [empty])
+    assert "focus" not in groups  # sharpness 0 ranked as the worst focus of all
 
 
 def test_cli_evaluate_report(tiny_model, labelled_folder, tmp_path):

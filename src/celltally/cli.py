@@ -1390,6 +1390,8 @@ def explain(
     _check_output(out, "--out", folder=False, image=True)
     named = parse_name(image.name).count if true is None else None
     true = true if named is None else float(named)
+    if true is not None:
+        true += 0.0  # --true -0 printed "truth -0"
     try:
         # the image options of `count`, so a panel explains the count that command gave
         options = _image_options(
@@ -1411,7 +1413,8 @@ def explain(
         written = explanation_figure(expl, out, image_saliency=image_saliency)
     except _user_errors() as err:
         fail(err)
-    truth = "" if true is None else f" (truth {true:g}{', from the file name' if named else ''})"
+    source = ", from the file name" if named is not None else ""  # _C0_ is a name's count too
+    truth = "" if true is None else f" (truth {true:g}{source})"
     warn = f"; warning: {expl.result.warning}" if expl.result.warning else ""
     typer.echo(f"{image}: {expl.result}{truth}{warn} -> {written}")
 

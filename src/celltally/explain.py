@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from celltally import io
-from celltally.counter import ModelScaleImage
+from celltally.counter import ModelScaleImage, _out_of_memory
 from celltally.losses import gaussian_nll
 from celltally.tiling import model_canvas
 
@@ -38,6 +38,11 @@ __all__ = [
     "explanation_png",
     "saliency",
 ]
+
+
+#: Most model-scale pixels :func:`explain_image` differentiates (one pass over the
+#: whole image, about 1 KB of memory per pixel: 4 GB here; counting works in tiles).
+EXPLAIN_MAX_PIXELS = 2**22
 
 
 @dataclass
@@ -216,9 +221,22 @@ def explain_image(
         canvas = model_canvas(prepared, counter.model.density_stride)
     else:
         canvas = prepared
-    mask_sal, image_sal, (mask, mask_std) = _saliency(
-        counter.model, canvas, true_count=true_count, device=counter.device
-    )
+    if canvas.size > EXPLAIN_MAX_PIXELS:  # one autograd pass: ~1 KB per model pixel
+        height, width = canvas.shape
+        raise io.about_file(
+            io.InputError(
+                f"is {width} x {height} px at the model's scale, too large to explain in one "
+                f"pass (about {canvas.size / 2**20:.0f} GB; the limit is "
+                f"{EXPLAIN_MAX_PIXELS / 2**20:.0f} M px): explain a crop of it (count it whole)"
+            ),
+            source or name,
+        )
+    try:
+        mask_sal, image_sal, (mask, mask_std) = _saliency(
+            counter.model, canvas, true_count=true_count, device=counter.device
+        )
+    except (MemoryError, RuntimeError) as err:  # one line, as counting says it
+        raise _out_of_memory(err, Path(source or name or "image"), canvas.shape) from None
     if canvas is not prepared:  # back to the image's own extent (the masks are at half size)
         height, width = prepared.shape
         half = (-(-height // 2), -(-width // 2))

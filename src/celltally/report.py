@@ -80,7 +80,8 @@ def image_measures(image: np.ndarray, count: float) -> dict[str, float]:
         ``sharpness``: the 99.5th percentile of the Sobel gradient magnitude
         divided by the 5-99.5 percentile intensity range (scale-free; low when
         blurred: on BBBC005 it orders F1 > F23 > F48 within each stain, where the
-        variance of the Laplacian only separates F1 from the rest).
+        variance of the Laplacian only separates F1 from the rest); NaN for a frame
+        without contrast, whose focus cannot be measured.
         ``objects``: connected components (>= 10 px) of the Otsu foreground.
         ``cells_per_object``: ``count / max(objects, 1)`` (high when cells
         touch or overlap). ``solidity``: area-weighted mean of the objects'
@@ -96,7 +97,8 @@ def image_measures(image: np.ndarray, count: float) -> dict[str, float]:
     low, high = np.percentile(array, [5, 99.5])
     gradient = np.abs(ndimage.sobel(array, 0)) + np.abs(ndimage.sobel(array, 1))
     span = float(high - low)
-    sharpness = float(np.percentile(gradient, 99.5)) / span if span > 0 else 0.0
+    # a frame without contrast (empty) has no focus to measure: NaN, never "bad focus"
+    sharpness = float(np.percentile(gradient, 99.5)) / span if span > 0 else math.nan
     objects, solidity = 0, 1.0
     if variance > 0:
         foreground = array > threshold_otsu(array)
@@ -135,8 +137,8 @@ def assign_causes(
     dict
         cause -> list of (failure row, {cause: rank}), causes in ``CAUSES`` order.
     """
-    columns = {
-        cause: np.array([float(r[key]) for r in rows if key in r], dtype=float)
+    columns = {  # measured values only (NaN: no measure, e.g. the focus of an empty frame)
+        cause: np.array([v for r in rows if key in r if math.isfinite(v := float(r[key]))])
         for cause, (key, _, _) in CAUSES.items()
     }
     groups: dict[str, list] = {cause: [] for cause in [*CAUSES, NO_CAUSE]}
@@ -144,7 +146,7 @@ def assign_causes(
         ranks = {
             cause: _rank(columns[cause], float(row[key]), worse)
             for cause, (key, worse, _) in CAUSES.items()
-            if key in row and columns[cause].size
+            if key in row and columns[cause].size and math.isfinite(float(row[key]))
         }
         best = max(ranks, key=ranks.__getitem__) if ranks else None
         cause = best if best is not None and ranks[best] >= CAUSE_RANK else NO_CAUSE
@@ -159,6 +161,10 @@ def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _sharpness_text(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "none (no contrast)"
 
 
 def _outside(row: Mapping[str, Any]) -> bool:
@@ -528,6 +534,9 @@ def write_report(
 
     out = Path(out_dir)
     (out / "failures").mkdir(parents=True, exist_ok=True)
+    for old in (out / "failures").glob("*.png"):  # an earlier report's panels, not this one's
+        if io.is_own_figure(old):
+            old.unlink()
     level = float(evaluation["level"])
     folder = io.images_folder(data)
     paths = {image_key(p, folder): p for p, _ in labelled_files(data)}
@@ -559,10 +568,16 @@ def write_report(
     groups = assign_causes(rows, shown)
     used: set[str] = set()
     panels: dict[str, str] = {}
+    not_drawn: dict[str, str] = {}  # a panel that cannot be made (too large): said, and the
+    # rest of the report is still written
     for row in tqdm(shown, desc="explanations", disable=None if progress else True, unit="img"):
-        expl = explain_image(
-            counter, paths[row["file"]], true_count=float(row["true"]), level=level
-        )
+        try:
+            expl = explain_image(
+                counter, paths[row["file"]], true_count=float(row["true"]), level=level
+            )
+        except io.InputError as err:
+            not_drawn[row["file"]] = str(err)
+            continue
         name = f"failures/{_safe_stem(row['file'], used)}.png"
         explanation_figure(expl, out / name)
         panels[row["file"]] = name
@@ -634,10 +649,16 @@ def write_report(
                 "<div class='failure'>"
                 f"<p><b>{_esc(row['file'])}</b>: true {row['true']:g}, predicted "
                 f"{_interval_text(row)}; {known}"
-                f"sharpness {row['sharpness']:.3g}, cells/object {row['cells_per_object']:.2f}, "
-                f"solidity {row['solidity']:.3f}; worse than: {_esc(rank_text)}{warn}</p>"
-                f"<img src='{_esc(panels[row['file']])}' alt='explanation of "
-                f"{_esc(row['file'])}'></div>"
+                f"sharpness {_sharpness_text(row['sharpness'])}, cells/object "
+                f"{row['cells_per_object']:.2f}, solidity {row['solidity']:.3f}; worse than: "
+                f"{_esc(rank_text)}{warn}</p>"
+                + (
+                    f"<img src='{_esc(panels[row['file']])}' alt='explanation of "
+                    f"{_esc(row['file'])}'>"
+                    if row["file"] in panels
+                    else f"<p class='note'>No panel: {_esc(not_drawn[row['file']])}</p>"
+                )
+                + "</div>"
             )
     rest = failures[len(shown) :]
     if rest:

@@ -993,3 +993,30 @@ def test_calibrate_reads_the_channel_a_tiled_model_was_trained_on(tmp_path):
         shutil.rmtree(tmp_path / "c", ignore_errors=True)
         result = CliRunner().invoke(app, args)  # calibrate read it before any counter
         assert result.exit_code == 2 and "config.json's channel" in result.output
+
+
+def test_calibrate_refuses_the_current_folder_and_an_unfinished_model(
+    tiny_model, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+    from celltally.model_folder import UNFINISHED
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for command in ("calibrate", "ensemble"):
+        for out in (".", ""):  # was a ValueError traceback: PosixPath('.') has an empty name
+            result = CliRunner().invoke(
+                app, [command, "--model", str(tiny_model), "--data", str(tmp_path), "--out", out]
+            )
+            assert result.exit_code == 2 and "is the folder you are in" in result.output
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(tiny_model, unfinished)
+    (unfinished / UNFINISHED).touch()
+    args = ["calibrate", "--model", str(unfinished), "--data", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "copy")])
+    # it said "calibrated copy", and the copy could not count ("--resume")
+    assert result.exit_code == 2 and "stopped before this model was finished" in result.output
+    assert not (tmp_path / "copy").exists()

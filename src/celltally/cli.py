@@ -1445,7 +1445,14 @@ def _held_out(
     from celltally.train import write_config
     from celltally.uncertainty import held_out_sets
 
+    from celltally.model_folder import UNFINISHED
+
     folder = resolve_model(model)
+    if (folder / UNFINISHED).exists():  # its copy would be unusable too, and say --resume
+        raise io.InputError(
+            f"{folder}: a train run stopped before this model was finished; finish it with "
+            "the same celltally train command and --resume, then calibrate it"
+        )
     if out is None and folder.resolve().is_relative_to(WEIGHTS_DIR.resolve()):
         raise io.InputError(
             f"{model} is shipped inside celltally and is not rewritten: give --out FOLDER "
@@ -1541,6 +1548,9 @@ def _built_whole(out: Path | None, *, model: str | None = None) -> Iterator[Path
     # a copy is built beside it; a folder rewritten in place, inside itself (same disk,
     # same permissions, whatever path or link named it)
     if out is not None:
+        if not out.resolve().name or out.resolve() == Path.cwd().resolve():
+            # "." or "": the folder the command runs in, which the copy would replace
+            fail(f"--out {out}: is the folder you are in; name a new folder for the model")
         try:
             check_new_model_folder(out)
         except _user_errors() as err:

@@ -1441,11 +1441,9 @@ def _held_out(
     import shutil
 
     from celltally import io
-    from celltally.model_folder import WEIGHTS_DIR, read_model_config, resolve_model
+    from celltally.model_folder import UNFINISHED, WEIGHTS_DIR, read_model_config, resolve_model
     from celltally.train import write_config
     from celltally.uncertainty import held_out_sets
-
-    from celltally.model_folder import UNFINISHED
 
     folder = resolve_model(model)
     if (folder / UNFINISHED).exists():  # its copy would be unusable too, and say --resume

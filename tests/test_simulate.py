@@ -358,6 +358,12 @@ def test_a_plate_folder_holding_another_plate_is_refused(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"already holds \d+ file\(s\) this plate would not"):
         simulate_plate(out, images=1, counts=(1, 20), seed=7, **kw)
     assert sorted(p.name for p in (out / "images").iterdir()) == first  # nothing written
+    mine = tmp_path / "mine"  # a user's folder: images at its top, their own counts.csv
+    mine.mkdir()
+    (mine / "counts.csv").write_text("image,count\nmine.tif,42\n")
+    with pytest.raises(ValueError, match=r"e\.g\. counts\.csv"):  # it was replaced silently
+        simulate_plate(mine, images=1, counts=(1, 20), seed=0, **kw)
+    assert (mine / "counts.csv").read_text() == "image,count\nmine.tif,42\n"
 
 
 def test_a_size_larger_than_celltally_reads_is_refused_before_any_folder(tmp_path: Path) -> None:

@@ -1144,14 +1144,25 @@ def _scene_stem(index: int, width_digits: int, count: int, blur: int, stain: int
 
 
 def _stale_files(out: Path, stems: set[str]) -> list[Path]:
-    """Files in ``out``'s images/, masks/ and labels/ a plate of ``stems`` would not rewrite."""
-    return sorted(
+    """Files in ``out``'s images/, masks/ and labels/ a plate of ``stems`` would not rewrite,
+    and ``out/counts.csv`` if it names an image the plate would not write (a user's)."""
+    stale = sorted(
         path
         for sub in PLATE_FOLDERS
         if (out / sub).is_dir()
         for path in (out / sub).iterdir()
         if path.stem not in stems
     )
+    table = out / "counts.csv"
+    if table.is_file():
+        try:
+            with table.open(newline="", encoding="utf-8-sig") as handle:
+                names = [row.get("image") or "" for row in csv.DictReader(handle)]
+        except (OSError, UnicodeDecodeError, csv.Error):
+            names = [""]  # unreadable: not one this module wrote
+        if any(Path(name).stem not in stems for name in names):
+            stale.append(table)
+    return stale
 
 
 def _write_scene(job: tuple) -> list[tuple[str, int, int, int]]:

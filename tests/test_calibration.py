@@ -1020,3 +1020,24 @@ def test_calibrate_refuses_the_current_folder_and_an_unfinished_model(
     # it said "calibrated copy", and the copy could not count ("--resume")
     assert result.exit_code == 2 and "stopped before this model was finished" in result.output
     assert not (tmp_path / "copy").exists()
+
+
+def test_images_calibrate_recalibrated_on_are_known_to_evaluate(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from celltally.cli import app
+    from celltally.simulate import simulate_plate
+    from celltally.uncertainty import seen_by_model
+
+    plate = simulate_plate(
+        tmp_path / "cal", images=3, counts=(2, 20), blurs=(1,), stains=(1,), seed=4
+    )
+    out = tmp_path / "m2"
+    args = ["calibrate", "--model", str(tiny_model), "--data", str(plate), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    names = sorted(p.name for p in (plate / "images").iterdir())
+    # they were evaluated as held out (coverage 1.000) without a word
+    seen = seen_by_model(config, names, folder=plate / "images")
+    assert seen == dict.fromkeys(names, "calibration")

@@ -1506,7 +1506,12 @@ def _held_out(
 
 
 def _record_calibration(
-    folder: Path, *, cal_sources: list[Path], bbbc005: Path | None, n: int
+    folder: Path,
+    *,
+    cal_sources: list[Path],
+    bbbc005: Path | None,
+    n: int,
+    names: Sequence[str] = (),
 ) -> None:
     """Say in the model's config what its intervals were last calibrated on, and how."""
     import shlex
@@ -1525,6 +1530,7 @@ def _record_calibration(
         "n": n,
         "note": "the intervals and OOD checks were refitted on these images; the training "
         "record above describes how the weights were made",
+        **({"names": list(names)} if names else {}),
     }
     write_config(folder, config)
 
@@ -1664,7 +1670,16 @@ def calibrate(
             calibrate_model(
                 folder, cal, quantile=quantile, count_scale=count_scale or (), log=typer.echo
             )
-            _record_calibration(folder, cal_sources=data or [], bbbc005=bbbc005, n=len(cal))
+            from celltally.datasets import source_file
+
+            _record_calibration(
+                folder,
+                cal_sources=data or [],
+                bbbc005=bbbc005,
+                n=len(cal),
+                # the user's images by name, as train records its own: evaluate --held-out
+                names=[str(m["name"]) for m in cal.meta if source_file(m) is not None],
+            )
         except _user_errors() as err:
             fail(err)
     if out is not None:

@@ -721,8 +721,8 @@ def seen_by_model(
     BBBC005 images from its calibration sites, and the other images of a
     folder its ``train`` split (``folder``, or its parent when it is an
     ``images`` folder; images added since are taken for them too).
-    Calibration by ``celltally calibrate`` on other images is not recorded by
-    name, so it is not found here.
+    Calibration by ``celltally calibrate`` on a user's folder is found by the
+    names it records (since 2026-11-27; earlier recalibrations are not).
     """
     here = Path(folder).resolve()
     where = {here, here.parent} if here.name == "images" else {here}
@@ -735,6 +735,8 @@ def seen_by_model(
         trained |= {n for _, info in _split_entries(c) for n in info.get("train_names") or ()}
         trained_sites |= _bbbc005_sites(c).get("training", set())
     calibrated = set(((own.get("training") or {}).get("split") or {}).get("calibration") or ())
+    # and the user's images a `celltally calibrate` recalibrated it on (recorded since 2026-11-27)
+    calibrated |= set(((own.get("training") or {}).get("calibrated") or {}).get("names") or ())
     calibrated_sites = _bbbc005_sites(own).get("calibration", set())
     split_here = any(where & places for places, _ in _split_entries(own))
     real_bbbc005 = _real_bbbc005([Path(k).name for k in keys])

@@ -1041,3 +1041,17 @@ def test_images_calibrate_recalibrated_on_are_known_to_evaluate(tiny_model, tmp_
     # they were evaluated as held out (coverage 1.000) without a word
     seen = seen_by_model(config, names, folder=plate / "images")
     assert seen == dict.fromkeys(names, "calibration")
+
+
+def test_two_folders_same_named_wells_are_two_wells_for_the_correlation():
+    from celltally.uncertainty import _add_well_correlation
+
+    names = ["P_A01_s1.tif", "P_A01_s2.tif"]
+    meta = [{"name": n, "source": folder} for folder in ("one", "two") for n in names]
+    data = LabeledSet(torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8), torch.zeros(4), meta)
+    block: dict = {}
+    y = np.array([10.0, 10.0, 10.0, 10.0])
+    _add_well_correlation(block, data, y, y + [1, 1, -1, -1], np.ones(4))
+    # one A01 of 4 images pooled unrelated plates: their pairs across folders counted too
+    assert block["well_correlation"]["groups"] == 2
+    assert block["well_correlation"]["pairs"] == 2  # one within each folder

@@ -413,8 +413,14 @@ def _add_well_correlation(
     block: dict[str, Any], calibration: LabeledSet, y: np.ndarray, mean: np.ndarray, std: np.ndarray
 ) -> None:
     """The within-well error correlation (for per-well totals, celltally.wells), where the
-    calibration images' names give wells."""
-    wells = [well_key(m["name"]) if m.get("name") else None for m in calibration.meta]
+    calibration images' names give wells: one well per folder (two plates' A01 in two
+    ``--data`` folders are two wells, as ``celltally wells`` keeps them)."""
+    wells = [
+        (m.get("source") or "", key)
+        if m.get("name") and (key := well_key(m["name"])) is not None
+        else None
+        for m in calibration.meta
+    ]
     if len(wells) == len(y) and (fitted := fit_group_correlation(y, mean, std, wells)):
         block["well_correlation"] = fitted
 

@@ -470,14 +470,6 @@ def _last_cwd(manifest: Path) -> str | None:
         return None
 
 
-def _same_place(a: str, b: str) -> bool:
-    """Whether two folders are one (as spelt, or through links)."""
-    try:
-        return a == b or os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def absolute_files(
     out: str | os.PathLike[str], names: Sequence[str], *, last: bool = False
 ) -> list[str] | None:
@@ -654,7 +646,7 @@ class _ErrorLog:
             name = row["file"]
             # joined, not folded: "link/../a.tif" is resolved as the file system does
             full = name if os.path.isabs(name) else os.path.join(there, name)
-            here = os.path.isabs(name) or _same_place(there, os.getcwd())
+            here = os.path.isabs(name) or _same_folder(there, os.getcwd())
             if not here and not os.path.isdir(there) and os.path.lexists(name):
                 # that folder is gone (a moved project, another mount): read from here,
                 # as results rows are (_keys)

@@ -11,7 +11,7 @@ import glob
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -353,19 +353,31 @@ def unused_files(root: str | Path) -> list[str]:
     return notes
 
 
-def counts_from_label_masks(root: str | Path, paths: Sequence[Path]) -> list[int | None]:
-    """Each image's count from its label image (``root/labels``, else ``root/masks``).
+def counts_from_label_masks(
+    root: str | Path, paths: Sequence[Path], *, wanted: Iterable[int] | None = None
+) -> dict[int, int | None]:
+    """Counts from label images (``root/labels``, else ``root/masks``), by index in ``paths``.
 
     As :func:`load_folder` counts an image that has no count of its own: the
     number of labels of its label image, None where it has none (or only a
     binary mask, which cannot be told from a one-object label image). ``paths``
-    are images directly in the folder's images folder.
+    are images directly in the folder's images folder; ``wanted`` the indices
+    to count (default all: only their label images are read).
     """
     root = Path(root)
-    dirs = [d for d in (root / "labels", root / "masks") if d.is_dir()]  # labels/ first
     keys = [p.name for p in paths]
-    found = [_masks_in(d, paths, keys) for d in dirs]
-    return [_count_from_labels([files[i] for files in found]) for i in range(len(paths))]
+    dirs = [d for d in (root / "masks", root / "labels") if d.is_dir()]
+    found = {d: _masks_in(d, paths, keys) for d in dirs}
+    return _label_counts(found, range(len(paths)) if wanted is None else wanted)
+
+
+def _label_counts(
+    found: Mapping[Path, Sequence[Path | None]], wanted: Iterable[int]
+) -> dict[int, int | None]:
+    """:func:`_count_from_labels` of the images ``wanted``, from each folder's files
+    (``found``: folder -> each image's file or None), ``labels/`` first."""
+    dirs = sorted(found, key=lambda d: d.name != "labels")
+    return {i: _count_from_labels([found[d][i] for d in dirs]) for i in wanted}
 
 
 def _count_from_labels(files: Sequence[Path | None]) -> int | None:
@@ -468,10 +480,9 @@ def load_folder(
         table = listed
     else:
         named: dict[str, float | None] = {p.name: naming.parse_name(p.name).count for p in paths}
-        counting_dirs = sorted(mask_dirs, key=lambda d: d.name != "labels")  # labels/ first
-        for i, path in enumerate(paths):
-            if named[path.name] is None:
-                named[path.name] = _count_from_labels([found[d][i] for d in counting_dirs])
+        unnamed = [i for i, path in enumerate(paths) if named[path.name] is None]
+        for i, count in _label_counts(found, unnamed).items():
+            named[paths[i].name] = count
         missing = [n for n, c in named.items() if c is None]
         if missing:
             raise io.InputError(

@@ -38,11 +38,12 @@ def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
         return pairs
     paths = io.list_images([folder])
     named = [naming.parse_name(path.name).count for path in paths]
-    if any(c is None for c in named):  # as `train` counts them: the label images' objects
+    if unnamed := [i for i, c in enumerate(named) if c is None]:
         from celltally.datasets import counts_from_label_masks
 
-        by_labels = counts_from_label_masks(data, paths)
-        named = [c if c is not None else by_labels[i] for i, c in enumerate(named)]
+        # as `train` counts them: the label images' objects
+        for i, count in counts_from_label_masks(data, paths, wanted=unnamed).items():
+            named[i] = count
     pairs = [(path, float(c)) for path, c in zip(paths, named, strict=True) if c is not None]
     if not pairs:
         raise io.InputError(

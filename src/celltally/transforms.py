@@ -166,16 +166,17 @@ def min_range_for(dtype: np.dtype, *, image: np.ndarray | None = None) -> float:
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         full_scale = 255.0 if dtype.itemsize == 1 else 4095.0
-    elif (
-        dtype.kind == "f"
-        and image is not None
-        and _on_grid(image, 65535)
-        and not _on_grid(image, 255)
-    ):
+    elif dtype.kind == "f" and image is not None and _from_16_bits(image):
         full_scale = 4095.0 / 65535.0
     else:
         full_scale = 1.0
     return _MIN_RANGE_FRACTION * full_scale
+
+
+def _from_16_bits(image: np.ndarray) -> bool:
+    """Whether a float ``image`` holds 16-bit integers divided by 65535 (its values on the
+    1/65535 grid, not all on the 1/255 one, which 8-bit integers so divided are on too)."""
+    return _on_grid(image, 65535) and not _on_grid(image, 255)
 
 
 def _on_grid(image: np.ndarray, steps: int) -> bool:
@@ -252,7 +253,7 @@ def prepare_image(
         # the grey-level step: 1 for integers; floats are taken as 0..1 scaled from 8 bits
         # (a finer step would let a blurred, quantized frame's fit run away again)
         step = 1.0 if np.dtype(image.dtype).kind in "uib" else 1.0 / 255.0
-        if step < 1.0 and _on_grid(image, 65535) and not _on_grid(image, 255):
+        if step < 1.0 and _from_16_bits(image):
             step = 1.0 / 65535.0  # 16-bit integers divided by 65535 (see min_range_for)
         surface = background_surface(resized, step=step, noise=noise)
         resized = np.subtract(resized, surface, out=surface)  # a new array: the input stays

@@ -310,17 +310,14 @@ def fewer_sites(rows: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, An
     def taken(row: Mapping[str, Any]) -> int:
         return int(row.get("images") or 0) + int(row.get("failed") or 0)
 
-    usual: dict[tuple, int] = {}
-    by_plate: dict[tuple, list[Mapping[str, Any]]] = {}
+    def plate(row: Mapping[str, Any]) -> tuple:
+        return (row.get("plate"), row.get("stain"), row.get("model"))
+
+    tallies: dict[tuple, Counter[int]] = {}
     for row in rows:
-        by_plate.setdefault((row.get("plate"), row.get("stain"), row.get("model")), []).append(row)
-    for key, members in by_plate.items():
-        usual[key] = Counter(taken(r) for r in members).most_common(1)[0][0]
-    return [
-        (r, n)
-        for r in rows
-        if taken(r) < (n := usual[(r.get("plate"), r.get("stain"), r.get("model"))])
-    ]
+        tallies.setdefault(plate(row), Counter())[taken(row)] += 1
+    usual = {key: tally.most_common(1)[0][0] for key, tally in tallies.items()}
+    return [(r, usual[plate(r)]) for r in rows if taken(r) < usual[plate(r)]]
 
 
 def aggregate_wells(

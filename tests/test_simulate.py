@@ -386,3 +386,31 @@ def test_scene_numbers_that_are_not_whole_numbers_of_1_or_more_are_refused(tmp_p
             simulate_plate(tmp_path / "p", images=bad)
     with pytest.raises(ValueError, match="scenes must be a whole number >= 1, got 0"):
         simulate_set(0, size=(32, 48))
+
+
+def test_an_interrupted_plate_leaves_no_partial_folder(tmp_path: Path, monkeypatch) -> None:
+    import celltally.simulate as simulate
+
+    written = []
+    real = simulate._write_scene
+
+    def interrupted_after_one(job):
+        if written:
+            raise KeyboardInterrupt
+        written.append(job)
+        return real(job)
+
+    monkeypatch.setattr(simulate, "_write_scene", interrupted_after_one)
+    out = tmp_path / "plate"
+    with pytest.raises(KeyboardInterrupt):
+        simulate_plate(out, images=3, blurs=(1,), stains=(1,), size=(40, 56))
+    assert written and not out.exists()
+    assert list(tmp_path.iterdir()) == []  # nor a staging folder beside it
+    monkeypatch.setattr(simulate, "_write_scene", real)
+    simulate_plate(out, images=3, blurs=(1,), stains=(1,), size=(40, 56))
+    assert len(list((out / "images").iterdir())) == 3 and (out / "counts.csv").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["plate"]
+    mode = out.stat().st_mode & 0o777
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    assert mode == probe.stat().st_mode & 0o777  # the umask's mode, as a plain mkdir

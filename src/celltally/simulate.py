@@ -71,6 +71,8 @@ import io
 import math
 import os
 import re
+import secrets
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -1229,7 +1231,9 @@ def simulate_plate(
     Parameters
     ----------
     out_dir : str or os.PathLike
-        Folder to write (created if needed). Files of the same names are
+        Folder to write. A new folder appears whole or not at all (the plate is
+        written beside it and renamed into place, so an interrupted run leaves
+        nothing). Files of the same names are
         overwritten (the same arguments write the same plate again); any other
         file in its ``images/``, ``masks/`` or ``labels/`` is refused, since
         ``counts.csv`` would not describe it.
@@ -1297,8 +1301,70 @@ def simulate_plate(
             f"{stale[0].relative_to(out)}): its counts.csv would not describe them; write "
             "the plate into a new folder, or empty this one"
         )
-    for sub in PLATE_FOLDERS:
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    # A new plate is written into a staging folder beside ``out`` and renamed into
+    # place when whole, so an interrupted run leaves no partial plate behind.
+    staging = _staging_folder(out)
+    target = staging or out
+    try:
+        for sub in PLATE_FOLDERS:
+            (target / sub).mkdir(parents=True, exist_ok=True)
+        _write_plate(
+            target,
+            images,
+            digits,
+            scene_counts,
+            children,
+            blurs,
+            stains,
+            size,
+            bit_depth,
+            params,
+            workers,
+            progress,
+        )
+        if staging is not None:
+            try:
+                os.rename(staging, out)
+            except OSError as err:
+                raise ValueError(
+                    f"{out}: could not move the finished plate into place ({err.strerror}); "
+                    "was the folder made while simulating?"
+                ) from None
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _staging_folder(out: Path) -> Path | None:
+    """A new empty folder beside ``out`` to write a plate into, or None to write in place.
+
+    Only a plate in a new folder is staged; one rewritten over itself has the same
+    names and bytes, and an existing folder may be the working directory.
+    """
+    if out.exists() or out.is_symlink():
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()  # mode from the umask, as ``out`` would have
+    return staging
+
+
+def _write_plate(
+    out: Path,
+    images: int,
+    digits: int,
+    scene_counts: list[int],
+    children: list[np.random.SeedSequence],
+    blurs: tuple[int, ...],
+    stains: tuple[int, ...],
+    size: tuple[int, int],
+    bit_depth: int,
+    params: SimulationParams,
+    workers: int,
+    progress: bool,
+) -> None:
+    """Render and write every scene of a plate into ``out``, then its counts.csv."""
     jobs = [
         (
             str(out),
@@ -1338,8 +1404,9 @@ def simulate_plate(
         if bar is not None:
             bar.close()
     rows.sort()
-    with (out / "counts.csv").open("w", newline="") as handle:
+    partial = out / f".counts.csv.partial-{os.getpid()}"
+    with partial.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["image", "count", "blur", "stain"])
         writer.writerows(rows)
-    return out
+    os.replace(partial, out / "counts.csv")

@@ -1055,3 +1055,25 @@ def test_two_folders_same_named_wells_are_two_wells_for_the_correlation():
     # one A01 of 4 images pooled unrelated plates: their pairs across folders counted too
     assert block["well_correlation"]["groups"] == 2
     assert block["well_correlation"]["pairs"] == 2  # one within each folder
+
+
+def test_ensemble_scenes_are_not_the_ones_train_drew_at_the_same_seed(tmp_path, monkeypatch):
+    import celltally.datasets as datasets
+    from celltally.simulate import simulate_plate
+    from celltally.uncertainty import held_out_sets
+
+    seeds = []
+    real = datasets.simulate_set
+
+    def spy(scenes, **kw):
+        seeds.append(kw["seed"])
+        return real(scenes, **kw)
+
+    monkeypatch.setattr(datasets, "simulate_set", spy)
+    folder = simulate_plate(tmp_path / "p", images=3, size=(130, 174), blurs=(1,), stains=(1,))
+    config = tiny_config()
+    config["training"] = {"split": {str(folder): {"path": str(folder.resolve()), "calibration": 1}}}
+    held_out_sets(config, folders=[folder], simulated=2, seed=0, log=lambda _: None)
+    # `celltally train --seed 0` draws its training scenes with seed 1000, calibration 2000
+    # (training_data.build_and_fit): the ensemble's members must learn from new scenes
+    assert seeds and not set(seeds) & {1000, 2000}

@@ -789,7 +789,9 @@ def held_out_sets(
     (not among the folders its config's ``training.split`` records) goes to
     calibration whole, but for images named in ``training.split.train`` (a
     model trained apart, by file name).
-    ``simulated`` scenes join the training set only. Returns ``(train,
+    ``simulated`` scenes join the training set only; they are drawn with
+    ``seed + 3000``, so at the same ``seed`` they are not the scenes ``celltally
+    train`` drew (``seed + 1000`` for training, ``+ 2000`` for calibration). Returns ``(train,
     calibration)``, either None when no source gave images to it.
     """
     from celltally.datasets import (
@@ -849,7 +851,7 @@ def held_out_sets(
     if simulated > 0:
         log(f"simulating {simulated} training scenes")
         trains.append(
-            simulate_set(simulated, size=size, seed=seed + 1000, workers=workers, norm=norm)
+            simulate_set(simulated, size=size, seed=seed + 3000, workers=workers, norm=norm)
         )
     train = LabeledSet.concat(trains) if any(len(t) for t in trains) else None
     calibration = LabeledSet.concat(cals) if any(len(c) for c in cals) else None

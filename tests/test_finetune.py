@@ -822,3 +822,14 @@ def test_a_run_killed_comparing_with_its_start_resumes_to_the_comparison(
     again = run(*args, "--resume")  # was "already holds a finished model": comparison lost
     assert again.exit_code == 0, again.output
     assert "compared_with_start" in json.loads((new / "config.json").read_text())["training"]
+
+
+def test_bbbc005_folder_without_its_test_sites_trains_without_test_images(tmp_path, tiny_model):
+    folder = plate(tmp_path / "sim", 4, seed=3)  # BBBC005 names, every scene at site s01
+    out = tmp_path / "m"
+    common = ("--no-progress", "--seg-epochs", "0", "--count-epochs", "1", "--from", tiny_model)
+    result = run("train", "--bbbc005", folder, *common, "--out", out)
+    assert result.exit_code == 0, result.output  # it failed inside torch.cat, in one line
+    assert "has no images of site(s) 9-10, BBBC005's test sites" in result.output
+    assert "has no images of site(s) 8, BBBC005's calibration sites" in result.output
+    assert json.loads((out / "config.json").read_text())["training"]["n_test"] == 0

@@ -483,6 +483,12 @@ def build_and_fit(
         trains.append(real.subset(parts["train"]))
         cals.append(real.subset(parts["calibration"]))
         tests.append(real.subset(parts["test"]))
+        for part, sites in (("calibration", "8"), ("test", "9-10")):
+            if not parts[part].size:  # e.g. a copy of part of it, or a simulated plate (s01)
+                log(
+                    f"note: --bbbc005 {bbbc005} has no images of site(s) {sites}, BBBC005's "
+                    f"{part} sites, so this model has no {part} images from it"
+                )
         sources.append(f"BBBC005 ({len(real)} real images)")
         split_info["bbbc005"] = {
             "by": "scene (site)",
@@ -569,7 +575,7 @@ def build_and_fit(
             )
         calibration = simulate_set(n_cal, size=size, seed=seed + 2000, workers=workers, norm=norm)
         split_info["calibration"] = f"{n_cal} fresh simulated scenes"
-    test = LabeledSet.concat(tests) if tests else None
+    test = LabeledSet.concat(tests) if any(len(t) for t in tests) else None
     config["name"] = Path(out).name
     if channel is not None:  # counting then reads multi-channel files' same plane by default
         config["channel"] = int(channel)

@@ -303,3 +303,23 @@ def test_an_image_too_large_to_explain_and_truths_of_zero(tiny_model, tmp_path, 
     refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c.png")])
     assert refused.exit_code == 2 and "too large to explain in one pass" in refused.output
     assert str(image) in refused.output and "Traceback" not in refused.output
+
+
+def test_explain_epistemic_explains_the_ensembles_count(tmp_path):
+    """`explain --epistemic` titles and differentiates the count `count --epistemic` gives."""
+    import tifffile
+
+    from celltally.simulate import simulate_scene
+
+    image = tmp_path / "scene.tif"
+    tifffile.imwrite(image, simulate_scene(40, stain=2, blur=23, seed=9).image)
+    plain = CellCounter.from_pretrained("bbbc005")
+    ensemble = CellCounter.from_pretrained("bbbc005", epistemic=True)
+    one, mixed = explain_image(plain, image), explain_image(ensemble, image)
+    assert mixed.result.count == pytest.approx(ensemble.count(image).count)
+    assert not np.allclose(one.mask_saliency, mixed.mask_saliency)  # its members' too
+    shown = str(ensemble.count(image, level=0.9))
+    args = ["explain", str(image), "-o", str(tmp_path / "p.png"), "--epistemic", "--level", "0.9"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"{image}: {shown}" in result.output

@@ -1361,6 +1361,17 @@ def explain(
     image_saliency: Annotated[
         bool, typer.Option(help="Add a panel: saliency w.r.t. the input image.")
     ] = False,
+    epistemic: Annotated[
+        bool,
+        typer.Option(
+            help="Explain the count of the model's ensemble, as count --epistemic gives it "
+            "(saliency of the members' mean count)."
+        ),
+    ] = False,
+    calibration: Annotated[
+        str | None,
+        typer.Option(help="Interval method of the title: conformal, temperature or gaussian."),
+    ] = None,
     channel: ChannelOption = None,
     norm_low: NormLowOption = None,
     norm_high: NormHighOption = None,
@@ -1406,6 +1417,7 @@ def explain(
             rescale=rescale,
             tile=tile,
         )
+        options.update(_interval_options(epistemic, calibration))
         counter = CellCounter.from_pretrained(model, **options)
         if (level_note := counter.level_note(level)) is not None:
             typer.echo(f"note: {level_note}", err=True)

@@ -14,6 +14,7 @@ import dataclasses
 import io as _bytes_io
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -86,8 +87,15 @@ def _saliency(
     *,
     true_count: float | None = None,
     device: torch.device | str | None = None,
+    members: Sequence[torch.nn.Module] = (),
 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """:func:`saliency`, plus the forward pass's (mask, mask std)."""
+    """:func:`saliency`, plus the forward pass's (mask, mask std).
+
+    With ``members`` (an ensemble's extra counter heads), the count is theirs and
+    the model's counter's mixture, as :class:`~celltally.counter.CellCounter`
+    counts with ``epistemic=True``: the mean of the counts, the members' mean
+    variance plus the variance of their counts.
+    """
     array = np.asarray(prepared, dtype=np.float32)
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D prepared image, got shape {array.shape}")
@@ -99,6 +107,13 @@ def _saliency(
         x = torch.tensor(array, device=device)[None, None].requires_grad_(True)
         mask, mask_logvar = model.segmenter(x, levels=1)[0]
         count, count_logvar = model.count_from_mask(mask, mask_logvar, x)
+        if members:
+            planes = model.counter_planes(mask, mask_logvar, x)
+            outs = [(count, count_logvar)] + [member(planes) for member in members]
+            means = torch.stack([o[0] for o in outs])
+            variance = torch.stack([torch.exp(o[1]) for o in outs]).mean(0)
+            count = means.mean(0)
+            count_logvar = torch.log(variance + means.var(0, unbiased=False))
         if true_count is None:
             loss = count.sum()
         else:
@@ -172,7 +187,8 @@ def explain_image(
     Parameters
     ----------
     counter : CellCounter
-        A loaded model.
+        A loaded model. One loaded with ``epistemic=True`` explains its
+        ensemble's count (the saliency of the members' mixture), as it counts.
     image : np.ndarray or path
         A raw 2-D image or an image file.
     true_count : float, optional
@@ -233,7 +249,11 @@ def explain_image(
         )
     try:
         mask_sal, image_sal, (mask, mask_std) = _saliency(
-            counter.model, canvas, true_count=true_count, device=counter.device
+            counter.model,
+            canvas,
+            true_count=true_count,
+            device=counter.device,
+            members=counter.members,  # with epistemic=True: the ensemble's count, explained
         )
     except (MemoryError, RuntimeError) as err:  # one line, as counting says it
         raise _out_of_memory(err, Path(source or name or "image"), canvas.shape) from None

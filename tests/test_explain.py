@@ -323,3 +323,13 @@ def test_explain_epistemic_explains_the_ensembles_count(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"{image}: {shown}" in result.output
+
+
+def test_panels_keep_near_their_images_shape():
+    from celltally.explain import _layout
+
+    assert _layout((520, 696), 4) == (1, 4, (12.8, 3.0))  # BBBC005's frame: as before
+    rows, columns, (width, height) = _layout((130, 1392), 5)  # a strip: stacked
+    assert (rows, columns) == (5, 1) and height < 10
+    rows, columns, (width, height) = _layout((1560, 174), 4)  # a column: side by side
+    assert (rows, columns) == (1, 4) and height <= 9 and width < 12.8

@@ -311,6 +311,23 @@ def display_max(array: np.ndarray) -> float:
     return top if top > 0 else 1.0
 
 
+def _layout(shape: tuple[int, ...], panels: int) -> tuple[int, int, tuple[float, float]]:
+    """(rows, columns, figure size in inches) that keep each panel near its image's shape.
+
+    Panels side by side (3.2 in wide each, about BBBC005's 4:3 frame) unless the
+    image is more than twice as wide as tall: then one above another, so a strip
+    is not drawn as thin lines. A tall image keeps its height within 9 in.
+    """
+    aspect = shape[0] / max(shape[1], 1)  # height / width
+    if aspect < 0.5:  # wide: a column of panels, 8 in wide
+        return panels, 1, (8.0, min(24.0, panels * (7.0 * aspect + 0.5) + 0.6))
+    if aspect <= 1.5:
+        return 1, panels, (3.2 * panels, 3.0)
+    height = min(9.0, 2.2 * aspect + 0.8)
+    # at least 2.3 in a panel: room for its title
+    return 1, panels, (panels * max(2.3, (height - 0.8) / aspect + 0.7), height)
+
+
 def _draw(expl: Explanation, *, title: str | None, true_count: float | None, image_saliency: bool):
     from matplotlib.figure import Figure
 
@@ -332,8 +349,9 @@ def _draw(expl: Explanation, *, title: str | None, true_count: float | None, ima
         )
     # more pixels for larger images (a whole-well mosaic), so that cells stay visible
     dpi = round(100 * min(4.0, max(1.0, max(expl.image.shape) / 300)))
-    fig = Figure(figsize=(3.2 * len(panels), 3.0), dpi=dpi, layout="constrained")
-    axes = fig.subplots(1, len(panels))
+    rows, columns, size = _layout(expl.image.shape, len(panels))
+    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax, (name, array, cmap, vmin, vmax, unit) in zip(axes, panels, strict=True):
         if vmax is None:
             vmax = display_max(array)

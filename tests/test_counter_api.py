@@ -12,7 +12,7 @@ from conftest import blob_image
 from celltally.counter import CellCounter
 from celltally.io import InputError
 from celltally.objects import label_objects, save_objects
-from celltally.simulate import empty_frame, simulate_plate
+from celltally.simulate import empty_frame, simulate_plate, simulate_scene
 from celltally.training_data import build_and_fit
 from celltally.wells import aggregate_wells
 
@@ -203,3 +203,18 @@ def test_a_channel_picks_an_arrays_plane_and_a_trained_one_only_stain_planes(
     (trained / "config.json").write_text(json.dumps(config))
     model = CellCounter.from_pretrained(trained, device="cpu")
     assert model.count(tmp_path / "grey.png").count == pytest.approx(plain)
+
+
+def test_the_counter_keeps_its_own_ood_reference_and_colour_tables_are_read_only():
+    from celltally.web.render import colormap
+
+    shipped = CellCounter.from_pretrained("bbbc005")
+    mine = {k: np.array(v, dtype=np.float64) for k, v in shipped.ood_reference.items()}
+    counter = CellCounter(shipped.model, shipped.config, ood_reference=mine)
+    image = simulate_scene(30, stain=1, seed=4).image
+    before = counter.count(image).ood
+    for values in mine.values():
+        values *= 0  # the caller's arrays, edited after the counter was made
+    assert counter.count(image).ood == before
+    with pytest.raises(ValueError, match="read-only"):
+        colormap("inferno")[:] = 0

@@ -274,3 +274,16 @@ def test_a_folder_without_bbbc005_names_is_refused_in_one_line(tmp_path):
     _blob_folder(folder, 2)
     with pytest.raises(io.InputError, match=r"images: no BBBC005 images \(SIMCEPImages_<well>"):
         datasets.load_bbbc005(folder, size=(48, 64))
+
+
+def test_a_subsets_rows_are_its_own():
+    import torch
+
+    data = datasets.LabeledSet(
+        images=torch.rand(2, 1, 8, 8),
+        masks=torch.full((2, 1, 8, 8), float("nan")),
+        counts=torch.tensor([3.0, 4.0]),
+        meta=[{"name": "a.tif", "blur": 1}, {"name": "b.tif", "blur": 1}],
+    )
+    data.subset([0]).meta[0]["blur"] = 99
+    assert data.meta[0]["blur"] == 1

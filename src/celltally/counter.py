@@ -405,7 +405,8 @@ class CellCounter:
         self.ood_reference = (
             None
             if ood_reference is None
-            else {k: np.asarray(v, dtype=np.float64) for k, v in ood_reference.items()}
+            # a copy: the caller's later edits must not move the out-of-distribution check
+            else {k: np.array(v, dtype=np.float64) for k, v in ood_reference.items()}
         )
         # The deepest encoder block's output, pooled, is the image's embedding
         # (for the feature-distance OOD check); kept per thread for web servers.

@@ -84,7 +84,8 @@ class LabeledSet:
                 )
             chosen = np.flatnonzero(chosen)
         idx = torch.as_tensor(chosen.astype(np.int64))
-        meta = [self.meta[i] for i in idx.tolist()] if self.meta else []
+        # copies of the rows: a subset's edits must not reach the set it came from
+        meta = [dict(self.meta[i]) for i in idx.tolist()] if self.meta else []
         return LabeledSet(self.images[idx], self.masks[idx], self.counts[idx], meta)
 
     @staticmethod

@@ -41,11 +41,12 @@ def display_size(shape: Sequence[int], max_side: int = 512) -> tuple[int, int]:
 
 @lru_cache(maxsize=8)
 def colormap(name: str) -> np.ndarray:
-    """A matplotlib colormap as a (256, 3) uint8 lookup table."""
+    """A matplotlib colormap as a (256, 3) uint8 lookup table (read-only: it is cached)."""
     from matplotlib import colormaps
 
-    table = colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3]
-    return np.rint(table * 255).astype(np.uint8)
+    table = np.rint(colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+    table.flags.writeable = False  # one caller's edit would recolour every later map
+    return table
 
 
 def png_bytes(array: np.ndarray) -> bytes:

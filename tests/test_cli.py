@@ -407,6 +407,10 @@ def test_demo_counts_a_simulated_plate_with_the_shipped_model(tmp_path):
     assert sum(errors) / len(errors) < 4.0 and max(errors) < 12.0
     assert all(float(r["low"]) <= float(r["count"]) <= float(r["high"]) for r in rows)
     assert "mean |error|" in result.output and "results.csv" in result.output
+    # count's own columns: the other commands take the demo's CSV as a results CSV
+    wells = run("wells", tmp_path / "demo" / "results.csv", "--out", tmp_path / "w.csv")
+    assert wells.exit_code == 0, wells.output
+    assert len(read_rows(tmp_path / "w.csv")) == 3 * 6  # one site per well and stain
     # run again into the same folder with another plate: that plate alone
     again = run("demo", "--out", tmp_path / "demo", "--images", 1, "--seed", 12)
     assert again.exit_code == 0, again.output

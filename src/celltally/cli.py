@@ -308,7 +308,7 @@ BackgroundOption = Annotated[
     str | None,
     typer.Option(
         help="Subtract a smooth background (uneven illumination, vignetting) before "
-        "normalizing: quadratic, or none (default: the model's; see docs/finetuning.md)."
+        "normalizing: quadratic, or none (default: the model's, as celltally models shows it)."
     ),
 ]
 PixelSizeOption = Annotated[
@@ -991,7 +991,7 @@ def train(
         list[Path] | None,
         typer.Option(
             help="Folder(s) of images with counts.csv and/or masks/ or labels/ (label images "
-            "give counts); repeat --data for several. See docs/finetuning.md."
+            "give counts, as masks/ give foreground); repeat --data for several."
         ),
     ] = None,
     simulated: Annotated[int, typer.Option(help="Simulated training scenes to add.")] = 0,
@@ -1044,7 +1044,8 @@ def train(
 ) -> None:
     """Train segmenter then counter (as in the paper) and write a model folder.
 
-    Fine-tune on your own images with --data FOLDER --from MODEL (docs/finetuning.md).
+    Fine-tune on your own images with --data FOLDER --from MODEL: FOLDER holds the
+    images and counts.csv (image,count) and/or masks/ or labels/ of the same names.
 
     Data-parallel on N processes (GPUs, or CPU with gloo), batch size per process:
     torchrun --nproc_per_node N -m celltally.cli train ...
@@ -1111,6 +1112,7 @@ def demo(
     model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
 ) -> None:
     """The built-in default job: simulate a small plate, count it, compare with the truth."""
+    from celltally.batch import COUNT_COLUMNS, result_row
     from celltally.counter import CellCounter
     from celltally.evaluation import labelled_files
     from celltally.metrics import count_metrics
@@ -1136,8 +1138,10 @@ def demo(
     typer.echo(f"{'image':<44} {'true':>5} {'count ± 95% interval':>22}  inside")
     rows = []
     with csv_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "true_count", "count", "std", "low", "high"])
+        # the columns `count` writes, so `celltally wells`, `explain` and the web page
+        # take this file as they take a results CSV
+        writer = csv.DictWriter(handle, fieldnames=COUNT_COLUMNS, lineterminator="\n")
+        writer.writeheader()
         for path, res in counter.count_paths([p for p, _ in pairs]):
             if isinstance(res, Exception):
                 fail(str(res), code=1)
@@ -1145,16 +1149,8 @@ def demo(
             half = res.half_width  # before low is clipped at 0
             inside = res.low <= true <= res.high
             rows.append((true, res.count, res.low, res.high))
-            writer.writerow(
-                [
-                    path.name,
-                    true,
-                    f"{res.count:.2f}",
-                    f"{res.std:.3f}",
-                    f"{res.low:.2f}",
-                    f"{res.high:.2f}",
-                ]
-            )
+            row = result_row(path, res, model_name=counter.name)
+            writer.writerow({**row, "true_count": f"{true:g}", "error": f"{res.count - true:.2f}"})
             typer.echo(
                 f"{path.name:<44} {true:>5.0f} {res.count:>11.1f} ± {half:<8.1f}  "
                 f"{'yes' if inside else 'NO'}"

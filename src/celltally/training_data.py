@@ -179,7 +179,7 @@ def _check_frame_size(
             f"warning: {off_frame_note(off, len(meta), native, kind='training')}. Each is "
             "resized whole to the model input, so its cells look larger or smaller than when "
             "such an image is counted (in tiles at the model's scale): crop them into pieces "
-            f"of about {native[1]} x {native[0]} px (docs/finetuning.md)"
+            f"of about {native[1]} x {native[0]} px"
         )
 
 

@@ -4,9 +4,11 @@ Three models of the same preset and recipe, differing only in what they learn fr
 are evaluated on the same held-out real scenes (BBBC005 sites 9-10):
 
 * ``simulated`` -- segmenter and counter trained on celltally.simulate scenes only
-  (it never sees a real image; its conformal calibration alone uses real site 8),
-* ``real`` -- trained on real BBBC005 sites 1-7 only,
-* ``both`` -- real sites 1-7 plus simulated scenes (the recipe of the shipped model).
+  (it never sees a real image; its conformal calibration alone uses real sites 1-8):
+  the shipped ``bbbc005``,
+* ``real`` -- trained on real BBBC005 only (``--train-data real``: sites 1-6 train,
+  7-8 calibrate, unless ``--calibration-sites`` says otherwise),
+* ``both`` -- real sites plus simulated scenes (``--train-data both``).
 
 Make the model folders with scripts/train_bbbc005.py, e.g.::
 

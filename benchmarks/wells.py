@@ -11,7 +11,7 @@ each out of sample:
   its calibration sites 1-8) on the wells' test sites 9-10 (144 well x stain
   totals of 2 images);
 * swapped halves: intervals and correlation refitted on sites 1-4, totals over
-  sites 5-8 (4 images per well), and the other way round (288 totals).
+  sites 5-8 (4 images per well), and the other way round (144 totals each way).
 
 Each at 0.8 / 0.9 / 0.95, with the correlation as fitted, 0 (errors taken as
 independent) and 1 (stds simply added). Prints a table and writes

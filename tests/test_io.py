@@ -623,7 +623,9 @@ def test_an_image_too_large_to_count_is_refused_from_its_header(tmp_path):
     with pytest.raises(ImageReadError) as err:
         read_image(bomb)
     message = _assert_one_line(err, "bomb.tif")
-    assert "400 million pixel values, more than the 268 million" in message
+    assert (
+        "400 million pixel values (an array of 20000 x 20000), more than the 268 million" in message
+    )
     fine = tmp_path / "fine.tif"
     write_zero_tiff(fine, 300)
     assert header_pixels(fine) == 90000 and read_image(fine).shape == (300, 300)
@@ -761,3 +763,58 @@ def test_a_path_through_a_linked_folder_and_up_is_the_file_it_reaches(
     # link/../a.tif is o/a.tif (the link is followed first), not w/a.tif
     assert [str(p) for p in list_images(["a.tif", "link/../a.tif"])] == ["a.tif", "link/../a.tif"]
     assert len(list(iter_images(["a.tif", "link/../a.tif"]))) == 2
+
+
+@pytest.mark.parametrize("planes", [3, 4])
+def test_tifffiles_default_planar_stains_are_stains_not_colours(tmp_path: Path, planes: int):
+    # tifffile.imwrite saves a (3|4, Y, X) array as planar RGB(A) unless told otherwise:
+    # the mean of 3 stains counted a mixture, and a 4th was dropped as alpha
+    stack = np.stack([np.full((8, 9), 100 * (v + 1), dtype=np.uint16) for v in range(planes)])
+    path = tmp_path / "stains.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tifffile.imwrite(path, stack)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert f"has {planes} different channels" in _assert_one_line(err, "stains.tif")
+    np.testing.assert_array_equal(read_image(path, channel=planes - 1), 100 * planes)
+    # an 8-bit planar RGB file is still a colour image: its colours' mean
+    rgb = tmp_path / "rgb.tif"
+    colours = np.stack([np.full((8, 9), v, np.uint8) for v in (30, 60, 90)])
+    tifffile.imwrite(rgb, colours, photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(read_image(rgb), 60)
+
+
+def test_sixteen_bit_png_of_any_colour_type_keeps_its_16_bits(tmp_path: Path) -> None:
+    import imagecodecs
+
+    dim = _ramp((12, 10), np.uint16, 4095)  # 12-bit camera data: Pillow kept 0-15
+    for name, array in (
+        ("la.png", np.dstack([dim, np.full_like(dim, 65535)])),
+        ("rgb.png", np.dstack([dim] * 3)),
+        ("rgba.png", np.dstack([dim] * 3 + [np.full_like(dim, 65535)])),
+    ):
+        path = tmp_path / name
+        path.write_bytes(imagecodecs.png_encode(array))
+        image = read_image(path)
+        assert image.dtype == np.uint16, name
+        np.testing.assert_array_equal(image, dim)
+
+
+def test_a_tiff_under_a_png_name_is_read_as_a_tiff(tmp_path: Path) -> None:
+    path = tmp_path / "stains.png"
+    tifffile.imwrite(path, np.stack([np.full((8, 9), v, np.uint16) for v in (10, 20)]))
+    np.testing.assert_array_equal(read_image(path, channel=1), 20)  # was plane 0 alone
+    with pytest.raises(ImageReadError, match="has 2 different channels"):
+        read_image(path)
+
+
+def test_the_size_limit_names_the_arrays_shape(tmp_path: Path, monkeypatch) -> None:
+    import celltally.io as io
+
+    monkeypatch.setattr(io, "MAX_IMAGE_PIXELS", 100)
+    path = tmp_path / "colour.png"
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(path)  # 80 pixels, 240 values
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "(an array of 8 x 10 x 3)" in _assert_one_line(err, "colour.png")

@@ -147,17 +147,64 @@ def _check_image_file(path: Path, original: str | os.PathLike[str]) -> None:
         raise ImageReadError(original, "file is empty (0 bytes)")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Samples per pixel of the PNG colour types Pillow reads as 8 bits at a bit depth of 16
+#: (grey + alpha, RGB, RGBA): it keeps only the high byte of each.
+_PNG16_SAMPLES = {4: 2, 2: 3, 6: 4}
+#: The first bytes of a classic and a BigTIFF file, little- and big-endian.
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _header(path: Path, size: int = 33) -> bytes:
+    """The first ``size`` bytes of a file (fewer if it is shorter; b"" if unreadable)."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(size)
+    except OSError:  # reported by the decoder, as any unreadable file
+        return b""
+
+
+def _load_png16(path: Path, original: str | os.PathLike[str], head: bytes) -> np.ndarray | None:
+    """A 16-bit grey+alpha, RGB or RGBA PNG at its full 16 bits (None for other files).
+
+    Pillow reads these modes as 8 bits per sample, and a dim 12-bit image then
+    counted as an empty frame; imagecodecs decodes them whole.
+    """
+    if not (head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR" and head[24] == 16):
+        return None
+    samples = _PNG16_SAMPLES.get(head[25])
+    if samples is None:
+        return None
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    _check_size(width * height * samples, original, shape=(height, width, samples))
+    import imagecodecs
+
+    try:
+        arr = np.asarray(imagecodecs.png_decode(path.read_bytes()))
+    except MemoryError:
+        raise
+    except Exception as exc:
+        reason = _decoder_reason(exc, path)
+        if reason.startswith("cannot open"):
+            raise ImageReadError(original, reason) from None
+        raise ImageReadError(original, f"cannot be read as PNG: {reason}") from None
+    return arr[..., 0] if samples == 2 else arr  # grey + alpha: the grey
+
+
 def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     """Decode a PNG/JPEG file with Pillow into a numpy array (2-D or (H, W, C))."""
     from PIL import Image, UnidentifiedImageError
 
     kind = _format_name(path.suffix)
+    if (png16 := _load_png16(path, original, _header(path))) is not None:
+        return png16
     img: Image.Image  # the opened file, then its conversions
     try:
         with _pillow_header_only():
             opened = Image.open(path)
         with opened as img:
-            _check_size(_pillow_values(img), original)
+            width, height = img.size
+            _check_size(_pillow_values(img), original, shape=(height, width, len(img.getbands())))
             img.load()
             mode = img.mode
             if mode == "P":
@@ -266,7 +313,11 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0] if tif.series else None
                 stacked = _several_series(tif, original)
-                _check_size(_tiff_values(tif) * (len(tif.series) if stacked else 1), original)
+                _check_size(
+                    _tiff_values(tif) * (len(tif.series) if stacked else 1),
+                    original,
+                    shape=((len(tif.series),) if stacked else ()) + _tiff_shape(tif),
+                )
                 if stacked:  # pages of one shape written apart: planes, as a multi-page file's
                     arr, axes = np.stack([s.asarray() for s in tif.series]), ""
                 else:
@@ -274,9 +325,14 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
                     axes = series.axes if series is not None else ""
                 # a grey page's samples (MINISWHITE 0, MINISBLACK 1) are stains; any other
                 # photometric (RGB, YCbCr, CMYK, CIELab...) is a colour image
-                colour = len(tif.pages) > 0 and int(
-                    cast("tifffile.TiffPage", tif.pages[0]).photometric
-                ) not in (0, 1)
+                first = cast("tifffile.TiffPage", tif.pages[0]) if len(tif.pages) else None
+                colour = first is not None and int(first.photometric) not in (0, 1)
+                if colour and first is not None and int(first.planarconfig) == 2:
+                    # samples stored apart, more than 8 bits each: how tifffile (and
+                    # scripts using it) save a (3|4, Y, X) array of stains, not a colour
+                    # photograph; their mean would count a mixture, or drop a 4th stain
+                    # as alpha
+                    colour = first.dtype == np.uint8
         except (MemoryError, ImageReadError):  # out of memory is not the file's fault
             raise
         except Exception as exc:  # any decoder failure is a user-facing read error
@@ -383,13 +439,16 @@ def header_pixels(path: str | os.PathLike[str]) -> int | None:
         return None
 
 
+def _tiff_shape(tif: Any) -> tuple[int, ...]:
+    """The shape of an open TIFF's first series (or first page; (0,) without pages)."""
+    if tif.series:
+        return tuple(tif.series[0].shape)
+    return tuple(tif.pages[0].shape) if len(tif.pages) else (0,)
+
+
 def _tiff_values(tif: Any) -> int:
     """Values in an open TIFF's first series (or first page; 0 without pages), from headers."""
-    if tif.series:
-        shape = tif.series[0].shape
-    else:
-        shape = tif.pages[0].shape if len(tif.pages) else (0,)
-    return int(np.prod(shape, dtype=np.int64))
+    return int(np.prod(_tiff_shape(tif), dtype=np.int64))
 
 
 def _pillow_values(img: Any) -> int:
@@ -398,14 +457,24 @@ def _pillow_values(img: Any) -> int:
     return int(width) * int(height) * len(img.getbands())
 
 
-def _check_size(values: int, original: str | os.PathLike[str]) -> None:
-    """ImageReadError when a file's header announces more than MAX_IMAGE_PIXELS values."""
+def _check_size(
+    values: int, original: str | os.PathLike[str], *, shape: Sequence[int] | None = None
+) -> None:
+    """ImageReadError when a file's header announces more than MAX_IMAGE_PIXELS values.
+
+    ``shape`` (the header's array shape), when given, is named in the message: the
+    limit counts every channel's values, so a colour image of fewer pixels reaches it.
+    """
     if values > MAX_IMAGE_PIXELS:
+        what = ""
+        if shape is not None and len(shape) >= 2:
+            dims = " x ".join(str(int(v)) for v in shape)
+            what = f" (an array of {dims})"
         raise ImageReadError(
             original,
-            f"holds {values / 1e6:,.0f} million pixel values, more than the "
-            f"{MAX_IMAGE_PIXELS / 1e6:.0f} million (16384 x 16384) celltally counts in one "
-            "piece; cut it into smaller images first",
+            f"holds {values / 1e6:,.0f} million pixel values{what}, more than the "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} million (16384 x 16384 of one channel) celltally "
+            "counts in one piece; cut it into smaller images (or save one channel) first",
         )
 
 
@@ -413,7 +482,9 @@ def _load_raw(path: str | os.PathLike[str]) -> tuple[np.ndarray, bool]:
     """Validate and decode an image file; return the raw array and whether it is a TIFF."""
     p = Path(path)
     _check_image_file(p, path)
-    is_tiff = p.suffix.lower() in _TIFF_SUFFIXES
+    # a TIFF under a .png or .jpg name (some tools save so) is read as the TIFF it is:
+    # Pillow would give its first plane alone
+    is_tiff = p.suffix.lower() in _TIFF_SUFFIXES or _header(p, 4) in _TIFF_MAGIC
     arr = _load_tiff(p, path) if is_tiff else _load_pillow(p, path)
     if arr.ndim == 0 or arr.size == 0 or 0 in arr.shape:
         raise ImageReadError(path, f"image has a zero-size side (shape {tuple(arr.shape)})")
@@ -540,6 +611,13 @@ def read_image(
         separate stains: choose one), and a TIFF of 5 or more planes always needs
         ``channel`` (it may as well be a z-stack or time series). Size-1 axes (e.g.
         ``(1, H, W)``) are dropped.
+
+        Values are read as stored: 16-bit PNGs of any colour type keep their 16
+        bits; a TIFF saved under a ``.png`` or ``.jpg`` name is read as a TIFF;
+        a TIFF's colour samples stored apart (planar) with more than 8 bits each
+        are stain planes (as tifffile saves a ``(3|4, H, W)`` array), not
+        colours; a MINISWHITE TIFF is not inverted (ImageJ stores measured
+        values so under an inverting lookup table).
 
     Raises
     ------

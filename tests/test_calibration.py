@@ -592,7 +592,7 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     args = ["ensemble", "--model", str(model), "--data", str(data), "--members", "2"]
     top = runner.invoke(app, [*args, "--seed", str(2**32 - 1)])  # member 1: seed + 1
     assert top.exit_code == 2 and "--seed must be at most 4294967294 with 2 members" in top.output
-    result = runner.invoke(app, [*args, "--epochs", "1", "--no-progress"])
+    result = runner.invoke(app, [*args, "--epochs", "1", "--no-progress", "--simulated", "2"])
     assert result.exit_code == 0, result.output
     assert (model / "ensemble_1.safetensors").is_file()
     config = json.loads((model / "config.json").read_text())
@@ -600,7 +600,8 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     # the config says how its members were made: seeds, epochs, training images
     made = config["training"]["ensemble"]
     assert made["members"] == ["ensemble_1.safetensors"] and made["seeds"] == [1]
-    assert made["counter_epochs"] == 1 and sum(made["training_images"].values()) == 24 - cal_size
+    assert made["counter_epochs"] == 1 and sum(made["training_images"].values()) == 26 - cal_size
+    assert made["simulated_scenes"] == {"n": 2, "seed": 2**33}  # to draw them again
     missing = runner.invoke(app, ["calibrate", "--model", str(model)])
     assert missing.exit_code != 0 and "error: no data" in missing.output
     # rewritten in place, a run that fails half-way leaves the folder as it was
@@ -1074,6 +1075,6 @@ def test_ensemble_scenes_are_not_the_ones_train_drew_at_the_same_seed(tmp_path, 
     config = tiny_config()
     config["training"] = {"split": {str(folder): {"path": str(folder.resolve()), "calibration": 1}}}
     held_out_sets(config, folders=[folder], simulated=2, seed=0, log=lambda _: None)
-    # `celltally train --seed 0` draws its training scenes with seed 1000, calibration 2000
-    # (training_data.build_and_fit): the ensemble's members must learn from new scenes
-    assert seeds and not set(seeds) & {1000, 2000}
+    # `celltally train --seed S` draws its training scenes with S + 1000, calibration
+    # S + 2000, S < 2**32 (training_data.build_and_fit): members learn from new scenes
+    assert seeds and min(seeds) > 2**32 + 1999

@@ -414,3 +414,52 @@ def test_an_interrupted_plate_leaves_no_partial_folder(tmp_path: Path, monkeypat
     probe = tmp_path / "probe"
     probe.mkdir()
     assert mode == probe.stat().st_mode & 0o777  # the umask's mode, as a plain mkdir
+
+
+def test_two_runs_into_one_new_folder_and_a_killed_runs_staging(tmp_path: Path, monkeypatch):
+    import celltally.simulate as simulate
+
+    kw = dict(images=2, blurs=(1,), stains=(1,), size=(40, 56))
+    out = tmp_path / "plate"
+    killed = tmp_path / ".plate.partial-999999999-0000"  # a pid no process has
+    (killed / "images").mkdir(parents=True)
+    real = simulate._write_plate
+
+    def meanwhile(seed):  # another run finishes the folder while this one writes
+        def write(*args):
+            real(*args)
+            monkeypatch.setattr(simulate, "_write_plate", real)  # that run writes as usual
+            simulate_plate(out, seed=seed, **kw)
+
+        return write
+
+    monkeypatch.setattr(simulate, "_write_plate", meanwhile(0))
+    simulate_plate(out, seed=0, **kw)  # the same plate: fine (it failed to rename)
+    assert len(list((out / "images").iterdir())) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["plate"]  # the killed run's removed
+    other = tmp_path / "other"
+    monkeypatch.setattr(simulate, "_write_plate", meanwhile(5))
+    out = other
+    with pytest.raises(ValueError, match="another run wrote another plate there"):
+        simulate_plate(other, seed=0, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "plate"]
+
+
+def test_sigterm_leaves_no_partial_plate(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "plate"
+    args = ["simulate", "--out", str(out), "--images", "400", "--blur", "1", "--stain", "1"]
+    code = "from celltally.cli import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(tmp_path.glob(".plate.partial-*/images/*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM): the plate in" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -64,7 +64,9 @@ def _no_op() -> None:
 
 
 def _sigterm_as_interrupt() -> Callable[[], None]:
-    """While a resumable job (count, train) runs, SIGTERM is Ctrl-C (:class:`Terminated`).
+    """While a job that cleans up (count, train, simulate) runs, SIGTERM is Ctrl-C.
+
+    (:class:`Terminated`, a KeyboardInterrupt.)
 
     Only where SIGTERM has its default action (a caller that ignores or handles
     it keeps its way) and in the main thread. Returns the function that puts
@@ -950,7 +952,10 @@ def simulate(
     """Write a simulated BBBC005-style plate: TIFFs, masks, labels and counts.csv."""
     from celltally.simulate import parse_count_range, simulate_plate
 
+    restore_sigterm: Callable[[], None] = _no_op
     try:
+        # SIGTERM as Ctrl-C: the plate's staging folder is removed, not left behind
+        restore_sigterm = _sigterm_as_interrupt()
         try:
             width, height = (int(v) for v in size.lower().split("x"))
         except ValueError:
@@ -974,6 +979,13 @@ def simulate(
         )
     except _user_errors() as err:
         fail(err)
+    except KeyboardInterrupt:
+        _interrupted(
+            f"the plate in {out} was not finished (a new folder is made only when whole); "
+            "run the same command again"
+        )
+    finally:
+        restore_sigterm()
     written = sum(1 for _ in (folder / "images").iterdir()) if (folder / "images").is_dir() else 0
     typer.echo(
         f"simulated {images} scene(s) as {written} images (every blur x stain) -> "
@@ -1754,6 +1766,17 @@ def ensemble(
                 progress=progress,
                 log=typer.echo,
             )
+            if simulated > 0:  # how its scenes were drawn, to draw them again
+                from celltally.model_folder import read_model_config
+                from celltally.train import write_config
+                from celltally.uncertainty import ENSEMBLE_SCENE_SEED
+
+                config = read_model_config(folder)
+                config["training"]["ensemble"]["simulated_scenes"] = {
+                    "n": simulated,
+                    "seed": seed + ENSEMBLE_SCENE_SEED,
+                }
+                write_config(folder, config)
         except _user_errors() as err:
             fail(err)
     typer.echo(f"{len(files)} ensemble member(s) -> {out or model}")

@@ -67,6 +67,7 @@ quantisation and no compression artefacts.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import math
 import os
@@ -1232,8 +1233,9 @@ def simulate_plate(
     ----------
     out_dir : str or os.PathLike
         Folder to write. A new folder appears whole or not at all (the plate is
-        written beside it and renamed into place, so an interrupted run leaves
-        nothing). Files of the same names are
+        written in a hidden folder beside it and renamed into place, so an
+        interrupted run leaves no partial plate; one killed outright leaves the
+        hidden folder, which the next run into ``out_dir`` removes). Files of the same names are
         overwritten (the same arguments write the same plate again); any other
         file in its ``images/``, ``masks/`` or ``labels/`` is refused, since
         ``counts.csv`` would not describe it.
@@ -1326,10 +1328,13 @@ def simulate_plate(
             try:
                 os.rename(staging, out)
             except OSError as err:
-                raise ValueError(
-                    f"{out}: could not move the finished plate into place ({err.strerror}); "
-                    "was the folder made while simulating?"
-                ) from None
+                # another run made the folder meanwhile: the same plate (the same names,
+                # hence the same bytes) is fine; another plate is not
+                if not out.is_dir() or _stale_files(out, stems):
+                    raise ValueError(
+                        f"{out}: could not move the finished plate into place "
+                        f"({err.strerror}); another run wrote another plate there meanwhile"
+                    ) from None
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -1345,9 +1350,27 @@ def _staging_folder(out: Path) -> Path | None:
     if out.exists() or out.is_symlink():
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    prefix = f".{out.name}.partial-"
+    for old in out.parent.glob(f"{glob.escape(prefix)}*"):  # left by a killed run
+        pid = old.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    staging = out.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()  # mode from the umask, as ``out`` would have
     return staging
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (a staging folder's owner)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def _write_plate(
@@ -1405,8 +1428,11 @@ def _write_plate(
             bar.close()
     rows.sort()
     partial = out / f".counts.csv.partial-{os.getpid()}"
-    with partial.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["image", "count", "blur", "stain"])
-        writer.writerows(rows)
-    os.replace(partial, out / "counts.csv")
+    try:
+        with partial.open("w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["image", "count", "blur", "stain"])
+            writer.writerows(rows)
+        os.replace(partial, out / "counts.csv")
+    finally:
+        partial.unlink(missing_ok=True)  # a failed write (a full disk) leaves no scrap

@@ -200,6 +200,11 @@ def train_ensemble(
     return written
 
 
+#: Added to ``seed`` for the scenes ``held_out_sets(simulated=N)`` draws (ensemble
+#: members): 2**33 is past every seed ``celltally train`` draws scenes with.
+ENSEMBLE_SCENE_SEED = 2**33
+
+
 def _ensemble_record(train: Any, *, members: int, epochs: int, seed: int) -> dict[str, Any]:
     """What ``config.json`` keeps of how ``train_ensemble`` made the members."""
     sources: dict[str, int] = {}
@@ -790,8 +795,9 @@ def held_out_sets(
     calibration whole, but for images named in ``training.split.train`` (a
     model trained apart, by file name).
     ``simulated`` scenes join the training set only; they are drawn with
-    ``seed + 3000``, so at the same ``seed`` they are not the scenes ``celltally
-    train`` drew (``seed + 1000`` for training, ``+ 2000`` for calibration). Returns ``(train,
+    ``seed + ENSEMBLE_SCENE_SEED``, beyond every seed ``celltally train`` draws
+    its scenes with (``seed + 1000`` for training, ``+ 2000`` for calibration,
+    ``seed`` < 2**32), so they are never a model's own training scenes. Returns ``(train,
     calibration)``, either None when no source gave images to it.
     """
     from celltally.datasets import (
@@ -851,7 +857,9 @@ def held_out_sets(
     if simulated > 0:
         log(f"simulating {simulated} training scenes")
         trains.append(
-            simulate_set(simulated, size=size, seed=seed + 3000, workers=workers, norm=norm)
+            simulate_set(
+                simulated, size=size, seed=seed + ENSEMBLE_SCENE_SEED, workers=workers, norm=norm
+            )
         )
     train = LabeledSet.concat(trains) if any(len(t) for t in trains) else None
     calibration = LabeledSet.concat(cals) if any(len(c) for c in cals) else None

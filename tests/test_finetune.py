@@ -833,3 +833,11 @@ def test_bbbc005_folder_without_its_test_sites_trains_without_test_images(tmp_pa
     assert "has no images of site(s) 9-10, BBBC005's test sites" in result.output
     assert "has no images of site(s) 8, BBBC005's calibration sites" in result.output
     assert json.loads((out / "config.json").read_text())["training"]["n_test"] == 0
+    # a copy of the test sites alone: nothing to train on, said before anything is made
+    for image in (folder / "images").iterdir():
+        image.rename(image.with_name(image.name.replace("_s01_", "_s09_")))
+    (folder / "counts.csv").unlink()
+    refused = run("train", "--bbbc005", folder, *common, "--out", tmp_path / "none")
+    assert refused.exit_code != 0 and "no training images" in refused.output
+    assert "has no images of site(s) 1-7, BBBC005's training sites" in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "none").exists()

@@ -483,11 +483,12 @@ def build_and_fit(
         trains.append(real.subset(parts["train"]))
         cals.append(real.subset(parts["calibration"]))
         tests.append(real.subset(parts["test"]))
-        for part, sites in (("calibration", "8"), ("test", "9-10")):
+        for part, sites in (("train", "1-7"), ("calibration", "8"), ("test", "9-10")):
             if not parts[part].size:  # e.g. a copy of part of it, or a simulated plate (s01)
                 log(
                     f"note: --bbbc005 {bbbc005} has no images of site(s) {sites}, BBBC005's "
-                    f"{part} sites, so this model has no {part} images from it"
+                    f"{part}{'ing' if part == 'train' else ''} sites, so this model has no "
+                    f"{part}{'ing' if part == 'train' else ''} images from it"
                 )
         sources.append(f"BBBC005 ({len(real)} real images)")
         split_info["bbbc005"] = {
@@ -545,6 +546,11 @@ def build_and_fit(
             simulate_set(simulated, size=size, seed=seed + 1000, workers=workers, norm=norm)
         )
         sources.append(f"simulated ({simulated} scenes, counts 1-100, blur F1/F23/F48, w1/w2)")
+    if not any(len(t) for t in trains):  # e.g. --bbbc005 on a copy of its sites 8-10 alone
+        raise io.InputError(
+            "no training images: the data hold none to train on (BBBC005's training sites "
+            "are 1-7); add --data FOLDER or --simulated N"
+        )
     train = LabeledSet.concat(trains)
     # checked before any calibration scene is simulated (one image simulated 60 first)
     _small_batches(

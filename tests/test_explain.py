@@ -305,7 +305,7 @@ def test_an_image_too_large_to_explain_and_truths_of_zero(tiny_model, tmp_path, 
     assert str(image) in refused.output and "Traceback" not in refused.output
 
 
-def test_explain_epistemic_explains_the_ensembles_count(tmp_path):
+def test_explain_epistemic_explains_the_ensembles_count(tmp_path, monkeypatch):
     """`explain --epistemic` titles and differentiates the count `count --epistemic` gives."""
     import tifffile
 
@@ -323,6 +323,13 @@ def test_explain_epistemic_explains_the_ensembles_count(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"{image}: {shown}" in result.output
+    # each member keeps its own activations for the backward pass: a lower size limit
+    from celltally import explain
+
+    monkeypatch.setattr(explain, "EXPLAIN_MAX_PIXELS", 60_000)  # the frame: 192 x 256
+    explain_image(plain, image)
+    with pytest.raises(io.InputError, match="too large to explain in one pass with 2 ensemble"):
+        explain_image(ensemble, image)
 
 
 def test_panels_keep_near_their_images_shape():

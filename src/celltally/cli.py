@@ -1150,8 +1150,8 @@ def demo(
     typer.echo(f"{'image':<44} {'true':>5} {'count ± 95% interval':>22}  inside")
     rows = []
     with csv_path.open("w", newline="") as handle:
-        # the columns `count` writes, so `celltally wells`, `explain` and the web page
-        # take this file as they take a results CSV
+        # the columns `count` writes, so `celltally wells` takes this file as it takes
+        # a results CSV
         writer = csv.DictWriter(handle, fieldnames=COUNT_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for path, res in counter.count_paths([p for p, _ in pairs]):

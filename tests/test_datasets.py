@@ -45,6 +45,17 @@ def test_the_cache_of_prepared_images_is_keyed_by_the_preparing_code(tmp_path, m
     monkeypatch.setattr(datasets, "preparation_digest", lambda: "changed-code")
     datasets.load_bbbc005(root, size=(64, 96), cache_dir=cache)
     assert len(list(cache.glob("bbbc005_*.pt"))) == 2
+    # another folder of the same names (another plate) is not the first one's arrays
+    other = bbbc005_folder(tmp_path / "other")
+    for image in (other / "images").iterdir():
+        tifffile.imwrite(image, 255 - tifffile.imread(image))
+    read = datasets.load_bbbc005(other, size=(64, 96), cache_dir=cache)
+    assert not np.array_equal(read.images.numpy(), first.images.numpy())
+    # nor the same folder's files rewritten since
+    for image in (root / "images").iterdir():
+        tifffile.imwrite(image, 255 - tifffile.imread(image))
+    read = datasets.load_bbbc005(root, size=(64, 96), cache_dir=cache)
+    assert not np.array_equal(read.images.numpy(), first.images.numpy())
 
 
 def test_a_label_image_of_another_size_is_refused_even_beside_binary_masks(tmp_path):

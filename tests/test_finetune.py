@@ -832,7 +832,13 @@ def test_bbbc005_folder_without_its_test_sites_trains_without_test_images(tmp_pa
     assert result.exit_code == 0, result.output  # it failed inside torch.cat, in one line
     assert "has no images of site(s) 9-10, BBBC005's test sites" in result.output
     assert "has no images of site(s) 8, BBBC005's calibration sites" in result.output
-    assert json.loads((out / "config.json").read_text())["training"]["n_test"] == 0
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["n_test"] == 0
+    # what a rerun needs besides data and settings (weights depend on the thread count)
+    env = training["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    assert env["resumed"] is False and env["device"] == "cpu" and env["processes"] == 1
+    assert env["command"] and env["celltally"] and env["started"].endswith("+00:00")
     # a copy of the test sites alone: nothing to train on, said before anything is made
     for image in (folder / "images").iterdir():
         image.rename(image.with_name(image.name.replace("_s01_", "_s09_")))

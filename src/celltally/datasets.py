@@ -10,6 +10,7 @@ import csv
 import glob
 import hashlib
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,14 +118,19 @@ def otsu_mask(image: np.ndarray) -> np.ndarray:
 
 
 def preparation_digest() -> str:
-    """A digest of the code that prepares images (``celltally.transforms``), for cache keys.
+    """A digest of the code that reads and prepares images, for cache keys.
 
     A cache of prepared images is only valid for the code that prepared them: a
-    change to resizing or normalization must not be met by stale arrays.
+    change to reading (``celltally.io``), resizing or normalization
+    (``celltally.transforms``) or the masks made here must not be met by stale arrays.
     """
+    import celltally.io
     import celltally.transforms
 
-    return hashlib.sha1(Path(celltally.transforms.__file__).read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha1()
+    for module in (celltally.io, celltally.transforms, sys.modules[__name__]):
+        digest.update(Path(cast(str, module.__file__)).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def load_bbbc005(
@@ -145,7 +151,10 @@ def load_bbbc005(
     root = Path(root)
     folder = io.images_folder(root)
     paths = io.list_images([folder])
-    spec = (sorted(p.name for p in paths), tuple(size), sorted((norm or {}).items()))
+    # the files themselves (where, how large, when written), not only their names: two
+    # folders of the same names (a simulated plate, another copy) shared one cache entry
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    spec = (str(folder.resolve()), sorted(stats), tuple(size), sorted((norm or {}).items()))
     key = hashlib.sha1(repr((spec, preparation_digest())).encode()).hexdigest()[:12]
     cache = Path(cache_dir) / f"bbbc005_{key}.pt" if cache_dir else None
     if cache is not None and cache.exists():

@@ -595,6 +595,7 @@ def build_and_fit(
         # a shipped model by name, a user's folder by its full path: read from any
         # working folder (evaluate --held-out follows it back to what that model saw)
         "from": None if from_model is None else _start_record(from_model),
+        "environment": _environment(resume=resume),
     }
     log(
         f"train {len(train)} / calibration {len(calibration)} / test {config['training']['n_test']}"
@@ -645,6 +646,43 @@ FIT_KEYS = {
     ),
     "counter": ("lr", "batch_size", "batch_size_planned", "epochs", "beta", "schedule"),
 }
+
+
+def _environment(*, resume: bool) -> dict[str, Any]:
+    """What a rerun needs besides the data and settings: the command, versions, threads.
+
+    CPU weights are bit-identical for the same seed only at the same torch thread
+    count (it sets the order of the convolutions' sums); on GPU, bfloat16 autocast
+    (``CELLTALLY_AMP``) and the GPU's own kernels change them too.
+    """
+    import datetime
+    import platform
+    import shlex
+    import sys
+
+    import torch
+
+    from celltally import __version__
+    from celltally.distributed import device
+
+    on = device()
+    program = Path(sys.argv[0]).name if sys.argv else ""
+    return {
+        # the command line as run (the Python API: the script that called it)
+        "command": shlex.join(["celltally" if program == "celltally" else program, *sys.argv[1:]]),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "resumed": bool(resume),
+        "celltally": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "device": str(on),
+        "torch_threads": torch.get_num_threads(),
+        "processes": world_size(),
+        "bfloat16_autocast": on.type == "cuda"
+        and os.environ.get("CELLTALLY_AMP", "1") != "0"
+        and torch.cuda.is_bf16_supported(),
+    }
 
 
 def _start_record(from_model: str) -> str:

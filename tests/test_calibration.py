@@ -602,6 +602,7 @@ def test_cli_calibrate_and_ensemble_on_a_folder(tiny_model, tmp_path):
     assert made["members"] == ["ensemble_1.safetensors"] and made["seeds"] == [1]
     assert made["counter_epochs"] == 1 and sum(made["training_images"].values()) == 26 - cal_size
     assert made["simulated_scenes"] == {"n": 2, "seed": 2**33}  # to draw them again
+    assert made["command"].startswith("celltally ")  # as calibrate records its own
     missing = runner.invoke(app, ["calibrate", "--model", str(model)])
     assert missing.exit_code != 0 and "error: no data" in missing.output
     # rewritten in place, a run that fails half-way leaves the folder as it was

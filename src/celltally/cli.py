@@ -1766,17 +1766,20 @@ def ensemble(
                 progress=progress,
                 log=typer.echo,
             )
-            if simulated > 0:  # how its scenes were drawn, to draw them again
-                from celltally.model_folder import read_model_config
-                from celltally.train import write_config
-                from celltally.uncertainty import ENSEMBLE_SCENE_SEED
+            # the command, and how its scenes were drawn, to make the members again
+            import shlex
+            import sys
 
-                config = read_model_config(folder)
-                config["training"]["ensemble"]["simulated_scenes"] = {
-                    "n": simulated,
-                    "seed": seed + ENSEMBLE_SCENE_SEED,
-                }
-                write_config(folder, config)
+            from celltally.model_folder import read_model_config
+            from celltally.train import write_config
+            from celltally.uncertainty import ENSEMBLE_SCENE_SEED
+
+            config = read_model_config(folder)
+            made = config["training"]["ensemble"]
+            made["command"] = "celltally " + shlex.join(sys.argv[1:])
+            if simulated > 0:
+                made["simulated_scenes"] = {"n": simulated, "seed": seed + ENSEMBLE_SCENE_SEED}
+            write_config(folder, config)
         except _user_errors() as err:
             fail(err)
     typer.echo(f"{len(files)} ensemble member(s) -> {out or model}")

@@ -255,3 +255,18 @@ def test_a_16bit_image_divided_by_65535_keeps_its_integers_floor():
     assert min_range_for(eight.dtype, image=eight) == min_range_for(np.float32)
     smooth = rng.random((120, 160)).astype(np.float32)  # any other float: taken as 0..1
     assert min_range_for(smooth.dtype, image=smooth) == min_range_for(np.float32)
+
+
+def test_scaled_up_integer_data_keep_their_empty_frame_floor():
+    from celltally.simulate import simulate_scene
+    from celltally.transforms import grey_step, prepare_image
+
+    empty = simulate_scene(0, stain=1, blur=48, seed=42).image  # grey levels 0 and 1 only
+    cells = simulate_scene(40, stain=2, blur=23, seed=3).image
+    assert grey_step(empty.astype(np.uint16) * 257) == 257 and grey_step(cells) == 1
+    for image in (empty, cells):
+        eight = prepare_image(image, size=(192, 256))
+        for scaled in (image.astype(np.uint16) * 257, image.astype(np.uint16) << 4):
+            # 8-bit data x 257 (skimage.img_as_uint) was stretched as a 12-bit frame:
+            # a blurred empty frame's two grey levels became 85 "cells"
+            np.testing.assert_allclose(prepare_image(scaled, size=(192, 256)), eight, atol=1e-4)

@@ -167,9 +167,10 @@ def min_range_for(dtype: np.dtype, *, image: np.ndarray | None = None) -> float:
     if dtype.kind in "ui":
         full_scale = 255.0 if dtype.itemsize == 1 else 4095.0
         step = 1 if image is None or dtype.itemsize == 1 else grey_step(image)
-        if step > 1:  # e.g. 8-bit data x 257 (skimage.img_as_uint), 12-bit data x 16:
-            # the full scale of the data before they were scaled, in this dtype's units
-            # (a blurred empty 8-bit frame x 257 was stretched into 85 "cells")
+        if image is not None and step > 1:
+            # data scaled up after acquisition (8-bit x 257 as skimage.img_as_uint gives,
+            # 12-bit x 16): the full scale they had, in this dtype's units (a blurred
+            # empty 8-bit frame x 257 was stretched into 85 "cells")
             peak = float(np.max(np.abs(image))) / step
             full_scale = (255.0 if peak <= 255 else 4095.0) * step
     elif dtype.kind == "f" and image is not None and _from_16_bits(image):

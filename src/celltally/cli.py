@@ -306,6 +306,13 @@ NoNormOption = Annotated[
     bool,
     typer.Option("--no-norm", help="No intensity normalization (images already scaled 0-1)."),
 ]
+CalibrationOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Interval method: conformal, temperature or gaussian (default: the model's, "
+        "conformal for the shipped ones)."
+    ),
+]
 BackgroundOption = Annotated[
     str | None,
     typer.Option(
@@ -441,10 +448,7 @@ def count(
             "counters, their spread added to the std."
         ),
     ] = False,
-    calibration: Annotated[
-        str | None,
-        typer.Option(help="Interval method: conformal (default), temperature, gaussian."),
-    ] = None,
+    calibration: CalibrationOption = None,
     channel: ChannelOption = None,
     norm_low: NormLowOption = None,
     norm_high: NormHighOption = None,
@@ -813,9 +817,7 @@ def evaluate(
             "spread in the interval."
         ),
     ] = False,
-    calibration: Annotated[
-        str | None, typer.Option(help="Interval method: conformal, temperature or gaussian.")
-    ] = None,
+    calibration: CalibrationOption = None,
     progress: Annotated[
         bool, typer.Option(help="Show a progress bar (when writing to a terminal).")
     ] = True,
@@ -1376,10 +1378,7 @@ def explain(
             "(saliency of the members' mean count)."
         ),
     ] = False,
-    calibration: Annotated[
-        str | None,
-        typer.Option(help="Interval method of the title: conformal, temperature or gaussian."),
-    ] = None,
+    calibration: CalibrationOption = None,
     channel: ChannelOption = None,
     norm_low: NormLowOption = None,
     norm_high: NormHighOption = None,

@@ -859,3 +859,17 @@ def test_explain_writes_over_its_own_figure_but_never_over_an_image(
         "explain", first, "--model", tiny_model, "--out", tmp_path / "t.png", "--true", "1e39"
     )
     assert huge.exit_code == 2 and "--true must be a count from 0 to" in huge.output
+
+
+def test_files_of_formats_celltally_does_not_read_are_named_not_silently_left_out(
+    tiny_model, image_folder, tmp_path
+):
+    (image_folder / "well_A01.czi").write_bytes(b"ZISRAWFILE")  # a vendor's format
+    (image_folder / "well_A02.nd2").write_bytes(b"\x00")
+    (image_folder / "acquisition.xml").write_text("<metadata/>")  # not an image: no word
+    out = tmp_path / "r.csv"
+    result = run("count", image_folder, "--out", out, "--model", tiny_model, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert len(read_rows(out)) == 2
+    assert "note: 2 file(s) in formats celltally does not read were left out" in result.output
+    assert "(1 .czi, 1 .nd2)" in result.output and ".xml" not in result.output

@@ -754,6 +754,7 @@ class BatchSummary:
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     output_root: Path | None = None
+    unread: dict[str, int] = field(default_factory=dict)
 
 
 def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: Path) -> str | None:
@@ -1200,7 +1201,8 @@ def run_batch(
         raise io.InputError(f"--save-masks {save_masks}: is one of this run's output files")
     inputs = [os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
     outputs = [d for d in (save_masks, *exclude) if d is not None]
-    files = io.iter_images(inputs, recursive=recursive, exclude=outputs)
+    unread: collections.Counter[str] = collections.Counter()  # .czi, .nd2, ... left out
+    files = io.iter_images(inputs, recursive=recursive, exclude=outputs, unread=unread)
     folder = resolve_model(model)
     identity = model_identity(folder)
     options = json.loads(json.dumps(counter_options or {}))  # as the manifest will hold them
@@ -1464,6 +1466,7 @@ def run_batch(
     summary.errors = errors.listed
     summary.errors_file = out_paths.errors if errors.count or summary.earlier_failed else None
     summary.seconds = time.perf_counter() - t0
+    summary.unread = dict(sorted(unread.items()))
     return summary
 
 

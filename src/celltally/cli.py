@@ -607,6 +607,13 @@ def count(
     else:
         typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
     _echo_warnings([r.get("warning") or "" for r in rows], f"in {out}", "column 'warning'")
+    if summary.unread:
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in summary.unread.items())
+        typer.echo(
+            f"note: {sum(summary.unread.values())} file(s) in formats celltally does not read "
+            f"were left out ({kinds}); export them as TIFF to count them",
+            err=True,
+        )
     if summary.failed:
         for message in summary.errors:
             typer.echo(f"error: {message}", err=True)

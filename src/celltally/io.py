@@ -7,6 +7,7 @@ command-line front end can print ``str(err)`` without a traceback.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import glob
@@ -43,6 +44,12 @@ __all__ = [
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
+#: Image formats celltally does not read (microscope vendors', other raster formats):
+#: files with these suffixes in a folder are left out, and counted so it can be said.
+UNREAD_IMAGE_SUFFIXES = frozenset(
+    ".czi .nd2 .lif .lsm .oib .oif .ims .vsi .dv .ics .ids .zvi .stk .mrc .dcm .svs "
+    ".ndpi .scn .mrxs .bmp .gif .webp .jp2".split()
+)
 _PNG_SUFFIXES = (".png",)
 _SUPPORTED_TEXT = "use TIFF, PNG or JPEG"
 _GLOB_CHARS = ("*", "?", "[")
@@ -911,7 +918,10 @@ def list_images(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = Fa
 
 
 def _scan_folder(
-    folder: Path, recursive: bool, exclude: frozenset[str] = frozenset()
+    folder: Path,
+    recursive: bool,
+    exclude: frozenset[str] = frozenset(),
+    unread: collections.Counter[str] | None = None,
 ) -> Iterator[Path]:
     """Image files in ``folder`` in directory order, streamed with :func:`os.scandir`.
 
@@ -922,7 +932,8 @@ def _scan_folder(
     (reading it then fails with its own error) rather than skipped unseen. A
     folder reached twice (a link back up the tree, or to a folder already listed)
     is listed once. Sub-folders whose real path is in ``exclude`` (a run's own
-    output folders) are not descended into.
+    output folders) are not descended into. Files in :data:`UNREAD_IMAGE_SUFFIXES`
+    are tallied by suffix in ``unread``, if given.
     """
     stack = [os.fspath(folder)]
     seen: set[tuple[int, int]] = set()
@@ -942,7 +953,10 @@ def _scan_folder(
                 for entry in entries:
                     if entry.name.startswith("."):
                         continue
-                    image = os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+                    suffix = os.path.splitext(entry.name)[1].lower()
+                    image = suffix in IMAGE_SUFFIXES
+                    if unread is not None and suffix in UNREAD_IMAGE_SUFFIXES:
+                        unread[suffix] += 1
                     try:
                         if recursive and entry.is_dir():
                             if not exclude or os.path.realpath(entry.path) not in exclude:
@@ -1021,12 +1035,15 @@ def output_stem(path: str | os.PathLike[str], root: str | os.PathLike[str] | Non
 
 
 def _arg_images(
-    text: str, recursive: bool, exclude: frozenset[str] = frozenset()
+    text: str,
+    recursive: bool,
+    exclude: frozenset[str] = frozenset(),
+    unread: collections.Counter[str] | None = None,
 ) -> Iterator[Path]:
     """Stream the image files one command-line argument stands for (no validation)."""
     p = Path(text)
     if p.is_dir():
-        yield from _scan_folder(p, recursive, exclude)
+        yield from _scan_folder(p, recursive, exclude, unread)
     elif p.is_file():
         yield p
     else:
@@ -1043,7 +1060,7 @@ def _arg_images(
                 if m.is_dir() and os.path.realpath(match) in exclude:
                     continue
             if m.is_dir():
-                yield from _scan_folder(m, recursive, exclude)
+                yield from _scan_folder(m, recursive, exclude, unread)
             elif _is_image_file(m):
                 yield m
 
@@ -1078,6 +1095,7 @@ def iter_images(
     *,
     recursive: bool = False,
     exclude: Sequence[str | os.PathLike[str]] = (),
+    unread: collections.Counter[str] | None = None,
 ) -> Iterator[Path]:
     """Like :func:`list_images`, but streamed: bounded memory whatever the folder size.
 
@@ -1097,6 +1115,9 @@ def iter_images(
     exclude : sequence of str or Path
         Folders never searched (a run's own output folders, such as ``--save-masks``:
         its masks are images too), whether they exist yet or not.
+    unread : collections.Counter, optional
+        Filled, as the files are produced, with the suffixes of the files of formats
+        celltally does not read (:data:`UNREAD_IMAGE_SUFFIXES`) that folders held.
 
     Returns
     -------
@@ -1148,7 +1169,7 @@ def iter_images(
         patterns = any(not Path(t).exists() for t in texts)
         seen: set[bytes] | None = set() if len(texts) > 1 or patterns else None
         for text in texts:
-            for path in _arg_images(text, recursive, skip):
+            for path in _arg_images(text, recursive, skip, unread):
                 if seen is not None:
                     key = hashlib.blake2b(os.fsencode(file_identity(path)), digest_size=16).digest()
                     if key in seen:

@@ -206,7 +206,9 @@ def model_canvas(prepared: np.ndarray, stride: int) -> np.ndarray:
     upsampled grids line up only then; a per-pixel counter's own stride is 2).
 
     Zero is the normalized background, as the network's own zero padding. Counting
-    and explaining (:mod:`celltally.explain`) both run on this canvas.
+    and explaining (:mod:`celltally.explain`) both run on this canvas. A float32
+    ``prepared`` that needs no padding is returned itself, not a copy (do not write
+    into the result).
     """
     array = np.asarray(prepared, dtype=np.float32)
     shape = padded_shape(array.shape, math.lcm(int(stride), 32))

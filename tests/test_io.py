@@ -818,3 +818,16 @@ def test_the_size_limit_names_the_arrays_shape(tmp_path: Path, monkeypatch) -> N
     with pytest.raises(ImageReadError) as err:
         read_image(path)
     assert "(an array of 8 x 10 x 3)" in _assert_one_line(err, "colour.png")
+
+
+def test_a_tiff_of_thousands_of_pages_is_refused_before_its_series_are_parsed(tmp_path):
+    from celltally.io import MAX_TIFF_PAGES, header_pixels
+
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as writer:  # a 5 MB file of 20,000 took minutes
+        for _ in range(MAX_TIFF_PAGES + 1):
+            writer.write(np.zeros((1, 1), np.uint8), contiguous=False)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert f"holds {MAX_TIFF_PAGES + 1} pages" in _assert_one_line(err, "pages.tif")
+    assert header_pixels(path) is None  # unreadable from its header: decoding says why

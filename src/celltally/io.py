@@ -57,6 +57,10 @@ _GLOB_CHARS = ("*", "?", "[")
 ANNOTATION_FOLDERS = ("masks", "labels")
 #: Most planes a (C, Y, X) TIFF may hold (e.g. a 5-stain Cell Painting image).
 MAX_CHANNELS = 16
+#: Most pages a TIFF may hold (a stack of more than MAX_CHANNELS planes is refused
+#: anyway): tifffile's series analysis takes time that grows with the square of the
+#: page count (20,000 one-pixel pages, a 5 MB file: about 2 minutes).
+MAX_TIFF_PAGES = 1024
 _MAX_REASON = 160
 
 
@@ -309,6 +313,17 @@ def _several_series(tif: Any, original: str | os.PathLike[str]) -> bool:
     )
 
 
+def _check_pages(tif: Any, original: str | os.PathLike[str]) -> None:
+    """ImageReadError for a TIFF of more than :data:`MAX_TIFF_PAGES` pages (counted
+    without parsing them: a linked list of offsets)."""
+    if (pages := len(tif.pages)) > MAX_TIFF_PAGES:
+        raise ImageReadError(
+            original,
+            f"holds {pages} pages; celltally reads one image (up to {MAX_CHANNELS} planes) "
+            "per file: save the plane to count as its own file",
+        )
+
+
 def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     """Decode a TIFF (including OME-TIFF) with tifffile."""
     import tifffile
@@ -318,6 +333,7 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
     with _tifffile_notes() as notes:
         try:
             with tifffile.TiffFile(path) as tif:
+                _check_pages(tif, original)
                 series = tif.series[0] if tif.series else None
                 stacked = _several_series(tif, original)
                 _check_size(
@@ -435,6 +451,7 @@ def header_pixels(path: str | os.PathLike[str]) -> int | None:
             import tifffile
 
             with _tifffile_notes(), tifffile.TiffFile(path) as tif:
+                _check_pages(tif, path)  # before the series, which would take minutes
                 return _tiff_values(tif)
         from PIL import Image
 

@@ -851,3 +851,80 @@ def test_a_pixel_size_sets_the_resize_factor_for_a_model_that_records_one(
             answer = post(client, [("binned.tif", data, "image/tiff")], **dict(fields))
             assert answer.status_code == 422, fields
             assert answer.json()["detail"].startswith(message), answer.json()["detail"]
+
+
+def test_another_sites_page_and_another_host_name_are_refused(client, counter, scene):
+    files = [("files", ("a.tif", tiff_bytes(scene.image), "image/tiff"))]
+    # a page on another site, open in the user's browser, posting a form to the server
+    evil = client.post("/api/count", files=files, headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403 and "cross-origin" in evil.json()["detail"]
+    own = client.post("/api/count", files=files, headers={"Origin": "http://testserver"})
+    assert own.status_code == 200
+    # a server on a loopback address answers to loopback names only (DNS rebinding)
+    from celltally.web.app import LOOPBACK_NAMES
+
+    app = create_app(counter, warmup=False, allowed_hosts=LOOPBACK_NAMES)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as local:
+        assert local.get("/api/info").status_code == 200
+        assert local.get("/api/info", headers={"Host": "localhost:8000"}).status_code == 200
+        assert local.get("/api/info", headers={"Host": "evil.example"}).status_code == 400
+
+
+def test_files_are_read_and_counted_a_few_at_a_time_over_all_requests(counter, scene, monkeypatch):
+    import threading
+    import time
+
+    from celltally.web import app as web
+
+    busy, most, lock = [0], [0], threading.Lock()
+    real = web._Service.count_file
+
+    def watched(self, *args, **kwargs):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.2)  # decoding a large upload
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(web._Service, "count_file", watched)
+    app = create_app(counter, warmup=False)
+    files = [("files", ("a.tif", tiff_bytes(scene.image), "image/tiff"))]
+    codes = []
+
+    def one_request():
+        with TestClient(app) as own:
+            codes.append(own.post("/api/count", files=files).status_code)
+
+    threads = [threading.Thread(target=one_request) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert codes == [200] * 5
+    assert 1 <= most[0] <= web.WORK_SLOTS  # six at once decoded six images (9 GB) before
+
+
+def test_serving_beyond_this_machine_warns_and_loopback_checks_host_names(
+    counter, monkeypatch, capsys
+):
+    import uvicorn
+
+    from celltally.web import app as web
+
+    made, real = {}, web.create_app
+
+    def fake_create_app(model, **kwargs):
+        made.update(kwargs)
+        return real(counter, warmup=False, allowed_hosts=kwargs["allowed_hosts"])
+
+    monkeypatch.setattr(web, "create_app", fake_create_app)
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    web.serve(host="127.0.0.1", port=0)
+    assert made["allowed_hosts"] >= web.LOOPBACK_NAMES and "warning" not in capsys.readouterr().out
+    web.serve(host="0.0.0.0", port=0)
+    assert made["allowed_hosts"] is None
+    assert "warning: listening on 0.0.0.0, not only this machine" in capsys.readouterr().out

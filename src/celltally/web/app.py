@@ -56,6 +56,7 @@ is created, and used by one request at a time.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import shutil
@@ -67,6 +68,7 @@ from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
 import anyio
 import numpy as np
@@ -75,7 +77,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 
 from celltally import io, naming
 from celltally.calibration import MAX_LEVEL, valid_level
@@ -424,6 +426,62 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+#: Files read and counted at once over all requests (the rest wait, undecoded).
+WORK_SLOTS = 2
+
+
+class _SameOrigin:
+    """Refuses requests from other web pages, and (loopback servers) other host names.
+
+    A page on another site, open in the user's browser, can send a form to a server
+    on 127.0.0.1 (no CORS preflight for a plain form post): a POST whose ``Origin``
+    is not this server's own is refused (403). With ``hosts`` (a server bound to a
+    loopback address), a ``Host`` header naming another host is refused (400), which
+    stops DNS rebinding (another site's name resolved to 127.0.0.1 to read answers).
+    """
+
+    def __init__(self, app: Any, hosts: frozenset[str] | None = None) -> None:
+        self.app = app
+        self.hosts = hosts
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host = headers.get("host", "")
+            name = urlsplit(f"//{host}").hostname or ""
+            if self.hosts is not None and name not in self.hosts:
+                await _plain(send, 400, "unknown host name")
+                return
+            origin = headers.get("origin")
+            if scope.get("method") not in ("GET", "HEAD", "OPTIONS") and origin not in (
+                None,
+                "null",  # sent by privacy modes for same-site forms too; not a site's
+            ):
+                if urlsplit(origin).netloc.lower() != host.lower():
+                    await _plain(send, 403, "cross-origin request refused")
+                    return
+        await self.app(scope, receive, send)
+
+
+async def _plain(send: Any, status: int, text: str) -> None:
+    body = json.dumps({"detail": text}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+#: Host names a server bound to a loopback address answers to.
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 #: Largest image (pixels) the page computes a saliency map for: it needs a backward
 #: pass over the whole image at once.
 SALIENCY_MAX_PIXELS = 16_000_000
@@ -601,6 +659,7 @@ def create_app(
     temp_dir: str | Path | None = None,
     display_side: int = 512,
     warmup: bool = True,
+    allowed_hosts: frozenset[str] | None = None,
 ) -> FastAPI:
     """Build the web application around one loaded model.
 
@@ -628,6 +687,10 @@ def create_app(
     warmup : bool
         Run one blank image through the model (and its backward pass) now, so
         the first request does not pay PyTorch's first-call costs.
+    allowed_hosts : frozenset of str, optional
+        Host names the ``Host`` header may give (:func:`serve` sets
+        :data:`LOOPBACK_NAMES` for a server on a loopback address); None: any.
+        POSTs from another origin (a page on another site) are refused either way.
 
     Returns
     -------
@@ -670,6 +733,10 @@ def create_app(
         if "coverage" in (test := held_out_figures(c, epistemic=True))
     }
     loading = threading.Lock()
+    # Files being read and counted at once, over all requests: a decoded upload can take
+    # 1.5 GB, and each request used to decode its file before waiting for the model
+    # (six at once reached 9 GB). The others wait with their file still on disk.
+    work_slots = threading.BoundedSemaphore(WORK_SLOTS)
 
     def service_for(name: str | None, epistemic: bool = False) -> _Service:
         name = (name or "").strip() or counter.name
@@ -768,6 +835,7 @@ def create_app(
     app.state.limits = limits
 
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_SameOrigin, hosts=allowed_hosts)  # outermost: refused first
 
     @app.exception_handler(RequestRejected)
     async def rejected(_request: Request, exc: RequestRejected) -> JSONResponse:
@@ -905,10 +973,15 @@ def create_app(
                         )
                     )
                     continue
+
+                def bounded(upload: Upload = upload) -> FileResult:
+                    with work_slots:
+                        return used.count_file(
+                            upload, req_level, req_saliency, req_channel, abandoned
+                        )
+
                 try:
-                    result = await anyio.to_thread.run_sync(
-                        used.count_file, upload, req_level, req_saliency, req_channel, abandoned
-                    )
+                    result = await anyio.to_thread.run_sync(bounded)
                 except Exception:  # a bug must not lose the rest of the batch
                     logger.exception("counting %s failed", upload.name)
                     result = _failure(upload.name, 500, "internal error while counting")
@@ -984,7 +1057,21 @@ def serve(
             probe.bind((host, port))
         except OSError as err:
             raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-    app = create_app(model, max_files=max_files, max_bytes=int(max_mb * 2**20), saliency=saliency)
+    loopback = host in LOOPBACK_NAMES or host.startswith("127.")
+    app = create_app(
+        model,
+        max_files=max_files,
+        max_bytes=int(max_mb * 2**20),
+        saliency=saliency,
+        allowed_hosts=LOOPBACK_NAMES | {host} if loopback else None,
+    )
     shown = f"[{host}]" if ":" in host else host
     print(f"celltally: model '{app.state.counter.name}' at http://{shown}:{port}/", flush=True)
+    if not loopback:
+        print(
+            f"warning: listening on {host}, not only this machine: anyone who can reach "
+            f"port {port} can count images here (there is no log-in); use a firewall, or "
+            "--host 127.0.0.1 with an SSH tunnel",
+            flush=True,
+        )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -452,11 +452,10 @@ class _SameOrigin:
             if self.hosts is not None and name not in self.hosts:
                 await _plain(send, 400, "unknown host name")
                 return
+            # no Origin: a script or curl, not a browser page. "null" (a sandboxed frame,
+            # a file:// page) is refused too: another site can send it at will.
             origin = headers.get("origin")
-            if scope.get("method") not in ("GET", "HEAD", "OPTIONS") and origin not in (
-                None,
-                "null",  # sent by privacy modes for same-site forms too; not a site's
-            ):
+            if scope.get("method") not in ("GET", "HEAD", "OPTIONS") and origin is not None:
                 if urlsplit(origin).netloc.lower() != host.lower():
                     await _plain(send, 403, "cross-origin request refused")
                     return

@@ -927,6 +927,11 @@ def test_serving_beyond_this_machine_warns_and_loopback_checks_host_names(
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
     web.serve(host="127.0.0.1", port=0)
     assert made["allowed_hosts"] >= web.LOOPBACK_NAMES and "warning" not in capsys.readouterr().out
+    web.serve(host="127.0.0.1", port=0, allowed_hosts=["Lab.Example"])  # a reverse proxy
+    assert "lab.example" in made["allowed_hosts"]
+    app = real(counter, warmup=False, allowed_hosts=made["allowed_hosts"])
+    with TestClient(app, base_url="http://lab.example") as proxied:
+        assert proxied.get("/api/info").status_code == 200
     web.serve(host="0.0.0.0", port=0)
     assert made["allowed_hosts"] is None
     assert "warning: listening on 0.0.0.0, not only this machine" in capsys.readouterr().out

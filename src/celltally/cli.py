@@ -1333,6 +1333,15 @@ def serve(
     threads: Annotated[
         int | None, typer.Option(help="PyTorch threads (default: PyTorch's choice).")
     ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME",
+            help="Another host name a server on 127.0.0.1 answers to (repeatable): a "
+            "reverse proxy's, which must pass the Host header on (nginx: proxy_set_header "
+            "Host $host)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the web page and JSON API (POST /api/count, GET /api/models, /docs)."""
     from celltally.web import serve as run_server
@@ -1352,6 +1361,7 @@ def serve(
             max_mb=max_mb,
             saliency=saliency,
             threads=threads,
+            allowed_hosts=allowed_host or (),
         )
     except OSError as err:
         fail(err)

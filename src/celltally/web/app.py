@@ -64,7 +64,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -448,7 +448,7 @@ class _SameOrigin:
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             host = headers.get("host", "")
-            name = urlsplit(f"//{host}").hostname or ""
+            name = urlsplit(f"//{host}").hostname or ""  # lower-cased, brackets and port off
             if self.hosts is not None and name not in self.hosts:
                 await _plain(send, 400, "unknown host name")
                 return
@@ -1023,11 +1023,14 @@ def serve(
     saliency: bool = True,
     threads: int | None = None,
     log_level: str = "info",
+    allowed_hosts: Collection[str] = (),
 ) -> None:
     """Load the model, then serve the app with uvicorn until interrupted.
 
     ``threads`` sets PyTorch's intra-op threads (default: PyTorch's choice);
-    on a machine shared with other work, 1 is often faster.
+    on a machine shared with other work, 1 is often faster. A server on a
+    loopback address answers to loopback host names and ``allowed_hosts`` (a
+    reverse proxy's name) only.
 
     Raises
     ------
@@ -1062,7 +1065,9 @@ def serve(
         max_files=max_files,
         max_bytes=int(max_mb * 2**20),
         saliency=saliency,
-        allowed_hosts=LOOPBACK_NAMES | {host} if loopback else None,
+        allowed_hosts=LOOPBACK_NAMES | {host, *(h.lower() for h in allowed_hosts)}
+        if loopback
+        else None,
     )
     shown = f"[{host}]" if ":" in host else host
     print(f"celltally: model '{app.state.counter.name}' at http://{shown}:{port}/", flush=True)

@@ -831,3 +831,13 @@ def test_a_tiff_of_thousands_of_pages_is_refused_before_its_series_are_parsed(tm
         read_image(path)
     assert f"holds {MAX_TIFF_PAGES + 1} pages" in _assert_one_line(err, "pages.tif")
     assert header_pixels(path) is None  # unreadable from its header: decoding says why
+
+
+def test_a_png_cut_inside_its_header_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "cut.png"
+    buffer = __import__("io").BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue()[:20])  # the signature and part of IHDR
+    with pytest.raises(ImageReadError) as err:  # an IndexError stopped a whole run
+        read_image(path)
+    _assert_one_line(err, "cut.png")

@@ -266,7 +266,20 @@ def test_scaled_up_integer_data_keep_their_empty_frame_floor():
     assert grey_step(empty.astype(np.uint16) * 257) == 257 and grey_step(cells) == 1
     for image in (empty, cells):
         eight = prepare_image(image, size=(192, 256))
-        for scaled in (image.astype(np.uint16) * 257, image.astype(np.uint16) << 4):
+        for scaled in (image.astype(np.uint16) * 257, image.astype(np.uint16) << 8):
             # 8-bit data x 257 (skimage.img_as_uint) was stretched as a 12-bit frame:
             # a blurred empty frame's two grey levels became 85 "cells"
             np.testing.assert_allclose(prepare_image(scaled, size=(192, 256)), eight, atol=1e-4)
+
+
+def test_only_the_usual_scalings_count_as_scaled_data():
+    from celltally.transforms import grey_step, min_range_for
+
+    rng = np.random.default_rng(0)
+    dim = rng.integers(100, 131, size=(64, 96)).astype(np.uint16)  # a dim 16-bit frame
+    for image in (dim * 2, np.where(dim > 115, 255, 0).astype(np.uint16), dim * 65535 // 130):
+        # an even-valued frame or a 0 / 255 mask is not 8-bit data scaled up: its floor
+        # stays the 12-bit one (x 2 lowered it, and an empty frame counted 65 cells)
+        assert grey_step(image) == 1
+        assert min_range_for(image.dtype, image=image) == min_range_for(np.dtype(np.uint16))
+    assert grey_step(dim * 16) == 16 and grey_step(dim * 256) == 256

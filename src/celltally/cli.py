@@ -1338,8 +1338,8 @@ def serve(
         typer.Option(
             metavar="NAME",
             help="Another host name a server on 127.0.0.1 answers to (repeatable): a "
-            "reverse proxy's, which must pass the Host header on (nginx: proxy_set_header "
-            "Host $host)."
+            "reverse proxy's, which must pass the Host header on with its port (nginx: "
+            "proxy_set_header Host $http_host).",
         ),
     ] = None,
 ) -> None:

@@ -181,7 +181,12 @@ def _load_png16(path: Path, original: str | os.PathLike[str], head: bytes) -> np
     Pillow reads these modes as 8 bits per sample, and a dim 12-bit image then
     counted as an empty frame; imagecodecs decodes them whole.
     """
-    if not (head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR" and head[24] == 16):
+    if not (
+        len(head) >= 26
+        and head.startswith(_PNG_SIGNATURE)
+        and head[12:16] == b"IHDR"
+        and head[24] == 16
+    ):  # a truncated header: Pillow says what is wrong with the file
         return None
     samples = _PNG16_SAMPLES.get(head[25])
     if samples is None:

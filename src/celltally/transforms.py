@@ -166,13 +166,12 @@ def min_range_for(dtype: np.dtype, *, image: np.ndarray | None = None) -> float:
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         full_scale = 255.0 if dtype.itemsize == 1 else 4095.0
-        step = 1 if image is None or dtype.itemsize == 1 else grey_step(image)
-        if image is not None and step > 1:
+        step = 1 if image is None else grey_step(image)
+        if step > 1:
             # data scaled up after acquisition (8-bit x 257 as skimage.img_as_uint gives,
-            # 12-bit x 16): the full scale they had, in this dtype's units (a blurred
-            # empty 8-bit frame x 257 was stretched into 85 "cells")
-            peak = float(np.max(np.abs(image))) / step
-            full_scale = (255.0 if peak <= 255 else 4095.0) * step
+            # x 256, 12-bit x 16): the full scale they had, in this dtype's units (a
+            # blurred empty 8-bit frame x 257 was stretched into 85 "cells")
+            full_scale = SCALED_FROM[step] * step
     elif dtype.kind == "f" and image is not None and _from_16_bits(image):
         full_scale = 4095.0 / 65535.0
     else:
@@ -180,25 +179,34 @@ def min_range_for(dtype: np.dtype, *, image: np.ndarray | None = None) -> float:
     return _MIN_RANGE_FRACTION * full_scale
 
 
-def grey_step(image: np.ndarray) -> int:
-    """The step between an integer image's grey levels: the gcd of its values (1 for floats).
+#: The common ways data are scaled up into 16 bits after acquisition, as step:
+#: the full scale before (8-bit x 257, as skimage.img_as_uint does; 8-bit x 256, a
+#: byte shift; 12-bit x 16, cameras writing their 12 bits at the top of 16).
+SCALED_FROM = {257: 255.0, 256: 255.0, 16: 4095.0}
 
-    2 or more for data scaled up after acquisition (8-bit x 257 or x 256, 12-bit x 16),
-    whose noise and empty-frame floor are that many times coarser. Checked on about
-    65,000 sampled pixels, then on all of them when the sample says more than 1.
+
+def grey_step(image: np.ndarray) -> int:
+    """The step of a wide unsigned image's grey levels when it is one of SCALED_FROM's, else 1.
+
+    Every value a multiple of 257, 256 or 16: data scaled up after acquisition, whose
+    noise and empty-frame floor are that many times coarser. Other steps (a dim frame
+    of even values, a 0 / 255 mask) are taken as they are. Checked on about 65,000
+    sampled pixels, then on all of them, a block of rows at a time (no copy of a large
+    image).
     """
     array = np.asarray(image)
-    if array.dtype.kind not in "ui" or not array.size:
+    if array.dtype.kind != "u" or array.dtype.itemsize < 2 or array.ndim != 2 or not array.size:
         return 1
-    sample = array
-    if array.ndim == 2:  # a strided view, no copy of a large image
-        sy = max(1, -(-array.shape[0] // 256))
-        sx = max(1, -(-array.shape[1] // 256))
-        sample = array[::sy, ::sx]
-    step = int(np.gcd.reduce(sample.ravel()[:65536].astype(np.int64)))
-    if step > 1 and sample.size < array.size:
-        step = int(np.gcd.reduce(array.ravel().astype(np.int64)))
-    return max(step, 1)
+    sy = max(1, -(-array.shape[0] // 256))
+    sx = max(1, -(-array.shape[1] // 256))
+    sample = array[::sy, ::sx]
+    rows = max(1, 2**20 // array.shape[1])
+    for step in SCALED_FROM:
+        if np.any(sample % step):
+            continue
+        if all(not np.any(array[y : y + rows] % step) for y in range(0, array.shape[0], rows)):
+            return step
+    return 1
 
 
 def _from_16_bits(image: np.ndarray) -> bool:

@@ -1059,13 +1059,13 @@ def serve(
             probe.bind((host, port))
         except OSError as err:
             raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-    loopback = host in LOOPBACK_NAMES or host.startswith("127.")
+    loopback = host.lower() in LOOPBACK_NAMES or host.startswith("127.")
     app = create_app(
         model,
         max_files=max_files,
         max_bytes=int(max_mb * 2**20),
         saliency=saliency,
-        allowed_hosts=LOOPBACK_NAMES | {host, *(h.lower() for h in allowed_hosts)}
+        allowed_hosts=LOOPBACK_NAMES | {host.lower(), *(h.lower() for h in allowed_hosts)}
         if loopback
         else None,
     )

@@ -858,6 +858,7 @@ def test_another_sites_page_and_another_host_name_are_refused(client, counter, s
     # a page on another site, open in the user's browser, posting a form to the server
     evil = client.post("/api/count", files=files, headers={"Origin": "http://evil.example"})
     assert evil.status_code == 403 and "cross-origin" in evil.json()["detail"]
+    assert evil.headers["X-Content-Type-Options"] == "nosniff"  # refusals get them too
     sandboxed = client.post("/api/count", files=files, headers={"Origin": "null"})
     assert sandboxed.status_code == 403  # another site's sandboxed frame sends "null"
     own = client.post("/api/count", files=files, headers={"Origin": "http://testserver"})

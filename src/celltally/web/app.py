@@ -833,8 +833,8 @@ def create_app(
     app.state.counter = counter
     app.state.limits = limits
 
-    app.add_middleware(_SecurityHeaders)
-    app.add_middleware(_SameOrigin, hosts=allowed_hosts)  # outermost: refused first
+    app.add_middleware(_SameOrigin, hosts=allowed_hosts)
+    app.add_middleware(_SecurityHeaders)  # outermost: on every answer, refusals included
 
     @app.exception_handler(RequestRejected)
     async def rejected(_request: Request, exc: RequestRejected) -> JSONResponse:

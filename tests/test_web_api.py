@@ -936,3 +936,30 @@ def test_serving_beyond_this_machine_warns_and_loopback_checks_host_names(
     web.serve(host="0.0.0.0", port=0)
     assert made["allowed_hosts"] is None
     assert "warning: listening on 0.0.0.0, not only this machine" in capsys.readouterr().out
+
+
+def test_an_upload_that_stops_sending_is_given_up(tmp_path, monkeypatch):
+    import anyio
+
+    from celltally.web import uploads
+
+    monkeypatch.setattr(uploads, "UPLOAD_IDLE_SECONDS", 0.2)
+    head = b'--b0\r\nContent-Disposition: form-data; name="files"; filename="a.tif"\r\n\r\n'
+
+    async def stalled():
+        yield head
+        await anyio.sleep(3600)  # never closes, never sends the rest
+        yield b""
+
+    async def receive():
+        return await uploads.receive_uploads(
+            "multipart/form-data; boundary=b0",
+            None,
+            stalled(),
+            tmp_path,
+            uploads.UploadLimits(max_files=2, max_bytes=1000),
+        )
+
+    with pytest.raises(uploads.RequestRejected) as err:
+        anyio.run(receive)
+    assert err.value.status == 408 and "upload stalled" in err.value.message

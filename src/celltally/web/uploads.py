@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
 
+import anyio
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from celltally.io import IMAGE_SUFFIXES
@@ -36,6 +37,10 @@ FILES_WITHOUT_NAME = (
 MAX_FIELDS = 16
 #: Room for multipart headers and boundaries on top of the files themselves.
 BODY_OVERHEAD_BYTES = 1 << 20
+
+
+#: Seconds an upload may go without sending data before it is given up (408).
+UPLOAD_IDLE_SECONDS = 60.0
 
 
 class RequestRejected(Exception):
@@ -348,8 +353,20 @@ async def receive_uploads(
     reader = _Reader(folder, limits)
     parser = MultipartParser(boundary, reader.callbacks())
     received = 0
+    chunks = stream.__aiter__()
     try:
-        async for chunk in stream:
+        while True:
+            try:
+                # a client that stops sending mid-body (and never closes) held its
+                # request and temp folder until it went away, however long
+                with anyio.fail_after(UPLOAD_IDLE_SECONDS):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise RequestRejected(
+                    408, f"upload stalled: no data for {UPLOAD_IDLE_SECONDS:g} s"
+                ) from None
             received += len(chunk)
             if received > limit:
                 raise RequestRejected(413, too_big)

@@ -963,3 +963,12 @@ def test_an_upload_that_stops_sending_is_given_up(tmp_path, monkeypatch):
     with pytest.raises(uploads.RequestRejected) as err:
         anyio.run(receive)
     assert err.value.status == 408 and "upload stalled" in err.value.message
+
+
+def test_a_body_cut_before_its_last_boundary_is_refused(client):
+    body = b'--zz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\nabc'
+    response = client.post(
+        "/api/count", content=body, headers={"Content-Type": "multipart/form-data; boundary=zz"}
+    )
+    assert response.status_code == 400  # it was counted as a whole file
+    assert "ends before its last part" in response.json()["detail"]

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
 
 import anyio
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from celltally.io import IMAGE_SUFFIXES
 
@@ -372,6 +372,8 @@ async def receive_uploads(
                 raise RequestRejected(413, too_big)
             parser.write(chunk)
         parser.finalize()
+        if parser.state != MultipartState.END:  # the body stopped before its last boundary
+            raise RequestRejected(400, "malformed multipart body: it ends before its last part")
     except RequestRejected:
         raise
     except Exception as exc:  # python-multipart's parse errors

@@ -175,6 +175,16 @@ def _header(path: Path, size: int = 33) -> bytes:
         return b""
 
 
+def _decoder_error(
+    exc: BaseException, path: Path, original: str | os.PathLike[str], kind: str
+) -> ImageReadError:
+    """A decoder's failure as the one-line error (an unopenable file says only that)."""
+    reason = _decoder_reason(exc, path)
+    if reason.startswith("cannot open"):
+        return ImageReadError(original, reason)
+    return ImageReadError(original, f"cannot be read as {kind}: {reason}")
+
+
 def _load_png16(path: Path, original: str | os.PathLike[str], head: bytes) -> np.ndarray | None:
     """A 16-bit grey+alpha, RGB or RGBA PNG at its full 16 bits (None for other files).
 
@@ -192,7 +202,7 @@ def _load_png16(path: Path, original: str | os.PathLike[str], head: bytes) -> np
     if samples is None:
         return None
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    _check_size(width * height * samples, original, shape=(height, width, samples))
+    _check_size((height, width, samples), original)
     import imagecodecs
 
     try:
@@ -200,27 +210,26 @@ def _load_png16(path: Path, original: str | os.PathLike[str], head: bytes) -> np
     except MemoryError:
         raise
     except Exception as exc:
-        reason = _decoder_reason(exc, path)
-        if reason.startswith("cannot open"):
-            raise ImageReadError(original, reason) from None
-        raise ImageReadError(original, f"cannot be read as PNG: {reason}") from None
+        raise _decoder_error(exc, path, original, "PNG") from None
     return arr[..., 0] if samples == 2 else arr  # grey + alpha: the grey
 
 
-def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
-    """Decode a PNG/JPEG file with Pillow into a numpy array (2-D or (H, W, C))."""
+def _load_pillow(path: Path, original: str | os.PathLike[str], head: bytes) -> np.ndarray:
+    """Decode a PNG/JPEG file with Pillow into a numpy array (2-D or (H, W, C)).
+
+    ``head`` is the file's first bytes (:func:`_header`), read once by the caller.
+    """
     from PIL import Image, UnidentifiedImageError
 
     kind = _format_name(path.suffix)
-    if (png16 := _load_png16(path, original, _header(path))) is not None:
+    if (png16 := _load_png16(path, original, head)) is not None:
         return png16
     img: Image.Image  # the opened file, then its conversions
     try:
         with _pillow_header_only():
             opened = Image.open(path)
         with opened as img:
-            width, height = img.size
-            _check_size(_pillow_values(img), original, shape=(height, width, len(img.getbands())))
+            _check_size(_pillow_shape(img), original)
             img.load()
             mode = img.mode
             if mode == "P":
@@ -243,10 +252,7 @@ def _load_pillow(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
             original, f"is not a valid {kind} file (corrupt, or another format under this name)"
         ) from None
     except Exception as exc:  # any decoder failure is a user-facing read error
-        reason = _decoder_reason(exc, path)
-        if reason.startswith("cannot open"):
-            raise ImageReadError(original, reason) from None
-        raise ImageReadError(original, f"cannot be read as {kind}: {reason}") from None
+        raise _decoder_error(exc, path, original, kind) from None
     if mode == "I" and arr.dtype.kind in "iu" and arr.size:
         if arr.min() >= 0 and arr.max() <= np.iinfo(np.uint16).max:
             arr = arr.astype(np.uint16)
@@ -341,11 +347,7 @@ def _load_tiff(path: Path, original: str | os.PathLike[str]) -> np.ndarray:
                 _check_pages(tif, original)
                 series = tif.series[0] if tif.series else None
                 stacked = _several_series(tif, original)
-                _check_size(
-                    _tiff_values(tif) * (len(tif.series) if stacked else 1),
-                    original,
-                    shape=((len(tif.series),) if stacked else ()) + _tiff_shape(tif),
-                )
+                _check_size(((len(tif.series),) if stacked else ()) + _tiff_shape(tif), original)
                 if stacked:  # pages of one shape written apart: planes, as a multi-page file's
                     arr, axes = np.stack([s.asarray() for s in tif.series]), ""
                 else:
@@ -457,13 +459,13 @@ def header_pixels(path: str | os.PathLike[str]) -> int | None:
 
             with _tifffile_notes(), tifffile.TiffFile(path) as tif:
                 _check_pages(tif, path)  # before the series, which would take minutes
-                return _tiff_values(tif)
+                return _values(_tiff_shape(tif))
         from PIL import Image
 
         with _pillow_header_only():  # Pillow's own limit refuses past 179 M pixels
             opened = Image.open(path)
         with opened as img:
-            return _pillow_values(img)
+            return _values(_pillow_shape(img))
     except Exception:  # unreadable headers: decoding reports the problem
         return None
 
@@ -475,30 +477,28 @@ def _tiff_shape(tif: Any) -> tuple[int, ...]:
     return tuple(tif.pages[0].shape) if len(tif.pages) else (0,)
 
 
-def _tiff_values(tif: Any) -> int:
-    """Values in an open TIFF's first series (or first page; 0 without pages), from headers."""
-    return int(np.prod(_tiff_shape(tif), dtype=np.int64))
-
-
-def _pillow_values(img: Any) -> int:
-    """Values (width x height x bands) of an open Pillow image, from its header."""
+def _pillow_shape(img: Any) -> tuple[int, int, int]:
+    """(height, width, bands) of an open Pillow image, from its header."""
     width, height = img.size
-    return int(width) * int(height) * len(img.getbands())
+    return int(height), int(width), len(img.getbands())
 
 
-def _check_size(
-    values: int, original: str | os.PathLike[str], *, shape: Sequence[int] | None = None
-) -> None:
+def _values(shape: Sequence[int]) -> int:
+    """Values an array of ``shape`` holds (pixels x channels x planes)."""
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _check_size(shape: Sequence[int], original: str | os.PathLike[str]) -> None:
     """ImageReadError when a file's header announces more than MAX_IMAGE_PIXELS values.
 
-    ``shape`` (the header's array shape), when given, is named in the message: the
-    limit counts every channel's values, so a colour image of fewer pixels reaches it.
+    The message names ``shape`` (the header's array shape): the limit counts every
+    channel's values, so a colour image of fewer pixels reaches it.
     """
+    values = _values(shape)
     if values > MAX_IMAGE_PIXELS:
         what = ""
-        if shape is not None and len(shape) >= 2:
-            dims = " x ".join(str(int(v)) for v in shape)
-            what = f" (an array of {dims})"
+        if len(shape) >= 2:
+            what = f" (an array of {' x '.join(str(int(v)) for v in shape)})"
         raise ImageReadError(
             original,
             f"holds {values / 1e6:,.0f} million pixel values{what}, more than the "
@@ -511,10 +511,12 @@ def _load_raw(path: str | os.PathLike[str]) -> tuple[np.ndarray, bool]:
     """Validate and decode an image file; return the raw array and whether it is a TIFF."""
     p = Path(path)
     _check_image_file(p, path)
+    is_tiff = p.suffix.lower() in _TIFF_SUFFIXES
+    head = b"" if is_tiff else _header(p)  # one read, for the magic bytes and a PNG's header
     # a TIFF under a .png or .jpg name (some tools save so) is read as the TIFF it is:
     # Pillow would give its first plane alone
-    is_tiff = p.suffix.lower() in _TIFF_SUFFIXES or _header(p, 4) in _TIFF_MAGIC
-    arr = _load_tiff(p, path) if is_tiff else _load_pillow(p, path)
+    is_tiff = is_tiff or head[:4] in _TIFF_MAGIC
+    arr = _load_tiff(p, path) if is_tiff else _load_pillow(p, path, head)
     if arr.ndim == 0 or arr.size == 0 or 0 in arr.shape:
         raise ImageReadError(path, f"image has a zero-size side (shape {tuple(arr.shape)})")
     try:

@@ -163,20 +163,27 @@ def min_range_for(dtype: np.dtype, *, image: np.ndarray | None = None) -> float:
     would be (a dim 12-bit image so converted was taken as an empty frame,
     and 108 nuclei counted as 40).
     """
+    return _MIN_RANGE_FRACTION * _grey_levels(dtype, image)[0]
+
+
+def _grey_levels(dtype: np.dtype, image: np.ndarray | None = None) -> tuple[float, float]:
+    """(typical full scale, step between grey levels) of an image of ``dtype``, in its units.
+
+    Integers: 255 or 4095, step 1, or for data scaled up after acquisition (8-bit x 257
+    as skimage.img_as_uint gives, x 256, 12-bit x 16; :func:`grey_step`) the full scale
+    they had and their step (a blurred empty 8-bit frame x 257 was stretched into 85
+    "cells"). Floats: 0..1 from 8 bits, or 16-bit integers over 65535
+    (:func:`_from_16_bits`). Booleans: 0..1, step 1.
+    """
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
-        full_scale = 255.0 if dtype.itemsize == 1 else 4095.0
         step = 1 if image is None else grey_step(image)
         if step > 1:
-            # data scaled up after acquisition (8-bit x 257 as skimage.img_as_uint gives,
-            # x 256, 12-bit x 16): the full scale they had, in this dtype's units (a
-            # blurred empty 8-bit frame x 257 was stretched into 85 "cells")
-            full_scale = SCALED_FROM[step] * step
-    elif dtype.kind == "f" and image is not None and _from_16_bits(image):
-        full_scale = 4095.0 / 65535.0
-    else:
-        full_scale = 1.0
-    return _MIN_RANGE_FRACTION * full_scale
+            return SCALED_FROM[step] * step, float(step)
+        return (255.0 if dtype.itemsize == 1 else 4095.0), 1.0
+    if dtype.kind == "f" and image is not None and _from_16_bits(image):
+        return 4095.0 / 65535.0, 1.0 / 65535.0
+    return 1.0, (1.0 if dtype.kind == "b" else 1.0 / 255.0)
 
 
 #: The common ways data are scaled up into 16 bits after acquisition, as step:
@@ -197,9 +204,7 @@ def grey_step(image: np.ndarray) -> int:
     array = np.asarray(image)
     if array.dtype.kind != "u" or array.dtype.itemsize < 2 or array.ndim != 2 or not array.size:
         return 1
-    sy = max(1, -(-array.shape[0] // 256))
-    sx = max(1, -(-array.shape[1] // 256))
-    sample = array[::sy, ::sx]
+    sample = _sample(array)
     rows = max(1, 2**20 // array.shape[1])
     for step in SCALED_FROM:
         if np.any(sample % step):
@@ -207,6 +212,16 @@ def grey_step(image: np.ndarray) -> int:
         if all(not np.any(array[y : y + rows] % step) for y in range(0, array.shape[0], rows)):
             return step
     return 1
+
+
+def _sample(array: np.ndarray) -> np.ndarray:
+    """A 2-D array's pixels at most 256 x 256, spread over the whole image (a strided
+    view, no copy of a large image); other arrays as they are."""
+    if array.ndim != 2:
+        return array
+    sy = max(1, -(-array.shape[0] // 256))  # ceiling: at most 256 rows, the whole image
+    sx = max(1, -(-array.shape[1] // 256))
+    return array[::sy, ::sx]
 
 
 def _from_16_bits(image: np.ndarray) -> bool:
@@ -217,12 +232,7 @@ def _from_16_bits(image: np.ndarray) -> bool:
 
 def _on_grid(image: np.ndarray, steps: int) -> bool:
     """Whether ``image``'s values (about 65,000 sampled) are in [0, 1] and k / ``steps``."""
-    array = np.asarray(image)
-    if array.ndim == 2:  # a strided view, no copy of a large image
-        sy = max(1, -(-array.shape[0] // 256))  # ceiling: at most 256 x 256, the whole image
-        sx = max(1, -(-array.shape[1] // 256))
-        array = array[::sy, ::sx]
-    values = np.asarray(array, dtype=np.float64).ravel()[:65536] * steps
+    values = np.asarray(_sample(np.asarray(image)), dtype=np.float64).ravel()[:65536] * steps
     if not values.size or values.min() < 0 or values.max() > steps:
         return False
     # float32 keeps k / 65535 to within 65535 * 2**-24 = 0.004 of a step
@@ -285,16 +295,15 @@ def prepare_image(
         raise ValueError(f"unknown background {background!r}; use quadratic or none")
     noise_range = float(norm.get("noise_range", NOISE_RANGE))
     noise = noise_std(resized) if noise_range > 0 or background == "quadratic" else 0.0
+    # the image's grey levels, looked at once for the background step and the floor
+    full_scale, step = _grey_levels(image.dtype, image)
     if background == "quadratic":  # Immerkaer's mask ignores quadratics: the same noise after
-        # the grey-level step: 1 for integers; floats are taken as 0..1 scaled from 8 bits
-        # (a finer step would let a blurred, quantized frame's fit run away again)
-        step = float(grey_step(image)) if np.dtype(image.dtype).kind in "uib" else 1.0 / 255.0
-        if step < 1.0 and _from_16_bits(image):
-            step = 1.0 / 65535.0  # 16-bit integers divided by 65535 (see min_range_for)
+        # the grey-level step (a finer step would let a blurred, quantized frame's fit run
+        # away again)
         surface = background_surface(resized, step=step, noise=noise)
         resized = np.subtract(resized, surface, out=surface)  # a new array: the input stays
     noise_guard = noise_range * noise if noise_range > 0 else 0.0
-    guard = max(min_range_for(image.dtype, image=image), noise_guard)
+    guard = max(_MIN_RANGE_FRACTION * full_scale, noise_guard)  # as min_range_for says
     out = normalize_percentile(resized, low=norm["low"], high=norm["high"], min_range=guard)
     return np.clip(out, -1.0, 4.0, out=out)
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 __all__ = [
     "autocast",
+    "bfloat16_on",
     "barrier",
     "check_in_sync",
     "device",
@@ -203,13 +204,19 @@ def mean(value: float) -> float:
     return float(tensor.item()) / world_size()
 
 
-def autocast(on: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on a CUDA device that supports it; a null context otherwise."""
-    if (
+def bfloat16_on(on: torch.device) -> bool:
+    """Whether training on ``on`` runs under bfloat16 autocast (a CUDA device that
+    supports it, unless ``CELLTALLY_AMP=0``)."""
+    return (
         on.type == "cuda"
         and os.environ.get("CELLTALLY_AMP", "1") != "0"
         and torch.cuda.is_bf16_supported()
-    ):
+    )
+
+
+def autocast(on: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on a CUDA device that supports it; a null context otherwise."""
+    if bfloat16_on(on):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -485,10 +485,10 @@ def build_and_fit(
         tests.append(real.subset(parts["test"]))
         for part, sites in (("train", "1-7"), ("calibration", "8"), ("test", "9-10")):
             if not parts[part].size:  # e.g. a copy of part of it, or a simulated plate (s01)
+                what = "training" if part == "train" else part
                 log(
                     f"note: --bbbc005 {bbbc005} has no images of site(s) {sites}, BBBC005's "
-                    f"{part}{'ing' if part == 'train' else ''} sites, so this model has no "
-                    f"{part}{'ing' if part == 'train' else ''} images from it"
+                    f"{what} sites, so this model has no {what} images from it"
                 )
         sources.append(f"BBBC005 ({len(real)} real images)")
         split_info["bbbc005"] = {
@@ -663,7 +663,7 @@ def _environment(*, resume: bool) -> dict[str, Any]:
     import torch
 
     from celltally import __version__
-    from celltally.distributed import device
+    from celltally.distributed import bfloat16_on, device
 
     on = device()
     program = Path(sys.argv[0]).name if sys.argv else ""
@@ -679,9 +679,7 @@ def _environment(*, resume: bool) -> dict[str, Any]:
         "device": str(on),
         "torch_threads": torch.get_num_threads(),
         "processes": world_size(),
-        "bfloat16_autocast": on.type == "cuda"
-        and os.environ.get("CELLTALLY_AMP", "1") != "0"
-        and torch.cuda.is_bf16_supported(),
+        "bfloat16_autocast": bfloat16_on(on),
     }
 
 

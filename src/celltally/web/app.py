@@ -56,7 +56,6 @@ is created, and used by one request at a time.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 import shutil
@@ -450,31 +449,17 @@ class _SameOrigin:
             host = headers.get("host", "")
             name = urlsplit(f"//{host}").hostname or ""  # lower-cased, brackets and port off
             if self.hosts is not None and name not in self.hosts:
-                await _plain(send, 400, "unknown host name")
+                await JSONResponse({"detail": "unknown host name"}, 400)(scope, receive, send)
                 return
             # no Origin: a script or curl, not a browser page. "null" (a sandboxed frame,
             # a file:// page) is refused too: another site can send it at will.
             origin = headers.get("origin")
             if scope.get("method") not in ("GET", "HEAD", "OPTIONS") and origin is not None:
                 if urlsplit(origin).netloc.lower() != host.lower():
-                    await _plain(send, 403, "cross-origin request refused")
+                    refused = JSONResponse({"detail": "cross-origin request refused"}, 403)
+                    await refused(scope, receive, send)
                     return
         await self.app(scope, receive, send)
-
-
-async def _plain(send: Any, status: int, text: str) -> None:
-    body = json.dumps({"detail": text}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(body)),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 #: Host names a server bound to a loopback address answers to.

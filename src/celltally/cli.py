@@ -1541,6 +1541,29 @@ def _held_out(
     return folder, sets
 
 
+def _command_line() -> str:
+    """This celltally command as it was typed (for a model's config.json)."""
+    import shlex
+    import sys
+
+    return "celltally " + shlex.join(sys.argv[1:])
+
+
+def _record_ensemble(folder: Path, *, simulated: int, seed: int) -> None:
+    """Add to the model's ensemble record the command, and how its scenes were drawn,
+    to make the members again."""
+    from celltally.model_folder import read_model_config
+    from celltally.train import write_config
+    from celltally.uncertainty import ENSEMBLE_SCENE_SEED
+
+    config = read_model_config(folder)
+    made = config["training"]["ensemble"]
+    made["command"] = _command_line()
+    if simulated > 0:
+        made["simulated_scenes"] = {"n": simulated, "seed": seed + ENSEMBLE_SCENE_SEED}
+    write_config(folder, config)
+
+
 def _record_calibration(
     folder: Path,
     *,
@@ -1550,9 +1573,6 @@ def _record_calibration(
     names: Sequence[str] = (),
 ) -> None:
     """Say in the model's config what its intervals were last calibrated on, and how."""
-    import shlex
-    import sys
-
     from celltally.model_folder import read_model_config
     from celltally.train import write_config
 
@@ -1561,7 +1581,7 @@ def _record_calibration(
     if bbbc005 is not None:
         sources.append(f"BBBC005 {Path(bbbc005).resolve()}: the calibration sites in this config")
     config.setdefault("training", {})["calibrated"] = {
-        "command": "celltally " + shlex.join(sys.argv[1:]),
+        "command": _command_line(),
         "data": sources,
         "n": n,
         "note": "the intervals and OOD checks were refitted on these images; the training "
@@ -1782,20 +1802,7 @@ def ensemble(
                 progress=progress,
                 log=typer.echo,
             )
-            # the command, and how its scenes were drawn, to make the members again
-            import shlex
-            import sys
-
-            from celltally.model_folder import read_model_config
-            from celltally.train import write_config
-            from celltally.uncertainty import ENSEMBLE_SCENE_SEED
-
-            config = read_model_config(folder)
-            made = config["training"]["ensemble"]
-            made["command"] = "celltally " + shlex.join(sys.argv[1:])
-            if simulated > 0:
-                made["simulated_scenes"] = {"n": simulated, "seed": seed + ENSEMBLE_SCENE_SEED}
-            write_config(folder, config)
+            _record_ensemble(folder, simulated=simulated, seed=seed)
         except _user_errors() as err:
             fail(err)
     typer.echo(f"{len(files)} ensemble member(s) -> {out or model}")

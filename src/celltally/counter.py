@@ -174,6 +174,21 @@ class ModelScaleImage:
     raw_shape: tuple[int, ...]
 
 
+def ensemble_mixture(
+    outs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The deep-ensemble mixture of counters' ``(count, log-variance)`` outputs.
+
+    Returns the mean of their counts, the total variance (their mean aleatoric
+    variance + the variance of their counts) and that epistemic variance alone.
+    One counter's output is its own count and variance (epistemic 0).
+    """
+    means = torch.stack([o[0] for o in outs])
+    variances = torch.stack([torch.exp(o[1]) for o in outs])
+    epistemic = means.var(0, unbiased=False)
+    return means.mean(0), variances.mean(0) + epistemic, epistemic
+
+
 def _checked_batch(batch_size: int) -> int:
     try:
         size = None if isinstance(batch_size, bool) else operator.index(batch_size)
@@ -678,13 +693,8 @@ class CellCounter:
         x, mask, mask_logvar, embeddings = self._segment(prepared)
         planes = self.model.counter_planes(mask, mask_logvar, x)
         outs = [self.model.counter(planes)] + [m(planes) for m in self.members]
-        means = torch.stack([o[0] for o in outs])
-        variances = torch.stack([torch.exp(o[1]) for o in outs])
-        # Deep-ensemble mixture: mean of means; total variance = mean aleatoric
-        # variance + variance of the members' means (epistemic).
-        counts = means.mean(0)
-        epistemic_var = means.var(0, unbiased=False)
-        stds = torch.sqrt(variances.mean(0) + epistemic_var).cpu().numpy()
+        counts, variance, epistemic_var = ensemble_mixture(outs)
+        stds = torch.sqrt(variance).cpu().numpy()
         spreads = torch.sqrt(epistemic_var).cpu().numpy() if self.members else [None] * len(x)
         masks = mask[:, 0].cpu().numpy()
         mask_stds = torch.exp(0.5 * mask_logvar[:, 0]).cpu().numpy()

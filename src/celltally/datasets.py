@@ -153,7 +153,7 @@ def load_bbbc005(
     paths = io.list_images([folder])
     # the files themselves (where, how large, when written), not only their names: two
     # folders of the same names (a simulated plate, another copy) shared one cache entry
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    stats = [(p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
     spec = (str(folder.resolve()), sorted(stats), tuple(size), sorted((norm or {}).items()))
     key = hashlib.sha1(repr((spec, preparation_digest())).encode()).hexdigest()[:12]
     cache = Path(cache_dir) / f"bbbc005_{key}.pt" if cache_dir else None

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from celltally import io
-from celltally.counter import ModelScaleImage, _out_of_memory
+from celltally.counter import ModelScaleImage, _out_of_memory, ensemble_mixture
 from celltally.losses import gaussian_nll
 from celltally.tiling import model_canvas
 
@@ -114,10 +114,8 @@ def _saliency(
         if members:
             planes = model.counter_planes(mask, mask_logvar, x)
             outs = [(count, count_logvar)] + [member(planes) for member in members]
-            means = torch.stack([o[0] for o in outs])
-            variance = torch.stack([torch.exp(o[1]) for o in outs]).mean(0)
-            count = means.mean(0)
-            count_logvar = torch.log(variance + means.var(0, unbiased=False))
+            count, variance, _ = ensemble_mixture(outs)
+            count_logvar = torch.log(variance)
         if true_count is None:
             loss = count.sum()
         else:

@@ -40,6 +40,7 @@ from celltally.model_folder import (  # noqa: F401 (re-exported: the public name
     DEFAULT_MODEL,
     UNFINISHED,
     WEIGHTS_DIR,
+    _whole,
     available_models,
     recorded_channel,
     resolve_model,
@@ -201,14 +202,6 @@ def _checked_batch(batch_size: int) -> int:
 
 #: The keys of a ``norm`` (see :func:`celltally.transforms.prepare_image`).
 NORM_KEYS = ("method", "low", "high", "background", "noise_range")
-
-
-def _whole(value: Any) -> bool:
-    """Whether ``value`` is a whole number of 0 or more (not a bool)."""
-    try:
-        return not isinstance(value, bool) and int(value) == value >= 0
-    except (TypeError, ValueError, OverflowError):
-        return False
 
 
 def _checked_device(device: str | torch.device | None) -> torch.device:

@@ -63,6 +63,14 @@ def model_use(name: str) -> str:
     return SHIPPED_USES.get(name, "")
 
 
+def _whole(value: Any) -> bool:
+    """Whether ``value`` is a whole number of 0 or more (not a bool)."""
+    try:
+        return not isinstance(value, bool) and int(value) == value >= 0
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 def recorded_channel(config: Mapping[str, Any]) -> int | None:
     """The channel a model was trained on (``config['channel']``, ``train --channel``), or None.
 
@@ -71,11 +79,7 @@ def recorded_channel(config: Mapping[str, Any]) -> int | None:
     value = config.get("channel")
     if value is None:
         return None
-    try:
-        whole = not isinstance(value, bool) and int(value) == value >= 0
-    except (TypeError, ValueError, OverflowError):
-        whole = False
-    if not whole:
+    if not _whole(value):
         raise InputError(
             f"model {config.get('name', 'model')}: config.json's channel {value!r} is not a "
             "whole number of 0 or more"

@@ -841,3 +841,23 @@ def test_a_png_cut_inside_its_header_is_a_one_line_error(tmp_path: Path) -> None
     with pytest.raises(ImageReadError) as err:  # an IndexError stopped a whole run
         read_image(path)
     _assert_one_line(err, "cut.png")
+
+
+def test_files_celltally_does_not_read_are_tallied_once_from_folders_and_patterns(tmp_path):
+    import collections
+
+    from celltally.io import iter_images
+
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((8, 8), np.uint8))
+    (tmp_path / "b.czi").write_bytes(b"ZISRAWFILE")
+    (tmp_path / "c.nd2").write_bytes(b"\x00")
+    for args, expected in [
+        ([tmp_path, f"{tmp_path}/./"], {".czi": 1, ".nd2": 1}),  # one folder given twice
+        ([f"{tmp_path}/*"], {".czi": 1, ".nd2": 1}),  # a pattern matching them
+        ([f"{tmp_path}/*", tmp_path], {".czi": 1, ".nd2": 1}),
+        ([f"{tmp_path}/*.tif"], {}),
+    ]:
+        unread: collections.Counter[str] = collections.Counter()
+        files = list(iter_images(args, unread=unread))
+        assert [p.name for p in files] == ["a.tif"]
+        assert dict(unread) == expected, args

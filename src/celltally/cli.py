@@ -607,6 +607,13 @@ def count(
     else:
         typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
     _echo_warnings([r.get("warning") or "" for r in rows], f"in {out}", "column 'warning'")
+    if summary.changed:
+        typer.echo(
+            f"warning: {len(summary.changed)} image(s) already in {out} were modified after "
+            f"it was last written (first: {summary.changed[0]}); their earlier rows were kept: "
+            "to count them again, give a new --out or pass --overwrite",
+            err=True,
+        )
     if summary.unread:
         kinds = ", ".join(f"{n} {suffix}" for suffix, n in summary.unread.items())
         typer.echo(

@@ -945,7 +945,7 @@ def _scan_folder(
     folder: Path,
     recursive: bool,
     exclude: frozenset[str] = frozenset(),
-    unread: collections.Counter[str] | None = None,
+    unread: set[str] | None = None,
 ) -> Iterator[Path]:
     """Image files in ``folder`` in directory order, streamed with :func:`os.scandir`.
 
@@ -956,8 +956,8 @@ def _scan_folder(
     (reading it then fails with its own error) rather than skipped unseen. A
     folder reached twice (a link back up the tree, or to a folder already listed)
     is listed once. Sub-folders whose real path is in ``exclude`` (a run's own
-    output folders) are not descended into. Files in :data:`UNREAD_IMAGE_SUFFIXES`
-    are tallied by suffix in ``unread``, if given.
+    output folders) are not descended into. The real paths of files in
+    :data:`UNREAD_IMAGE_SUFFIXES` are added to ``unread``, if given.
     """
     stack = [os.fspath(folder)]
     seen: set[tuple[int, int]] = set()
@@ -980,7 +980,7 @@ def _scan_folder(
                     suffix = os.path.splitext(entry.name)[1].lower()
                     image = suffix in IMAGE_SUFFIXES
                     if unread is not None and suffix in UNREAD_IMAGE_SUFFIXES:
-                        unread[suffix] += 1
+                        unread.add(os.path.realpath(entry.path))
                     try:
                         if recursive and entry.is_dir():
                             if not exclude or os.path.realpath(entry.path) not in exclude:
@@ -1062,9 +1062,10 @@ def _arg_images(
     text: str,
     recursive: bool,
     exclude: frozenset[str] = frozenset(),
-    unread: collections.Counter[str] | None = None,
+    unread: set[str] | None = None,
 ) -> Iterator[Path]:
-    """Stream the image files one command-line argument stands for (no validation)."""
+    """Stream the image files one command-line argument stands for (no validation); the
+    real paths of files of formats celltally does not read go into ``unread``."""
     p = Path(text)
     if p.is_dir():
         yield from _scan_folder(p, recursive, exclude, unread)
@@ -1087,6 +1088,8 @@ def _arg_images(
                 yield from _scan_folder(m, recursive, exclude, unread)
             elif _is_image_file(m):
                 yield m
+            elif unread is not None and m.suffix.lower() in UNREAD_IMAGE_SUFFIXES:
+                unread.add(os.path.realpath(m))
 
 
 #: Ends of the image files celltally writes per counted image (masks, labels, overlay).
@@ -1140,8 +1143,9 @@ def iter_images(
         Folders never searched (a run's own output folders, such as ``--save-masks``:
         its masks are images too), whether they exist yet or not.
     unread : collections.Counter, optional
-        Filled, as the files are produced, with the suffixes of the files of formats
-        celltally does not read (:data:`UNREAD_IMAGE_SUFFIXES`) that folders held.
+        Filled, once the last file has been produced, with the suffixes of the files
+        of formats celltally does not read (:data:`UNREAD_IMAGE_SUFFIXES`) that the
+        folders and patterns held, each file once however often it was reached.
 
     Returns
     -------
@@ -1192,14 +1196,17 @@ def iter_images(
         # can reach a file twice; one folder lists each file once (its sub-folders by inode)
         patterns = any(not Path(t).exists() for t in texts)
         seen: set[bytes] | None = set() if len(texts) > 1 or patterns else None
+        left_out: set[str] | None = None if unread is None else set()
         for text in texts:
-            for path in _arg_images(text, recursive, skip, unread):
+            for path in _arg_images(text, recursive, skip, left_out):
                 if seen is not None:
                     key = hashlib.blake2b(os.fsencode(file_identity(path)), digest_size=16).digest()
                     if key in seen:
                         continue
                     seen.add(key)
                 yield path
+        if unread is not None and left_out:
+            unread.update(os.path.splitext(p)[1].lower() for p in left_out)
 
     return generate()
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+from conftest import blob_image
 from typer.testing import CliRunner
 
 from celltally.cli import app
@@ -873,3 +874,49 @@ def test_files_of_formats_celltally_does_not_read_are_named_not_silently_left_ou
     assert len(read_rows(out)) == 2
     assert "note: 2 file(s) in formats celltally does not read were left out" in result.output
     assert "(1 .czi, 1 .nd2)" in result.output and ".xml" not in result.output
+
+
+def _deny_listing(monkeypatch, folder):
+    """Make ``folder`` unlistable: chmod where that binds; as root (chmod does not bind
+    root) os.scandir is made to raise for that folder, as it does for any other user."""
+    import os as _os
+
+    folder.chmod(0)
+    if _os.geteuid() == 0:
+        real = _os.scandir
+
+        def scandir(path="."):
+            if _os.path.realpath(path) == _os.path.realpath(folder):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path)
+
+        monkeypatch.setattr("celltally.io.os.scandir", scandir)
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_named_and_the_rest_counted(
+    tiny_model, image_folder, tmp_path, monkeypatch
+):
+    locked = image_folder / "locked"
+    locked.mkdir()
+    tifffile.imwrite(locked / "hidden_A03.tif", blob_image(4, seed=9))
+    (image_folder / "z_more").mkdir()
+    tifffile.imwrite(image_folder / "z_more" / "A04.tif", blob_image(5, seed=8))
+    _deny_listing(monkeypatch, locked)
+    out = tmp_path / "r.csv"
+    try:
+        result = run("count", image_folder, "--recursive", "--out", out, "--model", tiny_model)
+    finally:
+        locked.chmod(0o755)
+    assert result.exit_code == 1, result.output
+    assert len(read_rows(out)) == 3  # the other images were counted
+    assert f"error: cannot list {locked}: " in result.output
+    assert "Traceback" not in result.output
+    # a folder whose only sub-folder cannot be listed says why it has no images
+    lonely = tmp_path / "lonely"
+    (lonely / "locked").mkdir(parents=True)
+    _deny_listing(monkeypatch, lonely / "locked")
+    try:
+        result = run("count", lonely, "--recursive", "--out", tmp_path / "l.csv")
+    finally:
+        (lonely / "locked").chmod(0o755)
+    assert result.exit_code == 2 and f"cannot list {lonely / 'locked'}" in result.output

@@ -753,6 +753,9 @@ class BatchSummary:
     changed : list of str
         Images skipped as already counted whose file was modified after the results
         were last written (replaced since?): their rows were kept as they were.
+    unlisted : list of str
+        Sub-folders that could not be listed (``recursive``), as "folder: reason": their
+        images were not counted.
     """
 
     out: Path
@@ -768,6 +771,7 @@ class BatchSummary:
     output_root: Path | None = None
     unread: dict[str, int] = field(default_factory=dict)
     changed: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)
 
 
 def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: Path) -> str | None:
@@ -1215,7 +1219,10 @@ def run_batch(
     inputs = [os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
     outputs = [d for d in (save_masks, *exclude) if d is not None]
     unread: collections.Counter[str] = collections.Counter()  # .czi, .nd2, ... left out
-    files = io.iter_images(inputs, recursive=recursive, exclude=outputs, unread=unread)
+    unlisted: list[str] = []  # sub-folders that could not be listed (said, not fatal)
+    files = io.iter_images(
+        inputs, recursive=recursive, exclude=outputs, unread=unread, unlisted=unlisted
+    )
     folder = resolve_model(model)
     identity = model_identity(folder)
     options = json.loads(json.dumps(counter_options or {}))  # as the manifest will hold them
@@ -1485,6 +1492,7 @@ def run_batch(
     summary.errors_file = out_paths.errors if errors.count or summary.earlier_failed else None
     summary.seconds = time.perf_counter() - t0
     summary.unread = dict(sorted(unread.items()))
+    summary.unlisted = list(dict.fromkeys(unlisted))
     return summary
 
 

@@ -638,7 +638,16 @@ def count(
             "missing from the results (count them again, or remove the files)",
             err=True,
         )
-    if summary.failed or summary.earlier_failed:
+    if summary.unlisted:
+        more = len(summary.unlisted) - 1
+        typer.echo(
+            f"error: cannot list {summary.unlisted[0]}"
+            + (f" (and {more} more sub-folder(s))" if more else "")
+            + "; the images there were not counted: make it readable and run the same "
+            "command again to count them",
+            err=True,
+        )
+    if summary.failed or summary.earlier_failed or summary.unlisted:
         raise typer.Exit(1)
 
 

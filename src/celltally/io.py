@@ -946,6 +946,7 @@ def _scan_folder(
     recursive: bool,
     exclude: frozenset[str] = frozenset(),
     unread: set[str] | None = None,
+    unlisted: list[str] | None = None,
 ) -> Iterator[Path]:
     """Image files in ``folder`` in directory order, streamed with :func:`os.scandir`.
 
@@ -957,9 +958,12 @@ def _scan_folder(
     folder reached twice (a link back up the tree, or to a folder already listed)
     is listed once. Sub-folders whose real path is in ``exclude`` (a run's own
     output folders) are not descended into. The real paths of files in
-    :data:`UNREAD_IMAGE_SUFFIXES` are added to ``unread``, if given.
+    :data:`UNREAD_IMAGE_SUFFIXES` are added to ``unread``, if given. A sub-folder that
+    cannot be listed (e.g. no permission) raises :class:`InputError`, or, if
+    ``unlisted`` is given, is left out and named there ("folder: reason").
     """
-    stack = [os.fspath(folder)]
+    top = os.fspath(folder)
+    stack = [top]
     seen: set[tuple[int, int]] = set()
     while stack:
         current = stack.pop()
@@ -994,6 +998,9 @@ def _scan_folder(
                             yield Path(entry.path)
         except OSError as exc:
             reason = _short_reason(exc)
+            if unlisted is not None and current != top:
+                unlisted.append(f"{current}: {reason}")
+                continue
             raise InputError(f"{current}: cannot list folder: {reason}", current) from None
         names = {os.path.basename(d) for d in subdirs}
         if "images" in names and names & set(ANNOTATION_FOLDERS):
@@ -1063,12 +1070,14 @@ def _arg_images(
     recursive: bool,
     exclude: frozenset[str] = frozenset(),
     unread: set[str] | None = None,
+    unlisted: list[str] | None = None,
 ) -> Iterator[Path]:
     """Stream the image files one command-line argument stands for (no validation); the
-    real paths of files of formats celltally does not read go into ``unread``."""
+    real paths of files of formats celltally does not read go into ``unread``, sub-folders
+    that cannot be listed into ``unlisted`` (:func:`_scan_folder`)."""
     p = Path(text)
     if p.is_dir():
-        yield from _scan_folder(p, recursive, exclude, unread)
+        yield from _scan_folder(p, recursive, exclude, unread, unlisted)
     elif p.is_file():
         yield p
     else:
@@ -1085,7 +1094,7 @@ def _arg_images(
                 if m.is_dir() and os.path.realpath(match) in exclude:
                     continue
             if m.is_dir():
-                yield from _scan_folder(m, recursive, exclude, unread)
+                yield from _scan_folder(m, recursive, exclude, unread, unlisted)
             elif _is_image_file(m):
                 yield m
             elif unread is not None and m.suffix.lower() in UNREAD_IMAGE_SUFFIXES:
@@ -1123,6 +1132,7 @@ def iter_images(
     recursive: bool = False,
     exclude: Sequence[str | os.PathLike[str]] = (),
     unread: collections.Counter[str] | None = None,
+    unlisted: list[str] | None = None,
 ) -> Iterator[Path]:
     """Like :func:`list_images`, but streamed: bounded memory whatever the folder size.
 
@@ -1146,6 +1156,10 @@ def iter_images(
         Filled, once the last file has been produced, with the suffixes of the files
         of formats celltally does not read (:data:`UNREAD_IMAGE_SUFFIXES`) that the
         folders and patterns held, each file once however often it was reached.
+    unlisted : list, optional
+        With ``recursive``: sub-folders that cannot be listed (e.g. no permission) are
+        left out and appended here as "folder: reason" (a folder reached twice, twice);
+        without it they raise :class:`InputError` when reached.
 
     Returns
     -------
@@ -1175,7 +1189,10 @@ def iter_images(
                 text,
             )
         if p.is_dir():
-            if next(_scan_folder(p, recursive, skip), None) is None:
+            closed: list[str] | None = None if unlisted is None else []
+            if next(_scan_folder(p, recursive, skip, unlisted=closed), None) is None:
+                if closed:
+                    raise InputError(f"{text}: no images found; cannot list {closed[0]}", text)
                 raise _empty_folder(p, text, recursive)
         elif p.is_file():
             if p.suffix.lower() not in IMAGE_SUFFIXES:
@@ -1198,7 +1215,7 @@ def iter_images(
         seen: set[bytes] | None = set() if len(texts) > 1 or patterns else None
         left_out: set[str] | None = None if unread is None else set()
         for text in texts:
-            for path in _arg_images(text, recursive, skip, left_out):
+            for path in _arg_images(text, recursive, skip, left_out, unlisted):
                 if seen is not None:
                     key = hashlib.blake2b(os.fsencode(file_identity(path)), digest_size=16).digest()
                     if key in seen:

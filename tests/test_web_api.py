@@ -972,3 +972,35 @@ def test_a_body_cut_before_its_last_boundary_is_refused(client):
     )
     assert response.status_code == 400  # it was counted as a whole file
     assert "ends before its last part" in response.json()["detail"]
+
+
+def test_loopback_servers_are_told_by_address_and_a_request_without_host_is_served(counter):
+    import asyncio
+
+    from celltally.web.app import LOOPBACK_NAMES, _is_loopback, _SameOrigin
+
+    for host in ("127.0.0.1", "127.0.1.1", "::1", "0:0:0:0:0:0:0:1", "[::1]", "LOCALHOST"):
+        assert _is_loopback(host), host
+    for host in ("0.0.0.0", "::", "192.168.1.5", "lab.example", "128.0.0.1"):
+        assert not _is_loopback(host), host
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def status(headers):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": headers}
+        asyncio.run(_SameOrigin(app, LOOPBACK_NAMES)(scope, receive, send))
+        return sent[0]["status"]
+
+    assert status([]) == 200  # an HTTP/1.0 client sends no Host: no rebinding there
+    assert status([(b"host", b"127.0.0.1:8000")]) == 200
+    assert status([(b"host", b"evil.example")]) == 400

@@ -448,7 +448,8 @@ class _SameOrigin:
             headers = Headers(scope=scope)
             host = headers.get("host", "")
             name = urlsplit(f"//{host}").hostname or ""  # lower-cased, brackets and port off
-            if self.hosts is not None and name not in self.hosts:
+            # no Host at all (an HTTP/1.0 client) is no rebinding: browsers always send it
+            if self.hosts is not None and host and name not in self.hosts:
                 await JSONResponse({"detail": "unknown host name"}, 400)(scope, receive, send)
                 return
             # no Origin: a script or curl, not a browser page. "null" (a sandboxed frame,
@@ -464,6 +465,19 @@ class _SameOrigin:
 
 #: Host names a server bound to a loopback address answers to.
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (a --host value) reaches this machine only: localhost, 127.x.y.z,
+    ::1 however spelt."""
+    import ipaddress
+
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 #: Largest image (pixels) the page computes a saliency map for: it needs a backward
@@ -1044,7 +1058,7 @@ def serve(
             probe.bind((host, port))
         except OSError as err:
             raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-    loopback = host.lower() in LOOPBACK_NAMES or host.startswith("127.")
+    loopback = _is_loopback(host)
     app = create_app(
         model,
         max_files=max_files,

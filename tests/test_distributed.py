@@ -82,6 +82,91 @@ def test_torchrun_two_cpu_processes_train_and_end_with_the_same_weights(tiny_mod
     assert digest_of(out) == agreed  # what rank 0 saved is what every rank holds
     assert digest_of(tiny_model) != agreed  # and it trained
     config = json.loads((out / "config.json").read_text())
+    command = config["training"]["environment"]["command"]  # rerunnable as recorded
+    assert command.startswith("torchrun --nnodes 1 --nproc_per_node 2 -m celltally.cli train")
     # under 16 training images, fewer than a batch of 8 per rank: one step per stage
     assert [len(config["history"][s]) for s in ("segmenter", "counter")] == [1, 1]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["counter.pt", "segmenter.pt"]
+
+
+AGREE_SCRIPT = """
+import sys
+from celltally import distributed
+distributed.setup()
+distributed.agree(("same", 3), what="same values")  # passes on every rank
+try:
+    distributed.agree(distributed.rank(), what="checkpoints differ", hint="share --out")
+except ValueError as err:
+    print(f"rank {distributed.rank()}: {err}", flush=True)
+distributed.barrier()
+distributed.teardown()
+"""
+
+
+def test_ranks_that_start_from_different_checkpoints_or_data_are_stopped_not_hung(tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + [str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for r in (0, 1):  # every rank raises, so none waits in a collective for the others
+        assert f"rank {r}: checkpoints differ (rank 0 and rank(s) 1 differ); share --out" in (
+            proc.stdout
+        )
+
+
+def test_only_rank_0_says_what_an_interrupted_torchrun_training_keeps(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from celltally import training_data
+    from celltally.cli import app
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_data, "build_and_fit", interrupted)
+    args = ["train", "--out", str(tmp_path / "m"), "--simulated", "10", "--no-progress"]
+    zero = CliRunner().invoke(app, args, env={"RANK": "0"})
+    one = CliRunner().invoke(app, args, env={"RANK": "1"})
+    assert zero.exit_code == one.exit_code == 130
+    assert zero.output.startswith("interrupted: before any training was saved")
+    assert one.output == ""  # N copies of rank 0's advice (some wrong) said nothing new
+
+
+def test_when_rank_0_fails_mid_training_every_rank_says_one_line(tiny_model, tmp_path):
+    plate = simulate_plate(
+        tmp_path / "plate", images=8, blurs=(1, 23), stains=(1,), size=(130, 174), seed=5
+    )
+    out = tmp_path / "model"
+    (out / "checkpoints" / "segmenter.tmp").mkdir(parents=True)  # rank 0 cannot save there
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + ["-m", "celltally.cli", "train", "--out", str(out), "--data", str(plate)]
+        + ["--from", str(tiny_model), "--seg-epochs", "1", "--count-epochs", "1"]
+        + ["--workers", "1", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert any(
+        line.startswith("error: ") and "segmenter.tmp: cannot write the checkpoint" in line
+        for line in ours
+    ), proc.stderr[-3000:]
+    assert any(line.startswith("rank 1: error: stopped: a collective") for line in ours), ours
+    ranks_said = proc.stderr.split("torch/distributed/elastic")[0]  # before torchrun's own
+    assert "Traceback" not in ranks_said, ranks_said

@@ -460,6 +460,11 @@ def test_small_training_sets_get_smaller_batches():
     two["train"]["counter"]["batch_size"] = 16
     _small_batches(two, n_images={"segmenter": 0, "counter": 40}, world=2, log=lines.append)
     assert two["train"]["counter"]["batch_size"] == 5 and "per process" in lines[-1]
+    # one masked image, two processes: each would take 0 steps, the segmenter untrained
+    with pytest.raises(
+        io.InputError, match=r"the segmenter has 1 training image\(s\) with a mask for 2"
+    ):
+        _small_batches(two, n_images={"segmenter": 1, "counter": 40}, world=2, log=lines.append)
     # a stage that does not run keeps its settings; a large set changes nothing
     kept = base_config("kept")
     kept["train"]["segmenter"]["epochs"] = 0

@@ -253,3 +253,11 @@ def test_sets_that_cannot_train_are_refused_before_any_step():
     # a density counter trains on a single image, as before
     density = CountingPipeline({**config, "counter": {**config["counter"], "head": "density"}})
     assert len(train_counter(density, data.subset([0]), **quiet)) == 1
+
+
+def test_a_checkpoint_that_cannot_be_written_is_an_oserror_naming_it(tmp_path):
+    from celltally.train import _save_checkpoint
+
+    (tmp_path / "segmenter.tmp").mkdir()  # torch.save raises RuntimeError for this
+    with pytest.raises(OSError, match=r"segmenter\.tmp: cannot write the checkpoint: Is a dir"):
+        _save_checkpoint(tmp_path / "segmenter.pt", {"epoch": 0})

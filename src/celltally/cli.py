@@ -1128,7 +1128,16 @@ def train(
             )
     except _user_errors() as err:
         fail(err, rank=rank)
+    except RuntimeError as err:
+        if not distributed.launched():
+            raise
+        # under torchrun, a process whose partner failed (its own error said above) or
+        # left sees its collective break: one line, not gloo's traceback
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        fail(f"stopped: a collective with the other processes failed ({first})", rank=rank)
     except KeyboardInterrupt:
+        if rank not in (None, "", "0"):  # rank 0 says what is kept, for all of them
+            raise typer.Exit(143 if isinstance(sys.exc_info()[1], Terminated) else 130) from None
         checkpoints = out / "checkpoints"
         if checkpoints.is_dir() and any(checkpoints.iterdir()):
             _interrupted(

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "agree",
     "autocast",
     "bfloat16_on",
     "barrier",
@@ -252,6 +253,20 @@ def weights_digest(module: torch.nn.Module) -> str:
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def agree(value: Any, *, what: str, hint: str = "") -> None:
+    """Raise ValueError unless every rank passes an equal ``value`` (picklable; no-op
+    when not distributed): the ranks of one run must hold the same data and start."""
+    if not is_distributed():
+        return
+    digest = hashlib.sha256(repr(value).encode()).hexdigest()
+    digests: list[Any] = [None] * world_size()
+    dist.all_gather_object(digests, digest)
+    differ = [i for i, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        ranks = ", ".join(map(str, differ[:5]))
+        raise ValueError(f"{what} (rank 0 and rank(s) {ranks} differ){'; ' + hint if hint else ''}")
 
 
 def check_in_sync(module: torch.nn.Module) -> list[str]:

@@ -61,7 +61,11 @@ def _save_checkpoint(path: Path | None, state: dict[str, Any]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except RuntimeError as err:  # torch.save's own for a folder in the way, a full disk
+        reason = str(err).split("strerror: ")[-1].strip().splitlines()[0][:200]
+        raise OSError(f"{tmp}: cannot write the checkpoint: {reason}") from None
     tmp.replace(path)  # atomic: a kill mid-save never leaves a broken checkpoint
 
 
@@ -180,6 +184,15 @@ def _run_epochs(
         history = state["history"]
         start = state["epoch"] + 1
         log(f"{stage}: resumed from {checkpoint} after epoch {start}")
+    # under torchrun every rank reads the checkpoint: one that found another (an --out
+    # not shared between machines) would train on and hang the others at the end
+    distributed.agree(
+        (start, plan),
+        what=f"{stage}: the processes found different checkpoints in {checkpoint.parent}"
+        if checkpoint is not None
+        else f"{stage}: the processes start from different epochs",
+        hint="--out must be a folder every process sees (a shared file system)",
+    )
     # a budget may have cut the plan: the checkpoint knows to how many epochs
     planned = int((state or {}).get("epochs_planned", epochs)) if start else epochs
     if start < planned:

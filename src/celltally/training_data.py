@@ -26,7 +26,7 @@ from celltally.datasets import (
     split_bbbc005,
     unused_files,
 )
-from celltally.distributed import is_main, world_size
+from celltally.distributed import is_main, launched, world_size
 from celltally.model_folder import UNFINISHED, check_new_model_folder
 from celltally.models.presets import get_preset
 from celltally.scale import model_scale, off_frame, off_frame_note
@@ -97,9 +97,16 @@ def _small_batches(
             continue
         if "batch_size_planned" in hp:  # shrunk for the starting model's few images
             hp["batch_size"] = hp.pop("batch_size_planned")
-        n = int(n_images.get(stage, 0)) // max(1, world)
-        if n == 0:  # nothing to train this stage on (e.g. no masks: the segmenter is kept)
+        total = int(n_images.get(stage, 0))
+        n = total // max(1, world)
+        if total == 0:  # nothing to train this stage on (e.g. no masks: the segmenter is kept)
             continue
+        if n == 0:  # fewer than the processes: each would take 0 steps, the stage untrained
+            what = " with a mask" if stage == "segmenter" else ""
+            raise io.InputError(
+                f"the {stage} has {total} training image(s){what} for {world} processes "
+                "(each process needs one or more): add images, or train with fewer processes"
+            )
         if stage == "counter" and n < 2:  # one image a batch: BatchNorm cannot train on it
             raise io.InputError(
                 f"the counter would train on {n} image{' per process' if world > 1 else ''}; "
@@ -667,9 +674,16 @@ def _environment(*, resume: bool) -> dict[str, Any]:
 
     on = device()
     program = Path(sys.argv[0]).name if sys.argv else ""
+    # the command line as run (the Python API: the script that called it)
+    words = ["celltally" if program == "celltally" else program]
+    if program == "cli.py" and "celltally" in sys.argv[0]:  # python -m celltally.cli
+        words = ["-m", "celltally.cli"] if launched() else ["python", "-m", "celltally.cli"]
+    if launched():  # torchrun: how many processes, on how many machines
+        per_node = os.environ.get("LOCAL_WORLD_SIZE") or str(world_size())
+        nodes = max(1, world_size() // max(1, int(per_node)))
+        words = ["torchrun", "--nnodes", str(nodes), "--nproc_per_node", per_node, *words]
     return {
-        # the command line as run (the Python API: the script that called it)
-        "command": shlex.join(["celltally" if program == "celltally" else program, *sys.argv[1:]]),
+        "command": shlex.join([*words, *sys.argv[1:]]),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "resumed": bool(resume),
         "celltally": __version__,

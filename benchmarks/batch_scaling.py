@@ -45,6 +45,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from provenance import stamp
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -334,7 +336,7 @@ def main() -> int:
     print_table(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(stamp(report), indent=2) + "\n")
     print(f"-> {out}")
     return 0
 

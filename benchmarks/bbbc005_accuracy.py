@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from provenance import stamp
 
 from celltally import io, naming
 from celltally.baselines import otsu_watershed_count
@@ -53,6 +54,9 @@ def main() -> int:
     records = []
     for path in files:
         name = naming.parse_name(path.name)
+        if None in (name.count, name.blur, name.stain, name.site):
+            print(f"error: {path}: not a BBBC005 name (_C<count>_F<blur>_s<site>_w<stain>)")
+            return 2
         image = io.read_image(path)
         records.append(
             {
@@ -105,13 +109,15 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {
-                "model": args.model,
-                "test_sites": sorted(TEST_SITES),
-                "n_test": len(test),
-                "otsu_watershed_min_distance": chosen,
-                **results,
-            },
+            stamp(
+                {
+                    "model": args.model,
+                    "test_sites": sorted(TEST_SITES),
+                    "n_test": len(test),
+                    "otsu_watershed_min_distance": chosen,
+                    **results,
+                }
+            ),
             indent=2,
         )
         + "\n"

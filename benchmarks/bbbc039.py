@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from provenance import stamp  # noqa: E402 (benchmarks/, this script's folder)
 from train_nuclei import read_instances, split_names  # noqa: E402
 
 from celltally import io  # noqa: E402
@@ -376,7 +377,7 @@ def main() -> int:
         args.out or f"benchmarks/results/bbbc039{'_epistemic' if args.epistemic else ''}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    out.write_text(json.dumps(stamp(report), indent=2, default=float) + "\n")
     print(f"\nwrote {out}")
     return 0
 

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import stamp
 
 from celltally import io, naming
 from celltally.calibration import (
@@ -526,7 +527,7 @@ def main() -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "results": results,
     }
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.write_text(json.dumps(stamp(record), indent=2) + "\n")
     print(f"\nreliability diagram -> {args.figure}; results -> {out}")
     return 0
 

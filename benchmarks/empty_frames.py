@@ -40,6 +40,7 @@ from celltally.transforms import noise_std
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from empty_frames import sparse_scenes  # noqa: E402  (the decision's sparse scenes, other seeds)
+from provenance import stamp
 
 SEED = 20_000
 
@@ -138,7 +139,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"frames_per_kind": args.frames, "results": results}, indent=2) + "\n"
+        json.dumps(stamp({"frames_per_kind": args.frames, "results": results}), indent=2) + "\n"
     )
     print(f"-> {out}")
     return 0

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import stamp
 
 from celltally.counter import CellCounter
 from celltally.datasets import LabeledSet
@@ -365,7 +366,7 @@ def main() -> int:
             traceback.print_exc()
             result[name] = {"error": f"{type(error).__name__}: {error}"}
         result.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 1)
-        out.write_text(json.dumps(result, indent=2))
+        out.write_text(json.dumps(stamp(result), indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -52,6 +52,7 @@ from celltally.train import train_counter
 from celltally.uncertainty import load_members
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+from provenance import stamp
 from train_bbbc005 import simulation_settings  # noqa: E402
 
 LEVELS = (0.8, 0.9, 0.95)
@@ -243,7 +244,7 @@ def main() -> int:
         "results": results,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    Path(args.json).write_text(json.dumps(stamp(record), indent=1) + "\n")
     print(f"wrote {args.json}")
     return 0
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import stamp
 
 from celltally import io, naming
 from celltally.calibration import parts_variance_factor
@@ -153,7 +154,7 @@ def main() -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "layouts": results,
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(stamp(report), indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

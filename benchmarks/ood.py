@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from provenance import stamp
 
 from celltally import naming
 from celltally.calibration import SIZE_HINT
@@ -171,8 +172,14 @@ def main() -> int:
             mae = f"  MAE {g['mae']:.2f}" if "mae" in g else ""
             print(f"{'  ' + stain:<56}{g['n']:>6}{g['warned']:>8}{g['rate']:>8.1%}{mae}")
     out = Path(args.out)
+    missing = [str(p) for p in (bbbc005, bbbc039) if not p.exists()]
+    if missing and args.out == parser.get_default("out"):
+        # the committed results hold the real sets' rows: a partial run must not replace them
+        shown = ", ".join(missing)
+        print(f"not written to {out}: {shown} not found; give --out to keep these rows")
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "results": results}, indent=2) + "\n")
+    out.write_text(json.dumps(stamp({"model": args.model, "results": results}), indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -30,6 +30,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from provenance import stamp  # noqa: E402 (benchmarks/, this script's folder)
+
 from celltally import io, naming  # noqa: E402
 from celltally.calibration import (  # noqa: E402
     feature_distance,
@@ -106,7 +108,8 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"model": args.model, "frames": len(files), "results": results}, indent=1) + "\n"
+        json.dumps(stamp({"model": args.model, "frames": len(files), "results": results}), indent=1)
+        + "\n"
     )
     print(f"-> {out}")
     return 0

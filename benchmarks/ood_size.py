@@ -37,6 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from provenance import stamp  # noqa: E402 (benchmarks/, this script's folder)
 from scale import resized  # noqa: E402 (benchmarks/, this script's folder)
 
 from celltally import io, naming  # noqa: E402
@@ -214,7 +215,7 @@ def main() -> int:
         },
         "results": results,
     }
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    out.write_text(json.dumps(stamp(record), indent=1) + "\n")
     print(f"-> {out}")
     return 0
 

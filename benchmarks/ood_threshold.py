@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from provenance import stamp
 
 from celltally.calibration import feature_distance, feature_reference, held_out_distances
 
@@ -61,7 +62,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"nominal": 0.1, "features": 96, "new_images": 20_000, "repeats": args.repeats}
-    out.write_text(json.dumps({**record, "results": rows}, indent=2) + "\n")
+    out.write_text(json.dumps(stamp({**record, "results": rows}), indent=2) + "\n")
     print(f"-> {out}")
     return 0
 

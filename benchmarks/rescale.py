@@ -31,6 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from provenance import stamp  # noqa: E402 (benchmarks/, this script's folder)
 from scale import resized  # noqa: E402 (benchmarks/, this script's folder)
 
 from celltally import io, naming  # noqa: E402
@@ -119,7 +120,7 @@ def main() -> int:
     report = {"model": args.model, "data": str(data), "images": len(files), "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(json.dumps(stamp(report), indent=1) + "\n")
     print(f"-> {out}")
     return 0
 

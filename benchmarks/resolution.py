@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from provenance import stamp
 
 from celltally import io, naming
 from celltally.baselines import otsu_watershed_count
@@ -86,7 +87,7 @@ def main() -> int:
         print(f"{key:<42} {row['mae']:>9.2f}  {row['best_min_distance']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"data": str(data), "results": results}, indent=2) + "\n")
+    out.write_text(json.dumps(stamp({"data": str(data), "results": results}), indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0
 

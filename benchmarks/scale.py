@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from bbbc039 import data_and_model  # noqa: E402 (benchmarks/, this script's folder)
+from provenance import stamp  # noqa: E402 (benchmarks/, this script's folder)
 
 from celltally import io  # noqa: E402
 from celltally.counter import CellCounter  # noqa: E402
@@ -130,7 +131,7 @@ def main() -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(json.dumps(stamp(report), indent=1) + "\n")
     print(f"-> {out}")
     return 0
 

@@ -34,6 +34,8 @@ import json
 import sys
 from pathlib import Path
 
+from provenance import stamp
+
 from celltally import io
 from celltally.evaluation import evaluate_folder
 from celltally.metrics import format_table
@@ -95,7 +97,7 @@ def main() -> int:
         "ratio": ratios,
         **verdict,
     }
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    out.write_text(json.dumps(stamp(payload), indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import stamp
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = re.compile(
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "simulator_realism.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(stamp(report), indent=2) + "\n")
     print(f"results -> {out}")
     return 0
 

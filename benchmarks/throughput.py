@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import stamp
 
 from celltally.counter import CellCounter
 from celltally.simulate import simulate_plate
@@ -96,7 +97,7 @@ def main() -> int:
     print(f"start-up: the whole command on one image takes {startup:.2f} s (median of 5)")
     out = Path(args.out or default_out(args.model, epistemic=args.epistemic, threads=args.threads))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(stamp(result), indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from provenance import stamp
 
 from celltally.counter import available_models, resolve_model
 from celltally.simulate import simulate_scene
@@ -198,7 +199,7 @@ def main() -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(stamp(report), indent=2) + "\n")
     print(f"-> {out}")
     return 0
 

@@ -36,6 +36,7 @@ from celltally.wells import aggregate_wells, well_key
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibration import predict as predict_pairs  # noqa: E402  (the sibling benchmark)
+from provenance import stamp
 
 LEVELS = (0.8, 0.9, 0.95)
 
@@ -130,7 +131,7 @@ def main() -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "results": results,
     }
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.write_text(json.dumps(stamp(record), indent=2) + "\n")
     print(f"-> {out}")
     return 0
 

@@ -1,14 +1,15 @@
 """Continue training a BBBC005 model's counter on fresh simulated scenes, then calibrate and test.
 
-The shipped ``bbbc005`` model came from this, run on a lent GPU (NVIDIA H200,
-float32, about 3 s per epoch; on 2 CPU cores an epoch takes about 25 s)::
+The shipped ``bbbc005`` model's counter came from this, run on a lent GPU
+(NVIDIA H200, float32; its ``config.json`` records the command)::
 
-    python scripts/continue_bbbc005.py --init runs/bbbc005_sim40 --out runs/bbbc005 \
-        --scenes 8000 --sim-seed 3000 --epochs 60 --lr 1e-3 --seed 7 --members-from-init
+    python scripts/continue_bbbc005.py --init bbbc005 --out runs/bbbc005 --scenes 16000 \
+        --sim-seed 5000 --epochs 55 --lr 0.003 --batch-size 32 --seed 12 \
+        --new-counter --planes-at input
 
-where ``runs/bbbc005_sim40`` is the model shipped before it (git commit
-27f4c76, ``src/celltally/weights/bbbc005``: ``train_bbbc005.py --train-data
-simulated``, 40 counter epochs on 8,000 scenes, never a real image).
+where ``--init bbbc005`` was the model shipped before it, whose segmenter it
+keeps (``train_bbbc005.py --train-data simulated``, never a real image;
+docs/experiments.md, fifth round).
 
 The segmenter is kept. The counter starts from ``--init``'s and trains on
 ``--scenes`` new simulated scenes (the same generator settings as
@@ -112,6 +113,16 @@ def _train_cells(model: CountingPipeline, args: argparse.Namespace, kw: dict) ->
 LOCAL_OPTIONS = ("weights", "workers", "out", "trained_on", "cache", "data", "sim_cache")
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command recorded in the model: the options that shape it (not LOCAL_OPTIONS)."""
+    return "python scripts/continue_bbbc005.py " + " ".join(
+        f"--{k.replace('_', '-')}"
+        + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
+        for k, v in vars(args).items()
+        if v not in (None, False, []) and k not in LOCAL_OPTIONS
+    )
+
+
 def _schedule(args: argparse.Namespace) -> str:
     return f"one-cycle lr {args.lr}, batch {args.batch_size}, seed {args.seed}, float32"
 
@@ -120,7 +131,8 @@ def _epochs_run(args: argparse.Namespace, history: list[dict] | None) -> str:
     """The epochs the counter trained, and the budget that cut them if one did."""
     ran = len(history) if history else args.epochs
     if ran < args.epochs:
-        return f"{ran} epochs (--budget {args.budget:g} s cut the {args.epochs} asked for)"
+        budget = f" {args.budget:g} s" if args.budget else ""
+        return f"{ran} epochs (--budget{budget} cut the {args.epochs} asked for)"
     return f"{ran} epochs"
 
 
@@ -232,6 +244,23 @@ def main() -> None:
         help="new counter input planes (their first-layer weights start at zero)",
     )
     args = parser.parse_args()
+    command = _command(args)
+    trained_elsewhere: dict = {}
+    if args.weights:
+        # finalizing needs the real images, and the options the weights were trained with
+        if not Path(args.weights).is_file():
+            parser.error(f"--weights {args.weights}: no such file")
+        if not Path(args.data).exists():
+            parser.error(f"--data {args.data}: not found; --weights finalizes (calibrates) there")
+        written = Path(args.weights).with_name("config.json")
+        if written.exists():
+            trained_elsewhere = json.loads(written.read_text()).get("training", {})
+            theirs = trained_elsewhere.get("command")
+            if theirs and theirs != command:
+                parser.error(
+                    f"--weights {args.weights}: trained by `{theirs}`; finalize with the same "
+                    f"options (this run's: `{command}`)"
+                )
     os.environ.setdefault("CELLTALLY_AMP", "0")  # float32 (TF32) on GPU: how it was trained
     init = resolve_model(args.init)
     model, config = load_model_folder(init)
@@ -313,14 +342,11 @@ def main() -> None:
         ],
         "continued_from": previous.get("command"),
         "continued_on": args.trained_on
+        # weights trained elsewhere: where their own config says
+        or trained_elsewhere.get("trained_on")
+        or trained_elsewhere.get("continued_on")
         or (torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"),
-        "command": "python scripts/continue_bbbc005.py "
-        + " ".join(
-            f"--{k.replace('_', '-')}"
-            + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
-            for k, v in vars(args).items()
-            if v not in (None, False, []) and k not in LOCAL_OPTIONS
-        ),
+        "command": command,
     }
     if args.real_sites:  # the sites trained on no longer calibrate
         split = dict(previous["split"])

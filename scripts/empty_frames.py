@@ -304,6 +304,8 @@ def main() -> None:
         help="train nothing: copy --init with this background subtracted before normalizing",
     )
     args = parser.parse_args()
+    if not Path(args.data).is_dir():  # before any simulation or output
+        raise SystemExit(f"--data {args.data}: no such folder")
     args.init = args.init or str(WEIGHTS / args.model)
     if args.empty is None:
         args.empty = 60 if args.model == "nuclei" else 200

@@ -62,6 +62,8 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="new folder for the recalibrated copy")
     parser.add_argument("--cache", default="cache", help="prepared-image cache (BBBC005)")
     args = parser.parse_args()
+    if not Path(args.data).is_dir():  # before any simulation or output
+        raise SystemExit(f"--data {args.data}: no such folder")
     source, out = resolve_model(args.model), Path(args.out)
     if out.exists():
         raise SystemExit(f"{out}: already exists; give a new --out")

@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--tta", choices=("none", "flip", "d8"), default="flip")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
+    if not Path(args.data).is_dir():  # before any simulation or output
+        raise SystemExit(f"--data {args.data}: no such folder")
     torch.set_num_threads(2)
     config = get_preset(args.preset)
     config["preset"] = args.preset

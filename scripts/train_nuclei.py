@@ -588,6 +588,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not Path(args.data).is_dir():  # before any simulation or output
+        raise SystemExit(f"--data {args.data}: no such folder")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)

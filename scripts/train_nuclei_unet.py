@@ -276,6 +276,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/nuc2/u0")
     args = p.parse_args()
+    if not Path(args.data).is_dir():  # before any simulation or output
+        raise SystemExit(f"--data {args.data}: no such folder")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     root = Path(args.data)

@@ -398,3 +398,18 @@ def test_a_run_stopped_within_an_images_files_leaves_it_to_be_written_again(
     written = sorted(p.name for p in (tmp_path / "objs").iterdir())
     assert written == ["a01_labels.tif", "a01_objects.csv", "a01_overlay.png"]  # no temporaries
     assert save_objects_for_rows(rows, **kw) == 0  # complete: skipped
+
+
+def test_specks_of_a_near_empty_mask_are_not_cut_into_pixels_to_make_up_the_count():
+    mask = np.zeros((96, 128), dtype=np.float32)  # the model's mask grid of a 520 x 696 frame
+    for y, x in [(10, 10), (40, 70), (80, 20), (60, 100)]:
+        mask[y, x] = 1.0  # four one-pixel specks (noise), a count of 74
+    mask[20:22, 50:52] = 1.0  # and one 2 x 2 blob: room for 4 objects at most
+    labels = label_objects(mask, 74.0, shape=(520, 696))
+    table = object_table(labels)
+    assert 5 <= len(table) <= 8  # was 74, most of them a pixel or two
+    for y, x in [(10, 10), (40, 70), (80, 20), (60, 100)]:  # each speck is one object
+        speck = labels[int(y * 520 / 96) - 6 : int(y * 520 / 96) + 12, int(x * 696 / 128) - 6 :]
+        assert np.unique(speck[:, :18][speck[:, :18] > 0]).size == 1
+    # a foreground with room for the count still gets exactly the count
+    assert len(object_table(label_objects(mask, 3.0, shape=(520, 696)))) == 3

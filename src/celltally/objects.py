@@ -5,7 +5,9 @@ The network predicts a foreground mask and a count, not instances. The
 instances written here are derived from both: the mask (upsampled to the
 image and thresholded) is split by a watershed of its distance transform
 seeded at ``round(count)`` points, so the number of labelled objects is the
-model's count whenever the foreground has at least one region per seed.
+model's count whenever the foreground has room for them: at most one object
+per pixel of the model's mask grid, so a near-empty mask's specks are not cut
+into one-pixel objects to make up a count.
 Seeds are shared among the connected foreground regions in proportion to
 their areas (each region gets at least one); within a region they go to its
 distance-transform peaks, topped up by k-means centres when touching nuclei
@@ -76,18 +78,44 @@ def _allocate(areas: np.ndarray, n: int) -> np.ndarray:
     return k
 
 
-def _seeds(dist: np.ndarray, components: np.ndarray, n_comp: int, n: int, spacing: float):
-    """``n`` seed points (fewer only if there are fewer foreground pixels).
+def _capped(areas: np.ndarray, n: int, room: np.ndarray) -> np.ndarray:
+    """:func:`_allocate` with at most ``room`` seeds per component (``n`` cut to the total
+    room); what a full component cannot hold goes to those with room, by area share."""
+    n = int(min(n, room.sum()))
+    k = np.zeros(areas.size, dtype=int)
+    fits = room > 0
+    if n == 0:
+        return k
+    k[fits] = _allocate(areas[fits], n)
+    k = np.minimum(k, room)
+    share = areas / areas[fits].sum() * n
+    while k.sum() < n:
+        k[np.argmax(np.where(k < room, share - k, -np.inf))] += 1
+    return k
 
-    Each component gets seeds in proportion to its area: its distance-transform
-    peaks (highest first, at least ``spacing`` apart), topped up, when a merged
-    blob has fewer peaks than seeds, by k-means centres of its pixels.
+
+def _seeds(
+    dist: np.ndarray,
+    components: np.ndarray,
+    n_comp: int,
+    n: int,
+    spacing: float,
+    cell_area: float = 1.0,
+):
+    """``n`` seed points (fewer where the foreground has no room for more).
+
+    Each component gets seeds in proportion to its area, at most one per
+    ``cell_area`` pixels (rounded; the area of one pixel of the model's mask: an
+    object smaller than that is not resolved): its distance-transform peaks
+    (highest first, at least ``spacing`` apart), topped up, when a merged blob has
+    fewer peaks than seeds, by k-means centres of its pixels.
     """
     from skimage.feature import peak_local_max
 
     index = np.arange(1, n_comp + 1)
     areas = ndi.sum_labels(np.ones_like(dist), components, index)
-    quota = _allocate(areas, n)
+    room = np.floor(areas / max(cell_area, 1.0) + 0.5).astype(int)
+    quota = _capped(areas, n, room)
     boxes = ndi.find_objects(components)
     seeds: list[tuple[int, int]] = []
     for label, (k, box) in enumerate(zip(quota, boxes, strict=True), start=1):
@@ -155,8 +183,10 @@ def label_objects(
     mask : 2-D array
         Foreground probability (``CountResult.mask``, any resolution covering the image).
     count : float
-        The predicted count; ``round(count)`` seeds are placed (fewer if the
-        foreground has no room for more distinct peaks).
+        The predicted count; ``round(count)`` seeds are placed, fewer where the
+        foreground has no room for them: at most one per pixel of ``mask``'s own
+        grid (its area at ``shape``), so specks of a near-empty mask are not cut
+        into one-pixel "objects" to make up a count.
     shape : (height, width)
         Size of the label image (the raw image's).
     threshold : float
@@ -173,6 +203,8 @@ def label_objects(
     if not math.isfinite(float(count)):
         raise ValueError(f"count must be a finite number, got {count}")
     n = int(round(max(float(count), 0.0)))
+    grid = np.shape(mask)
+    cell_area = (shape[0] / grid[0]) * (shape[1] / grid[1])  # one mask pixel at ``shape``
     prob = resize_to(np.asarray(mask, dtype=np.float32), shape)
     foreground = prob > threshold
     if n == 0 or not foreground.any():
@@ -183,7 +215,7 @@ def label_objects(
     spacing = max(2.0, 0.5 * radius)
     dist = ndi.gaussian_filter(dist, sigma=max(0.5, 0.15 * radius))
     components, n_comp = ndi.label(foreground)
-    seeds = _seeds(dist, components, n_comp, n, spacing)
+    seeds = _seeds(dist, components, n_comp, n, spacing, cell_area)
     markers = np.zeros(shape, dtype=np.int32)
     for i, (y, x) in enumerate(seeds, start=1):
         markers[y, x] = i

@@ -218,3 +218,13 @@ def test_the_counter_keeps_its_own_ood_reference_and_colour_tables_are_read_only
     assert counter.count(image).ood == before
     with pytest.raises(ValueError, match="read-only"):
         colormap("inferno")[:] = 0
+
+
+def test_an_rgb_array_composite_of_stains_is_refused_with_the_python_way_out():
+    from celltally.io import InputError, image_plane
+    from celltally.simulate import simulate_scene
+
+    nuclei = simulate_scene(40, blur=1, stain=1, seed=1).image
+    bodies = simulate_scene(90, blur=1, stain=2, seed=2).image
+    with pytest.raises(InputError, match=r"Pass one plane \(e.g. image\[..., 2\] for blue\)"):
+        image_plane(np.dstack([np.zeros_like(nuclei), bodies, nuclei]))

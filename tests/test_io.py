@@ -641,16 +641,19 @@ def test_a_grey_tiff_with_three_or_four_planes_last_is_stains_not_colour(tmp_pat
         read_image(grey)
     assert "4 different channels" in _assert_one_line(err, "yxc4.tif")
     assert np.array_equal(read_image(grey, channel=3), planes[..., 3])
+    # one stain under a colour table: colour (a composite of stains is refused, below)
+    g = rng.integers(0, 256, (40, 50))
+    tinted = np.stack([g, g // 2, g // 3, g // 4], axis=-1).astype(np.uint8)
     cmyk = tmp_path / "cmyk.tif"  # a colour TIFF of another kind is still colour
-    tifffile.imwrite(cmyk, planes.astype(np.uint8), photometric="separated")
+    tifffile.imwrite(cmyk, tinted, photometric="separated")
     assert read_image(cmyk).shape == (40, 50)
     samples = tmp_path / "yxs3.tif"  # one grey page of 3 samples per pixel, not RGB
     tifffile.imwrite(samples, planes[..., :3], photometric="minisblack", planarconfig="contig")
     with pytest.raises(ImageReadError, match="3 different channels"):
         read_image(samples)
     rgb = tmp_path / "rgb.tif"  # a real RGB TIFF is still a colour image: its mean
-    tifffile.imwrite(rgb, planes[..., :3].astype(np.uint8), photometric="rgb")
-    expected = np.rint(planes[..., :3].astype(np.uint8).astype(np.float32).mean(-1))
+    tifffile.imwrite(rgb, tinted[..., :3], photometric="rgb")
+    expected = np.rint(tinted[..., :3].astype(np.float32).mean(-1))
     assert np.array_equal(read_image(rgb), expected.astype(np.uint8))
 
 
@@ -861,3 +864,36 @@ def test_files_celltally_does_not_read_are_tallied_once_from_folders_and_pattern
         files = list(iter_images(args, unread=unread))
         assert [p.name for p in files] == ["a.tif"]
         assert dict(unread) == expected, args
+
+
+def test_a_colour_composite_of_stains_is_refused_one_stain_under_a_colour_table_is_not(
+    tmp_path: Path,
+) -> None:
+    import io as _io
+
+    from celltally.simulate import simulate_scene
+
+    nuclei = simulate_scene(40, blur=1, stain=1, seed=1).image
+    bodies = simulate_scene(90, blur=1, stain=2, seed=2).image  # another stain, other cells
+    zero = np.zeros_like(nuclei)
+    composite = tmp_path / "composite.png"  # Fiji's "RGB Color" of a two-channel image
+    Image.fromarray(np.dstack([zero, bodies, nuclei])).save(composite)
+    with pytest.raises(ImageReadError) as err:
+        read_image(composite)
+    message = _assert_one_line(err, "composite.png")
+    assert "a composite of stains? Choose the stain to count with --channel 0-2" in message
+    assert np.array_equal(read_image(composite, channel=2), nuclei)
+    # one stain under a colour table, lossless or JPEG, is counted as the mean of its colours
+    for name, rgb in [
+        ("green.png", np.dstack([zero, nuclei, zero])),
+        ("cyan.png", np.dstack([zero, nuclei, nuclei])),
+        ("hot.png", np.dstack([np.minimum(3 * nuclei.astype(int), 255), nuclei, nuclei // 3])),
+    ]:
+        for suffix in ("png", "jpg"):
+            buffer = _io.BytesIO()
+            Image.fromarray(rgb.astype(np.uint8)).save(
+                buffer, format="JPEG" if suffix == "jpg" else "PNG", quality=90
+            )
+            path = tmp_path / name.replace("png", suffix)
+            path.write_bytes(buffer.getvalue())
+            assert read_image(path).shape == nuclei.shape, path.name

@@ -272,7 +272,8 @@ ChannelOption = Annotated[
     typer.Option(
         help="Channel (0-based) of multi-channel images (e.g. OME-TIFF); required when "
         "a (C, Y, X) file's channels differ, unless the model records the channel it was "
-        "trained on (celltally models). RGB without it: the mean of the colours."
+        "trained on (celltally models). RGB without it: the mean of the colours (one stain "
+        "under a colour table; a composite of stains needs it too)."
     ),
 ]
 

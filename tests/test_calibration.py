@@ -1079,3 +1079,24 @@ def test_ensemble_scenes_are_not_the_ones_train_drew_at_the_same_seed(tmp_path, 
     # `celltally train --seed S` draws its training scenes with S + 1000, calibration
     # S + 2000, S < 2**32 (training_data.build_and_fit): members learn from new scenes
     assert seeds and min(seeds) > 2**32 + 1999
+
+
+def test_a_bright_background_is_named_instead_of_a_magnification(tmp_path):
+    """An inverted frame (dark nuclei on bright) looked like larger objects: the warning
+    sent the user to rescale by 0.22, then 0.099; its cause is the bright background."""
+    from celltally.calibration import BRIGHT_HINT
+    from celltally.counter import CellCounter
+    from celltally.simulate import simulate_scene
+
+    limits = {"quantile": 0.99, "mask_std": 0.5, "size_shift": 1.25}
+    flagged = np.full((4, 4), 0.6)
+    inverted = {**ood_features(10.0, flagged, size_ratio=4.6), "background": 0.9}
+    text = ood_warning(inverted, limits)
+    assert text.endswith(BRIGHT_HINT) and "rescale" not in text
+    assert suggested_rescale(text) is None
+    # the shipped model on a real-like frame and its inverse
+    counter = CellCounter.from_pretrained("bbbc005")
+    image = simulate_scene(18, blur=1, stain=1, seed=4).image
+    assert "bright" not in counter.count(image).warning
+    flipped = counter.count(255 - image)
+    assert flipped.warning.endswith(BRIGHT_HINT), flipped.warning

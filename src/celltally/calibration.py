@@ -375,6 +375,13 @@ UNLIKE_HINT = "unlike the calibration images"
 #: of the factor counted at) in a warning that names the objects' size
 #: (:func:`ood_warning`, :func:`suggested_rescale`).
 SIZE_HINT = "another magnification? rescale by about"
+#: Above this :func:`celltally.transforms.background_level` (the normalized image's median),
+#: most of the frame is bright: dark objects on a bright background, not fluorescence.
+BRIGHT_BACKGROUND = 0.75
+BRIGHT_HINT = (
+    "most of the frame is bright: dark objects on a bright background (brightfield, or an "
+    "inverted image)? celltally counts bright objects on a dark one: invert it first"
+)
 
 
 def ood_features(
@@ -754,7 +761,10 @@ def ood_warning(
     text = f"{UNLIKE_HINT} ({'; '.join(parts)}; {where} limit)" if parts else ""
     ratio = features.get("size_ratio")
     beyond = limits.get("size_shift")
-    if text and ratio and beyond is not None and features.get("size_shift", 0.0) > float(beyond):
+    bright = features.get("background", 0.0) > BRIGHT_BACKGROUND
+    if text and bright:  # the likelier cause: its objects' size would send one astray
+        text += f"; {BRIGHT_HINT}"
+    elif text and ratio and beyond is not None and features.get("size_shift", 0.0) > float(beyond):
         # the size names a likely cause of a warning; alone it raises none (not adopted:
         # on BBBC005 calibration sites it added false alarms on true-scale crops,
         # docs/uncertainty.md)

@@ -61,7 +61,7 @@ from celltally.tiling import (
     count_density,
     tile_sides,
 )
-from celltally.transforms import contrast, prepare_image
+from celltally.transforms import background_level, contrast, prepare_image
 
 #: Smallest image side (raw px) counted: below it there is not one whole cell.
 MIN_SIDE = 8
@@ -638,7 +638,7 @@ class CellCounter:
             out.mask_std,
             out.epistemic_std,
             self._embeddings([self._central_frame(item.prepared)])[0],
-            contrast(item.prepared, norm=self.norm),
+            (contrast(item.prepared, norm=self.norm), background_level(item.prepared)),
         )
 
     def _central_frame(self, image: np.ndarray) -> np.ndarray:
@@ -691,7 +691,7 @@ class CellCounter:
         spreads = torch.sqrt(epistemic_var).cpu().numpy() if self.members else [None] * len(x)
         masks = mask[:, 0].cpu().numpy()
         mask_stds = torch.exp(0.5 * mask_logvar[:, 0]).cpu().numpy()
-        contrasts = [contrast(a, norm=self.norm) for a in prepared]
+        contrasts = [(contrast(a, norm=self.norm), background_level(a)) for a in prepared]
         return list(
             zip(
                 counts.cpu().numpy(),
@@ -755,7 +755,7 @@ class CellCounter:
         self, raw: tuple, level: float, source: str | None, name: str | None = None
     ) -> CountResult:
         """A raw result tuple as a ``CountResult``; metadata from ``source``, else ``name``."""
-        count, std, mask, mask_std, spread, embedding, frame_contrast = raw
+        count, std, mask, mask_std, spread, embedding, (frame_contrast, background) = raw
         if self.count_scale != 1.0:
             count, std = count * self.count_scale, std * self.count_scale
             spread = None if spread is None else spread * self.count_scale
@@ -772,6 +772,8 @@ class CellCounter:
         if curves and readable and (size := object_size(mask)) is not None:
             ratio = size_ratio(*size, curves, label=meta.get("stain"))
         features = ood_features(count, mask_std, spread, distance, frame_contrast, ratio)
+        if background is not None:
+            features["background"] = background
         return CountResult(
             count=float(count),
             std=float(std),

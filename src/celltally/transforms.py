@@ -360,6 +360,17 @@ def contrast(prepared: np.ndarray, *, norm: Mapping[str, Any] | None = None) -> 
     return min(span, 1.0)
 
 
+def background_level(prepared: np.ndarray) -> float | None:
+    """The median of an image :func:`prepare_image` returned (0 at its low percentile, 1 at
+    its high one): near 0 for fluorescence (dark background; dense BBBC005 cell bodies
+    reach 0.63), near 1 for dark objects on a bright background (an inverted frame:
+    0.84-1.0)."""
+    flat = np.asarray(prepared, dtype=np.float32)
+    if flat.size == 0:
+        return None
+    return float(np.median(_sample(flat) if flat.size > 1_000_000 else flat))
+
+
 def dense_strides(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` with row-major strides computed from its shape (a copy only when needed).
 

@@ -920,3 +920,23 @@ def test_a_sub_folder_that_cannot_be_listed_is_named_and_the_rest_counted(
     finally:
         (lonely / "locked").chmod(0o755)
     assert result.exit_code == 2 and f"cannot list {lonely / 'locked'}" in result.output
+
+
+def test_sub_folders_with_images_are_named_when_not_searched(tiny_model, image_folder, tmp_path):
+    (image_folder / "A05").mkdir()
+    tifffile.imwrite(image_folder / "A05" / "site1.tif", blob_image(4, seed=3))
+    (image_folder / "notes").mkdir()  # no images: no word
+    (image_folder / "notes" / "readme.txt").write_text("x")
+    out = tmp_path / "r.csv"
+    result = run("count", image_folder, "--out", out, "--model", tiny_model, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert len(read_rows(out)) == 2
+    assert f"note: sub-folder {image_folder / 'A05'} holds images that were not searched" in (
+        result.output
+    )
+    assert "notes" not in result.output
+    again = run(
+        "count", image_folder, "--recursive", "--out", tmp_path / "all.csv", "--model", tiny_model
+    )
+    assert again.exit_code == 0 and "not searched" not in again.output
+    assert len(read_rows(tmp_path / "all.csv")) == 3

@@ -186,7 +186,9 @@ def test_counts_come_from_label_masks_without_counts_csv(folders, tmp_path):
     shutil.copytree(folder, binary)
     for path in (binary / "labels").iterdir():
         tifffile.imwrite(path, (tifffile.imread(path) > 0).astype(np.uint8) * 255)
-    with pytest.raises(ValueError, match="neither _C<count>_ in the name nor a label mask"):
+    with pytest.raises(
+        ValueError, match="neither _C<count>_ in the name nor a label image to count"
+    ):
         load_folder(binary, size=(64, 96))
     # binary masks in masks/ beside the label images in labels/: the labels count
     both = tmp_path / "both"

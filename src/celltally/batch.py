@@ -756,6 +756,9 @@ class BatchSummary:
     unlisted : list of str
         Sub-folders that could not be listed (``recursive``), as "folder: reason": their
         images were not counted.
+    unsearched : list of str
+        Without ``recursive``: sub-folders of the folders given that hold images, not
+        searched (:func:`celltally.io.iter_images`).
     """
 
     out: Path
@@ -772,6 +775,7 @@ class BatchSummary:
     unread: dict[str, int] = field(default_factory=dict)
     changed: list[str] = field(default_factory=list)
     unlisted: list[str] = field(default_factory=list)
+    unsearched: list[str] = field(default_factory=list)
 
 
 def _mismatch(manifest: dict, identity: dict, level: float, options: dict, out: Path) -> str | None:
@@ -1220,8 +1224,14 @@ def run_batch(
     outputs = [d for d in (save_masks, *exclude) if d is not None]
     unread: collections.Counter[str] = collections.Counter()  # .czi, .nd2, ... left out
     unlisted: list[str] = []  # sub-folders that could not be listed (said, not fatal)
+    unsearched: list[str] = []  # without --recursive: sub-folders with images of their own
     files = io.iter_images(
-        inputs, recursive=recursive, exclude=outputs, unread=unread, unlisted=unlisted
+        inputs,
+        recursive=recursive,
+        exclude=outputs,
+        unread=unread,
+        unlisted=unlisted,
+        unsearched=unsearched,
     )
     folder = resolve_model(model)
     identity = model_identity(folder)
@@ -1493,6 +1503,7 @@ def run_batch(
     summary.seconds = time.perf_counter() - t0
     summary.unread = dict(sorted(unread.items()))
     summary.unlisted = list(dict.fromkeys(unlisted))
+    summary.unsearched = unsearched
     return summary
 
 

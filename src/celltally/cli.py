@@ -615,6 +615,14 @@ def count(
             "to count them again, give a new --out or pass --overwrite",
             err=True,
         )
+    if summary.unsearched:
+        more = len(summary.unsearched) - 1
+        typer.echo(
+            f"note: sub-folder {summary.unsearched[0]}"
+            + (f" (and {more} more)" if more else "")
+            + " holds images that were not searched; --recursive counts them too",
+            err=True,
+        )
     if summary.unread:
         kinds = ", ".join(f"{n} {suffix}" for suffix, n in summary.unread.items())
         typer.echo(
@@ -971,7 +979,13 @@ def simulate(
     seed: Annotated[
         int, typer.Option(min=0, max=SEED_MAX, help="Random seed (same seed, same bytes).")
     ] = 0,
-    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT.")] = "696x520",
+    size: Annotated[
+        str,
+        typer.Option(
+            help="WIDTHxHEIGHT. Cells and blur scale with the frame (another magnification, "
+            "the same field of view): 348x260 holds the same cells at half the pixels."
+        ),
+    ] = "696x520",
     bit_depth: Annotated[int, typer.Option(help="8 or 16.")] = 8,
     workers: Annotated[int, typer.Option(help="Processes.")] = 1,
 ) -> None:

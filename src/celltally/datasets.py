@@ -497,7 +497,8 @@ def load_folder(
         if missing:
             raise io.InputError(
                 f"{root}: no counts.csv, and {len(missing)} image(s) have neither _C<count>_ "
-                f"in the name nor a label mask to count (first: {missing[0]}); "
+                f"in the name nor a label image to count (first: {missing[0]}; a binary "
+                "mask, or a label image of one value, does not say how many objects); "
                 "list them in counts.csv (columns image,count)"
             )
         table = cast("dict[str, float]", named)  # no None left: checked above

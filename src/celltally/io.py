@@ -997,6 +997,7 @@ def _scan_folder(
     exclude: frozenset[str] = frozenset(),
     unread: set[str] | None = None,
     unlisted: list[str] | None = None,
+    passed: list[str] | None = None,
 ) -> Iterator[Path]:
     """Image files in ``folder`` in directory order, streamed with :func:`os.scandir`.
 
@@ -1010,7 +1011,8 @@ def _scan_folder(
     output folders) are not descended into. The real paths of files in
     :data:`UNREAD_IMAGE_SUFFIXES` are added to ``unread``, if given. A sub-folder that
     cannot be listed (e.g. no permission) raises :class:`InputError`, or, if
-    ``unlisted`` is given, is left out and named there ("folder: reason").
+    ``unlisted`` is given, is left out and named there ("folder: reason"). Not
+    ``recursive``: its sub-folders (not hidden, not excluded) go into ``passed``, if given.
     """
     top = os.fspath(folder)
     stack = [top]
@@ -1039,6 +1041,9 @@ def _scan_folder(
                         if recursive and entry.is_dir():
                             if not exclude or os.path.realpath(entry.path) not in exclude:
                                 subdirs.append(entry.path)
+                        elif passed is not None and not image and entry.is_dir():
+                            if not exclude or os.path.realpath(entry.path) not in exclude:
+                                passed.append(entry.path)
                         elif image and (
                             entry.is_file() or (entry.is_symlink() and not entry.is_dir())
                         ):
@@ -1121,13 +1126,14 @@ def _arg_images(
     exclude: frozenset[str] = frozenset(),
     unread: set[str] | None = None,
     unlisted: list[str] | None = None,
+    passed: list[str] | None = None,
 ) -> Iterator[Path]:
     """Stream the image files one command-line argument stands for (no validation); the
     real paths of files of formats celltally does not read go into ``unread``, sub-folders
     that cannot be listed into ``unlisted`` (:func:`_scan_folder`)."""
     p = Path(text)
     if p.is_dir():
-        yield from _scan_folder(p, recursive, exclude, unread, unlisted)
+        yield from _scan_folder(p, recursive, exclude, unread, unlisted, passed)
     elif p.is_file():
         yield p
     else:
@@ -1176,6 +1182,10 @@ def _check_output_folders(texts: Sequence[str], skip: frozenset[str]) -> None:
                 )
 
 
+#: Sub-folders :func:`iter_images` looks into for images it did not search (``unsearched``).
+UNSEARCHED_CHECKED = 20
+
+
 def iter_images(
     paths: Sequence[str | os.PathLike[str]],
     *,
@@ -1183,6 +1193,7 @@ def iter_images(
     exclude: Sequence[str | os.PathLike[str]] = (),
     unread: collections.Counter[str] | None = None,
     unlisted: list[str] | None = None,
+    unsearched: list[str] | None = None,
 ) -> Iterator[Path]:
     """Like :func:`list_images`, but streamed: bounded memory whatever the folder size.
 
@@ -1210,6 +1221,10 @@ def iter_images(
         With ``recursive``: sub-folders that cannot be listed (e.g. no permission) are
         left out and appended here as "folder: reason" (a folder reached twice, twice);
         without it they raise :class:`InputError` when reached.
+    unsearched : list, optional
+        Without ``recursive``: filled, once the last file has been produced, with the
+        sub-folders of folder arguments that hold images of their own (not searched;
+        the first :data:`UNSEARCHED_CHECKED` sub-folders are looked into).
 
     Returns
     -------
@@ -1264,8 +1279,9 @@ def iter_images(
         patterns = any(not Path(t).exists() for t in texts)
         seen: set[bytes] | None = set() if len(texts) > 1 or patterns else None
         left_out: set[str] | None = None if unread is None else set()
+        passed: list[str] | None = None if unsearched is None or recursive else []
         for text in texts:
-            for path in _arg_images(text, recursive, skip, left_out, unlisted):
+            for path in _arg_images(text, recursive, skip, left_out, unlisted, passed):
                 if seen is not None:
                     key = hashlib.blake2b(os.fsencode(file_identity(path)), digest_size=16).digest()
                     if key in seen:
@@ -1274,6 +1290,15 @@ def iter_images(
                 yield path
         if unread is not None and left_out:
             unread.update(os.path.splitext(p)[1].lower() for p in left_out)
+        if unsearched is not None and passed:
+            for sub in list(dict.fromkeys(passed))[:UNSEARCHED_CHECKED]:
+                if os.path.basename(sub) in ANNOTATION_FOLDERS:  # a training layout's
+                    continue
+                try:
+                    if next(_scan_folder(Path(sub), True, skip), None) is not None:
+                        unsearched.append(sub)
+                except InputError:  # cannot be listed: not said here
+                    continue
 
     return generate()
 

@@ -32,7 +32,9 @@ def _git_commit() -> str | None:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            # results written by earlier benchmarks of a session do not make the code dirty
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--"]
+            + [".", ":(exclude)benchmarks/results"],
             capture_output=True,
             text=True,
             timeout=10,

@@ -342,9 +342,10 @@ def main() -> None:
         ],
         "continued_from": previous.get("command"),
         "continued_on": args.trained_on
-        # weights trained elsewhere: where their own config says
-        or trained_elsewhere.get("trained_on")
+        # weights trained elsewhere: where their own config says (its continued_on is the
+        # run's own; trained_on, without --new-counter, the starting model's)
         or trained_elsewhere.get("continued_on")
+        or trained_elsewhere.get("trained_on")
         or (torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"),
         "command": command,
     }

@@ -1170,22 +1170,3 @@ def test_a_deleted_failure_is_not_taken_for_a_namesake_in_another_folder(
     summary = run_batch(["p2"], out=out, model=tiny_model)
     assert (summary.counted, summary.earlier_failed) == (1, 0)  # b/p1/bad.tif was carried
     assert not output_paths(out).errors.exists()
-
-
-def test_an_image_replaced_after_it_was_counted_is_named_on_resume(plate, tiny_model, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for path in files_of(plate)[:3]:
-        (images / Path(path).name).write_bytes(Path(path).read_bytes())
-    names = files_of(images)
-    out = tmp_path / "res.csv"
-    run_batch(names[:2], out=out, model=tiny_model)
-    later = out.stat().st_mtime_ns + 5_000_000_000
-    os.utime(names[1], ns=(later, later))  # a new acquisition saved under the same name
-    summary = run_batch(names, out=out, model=tiny_model)
-    assert (summary.counted, summary.skipped, summary.changed) == (1, 2, [names[1]])
-    result = CliRunner().invoke(app, ["count", *names, "--out", str(out), "--model", tiny_model])
-    assert result.exit_code == 0, result.output
-    assert f"1 image(s) already in {out} were modified" in result.output
-    assert names[1] in result.output
-    assert not run_batch(names, out=out, model=tiny_model, overwrite=True).changed

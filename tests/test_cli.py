@@ -927,6 +927,9 @@ def test_sub_folders_with_images_are_named_when_not_searched(tiny_model, image_f
     tifffile.imwrite(image_folder / "A05" / "site1.tif", blob_image(4, seed=3))
     (image_folder / "notes").mkdir()  # no images: no word
     (image_folder / "notes" / "readme.txt").write_text("x")
+    (image_folder / "up").symlink_to("..")  # a link back: its images are counted already
+    (image_folder / "masks_prev").mkdir()  # an earlier run's masks are not images to count
+    tifffile.imwrite(image_folder / "masks_prev" / "A01_mask.png", np.zeros((8, 8), np.uint8))
     out = tmp_path / "r.csv"
     result = run("count", image_folder, "--out", out, "--model", tiny_model, "--no-progress")
     assert result.exit_code == 0, result.output
@@ -934,7 +937,11 @@ def test_sub_folders_with_images_are_named_when_not_searched(tiny_model, image_f
     assert f"note: sub-folder {image_folder / 'A05'} holds images that were not searched" in (
         result.output
     )
-    assert "notes" not in result.output
+    assert "notes" not in result.output and "up" not in result.output
+    assert "masks_prev" not in result.output
+    import shutil
+
+    shutil.rmtree(image_folder / "masks_prev")  # --recursive would count those as images
     again = run(
         "count", image_folder, "--recursive", "--out", tmp_path / "all.csv", "--model", tiny_model
     )

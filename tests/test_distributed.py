@@ -170,3 +170,15 @@ def test_when_rank_0_fails_mid_training_every_rank_says_one_line(tiny_model, tmp
     assert any(line.startswith("rank 1: error: stopped: a collective") for line in ours), ours
     ranks_said = proc.stderr.split("torch/distributed/elastic")[0]  # before torchrun's own
     assert "Traceback" not in ranks_said, ranks_said
+
+
+def test_only_torch_distributed_errors_are_told_as_a_broken_collective():
+    import torch.distributed as dist
+
+    from celltally.cli import _collective_error
+
+    assert _collective_error(dist.DistBackendError("NCCL error: remote process exited"))
+    gloo = "[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer"
+    assert _collective_error(RuntimeError(gloo))
+    assert not _collective_error(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not _collective_error(NotImplementedError("a bug"))

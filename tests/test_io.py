@@ -882,9 +882,15 @@ def test_a_colour_composite_of_stains_is_refused_one_stain_under_a_colour_table_
         read_image(composite)
     message = _assert_one_line(err, "composite.png")
     assert "a composite of stains? Choose the stain to count with --channel 0-2" in message
+    assert "not set by its brightness" in message
     assert np.array_equal(read_image(composite, channel=2), nuclei)
-    # one stain under a colour table, lossless or JPEG, is counted as the mean of its colours
+    # one stain under a colour table, lossless or JPEG, is counted as the mean of its colours;
+    # so is one with a camera's noise in an unused channel, or a colour image whose
+    # brightness is constant (not a stain at all, but not a composite to refuse either)
+    noise = np.clip(10 + np.random.default_rng(0).normal(0, 4, nuclei.shape), 0, 255)
+    ramp = np.tile(np.arange(nuclei.shape[1]) % 256, (nuclei.shape[0], 1))
     for name, rgb in [
+        ("camera.png", np.dstack([zero, nuclei, noise])),
         ("green.png", np.dstack([zero, nuclei, zero])),
         ("cyan.png", np.dstack([zero, nuclei, nuclei])),
         ("hot.png", np.dstack([np.minimum(3 * nuclei.astype(int), 255), nuclei, nuclei // 3])),
@@ -897,3 +903,8 @@ def test_a_colour_composite_of_stains_is_refused_one_stain_under_a_colour_table_
             path = tmp_path / name.replace("png", suffix)
             path.write_bytes(buffer.getvalue())
             assert read_image(path).shape == nuclei.shape, path.name
+    constant = tmp_path / "constant.png"  # stopped a whole run (NaN bins): read, not refused
+    Image.fromarray(np.dstack([ramp, 255 - ramp, np.zeros_like(ramp)]).astype(np.uint8)).save(
+        constant
+    )
+    assert read_image(constant).shape == nuclei.shape

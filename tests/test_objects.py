@@ -413,3 +413,7 @@ def test_specks_of_a_near_empty_mask_are_not_cut_into_pixels_to_make_up_the_coun
         assert np.unique(speck[:, :18][speck[:, :18] > 0]).size == 1
     # a foreground with room for the count still gets exactly the count
     assert len(object_table(label_objects(mask, 3.0, shape=(520, 696)))) == 3
+    # a visible foreground under half a mask pixel still gets its one object
+    small = np.zeros((16, 16), dtype=np.float32)
+    small[5, 5], small[5, 6] = 0.55, 0.6
+    assert len(object_table(label_objects(small, 3.0, shape=(128, 128)))) == 1

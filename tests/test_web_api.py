@@ -979,9 +979,9 @@ def test_loopback_servers_are_told_by_address_and_a_request_without_host_is_serv
 
     from celltally.web.app import LOOPBACK_NAMES, _is_loopback, _SameOrigin
 
-    for host in ("127.0.0.1", "127.0.1.1", "::1", "0:0:0:0:0:0:0:1", "[::1]", "LOCALHOST"):
+    for host in ("127.0.0.1", "127.0.1.1", "::1", "0:0:0:0:0:0:0:1", "[::1]", "LOCALHOST", "127.1"):
         assert _is_loopback(host), host
-    for host in ("0.0.0.0", "::", "192.168.1.5", "lab.example", "128.0.0.1"):
+    for host in ("0.0.0.0", "::", "192.168.1.5", "lab.example", "128.0.0.1", "10.1"):
         assert not _is_loopback(host), host
 
     async def app(scope, receive, send):

@@ -198,13 +198,6 @@ def describe_options(options: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _mtime_ns(path: str | os.PathLike[str]) -> int | None:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return None
-
-
 def _digest(name: str) -> bytes:
     return hashlib.blake2b(name.encode(_ENCODING, _ENC_ERRORS), digest_size=16).digest()
 
@@ -750,9 +743,6 @@ class BatchSummary:
         The folder the per-image outputs' names mirror (with ``save_masks``).
     unread : dict of str to int
         Files left out because celltally does not read their format, by suffix.
-    changed : list of str
-        Images skipped as already counted whose file was modified after the results
-        were last written (replaced since?): their rows were kept as they were.
     unlisted : list of str
         Sub-folders that could not be listed (``recursive``), as "folder: reason": their
         images were not counted.
@@ -773,7 +763,6 @@ class BatchSummary:
     seconds: float = 0.0
     output_root: Path | None = None
     unread: dict[str, int] = field(default_factory=dict)
-    changed: list[str] = field(default_factory=list)
     unlisted: list[str] = field(default_factory=list)
     unsearched: list[str] = field(default_factory=list)
 
@@ -1184,7 +1173,9 @@ def run_batch(
     Returns
     -------
     BatchSummary
-        Counts of images counted, skipped and failed, and the files written.
+        Counts of images counted, skipped and failed, and the files written. Check
+        ``failed`` and also ``unlisted``: a sub-folder that cannot be listed (``recursive``)
+        does not stop the run; its images are left uncounted and named there.
 
     Raises
     ------
@@ -1304,9 +1295,6 @@ def run_batch(
     def claim_recorded(name: str, bases: Sequence[str]) -> None:
         claimed.add(output_key(os.path.join(bases[0], name)))
 
-    # an image modified after the results were last written was replaced since its row
-    # was: said, not silently skipped (taken before this run truncates or appends)
-    written_ns = None if overwrite else _mtime_ns(out_paths.results)
     try:
         found, old = _prepare_output(
             out_paths,
@@ -1390,8 +1378,6 @@ def run_batch(
                     claimed.add(key)
                 if done:
                     summary.skipped += 1
-                    if written_ns is not None and (_mtime_ns(path) or 0) > written_ns:
-                        summary.changed.append(str(path))
                     if masks is not None and not mask_file(masks, path, root).exists():
                         # rows the pass above could not place (an older manifest)
                         if _move_image(masks, others, path, earlier, root):

@@ -206,6 +206,17 @@ def _clear_demo_plate(plate: Path) -> None:
     (plate / "counts.csv").unlink(missing_ok=True)
 
 
+def _collective_error(err: BaseException) -> bool:
+    """Whether ``err`` is torch.distributed's own: a collective that broke because another
+    process failed or left (gloo and NCCL raise plain RuntimeErrors as well)."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        mark in text for mark in ("gloo", "NCCL", "Connection closed by peer", "c10d")
+    )
+
+
 def _user_errors():
     from celltally import io
 
@@ -608,13 +619,6 @@ def count(
     else:
         typer.echo(f"counted {summary.counted} of {total} images{skipped}{took} -> {out}")
     _echo_warnings([r.get("warning") or "" for r in rows], f"in {out}", "column 'warning'")
-    if summary.changed:
-        typer.echo(
-            f"warning: {len(summary.changed)} image(s) already in {out} were modified after "
-            f"it was last written (first: {summary.changed[0]}); their earlier rows were kept: "
-            "to count them again, give a new --out or pass --overwrite",
-            err=True,
-        )
     if summary.unsearched:
         more = len(summary.unsearched) - 1
         typer.echo(
@@ -983,7 +987,7 @@ def simulate(
         str,
         typer.Option(
             help="WIDTHxHEIGHT. Cells and blur scale with the frame (another magnification, "
-            "the same field of view): 348x260 holds the same cells at half the pixels."
+            "the same field of view): 348x260 holds the same cells at half the width and height."
         ),
     ] = "696x520",
     bit_depth: Annotated[int, typer.Option(help="8 or 16.")] = 8,
@@ -1144,8 +1148,8 @@ def train(
     except _user_errors() as err:
         fail(err, rank=rank)
     except RuntimeError as err:
-        if not distributed.launched():
-            raise
+        if not distributed.launched() or not _collective_error(err):
+            raise  # e.g. out of memory, or a bug: its traceback is needed
         # under torchrun, a process whose partner failed (its own error said above) or
         # left sees its collective break: one line, not gloo's traceback
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

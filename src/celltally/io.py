@@ -609,9 +609,10 @@ def _to_2d(
         # exports them): the mean would count a mixture no model was trained on
         raise ImageReadError(
             path,
-            "its colours are not one stain under a colour table (brightness explains "
-            f"{eta:.0%} of a channel): a composite of stains? Choose the stain to count "
-            "with --channel 0-2 (0 red, 1 green, 2 blue), or save it as a greyscale image",
+            "its colours are not set by its brightness, as one stain's are under a grey, "
+            f"green or 'hot' colour table (brightness explains {eta:.0%} of a channel): a "
+            "composite of stains? Choose the stain to count with --channel 0-2 (0 red, "
+            "1 green, 2 blue), or save it as a greyscale image",
         )
     mean = colour.astype(np.float32).mean(axis=0, dtype=np.float32)
     # Keep the file's integer type: normalization's empty-frame guard and 'fixed'
@@ -620,33 +621,48 @@ def _to_2d(
 
 
 #: Below this, a colour image is taken for a composite of stains and refused without
-#: ``--channel``: the share of each colour channel's variance that the pixels' brightness
-#: (the mean of the channels) explains. One stain under a colour table (grey, green, cyan,
-#: "hot"; PNG or JPEG) gave 0.97-1.00 on BBBC005 frames; two unrelated stains in two
-#: channels 0.48-0.68. Two stains of the same cells (nuclei blue, cell bodies green) gave
-#: 0.94-0.97 and pass: their mean counts the same cells, though not as either stain.
+#: ``--channel``: the share of a colour channel's variance that the pixels' brightness (the
+#: mean of the channels) explains, for the channel it explains least. One stain under a
+#: colour table (grey, green, cyan, "hot"; PNG or JPEG) gave 0.97-1.00 on BBBC005 frames,
+#: two unrelated stains in two channels 0.49-0.68. Two stains of the same cells (nuclei
+#: blue, cell bodies green) gave 0.94-0.97 and pass: their mean counts the same cells,
+#: though not as either stain.
 COMPOSITE_DEPENDENCE = 0.85
 
 
 def _colour_dependence(colour: np.ndarray, bins: int = 256) -> float | None:
-    """How far brightness determines colour: the lowest correlation ratio (eta squared) of
-    the colour planes that carry signal (a std above 10% of the largest: JPEG's colour
-    noise stays below) given the planes' mean, on a strided sample; None if fewer than
-    two planes carry signal."""
-    step = max(1, int(math.sqrt(colour[0].size / 250_000)))
-    sample = colour[:, ::step, ::step].reshape(colour.shape[0], -1).astype(np.float64)
-    spread = sample.std(axis=1)
+    """How far brightness determines colour: the lowest correlation ratio (eta squared),
+    given the planes' mean, of the colour planes that carry a signal, on a strided sample
+    of at most 256 x 256 pixels. A plane carries one when its std is above 10% of the
+    largest (JPEG's colour noise stays below) and has spatial structure (a 3 x 3 mean keeps
+    over 30% of its variance; a camera's white noise in an unused channel keeps ~11%).
+    None when fewer than two planes carry a signal, or the brightness is constant."""
+    from scipy import ndimage as ndi
+
+    step_y = max(1, -(-colour.shape[1] // 256))
+    step_x = max(1, -(-colour.shape[2] // 256))
+    planes = colour[:, ::step_y, ::step_x].astype(np.float32)
+    flat = planes.reshape(planes.shape[0], -1)
+    spread = flat.std(axis=1)
     if not spread.max() > 0:
         return None
-    live = sample[spread > 0.1 * spread.max()]
-    if live.shape[0] < 2:
+    live = [
+        i
+        for i in range(planes.shape[0])
+        if spread[i] > 0.1 * spread.max()
+        and ndi.uniform_filter(planes[i], 3).var() > 0.3 * spread[i] ** 2
+    ]
+    if len(live) < 2:
         return None
-    brightness = sample.mean(axis=0)
-    low, high = brightness.min(), brightness.max()
+    brightness = flat.mean(axis=0)
+    low, high = float(brightness.min()), float(brightness.max())
+    if not high > low:
+        return None
     index = np.minimum(((brightness - low) / (high - low) * bins).astype(np.int64), bins - 1)
     n = np.bincount(index, minlength=bins)
     worst = 1.0
-    for plane in live:
+    for i in live:
+        plane = flat[i].astype(np.float64)
         sums = np.bincount(index, plane, bins)
         within = (np.bincount(index, plane * plane, bins) - sums * sums / np.maximum(n, 1)).sum()
         worst = min(worst, 1.0 - within / (plane.size * plane.var()))
@@ -1008,7 +1024,7 @@ def _scan_folder(
     (reading it then fails with its own error) rather than skipped unseen. A
     folder reached twice (a link back up the tree, or to a folder already listed)
     is listed once. Sub-folders whose real path is in ``exclude`` (a run's own
-    output folders) are not descended into. The real paths of files in
+    output folders) are not descended into. The absolute paths of files in
     :data:`UNREAD_IMAGE_SUFFIXES` are added to ``unread``, if given. A sub-folder that
     cannot be listed (e.g. no permission) raises :class:`InputError`, or, if
     ``unlisted`` is given, is left out and named there ("folder: reason"). Not
@@ -1036,13 +1052,16 @@ def _scan_folder(
                     suffix = os.path.splitext(entry.name)[1].lower()
                     image = suffix in IMAGE_SUFFIXES
                     if unread is not None and suffix in UNREAD_IMAGE_SUFFIXES:
-                        unread.add(os.path.realpath(entry.path))
+                        unread.add(os.path.abspath(entry.path))  # realpath: a stat a level
                     try:
                         if recursive and entry.is_dir():
                             if not exclude or os.path.realpath(entry.path) not in exclude:
                                 subdirs.append(entry.path)
                         elif passed is not None and not image and entry.is_dir():
-                            if not exclude or os.path.realpath(entry.path) not in exclude:
+                            # not a link (``up -> ..`` leads back to what was counted)
+                            if not entry.is_symlink() and (
+                                not exclude or os.path.realpath(entry.path) not in exclude
+                            ):
                                 passed.append(entry.path)
                         elif image and (
                             entry.is_file() or (entry.is_symlink() and not entry.is_dir())
@@ -1129,7 +1148,7 @@ def _arg_images(
     passed: list[str] | None = None,
 ) -> Iterator[Path]:
     """Stream the image files one command-line argument stands for (no validation); the
-    real paths of files of formats celltally does not read go into ``unread``, sub-folders
+    absolute paths of files of formats celltally does not read go into ``unread``, sub-folders
     that cannot be listed into ``unlisted`` (:func:`_scan_folder`)."""
     p = Path(text)
     if p.is_dir():
@@ -1154,7 +1173,7 @@ def _arg_images(
             elif _is_image_file(m):
                 yield m
             elif unread is not None and m.suffix.lower() in UNREAD_IMAGE_SUFFIXES:
-                unread.add(os.path.realpath(m))
+                unread.add(os.path.abspath(m))
 
 
 #: Ends of the image files celltally writes per counted image (masks, labels, overlay).
@@ -1223,8 +1242,9 @@ def iter_images(
         without it they raise :class:`InputError` when reached.
     unsearched : list, optional
         Without ``recursive``: filled, once the last file has been produced, with the
-        sub-folders of folder arguments that hold images of their own (not searched;
-        the first :data:`UNSEARCHED_CHECKED` sub-folders are looked into).
+        sub-folders of folder arguments that hold images directly (not searched; the
+        first :data:`UNSEARCHED_CHECKED` sub-folders are looked into, links and folders
+        of celltally's own outputs left out).
 
     Returns
     -------
@@ -1294,11 +1314,13 @@ def iter_images(
             for sub in list(dict.fromkeys(passed))[:UNSEARCHED_CHECKED]:
                 if os.path.basename(sub) in ANNOTATION_FOLDERS:  # a training layout's
                     continue
-                try:
-                    if next(_scan_folder(Path(sub), True, skip), None) is not None:
-                        unsearched.append(sub)
+                try:  # its own images only: one listing each, however deep it goes
+                    first = next(_scan_folder(Path(sub), False, skip), None)
                 except InputError:  # cannot be listed: not said here
                     continue
+                # an earlier run's masks or labels are not images to count
+                if first is not None and not first.name.endswith(OUTPUT_ENDINGS):
+                    unsearched.append(sub)
 
     return generate()
 

@@ -188,10 +188,10 @@ def _run_epochs(
     # not shared between machines) would train on and hang the others at the end
     distributed.agree(
         (start, plan),
-        what=f"{stage}: the processes found different checkpoints in {checkpoint.parent}"
-        if checkpoint is not None
-        else f"{stage}: the processes start from different epochs",
-        hint="--out must be a folder every process sees (a shared file system)",
+        what=f"{stage}: the processes start from different "
+        + ("checkpoints or training data" if resume else "training data"),
+        hint="the data and --out must be the same folders for every process (a file "
+        "system they share)",
     )
     # a budget may have cut the plan: the checkpoint knows to how many epochs
     planned = int((state or {}).get("epochs_planned", epochs)) if start else epochs

@@ -471,12 +471,17 @@ def _is_loopback(host: str) -> bool:
     """Whether ``host`` (a --host value) reaches this machine only: localhost, 127.x.y.z,
     ::1 however spelt."""
     import ipaddress
+    import socket
 
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
+        pass
+    try:  # the short forms bind() takes too: 127.1
+        return socket.inet_aton(host)[0] == 127
+    except OSError:
         return False
 
 

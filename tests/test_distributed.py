@@ -21,6 +21,23 @@ def digest_of(folder: Path) -> str:
     return distributed.weights_digest(load_model_folder(folder)[0])
 
 
+def torchrun(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Two CPU processes under torchrun (gloo even where a GPU is visible: two NCCL ranks
+    cannot share one GPU); `python -m torch.distributed.run` is the `torchrun` script,
+    found without PATH."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + args,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+
+
 def test_helpers_are_no_ops_outside_torchrun():
     assert not distributed.is_distributed() and distributed.world_size() == 1
     assert distributed.rank() == 0 and distributed.is_main()
@@ -57,21 +74,11 @@ def test_torchrun_two_cpu_processes_train_and_end_with_the_same_weights(tiny_mod
 
     assert split_by_scene_hash(load_folder(plate, size=(64, 96)))["calibration"].size > 0
     out = tmp_path / "model"
-    # CPU ranks with gloo even where a GPU is visible (two NCCL ranks cannot share one GPU)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(
-        # `python -m torch.distributed.run` is the `torchrun` script, found without PATH
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + ["-m"]
-        + ["celltally.cli", "train", "--out", str(out), "--data", str(plate)]
+    proc = torchrun(
+        ["-m", "celltally.cli", "train", "--out", str(out), "--data", str(plate)]
         + ["--from", str(tiny_model), "--seg-epochs", "1", "--count-epochs", "1"]
         + ["--workers", "1", "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     pattern = r"weights identical on all (\d+) ranks \(sha256 ([0-9a-f]{64})\)"
@@ -106,17 +113,7 @@ distributed.teardown()
 def test_ranks_that_start_from_different_checkpoints_or_data_are_stopped_not_hung(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + [str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = torchrun([str(script)], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for r in (0, 1):  # every rank raises, so none waits in a collective for the others
         assert f"rank {r}: checkpoints differ (rank 0 and rank(s) 1 differ); share --out" in (
@@ -148,18 +145,11 @@ def test_when_rank_0_fails_mid_training_every_rank_says_one_line(tiny_model, tmp
     )
     out = tmp_path / "model"
     (out / "checkpoints" / "segmenter.tmp").mkdir(parents=True)  # rank 0 cannot save there
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + ["-m", "celltally.cli", "train", "--out", str(out), "--data", str(plate)]
+    proc = torchrun(
+        ["-m", "celltally.cli", "train", "--out", str(out), "--data", str(plate)]
         + ["--from", str(tiny_model), "--seg-epochs", "1", "--count-epochs", "1"]
         + ["--workers", "1", "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
+        tmp_path,
     )
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if "error:" in line]

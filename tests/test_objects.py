@@ -122,6 +122,7 @@ def test_cellprofiler_rows_and_file(tmp_path):
             "plate": "",
             "well": "A05",
             "site": "3",
+            "stain": "1",
         },
         {
             "file": "x/other.tif",
@@ -137,7 +138,8 @@ def test_cellprofiler_rows_and_file(tmp_path):
     assert table[0]["FileName"] == "SIMCEPImages_A05_C18_F1_s03_w1.TIF"
     assert table[0]["PathName"] == "plate1"
     assert (table[0]["Metadata_Well"], table[0]["Metadata_Site"]) == ("A05", "3")
-    assert table[1]["Metadata_Well"] == ""
+    assert table[0]["Metadata_Channel"] == "1"  # w1 and w2 of one site are told apart
+    assert table[1]["Metadata_Well"] == table[1]["Metadata_Channel"] == ""
     assert (table[0]["Warning"], table[1]["Warning"]) == ("", rows[1]["warning"])
     assert (table[0]["Count"], table[0]["Count_Low"], table[0]["Count_High"]) == (
         "17.90",

@@ -484,7 +484,7 @@ def count(
         typer.Option(
             "--format",
             help="celltally, or cellprofiler: also write <out stem>_Image.csv with "
-            "ImageNumber, FileName, PathName, Metadata_Plate/Well/Site, Count, Count_Low, "
+            "ImageNumber, FileName, PathName, Metadata_Plate/Well/Site/Channel, Count, Count_Low, "
             "Count_High, Count_Std, Warning.",
         ),
     ] = "celltally",

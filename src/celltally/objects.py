@@ -51,6 +51,7 @@ CELLPROFILER_COLUMNS = [
     "Metadata_Plate",
     "Metadata_Well",
     "Metadata_Site",
+    "Metadata_Channel",
     "Count",
     "Count_Low",
     "Count_High",
@@ -371,8 +372,8 @@ def cellprofiler_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]
     """CellProfiler-style per-image rows from results-CSV rows (``file``, ``count``, ...).
 
     ``ImageNumber`` counts from 1 in the given order; ``FileName``/``PathName``
-    split ``file``; ``Metadata_Plate/Well/Site`` are the parsed ``plate``,
-    ``well``, ``site`` (empty when the name carries none); ``Warning`` is the
+    split ``file``; ``Metadata_Plate/Well/Site/Channel`` are the parsed ``plate``,
+    ``well``, ``site``, ``stain`` (empty when the name carries none); ``Warning`` is the
     out-of-distribution warning (empty when the image resembles the calibration set).
     """
     out = []
@@ -386,6 +387,8 @@ def cellprofiler_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]
                 "Metadata_Plate": str(row.get("plate") or ""),
                 "Metadata_Well": str(row.get("well") or ""),
                 "Metadata_Site": str(row.get("site") or ""),
+                # the stain (BBBC's _w1/_w2): a well's site has a row per channel
+                "Metadata_Channel": str(row.get("stain") or ""),
                 "Count": str(row["count"]),
                 "Count_Low": str(row["low"]),
                 "Count_High": str(row["high"]),

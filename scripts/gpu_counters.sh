@@ -33,12 +33,14 @@ ARGS="--init bbbc005 --scenes $SCENES --sim-seed 7000 --epochs $EPOCHS --lr 0.00
 python3 scripts/continue_bbbc005.py $ARGS --simulate-only --out /tmp/simulated 2>&1 \
     | sed -u 's/^/[sim] /' >>"$OUT/log.txt"
 date >>"$OUT/log.txt"
-runs=$(echo $SEEDS | wc -w)  # at least 1: an empty SEEDS takes the default
+runs=$(echo $SEEDS | wc -w)
+[ "$runs" -gt 0 ] || { echo "SEEDS names no seed" >>"$OUT/log.txt"; exit 1; }
 threads=$(( $(nproc) / runs ))
-# about 60 s of loading, mask prediction and saving follow the epochs (at least 60 s of
-# epochs all the same: a run cut short still ends annealed and saved)
+# about 60 s of loading, mask prediction and saving follow the epochs
 budget=$(( LIMIT - SECONDS - 60 < BUDGET ? LIMIT - SECONDS - 60 : BUDGET ))
-budget=$(( budget < 60 ? 60 : budget ))
+if [ "$budget" -lt 1 ]; then
+    echo "no time left to train (${SECONDS} s spent of ${LIMIT})" >>"$OUT/log.txt"; exit 1
+fi
 echo "budget ${budget} s per run (${SECONDS} s spent)" >>"$OUT/log.txt"
 for seed in $SEEDS; do
     rm -rf "/tmp/run$seed"  # a warm machine's earlier call must not be copied as this one's

@@ -930,18 +930,22 @@ def test_sub_folders_with_images_are_named_when_not_searched(tiny_model, image_f
     (image_folder / "up").symlink_to("..")  # a link back: its images are counted already
     (image_folder / "masks_prev").mkdir()  # an earlier run's masks are not images to count
     tifffile.imwrite(image_folder / "masks_prev" / "A01_mask.png", np.zeros((8, 8), np.uint8))
+    (image_folder / "mixed").mkdir()  # but a user's image beside them is
+    for name in ("A00_mask.png", "A02_mask.png", "A03_labels.tif"):
+        tifffile.imwrite(image_folder / "mixed" / name, np.zeros((8, 8), np.uint8))
+    tifffile.imwrite(image_folder / "mixed" / "site.tif", blob_image(2, seed=5))
     out = tmp_path / "r.csv"
     result = run("count", image_folder, "--out", out, "--model", tiny_model, "--no-progress")
     assert result.exit_code == 0, result.output
     assert len(read_rows(out)) == 2
-    assert f"note: sub-folder {image_folder / 'A05'} holds images that were not searched" in (
-        result.output
-    )
+    assert "holds images that were not searched; --recursive counts them too" in result.output
+    assert "(and 1 more)" in result.output  # A05 and mixed, in directory order
     assert "notes" not in result.output and "up" not in result.output
     assert "masks_prev" not in result.output
     import shutil
 
-    shutil.rmtree(image_folder / "masks_prev")  # --recursive would count those as images
+    for name in ("masks_prev", "mixed"):  # --recursive would count the masks as images
+        shutil.rmtree(image_folder / name)
     again = run(
         "count", image_folder, "--recursive", "--out", tmp_path / "all.csv", "--model", tiny_model
     )

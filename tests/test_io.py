@@ -866,6 +866,23 @@ def test_files_celltally_does_not_read_are_tallied_once_from_folders_and_pattern
         assert dict(unread) == expected, args
 
 
+def _fiji_fire() -> np.ndarray:
+    """Fiji's "Fire" colour table, (3, 256) uint8, from its 32 control points."""
+    points = [
+        [0, 0, 1, 25, 49, 73, 98, 122, 146, 162, 173, 184, 195, 207, 217, 229]
+        + [240, 252]
+        + [255] * 14,
+        [0] * 13
+        + [14, 35, 57, 79, 101, 117, 133, 147, 161, 175, 190, 205, 219, 234, 248]
+        + [255] * 4,
+        [0, 61, 96, 130, 165, 192, 220, 227, 210, 181, 151, 122, 93, 64, 35, 5]
+        + [0] * 11
+        + [35, 98, 160, 223, 255],
+    ]
+    x = np.linspace(0, 255, 32)
+    return np.stack([np.interp(np.arange(256), x, c) for c in points]).round().astype(np.uint8)
+
+
 def test_a_colour_composite_of_stains_is_refused_one_stain_under_a_colour_table_is_not(
     tmp_path: Path,
 ) -> None:
@@ -894,6 +911,7 @@ def test_a_colour_composite_of_stains_is_refused_one_stain_under_a_colour_table_
         ("green.png", np.dstack([zero, nuclei, zero])),
         ("cyan.png", np.dstack([zero, nuclei, nuclei])),
         ("hot.png", np.dstack([np.minimum(3 * nuclei.astype(int), 255), nuclei, nuclei // 3])),
+        ("fire.png", np.moveaxis(_fiji_fire()[:, nuclei], 0, -1)),  # its mean is not monotone
     ]:
         for suffix in ("png", "jpg"):
             buffer = _io.BytesIO()

@@ -977,9 +977,21 @@ def test_a_body_cut_before_its_last_boundary_is_refused(client):
 def test_loopback_servers_are_told_by_address_and_a_request_without_host_is_served(counter):
     import asyncio
 
-    from celltally.web.app import LOOPBACK_NAMES, _is_loopback, _SameOrigin
+    from celltally.web.app import LOOPBACK_NAMES, _canonical, _is_loopback, _SameOrigin
 
-    for host in ("127.0.0.1", "127.0.1.1", "::1", "0:0:0:0:0:0:0:1", "[::1]", "LOCALHOST", "127.1"):
+    # browsers send a short form's full spelling: 127.2 is answered as 127.0.0.2
+    assert (_canonical("127.2"), _canonical("Lab.Example")) == ("127.0.0.2", "lab.example")
+
+    for host in (
+        "127.0.0.1",
+        "127.0.1.1",
+        "::1",
+        "0:0:0:0:0:0:0:1",
+        "[::1]",
+        "LOCALHOST",
+        "127.1",
+        "::ffff:127.0.0.1",
+    ):
         assert _is_loopback(host), host
     for host in ("0.0.0.0", "::", "192.168.1.5", "lab.example", "128.0.0.1", "10.1"):
         assert not _is_loopback(host), host

@@ -212,7 +212,8 @@ def _collective_error(err: BaseException) -> bool:
     import torch.distributed as dist
 
     text = str(err)
-    return isinstance(err, dist.DistError) or any(
+    # DistError since torch 2.1; torch 2.0's collectives raise plain RuntimeErrors
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
         mark in text for mark in ("gloo", "NCCL", "Connection closed by peer", "c10d")
     )
 

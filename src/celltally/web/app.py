@@ -467,6 +467,17 @@ class _SameOrigin:
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+def _canonical(host: str) -> str:
+    """An IPv4 short form as browsers write it in the Host header (127.2 -> 127.0.0.2);
+    any other name as it is, lower-cased."""
+    import socket
+
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return host.lower()
+
+
 def _is_loopback(host: str) -> bool:
     """Whether ``host`` (a --host value) reaches this machine only: localhost, 127.x.y.z,
     ::1 however spelt."""
@@ -476,7 +487,8 @@ def _is_loopback(host: str) -> bool:
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.x
     except ValueError:
         pass
     try:  # the short forms bind() takes too: 127.1
@@ -1069,7 +1081,8 @@ def serve(
         max_files=max_files,
         max_bytes=int(max_mb * 2**20),
         saliency=saliency,
-        allowed_hosts=LOOPBACK_NAMES | {host.lower(), *(h.lower() for h in allowed_hosts)}
+        allowed_hosts=LOOPBACK_NAMES
+        | {host.lower(), _canonical(host), *(h.lower() for h in allowed_hosts)}
         if loopback
         else None,
     )

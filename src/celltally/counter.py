@@ -777,7 +777,9 @@ class CellCounter:
         return CountResult(
             count=float(count),
             std=float(std),
-            low=max(0.0, float(count) - half),
+            # a frame that may hold no cells: its interval reaches 0 (the model's own
+            # sigma, fitted on frames with cells, does not know that; docs/uncertainty.md)
+            low=0.0 if not readable else max(0.0, float(count) - half),
             high=float(count) + half,
             level=level,
             mask=mask,

@@ -391,10 +391,12 @@ def ood_features(
     feature_distance: float | None = None,
     contrast: float | None = None,
     size_ratio: float | None = None,
+    background: float | None = None,
 ) -> dict[str, float]:
     """The out-of-distribution features of one image: ``OOD_FEATURES``, plus ``spread``
     (ensemble std of the members' counts / sqrt(count + 1)) when ``spread`` is given,
-    ``contrast`` (:func:`celltally.transforms.contrast`) when given, and with
+    ``contrast`` (:func:`celltally.transforms.contrast`) and ``background``
+    (:func:`celltally.transforms.background_level`) when given, and with
     ``size_ratio`` (:func:`size_ratio`) it and ``size_shift``, the ratio or its
     inverse, whichever is above 1."""
     features = {"mask_std": float(np.mean(mask_std))}
@@ -404,6 +406,8 @@ def ood_features(
         features["feature_distance"] = float(feature_distance)
     if contrast is not None:
         features["contrast"] = float(contrast)
+    if background is not None:
+        features["background"] = float(background)
     if size_ratio is not None:
         features["size_ratio"] = float(size_ratio)
         features["size_shift"] = max(float(size_ratio), 1.0 / float(size_ratio))

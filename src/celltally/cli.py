@@ -85,6 +85,11 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
     return restore
 
 
+def _other_rank(rank: str | None) -> bool:
+    """Whether ``rank`` (torchrun's ``RANK``) names a process other than rank 0."""
+    return rank not in (None, "", "0")
+
+
 def fail(message: str | BaseException, code: int = 2, *, rank: str | None = None) -> NoReturn:
     """Print a one-line error and exit non-zero (no traceback).
 
@@ -97,7 +102,7 @@ def fail(message: str | BaseException, code: int = 2, *, rank: str | None = None
         # a rename names its target second: that is the path the user gave
         where = message.filename2 or message.filename or ""
         message = f"{where}: {message.strerror.lower()}" if where else message.strerror
-    who = f"rank {rank}: " if rank not in (None, "", "0") else ""
+    who = f"rank {rank}: " if _other_rank(rank) else ""
     typer.echo(f"{who}error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -1156,7 +1161,7 @@ def train(
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         fail(f"stopped: a collective with the other processes failed ({first})", rank=rank)
     except KeyboardInterrupt:
-        if rank not in (None, "", "0"):  # rank 0 says what is kept, for all of them
+        if _other_rank(rank):  # rank 0 says what is kept, for all of them
             raise typer.Exit(143 if isinstance(sys.exc_info()[1], Terminated) else 130) from None
         checkpoints = out / "checkpoints"
         if checkpoints.is_dir() and any(checkpoints.iterdir()):

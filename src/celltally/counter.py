@@ -638,8 +638,13 @@ class CellCounter:
             out.mask_std,
             out.epistemic_std,
             self._embeddings([self._central_frame(item.prepared)])[0],
-            (contrast(item.prepared, norm=self.norm), background_level(item.prepared)),
+            self._levels(item.prepared),
         )
+
+    def _levels(self, prepared: np.ndarray) -> tuple[float | None, float | None]:
+        """A prepared image's contrast and background level (the low-contrast flag, the
+        interval reaching 0 and the bright-background hint read them)."""
+        return contrast(prepared, norm=self.norm), background_level(prepared)
 
     def _central_frame(self, image: np.ndarray) -> np.ndarray:
         """The central ``input_size`` window of a model-scale image, for the deep-feature check.
@@ -691,7 +696,7 @@ class CellCounter:
         spreads = torch.sqrt(epistemic_var).cpu().numpy() if self.members else [None] * len(x)
         masks = mask[:, 0].cpu().numpy()
         mask_stds = torch.exp(0.5 * mask_logvar[:, 0]).cpu().numpy()
-        contrasts = [(contrast(a, norm=self.norm), background_level(a)) for a in prepared]
+        levels = [self._levels(a) for a in prepared]
         return list(
             zip(
                 counts.cpu().numpy(),
@@ -700,7 +705,7 @@ class CellCounter:
                 mask_stds,
                 spreads,
                 embeddings,
-                contrasts,
+                levels,
                 strict=True,
             )
         )
@@ -771,9 +776,9 @@ class CellCounter:
         readable = frame_contrast is None or frame_contrast >= LOW_CONTRAST
         if curves and readable and (size := object_size(mask)) is not None:
             ratio = size_ratio(*size, curves, label=meta.get("stain"))
-        features = ood_features(count, mask_std, spread, distance, frame_contrast, ratio)
-        if background is not None:
-            features["background"] = background
+        features = ood_features(
+            count, mask_std, spread, distance, frame_contrast, ratio, background
+        )
         return CountResult(
             count=float(count),
             std=float(std),

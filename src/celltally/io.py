@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import dataclasses
 import glob
 import hashlib
 import itertools
@@ -37,6 +38,7 @@ __all__ = [
     "read_counts_csv",
     "read_image",
     "read_mask",
+    "strided_sample",
     "write_float_image",
     "write_mask",
 ]
@@ -621,6 +623,16 @@ def _to_2d(
     return np.rint(mean).astype(colour.dtype) if colour.dtype.kind in "ui" else mean
 
 
+def strided_sample(array: np.ndarray) -> np.ndarray:
+    """A 2-D array's pixels at most 256 x 256, spread over the whole image (a strided
+    view, no copy of a large image); other arrays as they are."""
+    if array.ndim != 2:
+        return array
+    sy = max(1, -(-array.shape[0] // 256))  # ceiling: at most 256 rows, the whole image
+    sx = max(1, -(-array.shape[1] // 256))
+    return array[::sy, ::sx]
+
+
 #: Below this, a colour image is taken for a composite of stains and refused without
 #: ``--channel``: the share of a colour channel's variance that the pixels' brightness
 #: explains, for the channel it explains least (:func:`_colour_dependence`). Measured on
@@ -646,9 +658,7 @@ def _colour_dependence(colour: np.ndarray, bins: int = 256) -> float | None:
     carry a signal, or the brightness is constant."""
     from scipy import ndimage as ndi
 
-    step_y = max(1, -(-colour.shape[1] // 256))
-    step_x = max(1, -(-colour.shape[2] // 256))
-    planes = colour[:3, ::step_y, ::step_x].astype(np.float32)
+    planes = np.stack([strided_sample(plane) for plane in colour[:3]]).astype(np.float32)
     flat = planes.reshape(planes.shape[0], -1)
     spread = flat.std(axis=1)
     if not spread.max() > 0:
@@ -1017,13 +1027,28 @@ def list_images(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = Fa
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class _LeftOut:
+    """Where a folder scan (:func:`_scan_folder`) puts what it leaves out; a field that
+    is None is not collected.
+
+    ``unread``: the absolute paths of files in :data:`UNREAD_IMAGE_SUFFIXES`.
+    ``unlisted``: sub-folders that cannot be listed (e.g. no permission), as
+    "folder: reason" (None: they raise :class:`InputError`). ``passed``: without
+    ``recursive``, the sub-folders not descended into (not hidden, not links, not
+    excluded).
+    """
+
+    unread: set[str] | None = None
+    unlisted: list[str] | None = None
+    passed: list[str] | None = None
+
+
 def _scan_folder(
     folder: Path,
     recursive: bool,
     exclude: frozenset[str] = frozenset(),
-    unread: set[str] | None = None,
-    unlisted: list[str] | None = None,
-    passed: list[str] | None = None,
+    left: _LeftOut = _LeftOut(),
 ) -> Iterator[Path]:
     """Image files in ``folder`` in directory order, streamed with :func:`os.scandir`.
 
@@ -1034,11 +1059,9 @@ def _scan_folder(
     (reading it then fails with its own error) rather than skipped unseen. A
     folder reached twice (a link back up the tree, or to a folder already listed)
     is listed once. Sub-folders whose real path is in ``exclude`` (a run's own
-    output folders) are not descended into. The absolute paths of files in
-    :data:`UNREAD_IMAGE_SUFFIXES` are added to ``unread``, if given. A sub-folder that
-    cannot be listed (e.g. no permission) raises :class:`InputError`, or, if
-    ``unlisted`` is given, is left out and named there ("folder: reason"). Not
-    ``recursive``: its sub-folders (not hidden, not excluded) go into ``passed``, if given.
+    output folders) are not descended into. What is left out goes into ``left``
+    (:class:`_LeftOut`); a sub-folder that cannot be listed raises
+    :class:`InputError` unless ``left.unlisted`` collects it.
     """
     top = os.fspath(folder)
     stack = [top]
@@ -1061,18 +1084,17 @@ def _scan_folder(
                         continue
                     suffix = os.path.splitext(entry.name)[1].lower()
                     image = suffix in IMAGE_SUFFIXES
-                    if unread is not None and suffix in UNREAD_IMAGE_SUFFIXES:
-                        unread.add(os.path.abspath(entry.path))  # realpath: a stat a level
+                    if left.unread is not None and suffix in UNREAD_IMAGE_SUFFIXES:
+                        left.unread.add(os.path.abspath(entry.path))  # realpath: a stat a level
                     try:
-                        if recursive and entry.is_dir():
+                        # passed over: not a link (``up -> ..`` leads back to what was counted)
+                        passing = left.passed is not None and not image and not entry.is_symlink()
+                        if (recursive or passing) and entry.is_dir():
                             if not exclude or os.path.realpath(entry.path) not in exclude:
-                                subdirs.append(entry.path)
-                        elif passed is not None and not image and entry.is_dir():
-                            # not a link (``up -> ..`` leads back to what was counted)
-                            if not entry.is_symlink() and (
-                                not exclude or os.path.realpath(entry.path) not in exclude
-                            ):
-                                passed.append(entry.path)
+                                if recursive:
+                                    subdirs.append(entry.path)
+                                elif left.passed is not None:
+                                    left.passed.append(entry.path)
                         elif image and (
                             entry.is_file() or (entry.is_symlink() and not entry.is_dir())
                         ):
@@ -1082,8 +1104,8 @@ def _scan_folder(
                             yield Path(entry.path)
         except OSError as exc:
             reason = _short_reason(exc)
-            if unlisted is not None and current != top:
-                unlisted.append(f"{current}: {reason}")
+            if left.unlisted is not None and current != top:
+                left.unlisted.append(f"{current}: {reason}")
                 continue
             raise InputError(f"{current}: cannot list folder: {reason}", current) from None
         names = {os.path.basename(d) for d in subdirs}
@@ -1153,16 +1175,14 @@ def _arg_images(
     text: str,
     recursive: bool,
     exclude: frozenset[str] = frozenset(),
-    unread: set[str] | None = None,
-    unlisted: list[str] | None = None,
-    passed: list[str] | None = None,
+    left: _LeftOut = _LeftOut(),
 ) -> Iterator[Path]:
-    """Stream the image files one command-line argument stands for (no validation); the
-    absolute paths of files of formats celltally does not read go into ``unread``, sub-folders
-    that cannot be listed into ``unlisted`` (:func:`_scan_folder`)."""
+    """Stream the image files one command-line argument stands for (no validation); what
+    is left out goes into ``left`` (:func:`_scan_folder`; a pattern's folders pass over
+    no sub-folders, and files of unread formats it matches count as unread)."""
     p = Path(text)
     if p.is_dir():
-        yield from _scan_folder(p, recursive, exclude, unread, unlisted, passed)
+        yield from _scan_folder(p, recursive, exclude, left)
     elif p.is_file():
         yield p
     else:
@@ -1179,11 +1199,13 @@ def _arg_images(
                 if m.is_dir() and os.path.realpath(match) in exclude:
                     continue
             if m.is_dir():
-                yield from _scan_folder(m, recursive, exclude, unread, unlisted)
+                yield from _scan_folder(
+                    m, recursive, exclude, dataclasses.replace(left, passed=None)
+                )
             elif _is_image_file(m):
                 yield m
-            elif unread is not None and m.suffix.lower() in UNREAD_IMAGE_SUFFIXES:
-                unread.add(os.path.abspath(m))
+            elif left.unread is not None and m.suffix.lower() in UNREAD_IMAGE_SUFFIXES:
+                left.unread.add(os.path.abspath(m))
 
 
 #: Ends of the image files celltally writes per counted image (masks, labels, overlay).
@@ -1285,7 +1307,7 @@ def iter_images(
             )
         if p.is_dir():
             closed: list[str] | None = None if unlisted is None else []
-            if next(_scan_folder(p, recursive, skip, unlisted=closed), None) is None:
+            if next(_scan_folder(p, recursive, skip, _LeftOut(unlisted=closed)), None) is None:
                 if closed:
                     raise InputError(f"{text}: no images found; cannot list {closed[0]}", text)
                 raise _empty_folder(p, text, recursive)
@@ -1308,20 +1330,23 @@ def iter_images(
         # can reach a file twice; one folder lists each file once (its sub-folders by inode)
         patterns = any(not Path(t).exists() for t in texts)
         seen: set[bytes] | None = set() if len(texts) > 1 or patterns else None
-        left_out: set[str] | None = None if unread is None else set()
-        passed: list[str] | None = None if unsearched is None or recursive else []
+        left = _LeftOut(
+            unread=None if unread is None else set(),
+            unlisted=unlisted,
+            passed=None if unsearched is None or recursive else [],
+        )
         for text in texts:
-            for path in _arg_images(text, recursive, skip, left_out, unlisted, passed):
+            for path in _arg_images(text, recursive, skip, left):
                 if seen is not None:
                     key = hashlib.blake2b(os.fsencode(file_identity(path)), digest_size=16).digest()
                     if key in seen:
                         continue
                     seen.add(key)
                 yield path
-        if unread is not None and left_out:
-            unread.update(os.path.splitext(p)[1].lower() for p in left_out)
-        if unsearched is not None and passed:
-            for sub in list(dict.fromkeys(passed))[:UNSEARCHED_CHECKED]:
+        if unread is not None and left.unread:
+            unread.update(os.path.splitext(p)[1].lower() for p in left.unread)
+        if unsearched is not None and left.passed:
+            for sub in list(dict.fromkeys(left.passed))[:UNSEARCHED_CHECKED]:
                 if os.path.basename(sub) in ANNOTATION_FOLDERS:  # a training layout's
                     continue
                 try:  # its own images only: one listing each, however deep it goes;

@@ -116,8 +116,8 @@ def _seeds(
     index = np.arange(1, n_comp + 1)
     areas = ndi.sum_labels(np.ones_like(dist), components, index)
     room = np.floor(areas / max(cell_area, 1.0) + 0.5).astype(int)
-    if n > 0 and areas.size and not room.any():  # foreground, all under half a mask pixel
-        room[np.argmax(areas)] = 1
+    if areas.size:  # the largest region holds one, even under half a mask pixel
+        room[np.argmax(areas)] = max(1, room.max())
     quota = _capped(areas, n, room)
     boxes = ndi.find_objects(components)
     seeds: list[tuple[int, int]] = []

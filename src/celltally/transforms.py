@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from celltally.io import strided_sample
+
 # Minimum normalization range, 2% of the typical full scale of the dtype: keeps
 # an empty (background-only) frame from being stretched until its noise looks
 # like cells. 16-bit files mostly hold 12-bit camera data (full scale 4095);
@@ -204,7 +206,7 @@ def grey_step(image: np.ndarray) -> int:
     array = np.asarray(image)
     if array.dtype.kind != "u" or array.dtype.itemsize < 2 or array.ndim != 2 or not array.size:
         return 1
-    sample = _sample(array)
+    sample = strided_sample(array)
     rows = max(1, 2**20 // array.shape[1])
     for step in SCALED_FROM:
         if np.any(sample % step):
@@ -212,16 +214,6 @@ def grey_step(image: np.ndarray) -> int:
         if all(not np.any(array[y : y + rows] % step) for y in range(0, array.shape[0], rows)):
             return step
     return 1
-
-
-def _sample(array: np.ndarray) -> np.ndarray:
-    """A 2-D array's pixels at most 256 x 256, spread over the whole image (a strided
-    view, no copy of a large image); other arrays as they are."""
-    if array.ndim != 2:
-        return array
-    sy = max(1, -(-array.shape[0] // 256))  # ceiling: at most 256 rows, the whole image
-    sx = max(1, -(-array.shape[1] // 256))
-    return array[::sy, ::sx]
 
 
 def _from_16_bits(image: np.ndarray) -> bool:
@@ -232,7 +224,7 @@ def _from_16_bits(image: np.ndarray) -> bool:
 
 def _on_grid(image: np.ndarray, steps: int) -> bool:
     """Whether ``image``'s values (about 65,000 sampled) are in [0, 1] and k / ``steps``."""
-    values = np.asarray(_sample(np.asarray(image)), dtype=np.float64).ravel()[:65536] * steps
+    values = np.asarray(strided_sample(np.asarray(image)), dtype=np.float64).ravel()[:65536] * steps
     if not values.size or values.min() < 0 or values.max() > steps:
         return False
     # float32 keeps k / 65535 to within 65535 * 2**-24 = 0.004 of a step
@@ -368,7 +360,7 @@ def background_level(prepared: np.ndarray) -> float | None:
     flat = np.asarray(prepared, dtype=np.float32)
     if flat.size == 0:
         return None
-    return float(np.median(_sample(flat)))  # at most 256 x 256 pixels: a level, not a count
+    return float(np.median(strided_sample(flat)))  # at most 256 x 256 pixels: a level, not a count
 
 
 def dense_strides(tensor: torch.Tensor) -> torch.Tensor:

@@ -883,46 +883,73 @@ def _fiji_fire() -> np.ndarray:
     return np.stack([np.interp(np.arange(256), x, c) for c in points]).round().astype(np.uint8)
 
 
+def _encoded(path: Path, rgb: np.ndarray) -> Path:
+    """``rgb`` saved at ``path`` as PNG or, for a .jpg name, JPEG at quality 90."""
+    Image.fromarray(rgb.astype(np.uint8)).save(
+        path, format="JPEG" if path.suffix == ".jpg" else "PNG", quality=90
+    )
+    return path
+
+
 def test_a_colour_composite_of_stains_is_refused_one_stain_under_a_colour_table_is_not(
     tmp_path: Path,
 ) -> None:
-    import io as _io
-
     from celltally.simulate import simulate_scene
 
     nuclei = simulate_scene(40, blur=1, stain=1, seed=1).image
     bodies = simulate_scene(90, blur=1, stain=2, seed=2).image  # another stain, other cells
+    other = simulate_scene(25, blur=1, stain=1, seed=7).image  # more nuclei, other cells
+    same = simulate_scene(40, blur=1, stain=2, seed=1).image  # the bodies of ``nuclei``' cells
     zero = np.zeros_like(nuclei)
-    composite = tmp_path / "composite.png"  # Fiji's "RGB Color" of a two-channel image
-    Image.fromarray(np.dstack([zero, bodies, nuclei])).save(composite)
+    hot = np.dstack([np.clip(3 * nuclei.astype(int) - k, 0, 255) for k in (0, 255, 510)])
+    composite = _encoded(tmp_path / "composite.png", np.dstack([zero, bodies, nuclei]))
     with pytest.raises(ImageReadError) as err:
         read_image(composite)
     message = _assert_one_line(err, "composite.png")
     assert "a composite of stains? Choose the stain to count with --channel 0-2" in message
-    assert "not set by its brightness" in message
+    assert "colour channels hold different images" in message
     assert np.array_equal(read_image(composite, channel=2), nuclei)
-    # one stain under a colour table, lossless or JPEG, is counted as the mean of its colours;
-    # so is one with a camera's noise in an unused channel, or a colour image whose
-    # brightness is constant (not a stain at all, but not a composite to refuse either)
-    noise = np.clip(10 + np.random.default_rng(0).normal(0, 4, nuclei.shape), 0, 255)
+    # Fiji's "RGB Color" of two channels, each way round, lossless or not: luma told a sparse
+    # blue from green, and nuclei with their own cells' bodies had 0.95-0.97 of their colour
+    # set by brightness (counted 30 for 18 cells); a table whose mean is not monotone in the
+    # stain ("fire"), or "hot" saved as JPEG (its colour table no longer exact), too
+    refused = {
+        "blue_green.png": np.dstack([zero, other, nuclei]),
+        "blue_green.jpg": np.dstack([zero, other, nuclei]),
+        "green_blue.png": np.dstack([zero, nuclei, other]),
+        "same_cells.png": np.dstack([zero, same, nuclei]),
+        "same_cells.jpg": np.dstack([same, nuclei, zero]),
+        "fire.png": np.moveaxis(_fiji_fire()[:, nuclei], 0, -1),
+        "hot.jpg": hot,
+    }
+    for name, rgb in refused.items():
+        with pytest.raises(ImageReadError, match="composite of stains"):
+            read_image(_encoded(tmp_path / name, rgb))
+    # one stain under a grey or one-colour table, lossless or JPEG, is counted as the mean of
+    # its colours; so is one with a camera's noise in an unused channel, a colour camera's
+    # planes of one dye, or "hot" saved losslessly (its mean is the stain)
+    rng = np.random.default_rng(0)
+    noise = np.clip(10 + rng.normal(0, 4, nuclei.shape), 0, 255)
+    dye = np.dstack(
+        [np.clip(f * nuclei + rng.normal(0, 2, nuclei.shape), 0, 255) for f in (0.3, 1, 0.5)]
+    )
     ramp = np.tile(np.arange(nuclei.shape[1]) % 256, (nuclei.shape[0], 1))
     for name, rgb in [
-        ("camera.png", np.dstack([zero, nuclei, noise])),
-        ("green.png", np.dstack([zero, nuclei, zero])),
-        ("cyan.png", np.dstack([zero, nuclei, nuclei])),
-        ("hot.png", np.dstack([np.minimum(3 * nuclei.astype(int), 255), nuclei, nuclei // 3])),
-        ("fire.png", np.moveaxis(_fiji_fire()[:, nuclei], 0, -1)),  # its mean is not monotone
+        ("camera_noise", np.dstack([zero, nuclei, noise])),
+        ("green", np.dstack([zero, nuclei, zero])),
+        ("cyan", np.dstack([zero, nuclei, nuclei])),
+        ("colour_camera", dye),
     ]:
-        for suffix in ("png", "jpg"):
-            buffer = _io.BytesIO()
-            Image.fromarray(rgb.astype(np.uint8)).save(
-                buffer, format="JPEG" if suffix == "jpg" else "PNG", quality=90
-            )
-            path = tmp_path / name.replace("png", suffix)
-            path.write_bytes(buffer.getvalue())
+        for suffix in (".png", ".jpg"):
+            path = _encoded(tmp_path / (name + suffix), rgb)
             assert read_image(path).shape == nuclei.shape, path.name
-    constant = tmp_path / "constant.png"  # stopped a whole run (NaN bins): read, not refused
-    Image.fromarray(np.dstack([ramp, 255 - ramp, np.zeros_like(ramp)]).astype(np.uint8)).save(
-        constant
+    assert np.array_equal(
+        read_image(_encoded(tmp_path / "hot.png", hot)), np.rint(hot.mean(axis=2))
     )
-    assert read_image(constant).shape == nuclei.shape
+    # two colours that trade places at a constant brightness once stopped a whole run (NaN
+    # bins): two images, refused in one line; one flat colour is read
+    crossed = _encoded(tmp_path / "crossed.png", np.dstack([ramp, 255 - ramp, zero]))
+    with pytest.raises(ImageReadError, match="composite of stains"):
+        read_image(crossed)
+    flat = _encoded(tmp_path / "flat.png", np.dstack([zero + 10, zero + 200, zero + 30]))
+    assert read_image(flat).shape == nuclei.shape

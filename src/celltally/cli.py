@@ -290,7 +290,7 @@ ChannelOption = Annotated[
         help="Channel (0-based) of multi-channel images (e.g. OME-TIFF); required when "
         "a (C, Y, X) file's channels differ, unless the model records the channel it was "
         "trained on (celltally models). RGB without it: the mean of the colours (one stain "
-        "under a colour table; a composite of stains needs it too)."
+        "in grey or one colour; a composite of stains, or a table such as 'fire', needs it)."
     ),
 ]
 

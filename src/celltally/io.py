@@ -607,15 +607,16 @@ def _to_2d(
             f"has {n_channels} different channels (shape {original_shape}); choose the "
             f"one to count with --channel 0-{n_channels - 1}",
         )
-    if (eta := _colour_dependence(colour)) is not None and eta < COMPOSITE_DEPENDENCE:
+    if (correlation := _colour_channels_differ(colour)) is not None:
         # a composite of stains (DAPI blue + another stain green, as Fiji's "RGB Color"
         # exports them): the mean would count a mixture no model was trained on
         raise ImageReadError(
             path,
-            "its colours are not set by its brightness, as one stain's are under a grey, "
-            f"green or 'hot' colour table (brightness explains {eta:.0%} of a channel): a "
-            "composite of stains? Choose the stain to count with --channel 0-2 (0 red, "
-            "1 green, 2 blue), or save it as a greyscale image",
+            f"its colour channels hold different images (correlation {correlation:.2f}; "
+            f"one stain under a grey or one-colour table gives {SAME_STAIN_CORRELATION} "
+            "or more): a composite of stains? Choose the stain to count with --channel "
+            "0-2 (0 red, 1 green, 2 blue), or save it as a greyscale image (a table such "
+            "as 'fire' or 'jet' saved in colour: save the image without it)",
         )
     mean = colour.astype(np.float32).mean(axis=0, dtype=np.float32)
     # Keep the file's integer type: normalization's empty-frame guard and 'fixed'
@@ -633,60 +634,83 @@ def strided_sample(array: np.ndarray) -> np.ndarray:
     return array[::sy, ::sx]
 
 
-#: Below this, a colour image is taken for a composite of stains and refused without
-#: ``--channel``: the share of a colour channel's variance that the pixels' brightness
-#: explains, for the channel it explains least (:func:`_colour_dependence`). Measured on
-#: 248 single-stain colour images (BBBC005, BBBC039 and simulated frames under grey, green,
-#: cyan, yellow, "hot" and Fiji's "Fire" colour tables, PNG and JPEG at quality 50-95): 0.70
-#: and above; two stains in two channels (added as Fiji's composites are): 0.40-0.60. Two
-#: stains of the same cells, or a stain in grey plus another in green, can reach 0.86-0.95
-#: and pass: their mean is counted.
-COMPOSITE_DEPENDENCE = 0.65
+#: Colour channels that carry a signal and correlate this much or more (after a 3 x 3
+#: mean, which calms a JPEG's colour noise) hold one stain: grey, green, cyan or any one
+#: colour's table, or a colour camera's planes of one dye. benchmarks/colour_composites.py
+#: (PNG and JPEG at quality 50-95): none of 260 such images refused; two stains of other
+#: cells correlate -0.09 to 0.15, nuclei and cell bodies of the same cells (BBBC005's w1
+#: and w2 of one site) 0.60 to 0.88, and "hot" saved as JPEG 0.34 to 0.92.
+SAME_STAIN_CORRELATION = 0.95
 
-#: Brightness measures a colour table may be monotone in: the channels' mean (grey, "hot")
-#: and luma (Fiji's "Fire", whose mean falls over part of its range).
-_BRIGHTNESS_WEIGHTS = ((1 / 3, 1 / 3, 1 / 3), (0.299, 0.587, 0.114))
+#: A lossless colour image whose colour is set by its brightness, with channels that rise
+#: together ("hot" and other monotone tables), may have this share of its pixels off the
+#: table (an annotation in another colour) and still be read as one stain.
+OFF_TABLE_SHARE = 0.001
 
 
-def _colour_dependence(colour: np.ndarray, bins: int = 256) -> float | None:
-    """How far brightness determines colour: the lowest correlation ratio (eta squared)
-    of the colour planes that carry a signal given the brightness (the better of
-    :data:`_BRIGHTNESS_WEIGHTS`), on a strided sample of at most 256 x 256 pixels. A
-    plane carries one when its std is above 10% of the largest (JPEG's colour noise stays
-    below) and has spatial structure (a 3 x 3 mean keeps over 30% of its variance; a
-    camera's white noise in an unused channel keeps ~11%). None when fewer than two planes
-    carry a signal, or the brightness is constant."""
+def _colour_channels_differ(colour: np.ndarray) -> float | None:
+    """Why a colour image is not one stain, or None when it is.
+
+    One stain is: fewer than two colour planes carrying a signal (green, or a camera's
+    noise in an unused channel), planes that correlate :data:`SAME_STAIN_CORRELATION` or
+    more, or an integer image under a table that is monotone in brightness
+    (:func:`_monotone_colour_table`). Otherwise the lowest correlation of two planes that
+    carry a signal: a composite of stains, or a table such as "fire" or "jet", whose mean
+    is no monotone function of the stain. A plane carries one when its std is above 10% of
+    the largest (JPEG's colour noise stays below) and has spatial structure (a 3 x 3 mean
+    keeps over 30% of its variance; a camera's white noise keeps ~11%). On a strided
+    sample of at most 256 x 256 pixels.
+    """
     from scipy import ndimage as ndi
 
-    planes = np.stack([strided_sample(plane) for plane in colour[:3]]).astype(np.float32)
+    sample = np.stack([strided_sample(plane) for plane in colour[:3]])
+    planes = sample.astype(np.float32)
     flat = planes.reshape(planes.shape[0], -1)
     spread = flat.std(axis=1)
     if not spread.max() > 0:
         return None
+    smooth = [ndi.uniform_filter(plane, 3) for plane in planes]
     live = [
         i
         for i in range(planes.shape[0])
-        if spread[i] > 0.1 * spread.max()
-        and ndi.uniform_filter(planes[i], 3).var() > 0.3 * spread[i] ** 2
+        if spread[i] > 0.1 * spread.max() and smooth[i].var() > 0.3 * spread[i] ** 2
     ]
     if len(live) < 2:
         return None
-    best: float | None = None
-    for weights in _BRIGHTNESS_WEIGHTS:
-        brightness = np.tensordot(np.asarray(weights[: flat.shape[0]], np.float32), flat, 1)
-        low, high = float(brightness.min()), float(brightness.max())
-        if not high > low:
-            continue
-        index = np.minimum(((brightness - low) / (high - low) * bins).astype(np.int64), bins - 1)
-        n = np.bincount(index, minlength=bins)
-        worst = 1.0
-        for i in live:
-            plane = flat[i].astype(np.float64)
-            sums = np.bincount(index, plane, bins)
-            within = (np.bincount(index, plane * plane, bins) - sums**2 / np.maximum(n, 1)).sum()
-            worst = min(worst, 1.0 - within / (plane.size * plane.var()))
-        best = worst if best is None else max(best, worst)
-    return best
+    lowest = min(
+        float(np.corrcoef(smooth[i].ravel(), smooth[j].ravel())[0, 1])
+        for i in live
+        for j in live
+        if i < j
+    )
+    if lowest >= SAME_STAIN_CORRELATION:
+        return None
+    if sample.dtype.kind in "ui" and _monotone_colour_table(sample.reshape(3, -1)):
+        return None
+    return lowest
+
+
+def _monotone_colour_table(pixels: np.ndarray) -> bool:
+    """Whether integer colours ``(3, N)`` are one stain under a monotone colour table.
+
+    True when, but for :data:`OFF_TABLE_SHARE` of the pixels, each sum of the channels
+    has one colour and the channels never fall as that sum rises ("hot": red, then green,
+    then blue rise with the stain; their mean is the stain). A composite has many colours
+    per sum; "fire" has a blue that rises and falls; a JPEG's noise breaks the table.
+    """
+    values = pixels.astype(np.int64)
+    key = (values[0] * 65536 + values[1]) * 65536 + values[2]
+    colours, first, counts = np.unique(key, return_index=True, return_counts=True)
+    table = values[:, first]
+    total = table.sum(axis=0)
+    order = np.lexsort((-counts, total))  # by sum, the commonest colour of each sum first
+    table, total, counts = table[:, order], total[order], counts[order]
+    main = np.r_[True, total[1:] != total[:-1]]  # the commonest colour of each sum
+    off = int(counts[~main].sum())
+    rising = table[:, main]
+    falls = (rising < np.maximum.accumulate(rising, axis=1)).any(axis=0)
+    off += int(counts[main][falls].sum())
+    return off <= OFF_TABLE_SHARE * pixels.shape[1]
 
 
 def read_image(

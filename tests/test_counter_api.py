@@ -236,3 +236,18 @@ def test_a_frame_that_may_hold_no_cells_has_an_interval_reaching_zero():
         result = counter.count(frame)
         assert "may hold no cells" in result.warning
         assert result.low == 0.0 and result.high > result.count  # was 0.82-2.64 around 1.73
+
+
+def test_a_binary_image_counts_as_its_full_range_not_as_a_faint_frame(tmp_path: Path):
+    from PIL import Image
+
+    counter = CellCounter.from_pretrained()
+    scene = simulate_scene(18, blur=1, stain=1, seed=4).image
+    binary = scene > 100
+    expected = counter.count(binary.astype(np.uint8) * 255)
+    Image.fromarray(binary).save(tmp_path / "binary.png")  # a 1-bit PNG
+    for given in (binary, tmp_path / "binary.png"):
+        result = counter.count(given)
+        # on as 1 of 255 was a frame "that may hold no cells", its interval forced to 0
+        assert "may hold no cells" not in result.warning, given
+        assert result.low > 0 and result.count == pytest.approx(expected.count, abs=1e-4)

@@ -167,7 +167,8 @@ def test_bool_tiff_becomes_uint8(tmp_path: Path) -> None:
     tifffile.imwrite(path, arr)
     out = read_image(path)
     assert out.dtype == np.uint8
-    np.testing.assert_array_equal(out, np.eye(5, dtype=np.uint8))
+    np.testing.assert_array_equal(out, 255 * np.eye(5, dtype=np.uint8))  # on: full range
+    assert np.array_equal(read_mask(path) > 0, arr)  # as a mask: the same pixels
 
 
 # ------------------------------------------------------------------------------- errors
@@ -600,7 +601,7 @@ def test_check_pixels_passes_numbers_and_makes_booleans_uint8():
 
     flags = np.eye(4, dtype=bool)
     out = check_pixels(flags)
-    assert out.dtype == np.uint8 and out.sum() == 4 and flags.dtype == bool
+    assert out.dtype == np.uint8 and out.sum() == 4 * 255 and flags.dtype == bool
     ints = np.arange(6, dtype=np.int16).reshape(2, 3)
     assert check_pixels(ints) is not None and check_pixels(ints).dtype == np.int16
 

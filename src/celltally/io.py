@@ -510,8 +510,10 @@ def _check_size(shape: Sequence[int], original: str | os.PathLike[str]) -> None:
         )
 
 
-def _load_raw(path: str | os.PathLike[str]) -> tuple[np.ndarray, bool]:
-    """Validate and decode an image file; return the raw array and whether it is a TIFF."""
+def _load_raw(path: str | os.PathLike[str], *, on: int = 1) -> tuple[np.ndarray, bool]:
+    """Validate and decode an image file; return the raw array and whether it is a TIFF.
+
+    A 1-bit (boolean) file gives uint8 0 and ``on``."""
     p = Path(path)
     _check_image_file(p, path)
     is_tiff = p.suffix.lower() in _TIFF_SUFFIXES
@@ -523,7 +525,7 @@ def _load_raw(path: str | os.PathLike[str]) -> tuple[np.ndarray, bool]:
     if arr.ndim == 0 or arr.size == 0 or 0 in arr.shape:
         raise ImageReadError(path, f"image has a zero-size side (shape {tuple(arr.shape)})")
     try:
-        return _countable_type(arr), is_tiff
+        return _countable_type(arr, on=on), is_tiff
     except InputError as err:
         raise ImageReadError(path, str(err)) from None
 
@@ -735,7 +737,7 @@ def read_image(
     -------
     numpy.ndarray
         A new 2-D array in the file's own dtype (uint8, uint16, float32, ...). Boolean
-        images become uint8 0/1; 16-bit PNGs come back as uint16. Multi-channel images
+        images become uint8 0/255; 16-bit PNGs come back as uint16. Multi-channel images
         (colour ``(H, W, 3|4)``, two stains ``(H, W, 2)``, or for TIFF ``(C, H, W)``
         planes with ``C <= MAX_CHANNELS`` (16) and ``C`` smaller than both sides) give
         the selected ``channel``. Without one: a single channel if all channels are
@@ -761,7 +763,7 @@ def read_image(
         image, has differing ``(C, H, W)`` channels and no ``channel``, ``channel`` is
         out of range, or it contains NaN or infinite values.
     """
-    arr, is_tiff = _load_raw(path)
+    arr, is_tiff = _load_raw(path, on=255)
     out = _to_2d(
         arr,
         path,
@@ -832,10 +834,10 @@ def is_own_figure(path: str | os.PathLike[str]) -> bool:
     return FIGURE_MARK in text
 
 
-def _countable_type(array: np.ndarray) -> np.ndarray:
-    """``array`` with booleans as uint8 0/1; InputError unless integers or floats."""
+def _countable_type(array: np.ndarray, *, on: int = 1) -> np.ndarray:
+    """``array`` with booleans as uint8 0 and ``on``; InputError unless integers or floats."""
     if array.dtype == np.bool_:
-        return array.astype(np.uint8)
+        return array.astype(np.uint8) * np.uint8(on)
     if array.dtype.kind not in "uif":
         raise InputError(f"unsupported pixel type {array.dtype}; give integer or float pixels")
     return array
@@ -844,14 +846,15 @@ def _countable_type(array: np.ndarray) -> np.ndarray:
 def check_pixels(image: Any) -> np.ndarray:
     """``image`` as an array of pixel values celltally can count, or InputError saying why.
 
-    Integers and floats pass (booleans become uint8 0/1, as files do); masked
+    Integers and floats pass (booleans become uint8 0/255, as 1-bit files do: on is the
+    full range, not a frame too faint to hold cells); masked
     arrays, complex, text, object and date types, NaN or infinite values and
     floats beyond the float32 range (the network's arithmetic) are refused.
     The input is not modified.
     """
     if isinstance(image, np.ma.MaskedArray):
         raise InputError("a masked array: fill its masked pixels first (numpy.ma.filled)")
-    array = _countable_type(np.asarray(image))
+    array = _countable_type(np.asarray(image), on=255)
     if array.dtype.kind == "f" and array.size:
         if not np.all(np.isfinite(array)):
             raise InputError("contains NaN or infinite values")

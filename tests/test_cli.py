@@ -822,7 +822,7 @@ def test_a_negative_channel_is_refused_before_any_file_is_read(tiny_model, image
     args = ("-o", out, "--model", tiny_model, "--no-progress")
     result = run("count", image_folder, *args, "--channel", "-1")
     assert result.exit_code == 2, result.output
-    assert "--channel must be 0 or more (0-based), got -1" in result.output
+    assert "channel must be 0 or more (0-based; --channel), got -1" in result.output
     assert not out.exists()  # refused as a bad option, not as N unreadable files
 
 

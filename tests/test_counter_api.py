@@ -251,3 +251,33 @@ def test_a_binary_image_counts_as_its_full_range_not_as_a_faint_frame(tmp_path: 
         # on as 1 of 255 was a frame "that may hold no cells", its interval forced to 0
         assert "may hold no cells" not in result.warning, given
         assert result.low > 0 and result.count == pytest.approx(expected.count, abs=1e-4)
+
+
+def test_python_mistakes_get_python_words_not_a_traceback():
+    import celltally
+
+    counter = CellCounter.from_pretrained()
+    image = np.zeros((64, 64), np.uint8)
+    for call, words in [
+        (lambda: CellCounter.from_pretrained(norm="none"), "norm must be a dict"),  # was 'e', 'n'
+        (lambda: CellCounter.from_pretrained(tile=(320, 320, 320)), "tile must be a side"),
+        (lambda: CellCounter.from_pretrained(tile="abc"), "tile must be a side"),
+        (lambda: CellCounter.from_pretrained(margin="x"), "margin a whole number"),
+        (
+            lambda: CellCounter.from_pretrained(channel=-1),
+            "channel must be 0 or more (0-based; --channel)",
+        ),
+        (lambda: counter.count(["a.tif", "b.tif"]), "use count_paths(paths)"),  # was '<U5'
+        (lambda: counter.count([image, image]), "count takes one image"),
+        (
+            lambda: CellCounter.from_pretrained(norm={"method": "none"}).count(image + 200),
+            "method 'none'",
+        ),
+    ]:
+        with pytest.raises(InputError) as err:
+            call()
+        assert words in str(err.value) and "\n" not in str(err.value)
+    result = counter.count(image)
+    row = result.to_dict()  # the numbers for a table, without the maps
+    assert row["count"] == result.count and row["low"] == result.low and "mask" not in row
+    assert {"CellCounter", "CountResult"} <= set(dir(celltally)) and "Any" not in dir(celltally)

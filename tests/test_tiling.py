@@ -378,8 +378,9 @@ def test_cli_reading_and_normalization_options(tiny_model, tmp_path):
     assert count("--channel", "1") == pytest.approx(expected, abs=0.01)
     # --no-norm takes images already scaled to 0-1: raw 16-bit values are refused per image
     refused = count("--channel", "1", "--no-norm")
-    assert refused.exit_code == 1 and "--no-norm expects intensities scaled to 0-1" in (
-        refused.output
+    assert (
+        refused.exit_code == 1
+        and "(--no-norm, method 'none') expects intensities scaled to 0-1" in (refused.output)
     )
     tifffile.imwrite(folder / "two.tif", (planes / 4095.0).astype(np.float32))
     plain = count("--channel", "1", "--no-norm")

@@ -127,6 +127,25 @@ class CountResult:
     def __str__(self) -> str:
         return f"{_short(self.count)} ± {_short(self.half_width)} cells ({level_text(self.level)})"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers without the maps, for a table: ``pandas.DataFrame([r.to_dict() ...])``.
+
+        ``metadata`` (the name's fields; its ``count`` is the true count a name
+        such as ``_C18_`` gives) and ``ood`` stay nested dicts.
+        """
+        return {
+            "source": self.source,
+            "count": self.count,
+            "std": self.std,
+            "low": self.low,
+            "high": self.high,
+            "level": self.level,
+            "epistemic_std": self.epistemic_std,
+            "warning": self.warning,
+            "metadata": dict(self.metadata),
+            "ood": dict(self.ood),
+        }
+
 
 def _short(x: float) -> str:
     """One decimal; two below 1, so a near-empty image's ± 0.04 does not read ± 0.0."""
@@ -355,6 +374,11 @@ class CellCounter:
         self.input_size = tuple(config["input_size"])
         # the caller's keys override the model's (a partial {'low', 'high'} keeps its
         # background step); checked here, not at the first image of a batch
+        if norm is not None and not isinstance(norm, Mapping):
+            raise io.InputError(
+                f"norm must be a dict such as {{'method': 'none'}} or {{'low': 1, 'high': "
+                f"99.8}}, not {norm!r}"
+            )
         if unknown := sorted(set(norm or {}) - set(NORM_KEYS)):
             raise io.InputError(
                 f"unknown normalization key(s) {', '.join(map(repr, unknown))}: use "
@@ -365,7 +389,7 @@ class CellCounter:
         # Reading and scale options (see celltally.scale, celltally.tiling): images that
         # are not one native frame are counted at the model's pixel scale, in tiles.
         if channel is not None and not _whole(channel):
-            raise io.InputError(f"--channel must be 0 or more (0-based), got {channel!r}")
+            raise io.InputError(f"channel must be 0 or more (0-based; --channel), got {channel!r}")
         self.channel = None if channel is None else int(channel)
         #: The plane stain-plane files and arrays give without ``channel`` (train --channel).
         self.trained_channel = recorded_channel(config)
@@ -380,8 +404,16 @@ class CellCounter:
         # Window geometry: the caller's, else the model folder's ("tiling"), else the default.
         tiling = dict(config.get("tiling") or {})
         chosen = tile if tile is not None else tiling.get("tile", DEFAULT_TILE)
-        self.tile = tile_sides(chosen)
-        self.margin = int(margin if margin is not None else tiling.get("margin", DEFAULT_MARGIN))
+        try:
+            self.tile = tile_sides(chosen)
+            self.margin = int(
+                margin if margin is not None else tiling.get("margin", DEFAULT_MARGIN)
+            )
+        except (TypeError, ValueError):
+            raise io.InputError(
+                f"tile must be a side or a (height, width) pair of whole pixels and margin "
+                f"a whole number of pixels; got tile {chosen!r}, margin {margin!r}"
+            ) from None
         self.density_head = bool(getattr(model.counter, "counts_any_size", False))
         if self.density_head:
             # checked here, not at the first large image, so a batch fails before it starts
@@ -573,8 +605,9 @@ class CellCounter:
         top = float(np.max(image)) if self.norm.get("method") == "none" and image.size else 0.0
         if top > 2.0:
             raise io.InputError(
-                f"--no-norm expects intensities scaled to 0-1, but this {image.dtype} image "
-                f"reaches {top:g}; leave out --no-norm (or scale it first)"
+                f"no normalization (--no-norm, method 'none') expects intensities scaled to "
+                f"0-1, but this {image.dtype} image reaches {top:g}; normalize it (or scale "
+                "it first)"
             )
         shape = model_shape(image.shape, self.scale, self.factor)
         if shape[0] * shape[1] > max(MAX_MODEL_PIXELS, image.shape[0] * image.shape[1]):
@@ -862,6 +895,13 @@ class CellCounter:
         """
         level = _checked_level(level)
         source = None
+        if isinstance(image, list | tuple) and any(
+            isinstance(item, str | os.PathLike | np.ndarray) for item in image
+        ):  # np.asarray would make a 'pixel type <U41' or a 3-D stack of them
+            raise io.InputError(
+                f"count takes one image; for {len(image)}, use count_paths(paths) (files) "
+                "or count each array"
+            )
         if isinstance(image, str | os.PathLike):
             source = os.fspath(image)
             image = self.read(image)

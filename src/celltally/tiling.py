@@ -120,6 +120,8 @@ def tile_sides(tile: int | Sequence[int]) -> tuple[int, int]:
     """(height, width) of a window given as one side or a pair."""
     if isinstance(tile, int | np.integer):
         return int(tile), int(tile)
+    if isinstance(tile, str) or len(tile) != 2:
+        raise ValueError(f"a tile is one side or a (height, width) pair, not {tile!r}")
     ty, tx = (int(v) for v in tile)
     return ty, tx
 

@@ -890,7 +890,9 @@ def image_plane(
                 default_channel=default_channel,
             )
         except ImageReadError as err:
-            problem = err.problem.replace("with --channel ", "with CellCounter(channel=N), N ")
+            problem = err.problem.replace(
+                "with --channel ", "with CellCounter.from_pretrained(channel=N), N "
+            )
             raise InputError(f"an array of shape {tuple(array.shape)}: {problem}") from None
     if work.ndim == 2:
         return work
@@ -901,7 +903,7 @@ def image_plane(
             problem = err.problem.split(" Choose the stain")[0]
             raise InputError(
                 f"an array of shape {tuple(array.shape)}: {problem} Pass one plane "
-                "(e.g. image[..., 2] for blue) or CellCounter(channel=N)"
+                "(e.g. image[..., 2] for blue) or CellCounter.from_pretrained(channel=N)"
             ) from None
     raise InputError(
         f"expected a 2-D image, got an array of shape {tuple(array.shape)}: pass one plane "

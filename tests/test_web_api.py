@@ -12,6 +12,7 @@ import tifffile
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from celltally import io
 from celltally.counter import CellCounter
 from celltally.simulate import simulate_scene
 from celltally.web import create_app
@@ -297,6 +298,104 @@ def test_saliency_is_skipped_with_a_note_above_its_pixel_limit(
     result = service.count_file(upload, 0.95, True)
     assert result.ok and result.images.saliency is None
     assert result.note.startswith("saliency map skipped: 0.1 million pixels")
+
+
+def test_an_image_too_large_to_explain_is_counted_without_its_saliency_map(
+    scene, tmp_path, monkeypatch
+):
+    """explain's own limit (model-scale pixels, less per ensemble member) decides, as
+    explain_image decides: past it the file is counted, its map skipped with a note."""
+    import re
+
+    import celltally.explain as explain
+    import celltally.web.app as web_app
+    from celltally.web.uploads import Upload
+
+    path = tmp_path / "scene.tif"
+    tifffile.imwrite(path, scene.image)
+    upload = Upload(index=0, name="scene.tif", path=path, size=path.stat().st_size)
+    plain = CellCounter.from_pretrained("bbbc005")
+    ensemble = CellCounter.from_pretrained("bbbc005", epistemic=True)
+    monkeypatch.setattr(explain, "EXPLAIN_MAX_PIXELS", 1)
+    problem = explain.too_large_to_explain(plain, scene.image.shape)
+    width, height = map(int, re.match(r"is (\d+) x (\d+) px", problem).groups())
+    # the helper's canvas is explain_image's: it explains at that size and refuses below it
+    monkeypatch.setattr(explain, "EXPLAIN_MAX_PIXELS", width * height)
+    assert explain.too_large_to_explain(plain, scene.image.shape) is None
+    explain.explain_image(plain, scene.image)
+    for counter, limit in ((plain, width * height - 1), (ensemble, width * height)):
+        monkeypatch.setattr(explain, "EXPLAIN_MAX_PIXELS", limit)
+        assert explain.too_large_to_explain(counter, scene.image.shape) is not None
+        with pytest.raises(io.InputError, match="too large to explain"):
+            explain.explain_image(counter, scene.image)
+    # the ensemble (at the limit the model alone fits): counted, the map left out
+    service = web_app._Service(ensemble, saliency=True, display_side=256, max_pixels=10**8)
+    result = service.count_file(upload, 0.95, True)
+    assert result.ok, result.error
+    assert result.count == pytest.approx(ensemble.count(scene.image).count, rel=1e-4)
+    assert result.images.saliency is None
+    assert result.note.startswith("saliency map skipped: the image is ")
+    assert "with 2 ensemble members" in result.note and result.note.endswith("not affected")
+    assert "celltally" not in result.note and "crop" not in result.note  # no command line
+    # were explain to refuse anyway, the failure names the file once
+    monkeypatch.setattr(explain, "too_large_to_explain", lambda counter, shape: None)
+    failed = service.count_file(upload, 0.95, True)
+    assert not failed.ok and failed.error.startswith("scene.tif: is ")
+    assert failed.error.count("scene.tif") == 1, failed.error
+
+
+def test_warning_flags_say_what_each_part_of_a_warning_is():
+    from celltally.calibration import ood_warning
+    from celltally.web.app import warning_flags
+
+    limits = {"mask_std": 0.2, "feature_distance": 1.0, "size_shift": 0.2, "quantile": 0.99}
+
+    def flags(**features):
+        return warning_flags(ood_warning(features, limits, rescale=1.0))
+
+    assert flags(mask_std=0.1) == []
+    # a frame that may be empty: said so, with no "may not hold" (its interval reaches 0)
+    (empty,) = flags(contrast=0.5)
+    assert (empty.kind, empty.title) == ("empty", "may hold no cells")
+    assert empty.text.startswith("Low contrast (range 0.50 of the empty-frame floor): ")
+    assert "Check it" in empty.text and "may not hold" not in empty.text
+    both = flags(contrast=0.5, mask_std=0.3)
+    assert [f.kind for f in both] == ["empty", "unlike"]
+    assert "so its interval may not hold (mean per-pixel mask uncertainty 0.3 > 0.2" in (
+        both[1].text
+    )
+    # a likely cause is advice of its own, not the end of a generic sentence
+    unlike, bright = flags(mask_std=0.3, background=0.9)
+    assert (unlike.kind, bright.kind) == ("unlike", "bright")
+    assert bright.text.startswith("Most of the frame is bright") and "invert it" in bright.text
+    assert "(" in unlike.text and "invert" not in unlike.text
+    _, size = flags(mask_std=0.3, size_ratio=2.0, size_shift=1.0)
+    assert (size.kind, size.rescale) == ("size", 0.5)
+    assert size.text == (
+        "Its objects look 2x as wide as the calibration images': if it was taken at another "
+        "magnification, count it again with Rescale set to about 0.5."
+    )
+    (other,) = warning_flags("something new")  # words the page does not know: as they are
+    assert (other.kind, other.text) == ("other", "something new")
+
+
+def test_the_answer_gives_the_channel_and_each_files_flags(client, scene):
+    buffer = bytes_io.BytesIO()
+    tifffile.imwrite(buffer, np.stack([scene.image, scene.image[::-1]]), photometric="minisblack")
+    data = buffer.getvalue()
+    answers = [
+        post(client, [("two.tif", data, "image/tiff")], saliency="0", channel=c).json()
+        for c in ("0", "1")
+    ]
+    assert [a["channel"] for a in answers] == [0, 1]
+    plain = post(client, [("one.tif", tiff_bytes(scene.image), "image/tiff")], saliency="0")
+    body = plain.json()
+    assert body["channel"] is None  # none given: the file's only channel
+    (item,) = body["results"]
+    from celltally.web.app import warning_flags
+
+    expected = [f.model_dump() for f in warning_flags(item["warning"] or "")]
+    assert item["flags"] == expected
 
 
 @pytest.mark.parametrize("shape", [(8, 8), (40, 696)])

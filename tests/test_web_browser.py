@@ -670,3 +670,156 @@ def test_a_well_with_fewer_images_than_its_plates_others_is_marked(server, brows
     sync_api.expect(full.locator("td").nth(2)).not_to_contain_text("fewer")
     assert "incomplete" not in (full.get_attribute("class") or "")
     context.close()
+
+
+def test_each_channel_of_a_file_is_a_result_of_its_own(server, browser, tiny_model, tmp_path):
+    """One file counted at two channels: each says its channel (card, table, CSV), and its
+    well is totalled and mapped per channel, never the two stains summed or averaged."""
+    planes = [simulate_scene(n, seed=60 + n).image for n in (10, 40)]
+    path = tmp_path / "Screen1_B03_s1_w1.tif"
+    tifffile.imwrite(path, np.stack(planes), photometric="minisblack")
+    counter = CellCounter.from_pretrained(tiny_model)
+    expected = [counter.count(plane).count for plane in planes]
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.goto(server)
+    sync_api.expect(page.locator("#model-name")).to_have_text("tiny")
+    for done, channel in enumerate(("0", "1"), start=1):
+        page.fill("#channel", channel)
+        page.set_input_files("#file-input", [str(path)])
+        wait_for_batch(page, done)
+    cards = card(page, path.name)
+    for i in (0, 1):
+        sync_api.expect(cards.nth(i).locator(".interval")).to_contain_text(
+            f"model tiny · channel {i}"
+        )
+    made = page.locator("#table tbody tr td:nth-child(4)").all_text_contents()
+    assert made == ["tiny · channel 0 · 95%", "tiny · channel 1 · 95%"]
+    rows = download(page, "#csv", tmp_path / "channels.csv")
+    assert [r["channel"] for r in rows] == ["0", "1"]
+    assert [float(r["count"]) for r in rows] == pytest.approx(expected, abs=1e-3)
+    totals = page.locator('#well-totals tbody tr[data-well="B03"]')
+    sync_api.expect(totals).to_have_count(2)
+    for i in (0, 1):
+        images = totals.nth(i).locator("td").nth(2)
+        sync_api.expect(images).not_to_contain_text("more than once")
+        total = totals.nth(i).locator("td").nth(3).text_content()
+        assert float(total.split()[0]) == pytest.approx(expected[i], abs=0.051)
+    wells = download(page, "#wells-csv", tmp_path / "channel-wells.csv")
+    assert sorted((w["channel"], w["images"]) for w in wells) == [("0", "1"), ("1", "1")]
+    pick = page.locator("#plate-select")
+    sync_api.expect(pick).to_be_visible()
+    views = pick.locator("option").all_text_contents()
+    assert views == [f"Screen1 · w1 · tiny · channel {i} · 95%" for i in (0, 1)]
+    for i in (0, 1):  # each map shows its channel's count, not the mean of both
+        pick.select_option(label=views[i])
+        well = page.locator('#plate-grid .well[data-well="B03"]')
+        assert well.get_attribute("data-count") == f"{expected[i]:.1f}"
+    context.close()
+
+
+def test_a_frame_that_may_hold_no_cells_is_flagged_as_such(server, browser, tiny_model, tmp_path):
+    """Low contrast is said as itself (not "its interval may not hold"), and a count whose
+    interval was set to reach 0 is shown with that interval, not a ± that disagrees."""
+    path = tmp_path / "Screen1_E05_s1_w1.tif"
+    tifffile.imwrite(path, np.full((260, 348), 5, np.uint8))
+    result = CellCounter.from_pretrained(tiny_model).count(path)
+    assert result.low == 0.0 and result.count - result.low > result.high - result.count
+    context, page, item = count_one(browser, server, path, model="tiny")
+    sync_api.expect(item.locator(".count")).to_have_text(f"{result.count:.1f}")  # no ±
+    sync_api.expect(item.locator(".interval")).to_contain_text(
+        f"95% interval {result.low:.1f}–{result.high:.1f}"
+    )
+    sync_api.expect(item.locator(".badge.warn")).to_have_text("⚠ may hold no cells")
+    empty = item.locator('.flags li[data-kind="empty"]')
+    sync_api.expect(empty).to_contain_text("May hold no cells: Low contrast")
+    sync_api.expect(empty).to_contain_text("Check it before trusting its count")
+    sync_api.expect(empty).not_to_contain_text("may not hold")
+    if "unlike the calibration images" in result.warning:  # the untrained model's: apart
+        unlike = item.locator('.flags li[data-kind="unlike"]')
+        sync_api.expect(unlike).to_contain_text("its interval may not hold")
+    row = page.locator('#well-totals tbody tr[data-well="E05"]')
+    sync_api.expect(row.locator("td").nth(2)).to_contain_text("(1 may hold no cells)")
+    context.close()
+
+
+@pytest.mark.parametrize("viewport", [(1280, 900), (390, 844)])
+def test_long_file_and_plate_names_stay_inside_the_window(server, browser, tmp_path, viewport):
+    names = [f"{'VeryLongPlateName' * 6}{k}_B0{k}_s1_w1.tif" for k in (2, 3)]
+    for k, name in enumerate(names):
+        tifffile.imwrite(tmp_path / name, simulate_scene(5, seed=70 + k).image)
+    width, height = viewport
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.goto(server)
+    page.set_input_files("#file-input", [str(tmp_path / n) for n in names])
+    wait_for_batch(page, 2)
+    sync_api.expect(page.locator("#plate-select")).to_be_visible()  # two plates: a select
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow}px wider than a {width}px window"
+    select = page.locator("#plate-select")
+    fits = (
+        "s => s.getBoundingClientRect().right <= s.closest('section').getBoundingClientRect().right"
+    )
+    assert select.evaluate(fits)
+    assert select.get_attribute("title") == select.evaluate("s => s.selectedOptions[0].text")
+    first = page.locator("#table tbody tr td:first-child").first
+    assert first.get_attribute("title") == names[0]  # the whole name, though it wraps
+    if width >= 1280:  # the table fits without scrolling sideways: the name wraps
+        wrap = page.locator("#summary .table-wrap")
+        assert wrap.evaluate("w => w.scrollWidth <= w.clientWidth")
+    context.close()
+
+
+def test_the_diameter_field_and_hint_speak_of_the_page(server, browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(server)
+    page.select_option("#model", "nuclei")
+    hint = page.locator("#model-use")
+    sync_api.expect(hint).to_contain_text("magnifications: set Diameter, or Rescale by 28.3")
+    sync_api.expect(hint).not_to_contain_text("--")
+    placeholder = page.get_attribute("#diameter", "placeholder")
+    assert placeholder == "px (model: 28.3)"
+    # the placeholder is read whole: the field is wide enough for its text
+    room = page.locator("#diameter").evaluate(
+        """(el) => {
+            const style = getComputedStyle(el);
+            const context = document.createElement("canvas").getContext("2d");
+            context.font = style.font;
+            const inner = el.clientWidth - parseFloat(style.paddingLeft)
+              - parseFloat(style.paddingRight);
+            return inner - context.measureText(el.placeholder).width;
+        }"""
+    )
+    assert room >= 16, f"{room:.0f} px to spare: the placeholder is cut"  # and spin buttons
+    context.close()
+
+
+def test_each_cards_map_buttons_are_a_labelled_group_used_by_keyboard(server, images, browser):
+    folder, _ = images
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(server)
+    page.set_input_files("#file-input", [str(folder / TIFF_NAME)])
+    wait_for_batch(page, 1)
+    item = card(page, TIFF_NAME)
+    group = page.get_by_role("group", name=f"maps of {TIFF_NAME} to show")
+    sync_api.expect(group).to_be_visible()
+    assert page.locator('[role="tab"], [role="tablist"]').count() == 0  # no tabs sans panels
+    buttons = group.get_by_role("button")
+    assert buttons.all_text_contents() == ["all", "input", "mask", "uncertainty", "saliency"]
+    assert [b.get_attribute("aria-pressed") for b in buttons.all()] == ["true"] + ["false"] * 4
+    mask = group.get_by_role("button", name="mask")
+    mask.focus()
+    page.keyboard.press("Enter")
+    sync_api.expect(mask).to_have_attribute("aria-pressed", "true")
+    sync_api.expect(item.locator('figure[data-map="input"]')).to_be_hidden()
+    page.keyboard.press("Shift+Tab")  # back to "input": Space presses it
+    page.keyboard.press("Space")
+    sync_api.expect(group.get_by_role("button", name="input")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    sync_api.expect(mask).to_have_attribute("aria-pressed", "false")
+    sync_api.expect(item.locator('figure[data-map="input"]')).to_be_visible()
+    context.close()

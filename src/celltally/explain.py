@@ -25,7 +25,8 @@ import torch
 from celltally import io
 from celltally.counter import ModelScaleImage, _out_of_memory, ensemble_mixture
 from celltally.losses import gaussian_nll
-from celltally.tiling import model_canvas
+from celltally.scale import model_shape
+from celltally.tiling import model_canvas, padded_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     from celltally.counter import CellCounter, CountResult
@@ -38,6 +39,7 @@ __all__ = [
     "explanation_figure",
     "explanation_png",
     "saliency",
+    "too_large_to_explain",
 ]
 
 
@@ -172,6 +174,35 @@ def saliency(
     return mask_sal, image_sal
 
 
+def _too_large(canvas: Sequence[int], members: int) -> str | None:
+    """Why a model-scale ``canvas`` (rows, columns) is too large to explain in one pass
+    with ``members`` ensemble members, or None when it is not."""
+    # one autograd pass: ~1 KB per model pixel, and more per ensemble member
+    weight = 1 + MEMBER_MEMORY_SHARE * members
+    height, width = int(canvas[0]), int(canvas[1])
+    if height * width * weight <= EXPLAIN_MAX_PIXELS:
+        return None
+    limit = EXPLAIN_MAX_PIXELS / weight / 2**20
+    with_members = f" with {members} ensemble members" if members else ""
+    return (
+        f"is {width} x {height} px at the model's scale, too large to explain in one "
+        f"pass{with_members} (about {height * width * weight / 2**20:.0f} GB; the limit "
+        f"is {limit:.3g} M px)"
+    )
+
+
+def too_large_to_explain(counter: CellCounter, shape: Sequence[int]) -> str | None:
+    """Why :func:`explain_image` would refuse a raw image of ``shape`` (rows, columns) as
+    too large, or None when it would explain it: decided as it decides, before counting
+    (the web page then counts the image without its saliency map)."""
+    if counter.counts_in_tiles(shape):  # the model-scale image, on the canvas counting uses
+        stride = math.lcm(int(counter.model.density_stride), 32)
+        canvas = padded_shape(model_shape(shape, counter.scale, counter.factor), stride)
+    else:  # a native frame: resized to the model's input
+        canvas = tuple(counter.input_size)
+    return _too_large(canvas, len(counter.members))
+
+
 #: Largest true count an explanation takes (its loss is computed in float32).
 MAX_TRUE_COUNT = 1e7
 
@@ -239,19 +270,9 @@ def explain_image(
         canvas = model_canvas(prepared, counter.model.density_stride)
     else:
         canvas = prepared
-    # one autograd pass: ~1 KB per model pixel, and more per ensemble member
-    weight = 1 + MEMBER_MEMORY_SHARE * len(counter.members)
-    if canvas.size * weight > EXPLAIN_MAX_PIXELS:
-        height, width = canvas.shape
-        limit = EXPLAIN_MAX_PIXELS / weight / 2**20
-        with_members = f" with {len(counter.members)} ensemble members" if counter.members else ""
+    if (problem := _too_large(canvas.shape, len(counter.members))) is not None:
         raise io.about_file(
-            io.InputError(
-                f"is {width} x {height} px at the model's scale, too large to explain in one "
-                f"pass{with_members} (about {canvas.size * weight / 2**20:.0f} GB; the limit "
-                f"is {limit:.3g} M px): explain a crop of it (count it whole)"
-            ),
-            source or name,
+            io.InputError(f"{problem}: explain a crop of it (count it whole)"), source or name
         )
     try:
         mask_sal, image_sal, (mask, mask_std) = _saliency(

@@ -20,8 +20,12 @@ Endpoints
     ``pixel_size`` (um, as ``--pixel-size``: for a model trained with
     ``train --pixel-size``; no shipped model records one).
     Answers, in the order sent, one entry per file: the count with its
-    interval and PNG renderings (data URLs) of the input, mask, uncertainty
-    and saliency maps, or an ``error`` naming the file.
+    interval, its ``warning`` (as the results CSV has it) split into ``flags``
+    (what each part means: may hold no cells, unlike the calibration images, a
+    likely cause) and PNG renderings (data URLs) of the input, mask, uncertainty
+    and saliency maps (skipped, with a ``note``, for an image too large to
+    explain), or an ``error`` naming the file; and the settings counted with
+    (``channel``, ``rescale``, ...).
 
     Status codes:
 
@@ -79,7 +83,15 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import Headers, MutableHeaders
 
 from celltally import io, naming
-from celltally.calibration import MAX_LEVEL, valid_level
+from celltally.calibration import (
+    BRIGHT_HINT,
+    EMPTY_HINT,
+    MAX_LEVEL,
+    SIZE_HINT,
+    UNLIKE_HINT,
+    suggested_rescale,
+    valid_level,
+)
 from celltally.counter import DEFAULT_MODEL, CellCounter, available_models
 from celltally.model_folder import (
     held_out_figures,
@@ -143,6 +155,22 @@ class Images(BaseModel):
     saliency_scale: float | None = None
 
 
+class Flag(BaseModel):
+    """One thing a file's warning says, in words for the page (:func:`warning_flags`)."""
+
+    kind: str = Field(
+        description="'empty' (low contrast: may hold no cells; its interval reaches 0), "
+        "'unlike' (unlike the calibration images: the interval may not hold), 'bright' "
+        "(dark objects on a bright background: invert it), 'size' (objects wider or narrower "
+        "than the calibration images': another magnification?) or 'other'."
+    )
+    title: str = Field(description="A few words naming it, e.g. 'may hold no cells'.")
+    text: str = Field(description="What it means and what to do, in a sentence or two.")
+    rescale: float | None = Field(
+        default=None, description="For 'size': the resize factor to count it again at."
+    )
+
+
 class FileResult(BaseModel):
     """The outcome for one uploaded file."""
 
@@ -160,7 +188,12 @@ class FileResult(BaseModel):
         description="Parsed from the name: plate, well, row, column, site, blur, stain, count.",
     )
     warning: str | None = Field(
-        default=None, description="Set when the input looks unlike training."
+        default=None,
+        description="Set when the input looks unlike the model's calibration images or may "
+        "hold no cells (the results CSV's warning, as `celltally count` writes it).",
+    )
+    flags: list[Flag] = Field(
+        default_factory=list, description="The warning, split into what each part says."
     )
     note: str | None = Field(
         default=None, description="What was left out, e.g. a skipped saliency map."
@@ -199,6 +232,11 @@ class CountResponse(BaseModel):
     )
     epistemic: bool = Field(
         default=False, description="Whether the intervals include the ensemble's spread."
+    )
+    channel: int | None = Field(
+        default=None,
+        description="The channel (0-based) the request gave; null: the file's only one, the "
+        "model's recorded one, or the colour mean.",
     )
 
 
@@ -571,9 +609,17 @@ class _Service:
             saliency = False
             note = (
                 f"saliency map skipped: {image.size / 1e6:.1f} million pixels{rescaled}, "
-                f"more than the {SALIENCY_MAX_PIXELS / 1e6:g} million it is computed for here "
-                "(`celltally explain` computes it for any size)"
+                f"more than the {SALIENCY_MAX_PIXELS / 1e6:g} million it is computed for here; "
+                "the count is not affected"
             )
+        elif saliency:
+            from celltally.explain import too_large_to_explain
+
+            # explain's own limit, at the model's scale and per ensemble member: past it
+            # explain_image refuses, and the file would not be counted at all
+            if (problem := too_large_to_explain(self.counter, image.shape)) is not None:
+                saliency = False
+                note = f"saliency map skipped: the image {problem}; the count is not affected"
         try:
             with self.lock:
                 if abandoned is not None and abandoned():
@@ -586,8 +632,9 @@ class _Service:
                 else:
                     count = self.counter.count(image, level=level, name=upload.name)
                     result, saliency_map = count, None
-        except io.InputError as err:
-            return _failure(upload.name, 422, _as_fields(str(err)))
+        except io.InputError as err:  # _failure names the file: the problem alone
+            problem = err.problem if isinstance(err, io.ImageReadError) else str(err)
+            return _failure(upload.name, 422, _as_fields(problem))
         if not math.isfinite(result.count):
             return _failure(upload.name, 500, "the model gave no finite count for this image")
         size = render.display_size(image.shape, self.display_side)
@@ -617,12 +664,80 @@ class _Service:
             level=level,
             metadata=naming.parse_name(upload.name).as_dict(),
             warning=str(warning) if warning else None,
+            flags=warning_flags(str(warning or "")),
             note=note,
             width=int(image.shape[1]),
             height=int(image.shape[0]),
             seconds=round(time.perf_counter() - start, 4),
             images=images,
         )
+
+
+def warning_flags(warning: str) -> list[Flag]:
+    """A counter's warning (:func:`celltally.calibration.ood_warning`) as the flags it
+    holds, each in words that say what it is and what to do.
+
+    The warning is one line for the CSV; on the page a low-contrast frame's "may hold no
+    cells" (its interval reaches 0 and holds) must not read as "the interval may not hold",
+    and a likely cause (a bright background, another magnification) is advice of its own.
+    Text the parts do not account for comes back as an 'other' flag, unchanged.
+    """
+    flags: list[Flag] = []
+    rest = warning.strip()
+    if EMPTY_HINT in rest:
+        head, _, rest = rest.partition(EMPTY_HINT)
+        measured = head.strip().rstrip(":").strip()  # "low contrast (range 0.12 of ...)"
+        flags.append(
+            Flag(
+                kind="empty",
+                title="may hold no cells",
+                text=f"{measured[:1].upper()}{measured[1:]}: this frame may hold no cells "
+                "(an empty well?). Check it before trusting its count; its interval reaches "
+                "0 to allow for that.",
+            )
+        )
+        rest = rest.strip().removeprefix(";").strip()
+    if rest.startswith(f"{UNLIKE_HINT} (") and (close := rest.find(")")) > 0:
+        measured = rest[len(UNLIKE_HINT) + 2 : close]
+        flags.append(
+            Flag(
+                kind="unlike",
+                title="unlike the calibration images",
+                text="This image differs from the images the model was calibrated on, so its "
+                f"interval may not hold ({measured}).",
+            )
+        )
+        rest = rest[close + 1 :].strip().removeprefix(";").strip()
+        if rest == BRIGHT_HINT:
+            flags.append(
+                Flag(
+                    kind="bright",
+                    title="dark objects on a bright background?",
+                    text=f"{BRIGHT_HINT[:1].upper()}{BRIGHT_HINT[1:]}, then count it again.",
+                )
+            )
+            rest = ""
+        elif rest.startswith("its objects look "):
+            size, _, _ = rest.partition(f": {SIZE_HINT}")
+            factor = suggested_rescale(rest)
+            advice = (
+                f": if it was taken at another magnification, count it again with Rescale "
+                f"set to about {factor:.2g}"
+                if factor is not None
+                else ""
+            )
+            flags.append(
+                Flag(
+                    kind="size",
+                    title="another magnification?",
+                    text=f"{size[:1].upper()}{size[1:]}{advice}.",
+                    rescale=factor,
+                )
+            )
+            rest = ""
+    if rest:  # words this page does not know (a newer counter's): shown as they are
+        flags.append(Flag(kind="other", title="unusual input", text=rest))
+    return flags
 
 
 def _as_fields(text: str) -> str:
@@ -1016,6 +1131,7 @@ def create_app(
             diameter=req_diameter,
             pixel_size=req_pixel_size,
             epistemic=used.counter.epistemic,
+            channel=req_channel if req_channel is not None else used.counter.channel,
         )
         status = 200
         if counted == 0:

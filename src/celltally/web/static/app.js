@@ -54,7 +54,7 @@ function showModelUse() {
   const info = state.info || {};
   const name = $("model").value;
   const uses = info.model_uses || {};
-  $("model-use").textContent = uses[name] ? `${name}: for ${uses[name]}.` : "";
+  $("model-use").textContent = uses[name] ? `${name}: for ${onPage(uses[name])}.` : "";
   if (name) $("model-name").textContent = name;
   for (const [id, key, unit] of [["diameter", "diameters", "px"],
                                  ["pixel-size", "pixel_sizes", "µm"]]) {
@@ -64,6 +64,15 @@ function showModelUse() {
     $(id).placeholder = trained === undefined ? unit : `${unit} (model: ${trained})`;
   }
   oneScale();
+}
+
+// A line written for the command line (a model's use), with this page's field names
+// instead of its options: "--diameter" is the Diameter field here.
+function onPage(text) {
+  return text.replace(/--diameter\b/g, "set Diameter")
+    .replace(/--pixel-size\b/g, "set Pixel size")
+    .replace(/--rescale\b/g, "set Rescale")
+    .replace(/\brescale by\b/g, "Rescale by");
 }
 
 // Rescale, Diameter and Pixel size each set the resize factor: two at once is a
@@ -166,11 +175,15 @@ async function send({ file, card, row, index, settings }) {
       if (body.results && body.results.length) {
         // which model counted it, and that model's within-well correlation (well totals)
         // 'setting': the model as it counted (ensemble, resize factor); totals group by it
+        // and the channel read: two stains of one file are two results, never summed
+        const channel = body.channel === null || body.channel === undefined ? null
+          : body.channel;
         const setting = body.model + (body.epistemic ? " ensemble" : "") +
           (body.rescale ? ` ×${+body.rescale.toPrecision(4)}` : "") +
           (body.diameter ? ` (⌀ ${body.diameter} px)` : "") +
-          (body.pixel_size ? ` (${body.pixel_size} µm pixels)` : "");
-        result = { ...body.results[0], model: body.model, setting,
+          (body.pixel_size ? ` (${body.pixel_size} µm pixels)` : "") +
+          (channel === null ? "" : ` · channel ${channel}`);
+        result = { ...body.results[0], model: body.model, setting, channel,
                    rescale: body.rescale, diameter: body.diameter, pixel_size: body.pixel_size,
                    epistemic: body.epistemic,
                    well_correlation: body.well_correlation, level_note: body.level_note };
@@ -234,8 +247,11 @@ function makeCard(name) {
   const node = $("card-template").content.firstElementChild.cloneNode(true);
   node.querySelector(".name").textContent = name;
   node.dataset.name = name;
+  // a labelled group of toggle buttons (aria-pressed), not tabs: the maps they pick are
+  // not panels of their own ("all" shows four); each group says whose maps it shows
+  node.querySelector(".tabs").setAttribute("aria-label", `maps of ${name} to show`);
   for (const button of node.querySelectorAll(".tabs button")) {
-    button.setAttribute("role", "tab");
+    button.setAttribute("aria-pressed", "false");
     button.addEventListener("click", () => setView(node, button.dataset.view));
   }
   for (const img of node.querySelectorAll(".maps img")) {
@@ -248,7 +264,7 @@ function makeCard(name) {
 function setView(card, view) {
   card.querySelector(".maps").dataset.view = view;
   for (const button of card.querySelectorAll(".tabs button")) {
-    button.setAttribute("aria-selected", String(button.dataset.view === view));
+    button.setAttribute("aria-pressed", String(button.dataset.view === view));
   }
 }
 
@@ -261,8 +277,7 @@ function fillCard(card, r) {
     error.hidden = false;
     return;
   }
-  const half = r.high - r.count; // before low is clipped at 0
-  card.querySelector(".count").textContent = `${fmt(r.count)} ± ${fmt(half)}`;
+  card.querySelector(".count").textContent = countText(r.count, r.low, r.high);
   const interval = card.querySelector(".interval");
   interval.textContent =
     `cells · ${levelText(r.level)} interval ${fmt(r.low)}–${fmt(r.high)}` +
@@ -276,15 +291,26 @@ function fillCard(card, r) {
     interval.textContent += ` · its ensemble's 95% intervals held ${Math.round(held * 100)}%` +
       " of held-out truths";
   }
-  if (r.warning) {
+  const flags = flagsOf(r);
+  if (flags.length) {
+    // each flag on a line of its own, named by what it is: a frame that may hold no
+    // cells is not "unlike the calibration" (its interval, down to 0, holds), and the
+    // advice (invert it, rescale it) leads its line instead of ending a generic one
     const badge = card.querySelector(".badge.warn");
-    badge.textContent = "⚠ unusual input";
-    badge.title = r.warning;
+    // short, beside the name: the flags below say the rest
+    badge.textContent = flags[0].kind === "empty" ? "⚠ may hold no cells" : "⚠ unusual input";
+    badge.title = r.warning || flags[0].text;
     badge.hidden = false;
-    const text = card.querySelector(".warning-text");
-    text.textContent = "This image differs from the images the model was calibrated on, " +
-      `so its interval may not hold. (${r.warning})`;
-    text.hidden = false;
+    const list = card.querySelector(".flags");
+    list.replaceChildren(...flags.map((f) => {
+      const item = document.createElement("li");
+      item.dataset.kind = f.kind;
+      const title = document.createElement("strong");
+      title.textContent = `${f.title[0].toUpperCase()}${f.title.slice(1)}: `;
+      item.append(title, f.text);
+      return item;
+    }));
+    list.hidden = false;
   }
   const images = r.images || {};
   for (const key of ["input", "mask", "uncertainty", "saliency"]) {
@@ -310,6 +336,26 @@ function fillCard(card, r) {
   setView(card, $("view").value);
 }
 
+// A count as its interval allows: "12.3 ± 2.1" when the interval is the count ± that
+// half-width; the count alone when it is not (its low end set to 0: a frame that may
+// hold no cells, or a count near 0), the interval beside it saying the rest.
+function countText(count, low, high) {
+  const half = high - count;
+  const symmetric = Math.abs(count - low - half) <= 1e-6 * Math.max(1, Math.abs(high));
+  return symmetric ? `${fmt(count)} ± ${fmt(half)}` : fmt(count);
+}
+
+// A result's flags (the server splits its warning); an answer without them: one flag.
+function flagsOf(r) {
+  if (r.flags && r.flags.length) return r.flags;
+  return r.warning ? [{ kind: "other", title: "unusual input", text: r.warning }] : [];
+}
+
+// Whether a result is unlike the model's calibration images (its interval may not hold),
+// and whether it may hold no cells (low contrast: its interval reaches 0 and holds).
+const isUnusual = (r) => flagsOf(r).some((f) => f.kind !== "empty");
+const mayBeEmpty = (r) => flagsOf(r).some((f) => f.kind === "empty");
+
 // The model and interval level a result was counted with: "bbbc005 · 95%".
 function madeWith(model, level) {
   return `${model || ""} · ${levelText(level)}`;
@@ -321,6 +367,8 @@ function makeRow(name) {
   const tr = document.createElement("tr");
   const td = document.createElement("td");
   td.textContent = name;
+  td.className = "file";
+  td.title = name;
   const wait = document.createElement("td");
   wait.colSpan = 6;
   wait.textContent = "waiting…";
@@ -334,15 +382,17 @@ function fillRow(tr, r) {
   if (!r.ok) tr.className = "failed";
   const meta = r.metadata || {};
   const made = r.ok ? madeWith(r.setting || r.model, r.level) : "";
+  const note = flagsOf(r).map((f) => f.title).join("; ");
   const cells = r.ok
     ? [r.name, fmt(r.count), `${fmt(r.low)}–${fmt(r.high)}`, made, meta.well || "",
-       meta.site ?? "", r.warning || ""]
+       meta.site ?? "", note]
     : [r.name, "", "", "", meta.well || "", meta.site ?? "", r.error || "failed"];
   cells.forEach((text, i) => {
     const td = document.createElement("td");
     td.textContent = String(text);
+    if (i === 0) { td.className = "file"; td.title = String(text); } // wraps; whole name
     if (i === 1 || i === 2) td.className = "num";
-    if (i === 6) { td.className = "note"; td.title = String(text); }
+    if (i === 6) { td.className = "note"; td.title = r.ok ? r.warning || "" : String(text); }
     tr.appendChild(td);
   });
 }
@@ -350,10 +400,12 @@ function fillRow(tr, r) {
 // The columns of `celltally count`'s results CSV (so `celltally wells` reads this file),
 // then 'problem': why an image could not be counted (its count is then empty), and the
 // settings `count` records in its manifest: the resize factor (given, or set by the
-// diameter or pixel size), the ensemble flag, the diameter and the pixel size.
+// diameter or pixel size), the ensemble flag, the diameter, the pixel size and the
+// channel (as its counter_options name it; empty: the file's only one, the model's, or
+// the colour mean).
 const CSV_COLUMNS = ["file", "count", "std", "low", "high", "level", "model", "plate", "well",
   "site", "blur", "stain", "true_count", "error", "warning", "problem", "rescale", "epistemic",
-  "diameter", "pixel_size"];
+  "diameter", "pixel_size", "channel"];
 
 function csvCell(value) {
   if (value === null || value === undefined) return "";
@@ -374,7 +426,7 @@ function toCSV() {
       r.level ?? "", r.model || "", m.plate, m.well, m.site, m.blur, m.stain, m.count,
       truth === null ? "" : (r.count - truth).toFixed(2), r.warning, r.ok ? "" : r.error,
       r.rescale ? +r.rescale.toPrecision(6) : "", r.ok ? String(Boolean(r.epistemic)) : "",
-      r.diameter ?? "", r.pixel_size ?? ""];
+      r.diameter ?? "", r.pixel_size ?? "", r.channel ?? ""];
     lines.push(row.map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";
@@ -450,15 +502,19 @@ function drawPlate() {
   pick.replaceChildren(...views.map((v) => {
     const [plate, stain, model, level] = JSON.parse(v);
     const channel = stain === "" ? "" : ` · w${stain}`;
-    return new Option(`${plate || "(no plate name)"}${channel} · ${madeWith(model, level)}`, v);
+    const option = new Option(
+      `${plate || "(no plate name)"}${channel} · ${madeWith(model, level)}`, v);
+    option.title = option.text; // the select is kept narrow: a long name is cut
+    return option;
   }));
   pick.value = state.plate === null ? "" : state.plate;
+  pick.title = pick.selectedIndex >= 0 ? pick.options[pick.selectedIndex].text : "";
   const [plateOf, stainShown] = state.plate === null ? [null, null] : JSON.parse(state.plate);
   const wells = new Map();
   const entry = (m) => {
     const key = `${m.row}${m.column}`;
     const e = wells.get(key) ||
-      { row: rowIndex(m.row), column: m.column, counts: [], flagged: 0, failed: 0 };
+      { row: rowIndex(m.row), column: m.column, counts: [], flagged: 0, empty: 0, failed: 0 };
     wells.set(key, e);
     return e;
   };
@@ -474,7 +530,8 @@ function drawPlate() {
     if (keyOf(r) !== state.plate) continue;
     const e = entry(m);
     e.counts.push(r.count);
-    if (r.warning) e.flagged += 1;
+    if (isUnusual(r)) e.flagged += 1;
+    if (mayBeEmpty(r)) e.empty += 1;
   }
   const section = $("plate");
   if (!wells.size) { section.hidden = true; return; }
@@ -522,6 +579,11 @@ function drawPlate() {
           cell.classList.add("flagged");
           notes.push(`${well.flagged} unusual image(s): their intervals may not hold`);
         }
+        if (well.empty) {
+          cell.classList.add("flagged");
+          notes.push(`${well.empty} image(s) of so little contrast that they may hold no ` +
+            "cells: check them");
+        }
         if (well.failed) {
           cell.classList.add("failed");
           notes.push(`${well.failed} image(s) not counted`);
@@ -567,10 +629,13 @@ function wellTotals() {
     const key = JSON.stringify([where, setting, r.level ?? ""]);
     const g = groups.get(key) || { plate: plateLabel(m), well: m.well, stain, counts: [], stds: [],
                                    sites: [], model: r.model || "", setting, where,
+                                   channel: r.channel ?? "", empty: 0,
                                    spread: `${setting}|${r.level ?? ""}`,
                                    rho: r.well_correlation };
     g.sites.push(m.site === null || m.site === undefined ? "" : String(m.site));
-    g.flagged = (g.flagged || 0) + (r.warning ? 1 : 0);
+    g.flagged = (g.flagged || 0) + (isUnusual(r) ? 1 : 0);
+    g.empty += mayBeEmpty(r) ? 1 : 0;
+    g.warned = (g.warned || 0) + (r.warning ? 1 : 0); // `celltally wells`'s warnings
     g.level = r.level;
     g.counts.push(r.count);
     g.stds.push(r.std);
@@ -585,7 +650,7 @@ function wellTotals() {
     if ([...groups.values()].some((g) => g.where === where)) continue;
     const [plate, well, stain] = JSON.parse(where);
     groups.set(where, { plate, well, stain, counts: [], stds: [], sites: [], model: "",
-                        setting: "", where, spread: "", rho: 0 });
+                        setting: "", where, spread: "", rho: 0, channel: "", empty: 0 });
   }
   const fallback = state.info && state.info.well_correlation !== undefined
     ? state.info.well_correlation : 0.1;
@@ -608,10 +673,11 @@ function wellTotals() {
     });
 }
 
-// The per-well totals as a CSV, with the columns of `celltally wells` it can fill.
+// The per-well totals as a CSV, with the columns of `celltally wells` it can fill, then
+// the channel the images were read at (the page's: two channels of a well are two rows).
 const WELL_COLUMNS = ["plate", "well", "stain", "images", "failed", "sites", "repeated_sites",
   "count", "std", "low", "high", "level", "mean_per_image", "model", "correlation", "warnings",
-  "true_count", "error"];
+  "true_count", "error", "channel"];
 
 // Sites as `celltally wells` lists them: once each, numbers first in order, then names.
 function siteList(sites) {
@@ -630,12 +696,13 @@ function wellsCSV() {
       siteList(w.repeated), has ? fmt(w.total, 2) : "", has ? fmt(w.std, 3) : "",
       has ? fmt(w.low, 2) : "", has ? fmt(w.high, 2) : "", has ? w.level : "",
       has ? fmt(w.total / w.counts.length, 2) : "", w.model, has ? fmt(w.rho, 4) : "",
-      has ? w.flagged || 0 : ""];
+      has ? w.warned || 0 : ""];
     // the true total when every image's name carries its count, as `celltally wells` gives it
     const truths = w.truths || [];
     const known = has && truths.every((t) => t !== null && t !== undefined);
     const truth = known ? truths.reduce((a, b) => a + b, 0) : null;
-    row.push(known ? +truth.toFixed(2) : "", known ? (w.total - truth).toFixed(2) : "");
+    row.push(known ? +truth.toFixed(2) : "", known ? (w.total - truth).toFixed(2) : "",
+      w.channel);
     lines.push(row.map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";
@@ -675,6 +742,7 @@ function drawWellTotals() {
     const images = String(w.counts.length) +
       (w.repeated.length ? ` (site ${w.repeated.join(", ")} more than once)` : "") +
       (w.flagged ? ` (${w.flagged} unusual)` : "") +
+      (w.empty ? ` (${w.empty} may hold no cells)` : "") +
       (w.failed ? ` + ${w.failed} not counted` : "") +
       (fewer ? ` (fewer than the ${most} of most wells on its plate)` : "");
     const made = several && w.counts.length
@@ -682,19 +750,25 @@ function drawWellTotals() {
     const label = (w.plate ? `${w.plate} ${w.well}` : w.well) + made;
     const has = w.counts.length > 0;
     const cells = [label, w.stain ? `w${w.stain}` : "", images,
-      has ? `${fmt(w.total)} ± ${fmt(w.half)}` : "no image counted",
+      has ? countText(w.total, w.low, w.high) : "no image counted",
       has ? `${fmt(w.low)}–${fmt(w.high)}` : ""];
-    for (const text of cells) {
+    cells.forEach((text, i) => {
       const td = document.createElement("td");
       td.textContent = text;
+      if (i === 0) { td.className = "file"; td.title = text; } // a long plate name wraps
       tr.appendChild(td);
-    }
+    });
     if (w.repeated.length) tr.classList.add("repeated");
     const why = [];
     if (w.flagged) {
       tr.classList.add("flagged");
       why.push(`${w.flagged} image(s) of this well are unlike the model's calibration ` +
         "images: the total's interval may not hold");
+    }
+    if (w.empty) {
+      tr.classList.add("flagged");
+      why.push(`${w.empty} image(s) of this well have so little contrast that they may hold ` +
+        "no cells: check them before trusting the total");
     }
     if (w.failed) {
       tr.classList.add("incomplete");

@@ -488,17 +488,41 @@ class CellCounter:
     ) -> CellCounter:
         """Load a shipped model by name, or any model folder (config.json + model.safetensors).
 
-        ``epistemic=True`` also loads the folder's ensemble of counter heads
-        (``ensemble_<k>.safetensors``, see ``celltally.uncertainty``) and adds
-        their spread to the std. ``calibration`` picks the interval method
-        ('conformal' default, 'temperature', 'gaussian'; see ``celltally.calibration``).
-        ``options`` go to the constructor: ``channel`` (plane of multi-channel
-        files), ``norm`` (keys overriding the model's normalization, e.g.
-        ``{'low': 1, 'high': 99.9}`` or ``{'background': 'none'}``; see
-        ``tiling.merge_normalization``), ``pixel_size`` (micrometres),
-        ``diameter`` (typical object diameter, px) or ``rescale`` (the factor
-        itself) to rescale images to the model's scale, ``tile``/``margin``
-        (model px) for large images.
+        Parameters
+        ----------
+        name_or_path : str or Path, default "bbbc005"
+            A shipped model's name (``celltally models`` lists them) or a model
+            folder; a ``Path`` is always a folder.
+        device : str or torch.device, optional
+            Where the network runs; default: CUDA when available, else the CPU.
+        epistemic : bool, default False
+            Also load the folder's ensemble of counter heads
+            (``ensemble_<k>.safetensors``, see ``celltally.uncertainty``) and add
+            their spread to the std.
+        calibration : {"conformal", "temperature", "gaussian"}, optional
+            The interval method (default: conformal; see ``celltally.calibration``).
+        **options
+            Keyword arguments of the constructor:
+
+            - ``channel`` (int): the plane of multi-channel files and arrays;
+            - ``norm`` (dict): keys overriding the model's normalization, e.g.
+              ``{'low': 1, 'high': 99.9}``, ``{'method': 'none'}`` or
+              ``{'background': 'none'}`` (see ``tiling.merge_normalization``);
+            - one of ``pixel_size`` (micrometres), ``diameter`` (typical object
+              diameter, px) or ``rescale`` (the factor itself), to bring images to
+              the model's scale;
+            - ``tile`` (a side or a (height, width) pair) and ``margin`` (model px)
+              for images counted in tiles.
+
+        Returns
+        -------
+        CellCounter
+
+        Raises
+        ------
+        celltally.io.InputError
+            One line saying why: an unknown name, a folder that is not a model
+            (or one whose training has not finished), or an option it cannot use.
         """
         folder = resolve_model(name_or_path)
         if (folder / UNFINISHED).exists():
@@ -867,16 +891,32 @@ class CellCounter:
     ) -> CountResult:
         """Count one image, given as an array or a file path (str or path-like).
 
-        An array is reduced to 2-D as a file's pixels are (:func:`celltally.io.image_plane`:
-        size-1 axes dropped, RGB averaged, a stack's plane picked by ``channel`` or the
-        model's recorded one). Integers are taken at their type's scale, floats as 0-1
-        (a 16-bit image divided by 65535 is recognised). Raises
-        :class:`celltally.io.InputError` (one line, naming the file) for an image that
-        cannot be counted.
+        Parameters
+        ----------
+        image : numpy.ndarray, str or Path
+            A file (TIFF, PNG, JPEG), or an array reduced to 2-D as a file's pixels
+            are (:func:`celltally.io.image_plane`: size-1 axes dropped, RGB of one
+            stain averaged, a stack's plane picked by ``channel`` or the model's
+            recorded one). Integers are taken at their type's scale, booleans as
+            0/255, floats as 0-1 (a 16-bit image divided by 65535 is recognised).
+            The array is not modified. One image: for many files, :meth:`count_paths`.
+        level : float, default 0.95
+            The interval's level.
+        name : str, optional
+            For an array: the file name it came from (e.g. an upload's), read for
+            its metadata as a path's would be (well, site, stain; the stain picks
+            the object-size curve of a model calibrated per stain).
 
-        ``name``, for an array: the file name it came from (e.g. an upload's),
-        read for its metadata as a path's would be (well, site, stain; the
-        stain picks the object-size curve of a model calibrated per stain).
+        Returns
+        -------
+        CountResult
+            The count, its std and interval, the mask and its uncertainty, and a
+            warning where the image is unlike the calibration images.
+
+        Raises
+        ------
+        celltally.io.InputError
+            One line, naming the file, for an image that cannot be counted.
         """
         return self.count_with_input(image, level=level, name=name)[0]
 

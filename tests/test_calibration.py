@@ -986,7 +986,9 @@ def test_calibrate_reads_the_channel_a_tiled_model_was_trained_on(tmp_path):
     assert result.exit_code == 0, result.output  # was "choose the one ... --channel 0-1"
     # a stack of 5+ planes may be a z-stack: still refused, whatever the model recorded
     five = np.stack([np.zeros((40, 50), np.uint16)] * 5)
-    with pytest.raises(io.InputError, match=r"stack of 5 planes.*CellCounter\(channel=N\)"):
+    with pytest.raises(
+        io.InputError, match=r"stack of 5 planes.*CellCounter\.from_pretrained\(channel=N\)"
+    ):
         io.image_plane(five, default_channel=1)
     for bad in (-1, "x", [1], float("inf")):  # a damaged config: one line, not a traceback
         (model / "config.json").write_text(json.dumps({**config, "channel": bad}))
@@ -1043,6 +1045,12 @@ def test_images_calibrate_recalibrated_on_are_known_to_evaluate(tiny_model, tmp_
     # they were evaluated as held out (coverage 1.000) without a word
     seen = seen_by_model(config, names, folder=plate / "images")
     assert seen == dict.fromkeys(names, "calibration")
+    # evaluate names an image in a sub-folder, or given by a full path, by that path:
+    # matched by its file name all the same (the model was calibrated on it)
+    keys = [f"sub/{names[0]}", str(tmp_path / "elsewhere" / names[1])]
+    assert seen_by_model(config, keys, folder=tmp_path / "other") == dict.fromkeys(
+        keys, "calibration"
+    )
 
 
 def test_two_folders_same_named_wells_are_two_wells_for_the_correlation():

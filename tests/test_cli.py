@@ -951,3 +951,59 @@ def test_sub_folders_with_images_are_named_when_not_searched(tiny_model, image_f
     )
     assert again.exit_code == 0 and "not searched" not in again.output
     assert len(read_rows(tmp_path / "all.csv")) == 3
+
+
+def test_evaluate_without_recursive_names_its_sub_folders_for_evaluate(tiny_model, tmp_path):
+    import json
+
+    top = tmp_path / "top"
+    (top / "p1").mkdir(parents=True)
+    tifffile.imwrite(top / "p1" / "SIMCEPImages_A01_C3_F1_s01_w1.TIF", blob_image(3))
+    out = tmp_path / "e.json"
+    result = run("evaluate", top, "--model", tiny_model, "--out", out, "--no-progress")
+    assert result.exit_code == 2 and "--recursive" not in result.output, result.output
+    assert f"its sub-folder 'p1' has: evaluate {top / 'p1'}, or name the images" in (result.output)
+    # images of its own and a sub-folder with more: the sub-folder is named, not passed over
+    tifffile.imwrite(top / "SIMCEPImages_A02_C5_F1_s01_w1.TIF", blob_image(5, seed=1))
+    result = run("evaluate", top, "--model", tiny_model, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"note: sub-folder {top / 'p1'} holds images that were not searched" in result.output
+    assert "--recursive" not in result.output
+    assert json.loads(out.read_text())["unsearched"] == [str(top / "p1")]
+
+
+def test_evaluate_says_counts_csv_gives_every_true_count(tiny_model, image_folder, tmp_path):
+    first, second = sorted(p.name for p in image_folder.iterdir())  # both named _C<n>_
+    (image_folder / "counts.csv").write_text(f"image,count\n{first},3\n")
+    out = tmp_path / "e.json"
+    result = run("evaluate", image_folder, "--model", tiny_model, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (
+        "1 image(s) of the folder left out: no true count (not in counts.csv, which gives "
+        "every true count when present: _C<n>_ in names and label images are not read; "
+        f"e.g. {second})"
+    ) in result.output
+    assert "no _C<n>_ in the name" not in result.output
+
+
+def test_evaluate_takes_absolute_paths_that_share_a_base_name(tiny_model, tmp_path):
+    import json
+
+    for k, sub in enumerate(("sub", "sub2")):  # /x/sub/a.tif and /x/sub2/a.tif
+        (tmp_path / "x" / sub).mkdir(parents=True)
+        tifffile.imwrite(tmp_path / "x" / sub / "a.tif", blob_image(3 + 4 * k, seed=k))
+    data = tmp_path / "data"
+    data.mkdir()
+    listed = [tmp_path / "x" / "sub" / "a.tif", tmp_path / "x" / "sub2" / "a.tif"]
+    (data / "counts.csv").write_text(f"image,count\n{listed[0]},3\n{listed[1]},7\n")
+    out, report = tmp_path / "e.json", tmp_path / "rep"
+    args = ("--model", tiny_model, "--out", out, "--no-progress", "--report", report)
+    result = run("evaluate", data, *args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["file"], r["true"]) for r in rows] == [(str(listed[0]), 3.0), (str(listed[1]), 7.0)]
+    # one image named twice (by its name and its absolute path) is one line, not two rows
+    tifffile.imwrite(data / "b.tif", blob_image(2))
+    (data / "counts.csv").write_text(f"image,count\nb.tif,2\n{data / 'b.tif'},2\n")
+    result = run("evaluate", data, *args)
+    assert result.exit_code == 2 and "lists b.tif twice" in result.output, result.output

@@ -321,3 +321,147 @@ def test_report_says_which_images_the_model_was_made_with(tiny_model, labelled_f
     seen["seen"]["left_out"] = True
     text = write_report(seen, tmp_path / "r2", counter=counter, data=labelled_folder).read_text()
     assert "Held out: 2 image(s) model tiny was made with" in text
+
+
+def _evaluate(*args):
+    return CliRunner().invoke(app, ["evaluate", *(str(a) for a in args), "--no-progress"])
+
+
+def test_report_names_the_flagged_images_as_evaluate_prints_them(
+    tiny_model, labelled_folder, tmp_path
+):
+    import json
+
+    empty = "SIMCEPImages_A07_C0_F1_s01_w1.TIF"  # an empty well: low contrast, flagged
+    tifffile.imwrite(labelled_folder / empty, np.full((130, 174), 3, np.uint8))
+    out, report = tmp_path / "e.json", tmp_path / "rep"
+    said = _evaluate(labelled_folder, "--model", tiny_model, "--out", out, "--report", report)
+    assert said.exit_code == 0, said.output
+    flagged = json.loads(out.read_text())["flagged"]
+    assert flagged["low_contrast"] == 1 and flagged["unlike"] >= 1
+    text = (report / "index.html").read_text()
+    unlike = f"{flagged['unlike']} of 6 images flagged as unlike the model&#x27;s calibration"
+    assert unlike.replace("&#x27;", "'") in said.output and unlike in text
+    empty_said = "1 of 6 images with so little contrast that they may hold no cells"
+    assert empty_said in said.output and empty_said in text
+    section = text[text.index("<h2 id='flagged'>") :]
+    assert f"Flagged images ({flagged['images']} of 6)" in section and empty in section
+    assert "the frame may hold no cells" in section
+
+
+def test_report_mentions_the_images_left_out_without_a_true_count(
+    tiny_model, labelled_folder, tmp_path
+):
+    tifffile.imwrite(labelled_folder / "no_count_here.tif", blob_image(3, seed=8))
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    evaluation = evaluate_folder(labelled_folder, model=counter)
+    text = write_report(evaluation, tmp_path / "r", counter=counter, data=labelled_folder)
+    text = text.read_text()
+    assert "1 image(s) of the folder left out: no true count" in text
+    assert "They are in no figure below: no_count_here.tif." in text
+
+
+def test_a_level_beyond_the_calibration_is_noted_in_the_json_and_the_report(
+    tiny_model, labelled_folder, tmp_path
+):
+    import json
+    import shutil
+
+    model = tmp_path / "five_scores"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["calibration"] = {"default": "conformal", "scores": [0.2, 0.5, 0.9, 1.3, 2.0]}
+    (model / "config.json").write_text(json.dumps(config))
+    out, report = tmp_path / "e.json", tmp_path / "rep"
+    args = ("--model", model, "--out", out, "--report", report)
+    said = _evaluate(labelled_folder, *args, "--level", "0.9")
+    assert said.exit_code == 0, said.output
+    note = json.loads(out.read_text())["level_note"]
+    assert note.startswith("level 0.9 is above the 0.833") and f"note: {note}" in said.output
+    assert "Level beyond the calibration:</strong> level 0.9 is above the 0.833" in (
+        (report / "index.html").read_text()
+    )
+    assert _evaluate(labelled_folder, *args, "--level", "0.8").exit_code == 0
+    assert json.loads(out.read_text())["level_note"] is None
+    assert "Level beyond" not in (report / "index.html").read_text()
+
+
+def test_a_report_written_into_the_data_folder_is_not_taken_for_its_images(
+    tiny_model, labelled_folder, tmp_path
+):
+    import json
+
+    out = tmp_path / "e.json"
+    for report in (labelled_folder, labelled_folder, labelled_folder / "rep", labelled_folder):
+        said = _evaluate(labelled_folder, "--model", tiny_model, "--out", out, "--report", report)
+        assert said.exit_code == 0, said.output
+        assert "left out" not in said.output and "not searched" not in said.output
+        evaluation = json.loads(out.read_text())
+        assert evaluation["unlabelled"] == [] and evaluation["unsearched"] == []
+        assert evaluation["metrics"]["all"]["n"] == 5
+    assert (labelled_folder / "pred_vs_true.png").is_file()
+
+
+def test_report_never_writes_over_a_file_it_did_not_write(tiny_model, labelled_folder, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "e.json"
+    args = ("--model", tiny_model, "--out", out, "--report")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    Image.new("L", (8, 8)).save(mine / "pred_vs_true.png")  # the user's, unmarked
+    (mine / "index.html").write_text("<html>my page</html>")
+    folder_page = tmp_path / "dir_page"
+    (folder_page / "index.html").mkdir(parents=True)
+    file_failures = tmp_path / "file_failures"
+    file_failures.mkdir()
+    (file_failures / "failures").write_text("notes")
+    for report, name, what in (
+        (mine, "index.html", "exists and is not a report celltally wrote"),
+        (folder_page, "index.html", "is a folder"),
+        (file_failures, "failures", "is a file"),
+    ):
+        said = _evaluate(labelled_folder, *args, report)
+        assert said.exit_code == 2, said.output
+        assert said.output.startswith(f"error: {report / name}: {what}"), said.output
+        assert len(said.output.strip().splitlines()) == 1 and not out.exists()  # not counted
+    (mine / "index.html").unlink()
+    said = _evaluate(labelled_folder, *args, mine)
+    assert said.output.startswith(f"error: {mine / 'pred_vs_true.png'}: exists and is not a")
+    assert (mine / "pred_vs_true.png").stat().st_size < 1000 and not out.exists()
+    assert sorted(p.name for p in mine.iterdir()) == ["pred_vs_true.png"]
+    # a report written before the report marked its figures: its own page shows them
+    (mine / "index.html").write_text(
+        "<!DOCTYPE html><html><head><title>celltally evaluation: tiny</title></head><body>"
+        "<img src='pred_vs_true.png'></body></html>"
+    )
+    said = _evaluate(labelled_folder, *args, mine)
+    assert said.exit_code == 0, said.output
+    assert (mine / "pred_vs_true.png").stat().st_size > 1000  # now the report's own
+
+
+def test_a_reused_report_folder_loses_the_figures_this_run_does_not_draw(tiny_model, tmp_path):
+    import copy
+
+    from celltally import io
+
+    folder = tmp_path / "wells"
+    folder.mkdir()
+    for site in (1, 2):
+        for column, n in ((1, 4), (2, 9)):
+            name = f"SIMCEPImages_A{column:02d}_C{n}_F1_s{site:02d}_w1.TIF"
+            tifffile.imwrite(folder / name, blob_image(n, seed=site * 10 + n))
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    evaluation = evaluate_folder(folder, model=counter)
+    report = tmp_path / "r"
+    write_report(evaluation, report, counter=counter, data=folder)
+    assert io.is_own_figure(report / "plate_error.png")
+    (report / "notes.txt").write_text("mine")
+    without_wells = copy.deepcopy(evaluation)
+    without_wells["wells"] = None
+    text = write_report(without_wells, report, counter=counter, data=folder).read_text()
+    assert "plate_error.png" not in text and not (report / "plate_error.png").exists()
+    assert (report / "notes.txt").read_text() == "mine"
+    assert {"pred_vs_true.png", "error_by_group.png", "reliability.png"} <= {
+        p.name for p in report.iterdir()
+    }

@@ -666,3 +666,27 @@ def test_wells_missing_a_site_are_named(tmp_path):
     assert "1 well(s) have fewer images than most wells of their plate (e.g. B04: 3 of 4" in (
         result.output
     )
+
+
+def test_evaluate_names_a_site_summed_twice_as_count_does(tiny_model, tmp_path):
+    data = tmp_path / "nested"
+    repeated = "SIMCEPImages_A05_C4_F1_s09_w1.TIF"
+    for sub in ("p1", "p2"):  # the same image under one name in two sub-folders
+        (data / sub).mkdir(parents=True)
+        tifffile.imwrite(data / sub / repeated, blob_image(4, seed=1))
+    tifffile.imwrite(data / "p1" / "SIMCEPImages_A05_C4_F1_s10_w1.TIF", blob_image(4, seed=2))
+    (data / "counts.csv").write_text(
+        f"image,count\np1/{repeated},4\np2/{repeated},4\np1/SIMCEPImages_A05_C4_F1_s10_w1.TIF,4\n"
+    )
+    out, report = tmp_path / "e.json", tmp_path / "rep"
+    args = ["evaluate", str(data), "--model", str(tiny_model), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--report", str(report), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (well,) = json.loads(out.read_text())["wells"]["rows"]
+    assert (well["images"], well["sites"], well["repeated_sites"]) == (3, "9;10", "9")
+    assert (
+        "warning: 1 well(s) hold a site more than once ('repeated_sites' in their well rows "
+        f"in {out}; the same image counted under two names?): their totals count it twice"
+    ) in result.output
+    text = (report / "index.html").read_text()
+    assert "1 well(s) hold a site more than once</strong>" in text and "A05 (site 9)" in text

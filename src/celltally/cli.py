@@ -876,7 +876,12 @@ def evaluate(
 ) -> None:
     """MAE, RMSE, R², max error, interval coverage and width, overall and per blur x stain."""
     from celltally.counter import CellCounter
-    from celltally.evaluation import evaluate_folder, made_with_text
+    from celltally.evaluation import (
+        evaluate_folder,
+        made_with_text,
+        unlabelled_text,
+        unsearched_text,
+    )
     from celltally.metrics import format_table
 
     _check_level(level)
@@ -884,7 +889,13 @@ def evaluate(
     if out.suffix.lower() != ".json":  # e.g. the data's own counts.csv: never written over
         fail(f"--out {out}: give a .json name (evaluate writes its metrics as JSON)")
     _check_output(report, "--report", folder=True)
+    outputs: list[Path] = []  # never taken for images: a report written into the data folder
     try:
+        if report is not None:
+            from celltally.report import check_report_folder, report_outputs
+
+            check_report_folder(report)  # before counting: never over a file of the user's
+            outputs = report_outputs(report)
         _set_threads(threads)
         site_set = _site_numbers(sites) if sites else None
         options = _image_options(
@@ -905,7 +916,13 @@ def evaluate(
         if (level_note := counter.level_note(level)) is not None:
             typer.echo(f"note: {level_note}", err=True)
         result = evaluate_folder(
-            data, model=counter, level=level, sites=site_set, held_out=held_out, progress=progress
+            data,
+            model=counter,
+            level=level,
+            sites=site_set,
+            held_out=held_out,
+            progress=progress,
+            exclude=outputs,
         )
     except _user_errors() as err:
         fail(err)
@@ -929,16 +946,21 @@ def evaluate(
             f"{level_text(level)} coverage {wells['coverage']:.1%}, "
             f"mean half-width {wells['mean_half_width']:.2f}"
         )
+        if repeated := sum(1 for r in wells["rows"] if r.get("repeated_sites")):
+            typer.echo(  # as `count --wells` says it
+                f"warning: {repeated} well(s) hold a site more than once ('repeated_sites' "
+                f"in their well rows in {out}; the same image counted under two names?): "
+                "their totals count it twice",
+                err=True,
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     from celltally.metrics import json_ready
 
     out.write_text(json.dumps(json_ready(result), indent=2) + "\n")
-    if unlabelled := result.get("unlabelled"):
-        typer.echo(
-            f"{len(unlabelled)} image(s) of the folder left out: no true count (not in "
-            f"counts.csv, no _C<n>_ in the name, no label image; e.g. "
-            f"{Path(unlabelled[0]).name})"
-        )
+    if left_out := unlabelled_text(result):
+        typer.echo(left_out)
+    if unsearched := unsearched_text(result):
+        typer.echo(f"note: {unsearched}", err=True)
     warnings = [r.get("warning") or "" for r in result["rows"]]
     _echo_warnings(warnings, "", f"'warning' in their rows in {out}")
     typer.echo(f"metrics -> {out}")

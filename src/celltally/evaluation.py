@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import os
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,69 @@ from celltally.metrics import grouped_metrics
 from celltally.transforms import DEFAULT_NORMALIZATION
 
 
-def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
+def _outputs(folder: Path, outputs: Iterable[str | Path]) -> tuple[frozenset[str], frozenset[str]]:
+    """(files, folders) of ``outputs`` as :func:`celltally.io.file_identity` names them.
+
+    A folder that holds the images' folder (the report written into the data
+    folder) is no folder to leave out: only its files named in ``outputs`` are.
+    """
+    here = io.file_identity(folder)
+    files, folders = set(), set()
+    for path in outputs:
+        name = io.file_identity(path)
+        files.add(name)
+        if here != name and not here.startswith(name + os.sep):
+            folders.add(name)
+    return frozenset(files), frozenset(folders)
+
+
+def _kept(paths: Iterable[Path], outputs: tuple[frozenset[str], frozenset[str]]) -> list[Path]:
+    """``paths`` less those that are, or lie in, a run's outputs (:func:`_outputs`)."""
+    files, folders = outputs
+    if not files:
+        return list(paths)
+    return [
+        p
+        for p in paths
+        if (name := io.file_identity(p)) not in files
+        and not any(name.startswith(f + os.sep) for f in folders)
+    ]
+
+
+def _figures_only(folder: str | Path) -> bool:
+    """Whether every image directly in ``folder`` is a figure celltally wrote (a report's)."""
+    try:
+        return all(io.is_own_figure(p) for p in io.iter_images([folder]))
+    except io.InputError:  # cannot be listed
+        return False
+
+
+def _no_images(data: Path, folder: Path, err: io.InputError) -> io.InputError:
+    """``err`` (a folder without images), said for ``evaluate``: it has no --recursive."""
+    if not folder.is_dir():
+        return err
+    try:  # the first image in a sub-folder, if any
+        first = next(iter(io.iter_images([folder], recursive=True)), None)
+    except io.InputError:
+        first = None
+    if first is None:
+        return err
+    sub = first.relative_to(folder)
+    return io.InputError(
+        f"{data}: folder contains no TIFF/PNG/JPEG images of its own, but its sub-folder "
+        f"'{sub.parts[0]}' has: evaluate {folder / sub.parts[0]}, or name the images of the "
+        f"sub-folders in a counts.csv (names relative to {folder}, e.g. {sub.as_posix()})",
+        str(data),
+    )
+
+
+def labelled_files(
+    data: str | Path, *, exclude: Iterable[str | Path] = ()
+) -> list[tuple[Path, float]]:
     """(image path, true count) from ``counts.csv`` if present, else from ``_C<n>_`` names,
     else from the image's label image in ``labels/`` or ``masks/`` (its number of
-    objects, as ``train`` counts it)."""
+    objects, as ``train`` counts it). ``exclude``: files and folders a run writes (a
+    report's), never taken for images of the folder (see :func:`evaluate_folder`)."""
     data = Path(data)
     if data.is_file():
         raise io.InputError(f"{data}: a file; evaluate takes a folder of images")
@@ -36,7 +96,10 @@ def labelled_files(data: str | Path) -> list[tuple[Path, float]]:
                 "(names are relative to the images' folder)"
             )
         return pairs
-    paths = io.list_images([folder])
+    try:
+        paths = _kept(io.list_images([folder]), _outputs(folder, exclude))
+    except io.InputError as err:
+        raise _no_images(data, folder, err) from None
     named = [naming.parse_name(path.name).count for path in paths]
     if unnamed := [i for i, c in enumerate(named) if c is None]:
         from celltally.datasets import counts_from_label_masks
@@ -57,12 +120,17 @@ def image_key(path: str | Path, folder: str | Path) -> str:
     """How an evaluation row names an image: its path relative to the images' folder.
 
     The bare file name for an image directly in it (as before), ``sub/a.tif``
-    for one in a sub-folder, so two sub-folders' ``a.tif`` stay two rows.
+    for one in a sub-folder, so two sub-folders' ``a.tif`` stay two rows. An
+    image elsewhere (an absolute path in ``counts.csv``) keeps its full path:
+    ``/x/sub/a.tif`` and ``/x/sub2/a.tif`` are two rows, not one name twice.
     """
-    try:
-        return Path(path).relative_to(Path(folder)).as_posix()
-    except ValueError:
-        return Path(path).name
+    path, folder = Path(path), Path(folder)
+    for inside, base in ((path, folder), (Path(os.path.abspath(path)), os.path.abspath(folder))):
+        try:
+            return inside.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return path.as_posix()
 
 
 def made_with_text(seen: Mapping[str, Any] | None, *, model: str = "the model") -> str:
@@ -85,6 +153,7 @@ def evaluate_folder(
     sites: Collection[int] | None = None,
     held_out: bool = False,
     progress: bool = False,
+    exclude: Collection[str | Path] = (),
 ) -> dict[str, Any]:
     """Count every labelled image of ``data`` and measure the errors and intervals.
 
@@ -96,7 +165,9 @@ def evaluate_folder(
     10}``, BBBC005's held-out sites); none left is an error. With
     ``held_out``, images the model's config records as its training or
     calibration images (:func:`celltally.uncertainty.seen_by_model`) are left
-    out; without it they are counted and named in ``seen``.
+    out; without it they are counted and named in ``seen``. ``exclude``: files
+    and folders this run writes (the report's, :func:`celltally.report.report_outputs`),
+    never taken for images of the folder, as a report written into it would be.
 
     Returns a dict with ``model`` (its name), ``data``, ``level``,
     ``calibration`` (the interval method used), ``epistemic``, ``metrics``
@@ -108,21 +179,37 @@ def evaluate_folder(
     ``unlabelled`` (images of the folder left out for want of a true count)
     and ``seen`` ({"training": n, "calibration": n, "left_out": held_out}: the
     images counted, or left out, that the model was made with; each row's
-    ``seen`` says which, None for a held-out image).
+    ``seen`` says which, None for a held-out image). Also ``counts_csv`` (the
+    file the true counts came from, None when names or label images gave them),
+    ``unsearched`` (sub-folders holding images that were not looked at),
+    ``flagged`` (:func:`flagged_summary`) and ``level_note`` (why ``level`` is
+    beyond what the calibration guarantees, else None).
     """
     counter = model if isinstance(model, CellCounter) else CellCounter.from_pretrained(model)
-    pairs = labelled_files(data)
+    pairs = labelled_files(data, exclude=exclude)
     folder = io.images_folder(data)
+    csv_path = io.counts_csv(data)
+    outputs = _outputs(folder, exclude)
     labelled = {p.resolve() for p, _ in pairs}
     # unlabelled images: in the folders the labelled ones are in (counts.csv may name
     # sub-folders), not in others (masks/, a report's figures)
     listed: list[Path] = []
-    for where in sorted({folder, *(p.parent for p, _ in pairs)}):
+    unsearched: list[str] = []  # sub-folders of the folder with images of their own
+    wheres = sorted({folder, *(p.parent for p, _ in pairs)})
+    for where in wheres:
         try:
-            listed += io.list_images([where])
+            found = io.iter_images(
+                [where], exclude=outputs[1], unsearched=unsearched if where == folder else None
+            )
+            listed += _kept(sorted(found, key=str), outputs)
         except io.InputError:  # no image directly in it
             pass
-    unlabelled = [p for p in listed if p.resolve() not in labelled]
+    searched = {os.path.realpath(w) for w in wheres}  # counts.csv names images there
+    unsearched = [
+        s for s in unsearched if os.path.realpath(s) not in searched and not _figures_only(s)
+    ]
+    # an earlier report's figures (written into the folder) are no images left out
+    unlabelled = [p for p in listed if p.resolve() not in labelled and not io.is_own_figure(p)]
     if sites is not None:
         pairs = [(p, c) for p, c in pairs if naming.parse_name(p.name).site in sites]
         if not pairs:
@@ -130,6 +217,14 @@ def evaluate_folder(
     from celltally.uncertainty import seen_by_model
 
     keys = {p: image_key(p, folder) for p, _ in pairs}  # how each image's row names it
+    named: set[str] = set()
+    for path, _ in pairs:  # 'a.tif' and its absolute path: one image, not two rows
+        if (key := keys[path]) in named:
+            raise io.InputError(
+                f"{csv_path}: lists {key} twice (by its name and its full path?); list each "
+                "image once"
+            )
+        named.add(key)
     seen = seen_by_model(counter.config, list(keys.values()), folder=data)
     roles = list(seen.values())
     seen_summary = {
@@ -182,9 +277,63 @@ def evaluate_folder(
         "wells": well_metrics(rows, counter=counter, failed=failed),
         "errors": errors,
         "unlabelled": [str(p) for p in unlabelled],
+        "counts_csv": str(csv_path) if csv_path.exists() else None,
+        "unsearched": unsearched,
         "seen": seen_summary,
+        "flagged": flagged_summary(rows),
+        "level_note": counter.level_note(level),
         "rows": rows,
     }
+
+
+def flagged_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many rows' warnings flag the image: ``unlike`` the model's calibration images,
+    ``low_contrast`` (it may hold no cells), and ``images`` with either (as ``count``
+    prints them: a low-contrast frame alone is not "unlike")."""
+    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT
+
+    warnings = [r.get("warning") or "" for r in rows]
+    return {
+        "images": sum(1 for w in warnings if UNLIKE_HINT in w or EMPTY_HINT in w),
+        "unlike": sum(1 for w in warnings if UNLIKE_HINT in w),
+        "low_contrast": sum(1 for w in warnings if EMPTY_HINT in w),
+    }
+
+
+def unlabelled_text(evaluation: Mapping[str, Any]) -> str:
+    """'N image(s) of the folder left out: no true count (why; e.g. NAME)' of an
+    :func:`evaluate_folder` result; '' when none was left out."""
+    unlabelled = evaluation.get("unlabelled") or []
+    if not unlabelled:
+        return ""
+    if evaluation.get("counts_csv"):  # names and label images are not read beside it
+        why = (
+            f"not in {Path(evaluation['counts_csv']).name}, which gives every true count "
+            "when present: _C<n>_ in names and label images are not read"
+        )
+    else:
+        why = "no _C<n>_ in the name, no label image"
+    return (
+        f"{len(unlabelled)} image(s) of the folder left out: no true count ({why}; e.g. "
+        f"{Path(unlabelled[0]).name})"
+    )
+
+
+def unsearched_text(evaluation: Mapping[str, Any]) -> str:
+    """The sub-folders with images that were not looked at, and how to evaluate them
+    ('' when none): ``evaluate`` reads a folder's own images (and those counts.csv names)."""
+    unsearched = evaluation.get("unsearched") or []
+    if not unsearched:
+        return ""
+    more = len(unsearched) - 1
+    return (
+        f"sub-folder {unsearched[0]}"
+        + (f" (and {more} more)" if more else "")
+        + " holds images that were not searched: evaluate reads the folder's own images "
+        "(and those counts.csv names); evaluate the sub-folder itself, or list every image, "
+        "the folder's own too, in a counts.csv (names relative to the folder, e.g. "
+        f"{Path(unsearched[0]).name}/a.tif)"
+    )
 
 
 def well_metrics(
@@ -221,7 +370,7 @@ def well_metrics(
         return None
     keep: tuple[str, ...]
     keep = ("plate", "well", "stain", "images", "count", "low", "high", "true_count", "error")
-    keep += ("warnings", "failed")
+    keep += ("warnings", "failed", "sites", "repeated_sites")  # a site twice: said, as count's
     return {
         **summarize_wells(wells),
         "correlation": rho,

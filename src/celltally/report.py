@@ -30,11 +30,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CAUSES",
+    "REPORT_FIGURES",
     "assign_causes",
+    "check_report_folder",
     "image_measures",
     "plot_errors_by_group",
     "plot_pred_vs_true",
     "plot_reliability",
+    "report_outputs",
     "write_report",
 ]
 
@@ -215,9 +218,7 @@ def plot_pred_vs_true(rows: Sequence[Mapping[str, Any]], path: str | Path, *, le
     ax.set_xlabel("true count (cells)")
     ax.set_ylabel(f"predicted count (cells; {level_text(level)} interval)")
     ax.legend(loc="upper left", fontsize=8)
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return io.save_figure(fig, path)  # marked: a later report may write over it
 
 
 def _count_bins(true: np.ndarray, bins: int = 6) -> list[tuple[float, float]]:
@@ -285,9 +286,7 @@ def plot_errors_by_group(rows: Sequence[Mapping[str, Any]], path: str | Path) ->
         ax.margins(y=0.25)
         ax.tick_params(axis="x", labelsize=7, rotation=30 if name == "true count" else 0)
     fig.suptitle("error by group (labels: coverage of the interval, images)", fontsize=10)
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return io.save_figure(fig, path)  # marked: a later report may write over it
 
 
 def plot_reliability(
@@ -326,10 +325,98 @@ def plot_reliability(
     ax.set_ylabel("observed coverage")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return io.save_figure(fig, path)  # marked: a later report may write over it
+
+
+# -- the folder ----------------------------------------------------------------
+
+#: The figures :func:`write_report` writes beside ``index.html`` (``plate_error.png`` only
+#: when the wells sit on a plate grid); the explanation panels go into ``failures/``.
+REPORT_FIGURES = ("pred_vs_true.png", "error_by_group.png", "reliability.png", "plate_error.png")
+#: How every report page begins its title: how a page celltally wrote is told from another.
+_PAGE_TITLE = "<title>celltally evaluation:"
+
+
+def report_outputs(out_dir: str | Path) -> list[Path]:
+    """The folder, page, figures and ``failures/`` that :func:`write_report` writes.
+
+    ``evaluate`` never takes them for images of the data folder
+    (:func:`celltally.evaluation.evaluate_folder`'s ``exclude``).
+    """
+    out = Path(out_dir)
+    return [out, out / "index.html", *(out / name for name in REPORT_FIGURES), out / "failures"]
+
+
+def _own_page(path: Path) -> bool:
+    """Whether ``path`` is a report page celltally wrote (its title)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return _PAGE_TITLE in head
+
+
+def _own_report_figure(path: Path) -> bool:
+    """Whether ``path`` is a figure celltally wrote: its mark, or (a report written before
+    the report marked its figures) the celltally page beside it shows it."""
+    if io.is_own_figure(path):
+        return True
+    page = path.parent / "index.html"
+    if not page.is_file() or not _own_page(page):
+        return False
+    return f"<img src='{path.name}'" in page.read_text(encoding="utf-8", errors="replace")
+
+
+def check_report_folder(out_dir: str | Path) -> list[Path]:
+    """Refuse a report folder where :func:`write_report` would write over what is not its own.
+
+    Parameters
+    ----------
+    out_dir : path
+        The report folder (need not exist).
+
+    Returns
+    -------
+    list of Path
+        The report figures (:data:`REPORT_FIGURES`) already there, all celltally's:
+        written over, or removed when a run does not write them again.
+
+    Raises
+    ------
+    celltally.io.InputError
+        One line naming the file: ``out_dir`` is a file, ``index.html`` is a folder or
+        a page celltally did not write, ``failures`` is a file, or a figure's name is
+        taken by a folder or by an image celltally did not write.
+    """
+    out = Path(out_dir)
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise io.InputError(f"{out}: is a file; give a folder for the report", str(out))
+    again = "give another report folder, or move it first"
+    page = out / "index.html"
+    if page.is_dir():
+        raise io.InputError(f"{page}: is a folder, where the report writes its page; {again}")
+    if page.exists() and not _own_page(page):
+        raise io.InputError(f"{page}: exists and is not a report celltally wrote; {again}")
+    panels = out / "failures"
+    if panels.exists() and not panels.is_dir():
+        raise io.InputError(
+            f"{panels}: is a file, where the report writes its folder of failures' panels; {again}"
+        )
+    found = []
+    for path in (out / name for name in REPORT_FIGURES):
+        if path.is_dir():
+            raise io.InputError(f"{path}: is a folder, where the report writes a figure; {again}")
+        if path.exists():
+            if not _own_report_figure(path):
+                raise io.InputError(
+                    f"{path}: exists and is not a figure celltally wrote (an image of "
+                    f"yours?); {again}"
+                )
+            found.append(path)
+    return found
 
 
 # -- the page ------------------------------------------------------------------
@@ -455,7 +542,102 @@ def _wells_section(wells: Mapping[str, Any] | None, level: float) -> str:
         f"<th>inside the {level_text(level)} interval</th><th>mean half-width</th></tr>"
         f"<tr><td>{wells['mae']:.2f}</td><td>{wells['max_abs_error']:.2f}</td>"
         f"<td>{wells['coverage']:.1%}</td><td>{wells['mean_half_width']:.2f}</td></tr></table>"
+        + _repeated_sites(wells)
     )
+
+
+def _repeated_sites(wells: Mapping[str, Any]) -> str:
+    """A warning naming the wells that hold a site twice (summed twice, as ``count`` says)."""
+    repeated = [w for w in wells.get("rows") or [] if w.get("repeated_sites")]
+    if not repeated:
+        return ""
+    named = ", ".join(
+        f"{'/'.join(p for p in (w.get('plate'), w['well']) if p)} (site "
+        f"{str(w['repeated_sites']).replace(';', ', ')})"
+        for w in repeated
+    )
+    return (
+        f"<p class='warn'><strong>{len(repeated)} well(s) hold a site more than once</strong> "
+        f"(the same image counted under two names?): their totals count it twice: "
+        f"{_esc(named)}.</p>"
+    )
+
+
+def _level_note(evaluation: Mapping[str, Any]) -> str:
+    """The note when the level is above what the model's calibration guarantees."""
+    note = evaluation.get("level_note")
+    if not note:
+        return ""
+    return f"<p class='warn'><strong>Level beyond the calibration:</strong> {_esc(note)}.</p>"
+
+
+def _flagged_banner(evaluation: Mapping[str, Any]) -> str:
+    """How many images the model flagged (as ``evaluate`` prints it), above the figures."""
+    from celltally.evaluation import flagged_summary
+
+    rows = evaluation.get("rows") or []
+    flagged = flagged_summary(rows)
+    of = f"{len(rows)} images"
+    said = []
+    if flagged["unlike"]:
+        said.append(
+            f"{flagged['unlike']} of {of} flagged as unlike the model's calibration images: "
+            "their intervals may not mean what they say"
+        )
+    if flagged["low_contrast"]:
+        said.append(
+            f"{flagged['low_contrast']} of {of} with so little contrast that they may hold "
+            "no cells (empty wells?): check them before trusting their counts"
+        )
+    if not said:
+        return ""
+    return (
+        f"<p class='warn'><strong>Flagged images:</strong> {_esc('; '.join(said))}. The "
+        "figures below include them; <a href='#flagged'>they are listed at the end</a>.</p>"
+    )
+
+
+def _flagged_section(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Every flagged image (its row's warning), with its truth and interval."""
+    from celltally.evaluation import flagged_summary
+
+    flagged = [r for r in rows if flagged_summary([r])["images"]]
+    if not flagged:
+        return ""
+    body = "".join(
+        f"<tr><td>{_esc(r['file'])}</td><td>{float(r['true']):g}</td>"
+        f"<td>{_interval_text(r)}</td><td>{'no' if _outside(r) else 'yes'}</td>"
+        f"<td style='text-align:left'>{_esc(r['warning'])}</td></tr>"
+        for r in flagged
+    )
+    return (
+        f"<h2 id='flagged'>Flagged images ({len(flagged)} of {len(rows)})</h2>"
+        "<p class='note'>Images unlike the model's calibration images, or with so little "
+        "contrast that they may hold no cells: their counts and intervals are less to be "
+        "trusted, whether or not the truth fell inside.</p>"
+        "<table><tr><th>flagged image</th><th>true</th><th>predicted [interval]</th>"
+        f"<th>truth inside</th><th>warning</th></tr>{body}</table>"
+    )
+
+
+def _left_out(evaluation: Mapping[str, Any], folder: Path, shown: int = 20) -> str:
+    """The folder's images left out for want of a true count, and sub-folders not searched."""
+    from celltally.evaluation import image_key, unlabelled_text, unsearched_text
+
+    parts = []
+    if text := unlabelled_text(evaluation):
+        unlabelled = evaluation.get("unlabelled") or []
+        names = ", ".join(image_key(p, folder) for p in unlabelled[:shown])
+        more = len(unlabelled) - shown
+        parts.append(
+            f"<p class='note'>{_esc(text)}. They are in no figure below: "
+            f"{_esc(names)}"
+            + (f" and {more} more ('unlabelled' in the evaluation's JSON)" if more > 0 else "")
+            + ".</p>"
+        )
+    if text := unsearched_text(evaluation):
+        parts.append(f"<p class='note'>Not searched: {_esc(text)}.</p>")
+    return "".join(parts)
 
 
 def _made_line(evaluation: Mapping[str, Any]) -> str:
@@ -511,7 +693,9 @@ def write_report(
         ``file``, ``true``, ``count``, ``std``, ``low``, ``high``, ``blur``,
         ``stain``; ``metrics``; ``level``). Not modified.
     out_dir : path
-        Created if missing; existing report files are overwritten.
+        Created if missing; an earlier report's files are overwritten (its figures that
+        this one does not draw are removed), but nothing else
+        (:func:`check_report_folder`).
     counter : CellCounter
         The model that was evaluated (explanations and calibration come from it).
     data : path
@@ -533,13 +717,14 @@ def write_report(
     from celltally.explain import explain_image, explanation_figure
 
     out = Path(out_dir)
+    earlier = check_report_folder(out)  # before anything is written: refused, or all ours
     (out / "failures").mkdir(parents=True, exist_ok=True)
     for old in (out / "failures").glob("*.png"):  # an earlier report's panels, not this one's
         if io.is_own_figure(old):
             old.unlink()
     level = float(evaluation["level"])
     folder = io.images_folder(data)
-    paths = {image_key(p, folder): p for p, _ in labelled_files(data)}
+    paths = {image_key(p, folder): p for p, _ in labelled_files(data, exclude=report_outputs(out))}
     rows = []
     for row in tqdm(
         evaluation["rows"], desc="measures", disable=None if progress else True, unit="img"
@@ -558,6 +743,9 @@ def write_report(
     sigma = [float(r["std"]) for r in rows]
     curves = reliability(y, mu, sigma, counter.calibration, levels=levels)
     plot_reliability(curves, out / "reliability.png", n=len(rows))
+    plate_map = _plate_error_map(evaluation.get("wells"), out)
+    drawn = {"pred_vs_true.png", "error_by_group.png", "reliability.png"}
+    drawn |= {"plate_error.png"} if plate_map else set()
 
     def severity(r: Mapping[str, Any]) -> float:
         half = max(float(r["high"]) - float(r["count"]), 1e-6)  # before low's clip at 0
@@ -601,7 +789,10 @@ def write_report(
         f"intervals at {level_text(level)} (calibration used: {_esc(default)}"
         f"{', with the ensemble' if counter.epistemic else ''}).</p>",
         _made_line(evaluation),
+        _level_note(evaluation),
         _seen_banner(evaluation.get("seen"), counter.name),
+        _flagged_banner(evaluation),
+        _left_out(evaluation, folder),
         _not_counted(evaluation.get("errors") or []),
         "<h2>Accuracy and coverage</h2>",
         _metrics_table(evaluation.get("metrics", {})),
@@ -618,7 +809,7 @@ def write_report(
         + "".join(f"<th>{_esc(m)}</th>" for m in methods)
         + f"</tr>{reliability_rows}</table>",
         _wells_section(evaluation.get("wells"), level),
-        _plate_error_map(evaluation.get("wells"), out),
+        plate_map,
         f"<h2>Failures: truth outside the {level_text(level)} interval "
         f"({len(failures)} of {len(rows)})</h2>",
         "<p class='note'>Each failure is put under the cause whose measure is most extreme "
@@ -673,7 +864,11 @@ def write_report(
             for r in rest
         ]
         parts.append("</table>")
+    parts.append(_flagged_section(evaluation["rows"]))
     parts.append("</body></html>")
     index = out / "index.html"
     index.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    for old in earlier:  # an earlier report's figure this one does not draw (plate_error.png)
+        if old.name not in drawn:
+            old.unlink(missing_ok=True)
     return index

@@ -753,10 +753,11 @@ def seen_by_model(
     real_bbbc005 = _real_bbbc005([Path(k).name for k in keys])
     seen: dict[str, str] = {}
     for key in keys:
-        site = naming.parse_name(Path(key).name).site if real_bbbc005 else None
-        if key in trained or site in trained_sites:
+        name = Path(key).name  # a key may be a path under the folder, or a full one
+        site = naming.parse_name(name).site if real_bbbc005 else None
+        if key in trained or name in trained or site in trained_sites:
             seen[key] = "training"
-        elif key in calibrated or site in calibrated_sites or split_here:
+        elif key in calibrated or name in calibrated or site in calibrated_sites or split_here:
             seen[key] = "calibration"
     return seen
 

@@ -954,3 +954,20 @@ def test_a_colour_composite_of_stains_is_refused_one_stain_under_a_colour_table_
         read_image(crossed)
     flat = _encoded(tmp_path / "flat.png", np.dstack([zero + 10, zero + 200, zero + 30]))
     assert read_image(flat).shape == nuclei.shape
+
+
+def test_an_8_bit_image_under_a_colour_table_saved_as_a_palette_png_reads_its_values(
+    tmp_path: Path,
+) -> None:
+    from celltally.simulate import simulate_scene
+
+    nuclei = simulate_scene(40, blur=1, stain=1, seed=1).image
+    table = Image.fromarray(nuclei).convert("P")  # Fiji's PNG of an 8-bit image under "fire"
+    table.putpalette(_fiji_fire().T.ravel().tolist())
+    table.save(tmp_path / "fire.png")
+    # its colours' mean is not monotone in the stain ("fire" as RGB is refused): the
+    # palette's indices are the image's values
+    assert np.array_equal(read_image(tmp_path / "fire.png"), nuclei)
+    few = Image.fromarray(np.where(nuclei > 100, 255, 0).astype(np.uint8)).convert("RGB")
+    few.convert("P", palette=Image.Palette.ADAPTIVE, colors=2).save(tmp_path / "two.png")
+    assert set(np.unique(read_image(tmp_path / "two.png"))) == {0, 255}  # colours, not 0/1

@@ -235,7 +235,9 @@ def _load_pillow(path: Path, original: str | os.PathLike[str], head: bytes) -> n
             _check_size(_pillow_shape(img), original)
             img.load()
             mode = img.mode
-            if mode == "P":
+            if mode == "P" and "transparency" not in img.info and _palette_is_table(img):
+                pass  # an 8-bit image under a colour table (Fiji's PNG of it): its values
+            elif mode == "P":
                 has_alpha = "transparency" in img.info
                 img = img.convert("RGBA" if has_alpha else "RGB")
             elif mode == "PA":
@@ -261,6 +263,22 @@ def _load_pillow(path: Path, original: str | os.PathLike[str], head: bytes) -> n
             arr = arr.astype(np.uint16)
     return arr
 
+
+def _palette_is_table(img: Any) -> bool:
+    """Whether a palette image's 256 colours run smoothly from one to the next, as a
+    colour table's do (grey, "fire", "hot", "jet": Fiji saves an 8-bit image under one
+    as such a PNG): its indices are then the image's values, whatever the table. A few
+    colours, or colours in no order (a quantized photo), are no table."""
+    palette = img.getpalette()
+    if palette is None or len(palette) != 768 or img.palette.mode != "RGB":
+        return False
+    colours = np.asarray(palette, np.int16).reshape(256, 3)
+    return bool(np.abs(np.diff(colours, axis=0)).max() <= _TABLE_STEP)
+
+
+#: Largest change of a channel between neighbouring colours of a colour table (Fiji's
+#: "fire" and "jet" change by at most 8 per step, grey by 1).
+_TABLE_STEP = 16
 
 _PILLOW_OPEN = threading.Lock()
 

@@ -465,3 +465,42 @@ def test_a_reused_report_folder_loses_the_figures_this_run_does_not_draw(tiny_mo
     assert {"pred_vs_true.png", "error_by_group.png", "reliability.png"} <= {
         p.name for p in report.iterdir()
     }
+
+
+def test_report_panels_never_replace_a_users_png_nor_the_images_evaluated(
+    tiny_model, labelled_folder, tmp_path
+):
+    import hashlib
+    import shutil
+
+    from PIL import Image
+
+    from celltally.evaluation import labelled_files
+    from celltally.report import report_outputs
+
+    counter = CellCounter.from_pretrained(tiny_model, device="cpu")
+    evaluation = evaluate_folder(labelled_folder, model=counter)
+    failing = [r["file"] for r in evaluation["rows"] if not r["low"] <= r["true"] <= r["high"]]
+    assert failing, "the tiny model is expected to miss some of these"
+    report = tmp_path / "r"
+    (report / "failures").mkdir(parents=True)
+    stem = failing[0].rsplit(".", 1)[0]
+    mine = report / "failures" / f"{stem}.png"  # the user's, unmarked, a panel's name
+    Image.new("L", (8, 8)).save(mine)
+    before = mine.read_bytes()
+    for _ in range(2):  # a rerun too: its own panels replaced, the user's file kept
+        text = write_report(evaluation, report, counter=counter, data=labelled_folder)
+        assert mine.read_bytes() == before
+        assert f"failures/{stem}_2.png" in text.read_text()
+    # images evaluated in a folder named failures, the report in its parent: untouched
+    data = tmp_path / "proj" / "failures"
+    shutil.copytree(labelled_folder, data)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()}
+    evaluation = evaluate_folder(data, model=counter, exclude=report_outputs(data.parent))
+    write_report(evaluation, data.parent, counter=counter, data=data)
+    assert all(hashlib.sha256((data / n).read_bytes()).hexdigest() == d for n, d in digest.items())
+    # the data named through a link to the report folder: its images are all kept
+    link = tmp_path / "link"
+    link.symlink_to(labelled_folder, target_is_directory=True)
+    kept = labelled_files(link, exclude=report_outputs(labelled_folder))
+    assert len(kept) == 5

@@ -17,15 +17,16 @@ from celltally.transforms import DEFAULT_NORMALIZATION
 
 
 def _outputs(folder: Path, outputs: Iterable[str | Path]) -> tuple[frozenset[str], frozenset[str]]:
-    """(files, folders) of ``outputs`` as :func:`celltally.io.file_identity` names them.
+    """(files, folders) of ``outputs``, their links resolved (``os.path.realpath``).
 
-    A folder that holds the images' folder (the report written into the data
-    folder) is no folder to leave out: only its files named in ``outputs`` are.
+    A folder that is, or holds, the images' folder (the report written into the
+    data folder, or named through a link to it) is no folder to leave out: only
+    its files named in ``outputs`` are.
     """
-    here = io.file_identity(folder)
+    here = os.path.realpath(folder)
     files, folders = set(), set()
     for path in outputs:
-        name = io.file_identity(path)
+        name = os.path.realpath(path)
         files.add(name)
         if here != name and not here.startswith(name + os.sep):
             folders.add(name)
@@ -40,7 +41,7 @@ def _kept(paths: Iterable[Path], outputs: tuple[frozenset[str], frozenset[str]])
     return [
         p
         for p in paths
-        if (name := io.file_identity(p)) not in files
+        if (name := os.path.realpath(p)) not in files
         and not any(name.startswith(f + os.sep) for f in folders)
     ]
 

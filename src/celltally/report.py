@@ -357,15 +357,17 @@ def _own_page(path: Path) -> bool:
     return _PAGE_TITLE in head
 
 
-def _own_report_figure(path: Path) -> bool:
+def _own_report_figure(path: Path, *, within: str = "") -> bool:
     """Whether ``path`` is a figure celltally wrote: its mark, or (a report written before
-    the report marked its figures) the celltally page beside it shows it."""
+    the report marked its figures) the celltally page shows it: the page beside it, or for
+    a panel (``within="failures/"``) the page in the folder above."""
     if io.is_own_figure(path):
         return True
-    page = path.parent / "index.html"
+    page = (path.parent.parent if within else path.parent) / "index.html"
     if not page.is_file() or not _own_page(page):
         return False
-    return f"<img src='{path.name}'" in page.read_text(encoding="utf-8", errors="replace")
+    shown = f"<img src='{within}{path.name}'"
+    return shown in page.read_text(encoding="utf-8", errors="replace")
 
 
 def check_report_folder(out_dir: str | Path) -> list[Path]:
@@ -719,9 +721,12 @@ def write_report(
     out = Path(out_dir)
     earlier = check_report_folder(out)  # before anything is written: refused, or all ours
     (out / "failures").mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()  # panel names; never one of a file celltally did not write
     for old in (out / "failures").glob("*.png"):  # an earlier report's panels, not this one's
-        if io.is_own_figure(old):
+        if _own_report_figure(old, within="failures/"):
             old.unlink()
+        else:
+            used.add(old.stem)
     level = float(evaluation["level"])
     folder = io.images_folder(data)
     paths = {image_key(p, folder): p for p, _ in labelled_files(data, exclude=report_outputs(out))}
@@ -754,7 +759,6 @@ def write_report(
     failures = sorted((r for r in rows if _outside(r)), key=severity, reverse=True)
     shown = failures[:max_failures]
     groups = assign_causes(rows, shown)
-    used: set[str] = set()
     panels: dict[str, str] = {}
     not_drawn: dict[str, str] = {}  # a panel that cannot be made (too large): said, and the
     # rest of the report is still written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +282,19 @@ def test_python_mistakes_get_python_words_not_a_traceback():
     row = result.to_dict()  # the numbers for a table, without the maps
     assert row["count"] == result.count and row["low"] == result.low and "mask" not in row
     assert {"CellCounter", "CountResult"} <= set(dir(celltally)) and "Any" not in dir(celltally)
+
+
+def test_counter_options_a_counter_cannot_take_are_refused_in_one_line():
+    image = np.zeros((64, 64), np.uint8)
+    for options, words in [
+        ({"chanel": 1}, "unknown option(s) 'chanel'; a counter takes channel"),  # TypeError
+        ({"calibration": "bogus"}, "unknown calibration method 'bogus'"),  # ValueError
+        ({"tile": (256.7, 256)}, "whole pixels"),  # truncated to 256
+        ({"margin": 2.9}, "margin 2.9"),  # was 2
+        ({"tile": True}, "whole pixels"),  # was a tile of 1
+    ]:
+        with pytest.raises(InputError, match=re.escape(words)):
+            CellCounter.from_pretrained(**options)
+    assert CellCounter.from_pretrained(tile=256.0).tile == (256, 256)
+    counter = CellCounter.from_pretrained()
+    assert counter.count((image,)).count == counter.count(image).count  # (1, H, W)

@@ -7,6 +7,7 @@ they can never disagree.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import operator
 import os
@@ -60,6 +61,7 @@ from celltally.tiling import (
     check_tiles,
     count_density,
     tile_sides,
+    whole_pixels,
 )
 from celltally.transforms import background_level, contrast, prepare_image
 
@@ -406,7 +408,7 @@ class CellCounter:
         chosen = tile if tile is not None else tiling.get("tile", DEFAULT_TILE)
         try:
             self.tile = tile_sides(chosen)
-            self.margin = int(
+            self.margin = whole_pixels(
                 margin if margin is not None else tiling.get("margin", DEFAULT_MARGIN)
             )
         except (TypeError, ValueError):
@@ -441,7 +443,10 @@ class CellCounter:
         # A count correction fitted on the calibration split (uncertainty.calibrate_model
         # count_scale): a factor, so tile sums stay additive. 1 where none was fitted.
         self.count_scale = float(block.get("count_scale", 1.0))
-        interval_multiplier(block, 0.5, calibration)  # fail early on an unknown method
+        try:  # fail early on an unknown method
+            interval_multiplier(block, 0.5, calibration)
+        except ValueError as err:
+            raise io.InputError(str(err)) from None
         self.ood_reference = (
             None
             if ood_reference is None
@@ -566,6 +571,13 @@ class CellCounter:
                 reference = {k: v.numpy() for k, v in load_file(str(ood_file)).items()}
             except (SafetensorError, OSError) as err:
                 raise io.InputError(f"{ood_file}: corrupt file ({first_line(err)})") from None
+        fixed = {"model", "config", "members", "ood_reference", "device", "calibration"}
+        known = set(inspect.signature(cls).parameters) - fixed
+        if unknown := sorted(set(options) - known):
+            raise io.InputError(
+                f"unknown option(s) {', '.join(map(repr, unknown))}; a counter takes "
+                f"{', '.join(sorted(known))}"
+            )
         return cls(
             model,
             config,
@@ -935,8 +947,9 @@ class CellCounter:
         """
         level = _checked_level(level)
         source = None
-        if isinstance(image, list | tuple) and any(
-            isinstance(item, str | os.PathLike | np.ndarray) for item in image
+        if isinstance(image, list | tuple) and (
+            any(isinstance(item, str | os.PathLike) for item in image)
+            or sum(isinstance(item, np.ndarray) for item in image) > 1
         ):  # np.asarray would make a 'pixel type <U41' or a 3-D stack of them
             raise io.InputError(
                 f"count takes one image; for {len(image)}, use count_paths(paths) (files) "

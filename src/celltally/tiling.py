@@ -116,13 +116,20 @@ def _axis_tiles(length: int, window: int, margin: int) -> list[tuple[int, int, i
     return out
 
 
+def whole_pixels(value: Any) -> int:
+    """``value`` as a whole number of pixels (256 or 256.0, not 256.7 or True); ValueError."""
+    if isinstance(value, bool | str) or not float(value).is_integer():
+        raise ValueError(f"{value!r} is no whole number of pixels")
+    return int(value)
+
+
 def tile_sides(tile: int | Sequence[int]) -> tuple[int, int]:
-    """(height, width) of a window given as one side or a pair."""
-    if isinstance(tile, int | np.integer):
-        return int(tile), int(tile)
+    """(height, width) of a window given as one side or a pair of whole pixels."""
+    if isinstance(tile, int | float | np.integer | np.floating):
+        return whole_pixels(tile), whole_pixels(tile)
     if isinstance(tile, str) or len(tile) != 2:
         raise ValueError(f"a tile is one side or a (height, width) pair, not {tile!r}")
-    ty, tx = (int(v) for v in tile)
+    ty, tx = (whole_pixels(v) for v in tile)
     return ty, tx
 
 

@@ -10,8 +10,10 @@ images from ``--data``, percentile-stretched to 8 bits, plus 8 simulated
 frames at blur 1-48) and saves each as PNG or JPEG (quality 50, 75 or 95, in turn):
 
 - one stain under a colour table: grey, green, cyan, magenta, yellow, "hot"
-  and Fiji's "Fire"; and a colour camera's planes of one dye (gains per
-  channel plus noise);
+  and Fiji's "Fire"; a colour camera's planes of one dye (gains per channel
+  plus noise), bright and dim (peak 100 of 255, gains 0.1/1/0.3, noise std
+  3); grey, green and "hot" images with a scale bar and its label drawn on
+  them in yellow, white or cyan;
 - two stains of different cells in two channels, every order, and magenta +
   green;
 - two stains of the same cells: BBBC005's w1 (nuclei) and w2 (cell bodies)
@@ -94,6 +96,19 @@ def _stack(planes: list[np.ndarray | None]) -> np.ndarray:
     )
 
 
+def _annotated(rgb: np.ndarray, seed: int) -> np.ndarray:
+    """``rgb`` with a 100 x 6 px scale bar and "50 um" above it, in yellow, white or cyan."""
+    from PIL import ImageDraw
+
+    image = Image.fromarray(rgb.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    colour = ((255, 255, 0), (255, 255, 255), (0, 255, 255))[seed % 3]
+    h, w = rgb.shape[:2]
+    draw.rectangle([w - 130, h - 30, w - 30, h - 24], fill=colour)
+    draw.text((w - 110, h - 48), "50 um", fill=colour)
+    return np.asarray(image)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -131,6 +146,17 @@ def main() -> None:
         gains = [(0.25, 1, 0.4), (1, 0.35, 0.1), (0.1, 0.5, 1), (0.6, 1, 0.8)][i % 4]
         planes = [np.clip(g * grey + noise.normal(0, 2 + 0.03 * g * grey), 0, 255) for g in gains]
         cases.append(("one stain", "colour camera", "png", _saved(np.dstack(planes), "png")))
+    for grey in greys[:20]:  # dim: a weak channel's noise is a large share
+        gains = (0.1, 1, 0.3)
+        dim = grey.astype(np.float64) * 100 / 255
+        planes = [np.clip(g * dim + noise.normal(0, 3, grey.shape), 0, 255) for g in gains]
+        cases.append(("one stain", "dim camera", "png", _saved(np.dstack(planes), "png")))
+    tables = _tables()
+    for i, grey in enumerate(greys):  # a scale bar and its label drawn in a pure colour
+        name = ("grey", "green", "hot")[i % 3]
+        rgb = np.moveaxis(tables[name][:, grey], 0, -1)
+        fmt = FORMATS[i % 4]
+        cases.append(("one stain, annotated", name, fmt, _saved(_annotated(rgb, i), fmt)))
     orders = {"RG": (0, 1), "GR": (1, 0), "GB": (1, 2), "BG": (2, 1), "RB": (0, 2), "BR": (2, 0)}
     others = [
         (i, j) for i in range(len(greys)) for j in range(len(greys)) if i != j and i % 16 != j % 16

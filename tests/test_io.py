@@ -971,3 +971,31 @@ def test_an_8_bit_image_under_a_colour_table_saved_as_a_palette_png_reads_its_va
     few = Image.fromarray(np.where(nuclei > 100, 255, 0).astype(np.uint8)).convert("RGB")
     few.convert("P", palette=Image.Palette.ADAPTIVE, colors=2).save(tmp_path / "two.png")
     assert set(np.unique(read_image(tmp_path / "two.png"))) == {0, 255}  # colours, not 0/1
+
+
+def test_a_scale_bar_drawn_on_one_stain_does_not_make_it_a_composite(tmp_path: Path) -> None:
+    from PIL import ImageDraw
+
+    from celltally.simulate import simulate_scene
+
+    nuclei = (simulate_scene(40, blur=1, stain=1, seed=1).image * 0.25).astype(np.uint8)
+    zero = np.zeros_like(nuclei)
+    for table, rgb in (
+        ("grey", np.dstack([nuclei] * 3)),
+        ("green", np.dstack([zero, nuclei, zero])),
+    ):
+        for colour in ((255, 255, 0), (255, 255, 255), (0, 255, 255)):
+            image = Image.fromarray(rgb)
+            draw = ImageDraw.Draw(image)  # Fiji's scale bar and its label, 0.2% of the image
+            draw.rectangle([560, 490, 660, 496], fill=colour)
+            draw.text((580, 472), "50 um", fill=colour)
+            for suffix in (".png", ".jpg"):
+                path = _encoded(tmp_path / f"{table}_{colour[2]}{suffix}", np.asarray(image))
+                # refused as "a composite of stains?" (correlation 0.82) before
+                assert read_image(path).shape == nuclei.shape, path.name
+    # a composite with a bar drawn on it is still a composite
+    other = simulate_scene(25, blur=1, stain=1, seed=7).image
+    image = Image.fromarray(np.dstack([zero, other, nuclei * 4]))
+    ImageDraw.Draw(image).rectangle([560, 490, 660, 496], fill=(255, 255, 255))
+    with pytest.raises(ImageReadError, match="composite of stains"):
+        read_image(_encoded(tmp_path / "composite_bar.png", np.asarray(image)))

@@ -17,4 +17,4 @@ def __getattr__(name: str) -> _Any:
 
 def __dir__() -> list[str]:
     """The lazy names too, for a notebook's tab completion."""
-    return sorted({*globals(), *__all__})
+    return sorted(n for n in {*globals(), *__all__} if n != "_Any")

@@ -505,7 +505,8 @@ class CellCounter:
             (``ensemble_<k>.safetensors``, see ``celltally.uncertainty``) and add
             their spread to the std.
         calibration : {"conformal", "temperature", "gaussian"}, optional
-            The interval method (default: conformal; see ``celltally.calibration``).
+            The interval method (default: the one the model folder records, conformal
+            for the shipped models; see ``celltally.calibration``).
         **options
             Keyword arguments of the constructor:
 
@@ -527,7 +528,8 @@ class CellCounter:
         ------
         celltally.io.InputError
             One line saying why: an unknown name, a folder that is not a model
-            (or one whose training has not finished), or an option it cannot use.
+            (or one whose training has not finished), an unknown option or
+            calibration method, or an option value it cannot use.
         """
         folder = resolve_model(name_or_path)
         if (folder / UNFINISHED).exists():

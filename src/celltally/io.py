@@ -632,7 +632,7 @@ def _to_2d(
         # exports them): the mean would count a mixture no model was trained on
         raise ImageReadError(
             path,
-            f"its colour channels hold different images (correlation {correlation:.2f}; "
+            f"its colour channels hold different images (correlation {correlation:.3f}; "
             f"one stain under a grey or one-colour table gives {SAME_STAIN_CORRELATION} "
             "or more): a composite of stains? Choose the stain to count with --channel "
             "0-2 (0 red, 1 green, 2 blue), or save it as a greyscale image (a table such "
@@ -656,16 +656,22 @@ def strided_sample(array: np.ndarray) -> np.ndarray:
 
 #: Colour channels that carry a signal and correlate this much or more (after a 3 x 3
 #: mean, which calms a JPEG's colour noise) hold one stain: grey, green, cyan or any one
-#: colour's table, or a colour camera's planes of one dye. benchmarks/colour_composites.py
-#: (PNG and JPEG at quality 50-95): none of 260 such images refused; two stains of other
-#: cells correlate -0.09 to 0.15, nuclei and cell bodies of the same cells (BBBC005's w1
-#: and w2 of one site) 0.60 to 0.88, and "hot" saved as JPEG 0.34 to 0.92.
+#: colour's table, or a bright colour camera's planes of one dye.
+#: benchmarks/colour_composites.py (PNG and JPEG at quality 50-95): none of 260 such images
+#: refused; two stains of other cells correlate -0.09 to 0.15, nuclei and cell bodies of
+#: the same cells (BBBC005's w1 and w2 of one site) 0.59 to 0.86, "hot" saved as JPEG
+#: 0.34 to 0.92, a dim colour camera's planes of one dye 0.85 to 0.94 (16 of 20 refused).
 SAME_STAIN_CORRELATION = 0.95
 
-#: A lossless colour image whose colour is set by its brightness, with channels that rise
+#: An integer colour image whose colour is set by its brightness, with channels that rise
 #: together ("hot" and other monotone tables), may have this share of its pixels off the
-#: table (an annotation in another colour) and still be read as one stain.
+#: table and still be read as one stain.
 OFF_TABLE_SHARE = 0.001
+
+#: Most of an image that rare pure colours (white, yellow, cyan, magenta: a scale bar,
+#: text, an arrow drawn on it), with 5 pixels around them, may cover
+#: and be left out of the one-stain tests as annotations.
+ANNOTATION_SHARE = 0.05
 
 
 def _colour_channels_differ(colour: np.ndarray) -> float | None:
@@ -678,18 +684,20 @@ def _colour_channels_differ(colour: np.ndarray) -> float | None:
     carry a signal: a composite of stains, or a table such as "fire" or "jet", whose mean
     is no monotone function of the stain. A plane carries one when its std is above 10% of
     the largest (JPEG's colour noise stays below) and has spatial structure (a 3 x 3 mean
-    keeps over 30% of its variance; a camera's white noise keeps ~11%). On a strided
-    sample of at most 256 x 256 pixels.
+    keeps over 30% of its variance; a camera's white noise keeps ~11%). Annotations in
+    pure colours are left out (:data:`ANNOTATION_SHARE`). On a strided sample of at most
+    256 x 256 pixels.
     """
     from scipy import ndimage as ndi
 
     sample = np.stack([strided_sample(plane) for plane in colour[:3]])
     planes = sample.astype(np.float32)
-    flat = planes.reshape(planes.shape[0], -1)
+    keep = ~_annotations(sample).ravel()
+    flat = planes.reshape(planes.shape[0], -1)[:, keep]
     spread = flat.std(axis=1)
     if not spread.max() > 0:
         return None
-    smooth = [ndi.uniform_filter(plane, 3) for plane in planes]
+    smooth = [ndi.uniform_filter(plane, 3).ravel()[keep] for plane in planes]
     live = [
         i
         for i in range(planes.shape[0])
@@ -698,16 +706,44 @@ def _colour_channels_differ(colour: np.ndarray) -> float | None:
     if len(live) < 2:
         return None
     lowest = min(
-        float(np.corrcoef(smooth[i].ravel(), smooth[j].ravel())[0, 1])
-        for i in live
-        for j in live
-        if i < j
+        float(np.corrcoef(smooth[i], smooth[j])[0, 1]) for i in live for j in live if i < j
     )
     if lowest >= SAME_STAIN_CORRELATION:
         return None
-    if sample.dtype.kind in "ui" and _monotone_colour_table(sample.reshape(3, -1)):
+    pixels = sample.reshape(sample.shape[0], -1)[:, keep]
+    if sample.dtype.kind in "ui" and _monotone_colour_table(pixels):
         return None
     return lowest
+
+
+def _annotations(sample: np.ndarray) -> np.ndarray:
+    """Where ``sample`` (3, Y, X) holds a rare pure colour (each channel within 10% of 0
+    or of full scale, two or more at full scale: white, yellow, cyan, magenta drawn on the
+    image, not measured) or is within 5 pixels of one (JPEG rings around it). Colours are
+    taken rarest first while together, with their surroundings, they cover at most
+    :data:`ANNOTATION_SHARE` of the image: a grey or "hot" table's saturated cells are
+    white too, but a common colour, and stay."""
+    from scipy import ndimage as ndi
+
+    top = float(np.iinfo(sample.dtype).max) if sample.dtype.kind in "ui" else 1.0
+    values = sample.astype(np.float32)
+    low, high = values <= 0.1 * top, values >= 0.9 * top  # JPEG blurs a pure colour
+    # two or more channels high (white, yellow, cyan, magenta): one high is a single
+    # stain's saturated cells as often as a drawn red, green or blue
+    pure = (low | high).all(axis=0) & (high.sum(axis=0) >= 2)
+    drawn = np.zeros_like(pure)
+    if not pure.any():
+        return drawn
+    colour = np.tensordot(np.array([1, 2, 4][: sample.shape[0]]), high, 1)  # which are high
+    areas = [
+        ndi.binary_dilation(pure & (colour == c), np.ones((11, 11), bool))
+        for c in np.unique(colour[pure])
+    ]
+    for area in sorted(areas, key=np.count_nonzero):
+        if (drawn | area).mean() > ANNOTATION_SHARE:
+            break
+        drawn |= area
+    return drawn
 
 
 def _monotone_colour_table(pixels: np.ndarray) -> bool:
@@ -718,17 +754,22 @@ def _monotone_colour_table(pixels: np.ndarray) -> bool:
     then blue rise with the stain; their mean is the stain). A composite has many colours
     per sum; "fire" has a blue that rises and falls; a JPEG's noise breaks the table.
     """
+    if pixels.shape[1] == 0:
+        return False
     values = pixels.astype(np.int64)
-    key = (values[0] * 65536 + values[1]) * 65536 + values[2]
-    colours, first, counts = np.unique(key, return_index=True, return_counts=True)
-    table = values[:, first]
+    table, counts = np.unique(values.T, axis=0, return_counts=True)
+    table = table.T
     total = table.sum(axis=0)
     order = np.lexsort((-counts, total))  # by sum, the commonest colour of each sum first
     table, total, counts = table[:, order], total[order], counts[order]
     main = np.r_[True, total[1:] != total[:-1]]  # the commonest colour of each sum
     off = int(counts[~main].sum())
     rising = table[:, main]
-    falls = (rising < np.maximum.accumulate(rising, axis=1)).any(axis=0)
+    # the highest each channel reached so far, set by colours of 3 pixels or more: one
+    # stray pixel (a blend at an annotation's edge) does not make all that follow fall
+    common = np.where(counts[main] >= 3, rising, 0)
+    reached = np.maximum.accumulate(common, axis=1)
+    falls = (rising < np.concatenate([reached[:, :1] * 0, reached[:, :-1]], axis=1)).any(axis=0)
     off += int(counts[main][falls].sum())
     return off <= OFF_TABLE_SHARE * pixels.shape[1]
 
@@ -759,8 +800,10 @@ def read_image(
         (colour ``(H, W, 3|4)``, two stains ``(H, W, 2)``, or for TIFF ``(C, H, W)``
         planes with ``C <= MAX_CHANNELS`` (16) and ``C`` smaller than both sides) give
         the selected ``channel``. Without one: a single channel if all channels are
-        equal; for a colour image ``(H, W, 3|4)`` the mean of its colour channels,
-        rounded to the file's integer dtype (a 4th is alpha and ignored);
+        equal; for a colour image ``(H, W, 3|4)`` of one stain the mean of its colour
+        channels, rounded to the file's integer dtype (a 4th is alpha and ignored); a
+        colour image of several stains is an error (see :data:`SAME_STAIN_CORRELATION`);
+        a palette PNG whose 256 colours form a colour table gives its indices;
         ``(H, W, 2)`` or ``(C, H, W)`` planes that differ are an error (they are
         separate stains: choose one), and a TIFF of 5 or more planes always needs
         ``channel`` (it may as well be a z-stack or time series). Size-1 axes (e.g.
@@ -778,8 +821,9 @@ def read_image(
     ImageReadError
         If the file is missing, a folder, empty, of an unsupported type, cannot be
         decoded, has a zero-size side, is a stack (z/time series) rather than a 2-D
-        image, has differing ``(C, H, W)`` channels and no ``channel``, ``channel`` is
-        out of range, or it contains NaN or infinite values.
+        image, has differing ``(C, H, W)`` channels, or colours of several stains, and
+        no ``channel``, ``channel`` is out of range, or it contains NaN or infinite
+        values.
     """
     arr, is_tiff = _load_raw(path, on=255)
     out = _to_2d(
@@ -889,7 +933,8 @@ def image_plane(
 
     Size-1 axes are dropped ((1, H, W), (H, W, 1)), and a (H, W, 3|4) colour
     array is taken as one grey image (identical channels once, else the
-    colours averaged, alpha ignored). ``channel`` (and ``default_channel``)
+    colours averaged, alpha ignored; a composite of stains raises InputError, as
+    a file's does). ``channel`` (and ``default_channel``)
     pick a plane as :func:`read_image`'s do, of a (C, H, W) stack too. Any
     other shape raises InputError naming it and how to pick a plane. A 2-D
     array is a plane already (e.g. one a file was read into): returned as it is.

@@ -200,7 +200,9 @@ def evaluate_folder(
     for where in wheres:
         try:
             found = io.iter_images(
-                [where], exclude=outputs[1], unsearched=unsearched if where == folder else None
+                [where],
+                exclude=sorted(outputs[1]),
+                unsearched=unsearched if where == folder else None,
             )
             listed += _kept(sorted(found, key=str), outputs)
         except io.InputError:  # no image directly in it

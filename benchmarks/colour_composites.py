@@ -16,6 +16,10 @@ frames at blur 1-48) and saves each as PNG or JPEG (quality 50, 75 or 95, in tur
   them in yellow, white or cyan;
 - two stains of different cells in two channels, every order, and magenta +
   green;
+- one stain under green, cyan, yellow or magenta, dim (peak 50 or 100 of
+  255) and saved as JPEG;
+- a sparse stain that saturates, shown in two colours (magenta, cyan,
+  yellow, white), beside a dense one in the third;
 - two stains of the same cells: BBBC005's w1 (nuclei) and w2 (cell bodies)
   of one site, in three channel pairs. Their mean is counted with the
   default model beside the site's true count.
@@ -152,6 +156,12 @@ def main() -> None:
         planes = [np.clip(g * dim + noise.normal(0, 3, grey.shape), 0, 255) for g in gains]
         cases.append(("one stain", "dim camera", "png", _saved(np.dstack(planes), "png")))
     tables = _tables()
+    for i, grey in enumerate(greys):  # dim: peak 50 or 100 of 255, where JPEG noise weighs
+        name = ("green", "cyan", "yellow", "magenta")[i % 4]
+        dim = (grey.astype(np.float64) * (50, 100)[i % 2] / 255).round().astype(np.uint8)
+        fmt = FORMATS[1 + i % 3]
+        rgb = np.moveaxis(tables[name][:, dim], 0, -1)
+        cases.append(("one stain, dim", name, fmt, _saved(rgb, fmt)))
     for i, grey in enumerate(greys):  # a scale bar and its label drawn in a pure colour
         name = ("grey", "green", "hot")[i % 3]
         rgb = np.moveaxis(tables[name][:, grey], 0, -1)
@@ -172,6 +182,23 @@ def main() -> None:
         fmt = FORMATS[k % 4]
         rgb = _stack([greys[i], greys[j], greys[i]])
         cases.append(("two stains, other cells", "magenta+green", fmt, _saved(rgb, fmt)))
+    from scipy import ndimage as ndi
+
+    for k in range(24):  # a sparse stain saturating, shown in two colours, beside another
+        n, gain = (3, 5, 10)[k % 3], (1.5, 3)[k % 2]
+        sparse = simulate_scene(n, blur=1, stain=1, seed=1200 + k).image.astype(np.float64)
+        sparse = np.clip(sparse * gain, 0, 255).astype(np.uint8)
+        dense = simulate_scene(120, blur=1, stain=2, seed=1300 + k).image
+        dense = np.where(ndi.binary_dilation(sparse > 20, iterations=4), 0, dense)
+        order = ("magenta+green", "cyan+red", "yellow+blue", "white+green")[k % 4]
+        planes = {
+            "magenta+green": [sparse, dense, sparse],
+            "cyan+red": [dense, sparse, sparse],
+            "yellow+blue": [sparse, sparse, dense],
+            "white+green": [sparse, np.maximum(sparse, dense), sparse],
+        }[order]
+        fmt = FORMATS[(k // 4) % 4]
+        cases.append(("two stains, one saturated", order, fmt, _saved(np.dstack(planes), fmt)))
     same_counts = []
     for k, (path, (a, b)) in enumerate(zip(sites[:10], pairs[:10], strict=True)):
         for order in ("BG", "GR", "RB"):

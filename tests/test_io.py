@@ -999,3 +999,29 @@ def test_a_scale_bar_drawn_on_one_stain_does_not_make_it_a_composite(tmp_path: P
     ImageDraw.Draw(image).rectangle([560, 490, 660, 496], fill=(255, 255, 255))
     with pytest.raises(ImageReadError, match="composite of stains"):
         read_image(_encoded(tmp_path / "composite_bar.png", np.asarray(image)))
+
+
+def test_a_stain_saturating_in_two_colours_beside_another_is_still_a_composite(
+    tmp_path: Path,
+) -> None:
+    from scipy import ndimage as ndi
+
+    from celltally.simulate import simulate_scene
+
+    dense = simulate_scene(120, blur=1, stain=2, seed=4).image
+    sparse = np.clip(simulate_scene(5, blur=1, stain=1, seed=3).image * 3.0, 0, 255)
+    sparse = sparse.astype(np.uint8)  # 5 nuclei, saturated: magenta blobs, not a drawn bar
+    dense = np.where(ndi.binary_dilation(sparse > 20, iterations=4), 0, dense)
+    for suffix in (".png", ".jpg"):  # was read as one stain: counted 129.6 (120 + 5 cells)
+        path = _encoded(tmp_path / f"merge{suffix}", np.dstack([sparse, dense, sparse]))
+        with pytest.raises(ImageReadError, match="composite of stains"):
+            read_image(path)
+    # a dim stain under a one-colour table as JPEG: the colour noise left in the unused
+    # channels (std 0.4-1.3) is no second stain
+    dim = (simulate_scene(60, blur=1, stain=1, seed=11).image * (50 / 255)).astype(np.uint8)
+    zero = np.zeros_like(dim)
+    for name, rgb in (("green", (zero, dim, zero)), ("yellow", (dim, dim, zero))):
+        for quality in (50, 75):
+            path = tmp_path / f"{name}{quality}.jpg"
+            Image.fromarray(np.dstack(rgb)).save(path, quality=quality)
+            assert read_image(path).shape == dim.shape, path.name

@@ -658,18 +658,23 @@ def strided_sample(array: np.ndarray) -> np.ndarray:
 #: mean, which calms a JPEG's colour noise) hold one stain: grey, green, cyan or any one
 #: colour's table, or a bright colour camera's planes of one dye.
 #: benchmarks/colour_composites.py (PNG and JPEG at quality 50-95): none of 260 such images
-#: refused; two stains of other cells correlate -0.09 to 0.15, nuclei and cell bodies of
-#: the same cells (BBBC005's w1 and w2 of one site) 0.59 to 0.86, "hot" saved as JPEG
-#: 0.34 to 0.92, a dim colour camera's planes of one dye 0.85 to 0.94 (16 of 20 refused).
+#: refused; two stains of other cells correlate -0.09 to 0.15, a sparse stain saturating
+#: in two colours beside a dense one -0.26 to 0.26, nuclei and cell bodies of the same
+#: cells (BBBC005's w1 and w2 of one site) 0.59 to 0.88, "hot" saved as JPEG 0.33 to
+#: 0.92, a dim colour camera's planes of one dye 0.85 to 0.94 (14 of 20 refused).
 SAME_STAIN_CORRELATION = 0.95
+
+#: Below this std (8-bit grey levels) a colour plane carries no signal of its own: the
+#: colour noise JPEG leaves in an unused channel of a dim image reaches about 1.3.
+JPEG_NOISE = 2.0
 
 #: An integer colour image whose colour is set by its brightness, with channels that rise
 #: together ("hot" and other monotone tables), may have this share of its pixels off the
 #: table and still be read as one stain.
 OFF_TABLE_SHARE = 0.001
 
-#: Most of an image that rare pure colours (white, yellow, cyan, magenta: a scale bar,
-#: text, an arrow drawn on it), with 5 pixels around them, may cover
+#: Most of an image that thin shapes of pure colours (white, yellow, cyan, magenta: a
+#: scale bar, text, a line drawn on it), with 5 pixels around them, may cover
 #: and be left out of the one-stain tests as annotations.
 ANNOTATION_SHARE = 0.05
 
@@ -683,10 +688,10 @@ def _colour_channels_differ(colour: np.ndarray) -> float | None:
     (:func:`_monotone_colour_table`). Otherwise the lowest correlation of two planes that
     carry a signal: a composite of stains, or a table such as "fire" or "jet", whose mean
     is no monotone function of the stain. A plane carries one when its std is above 10% of
-    the largest (JPEG's colour noise stays below) and has spatial structure (a 3 x 3 mean
-    keeps over 30% of its variance; a camera's white noise keeps ~11%). Annotations in
-    pure colours are left out (:data:`ANNOTATION_SHARE`). On a strided sample of at most
-    256 x 256 pixels.
+    the largest and, for 8-bit data, :data:`JPEG_NOISE`, and has spatial structure (a
+    3 x 3 mean keeps over 30% of its variance; a camera's white noise keeps ~11%). Thin
+    annotations in pure colours are left out (:func:`_annotations`). On a strided sample
+    of at most 256 x 256 pixels.
     """
     from scipy import ndimage as ndi
 
@@ -698,10 +703,12 @@ def _colour_channels_differ(colour: np.ndarray) -> float | None:
     if not spread.max() > 0:
         return None
     smooth = [ndi.uniform_filter(plane, 3).ravel()[keep] for plane in planes]
+    # JPEG's colour noise in an unused channel of a dim 8-bit image: a std of 0.4-1.3
+    floor = JPEG_NOISE if sample.dtype == np.uint8 else 0.0
     live = [
         i
         for i in range(planes.shape[0])
-        if spread[i] > 0.1 * spread.max() and smooth[i].var() > 0.3 * spread[i] ** 2
+        if spread[i] > max(0.1 * spread.max(), floor) and smooth[i].var() > 0.3 * spread[i] ** 2
     ]
     if len(live) < 2:
         return None
@@ -717,12 +724,15 @@ def _colour_channels_differ(colour: np.ndarray) -> float | None:
 
 
 def _annotations(sample: np.ndarray) -> np.ndarray:
-    """Where ``sample`` (3, Y, X) holds a rare pure colour (each channel within 10% of 0
-    or of full scale, two or more at full scale: white, yellow, cyan, magenta drawn on the
-    image, not measured) or is within 5 pixels of one (JPEG rings around it). Colours are
-    taken rarest first while together, with their surroundings, they cover at most
-    :data:`ANNOTATION_SHARE` of the image: a grey or "hot" table's saturated cells are
-    white too, but a common colour, and stay."""
+    """Where ``sample`` (3, Y, X) holds a thin shape of a pure colour (each channel within
+    10% of 0 or of full scale, two or more at full scale: white, yellow, cyan, magenta),
+    drawn on the image, not measured, or is within 5 pixels of one (JPEG rings around it).
+
+    Thin: no pixel of the shape is more than 1.5 pixels from its edge (a scale bar, its
+    label, a line or an outline on the sample, which is at most 256 x 256; a stain's
+    saturated cells are blobs, and stay). Colours are taken rarest first while together,
+    with their surroundings, they cover at most :data:`ANNOTATION_SHARE` of the image.
+    """
     from scipy import ndimage as ndi
 
     top = float(np.iinfo(sample.dtype).max) if sample.dtype.kind in "ui" else 1.0
@@ -735,10 +745,13 @@ def _annotations(sample: np.ndarray) -> np.ndarray:
     if not pure.any():
         return drawn
     colour = np.tensordot(np.array([1, 2, 4][: sample.shape[0]]), high, 1)  # which are high
-    areas = [
-        ndi.binary_dilation(pure & (colour == c), np.ones((11, 11), bool))
-        for c in np.unique(colour[pure])
-    ]
+    areas = []
+    for c in np.unique(colour[pure]):
+        shapes, n = ndi.label(pure & (colour == c), np.ones((3, 3), bool))
+        depth = ndi.maximum(ndi.distance_transform_edt(shapes > 0), shapes, np.arange(1, n + 1))
+        thin = np.isin(shapes, 1 + np.flatnonzero(np.asarray(depth) <= 1.5))
+        if thin.any():
+            areas.append(ndi.binary_dilation(thin, np.ones((11, 11), bool)))
     for area in sorted(areas, key=np.count_nonzero):
         if (drawn | area).mean() > ANNOTATION_SHARE:
             break

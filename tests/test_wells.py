@@ -690,3 +690,15 @@ def test_evaluate_names_a_site_summed_twice_as_count_does(tiny_model, tmp_path):
     ) in result.output
     text = (report / "index.html").read_text()
     assert "1 well(s) hold a site more than once</strong>" in text and "A05 (site 9)" in text
+
+
+def test_a_site_that_may_hold_no_cells_may_add_nothing_to_its_wells_total():
+    from celltally.calibration import EMPTY_HINT
+
+    sites = [row(f"P1_B03_s{s}_w1.tif", 40.0, 1.0) for s in (1, 2, 3)]
+    empty = row("P1_B03_s4_w1.tif", 30.0, 0.5, warning=f"low contrast (range 0.10): {EMPTY_HINT}")
+    (plain,), _ = aggregate_wells(sites + [row("P1_B03_s4_w1.tif", 30.0, 0.5)], correlation=0.0)
+    (flagged,), _ = aggregate_wells(sites + [empty], correlation=0.0)
+    assert flagged["count"] == plain["count"] == 150.0 and flagged["high"] == plain["high"]
+    # the flagged site's own interval reaches 0, and so does its share of the total's
+    assert flagged["low"] == pytest.approx(plain["low"] - 30.0, abs=0.01)

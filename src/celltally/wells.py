@@ -22,7 +22,7 @@ from pathlib import Path, PurePath
 from typing import Any, cast
 
 from celltally import io, naming
-from celltally.calibration import total_std
+from celltally.calibration import EMPTY_HINT, total_std
 
 __all__ = [
     "DEFAULT_CORRELATION",
@@ -429,6 +429,11 @@ def aggregate_wells(
             raise io.InputError(f"{source}: the counts of well {well} add up to {total}")
         std = total_std(stds, float(rho))
         half = multiplier * std
+        # a frame that may hold no cells (low contrast) may add 0, as its own interval
+        # (down to 0) allows: the total's low end makes room for that too
+        empty = sum(
+            _number(r, "count", source) for r in members if EMPTY_HINT in (r.get("warning") or "")
+        )
         truths = [r.get("true_count") for r in members]
         known = all(t not in (None, "") for t in truths)
         truth = sum(float(cast(str, t)) for t in truths) if known else None
@@ -447,7 +452,7 @@ def aggregate_wells(
                 "repeated_sites": ";".join(repeated),
                 "count": round(total, 2),
                 "std": round(std, 3),
-                "low": round(max(0.0, total - half), 2),
+                "low": round(max(0.0, total - half - empty), 2),
                 "high": round(total + half, 2),
                 "level": level,
                 "mean_per_image": round(total / len(members), 2),

@@ -635,6 +635,7 @@ function wellTotals() {
     g.sites.push(m.site === null || m.site === undefined ? "" : String(m.site));
     g.flagged = (g.flagged || 0) + (isUnusual(r) ? 1 : 0);
     g.empty += mayBeEmpty(r) ? 1 : 0;
+    g.emptyCount = (g.emptyCount || 0) + (mayBeEmpty(r) ? r.count : 0);
     g.warned = (g.warned || 0) + (r.warning ? 1 : 0); // `celltally wells`'s warnings
     g.level = r.level;
     g.counts.push(r.count);
@@ -668,7 +669,9 @@ function wellTotals() {
       const half = mult * std;
       // the same site twice (uploaded again, or as another format) is summed twice
       const repeated = [...new Set(g.sites.filter((s, i) => s && g.sites.indexOf(s) !== i))];
-      return { ...g, total, std, half, rho, repeated, low: Math.max(0, total - half),
+      // a frame that may hold no cells may add 0, as its own interval (down to 0) allows
+      const low = Math.max(0, total - half - (g.emptyCount || 0));
+      return { ...g, total, std, half, rho, repeated, low,
                high: total + half, failed: failed.get(g.where) || 0 };
     });
 }

@@ -127,13 +127,19 @@ def test_report_renders_and_its_images_exist(tiny_model, labelled_folder, tmp_pa
     assert "Per-well totals" not in text  # one image per well: no totals to show
 
 
-def test_report_shows_per_well_totals(tiny_model, tmp_path):
+def _two_wells(tmp_path):
+    """A folder of two wells (4 and 9 cells) of two sites each, BBBC005-named."""
     folder = tmp_path / "wells"
     folder.mkdir()
     for site in (1, 2):
         for column, n in ((1, 4), (2, 9)):
             name = f"SIMCEPImages_A{column:02d}_C{n}_F1_s{site:02d}_w1.TIF"
             tifffile.imwrite(folder / name, blob_image(n, seed=site * 10 + n))
+    return folder
+
+
+def test_report_shows_per_well_totals(tiny_model, tmp_path):
+    folder = _two_wells(tmp_path)
     counter = CellCounter.from_pretrained(tiny_model, device="cpu")
     evaluation = evaluate_folder(folder, model=counter)
     text = write_report(evaluation, tmp_path / "r", counter=counter, data=folder).read_text()
@@ -445,12 +451,7 @@ def test_a_reused_report_folder_loses_the_figures_this_run_does_not_draw(tiny_mo
 
     from celltally import io
 
-    folder = tmp_path / "wells"
-    folder.mkdir()
-    for site in (1, 2):
-        for column, n in ((1, 4), (2, 9)):
-            name = f"SIMCEPImages_A{column:02d}_C{n}_F1_s{site:02d}_w1.TIF"
-            tifffile.imwrite(folder / name, blob_image(n, seed=site * 10 + n))
+    folder = _two_wells(tmp_path)
     counter = CellCounter.from_pretrained(tiny_model, device="cpu")
     evaluation = evaluate_folder(folder, model=counter)
     report = tmp_path / "r"

@@ -1025,3 +1025,31 @@ def test_a_stain_saturating_in_two_colours_beside_another_is_still_a_composite(
             path = tmp_path / f"{name}{quality}.jpg"
             Image.fromarray(np.dstack(rgb)).save(path, quality=quality)
             assert read_image(path).shape == dim.shape, path.name
+
+
+def test_a_long_scale_bar_passes_and_two_dim_stains_are_still_two(tmp_path: Path) -> None:
+    from PIL import ImageDraw
+
+    from celltally.simulate import simulate_scene
+
+    for (h, w), tall, table, colour, suffix in [
+        ((520, 696), 8, "grey", (255, 255, 0), ".png"),
+        ((520, 696), 8, "green", (255, 255, 255), ".jpg"),
+        ((1024, 1024), 10, "green", (255, 0, 255), ".png"),
+        ((256, 256), 4, "grey", (255, 0, 255), ".png"),
+    ]:  # a solid bar 3+ sample pixels tall was no "thin" annotation: refused
+        stain = simulate_scene(40, blur=1, stain=1, size=(h, w), seed=1).image // 2
+        zero = np.zeros_like(stain)
+        image = Image.fromarray(np.dstack([stain] * 3 if table == "grey" else [zero, stain, zero]))
+        x, y = w - w // 7 - w // 20, h - h // 12
+        ImageDraw.Draw(image).rectangle([x, y, x + w // 7, y + tall - 1], fill=colour)
+        path = _encoded(tmp_path / f"bar_{h}_{table}{suffix}", np.asarray(image))
+        assert read_image(path).shape == (h, w), path.name
+    # two dim stains (stds 2.2 and 1.9 grey levels): the JPEG noise floor must not hide one
+    first = simulate_scene(20, blur=1, stain=1, seed=1).image.astype(float)
+    second = simulate_scene(150, blur=1, stain=2, seed=51).image.astype(float)
+    first = np.round(first * 2.2 / first.std()).astype(np.uint8)
+    second = np.round(second * 1.9 / second.std()).astype(np.uint8)
+    path = _encoded(tmp_path / "dim_two.png", np.dstack([second, first, np.zeros_like(first)]))
+    with pytest.raises(ImageReadError, match="composite of stains"):
+        read_image(path)  # was read as one: the mean counted 51.3 for 20 + 150 cells

@@ -673,8 +673,8 @@ JPEG_NOISE = 2.0
 #: table and still be read as one stain.
 OFF_TABLE_SHARE = 0.001
 
-#: Most of an image that thin shapes of pure colours (white, yellow, cyan, magenta: a
-#: scale bar, text, a line drawn on it), with 5 pixels around them, may cover
+#: Most of an image that thin or long shapes of pure colours (white, yellow, cyan, magenta:
+#: a scale bar, text, a line drawn on it), with 5 pixels around them, may cover
 #: and be left out of the one-stain tests as annotations.
 ANNOTATION_SHARE = 0.05
 
@@ -688,9 +688,10 @@ def _colour_channels_differ(colour: np.ndarray) -> float | None:
     (:func:`_monotone_colour_table`). Otherwise the lowest correlation of two planes that
     carry a signal: a composite of stains, or a table such as "fire" or "jet", whose mean
     is no monotone function of the stain. A plane carries one when its std is above 10% of
-    the largest and, for 8-bit data, :data:`JPEG_NOISE`, and has spatial structure (a
-    3 x 3 mean keeps over 30% of its variance; a camera's white noise keeps ~11%). Thin
-    annotations in pure colours are left out (:func:`_annotations`). On a strided sample
+    the largest and, for 8-bit data, :data:`JPEG_NOISE` (or a quarter of the largest,
+    if less), and has spatial structure (a
+    3 x 3 mean keeps over 30% of its variance; a camera's white noise keeps ~11%). Marks
+    drawn in pure colours are left out (:func:`_annotations`). On a strided sample
     of at most 256 x 256 pixels.
     """
     from scipy import ndimage as ndi
@@ -704,7 +705,8 @@ def _colour_channels_differ(colour: np.ndarray) -> float | None:
         return None
     smooth = [ndi.uniform_filter(plane, 3).ravel()[keep] for plane in planes]
     # JPEG's colour noise in an unused channel of a dim 8-bit image: a std of 0.4-1.3
-    floor = JPEG_NOISE if sample.dtype == np.uint8 else 0.0
+    # (a quarter of the brightest plane's std at most: two dim stains both count)
+    floor = min(JPEG_NOISE, 0.25 * float(spread.max())) if sample.dtype == np.uint8 else 0.0
     live = [
         i
         for i in range(planes.shape[0])
@@ -724,14 +726,15 @@ def _colour_channels_differ(colour: np.ndarray) -> float | None:
 
 
 def _annotations(sample: np.ndarray) -> np.ndarray:
-    """Where ``sample`` (3, Y, X) holds a thin shape of a pure colour (each channel within
+    """Where ``sample`` (3, Y, X) holds a thin or long shape of a pure colour (each channel within
     10% of 0 or of full scale, two or more at full scale: white, yellow, cyan, magenta),
     drawn on the image, not measured, or is within 5 pixels of one (JPEG rings around it).
 
-    Thin: no pixel of the shape is more than 1.5 pixels from its edge (a scale bar, its
-    label, a line or an outline on the sample, which is at most 256 x 256; a stain's
-    saturated cells are blobs, and stay). Colours are taken rarest first while together,
-    with their surroundings, they cover at most :data:`ANNOTATION_SHARE` of the image.
+    Drawn: thin (no pixel more than 1.5 pixels from the shape's edge: text, a line, an
+    outline, on the sample, which is at most 256 x 256) or long (its area at least 12 times
+    its depth squared: a bar three or more times as long as wide); a stain's saturated
+    cells are round blobs, and stay. Colours are taken rarest first while together, with
+    their surroundings, they cover at most :data:`ANNOTATION_SHARE` of the image.
     """
     from scipy import ndimage as ndi
 
@@ -748,8 +751,12 @@ def _annotations(sample: np.ndarray) -> np.ndarray:
     areas = []
     for c in np.unique(colour[pure]):
         shapes, n = ndi.label(pure & (colour == c), np.ones((3, 3), bool))
-        depth = ndi.maximum(ndi.distance_transform_edt(shapes > 0), shapes, np.arange(1, n + 1))
-        thin = np.isin(shapes, 1 + np.flatnonzero(np.asarray(depth) <= 1.5))
+        index = np.arange(1, n + 1)
+        depth = np.asarray(ndi.maximum(ndi.distance_transform_edt(shapes > 0), shapes, index))
+        area = np.bincount(shapes.ravel(), minlength=n + 1)[1:]
+        # thin (text, a line) or long (a bar: 4 x length / width; a round blob's is ~3)
+        drawn_like = (depth <= 1.5) | (area >= 12 * depth**2)
+        thin = np.isin(shapes, index[drawn_like])
         if thin.any():
             areas.append(ndi.binary_dilation(thin, np.ones((11, 11), bool)))
     for area in sorted(areas, key=np.count_nonzero):

@@ -531,6 +531,10 @@ def test_models_describes_a_model_folder_given(tiny_model, tmp_path):
     assert "held-out test" in result.output
     missing = run("models", tmp_path / "nowhere")
     assert missing.exit_code == 2 and "no such model" in missing.output
+    weights = run("models", f"{tiny_model}/config.json")  # a file: was "no such model"
+    assert weights.exit_code == 2 and "a file, not a model; give the model's folder" in (
+        weights.output
+    )
     assert run("models", "nuclei").output.startswith("nuclei: for ")  # a shipped model's name
 
 

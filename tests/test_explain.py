@@ -340,3 +340,22 @@ def test_panels_keep_near_their_images_shape():
     assert (rows, columns) == (5, 1) and height < 10
     rows, columns, (width, height) = _layout((1560, 174), 4)  # a column: side by side
     assert (rows, columns) == (1, 4) and height <= 9 and width < 12.8
+
+
+def test_cli_explain_never_writes_over_a_pdf_or_svg_it_did_not_write(
+    tiny_model, image_folder, tmp_path
+):
+    image = sorted(image_folder.iterdir())[0]
+    for suffix in (".pdf", ".svg"):
+        mine = tmp_path / f"figure{suffix}"
+        mine.write_text("a figure of the user's")
+        args = ["explain", str(image), "--model", tiny_model, "--out", str(mine)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code != 0, result.output  # was written over, "-> figure.pdf"
+        assert "exists and is not a figure celltally wrote" in result.output
+        assert mine.read_text() == "a figure of the user's"
+        mine.unlink()  # celltally's own figure there is written over on a rerun
+        for _ in range(2):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, result.output
+        assert io.is_own_figure(mine)

@@ -156,12 +156,13 @@ def _check_output(
         from celltally.io import figure_path, is_own_figure
 
         written = figure_path(path)  # a name without a suffix is written as NAME.png
-        if written.is_file() and written.suffix.lower() in IMAGE_SUFFIXES:
+        if written.is_file() and written.suffix.lower() in (*IMAGE_SUFFIXES, ".pdf", ".svg"):
             if not is_own_figure(written):  # e.g. another image of the folder being counted
                 where = f"{option} {path}: " + ("" if written == path else f"{written} ")
                 fail(
                     f"{where}exists and is not a figure celltally wrote (an image to "
-                    "count?); name a new file, or delete it first (figures written before "
+                    "count, or a figure of yours?); name a new file, or delete it first "
+                    "(figures written before "
                     "celltally marked its figures, 2026-11-27, are refused too)"
                 )
     if not folder and path.exists():  # written in place: the file's own permission counts
@@ -1445,7 +1446,10 @@ def serve(
 def explain(
     image: Annotated[Path, typer.Argument(help="One image file.")],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Figure file (.png, .pdf, .svg).")
+        Path,
+        typer.Option(
+            "--out", "-o", help="Figure file (.png, .pdf, .svg, .jpg or .tif; no suffix: .png)."
+        ),
     ] = Path("explanation.png"),
     model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "bbbc005",
     true: Annotated[

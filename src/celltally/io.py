@@ -896,13 +896,24 @@ def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def is_own_figure(path: str | os.PathLike[str]) -> bool:
-    """Whether an existing TIFF/PNG/JPEG file is a figure celltally wrote (its mark).
+    """Whether an existing TIFF/PNG/JPEG, PDF or SVG file is a figure celltally wrote (its
+    mark).
 
     A figure may be written over; any other image file may be a user's image,
     including a PNG that matplotlib wrote (``plt.imsave`` marks an image as
-    ``savefig`` marks a figure, so the matplotlib mark alone says nothing).
+    ``savefig`` marks a figure, so the matplotlib mark alone says nothing), and
+    any other PDF or SVG a user's figure.
     """
     from PIL import Image
+
+    if Path(path).suffix.lower() in (".pdf", ".svg"):
+        marks = (f"/Creator ({FIGURE_MARK})", f"<dc:title>{FIGURE_MARK}</dc:title>")
+        try:
+            with open(path, "rb") as handle:  # the mark is in the first few KB (SVG) or
+                data = handle.read()  # the info dictionary near the end (PDF)
+        except OSError:
+            return False
+        return any(mark.encode() in data for mark in marks)
 
     try:
         with _pillow_header_only():

@@ -124,6 +124,11 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
         raise InputError(
             f"{name_or_path}: a folder but not a model (no config.json; shipped models: {names})"
         )
+    if path.is_file():  # e.g. its model.safetensors or config.json, or an image
+        raise InputError(
+            f"{name_or_path}: a file, not a model; give the model's folder (the one holding "
+            f"config.json) or a shipped model's name ({names})"
+        )
     raise InputError(f"{name_or_path}: no such model (shipped models: {names})")
 
 

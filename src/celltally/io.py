@@ -907,13 +907,13 @@ def is_own_figure(path: str | os.PathLike[str]) -> bool:
     from PIL import Image
 
     if Path(path).suffix.lower() in (".pdf", ".svg"):
-        marks = (f"/Creator ({FIGURE_MARK})", f"<dc:title>{FIGURE_MARK}</dc:title>")
+        written = (f"/Creator ({FIGURE_MARK})", f"<dc:title>{FIGURE_MARK}</dc:title>")
         try:
             with open(path, "rb") as handle:  # the mark is in the first few KB (SVG) or
                 data = handle.read()  # the info dictionary near the end (PDF)
         except OSError:
             return False
-        return any(mark.encode() in data for mark in marks)
+        return any(mark.encode() in data for mark in written)
 
     try:
         with _pillow_header_only():

@@ -47,6 +47,8 @@ def test_grids_put_each_well_in_its_place_on_the_smallest_standard_plate():
     assert int(np.isfinite(first.values).sum()) == 2
     assert first.flagged[7, 11] and not first.flagged[0, 0]  # warnings
     assert grids[1].failed[1, 2] and not grids[1].flagged[1, 2]  # an image not counted
+    twice = plate_grids([{**r, "repeated_sites": "2"} if r["well"] == "A01" else r for r in rows()])
+    assert twice[0].repeated[0, 0] and not twice[0].repeated[7, 11]  # its total counts it twice
     assert grids[2].values[14, 19] == 3 and grids[2].wells == 384
     # a plate format given: every plate drawn on it, and a well beyond it refused
     assert [g.wells for g in plate_grids(rows(), plate_format=384)] == [384, 384, 384]
@@ -57,7 +59,8 @@ def test_grids_put_each_well_in_its_place_on_the_smallest_standard_plate():
 
 
 def test_plot_writes_a_png_and_refuses_rows_without_wells(tmp_path):
-    path = plot_plate_maps(rows(), tmp_path / "maps" / "plate.png")
+    twice = [{**r, "repeated_sites": "2"} if r["well"] == "A01" else r for r in rows()]
+    path = plot_plate_maps(twice, tmp_path / "maps" / "plate.png")  # a '2' on A01
     with Image.open(path) as image:
         width, height = image.size
     assert path.suffix == ".png" and width > 300 and height > 200

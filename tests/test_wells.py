@@ -686,7 +686,8 @@ def test_evaluate_names_a_site_summed_twice_as_count_does(tiny_model, tmp_path):
     assert (well["images"], well["sites"], well["repeated_sites"]) == (3, "9;10", "9")
     assert (
         "warning: 1 well(s) hold a site more than once ('repeated_sites' in their well rows "
-        f"in {out}; the same image counted under two names?): their totals count it twice"
+        f"in {out}; the same image counted under two names, or two stains whose names carry "
+        "no _w1/_w2?): their totals count it twice"
     ) in result.output
     text = (report / "index.html").read_text()
     assert "1 well(s) hold a site more than once</strong>" in text and "A05 (site 9)" in text
@@ -702,3 +703,28 @@ def test_a_site_that_may_hold_no_cells_may_add_nothing_to_its_wells_total():
     assert flagged["count"] == plain["count"] == 150.0 and flagged["high"] == plain["high"]
     # the flagged site's own interval reaches 0, and so does its share of the total's
     assert flagged["low"] == pytest.approx(plain["low"] - 30.0, abs=0.01)
+
+
+def test_totals_and_cellprofiler_tables_never_replace_a_users_csv(tiny_model, well_plate, tmp_path):
+    mine = tmp_path / "mine.csv"
+    mine.write_text("sample,notes\nB02,treated\n")
+    out = tmp_path / "res.csv"
+    count = ["count", str(well_plate), "-o", str(out), "--model", str(tiny_model), "--no-progress"]
+    for args, name in (
+        (["--wells", str(mine)], "--wells"),  # was written over without a word
+        (["-o", str(tmp_path / "mine"), "--format", "cellprofiler"], "--format cellprofiler"),
+    ):
+        if name == "--format cellprofiler":
+            (tmp_path / "mine_Image.csv").write_text("sample,notes\n")
+        result = runner.invoke(app, [*count, *args])
+        assert result.exit_code == 2, result.output
+        assert f"{name} " in result.output and "is not a table celltally wrote" in result.output
+    assert mine.read_text() == "sample,notes\nB02,treated\n" and not out.exists()
+    assert (tmp_path / "mine_Image.csv").read_text() == "sample,notes\n"
+    totals = tmp_path / "wells.csv"
+    for _ in range(2):  # its own tables are written again on a rerun
+        result = runner.invoke(app, [*count, "--wells", str(totals), "--format", "cellprofiler"])
+        assert result.exit_code == 0, result.output
+    refused = runner.invoke(app, ["wells", str(out), "--out", str(mine)])
+    assert refused.exit_code == 2 and "is not a table celltally wrote" in refused.output
+    assert runner.invoke(app, ["wells", str(out), "--out", str(totals)]).exit_code == 0

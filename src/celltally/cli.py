@@ -177,6 +177,23 @@ def _check_output(
         fail(f"{option} {path}: no permission to write in {existing}")
 
 
+def _check_own_table(path: Path | None, option: str, columns: Sequence[str]) -> None:
+    """Fail now if ``path`` is an existing file that is not a table celltally wrote: its
+    header must begin with ``columns`` (a rerun writes over its own, never a user's)."""
+    if path is None or not path.is_file():
+        return
+    try:
+        with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+            header = next(csv.reader(handle), [])
+    except OSError as err:
+        fail(f"{option} {path}: cannot be read ({err.strerror or err})")
+    if header[: len(columns)] != list(columns):
+        fail(
+            f"{option} {path}: exists and is not a table celltally wrote (its header is not "
+            f"{','.join(columns[:3])},...); name a new file, or delete it first"
+        )
+
+
 def _silent(_: str) -> None:
     return None
 
@@ -527,6 +544,13 @@ def count(
             fail(f"{option} {path}: is one of this run's output files (--out {out}); name another")
     _check_output(out, "--out", folder=False, beside=True)  # + its errors file, manifest
     _check_output(wells, "--wells", folder=False)
+    from celltally.objects import CELLPROFILER_COLUMNS
+    from celltally.wells import WELL_COLUMNS
+
+    _check_own_table(wells, "--wells", WELL_COLUMNS)  # a user's CSV was written over
+    if table_format == "cellprofiler":
+        table = out.with_name(f"{out.stem}_Image.csv")
+        _check_own_table(table, "--format cellprofiler", CELLPROFILER_COLUMNS)
     _check_output(save_labels, "--save-labels", folder=True)  # first: it may set --save-masks
     _check_output(save_masks, "--save-masks", folder=True)
     restore_sigterm: Callable[[], None] = _no_op
@@ -750,8 +774,8 @@ def _echo_wells(
     if repeated := sum(1 for r in rows if r.get("repeated_sites")):
         typer.echo(
             f"warning: {repeated} well(s) hold a site more than once (column "
-            "'repeated_sites'; the same image counted under two names?): their totals "
-            "count it twice",
+            "'repeated_sites'; the same image counted under two names, or two stains whose "
+            "names carry no _w1/_w2?): their totals count it twice",
             err=True,
         )
     if short := fewer_sites(rows):
@@ -820,6 +844,9 @@ def wells(
         if plate_map.resolve() == out.resolve():
             fail(f"--plate-map {plate_map}: is the totals file (--out); name another")
     _check_output(plate_map, "--plate-map", folder=False, image=True)
+    from celltally.wells import WELL_COLUMNS
+
+    _check_own_table(out, "--out", WELL_COLUMNS)
     try:
         _echo_wells(results, out, correlation, plate_map, map_value, plate_format, strict=True)
     except _user_errors() as err:
@@ -950,8 +977,8 @@ def evaluate(
         if repeated := sum(1 for r in wells["rows"] if r.get("repeated_sites")):
             typer.echo(  # as `count --wells` says it
                 f"warning: {repeated} well(s) hold a site more than once ('repeated_sites' "
-                f"in their well rows in {out}; the same image counted under two names?): "
-                "their totals count it twice",
+                f"in their well rows in {out}; the same image counted under two names, or two "
+                "stains whose names carry no _w1/_w2?): their totals count it twice",
                 err=True,
             )
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ class PlateGrid:
         unlike the calibration data (``warnings``).
     failed : (rows, columns) bool array: the well holds images that could not
         be counted (``failed``); its value covers only the others.
+    repeated : (rows, columns) bool array: the well holds a site more than once
+        (``repeated_sites``): its total counts it twice.
     """
 
     plate: str
@@ -84,6 +86,7 @@ class PlateGrid:
     values: np.ndarray
     flagged: np.ndarray
     failed: np.ndarray
+    repeated: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))
 
     @property
     def wells(self) -> int:
@@ -160,12 +163,21 @@ def plate_grids(
         values = np.full(shape, np.nan)
         flagged = np.zeros(shape, dtype=bool)
         failed = np.zeros(shape, dtype=bool)
+        repeated = np.zeros(shape, dtype=bool)
         for r, c, row in members:
             values[r, c] = _number(row.get(value))
             flagged[r, c] = _number(row.get("warnings")) > 0
             failed[r, c] = _number(row.get("failed")) > 0
+            repeated[r, c] = bool(row.get("repeated_sites"))
         grids.append(
-            PlateGrid(plate=plate, stain=stain, values=values, flagged=flagged, failed=failed)
+            PlateGrid(
+                plate=plate,
+                stain=stain,
+                values=values,
+                flagged=flagged,
+                failed=failed,
+                repeated=repeated,
+            )
         )
     return grids
 
@@ -204,7 +216,8 @@ def plot_plate_maps(
     a position with no row in ``wells`` (the legend says ``grey``). A well with
     images flagged as unlike the calibration data is outlined with a '!'; one
     with images that could not
-    be counted gets an 'x' (its value covers only the others). ``diverging``
+    be counted gets an 'x' (its value covers only the others), and one holding a
+    site more than once a '2' (its total counts that site twice). ``diverging``
     centres a red-blue scale on 0 (for signed values such as ``error``).
     Returns the path written.
 
@@ -264,9 +277,14 @@ def plot_plate_maps(
                 ax.text(
                     c, r + 0.25, text, ha="center", va="center", fontsize=6, color=ink(grid, r, c)
                 )
-        for r, c in zip(*np.nonzero(grid.flagged | grid.failed), strict=True):
+        twice = grid.repeated if grid.repeated.shape == grid.flagged.shape else grid.failed & False
+        for r, c in zip(*np.nonzero(grid.flagged | grid.failed | twice), strict=True):
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec=edge, lw=1.5))
-            mark = ("!" if grid.flagged[r, c] else "") + ("x" if grid.failed[r, c] else "")
+            mark = (
+                ("!" if grid.flagged[r, c] else "")
+                + ("x" if grid.failed[r, c] else "")
+                + ("2" if twice[r, c] else "")
+            )
             ax.text(
                 c,
                 r - 0.15,
@@ -295,6 +313,8 @@ def plot_plate_maps(
         legend.append(f"!: {flagged} well(s) with images flagged as unlike the calibration data")
     if failed:
         legend.append(f"x: {failed} well(s) with images that could not be counted")
+    if doubled := sum(int(g.repeated.sum()) for g in grids):
+        legend.append(f"2: {doubled} well(s) holding a site more than once (counted twice)")
     chars = int(width * 14)  # characters that fit across the figure at this font size
     fig.suptitle(textwrap.fill(title or f"{label} per well", chars), fontsize=10)
     fig.text(0.5, 0.01, textwrap.fill("; ".join(legend), chars), ha="center", fontsize=8)

@@ -560,7 +560,8 @@ def _repeated_sites(wells: Mapping[str, Any]) -> str:
     )
     return (
         f"<p class='warn'><strong>{len(repeated)} well(s) hold a site more than once</strong> "
-        f"(the same image counted under two names?): their totals count it twice: "
+        "(the same image counted under two names, or two stains whose names carry no "
+        f"_w1/_w2?): their totals count it twice: "
         f"{_esc(named)}.</p>"
     )
 

@@ -378,6 +378,42 @@ SIZE_HINT = "another magnification? rescale by about"
 #: Above this :func:`celltally.transforms.background_level` (the normalized image's median),
 #: most of the frame is bright: dark objects on a bright background, not fluorescence.
 BRIGHT_BACKGROUND = 0.75
+
+
+def flagged_summary(warnings: Sequence[str]) -> dict[str, int]:
+    """How many of the images' warnings flag them: ``unlike`` the model's calibration
+    images, ``low_contrast`` (they may hold no cells), and ``images`` with either (a
+    low-contrast frame alone is not "unlike")."""
+    return {
+        "images": sum(1 for w in warnings if UNLIKE_HINT in w or EMPTY_HINT in w),
+        "unlike": sum(1 for w in warnings if UNLIKE_HINT in w),
+        "low_contrast": sum(1 for w in warnings if EMPTY_HINT in w),
+    }
+
+
+def flagged_sentences(warnings: Sequence[str], *, of: str, see: str = "") -> tuple[str, str]:
+    """What ``count``, ``evaluate`` and the report say of the flagged images: the sentence on
+    those unlike the calibration images and the one on those that may hold no cells ('' for
+    none). ``of``: "M images ..." after "N of"; ``see``: where the warnings are, said in
+    brackets."""
+    flagged = flagged_summary(warnings)
+    unlike = (
+        f"{flagged['unlike']} of {of} flagged as unlike the model's calibration images"
+        + (f" ({see})" if see else "")
+        + ": their intervals may not mean what they say"
+        if flagged["unlike"]
+        else ""
+    )
+    empty = (
+        f"{flagged['low_contrast']} of {of} with so little contrast that they may hold no "
+        f"cells (empty wells?{' ' + see if see else ''}): check them before trusting their "
+        "counts"
+        if flagged["low_contrast"]
+        else ""
+    )
+    return unlike, empty
+
+
 BRIGHT_HINT = (
     "most of the frame is bright: dark objects on a bright background (brightfield, or an "
     "inverted image)? celltally counts bright objects on a dark one: invert it first"

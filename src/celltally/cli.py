@@ -704,14 +704,12 @@ def _echo_warnings(warnings: Sequence[str], where: str, see: str) -> None:
     """
     import statistics
 
-    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT, suggested_rescale
+    from celltally.calibration import flagged_sentences, suggested_rescale
 
     of = f"{len(warnings)} images{' ' + where if where else ''}"
-    if flagged := sum(1 for w in warnings if UNLIKE_HINT in w):
-        typer.echo(
-            f"{flagged} of {of} flagged as unlike the model's calibration images ({see}): "
-            "their intervals may not mean what they say"
-        )
+    unlike, empty = flagged_sentences(warnings, of=of, see=see)
+    if unlike:
+        typer.echo(unlike)
     if factors := [f for w in warnings if (f := suggested_rescale(w)) is not None]:
         typical = statistics.median(factors)
         typer.echo(
@@ -720,11 +718,8 @@ def _echo_warnings(warnings: Sequence[str], where: str, see: str) -> None:
             f"magnification, count them again with --rescale {typical:.2g} (the median of "
             "their factors; or --diameter)"
         )
-    if empty := sum(1 for w in warnings if EMPTY_HINT in w):
-        typer.echo(
-            f"{empty} of {of} with so little contrast that they may hold no cells (empty "
-            f"wells? {see}): check them before trusting their counts"
-        )
+    if empty:
+        typer.echo(empty)
 
 
 def _fmt_number(value: object) -> str:
@@ -746,7 +741,7 @@ def _echo_wells(
 ) -> None:
     """Write and report per-well totals; ``strict``: no well in the names is an error."""
     from celltally.platemap import plate_shape
-    from celltally.wells import fewer_sites, well_totals
+    from celltally.wells import REPEATED_SITES_CAUSE, fewer_sites, well_totals
 
     if map_value not in ("count", "mean_per_image"):
         raise ValueError(f"--map-value must be count or mean_per_image, not {map_value!r}")
@@ -774,8 +769,7 @@ def _echo_wells(
     if repeated := sum(1 for r in rows if r.get("repeated_sites")):
         typer.echo(
             f"warning: {repeated} well(s) hold a site more than once (column "
-            "'repeated_sites'; the same image counted under two names, or two stains whose "
-            "names carry no _w1/_w2?): their totals count it twice",
+            f"'repeated_sites'; {REPEATED_SITES_CAUSE}): their totals count it twice",
             err=True,
         )
     if short := fewer_sites(rows):
@@ -975,10 +969,12 @@ def evaluate(
             f"mean half-width {wells['mean_half_width']:.2f}"
         )
         if repeated := sum(1 for r in wells["rows"] if r.get("repeated_sites")):
+            from celltally.wells import REPEATED_SITES_CAUSE
+
             typer.echo(  # as `count --wells` says it
                 f"warning: {repeated} well(s) hold a site more than once ('repeated_sites' "
-                f"in their well rows in {out}; the same image counted under two names, or two "
-                "stains whose names carry no _w1/_w2?): their totals count it twice",
+                f"in their well rows in {out}; {REPEATED_SITES_CAUSE}): their totals count it "
+                "twice",
                 err=True,
             )
     out.parent.mkdir(parents=True, exist_ok=True)

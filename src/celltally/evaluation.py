@@ -11,6 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from celltally import io, naming
+from celltally.calibration import flagged_summary
 from celltally.counter import CellCounter
 from celltally.metrics import grouped_metrics
 from celltally.transforms import DEFAULT_NORMALIZATION
@@ -183,7 +184,7 @@ def evaluate_folder(
     ``seen`` says which, None for a held-out image). Also ``counts_csv`` (the
     file the true counts came from, None when names or label images gave them),
     ``unsearched`` (sub-folders holding images that were not looked at),
-    ``flagged`` (:func:`flagged_summary`) and ``level_note`` (why ``level`` is
+    ``flagged`` (:func:`celltally.calibration.flagged_summary`) and ``level_note`` (why ``level`` is
     beyond what the calibration guarantees, else None).
     """
     counter = model if isinstance(model, CellCounter) else CellCounter.from_pretrained(model)
@@ -283,23 +284,9 @@ def evaluate_folder(
         "counts_csv": str(csv_path) if csv_path.exists() else None,
         "unsearched": unsearched,
         "seen": seen_summary,
-        "flagged": flagged_summary(rows),
+        "flagged": flagged_summary([r.get("warning") or "" for r in rows]),
         "level_note": counter.level_note(level),
         "rows": rows,
-    }
-
-
-def flagged_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """How many rows' warnings flag the image: ``unlike`` the model's calibration images,
-    ``low_contrast`` (it may hold no cells), and ``images`` with either (as ``count``
-    prints them: a low-contrast frame alone is not "unlike")."""
-    from celltally.calibration import EMPTY_HINT, UNLIKE_HINT
-
-    warnings = [r.get("warning") or "" for r in rows]
-    return {
-        "images": sum(1 for w in warnings if UNLIKE_HINT in w or EMPTY_HINT in w),
-        "unlike": sum(1 for w in warnings if UNLIKE_HINT in w),
-        "low_contrast": sum(1 for w in warnings if EMPTY_HINT in w),
     }
 
 

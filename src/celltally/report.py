@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from celltally import io
-from celltally.calibration import RELIABILITY_LEVELS, level_text, reliability
+from celltally.calibration import (
+    RELIABILITY_LEVELS,
+    flagged_sentences,
+    flagged_summary,
+    level_text,
+    reliability,
+)
+from celltally.wells import REPEATED_SITES_CAUSE
 
 if TYPE_CHECKING:  # pragma: no cover
     from celltally.counter import CellCounter
@@ -560,8 +567,7 @@ def _repeated_sites(wells: Mapping[str, Any]) -> str:
     )
     return (
         f"<p class='warn'><strong>{len(repeated)} well(s) hold a site more than once</strong> "
-        "(the same image counted under two names, or two stains whose names carry no "
-        f"_w1/_w2?): their totals count it twice: "
+        f"({REPEATED_SITES_CAUSE}): their totals count it twice: "
         f"{_esc(named)}.</p>"
     )
 
@@ -576,22 +582,9 @@ def _level_note(evaluation: Mapping[str, Any]) -> str:
 
 def _flagged_banner(evaluation: Mapping[str, Any]) -> str:
     """How many images the model flagged (as ``evaluate`` prints it), above the figures."""
-    from celltally.evaluation import flagged_summary
-
     rows = evaluation.get("rows") or []
-    flagged = flagged_summary(rows)
     of = f"{len(rows)} images"
-    said = []
-    if flagged["unlike"]:
-        said.append(
-            f"{flagged['unlike']} of {of} flagged as unlike the model's calibration images: "
-            "their intervals may not mean what they say"
-        )
-    if flagged["low_contrast"]:
-        said.append(
-            f"{flagged['low_contrast']} of {of} with so little contrast that they may hold "
-            "no cells (empty wells?): check them before trusting their counts"
-        )
+    said = [s for s in flagged_sentences([r.get("warning") or "" for r in rows], of=of) if s]
     if not said:
         return ""
     return (
@@ -602,9 +595,7 @@ def _flagged_banner(evaluation: Mapping[str, Any]) -> str:
 
 def _flagged_section(rows: Sequence[Mapping[str, Any]]) -> str:
     """Every flagged image (its row's warning), with its truth and interval."""
-    from celltally.evaluation import flagged_summary
-
-    flagged = [r for r in rows if flagged_summary([r])["images"]]
+    flagged = [r for r in rows if flagged_summary([r.get("warning") or ""])["images"]]
     if not flagged:
         return ""
     body = "".join(

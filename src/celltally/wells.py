@@ -67,6 +67,12 @@ WELL_COLUMNS: list[str] = [
 #: Columns a results CSV needs to be aggregated (``celltally count`` writes them).
 REQUIRED_COLUMNS = ("file", "count", "std", "low", "high", "level", "model", "well")
 
+#: Why a well may hold a site more than once (``repeated_sites``), as every warning of it
+#: says: ``count --wells``, ``wells``, ``evaluate`` and its report.
+REPEATED_SITES_CAUSE = (
+    "the same image counted under two names, or two stains whose names carry no _w1/_w2?"
+)
+
 
 def well_key(name: str | Path) -> tuple[str, str, str] | None:
     """``(plate, well, stain)`` parsed from an image name, or None without a well.
@@ -432,7 +438,9 @@ def aggregate_wells(
         # a frame that may hold no cells (low contrast) may add 0, as its own interval
         # (down to 0) allows: the total's low end makes room for that too
         empty = sum(
-            _number(r, "count", source) for r in members if EMPTY_HINT in (r.get("warning") or "")
+            c
+            for r, c in zip(members, counts, strict=True)
+            if EMPTY_HINT in (r.get("warning") or "")
         )
         truths = [r.get("true_count") for r in members]
         known = all(t not in (None, "") for t in truths)

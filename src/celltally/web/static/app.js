@@ -629,13 +629,13 @@ function wellTotals() {
     const key = JSON.stringify([where, setting, r.level ?? ""]);
     const g = groups.get(key) || { plate: plateLabel(m), well: m.well, stain, counts: [], stds: [],
                                    sites: [], model: r.model || "", setting, where,
-                                   channel: r.channel ?? "", empty: 0,
+                                   channel: r.channel ?? "", empty: 0, emptyCount: 0,
                                    spread: `${setting}|${r.level ?? ""}`,
                                    rho: r.well_correlation };
     g.sites.push(m.site === null || m.site === undefined ? "" : String(m.site));
     g.flagged = (g.flagged || 0) + (isUnusual(r) ? 1 : 0);
     g.empty += mayBeEmpty(r) ? 1 : 0;
-    g.emptyCount = (g.emptyCount || 0) + (mayBeEmpty(r) ? r.count : 0);
+    g.emptyCount += mayBeEmpty(r) ? r.count : 0;
     g.warned = (g.warned || 0) + (r.warning ? 1 : 0); // `celltally wells`'s warnings
     g.level = r.level;
     g.counts.push(r.count);
@@ -651,7 +651,8 @@ function wellTotals() {
     if ([...groups.values()].some((g) => g.where === where)) continue;
     const [plate, well, stain] = JSON.parse(where);
     groups.set(where, { plate, well, stain, counts: [], stds: [], sites: [], model: "",
-                        setting: "", where, spread: "", rho: 0, channel: "", empty: 0 });
+                        setting: "", where, spread: "", rho: 0, channel: "", empty: 0,
+                        emptyCount: 0 });
   }
   const fallback = state.info && state.info.well_correlation !== undefined
     ? state.info.well_correlation : 0.1;
@@ -670,7 +671,7 @@ function wellTotals() {
       // the same site twice (uploaded again, or as another format) is summed twice
       const repeated = [...new Set(g.sites.filter((s, i) => s && g.sites.indexOf(s) !== i))];
       // a frame that may hold no cells may add 0, as its own interval (down to 0) allows
-      const low = Math.max(0, total - half - (g.emptyCount || 0));
+      const low = Math.max(0, total - half - g.emptyCount);
       return { ...g, total, std, half, rho, repeated, low,
                high: total + half, failed: failed.get(g.where) || 0 };
     });

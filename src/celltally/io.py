@@ -756,9 +756,9 @@ def _annotations(sample: np.ndarray) -> np.ndarray:
         area = np.bincount(shapes.ravel(), minlength=n + 1)[1:]
         # thin (text, a line) or long (a bar: 4 x length / width; a round blob's is ~3)
         drawn_like = (depth <= 1.5) | (area >= 12 * depth**2)
-        thin = np.isin(shapes, index[drawn_like])
-        if thin.any():
-            areas.append(ndi.binary_dilation(thin, np.ones((11, 11), bool)))
+        marks = np.isin(shapes, index[drawn_like])
+        if marks.any():
+            areas.append(ndi.binary_dilation(marks, np.ones((11, 11), bool)))
     for area in sorted(areas, key=np.count_nonzero):
         if (drawn | area).mean() > ANNOTATION_SHARE:
             break
